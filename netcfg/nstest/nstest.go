@@ -1,0 +1,151 @@
+// Package nstest builds throwaway network namespaces for tests that talk to the
+// real kernel. Fake ENIs are veth pairs: dummy links are not available on every
+// machine we test on, and a veth peer can also carry real packets.
+package nstest
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"runtime"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+)
+
+// RequireRoot skips the test with a clear message unless it runs as root.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("skipping: needs root to create network namespaces (run `sudo make test`)")
+	}
+}
+
+// NS is a fresh, empty network namespace that is removed when the test ends.
+type NS struct {
+	Handle netns.NsHandle
+	NL     *netlink.Handle
+}
+
+// New creates an anonymous network namespace without moving the calling thread
+// into it, and returns it with a netlink handle bound to it. Both are closed
+// by t.Cleanup; the namespace disappears with its last reference.
+func New(t testing.TB) *NS {
+	t.Helper()
+	RequireRoot(t)
+	ns, err := newNS()
+	if err != nil {
+		t.Fatalf("creating network namespace: %v", err)
+	}
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		ns.Close()
+		t.Fatalf("opening netlink handle in namespace: %v", err)
+	}
+	t.Cleanup(func() {
+		h.Close()
+		ns.Close()
+	})
+	lo, err := h.LinkByName("lo")
+	if err == nil {
+		err = h.LinkSetUp(lo)
+	}
+	if err != nil {
+		t.Fatalf("bringing up lo: %v", err)
+	}
+	return &NS{Handle: ns, NL: h}
+}
+
+// newNS creates a namespace from a locked thread and returns to the original
+// namespace before unlocking, so no goroutine ever runs in the wrong namespace.
+func newNS() (netns.NsHandle, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		return netns.None(), fmt.Errorf("getting current namespace: %w", err)
+	}
+	defer orig.Close()
+	ns, err := netns.New()
+	if err != nil {
+		return netns.None(), fmt.Errorf("unsharing network namespace: %w", err)
+	}
+	if err := netns.Set(orig); err != nil {
+		// The thread is stuck in the new namespace: keep it locked so that
+		// the runtime throws it away instead of reusing it.
+		runtime.LockOSThread()
+		ns.Close()
+		return netns.None(), fmt.Errorf("returning to original namespace: %w", err)
+	}
+	return ns, nil
+}
+
+// Do runs fn on a thread inside the namespace (for sysctls under /proc/sys, or
+// sockets that must be created inside it). The thread returns to its original
+// namespace afterwards.
+func (n *NS) Do(fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(n.Handle); err != nil {
+			errc <- fmt.Errorf("entering namespace: %w", err)
+			return
+		}
+		ferr := fn()
+		if err := netns.Set(orig); err != nil {
+			// Leave the thread locked: the runtime terminates it.
+			errc <- fmt.Errorf("leaving namespace: %w", err)
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+// Veth creates a veth pair whose end `name` (MAC mac, up) lives in n and whose
+// peer (up) lives in peerNS (or in n when peerNS is nil). It returns the end in n.
+// Use it as a fake ENI: the peer side plays the VPC router.
+func (n *NS) Veth(t testing.TB, name, mac string, peerNS *NS, peerName string) netlink.Link {
+	t.Helper()
+	hw, err := net.ParseMAC(mac)
+	if err != nil {
+		t.Fatalf("parsing MAC %q: %v", mac, err)
+	}
+	la := netlink.NewLinkAttrs()
+	la.Name = name
+	la.HardwareAddr = hw
+	veth := &netlink.Veth{LinkAttrs: la, PeerName: peerName}
+	if peerNS != nil {
+		veth.PeerNamespace = netlink.NsFd(peerNS.Handle)
+	}
+	if err := n.NL.LinkAdd(veth); err != nil {
+		t.Fatalf("adding veth %s/%s: %v", name, peerName, err)
+	}
+	link, err := n.NL.LinkByName(name)
+	if err != nil {
+		t.Fatalf("finding veth %s: %v", name, err)
+	}
+	if err := n.NL.LinkSetUp(link); err != nil {
+		t.Fatalf("setting %s up: %v", name, err)
+	}
+	peerH := n.NL
+	if peerNS != nil {
+		peerH = peerNS.NL
+	}
+	peer, err := peerH.LinkByName(peerName)
+	if err != nil {
+		t.Fatalf("finding veth peer %s: %v", peerName, err)
+	}
+	if err := peerH.LinkSetUp(peer); err != nil {
+		t.Fatalf("setting %s up: %v", peerName, err)
+	}
+	return link
+}

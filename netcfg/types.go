@@ -1,0 +1,145 @@
+// Package netcfg turns an IMDS snapshot into the routing state dualhomed wants
+// (Desired, pure), reads back the kernel objects dualhomed owns (Owned), computes
+// the difference (Diff, pure) and applies it through netlink (Apply).
+//
+// Ownership lives in the kernel: every route, rule and address we create carries
+// Config.Protocol, our routes live in our tables (or are main-table routes with
+// our protocol) and our rules sit in our priority band. Anything else belongs to
+// somebody else and is never modified or deleted.
+package netcfg
+
+import (
+	"net/netip"
+)
+
+// Defaults for Config. Every number is configurable.
+const (
+	// DefaultProtocol marks our routes, rules and addresses (rtnetlink protocol
+	// byte, named "dualhomed" in /etc/iproute2/rt_protos.d). Clear of the
+	// kernel/boot/static values and of the routing daemons' registered numbers.
+	DefaultProtocol = 210
+	// DefaultTableBase: ENI tables are TableBase + CardStride*card + device.
+	// 20000 stays clear of ec2-net-utils (10000+), cloud-init (100+) and the
+	// Kubernetes VPC CNI (device+1), so several managers never share a table.
+	DefaultTableBase = 20000
+	// DefaultPriorityBase: rule priorities are PriorityBase + CardStride*card + device,
+	// after the VPC CNI's 512..1536 band and before main (32766).
+	DefaultPriorityBase = 20000
+	// DefaultCardStride leaves room for 100 device numbers per network card.
+	DefaultCardStride = 100
+)
+
+// RPFilterMode is what dualhomed does with net.ipv4.conf.<link>.rp_filter on
+// managed secondary ENIs.
+type RPFilterMode string
+
+const (
+	RPFilterLoose  RPFilterMode = "loose"  // 2: the default, safe with asymmetric multi-homing
+	RPFilterStrict RPFilterMode = "strict" // 1: works because our source rules make the reverse lookup succeed
+	RPFilterKeep   RPFilterMode = "keep"   // leave the value alone
+)
+
+// VPCRoutesMode says whether a multi-VPC ENI gets main-table routes to its VPC's CIDRs.
+type VPCRoutesMode string
+
+const (
+	VPCRoutesAuto VPCRoutesMode = "auto" // routes for non-overlapping VPC CIDRs of multi-VPC ENIs
+	VPCRoutesOff  VPCRoutesMode = "off"
+)
+
+// Config holds every number and option of the routing model.
+type Config struct {
+	Protocol     uint8
+	TableBase    int
+	PriorityBase int
+	CardStride   int
+	RPFilter     RPFilterMode
+	// ManageAddresses adds the IMDS addresses missing from their links.
+	ManageAddresses bool
+	// PrimaryTable gives the primary ENI a table and rules too (off by default:
+	// rules on the primary broke Docker's published ports for the incumbent tool).
+	PrimaryTable bool
+	// ENIs are per-ENI settings; for each ENI the first entry whose selector
+	// matches wins.
+	ENIs []ENIConfig
+}
+
+// DefaultConfig returns the documented defaults.
+func DefaultConfig() Config {
+	return Config{
+		Protocol:        DefaultProtocol,
+		TableBase:       DefaultTableBase,
+		PriorityBase:    DefaultPriorityBase,
+		CardStride:      DefaultCardStride,
+		RPFilter:        RPFilterLoose,
+		ManageAddresses: true,
+	}
+}
+
+// Selector picks ENIs. Empty fields match anything; all set fields must match.
+type Selector struct {
+	InterfaceID  string // eni-0123...
+	MAC          string // lower case
+	DeviceNumber *int
+	VPCID        string
+}
+
+// ENIConfig is the per-ENI configuration.
+type ENIConfig struct {
+	Match     Selector
+	Exclude   bool          // leave this ENI entirely alone (e.g. VPC CNI ENIs)
+	VPCRoutes VPCRoutesMode // "" means auto
+	// ExtraRoutes are added to the ENI's table via its gateway, e.g. an
+	// on-premises CIDR reached through VPC B.
+	ExtraRoutes []netip.Prefix
+}
+
+// Link is a kernel network interface as seen by dualhomed: ENIs are found by MAC.
+type Link struct {
+	Index int
+	Name  string
+	MAC   string // lower case, colon separated
+}
+
+// Route is a route dualhomed owns: `ip route add <Dst> [via <Gateway>] dev <link>
+// [src <Src>] [scope link] table <Table> proto <Config.Protocol>`.
+type Route struct {
+	Table     int // 254 (main) for the multi-VPC CIDR routes
+	Dst       netip.Prefix
+	Gateway   netip.Addr // invalid when on-link
+	LinkIndex int
+	Src       netip.Addr // invalid when unset
+	ScopeLink bool
+}
+
+// Rule is a policy rule dualhomed owns: `ip rule add from <Src> lookup <Table>
+// priority <Priority> protocol <Config.Protocol>`.
+type Rule struct {
+	Priority int
+	Src      netip.Prefix // /32 and /128 for addresses, the prefix for delegated prefixes
+	Table    int
+}
+
+// Addr is an interface address dualhomed adds (and so owns): `ip addr add
+// <Prefix> dev <link> [noprefixroute] proto <Config.Protocol>`.
+type Addr struct {
+	LinkIndex     int
+	Prefix        netip.Prefix // the address with its prefix length
+	NoPrefixRoute bool
+}
+
+// RPFilter is the desired net.ipv4.conf.<LinkName>.rp_filter value.
+type RPFilter struct {
+	LinkName string
+	Value    int
+}
+
+// State is a set of objects: either the desired state or the owned state.
+// Slices are kept sorted (see State.Sort) so that states compare and print
+// deterministically.
+type State struct {
+	Routes    []Route
+	Rules     []Rule
+	Addrs     []Addr
+	RPFilters []RPFilter
+}
