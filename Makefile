@@ -5,7 +5,7 @@ LDFLAGS   := -s -w -X main.version=$(VERSION)
 STATICCHECK_VERSION := v0.8.2
 BIN       := bin
 
-.PHONY: all build test lint bench demo package clean
+.PHONY: all build test lint bench demo package package-check clean
 
 all: build
 
@@ -24,3 +24,20 @@ lint:
 
 clean:
 	rm -rf $(BIN) dist
+
+# The simulated dual-homed instance, narrated (cmd/dualhomed-demo). Needs root.
+demo: build
+	$(BIN)/dualhomed-demo
+
+# Side-by-side benchmarks (cmd/dualhomed-bench) plus Go micro-benchmarks; writes docs/benchmarks.md. Needs root.
+bench: build
+	$(GO) test -run '^$$' -bench . -benchmem ./imds/... ./netcfg/...
+	$(BIN)/dualhomed-bench -out docs/benchmarks.md
+
+# .deb and .rpm for amd64 and arm64 into dist/ (packaging/build.sh).
+package:
+	packaging/build.sh
+
+# Linters and install test for the packages (packaging/check.sh). CI runs it.
+package-check: package
+	packaging/check.sh

@@ -3,7 +3,11 @@ package netcfg
 // Op is one change: add or delete a route, rule or address, or set rp_filter.
 // Exactly one of Route, Rule, Addr, RPFilter is set.
 type Op struct {
-	Delete   bool
+	Delete bool
+	// Replace (routes only) swaps a route of ours whose kernel identity (table,
+	// destination) is unchanged but whose gateway, link or source changed, in one
+	// atomic RTM_NEWROUTE with NLM_F_REPLACE: no moment without a route.
+	Replace  bool
 	Route    *Route
 	Rule     *Rule
 	Addr     *Addr
