@@ -1,0 +1,572 @@
+// Package agent wires the daemon's triggers (netlink events, the IMDS poll
+// timer, SIGHUP) to the imds -> netcfg pipeline, and reports what it did through
+// logs, systemd notifications, Prometheus metrics and a status file.
+package agent
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"net/netip"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/dualhomed/dualhomed/netcfg"
+)
+
+// DefaultConfigPath is where the packages install the configuration file.
+const DefaultConfigPath = "/etc/dualhomed/dualhomed.yaml"
+
+// Defaults of the daemon's own settings (the routing numbers are netcfg's).
+const (
+	// DefaultPollInterval is how often IMDS is read when nothing else happens.
+	// One snapshot costs a few requests per ENI, far below the 1024 packets per
+	// second that link-local services share per ENI.
+	DefaultPollInterval = 15 * time.Second
+	// DefaultIMDSTimeout bounds each IMDS request.
+	DefaultIMDSTimeout = 2 * time.Second
+	// DefaultStartTimeout: after this long without a successful reconcile the
+	// daemon tells systemd it is ready anyway (degraded), so boot is never
+	// blocked forever by an unreachable IMDS.
+	DefaultStartTimeout = 60 * time.Second
+	// DefaultStateDir holds status.json and netcfg's records (tmpfs: a reboot
+	// starts from the kernel's state, which is where ownership lives anyway).
+	DefaultStateDir = "/run/dualhomed"
+	// DefaultMetricsPort is used when metrics.listen gives no port.
+	DefaultMetricsPort = "9810"
+)
+
+// Config is the whole daemon configuration, as read from the YAML file.
+type Config struct {
+	// Netcfg is the routing model's configuration, including per-ENI settings.
+	Netcfg netcfg.Config
+	// VPCRoutes is the file's top-level vpc_routes default; it is already
+	// folded into Netcfg.ENIs and kept here for display only.
+	VPCRoutes    netcfg.VPCRoutesMode
+	PollInterval time.Duration
+	StartTimeout time.Duration
+	IMDS         IMDSConfig
+	Log          LogConfig
+	Metrics      MetricsConfig
+	StateDir     string
+}
+
+// IMDSConfig says how to reach the instance metadata service.
+type IMDSConfig struct {
+	// Endpoint overrides the default http://169.254.169.254 ("" = default).
+	Endpoint string
+	Timeout  time.Duration
+}
+
+// LogConfig selects the log level and encoding.
+type LogConfig struct {
+	Level  string // debug, info, warn, error
+	Format string // auto, json, console
+}
+
+// MetricsConfig configures the optional Prometheus endpoint.
+type MetricsConfig struct {
+	// Listen is host:port; "" turns the endpoint off (the default).
+	Listen string
+	// AllowNonLoopback permits a non-loopback listen address. Off by default:
+	// the metrics name the instance's VPCs and addresses.
+	AllowNonLoopback bool
+}
+
+// DefaultConfig returns the configuration used when no file exists.
+func DefaultConfig() Config {
+	return Config{
+		Netcfg:       netcfg.DefaultConfig(),
+		VPCRoutes:    netcfg.VPCRoutesAuto,
+		PollInterval: DefaultPollInterval,
+		StartTimeout: DefaultStartTimeout,
+		IMDS:         IMDSConfig{Timeout: DefaultIMDSTimeout},
+		Log:          LogConfig{Level: "info", Format: "auto"},
+		StateDir:     DefaultStateDir,
+	}
+}
+
+// LoadConfig reads the YAML file at path. A missing file yields the defaults
+// (the daemon works without any configuration); so does a file that is empty or
+// holds only comments. Every other problem is an error naming the file, and
+// for bad content the line and the key.
+func LoadConfig(path string) (Config, error) {
+	data, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return DefaultConfig(), nil
+	case err != nil:
+		if errors.Is(err, syscall.EISDIR) {
+			return Config{}, fmt.Errorf("%s: is a directory, not a configuration file", path)
+		}
+		return Config{}, fmt.Errorf("reading configuration: %w", err)
+	}
+	return ParseConfig(path, data)
+}
+
+// ParseConfig parses the YAML document data; name is used in error messages.
+func ParseConfig(name string, data []byte) (Config, error) {
+	cfg := DefaultConfig()
+	var doc yaml.Node
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(&doc); err != nil {
+		if errors.Is(err, io.EOF) {
+			return cfg, nil // empty file: defaults
+		}
+		return Config{}, yamlSyntaxError(name, err)
+	}
+	var extra yaml.Node
+	if err := dec.Decode(&extra); err == nil {
+		return Config{}, fmt.Errorf("%s:%d: only one YAML document is allowed", name, extra.Line)
+	}
+	p := parser{file: name}
+	root := &doc
+	if root.Kind == yaml.DocumentNode {
+		if len(root.Content) == 0 {
+			return cfg, nil
+		}
+		root = root.Content[0]
+	}
+	if isNull(root) {
+		return cfg, nil // only comments
+	}
+	if err := p.top(root, &cfg); err != nil {
+		return Config{}, err
+	}
+	cfg.Netcfg.ENIs = applyVPCRoutesDefault(cfg.Netcfg.ENIs, cfg.VPCRoutes)
+	if err := validateNetcfg(cfg.Netcfg); err != nil {
+		return Config{}, fmt.Errorf("%s: %w", name, err)
+	}
+	return cfg, nil
+}
+
+// applyVPCRoutesDefault folds the top-level vpc_routes into the per-ENI
+// settings: entries without their own value inherit it, and when it is not the
+// netcfg default a final catch-all entry carries it to unmatched ENIs.
+func applyVPCRoutesDefault(enis []netcfg.ENIConfig, def netcfg.VPCRoutesMode) []netcfg.ENIConfig {
+	if def == "" || def == netcfg.VPCRoutesAuto {
+		return enis
+	}
+	out := make([]netcfg.ENIConfig, 0, len(enis)+1)
+	for _, e := range enis {
+		if e.VPCRoutes == "" {
+			e.VPCRoutes = def
+		}
+		out = append(out, e)
+	}
+	return append(out, netcfg.ENIConfig{VPCRoutes: def})
+}
+
+// validateNetcfg runs netcfg's own validation when the package provides one
+// (cross-field checks such as table ranges overlapping the reserved tables).
+func validateNetcfg(c netcfg.Config) error {
+	if v, ok := any(c).(interface{ Validate() error }); ok {
+		return v.Validate()
+	}
+	return nil
+}
+
+type parser struct{ file string }
+
+// errorf returns an error in the `file:line: key: message` form.
+func (p parser) errorf(n *yaml.Node, key, format string, args ...any) error {
+	msg := fmt.Sprintf(format, args...)
+	if key == "" {
+		return fmt.Errorf("%s:%d: %s", p.file, n.Line, msg)
+	}
+	return fmt.Errorf("%s:%d: %s: %s", p.file, n.Line, key, msg)
+}
+
+// fields walks a mapping node, calling set for each key; unknown and
+// duplicate keys are errors.
+func (p parser) fields(n *yaml.Node, path string, allowed []string, set func(key string, v *yaml.Node) error) error {
+	if n.Kind != yaml.MappingNode {
+		return p.errorf(n, path, "expected a mapping of keys, got %s", describe(n))
+	}
+	seen := map[string]bool{}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, v := n.Content[i], n.Content[i+1]
+		key := join(path, k.Value)
+		if k.Kind != yaml.ScalarNode {
+			return p.errorf(k, path, "keys must be plain names")
+		}
+		if !contains(allowed, k.Value) {
+			return p.errorf(k, key, "unknown key (known keys here: %s)", strings.Join(allowed, ", "))
+		}
+		if seen[k.Value] {
+			return p.errorf(k, key, "key given twice")
+		}
+		seen[k.Value] = true
+		if isNull(v) {
+			continue // "key:" without a value keeps the default
+		}
+		if err := set(k.Value, v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (p parser) top(n *yaml.Node, cfg *Config) error {
+	keys := []string{"protocol", "table_base", "priority_base", "card_stride", "rp_filter",
+		"manage_addresses", "primary_table", "vpc_routes", "enis", "poll_interval", "imds",
+		"start_timeout", "log", "metrics", "state_dir"}
+	return p.fields(n, "", keys, func(key string, v *yaml.Node) error {
+		var err error
+		switch key {
+		case "protocol":
+			// 0..4 are the kernel's own (unspec, redirect, kernel, boot,
+			// static): owning them would mean deleting routes we never made.
+			var x int
+			x, err = p.intIn(v, key, 5, 255)
+			cfg.Netcfg.Protocol = uint8(x)
+		case "table_base":
+			cfg.Netcfg.TableBase, err = p.intIn(v, key, 256, 1<<31-1)
+		case "priority_base":
+			cfg.Netcfg.PriorityBase, err = p.intIn(v, key, 1, 32765)
+		case "card_stride":
+			cfg.Netcfg.CardStride, err = p.intIn(v, key, 1, 10000)
+		case "rp_filter":
+			var s string
+			s, err = p.oneOf(v, key, "loose", "strict", "keep")
+			cfg.Netcfg.RPFilter = netcfg.RPFilterMode(s)
+		case "manage_addresses":
+			cfg.Netcfg.ManageAddresses, err = p.boolean(v, key)
+		case "primary_table":
+			cfg.Netcfg.PrimaryTable, err = p.boolean(v, key)
+		case "vpc_routes":
+			var s string
+			s, err = p.oneOf(v, key, "auto", "off")
+			cfg.VPCRoutes = netcfg.VPCRoutesMode(s)
+		case "enis":
+			cfg.Netcfg.ENIs, err = p.enis(v, key)
+		case "poll_interval":
+			cfg.PollInterval, err = p.duration(v, key, time.Second)
+		case "start_timeout":
+			cfg.StartTimeout, err = p.duration(v, key, time.Second)
+		case "state_dir":
+			cfg.StateDir, err = p.absPath(v, key)
+		case "imds":
+			err = p.fields(v, key, []string{"endpoint", "timeout"}, func(k string, v *yaml.Node) error {
+				var err error
+				switch k {
+				case "endpoint":
+					cfg.IMDS.Endpoint, err = p.endpoint(v, join(key, k))
+				case "timeout":
+					cfg.IMDS.Timeout, err = p.duration(v, join(key, k), 100*time.Millisecond)
+				}
+				return err
+			})
+		case "log":
+			err = p.fields(v, key, []string{"level", "format"}, func(k string, v *yaml.Node) error {
+				var err error
+				switch k {
+				case "level":
+					cfg.Log.Level, err = p.oneOf(v, join(key, k), "debug", "info", "warn", "error")
+				case "format":
+					cfg.Log.Format, err = p.oneOf(v, join(key, k), "auto", "json", "console")
+				}
+				return err
+			})
+		case "metrics":
+			var listenNode *yaml.Node
+			err = p.fields(v, key, []string{"listen", "allow_non_loopback"}, func(k string, v *yaml.Node) error {
+				var err error
+				switch k {
+				case "listen":
+					listenNode = v
+					cfg.Metrics.Listen, err = p.str(v, join(key, k))
+				case "allow_non_loopback":
+					cfg.Metrics.AllowNonLoopback, err = p.boolean(v, join(key, k))
+				}
+				return err
+			})
+			if err == nil && listenNode != nil && cfg.Metrics.Listen != "" {
+				var addr string
+				addr, err = CheckMetricsListen(cfg.Metrics.Listen, cfg.Metrics.AllowNonLoopback)
+				if err != nil {
+					err = p.errorf(listenNode, "metrics.listen", "%v", err)
+				}
+				cfg.Metrics.Listen = addr
+			}
+		}
+		return err
+	})
+}
+
+func (p parser) enis(n *yaml.Node, path string) ([]netcfg.ENIConfig, error) {
+	if n.Kind != yaml.SequenceNode {
+		return nil, p.errorf(n, path, "expected a list of ENI entries, got %s", describe(n))
+	}
+	var out []netcfg.ENIConfig
+	for i, item := range n.Content {
+		ip := fmt.Sprintf("%s[%d]", path, i)
+		var e netcfg.ENIConfig
+		hasMatch := false
+		err := p.fields(item, ip, []string{"match", "exclude", "vpc_routes", "extra_routes"}, func(k string, v *yaml.Node) error {
+			var err error
+			kp := join(ip, k)
+			switch k {
+			case "match":
+				hasMatch = true
+				e.Match, err = p.selector(v, kp)
+			case "exclude":
+				e.Exclude, err = p.boolean(v, kp)
+			case "vpc_routes":
+				var s string
+				s, err = p.oneOf(v, kp, "auto", "off")
+				e.VPCRoutes = netcfg.VPCRoutesMode(s)
+			case "extra_routes":
+				e.ExtraRoutes, err = p.prefixes(v, kp)
+			}
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
+		if !hasMatch || e.Match == (netcfg.Selector{}) {
+			// An entry without a selector would silently apply to every ENI.
+			return nil, p.errorf(item, join(ip, "match"), "missing: give at least one of interface_id, mac, device_number, vpc_id")
+		}
+		out = append(out, e)
+	}
+	return out, nil
+}
+
+func (p parser) selector(n *yaml.Node, path string) (netcfg.Selector, error) {
+	var s netcfg.Selector
+	err := p.fields(n, path, []string{"interface_id", "mac", "device_number", "vpc_id"}, func(k string, v *yaml.Node) error {
+		kp := join(path, k)
+		str, err := p.str(v, kp)
+		if err != nil && k != "device_number" {
+			return err
+		}
+		switch k {
+		case "interface_id":
+			if !strings.HasPrefix(str, "eni-") {
+				return p.errorf(v, kp, "%q is not an ENI id (eni-...)", str)
+			}
+			s.InterfaceID = str
+		case "vpc_id":
+			if !strings.HasPrefix(str, "vpc-") {
+				return p.errorf(v, kp, "%q is not a VPC id (vpc-...)", str)
+			}
+			s.VPCID = str
+		case "mac":
+			hw, perr := net.ParseMAC(str)
+			if perr != nil || len(hw) != 6 {
+				return p.errorf(v, kp, "%q is not a MAC address (like 0a:1b:2c:3d:4e:5f)", str)
+			}
+			s.MAC = hw.String() // lower case, colon separated, as in IMDS
+		case "device_number":
+			d, err := p.intIn(v, kp, 0, 1<<16)
+			if err != nil {
+				return err
+			}
+			s.DeviceNumber = &d
+		}
+		return nil
+	})
+	return s, err
+}
+
+func (p parser) scalar(n *yaml.Node, key, what string) (string, error) {
+	if n.Kind != yaml.ScalarNode {
+		return "", p.errorf(n, key, "expected %s, got %s", what, describe(n))
+	}
+	return n.Value, nil
+}
+
+func (p parser) str(n *yaml.Node, key string) (string, error) {
+	return p.scalar(n, key, "a string")
+}
+
+func (p parser) intIn(n *yaml.Node, key string, lo, hi int) (int, error) {
+	s, err := p.scalar(n, key, "a number")
+	if err != nil {
+		return 0, err
+	}
+	x, err := strconv.Atoi(s)
+	if err != nil {
+		return 0, p.errorf(n, key, "%q is not a whole number", s)
+	}
+	if x < lo || x > hi {
+		return 0, p.errorf(n, key, "%d is out of range %d..%d", x, lo, hi)
+	}
+	return x, nil
+}
+
+func (p parser) boolean(n *yaml.Node, key string) (bool, error) {
+	s, err := p.scalar(n, key, "true or false")
+	if err != nil {
+		return false, err
+	}
+	switch s {
+	case "true":
+		return true, nil
+	case "false":
+		return false, nil
+	}
+	return false, p.errorf(n, key, "%q is not one of true, false", s)
+}
+
+func (p parser) oneOf(n *yaml.Node, key string, allowed ...string) (string, error) {
+	s, err := p.scalar(n, key, "one of "+strings.Join(allowed, ", "))
+	if err != nil {
+		return "", err
+	}
+	if !contains(allowed, s) {
+		return "", p.errorf(n, key, "%q is not one of %s", s, strings.Join(allowed, ", "))
+	}
+	return s, nil
+}
+
+func (p parser) duration(n *yaml.Node, key string, minimum time.Duration) (time.Duration, error) {
+	s, err := p.scalar(n, key, "a duration such as 15s")
+	if err != nil {
+		return 0, err
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return 0, p.errorf(n, key, "%q is not a duration (use a unit: 500ms, 15s, 2m)", s)
+	}
+	if d < minimum {
+		return 0, p.errorf(n, key, "%s is shorter than the minimum %s", d, minimum)
+	}
+	return d, nil
+}
+
+func (p parser) absPath(n *yaml.Node, key string) (string, error) {
+	s, err := p.str(n, key)
+	if err != nil {
+		return "", err
+	}
+	if !filepath.IsAbs(s) {
+		return "", p.errorf(n, key, "%q is not an absolute path", s)
+	}
+	return filepath.Clean(s), nil
+}
+
+func (p parser) endpoint(n *yaml.Node, key string) (string, error) {
+	s, err := p.str(n, key)
+	if err != nil {
+		return "", err
+	}
+	if err := CheckIMDSEndpoint(s); err != nil {
+		return "", p.errorf(n, key, "%v", err)
+	}
+	return s, nil
+}
+
+func (p parser) prefixes(n *yaml.Node, key string) ([]netip.Prefix, error) {
+	if n.Kind != yaml.SequenceNode {
+		return nil, p.errorf(n, key, "expected a list of CIDRs, got %s", describe(n))
+	}
+	var out []netip.Prefix
+	for i, item := range n.Content {
+		ik := fmt.Sprintf("%s[%d]", key, i)
+		s, err := p.scalar(item, ik, "a CIDR such as 10.50.0.0/16")
+		if err != nil {
+			return nil, err
+		}
+		pfx, err := netip.ParsePrefix(s)
+		if err != nil {
+			return nil, p.errorf(item, ik, "%q is not a CIDR (like 10.50.0.0/16 or 2001:db8::/32)", s)
+		}
+		if pfx != pfx.Masked() {
+			return nil, p.errorf(item, ik, "%q has host bits set (did you mean %s?)", s, pfx.Masked())
+		}
+		out = append(out, pfx)
+	}
+	return out, nil
+}
+
+// CheckIMDSEndpoint reports whether s is a usable IMDS endpoint URL.
+func CheckIMDSEndpoint(s string) error {
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return fmt.Errorf("%q is not an http(s) URL such as http://169.254.169.254", s)
+	}
+	return nil
+}
+
+// CheckMetricsListen validates a metrics listen address and returns it with
+// the default port filled in. Non-loopback addresses are refused unless
+// allowNonLoopback is set.
+func CheckMetricsListen(listen string, allowNonLoopback bool) (string, error) {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		host, port = listen, DefaultMetricsPort
+		if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+			host = host[1 : len(host)-1]
+		}
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return "", fmt.Errorf("%q: port %q is not a number in 1..65535", listen, port)
+	}
+	loopback := host == "localhost"
+	if a, err := netip.ParseAddr(host); err == nil {
+		loopback = a.IsLoopback()
+	}
+	if !loopback && !allowNonLoopback {
+		return "", fmt.Errorf("%q is not a loopback address; metrics reveal the instance's VPCs and addresses (set metrics.allow_non_loopback: true to expose them)", listen)
+	}
+	return net.JoinHostPort(host, port), nil
+}
+
+func yamlSyntaxError(name string, err error) error {
+	msg := err.Error()
+	msg = strings.TrimPrefix(msg, "yaml: ")
+	if rest, ok := strings.CutPrefix(msg, "line "); ok {
+		if i := strings.Index(rest, ":"); i > 0 {
+			if _, aerr := strconv.Atoi(rest[:i]); aerr == nil {
+				return fmt.Errorf("%s:%s: invalid YAML:%s", name, rest[:i], rest[i+1:])
+			}
+		}
+	}
+	return fmt.Errorf("%s: invalid YAML: %s", name, msg)
+}
+
+func isNull(n *yaml.Node) bool {
+	return n.Kind == yaml.ScalarNode && n.Tag == "!!null"
+}
+
+func describe(n *yaml.Node) string {
+	switch n.Kind {
+	case yaml.MappingNode:
+		return "a mapping"
+	case yaml.SequenceNode:
+		return "a list"
+	case yaml.AliasNode:
+		return "an alias"
+	case yaml.ScalarNode:
+		return fmt.Sprintf("%q", n.Value)
+	}
+	return "nothing"
+}
+
+func join(path, key string) string {
+	if path == "" {
+		return key
+	}
+	return path + "." + key
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,154 @@
+package agent
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/dualhomed/dualhomed/netcfg"
+)
+
+func TestParseConfigErrors(t *testing.T) {
+	const file = "/etc/dualhomed/dualhomed.yaml"
+	tests := []struct {
+		name, yaml, want string
+	}{
+		{"unknown top key", "protocl: 210\n", file + ":1: protocl: unknown key"},
+		{"bad enum nested", "enis:\n  - match: {interface_id: eni-1}\n  - match:\n      mac: 0a:00:00:00:00:01\n    vpc_routes: maybe\n",
+			file + `:5: enis[1].vpc_routes: "maybe" is not one of auto, off`},
+		{"protocol range", "\n\nprotocol: 2\n", file + ":3: protocol: 2 is out of range 5..255"},
+		{"protocol not number", "protocol: abc\n", file + `:1: protocol: "abc" is not a whole number`},
+		{"bad duration", "poll_interval: 15\n", file + `:1: poll_interval: "15" is not a duration`},
+		{"duration too short", "poll_interval: 10ms\n", file + ":1: poll_interval: 10ms is shorter than the minimum 1s"},
+		{"bad bool", "manage_addresses: yes\n", file + `:1: manage_addresses: "yes" is not one of true, false`},
+		{"rp_filter", "rp_filter: medium\n", file + `:1: rp_filter: "medium" is not one of loose, strict, keep`},
+		{"bad cidr", "enis:\n  - match: {vpc_id: vpc-1}\n    extra_routes: [10.0.0.0/8, 300.1.0.0/16]\n", file + `:3: enis[0].extra_routes[1]: "300.1.0.0/16" is not a CIDR`},
+		{"host bits", "enis:\n  - match: {vpc_id: vpc-1}\n    extra_routes:\n      - 10.0.0.1/8\n", file + `:4: enis[0].extra_routes[0]: "10.0.0.1/8" has host bits set`},
+		{"bad mac", "enis:\n  - match: {mac: zz}\n", file + `:2: enis[0].match.mac: "zz" is not a MAC address`},
+		{"bad eni id", "enis:\n  - match: {interface_id: foo}\n", file + `:2: enis[0].match.interface_id: "foo" is not an ENI id`},
+		{"empty match", "enis:\n  - exclude: true\n", file + ":2: enis[0].match: missing"},
+		{"unknown selector key", "enis:\n  - match: {subnet_id: subnet-1}\n", file + ":2: enis[0].match.subnet_id: unknown key"},
+		{"duplicate key", "protocol: 210\nprotocol: 211\n", file + ":2: protocol: key given twice"},
+		{"not a mapping", "- a\n- b\n", file + ":1: expected a mapping"},
+		{"enis not list", "enis: {a: 1}\n", file + ":1: enis: expected a list"},
+		{"syntax", "protocol: 210\n  table_base: [\n", file + ":2: invalid YAML"},
+		{"log level", "log:\n  level: chatty\n", file + `:2: log.level: "chatty" is not one of debug, info, warn, error`},
+		{"metrics public", "metrics:\n  listen: 0.0.0.0:9810\n", file + `:2: metrics.listen: "0.0.0.0:9810" is not a loopback address`},
+		{"imds endpoint", "imds:\n  endpoint: 169.254.169.254\n", file + `:2: imds.endpoint: "169.254.169.254" is not an http(s) URL`},
+		{"state dir relative", "state_dir: run\n", file + `:1: state_dir: "run" is not an absolute path`},
+		{"two documents", "protocol: 210\n---\nprotocol: 211\n", file + ":2: only one YAML document"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := ParseConfig(file, []byte(tt.yaml))
+			if err == nil {
+				t.Fatalf("no error, want %q", tt.want)
+			}
+			if !strings.HasPrefix(err.Error(), tt.want) {
+				t.Fatalf("error\n  %q\nwant prefix\n  %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestParseConfigValues(t *testing.T) {
+	y := `
+protocol: 211
+table_base: 30000
+priority_base: 25000
+card_stride: 50
+rp_filter: strict
+manage_addresses: false
+primary_table: true
+vpc_routes: off
+enis:
+  - match: {interface_id: eni-0abc}
+    exclude: true
+  - match:
+      mac: 0A:1B:2C:3D:4E:5F
+      device_number: 2
+    vpc_routes: auto
+    extra_routes: [10.50.0.0/16, "2001:db8::/32"]
+poll_interval: 30s
+start_timeout: 2m
+imds:
+  endpoint: http://127.0.0.1:1338
+  timeout: 500ms
+log: {level: debug, format: json}
+metrics:
+  listen: 127.0.0.1
+state_dir: /var/run/dh/
+`
+	cfg, err := ParseConfig("x.yaml", []byte(y))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := cfg.Netcfg
+	if n.Protocol != 211 || n.TableBase != 30000 || n.PriorityBase != 25000 || n.CardStride != 50 ||
+		n.RPFilter != netcfg.RPFilterStrict || n.ManageAddresses || !n.PrimaryTable {
+		t.Errorf("numbers: %+v", n)
+	}
+	if len(n.ENIs) != 3 {
+		t.Fatalf("ENIs = %+v, want 2 entries plus the vpc_routes catch-all", n.ENIs)
+	}
+	if !n.ENIs[0].Exclude || n.ENIs[0].Match.InterfaceID != "eni-0abc" || n.ENIs[0].VPCRoutes != netcfg.VPCRoutesOff {
+		t.Errorf("ENIs[0] = %+v", n.ENIs[0])
+	}
+	e1 := n.ENIs[1]
+	if e1.Match.MAC != "0a:1b:2c:3d:4e:5f" || e1.Match.DeviceNumber == nil || *e1.Match.DeviceNumber != 2 ||
+		e1.VPCRoutes != netcfg.VPCRoutesAuto || len(e1.ExtraRoutes) != 2 || e1.ExtraRoutes[1].String() != "2001:db8::/32" {
+		t.Errorf("ENIs[1] = %+v", e1)
+	}
+	if last := n.ENIs[2]; last.Match != (netcfg.Selector{}) || last.VPCRoutes != netcfg.VPCRoutesOff {
+		t.Errorf("catch-all = %+v", last)
+	}
+	if cfg.PollInterval != 30*time.Second || cfg.StartTimeout != 2*time.Minute || cfg.IMDS.Timeout != 500*time.Millisecond ||
+		cfg.IMDS.Endpoint != "http://127.0.0.1:1338" || cfg.Log.Level != "debug" || cfg.Log.Format != "json" ||
+		cfg.Metrics.Listen != "127.0.0.1:9810" || cfg.StateDir != "/var/run/dh" {
+		t.Errorf("daemon settings: %+v", cfg)
+	}
+}
+
+func TestLoadConfigFiles(t *testing.T) {
+	dir := t.TempDir()
+	def := DefaultConfig()
+
+	cfg, err := LoadConfig(filepath.Join(dir, "missing.yaml"))
+	if err != nil || cfg.PollInterval != def.PollInterval || cfg.Netcfg.Protocol != netcfg.DefaultProtocol {
+		t.Errorf("missing file: %+v, %v; want defaults", cfg, err)
+	}
+	for name, content := range map[string]string{"empty.yaml": "", "comments.yaml": "# all commented out\n#protocol: 210\n"} {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := LoadConfig(p)
+		if err != nil || cfg.Netcfg.TableBase != netcfg.DefaultTableBase {
+			t.Errorf("%s: %+v, %v; want defaults", name, cfg, err)
+		}
+	}
+	if _, err := LoadConfig(dir); err == nil || !strings.Contains(err.Error(), "is a directory") {
+		t.Errorf("directory: err = %v", err)
+	}
+	if os.Geteuid() != 0 {
+		p := filepath.Join(dir, "unreadable.yaml")
+		if err := os.WriteFile(p, []byte("protocol: 210\n"), 0o000); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := LoadConfig(p); err == nil || !strings.Contains(err.Error(), "permission denied") {
+			t.Errorf("unreadable: err = %v", err)
+		}
+	}
+}
+
+func TestExampleConfigParses(t *testing.T) {
+	p := filepath.Join("..", "packaging", "dualhomed.yaml")
+	if _, err := os.Stat(p); err != nil {
+		t.Skip("no example config yet")
+	}
+	if _, err := LoadConfig(p); err != nil {
+		t.Fatalf("the shipped example config must parse: %v", err)
+	}
+}
