@@ -1,0 +1,344 @@
+package imds
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	sdkimds "github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
+)
+
+// Environment variables that the AWS SDKs use to override the IMDS endpoint.
+const (
+	EnvEndpoint     = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+	EnvEndpointMode = "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE"
+)
+
+// Default endpoints of the instance metadata service.
+const (
+	DefaultIPv4Endpoint = "http://169.254.169.254"
+	DefaultIPv6Endpoint = "http://[fd00:ec2::254]"
+)
+
+// DeviceNumberUnknown is the DeviceNumber of a not-ready ENI whose device
+// number IMDS has not (credibly) told yet. It is never 0: device 0 is the
+// primary ENI, and mistaking a new ENI for it is a bug the incumbents had.
+const DeviceNumberUnknown = -1
+
+// Defaults for Options.
+const (
+	DefaultTimeout              = time.Second
+	DefaultMaxAttempts          = 3
+	DefaultConcurrency          = 4
+	DefaultMaxRequestsPerSecond = 200
+)
+
+// Retry pacing. A snapshot retries a key at most MaxAttempts-1 times with
+// jittered exponential backoff, and all retries of a client share a bucket
+// of retryBurst tokens refilled at retriesPerSecond, so a broken IMDS costs
+// at most a few requests per second however many keys fail at once.
+const (
+	backoffBase      = 100 * time.Millisecond
+	backoffMax       = 2 * time.Second
+	retriesPerSecond = 2
+	retryBurst       = 4
+)
+
+// Options configures a Client. The zero value reads the real IMDS.
+type Options struct {
+	// Endpoint overrides the IMDS endpoint, e.g. "http://127.0.0.1:1338"
+	// (from the --imds-endpoint flag). Precedence: Endpoint, then
+	// $AWS_EC2_METADATA_SERVICE_ENDPOINT, then the default for the mode.
+	Endpoint string
+	// IPv6 selects http://[fd00:ec2::254] when no endpoint is given, as does
+	// AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6.
+	IPv6 bool
+	// Timeout bounds each HTTP request (default 1s).
+	Timeout time.Duration
+	// MaxAttempts bounds the attempts per key on timeouts, connection
+	// errors, 5xx and 429 (default 3).
+	MaxAttempts int
+	// Concurrency is how many keys are fetched at once (default 4).
+	Concurrency int
+	// MaxRequestsPerSecond paces requests (default 200, burst 20): link-local
+	// services share 1024 packets/s per ENI. Negative means unlimited
+	// (tests and benchmarks against a local emulator).
+	MaxRequestsPerSecond float64
+	// Transport replaces the HTTP transport (tests). Requests through it are
+	// still counted and bounded.
+	Transport http.RoundTripper
+}
+
+// Client reads Snapshots from IMDSv2. It is safe for concurrent use.
+type Client struct {
+	sdk         *sdkimds.Client
+	endpoint    string
+	timeout     time.Duration
+	maxAttempts int
+	concurrency int
+	requests    *limiter
+	retries     *limiter
+	total       atomic.Uint64
+}
+
+// New validates opts and returns a Client. It sends no request.
+func New(opts Options) (*Client, error) {
+	endpoint, mode, err := resolveEndpoint(opts, os.Getenv)
+	if err != nil {
+		return nil, err
+	}
+	if opts.Timeout <= 0 {
+		opts.Timeout = DefaultTimeout
+	}
+	if opts.MaxAttempts <= 0 {
+		opts.MaxAttempts = DefaultMaxAttempts
+	}
+	if opts.Concurrency <= 0 {
+		opts.Concurrency = DefaultConcurrency
+	}
+	if opts.MaxRequestsPerSecond == 0 {
+		opts.MaxRequestsPerSecond = DefaultMaxRequestsPerSecond
+	}
+	c := &Client{
+		endpoint:    endpoint,
+		timeout:     opts.Timeout,
+		maxAttempts: opts.MaxAttempts,
+		concurrency: opts.Concurrency,
+		requests:    newLimiter(opts.MaxRequestsPerSecond, 20),
+		retries:     newLimiter(retriesPerSecond, retryBurst),
+	}
+	next := opts.Transport
+	if next == nil {
+		next = &http.Transport{
+			Proxy:                 nil, // never send IMDS requests through a proxy
+			DialContext:           (&net.Dialer{Timeout: opts.Timeout}).DialContext,
+			ResponseHeaderTimeout: opts.Timeout,
+			MaxIdleConnsPerHost:   opts.Concurrency,
+			IdleConnTimeout:       30 * time.Second,
+		}
+	}
+	httpClient := &http.Client{
+		Transport: &countingTransport{next: next, total: &c.total},
+		Timeout:   opts.Timeout,
+	}
+	sdkOpts := sdkimds.Options{
+		HTTPClient: httpClient,
+		// Retries are ours: the SDK's standard retryer neither honours our
+		// budget nor lets us count attempts per key.
+		Retryer:           aws.NopRetryer{},
+		EnableFallback:    aws.FalseTernary, // IMDSv2 only: never fall back to tokenless v1
+		ClientEnableState: sdkimds.ClientEnabled,
+	}
+	if endpoint == DefaultIPv6Endpoint && mode == sdkimds.EndpointModeStateIPv6 {
+		sdkOpts.EndpointMode = sdkimds.EndpointModeStateIPv6
+	} else if endpoint == DefaultIPv4Endpoint && mode == sdkimds.EndpointModeStateIPv4 {
+		sdkOpts.EndpointMode = sdkimds.EndpointModeStateIPv4
+	} else {
+		sdkOpts.Endpoint = endpoint
+	}
+	c.sdk = sdkimds.New(sdkOpts)
+	return c, nil
+}
+
+// resolveEndpoint applies the precedence Options.Endpoint >
+// $AWS_EC2_METADATA_SERVICE_ENDPOINT > default of the endpoint mode.
+func resolveEndpoint(opts Options, getenv func(string) string) (string, sdkimds.EndpointModeState, error) {
+	if opts.Endpoint != "" {
+		u, err := validateEndpoint(opts.Endpoint)
+		if err != nil {
+			return "", 0, fmt.Errorf("invalid IMDS endpoint %q: %w", opts.Endpoint, err)
+		}
+		return u, sdkimds.EndpointModeStateUnset, nil
+	}
+	if v := getenv(EnvEndpoint); v != "" {
+		u, err := validateEndpoint(v)
+		if err != nil {
+			return "", 0, fmt.Errorf("invalid IMDS endpoint %s=%q: %w", EnvEndpoint, v, err)
+		}
+		return u, sdkimds.EndpointModeStateUnset, nil
+	}
+	mode := getenv(EnvEndpointMode)
+	switch {
+	case opts.IPv6 || strings.EqualFold(mode, "IPv6"):
+		return DefaultIPv6Endpoint, sdkimds.EndpointModeStateIPv6, nil
+	case mode == "" || strings.EqualFold(mode, "IPv4"):
+		return DefaultIPv4Endpoint, sdkimds.EndpointModeStateIPv4, nil
+	default:
+		return "", 0, fmt.Errorf("invalid %s=%q: want IPv4 or IPv6", EnvEndpointMode, mode)
+	}
+}
+
+// validateEndpoint accepts http(s)://host[:port][/] and returns it without
+// the trailing slash. The SDK replaces the path of the endpoint, so a path
+// would be silently ignored: reject it instead.
+func validateEndpoint(s string) (string, error) {
+	u, err := url.Parse(s)
+	if err != nil {
+		return "", errors.New("not a URL")
+	}
+	switch {
+	case u.Scheme != "http" && u.Scheme != "https":
+		return "", errors.New("want http://host[:port]")
+	case u.Host == "" || u.Hostname() == "":
+		return "", errors.New("no host")
+	case u.User != nil:
+		return "", errors.New("user info not allowed")
+	case u.Path != "" && u.Path != "/":
+		return "", errors.New("path not allowed (the client adds /latest/...)")
+	case u.RawQuery != "" || u.Fragment != "" || u.ForceQuery:
+		return "", errors.New("query or fragment not allowed")
+	}
+	if p := u.Port(); p != "" {
+		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+			return "", fmt.Errorf("bad port %q", p)
+		}
+	}
+	return u.Scheme + "://" + u.Host, nil
+}
+
+// Endpoint returns the endpoint the client talks to.
+func (c *Client) Endpoint() string { return c.endpoint }
+
+// Requests returns the number of HTTP requests (token requests and retries
+// included) the client has sent since New.
+func (c *Client) Requests() uint64 { return c.total.Load() }
+
+// get reads meta-data/<path>, retrying timeouts, connection errors, 5xx and
+// 429, and refreshing the token once on 401. A 404 is returned as a
+// *StatusError without retry. Errors are *KeyError.
+func (c *Client) get(ctx context.Context, path string) (string, error) {
+	key := "meta-data/" + path
+	refreshed := false
+	for attempt := 1; ; attempt++ {
+		if err := c.requests.wait(ctx); err != nil {
+			return "", &KeyError{Key: key, Err: err}
+		}
+		rec := &attemptRecord{}
+		actx, cancel := context.WithTimeout(context.WithValue(ctx, attemptRecordKey{}, rec), 2*c.timeout) // token + GET
+		body, err := c.getOnce(actx, path)
+		timedOut := actx.Err() == context.DeadlineExceeded
+		cancel()
+		if err == nil {
+			return body, nil
+		}
+		if ctx.Err() != nil {
+			return "", &KeyError{Key: key, Err: ctx.Err()}
+		}
+		seen := rec.snapshot()
+		failedKey := key
+		if seen.path == "api/token" {
+			failedKey = "api/token"
+		}
+		var retryAfter time.Duration
+		switch {
+		case seen.bodyTooLarge:
+			return "", &KeyError{Key: failedKey, Err: ErrBodyTooLarge}
+		case seen.status == http.StatusUnauthorized && !refreshed:
+			// The token expired or was revoked; the SDK dropped its cached
+			// token, so the next attempt fetches a fresh one. Once only: a
+			// second 401 means IMDS rejects fresh tokens too.
+			refreshed = true
+			attempt--
+			continue
+		case seen.status == http.StatusTooManyRequests || seen.status >= 500:
+			if attempt >= c.maxAttempts {
+				return "", &KeyError{Key: failedKey, Err: &StatusError{StatusCode: seen.status, Attempts: attempt}}
+			}
+			retryAfter = seen.retryAfter
+		case seen.status != 0 && seen.status != http.StatusOK:
+			// 404 (absent), 400 (bad TTL), 403 (IMDS disabled), 401 twice, 405 ...
+			return "", &KeyError{Key: failedKey, Err: &StatusError{StatusCode: seen.status, Attempts: attempt}}
+		case seen.transportErr != nil || timedOut:
+			cause := seen.transportErr
+			if cause == nil {
+				cause = err
+			}
+			if attempt >= c.maxAttempts {
+				if isUnreachableTransport(cause) || timedOut {
+					return "", &KeyError{Key: failedKey, Err: &unreachableError{endpoint: c.endpoint, attempts: attempt, err: cause}}
+				}
+				return "", &KeyError{Key: failedKey, Err: fmt.Errorf("after %d attempts: %w", attempt, cause)}
+			}
+		default:
+			// IMDS answered 200 but the SDK could not use the answer (e.g. a
+			// token response without a TTL header): not worth retrying.
+			return "", &KeyError{Key: failedKey, Err: err}
+		}
+		if err := sleep(ctx, max(backoff(attempt), retryAfter)); err != nil {
+			return "", &KeyError{Key: key, Err: err}
+		}
+		if err := c.retries.wait(ctx); err != nil {
+			return "", &KeyError{Key: key, Err: err}
+		}
+	}
+}
+
+func (c *Client) getOnce(ctx context.Context, path string) (string, error) {
+	out, err := c.sdk.GetMetadata(ctx, &sdkimds.GetMetadataInput{Path: path})
+	if err != nil {
+		return "", err
+	}
+	defer out.Content.Close()
+	b, err := io.ReadAll(out.Content)
+	return string(b), err
+}
+
+// backoff returns the jittered delay before retry number attempt (1-based):
+// between half and all of backoffBase*2^(attempt-1), capped at backoffMax.
+func backoff(attempt int) time.Duration {
+	d := backoffMax
+	if attempt < 8 {
+		d = min(backoffBase<<(attempt-1), backoffMax)
+	}
+	return d/2 + rand.N(d/2+1)
+}
+
+// forEach runs fn(i) for i in [0,n) on at most c.concurrency goroutines. On
+// the first failure it cancels the rest and returns the failure with the
+// lowest index that is not a consequence of that cancellation, so the error
+// does not depend on scheduling more than it must.
+func (c *Client) forEach(parent context.Context, n int, fn func(ctx context.Context, i int) error) error {
+	ctx, cancel := context.WithCancel(parent)
+	defer cancel()
+	errs := make([]error, n)
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(c.concurrency, n) {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= n || ctx.Err() != nil {
+					return
+				}
+				if err := fn(ctx, i); err != nil {
+					errs[i] = err
+					cancel()
+				}
+			}
+		})
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil && !errors.Is(err, context.Canceled) {
+			return err
+		}
+	}
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return parent.Err() // canceled before every job ran
+}

@@ -1,0 +1,292 @@
+package imds
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"unicode/utf8"
+)
+
+// The parsers below are pure functions from one IMDS body to typed values.
+// Each rejects anything real IMDS would never send, so that a corrupted or
+// truncated answer becomes an error naming the value instead of a wrong
+// configuration. They accept one trailing newline because AWS's own
+// amazon-ec2-metadata-mock ends its bodies with one (real IMDS does not).
+
+// ValueError says what is wrong with one value read from IMDS. Value is the
+// offending line (not the whole body) so that the message stays short.
+type ValueError struct {
+	Value  string
+	Reason string // completes the sentence `"<value>" <reason>`
+}
+
+func (e *ValueError) Error() string {
+	return fmt.Sprintf("%q %s", truncate(e.Value, maxValueInError), e.Reason)
+}
+
+// maxValueInError bounds how much of a bad value an error message quotes:
+// enough to recognise it, not a 64 KiB wall of junk in a log line.
+const maxValueInError = 80
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}
+
+func invalid(value, reason string) error { return &ValueError{Value: value, Reason: reason} }
+
+// splitLines splits an IMDS body into its lines. One trailing newline is
+// tolerated; an empty body, empty lines and control characters are errors.
+func splitLines(body string) ([]string, error) {
+	body = strings.TrimSuffix(body, "\n")
+	if body == "" {
+		return nil, invalid(body, "is empty")
+	}
+	lines := strings.Split(body, "\n")
+	for _, l := range lines {
+		if l == "" {
+			return nil, invalid(body, "has an empty line")
+		}
+		if err := checkPrintable(l); err != nil {
+			return nil, err
+		}
+	}
+	return lines, nil
+}
+
+// singleLine returns the only line of body.
+func singleLine(body string) (string, error) {
+	lines, err := splitLines(body)
+	if err != nil {
+		return "", err
+	}
+	if len(lines) != 1 {
+		return "", invalid(body, "has more than one line")
+	}
+	return lines[0], nil
+}
+
+func checkPrintable(s string) error {
+	if !utf8.ValidString(s) {
+		return invalid(s, "is not valid UTF-8")
+	}
+	for _, r := range s {
+		if r < 0x20 || r == 0x7f {
+			return invalid(s, "contains control characters")
+		}
+	}
+	return nil
+}
+
+// parseMAC parses one MAC in IMDS form (6 octets, colon separated) and
+// returns it lower case.
+func parseMAC(s string) (string, error) {
+	hw, err := net.ParseMAC(s)
+	if err != nil || len(hw) != 6 || len(s) != len("00:00:00:00:00:00") || strings.Count(s, ":") != 5 {
+		return "", invalid(s, "is not a MAC address")
+	}
+	return hw.String(), nil // net.HardwareAddr prints lower case with colons
+}
+
+// parsePrimaryMAC parses the body of meta-data/mac.
+func parsePrimaryMAC(body string) (string, error) {
+	line, err := singleLine(body)
+	if err != nil {
+		return "", err
+	}
+	return parseMAC(line)
+}
+
+// parseMACList parses the listing of network/interfaces/macs/: one "<mac>/"
+// per line. It returns the MACs lower case, in listing order, and rejects
+// duplicates and an empty listing (an instance always has its primary ENI).
+func parseMACList(body string) ([]string, error) {
+	lines, err := splitLines(body)
+	if err != nil {
+		return nil, err
+	}
+	macs := make([]string, 0, len(lines))
+	seen := make(map[string]bool, len(lines))
+	for _, l := range lines {
+		mac, err := parseMAC(strings.TrimSuffix(l, "/"))
+		if err != nil {
+			return nil, err
+		}
+		if seen[mac] {
+			return nil, invalid(l, "is listed twice")
+		}
+		seen[mac] = true
+		macs = append(macs, mac)
+	}
+	return macs, nil
+}
+
+// parseKeyList parses a directory listing such as macs/<mac>/: one key per
+// line, subdirectories with a trailing slash. It returns the set of names,
+// subdirectories included with their slash. An empty listing is an empty
+// set, not an error: IMDS can list a MAC before it lists any of its keys.
+func parseKeyList(body string) (map[string]bool, error) {
+	keys := map[string]bool{}
+	if strings.TrimSuffix(body, "\n") == "" {
+		return keys, nil
+	}
+	lines, err := splitLines(body)
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range lines {
+		name := strings.TrimSuffix(l, "/")
+		if name == "" || strings.TrimLeft(name, "abcdefghijklmnopqrstuvwxyz0123456789-_.") != "" {
+			return nil, invalid(l, "is not a metadata key name")
+		}
+		if keys[l] {
+			return nil, invalid(l, "is listed twice")
+		}
+		keys[l] = true
+	}
+	return keys, nil
+}
+
+// parseDeviceNumber parses device-number (and network-card): a small
+// non-negative decimal integer.
+func parseDeviceNumber(body string) (int, error) {
+	line, err := singleLine(body)
+	if err != nil {
+		return 0, err
+	}
+	// Reject signs, spaces and leading zeros that strconv would accept or
+	// that hint at a corrupted value. EC2 allows far fewer than 1000 ENIs.
+	if line == "" || len(line) > 4 || strings.TrimLeft(line, "0123456789") != "" || (len(line) > 1 && line[0] == '0') {
+		return 0, invalid(line, "is not a device number")
+	}
+	n, err := strconv.Atoi(line)
+	if err != nil {
+		return 0, invalid(line, "is not a device number")
+	}
+	return n, nil
+}
+
+// parseID parses a resource id such as interface-id ("eni-0123abcd"):
+// the given prefix followed by lower-case hex digits.
+func parseID(body, prefix string) (string, error) {
+	line, err := singleLine(body)
+	if err != nil {
+		return "", err
+	}
+	rest, ok := strings.CutPrefix(line, prefix)
+	if !ok || rest == "" || len(rest) > 32 || strings.TrimLeft(rest, "0123456789abcdef") != "" {
+		return "", invalid(line, "is not a "+strings.TrimSuffix(prefix, "-")+" id")
+	}
+	return line, nil
+}
+
+// parseOwnerID parses owner-id: a 12-digit AWS account number.
+func parseOwnerID(body string) (string, error) {
+	line, err := singleLine(body)
+	if err != nil {
+		return "", err
+	}
+	if len(line) != 12 || strings.TrimLeft(line, "0123456789") != "" {
+		return "", invalid(line, "is not an AWS account id")
+	}
+	return line, nil
+}
+
+func parseIPv4(s string) (netip.Addr, error) {
+	a, err := netip.ParseAddr(s)
+	if err != nil || !a.Is4() {
+		return netip.Addr{}, invalid(s, "is not an IPv4 address")
+	}
+	return a, nil
+}
+
+func parseIPv6(s string) (netip.Addr, error) {
+	a, err := netip.ParseAddr(s)
+	if err != nil || !a.Is6() || a.Is4In6() || a.Zone() != "" {
+		return netip.Addr{}, invalid(s, "is not an IPv6 address")
+	}
+	return a, nil
+}
+
+// parseAddrList parses one address per line, keeping IMDS order (the first
+// local-ipv4s entry is the ENI's primary private IP) and rejecting duplicates.
+func parseAddrList(body string, parse func(string) (netip.Addr, error)) ([]netip.Addr, error) {
+	lines, err := splitLines(body)
+	if err != nil {
+		return nil, err
+	}
+	addrs := make([]netip.Addr, 0, len(lines))
+	seen := make(map[netip.Addr]bool, len(lines))
+	for _, l := range lines {
+		a, err := parse(l)
+		if err != nil {
+			return nil, err
+		}
+		if seen[a] {
+			return nil, invalid(l, "is listed twice")
+		}
+		seen[a] = true
+		addrs = append(addrs, a)
+	}
+	return addrs, nil
+}
+
+// parseIPv4List parses local-ipv4s.
+func parseIPv4List(body string) ([]netip.Addr, error) { return parseAddrList(body, parseIPv4) }
+
+// parseIPv6List parses ipv6s.
+func parseIPv6List(body string) ([]netip.Addr, error) { return parseAddrList(body, parseIPv6) }
+
+// parsePrefix parses one CIDR block of the given family (4 or 6). Host bits
+// must be zero: IMDS lists blocks, and "10.0.1.5/24" means a corrupted value.
+func parsePrefix(s string, family int) (netip.Prefix, error) {
+	what := "an IPv4 prefix"
+	if family == 6 {
+		what = "an IPv6 prefix"
+	}
+	p, err := netip.ParsePrefix(s)
+	if err != nil || (family == 4 && !p.Addr().Is4()) || (family == 6 && (!p.Addr().Is6() || p.Addr().Is4In6())) {
+		return netip.Prefix{}, invalid(s, "is not "+what)
+	}
+	if p != p.Masked() {
+		return netip.Prefix{}, invalid(s, "is not "+what+" (host bits set)")
+	}
+	return p, nil
+}
+
+// parseIPv4Prefix parses a single IPv4 CIDR block (subnet-ipv4-cidr-block,
+// vpc-ipv4-cidr-block).
+func parseIPv4Prefix(body string) (netip.Prefix, error) {
+	line, err := singleLine(body)
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	return parsePrefix(line, 4)
+}
+
+// parsePrefixList parses one CIDR block of the given family per line
+// (ipv4-prefix, ipv6-prefix, *-cidr-blocks), keeping order, rejecting duplicates.
+func parsePrefixList(body string, family int) ([]netip.Prefix, error) {
+	lines, err := splitLines(body)
+	if err != nil {
+		return nil, err
+	}
+	prefixes := make([]netip.Prefix, 0, len(lines))
+	seen := make(map[netip.Prefix]bool, len(lines))
+	for _, l := range lines {
+		p, err := parsePrefix(l, family)
+		if err != nil {
+			return nil, err
+		}
+		if seen[p] {
+			return nil, invalid(l, "is listed twice")
+		}
+		seen[p] = true
+		prefixes = append(prefixes, p)
+	}
+	return prefixes, nil
+}

@@ -1,0 +1,205 @@
+package imds
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"slices"
+	"sync/atomic"
+)
+
+const macsPath = "network/interfaces/macs/"
+
+// eniKey is one key under macs/<mac>/ that dualhomed reads, and how its
+// value lands in the ENI. Keys not in this table (local-hostname,
+// security-group-ids, ...) are never fetched.
+type eniKey struct {
+	name  string
+	apply func(e *ENI, body string) error
+}
+
+// eniKeys lists the keys in the order they are fetched and parsed; the order
+// makes requests and errors deterministic.
+var eniKeys = []eniKey{
+	{"device-number", func(e *ENI, b string) (err error) { e.DeviceNumber, err = parseDeviceNumber(b); return }},
+	{"network-card", func(e *ENI, b string) (err error) { e.NetworkCard, err = parseDeviceNumber(b); return }},
+	{"interface-id", func(e *ENI, b string) (err error) { e.InterfaceID, err = parseID(b, "eni-"); return }},
+	{"subnet-id", func(e *ENI, b string) (err error) { e.SubnetID, err = parseID(b, "subnet-"); return }},
+	{"vpc-id", func(e *ENI, b string) (err error) { e.VPCID, err = parseID(b, "vpc-"); return }},
+	{"owner-id", func(e *ENI, b string) (err error) { e.OwnerID, err = parseOwnerID(b); return }},
+	{"subnet-ipv4-cidr-block", func(e *ENI, b string) (err error) { e.SubnetIPv4CIDR, err = parseIPv4Prefix(b); return }},
+	{"subnet-ipv6-cidr-blocks", func(e *ENI, b string) (err error) { e.SubnetIPv6CIDRs, err = parsePrefixList(b, 6); return }},
+	{"vpc-ipv4-cidr-blocks", func(e *ENI, b string) (err error) { e.VPCIPv4CIDRs, err = parsePrefixList(b, 4); return }},
+	// Older IMDS versions list only the single (primary) VPC CIDR; it is
+	// fetched only when vpc-ipv4-cidr-blocks is not listed.
+	{"vpc-ipv4-cidr-block", func(e *ENI, b string) error {
+		p, err := parseIPv4Prefix(b)
+		if err == nil {
+			e.VPCIPv4CIDRs = append(e.VPCIPv4CIDRs, p)
+		}
+		return err
+	}},
+	{"vpc-ipv6-cidr-blocks", func(e *ENI, b string) (err error) { e.VPCIPv6CIDRs, err = parsePrefixList(b, 6); return }},
+	{"local-ipv4s", func(e *ENI, b string) (err error) { e.LocalIPv4s, err = parseIPv4List(b); return }},
+	{"ipv6s", func(e *ENI, b string) (err error) { e.IPv6s, err = parseIPv6List(b); return }},
+	{"ipv4-prefix", func(e *ENI, b string) (err error) { e.IPv4Prefixes, err = parsePrefixList(b, 4); return }},
+	{"ipv6-prefix", func(e *ENI, b string) (err error) { e.IPv6Prefixes, err = parsePrefixList(b, 6); return }},
+}
+
+// keysToFetch returns the eniKeys that the listing of one MAC contains.
+func keysToFetch(listed map[string]bool) []eniKey {
+	var keys []eniKey
+	for _, k := range eniKeys {
+		if k.name == "vpc-ipv4-cidr-block" && listed["vpc-ipv4-cidr-blocks"] {
+			continue
+		}
+		if listed[k.name] {
+			keys = append(keys, k)
+		}
+	}
+	return keys
+}
+
+// Snapshot reads the primary MAC, the list of MACs, and for each MAC its
+// directory listing and then only the listed keys that dualhomed uses (an
+// absent optional key costs no request).
+//
+// It returns an error (a *KeyError naming the key, and the value when it did
+// not parse) if any read fails after retries or any value does not parse;
+// it never returns a partial snapshot. A MAC that IMDS is still catching up
+// on is not an error: its ENI is returned with Ready=false and a reason
+// (see ENI.Ready), when:
+//   - its directory listing is empty or 404 (the MAC is listed before its
+//     keys exist: seen right after a hot attach);
+//   - device-number is not listed, or is 0 on a MAC other than the primary
+//     (DeviceNumber is then DeviceNumberUnknown, never 0);
+//   - interface-id is not listed, or neither local-ipv4s nor ipv6s is;
+//   - local-ipv4s is listed without subnet-ipv4-cidr-block, or ipv6s without
+//     subnet-ipv6-cidr-blocks (no gateway could be derived).
+func (c *Client) Snapshot(ctx context.Context) (Snapshot, error) {
+	var count atomic.Int64
+	ctx = context.WithValue(ctx, snapshotCounterKey{}, &count)
+
+	primary, err := getParsed(ctx, c, "mac", parsePrimaryMAC)
+	if err != nil {
+		return Snapshot{}, err
+	}
+	macs, err := getParsed(ctx, c, macsPath, parseMACList)
+	if err != nil {
+		return Snapshot{}, err
+	}
+	if !slices.Contains(macs, primary) {
+		// IMDS contradicts itself; wait for it to settle rather than guess.
+		return Snapshot{}, &KeyError{Key: "meta-data/" + macsPath, Value: primary,
+			Err: &ValueError{Value: primary, Reason: "(meta-data/mac) is not listed"}}
+	}
+	slices.Sort(macs)
+
+	enis := make([]ENI, len(macs))
+	keys := make([][]eniKey, len(macs))
+	err = c.forEach(ctx, len(macs), func(ctx context.Context, i int) error {
+		enis[i] = ENI{MAC: macs[i], Ready: true}
+		listed, err := getParsed(ctx, c, macsPath+macs[i]+"/", parseKeyList)
+		var se *StatusError
+		switch {
+		case errors.As(err, &se) && se.StatusCode == http.StatusNotFound:
+			listed = nil
+		case err != nil:
+			return err
+		}
+		if len(listed) == 0 {
+			notReady(&enis[i], "IMDS lists the MAC but none of its keys yet")
+			return nil
+		}
+		keys[i] = keysToFetch(listed)
+		if !listed["device-number"] {
+			notReady(&enis[i], "device-number not listed yet")
+		}
+		return nil
+	})
+	if err != nil {
+		return Snapshot{}, err
+	}
+
+	type job struct {
+		eni int
+		key eniKey
+	}
+	var jobs []job
+	for i := range macs {
+		for _, k := range keys[i] {
+			jobs = append(jobs, job{i, k})
+		}
+	}
+	bodies := make([]string, len(jobs))
+	err = c.forEach(ctx, len(jobs), func(ctx context.Context, j int) error {
+		var err error
+		bodies[j], err = c.get(ctx, macsPath+macs[jobs[j].eni]+"/"+jobs[j].key.name)
+		return err // a listed key that answers 404 is an error too
+	})
+	if err != nil {
+		return Snapshot{}, err
+	}
+	for j, jb := range jobs {
+		if err := jb.key.apply(&enis[jb.eni], bodies[j]); err != nil {
+			return Snapshot{}, keyValueError("meta-data/"+macsPath+macs[jb.eni]+"/"+jb.key.name, err)
+		}
+	}
+	for i := range enis {
+		if enis[i].Ready {
+			checkReady(&enis[i], keys[i], primary)
+		}
+	}
+	return Snapshot{PrimaryMAC: primary, ENIs: enis, Requests: int(count.Load())}, nil
+}
+
+// checkReady flags an ENI whose keys are not yet complete enough to
+// configure it. Its arguments are the keys the listing contained.
+func checkReady(e *ENI, listed []eniKey, primaryMAC string) {
+	has := map[string]bool{}
+	for _, k := range listed {
+		has[k.name] = true
+	}
+	switch {
+	case e.DeviceNumber == 0 && e.MAC != primaryMAC:
+		notReady(e, "device-number 0 on a secondary MAC: IMDS has not caught up with the attachment")
+	case !has["interface-id"]:
+		notReady(e, "interface-id not listed yet")
+	case !has["local-ipv4s"] && !has["ipv6s"]:
+		notReady(e, "neither local-ipv4s nor ipv6s listed yet")
+	case has["local-ipv4s"] && !has["subnet-ipv4-cidr-block"]:
+		notReady(e, "local-ipv4s listed without subnet-ipv4-cidr-block")
+	case has["ipv6s"] && !has["subnet-ipv6-cidr-blocks"]:
+		notReady(e, "ipv6s listed without subnet-ipv6-cidr-blocks")
+	}
+}
+
+func notReady(e *ENI, reason string) {
+	e.Ready = false
+	e.NotReadyReason = reason
+	e.DeviceNumber = DeviceNumberUnknown
+}
+
+// getParsed reads one key and parses it, turning a parse failure into a
+// *KeyError that names key and value.
+func getParsed[T any](ctx context.Context, c *Client, path string, parse func(string) (T, error)) (T, error) {
+	var zero T
+	body, err := c.get(ctx, path)
+	if err != nil {
+		return zero, err
+	}
+	v, err := parse(body)
+	if err != nil {
+		return zero, keyValueError("meta-data/"+path, err)
+	}
+	return v, nil
+}
+
+func keyValueError(key string, err error) error {
+	ke := &KeyError{Key: key, Err: err}
+	var ve *ValueError
+	if errors.As(err, &ve) {
+		ke.Value = ve.Value
+	}
+	return ke
+}

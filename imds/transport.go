@@ -1,0 +1,170 @@
+package imds
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// MaxBodySize bounds every IMDS response body. The largest body dualhomed
+// reads is an address list: 50 IPv6 addresses are about 2 KiB.
+const MaxBodySize = 64 << 10
+
+// maxRetryAfter caps how long a Retry-After header can make us wait, so a
+// bogus header cannot stall a snapshot.
+const maxRetryAfter = 5 * time.Second
+
+type (
+	snapshotCounterKey struct{}
+	attemptRecordKey   struct{}
+)
+
+// attemptRecord is what the transport saw during one attempt (one SDK
+// GetMetadata call: possibly a token PUT, then the GET). The SDK wraps
+// token errors in a type that hides the cause, so the retry logic decides
+// from what actually went over the wire instead.
+type attemptRecord struct {
+	mu           sync.Mutex
+	path         string // of the last request, below /latest/
+	status       int    // of the last response; 0 when the last request got no response
+	retryAfter   time.Duration
+	transportErr error
+	bodyTooLarge bool
+}
+
+func (r *attemptRecord) snapshot() attemptRecord {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return attemptRecord{path: r.path, status: r.status, retryAfter: r.retryAfter, transportErr: r.transportErr, bodyTooLarge: r.bodyTooLarge}
+}
+
+// countingTransport counts every HTTP request (cumulative and per snapshot),
+// records each attempt's outcome and bounds response bodies.
+type countingTransport struct {
+	next  http.RoundTripper
+	total *atomic.Uint64
+}
+
+func (t *countingTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	t.total.Add(1)
+	ctx := req.Context()
+	if n, ok := ctx.Value(snapshotCounterKey{}).(*atomic.Int64); ok {
+		n.Add(1)
+	}
+	rec, _ := ctx.Value(attemptRecordKey{}).(*attemptRecord)
+	if rec != nil {
+		rec.mu.Lock()
+		rec.path = strings.TrimPrefix(req.URL.Path, "/latest/")
+		rec.status, rec.retryAfter, rec.transportErr = 0, 0, nil
+		rec.mu.Unlock()
+	}
+	resp, err := t.next.RoundTrip(req)
+	if rec != nil {
+		rec.mu.Lock()
+		if err != nil {
+			rec.transportErr = err
+		} else {
+			rec.status = resp.StatusCode
+			rec.retryAfter = parseRetryAfter(resp.Header.Get("Retry-After"))
+		}
+		rec.mu.Unlock()
+	}
+	if err != nil {
+		return nil, err
+	}
+	resp.Body = &limitedBody{ReadCloser: resp.Body, remaining: MaxBodySize, rec: rec}
+	return resp, nil
+}
+
+// parseRetryAfter understands the delta-seconds form only; IMDS sends no
+// dates, and an unparsable header simply means "use our own backoff".
+func parseRetryAfter(h string) time.Duration {
+	secs, err := strconv.Atoi(strings.TrimSpace(h))
+	if err != nil || secs <= 0 {
+		return 0
+	}
+	return min(time.Duration(secs)*time.Second, maxRetryAfter)
+}
+
+// limitedBody fails with ErrBodyTooLarge once more than MaxBodySize bytes
+// have been read, so the SDK's io.ReadAll cannot grow without bound.
+type limitedBody struct {
+	io.ReadCloser
+	remaining int64
+	rec       *attemptRecord
+}
+
+func (b *limitedBody) Read(p []byte) (int, error) {
+	if b.remaining < 0 {
+		return 0, ErrBodyTooLarge
+	}
+	if int64(len(p)) > b.remaining+1 {
+		p = p[:b.remaining+1]
+	}
+	n, err := b.ReadCloser.Read(p)
+	b.remaining -= int64(n)
+	if b.remaining < 0 {
+		if b.rec != nil {
+			b.rec.mu.Lock()
+			b.rec.bodyTooLarge = true
+			b.rec.mu.Unlock()
+		}
+		return n, ErrBodyTooLarge
+	}
+	return n, err
+}
+
+// limiter is a token bucket. It paces requests (IMDS shares a budget of
+// 1024 packets per second per ENI with DNS and NTP) and retries (a broken
+// IMDS must cost only a few requests per second).
+type limiter struct {
+	mu     sync.Mutex
+	rate   float64 // tokens per second
+	burst  float64
+	tokens float64
+	last   time.Time
+}
+
+func newLimiter(rate float64, burst int) *limiter {
+	if rate <= 0 {
+		return nil // unlimited
+	}
+	return &limiter{rate: rate, burst: float64(burst), tokens: float64(burst), last: time.Now()}
+}
+
+// wait takes one token, sleeping until it is available or ctx is done.
+func (l *limiter) wait(ctx context.Context) error {
+	if l == nil {
+		return ctx.Err()
+	}
+	l.mu.Lock()
+	now := time.Now()
+	l.tokens = min(l.burst, l.tokens+now.Sub(l.last).Seconds()*l.rate)
+	l.last = now
+	l.tokens--
+	var delay time.Duration
+	if l.tokens < 0 {
+		delay = time.Duration(-l.tokens / l.rate * float64(time.Second))
+	}
+	l.mu.Unlock()
+	return sleep(ctx, delay)
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
