@@ -1,0 +1,180 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
+)
+
+// The binaries under test, built once per test binary by TestMain.
+var (
+	dualhomedBin, emulatorBin string
+	buildErr                  error
+)
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	if os.Geteuid() != 0 {
+		return m.Run() // every scenario skips with a message
+	}
+	if removed, err := simworld.Sweep(); err != nil {
+		fmt.Fprintf(os.Stderr, "e2e: sweeping leftovers of earlier runs: %v\n", err)
+	} else if len(removed) > 0 {
+		fmt.Fprintf(os.Stderr, "e2e: removed leftovers of crashed runs: %s\n", strings.Join(removed, " "))
+	}
+	dir, err := os.MkdirTemp("", "dualhomed-e2e-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	dualhomedBin = filepath.Join(dir, "dualhomed")
+	emulatorBin = filepath.Join(dir, "imds-emulator")
+	buildErr = goBuild(dir, "github.com/dualhomed/dualhomed/cmd/dualhomed", "github.com/dualhomed/dualhomed/cmd/imds-emulator")
+	return m.Run()
+}
+
+// goBuild builds the packages into dir with the go command that runs the tests.
+func goBuild(dir string, pkgs ...string) error {
+	gobin := filepath.Join(os.Getenv("GOROOT"), "bin", "go")
+	if _, err := os.Stat(gobin); err != nil {
+		gobin = "go"
+	}
+	cmd := exec.Command(gobin, append([]string{"build", "-o", dir + "/"}, pkgs...)...)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("building %s: %v\n%s", strings.Join(pkgs, " "), err, out)
+	}
+	return nil
+}
+
+// newWorld builds a world for t, with the instance's echo server running,
+// and tears it down when t ends, whatever happens in between.
+func newWorld(t *testing.T) *simworld.World {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("skipping: the end-to-end scenarios need root to create network namespaces (run `sudo make test`)")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	w, err := simworld.New(ctx, simworld.Options{
+		Dir:          t.TempDir(),
+		DualhomedBin: dualhomedBin,
+		EmulatorBin:  emulatorBin,
+	})
+	if err != nil {
+		t.Fatalf("building the simulated instance: %v", err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, p := range w.Procs() {
+				t.Logf("log of %s:\n%s", p.Name, tail(p.Log(), 60))
+			}
+			if d, err := simworld.DumpState(w.Instance); err == nil {
+				t.Logf("instance state at failure:\n%s", d)
+			}
+		}
+		if err := w.Close(); err != nil {
+			t.Errorf("tearing down the world: %v", err)
+		}
+		for _, name := range w.Namespaces() {
+			if _, err := os.Stat(filepath.Join("/run/netns", name)); err == nil {
+				t.Errorf("namespace %s left behind", name)
+			}
+		}
+	})
+	if err := w.ServeEcho(w.Instance, simworld.EchoPort); err != nil {
+		t.Fatal(err)
+	}
+	return w
+}
+
+// needBinaries skips (only until the programs exist in the tree) when the
+// daemon or the emulator could not be built.
+func needBinaries(t *testing.T) {
+	t.Helper()
+	if buildErr != nil {
+		t.Skipf("skipping until cmd/dualhomed and cmd/imds-emulator build: %v", buildErr)
+	}
+}
+
+func tail(s string, lines int) string {
+	l := strings.Split(s, "\n")
+	if len(l) > lines {
+		l = l[len(l)-lines:]
+	}
+	return strings.Join(l, "\n")
+}
+
+// probe is one connection attempt from a client to an address of the instance.
+type probe struct {
+	name string
+	from *simworld.NS
+	to   netip.Addr
+}
+
+func (p probe) String() string { return p.name }
+
+// ping and tcp run the probe's ICMP echo and TCP echo round trip.
+func (p probe) ping(timeout time.Duration) error {
+	return simworld.Ping(p.from, p.to, timeout)
+}
+
+func (p probe) tcp(timeout time.Duration) error {
+	return simworld.EchoOnce(p.from, netip.AddrPortFrom(p.to, simworld.EchoPort), timeout)
+}
+
+// both runs ICMP and TCP at once and returns their errors.
+func (p probe) both(timeout time.Duration) (pingErr, tcpErr error) {
+	done := make(chan error, 1)
+	go func() { done <- p.ping(timeout) }()
+	tcpErr = p.tcp(timeout)
+	return <-done, tcpErr
+}
+
+// clientProbes returns, for each attached ENI, its VPC's client probing its addresses.
+func clientProbes(w *simworld.World, links ...string) []probe {
+	var ps []probe
+	for _, l := range links {
+		e := w.ENI(l)
+		for _, a := range e.IPv4s() {
+			ps = append(ps, probe{fmt.Sprintf("VPC %s client %s -> %s %s", e.VPC.Name, e.VPC.Client4, l, a), e.VPC.Client, a})
+		}
+		for _, a := range e.IPv6s() {
+			ps = append(ps, probe{fmt.Sprintf("VPC %s client %s -> %s %s", e.VPC.Name, e.VPC.Client6, l, a), e.VPC.Client, a})
+		}
+	}
+	return ps
+}
+
+// runAll runs every probe at once (ICMP and TCP) and returns one error per probe.
+func runAll(ps []probe, timeout time.Duration) map[string][2]error {
+	type res struct {
+		name string
+		errs [2]error
+	}
+	ch := make(chan res, len(ps))
+	for _, p := range ps {
+		go func() {
+			pe, te := p.both(timeout)
+			ch <- res{p.name, [2]error{pe, te}}
+		}()
+	}
+	out := map[string][2]error{}
+	for range ps {
+		r := <-ch
+		out[r.name] = r.errs
+	}
+	return out
+}

@@ -1,0 +1,606 @@
+// Package simworld builds a simulated dual-homed EC2 instance out of network
+// namespaces and veth pairs, for the end-to-end tests (cmd/internal/e2e) and
+// for `make demo` (cmd/dualhomed-demo).
+//
+// The world, every name prefixed with a per-run prefix (dh<pid>w<n>-):
+//
+//	           VPC A 10.0.0.0/16          VPC B 10.1.0.0/16 + fd00:b:0::/56      VPC C 10.0.0.0/16 (same as A!)
+//	cliA 10.0.100.50 --rtrA-- eth0   cliB 10.1.100.50 --rtrB-- eth1   cliC 10.0.100.50 --rtrC-- eth2
+//	                  10.0.1.1  10.0.1.10   fd00:b:0:64::50  10.1.1.1  10.1.1.10            10.0.2.1  10.0.2.10
+//	                                                          fe80:ec2::1 fd00:b:0:1::10
+//	                                  \______________ inst (the instance) _______________/
+//
+// VPC C deliberately reuses VPC A's CIDR, and its client has the same address
+// as VPC A's client (10.0.100.50): only source-based routing on the instance can
+// tell their replies apart. The ENI subnets differ (10.0.1.0/24 in A, 10.0.2.0/24
+// in C) because one instance cannot hold the same address twice; the overlap is
+// the VPC CIDR and the client address. A fourth VPC D (10.3.0.0/16) is built with
+// its ENI (eth3) parked in its router, ready for a hot attach.
+//
+// Each router forwards only between its ENI link and its client subnet: routers
+// live in separate namespaces, so nothing is ever forwarded between VPCs.
+//
+// The instance starts as a real one after boot: each attached ENI has its
+// "DHCP" primary address with its prefix route, the main table's default route
+// goes through eth0 (proto dhcp), and nothing else. IPv6 forwarding, router
+// advertisements and DAD are off everywhere so the world is deterministic.
+package simworld
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Names of the world's fixed objects.
+const (
+	// IMDSListen is where the emulator listens inside the instance namespace.
+	IMDSListen = "127.0.0.1:8111"
+	// IMDSEndpoint is the URL dualhomed is given (--imds-endpoint).
+	IMDSEndpoint = "http://" + IMDSListen
+	// RouterIPv6 is the VPC router's fixed link-local address on every subnet.
+	RouterIPv6 = "fe80:ec2::1"
+	// EchoPort is the TCP echo port the instance serves on every address.
+	EchoPort = 7007
+	// OwnerID is the account of every ENI.
+	OwnerID = "123456789012"
+)
+
+// VPC is one simulated VPC: a router namespace and a client namespace.
+type VPC struct {
+	Name    string // A, B, C, D
+	ID      string // vpc-...
+	CIDR4   netip.Prefix
+	CIDR6   netip.Prefix // invalid when the VPC has no IPv6
+	Router  *NS
+	Client  *NS
+	Client4 netip.Addr // the client's address
+	Client6 netip.Addr // invalid without IPv6
+}
+
+// ENI is one simulated elastic network interface: a veth whose instance end
+// carries the ENI's MAC and whose peer (RouterLink, in the VPC's router)
+// plays the subnet's VPC router.
+type ENI struct {
+	Link       string // name inside the instance: eth0, eth1, ...
+	MAC        string
+	ID         string
+	Device     int
+	VPC        *VPC
+	SubnetID   string
+	Subnet4    netip.Prefix
+	Subnet6    netip.Prefix // invalid when the subnet has no IPv6
+	Gateway4   netip.Addr
+	RouterLink string // the veth peer's name in the router namespace
+
+	mu       sync.Mutex
+	ipv4s    []netip.Addr // first is the primary private IP ("DHCP")
+	ipv6s    []netip.Addr
+	attached bool
+}
+
+// IPv4s returns the ENI's private IPv4 addresses, primary first.
+func (e *ENI) IPv4s() []netip.Addr {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return append([]netip.Addr(nil), e.ipv4s...)
+}
+
+// IPv6s returns the ENI's IPv6 addresses.
+func (e *ENI) IPv6s() []netip.Addr {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return append([]netip.Addr(nil), e.ipv6s...)
+}
+
+// Primary4 is the ENI's primary private IPv4 address.
+func (e *ENI) Primary4() netip.Addr { return e.IPv4s()[0] }
+
+// Attached says whether the ENI is currently attached to the instance.
+func (e *ENI) Attached() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.attached
+}
+
+// Options configure New.
+type Options struct {
+	// Dir holds the world's files (configs, logs, state, control socket).
+	// Empty means a new temporary directory, removed by Close.
+	Dir string
+	// DualhomedBin and EmulatorBin are the programs run inside the instance.
+	DualhomedBin string
+	EmulatorBin  string
+	// Logf receives one line per step of building and tearing down (may be nil).
+	Logf func(format string, args ...any)
+}
+
+// World is the simulated instance with its VPCs.
+type World struct {
+	Prefix   string
+	Dir      string
+	Instance *NS
+	VPCs     map[string]*VPC // by name: A, B, C, D
+	ENIs     []*ENI          // eth0..eth3 (eth3 starts detached)
+
+	opts    Options
+	ownDir  bool
+	mu      sync.Mutex
+	all     []*NS // every namespace, in creation order
+	procs   []*Proc
+	closers []func() error
+	closed  bool
+}
+
+var worldSeq atomic.Int64
+
+// prefixPattern matches every namespace name a world creates; the pid lets
+// the sweeper tell a live run from a crashed one.
+var prefixPattern = regexp.MustCompile(`^dh([0-9]+)w[0-9]+-`)
+
+// New builds the world. On error everything already built is removed.
+func New(ctx context.Context, opts Options) (w *World, err error) {
+	if os.Geteuid() != 0 {
+		return nil, errors.New("building the simulated instance needs root (network namespaces)")
+	}
+	w = &World{
+		Prefix: fmt.Sprintf("dh%dw%d-", os.Getpid(), worldSeq.Add(1)),
+		VPCs:   map[string]*VPC{},
+		opts:   opts,
+	}
+	defer func() {
+		if err != nil {
+			w.Close()
+			w = nil
+		}
+	}()
+	w.Dir = opts.Dir
+	if w.Dir == "" {
+		if w.Dir, err = os.MkdirTemp("", w.Prefix); err != nil {
+			return w, fmt.Errorf("creating world directory: %w", err)
+		}
+		w.ownDir = true
+	}
+	if w.Instance, err = w.newNS("inst"); err != nil {
+		return w, err
+	}
+	// Like a distribution's sysctl defaults: strict reverse path filtering on
+	// every new link, and no forwarding: the instance is not a router.
+	for _, s := range [][2]string{
+		{"net/ipv4/conf/default/rp_filter", "1"},
+	} {
+		if err = w.Instance.SetSysctl(s[0], s[1]); err != nil {
+			return w, err
+		}
+	}
+	for _, v := range defaultVPCs() {
+		if err = w.addVPC(v); err != nil {
+			return w, err
+		}
+	}
+	for _, e := range defaultENIs(w.VPCs) {
+		if err = w.addENI(e); err != nil {
+			return w, err
+		}
+	}
+	w.logf("world %s built in %s", w.Prefix, w.Dir)
+	return w, nil
+}
+
+func defaultVPCs() []*VPC {
+	return []*VPC{
+		{Name: "A", ID: "vpc-0aaaaaaaaaaaaaaaa", CIDR4: netip.MustParsePrefix("10.0.0.0/16"),
+			Client4: netip.MustParseAddr("10.0.100.50")},
+		{Name: "B", ID: "vpc-0bbbbbbbbbbbbbbbb", CIDR4: netip.MustParsePrefix("10.1.0.0/16"),
+			CIDR6:   netip.MustParsePrefix("fd00:b:0::/56"),
+			Client4: netip.MustParseAddr("10.1.100.50"), Client6: netip.MustParseAddr("fd00:b:0:64::50")},
+		{Name: "C", ID: "vpc-0cccccccccccccccc", CIDR4: netip.MustParsePrefix("10.0.0.0/16"),
+			Client4: netip.MustParseAddr("10.0.100.50")},
+		{Name: "D", ID: "vpc-0dddddddddddddddd", CIDR4: netip.MustParsePrefix("10.3.0.0/16"),
+			Client4: netip.MustParseAddr("10.3.100.50")},
+	}
+}
+
+func defaultENIs(vpcs map[string]*VPC) []*ENI {
+	mk := func(dev int, vpc, subnet4, subnet6 string, attached bool, ipv6s ...string) *ENI {
+		v := vpcs[vpc]
+		s4 := netip.MustParsePrefix(subnet4)
+		e := &ENI{
+			Link:       fmt.Sprintf("eth%d", dev),
+			MAC:        fmt.Sprintf("02:00:00:00:0%s:%02x", strings.ToLower(vpc), dev),
+			ID:         fmt.Sprintf("eni-0%s%015d", strings.ToLower(vpc)+strings.ToLower(vpc), dev),
+			Device:     dev,
+			VPC:        v,
+			SubnetID:   fmt.Sprintf("subnet-0%s%014d", strings.ToLower(vpc)+strings.ToLower(vpc), dev),
+			Subnet4:    s4,
+			Gateway4:   s4.Addr().Next(),
+			RouterLink: fmt.Sprintf("eni%d", dev),
+			ipv4s:      []netip.Addr{addrIn(s4, 10)},
+			attached:   attached,
+		}
+		if subnet6 != "" {
+			e.Subnet6 = netip.MustParsePrefix(subnet6)
+		}
+		for _, a := range ipv6s {
+			e.ipv6s = append(e.ipv6s, netip.MustParseAddr(a))
+		}
+		return e
+	}
+	return []*ENI{
+		mk(0, "A", "10.0.1.0/24", "", true),
+		mk(1, "B", "10.1.1.0/24", "fd00:b:0:1::/64", true, "fd00:b:0:1::10"),
+		mk(2, "C", "10.0.2.0/24", "", true),
+		mk(3, "D", "10.3.1.0/24", "", false),
+	}
+}
+
+// addrIn returns the host'th address of p (IPv4).
+func addrIn(p netip.Prefix, host int) netip.Addr {
+	a := p.Masked().Addr().As4()
+	a[3] += byte(host)
+	return netip.AddrFrom4(a)
+}
+
+// ClientSubnet4 is the VPC's client subnet (10.x.100.0/24); the router holds .1.
+func (v *VPC) ClientSubnet4() netip.Prefix {
+	return netip.PrefixFrom(addrIn(netip.PrefixFrom(v.Client4, 24), 0), 24).Masked()
+}
+
+func (w *World) logf(format string, args ...any) {
+	if w.opts.Logf != nil {
+		w.opts.Logf(format, args...)
+	}
+}
+
+func (w *World) newNS(name string) (*NS, error) {
+	n, err := newNS(w.Prefix + name)
+	if err != nil {
+		return nil, err
+	}
+	w.mu.Lock()
+	w.all = append(w.all, n)
+	w.mu.Unlock()
+	return n, nil
+}
+
+// addVPC builds the VPC's router and client namespaces and the client subnet.
+func (w *World) addVPC(v *VPC) error {
+	var err error
+	if v.Router, err = w.newNS("rtr" + v.Name); err != nil {
+		return err
+	}
+	if v.Client, err = w.newNS("cli" + v.Name); err != nil {
+		return err
+	}
+	if err := v.Router.SetSysctl("net/ipv4/ip_forward", "1"); err != nil {
+		return err
+	}
+	if v.CIDR6.IsValid() {
+		if err := v.Router.SetSysctl("net/ipv6/conf/all/forwarding", "1"); err != nil {
+			return err
+		}
+	}
+	rtrSide, err := vethPair(v.Router, "cli", v.Client, "eth0", nil)
+	if err != nil {
+		return err
+	}
+	sub := v.ClientSubnet4()
+	gw4 := sub.Addr().Next()
+	if err := addAddr(v.Router.NL, rtrSide, netip.PrefixFrom(gw4, 24)); err != nil {
+		return err
+	}
+	cliLink, err := v.Client.NL.LinkByName("eth0")
+	if err != nil {
+		return fmt.Errorf("finding client link in %s: %w", v.Client.Name, err)
+	}
+	if err := addAddr(v.Client.NL, cliLink, netip.PrefixFrom(v.Client4, 24)); err != nil {
+		return err
+	}
+	if err := addRoute(v.Client.NL, &netlink.Route{LinkIndex: cliLink.Attrs().Index, Dst: nil, Gw: gw4.AsSlice()}); err != nil {
+		return fmt.Errorf("adding client default route in %s: %w", v.Client.Name, err)
+	}
+	if v.Client6.IsValid() {
+		sub6 := netip.PrefixFrom(v.Client6, 64).Masked()
+		gw6 := sub6.Addr().Next()
+		if err := addAddr(v.Router.NL, rtrSide, netip.PrefixFrom(gw6, 64)); err != nil {
+			return err
+		}
+		if err := addAddr(v.Client.NL, cliLink, netip.PrefixFrom(v.Client6, 64)); err != nil {
+			return err
+		}
+		_, dflt6, _ := net.ParseCIDR("::/0")
+		if err := addRoute(v.Client.NL, &netlink.Route{LinkIndex: cliLink.Attrs().Index, Dst: dflt6, Gw: gw6.AsSlice()}); err != nil {
+			return fmt.Errorf("adding client IPv6 default route in %s: %w", v.Client.Name, err)
+		}
+	}
+	w.VPCs[v.Name] = v
+	return nil
+}
+
+// addENI creates the ENI's veth: the router end holds the subnet gateway and
+// fe80:ec2::1; the other end becomes the instance's ethN when attached, or is
+// parked in the router namespace until HotAttach.
+func (w *World) addENI(e *ENI) error {
+	r := e.VPC.Router
+	var peerNS *NS
+	if e.attached {
+		peerNS = w.Instance
+	}
+	mac, err := net.ParseMAC(e.MAC)
+	if err != nil {
+		return fmt.Errorf("parsing MAC %s: %w", e.MAC, err)
+	}
+	rl, err := vethPair(r, e.RouterLink, peerNS, e.Link, mac)
+	if err != nil {
+		return err
+	}
+	if err := addAddr(r.NL, rl, netip.PrefixFrom(e.Gateway4, e.Subnet4.Bits())); err != nil {
+		return err
+	}
+	if err := addAddr(r.NL, rl, netip.MustParsePrefix(RouterIPv6+"/64")); err != nil {
+		return err
+	}
+	if e.Subnet6.IsValid() {
+		// The VPC router reaches the subnet on-link, without a global address of its own.
+		if err := addRoute(r.NL, &netlink.Route{LinkIndex: rl.Attrs().Index, Dst: prefixIPNet(e.Subnet6), Scope: netlink.SCOPE_LINK}); err != nil {
+			return fmt.Errorf("adding route to %s in %s: %w", e.Subnet6, r.Name, err)
+		}
+	}
+	w.ENIs = append(w.ENIs, e)
+	if e.attached {
+		return w.bootENI(e)
+	}
+	return nil
+}
+
+// bootENI does what DHCP does on a real instance when the ENI comes up: its
+// primary private IPv4 (and IPv6) with the subnet's prefix route, and for
+// the primary ENI (device 0) the main table's default route.
+func (w *World) bootENI(e *ENI) error {
+	h := w.Instance.NL
+	l, err := h.LinkByName(e.Link)
+	if err != nil {
+		return fmt.Errorf("finding %s in the instance: %w", e.Link, err)
+	}
+	if err := addAddr(h, l, netip.PrefixFrom(e.Primary4(), e.Subnet4.Bits())); err != nil {
+		return err
+	}
+	if e.Subnet6.IsValid() && len(e.IPv6s()) > 0 {
+		if err := addAddr(h, l, netip.PrefixFrom(e.IPv6s()[0], e.Subnet6.Bits())); err != nil {
+			return err
+		}
+	}
+	if e.Device == 0 {
+		rt := &netlink.Route{
+			LinkIndex: l.Attrs().Index,
+			Gw:        e.Gateway4.AsSlice(),
+			Src:       e.Primary4().AsSlice(),
+			Protocol:  unix.RTPROT_DHCP,
+			Priority:  512,
+		}
+		if err := addRoute(h, rt); err != nil {
+			return fmt.Errorf("adding the main default route via %s: %w", e.Link, err)
+		}
+	}
+	return nil
+}
+
+// ENI returns the ENI whose instance link is named link (eth0..eth3).
+func (w *World) ENI(link string) *ENI {
+	for _, e := range w.ENIs {
+		if e.Link == link {
+			return e
+		}
+	}
+	panic("simworld: no ENI " + link)
+}
+
+// Close tears the world down: processes first (they keep namespaces alive),
+// then every namespace (their veths go with them), then the directory.
+// It is safe to call more than once and after a partial New.
+func (w *World) Close() error {
+	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
+		return nil
+	}
+	w.closed = true
+	procs, all, closers := w.procs, w.all, w.closers
+	w.mu.Unlock()
+	var errs []error
+	for i := len(closers) - 1; i >= 0; i-- {
+		if err := closers[i](); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, p := range procs {
+		p.Kill()
+	}
+	for i := len(all) - 1; i >= 0; i-- {
+		if err := all[i].close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if w.ownDir && w.Dir != "" && os.Getenv("SIMWORLD_KEEP") == "" {
+		if err := os.RemoveAll(w.Dir); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	w.logf("world %s removed", w.Prefix)
+	return errors.Join(errs...)
+}
+
+// onClose registers fn to run first when the world closes.
+func (w *World) onClose(fn func() error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.closers = append(w.closers, fn)
+}
+
+// Namespaces lists the names of every namespace of the world.
+func (w *World) Namespaces() []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var names []string
+	for _, n := range w.all {
+		names = append(names, n.Name)
+	}
+	return names
+}
+
+// Sweep removes namespaces left behind by crashed runs: every /run/netns entry
+// with this package's prefix whose creating process is gone. It kills what
+// still runs inside them first. It returns the names it removed.
+func Sweep() ([]string, error) {
+	entries, err := os.ReadDir("/run/netns")
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("listing /run/netns: %w", err)
+	}
+	var removed []string
+	var errs []error
+	for _, e := range entries {
+		m := prefixPattern.FindStringSubmatch(e.Name())
+		if m == nil {
+			continue
+		}
+		pid, _ := strconv.Atoi(m[1])
+		if pid == os.Getpid() || processAlive(pid) {
+			continue
+		}
+		killNSProcesses(e.Name())
+		if err := deleteNamedNS(e.Name()); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		removed = append(removed, e.Name())
+	}
+	return removed, errors.Join(errs...)
+}
+
+func processAlive(pid int) bool {
+	err := syscall.Kill(pid, 0)
+	return err == nil || errors.Is(err, syscall.EPERM)
+}
+
+// vethPair is `ip link add <name> [address mac] type veth peer <peerName>`
+// created directly inside ns (the peer inside peerNS, or ns when nil), so that
+// no link ever appears in the host's namespace. Both ends are set up.
+func vethPair(ns *NS, name string, peerNS *NS, peerName string, peerMAC net.HardwareAddr) (netlink.Link, error) {
+	la := netlink.NewLinkAttrs()
+	la.Name = name
+	veth := &netlink.Veth{LinkAttrs: la, PeerName: peerName, PeerHardwareAddr: peerMAC}
+	if peerNS != nil {
+		veth.PeerNamespace = netlink.NsFd(peerNS.Handle)
+	}
+	if err := ns.NL.LinkAdd(veth); err != nil {
+		return nil, fmt.Errorf("adding veth %s (peer %s) in %s: %w", name, peerName, ns.Name, err)
+	}
+	l, err := ns.NL.LinkByName(name)
+	if err != nil {
+		return nil, fmt.Errorf("finding %s in %s: %w", name, ns.Name, err)
+	}
+	if err := ns.NL.LinkSetUp(l); err != nil {
+		return nil, fmt.Errorf("setting %s up in %s: %w", name, ns.Name, err)
+	}
+	ph := ns
+	if peerNS != nil {
+		ph = peerNS
+	}
+	p, err := ph.NL.LinkByName(peerName)
+	if err != nil {
+		return nil, fmt.Errorf("finding %s in %s: %w", peerName, ph.Name, err)
+	}
+	if err := ph.NL.LinkSetUp(p); err != nil {
+		return nil, fmt.Errorf("setting %s up in %s: %w", peerName, ph.Name, err)
+	}
+	return l, nil
+}
+
+// addAddr is `ip addr add <p> dev <l> nodad`; an existing address is fine.
+func addAddr(h *netlink.Handle, l netlink.Link, p netip.Prefix) error {
+	a := &netlink.Addr{IPNet: prefixIPNet(p)}
+	if p.Addr().Is6() {
+		a.Flags = unix.IFA_F_NODAD
+	}
+	if err := h.AddrAdd(l, a); err != nil && !errors.Is(err, syscall.EEXIST) {
+		return fmt.Errorf("adding address %s to %s: %w", p, l.Attrs().Name, err)
+	}
+	return nil
+}
+
+func addRoute(h *netlink.Handle, r *netlink.Route) error {
+	if err := h.RouteAdd(r); err != nil && !errors.Is(err, syscall.EEXIST) {
+		return err
+	}
+	return nil
+}
+
+// prefixIPNet keeps the host bits (an interface address with its prefix length).
+func prefixIPNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+// waitFor polls cond every 20ms until it returns nil or ctx ends; it returns
+// cond's last error when ctx ends.
+func waitFor(ctx context.Context, cond func() error) error {
+	var last error
+	for {
+		if last = cond(); last == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (last: %v)", ctx.Err(), last)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+
+// ServeEcho starts a TCP echo server on port in ns (every address, IPv4 and
+// IPv6), stopped when the world closes.
+func (w *World) ServeEcho(ns *NS, port int) error {
+	s, err := ListenEcho(ns, port)
+	if err != nil {
+		return err
+	}
+	w.onClose(s.Close)
+	return nil
+}
+
+// LinkStats returns the packet counters of a link in ns: on a router's ENI
+// link, TX counts packets sent to the instance and RX packets received from it.
+func LinkStats(ns *NS, link string) (rx, tx uint64, err error) {
+	l, err := ns.NL.LinkByName(link)
+	if err != nil {
+		return 0, 0, fmt.Errorf("finding %s in %s: %w", link, ns.Name, err)
+	}
+	s := l.Attrs().Statistics
+	if s == nil {
+		return 0, 0, fmt.Errorf("no statistics for %s in %s", link, ns.Name)
+	}
+	return s.RxPackets, s.TxPackets, nil
+}
+
+// Procs lists the programs started in the world.
+func (w *World) Procs() []*Proc {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return append([]*Proc(nil), w.procs...)
+}
