@@ -572,7 +572,6 @@ func waitFor(ctx context.Context, cond func() error) error {
 	}
 }
 
-
 // ServeEcho starts a TCP echo server on port in ns (every address, IPv4 and
 // IPv6), stopped when the world closes.
 func (w *World) ServeEcho(ns *NS, port int) error {
