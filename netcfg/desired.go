@@ -1,17 +1,41 @@
 package netcfg
 
 import (
+	"cmp"
+	"fmt"
 	"net/netip"
+	"slices"
+	"strings"
 
 	"github.com/dualhomed/dualhomed/imds"
 )
 
+// IPv6Gateway is the VPC router's fixed link-local address, valid on every ENI.
+var IPv6Gateway = netip.MustParseAddr("fe80:ec2::1")
+
 // Observed is what Desired needs to know of the kernel: which links exist (ENIs
-// are matched to links by MAC) and which addresses are already on them, whoever
-// put them there. An address already present is never added again.
+// are matched to links by MAC), which addresses are already on them, and what
+// dualhomed owns right now.
+//
+// Contract for callers (the agent, `dualhomed plan`):
+//
+//   - Addrs may list every address on each link, whoever put it there (that is
+//     what Kernel.Observe returns). Desired subtracts the addresses listed in
+//     Owned.Addrs (exact link and prefix) and treats the rest as foreign.
+//   - Owned must be what Kernel.Owned returned, read in the same reconcile.
+//     Without it, an address dualhomed added itself looks foreign, Desired stops
+//     wanting it, and Diff deletes it: the next round adds it back (flapping).
+//     A caller whose Addrs already exclude our own addresses may leave Owned
+//     empty, at the price of the not-ready protection below.
+//   - Owned also lets Desired keep our objects on the link of an ENI that IMDS
+//     temporarily reports not ready (a glitch is never an answer), and prefer,
+//     when IMDS data clashes, the ENI that already owns a table.
 type Observed struct {
 	Links []Link
-	Addrs map[int][]netip.Prefix // every address on each link, by link index
+	// Addrs lists the addresses on each link, by link index, with their prefix length.
+	Addrs map[int][]netip.Prefix
+	// Owned is the state dualhomed owns in the kernel now (Kernel.Owned).
+	Owned State
 }
 
 // ENIState is the lifecycle state of one ENI as reported by plan and status.
@@ -24,6 +48,9 @@ const (
 	ENIExcluded    ENIState = "excluded"
 	ENIDrift       ENIState = "drift" // set by callers that diffed against the kernel
 	ENIPrimaryRole ENIState = "primary"
+	// ENIInvalid: IMDS data that cannot be configured safely (a device number
+	// beyond CardStride, a table already claimed by another ENI); see Warnings.
+	ENIInvalid ENIState = "invalid"
 )
 
 // ENIStatus describes one ENI of the snapshot and what dualhomed does with it.
@@ -52,6 +79,18 @@ type Warning struct {
 	Hint    string
 }
 
+// String renders the warning on one line, hint included.
+func (w Warning) String() string {
+	s := w.Message
+	if w.ENI != "" {
+		s = w.ENI + ": " + s
+	}
+	if w.Hint != "" {
+		s += " (hint: " + w.Hint + ")"
+	}
+	return s
+}
+
 // Result is the output of Desired.
 type Result struct {
 	State    State
@@ -60,7 +99,650 @@ type Result struct {
 }
 
 // Desired computes the routing state dualhomed wants for snap. It is a pure
-// function: same inputs, same Result, sorted.
+// function: same inputs, same Result, sorted. It never panics on odd IMDS
+// data; what it cannot configure it reports in Result.Warnings.
+//
+// For every ready, non-excluded ENI whose link exists (links are matched by
+// MAC) it wants:
+//   - addresses (cfg.ManageAddresses): every IMDS address not already on the
+//     link as a foreign address; the first IPv4 with the subnet's length
+//     (noprefixroute when the subnet overlaps another ENI's), the others /32
+//     and /128 noprefixroute. The primary ENI included.
+//   - for secondary ENIs (and the primary with cfg.PrimaryTable): table
+//     T = TableBase + CardStride*card + device with the subnet route, the
+//     default route via the gateway and the extra routes; rules at priority
+//     PriorityBase + CardStride*card + device from every address and
+//     delegated prefix to T.
+//   - for multi-VPC ENIs: main-table routes to the VPC's CIDRs via the ENI,
+//     unless they overlap a VPC reached through another ENI (one ENI per VPC
+//     carries them: the lowest card/device).
+//   - rp_filter for secondary ENIs unless cfg.RPFilter is keep.
 func Desired(snap imds.Snapshot, obs Observed, cfg Config) Result {
-	panic("TODO(netcfg-desired)")
+	d := newDesirer(snap, obs, cfg)
+	d.run()
+	return d.result()
+}
+
+// eniInfo is the working record of one snapshot ENI.
+type eniInfo struct {
+	eni     imds.ENI
+	conf    ENIConfig // the matching per-ENI entry, zero when none
+	status  ENIStatus
+	link    Link
+	hasLink bool
+	managed bool // ready, not excluded, link present, valid
+	primary bool
+	table   int // 0 when the ENI gets no table
+	prio    int
+	// v4 is the ENI's first IPv4 and v4Net its subnet, both valid only when
+	// IPv4 routing is possible for it.
+	v4    netip.Addr
+	v4Net netip.Prefix
+	v6    bool // the ENI has IPv6 addresses or prefixes
+}
+
+type desirer struct {
+	snap imds.Snapshot
+	obs  Observed
+	cfg  Config
+
+	enis       []*eniInfo
+	primaryVPC string
+	// foreign holds, per link, the addresses on it that are not ours.
+	foreign map[int][]netip.Prefix
+	// present holds, per link, every address that will be on it after the plan:
+	// foreign ones and the ones we want.
+	present map[int]map[netip.Addr]bool
+
+	b        stateBuilder
+	warnings []Warning
+}
+
+func newDesirer(snap imds.Snapshot, obs Observed, cfg Config) *desirer {
+	d := &desirer{snap: snap, obs: obs, cfg: cfg, present: map[int]map[netip.Addr]bool{}}
+	d.b = newStateBuilder(d.warn)
+	return d
+}
+
+func (d *desirer) warn(e *eniInfo, msg, hint string) {
+	w := Warning{Message: msg, Hint: hint}
+	if e != nil {
+		w.ENI = e.name()
+		e.status.Warnings = append(e.status.Warnings, msg)
+	}
+	d.warnings = append(d.warnings, w)
+}
+
+func (e *eniInfo) name() string {
+	if e.eni.InterfaceID != "" {
+		return e.eni.InterfaceID
+	}
+	return e.eni.MAC
+}
+
+func (d *desirer) run() {
+	d.computeForeign()
+	links := d.linksByMAC()
+	primaryMAC := strings.ToLower(d.snap.PrimaryMAC)
+	if p, ok := d.snap.Primary(); ok && p.Ready {
+		d.primaryVPC = p.VPCID
+	} else {
+		d.warn(nil, "the primary ENI ("+d.snap.PrimaryMAC+") is not ready in IMDS: no multi-VPC routes",
+			"wait for IMDS; if this persists check meta-data/mac")
+	}
+
+	seen := map[string]bool{}
+	for _, raw := range d.snap.ENIs {
+		e := &eniInfo{eni: normalizeENI(raw)}
+		e.primary = e.eni.MAC == primaryMAC
+		e.status = ENIStatus{
+			MAC:         e.eni.MAC,
+			InterfaceID: e.eni.InterfaceID,
+			VPCID:       e.eni.VPCID,
+			Primary:     e.primary,
+			Card:        e.eni.NetworkCard,
+			Device:      e.eni.DeviceNumber,
+			Addresses:   append(slices.Clone(e.eni.LocalIPv4s), e.eni.IPv6s...),
+		}
+		d.enis = append(d.enis, e)
+		if seen[e.eni.MAC] {
+			e.status.State = ENIInvalid
+			d.warn(e, "IMDS lists this MAC twice: ignoring the second entry", "")
+			continue
+		}
+		seen[e.eni.MAC] = true
+		e.status.MultiVPC = !e.primary && e.eni.VPCID != "" && d.primaryVPC != "" && e.eni.VPCID != d.primaryVPC
+		e.conf = d.cfg.eniConfig(e.eni)
+		if l, ok := links[e.eni.MAC]; ok {
+			e.link, e.hasLink = l, true
+			e.status.Link, e.status.LinkIndex = l.Name, l.Index
+		}
+		switch {
+		case e.conf.Exclude:
+			e.status.State = ENIExcluded
+		case !e.eni.Ready:
+			e.status.State = ENIWaitingIMDS
+			if e.eni.NotReadyReason != "" {
+				e.status.Warnings = append(e.status.Warnings, e.eni.NotReadyReason)
+			}
+		case !e.hasLink:
+			e.status.State = ENIWaitingLink
+		default:
+			e.managed = true
+			if e.primary {
+				e.status.State = ENIPrimaryRole
+			} else {
+				e.status.State = ENIConfigured
+			}
+		}
+	}
+
+	d.assignTables()
+	overlapping := d.overlappingSubnets()
+	for _, e := range d.sortedManaged() {
+		d.addAddresses(e, overlapping[e])
+	}
+	for _, e := range d.sortedManaged() {
+		d.addTable(e)
+		if !e.primary && d.cfg.rpFilterMode() != RPFilterKeep {
+			d.b.rpFilter(e, RPFilter{LinkName: e.link.Name, Value: d.cfg.rpFilterValue()})
+		}
+	}
+	d.addVPCRoutes()
+	d.keepNotReady()
+}
+
+// computeForeign subtracts our own addresses from the observed ones.
+func (d *desirer) computeForeign() {
+	ours := map[AddrKey]bool{}
+	for _, a := range d.obs.Owned.Addrs {
+		ours[AddrKey{a.LinkIndex, a.Prefix}] = true
+	}
+	d.foreign = map[int][]netip.Prefix{}
+	for idx, ps := range d.obs.Addrs {
+		for _, p := range ps {
+			if !p.IsValid() || ours[AddrKey{idx, p}] {
+				continue
+			}
+			d.foreign[idx] = append(d.foreign[idx], p)
+			d.markPresent(idx, p.Addr())
+		}
+	}
+}
+
+func (d *desirer) markPresent(link int, a netip.Addr) {
+	if d.present[link] == nil {
+		d.present[link] = map[netip.Addr]bool{}
+	}
+	d.present[link][a.Unmap()] = true
+}
+
+func (d *desirer) isForeign(link int, a netip.Addr) bool {
+	for _, p := range d.foreign[link] {
+		if p.Addr().Unmap() == a {
+			return true
+		}
+	}
+	return false
+}
+
+// linksByMAC maps lower-case MACs to links. When several links share a MAC
+// (VLANs and bonds copy their parent's), the lowest index, normally the NIC
+// itself, wins.
+func (d *desirer) linksByMAC() map[string]Link {
+	m := map[string]Link{}
+	for _, l := range d.obs.Links {
+		mac := strings.ToLower(l.MAC)
+		if mac == "" {
+			continue
+		}
+		if old, ok := m[mac]; !ok || l.Index < old.Index {
+			m[mac] = l
+		}
+	}
+	return m
+}
+
+// normalizeENI lower-cases the MAC, unmaps and masks addresses and drops the
+// invalid ones, so that the rest of Desired works on clean values.
+func normalizeENI(e imds.ENI) imds.ENI {
+	e.MAC = strings.ToLower(e.MAC)
+	e.SubnetIPv4CIDR = cleanPrefix(e.SubnetIPv4CIDR, true)
+	e.SubnetIPv6CIDRs = cleanPrefixes(e.SubnetIPv6CIDRs, false)
+	e.VPCIPv4CIDRs = cleanPrefixes(e.VPCIPv4CIDRs, true)
+	e.VPCIPv6CIDRs = cleanPrefixes(e.VPCIPv6CIDRs, false)
+	e.IPv4Prefixes = cleanPrefixes(e.IPv4Prefixes, true)
+	e.IPv6Prefixes = cleanPrefixes(e.IPv6Prefixes, false)
+	e.LocalIPv4s = cleanAddrs(e.LocalIPv4s, true)
+	e.IPv6s = cleanAddrs(e.IPv6s, false)
+	return e
+}
+
+func cleanPrefix(p netip.Prefix, v4 bool) netip.Prefix {
+	if !p.IsValid() {
+		return netip.Prefix{}
+	}
+	a := p.Addr().Unmap()
+	bits := p.Bits()
+	if p.Addr().Is4In6() {
+		bits -= 96
+	}
+	if a.Is4() != v4 || bits < 0 {
+		return netip.Prefix{}
+	}
+	return netip.PrefixFrom(a, bits).Masked()
+}
+
+func cleanPrefixes(ps []netip.Prefix, v4 bool) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range ps {
+		if p = cleanPrefix(p, v4); p.IsValid() && !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func cleanAddrs(as []netip.Addr, v4 bool) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range as {
+		a = a.Unmap()
+		if a.IsValid() && a.Is4() == v4 && !a.IsUnspecified() && !slices.Contains(out, a) {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// sortedManaged returns the managed ENIs by card, device and MAC.
+func (d *desirer) sortedManaged() []*eniInfo {
+	var out []*eniInfo
+	for _, e := range d.enis {
+		if e.managed {
+			out = append(out, e)
+		}
+	}
+	slices.SortFunc(out, compareENIs)
+	return out
+}
+
+func compareENIs(a, b *eniInfo) int {
+	return cmp.Or(
+		compareBool(!a.primary, !b.primary),
+		cmp.Compare(a.eni.NetworkCard, b.eni.NetworkCard),
+		cmp.Compare(a.eni.DeviceNumber, b.eni.DeviceNumber),
+		cmp.Compare(a.eni.MAC, b.eni.MAC),
+	)
+}
+
+// assignTables gives each managed ENI that needs one its table and priority.
+// Out-of-range numbers and clashes (two ENIs claiming one table, as IMDS can
+// briefly report after a hot attach) make the ENI invalid; on a clash the ENI
+// that already owns the table in the kernel keeps it, so a glitch never tears
+// down working configuration.
+func (d *desirer) assignTables() {
+	ownerOf := map[int]int{} // table -> link index of our routes in it
+	for _, r := range d.obs.Owned.Routes {
+		if r.Table != MainTable {
+			ownerOf[r.Table] = r.LinkIndex
+		}
+	}
+	claims := map[int][]*eniInfo{}
+	for _, e := range d.enis {
+		if !e.managed || (e.primary && !d.cfg.PrimaryTable) {
+			continue
+		}
+		card, dev := e.eni.NetworkCard, e.eni.DeviceNumber
+		if card < 0 || dev < 0 || (d.cfg.CardStride > 0 && dev >= d.cfg.CardStride) {
+			d.invalidate(e, fmt.Sprintf("network card %d / device number %d is outside the table layout (card stride %d)", card, dev, d.cfg.CardStride),
+				"raise card_stride in the configuration")
+			continue
+		}
+		t := d.cfg.TableBase + d.cfg.CardStride*card + dev
+		p := d.cfg.PriorityBase + d.cfg.CardStride*card + dev
+		if !validTable(t) || p < 1 || p > maxPriority {
+			d.invalidate(e, fmt.Sprintf("table %d / priority %d computed for card %d device %d is reserved or out of range", t, p, card, dev),
+				"change table_base / priority_base")
+			continue
+		}
+		e.table, e.prio = t, p
+		claims[t] = append(claims[t], e)
+	}
+	for t, es := range claims {
+		if len(es) < 2 {
+			continue
+		}
+		winner := slices.MinFunc(es, func(a, b *eniInfo) int {
+			aOwns, bOwns := ownerOf[t] == a.link.Index, ownerOf[t] == b.link.Index
+			return cmp.Or(compareBool(!aOwns, !bOwns), cmp.Compare(a.eni.MAC, b.eni.MAC))
+		})
+		for _, e := range es {
+			if e != winner {
+				d.invalidate(e, fmt.Sprintf("table %d is already used by %s (same network card and device number)", t, winner.name()),
+					"IMDS may still be catching up after an attach; if this persists, check the ENIs' device numbers")
+			}
+		}
+	}
+	for _, e := range d.enis {
+		if e.table != 0 {
+			e.status.Table, e.status.Priority = e.table, e.prio
+		}
+	}
+}
+
+func (d *desirer) invalidate(e *eniInfo, msg, hint string) {
+	e.managed = false
+	e.table, e.prio = 0, 0
+	e.status.State = ENIInvalid
+	d.warn(e, msg, hint)
+}
+
+// overlappingSubnets returns the managed ENIs whose IPv4 subnet overlaps the
+// subnet of another listed ENI. Their addresses get noprefixroute so that the
+// main table holds no ambiguous subnet route; the primary keeps its own.
+func (d *desirer) overlappingSubnets() map[*eniInfo]bool {
+	out := map[*eniInfo]bool{}
+	for _, e := range d.enis {
+		if !e.managed || e.primary || !e.eni.SubnetIPv4CIDR.IsValid() {
+			continue
+		}
+		for _, o := range d.enis {
+			if o != e && o.eni.MAC != e.eni.MAC && o.eni.SubnetIPv4CIDR.IsValid() && o.eni.SubnetIPv4CIDR.Overlaps(e.eni.SubnetIPv4CIDR) {
+				out[e] = true
+				break
+			}
+		}
+	}
+	return out
+}
+
+func (d *desirer) addAddresses(e *eniInfo, overlapping bool) {
+	link := e.link.Index
+	var want []Addr
+	for i, a := range e.eni.LocalIPv4s {
+		p, noPrefixRoute := netip.PrefixFrom(a, 32), true
+		if i == 0 && e.eni.SubnetIPv4CIDR.Contains(a) {
+			p, noPrefixRoute = netip.PrefixFrom(a, e.eni.SubnetIPv4CIDR.Bits()), overlapping
+		}
+		want = append(want, Addr{LinkIndex: link, Prefix: p, NoPrefixRoute: noPrefixRoute})
+	}
+	for _, a := range e.eni.IPv6s {
+		want = append(want, Addr{LinkIndex: link, Prefix: netip.PrefixFrom(a, 128), NoPrefixRoute: true})
+	}
+	for _, a := range want {
+		if !d.cfg.ManageAddresses || d.isForeign(link, a.Prefix.Addr()) {
+			continue
+		}
+		if d.b.addr(e, a) {
+			d.markPresent(link, a.Prefix.Addr())
+		}
+	}
+}
+
+// addTable fills the ENI's table and its rules.
+func (d *desirer) addTable(e *eniInfo) {
+	if e.table == 0 {
+		return
+	}
+	link := e.link.Index
+	var v4Rules, v6Rules []netip.Prefix
+
+	if len(e.eni.LocalIPv4s) > 0 {
+		first, subnet := e.eni.LocalIPv4s[0], e.eni.SubnetIPv4CIDR
+		switch {
+		case !subnet.IsValid():
+			d.warn(e, "IMDS lists IPv4 addresses but no subnet-ipv4-cidr-block: no IPv4 routing", "")
+		case subnet.Bits() > 30:
+			d.warn(e, fmt.Sprintf("subnet %v is too small to have a gateway: no IPv4 routing", subnet), "")
+		case !d.present[link][first]:
+			d.warn(e, fmt.Sprintf("%v is not on %s: no IPv4 routing (a route with that source would fail)", first, e.link.Name),
+				"enable manage_addresses or configure the address on the link")
+		default:
+			e.v4, e.v4Net = first, subnet
+		}
+	}
+	if e.v4.IsValid() {
+		gw := e.v4Net.Addr().Next()
+		d.b.route(e, Route{Table: e.table, Dst: e.v4Net, LinkIndex: link, Src: e.v4, ScopeLink: true})
+		d.b.route(e, Route{Table: e.table, Dst: netip.PrefixFrom(netip.IPv4Unspecified(), 0), Gateway: gw, LinkIndex: link, Src: e.v4})
+		for _, a := range e.eni.LocalIPv4s {
+			v4Rules = append(v4Rules, netip.PrefixFrom(a, 32))
+		}
+		v4Rules = append(v4Rules, e.eni.IPv4Prefixes...)
+	} else if len(e.eni.IPv4Prefixes) > 0 {
+		d.warn(e, "IPv4 delegated prefixes without IPv4 routing: no rules for them", "")
+	}
+
+	e.v6 = len(e.eni.IPv6s) > 0 || len(e.eni.IPv6Prefixes) > 0
+	if e.v6 {
+		for _, s := range e.eni.SubnetIPv6CIDRs {
+			d.b.route(e, Route{Table: e.table, Dst: s, LinkIndex: link})
+		}
+		d.b.route(e, Route{Table: e.table, Dst: netip.PrefixFrom(netip.IPv6Unspecified(), 0), Gateway: IPv6Gateway, LinkIndex: link})
+		for _, a := range e.eni.IPv6s {
+			v6Rules = append(v6Rules, netip.PrefixFrom(a, 128))
+		}
+		v6Rules = append(v6Rules, e.eni.IPv6Prefixes...)
+	}
+
+	for _, dst := range e.conf.ExtraRoutes {
+		dst = cleanPrefix(dst, dst.Addr().Unmap().Is4())
+		switch {
+		case !dst.IsValid():
+			d.warn(e, "ignoring an invalid extra route", "")
+		case dst.Addr().Is4() && e.v4.IsValid():
+			d.b.route(e, Route{Table: e.table, Dst: dst, Gateway: e.v4Net.Addr().Next(), LinkIndex: link, Src: e.v4})
+		case dst.Addr().Is6() && e.v6:
+			d.b.route(e, Route{Table: e.table, Dst: dst, Gateway: IPv6Gateway, LinkIndex: link})
+		default:
+			d.warn(e, fmt.Sprintf("extra route %v: the ENI has no routing for that address family", dst), "")
+		}
+	}
+
+	for _, src := range append(v4Rules, v6Rules...) {
+		d.b.rule(e, Rule{Priority: e.prio, Src: src, Table: e.table})
+	}
+}
+
+// addVPCRoutes adds main-table routes to the CIDRs of each VPC reached only
+// through a secondary ENI, so that unbound connections into that VPC leave
+// through it. One ENI per VPC (the lowest card/device) carries them; a CIDR
+// overlapping any CIDR of another VPC is skipped with a warning.
+func (d *desirer) addVPCRoutes() {
+	vpcV4, vpcV6 := map[string][]netip.Prefix{}, map[string][]netip.Prefix{}
+	for _, e := range d.enis {
+		if e.eni.VPCID == "" {
+			continue
+		}
+		for _, c := range e.eni.VPCIPv4CIDRs {
+			if !slices.Contains(vpcV4[e.eni.VPCID], c) {
+				vpcV4[e.eni.VPCID] = append(vpcV4[e.eni.VPCID], c)
+			}
+		}
+		for _, c := range e.eni.VPCIPv6CIDRs {
+			if !slices.Contains(vpcV6[e.eni.VPCID], c) {
+				vpcV6[e.eni.VPCID] = append(vpcV6[e.eni.VPCID], c)
+			}
+		}
+	}
+	overlap := func(vpc string, c netip.Prefix, all map[string][]netip.Prefix) string {
+		others := make([]string, 0, len(all))
+		for id := range all {
+			others = append(others, id)
+		}
+		slices.Sort(others)
+		for _, id := range others {
+			if id == vpc {
+				continue
+			}
+			for _, o := range all[id] {
+				if o.Overlaps(c) {
+					return fmt.Sprintf("%v of %s", o, id)
+				}
+			}
+		}
+		return ""
+	}
+
+	carried := map[string]bool{}
+	for _, e := range d.sortedManaged() {
+		if !e.status.MultiVPC || e.table == 0 || carried[e.eni.VPCID] {
+			continue
+		}
+		if e.conf.VPCRoutes == VPCRoutesOff {
+			continue
+		}
+		carried[e.eni.VPCID] = true
+		vpc := e.eni.VPCID
+		if e.v4.IsValid() {
+			gw := e.v4Net.Addr().Next()
+			for _, c := range vpcV4[vpc] {
+				if c == e.v4Net {
+					continue // the address's own prefix route already covers it in main
+				}
+				if o := overlap(vpc, c, vpcV4); o != "" {
+					d.warn(e, fmt.Sprintf("not routing %v of %s through %s in the main table: it overlaps %s", c, vpc, e.link.Name, o),
+						"connections bound to this ENI's addresses still work; add a narrower extra route if needed")
+					continue
+				}
+				d.b.route(e, Route{Table: MainTable, Dst: c, Gateway: gw, LinkIndex: e.link.Index, Src: e.v4})
+			}
+		}
+		if e.v6 {
+			var src netip.Addr
+			for _, a := range e.eni.IPv6s {
+				if d.present[e.link.Index][a] {
+					src = a
+					break
+				}
+			}
+			for _, c := range vpcV6[vpc] {
+				if o := overlap(vpc, c, vpcV6); o != "" {
+					d.warn(e, fmt.Sprintf("not routing %v of %s through %s in the main table: it overlaps %s", c, vpc, e.link.Name, o),
+						"connections bound to this ENI's addresses still work; add a narrower extra route if needed")
+					continue
+				}
+				d.b.route(e, Route{Table: MainTable, Dst: c, Gateway: IPv6Gateway, LinkIndex: e.link.Index, Src: src})
+			}
+		}
+	}
+}
+
+// keepNotReady keeps what we own on the link of an ENI that IMDS reports not
+// ready: a not-ready ENI must not be configured, and must not cause removal
+// either. Our routes on the link, the rules pointing at their tables, our
+// addresses and our rp_filter setting stay as they are.
+func (d *desirer) keepNotReady() {
+	for _, e := range d.enis {
+		if e.eni.Ready || e.conf.Exclude || !e.hasLink {
+			continue
+		}
+		link := e.link.Index
+		tables := map[int]bool{}
+		kept := false
+		for _, r := range d.obs.Owned.Routes {
+			if r.LinkIndex == link {
+				kept = d.b.route(e, r) || kept
+				if r.Table != MainTable {
+					tables[r.Table] = true
+				}
+			}
+		}
+		for _, r := range d.obs.Owned.Rules {
+			if tables[r.Table] {
+				kept = d.b.rule(e, r) || kept
+			}
+		}
+		for _, a := range d.obs.Owned.Addrs {
+			if a.LinkIndex == link {
+				kept = d.b.addr(e, a) || kept
+			}
+		}
+		for _, f := range d.obs.Owned.RPFilters {
+			if f.LinkName == e.link.Name {
+				kept = d.b.rpFilter(e, f) || kept
+			}
+		}
+		if kept {
+			e.status.Warnings = append(e.status.Warnings, "keeping the existing configuration until IMDS is ready")
+		}
+	}
+}
+
+func (d *desirer) result() Result {
+	st := d.b.st
+	st.Sort()
+	enis := slices.Clone(d.enis)
+	slices.SortStableFunc(enis, compareENIs)
+	res := Result{State: st, Warnings: d.warnings}
+	for _, e := range enis {
+		res.ENIs = append(res.ENIs, e.status)
+	}
+	return res
+}
+
+// stateBuilder collects objects, keeping the first of several with one key:
+// Diff needs at most one desired object per identity.
+type stateBuilder struct {
+	st     State
+	routes map[RouteKey]Route
+	rules  map[RuleKey]bool
+	addrs  map[netip.Addr]AddrKey // one address per ... anywhere: see addr
+	rpf    map[string]bool
+	warn   func(e *eniInfo, msg, hint string)
+}
+
+func newStateBuilder(warn func(e *eniInfo, msg, hint string)) stateBuilder {
+	return stateBuilder{
+		routes: map[RouteKey]Route{},
+		rules:  map[RuleKey]bool{},
+		addrs:  map[netip.Addr]AddrKey{},
+		rpf:    map[string]bool{},
+		warn:   warn,
+	}
+}
+
+func (b *stateBuilder) route(e *eniInfo, r Route) bool {
+	if old, ok := b.routes[r.Key()]; ok {
+		if old != r {
+			b.warn(e, fmt.Sprintf("route to %v in table %d is wanted twice with different attributes: keeping the first", r.Dst, r.Table), "")
+		}
+		return false
+	}
+	b.routes[r.Key()] = r
+	b.st.Routes = append(b.st.Routes, r)
+	return true
+}
+
+func (b *stateBuilder) rule(_ *eniInfo, r Rule) bool {
+	if b.rules[r.Key()] {
+		return false
+	}
+	b.rules[r.Key()] = true
+	b.st.Rules = append(b.st.Rules, r)
+	return true
+}
+
+// addr keeps one address per IP instance-wide: IMDS listing an address on
+// two ENIs is a glitch, and the same address twice would make Diff unstable.
+func (b *stateBuilder) addr(e *eniInfo, a Addr) bool {
+	ip := a.Prefix.Addr()
+	if old, ok := b.addrs[ip]; ok {
+		if old != a.Key() {
+			b.warn(e, fmt.Sprintf("address %v is wanted twice: keeping the first", ip), "")
+		}
+		return false
+	}
+	b.addrs[ip] = a.Key()
+	b.st.Addrs = append(b.st.Addrs, a)
+	return true
+}
+
+func (b *stateBuilder) rpFilter(_ *eniInfo, f RPFilter) bool {
+	if f.LinkName == "" || b.rpf[f.LinkName] {
+		return false
+	}
+	b.rpf[f.LinkName] = true
+	b.st.RPFilters = append(b.st.RPFilters, f)
+	return true
 }

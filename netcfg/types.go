@@ -104,42 +104,42 @@ type Link struct {
 // Route is a route dualhomed owns: `ip route add <Dst> [via <Gateway>] dev <link>
 // [src <Src>] [scope link] table <Table> proto <Config.Protocol>`.
 type Route struct {
-	Table     int // 254 (main) for the multi-VPC CIDR routes
-	Dst       netip.Prefix
-	Gateway   netip.Addr // invalid when on-link
-	LinkIndex int
-	Src       netip.Addr // invalid when unset
-	ScopeLink bool
+	Table     int          `json:"table"` // 254 (main) for the multi-VPC CIDR routes
+	Dst       netip.Prefix `json:"dst"`
+	Gateway   netip.Addr   `json:"gateway,omitzero"` // invalid when on-link
+	LinkIndex int          `json:"link_index"`
+	Src       netip.Addr   `json:"src,omitzero"` // invalid when unset
+	ScopeLink bool         `json:"scope_link,omitempty"`
 }
 
 // Rule is a policy rule dualhomed owns: `ip rule add from <Src> lookup <Table>
 // priority <Priority> protocol <Config.Protocol>`.
 type Rule struct {
-	Priority int
-	Src      netip.Prefix // /32 and /128 for addresses, the prefix for delegated prefixes
-	Table    int
+	Priority int          `json:"priority"`
+	Src      netip.Prefix `json:"src"` // /32 and /128 for addresses, the prefix for delegated prefixes
+	Table    int          `json:"table"`
 }
 
 // Addr is an interface address dualhomed adds (and so owns): `ip addr add
 // <Prefix> dev <link> [noprefixroute] proto <Config.Protocol>`.
 type Addr struct {
-	LinkIndex     int
-	Prefix        netip.Prefix // the address with its prefix length
-	NoPrefixRoute bool
+	LinkIndex     int          `json:"link_index"`
+	Prefix        netip.Prefix `json:"prefix"` // the address with its prefix length
+	NoPrefixRoute bool         `json:"noprefixroute,omitempty"`
 }
 
 // RPFilter is the desired net.ipv4.conf.<LinkName>.rp_filter value.
 type RPFilter struct {
-	LinkName string
-	Value    int
+	LinkName string `json:"link"`
+	Value    int    `json:"value"`
 }
 
 // State is a set of objects: either the desired state or the owned state.
 // Slices are kept sorted (see State.Sort) so that states compare and print
 // deterministically.
 type State struct {
-	Routes    []Route
-	Rules     []Rule
-	Addrs     []Addr
-	RPFilters []RPFilter
+	Routes    []Route    `json:"routes"`
+	Rules     []Rule     `json:"rules"`
+	Addrs     []Addr     `json:"addrs"`
+	RPFilters []RPFilter `json:"rp_filters"`
 }

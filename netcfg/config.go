@@ -1,0 +1,141 @@
+package netcfg
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+
+	"github.com/dualhomed/dualhomed/imds"
+)
+
+// MaxNetworkCards bounds the network card index Validate plans the table and
+// priority ranges for (the largest EC2 instance types have 32 cards).
+const MaxNetworkCards = 32
+
+// maxPriority is the last rule priority before the kernel's main (32766) and
+// default (32767) rules.
+const maxPriority = 32765
+
+// Kernel protocol values below this are the kernel's own (unspec, redirect,
+// kernel, boot, static): marking our objects with one of them would make us
+// claim routes that are not ours.
+const minProtocol = 5
+
+// Validate checks that the configuration can be applied safely: a protocol
+// that is not the kernel's own, table and priority ranges that stay clear of
+// the reserved tables (0, 253, 254, 255) and of the main and default rules
+// for MaxNetworkCards cards, known modes and usable per-ENI entries. The
+// error lists every problem, each naming its key.
+func (c Config) Validate() error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+
+	if c.Protocol < minProtocol {
+		bad("protocol: %d is reserved for the kernel (0..%d); use e.g. %d", c.Protocol, minProtocol-1, DefaultProtocol)
+	}
+	if c.CardStride <= 0 {
+		bad("card_stride: must be positive, got %d", c.CardStride)
+	} else {
+		span := c.CardStride * MaxNetworkCards // tables and priorities used: base .. base+span-1
+		lo, hi := c.TableBase, c.TableBase+span-1
+		switch {
+		case lo < 1 || hi > 1<<31-1:
+			bad("table_base: tables %d..%d must stay within 1..%d", lo, hi, 1<<31-1)
+		case lo <= 255 && hi >= 253:
+			bad("table_base: tables %d..%d include a reserved table (253 default, 254 main, 255 local)", lo, hi)
+		}
+		lo, hi = c.PriorityBase, c.PriorityBase+span-1
+		if lo < 1 || hi > maxPriority {
+			bad("priority_base: priorities %d..%d must stay within 1..%d (before the main rule)", lo, hi, maxPriority)
+		}
+	}
+	switch c.RPFilter {
+	case "", RPFilterLoose, RPFilterStrict, RPFilterKeep:
+	default:
+		bad("rp_filter: %q is not one of loose, strict, keep", c.RPFilter)
+	}
+	for i, e := range c.ENIs {
+		key := fmt.Sprintf("enis[%d]", i)
+		m := e.Match
+		if m.InterfaceID == "" && m.MAC == "" && m.DeviceNumber == nil && m.VPCID == "" {
+			bad("%s.match: empty selector would match every ENI; set interface_id, mac, device_number or vpc_id", key)
+		}
+		if m.InterfaceID != "" && !strings.HasPrefix(m.InterfaceID, "eni-") {
+			bad("%s.match.interface_id: %q does not look like eni-...", key, m.InterfaceID)
+		}
+		if m.VPCID != "" && !strings.HasPrefix(m.VPCID, "vpc-") {
+			bad("%s.match.vpc_id: %q does not look like vpc-...", key, m.VPCID)
+		}
+		if m.MAC != "" {
+			if hw, err := net.ParseMAC(m.MAC); err != nil || len(hw) != 6 {
+				bad("%s.match.mac: %q is not a MAC address like 0a:1b:2c:3d:4e:5f", key, m.MAC)
+			}
+		}
+		if m.DeviceNumber != nil && *m.DeviceNumber < 0 {
+			bad("%s.match.device_number: %d is negative", key, *m.DeviceNumber)
+		}
+		switch e.VPCRoutes {
+		case "", VPCRoutesAuto, VPCRoutesOff:
+		default:
+			bad("%s.vpc_routes: %q is not one of auto, off", key, e.VPCRoutes)
+		}
+		if e.Exclude && len(e.ExtraRoutes) > 0 {
+			bad("%s: exclude and extra_routes contradict each other", key)
+		}
+		for j, r := range e.ExtraRoutes {
+			switch {
+			case !r.IsValid():
+				bad("%s.extra_routes[%d]: invalid prefix", key, j)
+			case r.Bits() == 0:
+				bad("%s.extra_routes[%d]: %v is the default route, which the table already has", key, j, r)
+			case r != r.Masked():
+				bad("%s.extra_routes[%d]: %v has host bits set; did you mean %v?", key, j, r, r.Masked())
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Matches reports whether the selector picks e. Empty fields match anything.
+func (s Selector) Matches(e imds.ENI) bool {
+	return (s.InterfaceID == "" || s.InterfaceID == e.InterfaceID) &&
+		(s.MAC == "" || strings.EqualFold(s.MAC, e.MAC)) &&
+		(s.DeviceNumber == nil || *s.DeviceNumber == e.DeviceNumber) &&
+		(s.VPCID == "" || s.VPCID == e.VPCID)
+}
+
+// eniConfig returns the first per-ENI entry matching e, or the zero entry.
+func (c Config) eniConfig(e imds.ENI) ENIConfig {
+	for _, ec := range c.ENIs {
+		if ec.Match.Matches(e) {
+			return ec
+		}
+	}
+	return ENIConfig{}
+}
+
+// rpFilterMode treats the unset mode as the default (loose) and an unknown
+// one (Validate rejects it) as keep: when in doubt, touch nothing.
+func (c Config) rpFilterMode() RPFilterMode {
+	switch c.RPFilter {
+	case "":
+		return RPFilterLoose
+	case RPFilterLoose, RPFilterStrict:
+		return c.RPFilter
+	default:
+		return RPFilterKeep
+	}
+}
+
+func (c Config) rpFilterValue() int {
+	if c.rpFilterMode() == RPFilterStrict {
+		return 1
+	}
+	return 2
+}
+
+// validTable reports whether t is a table id dualhomed may own.
+func validTable(t int) bool {
+	return t > 0 && t <= 1<<31-1 && (t < 253 || t > 255)
+}

@@ -1,0 +1,122 @@
+package netcfg
+
+import (
+	"cmp"
+	"net/netip"
+	"slices"
+)
+
+// MainTable is the kernel's main routing table: multi-VPC CIDR routes live there.
+const MainTable = 254
+
+// RouteKey is a route's identity for dualhomed: a table holds at most one of
+// our routes per destination. Two routes with the same key and other
+// attributes are the same route, changed (replaced in place).
+type RouteKey struct {
+	Table int
+	Dst   netip.Prefix
+}
+
+// Key returns the route's identity.
+func (r Route) Key() RouteKey { return RouteKey{Table: r.Table, Dst: r.Dst} }
+
+// RuleKey is a rule's identity: priority, source and table.
+type RuleKey struct {
+	Priority int
+	Src      netip.Prefix
+	Table    int
+}
+
+// Key returns the rule's identity.
+func (r Rule) Key() RuleKey { return RuleKey{Priority: r.Priority, Src: r.Src, Table: r.Table} }
+
+// AddrKey is an address's identity: link and address with its prefix length.
+// The length is part of it because IPv4 allows the same address twice on a
+// link with two lengths (10.1.0.10/24 and 10.1.0.10/32 are two objects).
+type AddrKey struct {
+	LinkIndex int
+	Prefix    netip.Prefix
+}
+
+// Key returns the address's identity.
+func (a Addr) Key() AddrKey { return AddrKey{LinkIndex: a.LinkIndex, Prefix: a.Prefix} }
+
+// Sort puts every slice of s in canonical order, so that equal states compare
+// equal and print identically. Routes sort by table then destination, rules
+// by priority then source then table, addresses by link then address,
+// rp_filter entries by link name.
+func (s *State) Sort() {
+	slices.SortFunc(s.Routes, compareRoutes)
+	slices.SortFunc(s.Rules, compareRules)
+	slices.SortFunc(s.Addrs, compareAddrs)
+	slices.SortFunc(s.RPFilters, func(a, b RPFilter) int {
+		return cmp.Or(cmp.Compare(a.LinkName, b.LinkName), cmp.Compare(a.Value, b.Value))
+	})
+}
+
+// Equal reports whether s and t hold the same objects, in any order.
+func (s State) Equal(t State) bool {
+	a, b := s.clone(), t.clone()
+	a.Sort()
+	b.Sort()
+	return slices.Equal(a.Routes, b.Routes) && slices.Equal(a.Rules, b.Rules) &&
+		slices.Equal(a.Addrs, b.Addrs) && slices.Equal(a.RPFilters, b.RPFilters)
+}
+
+// Empty reports whether s holds no object at all.
+func (s State) Empty() bool {
+	return len(s.Routes) == 0 && len(s.Rules) == 0 && len(s.Addrs) == 0 && len(s.RPFilters) == 0
+}
+
+func (s State) clone() State {
+	return State{
+		Routes:    slices.Clone(s.Routes),
+		Rules:     slices.Clone(s.Rules),
+		Addrs:     slices.Clone(s.Addrs),
+		RPFilters: slices.Clone(s.RPFilters),
+	}
+}
+
+func compareRoutes(a, b Route) int {
+	return cmp.Or(
+		cmp.Compare(a.Table, b.Table),
+		comparePrefix(a.Dst, b.Dst),
+		cmp.Compare(a.LinkIndex, b.LinkIndex),
+		a.Gateway.Compare(b.Gateway),
+		a.Src.Compare(b.Src),
+		compareBool(a.ScopeLink, b.ScopeLink),
+	)
+}
+
+func compareRules(a, b Rule) int {
+	return cmp.Or(
+		cmp.Compare(a.Priority, b.Priority),
+		comparePrefix(a.Src, b.Src),
+		cmp.Compare(a.Table, b.Table),
+	)
+}
+
+func compareAddrs(a, b Addr) int {
+	return cmp.Or(
+		cmp.Compare(a.LinkIndex, b.LinkIndex),
+		comparePrefix(a.Prefix, b.Prefix),
+		compareBool(a.NoPrefixRoute, b.NoPrefixRoute),
+	)
+}
+
+// comparePrefix orders IPv4 before IPv6, then by address, then shorter
+// prefixes first.
+func comparePrefix(a, b netip.Prefix) int {
+	return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+}
+
+func compareBool(a, b bool) int {
+	switch {
+	case a == b:
+		return 0
+	case !a:
+		return -1
+	default:
+		return 1
+	}
+}
