@@ -1,0 +1,602 @@
+// Package emulator is an EC2 instance metadata service (IMDSv2) that tests,
+// benchmarks and the demo control: it speaks the real protocol (token PUT
+// with TTL bounds, 401 for missing, bogus or expired tokens, 405 for GET on
+// the token path, IMDS-formatted listings, 404 for absent keys), its instance
+// can change while it runs, and it injects faults on demand.
+//
+// In-process use:
+//
+//	srv := emulator.New(emulator.ExampleInstance(3, 2, 2, 1, 1))
+//	base, err := srv.Start("127.0.0.1:0") // "http://127.0.0.1:41234"
+//	defer srv.Close()
+//
+// A *Server is also an http.Handler (httptest.NewServer(srv) works). The
+// process form is cmd/imds-emulator, driven through DialControl.
+package emulator
+
+import (
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/dualhomed/dualhomed/imds"
+)
+
+// Protocol constants of IMDSv2.
+const (
+	TokenPath       = "/latest/api/token"
+	TokenHeader     = "X-aws-ec2-metadata-token"
+	TokenTTLHeader  = "X-aws-ec2-metadata-token-ttl-seconds"
+	MinTokenTTL     = 1     // seconds
+	MaxTokenTTL     = 21600 // seconds (6 hours)
+	maxLiveTokens   = 4096  // pruning threshold; real IMDS tokens are stateless
+	metadataVersion = "latest"
+)
+
+// Server is one emulated IMDS. All methods are safe for concurrent use.
+type Server struct {
+	mu        sync.Mutex
+	inst      Instance
+	overrides []override
+	tree      tree // rendered from inst and overrides after every change
+	faults    Faults
+	tokens    map[string]time.Time // token -> expiry
+	clockSkew time.Duration        // added to time.Now by AdvanceClock
+	stats     Stats
+
+	httpSrv *http.Server
+	ctlSrv  *http.Server
+	ctlAddr string
+	closed  chan struct{}
+	once    sync.Once
+}
+
+// New returns a server for inst (deep-copied). An invalid instance (empty or
+// duplicate MACs) panics: it is a bug in the calling test.
+func New(inst Instance) *Server {
+	if err := inst.Validate(); err != nil {
+		panic("emulator.New: " + err.Error())
+	}
+	s := &Server{
+		inst:   inst.Clone(),
+		tokens: map[string]time.Time{},
+		closed: make(chan struct{}),
+	}
+	s.stats = Stats{}.clone()
+	s.rebuild()
+	return s
+}
+
+// Start listens on addr ("127.0.0.1:0", "[::1]:0", "169.254.169.254:80" in a
+// test namespace) and serves in the background. It returns the base URL,
+// e.g. "http://127.0.0.1:41234", to use as the IMDS endpoint.
+func (s *Server) Start(addr string) (baseURL string, err error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return "", fmt.Errorf("listening for IMDS on %s: %w", addr, err)
+	}
+	s.mu.Lock()
+	if s.httpSrv != nil {
+		s.mu.Unlock()
+		ln.Close()
+		return "", errors.New("emulator already started")
+	}
+	s.httpSrv = &http.Server{Handler: s, ReadHeaderTimeout: 10 * time.Second}
+	hs := s.httpSrv
+	s.mu.Unlock()
+	go hs.Serve(ln)
+	return "http://" + ln.Addr().String(), nil
+}
+
+// Close stops the listeners started by Start and StartControl, closes their
+// connections and wakes requests sleeping in a latency fault. Idempotent.
+func (s *Server) Close() error {
+	s.once.Do(func() { close(s.closed) })
+	s.mu.Lock()
+	servers := []*http.Server{s.httpSrv, s.ctlSrv}
+	s.mu.Unlock()
+	var errs []error
+	for _, hs := range servers {
+		if hs != nil {
+			errs = append(errs, hs.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Server) now() time.Time { return time.Now().Add(s.clockSkew) }
+
+// rebuild re-renders the tree; call with s.mu held after every model change.
+func (s *Server) rebuild() { s.tree = render(s.inst, s.overrides) }
+
+// ---- model mutations -------------------------------------------------------
+
+// Instance returns a deep copy of the current model (raw overrides and
+// faults not applied).
+func (s *Server) Instance() Instance {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.inst.Clone()
+}
+
+// SetInstance replaces the whole model. Raw overrides stay.
+func (s *Server) SetInstance(inst Instance) error {
+	if err := inst.Validate(); err != nil {
+		return fmt.Errorf("setting instance: %w", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.inst = inst.Clone()
+	s.rebuild()
+	return nil
+}
+
+// AttachENI adds an ENI, listed after the existing ones. Its MAC must be new.
+func (s *Server) AttachENI(e imds.ENI) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e.MAC == "" {
+		return errors.New("attaching ENI: empty MAC")
+	}
+	if s.inst.eniIndex(e.MAC) >= 0 {
+		return fmt.Errorf("attaching ENI %s: already attached", e.MAC)
+	}
+	next := s.inst.Clone()
+	next.ENIs = append(next.ENIs, cloneENI(e))
+	if err := next.Validate(); err != nil {
+		return fmt.Errorf("attaching ENI %s: %w", e.MAC, err)
+	}
+	s.inst = next
+	s.rebuild()
+	return nil
+}
+
+// DetachENI removes the ENI with mac, and any raw overrides under its
+// directory, so it disappears from IMDS entirely.
+func (s *Server) DetachENI(mac string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	i := s.inst.eniIndex(mac)
+	if i < 0 {
+		return fmt.Errorf("detaching ENI %s: not attached", mac)
+	}
+	s.inst.ENIs = slices.Delete(s.inst.ENIs, i, i+1)
+	dir := macsDir + "/" + mac
+	s.overrides = slices.DeleteFunc(s.overrides, func(o override) bool {
+		return o.Path == dir || strings.HasPrefix(o.Path, dir+"/")
+	})
+	s.rebuild()
+	return nil
+}
+
+// UpdateENI changes the ENI with mac in place through update, which gets a
+// copy (add or remove IPs and prefixes, change the device number...).
+func (s *Server) UpdateENI(mac string, update func(*imds.ENI)) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	i := s.inst.eniIndex(mac)
+	if i < 0 {
+		return fmt.Errorf("updating ENI %s: not attached", mac)
+	}
+	next := s.inst.Clone()
+	update(&next.ENIs[i])
+	if err := next.Validate(); err != nil {
+		return fmt.Errorf("updating ENI %s: %w", mac, err)
+	}
+	s.inst = next
+	s.rebuild()
+	return nil
+}
+
+// SetPrimaryMAC changes meta-data/mac ("" makes it absent).
+func (s *Server) SetPrimaryMAC(mac string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.inst.PrimaryMAC = mac
+	s.rebuild()
+	return nil
+}
+
+// KeyPath is the path, relative to /latest/, of key in the directory of mac:
+// "meta-data/network/interfaces/macs/<mac>/<key>".
+func KeyPath(mac, key string) string { return macsDir + "/" + mac + "/" + key }
+
+// SetRawKey serves raw, byte for byte, as macs/<mac>/<key>, whatever the
+// model says (malformed values, huge or binary bodies, keys the model has no
+// field for). The key appears in the MAC's listing; if the MAC is not
+// attached its directory appears too. Use "" for an empty value.
+func (s *Server) SetRawKey(mac, key, raw string) error { return s.SetRaw(KeyPath(mac, key), raw) }
+
+// DeleteKey makes macs/<mac>/<key> absent (404, not listed) whatever the model says.
+func (s *Server) DeleteKey(mac, key string) error { return s.DeletePath(KeyPath(mac, key)) }
+
+// SetRaw serves raw as the leaf at path, relative to /latest/ (for example
+// "meta-data/mac"), replacing whatever the model renders there. Later
+// overrides of the same path replace earlier ones.
+func (s *Server) SetRaw(path, raw string) error {
+	return s.addOverride(override{Path: path, Raw: raw})
+}
+
+// DeletePath makes path (relative to /latest/; a leaf or a whole directory)
+// absent: 404 and missing from its parent's listing.
+func (s *Server) DeletePath(path string) error {
+	return s.addOverride(override{Path: path, Deleted: true})
+}
+
+func (s *Server) addOverride(o override) error {
+	p, err := cleanPath(o.Path)
+	if err != nil {
+		return err
+	}
+	o.Path = p
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.overrides = slices.DeleteFunc(s.overrides, func(x override) bool { return x.Path == p })
+	s.overrides = append(s.overrides, o)
+	s.rebuild()
+	return nil
+}
+
+// ClearOverrides drops every SetRaw/SetRawKey/DeletePath/DeleteKey, so the
+// model alone decides again.
+func (s *Server) ClearOverrides() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.overrides = nil
+	s.rebuild()
+	return nil
+}
+
+func cleanPath(p string) (string, error) {
+	p = strings.TrimPrefix(p, "/")
+	p = strings.TrimPrefix(p, metadataVersion+"/")
+	p = strings.Trim(p, "/")
+	if p == "" || slices.Contains(strings.Split(p, "/"), "") || slices.Contains(strings.Split(p, "/"), "..") {
+		return "", fmt.Errorf("invalid metadata path %q", p)
+	}
+	return p, nil
+}
+
+// ---- faults, tokens, clock, stats ------------------------------------------
+
+// SetFaults replaces the injected faults (the zero Faults clears them).
+func (s *Server) SetFaults(f Faults) error {
+	if err := f.validate(); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults = f.clone()
+	return nil
+}
+
+// ClearFaults removes every injected fault.
+func (s *Server) ClearFaults() error { return s.SetFaults(Faults{}) }
+
+// Faults returns the faults in force, with the counts that are left.
+func (s *Server) Faults() Faults {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.faults.clone()
+}
+
+// ExpireTokens expires every token issued so far: reads with them get 401
+// until the client PUTs for a new token, which works.
+func (s *Server) ExpireTokens() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	clear(s.tokens)
+	return nil
+}
+
+// AdvanceClock moves the emulator's token clock forward by d, so a test can
+// expire tokens by their TTL without sleeping.
+func (s *Server) AdvanceClock(d time.Duration) error {
+	if d < 0 {
+		return fmt.Errorf("advancing clock: negative duration %v", d)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.clockSkew += d
+	return nil
+}
+
+// Stats returns a copy of the counters.
+func (s *Server) Stats() Stats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.stats.clone()
+}
+
+// ResetStats zeroes the counters.
+func (s *Server) ResetStats() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.stats = Stats{}.clone()
+	return nil
+}
+
+// ---- HTTP ------------------------------------------------------------------
+
+// ServeHTTP answers one IMDS request.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	cw := &countingWriter{ResponseWriter: w}
+	path := r.URL.Path
+	isToken := strings.TrimSuffix(path, "/") == TokenPath
+
+	s.mu.Lock()
+	s.stats.Requests++
+	s.stats.ByPath[path]++
+	if isToken {
+		s.stats.TokenRequests++
+	}
+	latency, drop, status, retryAfter := s.takeFault(path)
+	s.mu.Unlock()
+
+	if latency > 0 {
+		t := time.NewTimer(latency)
+		select {
+		case <-t.C:
+		case <-r.Context().Done():
+		case <-s.closed:
+		}
+		t.Stop()
+	}
+	if drop {
+		s.dropConnection(w)
+		return
+	}
+	defer func() {
+		s.mu.Lock()
+		s.stats.ByStatus[cw.statusOr200()]++
+		s.stats.BytesSent += cw.bytes
+		s.mu.Unlock()
+	}()
+	if status != 0 {
+		if retryAfter != "" {
+			w.Header().Set("Retry-After", retryAfter)
+		}
+		writeError(cw, status)
+		return
+	}
+	if isToken {
+		s.serveToken(cw, r)
+		return
+	}
+	s.serveMetadata(cw, r)
+}
+
+// takeFault decides, with s.mu held, which faults apply to this request, and
+// consumes counted ones.
+func (s *Server) takeFault(path string) (latency time.Duration, drop bool, status int, retryAfter string) {
+	f := &s.faults
+	if !f.selects(path) {
+		return 0, false, 0, ""
+	}
+	latency = f.Latency
+	if f.DropConnections {
+		drop = true
+		if f.DropCount > 0 {
+			f.DropCount--
+			if f.DropCount == 0 {
+				f.DropConnections = false
+			}
+		}
+		return latency, true, 0, ""
+	}
+	if f.Status != 0 {
+		status, retryAfter = f.Status, f.retryAfterHeader()
+		if f.StatusCount > 0 {
+			f.StatusCount--
+			if f.StatusCount == 0 {
+				f.Status = 0
+			}
+		}
+	}
+	return latency, false, status, retryAfter
+}
+
+func (s *Server) dropConnection(w http.ResponseWriter) {
+	s.mu.Lock()
+	s.stats.Dropped++
+	s.mu.Unlock()
+	conn, _, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		// Not hijackable (HTTP/2 or a test recorder): abort the handler,
+		// which makes net/http drop the stream or connection.
+		panic(http.ErrAbortHandler)
+	}
+	if tc, ok := conn.(*net.TCPConn); ok {
+		tc.SetLinger(0) // reset, not a graceful FIN: the client sees a broken connection
+	}
+	conn.Close()
+}
+
+func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodPut {
+		writeError(w, http.StatusMethodNotAllowed)
+		return
+	}
+	ttl, err := strconv.Atoi(strings.TrimSpace(r.Header.Get(TokenTTLHeader)))
+	if err != nil || ttl < MinTokenTTL || ttl > MaxTokenTTL {
+		writeError(w, http.StatusBadRequest)
+		return
+	}
+	var raw [42]byte
+	rand.Read(raw[:])
+	token := base64.StdEncoding.EncodeToString(raw[:]) // 56 characters, like real tokens
+
+	s.mu.Lock()
+	now := s.now()
+	if len(s.tokens) >= maxLiveTokens {
+		for t, exp := range s.tokens {
+			if !now.Before(exp) {
+				delete(s.tokens, t)
+			}
+		}
+	}
+	s.tokens[token] = now.Add(time.Duration(ttl) * time.Second)
+	s.mu.Unlock()
+
+	w.Header().Set(TokenTTLHeader, strconv.Itoa(ttl))
+	writeBody(w, r, http.StatusOK, "text/plain", token)
+}
+
+func (s *Server) serveMetadata(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		writeError(w, http.StatusMethodNotAllowed)
+		return
+	}
+	token := r.Header.Get(TokenHeader)
+
+	s.mu.Lock()
+	exp, known := s.tokens[token]
+	now := s.now()
+	valid := token != "" && known && now.Before(exp) && !s.faults.RejectTokens
+	if known && !now.Before(exp) {
+		delete(s.tokens, token)
+	}
+	var body string
+	found := false
+	if valid {
+		body, found = s.lookup(r.URL.Path)
+	}
+	s.mu.Unlock()
+
+	if !valid {
+		writeError(w, http.StatusUnauthorized)
+		return
+	}
+	if !found {
+		writeError(w, http.StatusNotFound)
+		return
+	}
+	remaining := int(exp.Sub(now).Seconds())
+	w.Header().Set(TokenTTLHeader, strconv.Itoa(max(remaining, 1)))
+	writeBody(w, r, http.StatusOK, "text/plain", body)
+}
+
+// lookup resolves a URL path to the body IMDS serves, with s.mu held.
+// Directories are served with or without a trailing slash.
+func (s *Server) lookup(urlPath string) (string, bool) {
+	if urlPath == "/" {
+		return metadataVersion, true
+	}
+	rel, ok := strings.CutPrefix(urlPath, "/"+metadataVersion)
+	if !ok || rel != "" && rel[0] != '/' {
+		return "", false
+	}
+	rel = strings.Trim(rel, "/")
+
+	f := &s.faults
+	if len(f.PendingMACs) > 0 {
+		if rel == macsDir {
+			n := s.tree[rel]
+			if n == nil {
+				return "", false
+			}
+			entries := slices.Clone(n.entries)
+			for _, mac := range f.PendingMACs {
+				if !slices.Contains(entries, mac+"/") {
+					entries = append(entries, mac+"/")
+				}
+			}
+			return strings.Join(entries, "\n"), true
+		}
+		if rest, ok := strings.CutPrefix(rel, macsDir+"/"); ok {
+			mac, _, _ := strings.Cut(rest, "/")
+			if slices.Contains(f.PendingMACs, mac) {
+				return "", false
+			}
+		}
+	}
+	n := s.tree[rel]
+	if n == nil {
+		return "", false
+	}
+	if len(f.DeviceNumberZeroReads) > 0 && !n.dir {
+		if rest, ok := strings.CutPrefix(rel, macsDir+"/"); ok {
+			if mac, ok := strings.CutSuffix(rest, "/device-number"); ok && f.DeviceNumberZeroReads[mac] > 0 {
+				f.DeviceNumberZeroReads[mac]--
+				if f.DeviceNumberZeroReads[mac] == 0 {
+					delete(f.DeviceNumberZeroReads, mac)
+				}
+				return "0", true
+			}
+		}
+	}
+	return n.body, true
+}
+
+// errorPage is the body real IMDS sends with an error status.
+func errorPage(status int) string {
+	title := fmt.Sprintf("%d - %s", status, http.StatusText(status))
+	return `<?xml version="1.0" encoding="iso-8859-1"?>
+<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN"
+	"http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">
+<html xmlns="http://www.w3.org/1999/xhtml" xml:lang="en" lang="en">
+ <head>
+  <title>` + title + `</title>
+ </head>
+ <body>
+  <h1>` + title + `</h1>
+ </body>
+</html>
+`
+}
+
+func writeError(w http.ResponseWriter, status int) {
+	writeBody(w, nil, status, "text/html", errorPage(status))
+}
+
+func writeBody(w http.ResponseWriter, r *http.Request, status int, contentType, body string) {
+	h := w.Header()
+	h.Set("Content-Type", contentType)
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	h.Set("Server", "EC2ws")
+	w.WriteHeader(status)
+	if r != nil && r.Method == http.MethodHead {
+		return
+	}
+	w.Write([]byte(body))
+}
+
+// countingWriter records the status and body bytes for Stats.
+type countingWriter struct {
+	http.ResponseWriter
+	status int
+	bytes  int64
+}
+
+func (c *countingWriter) WriteHeader(status int) {
+	if c.status == 0 {
+		c.status = status
+	}
+	c.ResponseWriter.WriteHeader(status)
+}
+
+func (c *countingWriter) Write(b []byte) (int, error) {
+	if c.status == 0 {
+		c.status = http.StatusOK
+	}
+	n, err := c.ResponseWriter.Write(b)
+	c.bytes += int64(n)
+	return n, err
+}
+
+func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
+
+func (c *countingWriter) statusOr200() int {
+	if c.status == 0 {
+		return http.StatusOK
+	}
+	return c.status
+}

@@ -1,0 +1,251 @@
+package emulator
+
+import (
+	"encoding/json"
+	"fmt"
+	"hash/fnv"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/dualhomed/dualhomed/imds"
+)
+
+// Paths in the tree are relative to /latest/ and have no leading or trailing
+// slash: "meta-data/network/interfaces/macs/02:00:00:00:00:01/local-ipv4s".
+// The root (/latest/ itself) is "".
+const macsDir = "meta-data/network/interfaces/macs"
+
+// node is one rendered path: a leaf with its value, or a directory with its
+// entries (subdirectories carry a trailing '/').
+type node struct {
+	dir     bool
+	entries []string
+	body    string
+}
+
+// tree is the fully rendered metadata. It is rebuilt after every mutation and
+// read without copying, so answering a GET costs one map lookup.
+type tree map[string]*node
+
+// override is a raw value (or a deletion) that wins over the model.
+type override struct {
+	Path    string
+	Raw     string
+	Deleted bool
+}
+
+func (t tree) setLeaf(path, body string) {
+	t.removeSubtree(path)
+	t[path] = &node{body: body}
+	t.link(path, false)
+}
+
+// link adds path to its parent's listing, creating parent directories (a
+// leaf standing where a directory is needed is replaced).
+func (t tree) link(path string, dir bool) {
+	for path != "" {
+		parent, name := splitPath(path)
+		if dir {
+			name += "/"
+		}
+		p := t[parent]
+		if p == nil || !p.dir {
+			t.removeSubtree(parent)
+			p = &node{dir: true}
+			t[parent] = p
+		}
+		if slices.Contains(p.entries, name) {
+			return
+		}
+		p.entries = append(p.entries, name)
+		path, dir = parent, true
+	}
+}
+
+func (t tree) removeSubtree(path string) {
+	if _, ok := t[path]; !ok || path == "" {
+		return
+	}
+	prefix := path + "/"
+	for p := range t {
+		if p == path || strings.HasPrefix(p, prefix) {
+			delete(t, p)
+		}
+	}
+	parent, name := splitPath(path)
+	if pn := t[parent]; pn != nil {
+		pn.entries = slices.DeleteFunc(pn.entries, func(e string) bool { return e == name || e == name+"/" })
+	}
+}
+
+func splitPath(path string) (parent, name string) {
+	i := strings.LastIndexByte(path, '/')
+	if i < 0 {
+		return "", path
+	}
+	return path[:i], path[i+1:]
+}
+
+// finish sorts listings (except the MAC listing, which keeps model order) and
+// renders directory bodies: entries one per line, no trailing newline.
+func (t tree) finish() {
+	for path, n := range t {
+		if !n.dir {
+			continue
+		}
+		if path != macsDir {
+			slices.Sort(n.entries)
+		}
+		n.body = strings.Join(n.entries, "\n")
+	}
+}
+
+func joinLines[T fmt.Stringer](items []T) string {
+	parts := make([]string, len(items))
+	for i, it := range items {
+		parts[i] = it.String()
+	}
+	return strings.Join(parts, "\n")
+}
+
+// render builds the tree IMDS would serve for inst, then applies the raw
+// overrides in order.
+func render(inst Instance, overrides []override) tree {
+	t := tree{"": {dir: true}}
+	md := func(key, value string) { t.setLeaf("meta-data/"+key, value) }
+
+	md("ami-id", "ami-0abcdef1234567890")
+	if inst.InstanceID != "" {
+		md("instance-id", inst.InstanceID)
+	}
+	md("instance-type", orDefault(inst.InstanceType, "c6in.large"))
+	region := orDefault(inst.Region, "us-east-1")
+	md("placement/region", region)
+	md("placement/availability-zone", orDefault(inst.AvailabilityZone, region+"a"))
+	md("services/domain", "amazonaws.com")
+	md("services/partition", "aws")
+	if inst.PrimaryMAC != "" {
+		md("mac", inst.PrimaryMAC)
+	}
+	// The instance's own hostname and IPv4 are the primary ENI's.
+	if i := inst.eniIndex(inst.PrimaryMAC); i >= 0 {
+		p := inst.ENIs[i]
+		host := hostname(inst, p)
+		md("hostname", host)
+		md("local-hostname", host)
+		if len(p.LocalIPv4s) > 0 {
+			md("local-ipv4", p.LocalIPv4s[0].String())
+		}
+	}
+	// The network/interfaces/macs directory exists even with no ENIs.
+	t[macsDir] = &node{dir: true}
+	t.link(macsDir, true)
+
+	multiCard := inst.MultiCard || slices.ContainsFunc(inst.ENIs, func(e imds.ENI) bool { return e.NetworkCard != 0 })
+	for _, e := range inst.ENIs {
+		dir := macsDir + "/" + e.MAC + "/"
+		k := func(key, value string) { t.setLeaf(dir+key, value) }
+		k("device-number", strconv.Itoa(e.DeviceNumber))
+		if multiCard {
+			k("network-card", strconv.Itoa(e.NetworkCard))
+		}
+		if e.InterfaceID != "" {
+			k("interface-id", e.InterfaceID)
+		}
+		k("mac", e.MAC)
+		k("local-hostname", hostname(inst, e))
+		if len(e.LocalIPv4s) > 0 {
+			k("local-ipv4s", joinLines(e.LocalIPv4s))
+		}
+		if len(e.IPv6s) > 0 {
+			k("ipv6s", joinLines(e.IPv6s))
+		}
+		if len(e.IPv4Prefixes) > 0 {
+			k("ipv4-prefix", joinLines(e.IPv4Prefixes))
+		}
+		if len(e.IPv6Prefixes) > 0 {
+			k("ipv6-prefix", joinLines(e.IPv6Prefixes))
+		}
+		if e.OwnerID != "" {
+			k("owner-id", e.OwnerID)
+		}
+		if pub := inst.PublicIPv4s[e.MAC]; len(pub) > 0 {
+			k("public-ipv4s", joinLines(pub))
+		}
+		k("security-group-ids", securityGroupID(e))
+		if e.SubnetID != "" {
+			k("subnet-id", e.SubnetID)
+		}
+		if e.SubnetIPv4CIDR.IsValid() {
+			k("subnet-ipv4-cidr-block", e.SubnetIPv4CIDR.String())
+		}
+		if len(e.SubnetIPv6CIDRs) > 0 {
+			k("subnet-ipv6-cidr-blocks", joinLines(e.SubnetIPv6CIDRs))
+		}
+		if e.VPCID != "" {
+			k("vpc-id", e.VPCID)
+		}
+		if len(e.VPCIPv4CIDRs) > 0 {
+			k("vpc-ipv4-cidr-block", e.VPCIPv4CIDRs[0].String())
+			k("vpc-ipv4-cidr-blocks", joinLines(e.VPCIPv4CIDRs))
+		}
+		if len(e.VPCIPv6CIDRs) > 0 {
+			k("vpc-ipv6-cidr-blocks", joinLines(e.VPCIPv6CIDRs))
+		}
+	}
+
+	t.setLeaf("dynamic/instance-identity/document", identityDocument(inst, region))
+
+	for _, o := range overrides {
+		if o.Deleted {
+			t.removeSubtree(o.Path)
+			continue
+		}
+		t.setLeaf(o.Path, o.Raw)
+	}
+	t.finish()
+	return t
+}
+
+func orDefault(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}
+
+// hostname is the IP-based EC2 hostname of an ENI (ip-10-0-0-5.ec2.internal),
+// or the resource-name form for IPv6-only ENIs.
+func hostname(inst Instance, e imds.ENI) string {
+	if len(e.LocalIPv4s) > 0 && e.LocalIPv4s[0].Is4() {
+		return "ip-" + strings.ReplaceAll(e.LocalIPv4s[0].String(), ".", "-") + ".ec2.internal"
+	}
+	return orDefault(inst.InstanceID, "i-0123456789abcdef0") + ".ec2.internal"
+}
+
+// securityGroupID derives a stable, plausible group id from the VPC, since
+// the shared ENI type does not model security groups.
+func securityGroupID(e imds.ENI) string {
+	h := fnv.New64a()
+	h.Write([]byte(e.VPCID))
+	return fmt.Sprintf("sg-%017x", h.Sum64()&0xfffffffffffffff)
+}
+
+func identityDocument(inst Instance, region string) string {
+	doc := map[string]any{
+		"accountId":        "123456789012",
+		"architecture":     "x86_64",
+		"availabilityZone": orDefault(inst.AvailabilityZone, region+"a"),
+		"imageId":          "ami-0abcdef1234567890",
+		"instanceId":       inst.InstanceID,
+		"instanceType":     orDefault(inst.InstanceType, "c6in.large"),
+		"region":           region,
+		"version":          "2017-09-30",
+	}
+	if i := inst.eniIndex(inst.PrimaryMAC); i >= 0 && len(inst.ENIs[i].LocalIPv4s) > 0 {
+		doc["privateIp"] = inst.ENIs[i].LocalIPv4s[0].String()
+	}
+	b, _ := json.MarshalIndent(doc, "", "  ")
+	return string(b)
+}
