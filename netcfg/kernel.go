@@ -1,40 +1,373 @@
 package netcfg
 
 import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
+
+// bandNetworkCards is how many network cards our table and priority bands
+// span: [base, base+CardStride*bandNetworkCards). The largest EC2 instance
+// types have 32 network cards.
+const bandNetworkCards = 32
+
+// mainTable is RT_TABLE_MAIN, where the multi-VPC CIDR routes live.
+const mainTable = unix.RT_TABLE_MAIN
 
 // Kernel reads and changes the kernel's routing state in one network namespace,
 // through netlink (routes, rules, addresses) and /proc/sys (rp_filter).
+//
+// Its methods may be called from several goroutines: Apply and Cleanup are
+// serialised, reads may run alongside them.
 type Kernel struct {
 	h        *netlink.Handle
+	addrs    *addrSocket    // raw rtnetlink for addresses (IFA_PROTO)
 	ns       netns.NsHandle // sysctls are per namespace: written from a thread inside it
 	stateDir string         // where rp_filter originals are recorded (e.g. /run/dualhomed)
 	cfg      Config
+
+	// addrProto is true when the kernel records IFA_PROTO (Linux 5.18+), so
+	// our addresses carry cfg.Protocol like our routes and rules. Otherwise
+	// the addresses we add are recorded in stateDir/addresses.json.
+	addrProto bool
+
+	// ConflictPaths are the files and directories Conflicts inspects; tests
+	// point them into a temporary directory.
+	ConflictPaths ConflictPaths
+
+	mu sync.Mutex // serialises writes: Apply, and the state files
 }
 
 // NewKernel returns a Kernel acting in namespace ns (netns.None() for the
-// caller's namespace), recording state under stateDir.
+// caller's namespace), recording state under stateDir. The Kernel keeps its
+// own duplicate of ns: the caller may close ns afterwards.
 func NewKernel(ns netns.NsHandle, stateDir string, cfg Config) (*Kernel, error) {
-	panic("TODO(netcfg-kernel)")
+	if cfg.Protocol == 0 {
+		return nil, errors.New("creating kernel: protocol 0 cannot mark our objects")
+	}
+	if cfg.CardStride <= 0 {
+		return nil, fmt.Errorf("creating kernel: card stride %d must be positive", cfg.CardStride)
+	}
+	if stateDir == "" {
+		return nil, errors.New("creating kernel: empty state directory")
+	}
+	own := netns.None()
+	if ns.IsOpen() {
+		fd, err := unix.FcntlInt(uintptr(ns), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			return nil, fmt.Errorf("duplicating namespace handle: %w", err)
+		}
+		own = netns.NsHandle(fd)
+	}
+	h, err := netlink.NewHandleAt(own, unix.NETLINK_ROUTE)
+	if err != nil {
+		own.Close()
+		return nil, fmt.Errorf("opening netlink handle: %w", err)
+	}
+	sock, err := nl.GetNetlinkSocketAt(own, netns.None(), unix.NETLINK_ROUTE)
+	if err != nil {
+		h.Close()
+		own.Close()
+		return nil, fmt.Errorf("opening address netlink socket: %w", err)
+	}
+	return &Kernel{
+		h:             h,
+		addrs:         newAddrSocket(sock),
+		ns:            own,
+		stateDir:      stateDir,
+		cfg:           cfg,
+		addrProto:     kernelHasAddrProto(),
+		ConflictPaths: DefaultConflictPaths(),
+	}, nil
 }
 
-// Close releases the netlink handle.
-func (k *Kernel) Close() { panic("TODO(netcfg-kernel)") }
+// kernelHasAddrProto reports whether the running kernel stores IFA_PROTO
+// (added in Linux 5.18). Older kernels silently ignore the attribute rather
+// than reject it, so probing by adding an address would prove nothing: the
+// release number is the reliable signal.
+func kernelHasAddrProto() bool {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return false
+	}
+	major, minor, ok := parseRelease(unix.ByteSliceToString(u.Release[:]))
+	return ok && (major > 5 || major == 5 && minor >= 18)
+}
 
-// Observe lists links and every address on them.
-func (k *Kernel) Observe() (Observed, error) { panic("TODO(netcfg-kernel)") }
+// parseRelease reads "6.18.44-fc" as 6, 18.
+func parseRelease(r string) (major, minor int, ok bool) {
+	parts := strings.SplitN(r, ".", 3)
+	if len(parts) < 2 {
+		return 0, 0, false
+	}
+	major, err1 := strconv.Atoi(parts[0])
+	digits := strings.IndexFunc(parts[1], func(c rune) bool { return c < '0' || c > '9' })
+	if digits >= 0 {
+		parts[1] = parts[1][:digits]
+	}
+	minor, err2 := strconv.Atoi(parts[1])
+	return major, minor, err1 == nil && err2 == nil
+}
 
-// Owned reads exactly the objects dualhomed owns: routes and rules carrying
-// cfg.Protocol in our tables / priority band / main table, addresses carrying
-// cfg.Protocol (IFA_PROTO), and rp_filter values we recorded changing.
-func (k *Kernel) Owned() (State, error) { panic("TODO(netcfg-kernel)") }
+// Close releases the netlink sockets and the namespace handle.
+func (k *Kernel) Close() {
+	k.h.Close()
+	k.addrs.close()
+	if k.ns.IsOpen() {
+		k.ns.Close()
+	}
+}
 
-// Apply makes the plan's changes in order and returns the number of netlink and
-// sysctl writes made. EEXIST on add and ENOENT/ESRCH on delete count as success.
-func (k *Kernel) Apply(p Plan) (writes int, err error) { panic("TODO(netcfg-kernel)") }
+// AddrOwnershipInKernel reports whether address ownership is read from the
+// kernel (IFA_PROTO) rather than from the state file.
+func (k *Kernel) AddrOwnershipInKernel() bool { return k.addrProto }
 
-// Conflicts inspects foreign kernel state that would defeat desired and
-// returns warnings with fix hints. It never changes anything.
-func (k *Kernel) Conflicts(desired State) []Warning { panic("TODO(netcfg-kernel)") }
+// retryDump calls dump until it is not interrupted by a concurrent change
+// (netlink.ErrDumpInterrupted, whose data may be inconsistent), at most
+// maxDumpAttempts times.
+func retryDump[T any](what string, dump func() ([]T, error)) ([]T, error) {
+	var err error
+	for range maxDumpAttempts {
+		var v []T
+		v, err = dump()
+		if err == nil {
+			return v, nil
+		}
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return nil, fmt.Errorf("listing %s: %w", what, err)
+		}
+	}
+	return nil, fmt.Errorf("listing %s: interrupted %d times: %w", what, maxDumpAttempts, err)
+}
+
+// Observe lists links, every address on them whoever put it there, and the
+// state dualhomed owns (Owned), as Desired's contract asks: Desired treats an
+// address as foreign unless Observed.Owned lists it.
+func (k *Kernel) Observe() (Observed, error) {
+	links, err := retryDump("links", k.h.LinkList)
+	if err != nil {
+		return Observed{}, err
+	}
+	obs := Observed{Addrs: map[int][]netip.Prefix{}}
+	for _, l := range links {
+		a := l.Attrs()
+		obs.Links = append(obs.Links, Link{
+			Index: a.Index,
+			Name:  a.Name,
+			MAC:   strings.ToLower(a.HardwareAddr.String()),
+		})
+	}
+	addrs, err := k.addrs.list()
+	if err != nil {
+		return Observed{}, fmt.Errorf("listing addresses: %w", err)
+	}
+	for _, a := range addrs {
+		obs.Addrs[a.LinkIndex] = append(obs.Addrs[a.LinkIndex], a.Prefix)
+	}
+	if obs.Owned, err = k.Owned(); err != nil {
+		return Observed{}, err
+	}
+	return obs, nil
+}
+
+func (k *Kernel) ownsAddr(a kernelAddr, recorded map[addrRecord]bool) bool {
+	if k.addrProto {
+		return a.Proto == k.cfg.Protocol
+	}
+	return recorded[addrRecord{Link: a.LinkIndex, Prefix: a.Prefix.String()}]
+}
+
+func (k *Kernel) inTableBand(table int) bool {
+	return table >= k.cfg.TableBase && table < k.cfg.TableBase+k.cfg.CardStride*bandNetworkCards
+}
+
+func (k *Kernel) inPriorityBand(prio int) bool {
+	return prio >= k.cfg.PriorityBase && prio < k.cfg.PriorityBase+k.cfg.CardStride*bandNetworkCards
+}
+
+// Owned reads exactly the objects dualhomed owns: routes carrying cfg.Protocol
+// in our table band or in the main table, rules carrying cfg.Protocol in our
+// priority band (IPv4 and IPv6), addresses carrying cfg.Protocol in IFA_PROTO
+// (or recorded in the state file on kernels without it), and the current
+// rp_filter of every link whose original value we recorded.
+func (k *Kernel) Owned() (State, error) {
+	var st State
+	routes, err := k.ownedNetlinkRoutes()
+	if err != nil {
+		return State{}, err
+	}
+	for _, r := range routes {
+		st.Routes = append(st.Routes, fromNetlinkRoute(r))
+	}
+	rules, err := k.ownedNetlinkRules()
+	if err != nil {
+		return State{}, err
+	}
+	for _, r := range rules {
+		st.Rules = append(st.Rules, fromNetlinkRule(r))
+	}
+	addrs, err := k.ownedKernelAddrs()
+	if err != nil {
+		return State{}, err
+	}
+	for _, a := range addrs {
+		st.Addrs = append(st.Addrs, Addr{
+			LinkIndex:     a.LinkIndex,
+			Prefix:        a.Prefix,
+			NoPrefixRoute: a.Flags&unix.IFA_F_NOPREFIXROUTE != 0,
+		})
+	}
+	if st.RPFilters, err = k.ownedRPFilters(); err != nil {
+		return State{}, err
+	}
+	sortState(&st)
+	return st, nil
+}
+
+func (k *Kernel) ownedNetlinkRoutes() ([]netlink.Route, error) {
+	filter := &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: netlink.RouteProtocol(k.cfg.Protocol)}
+	all, err := retryDump("routes", func() ([]netlink.Route, error) {
+		return k.h.RouteListFiltered(netlink.FAMILY_ALL, filter, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
+	})
+	if err != nil {
+		return nil, err
+	}
+	var out []netlink.Route
+	for _, r := range all {
+		if r.Table == mainTable || k.inTableBand(r.Table) {
+			out = append(out, r)
+		}
+	}
+	return out, nil
+}
+
+func (k *Kernel) ownedNetlinkRules() ([]netlink.Rule, error) {
+	all, err := retryDump("rules", func() ([]netlink.Rule, error) {
+		return k.h.RuleListFiltered(netlink.FAMILY_ALL, nil, 0)
+	})
+	if err != nil {
+		return nil, err
+	}
+	var out []netlink.Rule
+	for _, r := range all {
+		if r.Protocol == k.cfg.Protocol && k.inPriorityBand(r.Priority) {
+			out = append(out, r)
+		}
+	}
+	return out, nil
+}
+
+func (k *Kernel) ownedKernelAddrs() ([]kernelAddr, error) {
+	all, err := k.addrs.list()
+	if err != nil {
+		return nil, fmt.Errorf("listing addresses: %w", err)
+	}
+	var recorded map[addrRecord]bool
+	if !k.addrProto {
+		if recorded, err = k.addrRecords(); err != nil {
+			return nil, err
+		}
+	}
+	var out []kernelAddr
+	for _, a := range all {
+		if k.ownsAddr(a, recorded) {
+			out = append(out, a)
+		}
+	}
+	return out, nil
+}
+
+func prefixOf(n *net.IPNet, family int) netip.Prefix {
+	if n == nil {
+		if family == unix.AF_INET6 {
+			return netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+		}
+		return netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+	}
+	ip, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(ip.Unmap(), ones)
+}
+
+func addrOf(ip net.IP) netip.Addr {
+	if ip == nil {
+		return netip.Addr{}
+	}
+	a, _ := netip.AddrFromSlice(ip)
+	return a.Unmap()
+}
+
+func ipNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+func ipOf(a netip.Addr) net.IP {
+	if !a.IsValid() {
+		return nil
+	}
+	return a.AsSlice()
+}
+
+func fromNetlinkRoute(r netlink.Route) Route {
+	return Route{
+		Table:     r.Table,
+		Dst:       prefixOf(r.Dst, r.Family),
+		Gateway:   addrOf(r.Gw),
+		LinkIndex: r.LinkIndex,
+		Src:       addrOf(r.Src),
+		ScopeLink: r.Scope == netlink.SCOPE_LINK,
+	}
+}
+
+// netlinkRoute is the route r as we add it: `ip route add <dst> [via <gw>] dev
+// <link> [src <src>] [scope link] table <table> proto <protocol>`.
+func (k *Kernel) netlinkRoute(r Route) *netlink.Route {
+	nr := &netlink.Route{
+		Table:     r.Table,
+		Dst:       ipNet(r.Dst),
+		Gw:        ipOf(r.Gateway),
+		Src:       ipOf(r.Src),
+		LinkIndex: r.LinkIndex,
+		Protocol:  netlink.RouteProtocol(k.cfg.Protocol),
+		Scope:     netlink.SCOPE_UNIVERSE,
+		Type:      unix.RTN_UNICAST,
+	}
+	if r.ScopeLink {
+		nr.Scope = netlink.SCOPE_LINK
+	}
+	return nr
+}
+
+func fromNetlinkRule(r netlink.Rule) Rule {
+	return Rule{Priority: r.Priority, Src: prefixOf(r.Src, r.Family), Table: r.Table}
+}
+
+// netlinkRule is `ip rule add from <src> lookup <table> priority <prio>
+// protocol <protocol>`, always built from netlink.NewRule(): a zero Rule
+// fails with EINVAL or silently gains suppress_prefixlength 0.
+func (k *Kernel) netlinkRule(r Rule) *netlink.Rule {
+	nr := netlink.NewRule()
+	nr.Priority = r.Priority
+	nr.Table = r.Table
+	nr.Protocol = k.cfg.Protocol
+	nr.Family = unix.AF_INET
+	if r.Src.Addr().Is6() {
+		nr.Family = unix.AF_INET6
+	}
+	if r.Src.Bits() > 0 {
+		nr.Src = ipNet(r.Src)
+	}
+	return nr
+}

@@ -1,0 +1,263 @@
+package netcfg
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Apply makes the plan's changes and returns the number of writes it sent to
+// the kernel (netlink requests and sysctl writes, successful or not; a
+// rp_filter already at its value costs none). EEXIST on add and ENOENT, ESRCH,
+// EADDRNOTAVAIL (and ENODEV: the link went away with its objects) on delete
+// count as success, so every step is idempotent.
+//
+// Make before break: every addition (and rp_filter setting, and route
+// replacement) runs before any deletion, and if any addition fails no
+// deletion runs at all. Additions run in dependency order (addresses, then
+// on-link routes, then routes via a gateway, then rules), deletions in the
+// reverse one; the plan's order is kept otherwise. An error on one object does
+// not stop the others: Apply returns all errors joined.
+func (k *Kernel) Apply(p Plan) (writes int, err error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+
+	var adds, dels []Op
+	for _, op := range p.Ops {
+		if op.Delete {
+			dels = append(dels, op)
+		} else {
+			adds = append(adds, op)
+		}
+	}
+	sort.SliceStable(adds, func(i, j int) bool { return addRank(adds[i]) < addRank(adds[j]) })
+	sort.SliceStable(dels, func(i, j int) bool { return deleteRank(dels[i]) < deleteRank(dels[j]) })
+
+	var errs []error
+	for _, op := range adds {
+		n, err := k.applyOp(op)
+		writes += n
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		if len(dels) > 0 {
+			errs = append(errs, fmt.Errorf("skipping %d deletions because an addition failed (make before break)", len(dels)))
+		}
+		return writes, errors.Join(errs...)
+	}
+	for _, op := range dels {
+		n, err := k.applyOp(op)
+		writes += n
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return writes, errors.Join(errs...)
+}
+
+// addRank orders additions so that each object finds what it depends on: a
+// route's source address must exist, a gateway must be reachable through an
+// on-link route.
+func addRank(op Op) int {
+	switch {
+	case op.Addr != nil:
+		return 0
+	case op.RPFilter != nil:
+		return 1
+	case op.Route != nil && !op.Route.Gateway.IsValid():
+		return 2
+	case op.Route != nil:
+		return 3
+	default: // rules last: they only send traffic to complete tables
+		return 4
+	}
+}
+
+// deleteRank orders deletions the other way round: rules stop sending traffic
+// to a table before its routes go, addresses go last, rp_filter is restored
+// once nothing of ours is left on the link.
+func deleteRank(op Op) int {
+	switch {
+	case op.Rule != nil:
+		return 0
+	case op.Route != nil && op.Route.Gateway.IsValid():
+		return 1
+	case op.Route != nil:
+		return 2
+	case op.Addr != nil:
+		return 3
+	default:
+		return 4
+	}
+}
+
+// applyOp makes one change and returns how many writes it sent.
+func (k *Kernel) applyOp(op Op) (int, error) {
+	switch {
+	case op.Route != nil:
+		return 1, k.applyRoute(op)
+	case op.Rule != nil:
+		return 1, k.applyRule(op)
+	case op.Addr != nil:
+		return 1, k.applyAddr(op)
+	case op.RPFilter != nil:
+		if op.Delete {
+			return k.restoreRPFilter(op.RPFilter.LinkName)
+		}
+		return k.setRPFilter(*op.RPFilter)
+	default:
+		return 0, errors.New("applying empty operation")
+	}
+}
+
+// ignoreOnAdd treats "already there" as success.
+func ignoreOnAdd(err error) error {
+	if errors.Is(err, unix.EEXIST) {
+		return nil
+	}
+	return err
+}
+
+// ignoreOnDelete treats "already gone" as success: ENOENT (rules), ESRCH
+// (routes), EADDRNOTAVAIL (addresses), ENODEV (the link went away and took
+// its routes and addresses with it).
+func ignoreOnDelete(err error) error {
+	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) ||
+		errors.Is(err, unix.EADDRNOTAVAIL) || errors.Is(err, unix.ENODEV) {
+		return nil
+	}
+	return err
+}
+
+func (k *Kernel) applyRoute(op Op) error {
+	r := *op.Route
+	nr := k.netlinkRoute(r)
+	switch {
+	case op.Delete:
+		// Match our route whatever scope the kernel gave it; the protocol
+		// keeps a foreign route with the same destination safe.
+		if r.Dst.Addr().Is4() {
+			nr.Scope = netlink.SCOPE_NOWHERE
+		}
+		if err := ignoreOnDelete(k.h.RouteDel(nr)); err != nil {
+			return fmt.Errorf("deleting route %s: %w", describeRoute(r), err)
+		}
+	case op.Replace:
+		if err := k.h.RouteReplace(nr); err != nil {
+			return fmt.Errorf("replacing route %s: %w", describeRoute(r), err)
+		}
+	default:
+		if err := ignoreOnAdd(k.h.RouteAdd(nr)); err != nil {
+			return fmt.Errorf("adding route %s: %w", describeRoute(r), err)
+		}
+	}
+	return nil
+}
+
+func (k *Kernel) applyRule(op Op) error {
+	r := *op.Rule
+	nr := k.netlinkRule(r)
+	if op.Delete {
+		if err := ignoreOnDelete(k.h.RuleDel(nr)); err != nil {
+			return fmt.Errorf("deleting rule %s: %w", describeRule(r), err)
+		}
+		return nil
+	}
+	if err := ignoreOnAdd(k.h.RuleAdd(nr)); err != nil {
+		return fmt.Errorf("adding rule %s: %w", describeRule(r), err)
+	}
+	return nil
+}
+
+func (k *Kernel) applyAddr(op Op) error {
+	a := *op.Addr
+	if op.Delete {
+		if err := ignoreOnDelete(k.addrs.del(a)); err != nil {
+			return fmt.Errorf("deleting address %s: %w", describeAddr(a), err)
+		}
+		if !k.addrProto {
+			return k.forgetAddr(a)
+		}
+		return nil
+	}
+	proto := k.cfg.Protocol
+	if !k.addrProto {
+		proto = 0
+	}
+	err := k.addrs.add(a, proto)
+	if errors.Is(err, unix.EEXIST) {
+		// Somebody else's address (or ours, already recorded): never claim it.
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("adding address %s: %w", describeAddr(a), err)
+	}
+	if !k.addrProto {
+		return k.recordAddr(a)
+	}
+	return nil
+}
+
+// describeRoute prints r the way `ip route` does.
+func describeRoute(r Route) string {
+	s := r.Dst.String()
+	if r.Gateway.IsValid() {
+		s += " via " + r.Gateway.String()
+	}
+	s += fmt.Sprintf(" dev #%d", r.LinkIndex)
+	if r.Src.IsValid() {
+		s += " src " + r.Src.String()
+	}
+	if r.ScopeLink {
+		s += " scope link"
+	}
+	return s + fmt.Sprintf(" table %d", r.Table)
+}
+
+// describeRule prints r the way `ip rule` does.
+func describeRule(r Rule) string {
+	return fmt.Sprintf("from %s lookup %d priority %d", r.Src, r.Table, r.Priority)
+}
+
+// describeAddr prints a the way `ip addr` does.
+func describeAddr(a Addr) string {
+	s := fmt.Sprintf("%s dev #%d", a.Prefix, a.LinkIndex)
+	if a.NoPrefixRoute {
+		s += " noprefixroute"
+	}
+	return s
+}
+
+// Cleanup removes every object dualhomed owns and restores every rp_filter
+// value it changed: the plan Diff(Owned(), State{}). It returns the number of
+// writes made.
+func (k *Kernel) Cleanup() (writes int, err error) {
+	owned, err := k.Owned()
+	if err != nil {
+		return 0, fmt.Errorf("reading owned state for cleanup: %w", err)
+	}
+	return k.Apply(deleteAll(owned))
+}
+
+// deleteAll is the plan that deletes every object of st.
+func deleteAll(st State) Plan {
+	var p Plan
+	for i := range st.Rules {
+		p.Ops = append(p.Ops, Op{Delete: true, Rule: &st.Rules[i]})
+	}
+	for i := range st.Routes {
+		p.Ops = append(p.Ops, Op{Delete: true, Route: &st.Routes[i]})
+	}
+	for i := range st.Addrs {
+		p.Ops = append(p.Ops, Op{Delete: true, Addr: &st.Addrs[i]})
+	}
+	for i := range st.RPFilters {
+		p.Ops = append(p.Ops, Op{Delete: true, RPFilter: &st.RPFilters[i]})
+	}
+	return p
+}

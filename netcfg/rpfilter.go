@@ -1,0 +1,101 @@
+package netcfg
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"path/filepath"
+	"sort"
+)
+
+// rpFilterStateFile records, for each link whose rp_filter we changed, the
+// value it had before our first write, so that cleanup can restore it. The
+// kernel has no owner mark for sysctls: this file is the only record.
+const rpFilterStateFile = "rp_filter.json"
+
+func (k *Kernel) rpFilterStatePath() string { return filepath.Join(k.stateDir, rpFilterStateFile) }
+
+// rpFilterOriginals reads the recorded originals, link name -> value.
+func (k *Kernel) rpFilterOriginals() (map[string]int, error) {
+	orig := map[string]int{}
+	if err := readJSON(k.rpFilterStatePath(), &orig); err != nil {
+		return nil, fmt.Errorf("reading rp_filter originals: %w", err)
+	}
+	return orig, nil
+}
+
+// ownedRPFilters reports the current rp_filter of every recorded link that
+// still exists.
+func (k *Kernel) ownedRPFilters() ([]RPFilter, error) {
+	orig, err := k.rpFilterOriginals()
+	if err != nil {
+		return nil, err
+	}
+	var out []RPFilter
+	for link := range orig {
+		v, err := readRPFilter(k.ns, link)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // the link is gone; its record waits for it to return
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, RPFilter{LinkName: link, Value: v})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].LinkName < out[j].LinkName })
+	return out, nil
+}
+
+// setRPFilter records the link's original value (first time only, before
+// writing, so that a crash never loses it) and sets the new one. It writes
+// nothing when the value is already right.
+func (k *Kernel) setRPFilter(f RPFilter) (int, error) {
+	cur, err := readRPFilter(k.ns, f.LinkName)
+	if err != nil {
+		return 0, err
+	}
+	orig, err := k.rpFilterOriginals()
+	if err != nil {
+		return 0, err
+	}
+	if _, ok := orig[f.LinkName]; !ok {
+		orig[f.LinkName] = cur
+		if err := writeJSONAtomic(k.rpFilterStatePath(), orig); err != nil {
+			return 0, fmt.Errorf("recording original rp_filter of %s: %w", f.LinkName, err)
+		}
+	}
+	if cur == f.Value {
+		return 0, nil
+	}
+	return 1, writeRPFilter(k.ns, f.LinkName, f.Value)
+}
+
+// restoreRPFilter puts back the recorded original value of link's rp_filter
+// and forgets the record. A link that is gone has nothing left to restore.
+func (k *Kernel) restoreRPFilter(link string) (int, error) {
+	orig, err := k.rpFilterOriginals()
+	if err != nil {
+		return 0, err
+	}
+	want, ok := orig[link]
+	if !ok {
+		return 0, nil
+	}
+	writes := 0
+	cur, err := readRPFilter(k.ns, link)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+	case err != nil:
+		return 0, err
+	case cur != want:
+		writes = 1
+		if err := writeRPFilter(k.ns, link, want); err != nil {
+			return writes, fmt.Errorf("restoring rp_filter of %s: %w", link, err)
+		}
+	}
+	delete(orig, link)
+	if err := writeJSONAtomic(k.rpFilterStatePath(), orig); err != nil {
+		return writes, fmt.Errorf("forgetting original rp_filter of %s: %w", link, err)
+	}
+	return writes, nil
+}
