@@ -261,7 +261,9 @@ func (c *ControlClient) SetPrimaryMAC(mac string) error {
 }
 
 // SetRawKey serves raw as macs/<mac>/<key> (see Server.SetRawKey).
-func (c *ControlClient) SetRawKey(mac, key, raw string) error { return c.SetRaw(KeyPath(mac, key), raw) }
+func (c *ControlClient) SetRawKey(mac, key, raw string) error {
+	return c.SetRaw(KeyPath(mac, key), raw)
+}
 
 // DeleteKey makes macs/<mac>/<key> absent.
 func (c *ControlClient) DeleteKey(mac, key string) error { return c.DeletePath(KeyPath(mac, key)) }
