@@ -109,11 +109,13 @@ func (c *Client) Snapshot(ctx context.Context) (Snapshot, error) {
 		}
 		if len(listed) == 0 {
 			notReady(&enis[i], "IMDS lists the MAC but none of its keys yet")
+			enis[i].DeviceNumber = DeviceNumberUnknown
 			return nil
 		}
 		keys[i] = keysToFetch(listed)
 		if !listed["device-number"] {
 			notReady(&enis[i], "device-number not listed yet")
+			enis[i].DeviceNumber = DeviceNumberUnknown
 		}
 		return nil
 	})
@@ -163,6 +165,7 @@ func checkReady(e *ENI, listed []eniKey, primaryMAC string) {
 	switch {
 	case e.DeviceNumber == 0 && e.MAC != primaryMAC:
 		notReady(e, "device-number 0 on a secondary MAC: IMDS has not caught up with the attachment")
+		e.DeviceNumber = DeviceNumberUnknown
 	case !has["interface-id"]:
 		notReady(e, "interface-id not listed yet")
 	case !has["local-ipv4s"] && !has["ipv6s"]:
@@ -177,7 +180,6 @@ func checkReady(e *ENI, listed []eniKey, primaryMAC string) {
 func notReady(e *ENI, reason string) {
 	e.Ready = false
 	e.NotReadyReason = reason
-	e.DeviceNumber = DeviceNumberUnknown
 }
 
 // getParsed reads one key and parses it, turning a parse failure into a

@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"net/http/httptrace"
 	"strconv"
 	"strings"
 	"sync"
@@ -51,11 +52,27 @@ type countingTransport struct {
 }
 
 func (t *countingTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	t.total.Add(1)
 	ctx := req.Context()
-	if n, ok := ctx.Value(snapshotCounterKey{}).(*atomic.Int64); ok {
-		n.Add(1)
+	perSnapshot, _ := ctx.Value(snapshotCounterKey{}).(*atomic.Int64)
+	count := func(n int) {
+		t.total.Add(uint64(n))
+		if perSnapshot != nil {
+			perSnapshot.Add(int64(n))
+		}
 	}
+	// One round trip is one request, even when it never reaches the wire
+	// (connection refused). http.Transport silently resends an idempotent
+	// request once when a reused connection turns out to be closed; count
+	// such resends too, since IMDS sees them.
+	count(1)
+	var writes atomic.Int32
+	req = req.WithContext(httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+		WroteRequest: func(httptrace.WroteRequestInfo) {
+			if writes.Add(1) > 1 {
+				count(1)
+			}
+		},
+	}))
 	rec, _ := ctx.Value(attemptRecordKey{}).(*attemptRecord)
 	if rec != nil {
 		rec.mu.Lock()
