@@ -105,6 +105,15 @@ func (s *addrSocket) add(a Addr, proto uint8) error {
 	return err
 }
 
+// replace is `ip addr replace <prefix> dev <link> [noprefixroute] proto
+// <proto>`: the address stays, its flags change.
+func (s *addrSocket) replace(a Addr, proto uint8) error {
+	req := s.request(unix.RTM_NEWADDR, unix.NLM_F_CREATE|unix.NLM_F_REPLACE|unix.NLM_F_ACK)
+	addrMessage(req, a, addrFlags(a), proto, true)
+	_, err := req.Execute(unix.NETLINK_ROUTE, 0)
+	return err
+}
+
 // del is `ip addr del <prefix> dev <link>`.
 func (s *addrSocket) del(a Addr) error {
 	req := s.request(unix.RTM_DELADDR, unix.NLM_F_ACK)

@@ -63,7 +63,7 @@ func (k *Kernel) Conflicts(desired State) []Warning {
 	}
 	tableLink := map[int]int{} // our table -> its ENI's link index
 	for _, r := range desired.Routes {
-		if r.Table != mainTable {
+		if r.Table != MainTable {
 			tableLink[r.Table] = r.LinkIndex
 		}
 	}
@@ -178,7 +178,7 @@ func (k *Kernel) routeConflicts(tableLink map[int]int, routes []netlink.Route, l
 	for _, r := range routes {
 		ours := int(r.Protocol) == int(k.cfg.Protocol)
 		switch {
-		case r.Table == mainTable && !ours && secondary[r.LinkIndex] && prefixOf(r.Dst, r.Family).Bits() == 0 && r.Type == unix.RTN_UNICAST:
+		case r.Table == MainTable && !ours && secondary[r.LinkIndex] && prefixOf(r.Dst, r.Family).Bits() == 0 && r.Type == unix.RTN_UNICAST:
 			warns = append(warns, Warning{
 				ENI:     links[r.LinkIndex],
 				Message: fmt.Sprintf("main table has a default route through secondary ENI (link #%d, via %v, metric %d, protocol %d): outbound traffic may leave through the wrong VPC", r.LinkIndex, r.Gw, r.Priority, r.Protocol),

@@ -15,14 +15,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// bandNetworkCards is how many network cards our table and priority bands
-// span: [base, base+CardStride*bandNetworkCards). The largest EC2 instance
-// types have 32 network cards.
-const bandNetworkCards = 32
-
-// mainTable is RT_TABLE_MAIN, where the multi-VPC CIDR routes live.
-const mainTable = unix.RT_TABLE_MAIN
-
 // Kernel reads and changes the kernel's routing state in one network namespace,
 // through netlink (routes, rules, addresses) and /proc/sys (rp_filter).
 //
@@ -187,11 +179,11 @@ func (k *Kernel) ownsAddr(a kernelAddr, recorded map[addrRecord]bool) bool {
 }
 
 func (k *Kernel) inTableBand(table int) bool {
-	return table >= k.cfg.TableBase && table < k.cfg.TableBase+k.cfg.CardStride*bandNetworkCards
+	return table >= k.cfg.TableBase && table < k.cfg.TableBase+k.cfg.CardStride*MaxNetworkCards
 }
 
 func (k *Kernel) inPriorityBand(prio int) bool {
-	return prio >= k.cfg.PriorityBase && prio < k.cfg.PriorityBase+k.cfg.CardStride*bandNetworkCards
+	return prio >= k.cfg.PriorityBase && prio < k.cfg.PriorityBase+k.cfg.CardStride*MaxNetworkCards
 }
 
 // Owned reads exactly the objects dualhomed owns: routes carrying cfg.Protocol
@@ -229,7 +221,7 @@ func (k *Kernel) Owned() (State, error) {
 	if st.RPFilters, err = k.ownedRPFilters(); err != nil {
 		return State{}, err
 	}
-	sortState(&st)
+	st.Sort()
 	return st, nil
 }
 
@@ -243,7 +235,7 @@ func (k *Kernel) ownedNetlinkRoutes() ([]netlink.Route, error) {
 	}
 	var out []netlink.Route
 	for _, r := range all {
-		if r.Table == mainTable || k.inTableBand(r.Table) {
+		if r.Table == MainTable || k.inTableBand(r.Table) {
 			out = append(out, r)
 		}
 	}

@@ -18,8 +18,10 @@ import (
 // Make before break: every addition (and rp_filter setting, and route
 // replacement) runs before any deletion, and if any addition fails no
 // deletion runs at all. Additions run in dependency order (addresses, then
-// on-link routes, then routes via a gateway, then rules), deletions in the
-// reverse one; the plan's order is kept otherwise. An error on one object does
+// on-link routes, then routes via a gateway, then rules, then rp_filter),
+// deletions in the reverse one (rules, routes via a gateway, on-link routes,
+// addresses, rp_filter restores), which is the order Diff produces; the plan's
+// order is kept otherwise. An error on one object does
 // not stop the others: Apply returns all errors joined.
 func (k *Kernel) Apply(p Plan) (writes int, err error) {
 	k.mu.Lock()
@@ -67,13 +69,13 @@ func addRank(op Op) int {
 	switch {
 	case op.Addr != nil:
 		return 0
-	case op.RPFilter != nil:
-		return 1
 	case op.Route != nil && !op.Route.Gateway.IsValid():
-		return 2
+		return 1
 	case op.Route != nil:
+		return 2
+	case op.Rule != nil: // after the routes: they only send traffic to complete tables
 		return 3
-	default: // rules last: they only send traffic to complete tables
+	default:
 		return 4
 	}
 }
@@ -104,7 +106,7 @@ func (k *Kernel) applyOp(op Op) (int, error) {
 	case op.Rule != nil:
 		return 1, k.applyRule(op)
 	case op.Addr != nil:
-		return 1, k.applyAddr(op)
+		return k.applyAddr(op)
 	case op.RPFilter != nil:
 		if op.Delete {
 			return k.restoreRPFilter(op.RPFilter.LinkName)
@@ -174,33 +176,76 @@ func (k *Kernel) applyRule(op Op) error {
 	return nil
 }
 
-func (k *Kernel) applyAddr(op Op) error {
+func (k *Kernel) applyAddr(op Op) (int, error) {
 	a := *op.Addr
 	if op.Delete {
 		if err := ignoreOnDelete(k.addrs.del(a)); err != nil {
-			return fmt.Errorf("deleting address %s: %w", describeAddr(a), err)
+			return 1, fmt.Errorf("deleting address %s: %w", describeAddr(a), err)
 		}
 		if !k.addrProto {
-			return k.forgetAddr(a)
+			return 1, k.forgetAddr(a)
 		}
-		return nil
+		return 1, nil
 	}
 	proto := k.cfg.Protocol
 	if !k.addrProto {
 		proto = 0
 	}
+	if op.Replace {
+		if a.Prefix.Addr().Is4() {
+			return k.readdAddr4(a, proto)
+		}
+		if err := k.addrs.replace(a, proto); err != nil {
+			return 1, fmt.Errorf("replacing address %s: %w", describeAddr(a), err)
+		}
+		return 1, nil
+	}
 	err := k.addrs.add(a, proto)
 	if errors.Is(err, unix.EEXIST) {
 		// Somebody else's address (or ours, already recorded): never claim it.
-		return nil
+		return 1, nil
 	}
 	if err != nil {
-		return fmt.Errorf("adding address %s: %w", describeAddr(a), err)
+		return 1, fmt.Errorf("adding address %s: %w", describeAddr(a), err)
 	}
 	if !k.addrProto {
-		return k.recordAddr(a)
+		return 1, k.recordAddr(a)
 	}
-	return nil
+	return 1, nil
+}
+
+// readdAddr4 changes the noprefixroute flag of one of our IPv4 addresses.
+// IPv4 `ip addr replace` keeps the old flags (seen on Linux 6.18), so the
+// address is deleted and added again. Deleting an IPv4 address flushes the
+// routes that use it as source, so our routes with that source are read
+// first and added back at once.
+func (k *Kernel) readdAddr4(a Addr, proto uint8) (writes int, err error) {
+	routes, err := k.ownedNetlinkRoutes()
+	if err != nil {
+		return 0, fmt.Errorf("replacing address %s: %w", describeAddr(a), err)
+	}
+	writes++
+	if err := ignoreOnDelete(k.addrs.del(a)); err != nil {
+		return writes, fmt.Errorf("replacing address %s: deleting: %w", describeAddr(a), err)
+	}
+	writes++
+	if err := ignoreOnAdd(k.addrs.add(a, proto)); err != nil {
+		return writes, fmt.Errorf("replacing address %s: adding: %w", describeAddr(a), err)
+	}
+	// On-link routes first: a gateway must be reachable when its route is added.
+	sort.SliceStable(routes, func(i, j int) bool { return routes[i].Gw == nil && routes[j].Gw != nil })
+	var errs []error
+	for _, r := range routes {
+		if !r.Src.Equal(a.Prefix.Addr().AsSlice()) {
+			continue
+		}
+		writes++
+		if err := ignoreOnAdd(k.h.RouteAdd(&r)); err != nil {
+			errs = append(errs, fmt.Errorf("restoring route %s after replacing address %s: %w",
+				describeRoute(fromNetlinkRoute(r)), describeAddr(a), err))
+		}
+	}
+	return writes, errors.Join(errs...)
 }
 
 // describeRoute prints r the way `ip route` does.
@@ -234,30 +279,12 @@ func describeAddr(a Addr) string {
 }
 
 // Cleanup removes every object dualhomed owns and restores every rp_filter
-// value it changed: the plan Diff(Owned(), State{}). It returns the number of
-// writes made.
+// value it changed: it applies Diff(Owned(), State{}). It returns the number
+// of writes made.
 func (k *Kernel) Cleanup() (writes int, err error) {
 	owned, err := k.Owned()
 	if err != nil {
 		return 0, fmt.Errorf("reading owned state for cleanup: %w", err)
 	}
-	return k.Apply(deleteAll(owned))
-}
-
-// deleteAll is the plan that deletes every object of st.
-func deleteAll(st State) Plan {
-	var p Plan
-	for i := range st.Rules {
-		p.Ops = append(p.Ops, Op{Delete: true, Rule: &st.Rules[i]})
-	}
-	for i := range st.Routes {
-		p.Ops = append(p.Ops, Op{Delete: true, Route: &st.Routes[i]})
-	}
-	for i := range st.Addrs {
-		p.Ops = append(p.Ops, Op{Delete: true, Addr: &st.Addrs[i]})
-	}
-	for i := range st.RPFilters {
-		p.Ops = append(p.Ops, Op{Delete: true, RPFilter: &st.RPFilters[i]})
-	}
-	return p
+	return k.Apply(Diff(owned, State{}))
 }
