@@ -37,8 +37,8 @@ const (
 	DefaultIMDSTimeout = 2 * time.Second
 	// DefaultStartTimeout: after this long without a successful reconcile the
 	// daemon tells systemd it is ready anyway (degraded), so boot is never
-	// blocked forever by an unreachable IMDS.
-	DefaultStartTimeout = 60 * time.Second
+	// blocked forever by an unreachable IMDS. Below the unit's TimeoutStartSec.
+	DefaultStartTimeout = 20 * time.Second
 	// DefaultStateDir holds status.json and netcfg's records (tmpfs: a reboot
 	// starts from the kernel's state, which is where ownership lives anyway).
 	DefaultStateDir = "/run/dualhomed"

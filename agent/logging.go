@@ -1,0 +1,60 @@
+package agent
+
+import (
+	"fmt"
+	"os"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"golang.org/x/sys/unix"
+)
+
+// NewLogger builds the daemon's logger. Format "auto" picks JSON under
+// systemd (JOURNAL_STREAM or INVOCATION_ID set) or when stderr is not a
+// terminal, and a readable console encoding on a terminal. The returned level
+// can be changed later (on reload).
+func NewLogger(level, format string) (*zap.Logger, zap.AtomicLevel, error) {
+	lvl := zap.NewAtomicLevel()
+	if err := lvl.UnmarshalText([]byte(level)); err != nil {
+		return nil, lvl, fmt.Errorf("log level %q is not one of debug, info, warn, error", level)
+	}
+	if format == "" || format == "auto" {
+		format = "console"
+		if os.Getenv("JOURNAL_STREAM") != "" || os.Getenv("INVOCATION_ID") != "" || !isTerminal(os.Stderr) {
+			format = "json"
+		}
+	}
+	var enc zapcore.Encoder
+	switch format {
+	case "json":
+		ec := zap.NewProductionEncoderConfig()
+		ec.EncodeTime = zapcore.ISO8601TimeEncoder
+		enc = zapcore.NewJSONEncoder(ec)
+	case "console":
+		ec := zap.NewDevelopmentEncoderConfig()
+		ec.EncodeTime = zapcore.TimeEncoderOfLayout("15:04:05.000")
+		ec.EncodeLevel = zapcore.CapitalColorLevelEncoder
+		if !isTerminal(os.Stderr) {
+			ec.EncodeLevel = zapcore.CapitalLevelEncoder
+		}
+		enc = zapcore.NewConsoleEncoder(ec)
+	default:
+		return nil, lvl, fmt.Errorf("log format %q is not one of auto, json, console", format)
+	}
+	core := zapcore.NewCore(enc, zapcore.Lock(os.Stderr), lvl)
+	return zap.New(core), lvl, nil
+}
+
+// UpdateLevel sets lvl from a configuration value, ignoring bad values (the
+// configuration parser has already rejected them).
+func UpdateLevel(lvl zap.AtomicLevel, level string) {
+	var l zapcore.Level
+	if err := l.UnmarshalText([]byte(level)); err == nil {
+		lvl.SetLevel(l)
+	}
+}
+
+func isTerminal(f *os.File) bool {
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}

@@ -1,0 +1,132 @@
+package agent
+
+import (
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/dualhomed/dualhomed/netcfg"
+)
+
+// Metrics are the daemon's Prometheus metrics, in a private registry so that
+// nothing else in the process can add to (or break) the endpoint.
+type Metrics struct {
+	reg *prometheus.Registry
+
+	reconciles   *prometheus.CounterVec
+	duration     prometheus.Histogram
+	changes      prometheus.Counter
+	repairs      prometheus.Counter
+	imdsRequests prometheus.Counter
+	imdsErrors   prometheus.Counter
+	imdsLatency  prometheus.Histogram
+	enis         *prometheus.GaugeVec
+	rules        prometheus.Gauge
+	routes       prometheus.Gauge
+	lastSuccess  prometheus.Gauge
+}
+
+// NewMetrics registers every metric in a new private registry.
+func NewMetrics() *Metrics {
+	m := &Metrics{
+		reg: prometheus.NewRegistry(),
+		reconciles: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "dualhomed_reconciles_total",
+			Help: "Reconciles run, by result (ok, degraded: IMDS or apply failed, error: kernel unreadable).",
+		}, []string{"result"}),
+		duration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "dualhomed_reconcile_duration_seconds",
+			Help:    "Time one reconcile took, IMDS read included.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
+		}),
+		changes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dualhomed_changes_applied_total",
+			Help: "Route, rule, address and rp_filter changes applied.",
+		}),
+		repairs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dualhomed_drift_repairs_total",
+			Help: "Objects re-added after another program removed them.",
+		}),
+		imdsRequests: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dualhomed_imds_requests_total",
+			Help: "HTTP requests made to the instance metadata service (token included).",
+		}),
+		imdsErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dualhomed_imds_errors_total",
+			Help: "IMDS snapshots that failed (unreachable, throttled, malformed).",
+		}),
+		imdsLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "dualhomed_imds_snapshot_duration_seconds",
+			Help:    "Time to read one complete IMDS snapshot.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
+		}),
+		enis: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "dualhomed_enis",
+			Help: "ENIs listed by IMDS, by state.",
+		}, []string{"state"}),
+		rules: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "dualhomed_managed_rules",
+			Help: "Policy rules owned by dualhomed.",
+		}),
+		routes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "dualhomed_managed_routes",
+			Help: "Routes owned by dualhomed.",
+		}),
+		lastSuccess: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "dualhomed_last_successful_reconcile_timestamp_seconds",
+			Help: "Unix time of the last reconcile that read IMDS and applied everything.",
+		}),
+	}
+	m.reg.MustRegister(m.reconciles, m.duration, m.changes, m.repairs, m.imdsRequests, m.imdsErrors,
+		m.imdsLatency, m.enis, m.rules, m.routes, m.lastSuccess,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// Handler serves the registry in the Prometheus exposition format.
+func (m *Metrics) Handler() http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg})
+}
+
+// Record accounts for one reconcile.
+func (m *Metrics) Record(rep Report, err error) {
+	if m == nil {
+		return
+	}
+	m.duration.Observe(rep.Duration.Seconds())
+	switch {
+	case err != nil:
+		m.reconciles.WithLabelValues("error").Inc()
+		return
+	case rep.IMDSError != "" || rep.ApplyError != "":
+		m.reconciles.WithLabelValues("degraded").Inc()
+	default:
+		m.reconciles.WithLabelValues("ok").Inc()
+	}
+	m.imdsRequests.Add(float64(rep.IMDSRequests))
+	if rep.IMDSError != "" {
+		m.imdsErrors.Inc()
+	}
+	if rep.IMDSRequests > 0 || rep.IMDSError != "" {
+		m.imdsLatency.Observe(rep.IMDSLatency.Seconds())
+	}
+	if rep.ApplyError == "" {
+		m.changes.Add(float64(len(rep.Changes)))
+	}
+	m.repairs.Add(float64(rep.Repairs))
+	m.enis.Reset()
+	for _, s := range []netcfg.ENIState{netcfg.ENIConfigured, netcfg.ENIDrift, netcfg.ENIWaitingLink,
+		netcfg.ENIWaitingIMDS, netcfg.ENIExcluded, netcfg.ENIPrimaryRole} {
+		m.enis.WithLabelValues(string(s)).Set(0)
+	}
+	for _, e := range rep.ENIs {
+		m.enis.WithLabelValues(string(e.State)).Inc()
+	}
+	m.rules.Set(float64(rep.ManagedRules))
+	m.routes.Set(float64(rep.ManagedRoutes))
+	if rep.OK() {
+		m.lastSuccess.Set(float64(rep.Time.Add(rep.Duration).Unix()))
+	}
+}

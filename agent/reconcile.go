@@ -1,0 +1,522 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/dualhomed/dualhomed/imds"
+	"github.com/dualhomed/dualhomed/netcfg"
+)
+
+// Snapshotter reads the instance metadata service (an *imds.Client).
+type Snapshotter interface {
+	Snapshot(ctx context.Context) (imds.Snapshot, error)
+}
+
+// Kernel is what a reconcile needs of the kernel (a *netcfg.Kernel).
+type Kernel interface {
+	Observe() (netcfg.Observed, error)
+	Owned() (netcfg.State, error)
+	Apply(netcfg.Plan) (writes int, err error)
+	Conflicts(desired netcfg.State) []netcfg.Warning
+}
+
+// Refresh says whether a reconcile reads IMDS or reuses the last good snapshot.
+type Refresh int
+
+const (
+	// RefreshAlways reads IMDS (poll timer, start, reload, one-shot commands).
+	RefreshAlways Refresh = iota
+	// RefreshIfNewLinks reads IMDS only when a link appeared since the last
+	// read, so that a hot-attached ENI is configured without waiting for the
+	// poll; kernel drift alone is repaired from the last good snapshot.
+	RefreshIfNewLinks
+	// RefreshNever reuses the last good snapshot (IMDS is backing off).
+	RefreshNever
+)
+
+// Change is one planned or applied operation, attributed to an ENI.
+type Change struct {
+	ENI  string    `json:"eni,omitempty"`  // interface id (or MAC); "" for objects of a detached ENI
+	Link string    `json:"link,omitempty"` // link name, when the link exists
+	Op   netcfg.Op `json:"op"`
+}
+
+// String describes the change the way `ip` would.
+func (c Change) String() string { return describeOp(c.Op, c.Link) }
+
+// Report is the outcome of one reconcile.
+type Report struct {
+	Time     time.Time     `json:"time"`
+	Duration time.Duration `json:"duration_ns"`
+	// Fresh is true when this reconcile read IMDS successfully.
+	Fresh bool `json:"fresh"`
+	// IMDSError says why IMDS could not be read. While it is set, the
+	// reconcile only re-adds objects of the last good snapshot and deletes
+	// nothing: an IMDS error is never an answer.
+	IMDSError string `json:"imds_error,omitempty"`
+	// IMDSRequests is the number of HTTP requests the snapshot cost.
+	IMDSRequests int           `json:"imds_requests"`
+	IMDSLatency  time.Duration `json:"imds_latency_ns"`
+
+	ENIs     []netcfg.ENIStatus `json:"enis"`
+	Warnings []netcfg.Warning   `json:"warnings,omitempty"`
+	// Changes is the plan: applied (DryRun false) or pending (DryRun true).
+	Changes []Change `json:"changes,omitempty"`
+	DryRun  bool     `json:"dry_run,omitempty"`
+	Writes  int      `json:"writes"`
+	// Repairs counts re-added objects of ENIs that were already configured:
+	// drift caused by another program.
+	Repairs int `json:"repairs"`
+	// ApplyError is set when Apply failed part way.
+	ApplyError string `json:"apply_error,omitempty"`
+	// PendingLinks are links whose MAC IMDS does not list yet (or lists as
+	// not ready): the daemon re-reads IMDS for them with a backoff.
+	PendingLinks []netcfg.Link `json:"pending_links,omitempty"`
+	// Managed counts what dualhomed owns after this reconcile.
+	ManagedRules  int `json:"managed_rules"`
+	ManagedRoutes int `json:"managed_routes"`
+}
+
+// OK reports whether the reconcile read IMDS and applied everything.
+func (r Report) OK() bool { return r.Fresh && r.IMDSError == "" && r.ApplyError == "" }
+
+// Configured counts the ENIs in the configured state.
+func (r Report) Configured() int {
+	n := 0
+	for _, e := range r.ENIs {
+		if e.State == netcfg.ENIConfigured {
+			n++
+		}
+	}
+	return n
+}
+
+// Summary is the one-line STATUS= text: "3 ENIs: 2 configured, 1 waiting for IMDS".
+func (r Report) Summary() string {
+	order := []netcfg.ENIState{netcfg.ENIConfigured, netcfg.ENIDrift, netcfg.ENIWaitingLink,
+		netcfg.ENIWaitingIMDS, netcfg.ENIExcluded, netcfg.ENIPrimaryRole}
+	counts := map[netcfg.ENIState]int{}
+	for _, e := range r.ENIs {
+		counts[e.State]++
+	}
+	var parts []string
+	for _, s := range order {
+		if counts[s] > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", counts[s], s))
+			delete(counts, s)
+		}
+	}
+	for s, n := range counts { // states added later to netcfg
+		parts = append(parts, fmt.Sprintf("%d %s", n, s))
+	}
+	noun := "ENIs"
+	if len(r.ENIs) == 1 {
+		noun = "ENI"
+	}
+	s := fmt.Sprintf("%d %s", len(r.ENIs), noun)
+	if len(parts) > 0 {
+		s += ": " + strings.Join(parts, ", ")
+	}
+	if r.IMDSError != "" {
+		s = "degraded, IMDS unreachable, keeping routes: " + s
+	}
+	if r.ApplyError != "" {
+		s = "degraded, apply failed: " + s
+	}
+	if len(r.Warnings) > 0 {
+		s += fmt.Sprintf(" (%d warnings)", len(r.Warnings))
+	}
+	return s
+}
+
+// Reconciler runs the pipeline snapshot -> Observe -> Desired -> Owned ->
+// Diff -> Apply. It keeps the last good IMDS snapshot in memory so that drift
+// can be repaired while IMDS is unreachable, and so that a not-ready ENI keeps
+// what it had. It is not safe for concurrent use: the daemon calls it from one
+// goroutine.
+type Reconciler struct {
+	source Snapshotter
+	kernel Kernel
+	cfg    netcfg.Config
+	// IMDSTimeout bounds one snapshot (0: the caller's context only).
+	IMDSTimeout time.Duration
+
+	lastGood   *imds.Snapshot
+	seenLinks  map[int]string  // link index -> MAC, as observed at the last IMDS read
+	configured map[string]bool // MACs of ENIs configured by an earlier successful apply
+}
+
+// NewReconciler returns a Reconciler reading IMDS through source and acting
+// on kernel with cfg.
+func NewReconciler(source Snapshotter, kernel Kernel, cfg netcfg.Config) *Reconciler {
+	return &Reconciler{source: source, kernel: kernel, cfg: cfg, configured: map[string]bool{}}
+}
+
+// Swap replaces the IMDS source, kernel and configuration (after a reload),
+// keeping the last good snapshot.
+func (r *Reconciler) Swap(source Snapshotter, kernel Kernel, cfg netcfg.Config) {
+	r.source, r.kernel, r.cfg = source, kernel, cfg
+}
+
+// LastGood returns the last complete IMDS snapshot, if any.
+func (r *Reconciler) LastGood() (imds.Snapshot, bool) {
+	if r.lastGood == nil {
+		return imds.Snapshot{}, false
+	}
+	return *r.lastGood, true
+}
+
+// Reconcile runs the pipeline once. With dryRun it computes the plan without
+// applying it (plan, status). The error is for failures to read the kernel;
+// IMDS and apply failures are reported in the Report, which is always valid.
+func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool) (Report, error) {
+	start := time.Now()
+	rep := Report{Time: start, DryRun: dryRun}
+	defer func() { rep.Duration = time.Since(start) }()
+
+	obs, err := r.kernel.Observe()
+	if err != nil {
+		return rep, fmt.Errorf("observing links and addresses: %w", err)
+	}
+
+	// Decide whether to read IMDS.
+	read := refresh == RefreshAlways || (refresh == RefreshIfNewLinks && r.lastGood == nil)
+	if refresh == RefreshIfNewLinks && !read {
+		for _, l := range obs.Links {
+			if l.MAC != "" && r.seenLinks[l.Index] != l.MAC {
+				read = true
+				break
+			}
+		}
+	}
+
+	var snap imds.Snapshot
+	haveSnap := false
+	if read {
+		sctx := ctx
+		if r.IMDSTimeout > 0 {
+			var cancel context.CancelFunc
+			sctx, cancel = context.WithTimeout(ctx, r.IMDSTimeout)
+			defer cancel()
+		}
+		t0 := time.Now()
+		fresh, err := r.source.Snapshot(sctx)
+		rep.IMDSLatency = time.Since(t0)
+		rep.IMDSRequests = fresh.Requests
+		if err != nil {
+			rep.IMDSError = err.Error()
+		} else {
+			rep.Fresh = true
+			snap = r.mergeNotReady(fresh)
+			haveSnap = true
+			r.lastGood = &snap
+			r.seenLinks = map[int]string{}
+			for _, l := range obs.Links {
+				r.seenLinks[l.Index] = l.MAC
+			}
+		}
+	}
+	if !haveSnap && r.lastGood != nil {
+		snap, haveSnap = *r.lastGood, true
+	}
+
+	owned, err := r.kernel.Owned()
+	if err != nil {
+		return rep, fmt.Errorf("reading owned routes and rules: %w", err)
+	}
+	var desired netcfg.Result
+	if haveSnap {
+		desired = netcfg.Desired(snap, obs, r.cfg)
+	}
+	rep.ENIs = desired.ENIs
+	rep.Warnings = append(rep.Warnings, desired.Warnings...)
+	rep.PendingLinks = pendingLinks(snap, obs)
+
+	var plan netcfg.Plan
+	switch {
+	case !haveSnap:
+		// Never read IMDS: nothing is known, so nothing is changed.
+	case !rep.Fresh && rep.IMDSError != "":
+		// IMDS failed: repair what the last good snapshot wanted, remove nothing.
+		plan = withoutDeletes(netcfg.Diff(owned, desired.State))
+	default:
+		plan = netcfg.Diff(owned, desired.State)
+		if !rep.Fresh {
+			// Kernel drift repaired from the last good snapshot: that snapshot
+			// may be stale, so it can add but never remove.
+			plan = withoutDeletes(plan)
+		}
+		plan = protectNotReady(plan, snap, obs, owned)
+	}
+
+	attr := newAttributor(desired.ENIs, obs)
+	touched := map[string]bool{} // MACs with pending or applied changes
+	for _, op := range plan.Ops {
+		c := attr.change(op)
+		rep.Changes = append(rep.Changes, c)
+		if mac := attr.mac(op); mac != "" {
+			touched[mac] = true
+			if !op.Delete && r.configured[mac] && !dryRun {
+				rep.Repairs++
+			}
+		}
+	}
+
+	if !dryRun && !plan.Empty() {
+		rep.Writes, err = r.kernel.Apply(plan)
+		if err != nil {
+			rep.ApplyError = err.Error()
+		}
+	}
+	if haveSnap {
+		rep.Warnings = append(rep.Warnings, r.kernel.Conflicts(desired.State)...)
+	}
+
+	// ENI states: pending changes (dry run) or a failed apply mean drift.
+	for i, e := range rep.ENIs {
+		if e.State != netcfg.ENIConfigured {
+			continue
+		}
+		if touched[e.MAC] && (dryRun || rep.ApplyError != "") {
+			rep.ENIs[i].State = netcfg.ENIDrift
+		}
+	}
+	if !dryRun && rep.ApplyError == "" && haveSnap {
+		r.configured = map[string]bool{}
+		for _, e := range rep.ENIs {
+			if e.State == netcfg.ENIConfigured {
+				r.configured[e.MAC] = true
+			}
+		}
+	}
+
+	rep.ManagedRules, rep.ManagedRoutes = len(owned.Rules), len(owned.Routes)
+	if !dryRun && rep.ApplyError == "" {
+		for _, op := range plan.Ops {
+			d := 1
+			if op.Delete {
+				d = -1
+			}
+			switch {
+			case op.Rule != nil:
+				rep.ManagedRules += d
+			case op.Route != nil && !op.Replace:
+				rep.ManagedRoutes += d
+			}
+		}
+	}
+	return rep, nil
+}
+
+// mergeNotReady replaces each not-ready ENI of a fresh snapshot with its
+// entry from the last good snapshot, if that one was ready: IMDS catching up
+// after a hot attach (or briefly answering device-number 0) must not undo
+// configuration that was correct a moment ago.
+func (r *Reconciler) mergeNotReady(fresh imds.Snapshot) imds.Snapshot {
+	if r.lastGood == nil {
+		return fresh
+	}
+	out := fresh
+	out.ENIs = make([]imds.ENI, len(fresh.ENIs))
+	for i, e := range fresh.ENIs {
+		if !e.Ready {
+			if old, ok := r.lastGood.ENI(e.MAC); ok && old.Ready {
+				e = old
+			}
+		}
+		out.ENIs[i] = e
+	}
+	return out
+}
+
+// pendingLinks returns the links IMDS does not describe yet: their MAC is not
+// listed, or listed as not ready. Links without a MAC (lo, tunnels) are skipped.
+func pendingLinks(snap imds.Snapshot, obs netcfg.Observed) []netcfg.Link {
+	var out []netcfg.Link
+	for _, l := range obs.Links {
+		if l.MAC == "" || l.MAC == "00:00:00:00:00:00" {
+			continue
+		}
+		if e, ok := snap.ENI(l.MAC); !ok || !e.Ready {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+func withoutDeletes(p netcfg.Plan) netcfg.Plan {
+	var out netcfg.Plan
+	for _, op := range p.Ops {
+		if !op.Delete {
+			out.Ops = append(out.Ops, op)
+		}
+	}
+	return out
+}
+
+// protectNotReady drops deletions of objects that belong to the link of an
+// ENI that IMDS lists as not ready (and that no earlier snapshot described):
+// after a restart, their objects in the kernel are all we know.
+func protectNotReady(p netcfg.Plan, snap imds.Snapshot, obs netcfg.Observed, owned netcfg.State) netcfg.Plan {
+	links := map[int]bool{}
+	names := map[string]bool{}
+	for _, e := range snap.ENIs {
+		if e.Ready {
+			continue
+		}
+		for _, l := range obs.Links {
+			if l.MAC == e.MAC {
+				links[l.Index], names[l.Name] = true, true
+			}
+		}
+	}
+	if len(links) == 0 {
+		return p
+	}
+	tables := map[int]bool{}
+	for _, rt := range owned.Routes {
+		if links[rt.LinkIndex] && rt.Table != mainTable {
+			tables[rt.Table] = true
+		}
+	}
+	var out netcfg.Plan
+	for _, op := range p.Ops {
+		if op.Delete {
+			switch {
+			case op.Route != nil && (links[op.Route.LinkIndex] || tables[op.Route.Table]),
+				op.Rule != nil && tables[op.Rule.Table],
+				op.Addr != nil && links[op.Addr.LinkIndex],
+				op.RPFilter != nil && names[op.RPFilter.LinkName]:
+				continue
+			}
+		}
+		out.Ops = append(out.Ops, op)
+	}
+	return out
+}
+
+const mainTable = 254
+
+// attributor maps kernel objects back to the ENI they serve.
+type attributor struct {
+	byLink  map[int]*netcfg.ENIStatus
+	byTable map[int]*netcfg.ENIStatus
+	byName  map[string]*netcfg.ENIStatus
+	names   map[int]string
+}
+
+func newAttributor(enis []netcfg.ENIStatus, obs netcfg.Observed) attributor {
+	a := attributor{byLink: map[int]*netcfg.ENIStatus{}, byTable: map[int]*netcfg.ENIStatus{},
+		byName: map[string]*netcfg.ENIStatus{}, names: map[int]string{}}
+	for i := range enis {
+		e := &enis[i]
+		if e.LinkIndex != 0 {
+			a.byLink[e.LinkIndex] = e
+		}
+		if e.Table != 0 {
+			a.byTable[e.Table] = e
+		}
+		if e.Link != "" {
+			a.byName[e.Link] = e
+		}
+	}
+	for _, l := range obs.Links {
+		a.names[l.Index] = l.Name
+	}
+	return a
+}
+
+func (a attributor) eni(op netcfg.Op) (*netcfg.ENIStatus, int) {
+	switch {
+	case op.Route != nil:
+		if e := a.byLink[op.Route.LinkIndex]; e != nil {
+			return e, op.Route.LinkIndex
+		}
+		return a.byTable[op.Route.Table], op.Route.LinkIndex
+	case op.Rule != nil:
+		return a.byTable[op.Rule.Table], 0
+	case op.Addr != nil:
+		return a.byLink[op.Addr.LinkIndex], op.Addr.LinkIndex
+	case op.RPFilter != nil:
+		return a.byName[op.RPFilter.LinkName], 0
+	}
+	return nil, 0
+}
+
+func (a attributor) mac(op netcfg.Op) string {
+	if e, _ := a.eni(op); e != nil {
+		return e.MAC
+	}
+	return ""
+}
+
+func (a attributor) change(op netcfg.Op) Change {
+	c := Change{Op: op}
+	e, idx := a.eni(op)
+	if e != nil {
+		c.ENI = e.InterfaceID
+		if c.ENI == "" {
+			c.ENI = e.MAC
+		}
+		c.Link = e.Link
+	}
+	if c.Link == "" {
+		c.Link = a.names[idx]
+	}
+	if c.Link == "" && op.RPFilter != nil {
+		c.Link = op.RPFilter.LinkName
+	}
+	return c
+}
+
+// DescribeOp renders an operation as the equivalent `ip` command.
+func DescribeOp(op netcfg.Op) string { return describeOp(op, "") }
+
+func describeOp(op netcfg.Op, link string) string {
+	dev := func(index int) string {
+		if link != "" {
+			return " dev " + link
+		}
+		return fmt.Sprintf(" dev #%d", index)
+	}
+	verb := "add"
+	switch {
+	case op.Delete:
+		verb = "del"
+	case op.Replace:
+		verb = "replace"
+	}
+	switch {
+	case op.Route != nil:
+		r := op.Route
+		s := fmt.Sprintf("ip route %s %s", verb, r.Dst)
+		if r.Gateway.IsValid() {
+			s += " via " + r.Gateway.String()
+		}
+		s += dev(r.LinkIndex)
+		if r.Src.IsValid() {
+			s += " src " + r.Src.String()
+		}
+		if r.ScopeLink {
+			s += " scope link"
+		}
+		return s + fmt.Sprintf(" table %d", r.Table)
+	case op.Rule != nil:
+		return fmt.Sprintf("ip rule %s from %s lookup %d priority %d", verb, op.Rule.Src, op.Rule.Table, op.Rule.Priority)
+	case op.Addr != nil:
+		s := fmt.Sprintf("ip addr %s %s", verb, op.Addr.Prefix) + dev(op.Addr.LinkIndex)
+		if op.Addr.NoPrefixRoute {
+			s += " noprefixroute"
+		}
+		return s
+	case op.RPFilter != nil:
+		if op.Delete {
+			return fmt.Sprintf("restore net.ipv4.conf.%s.rp_filter", op.RPFilter.LinkName)
+		}
+		return fmt.Sprintf("sysctl net.ipv4.conf.%s.rp_filter=%d", op.RPFilter.LinkName, op.RPFilter.Value)
+	}
+	return "empty op"
+}

@@ -1,0 +1,71 @@
+package agent
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// StatusFile is the name of the daemon's status file inside the state directory.
+const StatusFile = "status.json"
+
+// Health is what the daemon publishes in <state_dir>/status.json after every
+// reconcile, for `dualhomed status` and for humans.
+type Health struct {
+	PID     int       `json:"pid"`
+	Version string    `json:"version"`
+	Started time.Time `json:"started"`
+	Updated time.Time `json:"updated"`
+	// Ready is true once READY=1 was sent (possibly degraded, after start_timeout).
+	Ready bool `json:"ready"`
+	// Degraded is true while IMDS is unreachable or changes fail to apply.
+	Degraded    bool      `json:"degraded"`
+	Summary     string    `json:"summary"`
+	LastSuccess time.Time `json:"last_success,omitempty"`
+	LastError   string    `json:"last_error,omitempty"`
+	Report      Report    `json:"report"`
+}
+
+// WriteStatus replaces <dir>/status.json atomically (write, then rename), so a
+// reader never sees a half-written file.
+func WriteStatus(dir string, h Health) error {
+	data, err := json.MarshalIndent(h, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encoding status: %w", err)
+	}
+	f, err := os.CreateTemp(dir, ".status-*.json")
+	if err != nil {
+		return fmt.Errorf("writing status: %w", err)
+	}
+	defer os.Remove(f.Name()) // no-op after the rename
+	if _, err := f.Write(append(data, '\n')); err != nil {
+		f.Close()
+		return fmt.Errorf("writing status: %w", err)
+	}
+	if err := f.Chmod(0o644); err != nil {
+		f.Close()
+		return fmt.Errorf("writing status: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("writing status: %w", err)
+	}
+	if err := os.Rename(f.Name(), filepath.Join(dir, StatusFile)); err != nil {
+		return fmt.Errorf("writing status: %w", err)
+	}
+	return nil
+}
+
+// ReadStatus reads the daemon's status file from dir.
+func ReadStatus(dir string) (Health, error) {
+	var h Health
+	data, err := os.ReadFile(filepath.Join(dir, StatusFile))
+	if err != nil {
+		return h, err
+	}
+	if err := json.Unmarshal(data, &h); err != nil {
+		return h, fmt.Errorf("decoding %s: %w", filepath.Join(dir, StatusFile), err)
+	}
+	return h, nil
+}
