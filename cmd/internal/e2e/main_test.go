@@ -17,7 +17,7 @@ import (
 // The binaries under test, built once per test binary by TestMain.
 var (
 	dualhomedBin, emulatorBin string
-	buildErr                  error
+	dualhomedErr, emulatorErr error
 )
 
 func TestMain(m *testing.M) {
@@ -41,7 +41,8 @@ func run(m *testing.M) int {
 	defer os.RemoveAll(dir)
 	dualhomedBin = filepath.Join(dir, "dualhomed")
 	emulatorBin = filepath.Join(dir, "imds-emulator")
-	buildErr = goBuild(dir, "github.com/dualhomed/dualhomed/cmd/dualhomed", "github.com/dualhomed/dualhomed/cmd/imds-emulator")
+	emulatorErr = goBuild(dir, "github.com/dualhomed/dualhomed/cmd/imds-emulator")
+	dualhomedErr = goBuild(dir, "github.com/dualhomed/dualhomed/cmd/dualhomed")
 	return m.Run()
 }
 
@@ -104,8 +105,11 @@ func newWorld(t *testing.T) *simworld.World {
 // daemon or the emulator could not be built.
 func needBinaries(t *testing.T) {
 	t.Helper()
-	if buildErr != nil {
-		t.Skipf("skipping until cmd/dualhomed and cmd/imds-emulator build: %v", buildErr)
+	if emulatorErr != nil {
+		t.Fatalf("cmd/imds-emulator does not build: %v", emulatorErr)
+	}
+	if dualhomedErr != nil {
+		t.Skipf("skipping until cmd/dualhomed lands: %v", dualhomedErr)
 	}
 }
 

@@ -1,8 +1,14 @@
 package e2e
 
 import (
+	"context"
+	"net"
+	"net/http"
 	"testing"
 	"time"
+
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
+	"github.com/dualhomed/dualhomed/imds"
 )
 
 // The world is fair: the textbook source routing, typed by hand with ip(8),
@@ -33,6 +39,52 @@ func TestWorldIsSolvableByHand(t *testing.T) {
 	for _, p := range ps {
 		if errs := results[p.name]; errs[0] != nil || errs[1] != nil {
 			t.Errorf("%s: ping: %v, tcp: %v", p, errs[0], errs[1])
+		}
+	}
+}
+
+// The emulator inside the instance describes the world: every ENI IMDS lists
+// has a link with its MAC in the instance, with IMDS's primary IP on it.
+func TestEmulatorDescribesTheWorld(t *testing.T) {
+	w := newWorld(t)
+	if emulatorErr != nil {
+		t.Fatalf("cmd/imds-emulator does not build: %v", emulatorErr)
+	}
+	if err := w.StartIMDS(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// Dial from inside the instance: the emulator listens on its loopback.
+	tr := &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var c net.Conn
+		err := w.Instance.Do(func() error {
+			var d net.Dialer
+			var err error
+			c, err = d.DialContext(ctx, network, addr)
+			return err
+		})
+		return c, err
+	}}
+	defer tr.CloseIdleConnections()
+	cl, err := imds.New(imds.Options{Endpoint: simworld.IMDSEndpoint, Transport: tr, MaxRequestsPerSecond: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap, err := cl.Snapshot(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if snap.PrimaryMAC != w.ENI("eth0").MAC || len(snap.ENIs) != 3 {
+		t.Fatalf("snapshot: primary %s, %d ENIs; want %s and 3", snap.PrimaryMAC, len(snap.ENIs), w.ENI("eth0").MAC)
+	}
+	for _, l := range []string{"eth0", "eth1", "eth2"} {
+		e := w.ENI(l)
+		got, ok := snap.ENI(e.MAC)
+		if !ok || !got.Ready || got.DeviceNumber != e.Device || got.LocalIPv4s[0] != e.Primary4() {
+			t.Errorf("%s: IMDS says %+v", l, got)
+		}
+		link, err := w.Instance.NL.LinkByName(l)
+		if err != nil || link.Attrs().HardwareAddr.String() != e.MAC {
+			t.Errorf("%s: link %v, err %v; want MAC %s", l, link, err, e.MAC)
 		}
 	}
 }

@@ -41,6 +41,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/dualhomed/dualhomed/imds/emulator"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -135,6 +136,8 @@ type World struct {
 	Instance *NS
 	VPCs     map[string]*VPC // by name: A, B, C, D
 	ENIs     []*ENI          // eth0..eth3 (eth3 starts detached)
+	// IMDS controls the emulator once StartIMDS has run.
+	IMDS *emulator.ControlClient
 
 	opts    Options
 	ownDir  bool
@@ -602,4 +605,16 @@ func (w *World) Procs() []*Proc {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return append([]*Proc(nil), w.procs...)
+}
+
+func netipPrefix(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	bits, _ := n.Mask.Size()
+	return netip.PrefixFrom(a.Unmap(), bits), true
 }

@@ -1,0 +1,132 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
+)
+
+// startDualhomed starts the IMDS emulator and `dualhomed daemon` in w, and
+// waits until the kernel shows eth1 and eth2 configured.
+func startDualhomed(t *testing.T, w *simworld.World, poll time.Duration) *simworld.Proc {
+	t.Helper()
+	needBinaries(t)
+	if w.IMDS == nil {
+		if err := w.StartIMDS(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d, err := w.StartDaemon(simworld.DaemonOptions{PollInterval: poll})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitConfigured(t, w, d, "eth1", "eth2")
+	return d
+}
+
+// waitConfigured fails t unless the links' ENIs get configured within 20s.
+func waitConfigured(t *testing.T, w *simworld.World, d *simworld.Proc, links ...string) {
+	t.Helper()
+	var enis []*simworld.ENI
+	for _, l := range links {
+		enis = append(enis, w.ENI(l))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := w.WaitConfigured(ctx, d, enis...); err != nil {
+		t.Fatalf("waiting for dualhomed to configure %v: %v", links, err)
+	}
+}
+
+// expectAllWork fails t for every probe that does not get both its ICMP and TCP replies.
+func expectAllWork(t *testing.T, ps []probe) {
+	t.Helper()
+	results := runAll(ps, 2*time.Second)
+	for _, p := range ps {
+		if errs := results[p.name]; errs[0] != nil || errs[1] != nil {
+			t.Errorf("%s: ping: %v; tcp: %v", p, errs[0], errs[1])
+		}
+	}
+}
+
+// waitWorks retries the probe (TCP then ICMP) until both succeed within
+// limit, and returns how long it took.
+func waitWorks(t *testing.T, p probe, limit time.Duration) time.Duration {
+	t.Helper()
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
+	defer cancel()
+	err := simworld.WaitFor(ctx, func() error {
+		if err := p.tcp(200 * time.Millisecond); err != nil {
+			return err
+		}
+		return p.ping(500 * time.Millisecond)
+	})
+	if err != nil {
+		t.Fatalf("%s: still failing after %s: %v", p, limit, err)
+	}
+	return time.Since(start)
+}
+
+// Scenario 2: with the daemon, every VPC's client reaches its ENI's addresses,
+// IPv4 and IPv6, the two clients with the same address at the same time, and
+// a secondary IP assigned later in IMDS works within one poll.
+func TestDaemonRepliesLeaveThroughTheirENI(t *testing.T) {
+	w := newWorld(t)
+	const poll = time.Second
+	startDualhomed(t, w, poll)
+
+	expectAllWork(t, clientProbes(w, "eth0", "eth1", "eth2"))
+
+	// VPC A's and VPC C's clients are both 10.0.100.50: hold one connection
+	// from each open and talk over both at once. Each reply can only reach
+	// its client through its own ENI's router.
+	a, c := w.VPCs["A"], w.VPCs["C"]
+	connA, err := simworld.StartStream(a.Client, netip.AddrPortFrom(w.ENI("eth0").Primary4(), simworld.EchoPort), 10*time.Millisecond)
+	if err != nil {
+		t.Fatalf("VPC A client: %v", err)
+	}
+	connC, err := simworld.StartStream(c.Client, netip.AddrPortFrom(w.ENI("eth2").Primary4(), simworld.EchoPort), 10*time.Millisecond)
+	if err != nil {
+		connA.Stop()
+		t.Fatalf("VPC C client (same address as VPC A's): %v", err)
+	}
+	pingA := make(chan error, 1)
+	go func() {
+		r, err := simworld.PingRun(context.Background(), a.Client, w.ENI("eth0").Primary4(), 10, 20*time.Millisecond, time.Second)
+		if err == nil && r.Received != r.Sent {
+			err = fmt.Errorf("%d of %d echo replies", r.Received, r.Sent)
+		}
+		pingA <- err
+	}()
+	r, err := simworld.PingRun(context.Background(), c.Client, w.ENI("eth2").Primary4(), 10, 20*time.Millisecond, time.Second)
+	if err == nil && r.Received != r.Sent {
+		err = fmt.Errorf("%d of %d echo replies", r.Received, r.Sent)
+	}
+	if err != nil {
+		t.Errorf("VPC C client pinging eth2 while VPC A's client pings eth0: %v", err)
+	}
+	if err := <-pingA; err != nil {
+		t.Errorf("VPC A client pinging eth0 while VPC C's client pings eth2: %v", err)
+	}
+	nA, errA := connA.Stop()
+	nC, errC := connC.Stop()
+	if errA != nil || errC != nil || nA == 0 || nC == 0 {
+		t.Errorf("same-address clients at once: A %d round trips (%v), C %d round trips (%v)", nA, errA, nC, errC)
+	}
+	t.Logf("same-address clients at once: A %d, C %d TCP round trips, 10/10 pings each", nA, nC)
+
+	// A secondary IP assigned in IMDS (the OS is not told) works within one poll.
+	eth1 := w.ENI("eth1")
+	secondary := netip.MustParseAddr("10.1.1.11")
+	if err := w.AddIPv4(eth1, secondary); err != nil {
+		t.Fatal(err)
+	}
+	took := waitWorks(t, probe{"VPC B client -> secondary " + secondary.String(), w.VPCs["B"].Client, secondary}, 2*poll+5*time.Second)
+	t.Logf("secondary IP %s assigned in IMDS answered after %s (poll interval %s)", secondary, took.Round(time.Millisecond), poll)
+	expectAllWork(t, clientProbes(w, "eth1"))
+}

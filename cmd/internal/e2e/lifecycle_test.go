@@ -1,0 +1,280 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
+)
+
+// Scenario 4: a hot-attached ENI (IMDS lists it, then its link appears) is
+// reachable from its VPC without waiting for the poll timer (one hour here).
+func TestHotAttachWithoutWaitingForThePoll(t *testing.T) {
+	w := newWorld(t)
+	startDualhomed(t, w, time.Hour)
+	eth3 := w.ENI("eth3")
+	arrived, err := w.HotAttach(eth3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := probe{"VPC D client -> hot-attached eth3 " + eth3.Primary4().String(), eth3.VPC.Client, eth3.Primary4()}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	err = simworld.WaitFor(ctx, func() error { return p.tcp(100 * time.Millisecond) })
+	took := time.Since(arrived)
+	if err != nil {
+		t.Fatalf("%s: no reply %s after the link arrived (poll interval 1h): %v", p, took, err)
+	}
+	t.Logf("hot attach: first TCP reply from eth3 %s after its link arrived (poll interval 1h)", took.Round(time.Millisecond))
+	expectAllWork(t, clientProbes(w, "eth1", "eth2", "eth3"))
+}
+
+// Scenario 5: detaching eth2 removes its rules, its table's routes and the
+// addresses dualhomed added; nothing else in the instance changes.
+func TestDetachRemovesOnlyThatENIsState(t *testing.T) {
+	w := newWorld(t)
+	needBinaries(t)
+	if err := w.StartIMDS(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	eth2 := w.ENI("eth2")
+	if err := w.AddIPv4(eth2, netip.MustParseAddr("10.0.2.11")); err != nil {
+		t.Fatal(err)
+	}
+	d := startDualhomed(t, w, time.Second)
+	before, err := simworld.DumpState(w.Instance)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eth2Rules := before.Grep("rule", "from 10.0.2.1")
+	if len(eth2Rules) != 2 {
+		t.Fatalf("want a source rule for each of eth2's 2 addresses, got %q", eth2Rules)
+	}
+	table := lookupTable(t, eth2Rules[0])
+	if err := w.Detach(eth2); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	var after simworld.Dump
+	err = simworld.WaitFor(ctx, func() error {
+		if done, err := d.Exited(); done {
+			return fmt.Errorf("dualhomed exited: %v", err)
+		}
+		after, err = simworld.DumpState(w.Instance)
+		if err != nil {
+			return err
+		}
+		if left := after.Grep("from 10.0.2.1"); len(left) > 0 {
+			return fmt.Errorf("rules left: %q", left)
+		}
+		if left := after.Grep("table " + table + " "); len(left) > 0 {
+			return fmt.Errorf("routes left in table %s: %q", table, left)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("after detaching eth2: %v", err)
+	}
+	removed, added := before.Diff(after)
+	if len(added) > 0 {
+		t.Errorf("detach added state:\n%s", strings.Join(added, "\n"))
+	}
+	for _, l := range removed {
+		if !strings.Contains(l, "eth2") && !strings.Contains(l, "10.0.2.") && !strings.Contains(l, "table "+table+" ") {
+			t.Errorf("detach removed state that was not eth2's: %s", l)
+		}
+	}
+	t.Logf("detach removed %d lines of eth2 state, added none", len(removed))
+	expectAllWork(t, clientProbes(w, "eth0", "eth1"))
+}
+
+// lookupTable returns N from a rule line "... lookup N ...".
+func lookupTable(t *testing.T, rule string) string {
+	t.Helper()
+	f := strings.Fields(rule)
+	i := slices.Index(f, "lookup")
+	if i < 0 || i+1 >= len(f) {
+		t.Fatalf("no table in rule %q", rule)
+	}
+	if _, err := strconv.Atoi(f[i+1]); err != nil {
+		t.Fatalf("table in rule %q is not a number", rule)
+	}
+	return f[i+1]
+}
+
+// Scenario 6: drift. Our rules deleted with `ip rule del` and our table
+// flushed with `ip route flush table` come back (from netlink events: the
+// poll timer is one hour); foreign rules, even in our band and pointing at
+// our table, are never touched.
+func TestDriftIsRepairedForeignRulesUntouched(t *testing.T) {
+	w := newWorld(t)
+	for _, r := range [][]string{
+		{"rule", "add", "from", "192.0.2.98", "lookup", "100", "priority", "1000"},
+		{"rule", "add", "from", "192.0.2.99", "lookup", "20001", "priority", "20001"},
+		{"-6", "rule", "add", "from", "2001:db8::99", "lookup", "20001", "priority", "20001"},
+	} {
+		if _, err := w.Instance.IP(r...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	startDualhomed(t, w, time.Hour)
+	want, err := simworld.DumpState(w.Instance)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eth1 := w.ENI("eth1")
+	rules := want.Grep("rule", "from "+eth1.Primary4().String()+" ")
+	rules6 := want.Grep("rule", "from "+eth1.IPv6s()[0].String()+" ")
+	if len(rules) != 1 || len(rules6) != 1 {
+		t.Fatalf("want one rule of ours for each eth1 address, got %q %q", rules, rules6)
+	}
+	table := lookupTable(t, rules[0])
+	for _, cmd := range [][]string{
+		{"rule", "del", "from", eth1.Primary4().String(), "lookup", table},
+		{"-6", "rule", "del", "from", eth1.IPv6s()[0].String(), "lookup", table},
+		{"route", "flush", "table", table},
+		{"-6", "route", "flush", "table", table},
+	} {
+		if _, err := w.Instance.IP(cmd...); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("drift: ip %s", strings.Join(cmd, " "))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	var got simworld.Dump
+	err = simworld.WaitFor(ctx, func() error {
+		got, err = simworld.DumpState(w.Instance)
+		if err != nil {
+			return err
+		}
+		if removed, added := want.Diff(got); len(removed)+len(added) > 0 {
+			return fmt.Errorf("missing %q, extra %q", removed, added)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("drift not repaired to the exact state before (poll interval 1h): %v", err)
+	}
+	expectAllWork(t, clientProbes(w, "eth1"))
+}
+
+// Scenario 7: SIGTERM and a new start of the daemon while a ping and a TCP
+// stream run through eth1: no packet lost, the stream unbroken, no rule twice.
+func TestRestartLosesNoPacket(t *testing.T) {
+	w := newWorld(t)
+	d := startDualhomed(t, w, time.Second)
+	rulesBefore := ourRules(t, w)
+	b, eth1 := w.VPCs["B"], w.ENI("eth1")
+	stream, err := simworld.StartStream(b.Client, netip.AddrPortFrom(eth1.Primary4(), simworld.EchoPort), 20*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	pings := make([]simworld.PingResult, 2)
+	pingErrs := make([]error, 2)
+	for i, dst := range []netip.Addr{eth1.Primary4(), eth1.IPv6s()[0]} {
+		wg.Go(func() {
+			// ping -i 0.05 -c 80: four seconds around the restart.
+			pings[i], pingErrs[i] = simworld.PingRun(context.Background(), b.Client, dst, 80, 50*time.Millisecond, 2*time.Second)
+		})
+	}
+	time.Sleep(time.Second)
+	if err := d.Stop(10 * time.Second); err != nil {
+		t.Errorf("dualhomed did not stop cleanly on SIGTERM: %v", err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	d2, err := w.StartDaemon(simworld.DaemonOptions{PollInterval: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitConfigured(t, w, d2, "eth1", "eth2")
+	wg.Wait()
+	rounds, streamErr := stream.Stop()
+	for i, r := range pings {
+		if pingErrs[i] != nil || r.Received != r.Sent {
+			t.Errorf("ping %d: %d/%d replies, lost seq %v (%v)", i, r.Received, r.Sent, r.Lost, pingErrs[i])
+		}
+	}
+	if streamErr != nil {
+		t.Errorf("TCP stream through eth1 broke across the restart after %d round trips: %v", rounds, streamErr)
+	}
+	t.Logf("across the restart: IPv4 ping %d/%d, IPv6 ping %d/%d, TCP stream %d round trips unbroken",
+		pings[0].Received, pings[0].Sent, pings[1].Received, pings[1].Sent, rounds)
+	// Give the new daemon a poll to add anything twice, if it would.
+	time.Sleep(1500 * time.Millisecond)
+	if rulesAfter := ourRules(t, w); !slices.Equal(rulesBefore, rulesAfter) {
+		t.Errorf("rules changed across the restart:\nbefore %q\nafter  %q", rulesBefore, rulesAfter)
+	}
+}
+
+// ourRules returns our rules as sorted strings, failing t on a duplicate.
+func ourRules(t *testing.T, w *simworld.World) []string {
+	t.Helper()
+	rules, err := w.OurRules()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, r := range rules {
+		out = append(out, fmt.Sprintf("prio %d from %v table %d", r.Priority, r.Src, r.Table))
+	}
+	slices.Sort(out)
+	for i := 1; i < len(out); i++ {
+		if out[i] == out[i-1] {
+			t.Errorf("duplicate rule: %s", out[i])
+		}
+	}
+	return out
+}
+
+// Scenario 8: `dualhomed cleanup` brings rules, the routes of every table,
+// addresses and rp_filter back to exactly what they were before the daemon
+// first ran.
+func TestCleanupRestoresTheStateBeforeDualhomed(t *testing.T) {
+	w := newWorld(t)
+	needBinaries(t)
+	if err := w.StartIMDS(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.AddIPv4(w.ENI("eth1"), netip.MustParseAddr("10.1.1.11")); err != nil {
+		t.Fatal(err)
+	}
+	pristine, err := simworld.DumpState(w.Instance)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := startDualhomed(t, w, time.Second)
+	configured, err := simworld.DumpState(w.Instance)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, added := pristine.Diff(configured); len(added) == 0 {
+		t.Fatal("dualhomed changed nothing: the comparison below would prove nothing")
+	}
+	if err := d.Stop(10 * time.Second); err != nil {
+		t.Errorf("stopping dualhomed: %v", err)
+	}
+	out, err := w.Dualhomed(context.Background(), "cleanup")
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	t.Logf("dualhomed cleanup:\n%s", out)
+	after, err := simworld.DumpState(w.Instance)
+	if err != nil {
+		t.Fatal(err)
+	}
+	removed, added := pristine.Diff(after)
+	if len(removed)+len(added) > 0 {
+		t.Errorf("cleanup did not restore the state before dualhomed:\nmissing:\n%s\nleft over:\n%s",
+			strings.Join(removed, "\n"), strings.Join(added, "\n"))
+	}
+}
