@@ -1,7 +1,9 @@
 package emulator
 
 import (
+	"bufio"
 	"fmt"
+	"io"
 	"strings"
 )
 
@@ -24,4 +26,19 @@ func ParseReadyLine(line string) (baseURL, control string, err error) {
 		return "", "", fmt.Errorf("parsing emulator ready line %q: want \"ready listen=URL control=ADDR\"", line)
 	}
 	return baseURL, control, nil
+}
+
+// WaitReady reads r (the emulator process's stdout) until the ready line and
+// returns what it announces. It fails if r ends first.
+func WaitReady(r io.Reader) (baseURL, control string, err error) {
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		if strings.HasPrefix(sc.Text(), "ready ") {
+			return ParseReadyLine(sc.Text())
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return "", "", fmt.Errorf("waiting for emulator ready line: %w", err)
+	}
+	return "", "", fmt.Errorf("waiting for emulator ready line: output ended first")
 }
