@@ -50,8 +50,8 @@ const (
 type Config struct {
 	// Netcfg is the routing model's configuration, including per-ENI settings.
 	Netcfg netcfg.Config
-	// VPCRoutes is the file's top-level vpc_routes default; it is already
-	// folded into Netcfg.ENIs and kept here for display only.
+	// VPCRoutes is the top-level vpc_routes: the default for ENIs whose
+	// entry in Netcfg.ENIs does not say (netcfg's own default is auto).
 	VPCRoutes    netcfg.VPCRoutesMode
 	PollInterval time.Duration
 	StartTimeout time.Duration
@@ -129,7 +129,7 @@ func ParseConfig(name string, data []byte) (Config, error) {
 	if err := dec.Decode(&extra); err == nil {
 		return Config{}, fmt.Errorf("%s:%d: only one YAML document is allowed", name, extra.Line)
 	}
-	p := parser{file: name}
+	p := parser{file: name, lines: map[string]int{}}
 	root := &doc
 	if root.Kind == yaml.DocumentNode {
 		if len(root.Content) == 0 {
@@ -143,40 +143,37 @@ func ParseConfig(name string, data []byte) (Config, error) {
 	if err := p.top(root, &cfg); err != nil {
 		return Config{}, err
 	}
-	cfg.Netcfg.ENIs = applyVPCRoutesDefault(cfg.Netcfg.ENIs, cfg.VPCRoutes)
-	if err := validateNetcfg(cfg.Netcfg); err != nil {
-		return Config{}, fmt.Errorf("%s: %w", name, err)
+	if err := cfg.Netcfg.Validate(); err != nil {
+		return Config{}, p.validationError(err)
 	}
 	return cfg, nil
 }
 
-// applyVPCRoutesDefault folds the top-level vpc_routes into the per-ENI
-// settings: entries without their own value inherit it, and when it is not the
-// netcfg default a final catch-all entry carries it to unmatched ENIs.
-func applyVPCRoutesDefault(enis []netcfg.ENIConfig, def netcfg.VPCRoutesMode) []netcfg.ENIConfig {
-	if def == "" || def == netcfg.VPCRoutesAuto {
-		return enis
-	}
-	out := make([]netcfg.ENIConfig, 0, len(enis)+1)
-	for _, e := range enis {
-		if e.VPCRoutes == "" {
-			e.VPCRoutes = def
+// validationError places each of netcfg's "key: message" problems on the
+// line of its key.
+func (p parser) validationError(err error) error {
+	var out []string
+	for _, msg := range strings.Split(err.Error(), "\n") {
+		key, _, _ := strings.Cut(msg, ":")
+		line, ok := p.lines[key]
+		if !ok {
+			if k, _, cut := strings.Cut(key, "."); cut {
+				line, ok = p.lines[k]
+			}
 		}
-		out = append(out, e)
+		if ok {
+			out = append(out, fmt.Sprintf("%s:%d: %s", p.file, line, msg))
+		} else {
+			out = append(out, fmt.Sprintf("%s: %s", p.file, msg))
+		}
 	}
-	return append(out, netcfg.ENIConfig{VPCRoutes: def})
+	return errors.New(strings.Join(out, "\n"))
 }
 
-// validateNetcfg runs netcfg's own validation when the package provides one
-// (cross-field checks such as table ranges overlapping the reserved tables).
-func validateNetcfg(c netcfg.Config) error {
-	if v, ok := any(c).(interface{ Validate() error }); ok {
-		return v.Validate()
-	}
-	return nil
+type parser struct {
+	file  string
+	lines map[string]int // key path -> line, for netcfg's validation errors
 }
-
-type parser struct{ file string }
 
 // errorf returns an error in the `file:line: key: message` form.
 func (p parser) errorf(n *yaml.Node, key, format string, args ...any) error {
@@ -207,6 +204,7 @@ func (p parser) fields(n *yaml.Node, path string, allowed []string, set func(key
 			return p.errorf(k, key, "key given twice")
 		}
 		seen[k.Value] = true
+		p.lines[key] = k.Line
 		if isNull(v) {
 			continue // "key:" without a value keeps the default
 		}

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/netcfg"
 )
 
@@ -38,6 +39,7 @@ func TestParseConfigErrors(t *testing.T) {
 		{"metrics public", "metrics:\n  listen: 0.0.0.0:9810\n", file + `:2: metrics.listen: "0.0.0.0:9810" is not a loopback address`},
 		{"imds endpoint", "imds:\n  endpoint: 169.254.169.254\n", file + `:2: imds.endpoint: "169.254.169.254" is not an http(s) URL`},
 		{"state dir relative", "state_dir: run\n", file + `:1: state_dir: "run" is not an absolute path`},
+		{"netcfg validation on its line", "protocol: 210\npriority_base: 32000\n", file + ":2: priority_base: priorities 32000..35199"},
 		{"two documents", "protocol: 210\n---\nprotocol: 211\n", file + ":2: only one YAML document"},
 	}
 	for _, tt := range tests {
@@ -90,10 +92,10 @@ state_dir: /var/run/dh/
 		n.RPFilter != netcfg.RPFilterStrict || n.ManageAddresses || !n.PrimaryTable {
 		t.Errorf("numbers: %+v", n)
 	}
-	if len(n.ENIs) != 3 {
-		t.Fatalf("ENIs = %+v, want 2 entries plus the vpc_routes catch-all", n.ENIs)
+	if len(n.ENIs) != 2 || cfg.VPCRoutes != netcfg.VPCRoutesOff {
+		t.Fatalf("ENIs = %+v, vpc_routes %q", n.ENIs, cfg.VPCRoutes)
 	}
-	if !n.ENIs[0].Exclude || n.ENIs[0].Match.InterfaceID != "eni-0abc" || n.ENIs[0].VPCRoutes != netcfg.VPCRoutesOff {
+	if !n.ENIs[0].Exclude || n.ENIs[0].Match.InterfaceID != "eni-0abc" || n.ENIs[0].VPCRoutes != "" {
 		t.Errorf("ENIs[0] = %+v", n.ENIs[0])
 	}
 	e1 := n.ENIs[1]
@@ -101,8 +103,23 @@ state_dir: /var/run/dh/
 		e1.VPCRoutes != netcfg.VPCRoutesAuto || len(e1.ExtraRoutes) != 2 || e1.ExtraRoutes[1].String() != "2001:db8::/32" {
 		t.Errorf("ENIs[1] = %+v", e1)
 	}
-	if last := n.ENIs[2]; last.Match != (netcfg.Selector{}) || last.VPCRoutes != netcfg.VPCRoutesOff {
-		t.Errorf("catch-all = %+v", last)
+	snap := imds.Snapshot{ENIs: []imds.ENI{
+		{MAC: "0a:00:00:00:00:01", InterfaceID: "eni-0abc"},
+		{MAC: "0a:1b:2c:3d:4e:5f", DeviceNumber: 2},
+		{MAC: "0a:00:00:00:00:03", DeviceNumber: 3},
+	}}
+	eff := netcfgFor(cfg, snap)
+	if err := eff.Validate(); err != nil {
+		t.Fatalf("effective config invalid: %v", err)
+	}
+	want := []netcfg.VPCRoutesMode{netcfg.VPCRoutesOff, netcfg.VPCRoutesAuto, netcfg.VPCRoutesOff}
+	if len(eff.ENIs) != 3 || eff.ENIs[2].Match.MAC != "0a:00:00:00:00:03" {
+		t.Fatalf("effective ENIs = %+v", eff.ENIs)
+	}
+	for i, w := range want {
+		if eff.ENIs[i].VPCRoutes != w {
+			t.Errorf("effective ENIs[%d].VPCRoutes = %q, want %q", i, eff.ENIs[i].VPCRoutes, w)
+		}
 	}
 	if cfg.PollInterval != 30*time.Second || cfg.StartTimeout != 2*time.Minute || cfg.IMDS.Timeout != 500*time.Millisecond ||
 		cfg.IMDS.Endpoint != "http://127.0.0.1:1338" || cfg.Log.Level != "debug" || cfg.Log.Format != "json" ||

@@ -158,7 +158,7 @@ func NewDaemon(opts Options) (*Daemon, error) {
 		return nil, fmt.Errorf("opening netlink: %w", err)
 	}
 	d.kernel = kernel
-	d.rec = NewReconciler(source, kernel, cfg.Netcfg)
+	d.rec = NewReconciler(source, kernel, cfg)
 	d.rec.IMDSTimeout = snapshotTimeout
 	d.protocol.Store(uint32(cfg.Netcfg.Protocol))
 	if cfg.Metrics.Listen != "" {
@@ -224,7 +224,7 @@ func (d *Daemon) doReload() error {
 	d.mu.Lock()
 	d.cfg, d.kernel = cfg, kernel
 	d.mu.Unlock()
-	d.rec.Swap(source, kernel, cfg.Netcfg)
+	d.rec.Swap(source, kernel, cfg)
 	if d.opts.Level != nil {
 		UpdateLevel(*d.opts.Level, cfg.Log.Level)
 	}

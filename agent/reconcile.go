@@ -16,9 +16,9 @@ type Snapshotter interface {
 }
 
 // Kernel is what a reconcile needs of the kernel (a *netcfg.Kernel).
+// Observe includes the owned state.
 type Kernel interface {
 	Observe() (netcfg.Observed, error)
-	Owned() (netcfg.State, error)
 	Apply(netcfg.Plan) (writes int, err error)
 	Conflicts(desired netcfg.State) []netcfg.Warning
 }
@@ -140,7 +140,7 @@ func (r Report) Summary() string {
 type Reconciler struct {
 	source Snapshotter
 	kernel Kernel
-	cfg    netcfg.Config
+	cfg    Config
 	// IMDSTimeout bounds one snapshot (0: the caller's context only).
 	IMDSTimeout time.Duration
 
@@ -151,13 +151,13 @@ type Reconciler struct {
 
 // NewReconciler returns a Reconciler reading IMDS through source and acting
 // on kernel with cfg.
-func NewReconciler(source Snapshotter, kernel Kernel, cfg netcfg.Config) *Reconciler {
+func NewReconciler(source Snapshotter, kernel Kernel, cfg Config) *Reconciler {
 	return &Reconciler{source: source, kernel: kernel, cfg: cfg, configured: map[string]bool{}}
 }
 
 // Swap replaces the IMDS source, kernel and configuration (after a reload),
 // keeping the last good snapshot.
-func (r *Reconciler) Swap(source Snapshotter, kernel Kernel, cfg netcfg.Config) {
+func (r *Reconciler) Swap(source Snapshotter, kernel Kernel, cfg Config) {
 	r.source, r.kernel, r.cfg = source, kernel, cfg
 }
 
@@ -223,13 +223,10 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 		snap, haveSnap = *r.lastGood, true
 	}
 
-	owned, err := r.kernel.Owned()
-	if err != nil {
-		return rep, fmt.Errorf("reading owned routes and rules: %w", err)
-	}
+	owned := obs.Owned
 	var desired netcfg.Result
 	if haveSnap {
-		desired = netcfg.Desired(snap, obs, r.cfg)
+		desired = netcfg.Desired(snap, obs, netcfgFor(r.cfg, snap))
 	}
 	rep.ENIs = desired.ENIs
 	rep.Warnings = append(rep.Warnings, desired.Warnings...)
@@ -249,7 +246,6 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 			// may be stale, so it can add but never remove.
 			plan = withoutDeletes(plan)
 		}
-		plan = protectNotReady(plan, snap, obs, owned)
 	}
 
 	attr := newAttributor(desired.ENIs, obs)
@@ -357,48 +353,38 @@ func withoutDeletes(p netcfg.Plan) netcfg.Plan {
 	return out
 }
 
-// protectNotReady drops deletions of objects that belong to the link of an
-// ENI that IMDS lists as not ready (and that no earlier snapshot described):
-// after a restart, their objects in the kernel are all we know.
-func protectNotReady(p netcfg.Plan, snap imds.Snapshot, obs netcfg.Observed, owned netcfg.State) netcfg.Plan {
-	links := map[int]bool{}
-	names := map[string]bool{}
+// netcfgFor returns the routing configuration for snap: the file's
+// top-level vpc_routes default applies to per-ENI entries without their own
+// value and, through one entry per MAC, to ENIs no entry matches (netcfg
+// rejects catch-all selectors).
+func netcfgFor(cfg Config, snap imds.Snapshot) netcfg.Config {
+	nc := cfg.Netcfg
+	def := cfg.VPCRoutes
+	if def == "" || def == netcfg.VPCRoutesAuto {
+		return nc
+	}
+	enis := make([]netcfg.ENIConfig, 0, len(nc.ENIs)+len(snap.ENIs))
+	for _, e := range nc.ENIs {
+		if e.VPCRoutes == "" {
+			e.VPCRoutes = def
+		}
+		enis = append(enis, e)
+	}
 	for _, e := range snap.ENIs {
-		if e.Ready {
-			continue
-		}
-		for _, l := range obs.Links {
-			if l.MAC == e.MAC {
-				links[l.Index], names[l.Name] = true, true
+		matched := false
+		for _, ec := range nc.ENIs {
+			if ec.Match.Matches(e) {
+				matched = true
+				break
 			}
 		}
-	}
-	if len(links) == 0 {
-		return p
-	}
-	tables := map[int]bool{}
-	for _, rt := range owned.Routes {
-		if links[rt.LinkIndex] && rt.Table != mainTable {
-			tables[rt.Table] = true
+		if !matched {
+			enis = append(enis, netcfg.ENIConfig{Match: netcfg.Selector{MAC: e.MAC}, VPCRoutes: def})
 		}
 	}
-	var out netcfg.Plan
-	for _, op := range p.Ops {
-		if op.Delete {
-			switch {
-			case op.Route != nil && (links[op.Route.LinkIndex] || tables[op.Route.Table]),
-				op.Rule != nil && tables[op.Rule.Table],
-				op.Addr != nil && links[op.Addr.LinkIndex],
-				op.RPFilter != nil && names[op.RPFilter.LinkName]:
-				continue
-			}
-		}
-		out.Ops = append(out.Ops, op)
-	}
-	return out
+	nc.ENIs = enis
+	return nc
 }
-
-const mainTable = 254
 
 // attributor maps kernel objects back to the ENI they serve.
 type attributor struct {
