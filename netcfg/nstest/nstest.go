@@ -4,10 +4,14 @@
 package nstest
 
 import (
+	"bytes"
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"runtime"
+	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/vishvananda/netlink"
@@ -148,4 +152,64 @@ func (n *NS) Veth(t testing.TB, name, mac string, peerNS *NS, peerName string) n
 		t.Fatalf("setting %s up: %v", peerName, err)
 	}
 	return link
+}
+
+// Run runs a command (for example `ip -d rule show`) inside the namespace
+// through nsenter, which gets the namespace as an inherited file descriptor,
+// and returns its standard output. The test fails if the command fails.
+func (n *NS) Run(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	out, err := n.Output(name, args...)
+	if err != nil {
+		t.Fatalf("running %s %v in namespace: %v", name, args, err)
+	}
+	return out
+}
+
+// Output is Run without a test: it returns the command's standard output, or
+// an error carrying its standard error.
+func (n *NS) Output(name string, args ...string) (string, error) {
+	// A duplicate: the *os.File closes its descriptor when collected.
+	fd, err := syscall.Dup(int(n.Handle))
+	if err != nil {
+		return "", fmt.Errorf("duplicating namespace handle: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "netns")
+	defer f.Close()
+	// ExtraFiles[0] becomes fd 3 in the child.
+	cmd := exec.Command("nsenter", append([]string{"--net=/proc/self/fd/3", name}, args...)...)
+	cmd.ExtraFiles = []*os.File{f}
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("%w: %s", err, strings.TrimSpace(stderr.String()))
+	}
+	return stdout.String(), nil
+}
+
+// Sysctl writes value to /proc/sys/<key> inside the namespace, key written
+// with slashes (net/ipv6/conf/default/accept_dad).
+func (n *NS) Sysctl(t testing.TB, key, value string) {
+	t.Helper()
+	err := n.Do(func() error {
+		return os.WriteFile("/proc/sys/"+key, []byte(value), 0o644)
+	})
+	if err != nil {
+		t.Fatalf("setting %s=%s: %v", key, value, err)
+	}
+}
+
+// ReadSysctl reads /proc/sys/<key> inside the namespace.
+func (n *NS) ReadSysctl(t testing.TB, key string) string {
+	t.Helper()
+	var v string
+	err := n.Do(func() error {
+		b, err := os.ReadFile("/proc/sys/" + key)
+		v = strings.TrimSpace(string(b))
+		return err
+	})
+	if err != nil {
+		t.Fatalf("reading %s: %v", key, err)
+	}
+	return v
 }

@@ -2,6 +2,7 @@ package nstest
 
 import (
 	"os"
+	"strings"
 	"testing"
 )
 
@@ -30,5 +31,20 @@ func TestNewNamespaceIsIsolated(t *testing.T) {
 	}
 	if !inside {
 		t.Fatal("Do did not run inside the namespace")
+	}
+}
+
+func TestRunAndSysctlActInsideTheNamespace(t *testing.T) {
+	a := New(t)
+	a.Veth(t, "eth7", "02:00:00:00:00:07", nil, "peer7")
+	if out := a.Run(t, "ip", "-o", "link", "show", "eth7"); !strings.Contains(out, "eth7@peer7") {
+		t.Fatalf("ip link inside the namespace: %q", out)
+	}
+	if _, err := a.Output("ip", "link", "show", "no-such-link"); err == nil {
+		t.Fatal("a failing command returned no error")
+	}
+	a.Sysctl(t, "net/ipv4/conf/eth7/rp_filter", "2")
+	if got := a.ReadSysctl(t, "net/ipv4/conf/eth7/rp_filter"); got != "2" {
+		t.Fatalf("rp_filter = %s, want 2", got)
 	}
 }
