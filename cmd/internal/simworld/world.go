@@ -180,10 +180,12 @@ func New(ctx context.Context, opts Options) (w *World, err error) {
 	if w.Instance, err = w.newNS("inst"); err != nil {
 		return w, err
 	}
-	// Like a distribution's sysctl defaults: strict reverse path filtering on
-	// every new link, and no forwarding: the instance is not a router.
+	// Like the sysctl defaults of systemd and Ubuntu: loose reverse path
+	// filtering on every link, so a request on eth1 is accepted and its reply
+	// is lost on the way back, as on a real instance.
 	for _, s := range [][2]string{
-		{"net/ipv4/conf/default/rp_filter", "1"},
+		{"net/ipv4/conf/default/rp_filter", "2"},
+		{"net/ipv4/conf/all/rp_filter", "2"},
 	} {
 		if err = w.Instance.SetSysctl(s[0], s[1]); err != nil {
 			return w, err

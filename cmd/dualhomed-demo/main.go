@@ -1,0 +1,368 @@
+// Command dualhomed-demo shows, in about ten seconds and on any Linux machine,
+// the problem dualhomed solves and the proof that it solves it (`sudo make demo`).
+//
+// It builds a simulated dual-homed EC2 instance out of network namespaces
+// (cmd/internal/simworld), shows that clients in the secondary ENIs' VPCs get
+// no reply, starts the real dualhomed daemon against an IMDS emulator running
+// inside the instance, shows `dualhomed status` and the working connections,
+// then removes everything it created, also on Ctrl-C or failure.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
+)
+
+var version = "dev"
+
+func main() {
+	os.Exit(run())
+}
+
+func run() int {
+	binDir := flag.String("bin-dir", "", "directory holding dualhomed and imds-emulator (default: this program's directory)")
+	keep := flag.Bool("keep-logs", false, "keep the world's directory (daemon and emulator logs) after the demo")
+	flag.Usage = func() {
+		fmt.Fprintf(flag.CommandLine.Output(), "usage: sudo %s [--bin-dir DIR] [--keep-logs]\n\n", os.Args[0])
+		flag.PrintDefaults()
+	}
+	flag.Parse()
+	if flag.NArg() > 0 {
+		flag.Usage()
+		return 2
+	}
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "dualhomed-demo needs root: it creates network namespaces. Run: sudo make demo")
+		return 2
+	}
+	if *binDir == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "finding this program's directory: %v\n", err)
+			return 1
+		}
+		*binDir = filepath.Dir(exe)
+	}
+	d := &demo{
+		dualhomed: filepath.Join(*binDir, "dualhomed"),
+		emulator:  filepath.Join(*binDir, "imds-emulator"),
+		keepLogs:  *keep,
+	}
+	for _, b := range []string{d.dualhomed, d.emulator} {
+		if _, err := os.Stat(b); err != nil {
+			fmt.Fprintf(os.Stderr, "%s is missing: run `make build` first (or `sudo make demo`)\n", b)
+			return 1
+		}
+	}
+
+	// Ctrl-C or SIGTERM cancel the demo; the teardown below always runs.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err := d.run(ctx)
+	if d.world != nil {
+		say("")
+		say("Cleaning up: stopping dualhomed and the IMDS emulator, removing %d namespaces and their veths...", len(d.world.Namespaces()))
+		if cerr := d.world.Close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("tearing down: %w", cerr))
+		}
+	}
+	if hostErr := d.checkHostUnchanged(); hostErr != nil {
+		err = errors.Join(err, hostErr)
+	} else if d.hostBefore != nil {
+		say("Host left exactly as it was (same namespaces, same links).")
+	}
+	switch {
+	case ctx.Err() != nil:
+		say("Interrupted; everything the demo created is gone.")
+		return 130
+	case err != nil:
+		fmt.Fprintf(os.Stderr, "\ndemo failed: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+type demo struct {
+	dualhomed, emulator string
+	keepLogs            bool
+	world               *simworld.World
+	hostBefore          []string
+}
+
+func say(format string, args ...any) { fmt.Printf(format+"\n", args...) }
+
+// hostState is what the demo must leave untouched: the host's namespaces and links.
+func hostState() ([]string, error) {
+	out, err := exec.Command("ip", "-o", "link", "show").Output()
+	if err != nil {
+		return nil, fmt.Errorf("listing host links: %w", err)
+	}
+	var st []string
+	for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		// Keep the name and flags, not the counters or the operational state timers.
+		f := strings.Fields(l)
+		if len(f) >= 3 {
+			st = append(st, "link "+f[1]+" "+f[2])
+		}
+	}
+	entries, _ := os.ReadDir("/run/netns")
+	for _, e := range entries {
+		st = append(st, "netns "+e.Name())
+	}
+	slices.Sort(st)
+	return st, nil
+}
+
+func (d *demo) checkHostUnchanged() error {
+	if d.hostBefore == nil {
+		return nil
+	}
+	after, err := hostState()
+	if err != nil {
+		return err
+	}
+	if !slices.Equal(d.hostBefore, after) {
+		return fmt.Errorf("host state changed:\nbefore: %q\nafter:  %q", d.hostBefore, after)
+	}
+	return nil
+}
+
+func (d *demo) run(ctx context.Context) error {
+	if removed, err := simworld.Sweep(); err != nil {
+		return fmt.Errorf("removing leftovers of an earlier crashed run: %w", err)
+	} else if len(removed) > 0 {
+		say("Removed leftovers of an earlier crashed run: %s", strings.Join(removed, " "))
+	}
+	var err error
+	if d.hostBefore, err = hostState(); err != nil {
+		return err
+	}
+	opts := simworld.Options{DualhomedBin: d.dualhomed, EmulatorBin: d.emulator}
+	if d.keepLogs {
+		if opts.Dir, err = os.MkdirTemp("", "dualhomed-demo-"); err != nil {
+			return err
+		}
+		defer say("Logs kept in %s", opts.Dir)
+	}
+	say("dualhomed demo (%s): a simulated dual-homed EC2 instance, built from network namespaces.", version)
+	say("")
+	w, err := simworld.New(ctx, opts)
+	if err != nil {
+		return err
+	}
+	d.world = w
+	d.describe()
+	if err := w.ServeEcho(w.Instance, simworld.EchoPort); err != nil {
+		return err
+	}
+	if err := w.StartIMDS(ctx); err != nil {
+		return err
+	}
+
+	say("")
+	say("1. Without dualhomed: each client pings its ENI's address and opens a TCP connection to it.")
+	d.probeAll(ctx, time.Second)
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	say("   The IPv4 replies for VPC B and VPC C follow the main table's default route out of eth0 into")
+	say("   VPC A, where they are lost (VPC C's even reaches VPC A's client, which has the same address);")
+	say("   the IPv6 reply has no route at all.")
+
+	say("")
+	say("2. Starting `dualhomed daemon` inside the instance (IMDS emulator on %s)...", simworld.IMDSEndpoint)
+	start := time.Now()
+	daemon, err := w.StartDaemon(simworld.DaemonOptions{PollInterval: 5 * time.Second})
+	if err != nil {
+		return err
+	}
+	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	err = w.WaitConfigured(wctx, daemon, w.ENI("eth1"), w.ENI("eth2"))
+	cancel()
+	if err != nil {
+		return fmt.Errorf("waiting for dualhomed to configure eth1 and eth2: %w\n%s", err, daemon.Log())
+	}
+	say("   eth1 and eth2 configured %s after start.", time.Since(start).Round(time.Millisecond))
+	say("")
+	say("   $ dualhomed status")
+	out, err := w.Dualhomed(ctx, "status")
+	if err != nil {
+		return err
+	}
+	for _, l := range strings.Split(strings.TrimRight(out, "\n"), "\n") {
+		say("   %s", l)
+	}
+	say("")
+	say("   What it put in the kernel (ip rule, and one routing table per secondary ENI):")
+	rules, err := w.Instance.IP("rule", "show")
+	if err != nil {
+		return err
+	}
+	rules6, err := w.Instance.IP("-6", "rule", "show")
+	if err != nil {
+		return err
+	}
+	for _, l := range strings.Split(strings.TrimSpace(rules+rules6), "\n") {
+		if strings.Contains(l, "proto") && !strings.Contains(l, "lookup local") && !strings.Contains(l, "lookup main") && !strings.Contains(l, "lookup default") {
+			say("   %s", l)
+		}
+	}
+
+	say("")
+	say("3. With dualhomed, the same probes:")
+	if failed := d.probeAll(ctx, 2*time.Second); failed > 0 {
+		return fmt.Errorf("%d probes still fail with dualhomed running", failed)
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	say("")
+	say("4. The two clients with the same address 10.0.100.50, at the same time (TCP streams + pings):")
+	if err := d.sameAddress(ctx); err != nil {
+		return err
+	}
+	say("")
+	say("Every reply left through the ENI its request came in on. That is dualhomed's job.")
+	return nil
+}
+
+func (d *demo) describe() {
+	w := d.world
+	say("The instance (namespace %s) and its ENIs, each a veth whose other end is its VPC's router:", w.Instance.Name)
+	for _, l := range []string{"eth0", "eth1", "eth2"} {
+		e := w.ENI(l)
+		role := "secondary"
+		if e.Device == 0 {
+			role = "primary  "
+		}
+		addrs := e.IPv4s()
+		var as []string
+		for _, a := range append(addrs, e.IPv6s()...) {
+			as = append(as, a.String())
+		}
+		note := ""
+		if e.VPC.Name == "C" {
+			note = "  <- same CIDR as VPC A"
+		}
+		say("  %s %s ENI  VPC %s %-14s %s%s", l, role, e.VPC.Name, e.VPC.CIDR4, strings.Join(as, ", "), note)
+	}
+	say("Clients, one per VPC, behind the VPC's router:")
+	for _, v := range []string{"A", "B", "C"} {
+		vpc := w.VPCs[v]
+		addr := vpc.Client4.String()
+		if vpc.Client6.IsValid() {
+			addr += ", " + vpc.Client6.String()
+		}
+		note := ""
+		if v == "C" {
+			note = "  <- same address as VPC A's client"
+		}
+		say("  VPC %s client  %s%s", v, addr, note)
+	}
+	say("As after boot: each ENI has its DHCP address, the main default route goes via eth0, nothing else.")
+}
+
+// probeAll probes every ENI address from its VPC's client, prints one line
+// each, and returns how many failed.
+func (d *demo) probeAll(ctx context.Context, timeout time.Duration) (failed int) {
+	w := d.world
+	for _, l := range []string{"eth0", "eth1", "eth2"} {
+		e := w.ENI(l)
+		for _, a := range append(e.IPv4s(), e.IPv6s()...) {
+			if ctx.Err() != nil {
+				return failed
+			}
+			from := e.VPC.Client4
+			if a.Is6() {
+				from = e.VPC.Client6
+			}
+			pinged := make(chan error, 1)
+			go func() { pinged <- simworld.Ping(e.VPC.Client, a, timeout) }()
+			tcpErr := simworld.EchoOnce(e.VPC.Client, netip.AddrPortFrom(a, simworld.EchoPort), timeout)
+			pingErr := <-pinged
+			line := fmt.Sprintf("   VPC %s client %-15s -> %s %-14s  ping %-4s  tcp %-4s  reply route: %s",
+				e.VPC.Name, from, l, a, okFail(pingErr), okFail(tcpErr), replyRoute(w, a, from))
+			if pingErr != nil || tcpErr != nil {
+				failed++
+			}
+			say("%s", line)
+		}
+	}
+	return failed
+}
+
+// replyRoute is where the instance's kernel sends a reply from src to dst:
+// `ip route get <dst> from <src>`, shortened to "via <gw> dev <link> [table N]".
+func replyRoute(w *simworld.World, src, dst netip.Addr) string {
+	out, err := w.Instance.IP("route", "get", dst.String(), "from", src.String())
+	if err != nil {
+		return "none (unreachable)"
+	}
+	f := strings.Fields(strings.SplitN(out, "\n", 2)[0])
+	var keep []string
+	for i := 0; i+1 < len(f); i++ {
+		switch f[i] {
+		case "via", "dev", "table":
+			keep = append(keep, f[i], f[i+1])
+			i++
+		}
+	}
+	return strings.Join(keep, " ")
+}
+
+func okFail(err error) string {
+	if err != nil {
+		return "FAIL"
+	}
+	return "ok"
+}
+
+func (d *demo) sameAddress(ctx context.Context) error {
+	w := d.world
+	a, c := w.VPCs["A"], w.VPCs["C"]
+	eth0, eth2 := w.ENI("eth0"), w.ENI("eth2")
+	sa, err := simworld.StartStream(a.Client, netip.AddrPortFrom(eth0.Primary4(), simworld.EchoPort), 10*time.Millisecond)
+	if err != nil {
+		return err
+	}
+	sc, err := simworld.StartStream(c.Client, netip.AddrPortFrom(eth2.Primary4(), simworld.EchoPort), 10*time.Millisecond)
+	if err != nil {
+		sa.Stop()
+		return err
+	}
+	type res struct {
+		r   simworld.PingResult
+		err error
+	}
+	pa := make(chan res, 1)
+	go func() {
+		r, err := simworld.PingRun(ctx, a.Client, eth0.Primary4(), 20, 50*time.Millisecond, time.Second)
+		pa <- res{r, err}
+	}()
+	rc, errC := simworld.PingRun(ctx, c.Client, eth2.Primary4(), 20, 50*time.Millisecond, time.Second)
+	ra := <-pa
+	na, errA := sa.Stop()
+	nc, errSC := sc.Stop()
+	if err := errors.Join(ra.err, errC, errA, errSC); err != nil {
+		return err
+	}
+	say("   VPC A client 10.0.100.50 -> eth0 %s: %d/%d pings, %d TCP round trips", eth0.Primary4(), ra.r.Received, ra.r.Sent, na)
+	say("   VPC C client 10.0.100.50 -> eth2 %s: %d/%d pings, %d TCP round trips", eth2.Primary4(), rc.Received, rc.Sent, nc)
+	if ra.r.Received != ra.r.Sent || rc.Received != rc.Sent {
+		return errors.New("pings were lost between the same-address clients")
+	}
+	return nil
+}
