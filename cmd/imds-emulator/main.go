@@ -78,8 +78,10 @@ func run(args []string) int {
 
 	line := emulator.ReadyLine(baseURL, ctl)
 	if *readyFile != "" {
+		// Write then rename, so a watcher never reads half a line.
 		tmp := *readyFile + ".tmp"
-		if err := os.WriteFile(tmp, []byte(line+"\n"), 0o644); err == nil {
+		err := os.WriteFile(tmp, []byte(line+"\n"), 0o644)
+		if err == nil {
 			err = os.Rename(tmp, *readyFile)
 		}
 		if err != nil {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"regexp"
 	"slices"
 	"strings"
 
@@ -33,6 +34,10 @@ type Instance struct {
 	// PublicIPv4s optionally gives ENIs (by MAC) public IPv4s, served as the
 	// public-ipv4s key. ENIs without an entry have no such key.
 	PublicIPv4s map[string][]netip.Addr `json:",omitempty"`
+	// TokensOptional emulates HttpTokens=optional (IMDSv1 allowed): reads
+	// without a token header are answered. A bogus or expired token still
+	// gets 401. The default, false, is HttpTokens=required.
+	TokensOptional bool `json:",omitempty"`
 }
 
 // Clone returns a deep copy, so a snapshot never aliases the server's state.
@@ -181,6 +186,8 @@ func LoadInstance(path string) (Instance, error) {
 	return inst, nil
 }
 
+var quotedValue = regexp.MustCompile(`"[^"]+"`)
+
 // ParseInstance decodes an Instance from JSON. Errors start with the line
 // number ("12: ...") so callers can prefix a file name.
 func ParseInstance(data []byte) (Instance, error) {
@@ -196,6 +203,14 @@ func ParseInstance(data []byte) (Instance, error) {
 			off = syn.Offset
 		case errors.As(err, &typ):
 			off = typ.Offset
+		default:
+			// A value rejected by UnmarshalText (netip) carries no offset,
+			// but its message quotes the value: find where it stands.
+			if m := quotedValue.FindString(err.Error()); m != "" {
+				if i := bytes.Index(data, []byte(m)); i >= 0 {
+					off = int64(i)
+				}
+			}
 		}
 		line := 1 + bytes.Count(data[:min(int(off), len(data))], []byte("\n"))
 		return Instance{}, fmt.Errorf("%d: decoding instance: %w", line, err)

@@ -231,3 +231,46 @@ func TestNetworkCardOnlyOnMultiCard(t *testing.T) {
 		}
 	}
 }
+
+func TestTokensOptional(t *testing.T) {
+	inst := emulator.ExampleInstance(1, 1, 0, 0, 1)
+	inst.TokensOptional = true
+	_, c := start(t, inst)
+	if status, body, _ := c.do(http.MethodGet, "/latest/meta-data/mac", nil); status != 200 || body != "02:00:00:00:00:00" {
+		t.Errorf("IMDSv1 read with tokens optional: %d %q", status, body)
+	}
+	if status, _, _ := c.do(http.MethodGet, "/latest/meta-data/mac", map[string]string{emulator.TokenHeader: "bogus"}); status != 401 {
+		t.Errorf("bogus token with tokens optional: %d, want 401", status)
+	}
+}
+
+func TestHeadAndOtherMethods(t *testing.T) {
+	_, c := start(t, emulator.ExampleInstance(1, 1, 0, 0, 1))
+	hdr := map[string]string{emulator.TokenHeader: c.token}
+	status, body, h := c.do(http.MethodHead, "/latest/meta-data/mac", hdr)
+	if status != 200 || body != "" || h.Get("Content-Length") != "17" {
+		t.Errorf("HEAD: %d %q Content-Length %q", status, body, h.Get("Content-Length"))
+	}
+	if status, _, _ := c.do(http.MethodPost, "/latest/meta-data/mac", hdr); status != 405 {
+		t.Errorf("POST metadata: %d, want 405", status)
+	}
+	_, _, h = c.do(http.MethodGet, "/latest/meta-data/mac", hdr)
+	if h.Get("Content-Type") != "text/plain" || h.Get("Server") != "EC2ws" {
+		t.Errorf("headers %v", h)
+	}
+}
+
+func TestIPv6Listener(t *testing.T) {
+	srv := emulator.New(emulator.ExampleInstance(1, 1, 0, 0, 1))
+	base, err := srv.Start("[::1]:0")
+	if err != nil {
+		t.Skipf("no IPv6 loopback here: %v", err)
+	}
+	defer srv.Close()
+	if !strings.HasPrefix(base, "http://[::1]:") {
+		t.Fatalf("base URL %q", base)
+	}
+	c := &client{t: t, base: base}
+	c.token = c.newToken()
+	c.mustGet("/latest/meta-data/mac")
+}

@@ -53,8 +53,8 @@ type Server struct {
 	stats     Stats
 
 	httpSrv *http.Server
+	baseURL string
 	ctlSrv  *http.Server
-	ctlAddr string
 	closed  chan struct{}
 	once    sync.Once
 }
@@ -90,10 +90,18 @@ func (s *Server) Start(addr string) (baseURL string, err error) {
 		return "", errors.New("emulator already started")
 	}
 	s.httpSrv = &http.Server{Handler: s, ReadHeaderTimeout: 10 * time.Second}
-	hs := s.httpSrv
+	s.baseURL = "http://" + ln.Addr().String()
+	hs, base := s.httpSrv, s.baseURL
 	s.mu.Unlock()
 	go hs.Serve(ln)
-	return "http://" + ln.Addr().String(), nil
+	return base, nil
+}
+
+// BaseURL returns what Start returned ("" before Start).
+func (s *Server) BaseURL() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.baseURL
 }
 
 // Close stops the listeners started by Start and StartControl, closes their
@@ -460,7 +468,8 @@ func (s *Server) serveMetadata(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	exp, known := s.tokens[token]
 	now := s.now()
-	valid := token != "" && known && now.Before(exp) && !s.faults.RejectTokens
+	valid := token != "" && known && now.Before(exp) && !s.faults.RejectTokens ||
+		token == "" && s.inst.TokensOptional // IMDSv1 allowed: no token is fine, a bad one is not
 	if known && !now.Before(exp) {
 		delete(s.tokens, token)
 	}
@@ -479,8 +488,10 @@ func (s *Server) serveMetadata(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound)
 		return
 	}
-	remaining := int(exp.Sub(now).Seconds())
-	w.Header().Set(TokenTTLHeader, strconv.Itoa(max(remaining, 1)))
+	if token != "" {
+		remaining := int(exp.Sub(now).Seconds())
+		w.Header().Set(TokenTTLHeader, strconv.Itoa(max(remaining, 1)))
+	}
 	writeBody(w, r, http.StatusOK, "text/plain", body)
 }
 
