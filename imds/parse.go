@@ -12,8 +12,9 @@ import (
 // The parsers below are pure functions from one IMDS body to typed values.
 // Each rejects anything real IMDS would never send, so that a corrupted or
 // truncated answer becomes an error naming the value instead of a wrong
-// configuration. They accept one trailing newline because AWS's own
-// amazon-ec2-metadata-mock ends its bodies with one (real IMDS does not).
+// configuration. They accept one trailing newline: real IMDS sends none,
+// but AWS's amazon-ec2-metadata-mock ends some listings with one, and
+// tolerating it costs nothing.
 
 // ValueError says what is wrong with one value read from IMDS. Value is the
 // offending line (not the whole body) so that the message stays short.

@@ -59,7 +59,7 @@ func TestParseMACList(t *testing.T) {
 	}{
 		{"02:00:00:00:00:01/", []string{"02:00:00:00:00:01"}, ""},
 		{"02:00:00:00:00:01/\n0e:49:61:0F:C3:11/", []string{"02:00:00:00:00:01", "0e:49:61:0f:c3:11"}, ""},
-		{"02:00:00:00:00:01/\n", []string{"02:00:00:00:00:01"}, ""}, // amazon-ec2-metadata-mock's trailing newline
+		{"02:00:00:00:00:01/\n", []string{"02:00:00:00:00:01"}, ""}, // tolerated trailing newline (AEMM sends one on some listings)
 		{"02:00:00:00:00:01", []string{"02:00:00:00:00:01"}, ""},
 		{"", nil, `"" is empty`},
 		{"\n", nil, "is empty"},
