@@ -41,11 +41,12 @@ const (
 type Change struct {
 	ENI  string    `json:"eni,omitempty"`  // interface id (or MAC); "" for objects of a detached ENI
 	Link string    `json:"link,omitempty"` // link name, when the link exists
+	Text string    `json:"text"`           // the op in `ip` syntax, links by name
 	Op   netcfg.Op `json:"op"`
 }
 
 // String describes the change the way `ip` would.
-func (c Change) String() string { return describeOp(c.Op, c.Link) }
+func (c Change) String() string { return c.Text }
 
 // Report is the outcome of one reconcile.
 type Report struct {
@@ -57,6 +58,7 @@ type Report struct {
 	// reconcile only re-adds objects of the last good snapshot and deletes
 	// nothing: an IMDS error is never an answer.
 	IMDSError string `json:"imds_error,omitempty"`
+	IMDSErr   error  `json:"-"`
 	// IMDSRequests is the number of HTTP requests the snapshot cost.
 	IMDSRequests int           `json:"imds_requests"`
 	IMDSLatency  time.Duration `json:"imds_latency_ns"`
@@ -207,7 +209,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 		rep.IMDSLatency = time.Since(t0)
 		rep.IMDSRequests = fresh.Requests
 		if err != nil {
-			rep.IMDSError = err.Error()
+			rep.IMDSError, rep.IMDSErr = err.Error(), err
 		} else {
 			rep.Fresh = true
 			snap = r.mergeNotReady(fresh)
@@ -440,7 +442,7 @@ func (a attributor) mac(op netcfg.Op) string {
 }
 
 func (a attributor) change(op netcfg.Op) Change {
-	c := Change{Op: op}
+	c := Change{Op: op, Text: op.Format(a.names)}
 	e, idx := a.eni(op)
 	if e != nil {
 		c.ENI = e.InterfaceID
@@ -456,53 +458,4 @@ func (a attributor) change(op netcfg.Op) Change {
 		c.Link = op.RPFilter.LinkName
 	}
 	return c
-}
-
-// DescribeOp renders an operation as the equivalent `ip` command.
-func DescribeOp(op netcfg.Op) string { return describeOp(op, "") }
-
-func describeOp(op netcfg.Op, link string) string {
-	dev := func(index int) string {
-		if link != "" {
-			return " dev " + link
-		}
-		return fmt.Sprintf(" dev #%d", index)
-	}
-	verb := "add"
-	switch {
-	case op.Delete:
-		verb = "del"
-	case op.Replace:
-		verb = "replace"
-	}
-	switch {
-	case op.Route != nil:
-		r := op.Route
-		s := fmt.Sprintf("ip route %s %s", verb, r.Dst)
-		if r.Gateway.IsValid() {
-			s += " via " + r.Gateway.String()
-		}
-		s += dev(r.LinkIndex)
-		if r.Src.IsValid() {
-			s += " src " + r.Src.String()
-		}
-		if r.ScopeLink {
-			s += " scope link"
-		}
-		return s + fmt.Sprintf(" table %d", r.Table)
-	case op.Rule != nil:
-		return fmt.Sprintf("ip rule %s from %s lookup %d priority %d", verb, op.Rule.Src, op.Rule.Table, op.Rule.Priority)
-	case op.Addr != nil:
-		s := fmt.Sprintf("ip addr %s %s", verb, op.Addr.Prefix) + dev(op.Addr.LinkIndex)
-		if op.Addr.NoPrefixRoute {
-			s += " noprefixroute"
-		}
-		return s
-	case op.RPFilter != nil:
-		if op.Delete {
-			return fmt.Sprintf("restore net.ipv4.conf.%s.rp_filter", op.RPFilter.LinkName)
-		}
-		return fmt.Sprintf("sysctl net.ipv4.conf.%s.rp_filter=%d", op.RPFilter.LinkName, op.RPFilter.Value)
-	}
-	return "empty op"
 }

@@ -1,0 +1,281 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/dualhomed/dualhomed/imds"
+	"github.com/dualhomed/dualhomed/netcfg"
+)
+
+// OneShotIMDSTimeout bounds the IMDS read of plan, status and apply: on a
+// machine that is not EC2 they must fail quickly, never hang.
+const OneShotIMDSTimeout = 5 * time.Second
+
+// IMDSSource builds the IMDS client for c. The endpoint precedence is
+// c.Endpoint (flag or file), then $AWS_EC2_METADATA_SERVICE_ENDPOINT, then
+// the default http://169.254.169.254.
+func IMDSSource(c IMDSConfig) (Snapshotter, error) {
+	cl, err := imds.New(imds.Options{Endpoint: c.Endpoint, Timeout: c.Timeout})
+	if err != nil {
+		return nil, err
+	}
+	return cl, nil
+}
+
+// endpointOf returns the URL a source talks to, for error messages.
+func endpointOf(s Snapshotter) string {
+	if e, ok := s.(interface{ Endpoint() string }); ok {
+		return e.Endpoint()
+	}
+	return "the IMDS endpoint"
+}
+
+// IMDSError turns a failed snapshot into the message an operator needs.
+func IMDSError(endpoint string, err error) error {
+	if imds.IsUnreachable(err) {
+		return fmt.Errorf("IMDS unreachable at %s: is this an EC2 instance? (set --imds-endpoint): %w", endpoint, err)
+	}
+	return fmt.Errorf("reading IMDS at %s: %w", endpoint, err)
+}
+
+// Plan computes what a reconcile would change, changing nothing. An IMDS
+// failure is an error: without a snapshot there is nothing to compare.
+func Plan(ctx context.Context, rec *Reconciler) (Report, error) {
+	rec.IMDSTimeout = OneShotIMDSTimeout
+	rep, err := rec.Reconcile(ctx, RefreshAlways, true)
+	if err != nil {
+		return rep, err
+	}
+	if rep.IMDSErr != nil {
+		return rep, IMDSError(endpointOf(rec.source), rep.IMDSErr)
+	}
+	return rep, nil
+}
+
+// Apply reconciles once; with wait > 0 it repeats (every second) until every
+// ENI listed in IMDS has a link and is configured, or wait passes. Missing
+// lists what is still not configured when Apply gives up.
+func Apply(ctx context.Context, rec *Reconciler, wait time.Duration, onReport func(Report)) (rep Report, missing []string, err error) {
+	rec.IMDSTimeout = OneShotIMDSTimeout
+	deadline := time.Now().Add(wait)
+	for {
+		rep, err = rec.Reconcile(ctx, RefreshAlways, false)
+		if err == nil {
+			if onReport != nil {
+				onReport(rep)
+			}
+			switch {
+			case rep.IMDSErr != nil:
+				err = IMDSError(endpointOf(rec.source), rep.IMDSErr)
+			case rep.ApplyError != "":
+				err = fmt.Errorf("applying changes: %s", rep.ApplyError)
+			}
+		}
+		if wait <= 0 {
+			return rep, nil, err
+		}
+		missing = Missing(rep)
+		if err == nil && len(missing) == 0 {
+			return rep, nil, nil
+		}
+		if !time.Now().Add(time.Second).Before(deadline) {
+			return rep, missing, err
+		}
+		select {
+		case <-ctx.Done():
+			return rep, missing, ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// Missing lists the ENIs that are not (yet) configured: "eni-... (mac): waiting for link".
+func Missing(rep Report) []string {
+	var out []string
+	if rep.IMDSErr != nil || !rep.Fresh {
+		return []string{"IMDS has not been read"}
+	}
+	for _, e := range rep.ENIs {
+		switch e.State {
+		case netcfg.ENIConfigured, netcfg.ENIPrimaryRole, netcfg.ENIExcluded:
+			continue
+		}
+		out = append(out, fmt.Sprintf("%s (%s): %s", nonEmpty(e.InterfaceID, "eni ?"), e.MAC, e.State))
+	}
+	return out
+}
+
+// WritePlan prints the plan: one change per line in `ip` syntax with its
+// ENI, then the warnings, then a one-line verdict.
+func WritePlan(w io.Writer, rep Report) {
+	for _, c := range rep.Changes {
+		who := strings.TrimSpace(strings.Join([]string{c.ENI, c.Link}, " "))
+		if who != "" {
+			fmt.Fprintf(w, "%s\t(%s)\n", c.Text, who)
+		} else {
+			fmt.Fprintln(w, c.Text)
+		}
+	}
+	writeWarnings(w, rep)
+	if len(rep.Changes) == 0 {
+		fmt.Fprintf(w, "in sync: %s\n", rep.Summary())
+	} else {
+		fmt.Fprintf(w, "%d changes pending: %s\n", len(rep.Changes), rep.Summary())
+	}
+}
+
+// PlanJSON is the output of `dualhomed plan --json`.
+type PlanJSON struct {
+	InSync   bool               `json:"in_sync"`
+	Changes  []Change           `json:"changes"`
+	Warnings []netcfg.Warning   `json:"warnings"`
+	ENIs     []netcfg.ENIStatus `json:"enis"`
+	Summary  string             `json:"summary"`
+}
+
+// WritePlanJSON prints the plan as JSON.
+func WritePlanJSON(w io.Writer, rep Report) error {
+	out := PlanJSON{InSync: len(rep.Changes) == 0, Changes: rep.Changes, Warnings: rep.Warnings,
+		ENIs: rep.ENIs, Summary: rep.Summary()}
+	if out.Changes == nil {
+		out.Changes = []Change{}
+	}
+	if out.Warnings == nil {
+		out.Warnings = []netcfg.Warning{}
+	}
+	return writeJSON(w, out)
+}
+
+// StatusJSON is the output of `dualhomed status --json`.
+type StatusJSON struct {
+	ENIs     []netcfg.ENIStatus `json:"enis"`
+	Warnings []netcfg.Warning   `json:"warnings"`
+	Pending  []Change           `json:"pending_changes"`
+	Summary  string             `json:"summary"`
+	// Daemon is the running daemon's own report (status.json), when present.
+	Daemon *Health `json:"daemon,omitempty"`
+	// DaemonError says why the daemon's health is unknown.
+	DaemonError string `json:"daemon_error,omitempty"`
+}
+
+// WriteStatusJSON prints the live status and the daemon's health as JSON.
+func WriteStatusJSON(w io.Writer, rep Report, health *Health, healthErr error) error {
+	out := StatusJSON{ENIs: rep.ENIs, Warnings: rep.Warnings, Pending: rep.Changes, Summary: rep.Summary(), Daemon: health}
+	if healthErr != nil {
+		out.DaemonError = healthErr.Error()
+	}
+	if out.ENIs == nil {
+		out.ENIs = []netcfg.ENIStatus{}
+	}
+	if out.Warnings == nil {
+		out.Warnings = []netcfg.Warning{}
+	}
+	if out.Pending == nil {
+		out.Pending = []Change{}
+	}
+	return writeJSON(w, out)
+}
+
+// WriteStatus prints the per-ENI table, the warnings and the daemon's health.
+func WriteStatusTable(w io.Writer, rep Report, health *Health, healthErr error) {
+	WriteDaemonHealth(w, health, healthErr)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "LINK\tMAC\tENI\tVPC\tCARD/DEV\tADDRESSES\tTABLE\tPRIORITY\tSTATE")
+	multi := false
+	for _, e := range rep.ENIs {
+		vpc := nonEmpty(e.VPCID, "-")
+		if e.MultiVPC {
+			vpc += " *"
+			multi = true
+		}
+		var addrs []string
+		for _, a := range e.Addresses {
+			addrs = append(addrs, a.String())
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\t%s\n",
+			nonEmpty(e.Link, "-"), e.MAC, nonEmpty(e.InterfaceID, "-"), vpc, e.Card, e.Device,
+			nonEmpty(strings.Join(addrs, ","), "-"), zeroDash(e.Table), zeroDash(e.Priority), e.State)
+	}
+	tw.Flush()
+	if multi {
+		fmt.Fprintln(w, "* VPC differs from the primary ENI's (multi-VPC)")
+	}
+	for _, e := range rep.ENIs {
+		for _, msg := range e.Warnings {
+			fmt.Fprintf(w, "warning: %s: %s\n", nonEmpty(e.InterfaceID, e.MAC), msg)
+		}
+	}
+	writeWarnings(w, rep)
+	if len(rep.Changes) > 0 {
+		fmt.Fprintf(w, "%d changes pending (see `dualhomed plan`)\n", len(rep.Changes))
+	}
+}
+
+// WriteDaemonHealth prints one line about the running daemon.
+func WriteDaemonHealth(w io.Writer, h *Health, err error) {
+	switch {
+	case h == nil && errors.Is(err, os.ErrNotExist):
+		fmt.Fprintln(w, "daemon: no status file (is dualhomed.service running?)")
+	case h == nil && err != nil:
+		fmt.Fprintf(w, "daemon: status unknown: %v\n", err)
+	case h != nil:
+		state := "healthy"
+		switch {
+		case h.Degraded:
+			state = "degraded"
+		case !h.Ready:
+			state = "starting"
+		}
+		if h.PID > 0 && !processAlive(h.PID) {
+			state = "not running (stale status file)"
+		}
+		fmt.Fprintf(w, "daemon: %s, pid %d, version %s, updated %s ago: %s\n", state, h.PID, nonEmpty(h.Version, "?"),
+			time.Since(h.Updated).Round(time.Second), h.Summary)
+		if h.LastError != "" {
+			fmt.Fprintf(w, "daemon: last error: %s\n", h.LastError)
+		}
+	}
+}
+
+func processAlive(pid int) bool {
+	_, err := os.Stat(filepath.Join("/proc", fmt.Sprint(pid)))
+	return err == nil
+}
+
+func writeWarnings(w io.Writer, rep Report) {
+	ws := append([]netcfg.Warning(nil), rep.Warnings...)
+	sort.SliceStable(ws, func(i, j int) bool { return ws[i].ENI < ws[j].ENI })
+	for _, x := range ws {
+		fmt.Fprintf(w, "warning: %s\n", x.String())
+	}
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func nonEmpty(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}
+
+func zeroDash(n int) string {
+	if n == 0 {
+		return "-"
+	}
+	return fmt.Sprint(n)
+}
