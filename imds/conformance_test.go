@@ -260,6 +260,8 @@ func macKey(key string) func(string) string {
 	return func(mac string) string { return "/latest/meta-data/network/interfaces/macs/" + mac + "/" + key }
 }
 
-func fixed(h http.Header) func(http.Header) http.Header { return func(http.Header) http.Header { return h } }
+func fixed(h http.Header) func(http.Header) http.Header {
+	return func(http.Header) http.Header { return h }
+}
 
 func withToken(tok http.Header) http.Header { return tok }

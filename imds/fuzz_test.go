@@ -99,6 +99,9 @@ func FuzzParseID(f *testing.F) {
 	f.Add("eni-0f95d3625f5c521cc", "eni-")
 	f.Add("515336597381", "")
 	f.Fuzz(func(t *testing.T, body, prefix string) {
+		if len(prefix) > 16 {
+			t.Skip("prefixes are short constants (eni-, vpc-, subnet-)")
+		}
 		var id string
 		var err error
 		if prefix == "" {
