@@ -10,6 +10,7 @@
 package main
 
 import (
+	"encoding/json"
 	"flag"
 	"fmt"
 	"os"
@@ -32,6 +33,7 @@ func run(args []string) int {
 	instanceFile := fs.String("instance", "", "initial instance as JSON (emulator.Instance); default: --example")
 	example := fs.String("example", "2,2,2,1,1", "initial instance from emulator.ExampleInstance: ENIs,IPv4s,IPv6s,prefixes,cards")
 	readyFile := fs.String("ready-file", "", "also write the ready line to this file once serving")
+	dump := fs.Bool("dump", false, "print the initial instance as JSON (a starting point for --instance) and exit")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -54,6 +56,12 @@ func run(args []string) int {
 			return 2
 		}
 		inst = emulator.ExampleInstance(n[0], n[1], n[2], n[3], n[4])
+	}
+
+	if *dump {
+		out, _ := json.MarshalIndent(inst, "", "  ")
+		fmt.Println(string(out))
+		return 0
 	}
 
 	srv := emulator.New(inst)

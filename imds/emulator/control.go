@@ -135,20 +135,29 @@ func (s *Server) StartControl(addr string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("listening for control on %s: %w", addr, err)
 	}
+	if err := s.ServeControl(ln); err != nil {
+		return "", err
+	}
+	if network == "unix" {
+		return "unix:" + address, nil
+	}
+	return ln.Addr().String(), nil
+}
+
+// ServeControl serves the control channel on ln in the background. Close
+// closes ln.
+func (s *Server) ServeControl(ln net.Listener) error {
 	s.mu.Lock()
 	if s.ctlSrv != nil {
 		s.mu.Unlock()
 		ln.Close()
-		return "", errors.New("control channel already started")
+		return errors.New("control channel already started")
 	}
 	s.ctlSrv = &http.Server{Handler: s.ControlHandler(), ReadHeaderTimeout: 10 * time.Second}
 	hs := s.ctlSrv
 	s.mu.Unlock()
 	go hs.Serve(ln)
-	if network == "unix" {
-		return "unix:" + address, nil
-	}
-	return ln.Addr().String(), nil
+	return nil
 }
 
 func controlNetwork(addr string) (network, address string) {

@@ -83,6 +83,14 @@ func (s *Server) Start(addr string) (baseURL string, err error) {
 	if err != nil {
 		return "", fmt.Errorf("listening for IMDS on %s: %w", addr, err)
 	}
+	return s.Serve(ln)
+}
+
+// Serve serves IMDS on ln in the background and returns the base URL. Use it
+// with a listener made elsewhere, for example inside a network namespace
+// (net.Listen from a thread in the namespace: the socket stays there while
+// the server runs on any thread). Close closes ln.
+func (s *Server) Serve(ln net.Listener) (baseURL string, err error) {
 	s.mu.Lock()
 	if s.httpSrv != nil {
 		s.mu.Unlock()
