@@ -211,13 +211,16 @@ func networkdConflicts(p ConflictPaths) []Warning {
 	}
 	settings := networkdSettings(p)
 	var warns []Warning
-	for _, key := range []string{"ManageForeignRoutingPolicyRules", "ManageForeignRoutes"} {
-		if isFalse(settings[key]) {
+	for _, c := range []struct{ key, what string }{
+		{"ManageForeignRoutingPolicyRules", "routing policy rules"},
+		{"ManageForeignRoutes", "routes"},
+	} {
+		if isFalse(settings[c.key]) {
 			continue
 		}
 		warns = append(warns, Warning{
-			Message: fmt.Sprintf("systemd-networkd is running without %s=no: it deletes routing policy rules and routes it did not create, including dualhomed's", key),
-			Hint:    fmt.Sprintf("add a drop-in /etc/systemd/networkd.conf.d/dualhomed.conf with\n[Network]\n%s=no\nand restart systemd-networkd", key),
+			Message: fmt.Sprintf("systemd-networkd is running without %s=no: it deletes %s it did not create, dualhomed's included", c.key, c.what),
+			Hint:    fmt.Sprintf("create /etc/systemd/networkd.conf.d/dualhomed.conf containing `[Network]` and `%s=no`, then `systemctl restart systemd-networkd`", c.key),
 		})
 	}
 	return warns
