@@ -1,0 +1,53 @@
+package imds_test
+
+import (
+	"context"
+	"testing"
+
+	"github.com/dualhomed/dualhomed/imds"
+	"github.com/dualhomed/dualhomed/imds/emulator"
+)
+
+// BenchmarkSnapshot15ENIs reads an instance with 15 ENIs of 50 IPv4 and 50
+// IPv6 addresses each from the emulator on loopback, and reports the HTTP
+// requests per snapshot (token refreshes included) next to the time.
+//
+//	unpaced:  the client's raw cost (MaxRequestsPerSecond < 0).
+//	default:  with the default pacing of 200 requests/s (burst 20) that
+//	          keeps IMDS well under its link-local packet budget; the time
+//	          is then dominated by pacing, by design.
+func BenchmarkSnapshot15ENIs(b *testing.B) {
+	for _, bc := range []struct {
+		name string
+		rate float64
+	}{
+		{"unpaced", -1},
+		{"default", 0},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			inst := emulator.ExampleInstance(15, 50, 50, 0, 1)
+			_, c := startEmulator(b, inst, imds.Options{MaxRequestsPerSecond: bc.rate})
+			if bc.rate == 0 {
+				// startEmulator turns pacing off for tests; put the default back.
+				var err error
+				c, err = imds.New(imds.Options{Endpoint: c.Endpoint()})
+				if err != nil {
+					b.Fatal(err)
+				}
+			}
+			ctx := context.Background()
+			before := c.Requests()
+			b.ReportAllocs()
+			for b.Loop() {
+				snap, err := c.Snapshot(ctx)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if len(snap.ENIs) != 15 || len(snap.ENIs[14].IPv6s) != 50 {
+					b.Fatalf("snapshot has %d ENIs", len(snap.ENIs))
+				}
+			}
+			b.ReportMetric(float64(c.Requests()-before)/float64(b.N), "requests/op")
+		})
+	}
+}
