@@ -40,8 +40,8 @@ type Faults struct {
 	// 0 means until cleared.
 	DropCount int
 
-	// RejectTokens answers every metadata read with 401 while set, as if
-	// every token had expired the moment it was issued. See also
+	// RejectTokens answers every metadata read that carries a token with
+	// 401 while set, as if every token had expired the moment it was issued. See also
 	// Server.ExpireTokens for a one-shot expiry.
 	RejectTokens bool
 

@@ -15,8 +15,11 @@
 package emulator
 
 import (
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -37,20 +40,20 @@ const (
 	TokenTTLHeader  = "X-aws-ec2-metadata-token-ttl-seconds"
 	MinTokenTTL     = 1     // seconds
 	MaxTokenTTL     = 21600 // seconds (6 hours)
-	maxLiveTokens   = 4096  // pruning threshold; real IMDS tokens are stateless
 	metadataVersion = "latest"
 )
 
 // Server is one emulated IMDS. All methods are safe for concurrent use.
 type Server struct {
-	mu        sync.Mutex
-	inst      Instance
-	overrides []override
-	tree      tree // rendered from inst and overrides after every change
-	faults    Faults
-	tokens    map[string]time.Time // token -> expiry
-	clockSkew time.Duration        // added to time.Now by AdvanceClock
-	stats     Stats
+	mu         sync.Mutex
+	inst       Instance
+	overrides  []override
+	tree       tree // rendered from inst and overrides after every change
+	faults     Faults
+	tokenKey   [32]byte      // signs tokens, which are stateless like real IMDS's
+	tokenEpoch uint32        // bumped by ExpireTokens: older tokens are invalid
+	clockSkew  time.Duration // added to time.Now by AdvanceClock
+	stats      Stats
 
 	httpSrv *http.Server
 	baseURL string
@@ -67,10 +70,10 @@ func New(inst Instance) *Server {
 	}
 	s := &Server{
 		inst:   inst.Clone(),
-		tokens: map[string]time.Time{},
 		closed: make(chan struct{}),
 	}
 	s.stats = Stats{}.clone()
+	rand.Read(s.tokenKey[:])
 	s.rebuild()
 	return s
 }
@@ -309,7 +312,7 @@ func (s *Server) Faults() Faults {
 func (s *Server) ExpireTokens() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	clear(s.tokens)
+	s.tokenEpoch++
 	return nil
 }
 
@@ -446,20 +449,8 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest)
 		return
 	}
-	var raw [42]byte
-	rand.Read(raw[:])
-	token := base64.StdEncoding.EncodeToString(raw[:]) // 56 characters, like real tokens
-
 	s.mu.Lock()
-	now := s.now()
-	if len(s.tokens) >= maxLiveTokens {
-		for t, exp := range s.tokens {
-			if !now.Before(exp) {
-				delete(s.tokens, t)
-			}
-		}
-	}
-	s.tokens[token] = now.Add(time.Duration(ttl) * time.Second)
+	token := s.issueToken(s.now().Add(time.Duration(ttl) * time.Second))
 	s.mu.Unlock()
 
 	w.Header().Set(TokenTTLHeader, strconv.Itoa(ttl))
@@ -474,13 +465,10 @@ func (s *Server) serveMetadata(w http.ResponseWriter, r *http.Request) {
 	token := r.Header.Get(TokenHeader)
 
 	s.mu.Lock()
-	exp, known := s.tokens[token]
 	now := s.now()
+	exp, known := s.checkToken(token)
 	valid := token != "" && known && now.Before(exp) && !s.faults.RejectTokens ||
 		token == "" && s.inst.TokensOptional // IMDSv1 allowed: no token is fine, a bad one is not
-	if known && !now.Before(exp) {
-		delete(s.tokens, token)
-	}
 	var body string
 	found := false
 	if valid {
@@ -501,6 +489,42 @@ func (s *Server) serveMetadata(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set(TokenTTLHeader, strconv.Itoa(max(remaining, 1)))
 	}
 	writeBody(w, r, http.StatusOK, "text/plain", body)
+}
+
+// Tokens are stateless, as real IMDS's are, so memory does not grow with the
+// number of tokens a benchmark asks for: 8 bytes of expiry (Unix ns), 4 of
+// epoch, 18 random, and a 12-byte HMAC-SHA256 over the rest; 42 bytes make
+// 56 base64 characters, the length of real tokens.
+const (
+	tokenBodyLen = 8 + 4 + 18
+	tokenMACLen  = 12
+)
+
+func (s *Server) issueToken(expiry time.Time) string {
+	var raw [tokenBodyLen + tokenMACLen]byte
+	binary.BigEndian.PutUint64(raw[0:8], uint64(expiry.UnixNano()))
+	binary.BigEndian.PutUint32(raw[8:12], s.tokenEpoch)
+	rand.Read(raw[12:tokenBodyLen])
+	copy(raw[tokenBodyLen:], s.tokenMAC(raw[:tokenBodyLen]))
+	return base64.StdEncoding.EncodeToString(raw[:])
+}
+
+// checkToken returns the token's expiry, and whether it is one of ours from
+// the current epoch.
+func (s *Server) checkToken(token string) (time.Time, bool) {
+	raw, err := base64.StdEncoding.DecodeString(token)
+	if err != nil || len(raw) != tokenBodyLen+tokenMACLen ||
+		!hmac.Equal(raw[tokenBodyLen:], s.tokenMAC(raw[:tokenBodyLen])) ||
+		binary.BigEndian.Uint32(raw[8:12]) != s.tokenEpoch {
+		return time.Time{}, false
+	}
+	return time.Unix(0, int64(binary.BigEndian.Uint64(raw[0:8]))), true
+}
+
+func (s *Server) tokenMAC(body []byte) []byte {
+	m := hmac.New(sha256.New, s.tokenKey[:])
+	m.Write(body)
+	return m.Sum(nil)[:tokenMACLen]
 }
 
 // lookup resolves a URL path to the body IMDS serves, with s.mu held.

@@ -97,7 +97,16 @@ func (t tree) finish() {
 		if path != macsDir {
 			slices.Sort(n.entries)
 		}
-		n.body = strings.Join(n.entries, "\n")
+		entries := n.entries
+		if path == "" {
+			// /latest/ lists its categories without the trailing '/':
+			// "dynamic\nmeta-data" (and user-data when there is some).
+			entries = make([]string, len(n.entries))
+			for i, e := range n.entries {
+				entries[i] = strings.TrimSuffix(e, "/")
+			}
+		}
+		n.body = strings.Join(entries, "\n")
 	}
 }
 
