@@ -1,0 +1,142 @@
+package netcfg
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// noNetworkd points Conflicts at an empty directory: no systemd-networkd.
+func noNetworkd(t *testing.T) ConflictPaths {
+	dir := t.TempDir()
+	return ConflictPaths{NetifDir: filepath.Join(dir, "netif"), ProcDir: filepath.Join(dir, "proc")}
+}
+
+func TestConflictsReportsForeignStateAndChangesNothing(t *testing.T) {
+	w := newKTWorld(t)
+	w.k.ConflictPaths = noNetworkd(t)
+	w.placeForeign(t) // ec2-net-utils' rule 10001 for 10.1.0.11, foreign routes in tables 20001 and 20077
+	for _, args := range [][]string{
+		{"rule", "add", "priority", "50", "from", "10.1.0.12", "lookup", "101"},                           // cloud-init/netplan
+		{"rule", "add", "priority", "40", "from", "all", "lookup", "main", "suppress_prefixlength", "0"}, // wg-quick: harmless
+		{"rule", "add", "priority", "60", "from", "all", "fwmark", "0x1", "lookup", "300"},               // narrowed by a mark
+		{"rule", "add", "priority", "70", "from", "10.1.0.0/16", "to", "10.99.0.0/16", "lookup", "300"}, // narrowed by a destination
+		{"rule", "add", "priority", "30000", "from", "10.1.0.12", "lookup", "400"},                       // after ours
+		{"route", "add", "default", "via", "10.1.0.1", "dev", "eth1", "metric", "200"},                  // main default through a secondary
+		{"route", "add", "default", "via", "10.0.0.1", "dev", "eth0", "table", "10001"},
+	} {
+		w.ip(t, args...)
+	}
+	desired := w.state(ktEth1, ktEth2, ktEth3)
+	before := w.dump(t)
+	warns := w.k.Conflicts(desired)
+	ktRequireEqual(t, w.dump(t), before)
+
+	var got []string
+	for _, wn := range warns {
+		got = append(got, wn.String())
+	}
+	all := strings.Join(got, "\n")
+	t.Logf("warnings:\n%s", all)
+	for _, want := range []string{
+		"0a:00:00:00:01:01: foreign rule `10001: from 10.1.0.11/32 lookup 10001` (protocol 0) takes precedence over ours (priority 20001) for 10.1.0.11/32",
+		"amazon-ec2-net-utils",
+		"0a:00:00:00:01:01: foreign rule `50: from 10.1.0.12/32 lookup 101`",
+		"cloud-init/netplan",
+		"0a:00:00:00:01:01: main table has a default route through secondary ENI",
+		"table 20001, in dualhomed's band, holds foreign routes: 192.0.2.0/24 (protocol 4), 2001:db8:1::/64 (protocol 4)",
+		"table 20077, in dualhomed's band, holds foreign routes: 0.0.0.0/0 (protocol 3)",
+	} {
+		if !strings.Contains(all, want) {
+			t.Errorf("no warning containing %q", want)
+		}
+	}
+	for _, notWant := range []string{"lookup main", "lookup 300", "lookup 400", "lookup 20001`", "lookup 20150", "eth0", "systemd-networkd is running"} {
+		if strings.Contains(all, notWant) {
+			t.Errorf("unexpected warning containing %q", notWant)
+		}
+	}
+	if len(warns) != 5 {
+		t.Errorf("%d warnings, want 5", len(warns))
+	}
+	for _, wn := range warns {
+		if wn.Hint == "" {
+			t.Errorf("warning without a hint: %s", wn.Message)
+		}
+	}
+}
+
+func TestConflictsQuietOnACleanInstance(t *testing.T) {
+	w := newKTWorld(t)
+	w.k.ConflictPaths = noNetworkd(t)
+	desired := w.state(ktEth1, ktEth2, ktEth3)
+	w.reconcile(t, desired)
+	if warns := w.k.Conflicts(desired); len(warns) != 0 {
+		t.Errorf("warnings on an instance with only our state: %v", warns)
+	}
+}
+
+func writeFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestNetworkdConflicts(t *testing.T) {
+	dir := t.TempDir()
+	p := ConflictPaths{
+		NetifDir:           filepath.Join(dir, "run/systemd/netif"),
+		ProcDir:            filepath.Join(dir, "proc"),
+		NetworkdConfs:      []string{filepath.Join(dir, "usr/lib/systemd/networkd.conf"), filepath.Join(dir, "etc/systemd/networkd.conf")},
+		NetworkdDropinDirs: []string{filepath.Join(dir, "etc/systemd/networkd.conf.d"), filepath.Join(dir, "usr/lib/systemd/networkd.conf.d")},
+	}
+	keys := func() []string {
+		var out []string
+		for _, w := range networkdConflicts(p) {
+			for _, k := range []string{"ManageForeignRoutingPolicyRules", "ManageForeignRoutes"} {
+				if strings.Contains(w.Message, k+"=no") {
+					out = append(out, k)
+				}
+			}
+		}
+		return out
+	}
+
+	if got := keys(); len(got) != 0 {
+		t.Fatalf("networkd not running, yet warnings for %v", got)
+	}
+	writeFile(t, filepath.Join(dir, "proc/412/comm"), "systemd-network\n") // the kernel cuts comm to 15 bytes
+	writeFile(t, filepath.Join(dir, "proc/413/comm"), "bash\n")
+	if got := keys(); !slices.Equal(got, []string{"ManageForeignRoutingPolicyRules", "ManageForeignRoutes"}) {
+		t.Fatalf("networkd running with defaults: warnings for %v", got)
+	}
+	os.RemoveAll(filepath.Join(dir, "proc"))
+	if err := os.MkdirAll(p.NetifDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if got := keys(); len(got) != 2 {
+		t.Fatalf("networkd detected by %s: warnings for %v", p.NetifDir, got)
+	}
+
+	writeFile(t, p.NetworkdConfs[1], "[Network]\n#ManageForeignRoutes=no\nManageForeignRoutingPolicyRules=no\n[DHCPv4]\nManageForeignRoutes=no\n")
+	if got := keys(); !slices.Equal(got, []string{"ManageForeignRoutes"}) {
+		t.Errorf("rules off in networkd.conf: warnings for %v", got)
+	}
+	// A vendor drop-in turns rules back on; the admin's drop-in of the same
+	// name in /etc hides it, and a later-sorting one turns routes off.
+	writeFile(t, filepath.Join(dir, "usr/lib/systemd/networkd.conf.d/50-vendor.conf"), "[Network]\nManageForeignRoutingPolicyRules=yes\n")
+	if got := keys(); !slices.Equal(got, []string{"ManageForeignRoutingPolicyRules", "ManageForeignRoutes"}) {
+		t.Errorf("vendor drop-in turns rules on: warnings for %v", got)
+	}
+	writeFile(t, filepath.Join(dir, "etc/systemd/networkd.conf.d/50-vendor.conf"), "# masked\n")
+	writeFile(t, filepath.Join(dir, "etc/systemd/networkd.conf.d/90-dualhomed.conf"), "[Network]\nManageForeignRoutes = false\n")
+	if got := keys(); len(got) != 0 {
+		t.Errorf("both off: warnings for %v", got)
+	}
+}
