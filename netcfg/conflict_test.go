@@ -19,12 +19,12 @@ func TestConflictsReportsForeignStateAndChangesNothing(t *testing.T) {
 	w.k.ConflictPaths = noNetworkd(t)
 	w.placeForeign(t) // ec2-net-utils' rule 10001 for 10.1.0.11, foreign routes in tables 20001 and 20077
 	for _, args := range [][]string{
-		{"rule", "add", "priority", "50", "from", "10.1.0.12", "lookup", "101"},                           // cloud-init/netplan
+		{"rule", "add", "priority", "50", "from", "10.1.0.12", "lookup", "101"},                          // cloud-init/netplan
 		{"rule", "add", "priority", "40", "from", "all", "lookup", "main", "suppress_prefixlength", "0"}, // wg-quick: harmless
 		{"rule", "add", "priority", "60", "from", "all", "fwmark", "0x1", "lookup", "300"},               // narrowed by a mark
-		{"rule", "add", "priority", "70", "from", "10.1.0.0/16", "to", "10.99.0.0/16", "lookup", "300"}, // narrowed by a destination
+		{"rule", "add", "priority", "70", "from", "10.1.0.0/16", "to", "10.99.0.0/16", "lookup", "300"},  // narrowed by a destination
 		{"rule", "add", "priority", "30000", "from", "10.1.0.12", "lookup", "400"},                       // after ours
-		{"route", "add", "default", "via", "10.1.0.1", "dev", "eth1", "metric", "200"},                  // main default through a secondary
+		{"route", "add", "default", "via", "10.1.0.1", "dev", "eth1", "metric", "200"},                   // main default through a secondary
 		{"route", "add", "default", "via", "10.0.0.1", "dev", "eth0", "table", "10001"},
 	} {
 		w.ip(t, args...)
