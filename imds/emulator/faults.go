@@ -34,7 +34,10 @@ type Faults struct {
 	RetryAfter time.Duration
 
 	// DropConnections hijacks selected requests and closes the connection
-	// (with a TCP reset where possible) without writing any response.
+	// (with a TCP reset where possible) without writing any response. It
+	// wins over Status. Beware: Go's net/http client silently retries an
+	// idempotent request once when a reused keep-alive connection dies
+	// before any response byte, so DropCount 1 may go unnoticed by it.
 	DropConnections bool
 	// DropCount limits DropConnections to the next N selected requests;
 	// 0 means until cleared.

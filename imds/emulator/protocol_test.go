@@ -147,6 +147,9 @@ func TestTokenRequired(t *testing.T) {
 
 func TestTokenPathMethods(t *testing.T) {
 	_, c := start(t, emulator.ExampleInstance(1, 1, 0, 0, 1))
+	if status, _, _ := c.do(http.MethodPut, "/2021-03-23/api/token", map[string]string{emulator.TokenTTLHeader: "60"}); status != 403 {
+		t.Errorf("PUT to a version-specific token path: %d, want 403", status)
+	}
 	for _, m := range []string{http.MethodGet, http.MethodPost, http.MethodDelete} {
 		status, _, _ := c.do(m, "/latest/api/token", map[string]string{emulator.TokenTTLHeader: "60", emulator.TokenHeader: c.token})
 		if status != http.StatusMethodNotAllowed {

@@ -390,6 +390,12 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.serveToken(cw, r)
 		return
 	}
+	if r.Method == http.MethodPut && strings.HasSuffix(strings.TrimSuffix(path, "/"), "/api/token") {
+		// AWS documents 403 for a token PUT to a version-specific path
+		// such as /2021-03-23/api/token: only /latest/api/token works.
+		writeError(cw, http.StatusForbidden)
+		return
+	}
 	s.serveMetadata(cw, r)
 }
 
