@@ -139,6 +139,8 @@ type eniInfo struct {
 	v4    netip.Addr
 	v4Net netip.Prefix
 	v6    bool // the ENI has IPv6 addresses or prefixes
+	// overlapsOtherVPC: the subnet overlaps the subnet of an ENI in another VPC.
+	overlapsOtherVPC bool
 }
 
 type desirer struct {
@@ -184,11 +186,14 @@ func (d *desirer) run() {
 	d.computeForeign()
 	links := d.linksByMAC()
 	primaryMAC := strings.ToLower(d.snap.PrimaryMAC)
-	if p, ok := d.snap.Primary(); ok && p.Ready {
+	// The primary's VPC decides which ENIs are multi-VPC. It is taken even
+	// from a not-ready primary entry: losing it would remove every multi-VPC
+	// route because of an IMDS hiccup.
+	if p, ok := d.snap.ENI(primaryMAC); ok && p.VPCID != "" {
 		d.primaryVPC = p.VPCID
 	} else {
-		d.warn(nil, "the primary ENI ("+d.snap.PrimaryMAC+") is not ready in IMDS: no multi-VPC routes",
-			"wait for IMDS; if this persists check meta-data/mac")
+		d.warn(nil, "IMDS does not tell the primary ENI's ("+d.snap.PrimaryMAC+") VPC: no multi-VPC main-table routes",
+			"check meta-data/mac and the primary ENI's vpc-id")
 	}
 
 	seen := map[string]bool{}
@@ -449,7 +454,9 @@ func (d *desirer) overlappingSubnets() map[*eniInfo]bool {
 		for _, o := range d.enis {
 			if o != e && o.eni.MAC != e.eni.MAC && o.eni.SubnetIPv4CIDR.IsValid() && o.eni.SubnetIPv4CIDR.Overlaps(e.eni.SubnetIPv4CIDR) {
 				out[e] = true
-				break
+				if o.eni.VPCID != e.eni.VPCID {
+					e.overlapsOtherVPC = true
+				}
 			}
 		}
 	}
@@ -596,6 +603,7 @@ func (d *desirer) addVPCRoutes() {
 		vpc := e.eni.VPCID
 		if e.v4.IsValid() {
 			gw := e.v4Net.Addr().Next()
+			var routes []Route
 			for _, c := range vpcV4[vpc] {
 				if c == e.v4Net {
 					continue // the address's own prefix route already covers it in main
@@ -605,7 +613,24 @@ func (d *desirer) addVPCRoutes() {
 						"connections bound to this ENI's addresses still work; add a narrower extra route if needed")
 					continue
 				}
-				d.b.route(e, Route{Table: MainTable, Dst: c, Gateway: gw, LinkIndex: e.link.Index, Src: e.v4})
+				routes = append(routes, Route{Table: MainTable, Dst: c, Gateway: gw, LinkIndex: e.link.Index, Src: e.v4})
+			}
+			// The kernel refuses a route via a gateway it cannot reach
+			// on-link (ENETUNREACH). Without an address prefix route to the
+			// subnet in main (ours is noprefixroute because several ENIs
+			// share the subnet, or somebody added the address as /32), this
+			// ENI carries its subnet in main, unless that would be ambiguous.
+			if len(routes) > 0 && !d.gatewayOnLink(e, gw) {
+				if e.overlapsOtherVPC || d.foreignSubnetRoute(e.v4Net) {
+					d.warn(e, fmt.Sprintf("not routing %s's CIDRs through %s in the main table: the gateway %v is not on-link in main and the subnet %v overlaps another subnet", vpc, e.link.Name, gw, e.v4Net),
+						"connections bound to this ENI's addresses still work")
+					routes = nil
+				} else {
+					routes = append([]Route{{Table: MainTable, Dst: e.v4Net, LinkIndex: e.link.Index, Src: e.v4, ScopeLink: true}}, routes...)
+				}
+			}
+			for _, r := range routes {
+				d.b.route(e, r)
 			}
 		}
 		if e.v6 {
@@ -628,6 +653,36 @@ func (d *desirer) addVPCRoutes() {
 	}
 }
 
+// gatewayOnLink reports whether an address on e's link gives the main table
+// an on-link route to gw: one of ours without noprefixroute, or a foreign
+// one shorter than /32 (assumed to carry its prefix route, as DHCP's do).
+func (d *desirer) gatewayOnLink(e *eniInfo, gw netip.Addr) bool {
+	for _, p := range d.foreign[e.link.Index] {
+		if p.Bits() < 32 && p.Contains(gw) {
+			return true
+		}
+	}
+	for _, a := range d.b.st.Addrs {
+		if a.LinkIndex == e.link.Index && !a.NoPrefixRoute && a.Prefix.Contains(gw) {
+			return true
+		}
+	}
+	return false
+}
+
+// foreignSubnetRoute reports whether a foreign address on any link brings a
+// prefix route overlapping subnet into main.
+func (d *desirer) foreignSubnetRoute(subnet netip.Prefix) bool {
+	for _, ps := range d.foreign {
+		for _, p := range ps {
+			if p.Addr().Is4() && p.Bits() < 32 && p.Masked().Overlaps(subnet) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // keepNotReady keeps what we own on the link of an ENI that IMDS reports not
 // ready: a not-ready ENI must not be configured, and must not cause removal
 // either. Our routes on the link, the rules pointing at their tables, our
@@ -641,11 +696,15 @@ func (d *desirer) keepNotReady() {
 		tables := map[int]bool{}
 		kept := false
 		for _, r := range d.obs.Owned.Routes {
-			if r.LinkIndex == link {
-				kept = d.b.route(e, r) || kept
-				if r.Table != MainTable {
-					tables[r.Table] = true
-				}
+			if r.LinkIndex != link {
+				continue
+			}
+			if _, taken := d.b.routes[r.Key()]; taken {
+				continue // a ready ENI took over the destination (a VPC's routes, a clashing table)
+			}
+			kept = d.b.route(e, r) || kept
+			if r.Table != MainTable {
+				tables[r.Table] = true
 			}
 		}
 		for _, r := range d.obs.Owned.Rules {
@@ -654,7 +713,7 @@ func (d *desirer) keepNotReady() {
 			}
 		}
 		for _, a := range d.obs.Owned.Addrs {
-			if a.LinkIndex == link {
+			if _, taken := d.b.addrs[a.Prefix.Addr()]; a.LinkIndex == link && !taken {
 				kept = d.b.addr(e, a) || kept
 			}
 		}
@@ -687,7 +746,7 @@ type stateBuilder struct {
 	st     State
 	routes map[RouteKey]Route
 	rules  map[RuleKey]bool
-	addrs  map[netip.Addr]AddrKey // one address per ... anywhere: see addr
+	addrs  map[netip.Addr]AddrKey // by address alone: see addr
 	rpf    map[string]bool
 	warn   func(e *eniInfo, msg, hint string)
 }

@@ -156,11 +156,39 @@ func TestDesired(t *testing.T) {
 				"addr 10.0.0.20/24 dev eth1 noprefixroute",
 				"route 10.0.0.0/24 dev eth1 scope link src 10.0.0.20 table 20001",
 				"route default via 10.0.0.1 dev eth1 src 10.0.0.20 table 20001",
-				"route 100.64.0.0/16 via 10.0.0.1 dev eth1 src 10.0.0.20 table main",
 				"rule from 10.0.0.20/32 lookup 20001 priority 20001",
 				"sysctl net.ipv4.conf.eth1.rp_filter=2",
 			},
-			warns: []string{"not routing 10.0.0.0/16 of vpc-b through eth1 in the main table: it overlaps 10.0.0.0/16 of vpc-a"},
+			warns: []string{
+				"not routing 10.0.0.0/16 of vpc-b through eth1 in the main table: it overlaps 10.0.0.0/16 of vpc-a",
+				// 100.64.0.0/16 would need the gateway reachable in main.
+				"not routing vpc-b's CIDRs through eth1 in the main table: the gateway 10.0.0.1 is not on-link in main and the subnet 10.0.0.0/24 overlaps another subnet",
+			},
+		},
+		{
+			name: "two ENIs in one subnet of another VPC: the carrier holds the subnet in main",
+			enis: []imds.ENI{desPrimary(), desSecondary(1), func() imds.ENI {
+				e := desSecondary(2)
+				e.SubnetIPv4CIDR, e.LocalIPv4s = desPfx("10.1.1.0/24"), desIPs("10.1.1.20")
+				return e
+			}()},
+			links: desLinks(0, 1, 2),
+			want: []string{
+				"addr 10.1.1.10/24 dev eth1 noprefixroute",
+				"addr 10.1.1.11/32 dev eth1 noprefixroute",
+				"addr 10.1.1.20/24 dev eth2 noprefixroute",
+				"route 10.1.1.0/24 dev eth1 scope link src 10.1.1.10 table 20001",
+				"route default via 10.1.1.1 dev eth1 src 10.1.1.10 table 20001",
+				"route 10.1.1.0/24 dev eth1 scope link src 10.1.1.10 table main",
+				"route 10.1.0.0/16 via 10.1.1.1 dev eth1 src 10.1.1.10 table main",
+				"rule from 10.1.1.10/32 lookup 20001 priority 20001",
+				"rule from 10.1.1.11/32 lookup 20001 priority 20001",
+				"sysctl net.ipv4.conf.eth1.rp_filter=2",
+				"route 10.1.1.0/24 dev eth2 scope link src 10.1.1.20 table 20002",
+				"route default via 10.1.1.1 dev eth2 src 10.1.1.20 table 20002",
+				"rule from 10.1.1.20/32 lookup 20002 priority 20002",
+				"sysctl net.ipv4.conf.eth2.rp_filter=2",
+			},
 		},
 		{
 			name: "two other VPCs overlapping each other: each keeps only its own CIDRs",
@@ -310,6 +338,14 @@ func TestDesired(t *testing.T) {
 			links: desLinks(0, 1),
 			addrs: map[int][]netip.Prefix{1: desPfxs("10.0.0.10/24"), 2: desPfxs("10.1.1.11/24")},
 			want:  without(eth1Basic, "addr 10.1.1.11/32 dev eth1 noprefixroute"),
+		},
+		{
+			name:  "first address added by somebody else as /32: the carrier holds its subnet in main",
+			enis:  []imds.ENI{desPrimary(), desSecondary(1)},
+			links: desLinks(0, 1),
+			addrs: map[int][]netip.Prefix{1: desPfxs("10.0.0.10/24"), 2: desPfxs("10.1.1.10/32")},
+			want: with(without(eth1Basic, "addr 10.1.1.10/24 dev eth1"),
+				"route 10.1.1.0/24 dev eth1 scope link src 10.1.1.10 table main"),
 		},
 		{
 			name:   "addresses unmanaged and missing: no IPv4 routing",
