@@ -135,6 +135,13 @@ func (s *Server) StartControl(addr string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("listening for control on %s: %w", addr, err)
 	}
+	if network == "unix" {
+		// The channel rewrites what IMDS says: only root (or the owner) may use it.
+		if err := os.Chmod(address, 0o600); err != nil {
+			ln.Close()
+			return "", fmt.Errorf("restricting control socket: %w", err)
+		}
+	}
 	if err := s.ServeControl(ln); err != nil {
 		return "", err
 	}

@@ -10,8 +10,18 @@
 //	base, err := srv.Start("127.0.0.1:0") // "http://127.0.0.1:41234"
 //	defer srv.Close()
 //
-// A *Server is also an http.Handler (httptest.NewServer(srv) works). The
-// process form is cmd/imds-emulator, driven through DialControl.
+// A *Server is also an http.Handler (httptest.NewServer(srv) works), and
+// Serve takes a listener made elsewhere (inside a network namespace).
+//
+// At a glance: the model is an Instance of shared imds.ENI values
+// (AttachENI, DetachENI, UpdateENI, SetPrimaryMAC, SetInstance, Instance);
+// raw overrides win over it (SetRawKey, DeleteKey, SetRaw, DeletePath,
+// ClearOverrides); Faults are injected with SetFaults (latency, statuses
+// with Retry-After, dropped connections, rejected tokens, MACs listed before
+// their keys, device-number 0 for the first reads) plus the one-shot
+// ExpireTokens and AdvanceClock; Stats counts requests, statuses, paths and
+// bytes. The process form is cmd/imds-emulator, driven through DialControl,
+// whose ControlClient has the same methods.
 package emulator
 
 import (
