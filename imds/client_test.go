@@ -314,6 +314,7 @@ func TestSnapshotRetriesTimeout(t *testing.T) {
 }
 
 func TestSnapshotHonoursRetryAfter(t *testing.T) {
+	t.Parallel()
 	f := twoENIs()
 	var first, second time.Time
 	f.hook = func(w http.ResponseWriter, r *http.Request, path string, hit int) bool {
@@ -530,5 +531,51 @@ func TestNewUsesEnvironment(t *testing.T) {
 	t.Setenv(EnvEndpoint, "not a url")
 	if _, err := New(Options{}); err == nil || !strings.Contains(err.Error(), EnvEndpoint) {
 		t.Errorf("New with bad %s: %v", EnvEndpoint, err)
+	}
+}
+
+// recordingTransport answers nothing and sends nothing: it records where
+// the client would have sent each request. It lets the default endpoints be
+// tested without a packet leaving the host.
+type recordingTransport struct {
+	mu   sync.Mutex
+	urls []string
+}
+
+func (r *recordingTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	r.mu.Lock()
+	r.urls = append(r.urls, req.Method+" "+req.URL.String())
+	r.mu.Unlock()
+	return nil, errors.New("recordingTransport sends nothing")
+}
+
+func TestDefaultEndpointsReachTheSDK(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opts Options
+		mode string
+		want string
+	}{
+		{"IPv4 default", Options{}, "", "PUT http://169.254.169.254/latest/api/token"},
+		{"IPv6 option", Options{IPv6: true}, "", "PUT http://[fd00:ec2::254]/latest/api/token"},
+		{"IPv6 env", Options{}, "IPv6", "PUT http://[fd00:ec2::254]/latest/api/token"},
+		{"explicit endpoint beats IPv6", Options{IPv6: true, Endpoint: "http://[::1]:1"}, "IPv6", "PUT http://[::1]:1/latest/api/token"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv(EnvEndpoint, "")
+			t.Setenv(EnvEndpointMode, tc.mode)
+			rec := &recordingTransport{}
+			tc.opts.Transport, tc.opts.MaxAttempts, tc.opts.MaxRequestsPerSecond = rec, 1, -1
+			c, err := New(tc.opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := c.Snapshot(context.Background()); err == nil {
+				t.Fatal("Snapshot succeeded through a transport that answers nothing")
+			}
+			if len(rec.urls) != 1 || rec.urls[0] != tc.want {
+				t.Errorf("requests %q, want [%q]", rec.urls, tc.want)
+			}
+		})
 	}
 }

@@ -128,6 +128,7 @@ func rawRequest(t *testing.T, method, url string, h http.Header) (status int, bo
 // macs/<mac>/network-card it answers 200 "network/"), which would parse as
 // an error if we fetched keys blindly.
 func TestConformanceAEMMSnapshot(t *testing.T) {
+	t.Parallel()
 	base := startAEMM(t)
 	c, err := imds.New(imds.Options{Endpoint: base, MaxRequestsPerSecond: -1})
 	if err != nil {
@@ -164,6 +165,7 @@ func TestConformanceAEMMSnapshot(t *testing.T) {
 // agrees with; the emulator must follow real IMDS, and the client must
 // cope with both.
 func TestConformanceProtocol(t *testing.T) {
+	t.Parallel()
 	aemm := startAEMM(t)
 	emu := emulator.New(emulator.ExampleInstance(1, 1, 1, 0, 1))
 	emuURL, err := emu.Start("127.0.0.1:0")

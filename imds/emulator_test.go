@@ -155,6 +155,7 @@ func TestEmulatorTransientFaults(t *testing.T) {
 		{"latency below the timeout", emulator.Faults{Latency: 20 * time.Millisecond}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			srv, c := startEmulator(t, inst, imds.Options{})
 			if err := srv.SetFaults(tc.faults); err != nil {
 				t.Fatal(err)
@@ -192,6 +193,7 @@ func TestEmulatorPersistentFaultsFail(t *testing.T) {
 		{"tokens rejected", emulator.Faults{RejectTokens: true}, "meta-data/mac", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			srv, c := startEmulator(t, inst, imds.Options{Timeout: 100 * time.Millisecond})
 			if err := srv.SetFaults(tc.faults); err != nil {
 				t.Fatal(err)
