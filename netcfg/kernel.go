@@ -8,12 +8,16 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
+
+// netlinkTimeout bounds every netlink send and receive.
+const netlinkTimeout = 10 * time.Second
 
 // Kernel reads and changes the kernel's routing state in one network namespace,
 // through netlink (routes, rules, addresses) and /proc/sys (rp_filter).
@@ -70,6 +74,16 @@ func NewKernel(ns netns.NsHandle, stateDir string, cfg Config) (*Kernel, error) 
 		h.Close()
 		own.Close()
 		return nil, fmt.Errorf("opening address netlink socket: %w", err)
+	}
+	// A kernel that never answers must not hang the daemon: each send and
+	// receive gives up after netlinkTimeout and the reconcile is retried.
+	tv := unix.NsecToTimeval(netlinkTimeout.Nanoseconds())
+	err = errors.Join(h.SetSocketTimeout(netlinkTimeout), sock.SetSendTimeout(&tv), sock.SetReceiveTimeout(&tv))
+	if err != nil {
+		h.Close()
+		sock.Close()
+		own.Close()
+		return nil, fmt.Errorf("setting netlink timeouts: %w", err)
 	}
 	return &Kernel{
 		h:             h,
@@ -165,7 +179,7 @@ func (k *Kernel) Observe() (Observed, error) {
 	for _, a := range addrs {
 		obs.Addrs[a.LinkIndex] = append(obs.Addrs[a.LinkIndex], a.Prefix)
 	}
-	if obs.Owned, err = k.Owned(); err != nil {
+	if obs.Owned, err = k.owned(addrs); err != nil {
 		return Observed{}, err
 	}
 	return obs, nil
@@ -192,6 +206,15 @@ func (k *Kernel) inPriorityBand(prio int) bool {
 // (or recorded in the state file on kernels without it), and the current
 // rp_filter of every link whose original value we recorded.
 func (k *Kernel) Owned() (State, error) {
+	addrs, err := k.addrs.list()
+	if err != nil {
+		return State{}, fmt.Errorf("listing addresses: %w", err)
+	}
+	return k.owned(addrs)
+}
+
+// owned is Owned with the address dump already made.
+func (k *Kernel) owned(allAddrs []kernelAddr) (State, error) {
 	var st State
 	routes, err := k.ownedNetlinkRoutes()
 	if err != nil {
@@ -207,7 +230,7 @@ func (k *Kernel) Owned() (State, error) {
 	for _, r := range rules {
 		st.Rules = append(st.Rules, fromNetlinkRule(r))
 	}
-	addrs, err := k.ownedKernelAddrs()
+	addrs, err := k.ownedKernelAddrs(allAddrs)
 	if err != nil {
 		return State{}, err
 	}
@@ -258,12 +281,9 @@ func (k *Kernel) ownedNetlinkRules() ([]netlink.Rule, error) {
 	return out, nil
 }
 
-func (k *Kernel) ownedKernelAddrs() ([]kernelAddr, error) {
-	all, err := k.addrs.list()
-	if err != nil {
-		return nil, fmt.Errorf("listing addresses: %w", err)
-	}
+func (k *Kernel) ownedKernelAddrs(all []kernelAddr) ([]kernelAddr, error) {
 	var recorded map[addrRecord]bool
+	var err error
 	if !k.addrProto {
 		if recorded, err = k.addrRecords(); err != nil {
 			return nil, err
