@@ -5,7 +5,7 @@ LDFLAGS   := -s -w -X main.version=$(VERSION)
 STATICCHECK_VERSION := v0.8.2
 BIN       := bin
 
-.PHONY: all build test lint bench demo package package-check clean
+.PHONY: all build test lint bench demo chaos package package-check clean
 
 all: build
 
@@ -41,3 +41,8 @@ package:
 # Linters and install test for the packages (packaging/check.sh). CI runs it.
 package-check: package
 	packaging/check.sh
+
+# The long fault-injection run (cmd/internal/chaos with CHAOS_LONG=1): more
+# iterations of every fault than `make test` does. Needs root.
+chaos: build
+	CHAOS_LONG=1 $(GO) test -race -count=1 -timeout 30m -v ./cmd/internal/chaos/
