@@ -59,13 +59,13 @@ func Diff(owned, desired State) Plan {
 
 	// Routes.
 	{
-		want := map[RouteKey]Route{}
+		want := make(map[RouteKey]Route, len(desired.Routes))
 		for _, r := range desired.Routes {
 			if _, dup := want[r.Key()]; !dup {
 				want[r.Key()] = r
 			}
 		}
-		done := map[RouteKey]bool{}
+		done := make(map[RouteKey]bool, len(desired.Routes))
 		kept := make([]bool, len(owned.Routes))
 		for i, o := range owned.Routes { // exact matches first
 			if d, ok := want[o.Key()]; ok && d == o && !done[o.Key()] {
@@ -78,7 +78,7 @@ func Diff(owned, desired State) Plan {
 			}
 			if d, ok := want[o.Key()]; ok && !done[o.Key()] {
 				done[o.Key()] = true
-				op := Op{Replace: true, Route: &d}
+				op := Op{Replace: true, Route: ptr(d)}
 				if d.Gateway.IsValid() {
 					routeAddsVia = append(routeAddsVia, op)
 				} else {
@@ -86,7 +86,7 @@ func Diff(owned, desired State) Plan {
 				}
 				continue
 			}
-			op := Op{Delete: true, Route: &o}
+			op := Op{Delete: true, Route: ptr(o)}
 			if o.Gateway.IsValid() {
 				routeDelsVia = append(routeDelsVia, op)
 			} else {
@@ -98,7 +98,7 @@ func Diff(owned, desired State) Plan {
 				continue
 			}
 			done[d.Key()] = true
-			op := Op{Route: &d}
+			op := Op{Route: ptr(d)}
 			if d.Gateway.IsValid() {
 				routeAddsVia = append(routeAddsVia, op)
 			} else {
@@ -109,7 +109,7 @@ func Diff(owned, desired State) Plan {
 
 	// Rules: the key is the whole rule, so only adds and deletes.
 	{
-		want, have := map[RuleKey]bool{}, map[RuleKey]bool{}
+		want, have := make(map[RuleKey]bool, len(desired.Rules)), make(map[RuleKey]bool, len(desired.Rules))
 		for _, r := range desired.Rules {
 			want[r.Key()] = true
 		}
@@ -118,25 +118,25 @@ func Diff(owned, desired State) Plan {
 				have[o.Key()] = true
 				continue
 			}
-			ruleDels = append(ruleDels, Op{Delete: true, Rule: &o})
+			ruleDels = append(ruleDels, Op{Delete: true, Rule: ptr(o)})
 		}
 		for _, d := range desired.Rules {
 			if !have[d.Key()] {
 				have[d.Key()] = true
-				ruleAdds = append(ruleAdds, Op{Rule: &d})
+				ruleAdds = append(ruleAdds, Op{Rule: ptr(d)})
 			}
 		}
 	}
 
 	// Addresses.
 	{
-		want := map[AddrKey]Addr{}
+		want := make(map[AddrKey]Addr, len(desired.Addrs))
 		for _, a := range desired.Addrs {
 			if _, dup := want[a.Key()]; !dup {
 				want[a.Key()] = a
 			}
 		}
-		done := map[AddrKey]bool{}
+		done := make(map[AddrKey]bool, len(desired.Addrs))
 		kept := make([]bool, len(owned.Addrs))
 		for i, o := range owned.Addrs {
 			if d, ok := want[o.Key()]; ok && d == o && !done[o.Key()] {
@@ -149,15 +149,15 @@ func Diff(owned, desired State) Plan {
 			}
 			if d, ok := want[o.Key()]; ok && !done[o.Key()] {
 				done[o.Key()] = true
-				addrAdds = append(addrAdds, Op{Replace: true, Addr: &d})
+				addrAdds = append(addrAdds, Op{Replace: true, Addr: ptr(d)})
 				continue
 			}
-			addrDels = append(addrDels, Op{Delete: true, Addr: &o})
+			addrDels = append(addrDels, Op{Delete: true, Addr: ptr(o)})
 		}
 		for _, d := range desired.Addrs {
 			if !done[d.Key()] && want[d.Key()] == d {
 				done[d.Key()] = true
-				addrAdds = append(addrAdds, Op{Addr: &d})
+				addrAdds = append(addrAdds, Op{Addr: ptr(d)})
 			}
 		}
 	}
@@ -175,19 +175,19 @@ func Diff(owned, desired State) Plan {
 			if d, ok := want[o.LinkName]; ok && !done[o.LinkName] {
 				done[o.LinkName] = true
 				if d != o {
-					rpfSets = append(rpfSets, Op{RPFilter: &d})
+					rpfSets = append(rpfSets, Op{RPFilter: ptr(d)})
 				}
 				continue
 			}
 			if !done[o.LinkName] {
 				done[o.LinkName] = true
-				rpfRestores = append(rpfRestores, Op{Delete: true, RPFilter: &o})
+				rpfRestores = append(rpfRestores, Op{Delete: true, RPFilter: ptr(o)})
 			}
 		}
 		for _, d := range desired.RPFilters {
 			if !done[d.LinkName] {
 				done[d.LinkName] = true
-				rpfSets = append(rpfSets, Op{RPFilter: &d})
+				rpfSets = append(rpfSets, Op{RPFilter: ptr(d)})
 			}
 		}
 	}
@@ -345,3 +345,7 @@ func linkName(names map[int]string, index int) string {
 	}
 	return "#" + strconv.Itoa(index)
 }
+
+// ptr returns a pointer to a copy of v: ops never alias the caller's states,
+// and loop variables do not escape to the heap on every iteration.
+func ptr[T any](v T) *T { return &v }

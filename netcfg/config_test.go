@@ -1,0 +1,99 @@
+package netcfg
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/dualhomed/dualhomed/imds"
+)
+
+func TestConfigValidate(t *testing.T) {
+	tests := []struct {
+		name   string
+		mutate func(*Config)
+		errs   []string // substrings; none means valid
+	}{
+		{name: "defaults", mutate: func(*Config) {}},
+		{name: "unset modes mean the defaults", mutate: func(c *Config) { c.RPFilter = "" }},
+		{name: "a full per-ENI section", mutate: func(c *Config) {
+			c.ENIs = []ENIConfig{
+				{Match: Selector{InterfaceID: "eni-0abc"}, Exclude: true},
+				{Match: Selector{MAC: "0A:1B:2C:3D:4E:5F", DeviceNumber: desInt(2)}, VPCRoutes: VPCRoutesOff},
+				{Match: Selector{VPCID: "vpc-0abc"}, ExtraRoutes: desPfxs("192.168.0.0/16", "fd00::/8")},
+			}
+		}},
+		{name: "kernel protocol", mutate: func(c *Config) { c.Protocol = 2 }, errs: []string{"protocol: 2 is reserved"}},
+		{name: "zero protocol", mutate: func(c *Config) { c.Protocol = 0 }, errs: []string{"protocol: 0"}},
+		{name: "zero stride", mutate: func(c *Config) { c.CardStride = 0 }, errs: []string{"card_stride: must be positive"}},
+		{name: "tables over main", mutate: func(c *Config) { c.TableBase = 200 }, errs: []string{"table_base: tables 200..3399 include a reserved table"}},
+		{name: "table zero", mutate: func(c *Config) { c.TableBase = 0 }, errs: []string{"table_base"}},
+		{name: "tables just above local", mutate: func(c *Config) { c.TableBase = 256 }},
+		{name: "tables just below default", mutate: func(c *Config) { c.TableBase, c.CardStride = 1, 7 }, errs: nil},
+		{name: "priorities past main", mutate: func(c *Config) { c.PriorityBase = 30000 }, errs: []string{"priority_base: priorities 30000..33199"}},
+		{name: "priority zero", mutate: func(c *Config) { c.PriorityBase = 0 }, errs: []string{"priority_base"}},
+		{name: "rp_filter", mutate: func(c *Config) { c.RPFilter = "medium" }, errs: []string{`rp_filter: "medium"`}},
+		{name: "everything wrong at once", mutate: func(c *Config) {
+			c.Protocol, c.RPFilter = 1, "x"
+			c.ENIs = []ENIConfig{
+				{},
+				{Match: Selector{InterfaceID: "eth1", VPCID: "b", MAC: "zz", DeviceNumber: desInt(-1)}, VPCRoutes: "on"},
+				{Match: Selector{VPCID: "vpc-1"}, Exclude: true, ExtraRoutes: desPfxs("10.0.0.0/8")},
+				{Match: Selector{VPCID: "vpc-1"}, ExtraRoutes: []netip.Prefix{desPfx("0.0.0.0/0"), desPfx("10.1.2.3/16"), {}}},
+			}
+		}, errs: []string{
+			"protocol: 1", `rp_filter: "x"`,
+			"enis[0].match: empty selector",
+			`enis[1].match.interface_id: "eth1"`, `enis[1].match.vpc_id: "b"`, `enis[1].match.mac: "zz"`,
+			"enis[1].match.device_number: -1", `enis[1].vpc_routes: "on"`,
+			"enis[2]: exclude and extra_routes",
+			"enis[3].extra_routes[0]: 0.0.0.0/0 is the default route",
+			"enis[3].extra_routes[1]: 10.1.2.3/16 has host bits set; did you mean 10.1.0.0/16?",
+			"enis[3].extra_routes[2]: invalid prefix",
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := DefaultConfig()
+			tt.mutate(&c)
+			err := c.Validate()
+			if len(tt.errs) == 0 {
+				if err != nil {
+					t.Fatalf("Validate: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("Validate accepted %+v", c)
+			}
+			for _, want := range tt.errs {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("error lacks %q:\n%v", want, err)
+				}
+			}
+			if got := strings.Count(err.Error(), "\n") + 1; got != len(tt.errs) {
+				t.Errorf("%d problems reported, want %d:\n%v", got, len(tt.errs), err)
+			}
+		})
+	}
+}
+
+func TestSelectorMatches(t *testing.T) {
+	e := imds.ENI{MAC: "0a:1b:2c:3d:4e:5f", InterfaceID: "eni-1", VPCID: "vpc-b", DeviceNumber: 2}
+	for _, tt := range []struct {
+		s    Selector
+		want bool
+	}{
+		{Selector{}, true},
+		{Selector{InterfaceID: "eni-1"}, true},
+		{Selector{InterfaceID: "eni-2"}, false},
+		{Selector{MAC: "0A:1B:2C:3D:4E:5F"}, true},
+		{Selector{DeviceNumber: desInt(2), VPCID: "vpc-b"}, true},
+		{Selector{DeviceNumber: desInt(0), VPCID: "vpc-b"}, false},
+		{Selector{VPCID: "vpc-a"}, false},
+	} {
+		if got := tt.s.Matches(e); got != tt.want {
+			t.Errorf("%+v.Matches = %v, want %v", tt.s, got, tt.want)
+		}
+	}
+}
