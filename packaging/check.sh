@@ -1,0 +1,245 @@
+#!/usr/bin/env bash
+# Checks the packages built by packaging/build.sh (make package-check).
+# CI runs it as root on a fresh Debian 12 machine; it installs its own tools.
+#   1. lintian --fail-on warning on both .debs
+#   2. rpm metadata: files, config(noreplace), requires, scriptlets
+#   3. systemd-analyze verify (no output allowed) and security (<= 2.0)
+#   4. cloud-init schema on docs/examples/*.yaml
+#   5. install test: the amd64 .deb into a fresh debootstrap'd Debian 12 root
+#      with a policy-rc.d that forbids starting (as in an AMI bake): files,
+#      conffiles, enablement, `dualhomed version`, man page, `proto dualhomed`
+#      names, remove and purge
+#   6. boot test (BOOT_TEST=0 skips it): boot that root with systemd-nspawn
+#      --private-network and the IMDS emulator on 169.254.169.254 inside it;
+#      the unit must reach active (READY=1) under its full hardening.
+# Environment: DEBIAN_MIRROR, ROOT_CACHE (reuse a debootstrap'd root between
+# local runs; CI starts clean), BOOT_TEST.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH=/usr/local/go/bin:$PATH LC_ALL=C.UTF-8
+export DEBIAN_FRONTEND=noninteractive
+
+MAX_EXPOSURE=2.0
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+BOOT_TEST=${BOOT_TEST:-1}
+WORK=$(mktemp -d /var/tmp/dualhomed-check.XXXXXX)
+NSPAWN_PID=
+cleanup() {
+	if [ -n "$NSPAWN_PID" ]; then kill "$NSPAWN_PID" 2>/dev/null || true; wait "$NSPAWN_PID" 2>/dev/null || true; fi
+	rm -rf --one-file-system "$WORK"
+}
+trap cleanup EXIT
+
+start_all=$SECONDS
+step_start=$SECONDS
+step() { # step NAME: announces NAME and starts timing it (took prints it).
+	echo "== $1"
+	step_start=$SECONDS
+}
+took() { echo "   ($(( SECONDS - step_start )) s)"; }
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+step "installing check tools"
+need=()
+for pkg in lintian rpm debootstrap cloud-init systemd systemd-container iproute2 xz-utils; do
+	dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+took
+
+shopt -s nullglob
+debs=(dist/dualhomed_*_amd64.deb dist/dualhomed_*_arm64.deb)
+rpms=(dist/dualhomed-*.x86_64.rpm dist/dualhomed-*.aarch64.rpm)
+[ ${#debs[@]} -eq 2 ] || fail "expected an amd64 and an arm64 .deb in dist/ (run make package)"
+[ ${#rpms[@]} -eq 2 ] || fail "expected an x86_64 and an aarch64 .rpm in dist/ (run make package)"
+ls -l dist/
+
+step "lintian"
+# lintian refuses nothing as root but says so; the message is noise here.
+lintian --fail-on warning --display-info "${debs[@]}" 2>&1 | grep -v 'running with root privileges' || true
+lintian --fail-on warning "${debs[@]}" >/dev/null 2>&1 || fail "lintian reports warnings or errors"
+took
+
+step "rpm metadata"
+expect_files=(
+	/usr/bin/dualhomed
+	/usr/lib/systemd/system/dualhomed.service
+	/usr/lib/systemd/system-preset/50-dualhomed.preset
+	/usr/lib/systemd/networkd.conf.d/50-dualhomed.conf
+	/etc/iproute2/rt_protos.d/dualhomed.conf
+	/etc/dualhomed/dualhomed.yaml
+	/usr/share/man/man1/dualhomed.1.gz
+	/usr/share/licenses/dualhomed/LICENSE
+)
+for rpmfile in "${rpms[@]}"; do
+	echo "-- $rpmfile"
+	info=$(rpm -qpil "$rpmfile")
+	echo "$info" | sed -n '1,/^Description/p' | grep -E '^(Name|Version|Release|Architecture|License|Size) *:'
+	for f in "${expect_files[@]}"; do
+		grep -qx -- "$f" <<<"$info" || fail "$rpmfile lacks $f"
+	done
+	# %config(noreplace): rpm prints file flags c (config) and n (noreplace).
+	flags=$(rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpmfile")
+	for f in /etc/dualhomed/dualhomed.yaml /etc/iproute2/rt_protos.d/dualhomed.conf; do
+		grep -Eq "^c[a-z]*n[a-z]* $f\$|^[a-z]*n[a-z]*c[a-z]* $f\$" <<<"$flags" || fail "$rpmfile: $f is not %config(noreplace): $(grep " $f\$" <<<"$flags")"
+	done
+	mode=$(rpm -qp --qf '[%{FILEMODES:perms} %{FILENAMES}\n]' "$rpmfile" | awk '$2=="/usr/bin/dualhomed"{print $1}')
+	[ "$mode" = "-rwxr-xr-x" ] || fail "$rpmfile: /usr/bin/dualhomed mode $mode"
+	requires=$(rpm -qp --requires "$rpmfile")
+	grep -qx systemd <<<"$requires" || fail "$rpmfile does not require systemd"
+	grep -qx /usr/bin/kill <<<"$requires" || fail "$rpmfile does not require /usr/bin/kill (ExecReload)"
+	scripts=$(rpm -qp --scripts "$rpmfile")
+	grep -q '^postinstall scriptlet' <<<"$scripts" || fail "$rpmfile: no %post"
+	grep -q 'systemctl --no-reload preset dualhomed.service' <<<"$scripts" || fail "$rpmfile: %post does not preset"
+	grep -q 'systemctl try-restart dualhomed.service' <<<"$scripts" || fail "$rpmfile: %post does not try-restart on upgrade"
+	grep -q 'SYSTEMD_OFFLINE' <<<"$scripts" || fail "$rpmfile: scriptlets ignore SYSTEMD_OFFLINE"
+	grep -q '^preuninstall scriptlet' <<<"$scripts" || fail "$rpmfile: no %preun"
+	grep -q 'disable --now dualhomed.service' <<<"$scripts" || fail "$rpmfile: %preun does not stop"
+	grep -q 'dualhomed cleanup' <<<"$scripts" || fail "$rpmfile: %preun does not clean up"
+	grep -q '^postuninstall scriptlet' <<<"$scripts" || fail "$rpmfile: no %postun"
+	# Every scriptlet must be valid POSIX sh.
+	for s in post preun postun; do
+		sh -n "packaging/rpm/$s.sh" || fail "packaging/rpm/$s.sh: syntax"
+	done
+done
+for f in packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm; do sh -n "$f" || fail "$f: syntax"; done
+took
+
+step "systemd-analyze security"
+report=$(systemd-analyze security --offline=yes systemd/dualhomed.service)
+echo "$report" | grep -E '^✗' || true
+overall=$(sed -n 's/.*Overall exposure level for dualhomed.service: \([0-9.]*\).*/\1/p' <<<"$report")
+[ -n "$overall" ] || fail "no overall exposure level in: $report"
+echo "   exposure $overall (limit $MAX_EXPOSURE)"
+awk -v e="$overall" -v m="$MAX_EXPOSURE" 'BEGIN{exit !(e <= m)}' || fail "exposure $overall above $MAX_EXPOSURE"
+took
+
+step "cloud-init schema"
+examples=(docs/examples/*.yaml)
+[ ${#examples[@]} -gt 0 ] || fail "no docs/examples/*.yaml"
+for ex in "${examples[@]}"; do
+	out=$(cloud-init schema --config-file "$ex" 2>&1) || fail "cloud-init schema $ex: $out"
+	echo "   $ex: $out"
+done
+took
+
+step "install test: debootstrap Debian 12 (minbase)"
+if [ -n "${ROOT_CACHE:-}" ] && [ -d "$ROOT_CACHE" ]; then
+	ROOT=$WORK/root
+	cp -a "$ROOT_CACHE" "$ROOT"
+	echo "   reusing $ROOT_CACHE"
+else
+	ROOT=$WORK/root
+	debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,iproute2,man-db \
+		bookworm "$ROOT" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 ||
+		{ tail -20 "$WORK/debootstrap.log"; fail "debootstrap"; }
+	if [ -n "${ROOT_CACHE:-}" ]; then cp -a "$ROOT" "$ROOT_CACHE"; fi
+fi
+took
+
+step "install test: apt-get install the amd64 .deb (policy-rc.d forbids starting)"
+in_root() { chroot "$ROOT" "$@"; }
+printf '#!/bin/sh\nexit 101\n' >"$ROOT/usr/sbin/policy-rc.d"
+chmod 755 "$ROOT/usr/sbin/policy-rc.d"
+cp "${debs[0]}" "$ROOT/tmp/dualhomed.deb"
+cp /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
+in_root apt-get install -y -qq --no-install-recommends /tmp/dualhomed.deb >"$WORK/install.log" 2>&1 ||
+	{ cat "$WORK/install.log"; fail "installing the .deb"; }
+grep -iE 'warning|error' "$WORK/install.log" | grep -v 'policy-rc.d returned 101' && fail "install printed warnings" || true
+for f in /usr/bin/dualhomed /lib/systemd/system/dualhomed.service /etc/dualhomed/dualhomed.yaml \
+	/etc/iproute2/rt_protos.d/dualhomed.conf /usr/lib/systemd/networkd.conf.d/50-dualhomed.conf \
+	/usr/share/man/man1/dualhomed.1.gz /usr/share/doc/dualhomed/copyright /usr/share/doc/dualhomed/changelog.Debian.gz; do
+	[ -e "$ROOT$f" ] || fail "installed root lacks $f"
+done
+in_root dpkg-query -W -f='${Conffiles}\n' dualhomed | grep -q /etc/dualhomed/dualhomed.yaml || fail "config is not a conffile"
+[ -L "$ROOT/etc/systemd/system/multi-user.target.wants/dualhomed.service" ] || fail "not enabled (no multi-user.target.wants symlink)"
+state=$(in_root systemctl is-enabled dualhomed.service || true)
+[ "$state" = enabled ] || fail "systemctl is-enabled says $state"
+echo "   enabled: $state"
+ver=$(in_root dualhomed version) || fail "dualhomed version failed"
+echo "   dualhomed version: $ver"
+[ -n "$ver" ] || fail "dualhomed version printed nothing"
+in_root man -w dualhomed >/dev/null || fail "man dualhomed: no page"
+# The shipped units must verify cleanly where they are installed (the binary,
+# /bin/kill and the man page exist there); verify exits 0 on warnings.
+vout=$(in_root systemd-analyze verify /lib/systemd/system/dualhomed.service 2>&1) || true
+[ -z "$vout" ] || fail "systemd-analyze verify: $vout"
+echo "   systemd-analyze verify: no output"
+# "proto dualhomed": iproute2 in the root reads our rt_protos.d entry
+# (in a throwaway network namespace).
+names=$(unshare --net chroot "$ROOT" sh -c 'ip link set lo up &&
+	ip route add 192.0.2.0/24 dev lo proto 210 table 20000 &&
+	ip rule add from 192.0.2.1 lookup 20000 proto 210 pref 20000 &&
+	ip route show table 20000; ip rule show pref 20000')
+grep -c 'proto dualhomed' <<<"$names" | grep -qx 2 || fail "ip does not name protocol 210: $names"
+echo "   ip: $(tr '\n' ';' <<<"$names")"
+took
+
+if [ "$BOOT_TEST" = 1 ]; then
+	step "boot test: systemd-nspawn --private-network with the IMDS emulator"
+	rm -f "$ROOT/usr/sbin/policy-rc.d"
+	CGO_ENABLED=0 go build -trimpath -o "$ROOT/usr/local/bin/imds-emulator" ./cmd/imds-emulator
+	# The emulator answers on 169.254.169.254:80 inside the container only,
+	# ordered before dualhomed as IMDS would be on EC2.
+	cat >"$ROOT/etc/systemd/system/imds-emulator.service" <<-'UNIT'
+	[Unit]
+	Description=IMDS emulator for the dualhomed boot test
+	DefaultDependencies=no
+	Before=dualhomed.service
+	[Service]
+	ExecStartPre=/sbin/ip link set lo up
+	ExecStartPre=-/sbin/ip addr add 169.254.169.254/32 dev lo
+	ExecStart=/usr/local/bin/imds-emulator --listen 169.254.169.254:80 --example 1,1,0,0,1
+	[Install]
+	WantedBy=multi-user.target
+	UNIT
+	in_root systemctl enable imds-emulator.service >/dev/null 2>&1
+	systemd-nspawn -q --register=no --keep-unit --private-network -D "$ROOT" -b \
+		>"$WORK/boot.log" 2>&1 </dev/null &
+	NSPAWN_PID=$!
+	leader=
+	for _ in $(seq 100); do
+		leader=$(pgrep -P "$NSPAWN_PID" | head -1 || true)
+		[ -n "$leader" ] && break
+		sleep 0.1
+	done
+	[ -n "$leader" ] || { cat "$WORK/boot.log"; fail "container did not start"; }
+	in_ct() { nsenter -t "$leader" -a "$@"; }
+	# Wait for the boot to settle, then for the unit to leave activating
+	# (its own start timeout bounds that: READY=1 at the latest in degraded mode).
+	state=
+	for _ in $(seq 90); do
+		state=$(in_ct systemctl is-active dualhomed.service 2>/dev/null || true)
+		case $state in active|failed) break ;; esac
+		sleep 1
+	done
+	in_ct systemctl status --no-pager dualhomed.service || true
+	in_ct journalctl -b --no-pager -u dualhomed.service | tail -20 || true
+	[ "$state" = active ] || fail "dualhomed.service is $state in the booted container, not active"
+	show=$(in_ct systemctl show -p NRestarts -p StatusText -p User dualhomed.service)
+	echo "$show" | sed 's/^/   /'
+	grep -qx 'NRestarts=0' <<<"$show" || fail "dualhomed restarted"
+	in_ct systemctl reload dualhomed.service || fail "systemctl reload"
+	sleep 1
+	state=$(in_ct systemctl is-active dualhomed.service || true)
+	[ "$state" = active ] || fail "dualhomed.service is $state after reload"
+	echo "   active with READY=1; reload OK"
+	in_ct systemctl poweroff >/dev/null 2>&1 || true
+	wait "$NSPAWN_PID" 2>/dev/null || true
+	NSPAWN_PID=
+	took
+fi
+
+step "install test: remove and purge"
+in_root apt-get remove -y -qq dualhomed >"$WORK/remove.log" 2>&1 || { cat "$WORK/remove.log"; fail "apt-get remove"; }
+[ ! -e "$ROOT/usr/bin/dualhomed" ] || fail "binary left after remove"
+[ -e "$ROOT/etc/dualhomed/dualhomed.yaml" ] || fail "conffile gone after remove (only purge removes it)"
+in_root apt-get purge -y -qq dualhomed >"$WORK/purge.log" 2>&1 || { cat "$WORK/purge.log"; fail "apt-get purge"; }
+[ ! -e "$ROOT/etc/dualhomed/dualhomed.yaml" ] || fail "conffile left after purge"
+[ ! -e "$ROOT/etc/systemd/system/multi-user.target.wants/dualhomed.service" ] || fail "enablement symlink left after purge"
+took
+
+echo "== package-check passed in $(( SECONDS - start_all )) s"
