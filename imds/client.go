@@ -48,7 +48,9 @@ const (
 // Retry pacing. A snapshot retries a key at most MaxAttempts-1 times with
 // jittered exponential backoff, and all retries of a client share a bucket
 // of retryBurst tokens refilled at retriesPerSecond, so a broken IMDS costs
-// at most a few requests per second however many keys fail at once.
+// at most a few requests per second however many keys fail at once. The
+// first request of a snapshot that follows a failed one draws from the same
+// bucket, so callers that simply call Snapshot again are paced too.
 const (
 	backoffBase      = 100 * time.Millisecond
 	backoffMax       = 2 * time.Second
@@ -91,6 +93,10 @@ type Client struct {
 	requests    *limiter
 	retries     *limiter
 	total       atomic.Uint64
+	// lastFailed makes the first request of a snapshot that follows a failed
+	// one wait for a retry token too, so even a caller that retries
+	// Snapshot in a tight loop costs a broken IMDS only a few requests/s.
+	lastFailed atomic.Bool
 }
 
 // New validates opts and returns a Client. It sends no request.

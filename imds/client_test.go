@@ -579,3 +579,28 @@ func TestDefaultEndpointsReachTheSDK(t *testing.T) {
 		})
 	}
 }
+
+// A caller that calls Snapshot again and again against a broken IMDS is
+// paced by the client's retry budget. The assertion is an upper bound that
+// grows with elapsed time, so a slow machine cannot make it fail.
+func TestBrokenIMDSPacesRepeatedSnapshots(t *testing.T) {
+	t.Parallel()
+	f := twoENIs()
+	f.hook = func(w http.ResponseWriter, r *http.Request, path string, _ int) bool {
+		w.WriteHeader(http.StatusInternalServerError)
+		return true
+	}
+	c := f.start(t, Options{})
+	start := time.Now()
+	for time.Since(start) < time.Second {
+		if _, err := c.Snapshot(context.Background()); err == nil {
+			t.Fatal("Snapshot succeeded against a broken IMDS")
+		}
+	}
+	elapsed := time.Since(start).Seconds()
+	t.Logf("%d requests in %.2fs", c.Requests(), elapsed)
+	// One free first request, the burst, then the refill rate.
+	if max := 1 + retryBurst + int(retriesPerSecond*elapsed+1); c.Requests() > uint64(max) {
+		t.Errorf("%d requests in %.1fs, want at most %d", c.Requests(), elapsed, max)
+	}
+}

@@ -77,6 +77,19 @@ func keysToFetch(listed map[string]bool) []eniKey {
 //   - local-ipv4s is listed without subnet-ipv4-cidr-block, or ipv6s without
 //     subnet-ipv6-cidr-blocks (no gateway could be derived).
 func (c *Client) Snapshot(ctx context.Context) (Snapshot, error) {
+	if c.lastFailed.Load() {
+		if err := c.retries.wait(ctx); err != nil {
+			return Snapshot{}, err
+		}
+	}
+	snap, err := c.snapshot(ctx)
+	if ctx.Err() == nil { // the caller's cancellation says nothing about IMDS
+		c.lastFailed.Store(err != nil)
+	}
+	return snap, err
+}
+
+func (c *Client) snapshot(ctx context.Context) (Snapshot, error) {
 	var count atomic.Int64
 	ctx = context.WithValue(ctx, snapshotCounterKey{}, &count)
 
