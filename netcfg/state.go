@@ -28,7 +28,7 @@ type RuleKey struct {
 }
 
 // Key returns the rule's identity.
-func (r Rule) Key() RuleKey { return RuleKey{Priority: r.Priority, Src: r.Src, Table: r.Table} }
+func (r Rule) Key() RuleKey { return RuleKey(r) }
 
 // AddrKey is an address's identity: link and address with its prefix length.
 // The length is part of it because IPv4 allows the same address twice on a
