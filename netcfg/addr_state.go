@@ -80,3 +80,28 @@ func (k *Kernel) forgetAddr(a Addr) error {
 	delete(set, rec)
 	return k.writeAddrRecords(set)
 }
+
+// pruneAddrRecords forgets recorded addresses that are no longer on their
+// link (deleted by somebody else, or gone with their link): should another
+// tool add the same address later, it is not ours.
+func (k *Kernel) pruneAddrRecords() error {
+	set, err := k.addrRecords()
+	if err != nil || len(set) == 0 {
+		return err
+	}
+	present, err := k.addrs.list()
+	if err != nil {
+		return fmt.Errorf("listing addresses: %w", err)
+	}
+	kept := map[addrRecord]bool{}
+	for _, a := range present {
+		rec := addrRecord{Link: a.LinkIndex, Prefix: a.Prefix.String()}
+		if set[rec] {
+			kept[rec] = true
+		}
+	}
+	if len(kept) == len(set) {
+		return nil
+	}
+	return k.writeAddrRecords(kept)
+}

@@ -69,20 +69,20 @@ func (k *Kernel) Conflicts(desired State) []Warning {
 	}
 	eniOfTable := func(table int) string { return links[tableLink[table]] }
 
+	routes, routesErr := retryDump("routes", func() ([]netlink.Route, error) {
+		return k.h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
+	})
 	rules, err := retryDump("rules", func() ([]netlink.Rule, error) {
 		return k.h.RuleListFiltered(netlink.FAMILY_ALL, nil, 0)
 	})
-	if err != nil {
+	switch {
+	case err != nil:
 		warns = append(warns, Warning{Message: fmt.Sprintf("cannot check policy rules for conflicts: %v", err)})
-	} else {
-		warns = append(warns, k.ruleConflicts(desired, rules, eniOfTable)...)
+	case routesErr == nil:
+		warns = append(warns, k.ruleConflicts(desired, rules, tablesWithDefault(routes), eniOfTable)...)
 	}
-
-	routes, err := retryDump("routes", func() ([]netlink.Route, error) {
-		return k.h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
-	})
-	if err != nil {
-		warns = append(warns, Warning{Message: fmt.Sprintf("cannot check routes for conflicts: %v", err)})
+	if routesErr != nil {
+		warns = append(warns, Warning{Message: fmt.Sprintf("cannot check routes for conflicts: %v", routesErr)})
 	} else {
 		warns = append(warns, k.routeConflicts(tableLink, routes, links)...)
 	}
@@ -91,8 +91,29 @@ func (k *Kernel) Conflicts(desired State) []Warning {
 	return warns
 }
 
-// ruleConflicts finds foreign rules that shadow ours.
-func (k *Kernel) ruleConflicts(desired State, rules []netlink.Rule, eniOfTable func(int) string) []Warning {
+// defaultKey names a table of one address family.
+type defaultKey struct {
+	family int
+	table  int
+}
+
+// tablesWithDefault lists the tables holding a default route, per family.
+func tablesWithDefault(routes []netlink.Route) map[defaultKey]bool {
+	out := map[defaultKey]bool{}
+	for _, r := range routes {
+		if prefixOf(r.Dst, r.Family).Bits() == 0 && r.Type == unix.RTN_UNICAST {
+			out[defaultKey{r.Family, r.Table}] = true
+		}
+	}
+	return out
+}
+
+// ruleConflicts finds foreign rules that shadow ours: a rule before ours (or
+// at the same priority, which the kernel may evaluate first) that sends one of
+// our sources to another table. A rule "from all" only counts when its table
+// has a default route: otherwise lookups fall through it (Tailscale's
+// `5270: from all lookup 52` holds only tailnet routes).
+func (k *Kernel) ruleConflicts(desired State, rules []netlink.Rule, withDefault map[defaultKey]bool, eniOfTable func(int) string) []Warning {
 	var warns []Warning
 	for _, fr := range rules {
 		if fr.Protocol == k.cfg.Protocol && k.inPriorityBand(fr.Priority) {
@@ -102,12 +123,15 @@ func (k *Kernel) ruleConflicts(desired State, rules []netlink.Rule, eniOfTable f
 			continue
 		}
 		for _, ours := range desired.Rules {
-			if fr.Priority >= ours.Priority || fr.Table == ours.Table {
+			if fr.Priority > ours.Priority || fr.Table == ours.Table {
 				continue
 			}
 			src := prefixOf(fr.Src, fr.Family)
 			if !src.IsValid() || src.Addr().Is4() != ours.Src.Addr().Is4() ||
 				src.Bits() > ours.Src.Bits() || !src.Contains(ours.Src.Addr()) {
+				continue
+			}
+			if src.Bits() == 0 && !withDefault[defaultKey{fr.Family, fr.Table}] {
 				continue
 			}
 			warns = append(warns, Warning{
@@ -149,7 +173,11 @@ func describeNetlinkRule(r netlink.Rule) string {
 }
 
 func ruleHint(r netlink.Rule) string {
-	del := fmt.Sprintf("`ip rule del priority %d", r.Priority)
+	family := ""
+	if r.Family == unix.AF_INET6 {
+		family = "-6 "
+	}
+	del := fmt.Sprintf("`ip %srule del priority %d", family, r.Priority)
 	if r.Src != nil {
 		del += " from " + prefixOf(r.Src, r.Family).String()
 	}

@@ -26,6 +26,12 @@ func TestConflictsReportsForeignStateAndChangesNothing(t *testing.T) {
 		{"rule", "add", "priority", "30000", "from", "10.1.0.12", "lookup", "400"},                       // after ours
 		{"route", "add", "default", "via", "10.1.0.1", "dev", "eth1", "metric", "200"},                   // main default through a secondary
 		{"route", "add", "default", "via", "10.0.0.1", "dev", "eth0", "table", "10001"},
+		// Tailscale-like: a table without a default route, lookups fall through it.
+		{"rule", "add", "priority", "5270", "from", "all", "lookup", "52"},
+		{"route", "add", "100.64.0.0/10", "dev", "eth0", "table", "52"},
+		// A from-all rule to a table with a default route swallows everything.
+		{"-6", "rule", "add", "priority", "5300", "from", "all", "lookup", "53"},
+		{"-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0", "table", "53"},
 	} {
 		w.ip(t, args...)
 	}
@@ -48,18 +54,20 @@ func TestConflictsReportsForeignStateAndChangesNothing(t *testing.T) {
 		"0a:00:00:00:01:01: main table has a default route through secondary ENI",
 		"table 20001, in dualhomed's band, holds foreign routes: 192.0.2.0/24 (protocol 4), 2001:db8:1::/64 (protocol 4)",
 		"table 20077, in dualhomed's band, holds foreign routes: 0.0.0.0/0 (protocol 3)",
+		"foreign rule `5300: from all lookup 53` (protocol 0) takes precedence over ours (priority 20001) for 2600:1f18:b::11/128",
+		"`ip -6 rule del priority 5300 lookup 53`",
 	} {
 		if !strings.Contains(all, want) {
 			t.Errorf("no warning containing %q", want)
 		}
 	}
-	for _, notWant := range []string{"lookup main", "lookup 300", "lookup 400", "lookup 20001`", "lookup 20150", "eth0", "systemd-networkd is running"} {
+	for _, notWant := range []string{"lookup main", "lookup 300", "lookup 400", "lookup 20001`", "lookup 20150", "lookup 52`", "eth0", "systemd-networkd is running"} {
 		if strings.Contains(all, notWant) {
 			t.Errorf("unexpected warning containing %q", notWant)
 		}
 	}
-	if len(warns) != 5 {
-		t.Errorf("%d warnings, want 5", len(warns))
+	if len(warns) != 6 {
+		t.Errorf("%d warnings, want 6", len(warns))
 	}
 	for _, wn := range warns {
 		if wn.Hint == "" {

@@ -39,6 +39,11 @@ func (k *Kernel) Apply(p Plan) (writes int, err error) {
 	sort.SliceStable(dels, func(i, j int) bool { return deleteRank(dels[i]) < deleteRank(dels[j]) })
 
 	var errs []error
+	if !k.addrProto {
+		if err := k.pruneAddrRecords(); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	for _, op := range adds {
 		n, err := k.applyOp(op)
 		writes += n

@@ -365,9 +365,22 @@ func TestAddrOwnershipInStateFileWithoutIFAProto(t *testing.T) {
 		t.Errorf("state file: %q, %v", b, err)
 	}
 
+	// Somebody else deletes one of our addresses and adds it back: the
+	// record is pruned at the next Apply, and the address is not ours.
+	w.ip(t, "addr", "del", "10.1.0.11/24", "dev", "eth1")
+	if _, err := w.k.Apply(Plan{}); err != nil {
+		t.Fatalf("empty Apply: %v", err)
+	}
+	w.ip(t, "addr", "add", "10.1.0.11/24", "dev", "eth1")
+	if slices.ContainsFunc(w.owned(t).Addrs, func(a Addr) bool { return a.Prefix.String() == "10.1.0.11/24" }) {
+		t.Error("an address re-added by somebody else is claimed from a stale record")
+	}
+	w.ip(t, "addr", "del", "10.1.0.11/24", "dev", "eth1")
+
 	if _, err := w.k.Cleanup(); err != nil {
 		t.Fatalf("Cleanup: %v", err)
 	}
+	// Deleting 10.1.0.11/24 flushed the routes using it as source; what is left must go.
 	ktRequireEqual(t, w.dump(t), before)
 }
 
