@@ -604,3 +604,26 @@ func TestBrokenIMDSPacesRepeatedSnapshots(t *testing.T) {
 		t.Errorf("%d requests in %.1fs, want at most %d", c.Requests(), elapsed, max)
 	}
 }
+
+// A 200 whose body stalls past the timeout is retried like any timeout,
+// not mistaken for an answer.
+func TestSnapshotRetriesStalledBody(t *testing.T) {
+	f := twoENIs()
+	target := keyPath(mac2, "ipv6s")
+	f.hook = func(w http.ResponseWriter, r *http.Request, path string, hit int) bool {
+		if path != target || hit > 1 {
+			return false
+		}
+		w.Header().Set("Content-Length", "100")
+		w.WriteHeader(http.StatusOK)
+		w.Write([]byte("2001:db8:2:1::10\n"))
+		w.(http.Flusher).Flush()
+		<-r.Context().Done() // the rest never comes
+		return true
+	}
+	c := f.start(t, Options{Timeout: 100 * time.Millisecond})
+	snap := mustSnapshot(t, c)
+	if e, _ := snap.ENI(mac2); len(e.IPv6s) != 1 || f.hitCount(target) != 2 {
+		t.Errorf("IPv6s = %v after %d reads, want one address after 2 reads", e.IPv6s, f.hitCount(target))
+	}
+}

@@ -124,6 +124,13 @@ func (b *limitedBody) Read(p []byte) (int, error) {
 		p = p[:b.remaining+1]
 	}
 	n, err := b.ReadCloser.Read(p)
+	if err != nil && err != io.EOF && b.rec != nil {
+		// A body cut short or too slow (http.Client.Timeout) is a transport
+		// failure even though the status line said 200: retry it.
+		b.rec.mu.Lock()
+		b.rec.transportErr = err
+		b.rec.mu.Unlock()
+	}
 	b.remaining -= int64(n)
 	if b.remaining < 0 {
 		if b.rec != nil {
