@@ -13,6 +13,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -82,7 +83,7 @@ func run() int {
 	if hostErr := d.checkHostUnchanged(); hostErr != nil {
 		err = errors.Join(err, hostErr)
 	} else if d.hostBefore != nil {
-		say("Host left exactly as it was (same namespaces, same links).")
+		say("Host left exactly as it was (no namespace, link or rule of the demo remains).")
 	}
 	switch {
 	case ctx.Err() != nil:
@@ -118,9 +119,21 @@ func hostState() ([]string, error) {
 			st = append(st, "link "+f[1]+" "+f[2])
 		}
 	}
+	// Our namespaces only: other programs on this host may add theirs meanwhile.
 	entries, _ := os.ReadDir("/run/netns")
 	for _, e := range entries {
-		st = append(st, "netns "+e.Name())
+		if strings.HasPrefix(e.Name(), fmt.Sprintf("dh%dw", os.Getpid())) {
+			st = append(st, "netns "+e.Name())
+		}
+	}
+	for _, args := range [][]string{{"-4", "rule"}, {"-6", "rule"}} {
+		out, err := exec.Command("ip", args...).Output()
+		if err != nil {
+			return nil, fmt.Errorf("listing host rules: %w", err)
+		}
+		for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+			st = append(st, "rule "+l)
+		}
 	}
 	slices.Sort(st)
 	return st, nil
@@ -206,7 +219,7 @@ func (d *demo) run(ctx context.Context) error {
 		say("   %s", l)
 	}
 	say("")
-	say("   What it put in the kernel (ip rule, and one routing table per secondary ENI):")
+	say("   What it put in the kernel: source rules, one routing table per secondary ENI, and a main-table\n   route to VPC B (VPC C's CIDR overlaps VPC A's, so it gets none: see the warning above):")
 	rules, err := w.Instance.IP("rule", "show")
 	if err != nil {
 		return err
@@ -215,9 +228,37 @@ func (d *demo) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	tables := map[string]bool{}
 	for _, l := range strings.Split(strings.TrimSpace(rules+rules6), "\n") {
-		if strings.Contains(l, "proto") && !strings.Contains(l, "lookup local") && !strings.Contains(l, "lookup main") && !strings.Contains(l, "lookup default") {
-			say("   %s", l)
+		if strings.Contains(l, "proto 210") {
+			say("   ip rule: %s", strings.Join(strings.Fields(l), " "))
+			if f := strings.Fields(l); slices.Contains(f, "lookup") {
+				tables[f[slices.Index(f, "lookup")+1]] = true
+			}
+		}
+	}
+	for _, t := range slices.Sorted(maps.Keys(tables)) {
+		for _, fam := range []string{"-4", "-6"} {
+			// A table without IPv6 routes does not exist for IPv6: not an error.
+			out, _ := w.Instance.IP(fam, "route", "show", "table", t)
+			for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+				if l = strings.TrimSpace(l); l != "" {
+					say("   table %s: %s", t, l)
+				}
+			}
+		}
+	}
+	main4, err := w.Instance.IP("route", "show", "proto", "210")
+	if err != nil {
+		return err
+	}
+	main6, err := w.Instance.IP("-6", "route", "show", "proto", "210")
+	if err != nil {
+		return err
+	}
+	for _, l := range strings.Split(strings.TrimSpace(main4+main6), "\n") {
+		if l = strings.TrimSpace(l); l != "" {
+			say("   main:  %s", l)
 		}
 	}
 
