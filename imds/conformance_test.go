@@ -37,29 +37,49 @@ var aemmBuild struct {
 	err  error
 }
 
-// buildAEMM installs the pinned mock into a temporary GOBIN once per test
-// binary; go's build cache makes repeated runs cheap.
+// buildAEMM installs the pinned mock once per machine into
+// $TMPDIR/dualhomed-aemm-<version>/ (built in a scratch GOBIN, then renamed
+// into place atomically, so concurrent test processes never see half a
+// binary); go's module and build caches make a rebuild cheap anyway.
 func buildAEMM(t *testing.T) string {
 	t.Helper()
 	aemmBuild.once.Do(func() {
+		cache := filepath.Join(os.TempDir(), "dualhomed-aemm-"+aemmVersion)
+		bin := filepath.Join(cache, "ec2-metadata-mock")
+		if _, err := os.Stat(bin); err == nil {
+			aemmBuild.bin = bin
+			return
+		}
 		goBin, err := exec.LookPath("go")
 		if err != nil {
 			aemmBuild.err = fmt.Errorf("no go command in PATH: %w", err)
 			return
 		}
-		dir, err := os.MkdirTemp("", "aemm-")
+		if err := os.MkdirAll(cache, 0o755); err != nil {
+			aemmBuild.err = err
+			return
+		}
+		scratch, err := os.MkdirTemp(cache, "build-")
 		if err != nil {
 			aemmBuild.err = err
 			return
 		}
-		cmd := exec.Command(goBin, "install", aemmMain+"@"+aemmVersion)
-		cmd.Dir = dir // outside our module: the version pin alone decides
-		cmd.Env = append(os.Environ(), "GOBIN="+dir, "GOFLAGS=-mod=mod", "GOWORK=off")
+		defer os.RemoveAll(scratch)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, goBin, "install", aemmMain+"@"+aemmVersion)
+		cmd.Dir = scratch // outside our module: the version pin alone decides
+		goflags := strings.TrimSpace(os.Getenv("GOFLAGS") + " -mod=mod")
+		cmd.Env = append(os.Environ(), "GOBIN="+scratch, "GOFLAGS="+goflags, "GOWORK=off")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			aemmBuild.err = fmt.Errorf("go install %s@%s: %v\n%s", aemmMain, aemmVersion, err, out)
 			return
 		}
-		aemmBuild.bin = filepath.Join(dir, "ec2-metadata-mock")
+		if err := os.Rename(filepath.Join(scratch, "ec2-metadata-mock"), bin); err != nil {
+			aemmBuild.err = err
+			return
+		}
+		aemmBuild.bin = bin
 	})
 	if aemmBuild.err != nil {
 		t.Skipf("cannot build amazon-ec2-metadata-mock (needs the Go module proxy or a warm module cache): %v", aemmBuild.err)
