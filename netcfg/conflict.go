@@ -3,6 +3,7 @@ package netcfg
 import (
 	"bufio"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -48,7 +49,9 @@ func DefaultConflictPaths() ConflictPaths {
 //   - a main-table default route through a secondary ENI (one with a table
 //     of ours; not checked with Config.PrimaryTable, where the primary has
 //     one too);
-//   - foreign routes (another protocol) inside our table band;
+//   - foreign routes (another protocol) inside our table band, and foreign
+//     main-table routes that keep one of ours out (same destination and
+//     metric);
 //   - systemd-networkd running without ManageForeignRoutingPolicyRules=no or
 //     ManageForeignRoutes=no: it would delete our rules and routes.
 //
@@ -84,7 +87,7 @@ func (k *Kernel) Conflicts(desired State) []Warning {
 	if routesErr != nil {
 		warns = append(warns, Warning{Message: fmt.Sprintf("cannot check routes for conflicts: %v", routesErr)})
 	} else {
-		warns = append(warns, k.routeConflicts(tableLink, routes, links)...)
+		warns = append(warns, k.routeConflicts(desired, tableLink, routes, links)...)
 	}
 
 	warns = append(warns, networkdConflicts(k.ConflictPaths)...)
@@ -194,8 +197,14 @@ func ruleHint(r netlink.Rule) string {
 
 // routeConflicts finds default routes in main through secondary ENIs and
 // foreign routes in our tables.
-func (k *Kernel) routeConflicts(tableLink map[int]int, routes []netlink.Route, links map[int]string) []Warning {
+func (k *Kernel) routeConflicts(desired State, tableLink map[int]int, routes []netlink.Route, links map[int]string) []Warning {
 	var warns []Warning
+	wantMain := map[netip.Prefix]Route{} // our main-table routes by destination
+	for _, r := range desired.Routes {
+		if r.Table == MainTable {
+			wantMain[r.Dst] = r
+		}
+	}
 	secondary := map[int]bool{}
 	if !k.cfg.PrimaryTable {
 		for _, idx := range tableLink {
@@ -211,6 +220,16 @@ func (k *Kernel) routeConflicts(tableLink map[int]int, routes []netlink.Route, l
 				ENI:     links[r.LinkIndex],
 				Message: fmt.Sprintf("main table has a default route through secondary ENI (link #%d, via %v, metric %d, protocol %d): outbound traffic may leave through the wrong VPC", r.LinkIndex, r.Gw, r.Priority, r.Protocol),
 				Hint:    "stop the DHCP client or network manager from installing a default route on this interface (e.g. systemd-networkd: [DHCPv4] UseRoutes=no / UseGateway=no; netplan: dhcp4-overrides: use-routes: false)",
+			})
+		case r.Table == MainTable && !ours && r.Priority == defaultMetric(r.Family) && hasKey(wantMain, prefixOf(r.Dst, r.Family)):
+			// Same table, destination and metric: the kernel answers our add
+			// with EEXIST, and our route never exists.
+			want := wantMain[prefixOf(r.Dst, r.Family)]
+			warns = append(warns, Warning{
+				ENI: links[want.LinkIndex],
+				Message: fmt.Sprintf("foreign main-table route to %s (via %v, link #%d, protocol %d) has the metric of ours, which therefore cannot be added",
+					prefixOf(r.Dst, r.Family), r.Gw, r.LinkIndex, r.Protocol),
+				Hint: "give that route another metric, or set vpc_routes: off for this ENI",
 			})
 		case k.inTableBand(r.Table) && !ours:
 			foreign[r.Table] = append(foreign[r.Table], fmt.Sprintf("%s (protocol %d)", prefixOf(r.Dst, r.Family), r.Protocol))
@@ -229,6 +248,20 @@ func (k *Kernel) routeConflicts(tableLink map[int]int, routes []netlink.Route, l
 		})
 	}
 	return warns
+}
+
+// defaultMetric is the metric our routes get: none for IPv4, the kernel's
+// 1024 for IPv6.
+func defaultMetric(family int) int {
+	if family == unix.AF_INET6 {
+		return 1024
+	}
+	return 0
+}
+
+func hasKey[K comparable, V any](m map[K]V, k K) bool {
+	_, ok := m[k]
+	return ok
 }
 
 // networkdConflicts warns when systemd-networkd runs with settings that make

@@ -26,6 +26,8 @@ func TestConflictsReportsForeignStateAndChangesNothing(t *testing.T) {
 		{"rule", "add", "priority", "30000", "from", "10.1.0.12", "lookup", "400"},                       // after ours
 		{"route", "add", "default", "via", "10.1.0.1", "dev", "eth1", "metric", "200"},                   // main default through a secondary
 		{"route", "add", "default", "via", "10.0.0.1", "dev", "eth0", "table", "10001"},
+		// Blocks our main-table route to VPC C: same destination, metric 0.
+		{"route", "add", "172.31.0.0/16", "via", "10.0.0.1", "dev", "eth0", "proto", "static"},
 		// Tailscale-like: a table without a default route, lookups fall through it.
 		{"rule", "add", "priority", "5270", "from", "all", "lookup", "52"},
 		{"route", "add", "100.64.0.0/10", "dev", "eth0", "table", "52"},
@@ -56,6 +58,7 @@ func TestConflictsReportsForeignStateAndChangesNothing(t *testing.T) {
 		"table 20077, in dualhomed's band, holds foreign routes: 0.0.0.0/0 (protocol 3)",
 		"foreign rule `5300: from all lookup 53` (protocol 0) takes precedence over ours (priority 20001) for 2600:1f18:b::11/128",
 		"`ip -6 rule del priority 5300 lookup 53`",
+		"0a:00:00:00:01:03: foreign main-table route to 172.31.0.0/16 (via 10.0.0.1, link #2, protocol 4) has the metric of ours",
 	} {
 		if !strings.Contains(all, want) {
 			t.Errorf("no warning containing %q", want)
@@ -66,8 +69,8 @@ func TestConflictsReportsForeignStateAndChangesNothing(t *testing.T) {
 			t.Errorf("unexpected warning containing %q", notWant)
 		}
 	}
-	if len(warns) != 6 {
-		t.Errorf("%d warnings, want 6", len(warns))
+	if len(warns) != 7 {
+		t.Errorf("%d warnings, want 7", len(warns))
 	}
 	for _, wn := range warns {
 		if wn.Hint == "" {

@@ -47,11 +47,10 @@ type Kernel struct {
 // caller's namespace), recording state under stateDir. The Kernel keeps its
 // own duplicate of ns: the caller may close ns afterwards.
 func NewKernel(ns netns.NsHandle, stateDir string, cfg Config) (*Kernel, error) {
-	if cfg.Protocol == 0 {
-		return nil, errors.New("creating kernel: protocol 0 cannot mark our objects")
-	}
-	if cfg.CardStride <= 0 {
-		return nil, fmt.Errorf("creating kernel: card stride %d must be positive", cfg.CardStride)
+	// Ownership depends on these numbers: a kernel protocol value or a band
+	// over the main table would make us claim objects that are not ours.
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("creating kernel: %w", err)
 	}
 	if stateDir == "" {
 		return nil, errors.New("creating kernel: empty state directory")

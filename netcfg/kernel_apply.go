@@ -146,8 +146,9 @@ func (k *Kernel) applyRoute(op Op) error {
 	nr := k.netlinkRoute(r)
 	switch {
 	case op.Delete:
-		// Match our route whatever scope the kernel gave it; the protocol
-		// keeps a foreign route with the same destination safe.
+		// Match our route whatever scope and type the kernel gave it; the
+		// protocol keeps a foreign route with the same destination safe.
+		nr.Type = 0
 		if r.Dst.Addr().Is4() {
 			nr.Scope = netlink.SCOPE_NOWHERE
 		}

@@ -557,3 +557,48 @@ func TestParseRelease(t *testing.T) {
 		}
 	}
 }
+
+func TestNewKernelRefusesUnsafeConfig(t *testing.T) {
+	w := newKTWorld(t)
+	for name, mod := range map[string]func(*Config){
+		"kernel protocol": func(c *Config) { c.Protocol = 4 }, // static: we would claim the operator's routes
+		"band over main":  func(c *Config) { c.TableBase = 200 },
+		"no stride":       func(c *Config) { c.CardStride = 0 },
+	} {
+		cfg := DefaultConfig()
+		mod(&cfg)
+		if k, err := NewKernel(w.ns.Handle, t.TempDir(), cfg); err == nil {
+			k.Close()
+			t.Errorf("%s: NewKernel accepted %+v", name, cfg)
+		}
+	}
+	if _, err := NewKernel(w.ns.Handle, "", DefaultConfig()); err == nil {
+		t.Error("NewKernel accepted an empty state directory")
+	}
+}
+
+func TestOwnedIgnoresOurProtocolOutsideOurBands(t *testing.T) {
+	w := newKTWorld(t)
+	w.ip(t, "addr", "add", "10.1.0.11/24", "dev", "eth1")
+	for _, args := range [][]string{
+		{"route", "add", "10.77.0.0/16", "dev", "eth1", "table", "100", "proto", "210"},
+		{"route", "add", "10.78.0.0/16", "dev", "eth1", "table", "19999", "proto", "210"},
+		{"route", "add", "10.79.0.0/16", "dev", "eth1", "table", "23200", "proto", "210"}, // 20000 + 100*32
+		{"rule", "add", "priority", "100", "from", "10.1.0.77", "lookup", "100", "proto", "210"},
+		{"rule", "add", "priority", "23200", "from", "10.1.0.78", "lookup", "20001", "proto", "210"},
+		{"rule", "add", "priority", "20001", "from", "10.1.0.79", "lookup", "20001", "proto", "static"},
+		{"route", "add", "10.80.0.0/16", "dev", "eth1", "table", "20001", "proto", "static"},
+	} {
+		w.ip(t, args...)
+	}
+	if owned := w.owned(t); !owned.Empty() {
+		t.Errorf("Owned() claims foreign objects: %+v", owned)
+	}
+	// At the edges of the bands, with our protocol: ours.
+	w.ip(t, "route", "add", "10.81.0.0/16", "dev", "eth1", "table", "23199", "proto", "210")
+	w.ip(t, "rule", "add", "priority", "20000", "from", "10.1.0.80", "lookup", "20000", "proto", "210")
+	owned := w.owned(t)
+	if len(owned.Routes) != 1 || owned.Routes[0].Table != 23199 || len(owned.Rules) != 1 || owned.Rules[0].Priority != 20000 {
+		t.Errorf("Owned() at the band edges: %+v", owned)
+	}
+}
