@@ -99,6 +99,7 @@ type Daemon struct {
 	kernel   Kernel
 
 	pending atomic.Uint32 // reason bits not yet handled
+	idle    atomic.Bool   // the worker waits with nothing pending (for tests)
 	kick    chan struct{}
 	reload  chan chan error
 
@@ -108,6 +109,7 @@ type Daemon struct {
 	lastStatus    string
 	lastSuccess   time.Time
 	imdsFailures  int
+	imdsLastError string
 	imdsRetryAt   time.Time
 	lastIMDSWarn  time.Time
 	linkRetries   map[int]int
@@ -308,6 +310,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.trigger(reasonStart)
 
 	for {
+		d.idle.Store(!settling && d.pending.Load() == 0)
 		select {
 		case <-ctx.Done():
 			d.notifier.Notify("STOPPING=1")
@@ -388,6 +391,7 @@ func (d *Daemon) reconcile(ctx context.Context, r reason) error {
 		refresh = RefreshNever // IMDS is backing off: repair from the last good snapshot
 	}
 	rep, err := d.rec.Reconcile(ctx, refresh, false)
+	rep.Trigger = r.String()
 	d.metrics.Record(rep, err)
 	log := d.log.With(zap.Stringer("trigger", r))
 	if err != nil {
@@ -435,13 +439,19 @@ func (d *Daemon) statusLine() string {
 	if d.report.Time.IsZero() {
 		return "waiting for the first reconcile"
 	}
-	return d.report.Summary()
+	s := d.report.Summary()
+	if d.imdsFailures > 0 && d.report.IMDSError == "" {
+		// This reconcile reused the last good snapshot; IMDS is still down.
+		s = "degraded, IMDS unreachable, keeping routes: " + s
+	}
+	return s
 }
 
 func (d *Daemon) trackIMDS(rep Report, log *zap.Logger) {
 	switch {
 	case rep.IMDSError != "":
 		d.imdsFailures++
+		d.imdsLastError = rep.IMDSError
 		backoff := time.Second << min(d.imdsFailures-1, 10)
 		backoff = min(backoff, maxIMDSBackoff, d.Config().PollInterval)
 		d.imdsRetryAt = time.Now().Add(backoff)
@@ -541,16 +551,16 @@ func (d *Daemon) writeStatus(rep Report, err error) {
 	cfg := d.Config()
 	h := Health{
 		PID: os.Getpid(), Version: d.opts.Version, Started: d.started, Updated: time.Now(),
-		Ready: d.ready, Degraded: err != nil || rep.IMDSError != "" || rep.ApplyError != "",
+		Ready: d.ready, Degraded: err != nil || d.imdsFailures > 0 || rep.ApplyError != "",
 		Summary: d.statusLine(), LastSuccess: d.lastSuccess, Report: rep,
 	}
 	switch {
 	case err != nil:
 		h.LastError = err.Error()
-	case rep.IMDSError != "":
-		h.LastError = rep.IMDSError
 	case rep.ApplyError != "":
 		h.LastError = rep.ApplyError
+	case d.imdsFailures > 0:
+		h.LastError = d.imdsLastError
 	}
 	if werr := WriteStatus(cfg.StateDir, h); werr != nil {
 		d.log.Warn("writing status file", zap.Error(werr))

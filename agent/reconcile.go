@@ -50,7 +50,9 @@ func (c Change) String() string { return c.Text }
 
 // Report is the outcome of one reconcile.
 type Report struct {
-	Time     time.Time     `json:"time"`
+	Time time.Time `json:"time"`
+	// Trigger names what caused the reconcile in the daemon ("poll", "link+drift").
+	Trigger  string        `json:"trigger,omitempty"`
 	Duration time.Duration `json:"duration_ns"`
 	// Fresh is true when this reconcile read IMDS successfully.
 	Fresh bool `json:"fresh"`
@@ -59,6 +61,9 @@ type Report struct {
 	// nothing: an IMDS error is never an answer.
 	IMDSError string `json:"imds_error,omitempty"`
 	IMDSErr   error  `json:"-"`
+	// HaveSnapshot is false until IMDS was read successfully once: nothing
+	// is known about the ENIs and nothing is changed.
+	HaveSnapshot bool `json:"have_snapshot"`
 	// IMDSRequests is the number of HTTP requests the snapshot cost.
 	IMDSRequests int           `json:"imds_requests"`
 	IMDSLatency  time.Duration `json:"imds_latency_ns"`
@@ -121,6 +126,9 @@ func (r Report) Summary() string {
 	s := fmt.Sprintf("%d %s", len(r.ENIs), noun)
 	if len(parts) > 0 {
 		s += ": " + strings.Join(parts, ", ")
+	}
+	if !r.HaveSnapshot {
+		s = "no IMDS snapshot yet, nothing changed"
 	}
 	if r.IMDSError != "" {
 		s = "degraded, IMDS unreachable, keeping routes: " + s
@@ -224,6 +232,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 	if !haveSnap && r.lastGood != nil {
 		snap, haveSnap = *r.lastGood, true
 	}
+	rep.HaveSnapshot = haveSnap
 
 	owned := obs.Owned
 	var desired netcfg.Result

@@ -1,0 +1,443 @@
+package agent
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"go.uber.org/zap/zaptest"
+	"golang.org/x/sys/unix"
+
+	"github.com/dualhomed/dualhomed/imds"
+	"github.com/dualhomed/dualhomed/imds/emulator"
+	"github.com/dualhomed/dualhomed/netcfg"
+	"github.com/dualhomed/dualhomed/netcfg/nstest"
+)
+
+// world is a throwaway instance namespace with its primary ENI (eth0), a
+// router namespace holding the veth peers, and an IMDS emulator on loopback in
+// the host namespace (the daemon's HTTP client runs there; netlink acts in
+// the instance namespace).
+type world struct {
+	t      *testing.T
+	ns     *nstest.NS
+	router *nstest.NS
+	emu    *emulator.Server
+	url    string
+	inst   emulator.Instance // as created: ENIs[0] primary, ENIs[1] and [2] secondary
+}
+
+func newWorld(t *testing.T, attached int) *world {
+	t.Helper()
+	nstest.RequireRoot(t)
+	w := &world{t: t, ns: nstest.New(t), router: nstest.New(t)}
+	// IPv4-only world: without IPv6, no link-local address or DAD events
+	// arrive late and trigger reconciles the test did not ask for.
+	err := w.ns.Do(func() error {
+		for _, k := range []string{"all", "default"} {
+			if err := os.WriteFile("/proc/sys/net/ipv6/conf/"+k+"/disable_ipv6", []byte("1"), 0o644); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("disabling IPv6 in the test namespace: %v", err)
+	}
+	w.inst = emulator.ExampleInstance(3, 2, 0, 0, 1)
+	inst := w.inst.Clone()
+	inst.ENIs = inst.ENIs[:attached]
+	w.emu = emulator.New(inst)
+	url, err := w.emu.Start("127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("starting IMDS emulator: %v", err)
+	}
+	t.Cleanup(func() { w.emu.Close() })
+	w.url = url
+	w.link(0)
+	return w
+}
+
+// link creates the veth of ENI i in the instance namespace: eth<i>.
+func (w *world) link(i int) {
+	w.t.Helper()
+	name := "eth" + string(rune('0'+i))
+	w.ns.Veth(w.t, name, w.inst.ENIs[i].MAC, w.router, "r"+name)
+}
+
+func (w *world) config() Config {
+	cfg := DefaultConfig()
+	cfg.StateDir = w.t.TempDir()
+	cfg.PollInterval = time.Hour // only events may trigger, unless a test says otherwise
+	cfg.StartTimeout = time.Hour
+	cfg.IMDS = IMDSConfig{Endpoint: w.url, Timeout: time.Second}
+	return cfg
+}
+
+func testSource(c IMDSConfig) (Snapshotter, error) {
+	// Unpaced: the emulator is local.
+	cl, err := imds.New(imds.Options{Endpoint: c.Endpoint, Timeout: c.Timeout, MaxRequestsPerSecond: -1})
+	if err != nil {
+		return nil, err
+	}
+	return cl, nil
+}
+
+// recorder is a Notifier that keeps every message.
+type recorder struct {
+	mu   sync.Mutex
+	msgs []string
+}
+
+func (r *recorder) Notify(s string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.msgs = append(r.msgs, s)
+}
+
+func (r *recorder) has(prefix string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, m := range r.msgs {
+		for _, line := range strings.Split(m, "\n") {
+			if strings.HasPrefix(line, prefix) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+type running struct {
+	d      *Daemon
+	notes  *recorder
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func (w *world) start(cfg Config, configPath string) *running {
+	w.t.Helper()
+	r := &running{notes: &recorder{}, done: make(chan error, 1)}
+	d, err := NewDaemon(Options{
+		ConfigPath: configPath, Config: cfg, NS: w.ns.Handle, Logger: zaptest.NewLogger(w.t),
+		NewSource: testSource, Notifier: r.notes, Version: "test",
+	})
+	if err != nil {
+		w.t.Fatalf("NewDaemon: %v", err)
+	}
+	r.d = d
+	ctx, cancel := context.WithCancel(context.Background())
+	r.cancel = cancel
+	go func() { r.done <- d.Run(ctx) }()
+	w.t.Cleanup(r.stop)
+	return r
+}
+
+func (r *running) stop() {
+	if r.cancel == nil {
+		return
+	}
+	r.cancel()
+	r.cancel = nil
+	<-r.done
+}
+
+// settle waits until the daemon has handled every event so far, so that
+// what happens next is caused by the test's own action.
+func (r *running) settle(t *testing.T) {
+	t.Helper()
+	waitFor(t, "the daemon to go idle", r.d.idle.Load)
+}
+
+// waitFor polls cond until it holds; the deadline is generous on purpose (no
+// timing assertion: a slow CI machine must not fail the test).
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// hasRule reports whether the namespace has `from src lookup table` with our protocol.
+func (w *world) hasRule(src string, table int) bool {
+	rules, err := w.ns.NL.RuleList(netlink.FAMILY_V4)
+	if err != nil {
+		w.t.Fatalf("listing rules: %v", err)
+	}
+	for _, r := range rules {
+		if r.Table == table && r.Src != nil && r.Src.String() == src && r.Protocol == netcfg.DefaultProtocol {
+			return true
+		}
+	}
+	return false
+}
+
+func (w *world) findRule(match func(netlink.Rule) bool) *netlink.Rule {
+	rules, err := w.ns.NL.RuleList(netlink.FAMILY_V4)
+	if err != nil {
+		w.t.Fatalf("listing rules: %v", err)
+	}
+	for _, r := range rules {
+		if match(r) {
+			return &r
+		}
+	}
+	return nil
+}
+
+// eniRule is the first rule dualhomed wants for ENI i of ExampleInstance:
+// from 10.i.0.10 lookup 2000i.
+func eniRule(i int) (string, int) {
+	return netip.AddrFrom4([4]byte{10, byte(i), 0, 10}).String() + "/32", netcfg.DefaultTableBase + i
+}
+
+func TestDaemonConfiguresHotAttachedLinkWithoutPoll(t *testing.T) {
+	w := newWorld(t, 2) // IMDS already lists ENI 1; its link does not exist yet
+	cfg := w.config()
+	r := w.start(cfg, "")
+	waitFor(t, "READY=1 after the first reconcile", func() bool { return r.notes.has("READY=1") })
+
+	r.settle(t)
+	src, table := eniRule(1)
+	if w.hasRule(src, table) {
+		t.Fatal("ENI 1 configured before its link exists")
+	}
+	w.link(1) // the hot attach: the poll timer is 1 h away, only the link event can act
+	waitFor(t, "the rule of the hot-attached ENI", func() bool { return w.hasRule(src, table) })
+
+	h, err := ReadStatus(cfg.StateDir)
+	if err != nil {
+		t.Fatalf("reading status file: %v", err)
+	}
+	if !h.Ready || h.PID != os.Getpid() {
+		t.Errorf("status file: %+v", h)
+	}
+}
+
+func TestDaemonLinkBeforeIMDSKnowsIt(t *testing.T) {
+	w := newWorld(t, 1) // IMDS lists only the primary
+	cfg := w.config()
+	cfg.PollInterval = time.Second
+	r := w.start(cfg, "")
+	waitFor(t, "READY=1", func() bool { return r.notes.has("READY=1") })
+
+	w.link(1) // the link appears first: IMDS does not know the MAC yet
+	src, table := eniRule(1)
+	if err := w.emu.AttachENI(w.inst.ENIs[1]); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the rule of the ENI IMDS learned late", func() bool { return w.hasRule(src, table) })
+}
+
+func TestDaemonRepairsOwnRuleLeavesForeignRules(t *testing.T) {
+	w := newWorld(t, 2)
+	w.link(1)
+	r := w.start(w.config(), "")
+	src, table := eniRule(1)
+	waitFor(t, "ENI 1 configured", func() bool { return w.hasRule(src, table) })
+	waitFor(t, "READY=1", func() bool { return r.notes.has("READY=1") })
+	r.settle(t)
+
+	// Two foreign rules: one in our priority band (another protocol), kept;
+	// one we delete, which must stay deleted.
+	foreign := func(prio int, from string) *netlink.Rule {
+		rule := netlink.NewRule()
+		rule.Priority, rule.Table, rule.Protocol = prio, 100+prio%100, unix.RTPROT_STATIC
+		rule.Src = &net.IPNet{IP: net.ParseIP(from).To4(), Mask: net.CIDRMask(32, 32)}
+		if err := w.ns.NL.RuleAdd(rule); err != nil {
+			t.Fatalf("adding foreign rule: %v", err)
+		}
+		return rule
+	}
+	kept := foreign(netcfg.DefaultPriorityBase+5, "192.0.2.5")
+	gone := foreign(1000, "192.0.2.6")
+	if err := w.ns.NL.RuleDel(gone); err != nil {
+		t.Fatal(err)
+	}
+
+	ours := w.findRule(func(r netlink.Rule) bool { return r.Table == table && r.Src != nil && r.Src.String() == src })
+	if err := w.ns.NL.RuleDel(ours); err != nil {
+		t.Fatalf("deleting our rule: %v", err)
+	}
+	// Deleted after the foreign one, so its repair proves a reconcile ran
+	// after the foreign deletion.
+	waitFor(t, "our deleted rule restored", func() bool { return w.hasRule(src, table) })
+	r.settle(t)
+	if h, err := ReadStatus(r.d.Config().StateDir); err != nil || !strings.Contains(h.Report.Trigger, "drift") {
+		t.Errorf("the repair was not triggered by the rule deletion: trigger %q, %v", h.Report.Trigger, err)
+	}
+
+	if w.findRule(func(r netlink.Rule) bool { return r.Priority == gone.Priority && r.Table == gone.Table }) != nil {
+		t.Error("a deleted foreign rule was restored")
+	}
+	if w.findRule(func(r netlink.Rule) bool {
+		return r.Priority == kept.Priority && r.Table == kept.Table && r.Protocol == unix.RTPROT_STATIC
+	}) == nil {
+		t.Error("a foreign rule in our priority band was removed")
+	}
+}
+
+func TestDaemonReloadRejectsBadConfig(t *testing.T) {
+	w := newWorld(t, 2)
+	w.link(1)
+	cfg := w.config()
+	path := filepath.Join(t.TempDir(), "dualhomed.yaml")
+	base := "poll_interval: 1h\nstate_dir: " + cfg.StateDir + "\nimds:\n  endpoint: " + w.url + "\n"
+	if err := os.WriteFile(path, []byte(base), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	loaded, err := LoadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := w.start(loaded, path)
+	src, table := eniRule(1)
+	waitFor(t, "ENI 1 configured", func() bool { return w.hasRule(src, table) })
+
+	bad := base + "enis:\n  - match: {interface_id: " + w.inst.ENIs[1].InterfaceID + "}\n    vpc_routes: maybe\n"
+	if err := os.WriteFile(path, []byte(bad), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	err = r.d.Reload(context.Background())
+	if err == nil || !strings.Contains(err.Error(), path+":7: enis[0].vpc_routes") {
+		t.Fatalf("Reload with a bad file: err = %v, want it to name %s:7", err, path)
+	}
+	// The old configuration still runs: drift is repaired as before.
+	ours := w.findRule(func(r netlink.Rule) bool { return r.Table == table && r.Src != nil && r.Src.String() == src })
+	if err := w.ns.NL.RuleDel(ours); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "rule restored under the old configuration", func() bool { return w.hasRule(src, table) })
+
+	// A good file takes effect: an extra route appears in ENI 1's table.
+	good := base + "enis:\n  - match: {interface_id: " + w.inst.ENIs[1].InterfaceID + "}\n    extra_routes: [198.51.100.0/24]\n"
+	if err := os.WriteFile(path, []byte(good), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.d.Reload(context.Background()); err != nil {
+		t.Fatalf("Reload with a good file: %v", err)
+	}
+	waitFor(t, "the extra route of the reloaded configuration", func() bool {
+		routes, err := w.ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, rt := range routes {
+			if rt.Dst != nil && rt.Dst.String() == "198.51.100.0/24" {
+				return true
+			}
+		}
+		return false
+	})
+}
+
+func TestDaemonIMDSUnreachableKeepsKernelState(t *testing.T) {
+	w := newWorld(t, 2)
+	w.link(1)
+	// A rule of ours from an earlier run.
+	src, table := eniRule(1)
+	rule := netlink.NewRule()
+	rule.Priority, rule.Table, rule.Protocol = netcfg.DefaultPriorityBase+1, table, netcfg.DefaultProtocol
+	rule.Src = &net.IPNet{IP: net.ParseIP("10.1.0.10").To4(), Mask: net.CIDRMask(32, 32)}
+	if err := w.ns.NL.RuleAdd(rule); err != nil {
+		t.Fatal(err)
+	}
+	cfg := w.config()
+	cfg.IMDS.Endpoint = closedPort(t)
+	cfg.StartTimeout = time.Second
+	r := w.start(cfg, "")
+	waitFor(t, "READY=1 (degraded) after start_timeout", func() bool { return r.notes.has("READY=1") })
+	if !r.notes.has("STATUS=degraded") {
+		t.Errorf("READY without a degraded STATUS: %q", r.notes.msgs)
+	}
+	h, err := ReadStatus(cfg.StateDir)
+	if err != nil || !h.Degraded || h.LastError == "" {
+		t.Errorf("status file while IMDS is down: %+v, %v", h, err)
+	}
+	if !w.hasRule(src, table) {
+		t.Error("an unreachable IMDS removed a rule")
+	}
+}
+
+// closedPort returns an http URL on loopback where nothing listens.
+func closedPort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return "http://" + addr
+}
+
+func TestDaemonSdNotify(t *testing.T) {
+	w := newWorld(t, 2)
+	w.link(1)
+	sock := filepath.Join(t.TempDir(), "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	t.Setenv("NOTIFY_SOCKET", sock)
+	t.Setenv("WATCHDOG_USEC", "200000")
+
+	var mu sync.Mutex
+	got := map[string]bool{}
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, err := conn.Read(buf)
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			for _, line := range strings.Split(string(buf[:n]), "\n") {
+				key, _, _ := strings.Cut(line, "=")
+				got[key] = true
+				if key == "STATUS" && strings.Contains(line, "configured") {
+					got["STATUS configured"] = true
+				}
+			}
+			mu.Unlock()
+		}
+	}()
+	seen := func(k string) func() bool {
+		return func() bool { mu.Lock(); defer mu.Unlock(); return got[k] }
+	}
+
+	cfg := w.config()
+	d, err := NewDaemon(Options{Config: cfg, NS: w.ns.Handle, Logger: zaptest.NewLogger(t), NewSource: testSource})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx) }()
+	waitFor(t, "READY", seen("READY"))
+	waitFor(t, "STATUS with configured ENIs", seen("STATUS configured"))
+	waitFor(t, "WATCHDOG", seen("WATCHDOG"))
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	waitFor(t, "STOPPING", seen("STOPPING"))
+
+	// Stopping leaves routes in place.
+	src, table := eniRule(1)
+	if !w.hasRule(src, table) {
+		t.Error("stopping removed our rules")
+	}
+}

@@ -1,0 +1,311 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/dualhomed/dualhomed/imds"
+	"github.com/dualhomed/dualhomed/netcfg"
+)
+
+// fakeKernel is an in-memory kernel: Apply changes its owned state, so
+// consecutive reconciles see their own effects.
+type fakeKernel struct {
+	obs     netcfg.Observed
+	applied []netcfg.Plan
+}
+
+func (k *fakeKernel) Observe() (netcfg.Observed, error)       { return k.obs, nil }
+func (k *fakeKernel) Conflicts(netcfg.State) []netcfg.Warning { return nil }
+func (k *fakeKernel) Apply(p netcfg.Plan) (int, error) {
+	k.applied = append(k.applied, p)
+	st := &k.obs.Owned
+	for _, op := range p.Ops {
+		switch {
+		case op.Rule != nil && op.Delete:
+			st.Rules = removeFunc(st.Rules, func(r netcfg.Rule) bool { return r.Key() == op.Rule.Key() })
+		case op.Rule != nil:
+			st.Rules = append(st.Rules, *op.Rule)
+		case op.Route != nil && op.Delete:
+			st.Routes = removeFunc(st.Routes, func(r netcfg.Route) bool { return r.Key() == op.Route.Key() })
+		case op.Route != nil && op.Replace:
+			st.Routes = removeFunc(st.Routes, func(r netcfg.Route) bool { return r.Key() == op.Route.Key() })
+			st.Routes = append(st.Routes, *op.Route)
+		case op.Route != nil:
+			st.Routes = append(st.Routes, *op.Route)
+		case op.Addr != nil && op.Delete:
+			st.Addrs = removeFunc(st.Addrs, func(a netcfg.Addr) bool { return a.Key() == op.Addr.Key() })
+			k.obs.Addrs[op.Addr.LinkIndex] = removeFunc(k.obs.Addrs[op.Addr.LinkIndex], func(p netip.Prefix) bool { return p == op.Addr.Prefix })
+		case op.Addr != nil:
+			st.Addrs = append(st.Addrs, *op.Addr)
+			k.obs.Addrs[op.Addr.LinkIndex] = append(k.obs.Addrs[op.Addr.LinkIndex], op.Addr.Prefix)
+		case op.RPFilter != nil && op.Delete:
+			st.RPFilters = removeFunc(st.RPFilters, func(f netcfg.RPFilter) bool { return f.LinkName == op.RPFilter.LinkName })
+		case op.RPFilter != nil:
+			st.RPFilters = removeFunc(st.RPFilters, func(f netcfg.RPFilter) bool { return f.LinkName == op.RPFilter.LinkName })
+			st.RPFilters = append(st.RPFilters, *op.RPFilter)
+		}
+	}
+	st.Sort()
+	return len(p.Ops), nil
+}
+
+func removeFunc[T any](s []T, del func(T) bool) []T {
+	var out []T
+	for _, x := range s {
+		if !del(x) {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+type fakeIMDS struct {
+	snap  imds.Snapshot
+	err   error
+	reads int
+}
+
+func (f *fakeIMDS) Snapshot(context.Context) (imds.Snapshot, error) {
+	f.reads++
+	if f.err != nil {
+		return imds.Snapshot{}, f.err
+	}
+	snap := f.snap // like the real client, every snapshot has its own slices
+	snap.ENIs = append([]imds.ENI(nil), f.snap.ENIs...)
+	return snap, nil
+}
+
+const (
+	macPrimary = "02:00:00:00:00:00"
+	macB       = "02:00:00:00:00:01"
+	macC       = "02:00:00:00:00:02"
+)
+
+func eni(mac string, device int, vpc string, ip string) imds.ENI {
+	a := netip.MustParseAddr(ip)
+	return imds.ENI{
+		MAC: mac, Ready: true, DeviceNumber: device, InterfaceID: "eni-" + mac[len(mac)-2:], VPCID: vpc,
+		SubnetIPv4CIDR: netip.PrefixFrom(a, 24).Masked(), VPCIPv4CIDRs: []netip.Prefix{netip.PrefixFrom(a, 16).Masked()},
+		LocalIPv4s: []netip.Addr{a},
+	}
+}
+
+func testWorld() (*fakeIMDS, *fakeKernel) {
+	src := &fakeIMDS{snap: imds.Snapshot{PrimaryMAC: macPrimary, ENIs: []imds.ENI{
+		eni(macPrimary, 0, "vpc-a", "10.0.0.10"),
+		eni(macB, 1, "vpc-b", "10.1.0.10"),
+		eni(macC, 2, "vpc-b", "10.1.1.10"),
+	}}}
+	k := &fakeKernel{obs: netcfg.Observed{
+		Links: []netcfg.Link{{Index: 1, Name: "lo", MAC: "00:00:00:00:00:00"}, {Index: 2, Name: "eth0", MAC: macPrimary},
+			{Index: 3, Name: "eth1", MAC: macB}, {Index: 4, Name: "eth2", MAC: macC}},
+		Addrs: map[int][]netip.Prefix{2: {netip.MustParsePrefix("10.0.0.10/24")}},
+	}}
+	return src, k
+}
+
+func rulesOf(st netcfg.State, table int) int {
+	n := 0
+	for _, r := range st.Rules {
+		if r.Table == table {
+			n++
+		}
+	}
+	return n
+}
+
+func TestReconcileConfiguresThenIsANoOp(t *testing.T) {
+	src, k := testWorld()
+	rec := NewReconciler(src, k, DefaultConfig())
+	rep, err := rec.Reconcile(context.Background(), RefreshAlways, false)
+	if err != nil || !rep.OK() {
+		t.Fatalf("first reconcile: %v %+v", err, rep)
+	}
+	if rep.Writes == 0 || rep.Configured() < 2 || rulesOf(k.obs.Owned, 20001) == 0 || rulesOf(k.obs.Owned, 20002) == 0 {
+		t.Fatalf("nothing configured: %s, owned %+v", rep.Summary(), k.obs.Owned)
+	}
+	for _, c := range rep.Changes {
+		if c.ENI == "" || c.Text == "" {
+			t.Errorf("change not attributed: %+v", c)
+		}
+	}
+	rep, err = rec.Reconcile(context.Background(), RefreshAlways, false)
+	if err != nil || rep.Writes != 0 || len(rep.Changes) != 0 || rep.Repairs != 0 {
+		t.Fatalf("second reconcile must be a no-op: %v writes=%d changes=%v", err, rep.Writes, rep.Changes)
+	}
+}
+
+func TestReconcileIMDSErrorNeverDeletes(t *testing.T) {
+	src, k := testWorld()
+	rec := NewReconciler(src, k, DefaultConfig())
+	if _, err := rec.Reconcile(context.Background(), RefreshAlways, false); err != nil {
+		t.Fatal(err)
+	}
+	before := k.obs.Owned
+	// Another program deletes one rule of eni B; then IMDS fails.
+	var lost netcfg.Rule
+	for _, r := range k.obs.Owned.Rules {
+		if r.Table == 20001 {
+			lost = r
+		}
+	}
+	k.obs.Owned.Rules = removeFunc(k.obs.Owned.Rules, func(r netcfg.Rule) bool { return r == lost })
+	src.err = errors.New("connection refused")
+	rep, err := rec.Reconcile(context.Background(), RefreshAlways, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.IMDSError == "" || rep.OK() {
+		t.Fatalf("IMDS failure not reported: %+v", rep)
+	}
+	for _, c := range rep.Changes {
+		if c.Op.Delete {
+			t.Errorf("deleted while IMDS failed: %s", c.Text)
+		}
+	}
+	if !k.obs.Owned.Equal(before) {
+		t.Errorf("drift not repaired from the last good snapshot:\n got %+v\nwant %+v", k.obs.Owned, before)
+	}
+
+	// A fresh daemon that never read IMDS changes nothing at all.
+	_, k2 := testWorld()
+	k2.obs.Owned = before
+	rep, err = NewReconciler(&fakeIMDS{err: errors.New("timeout")}, k2, DefaultConfig()).Reconcile(context.Background(), RefreshAlways, false)
+	if err != nil || len(rep.Changes) != 0 || len(k2.applied) != 0 {
+		t.Fatalf("without any snapshot: err=%v changes=%v", err, rep.Changes)
+	}
+	if rep.Summary() == "" || rep.IMDSError == "" {
+		t.Errorf("degraded report: %+v", rep)
+	}
+}
+
+func TestReconcileNotReadyENIKeepsItsState(t *testing.T) {
+	src, k := testWorld()
+	rec := NewReconciler(src, k, DefaultConfig())
+	if _, err := rec.Reconcile(context.Background(), RefreshAlways, false); err != nil {
+		t.Fatal(err)
+	}
+	configured := k.obs.Owned
+	// IMDS glitch: eni B's device number reads 0 (not ready).
+	src.snap.ENIs[1].Ready, src.snap.ENIs[1].DeviceNumber = false, 0
+	rep, err := rec.Reconcile(context.Background(), RefreshAlways, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Changes) != 0 || !k.obs.Owned.Equal(configured) {
+		t.Fatalf("not-ready ENI changed state: %v", rep.Changes)
+	}
+	// The same glitch seen by a restarted daemon (no last good snapshot):
+	// netcfg keeps the kernel objects of the not-ready ENI.
+	rec2 := NewReconciler(src, k, DefaultConfig())
+	rep, err = rec2.Reconcile(context.Background(), RefreshAlways, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range rep.Changes {
+		if c.Op.Delete {
+			t.Errorf("restarted daemon deleted a not-ready ENI's object: %s", c.Text)
+		}
+	}
+	// Detach (authoritative: IMDS no longer lists it) removes its state.
+	src.snap.ENIs = src.snap.ENIs[:1:1]
+	src.snap.ENIs = append(src.snap.ENIs, eni(macC, 2, "vpc-b", "10.1.1.10"))
+	if _, err := rec.Reconcile(context.Background(), RefreshAlways, false); err != nil {
+		t.Fatal(err)
+	}
+	if n := rulesOf(k.obs.Owned, 20001); n != 0 {
+		t.Errorf("detached ENI still has %d rules", n)
+	}
+	if n := rulesOf(k.obs.Owned, 20002); n == 0 {
+		t.Errorf("remaining ENI lost its rules")
+	}
+}
+
+func TestReconcileRefreshModes(t *testing.T) {
+	src, k := testWorld()
+	rec := NewReconciler(src, k, DefaultConfig())
+	ctx := context.Background()
+	if _, err := rec.Reconcile(ctx, RefreshIfNewLinks, false); err != nil || src.reads != 1 {
+		t.Fatalf("first reconcile must read IMDS: reads=%d err=%v", src.reads, err)
+	}
+	if _, err := rec.Reconcile(ctx, RefreshIfNewLinks, false); err != nil || src.reads != 1 {
+		t.Fatalf("drift without new links must not read IMDS: reads=%d", src.reads)
+	}
+	k.obs.Links = append(k.obs.Links, netcfg.Link{Index: 9, Name: "eth3", MAC: "02:00:00:00:00:09"})
+	rep, err := rec.Reconcile(ctx, RefreshIfNewLinks, false)
+	if err != nil || src.reads != 2 {
+		t.Fatalf("a new link must read IMDS: reads=%d", src.reads)
+	}
+	if len(rep.PendingLinks) != 1 || rep.PendingLinks[0].Index != 9 {
+		t.Errorf("pending links = %+v, want eth3", rep.PendingLinks)
+	}
+	if _, err := rec.Reconcile(ctx, RefreshNever, false); err != nil || src.reads != 2 {
+		t.Fatalf("RefreshNever read IMDS")
+	}
+}
+
+func TestReconcileCountsRepairs(t *testing.T) {
+	src, k := testWorld()
+	rec := NewReconciler(src, k, DefaultConfig())
+	ctx := context.Background()
+	if rep, _ := rec.Reconcile(ctx, RefreshAlways, false); rep.Repairs != 0 {
+		t.Fatalf("first configuration counted as repairs: %d", rep.Repairs)
+	}
+	k.obs.Owned.Rules = removeFunc(k.obs.Owned.Rules, func(r netcfg.Rule) bool { return r.Table == 20002 })
+	rep, _ := rec.Reconcile(ctx, RefreshIfNewLinks, false)
+	if rep.Repairs == 0 || rulesOf(k.obs.Owned, 20002) == 0 {
+		t.Fatalf("deleted rule not repaired/counted: repairs=%d", rep.Repairs)
+	}
+	// Dry run: pending changes mark the ENI as drift.
+	k.obs.Owned.Rules = removeFunc(k.obs.Owned.Rules, func(r netcfg.Rule) bool { return r.Table == 20002 })
+	rep, _ = rec.Reconcile(ctx, RefreshAlways, true)
+	drift := false
+	for _, e := range rep.ENIs {
+		if e.MAC == macC && e.State == netcfg.ENIDrift {
+			drift = true
+		}
+	}
+	if !drift || len(rep.Changes) == 0 {
+		t.Errorf("dry run: states %+v changes %v", rep.ENIs, rep.Changes)
+	}
+}
+
+func TestSummary(t *testing.T) {
+	rep := Report{HaveSnapshot: true, ENIs: []netcfg.ENIStatus{{State: netcfg.ENIConfigured}, {State: netcfg.ENIConfigured}, {State: netcfg.ENIWaitingIMDS}}}
+	if got, want := rep.Summary(), "3 ENIs: 2 configured, 1 waiting for IMDS"; got != want {
+		t.Errorf("Summary() = %q, want %q", got, want)
+	}
+	rep.IMDSError = "x"
+	if got := rep.Summary(); got[:8] != "degraded" {
+		t.Errorf("degraded summary = %q", got)
+	}
+}
+
+func TestRepairBackoff(t *testing.T) {
+	d := &Daemon{log: nopLogger()}
+	var delays []time.Duration
+	for range 10 {
+		d.trackRepairs(Report{Repairs: 1}, d.log)
+		delays = append(delays, d.repairDelay)
+	}
+	if delays[0] != 0 || delays[1] != time.Second || delays[2] != 2*time.Second {
+		t.Errorf("backoff starts %v", delays[:3])
+	}
+	if last := delays[len(delays)-1]; last != maxRepairBackoff {
+		t.Errorf("backoff ends at %v, want the cap %v", last, maxRepairBackoff)
+	}
+	// A calm minute resets it.
+	d.lastRepair = time.Now().Add(-2 * calmAfter)
+	d.trackRepairs(Report{}, d.log)
+	if d.repairDelay != 0 || d.repairStreak != 0 {
+		t.Errorf("backoff not reset after calm: %v", d.repairDelay)
+	}
+}
+
+func nopLogger() *zap.Logger { return zap.NewNop() }
