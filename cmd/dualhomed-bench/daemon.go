@@ -1,0 +1,155 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// clockTicks is USER_HZ, the unit of utime and stime in /proc/<pid>/stat:
+// 100 on every Linux architecture Go supports.
+const clockTicks = 100
+
+// daemonProc is a `dualhomed daemon` process running in the instance
+// namespace, with its log in a temporary directory.
+type daemonProc struct {
+	cmd     *exec.Cmd
+	dir     string // state directory and log
+	exited  chan struct{}
+	waitErr error
+}
+
+// startDaemon starts bin as the daemon against the emulator at endpoint.
+func startDaemon(bin, endpoint string) (*daemonProc, error) {
+	if _, err := os.Stat(bin); err != nil {
+		return nil, fmt.Errorf("finding the dualhomed binary (run `make build`): %w", err)
+	}
+	dir, err := os.MkdirTemp("", "dualhomed-bench-daemon-*")
+	if err != nil {
+		return nil, err
+	}
+	logf, err := os.Create(filepath.Join(dir, "daemon.log"))
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	defer logf.Close()
+	cmd := exec.Command(bin, "daemon",
+		"--imds-endpoint", endpoint,
+		"--state-dir", filepath.Join(dir, "state"),
+		"--config", filepath.Join(dir, "absent.yaml"), // absent: the documented defaults
+	)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// Its own process group (Ctrl-C is ours to handle), and killed with us.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET=") // no systemd here
+	if err := cmd.Start(); err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("starting %s daemon: %w", bin, err)
+	}
+	d := &daemonProc{cmd: cmd, dir: dir, exited: make(chan struct{})}
+	go func() {
+		d.waitErr = cmd.Wait()
+		close(d.exited)
+	}()
+	return d, nil
+}
+
+// alive returns an error, with the end of the daemon's log, if it exited.
+func (d *daemonProc) alive() error {
+	select {
+	case <-d.exited:
+		return fmt.Errorf("the daemon exited (%v); its log ends with:\n%s", d.waitErr, d.logTail(15))
+	default:
+		return nil
+	}
+}
+
+// logContext is the end of the daemon's log, to attach to an error.
+func (d *daemonProc) logContext(err error) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("%w\n  the daemon's log ends with:\n%s", err, d.logTail(20))
+}
+
+func (d *daemonProc) logTail(lines int) string {
+	b, _ := os.ReadFile(filepath.Join(d.dir, "daemon.log"))
+	all := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(all) > lines {
+		all = all[len(all)-lines:]
+	}
+	return strings.Join(all, "\n")
+}
+
+// stop ends the daemon with SIGTERM (SIGKILL after 10 s), copies its log to
+// keepLog (if set) and removes its directory.
+func (d *daemonProc) stop(keepLog string) {
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.exited:
+	case <-time.After(10 * time.Second):
+		_ = syscall.Kill(-d.cmd.Process.Pid, syscall.SIGKILL)
+		<-d.exited
+	}
+	if keepLog != "" {
+		if b, err := os.ReadFile(filepath.Join(d.dir, "daemon.log")); err == nil {
+			_ = os.WriteFile(keepLog, b, 0o644)
+		}
+	}
+	os.RemoveAll(d.dir)
+}
+
+// cpuTime is the CPU time (user + system, all threads) the daemon used so far.
+func (d *daemonProc) cpuTime() (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", d.cmd.Process.Pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) is in parentheses and may hold spaces.
+	s := string(b)
+	end := strings.LastIndexByte(s, ')')
+	if end < 0 {
+		return 0, errors.New("parsing /proc/<pid>/stat: no command name")
+	}
+	f := strings.Fields(s[end+1:]) // f[0] is field 3 (state)
+	if len(f) < 13 {
+		return 0, errors.New("parsing /proc/<pid>/stat: too few fields")
+	}
+	utime, err1 := strconv.ParseInt(f[14-3], 10, 64)
+	stime, err2 := strconv.ParseInt(f[15-3], 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return 0, fmt.Errorf("parsing /proc/<pid>/stat: %w", err)
+	}
+	return time.Duration(utime+stime) * time.Second / clockTicks, nil
+}
+
+// memory returns the peak (VmHWM) and current (VmRSS) resident set in KiB.
+func (d *daemonProc) memory() (peakKiB, nowKiB int, err error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.cmd.Process.Pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		switch f[0] {
+		case "VmHWM:":
+			peakKiB, _ = strconv.Atoi(f[1])
+		case "VmRSS:":
+			nowKiB, _ = strconv.Atoi(f[1])
+		}
+	}
+	if peakKiB == 0 {
+		return 0, 0, errors.New("no VmHWM in /proc/<pid>/status")
+	}
+	return peakKiB, nowKiB, nil
+}

@@ -1,0 +1,85 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/vishvananda/netns"
+
+	"github.com/dualhomed/dualhomed/agent"
+	"github.com/dualhomed/dualhomed/imds"
+	"github.com/dualhomed/dualhomed/netcfg"
+)
+
+// pipeline is dualhomed's reconcile run in-process: the daemon's own
+// agent.Reconciler (IMDS snapshot, Observe, Desired, Diff, Apply) over an
+// imds.Client and a netcfg.Kernel, with the default configuration.
+type pipeline struct {
+	rec      *agent.Reconciler
+	kernel   *netcfg.Kernel
+	stateDir string
+}
+
+// newPipeline builds what a daemon starting on a freshly booted instance has:
+// a new client, a new Kernel, an empty state directory. requestsPerSecond is
+// the client's IMDS pacing (0: its default, negative: unpaced).
+func newPipeline(endpoint string, requestsPerSecond float64) (*pipeline, error) {
+	cfg := agent.DefaultConfig()
+	client, err := imds.New(imds.Options{Endpoint: endpoint, Timeout: cfg.IMDS.Timeout, MaxRequestsPerSecond: requestsPerSecond})
+	if err != nil {
+		return nil, fmt.Errorf("creating IMDS client: %w", err)
+	}
+	dir, err := os.MkdirTemp("", "dualhomed-bench-state-*")
+	if err != nil {
+		return nil, err
+	}
+	k, err := netcfg.NewKernel(netns.None(), dir, cfg.Netcfg)
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("opening kernel: %w", err)
+	}
+	return &pipeline{rec: agent.NewReconciler(client, k, cfg), kernel: k, stateDir: dir}, nil
+}
+
+func (p *pipeline) Close() {
+	p.kernel.Close()
+	os.RemoveAll(p.stateDir)
+}
+
+// reconcileRun is what one reconcile cost.
+type reconcileRun struct {
+	Total    time.Duration
+	IMDS     time.Duration // reading the snapshot (0 when IMDS was not read)
+	Writes   int           // netlink and sysctl writes, as counted by Apply
+	Requests int           // HTTP requests of the snapshot
+	Ops      int           // plan size
+}
+
+// reconcile runs one reconcile. refresh is agent.RefreshAlways for a poll
+// (reads IMDS), agent.RefreshNever for what a netlink event triggers when no
+// link appeared (the last good snapshot is reused).
+func (p *pipeline) reconcile(ctx context.Context, refresh agent.Refresh) (reconcileRun, error) {
+	start := time.Now()
+	rep, err := p.rec.Reconcile(ctx, refresh, false)
+	run := reconcileRun{
+		Total:    time.Since(start),
+		IMDS:     rep.IMDSLatency,
+		Writes:   rep.Writes,
+		Requests: rep.IMDSRequests,
+		Ops:      len(rep.Changes),
+	}
+	switch {
+	case err != nil:
+		return run, err
+	case rep.IMDSError != "":
+		return run, fmt.Errorf("reading IMDS: %s", rep.IMDSError)
+	case rep.ApplyError != "":
+		return run, fmt.Errorf("applying %d changes: %s", len(rep.Changes), rep.ApplyError)
+	case refresh == agent.RefreshAlways && !rep.Fresh:
+		return run, errors.New("the reconcile did not read IMDS")
+	}
+	return run, nil
+}

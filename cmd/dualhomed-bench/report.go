@@ -1,0 +1,497 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/dualhomed/dualhomed/imds"
+	"github.com/dualhomed/dualhomed/imds/emulator"
+)
+
+// Targets of issue 7.
+const (
+	targetColdVsBatch  = 1.5 // cold reconcile at most 1.5 × baseline (b)
+	targetColdVsShell  = 20  // and at least 20 × faster than baseline (a)
+	targetNoop         = 5 * time.Millisecond
+	targetHotAttach    = 50 * time.Millisecond
+	targetDrift        = 100 * time.Millisecond
+	targetIdleCPU      = 0.001 // fraction of one core
+	targetRSSBytes     = 30e6
+	daemonIMDSBackoff0 = time.Second      // agent/daemon.go: first retry delay after a failed IMDS read
+	daemonIMDSBackoffM = 15 * time.Second // capped by the poll interval (agent.DefaultPollInterval)
+)
+
+// results are every figure of one run.
+type results struct {
+	o         options
+	Started   time.Time
+	Finished  time.Time
+	AddrProto bool
+	Variants  []*variantResult
+	Daemon    *daemonResult
+	Failures  []string
+	Notes     []string // observations made during the run
+}
+
+type variantResult struct {
+	Name  string
+	Cards int
+
+	inst      emulator.Instance
+	reference kernelState // dualhomed's end state: what every tool must reach
+	imdsPaths []string
+
+	Rules, Routes, Addrs, Sysctls int // objects dualhomed made
+
+	Cold, ColdIMDS                            series
+	ColdWrites, ColdObserved                  []int
+	ColdRequests                              int
+	ColdUnpaced, ColdUnpacedIMDS              series
+	Noop, NoopKernel                          series
+	NoopWrites, NoopObserved                  []int
+	NoopKernelWrites, NoopKernelObserved      []int
+	PollRequests, PollBytes                   float64
+	Apply                                     series
+	ApplyObserved                             []int
+	ScriptCommands, ScriptSysctls, ShellCurls int
+	Batch                                     series
+	BatchProcesses, BatchWrites               int
+	BatchState                                string
+	Shell, ShellIMDS                          series
+	ShellProcesses, ShellWrites               int
+	ShellState                                string
+}
+
+type daemonResult struct {
+	Converge        time.Duration
+	IdleWall        time.Duration
+	IdleCPU         time.Duration
+	IdleChanges     changeCounts
+	IdleChangesLost bool
+	IdleRequests    int64
+	IdleBytes       int64
+	RSSPeakKiB      int
+	RSSKiB          int
+	Drift           series
+	HotRules        series
+	HotPing         series
+	FaultRequests   int64
+	FaultWall       time.Duration
+	FaultKept       bool
+	FaultDiff       string
+}
+
+func newResults(o options) *results { return &results{o: o, Started: time.Now()} }
+
+// countObjects counts what dualhomed added to the pristine kernel.
+func (v *variantResult) countObjects(pristine kernelState) {
+	for k := range v.reference.Rules {
+		if _, ok := pristine.Rules[k]; !ok {
+			v.Rules++
+		}
+	}
+	for k, r := range v.reference.Routes {
+		if _, ok := pristine.Routes[k]; !ok && r.Protocol != 2 { // not the kernel's own
+			v.Routes++
+		}
+	}
+	for k := range v.reference.Addrs {
+		if _, ok := pristine.Addrs[k]; !ok {
+			v.Addrs++
+		}
+	}
+	for k, val := range v.reference.Sysctls {
+		if pristine.Sysctls[k] != val {
+			v.Sysctls++
+		}
+	}
+}
+
+func (v *variantResult) objects() int { return v.Rules + v.Routes + v.Addrs + v.Sysctls }
+
+func verdict(ok bool) string {
+	if ok {
+		return "pass"
+	}
+	return "**FAIL**"
+}
+
+// row is one line of the summary table.
+type row struct {
+	what, dualhomed, shell, batch, ratios, target, result string
+}
+
+func (r *results) rows() []row {
+	var rows []row
+	na := "not measured"
+	for _, v := range r.Variants {
+		if len(v.Cold) == 0 {
+			rows = append(rows, row{"Cold reconcile, " + v.Name, na, "", "", "", "", "**FAIL**"})
+			continue
+		}
+		d, a, b := v.Cold.median(), v.Shell.median(), v.Batch.median()
+		res := "—"
+		if len(v.Shell) > 0 && len(v.Batch) > 0 {
+			okB := float64(d) <= targetColdVsBatch*float64(b)
+			okA := float64(a) >= targetColdVsShell*float64(d)
+			res = fmt.Sprintf("vs (b) %s, vs (a) %s", verdict(okB), verdict(okA))
+		}
+		rows = append(rows, row{
+			what:      fmt.Sprintf("Cold reconcile, %s (IMDS reads included): time", v.Name),
+			dualhomed: v.Cold.medianRange(),
+			shell:     v.Shell.medianRange(),
+			batch:     v.Batch.medianRange(),
+			ratios:    fmt.Sprintf("(a)/dualhomed %s; dualhomed/(b) %s", ratio(a, d), ratio(d, b)),
+			target:    fmt.Sprintf("≤ %.1f × (b) and ≥ %d × faster than (a)", targetColdVsBatch, targetColdVsShell),
+			result:    res,
+		})
+		rows = append(rows, row{
+			what:      fmt.Sprintf("Cold reconcile, %s: writes", v.Name),
+			dualhomed: fmt.Sprintf("%s (%d objects)", intRange(v.ColdWrites), v.objects()),
+			shell:     fmt.Sprintf("%d (%d processes)", v.ShellWrites, v.ShellProcesses),
+			batch:     fmt.Sprintf("%d (%d processes)", v.BatchWrites, v.BatchProcesses),
+		})
+		if len(v.ColdUnpaced) > 0 {
+			d := v.ColdUnpaced.median()
+			rows = append(rows, row{
+				what:      fmt.Sprintf("Cold reconcile, %s, IMDS client unpaced (informative)", v.Name),
+				dualhomed: v.ColdUnpaced.medianRange(),
+				ratios:    fmt.Sprintf("(a)/dualhomed %s; dualhomed/(b) %s", ratio(a, d), ratio(d, b)),
+			})
+		}
+	}
+	if len(r.Variants) > 0 && len(r.Variants[0].Noop) > 0 {
+		v := r.Variants[0]
+		zero := func(w []int) bool {
+			for _, x := range w {
+				if x != 0 {
+					return false
+				}
+			}
+			return true
+		}
+		rows = append(rows,
+			row{
+				what:      "No-op reconcile on a netlink event (kernel only): time, writes",
+				dualhomed: fmt.Sprintf("%s, %s writes", v.NoopKernel.medianRange(), intRange(v.NoopKernelWrites)),
+				target:    "< 5 ms, 0 writes",
+				result:    verdict(v.NoopKernel.median() < targetNoop && zero(v.NoopKernelWrites) && zero(v.NoopKernelObserved)),
+			},
+			row{
+				what:      "No-op reconcile on the poll timer (IMDS read + kernel): time, writes",
+				dualhomed: fmt.Sprintf("%s, %s writes", v.Noop.medianRange(), intRange(v.NoopWrites)),
+				target:    "< 5 ms, 0 writes",
+				result:    verdict(v.Noop.median() < targetNoop && zero(v.NoopWrites) && zero(v.NoopObserved)),
+			},
+			row{
+				what:      "IMDS cost of one poll: requests, response bytes",
+				dualhomed: fmt.Sprintf("%.0f requests, %.0f bytes", v.PollRequests, v.PollBytes),
+				shell:     fmt.Sprintf("%d curl processes", v.ShellCurls),
+			},
+		)
+	}
+	d := r.Daemon
+	if d == nil {
+		return rows
+	}
+	if len(d.HotRules) > 0 {
+		rows = append(rows,
+			row{what: "Hot attach: link arrival → its rules in place", dualhomed: d.HotRules.percentiles(),
+				target: "p50 < 50 ms", result: verdict(d.HotRules.quantile(0.5) < targetHotAttach)},
+			row{what: "Hot attach: link arrival → first ping reply from its VPC", dualhomed: d.HotPing.percentiles()})
+	} else {
+		rows = append(rows, row{what: "Hot attach", dualhomed: na, target: "p50 < 50 ms", result: "**FAIL**"})
+	}
+	if len(d.Drift) > 0 {
+		rows = append(rows, row{what: "Drift repair: rule deleted → back", dualhomed: d.Drift.percentiles(),
+			target: "p50 < 100 ms", result: verdict(d.Drift.quantile(0.5) < targetDrift)})
+	} else {
+		rows = append(rows, row{what: "Drift repair", dualhomed: na, target: "p50 < 100 ms", result: "**FAIL**"})
+	}
+	if d.IdleWall > 0 {
+		frac := d.IdleCPU.Seconds() / d.IdleWall.Seconds()
+		rows = append(rows,
+			row{what: fmt.Sprintf("Daemon at rest %.0f s: CPU", d.IdleWall.Seconds()),
+				dualhomed: fmt.Sprintf("%.2f s (%.3f %% of a core)", d.IdleCPU.Seconds(), 100*frac),
+				target:    "< 0.1 % of a core", result: verdict(frac < targetIdleCPU)},
+			row{what: "Daemon peak RSS (VmHWM)",
+				dualhomed: fmt.Sprintf("%.1f MB (now %.1f MB)", float64(d.RSSPeakKiB)*1024/1e6, float64(d.RSSKiB)*1024/1e6),
+				target:    "< 30 MB", result: verdict(float64(d.RSSPeakKiB)*1024 < targetRSSBytes)},
+			row{what: "Daemon at rest: netlink writes, IMDS requests",
+				dualhomed: fmt.Sprintf("%d writes, %d requests (%d bytes)", d.IdleChanges.Total(), d.IdleRequests, d.IdleBytes),
+				target:    "0 writes", result: verdict(d.IdleChanges.Total() == 0 && !d.IdleChangesLost)})
+	} else {
+		rows = append(rows, row{what: "Daemon at rest", dualhomed: na, target: "< 0.1 % CPU, < 30 MB", result: "**FAIL**"})
+	}
+	if d.FaultWall > 0 {
+		rate := float64(d.FaultRequests) / d.FaultWall.Seconds()
+		bound := faultBound(d.FaultWall)
+		res := verdict(float64(d.FaultRequests) <= bound)
+		kept := "kernel state unchanged"
+		if !d.FaultKept {
+			kept = "kernel state CHANGED: " + d.FaultDiff
+			res = "**FAIL**"
+		}
+		rows = append(rows, row{what: fmt.Sprintf("IMDS answering 500 for %.0f s: requests/s", d.FaultWall.Seconds()),
+			dualhomed: fmt.Sprintf("%.2f req/s (%d requests); %s", rate, d.FaultRequests, kept),
+			target:    fmt.Sprintf("≤ %.0f requests (%.2f req/s): backoff bound", bound, bound/d.FaultWall.Seconds()),
+			result:    res})
+	}
+	return rows
+}
+
+// faultBound is the most requests the daemon may send while every IMDS
+// request fails for window: one snapshot per step of its backoff (1 s,
+// doubling, capped by the poll interval), plus one already under way, each
+// with at most imds.DefaultMaxAttempts attempts of its first request.
+func faultBound(window time.Duration) float64 {
+	snapshots := 2 // the one under way when the fault starts, and the first failure
+	delay := daemonIMDSBackoff0
+	for t := delay; t <= window; t += delay {
+		snapshots++
+		delay = min(2*delay, daemonIMDSBackoffM)
+	}
+	return float64(snapshots * imds.DefaultMaxAttempts)
+}
+
+// summaryTable is the Markdown table of the headline figures.
+func (r *results) summaryTable() string {
+	var b strings.Builder
+	b.WriteString("| Measurement | dualhomed | (a) shell: curl per key, ip per object | (b) ip -batch | Ratios | Target | Result |\n")
+	b.WriteString("|---|---|---|---|---|---|---|\n")
+	for _, x := range r.rows() {
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s |\n", x.what, x.dualhomed, x.shell, x.batch, x.ratios, x.target, x.result)
+	}
+	return b.String()
+}
+
+// write renders the report to path.
+func (r *results) write(path string) error {
+	var b bytes.Buffer
+	o := r.o
+	fmt.Fprintf(&b, "# dualhomed benchmarks\n\n")
+	fmt.Fprintf(&b, "Generated by `cmd/dualhomed-bench` (run `sudo make bench`); do not edit by hand.\n\n")
+
+	b.WriteString("## Machine and run\n\n| | |\n|---|---|\n")
+	for _, kv := range machineFacts() {
+		fmt.Fprintf(&b, "| %s | %s |\n", kv[0], kv[1])
+	}
+	fmt.Fprintf(&b, "| Date | %s |\n", r.Started.UTC().Format("2006-01-02 15:04 UTC"))
+	fmt.Fprintf(&b, "| Duration | %s |\n", r.Finished.Sub(r.Started).Round(time.Second))
+	fmt.Fprintf(&b, "| Command | `%s` |\n\n", commandLine(o))
+
+	b.WriteString("## Scale\n\n")
+	fmt.Fprintf(&b, "%d ENIs (the primary and %d secondary ENIs, each in its own VPC), each with %d private IPv4 addresses, "+
+		"%d IPv6 addresses and %d delegated IPv4 prefixes (plus as many IPv6 prefixes), from `emulator.ExampleInstance`. ",
+		o.enis, o.enis-1, o.ipv4, o.ipv6, o.prefixes)
+	for _, v := range r.Variants {
+		if v.objects() > 0 {
+			fmt.Fprintf(&b, "With %s dualhomed creates %d objects: %d rules, %d routes, %d addresses, %d rp_filter values. ",
+				v.Name, v.objects(), v.Rules, v.Routes, v.Addrs, v.Sysctls)
+		}
+	}
+	b.WriteString("\n\n## Summary\n\n")
+	b.WriteString("Times are median (min–max) over the runs; latencies are percentiles over the events.\n\n")
+	b.WriteString(r.summaryTable())
+
+	for _, v := range r.Variants {
+		fmt.Fprintf(&b, "\n## Reconcile details, %s\n\n| Figure | Value |\n|---|---|\n", v.Name)
+		kv := func(k, val string) { fmt.Fprintf(&b, "| %s | %s |\n", k, val) }
+		kv("dualhomed cold reconcile (in-process agent.Reconciler, default IMDS pacing)", fmt.Sprintf("%s over %d runs", v.Cold.medianRange(), len(v.Cold)))
+		kv("… of which reading IMDS", v.ColdIMDS.medianRange())
+		kv("… IMDS requests", fmt.Sprint(v.ColdRequests))
+		kv("… writes counted by Apply / rtnetlink notifications seen", fmt.Sprintf("%s / %s", intRange(v.ColdWrites), intRange(v.ColdObserved)))
+		kv("dualhomed cold reconcile, IMDS unpaced", v.ColdUnpaced.medianRange())
+		kv("… of which reading IMDS", v.ColdUnpacedIMDS.medianRange())
+		kv("`dualhomed apply` process, cold (process start included)", v.Apply.medianRange())
+		kv("… rtnetlink notifications seen", intRange(v.ApplyObserved))
+		kv("No-op poll (IMDS + kernel)", v.Noop.medianRange())
+		kv("… writes by Apply / notifications", fmt.Sprintf("%s / %s", intRange(v.NoopWrites), intRange(v.NoopObserved)))
+		kv("No-op on a netlink event (kernel only)", v.NoopKernel.medianRange())
+		kv("… writes by Apply / notifications", fmt.Sprintf("%s / %s", intRange(v.NoopKernelWrites), intRange(v.NoopKernelObserved)))
+		kv("IMDS per poll", fmt.Sprintf("%.0f requests, %.0f bytes of response bodies", v.PollRequests, v.PollBytes))
+		kv("Baseline script", fmt.Sprintf("%d ip commands, %d rp_filter writes, %d curl (token PUT + one per key read by dualhomed)", v.ScriptCommands, v.ScriptSysctls, v.ShellCurls))
+		kv("(a) shell: curl per key + ip per object", fmt.Sprintf("%s over %d runs", v.Shell.medianRange(), len(v.Shell)))
+		kv("… of which curl", v.ShellIMDS.medianRange())
+		kv("… end state vs dualhomed", orDash(v.ShellState))
+		kv("(b) ip -batch", fmt.Sprintf("%s over %d runs", v.Batch.medianRange(), len(v.Batch)))
+		kv("… end state vs dualhomed", orDash(v.BatchState))
+	}
+
+	if d := r.Daemon; d != nil {
+		b.WriteString("\n## Daemon details (1 network card)\n\n| Figure | Value |\n|---|---|\n")
+		kv := func(k, val string) { fmt.Fprintf(&b, "| %s | %s |\n", k, val) }
+		if d.Converge > 0 {
+			kv("Process start → kernel fully configured", fmtDur(d.Converge))
+		}
+		if d.IdleWall > 0 {
+			kv("At rest: CPU (utime+stime) / wall", fmt.Sprintf("%.2f s / %.1f s", d.IdleCPU.Seconds(), d.IdleWall.Seconds()))
+			kv("At rest: rtnetlink notifications (rules, routes, addresses)", fmt.Sprintf("%d, %d, %d", d.IdleChanges.Rules, d.IdleChanges.Routes, d.IdleChanges.Addrs))
+			kv("At rest: IMDS requests, bytes", fmt.Sprintf("%d, %d", d.IdleRequests, d.IdleBytes))
+			kv("Peak RSS (VmHWM), RSS at the end of the rest", fmt.Sprintf("%d KiB, %d KiB", d.RSSPeakKiB, d.RSSKiB))
+		}
+		kv("Drift repair", d.Drift.percentiles())
+		kv("Hot attach → rules", d.HotRules.percentiles())
+		kv("Hot attach → ping reply", d.HotPing.percentiles())
+		if d.FaultWall > 0 {
+			kv("IMDS failing: requests over the window", fmt.Sprintf("%d in %.1f s (bound %.0f)", d.FaultRequests, d.FaultWall.Seconds(), faultBound(d.FaultWall)))
+		}
+	}
+
+	b.WriteString("\n## Method\n\n")
+	for _, n := range methodNotes(r) {
+		fmt.Fprintf(&b, "- %s\n", n)
+	}
+
+	if len(r.Notes) > 0 {
+		b.WriteString("\n## Observations\n\n")
+		for _, n := range r.Notes {
+			fmt.Fprintf(&b, "- %s\n", n)
+		}
+	}
+
+	b.WriteString("\n## Failures\n\n")
+	if len(r.Failures) == 0 {
+		b.WriteString("None: every measurement ran.\n")
+	}
+	for _, f := range r.Failures {
+		fmt.Fprintf(&b, "- %s\n", strings.ReplaceAll(strings.TrimSpace(f), "\n", "\n  "))
+	}
+
+	b.WriteString("\n## Go micro-benchmarks\n\n")
+	if gb := goBenchLines(o.goBenchOut); gb != "" {
+		fmt.Fprintf(&b, "`go test -run '^$' -bench . -benchmem ./imds/... ./netcfg/...`:\n\n```text\n%s```\n", gb)
+	} else {
+		b.WriteString("Not run (`-go-bench=false`, or no output).\n")
+	}
+
+	if dir := filepath.Dir(path); dir != "" {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return err
+		}
+	}
+	if err := os.WriteFile(path, b.Bytes(), 0o644); err != nil {
+		return fmt.Errorf("writing the report: %w", err)
+	}
+	return nil
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "—"
+	}
+	return s
+}
+
+func methodNotes(r *results) []string {
+	notes := []string{
+		"Everything runs in a throwaway network namespace (`dualhomed-bench-<pid>`, deleted at the end, also on Ctrl-C). " +
+			"ENIs are veth pairs whose peers live in a second namespace playing the VPC routers. " +
+			"The IMDS emulator (`imds/emulator`) serves the instance on the namespace's 127.0.0.1; dualhomed, curl and the daemon all read it over HTTP.",
+		"The instance starts as after boot: links up, the primary ENI with its DHCP address and default route. " +
+			"Before every run the kernel is brought back to exactly that state (every other rule, route, address and rp_filter value removed) and checked.",
+		"dualhomed's cold reconcile is the daemon's own `agent.Reconciler` in-process (IMDS snapshot, Observe, Desired, Diff, Apply) with a fresh client, " +
+			"kernel handle and state directory per run, the default configuration and the client's default IMDS pacing " +
+			fmt.Sprintf("(%d requests/s); the unpaced figure shows what the pacing costs. ", imds.DefaultMaxRequestsPerSecond) +
+			"The `dualhomed apply` figure is the whole process, start-up included.",
+		"Writes are counted twice: by `Kernel.Apply` and by an rtnetlink subscription in the namespace (rule, non-kernel route and address notifications).",
+		"The baselines create exactly the objects dualhomed created (derived from the kernel dump after dualhomed's run, as `ip` commands: " +
+			"addresses, on-link routes, routes via a gateway, rules) and are then compared with dualhomed's end state (rules, routes of every table, addresses with flags and protocol, rp_filter). " +
+			"Computing that list is not timed: a shell tool also spends time on its own logic, so the baselines are favoured.",
+		"Baseline (a) is what shell tools such as ec2-net-utils do: one `curl` for the IMDSv2 token and one per key that dualhomed's client read in a poll, " +
+			"one `ip` process per object (`ip rule add … protocol 210`, `ip route add … proto 210`, `ip addr add`), one `sysctl -w` per rp_filter value; processes run one after another, " +
+			"started from Go (a bash script would add its own interpreter's cost).",
+		"Baseline (b) is the floor of any iproute2-driven tool: one `ip -4 -batch -` and one `ip -6 -batch -` process (`ip rule` cannot infer the family and batch lines cannot carry `-6`), " +
+			"rp_filter written directly. It reads no IMDS at all.",
+		"Daemon figures use `dualhomed daemon` (the binary next to this one) with its default configuration, running in the namespace. " +
+			"CPU is utime+stime from /proc/<pid>/stat (10 ms ticks), RSS is VmHWM from /proc/<pid>/status.",
+		"Drift: one of our rules (chosen at random) is deleted with netlink; the time until the rtnetlink notification of its return.",
+		"Hot attach: the last ENI's link is deleted (IMDS keeps listing it) and the daemon must drop its rules; the veth pair is then made in the VPC namespace, " +
+			"its router address configured, and the ENI end moved into the instance and set up (as a hot-plugged NIC brought up by udev). " +
+			"Timed from the move to the notification of the last of its rules, and to the first ICMP echo reply to its primary IPv4 from a client in its VPC but outside its subnet " +
+			"(pinged every 1 ms), whose reply only the ENI's routing can carry back.",
+		"IMDS failure: the emulator answers every request with 500 while the daemon runs; the bound assumes the daemon's backoff (1 s doubling, capped by the 15 s poll) " +
+			fmt.Sprintf("and at most %d attempts of a snapshot's first request, plus the snapshot under way. ", imds.DefaultMaxAttempts) +
+			"The kernel must be unchanged afterwards: an IMDS error is never an answer.",
+	}
+	if !r.AddrProto {
+		notes = append(notes, "This iproute2 cannot set an address's protocol (`ip addr add … proto`), so the baselines' addresses lack IFA_PROTO 210; the comparison reports it.")
+	}
+	return notes
+}
+
+// machineFacts describes the machine and the source tree.
+func machineFacts() [][2]string {
+	facts := [][2]string{
+		{"CPU", fmt.Sprintf("%s, nproc %d", cpuModel(), runtime.NumCPU())},
+		{"Kernel", firstLine(cmdOutput("uname", "-r"))},
+		{"Go", runtime.Version()},
+		{"iproute2", firstLine(cmdOutput("ip", "-V"))},
+		{"curl", firstLine(cmdOutput("curl", "--version"))},
+	}
+	commit := firstLine(cmdOutput("git", "rev-parse", "--short=12", "HEAD"))
+	if commit == "" {
+		commit = "unknown (not a git checkout)"
+	} else if strings.TrimSpace(cmdOutput("git", "status", "--porcelain", "--untracked-files=no")) != "" {
+		commit += " (with uncommitted changes)"
+	}
+	return append(facts, [2]string{"Commit", commit})
+}
+
+func cpuModel() string {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return "unknown"
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "unknown"
+}
+
+func cmdOutput(name string, args ...string) string {
+	out, err := exec.Command(name, args...).Output()
+	if err != nil {
+		return ""
+	}
+	return string(out)
+}
+
+func firstLine(s string) string {
+	line, _, _ := strings.Cut(strings.TrimSpace(s), "\n")
+	return line
+}
+
+func commandLine(o options) string {
+	return fmt.Sprintf("dualhomed-bench -out %s -runs %d -shell-runs %d -enis %d -ipv4 %d -ipv6 %d -prefixes %d -cards %d -attaches %d -drifts %d -idle %v -fault %v",
+		o.out, o.runs, o.shellRuns, o.enis, o.ipv4, o.ipv6, o.prefixes, o.cards, o.attaches, o.drifts, o.idle, o.fault)
+}
+
+// goBenchLines keeps the header and result lines of `go test -bench` output.
+func goBenchLines(path string) string {
+	if path == "" {
+		return ""
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	var b strings.Builder
+	for _, line := range strings.Split(string(data), "\n") {
+		switch {
+		case strings.HasPrefix(line, "Benchmark"), strings.HasPrefix(line, "pkg:"), strings.HasPrefix(line, "cpu:"),
+			strings.HasPrefix(line, "goos:"), strings.HasPrefix(line, "goarch:"), strings.HasPrefix(line, "not run"),
+			strings.HasPrefix(line, "FAIL"), strings.HasPrefix(line, "go test -bench failed"):
+			b.WriteString(line + "\n")
+		}
+	}
+	return b.String()
+}

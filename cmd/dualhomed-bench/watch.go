@@ -1,0 +1,271 @@
+package main
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"golang.org/x/sys/unix"
+)
+
+// watcher follows the namespace's rules, routes and addresses through an
+// rtnetlink subscription: it knows the current set of rules at every moment
+// (to time when a rule appears) and counts the changes a tool makes (to
+// count writes made by a process we cannot instrument).
+type watcher struct {
+	h    *netlink.Handle
+	sock *nl.NetlinkSocket
+
+	mu      sync.Mutex
+	rules   map[string]bool
+	changes changeCounts
+	lost    int // buffer overruns: counts are unreliable when non-zero
+	waiters []*ruleWaiter
+	closed  bool
+	done    chan struct{}
+}
+
+// changeCounts are rtnetlink notifications of objects a tool writes: rules,
+// routes not made by the kernel itself, and addresses.
+type changeCounts struct{ Rules, Routes, Addrs int }
+
+func (c changeCounts) Total() int { return c.Rules + c.Routes + c.Addrs }
+
+func (c changeCounts) sub(d changeCounts) changeCounts {
+	return changeCounts{c.Rules - d.Rules, c.Routes - d.Routes, c.Addrs - d.Addrs}
+}
+
+type ruleWaiter struct {
+	cond func(rules map[string]bool) bool
+	done chan time.Time // receives the time of the notification that made cond true
+}
+
+// newWatcher subscribes in the process's namespace and loads the current rules.
+func newWatcher(h *netlink.Handle) (*watcher, error) {
+	sock, err := nl.Subscribe(unix.NETLINK_ROUTE,
+		unix.RTNLGRP_IPV4_RULE, unix.RTNLGRP_IPV6_RULE,
+		unix.RTNLGRP_IPV4_ROUTE, unix.RTNLGRP_IPV6_ROUTE,
+		unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV6_IFADDR)
+	if err != nil {
+		return nil, fmt.Errorf("subscribing to rtnetlink: %w", err)
+	}
+	// A cold reconcile makes thousands of changes in a burst.
+	if err := sock.SetReceiveBufferSize(64<<20, true); err != nil {
+		sock.Close()
+		return nil, fmt.Errorf("growing the rtnetlink receive buffer: %w", err)
+	}
+	w := &watcher{h: h, sock: sock, done: make(chan struct{})}
+	if err := w.resync(); err != nil {
+		sock.Close()
+		return nil, err
+	}
+	go w.loop()
+	return w, nil
+}
+
+func (w *watcher) Close() {
+	w.mu.Lock()
+	w.closed = true
+	w.mu.Unlock()
+	w.sock.Close()
+	<-w.done
+}
+
+func (w *watcher) resync() error {
+	rules := map[string]bool{}
+	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		rs, err := w.h.RuleList(fam)
+		if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return fmt.Errorf("listing rules: %w", err)
+		}
+		for _, r := range rs {
+			rules[ruleKey(r)] = true
+		}
+	}
+	w.mu.Lock()
+	w.rules = rules
+	w.wakeLocked(time.Now())
+	w.mu.Unlock()
+	return nil
+}
+
+func (w *watcher) loop() {
+	defer close(w.done)
+	for {
+		msgs, _, err := w.sock.Receive()
+		now := time.Now()
+		if err != nil {
+			w.mu.Lock()
+			closed := w.closed
+			w.mu.Unlock()
+			if closed {
+				return
+			}
+			if errors.Is(err, unix.ENOBUFS) {
+				w.mu.Lock()
+				w.lost++
+				w.mu.Unlock()
+				_ = w.resync()
+				continue
+			}
+			if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
+				continue
+			}
+			return
+		}
+		w.mu.Lock()
+		for _, m := range msgs {
+			w.handleLocked(m)
+			// After each message: a rule deleted and re-added within one
+			// batch must still be seen gone, then back.
+			w.wakeLocked(now)
+		}
+		w.mu.Unlock()
+	}
+}
+
+func (w *watcher) handleLocked(msg syscall.NetlinkMessage) {
+	switch msg.Header.Type {
+	case unix.RTM_NEWRULE, unix.RTM_DELRULE:
+		w.changes.Rules++
+		r, err := parseRule(msg.Data)
+		if err != nil {
+			return
+		}
+		if msg.Header.Type == unix.RTM_NEWRULE {
+			w.rules[ruleKey(r)] = true
+		} else {
+			delete(w.rules, ruleKey(r))
+		}
+	case unix.RTM_NEWROUTE, unix.RTM_DELROUTE:
+		if len(msg.Data) >= unix.SizeofRtMsg {
+			rt := nl.DeserializeRtMsg(msg.Data)
+			if rt.Protocol != unix.RTPROT_KERNEL {
+				w.changes.Routes++
+			}
+		}
+	case unix.RTM_NEWADDR, unix.RTM_DELADDR:
+		w.changes.Addrs++
+	}
+}
+
+func (w *watcher) wakeLocked(now time.Time) {
+	kept := w.waiters[:0]
+	for _, wt := range w.waiters {
+		if wt.cond(w.rules) {
+			wt.done <- now
+			continue
+		}
+		kept = append(kept, wt)
+	}
+	w.waiters = kept
+}
+
+// Changes returns the notifications counted so far and how many buffer
+// overruns happened (when the counts are incomplete).
+func (w *watcher) Changes() (changeCounts, int) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.changes, w.lost
+}
+
+// HasRule reports whether the rule with key k is in the kernel now.
+func (w *watcher) HasRule(k string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.rules[k]
+}
+
+// expect registers cond before the action whose effect it waits for. The
+// returned channel receives the time of the notification that made cond
+// true (or the registration time if it already is).
+func (w *watcher) expect(cond func(rules map[string]bool) bool) <-chan time.Time {
+	wt := &ruleWaiter{cond: cond, done: make(chan time.Time, 1)}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if cond(w.rules) {
+		wt.done <- time.Now()
+		return wt.done
+	}
+	w.waiters = append(w.waiters, wt)
+	return wt.done
+}
+
+// allRules is a condition: every key of want is present.
+func allRules(want []string) func(map[string]bool) bool {
+	return func(have map[string]bool) bool {
+		for _, k := range want {
+			if !have[k] {
+				return false
+			}
+		}
+		return true
+	}
+}
+
+// noRules is a condition: no key of gone is present.
+func noRules(gone []string) func(map[string]bool) bool {
+	return func(have map[string]bool) bool {
+		for _, k := range gone {
+			if have[k] {
+				return false
+			}
+		}
+		return true
+	}
+}
+
+// parseRule decodes an RTM_NEWRULE/RTM_DELRULE payload like
+// netlink.RuleList does, for the attributes ruleKey uses.
+func parseRule(b []byte) (netlink.Rule, error) {
+	if len(b) < unix.SizeofRtMsg {
+		return netlink.Rule{}, fmt.Errorf("short rule message (%d bytes)", len(b))
+	}
+	msg := nl.DeserializeRtMsg(b)
+	attrs, err := nl.ParseRouteAttr(b[msg.Len():])
+	if err != nil {
+		return netlink.Rule{}, err
+	}
+	r := netlink.NewRule()
+	r.Priority = 0
+	r.Invert = msg.Flags&netlink.FibRuleInvert > 0
+	r.Family = int(msg.Family)
+	r.Tos = uint(msg.Tos)
+	u32 := binary.NativeEndian.Uint32
+	for _, a := range attrs {
+		switch a.Attr.Type {
+		case unix.RTA_TABLE:
+			r.Table = int(u32(a.Value))
+		case nl.FRA_SRC:
+			r.Src = &net.IPNet{IP: a.Value, Mask: net.CIDRMask(int(msg.Src_len), 8*len(a.Value))}
+		case nl.FRA_DST:
+			r.Dst = &net.IPNet{IP: a.Value, Mask: net.CIDRMask(int(msg.Dst_len), 8*len(a.Value))}
+		case nl.FRA_FWMARK:
+			r.Mark = u32(a.Value)
+		case nl.FRA_FWMASK:
+			m := u32(a.Value)
+			r.Mask = &m
+		case nl.FRA_IIFNAME:
+			r.IifName = string(a.Value[:len(a.Value)-1])
+		case nl.FRA_OIFNAME:
+			r.OifName = string(a.Value[:len(a.Value)-1])
+		case nl.FRA_SUPPRESS_PREFIXLEN:
+			if i := u32(a.Value); i != 0xffffffff {
+				r.SuppressPrefixlen = int(i)
+			}
+		case nl.FRA_GOTO:
+			r.Goto = int(u32(a.Value))
+		case nl.FRA_PRIORITY:
+			r.Priority = int(u32(a.Value))
+		case nl.FRA_PROTOCOL:
+			r.Protocol = a.Value[0]
+		}
+	}
+	return *r, nil
+}
