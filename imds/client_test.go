@@ -306,7 +306,7 @@ func TestSnapshotRetriesTimeout(t *testing.T) {
 		}
 		return false
 	}
-	c := f.start(t, Options{Timeout: 50 * time.Millisecond})
+	c := f.start(t, Options{Timeout: 300 * time.Millisecond})
 	snap := mustSnapshot(t, c)
 	if snap.PrimaryMAC != mac1 || f.hitCount("meta-data/mac") != 2 {
 		t.Errorf("primary %q after %d reads of mac; want %s after 2", snap.PrimaryMAC, f.hitCount("meta-data/mac"), mac1)
@@ -621,7 +621,7 @@ func TestSnapshotRetriesStalledBody(t *testing.T) {
 		<-r.Context().Done() // the rest never comes
 		return true
 	}
-	c := f.start(t, Options{Timeout: 100 * time.Millisecond})
+	c := f.start(t, Options{Timeout: 300 * time.Millisecond})
 	snap := mustSnapshot(t, c)
 	if e, _ := snap.ENI(mac2); len(e.IPv6s) != 1 || f.hitCount(target) != 2 {
 		t.Errorf("IPv6s = %v after %d reads, want one address after 2 reads", e.IPv6s, f.hitCount(target))

@@ -188,13 +188,13 @@ func TestEmulatorPersistentFaultsFail(t *testing.T) {
 			"meta-data/network/interfaces/macs/" + secondary + "/ipv6s", false},
 		{"dropped connections", emulator.Faults{Match: secondary + "/ipv4-prefix", DropConnections: true},
 			"meta-data/network/interfaces/macs/" + secondary + "/ipv4-prefix", false},
-		{"latency beyond the timeout", emulator.Faults{Match: secondary + "/device-number", Latency: time.Second},
+		{"latency beyond the timeout", emulator.Faults{Match: secondary + "/device-number", Latency: 10 * time.Second},
 			"meta-data/network/interfaces/macs/" + secondary + "/device-number", true},
 		{"tokens rejected", emulator.Faults{RejectTokens: true}, "meta-data/mac", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			srv, c := startEmulator(t, inst, imds.Options{Timeout: 100 * time.Millisecond})
+			srv, c := startEmulator(t, inst, imds.Options{Timeout: 300 * time.Millisecond})
 			if err := srv.SetFaults(tc.faults); err != nil {
 				t.Fatal(err)
 			}
