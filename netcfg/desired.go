@@ -3,6 +3,7 @@ package netcfg
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -413,7 +414,8 @@ func (d *desirer) assignTables() {
 		e.table, e.prio = t, p
 		claims[t] = append(claims[t], e)
 	}
-	for t, es := range claims {
+	for _, t := range slices.Sorted(maps.Keys(claims)) { // sorted: warnings come out in a stable order
+		es := claims[t]
 		if len(es) < 2 {
 			continue
 		}
