@@ -162,10 +162,32 @@ func TestLoadConfigFiles(t *testing.T) {
 
 func TestExampleConfigParses(t *testing.T) {
 	p := filepath.Join("..", "packaging", "dualhomed.yaml")
-	if _, err := os.Stat(p); err != nil {
-		t.Skip("no example config yet")
+	data, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatalf("the annotated example config is missing: %v", err)
 	}
-	if _, err := LoadConfig(p); err != nil {
+	cfg, err := ParseConfig(p, data)
+	if err != nil {
 		t.Fatalf("the shipped example config must parse: %v", err)
+	}
+	if def := DefaultConfig(); cfg.PollInterval != def.PollInterval || cfg.Netcfg.TableBase != def.Netcfg.TableBase {
+		t.Errorf("the example (all commented out) must mean the defaults: %+v", cfg)
+	}
+	// Uncommenting every setting ("#key", "#  nested") must parse as well,
+	// and give the documented defaults for the top-level numbers.
+	var lines []string
+	for _, l := range strings.Split(string(data), "\n") {
+		if strings.HasPrefix(l, "#") && len(l) > 1 && (l[1] != ' ' || strings.HasPrefix(l, "#  ")) {
+			l = l[1:]
+		}
+		lines = append(lines, l)
+	}
+	cfg, err = ParseConfig(p+" (uncommented)", []byte(strings.Join(lines, "\n")))
+	if err != nil {
+		t.Fatalf("the example with every setting uncommented must parse: %v", err)
+	}
+	if cfg.Netcfg.Protocol != netcfg.DefaultProtocol || cfg.PollInterval != DefaultPollInterval ||
+		cfg.StartTimeout != DefaultStartTimeout || len(cfg.Netcfg.ENIs) != 3 || cfg.Metrics.Listen != "127.0.0.1:9810" {
+		t.Errorf("uncommented example: %+v", cfg)
 	}
 }
