@@ -3,6 +3,7 @@ package netcfg
 import (
 	"errors"
 	"fmt"
+	"net"
 	"sort"
 
 	"github.com/vishvananda/netlink"
@@ -17,7 +18,9 @@ import (
 //
 // Make before break: every addition (and rp_filter setting, and route
 // replacement) runs before any deletion, and if any addition fails no
-// deletion runs at all. Additions run in dependency order (addresses, then
+// deletion runs at all, unless it failed only because its link is down
+// (nothing can use that link until it comes up, and waiting for it must not
+// keep other links' stale state forever; the error is still returned). Additions run in dependency order (addresses, then
 // on-link routes, then routes via a gateway, then rules, then rp_filter),
 // deletions in the reverse one (rules, routes via a gateway, on-link routes,
 // addresses, rp_filter restores), which is the order Diff produces; the plan's
@@ -39,19 +42,27 @@ func (k *Kernel) Apply(p Plan) (writes int, err error) {
 	sort.SliceStable(dels, func(i, j int) bool { return deleteRank(dels[i]) < deleteRank(dels[j]) })
 
 	var errs []error
+	blocking := 0 // failed additions that forbid deletions
 	if !k.addrProto {
 		if err := k.pruneAddrRecords(); err != nil {
 			errs = append(errs, err)
+			blocking++
 		}
 	}
 	for _, op := range adds {
 		n, err := k.applyOp(op)
 		writes += n
-		if err != nil {
-			errs = append(errs, err)
+		if err == nil {
+			continue
 		}
+		if idx := opLink(op); idx != 0 && k.linkDown(idx) {
+			err = fmt.Errorf("%w (link #%d is down: its routes wait for it to come up)", err, idx)
+		} else {
+			blocking++
+		}
+		errs = append(errs, err)
 	}
-	if len(errs) > 0 {
+	if blocking > 0 {
 		if len(dels) > 0 {
 			errs = append(errs, fmt.Errorf("skipping %d deletions because an addition failed (make before break)", len(dels)))
 		}
@@ -65,6 +76,31 @@ func (k *Kernel) Apply(p Plan) (writes int, err error) {
 		}
 	}
 	return writes, errors.Join(errs...)
+}
+
+// opLink is the link index an addition needs, 0 for none (rules, rp_filter).
+func opLink(op Op) int {
+	switch {
+	case op.Route != nil:
+		return op.Route.LinkIndex
+	case op.Addr != nil:
+		return op.Addr.LinkIndex
+	}
+	return 0
+}
+
+// linkDown reports whether link idx exists but is administratively down or
+// has no carrier: the kernel then refuses routes through it (ENETDOWN,
+// ENETUNREACH) and removes IPv4 ones. Nothing of ours can use such a link
+// until it comes up, so failing to add to it must not keep stale state of
+// other links in place forever.
+func (k *Kernel) linkDown(idx int) bool {
+	l, err := k.h.LinkByIndex(idx)
+	if err != nil {
+		return false // gone or unreadable: a real failure
+	}
+	a := l.Attrs()
+	return a.Flags&net.FlagUp == 0 || a.RawFlags&unix.IFF_LOWER_UP == 0
 }
 
 // addRank orders additions so that each object finds what it depends on: a

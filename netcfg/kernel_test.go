@@ -602,3 +602,31 @@ func TestOwnedIgnoresOurProtocolOutsideOurBands(t *testing.T) {
 		t.Errorf("Owned() at the band edges: %+v", owned)
 	}
 }
+
+func TestLinkDownDoesNotBlockOtherLinksDeletions(t *testing.T) {
+	w := newKTWorld(t)
+	w.reconcile(t, w.state(ktEth2))
+	eth1, err := w.ns.NL.LinkByName("eth1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.ns.NL.LinkSetDown(eth1); err != nil {
+		t.Fatal(err)
+	}
+	// eth2 is detached while eth1, newly attached, is still down.
+	want := w.state(ktEth1)
+	_, err = w.k.Apply(Diff(w.owned(t), want))
+	if err == nil || !strings.Contains(err.Error(), "is down") || strings.Contains(err.Error(), "skipping") {
+		t.Fatalf("Apply with eth1 down: %v", err)
+	}
+	if slices.ContainsFunc(w.owned(t).Rules, func(r Rule) bool { return r.Table == 20002 }) {
+		t.Error("eth2's rules kept because eth1 is down")
+	}
+	if err := w.ns.NL.LinkSetUp(eth1); err != nil {
+		t.Fatal(err)
+	}
+	w.reconcile(t, want)
+	if owned := w.owned(t); !owned.Equal(want) {
+		t.Errorf("after eth1 came up:\n%s", Diff(owned, want))
+	}
+}
