@@ -100,24 +100,37 @@ type Result struct {
 }
 
 // Desired computes the routing state dualhomed wants for snap. It is a pure
-// function: same inputs, same Result, sorted. It never panics on odd IMDS
-// data; what it cannot configure it reports in Result.Warnings.
+// function: same inputs, same Result, sorted, at most one object per identity
+// (see RouteKey, RuleKey, AddrKey). It never panics on odd IMDS data; what it
+// cannot configure it reports in Result.Warnings and the ENI's status.
 //
 // For every ready, non-excluded ENI whose link exists (links are matched by
 // MAC) it wants:
-//   - addresses (cfg.ManageAddresses): every IMDS address not already on the
-//     link as a foreign address; the first IPv4 with the subnet's length
-//     (noprefixroute when the subnet overlaps another ENI's), the others /32
-//     and /128 noprefixroute. The primary ENI included.
+//   - addresses (cfg.ManageAddresses), the primary ENI included: every IMDS
+//     address not already on the link as a foreign address (any length); the
+//     first IPv4 with the subnet's length (noprefixroute when the subnet
+//     overlaps another ENI's, the primary excepted), the others /32 and /128
+//     noprefixroute.
 //   - for secondary ENIs (and the primary with cfg.PrimaryTable): table
-//     T = TableBase + CardStride*card + device with the subnet route, the
-//     default route via the gateway and the extra routes; rules at priority
-//     PriorityBase + CardStride*card + device from every address and
-//     delegated prefix to T.
-//   - for multi-VPC ENIs: main-table routes to the VPC's CIDRs via the ENI,
-//     unless they overlap a VPC reached through another ENI (one ENI per VPC
-//     carries them: the lowest card/device).
+//     T = TableBase + CardStride*card + device holding the subnet route
+//     (scope link, src the first IPv4), the default route via the subnet's
+//     router (network+1) and the extra routes, and for IPv6 the subnet routes
+//     and the default via fe80:ec2::1; rules at priority
+//     PriorityBase + CardStride*card + device from every address (/32, /128)
+//     and delegated prefix to T. IPv4 routing needs the first IPv4 on the
+//     link (a route's src must exist).
+//   - for multi-VPC ENIs (VPC other than the primary's): main-table routes to
+//     the VPC's CIDRs via the ENI's gateway, except CIDRs overlapping a VPC
+//     reached through another ENI. One ENI per VPC carries them, the lowest
+//     card/device. If no address gives main an on-link route to the gateway,
+//     the carrier adds its subnet to main, or skips when that is ambiguous.
 //   - rp_filter for secondary ENIs unless cfg.RPFilter is keep.
+//
+// An excluded ENI gets nothing. A not-ready ENI gets nothing new, but what
+// Observed.Owned holds on its link (routes, rules pointing at their tables,
+// addresses, rp_filter) stays desired: an IMDS hiccup never removes
+// configuration. An ENI without a link gets nothing (the kernel dropped its
+// routes; its rules go too).
 func Desired(snap imds.Snapshot, obs Observed, cfg Config) Result {
 	d := newDesirer(snap, obs, cfg)
 	d.run()
