@@ -189,15 +189,15 @@ func (k *Kernel) applyRoute(op Op) error {
 			nr.Scope = netlink.SCOPE_NOWHERE
 		}
 		if err := ignoreOnDelete(k.h.RouteDel(nr)); err != nil {
-			return fmt.Errorf("deleting route %s: %w", describeRoute(r), err)
+			return fmt.Errorf("deleting route %v: %w", r, err)
 		}
 	case op.Replace:
 		if err := k.h.RouteReplace(nr); err != nil {
-			return fmt.Errorf("replacing route %s: %w", describeRoute(r), err)
+			return fmt.Errorf("replacing route %v: %w", r, err)
 		}
 	default:
 		if err := ignoreOnAdd(k.h.RouteAdd(nr)); err != nil {
-			return fmt.Errorf("adding route %s: %w", describeRoute(r), err)
+			return fmt.Errorf("adding route %v: %w", r, err)
 		}
 	}
 	return nil
@@ -208,12 +208,12 @@ func (k *Kernel) applyRule(op Op) error {
 	nr := k.netlinkRule(r)
 	if op.Delete {
 		if err := ignoreOnDelete(k.h.RuleDel(nr)); err != nil {
-			return fmt.Errorf("deleting rule %s: %w", describeRule(r), err)
+			return fmt.Errorf("deleting rule %v: %w", r, err)
 		}
 		return nil
 	}
 	if err := ignoreOnAdd(k.h.RuleAdd(nr)); err != nil {
-		return fmt.Errorf("adding rule %s: %w", describeRule(r), err)
+		return fmt.Errorf("adding rule %v: %w", r, err)
 	}
 	return nil
 }
@@ -222,7 +222,7 @@ func (k *Kernel) applyAddr(op Op) (int, error) {
 	a := *op.Addr
 	if op.Delete {
 		if err := ignoreOnDelete(k.addrs.del(a)); err != nil {
-			return 1, fmt.Errorf("deleting address %s: %w", describeAddr(a), err)
+			return 1, fmt.Errorf("deleting address %v: %w", a, err)
 		}
 		if !k.addrProto {
 			return 1, k.forgetAddr(a)
@@ -238,7 +238,7 @@ func (k *Kernel) applyAddr(op Op) (int, error) {
 			return k.readdAddr4(a, proto)
 		}
 		if err := k.addrs.replace(a, proto); err != nil {
-			return 1, fmt.Errorf("replacing address %s: %w", describeAddr(a), err)
+			return 1, fmt.Errorf("replacing address %v: %w", a, err)
 		}
 		return 1, nil
 	}
@@ -248,7 +248,7 @@ func (k *Kernel) applyAddr(op Op) (int, error) {
 		return 1, nil
 	}
 	if err != nil {
-		return 1, fmt.Errorf("adding address %s: %w", describeAddr(a), err)
+		return 1, fmt.Errorf("adding address %v: %w", a, err)
 	}
 	if !k.addrProto {
 		return 1, k.recordAddr(a)
@@ -264,15 +264,15 @@ func (k *Kernel) applyAddr(op Op) (int, error) {
 func (k *Kernel) readdAddr4(a Addr, proto uint8) (writes int, err error) {
 	routes, err := k.ownedNetlinkRoutes()
 	if err != nil {
-		return 0, fmt.Errorf("replacing address %s: %w", describeAddr(a), err)
+		return 0, fmt.Errorf("replacing address %v: %w", a, err)
 	}
 	writes++
 	if err := ignoreOnDelete(k.addrs.del(a)); err != nil {
-		return writes, fmt.Errorf("replacing address %s: deleting: %w", describeAddr(a), err)
+		return writes, fmt.Errorf("replacing address %v: deleting: %w", a, err)
 	}
 	writes++
 	if err := ignoreOnAdd(k.addrs.add(a, proto)); err != nil {
-		return writes, fmt.Errorf("replacing address %s: adding: %w", describeAddr(a), err)
+		return writes, fmt.Errorf("replacing address %v: adding: %w", a, err)
 	}
 	// On-link routes first: a gateway must be reachable when its route is added.
 	sort.SliceStable(routes, func(i, j int) bool { return routes[i].Gw == nil && routes[j].Gw != nil })
@@ -284,40 +284,10 @@ func (k *Kernel) readdAddr4(a Addr, proto uint8) (writes int, err error) {
 		writes++
 		if err := ignoreOnAdd(k.h.RouteAdd(&r)); err != nil {
 			errs = append(errs, fmt.Errorf("restoring route %s after replacing address %s: %w",
-				describeRoute(fromNetlinkRoute(r)), describeAddr(a), err))
+				fromNetlinkRoute(r).String(), a.String(), err))
 		}
 	}
 	return writes, errors.Join(errs...)
-}
-
-// describeRoute prints r the way `ip route` does.
-func describeRoute(r Route) string {
-	s := r.Dst.String()
-	if r.Gateway.IsValid() {
-		s += " via " + r.Gateway.String()
-	}
-	s += fmt.Sprintf(" dev #%d", r.LinkIndex)
-	if r.Src.IsValid() {
-		s += " src " + r.Src.String()
-	}
-	if r.ScopeLink {
-		s += " scope link"
-	}
-	return s + fmt.Sprintf(" table %d", r.Table)
-}
-
-// describeRule prints r the way `ip rule` does.
-func describeRule(r Rule) string {
-	return fmt.Sprintf("from %s lookup %d priority %d", r.Src, r.Table, r.Priority)
-}
-
-// describeAddr prints a the way `ip addr` does.
-func describeAddr(a Addr) string {
-	s := fmt.Sprintf("%s dev #%d", a.Prefix, a.LinkIndex)
-	if a.NoPrefixRoute {
-		s += " noprefixroute"
-	}
-	return s
 }
 
 // Cleanup removes every object dualhomed owns and restores every rp_filter
