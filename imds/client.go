@@ -42,7 +42,13 @@ const (
 	DefaultTimeout              = time.Second
 	DefaultMaxAttempts          = 3
 	DefaultConcurrency          = 4
-	DefaultMaxRequestsPerSecond = 200
+	DefaultMaxRequestsPerSecond = 100
+	// DefaultRequestBurst lets one full snapshot of the largest instance
+	// (15 ENIs, ~182 requests) go out at once, so a hot attach is configured in
+	// milliseconds, while the sustained rate stays at MaxRequestsPerSecond:
+	// about 3 packets a request keeps a worst-case second (burst + rate) under
+	// the 1024 packets/s that IMDS, DNS and NTP share per ENI.
+	DefaultRequestBurst = 250
 )
 
 // Retry pacing. A snapshot retries a key at most MaxAttempts-1 times with
@@ -74,8 +80,9 @@ type Options struct {
 	MaxAttempts int
 	// Concurrency is how many keys are fetched at once (default 4).
 	Concurrency int
-	// MaxRequestsPerSecond paces requests (default 200, burst 20): link-local
-	// services share 1024 packets/s per ENI. Negative means unlimited
+	// MaxRequestsPerSecond paces requests (default 100, burst
+	// DefaultRequestBurst): link-local services share 1024 packets/s per ENI.
+	// Negative means unlimited
 	// (tests and benchmarks against a local emulator).
 	MaxRequestsPerSecond float64
 	// Transport replaces the HTTP transport (tests). Requests through it are
@@ -122,7 +129,7 @@ func New(opts Options) (*Client, error) {
 		timeout:     opts.Timeout,
 		maxAttempts: opts.MaxAttempts,
 		concurrency: opts.Concurrency,
-		requests:    newLimiter(opts.MaxRequestsPerSecond, 20),
+		requests:    newLimiter(opts.MaxRequestsPerSecond, DefaultRequestBurst),
 		retries:     newLimiter(retriesPerSecond, retryBurst),
 	}
 	next := opts.Transport
