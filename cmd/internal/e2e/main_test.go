@@ -101,15 +101,14 @@ func newWorld(t *testing.T) *simworld.World {
 	return w
 }
 
-// needBinaries skips (only until the programs exist in the tree) when the
-// daemon or the emulator could not be built.
+// needBinaries fails the test when the daemon or the emulator could not be built.
 func needBinaries(t *testing.T) {
 	t.Helper()
 	if emulatorErr != nil {
 		t.Fatalf("cmd/imds-emulator does not build: %v", emulatorErr)
 	}
 	if dualhomedErr != nil {
-		t.Skipf("skipping until cmd/dualhomed lands: %v", dualhomedErr)
+		t.Fatalf("cmd/dualhomed does not build: %v", dualhomedErr)
 	}
 }
 
