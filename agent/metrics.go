@@ -116,6 +116,17 @@ func (m *Metrics) Record(rep Report, err error) {
 		m.changes.Add(float64(len(rep.Changes)))
 	}
 	m.repairs.Add(float64(rep.Repairs))
+	if rep.HaveSnapshot { // without any snapshot nothing is known about ENIs
+		m.recordENIs(rep)
+	}
+	m.rules.Set(float64(rep.ManagedRules))
+	m.routes.Set(float64(rep.ManagedRoutes))
+	if rep.OK() {
+		m.lastSuccess.Set(float64(rep.Time.Add(rep.Duration).Unix()))
+	}
+}
+
+func (m *Metrics) recordENIs(rep Report) {
 	m.enis.Reset()
 	for _, s := range []netcfg.ENIState{netcfg.ENIConfigured, netcfg.ENIDrift, netcfg.ENIWaitingLink,
 		netcfg.ENIWaitingIMDS, netcfg.ENIExcluded, netcfg.ENIPrimaryRole} {
@@ -123,10 +134,5 @@ func (m *Metrics) Record(rep Report, err error) {
 	}
 	for _, e := range rep.ENIs {
 		m.enis.WithLabelValues(string(e.State)).Inc()
-	}
-	m.rules.Set(float64(rep.ManagedRules))
-	m.routes.Set(float64(rep.ManagedRoutes))
-	if rep.OK() {
-		m.lastSuccess.Set(float64(rep.Time.Add(rep.Duration).Unix()))
 	}
 }

@@ -1,0 +1,107 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/dualhomed/dualhomed/netcfg"
+)
+
+func TestApplyWaitNamesMissingENIs(t *testing.T) {
+	w := newWorld(t, 2) // ENI 1 listed by IMDS, its link missing
+	cfg := w.config()
+	k, err := NetcfgKernel(w.ns.Handle, cfg.StateDir, cfg.Netcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.(*netcfg.Kernel).Close()
+	src, _ := testSource(cfg.IMDS)
+	rec := NewReconciler(src, k, cfg)
+
+	_, missing, err := Apply(context.Background(), rec, 1500*time.Millisecond, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(missing) != 1 || !strings.Contains(missing[0], w.inst.ENIs[1].InterfaceID) || !strings.Contains(missing[0], "waiting for link") {
+		t.Fatalf("missing = %q, want ENI 1 waiting for its link", missing)
+	}
+
+	w.link(1)
+	rep, missing, err := Apply(context.Background(), rec, time.Minute, nil)
+	if err != nil || len(missing) != 0 {
+		t.Fatalf("after the link appeared: missing %q, err %v", missing, err)
+	}
+	src1, table := eniRule(1)
+	if !w.hasRule(src1, table) || rep.Configured() != 1 {
+		t.Errorf("apply did not configure ENI 1: %s", rep.Summary())
+	}
+
+	// plan is now in sync, and status renders every ENI.
+	rep, err = Plan(context.Background(), rec)
+	if err != nil || len(rep.Changes) != 0 {
+		t.Fatalf("plan after apply: %v %v", rep.Changes, err)
+	}
+	var buf bytes.Buffer
+	WriteStatusTable(&buf, rep, nil, os.ErrNotExist)
+	out := buf.String()
+	for _, want := range []string{"LINK", "eth1", w.inst.ENIs[1].InterfaceID, "10.1.0.10", "20001", "configured", "primary", "* VPC differs"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status table lacks %q:\n%s", want, out)
+		}
+	}
+	buf.Reset()
+	if err := WritePlanJSON(&buf, rep); err != nil {
+		t.Fatal(err)
+	}
+	var pj PlanJSON
+	if err := json.Unmarshal(buf.Bytes(), &pj); err != nil || !pj.InSync {
+		t.Errorf("plan --json: %v %s", err, buf.String())
+	}
+}
+
+func TestPlanWithoutIMDSIsAnError(t *testing.T) {
+	src, _ := testSource(IMDSConfig{Endpoint: closedPort(t), Timeout: time.Second})
+	_, k := testWorld()
+	_, err := Plan(context.Background(), NewReconciler(src, k, DefaultConfig()))
+	if err == nil || !strings.Contains(err.Error(), "is this an EC2 instance?") {
+		t.Fatalf("err = %v", err)
+	}
+	if len(k.applied) != 0 {
+		t.Error("plan applied changes")
+	}
+}
+
+func TestMetricsExposition(t *testing.T) {
+	m := NewMetrics()
+	m.Record(Report{Time: time.Now(), Fresh: true, HaveSnapshot: true, IMDSRequests: 7, Writes: 3, Repairs: 1,
+		Changes: make([]Change, 3), ManagedRules: 4, ManagedRoutes: 5,
+		ENIs: []netcfg.ENIStatus{{State: netcfg.ENIConfigured}, {State: netcfg.ENIPrimaryRole}}}, nil)
+	m.Record(Report{IMDSError: "down", ManagedRules: 4, ManagedRoutes: 5}, nil) // no snapshot: ENI gauges stay
+	rec := httptest.NewRecorder()
+	m.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	body, _ := io.ReadAll(rec.Body)
+	for _, want := range []string{
+		`dualhomed_reconciles_total{result="ok"} 1`,
+		`dualhomed_reconciles_total{result="degraded"} 1`,
+		`dualhomed_changes_applied_total 3`,
+		`dualhomed_drift_repairs_total 1`,
+		`dualhomed_imds_requests_total 7`,
+		`dualhomed_imds_errors_total 1`,
+		`dualhomed_managed_rules 4`,
+		`dualhomed_managed_routes 5`,
+		`dualhomed_enis{state="configured"} 1`,
+		"dualhomed_last_successful_reconcile_timestamp_seconds 1",
+		"dualhomed_reconcile_duration_seconds_bucket",
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+}
