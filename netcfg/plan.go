@@ -3,6 +3,7 @@ package netcfg
 import (
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -53,144 +54,95 @@ func (p Plan) Empty() bool { return len(p.Ops) == 0 }
 func Diff(owned, desired State) Plan {
 	var addrAdds, routeAddsOnLink, routeAddsVia, ruleAdds, rpfSets []Op
 	var ruleDels, routeDelsVia, routeDelsOnLink, addrDels, rpfRestores []Op
-	owned, desired = owned.clone(), desired.clone()
-	owned.Sort()
-	desired.Sort()
+	owned, desired = sortedState(owned), sortedState(desired)
 
-	// Routes.
-	{
-		want := make(map[RouteKey]Route, len(desired.Routes))
-		for _, r := range desired.Routes {
-			if _, dup := want[r.Key()]; !dup {
-				want[r.Key()] = r
-			}
-		}
-		done := make(map[RouteKey]bool, len(desired.Routes))
-		kept := make([]bool, len(owned.Routes))
-		for i, o := range owned.Routes { // exact matches first
-			if d, ok := want[o.Key()]; ok && d == o && !done[o.Key()] {
-				done[o.Key()], kept[i] = true, true
-			}
-		}
-		for i, o := range owned.Routes {
-			if kept[i] {
-				continue
-			}
-			if d, ok := want[o.Key()]; ok && !done[o.Key()] {
-				done[o.Key()] = true
-				op := Op{Replace: true, Route: ptr(d)}
-				if d.Gateway.IsValid() {
-					routeAddsVia = append(routeAddsVia, op)
-				} else {
-					routeAddsOnLink = append(routeAddsOnLink, op)
-				}
-				continue
-			}
-			op := Op{Delete: true, Route: ptr(o)}
-			if o.Gateway.IsValid() {
-				routeDelsVia = append(routeDelsVia, op)
-			} else {
-				routeDelsOnLink = append(routeDelsOnLink, op)
-			}
-		}
-		for _, d := range desired.Routes {
-			if done[d.Key()] || want[d.Key()] != d {
-				continue
-			}
-			done[d.Key()] = true
-			op := Op{Route: ptr(d)}
-			if d.Gateway.IsValid() {
-				routeAddsVia = append(routeAddsVia, op)
-			} else {
-				routeAddsOnLink = append(routeAddsOnLink, op)
-			}
+	addRoute := func(op Op) {
+		if op.Route.Gateway.IsValid() {
+			routeAddsVia = append(routeAddsVia, op)
+		} else {
+			routeAddsOnLink = append(routeAddsOnLink, op)
 		}
 	}
+	mergeByKey(owned.Routes, desired.Routes, compareRouteKeys, func(os, ds []Route) {
+		if len(ds) == 0 {
+			for _, o := range os {
+				op := Op{Delete: true, Route: ptr(o)}
+				if o.Gateway.IsValid() {
+					routeDelsVia = append(routeDelsVia, op)
+				} else {
+					routeDelsOnLink = append(routeDelsOnLink, op)
+				}
+			}
+			return
+		}
+		d := ds[0] // Desired never wants two routes with one key; be safe anyway
+		keep := slices.Index(os, d)
+		switch {
+		case len(os) == 0:
+			addRoute(Op{Route: ptr(d)})
+		case keep < 0:
+			addRoute(Op{Replace: true, Route: ptr(d)})
+			keep = 0 // the first owned route becomes d
+		}
+		for i, o := range os {
+			if i != keep { // a duplicate the kernel held under the same key
+				op := Op{Delete: true, Route: ptr(o)}
+				if o.Gateway.IsValid() {
+					routeDelsVia = append(routeDelsVia, op)
+				} else {
+					routeDelsOnLink = append(routeDelsOnLink, op)
+				}
+			}
+		}
+	})
 
 	// Rules: the key is the whole rule, so only adds and deletes.
-	{
-		want, have := make(map[RuleKey]bool, len(desired.Rules)), make(map[RuleKey]bool, len(desired.Rules))
-		for _, r := range desired.Rules {
-			want[r.Key()] = true
-		}
-		for _, o := range owned.Rules {
-			if want[o.Key()] && !have[o.Key()] {
-				have[o.Key()] = true
-				continue
+	mergeByKey(owned.Rules, desired.Rules, compareRules, func(os, ds []Rule) {
+		if len(ds) > 0 {
+			if len(os) == 0 {
+				ruleAdds = append(ruleAdds, Op{Rule: ptr(ds[0])})
+				return
 			}
+			os = os[1:] // keep one, delete duplicates
+		}
+		for _, o := range os {
 			ruleDels = append(ruleDels, Op{Delete: true, Rule: ptr(o)})
 		}
-		for _, d := range desired.Rules {
-			if !have[d.Key()] {
-				have[d.Key()] = true
-				ruleAdds = append(ruleAdds, Op{Rule: ptr(d)})
-			}
-		}
-	}
+	})
 
-	// Addresses.
-	{
-		want := make(map[AddrKey]Addr, len(desired.Addrs))
-		for _, a := range desired.Addrs {
-			if _, dup := want[a.Key()]; !dup {
-				want[a.Key()] = a
+	mergeByKey(owned.Addrs, desired.Addrs, compareAddrKeys, func(os, ds []Addr) {
+		if len(ds) == 0 {
+			for _, o := range os {
+				addrDels = append(addrDels, Op{Delete: true, Addr: ptr(o)})
+			}
+			return
+		}
+		d := ds[0]
+		keep := slices.Index(os, d)
+		switch {
+		case len(os) == 0:
+			addrAdds = append(addrAdds, Op{Addr: ptr(d)})
+		case keep < 0: // only the flags differ: change them in place
+			addrAdds = append(addrAdds, Op{Replace: true, Addr: ptr(d)})
+			keep = 0
+		}
+		for i, o := range os {
+			if i != keep {
+				addrDels = append(addrDels, Op{Delete: true, Addr: ptr(o)})
 			}
 		}
-		done := make(map[AddrKey]bool, len(desired.Addrs))
-		kept := make([]bool, len(owned.Addrs))
-		for i, o := range owned.Addrs {
-			if d, ok := want[o.Key()]; ok && d == o && !done[o.Key()] {
-				done[o.Key()], kept[i] = true, true
-			}
-		}
-		for i, o := range owned.Addrs {
-			if kept[i] {
-				continue
-			}
-			if d, ok := want[o.Key()]; ok && !done[o.Key()] {
-				done[o.Key()] = true
-				addrAdds = append(addrAdds, Op{Replace: true, Addr: ptr(d)})
-				continue
-			}
-			addrDels = append(addrDels, Op{Delete: true, Addr: ptr(o)})
-		}
-		for _, d := range desired.Addrs {
-			if !done[d.Key()] && want[d.Key()] == d {
-				done[d.Key()] = true
-				addrAdds = append(addrAdds, Op{Addr: ptr(d)})
-			}
-		}
-	}
+	})
 
 	// rp_filter: keyed by link name; a changed value is simply set again.
-	{
-		want := map[string]RPFilter{}
-		for _, f := range desired.RPFilters {
-			if _, dup := want[f.LinkName]; !dup {
-				want[f.LinkName] = f
+	mergeByKey(owned.RPFilters, desired.RPFilters, func(a, b RPFilter) int { return strings.Compare(a.LinkName, b.LinkName) },
+		func(os, ds []RPFilter) {
+			switch {
+			case len(ds) == 0:
+				rpfRestores = append(rpfRestores, Op{Delete: true, RPFilter: ptr(os[0])})
+			case len(os) == 0 || !slices.Contains(os, ds[0]):
+				rpfSets = append(rpfSets, Op{RPFilter: ptr(ds[0])})
 			}
-		}
-		done := map[string]bool{}
-		for _, o := range owned.RPFilters {
-			if d, ok := want[o.LinkName]; ok && !done[o.LinkName] {
-				done[o.LinkName] = true
-				if d != o {
-					rpfSets = append(rpfSets, Op{RPFilter: ptr(d)})
-				}
-				continue
-			}
-			if !done[o.LinkName] {
-				done[o.LinkName] = true
-				rpfRestores = append(rpfRestores, Op{Delete: true, RPFilter: ptr(o)})
-			}
-		}
-		for _, d := range desired.RPFilters {
-			if !done[d.LinkName] {
-				done[d.LinkName] = true
-				rpfSets = append(rpfSets, Op{RPFilter: ptr(d)})
-			}
-		}
-	}
+		})
 
 	var p Plan
 	for _, g := range [][]Op{addrAdds, routeAddsOnLink, routeAddsVia, ruleAdds, rpfSets,
@@ -198,6 +150,47 @@ func Diff(owned, desired State) Plan {
 		p.Ops = append(p.Ops, g...)
 	}
 	return p
+}
+
+// mergeByKey walks owned and desired, both sorted with their key first,
+// and calls f once per key with the owned and the desired objects that carry
+// it (one side may be empty). A merge join: no maps, no allocations.
+func mergeByKey[T any](owned, desired []T, compareKeys func(a, b T) int, f func(os, ds []T)) {
+	i, j := 0, 0
+	for i < len(owned) || j < len(desired) {
+		var k T
+		switch {
+		case i == len(owned):
+			k = desired[j]
+		case j == len(desired):
+			k = owned[i]
+		case compareKeys(owned[i], desired[j]) <= 0:
+			k = owned[i]
+		default:
+			k = desired[j]
+		}
+		i2, j2 := i, j
+		for i2 < len(owned) && compareKeys(owned[i2], k) == 0 {
+			i2++
+		}
+		for j2 < len(desired) && compareKeys(desired[j2], k) == 0 {
+			j2++
+		}
+		f(owned[i:i2], desired[j:j2])
+		i, j = i2, j2
+	}
+}
+
+// sortedState returns s in canonical order, copying only when it is not
+// already sorted (Desired's and Owned's states are).
+func sortedState(s State) State {
+	if slices.IsSortedFunc(s.Routes, compareRoutes) && slices.IsSortedFunc(s.Rules, compareRules) &&
+		slices.IsSortedFunc(s.Addrs, compareAddrs) && slices.IsSortedFunc(s.RPFilters, compareRPFilters) {
+		return s
+	}
+	c := s.clone()
+	c.Sort()
+	return c
 }
 
 // String prints the plan with links as "#<ifindex>"; see Format.

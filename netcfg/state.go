@@ -49,9 +49,7 @@ func (s *State) Sort() {
 	slices.SortFunc(s.Routes, compareRoutes)
 	slices.SortFunc(s.Rules, compareRules)
 	slices.SortFunc(s.Addrs, compareAddrs)
-	slices.SortFunc(s.RPFilters, func(a, b RPFilter) int {
-		return cmp.Or(cmp.Compare(a.LinkName, b.LinkName), cmp.Compare(a.Value, b.Value))
-	})
+	slices.SortFunc(s.RPFilters, compareRPFilters)
 }
 
 // Equal reports whether s and t hold the same objects, in any order.
@@ -78,9 +76,10 @@ func (s State) clone() State {
 }
 
 func compareRoutes(a, b Route) int {
+	if c := compareRouteKeys(a, b); c != 0 {
+		return c
+	}
 	return cmp.Or(
-		cmp.Compare(a.Table, b.Table),
-		comparePrefix(a.Dst, b.Dst),
 		cmp.Compare(a.LinkIndex, b.LinkIndex),
 		a.Gateway.Compare(b.Gateway),
 		a.Src.Compare(b.Src),
@@ -88,26 +87,53 @@ func compareRoutes(a, b Route) int {
 	)
 }
 
+// compareRouteKeys orders routes by identity only; compareRoutes refines it.
+func compareRouteKeys(a, b Route) int {
+	if c := cmp.Compare(a.Table, b.Table); c != 0 {
+		return c
+	}
+	return comparePrefix(a.Dst, b.Dst)
+}
+
+// compareAddrKeys orders addresses by identity only; compareAddrs refines it.
+func compareAddrKeys(a, b Addr) int {
+	if c := cmp.Compare(a.LinkIndex, b.LinkIndex); c != 0 {
+		return c
+	}
+	return comparePrefix(a.Prefix, b.Prefix)
+}
+
+func compareRPFilters(a, b RPFilter) int {
+	if c := cmp.Compare(a.LinkName, b.LinkName); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Value, b.Value)
+}
+
 func compareRules(a, b Rule) int {
-	return cmp.Or(
-		cmp.Compare(a.Priority, b.Priority),
-		comparePrefix(a.Src, b.Src),
-		cmp.Compare(a.Table, b.Table),
-	)
+	if c := cmp.Compare(a.Priority, b.Priority); c != 0 {
+		return c
+	}
+	if c := comparePrefix(a.Src, b.Src); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Table, b.Table)
 }
 
 func compareAddrs(a, b Addr) int {
-	return cmp.Or(
-		cmp.Compare(a.LinkIndex, b.LinkIndex),
-		comparePrefix(a.Prefix, b.Prefix),
-		compareBool(a.NoPrefixRoute, b.NoPrefixRoute),
-	)
+	if c := compareAddrKeys(a, b); c != 0 {
+		return c
+	}
+	return compareBool(a.NoPrefixRoute, b.NoPrefixRoute)
 }
 
 // comparePrefix orders IPv4 before IPv6, then by address, then shorter
 // prefixes first.
 func comparePrefix(a, b netip.Prefix) int {
-	return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Bits(), b.Bits())
 }
 
 func compareBool(a, b bool) int {
