@@ -262,6 +262,18 @@ func (k *Kernel) applyAddr(op Op) (int, error) {
 // routes that use it as source, so our routes with that source are read
 // first and added back at once.
 func (k *Kernel) readdAddr4(a Addr, proto uint8) (writes int, err error) {
+	// Deleting a primary IPv4 address also deletes the secondary addresses
+	// of its subnet (unless promote_secondaries): never risk another's.
+	present, err := k.addrs.list()
+	if err != nil {
+		return 0, fmt.Errorf("replacing address %v: %w", a, err)
+	}
+	for _, o := range present {
+		if o.LinkIndex == a.LinkIndex && o.Prefix != a.Prefix && o.Prefix.Bits() == a.Prefix.Bits() &&
+			o.Prefix.Masked() == a.Prefix.Masked() {
+			return 0, fmt.Errorf("replacing address %v: deleting it could take %v on the same subnet with it; change the noprefixroute flag by hand", a, o.Prefix)
+		}
+	}
 	routes, err := k.ownedNetlinkRoutes()
 	if err != nil {
 		return 0, fmt.Errorf("replacing address %v: %w", a, err)

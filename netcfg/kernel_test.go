@@ -481,6 +481,16 @@ func TestReplaceKeepsTheObjectsInPlace(t *testing.T) {
 	if n := w.reconcile(t, changed); n != 0 {
 		t.Errorf("reconcile after replace made %d writes", n)
 	}
+
+	// With another address on the same subnet, deleting ours could delete
+	// it too: the flag change is refused and the other address stays.
+	w.ip(t, "addr", "add", "10.1.0.50/24", "dev", "eth1")
+	if _, err := w.k.Apply(Diff(w.owned(t), desired)); err == nil || !strings.Contains(err.Error(), "10.1.0.50/24") {
+		t.Errorf("flag change next to a foreign secondary: %v", err)
+	}
+	if !slices.ContainsFunc(w.dump(t)["addr"], func(l string) bool { return strings.Contains(l, "10.1.0.50/24") }) {
+		t.Error("the foreign secondary address is gone")
+	}
 }
 
 func TestPipelineFromSnapshot(t *testing.T) {
