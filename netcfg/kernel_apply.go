@@ -16,16 +16,17 @@ import (
 // EADDRNOTAVAIL (and ENODEV: the link went away with its objects) on delete
 // count as success, so every step is idempotent.
 //
-// Make before break: every addition (and rp_filter setting, and route
-// replacement) runs before any deletion, and if any addition fails no
-// deletion runs at all, unless it failed only because its link is down
-// (nothing can use that link until it comes up, and waiting for it must not
-// keep other links' stale state forever; the error is still returned). Additions run in dependency order (addresses, then
-// on-link routes, then routes via a gateway, then rules, then rp_filter),
-// deletions in the reverse one (rules, routes via a gateway, on-link routes,
-// addresses, rp_filter restores), which is the order Diff produces; the plan's
-// order is kept otherwise. An error on one object does
-// not stop the others: Apply returns all errors joined.
+// Make before break: every addition (rp_filter settings and replacements
+// included) runs before any deletion, and if an addition fails no deletion
+// runs at all — unless it failed only because its link is down: nothing can
+// use that link until it comes up, and waiting for it must not keep other
+// links' stale state forever (the error is still returned).
+//
+// Additions run in dependency order (addresses, on-link routes, routes via a
+// gateway, rules, rp_filter), deletions in the reverse one (rules, routes via
+// a gateway, on-link routes, addresses, rp_filter restores): the order Diff
+// produces, enforced here too; the plan's order is kept otherwise. An error on
+// one object does not stop the others: Apply returns all errors joined.
 func (k *Kernel) Apply(p Plan) (writes int, err error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
