@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -134,54 +135,116 @@ func WritePlan(w io.Writer, rep Report) {
 	}
 }
 
+// ENIView is one ENI in `plan --json` and `status --json`.
+type ENIView struct {
+	Link        string       `json:"link"` // "" while waiting for the link
+	MAC         string       `json:"mac"`
+	InterfaceID string       `json:"interface_id"`
+	VPCID       string       `json:"vpc_id"`
+	MultiVPC    bool         `json:"multi_vpc"`
+	Primary     bool         `json:"primary"`
+	NetworkCard int          `json:"network_card"`
+	Device      int          `json:"device_number"`
+	Addresses   []netip.Addr `json:"addresses"`
+	Table       int          `json:"table,omitempty"`
+	Priority    int          `json:"priority,omitempty"`
+	State       string       `json:"state"`
+	Warnings    []string     `json:"warnings"`
+}
+
+// WarningView is one warning in JSON output.
+type WarningView struct {
+	ENI     string `json:"eni,omitempty"`
+	Message string `json:"message"`
+	Hint    string `json:"hint,omitempty"`
+}
+
+// DaemonView is the running daemon's health in `status --json`.
+type DaemonView struct {
+	PID         int       `json:"pid"`
+	Version     string    `json:"version"`
+	Running     bool      `json:"running"`
+	Started     time.Time `json:"started"`
+	Updated     time.Time `json:"updated"`
+	Ready       bool      `json:"ready"`
+	Degraded    bool      `json:"degraded"`
+	Summary     string    `json:"summary"`
+	LastSuccess time.Time `json:"last_success"`
+	LastError   string    `json:"last_error,omitempty"`
+	LastTrigger string    `json:"last_trigger,omitempty"`
+}
+
+func eniViews(enis []netcfg.ENIStatus) []ENIView {
+	out := []ENIView{}
+	for _, e := range enis {
+		v := ENIView{Link: e.Link, MAC: e.MAC, InterfaceID: e.InterfaceID, VPCID: e.VPCID, MultiVPC: e.MultiVPC,
+			Primary: e.Primary, NetworkCard: e.Card, Device: e.Device, Addresses: e.Addresses, Table: e.Table,
+			Priority: e.Priority, State: string(e.State), Warnings: e.Warnings}
+		if v.Addresses == nil {
+			v.Addresses = []netip.Addr{}
+		}
+		if v.Warnings == nil {
+			v.Warnings = []string{}
+		}
+		out = append(out, v)
+	}
+	return out
+}
+
+func warningViews(ws []netcfg.Warning) []WarningView {
+	out := []WarningView{}
+	for _, w := range ws {
+		out = append(out, WarningView{ENI: w.ENI, Message: w.Message, Hint: w.Hint})
+	}
+	return out
+}
+
+func changes(cs []Change) []Change {
+	if cs == nil {
+		return []Change{}
+	}
+	return cs
+}
+
 // PlanJSON is the output of `dualhomed plan --json`.
 type PlanJSON struct {
-	InSync   bool               `json:"in_sync"`
-	Changes  []Change           `json:"changes"`
-	Warnings []netcfg.Warning   `json:"warnings"`
-	ENIs     []netcfg.ENIStatus `json:"enis"`
-	Summary  string             `json:"summary"`
+	InSync   bool          `json:"in_sync"`
+	Changes  []Change      `json:"changes"`
+	Warnings []WarningView `json:"warnings"`
+	ENIs     []ENIView     `json:"enis"`
+	Summary  string        `json:"summary"`
 }
 
 // WritePlanJSON prints the plan as JSON.
 func WritePlanJSON(w io.Writer, rep Report) error {
-	out := PlanJSON{InSync: len(rep.Changes) == 0, Changes: rep.Changes, Warnings: rep.Warnings,
-		ENIs: rep.ENIs, Summary: rep.Summary()}
-	if out.Changes == nil {
-		out.Changes = []Change{}
-	}
-	if out.Warnings == nil {
-		out.Warnings = []netcfg.Warning{}
-	}
-	return writeJSON(w, out)
+	return writeJSON(w, PlanJSON{InSync: len(rep.Changes) == 0, Changes: changes(rep.Changes),
+		Warnings: warningViews(rep.Warnings), ENIs: eniViews(rep.ENIs), Summary: rep.Summary()})
 }
 
 // StatusJSON is the output of `dualhomed status --json`.
 type StatusJSON struct {
-	ENIs     []netcfg.ENIStatus `json:"enis"`
-	Warnings []netcfg.Warning   `json:"warnings"`
-	Pending  []Change           `json:"pending_changes"`
-	Summary  string             `json:"summary"`
-	// Daemon is the running daemon's own report (status.json), when present.
-	Daemon *Health `json:"daemon,omitempty"`
+	ENIs     []ENIView     `json:"enis"`
+	Warnings []WarningView `json:"warnings"`
+	Pending  []Change      `json:"pending_changes"`
+	Summary  string        `json:"summary"`
+	// Daemon is the running daemon's health (from status.json), when known.
+	Daemon *DaemonView `json:"daemon,omitempty"`
 	// DaemonError says why the daemon's health is unknown.
 	DaemonError string `json:"daemon_error,omitempty"`
 }
 
 // WriteStatusJSON prints the live status and the daemon's health as JSON.
 func WriteStatusJSON(w io.Writer, rep Report, health *Health, healthErr error) error {
-	out := StatusJSON{ENIs: rep.ENIs, Warnings: rep.Warnings, Pending: rep.Changes, Summary: rep.Summary(), Daemon: health}
+	out := StatusJSON{ENIs: eniViews(rep.ENIs), Warnings: warningViews(rep.Warnings), Pending: changes(rep.Changes),
+		Summary: rep.Summary()}
+	if health != nil {
+		out.Daemon = &DaemonView{PID: health.PID, Version: health.Version, Running: processAlive(health.PID),
+			Started: health.Started, Updated: health.Updated, Ready: health.Ready, Degraded: health.Degraded,
+			Summary: health.Summary, LastSuccess: health.LastSuccess, LastError: health.LastError,
+			LastTrigger: health.Report.Trigger}
+	}
 	if healthErr != nil {
 		out.DaemonError = healthErr.Error()
-	}
-	if out.ENIs == nil {
-		out.ENIs = []netcfg.ENIStatus{}
-	}
-	if out.Warnings == nil {
-		out.Warnings = []netcfg.Warning{}
-	}
-	if out.Pending == nil {
-		out.Pending = []Change{}
 	}
 	return writeJSON(w, out)
 }

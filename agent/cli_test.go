@@ -61,8 +61,25 @@ func TestApplyWaitNamesMissingENIs(t *testing.T) {
 		t.Fatal(err)
 	}
 	var pj PlanJSON
-	if err := json.Unmarshal(buf.Bytes(), &pj); err != nil || !pj.InSync {
+	if err := json.Unmarshal(buf.Bytes(), &pj); err != nil || !pj.InSync || len(pj.ENIs) != 2 {
 		t.Errorf("plan --json: %v %s", err, buf.String())
+	}
+	buf.Reset()
+	h := Health{PID: os.Getpid(), Ready: true, Summary: "x", Report: Report{Trigger: "poll"}}
+	if err := WriteStatusJSON(&buf, rep, &h, nil); err != nil {
+		t.Fatal(err)
+	}
+	var sj map[string]any
+	if err := json.Unmarshal(buf.Bytes(), &sj); err != nil {
+		t.Fatal(err)
+	}
+	enis, _ := sj["enis"].([]any)
+	daemon, _ := sj["daemon"].(map[string]any)
+	if len(enis) != 2 || daemon["running"] != true || daemon["last_trigger"] != "poll" {
+		t.Errorf("status --json: %s", buf.String())
+	}
+	if e, _ := enis[1].(map[string]any); e["interface_id"] != w.inst.ENIs[1].InterfaceID || e["table"] != float64(table) {
+		t.Errorf("status --json ENI: %v", enis[1])
 	}
 }
 

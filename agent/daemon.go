@@ -23,8 +23,11 @@ import (
 // Timing of the daemon loop.
 const (
 	// debounce coalesces bursts of netlink events (15 links at boot, an
-	// address flush) into one reconcile.
-	debounce = 75 * time.Millisecond
+	// address flush) into one reconcile: the reconcile waits until events
+	// have been quiet this long, but never more than maxSettle after the
+	// first one, so a steady stream of events cannot postpone it forever.
+	debounce  = 75 * time.Millisecond
+	maxSettle = 500 * time.Millisecond
 	// maxRepairBackoff caps the delay between repairs when another program
 	// keeps deleting our routes or rules.
 	maxRepairBackoff = 30 * time.Second
@@ -305,6 +308,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 	settle.Stop()
 	defer settle.Stop()
 	settling := false
+	sliding := false // the settle timer is the debounce (not a repair backoff)
+	var settleStart time.Time
 
 	d.notifier.Notify("STATUS=starting: reading IMDS")
 	d.trigger(reasonStart)
@@ -347,9 +352,16 @@ func (d *Daemon) Run(ctx context.Context) error {
 			reply <- err
 
 		case <-d.kick:
-			if !settling {
-				settling = true
-				settle.Reset(d.settleDelay(reason(d.pending.Load())))
+			r := reason(d.pending.Load())
+			switch {
+			case !settling:
+				delay := d.settleDelay(r)
+				settling, sliding, settleStart = true, delay == debounce, time.Now()
+				settle.Reset(delay)
+			case r&(reasonStart|reasonReload) != 0:
+				settle.Reset(0) // a reload is never held back by a repair backoff
+			case sliding && time.Since(settleStart)+debounce < maxSettle:
+				settle.Reset(debounce) // the burst goes on: wait for quiet
 			}
 
 		case <-poll.C:
