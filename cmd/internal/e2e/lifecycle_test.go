@@ -248,6 +248,11 @@ func TestCleanupRestoresTheStateBeforeDualhomed(t *testing.T) {
 	if err := w.AddIPv4(w.ENI("eth1"), netip.MustParseAddr("10.1.1.11")); err != nil {
 		t.Fatal(err)
 	}
+	// Strict on eth1, as an administrator may have set it: dualhomed makes it
+	// loose (its default) and cleanup must put strict back.
+	if err := w.Instance.SetSysctl("net/ipv4/conf/eth1/rp_filter", "1"); err != nil {
+		t.Fatal(err)
+	}
 	pristine, err := simworld.DumpState(w.Instance)
 	if err != nil {
 		t.Fatal(err)
@@ -259,6 +264,9 @@ func TestCleanupRestoresTheStateBeforeDualhomed(t *testing.T) {
 	}
 	if _, added := pristine.Diff(configured); len(added) == 0 {
 		t.Fatal("dualhomed changed nothing: the comparison below would prove nothing")
+	}
+	if got := configured.Grep("eth1.rp_filter = 2"); len(got) != 1 {
+		t.Errorf("dualhomed did not set eth1's rp_filter to loose: %q", configured.Grep("eth1.rp_filter"))
 	}
 	if err := d.Stop(10 * time.Second); err != nil {
 		t.Errorf("stopping dualhomed: %v", err)

@@ -4,6 +4,12 @@ import (
 	"context"
 	"net"
 	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -86,5 +92,80 @@ func TestEmulatorDescribesTheWorld(t *testing.T) {
 		if err != nil || link.Attrs().HardwareAddr.String() != e.MAC {
 			t.Errorf("%s: link %v, err %v; want MAC %s", l, link, err, e.MAC)
 		}
+	}
+}
+
+// Tearing a world down leaves nothing: no namespace, no process, no link in
+// the host; and the sweeper removes what a crashed run left behind.
+func TestTeardownLeavesNothing(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("skipping: needs root to create network namespaces (run `sudo make test`)")
+	}
+	needBinaries(t)
+	hostLinks := func() []string {
+		out, err := exec.Command("ip", "-o", "link", "show").Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+			names = append(names, strings.Fields(l)[1])
+		}
+		return names
+	}
+	linksBefore := hostLinks()
+	w, err := simworld.New(context.Background(), simworld.Options{DualhomedBin: dualhomedBin, EmulatorBin: emulatorBin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.StartIMDS(context.Background()); err != nil {
+		w.Close()
+		t.Fatal(err)
+	}
+	_, err = w.StartDaemon(simworld.DaemonOptions{PollInterval: time.Second})
+	if err != nil {
+		w.Close()
+		t.Fatal(err)
+	}
+	names, dir := w.Namespaces(), w.Dir
+	var pids []int
+	for _, p := range w.Procs() {
+		pids = append(pids, p.Pid())
+	}
+	if err := w.Close(); err != nil {
+		t.Errorf("closing: %v", err)
+	}
+	for _, n := range names {
+		if _, err := os.Stat(filepath.Join("/run/netns", n)); err == nil {
+			t.Errorf("namespace %s left behind", n)
+		}
+	}
+	for _, pid := range pids {
+		if err := syscall.Kill(pid, 0); err == nil {
+			t.Errorf("process %d left running", pid)
+		}
+	}
+	if _, err := os.Stat(dir); err == nil {
+		t.Errorf("directory %s left behind", dir)
+	}
+	if after := hostLinks(); !slices.Equal(linksBefore, after) {
+		t.Errorf("host links changed: %v -> %v", linksBefore, after)
+	}
+
+	// A leftover of a crashed run: its pid (beyond pid_max) cannot be alive.
+	leftover := "dh99999999w1-inst"
+	if out, err := exec.Command("ip", "netns", "add", leftover).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "delete", leftover).Run() })
+	removed, err := simworld.Sweep()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(removed, leftover) {
+		t.Errorf("sweep removed %v, want %s among them", removed, leftover)
+	}
+	if _, err := os.Stat(filepath.Join("/run/netns", leftover)); err == nil {
+		t.Errorf("sweep left %s", leftover)
 	}
 }

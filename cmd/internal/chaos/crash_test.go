@@ -1,0 +1,277 @@
+package chaos
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
+	"github.com/dualhomed/dualhomed/imds"
+)
+
+// scale is the size of the instance the crash test applies.
+type scale struct {
+	extraENIs   int // ENIs added beside eth0..eth2 (eth4 onwards)
+	addrs       int // IPv4 and IPv6 addresses per secondary ENI
+	prefixes    int // delegated prefixes per family per secondary ENI
+	kills       int // SIGKILLs
+	checkpoints int // converge and compare every this many kills (0: only at the end)
+}
+
+// crashScale: the short form keeps `make test` quick; the long form is the
+// full scale of the largest single-card instances (15 ENIs, 50+50
+// addresses, 2+2 delegated prefixes = 4 per ENI) with 100 kills.
+func crashScale() scale {
+	return pick(scale{extraENIs: 2, addrs: 20, prefixes: 1, kills: 12, checkpoints: 0},
+		scale{extraENIs: 12, addrs: 50, prefixes: 2, kills: 100, checkpoints: 25})
+}
+
+// grow makes the world's instance big: eth1 and eth2 get sc.addrs
+// addresses and delegated prefixes in IMDS, and sc.extraENIs new ENIs (veths
+// whose peers sit in VPC D's router) are attached, each in its own VPC.
+func grow(t *testing.T, w *simworld.World, sc scale) {
+	t.Helper()
+	eth1, eth2 := w.ENI("eth1"), w.ENI("eth2")
+	err := w.IMDS.UpdateENI(eth1.MAC, func(e *imds.ENI) {
+		e.LocalIPv4s, e.IPv6s = hostsIn(eth1.Subnet4, eth1.Subnet6, sc.addrs)
+		e.IPv4Prefixes, e.IPv6Prefixes = prefixesIn(eth1.Subnet4, eth1.Subnet6, sc.prefixes)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = w.IMDS.UpdateENI(eth2.MAC, func(e *imds.ENI) {
+		e.LocalIPv4s, _ = hostsIn(eth2.Subnet4, netip.Prefix{}, sc.addrs)
+		e.IPv4Prefixes, _ = prefixesIn(eth2.Subnet4, netip.Prefix{}, sc.prefixes)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	inst, router := w.Instance, w.VPCs["D"].Router
+	for i := range sc.extraENIs {
+		dev := 4 + i
+		s4 := netip.MustParsePrefix(fmt.Sprintf("10.%d.1.0/24", 20+i))
+		s6 := netip.MustParsePrefix(fmt.Sprintf("fd00:e:%x:1::/64", i))
+		e := imds.ENI{
+			MAC: fmt.Sprintf("02:00:00:00:0e:%02x", dev), Ready: true, DeviceNumber: dev,
+			InterfaceID: fmt.Sprintf("eni-0ee%015d", dev), SubnetID: fmt.Sprintf("subnet-0ee%014d", dev),
+			VPCID: fmt.Sprintf("vpc-0e%015d", dev), OwnerID: simworld.OwnerID,
+			SubnetIPv4CIDR: s4, VPCIPv4CIDRs: []netip.Prefix{netip.MustParsePrefix(fmt.Sprintf("10.%d.0.0/16", 20+i))},
+			SubnetIPv6CIDRs: []netip.Prefix{s6}, VPCIPv6CIDRs: []netip.Prefix{netip.MustParsePrefix(fmt.Sprintf("fd00:e:%x::/56", i))},
+		}
+		e.LocalIPv4s, e.IPv6s = hostsIn(s4, s6, sc.addrs)
+		e.IPv4Prefixes, e.IPv6Prefixes = prefixesIn(s4, s6, sc.prefixes)
+		if err := w.IMDS.AttachENI(e); err != nil {
+			t.Fatal(err)
+		}
+		hw, _ := net.ParseMAC(e.MAC)
+		la := netlink.NewLinkAttrs()
+		la.Name, la.HardwareAddr = fmt.Sprintf("eth%d", dev), hw
+		veth := &netlink.Veth{LinkAttrs: la, PeerName: fmt.Sprintf("x%d", dev), PeerNamespace: netlink.NsFd(int(router.Handle))}
+		if err := inst.NL.LinkAdd(veth); err != nil {
+			t.Fatalf("adding %s: %v", la.Name, err)
+		}
+		l, err := inst.NL.LinkByName(la.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// "DHCP" gives the ENI its primary address with the subnet route.
+		if err := inst.NL.AddrAdd(l, &netlink.Addr{IPNet: &net.IPNet{IP: e.LocalIPv4s[0].AsSlice(), Mask: net.CIDRMask(24, 32)}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := inst.NL.LinkSetUp(l); err != nil {
+			t.Fatal(err)
+		}
+		if p, err := router.NL.LinkByName(veth.PeerName); err != nil || router.NL.LinkSetUp(p) != nil {
+			t.Fatalf("setting %s up in %s: %v", veth.PeerName, router.Name, err)
+		}
+	}
+}
+
+// hostsIn returns n addresses of each subnet, from .10 (IPv4) and ::10 (IPv6) on.
+func hostsIn(s4, s6 netip.Prefix, n int) (v4, v6 []netip.Addr) {
+	for j := range n {
+		if s4.IsValid() {
+			a := s4.Masked().Addr().As4()
+			a[3] = byte(10 + j)
+			v4 = append(v4, netip.AddrFrom4(a))
+		}
+		if s6.IsValid() {
+			a := s6.Masked().Addr().As16()
+			a[15] = byte(0x10 + j)
+			v6 = append(v6, netip.AddrFrom16(a))
+		}
+	}
+	return v4, v6
+}
+
+// prefixesIn returns n delegated /28s (from .128) and /80s of each subnet.
+func prefixesIn(s4, s6 netip.Prefix, n int) (p4, p6 []netip.Prefix) {
+	for j := range n {
+		if s4.IsValid() {
+			a := s4.Masked().Addr().As4()
+			a[3] = byte(128 + 16*j)
+			p4 = append(p4, netip.PrefixFrom(netip.AddrFrom4(a), 28))
+		}
+		if s6.IsValid() {
+			a := s6.Masked().Addr().As16()
+			a[9] = byte(1 + j)
+			p6 = append(p6, netip.PrefixFrom(netip.AddrFrom16(a), 80))
+		}
+	}
+	return p4, p6
+}
+
+// foreignObjects are placed by "other programs" before dualhomed ever runs;
+// each must survive everything, byte for byte. One route sits in what will
+// be eth1's table (20001): the table is ours, the route is not.
+var foreignObjects = [][]string{
+	{"-4", "rule", "add", "from", "192.0.2.0/24", "lookup", "100", "priority", "100"},
+	{"-6", "rule", "add", "from", "2001:db8:f::/64", "lookup", "100", "priority", "100"},
+	{"-4", "rule", "add", "from", "192.0.2.128/25", "lookup", "20001", "priority", "20500"},
+	{"-4", "route", "add", "198.51.100.0/24", "via", "10.1.1.1", "dev", "eth1", "table", "100"},
+	{"-4", "route", "add", "203.0.113.0/24", "dev", "eth2", "proto", "static"},
+	{"-4", "route", "add", "192.0.2.0/24", "via", "10.1.1.1", "dev", "eth1", "table", "20001", "proto", "static"},
+	{"-4", "addr", "add", "10.1.1.200/32", "dev", "eth1"},
+	{"-6", "addr", "add", "fd00:b:0:1::200/128", "dev", "eth1", "nodad"},
+}
+
+func placeForeign(t *testing.T, w *simworld.World) {
+	t.Helper()
+	for _, args := range foreignObjects {
+		if out, err := w.Instance.IP(args...); err != nil {
+			t.Fatalf("ip %s: %v %s", strings.Join(args, " "), err, out)
+		}
+	}
+}
+
+// dualhomedCmd is `dualhomed <args>` inside the instance with the world's flags.
+func dualhomedCmd(w *simworld.World, args ...string) *exec.Cmd {
+	args = append(args, "--config", w.ConfigPath(), "--imds-endpoint", simworld.IMDSEndpoint,
+		"--state-dir", w.StateDir(), "--log-format", "json", "--log-level", "warn")
+	return w.Instance.Command(context.Background(), dualhomedBin, args...)
+}
+
+// runDualhomed runs `dualhomed <args>` to the end and fails t if it fails.
+func runDualhomed(t *testing.T, w *simworld.World, args ...string) time.Duration {
+	t.Helper()
+	start := time.Now()
+	if out, err := dualhomedCmd(w, args...).CombinedOutput(); err != nil {
+		t.Fatalf("dualhomed %s: %v\n%s", strings.Join(args, " "), err, tail(string(out), 20))
+	}
+	return time.Since(start)
+}
+
+// ruleDuplicates returns the policy rules that appear more than once.
+func ruleDuplicates(d simworld.Dump) []string {
+	var dup []string
+	rules := append(d.Grep("-4 rule:"), d.Grep("-6 rule:")...)
+	for i := 1; i < len(rules); i++ {
+		if rules[i] == rules[i-1] {
+			dup = append(dup, rules[i])
+		}
+	}
+	return dup
+}
+
+// TestCrashes kills `dualhomed apply`, `daemon` and `cleanup` with SIGKILL at
+// seeded random points of a large apply. After every kill the rules have no
+// duplicates and every foreign object is there; at the checkpoints and at
+// the end an uninterrupted apply brings the kernel to exactly the state of
+// the reference apply (a full dump, compared line by line), and plan says in
+// sync.
+func TestCrashes(t *testing.T) {
+	w := newWorld(t)
+	r := rng(t)
+	sc := crashScale()
+	startPrimaryGuard(t, w)
+	if err := w.WriteConfig(simworld.DaemonOptions{PollInterval: 2 * time.Second, ExtraConfig: daemonConfig}); err != nil {
+		t.Fatal(err)
+	}
+	grow(t, w, sc)
+	placeForeign(t, w)
+	pristine := dump(t, w)
+	foreign := pristine
+
+	// The reference: one uninterrupted apply.
+	applyTime := runDualhomed(t, w, "apply")
+	runDualhomed(t, w, "plan")
+	ref := dump(t, w)
+	removedSince(t, "the reference apply", foreign, ref)
+	ours := len(ref.Grep("proto 210"))
+	t.Logf("%d+3 ENIs x %d IPv4 + %d IPv6 + %d+%d prefixes: reference apply in %s, %d objects of ours",
+		sc.extraENIs, sc.addrs, sc.addrs, sc.prefixes, sc.prefixes, applyTime.Round(time.Millisecond), ours)
+	cleanTime := runDualhomed(t, w, "cleanup")
+	if removed, added := dump(t, w).Diff(pristine); len(removed)+len(added) > 0 {
+		t.Fatalf("cleanup did not restore the pristine state:\n-%s\n+%s", strings.Join(head(removed, 10), "\n-"), strings.Join(head(added, 10), "\n+"))
+	}
+
+	converge := func(when string) {
+		t.Helper()
+		runDualhomed(t, w, "apply")
+		if out, err := dualhomedCmd(w, "plan").CombinedOutput(); err != nil {
+			t.Fatalf("%s: plan after a clean apply: %v\n%s", when, err, tail(string(out), 20))
+		}
+		removed, added := ref.Diff(dump(t, w))
+		if len(removed)+len(added) > 0 {
+			t.Fatalf("%s: the kernel differs from the reference apply:\n-%s\n+%s", when,
+				strings.Join(head(removed, 20), "\n-"), strings.Join(head(added, 20), "\n+"))
+		}
+	}
+
+	counts := map[string]int{}
+	midway := 0
+	for i := range sc.kills {
+		var op []string
+		var limit time.Duration
+		switch x := r.IntN(100); {
+		case x < 55:
+			op, limit = []string{"apply"}, applyTime
+		case x < 80:
+			op, limit = []string{"daemon"}, applyTime+200*time.Millisecond
+		default:
+			op, limit = []string{"cleanup"}, cleanTime
+		}
+		delay := time.Duration(r.Int64N(int64(limit) + 1))
+		cmd := dualhomedCmd(w, op...)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case err := <-done:
+			// It finished before the kill: no crash this time, but it must have succeeded.
+			if err != nil {
+				t.Fatalf("kill %d: dualhomed %s failed on its own: %v", i, op[0], err)
+			}
+		case <-time.After(delay):
+			_ = cmd.Process.Kill()
+			<-done
+			midway++
+		}
+		counts[op[0]]++
+		d := dump(t, w)
+		if dup := ruleDuplicates(d); len(dup) > 0 {
+			t.Fatalf("kill %d (%s after %s): duplicate rules:\n  %s", i, op[0], delay, strings.Join(dup, "\n  "))
+		}
+		if removedSince(t, fmt.Sprintf("kill %d (%s after %s): foreign objects", i, op[0], delay), foreign, d) {
+			return
+		}
+		if sc.checkpoints > 0 && (i+1)%sc.checkpoints == 0 {
+			converge(fmt.Sprintf("checkpoint after kill %d", i))
+		}
+	}
+	converge("after the last kill")
+	t.Logf("%d SIGKILLs (%d mid-run, the rest finished first): %v; every restart converged to the reference state (%d objects of ours), foreign objects intact",
+		sc.kills, midway, counts, ours)
+	if midway < sc.kills/2 {
+		t.Errorf("only %d of %d kills landed while dualhomed ran: the kill points do not exercise crashes", midway, sc.kills)
+	}
+}
