@@ -640,3 +640,39 @@ func TestLinkDownDoesNotBlockOtherLinksDeletions(t *testing.T) {
 		t.Errorf("after eth1 came up:\n%s", Diff(owned, want))
 	}
 }
+
+func TestReadsRunAlongsideApply(t *testing.T) {
+	w := newKTWorld(t)
+	desired := w.state(ktEth1, ktEth2, ktEth3)
+	done := make(chan struct{})
+	errc := make(chan error, 1)
+	go func() {
+		defer close(errc)
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			if _, err := w.k.Observe(); err != nil {
+				errc <- err
+				return
+			}
+			w.k.Conflicts(desired)
+		}
+	}()
+	for range 3 {
+		w.reconcile(t, desired)
+		if _, err := w.k.Cleanup(); err != nil {
+			t.Fatalf("Cleanup: %v", err)
+		}
+	}
+	close(done)
+	if err := <-errc; err != nil {
+		t.Fatalf("Observe during Apply: %v", err)
+	}
+	w.reconcile(t, desired)
+	if owned := w.owned(t); !owned.Equal(desired) {
+		t.Errorf("owned after concurrent use:\n%s", Diff(owned, desired))
+	}
+}
