@@ -166,17 +166,21 @@ type desirer struct {
 	primaryVPC string
 	// foreign holds, per link, the addresses on it that are not ours.
 	foreign map[int][]netip.Prefix
-	// present holds, per link, every address that will be on it after the plan:
-	// foreign ones and the ones we want.
-	present map[int]map[netip.Addr]bool
 
 	b        stateBuilder
 	warnings []Warning
 }
 
 func newDesirer(snap imds.Snapshot, obs Observed, cfg Config) *desirer {
-	d := &desirer{snap: snap, obs: obs, cfg: cfg, present: map[int]map[netip.Addr]bool{}}
-	d.b = newStateBuilder(d.warn)
+	d := &desirer{snap: snap, obs: obs, cfg: cfg}
+	// Sizing the builder up front saves most of Desired's allocations at
+	// full scale (thousands of addresses and rules).
+	var addrs, rules int
+	for _, e := range snap.ENIs {
+		addrs += len(e.LocalIPv4s) + len(e.IPv6s)
+		rules += len(e.LocalIPv4s) + len(e.IPv6s) + len(e.IPv4Prefixes) + len(e.IPv6Prefixes)
+	}
+	d.b = newStateBuilder(d.warn, 4*len(snap.ENIs), rules, addrs)
 	return d
 }
 
@@ -273,7 +277,7 @@ func (d *desirer) run() {
 
 // computeForeign subtracts our own addresses from the observed ones.
 func (d *desirer) computeForeign() {
-	ours := map[AddrKey]bool{}
+	ours := make(map[AddrKey]bool, len(d.obs.Owned.Addrs))
 	for _, a := range d.obs.Owned.Addrs {
 		ours[AddrKey{a.LinkIndex, a.Prefix}] = true
 	}
@@ -284,16 +288,17 @@ func (d *desirer) computeForeign() {
 				continue
 			}
 			d.foreign[idx] = append(d.foreign[idx], p)
-			d.markPresent(idx, p.Addr())
 		}
 	}
 }
 
-func (d *desirer) markPresent(link int, a netip.Addr) {
-	if d.present[link] == nil {
-		d.present[link] = map[netip.Addr]bool{}
+// present reports whether a will be on the link after the plan: a foreign
+// address or one we want.
+func (d *desirer) present(link int, a netip.Addr) bool {
+	if k, ok := d.b.addrs[a]; ok && k.LinkIndex == link {
+		return true
 	}
-	d.present[link][a.Unmap()] = true
+	return d.isForeign(link, a)
 }
 
 func (d *desirer) isForeign(link int, a netip.Addr) bool {
@@ -479,25 +484,24 @@ func (d *desirer) overlappingSubnets() map[*eniInfo]bool {
 }
 
 func (d *desirer) addAddresses(e *eniInfo, overlapping bool) {
+	if !d.cfg.ManageAddresses {
+		return
+	}
 	link := e.link.Index
-	var want []Addr
+	add := func(a Addr) {
+		if !d.isForeign(link, a.Prefix.Addr()) {
+			d.b.addr(e, a)
+		}
+	}
 	for i, a := range e.eni.LocalIPv4s {
 		p, noPrefixRoute := netip.PrefixFrom(a, 32), true
 		if i == 0 && e.eni.SubnetIPv4CIDR.Contains(a) {
 			p, noPrefixRoute = netip.PrefixFrom(a, e.eni.SubnetIPv4CIDR.Bits()), overlapping
 		}
-		want = append(want, Addr{LinkIndex: link, Prefix: p, NoPrefixRoute: noPrefixRoute})
+		add(Addr{LinkIndex: link, Prefix: p, NoPrefixRoute: noPrefixRoute})
 	}
 	for _, a := range e.eni.IPv6s {
-		want = append(want, Addr{LinkIndex: link, Prefix: netip.PrefixFrom(a, 128), NoPrefixRoute: true})
-	}
-	for _, a := range want {
-		if !d.cfg.ManageAddresses || d.isForeign(link, a.Prefix.Addr()) {
-			continue
-		}
-		if d.b.addr(e, a) {
-			d.markPresent(link, a.Prefix.Addr())
-		}
+		add(Addr{LinkIndex: link, Prefix: netip.PrefixFrom(a, 128), NoPrefixRoute: true})
 	}
 }
 
@@ -507,7 +511,7 @@ func (d *desirer) addTable(e *eniInfo) {
 		return
 	}
 	link := e.link.Index
-	var v4Rules, v6Rules []netip.Prefix
+	rule := func(src netip.Prefix) { d.b.rule(e, Rule{Priority: e.prio, Src: src, Table: e.table}) }
 
 	if len(e.eni.LocalIPv4s) > 0 {
 		first, subnet := e.eni.LocalIPv4s[0], e.eni.SubnetIPv4CIDR
@@ -516,7 +520,7 @@ func (d *desirer) addTable(e *eniInfo) {
 			d.warn(e, "IMDS lists IPv4 addresses but no subnet-ipv4-cidr-block: no IPv4 routing", "")
 		case subnet.Bits() > 30:
 			d.warn(e, fmt.Sprintf("subnet %v is too small to have a gateway: no IPv4 routing", subnet), "")
-		case !d.present[link][first]:
+		case !d.present(link, first):
 			d.warn(e, fmt.Sprintf("%v is not on %s: no IPv4 routing (a route with that source would fail)", first, e.link.Name),
 				"enable manage_addresses or configure the address on the link")
 		default:
@@ -528,9 +532,11 @@ func (d *desirer) addTable(e *eniInfo) {
 		d.b.route(e, Route{Table: e.table, Dst: e.v4Net, LinkIndex: link, Src: e.v4, ScopeLink: true})
 		d.b.route(e, Route{Table: e.table, Dst: netip.PrefixFrom(netip.IPv4Unspecified(), 0), Gateway: gw, LinkIndex: link, Src: e.v4})
 		for _, a := range e.eni.LocalIPv4s {
-			v4Rules = append(v4Rules, netip.PrefixFrom(a, 32))
+			rule(netip.PrefixFrom(a, 32))
 		}
-		v4Rules = append(v4Rules, e.eni.IPv4Prefixes...)
+		for _, p := range e.eni.IPv4Prefixes {
+			rule(p)
+		}
 	} else if len(e.eni.IPv4Prefixes) > 0 {
 		d.warn(e, "IPv4 delegated prefixes without IPv4 routing: no rules for them", "")
 	}
@@ -542,9 +548,11 @@ func (d *desirer) addTable(e *eniInfo) {
 		}
 		d.b.route(e, Route{Table: e.table, Dst: netip.PrefixFrom(netip.IPv6Unspecified(), 0), Gateway: IPv6Gateway, LinkIndex: link})
 		for _, a := range e.eni.IPv6s {
-			v6Rules = append(v6Rules, netip.PrefixFrom(a, 128))
+			rule(netip.PrefixFrom(a, 128))
 		}
-		v6Rules = append(v6Rules, e.eni.IPv6Prefixes...)
+		for _, p := range e.eni.IPv6Prefixes {
+			rule(p)
+		}
 	}
 
 	for _, dst := range e.conf.ExtraRoutes {
@@ -559,10 +567,6 @@ func (d *desirer) addTable(e *eniInfo) {
 		default:
 			d.warn(e, fmt.Sprintf("extra route %v: the ENI has no routing for that address family", dst), "")
 		}
-	}
-
-	for _, src := range append(v4Rules, v6Rules...) {
-		d.b.rule(e, Rule{Priority: e.prio, Src: src, Table: e.table})
 	}
 }
 
@@ -651,7 +655,7 @@ func (d *desirer) addVPCRoutes() {
 		if e.v6 {
 			var src netip.Addr
 			for _, a := range e.eni.IPv6s {
-				if d.present[e.link.Index][a] {
+				if d.present(e.link.Index, a) {
 					src = a
 					break
 				}
@@ -746,6 +750,7 @@ func (d *desirer) keepNotReady() {
 func (d *desirer) result() Result {
 	st := d.b.st
 	st.Sort()
+	st.Rules = slices.Compact(st.Rules)
 	enis := slices.Clone(d.enis)
 	slices.SortStableFunc(enis, compareENIs)
 	res := Result{State: st, Warnings: d.warnings}
@@ -760,17 +765,20 @@ func (d *desirer) result() Result {
 type stateBuilder struct {
 	st     State
 	routes map[RouteKey]Route
-	rules  map[RuleKey]bool
 	addrs  map[netip.Addr]AddrKey // by address alone: see addr
 	rpf    map[string]bool
 	warn   func(e *eniInfo, msg, hint string)
 }
 
-func newStateBuilder(warn func(e *eniInfo, msg, hint string)) stateBuilder {
+func newStateBuilder(warn func(e *eniInfo, msg, hint string), routes, rules, addrs int) stateBuilder {
 	return stateBuilder{
-		routes: map[RouteKey]Route{},
-		rules:  map[RuleKey]bool{},
-		addrs:  map[netip.Addr]AddrKey{},
+		st: State{
+			Routes: make([]Route, 0, routes),
+			Rules:  make([]Rule, 0, rules),
+			Addrs:  make([]Addr, 0, addrs),
+		},
+		routes: make(map[RouteKey]Route, routes),
+		addrs:  make(map[netip.Addr]AddrKey, addrs),
 		rpf:    map[string]bool{},
 		warn:   warn,
 	}
@@ -788,11 +796,9 @@ func (b *stateBuilder) route(e *eniInfo, r Route) bool {
 	return true
 }
 
+// rule collects a rule; duplicates (only possible between a not-ready ENI's
+// kept rules and a ready ENI's) are dropped when the state is sorted.
 func (b *stateBuilder) rule(_ *eniInfo, r Rule) bool {
-	if b.rules[r.Key()] {
-		return false
-	}
-	b.rules[r.Key()] = true
 	b.st.Rules = append(b.st.Rules, r)
 	return true
 }
