@@ -196,9 +196,10 @@ func (d *demo) run(ctx context.Context) error {
 	say("   the IPv6 reply has no route at all.")
 
 	say("")
-	say("2. Starting `dualhomed daemon` inside the instance (IMDS emulator on %s)...", simworld.IMDSEndpoint)
+	say("2. Starting `dualhomed daemon` in the instance. It reads IMDS (here the emulator on %s)", simworld.IMDSEndpoint)
+	say("   at start and then only once an hour: everything after the start is driven by kernel events.")
 	start := time.Now()
-	daemon, err := w.StartDaemon(simworld.DaemonOptions{PollInterval: 5 * time.Second})
+	daemon, err := w.StartDaemon(simworld.DaemonOptions{PollInterval: time.Hour})
 	if err != nil {
 		return err
 	}
@@ -273,6 +274,11 @@ func (d *demo) run(ctx context.Context) error {
 	say("")
 	say("4. The two clients with the same address 10.0.100.50, at the same time (TCP streams + pings):")
 	if err := d.sameAddress(ctx); err != nil {
+		return err
+	}
+	say("")
+	say("5. Hot attach: ENI eth3 from VPC D (10.3.0.0/16) is attached while dualhomed runs.")
+	if err := d.hotAttach(ctx); err != nil {
 		return err
 	}
 	say("")
@@ -405,5 +411,28 @@ func (d *demo) sameAddress(ctx context.Context) error {
 	if ra.r.Received != ra.r.Sent || rc.Received != rc.Sent {
 		return errors.New("pings were lost between the same-address clients")
 	}
+	return nil
+}
+
+// hotAttach attaches eth3 and measures the time from its link's arrival in the
+// instance to the first TCP reply its VPC's client gets.
+func (d *demo) hotAttach(ctx context.Context) error {
+	w := d.world
+	eth3 := w.ENI("eth3")
+	arrived, err := w.HotAttach(eth3)
+	if err != nil {
+		return err
+	}
+	dst := netip.AddrPortFrom(eth3.Primary4(), simworld.EchoPort)
+	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	err = simworld.WaitFor(wctx, func() error { return simworld.EchoOnce(eth3.VPC.Client, dst, 100*time.Millisecond) })
+	took := time.Since(arrived)
+	if err != nil {
+		return fmt.Errorf("VPC D's client got no reply from eth3 %s after the link arrived: %w", took.Round(time.Millisecond), err)
+	}
+	say("   VPC D client %s -> eth3 %s: first TCP reply %s after the link appeared in the instance",
+		eth3.VPC.Client4, eth3.Primary4(), took.Round(time.Millisecond))
+	say("   (no poll timer involved: dualhomed reacted to the link's netlink event).")
 	return nil
 }
