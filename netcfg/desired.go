@@ -56,28 +56,28 @@ const (
 
 // ENIStatus describes one ENI of the snapshot and what dualhomed does with it.
 type ENIStatus struct {
-	MAC         string
-	InterfaceID string
-	VPCID       string
-	MultiVPC    bool // VPC differs from the primary ENI's
-	Primary     bool
-	Card        int
-	Device      int
-	Link        string // "" while waiting for the link
-	LinkIndex   int
-	Addresses   []netip.Addr
-	Table       int // 0 when the ENI has no table
-	Priority    int // 0 when the ENI has no rules
-	State       ENIState
-	Warnings    []string
+	MAC         string       `json:"mac"`
+	InterfaceID string       `json:"interface_id,omitempty"`
+	VPCID       string       `json:"vpc_id,omitempty"`
+	MultiVPC    bool         `json:"multi_vpc,omitempty"` // VPC differs from the primary ENI's
+	Primary     bool         `json:"primary,omitempty"`
+	Card        int          `json:"card"`
+	Device      int          `json:"device"`
+	Link        string       `json:"link,omitempty"` // "" while waiting for the link
+	LinkIndex   int          `json:"link_index,omitempty"`
+	Addresses   []netip.Addr `json:"addresses,omitempty"`
+	Table       int          `json:"table,omitempty"`    // 0 when the ENI has no table
+	Priority    int          `json:"priority,omitempty"` // 0 when the ENI has no rules
+	State       ENIState     `json:"state"`
+	Warnings    []string     `json:"warnings,omitempty"`
 }
 
 // Warning is something the operator should know: a skipped route, a conflict
 // with another manager. Hint says how to fix it.
 type Warning struct {
-	ENI     string // interface id or MAC; "" for instance-wide warnings
-	Message string
-	Hint    string
+	ENI     string `json:"eni,omitempty"` // interface id or MAC; "" for instance-wide warnings
+	Message string `json:"message"`
+	Hint    string `json:"hint,omitempty"`
 }
 
 // String renders the warning on one line, hint included.
@@ -94,9 +94,9 @@ func (w Warning) String() string {
 
 // Result is the output of Desired.
 type Result struct {
-	State    State
-	ENIs     []ENIStatus
-	Warnings []Warning
+	State    State       `json:"state"`
+	ENIs     []ENIStatus `json:"enis"`
+	Warnings []Warning   `json:"warnings,omitempty"`
 }
 
 // Desired computes the routing state dualhomed wants for snap. It is a pure
