@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -29,7 +30,7 @@ type scale struct {
 // full scale of the largest single-card instances (15 ENIs, 50+50
 // addresses, 2+2 delegated prefixes = 4 per ENI) with 100 kills.
 func crashScale() scale {
-	return pick(scale{extraENIs: 2, addrs: 20, prefixes: 1, kills: 12, checkpoints: 0},
+	return pick(scale{extraENIs: 3, addrs: 50, prefixes: 2, kills: 30, checkpoints: 0},
 		scale{extraENIs: 12, addrs: 50, prefixes: 2, kills: 100, checkpoints: 25})
 }
 
@@ -201,12 +202,14 @@ func TestCrashes(t *testing.T) {
 
 	// The reference: one uninterrupted apply.
 	applyTime := runDualhomed(t, w, "apply")
-	runDualhomed(t, w, "plan")
+	// plan reads what apply reads and writes nothing: apply's writes
+	// happen roughly between planTime and applyTime.
+	planTime := runDualhomed(t, w, "plan")
 	ref := dump(t, w)
 	removedSince(t, "the reference apply", foreign, ref)
 	ours := len(ref.Grep("proto 210"))
-	t.Logf("%d+3 ENIs x %d IPv4 + %d IPv6 + %d+%d prefixes: reference apply in %s, %d objects of ours",
-		sc.extraENIs, sc.addrs, sc.addrs, sc.prefixes, sc.prefixes, applyTime.Round(time.Millisecond), ours)
+	t.Logf("%d+3 ENIs x %d IPv4 + %d IPv6 + %d+%d prefixes: reference apply in %s (plan %s), %d objects of ours",
+		sc.extraENIs, sc.addrs, sc.addrs, sc.prefixes, sc.prefixes, applyTime.Round(time.Millisecond), planTime.Round(time.Millisecond), ours)
 	cleanTime := runDualhomed(t, w, "cleanup")
 	if removed, added := dump(t, w).Diff(pristine); len(removed)+len(added) > 0 {
 		t.Fatalf("cleanup did not restore the pristine state:\n-%s\n+%s", strings.Join(head(removed, 10), "\n-"), strings.Join(head(added, 10), "\n+"))
@@ -225,21 +228,25 @@ func TestCrashes(t *testing.T) {
 		}
 	}
 
-	counts := map[string]int{}
-	midway := 0
+	counts, partials := map[string]int{}, map[string]int{}
+	midway, partial := 0, 0
+	before := dump(t, w)
 	for i := range sc.kills {
-		var op []string
-		var limit time.Duration
+		// Kill what has work to do: cleanup once everything is applied,
+		// apply or a daemon otherwise (now and then a cleanup of a partial state).
+		var op string
+		var from, limit time.Duration
+		inSync := slices.Equal(before, ref)
 		switch x := r.IntN(100); {
-		case x < 55:
-			op, limit = []string{"apply"}, applyTime
-		case x < 80:
-			op, limit = []string{"daemon"}, applyTime+200*time.Millisecond
+		case inSync || x < 15:
+			op, from, limit = "cleanup", cleanTime/3, cleanTime+10*time.Millisecond
+		case x < 60:
+			op, from, limit = "apply", planTime*3/4, applyTime+10*time.Millisecond
 		default:
-			op, limit = []string{"cleanup"}, cleanTime
+			op, from, limit = "daemon", planTime*3/4, applyTime+50*time.Millisecond
 		}
-		delay := time.Duration(r.Int64N(int64(limit) + 1))
-		cmd := dualhomedCmd(w, op...)
+		delay := from + time.Duration(r.Int64N(int64(limit-from)+1))
+		cmd := dualhomedCmd(w, op)
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
@@ -249,29 +256,35 @@ func TestCrashes(t *testing.T) {
 		case err := <-done:
 			// It finished before the kill: no crash this time, but it must have succeeded.
 			if err != nil {
-				t.Fatalf("kill %d: dualhomed %s failed on its own: %v", i, op[0], err)
+				t.Fatalf("kill %d: dualhomed %s failed on its own: %v", i, op, err)
 			}
 		case <-time.After(delay):
 			_ = cmd.Process.Kill()
 			<-done
 			midway++
 		}
-		counts[op[0]]++
+		counts[op]++
 		d := dump(t, w)
-		if dup := ruleDuplicates(d); len(dup) > 0 {
-			t.Fatalf("kill %d (%s after %s): duplicate rules:\n  %s", i, op[0], delay, strings.Join(dup, "\n  "))
+		if !slices.Equal(d, before) && !slices.Equal(d, ref) && !slices.Equal(d, pristine) {
+			partial++ // killed half way through its changes
+			partials[op]++
 		}
-		if removedSince(t, fmt.Sprintf("kill %d (%s after %s): foreign objects", i, op[0], delay), foreign, d) {
+		before = d
+		if dup := ruleDuplicates(d); len(dup) > 0 {
+			t.Fatalf("kill %d (%s after %s): duplicate rules:\n  %s", i, op, delay, strings.Join(dup, "\n  "))
+		}
+		if removedSince(t, fmt.Sprintf("kill %d (%s after %s): foreign objects", i, op, delay), foreign, d) {
 			return
 		}
 		if sc.checkpoints > 0 && (i+1)%sc.checkpoints == 0 {
 			converge(fmt.Sprintf("checkpoint after kill %d", i))
+			before = dump(t, w)
 		}
 	}
 	converge("after the last kill")
-	t.Logf("%d SIGKILLs (%d mid-run, the rest finished first): %v; every restart converged to the reference state (%d objects of ours), foreign objects intact",
-		sc.kills, midway, counts, ours)
-	if midway < sc.kills/2 {
-		t.Errorf("only %d of %d kills landed while dualhomed ran: the kill points do not exercise crashes", midway, sc.kills)
+	t.Logf("%d SIGKILLs %v: %d while running, %d of them half way through the changes %v; every restart converged to the reference state (%d objects of ours), foreign objects intact",
+		sc.kills, counts, midway, partial, partials, ours)
+	if partial < sc.kills/4 {
+		t.Errorf("only %d of %d kills landed half way through the changes: the kill points do not exercise crashes", partial, sc.kills)
 	}
 }

@@ -81,6 +81,7 @@ func TestDaemonRepliesLeaveThroughTheirENI(t *testing.T) {
 	startDualhomed(t, w, poll)
 
 	expectAllWork(t, clientProbes(w, "eth0", "eth1", "eth2"))
+	expectInSync(t, w)
 
 	// VPC A's and VPC C's clients are both 10.0.100.50: hold one connection
 	// from each open and talk over both at once. Each reply can only reach
@@ -129,4 +130,13 @@ func TestDaemonRepliesLeaveThroughTheirENI(t *testing.T) {
 	took := waitWorks(t, probe{"VPC B client -> secondary " + secondary.String(), w.VPCs["B"].Client, secondary}, 2*poll+5*time.Second)
 	t.Logf("secondary IP %s assigned in IMDS answered after %s (poll interval %s)", secondary, took.Round(time.Millisecond), poll)
 	expectAllWork(t, clientProbes(w, "eth1"))
+}
+
+// expectInSync fails t unless `dualhomed plan` finds nothing to change (exit 0).
+func expectInSync(t *testing.T, w *simworld.World) {
+	t.Helper()
+	out, err := w.Dualhomed(context.Background(), "plan")
+	if err != nil {
+		t.Errorf("dualhomed plan with the daemon's work done: exit %d, want 0 (in sync): %v\n%s", simworld.ExitCode(err), err, out)
+	}
 }

@@ -214,6 +214,7 @@ func TestRestartLosesNoPacket(t *testing.T) {
 	if rulesAfter := ourRules(t, w); !slices.Equal(rulesBefore, rulesAfter) {
 		t.Errorf("rules changed across the restart:\nbefore %q\nafter  %q", rulesBefore, rulesAfter)
 	}
+	expectInSync(t, w)
 }
 
 // ourRules returns our rules as sorted strings, failing t on a duplicate.
