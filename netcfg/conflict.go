@@ -47,8 +47,9 @@ func DefaultConflictPaths() ConflictPaths {
 //     number) for one of our source addresses and sends it to another table
 //     (ec2-net-utils' 10000+ rules, cloud-init/netplan's rules);
 //   - a main-table default route through a secondary ENI (one with a table
-//     of ours; not checked with Config.PrimaryTable, where the primary has
-//     one too);
+//     of ours) that wins over the other default routes (lower or equal
+//     metric); not checked with Config.PrimaryTable, where the primary has a
+//     table too;
 //   - foreign routes (another protocol) inside our table band, and foreign
 //     main-table routes that keep one of ours out (same destination and
 //     metric);
@@ -211,11 +212,28 @@ func (k *Kernel) routeConflicts(desired State, tableLink map[int]int, routes []n
 			secondary[idx] = true
 		}
 	}
+	// The best (lowest) metric of the main table's other default routes, per
+	// family: a secondary's default route only wins when it is lower or equal.
+	isDefault := func(r netlink.Route) bool {
+		return r.Table == MainTable && prefixOf(r.Dst, r.Family).Bits() == 0 && r.Type == unix.RTN_UNICAST
+	}
+	bestOther := map[int]int{}
+	for _, r := range routes {
+		if isDefault(r) && !secondary[r.LinkIndex] {
+			if m, ok := bestOther[r.Family]; !ok || r.Priority < m {
+				bestOther[r.Family] = r.Priority
+			}
+		}
+	}
+	winsOver := func(r netlink.Route) bool {
+		m, ok := bestOther[r.Family]
+		return !ok || r.Priority <= m
+	}
 	foreign := map[int][]string{}
 	for _, r := range routes {
 		ours := int(r.Protocol) == int(k.cfg.Protocol)
 		switch {
-		case r.Table == MainTable && !ours && secondary[r.LinkIndex] && prefixOf(r.Dst, r.Family).Bits() == 0 && r.Type == unix.RTN_UNICAST:
+		case isDefault(r) && !ours && secondary[r.LinkIndex] && winsOver(r):
 			warns = append(warns, Warning{
 				ENI:     links[r.LinkIndex],
 				Message: fmt.Sprintf("main table has a default route through secondary ENI (link #%d, via %v, metric %d, protocol %d): outbound traffic may leave through the wrong VPC", r.LinkIndex, r.Gw, r.Priority, r.Protocol),

@@ -24,7 +24,8 @@ func TestConflictsReportsForeignStateAndChangesNothing(t *testing.T) {
 		{"rule", "add", "priority", "60", "from", "all", "fwmark", "0x1", "lookup", "300"},               // narrowed by a mark
 		{"rule", "add", "priority", "70", "from", "10.1.0.0/16", "to", "10.99.0.0/16", "lookup", "300"},  // narrowed by a destination
 		{"rule", "add", "priority", "30000", "from", "10.1.0.12", "lookup", "400"},                       // after ours
-		{"route", "add", "default", "via", "10.1.0.1", "dev", "eth1", "metric", "200"},                   // main default through a secondary
+		{"route", "add", "default", "via", "10.1.0.1", "dev", "eth1", "metric", "50"},                    // main default through a secondary, preferred
+		{"route", "add", "default", "via", "172.31.5.1", "dev", "eth3", "metric", "300"},                 // a fallback only: harmless
 		{"route", "add", "default", "via", "10.0.0.1", "dev", "eth0", "table", "10001"},
 		// Blocks our main-table route to VPC C: same destination, metric 0.
 		{"route", "add", "172.31.0.0/16", "via", "10.0.0.1", "dev", "eth0", "proto", "static"},
@@ -64,7 +65,7 @@ func TestConflictsReportsForeignStateAndChangesNothing(t *testing.T) {
 			t.Errorf("no warning containing %q", want)
 		}
 	}
-	for _, notWant := range []string{"lookup main", "lookup 300", "lookup 400", "lookup 20001`", "lookup 20150", "lookup 52`", "eth0", "systemd-networkd is running"} {
+	for _, notWant := range []string{"lookup main", "lookup 300", "lookup 400", "lookup 20001`", "lookup 20150", "lookup 52`", "eth0", "systemd-networkd is running", "via 172.31.5.1, metric 300"} {
 		if strings.Contains(all, notWant) {
 			t.Errorf("unexpected warning containing %q", notWant)
 		}
