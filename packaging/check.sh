@@ -182,17 +182,31 @@ if [ "$BOOT_TEST" = 1 ]; then
 	step "boot test: systemd-nspawn --private-network with the IMDS emulator"
 	rm -f "$ROOT/usr/sbin/policy-rc.d"
 	CGO_ENABLED=0 go build -trimpath -o "$ROOT/usr/local/bin/imds-emulator" ./cmd/imds-emulator
-	# The emulator answers on 169.254.169.254:80 inside the container only,
-	# ordered before dualhomed as IMDS would be on EC2.
+	# Inside the container (its own network namespace): two veth pairs with
+	# the MACs of the emulator's example instance play the primary ENI (eth0,
+	# VPC 10.0/16) and a secondary ENI from another VPC (eth1, 10.1/16), and
+	# the emulator answers on 169.254.169.254:80, ordered before dualhomed as
+	# IMDS would be on EC2.
+	cat >"$ROOT/usr/local/sbin/fake-enis" <<-'SCRIPT'
+	#!/bin/sh
+	set -e
+	ip link set lo up
+	ip addr add 169.254.169.254/32 dev lo
+	ip link add eth0 address 02:00:00:00:00:00 type veth peer name vpc-a
+	ip link add eth1 address 02:00:00:00:00:01 type veth peer name vpc-b
+	for l in eth0 eth1 vpc-a vpc-b; do ip link set "$l" up; done
+	ip addr add 10.0.0.10/20 dev eth0
+	ip route add default via 10.0.0.1 dev eth0 onlink
+	SCRIPT
+	chmod 755 "$ROOT/usr/local/sbin/fake-enis"
 	cat >"$ROOT/etc/systemd/system/imds-emulator.service" <<-'UNIT'
 	[Unit]
-	Description=IMDS emulator for the dualhomed boot test
+	Description=IMDS emulator and fake ENIs for the dualhomed boot test
 	DefaultDependencies=no
 	Before=dualhomed.service
 	[Service]
-	ExecStartPre=/sbin/ip link set lo up
-	ExecStartPre=-/sbin/ip addr add 169.254.169.254/32 dev lo
-	ExecStart=/usr/local/bin/imds-emulator --listen 169.254.169.254:80 --example 1,1,0,0,1
+	ExecStartPre=/usr/local/sbin/fake-enis
+	ExecStart=/usr/local/bin/imds-emulator --listen 169.254.169.254:80 --example 2,1,0,0,1
 	[Install]
 	WantedBy=multi-user.target
 	UNIT
@@ -216,17 +230,62 @@ if [ "$BOOT_TEST" = 1 ]; then
 		case $state in active|failed) break ;; esac
 		sleep 1
 	done
-	in_ct systemctl status --no-pager dualhomed.service || true
-	in_ct journalctl -b --no-pager -u dualhomed.service | tail -20 || true
-	[ "$state" = active ] || fail "dualhomed.service is $state in the booted container, not active"
+	in_ct systemctl status --no-pager --lines=0 dualhomed.service || true
+	if [ "$state" != active ]; then
+		in_ct journalctl -b --no-pager -u dualhomed.service | tail -30 || true
+		fail "dualhomed.service is $state in the booted container, not active"
+	fi
 	show=$(in_ct systemctl show -p NRestarts -p StatusText -p User dualhomed.service)
 	echo "$show" | sed 's/^/   /'
 	grep -qx 'NRestarts=0' <<<"$show" || fail "dualhomed restarted"
+	# The hardened daemon configured the secondary ENI: its address, its
+	# table (20000 + device number 1) with the VPC router as default gateway,
+	# and a rule for its address, all with protocol dualhomed.
+	routing=""
+	for _ in $(seq 20); do
+		routing=$(in_ct sh -c 'ip -4 addr show dev eth1; ip -4 rule show; ip -4 route show table 20001' 2>&1 || true)
+		grep -q 'default via 10.1.0.1 dev eth1 proto dualhomed' <<<"$routing" &&
+			grep -q 'from 10.1.0.10 lookup 20001 proto dualhomed' <<<"$routing" && break
+		sleep 0.5
+	done
+	echo "$routing" | sed 's/^/   /'
+	grep -q 'inet 10.1.0.10/20' <<<"$routing" || fail "secondary ENI address not added"
+	grep -q 'default via 10.1.0.1 dev eth1 proto dualhomed' <<<"$routing" || fail "no default route in table 20001"
+	grep -q 'from 10.1.0.10 lookup 20001 proto dualhomed' <<<"$routing" || fail "no source rule for the secondary ENI"
 	in_ct systemctl reload dualhomed.service || fail "systemctl reload"
 	sleep 1
 	state=$(in_ct systemctl is-active dualhomed.service || true)
 	[ "$state" = active ] || fail "dualhomed.service is $state after reload"
-	echo "   active with READY=1; reload OK"
+	echo "   active with READY=1, secondary ENI configured, reload OK"
+
+	# Upgrade (same package again: postinst configure <old-version>) must
+	# restart the running daemon, which stays active.
+	pid_before=$(in_ct systemctl show -p MainPID --value dualhomed.service)
+	# (the container has its own /tmp)
+	cp "${debs[0]}" "$ROOT/root/dualhomed.deb"
+	in_ct dpkg -i /root/dualhomed.deb >"$WORK/upgrade.log" 2>&1 || { cat "$WORK/upgrade.log"; fail "upgrade"; }
+	state=
+	for _ in $(seq 60); do
+		state=$(in_ct systemctl is-active dualhomed.service 2>/dev/null || true)
+		[ "$state" = activating ] || break
+		sleep 0.5
+	done
+	pid_after=$(in_ct systemctl show -p MainPID --value dualhomed.service)
+	[ "$state" = active ] || fail "dualhomed.service is $state after upgrade"
+	[ "$pid_before" != "$pid_after" ] || fail "upgrade did not restart the daemon (MainPID $pid_after)"
+	echo "   upgrade: restarted (MainPID $pid_before -> $pid_after), active"
+
+	# Removal on a running system stops the daemon and runs `dualhomed
+	# cleanup`: our rule, routes and address are gone, the primary untouched.
+	in_ct apt-get remove -y -qq dualhomed >"$WORK/remove-booted.log" 2>&1 || { cat "$WORK/remove-booted.log"; fail "remove in the container"; }
+	state=$(in_ct systemctl is-active dualhomed.service 2>/dev/null || true)
+	[ "$state" != active ] || fail "dualhomed.service still active after removal"
+	left=$(in_ct sh -c 'ip -4 rule show; ip -4 route show table 20001; ip -4 addr show dev eth1' 2>&1 || true)
+	if grep -Eq 'lookup 20001|10\.1\.0\.10' <<<"$left"; then
+		echo "$left"; fail "dualhomed cleanup left state behind on removal"
+	fi
+	in_ct ip -4 addr show dev eth0 | grep -q 'inet 10.0.0.10/20' || fail "removal touched the primary ENI"
+	echo "   remove: stopped, cleanup removed rule, routes and address; primary untouched"
 	in_ct systemctl poweroff >/dev/null 2>&1 || true
 	wait "$NSPAWN_PID" 2>/dev/null || true
 	NSPAWN_PID=
@@ -234,7 +293,13 @@ if [ "$BOOT_TEST" = 1 ]; then
 fi
 
 step "install test: remove and purge"
-in_root apt-get remove -y -qq dualhomed >"$WORK/remove.log" 2>&1 || { cat "$WORK/remove.log"; fail "apt-get remove"; }
+# Removed already in the booted container when the boot test ran; removing in
+# the chroot, prerm skips `dualhomed cleanup` (it would act on the host); the
+# throwaway network namespace makes sure of that here.
+if in_root dpkg -s dualhomed 2>/dev/null | grep -q '^Status: install ok installed'; then
+	unshare --net chroot "$ROOT" apt-get remove -y -qq dualhomed >"$WORK/remove.log" 2>&1 ||
+		{ cat "$WORK/remove.log"; fail "apt-get remove"; }
+fi
 [ ! -e "$ROOT/usr/bin/dualhomed" ] || fail "binary left after remove"
 [ -e "$ROOT/etc/dualhomed/dualhomed.yaml" ] || fail "conffile gone after remove (only purge removes it)"
 in_root apt-get purge -y -qq dualhomed >"$WORK/purge.log" 2>&1 || { cat "$WORK/purge.log"; fail "apt-get purge"; }
