@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -69,6 +71,26 @@ func (d *daemonProc) alive() error {
 	default:
 		return nil
 	}
+}
+
+// waitReady waits until the daemon logs that its start-up reconcile is
+// done (it then watches netlink), or fails after timeout.
+func (d *daemonProc) waitReady(ctx context.Context, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := d.alive(); err != nil {
+			return err
+		}
+		b, _ := os.ReadFile(filepath.Join(d.dir, "daemon.log"))
+		if bytes.Contains(b, []byte(`"msg":"ready"`)) {
+			return nil
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return d.logContext(fmt.Errorf("the daemon did not log \"ready\" within %v", timeout))
 }
 
 // logContext is the end of the daemon's log, to attach to an error.

@@ -280,9 +280,6 @@ func (s kernelState) addrKey(a kernelAddr) string {
 	return b.String()
 }
 
-// objects is the number of rules, routes and addresses.
-func (s kernelState) objects() int { return len(s.Rules) + len(s.Routes) + len(s.Addrs) }
-
 // stateDiff lists what differs between two kernel states.
 type stateDiff struct {
 	OnlyA, OnlyB []string // canonical keys, with the kind in front
