@@ -622,10 +622,15 @@ func (d *desirer) addVPCRoutes() {
 		vpc := e.eni.VPCID
 		if e.v4.IsValid() {
 			gw := e.v4Net.Addr().Next()
+			onLink := d.gatewayOnLink(e, gw)
 			var routes []Route
+			needSubnet := false
 			for _, c := range vpcV4[vpc] {
 				if c == e.v4Net {
-					continue // the address's own prefix route already covers it in main
+					// A VPC with a single subnet of its size: the address's
+					// prefix route covers it (and ours would clash with it).
+					needSubnet = !onLink
+					continue
 				}
 				if o := overlap(vpc, c, vpcV4); o != "" {
 					d.warn(e, fmt.Sprintf("not routing %v of %s through %s in the main table: it overlaps %s", c, vpc, e.link.Name, o),
@@ -639,7 +644,7 @@ func (d *desirer) addVPCRoutes() {
 			// subnet in main (ours is noprefixroute because several ENIs
 			// share the subnet, or somebody added the address as /32), this
 			// ENI carries its subnet in main, unless that would be ambiguous.
-			if len(routes) > 0 && !d.gatewayOnLink(e, gw) {
+			if (len(routes) > 0 || needSubnet) && !onLink {
 				if e.overlapsOtherVPC || d.foreignSubnetRoute(e.v4Net) {
 					d.warn(e, fmt.Sprintf("not routing %s's CIDRs through %s in the main table: the gateway %v is not on-link in main and the subnet %v overlaps another subnet", vpc, e.link.Name, gw, e.v4Net),
 						"connections bound to this ENI's addresses still work")

@@ -340,6 +340,32 @@ func TestDesired(t *testing.T) {
 			want:  without(eth1Basic, "addr 10.1.1.11/32 dev eth1 noprefixroute"),
 		},
 		{
+			name: "a one-subnet VPC shared by two ENIs: the carrier holds it in main",
+			enis: []imds.ENI{desPrimary(), func() imds.ENI {
+				e := desSecondary(1)
+				e.VPCIPv4CIDRs, e.LocalIPv4s = desPfxs("10.1.1.0/24"), e.LocalIPv4s[:1]
+				return e
+			}(), func() imds.ENI {
+				e := desSecondary(2)
+				e.VPCIPv4CIDRs, e.SubnetIPv4CIDR, e.LocalIPv4s = desPfxs("10.1.1.0/24"), desPfx("10.1.1.0/24"), desIPs("10.1.1.20")
+				return e
+			}()},
+			links: desLinks(0, 1, 2),
+			want: []string{
+				"addr 10.1.1.10/24 dev eth1 noprefixroute",
+				"addr 10.1.1.20/24 dev eth2 noprefixroute",
+				"route 10.1.1.0/24 dev eth1 scope link src 10.1.1.10 table 20001",
+				"route default via 10.1.1.1 dev eth1 src 10.1.1.10 table 20001",
+				"route 10.1.1.0/24 dev eth1 scope link src 10.1.1.10 table main",
+				"rule from 10.1.1.10/32 lookup 20001 priority 20001",
+				"sysctl net.ipv4.conf.eth1.rp_filter=2",
+				"route 10.1.1.0/24 dev eth2 scope link src 10.1.1.20 table 20002",
+				"route default via 10.1.1.1 dev eth2 src 10.1.1.20 table 20002",
+				"rule from 10.1.1.20/32 lookup 20002 priority 20002",
+				"sysctl net.ipv4.conf.eth2.rp_filter=2",
+			},
+		},
+		{
 			name:  "first address added by somebody else as /32: the carrier holds its subnet in main",
 			enis:  []imds.ENI{desPrimary(), desSecondary(1)},
 			links: desLinks(0, 1),

@@ -86,9 +86,12 @@ type Selector struct {
 
 // ENIConfig is the per-ENI configuration.
 type ENIConfig struct {
-	Match     Selector
-	Exclude   bool          // leave this ENI entirely alone (e.g. VPC CNI ENIs)
-	VPCRoutes VPCRoutesMode // "" means auto
+	Match   Selector
+	Exclude bool // leave this ENI entirely alone (e.g. VPC CNI ENIs)
+	// VPCRoutes "" means auto. One ENI per VPC carries the VPC's main-table
+	// routes (the lowest card/device); an ENI with off does not, so the next
+	// ENI of that VPC does. Select by VPC id to turn a VPC's routes off.
+	VPCRoutes VPCRoutesMode
 	// ExtraRoutes are added to the ENI's table via its gateway, e.g. an
 	// on-premises CIDR reached through VPC B.
 	ExtraRoutes []netip.Prefix
