@@ -54,45 +54,65 @@ func grow(t *testing.T, w *simworld.World, sc scale) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	inst, router := w.Instance, w.VPCs["D"].Router
 	for i := range sc.extraENIs {
-		dev := 4 + i
-		s4 := netip.MustParsePrefix(fmt.Sprintf("10.%d.1.0/24", 20+i))
-		s6 := netip.MustParsePrefix(fmt.Sprintf("fd00:e:%x:1::/64", i))
-		e := imds.ENI{
-			MAC: fmt.Sprintf("02:00:00:00:0e:%02x", dev), Ready: true, DeviceNumber: dev,
-			InterfaceID: fmt.Sprintf("eni-0ee%015d", dev), SubnetID: fmt.Sprintf("subnet-0ee%014d", dev),
-			VPCID: fmt.Sprintf("vpc-0e%015d", dev), OwnerID: simworld.OwnerID,
-			SubnetIPv4CIDR: s4, VPCIPv4CIDRs: []netip.Prefix{netip.MustParsePrefix(fmt.Sprintf("10.%d.0.0/16", 20+i))},
-			SubnetIPv6CIDRs: []netip.Prefix{s6}, VPCIPv6CIDRs: []netip.Prefix{netip.MustParsePrefix(fmt.Sprintf("fd00:e:%x::/56", i))},
-		}
-		e.LocalIPv4s, e.IPv6s = hostsIn(s4, s6, sc.addrs)
-		e.IPv4Prefixes, e.IPv6Prefixes = prefixesIn(s4, s6, sc.prefixes)
-		if err := w.IMDS.AttachENI(e); err != nil {
-			t.Fatal(err)
-		}
-		hw, _ := net.ParseMAC(e.MAC)
-		la := netlink.NewLinkAttrs()
-		la.Name, la.HardwareAddr = fmt.Sprintf("eth%d", dev), hw
-		veth := &netlink.Veth{LinkAttrs: la, PeerName: fmt.Sprintf("x%d", dev), PeerNamespace: netlink.NsFd(int(router.Handle))}
-		if err := inst.NL.LinkAdd(veth); err != nil {
-			t.Fatalf("adding %s: %v", la.Name, err)
-		}
-		l, err := inst.NL.LinkByName(la.Name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		// "DHCP" gives the ENI its primary address with the subnet route.
-		if err := inst.NL.AddrAdd(l, &netlink.Addr{IPNet: &net.IPNet{IP: e.LocalIPv4s[0].AsSlice(), Mask: net.CIDRMask(24, 32)}}); err != nil {
-			t.Fatal(err)
-		}
-		if err := inst.NL.LinkSetUp(l); err != nil {
-			t.Fatal(err)
-		}
-		if p, err := router.NL.LinkByName(veth.PeerName); err != nil || router.NL.LinkSetUp(p) != nil {
-			t.Fatalf("setting %s up in %s: %v", veth.PeerName, router.Name, err)
-		}
+		addENI(t, w, 4+i, sc.addrs, sc.prefixes)
 	}
+}
+
+// extraENI is the IMDS description of an ENI added by addENI (device dev >= 4).
+func extraENI(dev, addrs, prefixes int) imds.ENI {
+	i := dev - 4
+	s4 := netip.MustParsePrefix(fmt.Sprintf("10.%d.1.0/24", 20+i))
+	s6 := netip.MustParsePrefix(fmt.Sprintf("fd00:e:%x:1::/64", i))
+	e := imds.ENI{
+		MAC: fmt.Sprintf("02:00:00:00:0e:%02x", dev), Ready: true, DeviceNumber: dev,
+		InterfaceID: fmt.Sprintf("eni-0ee%015d", dev), SubnetID: fmt.Sprintf("subnet-0ee%014d", dev),
+		VPCID: fmt.Sprintf("vpc-0e%015d", dev), OwnerID: simworld.OwnerID,
+		SubnetIPv4CIDR: s4, VPCIPv4CIDRs: []netip.Prefix{netip.MustParsePrefix(fmt.Sprintf("10.%d.0.0/16", 20+i))},
+		SubnetIPv6CIDRs: []netip.Prefix{s6}, VPCIPv6CIDRs: []netip.Prefix{netip.MustParsePrefix(fmt.Sprintf("fd00:e:%x::/56", i))},
+	}
+	e.LocalIPv4s, e.IPv6s = hostsIn(s4, s6, addrs)
+	e.IPv4Prefixes, e.IPv6Prefixes = prefixesIn(s4, s6, prefixes)
+	return e
+}
+
+// addENI attaches extraENI(dev, ...) in IMDS and adds its link to the instance.
+func addENI(t *testing.T, w *simworld.World, dev, addrs, prefixes int) imds.ENI {
+	t.Helper()
+	e := extraENI(dev, addrs, prefixes)
+	if err := w.IMDS.AttachENI(e); err != nil {
+		t.Fatal(err)
+	}
+	addLink(t, w, e)
+	return e
+}
+
+// addLink adds e's link (a veth whose peer sits in VPC D's router) to the
+// instance, up, with its primary address from "DHCP".
+func addLink(t *testing.T, w *simworld.World, e imds.ENI) netlink.Link {
+	t.Helper()
+	inst, router := w.Instance, w.VPCs["D"].Router
+	hw, _ := net.ParseMAC(e.MAC)
+	la := netlink.NewLinkAttrs()
+	la.Name, la.HardwareAddr = fmt.Sprintf("eth%d", e.DeviceNumber), hw
+	veth := &netlink.Veth{LinkAttrs: la, PeerName: fmt.Sprintf("x%d", e.DeviceNumber), PeerNamespace: netlink.NsFd(int(router.Handle))}
+	if err := inst.NL.LinkAdd(veth); err != nil {
+		t.Fatalf("adding %s: %v", la.Name, err)
+	}
+	l, err := inst.NL.LinkByName(la.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := inst.NL.AddrAdd(l, &netlink.Addr{IPNet: &net.IPNet{IP: e.LocalIPv4s[0].AsSlice(), Mask: net.CIDRMask(24, 32)}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := inst.NL.LinkSetUp(l); err != nil {
+		t.Fatal(err)
+	}
+	if p, err := router.NL.LinkByName(veth.PeerName); err != nil || router.NL.LinkSetUp(p) != nil {
+		t.Fatalf("setting %s up in %s: %v", veth.PeerName, router.Name, err)
+	}
+	return l
 }
 
 // hostsIn returns n addresses of each subnet, from .10 (IPv4) and ::10 (IPv6) on.

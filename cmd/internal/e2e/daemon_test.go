@@ -53,9 +53,8 @@ func expectAllWork(t *testing.T, ps []probe) {
 	}
 }
 
-// waitWorks retries the probe (TCP then ICMP) until both succeed within
-// limit, and returns how long it took.
-func waitWorks(t *testing.T, p probe, limit time.Duration) time.Duration {
+// waitWorks retries the probe (TCP then ICMP) until both succeed within limit.
+func waitWorks(t *testing.T, p probe, limit time.Duration) {
 	t.Helper()
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), limit)
@@ -67,9 +66,8 @@ func waitWorks(t *testing.T, p probe, limit time.Duration) time.Duration {
 		return p.ping(500 * time.Millisecond)
 	})
 	if err != nil {
-		t.Fatalf("%s: still failing after %s: %v", p, limit, err)
+		t.Fatalf("%s: still failing after %s: %v", p, time.Since(start).Round(time.Millisecond), err)
 	}
-	return time.Since(start)
 }
 
 // Scenario 2: with the daemon, every VPC's client reaches its ENI's addresses,
@@ -121,14 +119,20 @@ func TestDaemonRepliesLeaveThroughTheirENI(t *testing.T) {
 	}
 	t.Logf("same-address clients at once: A %d, C %d TCP round trips, 10/10 pings each", nA, nC)
 
-	// A secondary IP assigned in IMDS (the OS is not told) works within one poll.
+	// Secondary IPs assigned in IMDS (the OS is not told) work within one poll.
 	eth1 := w.ENI("eth1")
-	secondary := netip.MustParseAddr("10.1.1.11")
-	if err := w.AddIPv4(eth1, secondary); err != nil {
+	sec4, sec6 := netip.MustParseAddr("10.1.1.11"), netip.MustParseAddr("fd00:b:0:1::11")
+	assigned := time.Now()
+	if err := w.AddIPv4(eth1, sec4); err != nil {
 		t.Fatal(err)
 	}
-	took := waitWorks(t, probe{"VPC B client -> secondary " + secondary.String(), w.VPCs["B"].Client, secondary}, 2*poll+5*time.Second)
-	t.Logf("secondary IP %s assigned in IMDS answered after %s (poll interval %s)", secondary, took.Round(time.Millisecond), poll)
+	if err := w.AddIPv6(eth1, sec6); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range []netip.Addr{sec4, sec6} {
+		waitWorks(t, probe{"VPC B client -> secondary " + a.String(), w.VPCs["B"].Client, a}, 2*poll+5*time.Second)
+		t.Logf("secondary IP %s assigned in IMDS answered %s after the assignment (poll interval %s)", a, time.Since(assigned).Round(time.Millisecond), poll)
+	}
 	expectAllWork(t, clientProbes(w, "eth1"))
 }
 

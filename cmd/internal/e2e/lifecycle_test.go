@@ -27,16 +27,26 @@ func TestHotAttachWithoutWaitingForThePoll(t *testing.T) {
 	p := probe{"VPC D client -> hot-attached eth3 " + eth3.Primary4().String(), eth3.VPC.Client, eth3.Primary4()}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
+	// The kernel's view, polled alongside: when our rules and table were in place.
+	configured := make(chan time.Duration, 1)
+	go func() {
+		if simworld.WaitFor(ctx, func() error { return w.ConfiguredCheck(eth3) }) == nil {
+			configured <- time.Since(arrived)
+		}
+		close(configured)
+	}()
 	err = simworld.WaitFor(ctx, func() error { return p.tcp(100 * time.Millisecond) })
 	took := time.Since(arrived)
 	if err != nil {
 		t.Fatalf("%s: no reply %s after the link arrived (poll interval 1h): %v", p, took, err)
 	}
-	t.Logf("hot attach: first TCP reply from eth3 %s after its link arrived (poll interval 1h)", took.Round(time.Millisecond))
+	t.Logf("hot attach: eth3's rules and table in place %s, first TCP reply %s after its link arrived (poll interval 1h)",
+		(<-configured).Round(time.Millisecond), took.Round(time.Millisecond))
 	expectAllWork(t, clientProbes(w, "eth1", "eth2", "eth3"))
 }
 
-// Scenario 5: detaching eth2 removes its rules, its table's routes and the
+// Scenario 5: detaching eth1 removes its rules (IPv4 and IPv6, secondary
+// IPs included), its table's routes, its main-table VPC routes and the
 // addresses dualhomed added; nothing else in the instance changes.
 func TestDetachRemovesOnlyThatENIsState(t *testing.T) {
 	w := newWorld(t)
@@ -44,8 +54,11 @@ func TestDetachRemovesOnlyThatENIsState(t *testing.T) {
 	if err := w.StartIMDS(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	eth2 := w.ENI("eth2")
-	if err := w.AddIPv4(eth2, netip.MustParseAddr("10.0.2.11")); err != nil {
+	eth1 := w.ENI("eth1")
+	if err := w.AddIPv4(eth1, netip.MustParseAddr("10.1.1.11")); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.AddIPv6(eth1, netip.MustParseAddr("fd00:b:0:1::11")); err != nil {
 		t.Fatal(err)
 	}
 	d := startDualhomed(t, w, time.Second)
@@ -53,12 +66,12 @@ func TestDetachRemovesOnlyThatENIsState(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eth2Rules := before.Grep("rule", "from 10.0.2.1")
-	if len(eth2Rules) != 2 {
-		t.Fatalf("want a source rule for each of eth2's 2 addresses, got %q", eth2Rules)
+	eth1Rules := append(before.Grep("rule", "from 10.1.1.1"), before.Grep("rule", "from fd00:b:0:1::1")...)
+	if len(eth1Rules) != 4 {
+		t.Fatalf("want a source rule for each of eth1's 4 addresses, got %q", eth1Rules)
 	}
-	table := lookupTable(t, eth2Rules[0])
-	if err := w.Detach(eth2); err != nil {
+	table := lookupTable(t, eth1Rules[0])
+	if err := w.Detach(eth1); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
@@ -72,7 +85,7 @@ func TestDetachRemovesOnlyThatENIsState(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if left := after.Grep("from 10.0.2.1"); len(left) > 0 {
+		if left := append(after.Grep("from 10.1.1.1"), after.Grep("from fd00:b:0:1::1")...); len(left) > 0 {
 			return fmt.Errorf("rules left: %q", left)
 		}
 		if left := after.Grep("table " + table + " "); len(left) > 0 {
@@ -81,19 +94,20 @@ func TestDetachRemovesOnlyThatENIsState(t *testing.T) {
 		return nil
 	})
 	if err != nil {
-		t.Fatalf("after detaching eth2: %v", err)
+		t.Fatalf("after detaching eth1: %v", err)
 	}
 	removed, added := before.Diff(after)
 	if len(added) > 0 {
 		t.Errorf("detach added state:\n%s", strings.Join(added, "\n"))
 	}
 	for _, l := range removed {
-		if !strings.Contains(l, "eth2") && !strings.Contains(l, "10.0.2.") && !strings.Contains(l, "table "+table+" ") {
-			t.Errorf("detach removed state that was not eth2's: %s", l)
+		if !strings.Contains(l, "eth1") && !strings.Contains(l, "10.1.1.") && !strings.Contains(l, "fd00:b:0:1:") && !strings.Contains(l, "table "+table+" ") {
+			t.Errorf("detach removed state that was not eth1's: %s", l)
 		}
 	}
-	t.Logf("detach removed %d lines of eth2 state, added none", len(removed))
-	expectAllWork(t, clientProbes(w, "eth0", "eth1"))
+	t.Logf("detach removed %d lines of eth1 state, added none", len(removed))
+	expectAllWork(t, clientProbes(w, "eth0", "eth2"))
+	expectInSync(t, w)
 }
 
 // lookupTable returns N from a rule line "... lookup N ...".
@@ -174,9 +188,13 @@ func TestRestartLosesNoPacket(t *testing.T) {
 	d := startDualhomed(t, w, time.Second)
 	rulesBefore := ourRules(t, w)
 	b, eth1 := w.VPCs["B"], w.ENI("eth1")
-	stream, err := simworld.StartStream(b.Client, netip.AddrPortFrom(eth1.Primary4(), simworld.EchoPort), 20*time.Millisecond)
-	if err != nil {
-		t.Fatal(err)
+	var streams []*simworld.Stream
+	for _, a := range []netip.Addr{eth1.Primary4(), eth1.IPv6s()[0]} {
+		s, err := simworld.StartStream(b.Client, netip.AddrPortFrom(a, simworld.EchoPort), 20*time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		streams = append(streams, s)
 	}
 	var wg sync.WaitGroup
 	pings := make([]simworld.PingResult, 2)
@@ -198,17 +216,20 @@ func TestRestartLosesNoPacket(t *testing.T) {
 	}
 	waitConfigured(t, w, d2, "eth1", "eth2")
 	wg.Wait()
-	rounds, streamErr := stream.Stop()
+	var rounds [2]int
+	for i, s := range streams {
+		var err error
+		if rounds[i], err = s.Stop(); err != nil {
+			t.Errorf("TCP stream %d through eth1 broke across the restart after %d round trips: %v", i, rounds[i], err)
+		}
+	}
 	for i, r := range pings {
 		if pingErrs[i] != nil || r.Received != r.Sent {
 			t.Errorf("ping %d: %d/%d replies, lost seq %v (%v)", i, r.Received, r.Sent, r.Lost, pingErrs[i])
 		}
 	}
-	if streamErr != nil {
-		t.Errorf("TCP stream through eth1 broke across the restart after %d round trips: %v", rounds, streamErr)
-	}
-	t.Logf("across the restart: IPv4 ping %d/%d, IPv6 ping %d/%d, TCP stream %d round trips unbroken",
-		pings[0].Received, pings[0].Sent, pings[1].Received, pings[1].Sent, rounds)
+	t.Logf("across the restart: IPv4 ping %d/%d, IPv6 ping %d/%d, TCP streams IPv4 %d and IPv6 %d round trips",
+		pings[0].Received, pings[0].Sent, pings[1].Received, pings[1].Sent, rounds[0], rounds[1])
 	// Give the new daemon a poll to add anything twice, if it would.
 	time.Sleep(1500 * time.Millisecond)
 	if rulesAfter := ourRules(t, w); !slices.Equal(rulesBefore, rulesAfter) {
@@ -247,6 +268,9 @@ func TestCleanupRestoresTheStateBeforeDualhomed(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := w.AddIPv4(w.ENI("eth1"), netip.MustParseAddr("10.1.1.11")); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.AddIPv6(w.ENI("eth1"), netip.MustParseAddr("fd00:b:0:1::11")); err != nil {
 		t.Fatal(err)
 	}
 	// Strict on eth1, as an administrator may have set it: dualhomed makes it

@@ -145,11 +145,9 @@ func (w *World) ConfiguredCheck(enis ...*ENI) error {
 			if !found {
 				return fmt.Errorf("%s %s: table %d has no default route via %s: %w", e.Link, a, table, e.Link, errNotConfigured)
 			}
-			if a.Is4() {
-				// The address must be on the link too (secondary IPs are added by dualhomed).
-				if !hasAddr(h, l, a) {
-					return fmt.Errorf("%s %s: address not on the link: %w", e.Link, a, errNotConfigured)
-				}
+			// The address must be on the link too (secondary IPs are added by dualhomed).
+			if !hasAddr(h, l, a) {
+				return fmt.Errorf("%s %s: address not on the link: %w", e.Link, a, errNotConfigured)
 			}
 		}
 	}

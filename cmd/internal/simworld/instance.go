@@ -105,6 +105,17 @@ func (w *World) AddIPv4(e *ENI, a netip.Addr) error {
 	return nil
 }
 
+// AddIPv6 assigns an IPv6 address to the ENI in IMDS; the OS is not told.
+func (w *World) AddIPv6(e *ENI, a netip.Addr) error {
+	e.mu.Lock()
+	e.ipv6s = append(e.ipv6s, a)
+	e.mu.Unlock()
+	if err := w.IMDS.UpdateENI(e.MAC, func(x *imds.ENI) { x.IPv6s = append(x.IPv6s, a) }); err != nil {
+		return fmt.Errorf("assigning %s to %s in IMDS: %w", a, e.ID, err)
+	}
+	return nil
+}
+
 // HotAttach attaches the parked ENI the way EC2 does: IMDS lists it, then its
 // link appears in the instance (moved in from the router's namespace), comes
 // up and gets its primary address from "DHCP". It returns the moment the link

@@ -15,7 +15,8 @@
 // tell their replies apart. The ENI subnets differ (10.0.1.0/24 in A, 10.0.2.0/24
 // in C) because one instance cannot hold the same address twice; the overlap is
 // the VPC CIDR and the client address. A fourth VPC D (10.3.0.0/16) is built with
-// its ENI (eth3) parked in its router, ready for a hot attach.
+// its ENI (eth3, 10.3.1.10 and fd00:d:0:1::10) parked in its router, ready
+// for a hot attach.
 //
 // Each router forwards only between its ENI link and its client subnet: routers
 // live in separate namespaces, so nothing is ever forwarded between VPCs.
@@ -215,7 +216,8 @@ func defaultVPCs() []*VPC {
 		{Name: "C", ID: "vpc-0cccccccccccccccc", CIDR4: netip.MustParsePrefix("10.0.0.0/16"),
 			Client4: netip.MustParseAddr("10.0.100.50")},
 		{Name: "D", ID: "vpc-0dddddddddddddddd", CIDR4: netip.MustParsePrefix("10.3.0.0/16"),
-			Client4: netip.MustParseAddr("10.3.100.50")},
+			CIDR6:   netip.MustParsePrefix("fd00:d:0::/56"),
+			Client4: netip.MustParseAddr("10.3.100.50"), Client6: netip.MustParseAddr("fd00:d:0:64::50")},
 	}
 }
 
@@ -248,7 +250,7 @@ func defaultENIs(vpcs map[string]*VPC) []*ENI {
 		mk(0, "A", "10.0.1.0/24", "", true),
 		mk(1, "B", "10.1.1.0/24", "fd00:b:0:1::/64", true, "fd00:b:0:1::10"),
 		mk(2, "C", "10.0.2.0/24", "", true),
-		mk(3, "D", "10.3.1.0/24", "", false),
+		mk(3, "D", "10.3.1.0/24", "fd00:d:0:1::/64", false, "fd00:d:0:1::10"),
 	}
 }
 
