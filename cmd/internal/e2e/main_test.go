@@ -6,8 +6,10 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -33,6 +35,17 @@ func run(m *testing.M) int {
 	} else if len(removed) > 0 {
 		fmt.Fprintf(os.Stderr, "e2e: removed leftovers of crashed runs: %s\n", strings.Join(removed, " "))
 	}
+	// Ctrl-C or a CI timeout's SIGTERM: tear down the worlds before dying.
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		s := <-sig
+		fmt.Fprintf(os.Stderr, "e2e: %v: removing the simulated worlds\n", s)
+		if err := simworld.CloseAll(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+		}
+		os.Exit(1)
+	}()
 	dir, err := os.MkdirTemp("", "dualhomed-e2e-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
