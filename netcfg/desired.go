@@ -166,6 +166,8 @@ type desirer struct {
 	primaryVPC string
 	// foreign holds, per link, the addresses on it that are not ours.
 	foreign map[int][]netip.Prefix
+	// owned holds the addresses we own, by identity.
+	owned map[AddrKey]Addr
 
 	b        stateBuilder
 	warnings []Warning
@@ -277,14 +279,14 @@ func (d *desirer) run() {
 
 // computeForeign subtracts our own addresses from the observed ones.
 func (d *desirer) computeForeign() {
-	ours := make(map[AddrKey]bool, len(d.obs.Owned.Addrs))
+	d.owned = make(map[AddrKey]Addr, len(d.obs.Owned.Addrs))
 	for _, a := range d.obs.Owned.Addrs {
-		ours[AddrKey{a.LinkIndex, a.Prefix}] = true
+		d.owned[a.Key()] = a
 	}
 	d.foreign = map[int][]netip.Prefix{}
 	for idx, ps := range d.obs.Addrs {
 		for _, p := range ps {
-			if !p.IsValid() || ours[AddrKey{idx, p}] {
+			if _, ours := d.owned[AddrKey{idx, p}]; ours || !p.IsValid() {
 				continue
 			}
 			d.foreign[idx] = append(d.foreign[idx], p)
@@ -497,6 +499,15 @@ func (d *desirer) addAddresses(e *eniInfo, overlapping bool) {
 		p, noPrefixRoute := netip.PrefixFrom(a, 32), true
 		if i == 0 && e.eni.SubnetIPv4CIDR.Contains(a) {
 			p, noPrefixRoute = netip.PrefixFrom(a, e.eni.SubnetIPv4CIDR.Bits()), overlapping
+			// The flag matters when the address is created: an address of
+			// ours keeps it. Overlaps come and go with other ENIs, and the
+			// one that arrives second taking noprefixroute is enough to keep
+			// main unambiguous, while flipping ours would mean deleting and
+			// re-adding the ENI's primary address (IPv4 cannot change the
+			// flag in place).
+			if o, ok := d.owned[AddrKey{link, p}]; ok {
+				noPrefixRoute = o.NoPrefixRoute
+			}
 		}
 		add(Addr{LinkIndex: link, Prefix: p, NoPrefixRoute: noPrefixRoute})
 	}

@@ -366,6 +366,24 @@ func TestDesired(t *testing.T) {
 			},
 		},
 		{
+			name: "an overlap arriving later: our existing address keeps its prefix route",
+			enis: []imds.ENI{desPrimary(), desSecondary(1), func() imds.ENI {
+				e := desSecondary(2)
+				e.SubnetIPv4CIDR, e.LocalIPv4s = desPfx("10.1.1.0/24"), desIPs("10.1.1.20")
+				return e
+			}()},
+			links: desLinks(0, 1, 2),
+			addrs: map[int][]netip.Prefix{1: desPfxs("10.0.0.10/24"), 2: desPfxs("10.1.1.10/24")},
+			owned: State{Addrs: []Addr{{LinkIndex: 2, Prefix: desPfx("10.1.1.10/24")}}},
+			want: with(eth1Basic,
+				"addr 10.1.1.20/24 dev eth2 noprefixroute",
+				"route 10.1.1.0/24 dev eth2 scope link src 10.1.1.20 table 20002",
+				"route default via 10.1.1.1 dev eth2 src 10.1.1.20 table 20002",
+				"rule from 10.1.1.20/32 lookup 20002 priority 20002",
+				"sysctl net.ipv4.conf.eth2.rp_filter=2",
+			),
+		},
+		{
 			name:  "first address added by somebody else as /32: the carrier holds its subnet in main",
 			enis:  []imds.ENI{desPrimary(), desSecondary(1)},
 			links: desLinks(0, 1),
