@@ -137,22 +137,17 @@ func PingRun(ctx context.Context, ns *NS, dst netip.Addr, count int, interval, l
 	}()
 	res := PingResult{}
 	to := &net.IPAddr{IP: dst.AsSlice()}
+send:
 	for seq := 0; seq < count; seq++ {
 		if seq > 0 {
 			select {
 			case <-ctx.Done():
-				count = seq
+				break send
 			case <-time.After(interval):
 			}
-			if seq == count {
-				break
-			}
 		}
-		if _, err := c.WriteTo(echoRequest(v6, id, uint16(seq)), to); err != nil {
-			// No route is a lost packet, like ping(8) reports it.
-			res.Sent++
-			continue
-		}
+		// A failed send (no route) is a lost packet, as ping(8) counts it.
+		_, _ = c.WriteTo(echoRequest(v6, id, uint16(seq)), to)
 		res.Sent++
 	}
 	deadline := time.Now().Add(linger)

@@ -2,21 +2,24 @@
 // namespaces and veth pairs, for the end-to-end tests (cmd/internal/e2e) and
 // for `make demo` (cmd/dualhomed-demo).
 //
-// The world, every name prefixed with a per-run prefix (dh<pid>w<n>-):
+// The world; every namespace name starts with a per-run prefix (dh<pid>w<n>-):
 //
-//	           VPC A 10.0.0.0/16          VPC B 10.1.0.0/16 + fd00:b:0::/56      VPC C 10.0.0.0/16 (same as A!)
-//	cliA 10.0.100.50 --rtrA-- eth0   cliB 10.1.100.50 --rtrB-- eth1   cliC 10.0.100.50 --rtrC-- eth2
-//	                  10.0.1.1  10.0.1.10   fd00:b:0:64::50  10.1.1.1  10.1.1.10            10.0.2.1  10.0.2.10
-//	                                                          fe80:ec2::1 fd00:b:0:1::10
-//	                                  \______________ inst (the instance) _______________/
+//	VPC  CIDRs                    client (cliX)                  router (rtrX)           instance (inst) link
+//	A    10.0.0.0/16              10.0.100.50                    10.0.1.1, fe80:ec2::1   eth0 10.0.1.10 (primary ENI)
+//	B    10.1.0.0/16, fd00:b::/56 10.1.100.50, fd00:b:0:64::50   10.1.1.1, fe80:ec2::1   eth1 10.1.1.10, fd00:b:0:1::10
+//	C    10.0.0.0/16 (= A's)      10.0.100.50 (= A's client)     10.0.2.1, fe80:ec2::1   eth2 10.0.2.10
+//	D    10.3.0.0/16, fd00:d::/56 10.3.100.50, fd00:d:0:64::50   10.3.1.1, fe80:ec2::1   eth3 10.3.1.10, fd00:d:0:1::10 (hot attach)
+//
+// The router holds .1 of its client subnet (10.x.100.0/24, fd00:x:0:64::/64)
+// and the gateway of the ENI's subnet (10.x.y.1/24 and fe80:ec2::1) on the
+// veth whose other end is the instance's ethN.
 //
 // VPC C deliberately reuses VPC A's CIDR, and its client has the same address
 // as VPC A's client (10.0.100.50): only source-based routing on the instance can
 // tell their replies apart. The ENI subnets differ (10.0.1.0/24 in A, 10.0.2.0/24
 // in C) because one instance cannot hold the same address twice; the overlap is
-// the VPC CIDR and the client address. A fourth VPC D (10.3.0.0/16) is built with
-// its ENI (eth3, 10.3.1.10 and fd00:d:0:1::10) parked in its router, ready
-// for a hot attach.
+// the VPC CIDR and the client address. VPC D's ENI (eth3) starts parked in
+// its router's namespace, ready for HotAttach.
 //
 // Each router forwards only between its ENI link and its client subnet: routers
 // live in separate namespaces, so nothing is ever forwarded between VPCs.
