@@ -12,6 +12,7 @@
 #   6. boot test (BOOT_TEST=0 skips it): boot that root with systemd-nspawn
 #      --private-network and the IMDS emulator on 169.254.169.254 inside it;
 #      the unit must reach active (READY=1) under its full hardening.
+#   7. rpm scriptlets: install and erase the .rpm in that root, offline
 # Environment: DEBIAN_MIRROR, ROOT_CACHE (reuse a debootstrap'd root between
 # local runs; CI starts clean), BOOT_TEST.
 set -euo pipefail
@@ -305,6 +306,24 @@ fi
 in_root apt-get purge -y -qq dualhomed >"$WORK/purge.log" 2>&1 || { cat "$WORK/purge.log"; fail "apt-get purge"; }
 [ ! -e "$ROOT/etc/dualhomed/dualhomed.yaml" ] || fail "conffile left after purge"
 [ ! -e "$ROOT/etc/systemd/system/multi-user.target.wants/dualhomed.service" ] || fail "enablement symlink left after purge"
+took
+
+step "rpm scriptlets: install and erase the x86_64 .rpm in the same root"
+# No RPM distribution is reachable from CI, but the scriptlets are plain sh
+# around systemctl: run them in the Debian root (rpm --root runs them
+# chrooted; --nodeps because the root's packages are in dpkg's database).
+# Offline (no running systemd): preset enables through our preset file,
+# nothing starts, and erase disables without running cleanup.
+rpm_in_root() { unshare --net rpm --root "$ROOT" --nodeps "$@" 2>&1 | grep -v -e 'use Alien' -e 'you know what you are doing' || true; }
+rpm_in_root -i "${rpms[0]}"
+rpm --root "$ROOT" -q dualhomed >/dev/null 2>&1 || fail "rpm install into the root failed"
+state=$(in_root systemctl is-enabled dualhomed.service || true)
+[ "$state" = enabled ] || fail "rpm %post: systemctl is-enabled says $state (preset file not applied)"
+in_root dualhomed version >/dev/null || fail "dualhomed version (rpm)"
+rpm_in_root -e dualhomed
+[ ! -e "$ROOT/usr/bin/dualhomed" ] || fail "rpm -e left the binary"
+[ ! -e "$ROOT/etc/systemd/system/multi-user.target.wants/dualhomed.service" ] || fail "rpm %preun did not disable"
+echo "   %post enabled it via the preset, %preun disabled it"
 took
 
 echo "== package-check passed in $(( SECONDS - start_all )) s"
