@@ -45,9 +45,10 @@ func TestHotAttachWithoutWaitingForThePoll(t *testing.T) {
 	expectAllWork(t, clientProbes(w, "eth1", "eth2", "eth3"))
 }
 
-// Scenario 5: detaching eth1 removes its rules (IPv4 and IPv6, secondary
-// IPs included), its table's routes, its main-table VPC routes and the
-// addresses dualhomed added; nothing else in the instance changes.
+// Scenario 5: unassigning eth1's secondary IPs removes their rules and the
+// addresses dualhomed added; detaching eth1 then removes its rules (IPv4 and
+// IPv6), its table's routes and its main-table VPC routes. Nothing else in
+// the instance changes at either step.
 func TestDetachRemovesOnlyThatENIsState(t *testing.T) {
 	w := newWorld(t)
 	needBinaries(t)
@@ -62,41 +63,57 @@ func TestDetachRemovesOnlyThatENIsState(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := startDualhomed(t, w, time.Second)
-	before, err := simworld.DumpState(w.Instance)
+
+	// First a secondary IP of each family goes (unassigned in IMDS, the link
+	// stays): its rule and the address dualhomed added go, nothing else.
+	withSecondaries, err := simworld.DumpState(w.Instance)
 	if err != nil {
 		t.Fatal(err)
 	}
+	for _, a := range []string{"10.1.1.11", "fd00:b:0:1::11"} {
+		if err := w.RemoveIP(eth1, netip.MustParseAddr(a)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := waitDump(t, d, w, func(dump simworld.Dump) error {
+		if left := append(dump.Grep("10.1.1.11"), dump.Grep("fd00:b:0:1::11")...); len(left) > 0 {
+			return fmt.Errorf("unassigned secondary IPs still in the kernel: %q", left)
+		}
+		return nil
+	})
+	removed, added := withSecondaries.Diff(before)
+	if len(added) > 0 {
+		t.Errorf("unassigning secondary IPs added state:\n%s", strings.Join(added, "\n"))
+	}
+	if len(removed) < 4 {
+		t.Errorf("unassigning secondary IPs removed only %q; want at least their 2 rules and 2 addresses", removed)
+	}
+	for _, l := range removed {
+		if !strings.Contains(l, "10.1.1.11") && !strings.Contains(l, "fd00:b:0:1::11") {
+			t.Errorf("unassigning secondary IPs removed something else: %s", l)
+		}
+	}
+	expectAllWork(t, clientProbes(w, "eth1"))
+
+	// Then the whole ENI goes.
 	eth1Rules := append(before.Grep("rule", "from 10.1.1.1"), before.Grep("rule", "from fd00:b:0:1::1")...)
-	if len(eth1Rules) != 4 {
-		t.Fatalf("want a source rule for each of eth1's 4 addresses, got %q", eth1Rules)
+	if len(eth1Rules) != 2 {
+		t.Fatalf("want a source rule for each of eth1's 2 remaining addresses, got %q", eth1Rules)
 	}
 	table := lookupTable(t, eth1Rules[0])
 	if err := w.Detach(eth1); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	var after simworld.Dump
-	err = simworld.WaitFor(ctx, func() error {
-		if done, err := d.Exited(); done {
-			return fmt.Errorf("dualhomed exited: %v", err)
-		}
-		after, err = simworld.DumpState(w.Instance)
-		if err != nil {
-			return err
-		}
-		if left := append(after.Grep("from 10.1.1.1"), after.Grep("from fd00:b:0:1::1")...); len(left) > 0 {
+	after := waitDump(t, d, w, func(dump simworld.Dump) error {
+		if left := append(dump.Grep("from 10.1.1.1"), dump.Grep("from fd00:b:0:1::1")...); len(left) > 0 {
 			return fmt.Errorf("rules left: %q", left)
 		}
-		if left := after.Grep("table " + table + " "); len(left) > 0 {
+		if left := dump.Grep("table " + table + " "); len(left) > 0 {
 			return fmt.Errorf("routes left in table %s: %q", table, left)
 		}
 		return nil
 	})
-	if err != nil {
-		t.Fatalf("after detaching eth1: %v", err)
-	}
-	removed, added := before.Diff(after)
+	removed, added = before.Diff(after)
 	if len(added) > 0 {
 		t.Errorf("detach added state:\n%s", strings.Join(added, "\n"))
 	}
@@ -108,6 +125,28 @@ func TestDetachRemovesOnlyThatENIsState(t *testing.T) {
 	t.Logf("detach removed %d lines of eth1 state, added none", len(removed))
 	expectAllWork(t, clientProbes(w, "eth0", "eth2"))
 	expectInSync(t, w)
+}
+
+// waitDump waits up to 15s for the instance's state to satisfy cond, and returns it.
+func waitDump(t *testing.T, d *simworld.Proc, w *simworld.World, cond func(simworld.Dump) error) simworld.Dump {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	var dump simworld.Dump
+	err := simworld.WaitFor(ctx, func() error {
+		if done, err := d.Exited(); done {
+			return fmt.Errorf("dualhomed exited: %v", err)
+		}
+		var err error
+		if dump, err = simworld.DumpState(w.Instance); err != nil {
+			return err
+		}
+		return cond(dump)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dump
 }
 
 // lookupTable returns N from a rule line "... lookup N ...".

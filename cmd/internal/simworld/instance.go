@@ -116,6 +116,24 @@ func (w *World) AddIPv6(e *ENI, a netip.Addr) error {
 	return nil
 }
 
+// RemoveIP unassigns a secondary address (IPv4 or IPv6) of the ENI in IMDS,
+// as `aws ec2 unassign-private-ip-addresses` does: the OS is not told.
+func (w *World) RemoveIP(e *ENI, a netip.Addr) error {
+	e.mu.Lock()
+	e.ipv4s = slices.DeleteFunc(e.ipv4s, func(x netip.Addr) bool { return x == a })
+	e.ipv6s = slices.DeleteFunc(e.ipv6s, func(x netip.Addr) bool { return x == a })
+	e.mu.Unlock()
+	drop := func(s []netip.Addr) []netip.Addr {
+		return slices.DeleteFunc(s, func(x netip.Addr) bool { return x == a })
+	}
+	if err := w.IMDS.UpdateENI(e.MAC, func(x *imds.ENI) {
+		x.LocalIPv4s, x.IPv6s = drop(x.LocalIPv4s), drop(x.IPv6s)
+	}); err != nil {
+		return fmt.Errorf("unassigning %s from %s in IMDS: %w", a, e.ID, err)
+	}
+	return nil
+}
+
 // HotAttach attaches the parked ENI the way EC2 does: IMDS lists it, then its
 // link appears in the instance (moved in from the router's namespace), comes
 // up and gets its primary address from "DHCP". It returns the moment the link
