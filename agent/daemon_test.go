@@ -6,8 +6,10 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -128,6 +130,8 @@ func (w *world) start(cfg Config, configPath string) *running {
 	d, err := NewDaemon(Options{
 		ConfigPath: configPath, Config: cfg, NS: w.ns.Handle, Logger: zaptest.NewLogger(w.t),
 		NewSource: testSource, Notifier: r.notes, Version: "test",
+		// Only the reload test sends SIGHUP, and only while Run is active.
+		HandleSignals: configPath != "",
 	})
 	if err != nil {
 		w.t.Fatalf("NewDaemon: %v", err)
@@ -304,6 +308,7 @@ func TestDaemonReloadRejectsBadConfig(t *testing.T) {
 	r := w.start(loaded, path)
 	src, table := eniRule(1)
 	waitFor(t, "ENI 1 configured", func() bool { return w.hasRule(src, table) })
+	waitFor(t, "READY=1", func() bool { return r.notes.has("READY=1") }) // Run has installed its SIGHUP handler
 
 	bad := base + "enis:\n  - match: {interface_id: " + w.inst.ENIs[1].InterfaceID + "}\n    vpc_routes: maybe\n"
 	if err := os.WriteFile(path, []byte(bad), 0o644); err != nil {
@@ -325,8 +330,9 @@ func TestDaemonReloadRejectsBadConfig(t *testing.T) {
 	if err := os.WriteFile(path, []byte(good), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.d.Reload(context.Background()); err != nil {
-		t.Fatalf("Reload with a good file: %v", err)
+	// This time through SIGHUP, as systemctl reload does.
+	if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
+		t.Fatal(err)
 	}
 	waitFor(t, "the extra route of the reloaded configuration", func() bool {
 		routes, err := w.ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
@@ -440,4 +446,95 @@ func TestDaemonSdNotify(t *testing.T) {
 	if !w.hasRule(src, table) {
 		t.Error("stopping removed our rules")
 	}
+}
+
+// A link whose MAC IMDS does not describe yet is retried quickly (0.5 s, 1 s,
+// 2 s, 4 s) rather than at the next poll, which is an hour away here. Both
+// ways IMDS catches up are covered: the MAC missing from the listing, and the
+// MAC listed with its keys still answering 404.
+func TestDaemonRetriesIMDSForAnUnknownLink(t *testing.T) {
+	for _, pending := range []bool{false, true} {
+		name := "MAC not listed"
+		if pending {
+			name = "MAC listed, keys 404"
+		}
+		t.Run(name, func(t *testing.T) {
+			w := newWorld(t, 1)
+			mac := w.inst.ENIs[1].MAC
+			if pending {
+				if err := w.emu.AttachENI(w.inst.ENIs[1]); err != nil {
+					t.Fatal(err)
+				}
+				if err := w.emu.SetFaults(emulator.Faults{PendingMACs: []string{mac}}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			r := w.start(w.config(), "")
+			waitFor(t, "READY=1", func() bool { return r.notes.has("READY=1") })
+			r.settle(t)
+			reads := w.emu.Stats().TokenRequests + w.emu.Stats().Requests
+
+			w.link(1)
+			// Wait until the link's own reconcile has read IMDS (and found
+			// nothing usable), so that only a retry can configure the ENI.
+			waitFor(t, "an IMDS read caused by the new link", func() bool {
+				s := w.emu.Stats()
+				return s.TokenRequests+s.Requests > reads
+			})
+			r.settle(t)
+			src, table := eniRule(1)
+			if w.hasRule(src, table) {
+				t.Fatal("configured before IMDS described the ENI")
+			}
+			if pending {
+				if err := w.emu.ClearFaults(); err != nil {
+					t.Fatal(err)
+				}
+			} else if err := w.emu.AttachENI(w.inst.ENIs[1]); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, "the ENI configured by a quick retry", func() bool { return w.hasRule(src, table) })
+		})
+	}
+}
+
+// A burst of hot-attached links (15, as at boot on a large instance) is
+// configured completely; how many reconciles it took is logged, not asserted.
+func TestDaemonConfiguresABurstOfLinks(t *testing.T) {
+	nstest.RequireRoot(t)
+	w := &world{t: t, ns: nstest.New(t), router: nstest.New(t)}
+	w.inst = emulator.ExampleInstance(16, 1, 0, 0, 1)
+	w.emu = emulator.New(w.inst)
+	url, err := w.emu.Start("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { w.emu.Close() })
+	w.url = url
+	w.ns.Veth(t, "eth0", w.inst.ENIs[0].MAC, w.router, "reth0")
+	r := w.start(w.config(), "")
+	waitFor(t, "READY=1", func() bool { return r.notes.has("READY=1") })
+	r.settle(t)
+	before := snapshots(w.emu)
+
+	for i := 1; i < 16; i++ {
+		w.ns.Veth(t, "ens"+strconv.Itoa(i), w.inst.ENIs[i].MAC, w.router, "rens"+strconv.Itoa(i))
+	}
+	for i := 1; i < 16; i++ {
+		src, table := eniRule(i)
+		waitFor(t, "ENI "+strconv.Itoa(i)+" configured", func() bool { return w.hasRule(src, table) })
+	}
+	r.settle(t)
+	t.Logf("15 hot-attached links took %d IMDS snapshots", snapshots(w.emu)-before)
+}
+
+// snapshots counts the emulator's answers to meta-data/mac: one per snapshot.
+func snapshots(emu *emulator.Server) int64 {
+	var n int64
+	for path, c := range emu.Stats().ByPath {
+		if strings.HasSuffix(path, "meta-data/mac") {
+			n += c
+		}
+	}
+	return n
 }
