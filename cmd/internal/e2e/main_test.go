@@ -65,8 +65,14 @@ func goBuild(dir string, pkgs ...string) error {
 	if _, err := os.Stat(gobin); err != nil {
 		gobin = "go"
 	}
-	cmd := exec.Command(gobin, append([]string{"build", "-o", dir + "/"}, pkgs...)...)
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	args := []string{"build", "-o", dir + "/"}
+	env := append(os.Environ(), "CGO_ENABLED=0")
+	if raceEnabled {
+		args = append(args, "-race")
+		env = os.Environ() // the race detector needs cgo
+	}
+	cmd := exec.Command(gobin, append(args, pkgs...)...)
+	cmd.Env = env
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("building %s: %v\n%s", strings.Join(pkgs, " "), err, out)
 	}
@@ -91,6 +97,12 @@ func newWorld(t *testing.T) *simworld.World {
 		t.Fatalf("building the simulated instance: %v", err)
 	}
 	t.Cleanup(func() {
+		for _, p := range w.Procs() {
+			p.Kill() // so its log is complete, race reports included
+			if log := p.Log(); strings.Contains(log, "WARNING: DATA RACE") {
+				t.Errorf("the race detector caught a data race in %s:\n%s", p.Name, log[strings.Index(log, "WARNING: DATA RACE"):])
+			}
+		}
 		if t.Failed() {
 			for _, p := range w.Procs() {
 				t.Logf("log of %s:\n%s", p.Name, tail(p.Log(), 60))
