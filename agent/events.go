@@ -64,20 +64,27 @@ func (w *watcher) run(ctx context.Context) {
 }
 
 func (w *watcher) loop(ctx context.Context, what string, subscribe func(ctx context.Context) error) {
+	backoff := time.Second
 	for first := true; ; first = false {
 		if !first {
 			w.trigger(reasonResync)
 		}
+		began := time.Now()
 		err := subscribe(ctx)
 		if ctx.Err() != nil {
 			return
 		}
-		w.log.Warn("netlink subscription lost; resubscribing", zap.String("events", what), zap.Error(err))
+		if time.Since(began) > time.Minute {
+			backoff = time.Second // it worked for a while: a fresh failure
+		}
+		w.log.Warn("netlink subscription lost; resubscribing", zap.String("events", what), zap.Error(err),
+			zap.Duration("retry_in", backoff))
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(time.Second):
+		case <-time.After(backoff):
 		}
+		backoff = min(2*backoff, 30*time.Second)
 	}
 }
 
