@@ -467,7 +467,7 @@ func (w *World) Close() error {
 		}
 	}
 	for _, p := range procs {
-		p.Kill()
+		_ = p.Stop(2 * time.Second) // SIGTERM, then SIGKILL; its exit status is not our business here
 	}
 	for i := len(all) - 1; i >= 0; i-- {
 		if err := all[i].close(); err != nil {
