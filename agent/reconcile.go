@@ -182,10 +182,10 @@ func (r *Reconciler) LastGood() (imds.Snapshot, bool) {
 // Reconcile runs the pipeline once. With dryRun it computes the plan without
 // applying it (plan, status). The error is for failures to read the kernel;
 // IMDS and apply failures are reported in the Report, which is always valid.
-func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool) (Report, error) {
+func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool) (rep Report, err error) {
 	start := time.Now()
-	rep := Report{Time: start, DryRun: dryRun}
-	defer func() { rep.Duration = time.Since(start) }()
+	rep = Report{Time: start, DryRun: dryRun}
+	defer func() { rep.Duration = time.Since(start) }() // named result: the caller sees it
 
 	obs, err := r.kernel.Observe()
 	if err != nil {

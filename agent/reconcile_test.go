@@ -124,7 +124,7 @@ func TestReconcileConfiguresThenIsANoOp(t *testing.T) {
 	src, k := testWorld()
 	rec := NewReconciler(src, k, DefaultConfig())
 	rep, err := rec.Reconcile(context.Background(), RefreshAlways, false)
-	if err != nil || !rep.OK() {
+	if err != nil || !rep.OK() || rep.Duration <= 0 {
 		t.Fatalf("first reconcile: %v %+v", err, rep)
 	}
 	if rep.Writes == 0 || rep.Configured() < 2 || rulesOf(k.obs.Owned, 20001) == 0 || rulesOf(k.obs.Owned, 20002) == 0 {
