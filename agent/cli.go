@@ -119,14 +119,15 @@ func Missing(rep Report) []string {
 // WritePlan prints the plan: one change per line in `ip` syntax with its
 // ENI, then the warnings, then a one-line verdict.
 func WritePlan(w io.Writer, rep Report) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	for _, c := range rep.Changes {
 		who := strings.TrimSpace(strings.Join([]string{c.ENI, c.Link}, " "))
 		if who != "" {
-			fmt.Fprintf(w, "%s\t(%s)\n", c.Text, who)
-		} else {
-			fmt.Fprintln(w, c.Text)
+			who = "(" + who + ")"
 		}
+		fmt.Fprintf(tw, "%s\t%s\n", c.Text, who)
 	}
+	tw.Flush()
 	writeWarnings(w, rep)
 	if len(rep.Changes) == 0 {
 		fmt.Fprintf(w, "in sync: %s\n", rep.Summary())
