@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -282,3 +283,7 @@ func health(t *testing.T, w *simworld.World) agent.Health {
 }
 
 func readHealth(w *simworld.World) (agent.Health, error) { return agent.ReadStatus(w.StateDir()) }
+
+const sighup = syscall.SIGHUP
+
+func netipAddr4(a [4]byte) netip.Addr { return netip.AddrFrom4(a) }
