@@ -363,4 +363,3 @@ func renameLink(t *testing.T, w *simworld.World, from, to string) {
 
 // waitInSyncQuiet is waitInSync without the time it took.
 func waitInSyncQuiet(t *testing.T, w *simworld.World, limit time.Duration) { waitInSync(t, w, limit) }
-
