@@ -46,6 +46,10 @@ const (
 	// snapshotTimeout bounds one IMDS read inside the daemon, well below any
 	// watchdog interval.
 	snapshotTimeout = 10 * time.Second
+	// minLinkReadGap spaces the IMDS reads caused by new links: on a host
+	// where containers come and go, each new veth would otherwise cost a
+	// snapshot. A hot-attached ENI waits at most this long for its read.
+	minLinkReadGap = time.Second
 	// kernelRetry is the delay before retrying a reconcile that could not
 	// read the kernel's state.
 	kernelRetry = 5 * time.Second
@@ -111,6 +115,8 @@ type Daemon struct {
 	ready         bool
 	lastStatus    string
 	lastSuccess   time.Time
+	lastRead      time.Time // last IMDS read, successful or not
+	readDeferred  bool      // a new link's IMDS read waits for minLinkReadGap
 	imdsFailures  int
 	imdsLastError string
 	imdsRetryAt   time.Time
@@ -397,12 +403,21 @@ func (d *Daemon) settleDelay(r reason) time.Duration {
 // reconcile runs one reconcile and reports it (worker goroutine).
 func (d *Daemon) reconcile(ctx context.Context, r reason) error {
 	refresh := RefreshIfNewLinks
-	if r.needsIMDS() {
+	gapped := false
+	switch {
+	case r.needsIMDS():
 		refresh = RefreshAlways
-	} else if time.Now().Before(d.imdsRetryAt) {
+	case time.Now().Before(d.imdsRetryAt):
 		refresh = RefreshNever // IMDS is backing off: repair from the last good snapshot
+	case time.Since(d.lastRead) < minLinkReadGap:
+		refresh, gapped = RefreshNever, true
 	}
 	rep, err := d.rec.Reconcile(ctx, refresh, false)
+	if rep.Fresh || rep.IMDSError != "" {
+		d.lastRead, d.readDeferred = time.Now(), false
+	} else if gapped && rep.NewLinks {
+		d.readDeferred = true // schedule reads it at lastRead+minLinkReadGap
+	}
 	rep.Trigger = r.String()
 	d.metrics.Record(rep, err)
 	log := d.log.With(zap.Stringer("trigger", r))
@@ -550,6 +565,12 @@ func (d *Daemon) schedule(poll, retry *time.Timer, r reason, err error) {
 	}
 	if fewest >= 1 {
 		delay := firstLinkRetry << (fewest - 1)
+		if next == 0 || delay < next {
+			next = delay
+		}
+	}
+	if d.readDeferred {
+		delay := max(time.Until(d.lastRead.Add(minLinkReadGap)), time.Millisecond)
 		if next == 0 || delay < next {
 			next = delay
 		}

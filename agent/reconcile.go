@@ -79,6 +79,8 @@ type Report struct {
 	Repairs int `json:"repairs"`
 	// ApplyError is set when Apply failed part way.
 	ApplyError string `json:"apply_error,omitempty"`
+	// NewLinks is true when a link appeared since the last IMDS read.
+	NewLinks bool `json:"new_links,omitempty"`
 	// PendingLinks are links whose MAC IMDS does not list yet (or lists as
 	// not ready): the daemon re-reads IMDS for them with a backoff.
 	PendingLinks []netcfg.Link `json:"pending_links,omitempty"`
@@ -193,15 +195,13 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 	}
 
 	// Decide whether to read IMDS.
-	read := refresh == RefreshAlways || (refresh == RefreshIfNewLinks && r.lastGood == nil)
-	if refresh == RefreshIfNewLinks && !read {
-		for _, l := range obs.Links {
-			if l.MAC != "" && r.seenLinks[l.Index] != l.MAC {
-				read = true
-				break
-			}
+	for _, l := range obs.Links {
+		if l.MAC != "" && r.seenLinks[l.Index] != l.MAC {
+			rep.NewLinks = true
+			break
 		}
 	}
+	read := refresh == RefreshAlways || (refresh == RefreshIfNewLinks && (r.lastGood == nil || rep.NewLinks))
 
 	var snap imds.Snapshot
 	haveSnap := false
