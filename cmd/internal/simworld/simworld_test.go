@@ -1,0 +1,81 @@
+package simworld
+
+import (
+	"slices"
+	"testing"
+)
+
+func TestEchoRequestChecksum(t *testing.T) {
+	b := echoRequest(false, 0x1234, 7)
+	// A correct IPv4 ICMP checksum makes the whole message sum to zero.
+	if got := checksum(b); got != 0 {
+		t.Errorf("checksum over the finished message = %#04x, want 0", got)
+	}
+	if b[0] != 8 || b[4] != 0x12 || b[5] != 0x34 || b[7] != 7 {
+		t.Errorf("echo request header % x", b[:8])
+	}
+	if v6 := echoRequest(true, 1, 1); v6[0] != 128 || v6[2] != 0 || v6[3] != 0 {
+		t.Errorf("ICMPv6 echo request header % x: type 128, checksum left to the kernel", v6[:8])
+	}
+}
+
+func TestDumpDiffAndGrep(t *testing.T) {
+	a := Dump{"-4 rule: 0: from all lookup local", "-4 rule: 20001: from 10.1.1.10 lookup 20001 proto 210"}
+	b := Dump{"-4 rule: 0: from all lookup local", "-4 rule: 20002: from 10.0.2.10 lookup 20002 proto 210"}
+	slices.Sort(a)
+	slices.Sort(b)
+	removed, added := a.Diff(b)
+	if len(removed) != 1 || removed[0] != a[1] || len(added) != 1 || added[0] != b[1] {
+		t.Errorf("Diff = %q, %q", removed, added)
+	}
+	if r, ad := a.Diff(a); len(r)+len(ad) != 0 {
+		t.Errorf("Diff with itself = %q, %q", r, ad)
+	}
+	if got := a.Grep("rule", "10.1.1.10"); len(got) != 1 {
+		t.Errorf("Grep = %q", got)
+	}
+}
+
+func TestVolatileFieldsAreRemoved(t *testing.T) {
+	in := "2: eth1    inet6 fd00:b:0:1::10/64 scope global nodad \\       valid_lft forever preferred_lft forever"
+	if got := volatile.ReplaceAllString(in, ""); got != "2: eth1    inet6 fd00:b:0:1::10/64 scope global nodad \\" {
+		t.Errorf("got %q", got)
+	}
+}
+
+func TestDefaultWorldAddressing(t *testing.T) {
+	vpcs := map[string]*VPC{}
+	for _, v := range defaultVPCs() {
+		vpcs[v.Name] = v
+	}
+	enis := defaultENIs(vpcs)
+	if vpcs["A"].CIDR4 != vpcs["C"].CIDR4 || vpcs["A"].Client4 != vpcs["C"].Client4 {
+		t.Error("VPC C must overlap VPC A: same CIDR and same client address")
+	}
+	seen := map[string]bool{}
+	for _, e := range enis {
+		if !e.VPC.CIDR4.Contains(e.Primary4()) || !e.Subnet4.Contains(e.Gateway4) || e.Gateway4 != e.Subnet4.Masked().Addr().Next() {
+			t.Errorf("%s: address %s / gateway %s outside VPC %s subnet %s", e.Link, e.Primary4(), e.Gateway4, e.VPC.CIDR4, e.Subnet4)
+		}
+		for _, a := range e.IPv6s() {
+			if !e.Subnet6.Contains(a) || !e.VPC.CIDR6.Contains(a) {
+				t.Errorf("%s: %s outside subnet %s or VPC %s", e.Link, a, e.Subnet6, e.VPC.CIDR6)
+			}
+		}
+		if e.VPC.Client6.IsValid() && !e.VPC.CIDR6.Contains(e.VPC.Client6) {
+			t.Errorf("VPC %s: client %s outside %s", e.VPC.Name, e.VPC.Client6, e.VPC.CIDR6)
+		}
+		for _, k := range []string{e.MAC, e.ID, e.SubnetID, e.Primary4().String()} {
+			if seen[k] {
+				t.Errorf("%s: %s used twice", e.Link, k)
+			}
+			seen[k] = true
+		}
+		if e.Attached() != (e.Link != "eth3") {
+			t.Errorf("%s attached=%v", e.Link, e.Attached())
+		}
+	}
+	if !prefixPattern.MatchString("dh123w4-inst") || prefixPattern.MatchString("dualhomed-bench-1") {
+		t.Error("prefixPattern must match the world's names and only them")
+	}
+}
