@@ -212,7 +212,11 @@ if [ "$BOOT_TEST" = 1 ]; then
 	WantedBy=multi-user.target
 	UNIT
 	in_root systemctl enable imds-emulator.service >/dev/null 2>&1
-	systemd-nspawn -q --register=no --keep-unit --private-network -D "$ROOT" -b \
+	# CAP_BPF and the bpf() syscall let systemd in the container attach the
+	# unit's IPAddressDeny=/IPAddressAllow= firewall (nspawn withholds both by
+	# default), so the daemon reaches IMDS through its real allow list.
+	systemd-nspawn -q --register=no --keep-unit --private-network \
+		--capability=CAP_BPF --system-call-filter=bpf -D "$ROOT" -b \
 		>"$WORK/boot.log" 2>&1 </dev/null &
 	NSPAWN_PID=$!
 	leader=
@@ -239,6 +243,13 @@ if [ "$BOOT_TEST" = 1 ]; then
 	show=$(in_ct systemctl show -p NRestarts -p StatusText -p User dualhomed.service)
 	echo "$show" | sed 's/^/   /'
 	grep -qx 'NRestarts=0' <<<"$show" || fail "dualhomed restarted"
+	# IPAccounting= counts through the same cgroup BPF program that enforces
+	# IPAddressDeny=: a byte count proves the firewall is attached and that
+	# IMDS answers passed it.
+	ingress=$(in_ct systemctl show -p IPIngressBytes --value dualhomed.service)
+	[[ $ingress =~ ^[0-9]+$ ]] && [ "$ingress" -gt 0 ] ||
+		fail "no IP accounting ($ingress): the unit's BPF firewall is not active in the container"
+	echo "   IP firewall active: $ingress bytes from IMDS passed IPAddressAllow="
 	# The hardened daemon configured the secondary ENI: its address, its
 	# table (20000 + device number 1) with the VPC router as default gateway,
 	# and a rule for its address, all with protocol dualhomed.
