@@ -224,6 +224,7 @@ func (b *bench) variant(ctx context.Context, cards int) {
 				return err
 			}
 			for range o.runs {
+				time.Sleep(bucketRefill) // as between two polls of the daemon
 				c0 := b.settledChanges()
 				run, err := p.reconcile(ctx, agent.RefreshAlways)
 				if err != nil {
@@ -253,6 +254,16 @@ func (b *bench) variant(ctx context.Context, cards int) {
 				v.NoopKernel = append(v.NoopKernel, run.Total)
 				v.NoopKernelWrites = append(v.NoopKernelWrites, run.Writes)
 				v.NoopKernelObserved = append(v.NoopKernelObserved, c1.sub(c0).Total())
+			}
+			v.Breakdown = map[string]series{}
+			for range o.runs {
+				steps, err := p.breakdown()
+				if err != nil {
+					return fmt.Errorf("timing the no-op's steps: %w", err)
+				}
+				for name, d := range steps {
+					v.Breakdown[name] = append(v.Breakdown[name], d)
+				}
 			}
 		}
 		return nil
@@ -681,7 +692,9 @@ func (b *bench) hotAttach(ctx context.Context, proc *daemonProc, v *variantResul
 		if err := b.w.srv.AttachENI(current); err != nil {
 			return err
 		}
-		time.Sleep(200 * time.Millisecond)
+		// An ENI is attached long after the daemon's last IMDS read: its
+		// client's request bucket is full again, as here.
+		time.Sleep(bucketRefill)
 
 		// Attach: the veth pair is made and the router side configured in
 		// the VPC namespace; the ENI end then arrives in the instance, as a

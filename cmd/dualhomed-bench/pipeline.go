@@ -18,6 +18,7 @@ import (
 // agent.Reconciler (IMDS snapshot, Observe, Desired, Diff, Apply) over an
 // imds.Client and a netcfg.Kernel, with the default configuration.
 type pipeline struct {
+	cfg      agent.Config
 	rec      *agent.Reconciler
 	kernel   *netcfg.Kernel
 	stateDir string
@@ -41,7 +42,7 @@ func newPipeline(endpoint string, requestsPerSecond float64) (*pipeline, error) 
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("opening kernel: %w", err)
 	}
-	return &pipeline{rec: agent.NewReconciler(client, k, cfg), kernel: k, stateDir: dir}, nil
+	return &pipeline{cfg: cfg, rec: agent.NewReconciler(client, k, cfg), kernel: k, stateDir: dir}, nil
 }
 
 func (p *pipeline) Close() {
@@ -83,3 +84,37 @@ func (p *pipeline) reconcile(ctx context.Context, refresh agent.Refresh) (reconc
 	}
 	return run, nil
 }
+
+// breakdown times the steps of a no-op kernel pass one by one (Observe,
+// Desired, Diff, Conflicts), to show where the time of a no-op goes.
+func (p *pipeline) breakdown() (map[string]time.Duration, error) {
+	snap, ok := p.rec.LastGood()
+	if !ok {
+		return nil, errors.New("no snapshot read yet")
+	}
+	out := map[string]time.Duration{}
+	t := time.Now()
+	obs, err := p.kernel.Observe()
+	if err != nil {
+		return nil, err
+	}
+	out["Observe (links, addresses, owned routes and rules)"] = time.Since(t)
+	t = time.Now()
+	desired := netcfg.Desired(snap, obs, p.cfg.Netcfg)
+	out["Desired"] = time.Since(t)
+	t = time.Now()
+	plan := netcfg.Diff(obs.Owned, desired.State)
+	out["Diff"] = time.Since(t)
+	t = time.Now()
+	p.kernel.Conflicts(desired.State)
+	out["Conflicts"] = time.Since(t)
+	if !plan.Empty() {
+		return out, fmt.Errorf("the kernel pass is not a no-op: %d changes", len(plan.Ops))
+	}
+	return out, nil
+}
+
+// bucketRefill is how long the IMDS client's default pacing takes to refill
+// its whole burst: a daemon polling every 15 s always starts a poll with a
+// full bucket, so measurements of one poll wait this long after the last.
+var bucketRefill = time.Duration(float64(imds.DefaultRequestBurst)/imds.DefaultMaxRequestsPerSecond*float64(time.Second)) + 100*time.Millisecond

@@ -37,6 +37,7 @@ type results struct {
 	Daemon    *daemonResult
 	Failures  []string
 	Notes     []string // observations made during the run
+	LoadStart string   // /proc/loadavg when the measurements started
 }
 
 type variantResult struct {
@@ -56,6 +57,7 @@ type variantResult struct {
 	Noop, NoopKernel                          series
 	NoopWrites, NoopObserved                  []int
 	NoopKernelWrites, NoopKernelObserved      []int
+	Breakdown                                 map[string]series // steps of the no-op kernel pass
 	PollRequests, PollBytes                   float64
 	Apply                                     series
 	ApplyObserved                             []int
@@ -87,7 +89,23 @@ type daemonResult struct {
 	FaultDiff       string
 }
 
-func newResults(o options) *results { return &results{o: o, Started: time.Now()} }
+func newResults(o options) *results {
+	return &results{o: o, Started: time.Now(), LoadStart: loadAverage()}
+}
+
+// loadAverage is the 1, 5 and 15 minute load average: other work on the
+// machine during the run makes every figure slower.
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
+}
 
 // countObjects counts what dualhomed added to the pristine kernel.
 func (v *variantResult) countObjects(pristine kernelState) {
@@ -284,6 +302,7 @@ func (r *results) write(path string) error {
 	}
 	fmt.Fprintf(&b, "| Date | %s |\n", r.Started.UTC().Format("2006-01-02 15:04 UTC"))
 	fmt.Fprintf(&b, "| Duration | %s |\n", r.Finished.Sub(r.Started).Round(time.Second))
+	fmt.Fprintf(&b, "| Load average (1, 5, 15 min) at start, at end | %s; %s |\n", r.LoadStart, loadAverage())
 	fmt.Fprintf(&b, "| Command | `%s` |\n\n", commandLine(o))
 
 	b.WriteString("## Scale\n\n")
@@ -315,6 +334,9 @@ func (r *results) write(path string) error {
 		kv("… writes by Apply / notifications", fmt.Sprintf("%s / %s", intRange(v.NoopWrites), intRange(v.NoopObserved)))
 		kv("No-op on a netlink event (kernel only)", v.NoopKernel.medianRange())
 		kv("… writes by Apply / notifications", fmt.Sprintf("%s / %s", intRange(v.NoopKernelWrites), intRange(v.NoopKernelObserved)))
+		for _, step := range sortedKeys(v.Breakdown) {
+			kv("… no-op step: "+step, v.Breakdown[step].medianRange())
+		}
 		kv("IMDS per poll", fmt.Sprintf("%.0f requests, %.0f bytes of response bodies", v.PollRequests, v.PollBytes))
 		kv("Baseline script", fmt.Sprintf("%d ip commands, %d rp_filter writes, %d curl (token PUT + one per key read by dualhomed)", v.ScriptCommands, v.ScriptSysctls, v.ShellCurls))
 		kv("(a) shell: curl per key + ip per object", fmt.Sprintf("%s over %d runs", v.Shell.medianRange(), len(v.Shell)))
@@ -398,7 +420,8 @@ func methodNotes(r *results) []string {
 			"Before every run the kernel is brought back to exactly that state (every other rule, route, address and rp_filter value removed) and checked.",
 		"dualhomed's cold reconcile is the daemon's own `agent.Reconciler` in-process (IMDS snapshot, Observe, Desired, Diff, Apply) with a fresh client, " +
 			"kernel handle and state directory per run, the default configuration and the client's default IMDS pacing " +
-			fmt.Sprintf("(%d requests/s); the unpaced figure shows what the pacing costs. ", imds.DefaultMaxRequestsPerSecond) +
+			fmt.Sprintf("(%d requests/s after a burst of %d); the unpaced figure shows what the pacing costs. ", imds.DefaultMaxRequestsPerSecond, imds.DefaultRequestBurst) +
+			fmt.Sprintf("Each no-op poll starts %v after the previous one, so that the client's burst has refilled as between the daemon's 15 s polls. ", bucketRefill.Round(100*time.Millisecond)) +
 			"The `dualhomed apply` figure is the whole process, start-up included.",
 		"Writes are counted twice: by `Kernel.Apply` and by an rtnetlink subscription in the namespace (rule, non-kernel route and address notifications).",
 		"The baselines create exactly the objects dualhomed created (derived from the kernel dump after dualhomed's run, as `ip` commands: " +
@@ -417,7 +440,7 @@ func methodNotes(r *results) []string {
 			"The daemon deliberately backs off when drift repeats within a minute (another manager fighting it), so each sample is an isolated drift: " +
 			"every sample after the first is taken on a freshly started daemon that has finished its start-up reconcile.",
 		"Hot attach (on a freshly started daemon): the last ENI's link is deleted and IMDS forgets it; its rules are removed (the daemon itself does it at its next poll); " +
-			"IMDS then lists a new ENI (new MAC, same device number and addresses), and only then does its link arrive: the veth pair is made in the VPC namespace, " +
+			"IMDS then lists a new ENI (new MAC, same device number and addresses), and only then (after the IMDS client's burst has refilled, as long after boot) does its link arrive: the veth pair is made in the VPC namespace, " +
 			"its router address configured, and the ENI end moved into the instance and set up (as a hot-plugged NIC brought up by udev). " +
 			"Timed from the move to the notification of the last of its rules, and to the first ICMP echo reply to its primary IPv4 from a client in its VPC but outside its subnet " +
 			"(pinged every 1 ms; the router namespace re-probes ARP every 10 ms).",

@@ -1,0 +1,197 @@
+package main
+
+import (
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+func ms(v ...float64) series {
+	var s series
+	for _, x := range v {
+		s = append(s, time.Duration(x*float64(time.Millisecond)))
+	}
+	return s
+}
+
+func TestSeriesStatistics(t *testing.T) {
+	tests := []struct {
+		name                string
+		s                   series
+		median, p50, p95    time.Duration
+		minimum, maximum    time.Duration
+		wantRange, wantPcts string
+	}{
+		{
+			name: "odd", s: ms(5, 1, 3),
+			median: 3 * time.Millisecond, p50: 3 * time.Millisecond, p95: 5 * time.Millisecond,
+			minimum: time.Millisecond, maximum: 5 * time.Millisecond,
+			wantRange: "3.00 ms (1.00 ms–5.00 ms)",
+		},
+		{
+			name: "even median is the mean of the middle two", s: ms(4, 1, 2, 3),
+			median: 2500 * time.Microsecond, p50: 2 * time.Millisecond, p95: 4 * time.Millisecond,
+			minimum: time.Millisecond, maximum: 4 * time.Millisecond,
+		},
+		{
+			name: "p95 of 20 is the 19th", s: ms(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 200),
+			median: 10500 * time.Microsecond, p50: 10 * time.Millisecond, p95: 19 * time.Millisecond,
+			minimum: time.Millisecond, maximum: 200 * time.Millisecond,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := tt.s.median(); got != tt.median {
+				t.Errorf("median = %v, want %v", got, tt.median)
+			}
+			if got := tt.s.quantile(0.5); got != tt.p50 {
+				t.Errorf("p50 = %v, want %v", got, tt.p50)
+			}
+			if got := tt.s.quantile(0.95); got != tt.p95 {
+				t.Errorf("p95 = %v, want %v", got, tt.p95)
+			}
+			if tt.s.min() != tt.minimum || tt.s.max() != tt.maximum {
+				t.Errorf("min, max = %v, %v, want %v, %v", tt.s.min(), tt.s.max(), tt.minimum, tt.maximum)
+			}
+			if tt.wantRange != "" && tt.s.medianRange() != tt.wantRange {
+				t.Errorf("medianRange = %q, want %q", tt.s.medianRange(), tt.wantRange)
+			}
+		})
+	}
+	if got := series(nil).medianRange(); got != "—" {
+		t.Errorf("empty medianRange = %q", got)
+	}
+}
+
+func TestFmtDurAndRatio(t *testing.T) {
+	for d, want := range map[time.Duration]string{
+		840 * time.Microsecond:  "0.840 ms",
+		4500 * time.Microsecond: "4.50 ms",
+		123 * time.Millisecond:  "123.0 ms",
+		7830 * time.Millisecond: "7.83 s",
+	} {
+		if got := fmtDur(d); got != want {
+			t.Errorf("fmtDur(%v) = %q, want %q", d, got, want)
+		}
+	}
+	if got := ratio(7830*time.Millisecond, 150*time.Millisecond); got != "52.20×" {
+		t.Errorf("ratio = %q", got)
+	}
+	if got := ratio(0, time.Second); got != "—" {
+		t.Errorf("ratio with a missing figure = %q", got)
+	}
+}
+
+// The bound must allow what the daemon's documented backoff allows, and no
+// more than a few requests per second.
+func TestFaultBound(t *testing.T) {
+	// 10 s: reads at 0 (under way), 0 (reload), 1, 3, 7 s: 5 snapshots of 3 attempts.
+	if got := faultBound(10 * time.Second); got != 15 {
+		t.Errorf("faultBound(10s) = %v, want 15", got)
+	}
+	if got := faultBound(60 * time.Second); got/60 > 1 {
+		t.Errorf("faultBound(60s) = %v: more than 1 request/s on average", got)
+	}
+}
+
+func TestBaselineCommands(t *testing.T) {
+	s := kernelState{Links: map[int]string{3: "eth1"}}
+	rule := *netlink.NewRule()
+	rule.Family = netlink.FAMILY_V6
+	rule.Priority = 20001
+	rule.Table = 20001
+	rule.Protocol = 210
+	rule.Src = &net.IPNet{IP: net.ParseIP("2001:db8::10"), Mask: net.CIDRMask(128, 128)}
+	if got, want := ruleCommand(rule).String(), "ip -6 rule add from 2001:db8::10/128 lookup 20001 pref 20001 protocol 210"; got != want {
+		t.Errorf("rule command = %q, want %q", got, want)
+	}
+
+	route := netlink.Route{
+		Family: netlink.FAMILY_V4, Table: 20001, Type: unix.RTN_UNICAST, Protocol: 210,
+		Gw: net.ParseIP("10.1.0.1").To4(), LinkIndex: 3, Src: net.ParseIP("10.1.0.10").To4(),
+		Scope: netlink.SCOPE_UNIVERSE,
+	}
+	c, err := routeCommand(s, route)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := c.String(), "ip -4 route add default via 10.1.0.1 dev eth1 src 10.1.0.10 table 20001 proto 210 scope 0"; got != want {
+		t.Errorf("route command = %q, want %q", got, want)
+	}
+
+	a := kernelAddr{LinkIndex: 3, Prefix: netip.MustParsePrefix("2001:db8::10/128"), Flags: unix.IFA_F_NOPREFIXROUTE | unix.IFA_F_NODAD, Proto: 210}
+	if got, want := addrCommand(s, a, true).String(), "ip -6 addr add 2001:db8::10/128 dev eth1 noprefixroute nodad proto 210"; got != want {
+		t.Errorf("addr command = %q, want %q", got, want)
+	}
+	if got := addrCommand(s, a, false).String(); strings.Contains(got, "proto") {
+		t.Errorf("addr command without protocol support = %q", got)
+	}
+}
+
+// The script adds only what the reference has beyond the pristine state,
+// addresses before routes before rules, on-link routes before gateway ones,
+// and never the routes the kernel makes for addresses.
+func TestScriptForOrdersAndFilters(t *testing.T) {
+	pristine := kernelState{Links: map[int]string{3: "eth1"}, Rules: map[string]netlink.Rule{}, Routes: map[string]netlink.Route{},
+		Addrs: map[string]kernelAddr{}, Sysctls: map[string]string{"net.ipv4.conf.eth1.rp_filter": "0"}}
+	ref := kernelState{Links: pristine.Links, Rules: map[string]netlink.Rule{}, Routes: map[string]netlink.Route{},
+		Addrs: map[string]kernelAddr{}, Sysctls: map[string]string{"net.ipv4.conf.eth1.rp_filter": "2"}}
+	rule := *netlink.NewRule()
+	rule.Family, rule.Priority, rule.Table, rule.Protocol = netlink.FAMILY_V4, 20001, 20001, 210
+	rule.Src = &net.IPNet{IP: net.ParseIP("10.1.0.10").To4(), Mask: net.CIDRMask(32, 32)}
+	ref.Rules[ruleKey(rule)] = rule
+	gwRoute := netlink.Route{Family: netlink.FAMILY_V4, Table: 20001, Type: unix.RTN_UNICAST, Protocol: 210, Gw: net.ParseIP("10.1.0.1").To4(), LinkIndex: 3}
+	linkRoute := netlink.Route{Family: netlink.FAMILY_V4, Table: 20001, Type: unix.RTN_UNICAST, Protocol: 210, LinkIndex: 3, Scope: netlink.SCOPE_LINK,
+		Dst: &net.IPNet{IP: net.ParseIP("10.1.0.0").To4(), Mask: net.CIDRMask(20, 32)}}
+	kernelRoute := netlink.Route{Family: netlink.FAMILY_V4, Table: 255, Type: unix.RTN_LOCAL, Protocol: unix.RTPROT_KERNEL, LinkIndex: 3,
+		Dst: &net.IPNet{IP: net.ParseIP("10.1.0.10").To4(), Mask: net.CIDRMask(32, 32)}}
+	for _, r := range []netlink.Route{gwRoute, linkRoute, kernelRoute} {
+		ref.Routes[ref.routeKey(r)] = r
+	}
+	a := kernelAddr{LinkIndex: 3, Prefix: netip.MustParsePrefix("10.1.0.10/20"), Proto: 210}
+	ref.Addrs[ref.addrKey(a)] = a
+
+	script, err := scriptFor(pristine, ref, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, c := range script.Commands {
+		got = append(got, strings.Join(c.Args[:2], " ")+" "+c.Args[2])
+	}
+	want := []string{"addr add 10.1.0.10/20", "route add 10.1.0.0/20", "route add default", "rule add from"}
+	if strings.Join(got, "; ") != strings.Join(want, "; ") {
+		t.Errorf("commands = %q, want %q", got, want)
+	}
+	if len(script.Sysctls) != 1 || script.Sysctls[0] != (sysctlWrite{"net.ipv4.conf.eth1.rp_filter", "2"}) {
+		t.Errorf("sysctls = %v", script.Sysctls)
+	}
+}
+
+func TestCompareStatesIgnoringAddrProto(t *testing.T) {
+	links := map[int]string{3: "eth1"}
+	a := kernelAddr{LinkIndex: 3, Prefix: netip.MustParsePrefix("10.1.0.11/32"), Flags: unix.IFA_F_NOPREFIXROUTE, Proto: 210}
+	b := a
+	b.Proto = 0
+	sa := kernelState{Links: links, Addrs: map[string]kernelAddr{}}
+	sb := kernelState{Links: links, Addrs: map[string]kernelAddr{}}
+	sa.Addrs[sa.addrKey(a)] = a
+	sb.Addrs[sb.addrKey(b)] = b
+	if compareStates(sa, sb).Empty() {
+		t.Error("addresses differing by protocol compare equal")
+	}
+	if !compareStates(withoutAddrProto(sa), withoutAddrProto(sb)).Empty() {
+		t.Error("addresses differing only by protocol differ once the protocol is ignored")
+	}
+}
+
+func TestLastHost(t *testing.T) {
+	if got := lastHost(netip.MustParsePrefix("10.14.0.0/16")); got != netip.MustParseAddr("10.14.255.254") {
+		t.Errorf("lastHost = %v", got)
+	}
+}
