@@ -19,6 +19,10 @@ import (
 func TestHotAttachWithoutWaitingForThePoll(t *testing.T) {
 	w := newWorld(t)
 	startDualhomed(t, w, time.Hour)
+	// A real attach comes long after the daemon's start; the daemon spaces
+	// the IMDS reads that new links cause at least 1s apart, so attaching
+	// right after the start would measure that spacing, not the reaction.
+	time.Sleep(1500 * time.Millisecond)
 	eth3 := w.ENI("eth3")
 	arrived, err := w.HotAttach(eth3)
 	if err != nil {
@@ -35,7 +39,7 @@ func TestHotAttachWithoutWaitingForThePoll(t *testing.T) {
 		}
 		close(configured)
 	}()
-	err = simworld.WaitFor(ctx, func() error { return p.tcp(100 * time.Millisecond) })
+	err = simworld.WaitFor(ctx, func() error { return p.tcp(25 * time.Millisecond) })
 	took := time.Since(arrived)
 	if err != nil {
 		t.Fatalf("%s: no reply %s after the link arrived (poll interval 1h): %v", p, took, err)
