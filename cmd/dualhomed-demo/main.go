@@ -426,7 +426,7 @@ func (d *demo) hotAttach(ctx context.Context) error {
 	dst := netip.AddrPortFrom(eth3.Primary4(), simworld.EchoPort)
 	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
-	err = simworld.WaitFor(wctx, func() error { return simworld.EchoOnce(eth3.VPC.Client, dst, 100*time.Millisecond) })
+	err = simworld.WaitFor(wctx, func() error { return simworld.EchoOnce(eth3.VPC.Client, dst, 25*time.Millisecond) })
 	took := time.Since(arrived)
 	if err != nil {
 		return fmt.Errorf("VPC D's client got no reply from eth3 %s after the link arrived: %w", took.Round(time.Millisecond), err)
