@@ -107,6 +107,7 @@ type Daemon struct {
 
 	pending atomic.Uint32 // reason bits not yet handled
 	idle    atomic.Bool   // the worker waits with nothing pending (for tests)
+	blocked atomic.Bool   // some wanted object is held off by a foreign one
 	kick    chan struct{}
 	reload  chan chan error
 
@@ -284,7 +285,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 
 	wctx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
-	w := &watcher{ns: d.opts.NS, protocol: &d.protocol, log: d.log, trigger: d.trigger}
+	w := &watcher{ns: d.opts.NS, protocol: &d.protocol, blocked: &d.blocked, log: d.log, trigger: d.trigger}
 	w.run(wctx)
 
 	var hup chan os.Signal
@@ -402,6 +403,9 @@ func (d *Daemon) settleDelay(r reason) time.Duration {
 
 // reconcile runs one reconcile and reports it (worker goroutine).
 func (d *Daemon) reconcile(ctx context.Context, r reason) error {
+	if r&(reasonForeign|reasonReload) != 0 {
+		d.rec.Unblock()
+	}
 	refresh := RefreshIfNewLinks
 	gapped := false
 	switch {
@@ -419,6 +423,7 @@ func (d *Daemon) reconcile(ctx context.Context, r reason) error {
 		d.readDeferred = true // schedule reads it at lastRead+minLinkReadGap
 	}
 	rep.Trigger = r.String()
+	d.blocked.Store(d.rec.Blocked() > 0)
 	d.metrics.Record(rep, err)
 	log := d.log.With(zap.Stringer("trigger", r))
 	if err != nil {
@@ -432,6 +437,10 @@ func (d *Daemon) reconcile(ctx context.Context, r reason) error {
 			break
 		}
 		log.Info("changed", zap.String("eni", c.ENI), zap.String("link", c.Link), zap.String("op", c.String()))
+	}
+	if rep.Blocked > 0 {
+		log.Warn("some objects could not be added: other programs' objects hold their place; leaving them alone until those go",
+			zap.Int("blocked", rep.Blocked))
 	}
 	if rep.ApplyError != "" {
 		log.Error("applying changes failed", zap.String("error", rep.ApplyError), zap.Int("writes", rep.Writes))

@@ -540,3 +540,72 @@ func snapshots(emu *emulator.Server) int64 {
 	}
 	return n
 }
+
+// A foreign route holding the place of one of ours (same table and
+// destination) is left alone, and the daemon does not retry the add on every
+// reconcile; once the foreign route goes, ours is added.
+func TestDaemonLeavesBlockedRouteAlone(t *testing.T) {
+	w := newWorld(t, 2)
+	w.link(1)
+	_, table := eniRule(1)
+	eth1, err := w.ns.NL.LinkByName("eth1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The route dualhomed wants in ENI 1's table for its subnet, put there
+	// first by "another program" (protocol static).
+	subnet := &net.IPNet{IP: net.IPv4(10, 1, 0, 0).To4(), Mask: net.CIDRMask(20, 32)}
+	foreign := &netlink.Route{LinkIndex: eth1.Attrs().Index, Dst: subnet, Table: table, Scope: netlink.SCOPE_LINK, Protocol: unix.RTPROT_STATIC}
+	if err := w.ns.NL.RouteAdd(foreign); err != nil {
+		t.Fatalf("adding the foreign route: %v", err)
+	}
+	cfg := w.config()
+	r := w.start(cfg, "")
+	src, _ := eniRule(1)
+	waitFor(t, "ENI 1's rules", func() bool { return w.hasRule(src, table) })
+	r.settle(t)
+
+	// Provoke a reconcile that has nothing to do but the blocked route.
+	lo, _ := w.ns.NL.LinkByName("lo")
+	if err := w.ns.NL.AddrAdd(lo, &netlink.Addr{IPNet: &net.IPNet{IP: net.IPv4(127, 0, 0, 9).To4(), Mask: net.CIDRMask(32, 32)}}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a reconcile after the address event", func() bool {
+		h, err := ReadStatus(cfg.StateDir)
+		return err == nil && strings.Contains(h.Report.Trigger, "address")
+	})
+	r.settle(t)
+	h, _ := ReadStatus(cfg.StateDir)
+	if h.Report.Writes != 0 || h.Report.Repairs != 0 {
+		t.Errorf("idle reconcile with a blocked route: %d writes, %d repairs (changes %v)", h.Report.Writes, h.Report.Repairs, h.Report.Changes)
+	}
+	warned := false
+	for _, w := range h.Report.Warnings {
+		warned = warned || strings.Contains(w.Message, "10.1.0.0/20")
+	}
+	if !warned {
+		t.Errorf("no warning names the blocked route: %v", h.Report.Warnings)
+	}
+	routes, _ := w.ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+	stillForeign := false
+	for _, rt := range routes {
+		stillForeign = stillForeign || (rt.Dst != nil && rt.Dst.String() == subnet.String() && rt.Protocol == unix.RTPROT_STATIC)
+	}
+	if !stillForeign {
+		t.Fatal("the foreign route was replaced or deleted")
+	}
+
+	// The other program removes its route: ours takes its place.
+	if err := w.ns.NL.RouteDel(foreign); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "our subnet route after the foreign one went", func() bool {
+		routes, _ := w.ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+		for _, rt := range routes {
+			if rt.Dst != nil && rt.Dst.String() == subnet.String() && rt.Protocol == netcfg.DefaultProtocol {
+				return true
+			}
+		}
+		return false
+	})
+}

@@ -16,21 +16,22 @@ import (
 type reason uint32
 
 const (
-	reasonStart  reason = 1 << iota
-	reasonPoll          // IMDS poll timer
-	reasonRetry         // backoff retry: IMDS unreachable or a link IMDS does not know yet
-	reasonReload        // SIGHUP
-	reasonLink          // a link appeared, went or changed
-	reasonAddr          // an address was added or removed
-	reasonDrift         // one of our routes or rules was deleted
-	reasonResync        // an event subscription was lost: state may have changed unseen
+	reasonStart   reason = 1 << iota
+	reasonPoll           // IMDS poll timer
+	reasonRetry          // backoff retry: IMDS unreachable or a link IMDS does not know yet
+	reasonReload         // SIGHUP
+	reasonLink           // a link appeared, went or changed
+	reasonAddr           // an address was added or removed
+	reasonDrift          // one of our routes or rules was deleted
+	reasonResync         // an event subscription was lost: state may have changed unseen
+	reasonForeign        // another program deleted one of its routes or rules: blocked adds may fit now
 )
 
 // needsIMDS reports whether the reasons call for a fresh IMDS read.
 func (r reason) needsIMDS() bool { return r&(reasonStart|reasonPoll|reasonRetry|reasonReload) != 0 }
 
 func (r reason) String() string {
-	names := []string{"start", "poll", "retry", "reload", "link", "address", "drift", "resync"}
+	names := []string{"start", "poll", "retry", "reload", "link", "address", "drift", "resync", "foreign"}
 	s := ""
 	for i, n := range names {
 		if r&(1<<i) != 0 {
@@ -49,8 +50,11 @@ func (r reason) String() string {
 type watcher struct {
 	ns       netns.NsHandle
 	protocol *atomic.Uint32 // current Config.Protocol, changed on reload
-	log      *zap.Logger
-	trigger  func(reason)
+	// blocked is true while some wanted object is held off by a foreign one:
+	// then foreign deletions matter too.
+	blocked *atomic.Bool
+	log     *zap.Logger
+	trigger func(reason)
 }
 
 // run subscribes to links, addresses, routes and rules until ctx ends. A lost
@@ -133,8 +137,12 @@ func (w *watcher) routes(ctx context.Context) error {
 		return err
 	}
 	return drain(ctx, ch, func(u netlink.RouteUpdate) {
-		if u.Type == unix.RTM_DELROUTE && uint32(u.Protocol) == w.protocol.Load() {
+		switch {
+		case u.Type != unix.RTM_DELROUTE:
+		case uint32(u.Protocol) == w.protocol.Load():
 			w.trigger(reasonDrift)
+		case w.blocked.Load():
+			w.trigger(reasonForeign)
 		}
 	})
 }
@@ -186,8 +194,13 @@ func (w *watcher) rules(ctx context.Context) error {
 			continue
 		}
 		for _, m := range msgs {
-			if m.Header.Type == unix.RTM_DELRULE && ruleProtocol(m.Data) == w.protocol.Load() {
+			if m.Header.Type != unix.RTM_DELRULE {
+				continue
+			}
+			if ruleProtocol(m.Data) == w.protocol.Load() {
 				w.trigger(reasonDrift)
+			} else if w.blocked.Load() {
+				w.trigger(reasonForeign)
 			}
 		}
 	}

@@ -77,6 +77,9 @@ type Report struct {
 	// Repairs counts re-added objects of ENIs that were already configured:
 	// drift caused by another program.
 	Repairs int `json:"repairs"`
+	// Blocked counts adds of this reconcile that did not stick (EEXIST on
+	// another program's object); they are not retried until Unblock.
+	Blocked int `json:"blocked,omitempty"`
 	// ApplyError is set when Apply failed part way.
 	ApplyError string `json:"apply_error,omitempty"`
 	// NewLinks is true when a link appeared since the last IMDS read.
@@ -156,6 +159,13 @@ type Reconciler struct {
 	// IMDSTimeout bounds one snapshot (0: the caller's context only).
 	IMDSTimeout time.Duration
 
+	// blocked holds adds that did not stick: the kernel answered EEXIST
+	// because another program's object holds the same key (a foreign route
+	// with our table and destination). Retrying them on every reconcile
+	// would write forever and look like drift; they are skipped until
+	// Unblock (a foreign object was deleted).
+	blocked map[string]string // op key -> op text
+
 	lastGood   *imds.Snapshot
 	seenLinks  map[int]string  // link index -> MAC, as observed at the last IMDS read
 	configured map[string]bool // MACs of ENIs configured by an earlier successful apply
@@ -164,8 +174,15 @@ type Reconciler struct {
 // NewReconciler returns a Reconciler reading IMDS through source and acting
 // on kernel with cfg.
 func NewReconciler(source Snapshotter, kernel Kernel, cfg Config) *Reconciler {
-	return &Reconciler{source: source, kernel: kernel, cfg: cfg, configured: map[string]bool{}}
+	return &Reconciler{source: source, kernel: kernel, cfg: cfg, configured: map[string]bool{}, blocked: map[string]string{}}
 }
+
+// Blocked returns how many wanted objects are held off by foreign objects.
+func (r *Reconciler) Blocked() int { return len(r.blocked) }
+
+// Unblock forgets the blocked adds, so that the next reconcile tries them
+// again (call it when another program deleted a route or rule).
+func (r *Reconciler) Unblock() { clear(r.blocked) }
 
 // Swap replaces the IMDS source, kernel and configuration (after a reload),
 // keeping the last good snapshot.
@@ -260,6 +277,9 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 	}
 
 	attr := newAttributor(desired.ENIs, obs)
+	if len(r.blocked) > 0 {
+		plan = r.withoutBlocked(plan, attr, &rep)
+	}
 	touched := map[string]bool{} // MACs with pending or applied changes
 	for _, op := range plan.Ops {
 		c := attr.change(op)
@@ -276,6 +296,8 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 		rep.Writes, err = r.kernel.Apply(plan)
 		if err != nil {
 			rep.ApplyError = err.Error()
+		} else {
+			r.checkAddsStuck(plan, attr, &rep)
 		}
 	}
 	if haveSnap {
@@ -306,6 +328,9 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 			d := 1
 			if op.Delete {
 				d = -1
+			}
+			if !op.Delete && r.blocked[opKey(op)] != "" {
+				continue // did not stick
 			}
 			switch {
 			case op.Rule != nil:
@@ -362,6 +387,69 @@ func withoutDeletes(p netcfg.Plan) netcfg.Plan {
 		}
 	}
 	return out
+}
+
+// opKey identifies the kernel object an op adds: two ops with one key
+// collide in the kernel (EEXIST).
+func opKey(op netcfg.Op) string {
+	switch {
+	case op.Route != nil:
+		return fmt.Sprintf("route %v", op.Route.Key())
+	case op.Rule != nil:
+		return fmt.Sprintf("rule %v", op.Rule.Key())
+	case op.Addr != nil:
+		return fmt.Sprintf("addr %v", op.Addr.Key())
+	}
+	return ""
+}
+
+// withoutBlocked drops the adds known to be blocked, with a warning each.
+func (r *Reconciler) withoutBlocked(p netcfg.Plan, attr attributor, rep *Report) netcfg.Plan {
+	var out netcfg.Plan
+	for _, op := range p.Ops {
+		if k := opKey(op); !op.Delete && k != "" && r.blocked[k] != "" {
+			c := attr.change(op)
+			rep.Warnings = append(rep.Warnings, netcfg.Warning{ENI: c.ENI,
+				Message: fmt.Sprintf("cannot add %q: another program's object holds its place (EEXIST); left alone", strings.TrimPrefix(c.Text, "+ ")),
+				Hint:    "remove the other object (see `ip route show table all` / `ip rule`) or exclude this ENI in the configuration"})
+			continue
+		}
+		out.Ops = append(out.Ops, op)
+	}
+	return out
+}
+
+// checkAddsStuck reads the owned state back after an apply and marks the
+// adds that are not there as blocked. Only reconciles that changed something
+// pay for this read.
+func (r *Reconciler) checkAddsStuck(p netcfg.Plan, attr attributor, rep *Report) {
+	adds := false
+	for _, op := range p.Ops {
+		adds = adds || (!op.Delete && opKey(op) != "")
+	}
+	if !adds {
+		return
+	}
+	after, err := r.kernel.Observe()
+	if err != nil {
+		return // the next reconcile sees the truth anyway
+	}
+	present := map[string]bool{}
+	for _, rt := range after.Owned.Routes {
+		present[opKey(netcfg.Op{Route: &rt})] = true
+	}
+	for _, ru := range after.Owned.Rules {
+		present[opKey(netcfg.Op{Rule: &ru})] = true
+	}
+	for _, a := range after.Owned.Addrs {
+		present[opKey(netcfg.Op{Addr: &a})] = true
+	}
+	for _, op := range p.Ops {
+		if k := opKey(op); !op.Delete && k != "" && !present[k] {
+			r.blocked[k] = attr.change(op).Text
+			rep.Blocked++
+		}
+	}
 }
 
 // netcfgFor returns the routing configuration for snap: the file's
