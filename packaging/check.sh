@@ -74,6 +74,7 @@ expect_files=(
 	/etc/dualhomed/dualhomed.yaml
 	/usr/share/man/man1/dualhomed.1.gz
 	/usr/share/licenses/dualhomed/LICENSE
+	/usr/share/doc/dualhomed/config.md
 )
 for rpmfile in "${rpms[@]}"; do
 	echo "-- $rpmfile"
@@ -149,10 +150,13 @@ cp "${debs[0]}" "$ROOT/tmp/dualhomed.deb"
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
 in_root apt-get install -y -qq --no-install-recommends /tmp/dualhomed.deb >"$WORK/install.log" 2>&1 ||
 	{ cat "$WORK/install.log"; fail "installing the .deb"; }
-grep -iE 'warning|error' "$WORK/install.log" | grep -v 'policy-rc.d returned 101' && fail "install printed warnings" || true
+if grep -iE 'warning|error' "$WORK/install.log" | grep -v 'policy-rc.d returned 101'; then
+	fail "install printed warnings"
+fi
 for f in /usr/bin/dualhomed /lib/systemd/system/dualhomed.service /etc/dualhomed/dualhomed.yaml \
 	/etc/iproute2/rt_protos.d/dualhomed.conf /usr/lib/systemd/networkd.conf.d/50-dualhomed.conf \
-	/usr/share/man/man1/dualhomed.1.gz /usr/share/doc/dualhomed/copyright /usr/share/doc/dualhomed/changelog.Debian.gz; do
+	/usr/share/man/man1/dualhomed.1.gz /usr/share/doc/dualhomed/copyright /usr/share/doc/dualhomed/changelog.Debian.gz \
+	/usr/share/doc/dualhomed/config.md; do
 	[ -e "$ROOT$f" ] || fail "installed root lacks $f"
 done
 in_root dpkg-query -W -f='${Conffiles}\n' dualhomed | grep -q /etc/dualhomed/dualhomed.yaml || fail "config is not a conffile"
@@ -247,8 +251,9 @@ if [ "$BOOT_TEST" = 1 ]; then
 	# IPAddressDeny=: a byte count proves the firewall is attached and that
 	# IMDS answers passed it.
 	ingress=$(in_ct systemctl show -p IPIngressBytes --value dualhomed.service)
-	[[ $ingress =~ ^[0-9]+$ ]] && [ "$ingress" -gt 0 ] ||
+	if ! [[ $ingress =~ ^[0-9]+$ ]] || [ "$ingress" -eq 0 ]; then
 		fail "no IP accounting ($ingress): the unit's BPF firewall is not active in the container"
+	fi
 	echo "   IP firewall active: $ingress bytes from IMDS passed IPAddressAllow="
 	# The hardened daemon configured the secondary ENI: its address, its
 	# table (20000 + device number 1) with the VPC router as default gateway,
