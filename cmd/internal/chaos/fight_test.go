@@ -318,8 +318,8 @@ func TestFights(t *testing.T) {
 		// it can change makes zero netlink writes, and nobody removed
 		// anything, so there is nothing to repair.
 		if fig.writes > 0 || fig.repairs > 0 {
-			t.Errorf("BUG: with foreign routes holding the keys of two of its routes, the idle daemon applied %.0f changes and counted %.0f repairs in %s "+
-				"(it re-adds the blocked routes on every poll, gets EEXIST, counts a repair and ends up warning that another program keeps removing its routes)",
+			t.Errorf("with foreign routes holding the keys of two of its routes, the idle daemon applied %.0f changes and counted %.0f repairs in %s "+
+				"(re-adding blocked routes on every poll: EEXIST, a false repair, and a false warning that another program keeps removing its routes)",
 				fig.writes, fig.repairs, fig.window)
 		}
 		// Whatever else, it must not spin: at most a few reconciles per poll interval.
