@@ -59,6 +59,8 @@ for page in "$man"/*.1; do
 	gzip -9nf "$page"
 done
 chmod 0755 "$man" && chmod 0644 "$man"/*.1.gz
+"$host_bin" completion bash >"$BUILD/bash-completion"
+chmod 0644 "$BUILD/bash-completion"
 
 # Debian documentation: DEP-5 copyright and a changelog whose top entry
 # matches the package version (lintian checks both).
@@ -83,6 +85,7 @@ for arch in $ARCHES; do
 	CGO_ENABLED=0 GOOS=linux GOARCH=$arch "$GO" build -C "$MAIN_DIR" -trimpath \
 		-ldflags "-s -w -X main.version=$describe" -o "$stage/dualhomed" .
 	cp -r "$man" "$stage/man"
+	cp "$BUILD/bash-completion" "$stage/bash-completion"
 	cp -r "$debdoc" "$stage/deb"
 	for format in deb rpm; do
 		ARCH=$arch STAGE=$stage "$GO" run "github.com/goreleaser/nfpm/v2/cmd/nfpm@$NFPM_VERSION" \

@@ -75,6 +75,7 @@ expect_files=(
 	/usr/share/man/man1/dualhomed.1.gz
 	/usr/share/licenses/dualhomed/LICENSE
 	/usr/share/doc/dualhomed/config.md
+	/usr/share/bash-completion/completions/dualhomed
 )
 for rpmfile in "${rpms[@]}"; do
 	echo "-- $rpmfile"
@@ -223,9 +224,13 @@ if [ "$BOOT_TEST" = 1 ]; then
 		--capability=CAP_BPF --system-call-filter=bpf -D "$ROOT" -b \
 		>"$WORK/boot.log" 2>&1 </dev/null &
 	NSPAWN_PID=$!
+	# The container's PID 1: the child of nspawn that has become systemd
+	# (nspawn's short-lived setup child comes first).
 	leader=
-	for _ in $(seq 100); do
-		leader=$(pgrep -P "$NSPAWN_PID" | head -1 || true)
+	for _ in $(seq 200); do
+		for pid in $(pgrep -P "$NSPAWN_PID" || true); do
+			if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = systemd ]; then leader=$pid; fi
+		done
 		[ -n "$leader" ] && break
 		sleep 0.1
 	done
