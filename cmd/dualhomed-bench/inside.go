@@ -583,7 +583,13 @@ func (b *bench) daemon(ctx context.Context) {
 		if err := restart(); err != nil {
 			return fmt.Errorf("restarting the daemon: %w", err)
 		}
-		return proc.logContext(b.hotAttach(ctx, proc, v, d))
+		if err := b.hotAttach(ctx, proc, v, d); err != nil {
+			return proc.logContext(err)
+		}
+		if d.HotPingFailures > 0 {
+			return proc.logContext(fmt.Errorf("%d of %d attaches got no ping reply; the first: %s", d.HotPingFailures, o.attaches, d.HotPingFailure))
+		}
+		return nil
 	})
 }
 
@@ -609,6 +615,10 @@ func (b *bench) waitState(ctx context.Context, proc *daemonProc, want kernelStat
 	}
 	return fmt.Errorf("not in the expected state after %v: %s", timeout, last.Summary("expected", "kernel"))
 }
+
+// pingTimeout bounds the wait for an attached ENI's rules and first ping
+// reply: a working daemon needs a small fraction of it.
+const pingTimeout = 5 * time.Second
 
 // hotAttach attaches a new ENI again and again in the place of the last one
 // (device number, addresses): its link is deleted and IMDS forgets it, the
@@ -714,7 +724,7 @@ func (b *bench) hotAttach(ctx context.Context, proc *daemonProc, v *variantResul
 			return err
 		}
 		rules := b.wt.expect(allRules(want))
-		pctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		pctx, cancel := context.WithTimeout(ctx, pingTimeout)
 		t0 := time.Now()
 		if err := b.w.vpcH.LinkSetNsFd(end, int(b.w.self)); err != nil {
 			cancel()
@@ -737,14 +747,21 @@ func (b *bench) hotAttach(ctx context.Context, proc *daemonProc, v *variantResul
 		select {
 		case t := <-rules:
 			d.HotRules = append(d.HotRules, t.Sub(t0))
-		case <-time.After(15 * time.Second):
+		case <-time.After(pingTimeout):
 			cancel()
-			return errors.Join(fmt.Errorf("attach %d: rules not in place within 15 s", n+1), proc.alive())
+			return errors.Join(fmt.Errorf("attach %d: rules not in place within %v", n+1, pingTimeout), proc.alive())
 		}
 		t := <-pinged
 		cancel()
 		if t.IsZero() {
-			return fmt.Errorf("attach %d: no ping reply from %s through %s within 15 s", n+1, eni.LocalIPv4s[0], eniLink(i))
+			// Counted, explained once, and the series goes on: the next
+			// attach starts from a clean slate anyway.
+			d.HotPingFailures++
+			if d.HotPingFailure == "" {
+				d.HotPingFailure = fmt.Sprintf("attach %d: no ping reply from %s through %s within %v; %s", n+1, eni.LocalIPv4s[0], eniLink(i),
+					pingTimeout, routingDiagnosis(eni.LocalIPv4s[0], client, eniLink(i)))
+			}
+			continue
 		}
 		d.HotPing = append(d.HotPing, t.Sub(t0))
 	}
@@ -777,4 +794,32 @@ func lastHost(p netip.Prefix) netip.Addr {
 	v |= host
 	v--
 	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}
+
+// routingDiagnosis shows how the instance would answer a client, for the
+// error message of a failed ping.
+func routingDiagnosis(local, client netip.Addr, link string) string {
+	var b strings.Builder
+	for _, args := range [][]string{
+		{"-4", "addr", "show", "dev", link, "to", local.String() + "/32"},
+		{"-4", "route", "get", client.String(), "from", local.String()},
+		{"-4", "neigh", "show", "dev", link},
+	} {
+		out, err := exec.Command("ip", args...).CombinedOutput()
+		fmt.Fprintf(&b, "\n  ip %s: %s", strings.Join(args, " "), strings.TrimSpace(string(out)))
+		if err != nil {
+			fmt.Fprintf(&b, " (%v)", err)
+		}
+	}
+	// Every route of the client's /16 (the ENI's VPC in ExampleInstance).
+	out, _ := exec.Command("ip", "-d", "-4", "route", "show", "table", "all").Output()
+	p := netip.PrefixFrom(client, 16).Masked()
+	prefix := strings.TrimSuffix(p.Addr().String(), "0.0")
+	b.WriteString("\n  routes of " + p.String() + ":")
+	for _, line := range strings.Split(string(out), "\n") {
+		if strings.Contains(line, prefix) && !strings.Contains(line, "table local") {
+			b.WriteString("\n    " + strings.TrimSpace(line))
+		}
+	}
+	return b.String()
 }

@@ -83,6 +83,8 @@ type daemonResult struct {
 	Drift           series
 	HotRules        series
 	HotPing         series
+	HotPingFailures int    // attaches whose ENI never answered a ping
+	HotPingFailure  string // why the first of them did not
 	FaultRequests   int64
 	FaultWall       time.Duration
 	FaultKept       bool
@@ -222,7 +224,7 @@ func (r *results) rows() []row {
 		rows = append(rows,
 			row{what: "Hot attach: link arrival → its rules in place", dualhomed: d.HotRules.percentiles(),
 				target: "p50 < 50 ms", result: verdict(d.HotRules.quantile(0.5) < targetHotAttach)},
-			row{what: "Hot attach: link arrival → first ping reply from its VPC", dualhomed: d.HotPing.percentiles()})
+			pingRow(d))
 	} else {
 		rows = append(rows, row{what: "Hot attach", dualhomed: na, target: "p50 < 50 ms", result: "**FAIL**"})
 	}
@@ -523,4 +525,13 @@ func goBenchLines(path string) string {
 		}
 	}
 	return b.String()
+}
+
+func pingRow(d *daemonResult) row {
+	r := row{what: "Hot attach: link arrival → first ping reply from its VPC", dualhomed: d.HotPing.percentiles()}
+	if d.HotPingFailures > 0 {
+		r.dualhomed += fmt.Sprintf("; %d of %d attaches: no reply within %v", d.HotPingFailures, d.HotPingFailures+len(d.HotPing), pingTimeout)
+		r.target, r.result = "every attach answers", "**FAIL**"
+	}
+	return r
 }
