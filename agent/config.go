@@ -16,7 +16,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"gopkg.in/yaml.v3"
@@ -101,18 +100,38 @@ func DefaultConfig() Config {
 // holds only comments. Every other problem is an error naming the file, and
 // for bad content the line and the key.
 func LoadConfig(path string) (Config, error) {
-	data, err := os.ReadFile(path)
+	fi, err := os.Stat(path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		return DefaultConfig(), nil
 	case err != nil:
-		if errors.Is(err, syscall.EISDIR) {
-			return Config{}, fmt.Errorf("%s: is a directory, not a configuration file", path)
-		}
 		return Config{}, fmt.Errorf("reading configuration: %w", err)
+	case fi.IsDir():
+		return Config{}, fmt.Errorf("%s: is a directory, not a configuration file", path)
+	case !fi.Mode().IsRegular():
+		// A FIFO or a device would block or never end.
+		return Config{}, fmt.Errorf("%s: not a regular file (%s)", path, fi.Mode().Type())
+	case fi.Size() > maxConfigSize:
+		return Config{}, fmt.Errorf("%s: %d bytes, larger than any configuration (limit %d)", path, fi.Size(), maxConfigSize)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("reading configuration: %w", err)
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))
+	if err != nil {
+		return Config{}, fmt.Errorf("reading configuration %s: %w", path, err)
+	}
+	if len(data) > maxConfigSize {
+		return Config{}, fmt.Errorf("%s: larger than any configuration (limit %d bytes)", path, maxConfigSize)
 	}
 	return ParseConfig(path, data)
 }
+
+// maxConfigSize bounds what LoadConfig reads: a real configuration is a few
+// kilobytes.
+const maxConfigSize = 1 << 20
 
 // ParseConfig parses the YAML document data; name is used in error messages.
 func ParseConfig(name string, data []byte) (Config, error) {

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -148,6 +149,30 @@ func TestLoadConfigFiles(t *testing.T) {
 	}
 	if _, err := LoadConfig(dir); err == nil || !strings.Contains(err.Error(), "is a directory") {
 		t.Errorf("directory: err = %v", err)
+	}
+	fifo := filepath.Join(dir, "config.fifo")
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := LoadConfig(fifo); err == nil || !strings.Contains(err.Error(), fifo+": not a regular file") {
+		t.Errorf("FIFO: err = %v", err)
+	}
+	if _, err := LoadConfig(filepath.Join(dir, "empty.yaml", "dualhomed.yaml")); err == nil || !strings.Contains(err.Error(), "not a directory") {
+		t.Errorf("path through a file: err = %v", err)
+	}
+	big := filepath.Join(dir, "big.yaml")
+	if err := os.WriteFile(big, make([]byte, maxConfigSize+1), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := LoadConfig(big); err == nil || !strings.Contains(err.Error(), "larger than any configuration") {
+		t.Errorf("huge file: err = %v", err)
+	}
+	junk := filepath.Join(dir, "junk.yaml")
+	if err := os.WriteFile(junk, []byte("\x00\x01\xfe\xff\x7fjunk"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := LoadConfig(junk); err == nil || !strings.HasPrefix(err.Error(), junk+":") {
+		t.Errorf("binary junk: err = %v", err)
 	}
 	if os.Geteuid() != 0 {
 		p := filepath.Join(dir, "unreadable.yaml")
