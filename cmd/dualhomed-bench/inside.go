@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"runtime"
 	"runtime/debug"
 	"slices"
 	"strings"
@@ -25,6 +26,7 @@ import (
 
 // bench runs the measurements inside the instance namespace.
 type bench struct {
+	ctx       context.Context // cancelled by Ctrl-C: the remaining steps are skipped
 	o         options
 	w         *world
 	wt        *watcher
@@ -49,7 +51,10 @@ func runInside(o options) int {
 		return 1
 	}
 	defer wt.Close()
-	b := &bench{o: o, w: w, wt: wt, r: r, addrProto: iproute2AddrProto(ctx)}
+	b := &bench{ctx: ctx, o: o, w: w, wt: wt, r: r, addrProto: iproute2AddrProto(ctx)}
+	if load := loadAverage(); loadAbove(load, float64(runtime.NumCPU())/2) {
+		b.logf("warning: load average %s on %d CPUs: other work on the machine will slow every figure", load, runtime.NumCPU())
+	}
 	r.AddrProto = b.addrProto
 
 	b.variant(ctx, 1)
@@ -88,6 +93,9 @@ func (b *bench) logf(format string, args ...any) {
 // step runs one measurement: its failure (error or panic, e.g. a component
 // not written yet) is recorded and the others still run.
 func (b *bench) step(name string, fn func() error) {
+	if b.ctx.Err() != nil {
+		return
+	}
 	b.logf("%s", name)
 	err := func() (err error) {
 		defer func() {

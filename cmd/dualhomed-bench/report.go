@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"time"
 
@@ -93,6 +94,16 @@ type daemonResult struct {
 
 func newResults(o options) *results {
 	return &results{o: o, Started: time.Now(), LoadStart: loadAverage()}
+}
+
+// loadAbove reports whether the 1-minute figure of a loadAverage exceeds limit.
+func loadAbove(load string, limit float64) bool {
+	f := strings.Fields(load)
+	if len(f) == 0 {
+		return false
+	}
+	v, err := strconv.ParseFloat(f[0], 64)
+	return err == nil && v > limit
 }
 
 // loadAverage is the 1, 5 and 15 minute load average: other work on the
