@@ -403,7 +403,7 @@ func (d *Daemon) settleDelay(r reason) time.Duration {
 
 // reconcile runs one reconcile and reports it (worker goroutine).
 func (d *Daemon) reconcile(ctx context.Context, r reason) error {
-	if r&(reasonForeign|reasonReload) != 0 {
+	if r&(reasonForeign|reasonReload|reasonDrift|reasonLink|reasonAddr|reasonResync) != 0 {
 		d.rec.Unblock()
 	}
 	refresh := RefreshIfNewLinks

@@ -165,6 +165,9 @@ type Reconciler struct {
 	// would write forever and look like drift; they are skipped until
 	// Unblock (a foreign object was deleted).
 	blocked map[string]string // op key -> op text
+	// retrying holds the adds Unblock released for this reconcile: trying
+	// them again is not a drift repair.
+	retrying map[string]bool
 
 	lastGood   *imds.Snapshot
 	seenLinks  map[int]string  // link index -> MAC, as observed at the last IMDS read
@@ -174,15 +177,24 @@ type Reconciler struct {
 // NewReconciler returns a Reconciler reading IMDS through source and acting
 // on kernel with cfg.
 func NewReconciler(source Snapshotter, kernel Kernel, cfg Config) *Reconciler {
-	return &Reconciler{source: source, kernel: kernel, cfg: cfg, configured: map[string]bool{}, blocked: map[string]string{}}
+	return &Reconciler{source: source, kernel: kernel, cfg: cfg, configured: map[string]bool{},
+		blocked: map[string]string{}, retrying: map[string]bool{}}
 }
 
 // Blocked returns how many wanted objects are held off by foreign objects.
 func (r *Reconciler) Blocked() int { return len(r.blocked) }
 
-// Unblock forgets the blocked adds, so that the next reconcile tries them
-// again (call it when another program deleted a route or rule).
-func (r *Reconciler) Unblock() { clear(r.blocked) }
+// Unblock releases the blocked adds, so that the next reconcile tries them
+// again. Call it when the kernel changed in a way that may free their place
+// or hide a wrong verdict: another program deleted a route or rule, a link or
+// address changed (the kernel flushes IPv4 routes silently then), one of our
+// objects was deleted.
+func (r *Reconciler) Unblock() {
+	for k := range r.blocked {
+		r.retrying[k] = true
+	}
+	clear(r.blocked)
+}
 
 // Swap replaces the IMDS source, kernel and configuration (after a reload),
 // keeping the last good snapshot.
@@ -286,7 +298,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 		rep.Changes = append(rep.Changes, c)
 		if mac := attr.mac(op); mac != "" {
 			touched[mac] = true
-			if !op.Delete && r.configured[mac] && !dryRun {
+			if !op.Delete && r.configured[mac] && !dryRun && !r.retrying[opKey(op)] {
 				rep.Repairs++
 			}
 		}
@@ -322,6 +334,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 		}
 	}
 
+	clear(r.retrying)
 	rep.ManagedRules, rep.ManagedRoutes = len(owned.Rules), len(owned.Routes)
 	if !dryRun && rep.ApplyError == "" {
 		for _, op := range plan.Ops {
