@@ -213,7 +213,7 @@ func TestFights(t *testing.T) {
 		// New addresses in IMDS and a reload make the daemon apply; the link
 		// is renamed at a random point of that apply, then renamed back.
 		eth2 := w.ENI("eth2")
-		rounds := pick(3, 10)
+		rounds := pick(3, 6)
 		fig := measure(t, "link renamed during apply", func() (int, int) {
 			for i := range rounds {
 				a := eth2.Subnet4.Addr().As4()

@@ -59,6 +59,13 @@ type imdsFault struct {
 	newENI string
 	// waitingMAC: the MAC whose keys the fault hides; the daemon must read it.
 	waitingMAC string
+	// deleteRules: another program deletes all our rules once the fault is
+	// on; the daemon must put them back from its last good snapshot while
+	// IMDS still fails.
+	deleteRules bool
+	// restart: the daemon is restarted once the fault is on; the new one
+	// has never read IMDS and must change nothing.
+	restart bool
 }
 
 func setFaults(f emulator.Faults) func(context.Context, *simworld.World) error {
@@ -101,6 +108,11 @@ func imdsFaults(w *simworld.World) []imdsFault {
 		{name: "binary junk", perAttempt: 2, inject: func(_ context.Context, w *simworld.World) error {
 			return w.IMDS.SetRawKey(eth1, "subnet-ipv4-cidr-block", "\x00\x01\x7f\xfe\xffjunk")
 		}, wantError: []string{"subnet-ipv4-cidr-block"}, planError: []string{"subnet-ipv4-cidr-block"}},
+		{name: "unknown MAC listed with no keys", inject: setFaults(emulator.Faults{PendingMACs: []string{"02:00:00:00:0f:0f"}}), perAttempt: 2},
+		{name: "500 while another program deletes our rules", inject: setFaults(emulator.Faults{Status: 500}), every: true, perAttempt: 2,
+			deleteRules: true, wantError: []string{"500"}},
+		{name: "daemon restarted while IMDS answers 500", inject: setFaults(emulator.Faults{Status: 500}), every: true, perAttempt: 2,
+			restart: true},
 		{name: "device-number 0 for a new MAC", perAttempt: 2, newENI: "eth3", inject: func(_ context.Context, w *simworld.World) error {
 			if err := w.IMDS.SetFaults(emulator.Faults{DeviceNumberZeroReads: map[string]int{eth3: 1 << 20}}); err != nil {
 				return err
@@ -131,7 +143,7 @@ func TestIMDSFaults(t *testing.T) {
 	var figures []string
 	for _, f := range imdsFaults(w) {
 		ok := t.Run(strings.ReplaceAll(f.name, " ", "_"), func(t *testing.T) {
-			fig := runIMDSFault(t, w, d, f, window, keys)
+			fig := runIMDSFault(t, w, &d, f, window, keys)
 			figures = append(figures, fmt.Sprintf("%-45s %s", f.name, fig))
 		})
 		if !ok {
@@ -141,7 +153,8 @@ func TestIMDSFaults(t *testing.T) {
 	t.Logf("IMDS faults, requests during a %s window:\n  %s", window, strings.Join(figures, "\n  "))
 }
 
-func runIMDSFault(t *testing.T, w *simworld.World, d *simworld.Proc, f imdsFault, window time.Duration, keys int) string {
+func runIMDSFault(t *testing.T, w *simworld.World, dp **simworld.Proc, f imdsFault, window time.Duration, keys int) string {
+	d := *dp
 	daemonAlive(t, d)
 	before := dump(t, w)
 	if err := w.IMDS.ResetStats(); err != nil {
@@ -154,11 +167,35 @@ func runIMDSFault(t *testing.T, w *simworld.World, d *simworld.Proc, f imdsFault
 	if err := f.inject(ctx, w); err != nil {
 		t.Fatalf("injecting: %v", err)
 	}
-	eth1 := pingFor(w.VPCs["B"].Client, w.ENI("eth1").Primary4(), window)
+	clients := 1 // IMDS clients whose retry budgets count (a restart brings a new one)
+	if f.restart {
+		if err := d.Stop(10 * time.Second); err != nil {
+			t.Fatalf("stopping the daemon: %v", err)
+		}
+		nd, err := w.StartDaemon(simworld.DaemonOptions{PollInterval: 2 * time.Second, ExtraConfig: daemonConfig})
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, *dp = nd, nd
+		clients++
+	}
+	if f.deleteRules {
+		time.Sleep(500 * time.Millisecond) // let the daemon see IMDS fail first
+		if n, err := deleteOurRules(w); err != nil || n == 0 {
+			t.Fatalf("deleting our rules: %d deleted, %v", n, err)
+		}
+	}
+	var eth1 <-chan simworld.PingResult
+	if !f.deleteRules {
+		eth1 = pingFor(w.VPCs["B"].Client, w.ENI("eth1").Primary4(), window)
+	}
 
 	// During the window nothing may disappear, and a new ENI must stay unconfigured.
 	for time.Since(start) < window {
 		time.Sleep(250 * time.Millisecond)
+		if f.deleteRules {
+			continue // removed on purpose; checked below
+		}
 		if removedSince(t, "during the fault", before, dump(t, w)) {
 			break
 		}
@@ -184,13 +221,29 @@ func runIMDSFault(t *testing.T, w *simworld.World, d *simworld.Proc, f imdsFault
 	if f.every {
 		perSnapshot, gap = fetchConcurrency, minSnapshotGap
 	}
-	bound := requestBound(elapsed, f.perAttempt, perSnapshot, gap)
+	bound := clients * requestBound(elapsed, f.perAttempt, perSnapshot, gap)
 	rate := float64(stats.Requests) / elapsed.Seconds()
 	if stats.Requests > int64(bound) {
 		t.Errorf("IMDS got %d requests in %s (%.1f/s), more than the retry budget allows: %d", stats.Requests, elapsed.Round(time.Millisecond), rate, bound)
 	}
-	if r := <-eth1; r.Received != r.Sent || r.Sent == 0 {
-		t.Errorf("VPC B client -> eth1: %d of %d pings answered during the fault (lost %v)", r.Received, r.Sent, r.Lost)
+	if eth1 != nil {
+		if r := <-eth1; r.Received != r.Sent || r.Sent == 0 {
+			t.Errorf("VPC B client -> eth1: %d of %d pings answered during the fault (lost %v)", r.Received, r.Sent, r.Lost)
+		}
+	}
+	if f.deleteRules {
+		// IMDS still fails: the rules must come back from the last good snapshot.
+		wctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := simworld.WaitFor(wctx, func() error {
+			if removed, _ := before.Diff(dump(t, w)); len(removed) > 0 {
+				return fmt.Errorf("%d objects still missing: %v", len(removed), head(removed, 5))
+			}
+			return nil
+		})
+		cancel()
+		if err != nil {
+			t.Errorf("the deleted rules were not repaired while IMDS failed: %v", err)
+		}
 	}
 
 	if len(f.wantError) > 0 {

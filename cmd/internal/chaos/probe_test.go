@@ -28,8 +28,10 @@ type primaryGuard struct {
 	done   chan struct{}
 
 	mu             sync.Mutex
+	started        time.Time
 	sent, received int
 	pingErr        error
+	losses         []string // when pings were lost, for the failure message
 }
 
 // startPrimaryGuard starts the guard; its check runs when t ends (before the
@@ -41,7 +43,7 @@ func startPrimaryGuard(t *testing.T, w *simworld.World) *primaryGuard {
 	if err != nil {
 		t.Fatalf("primary guard: opening the TCP stream to eth0: %v", err)
 	}
-	g := &primaryGuard{stream: s, stop: make(chan struct{}), done: make(chan struct{})}
+	g := &primaryGuard{stream: s, stop: make(chan struct{}), done: make(chan struct{}), started: time.Now()}
 	go func() {
 		defer close(g.done)
 		for {
@@ -50,8 +52,12 @@ func startPrimaryGuard(t *testing.T, w *simworld.World) *primaryGuard {
 				return
 			default:
 			}
+			at := time.Since(g.started)
 			r, err := simworld.PingRun(context.Background(), a.Client, eth0, 10, 100*time.Millisecond, time.Second)
 			g.mu.Lock()
+			if r.Received != r.Sent {
+				g.losses = append(g.losses, fmt.Sprintf("%d of 10 lost at +%s (%s)", r.Sent-r.Received, at.Round(100*time.Millisecond), time.Now().Add(-time.Since(g.started)+at).Format("15:04:05.0")))
+			}
 			g.sent += r.Sent
 			g.received += r.Received
 			if err != nil && g.pingErr == nil {
@@ -80,7 +86,7 @@ func (g *primaryGuard) check(t *testing.T) {
 		t.Errorf("primary ENI: TCP stream to eth0 broke after %d round trips: %v", n, err)
 	}
 	if g.pingErr != nil || g.received != g.sent || g.sent == 0 {
-		t.Errorf("primary ENI: ping through eth0 got %d of %d replies (%v)", g.received, g.sent, g.pingErr)
+		t.Errorf("primary ENI: ping through eth0 got %d of %d replies (%v); losses: %v", g.received, g.sent, g.pingErr, g.losses)
 	}
 	t.Logf("primary ENI: %d TCP round trips unbroken, %d/%d pings answered", n, g.received, g.sent)
 }
