@@ -133,6 +133,11 @@ func TestDaemonRepliesLeaveThroughTheirENI(t *testing.T) {
 		waitWorks(t, probe{"VPC B client -> secondary " + a.String(), w.VPCs["B"].Client, a}, 2*poll+5*time.Second)
 		t.Logf("secondary IP %s assigned in IMDS answered %s after the assignment (poll interval %s)", a, time.Since(assigned).Round(time.Millisecond), poll)
 	}
+	// Replies to VPC B would also find eth1 through the main-table VPC route;
+	// the source rules are what serve clients beyond VPC B's CIDR.
+	if err := w.ConfiguredCheck(eth1); err != nil {
+		t.Errorf("secondary IPs answer, but: %v", err)
+	}
 	expectAllWork(t, clientProbes(w, "eth1"))
 }
 
