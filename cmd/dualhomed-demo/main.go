@@ -321,6 +321,9 @@ func (d *demo) describe() {
 			note = "  <- same address as VPC A's client"
 		}
 		say("  VPC %s client  %s%s", v, addr, note)
+		if vpc.OnPrem != nil {
+			say("  VPC %s on-premises client %s  <- outside every VPC, reached through VPC %s's router", v, vpc.OnPrem4, v)
+		}
 	}
 	say("As after boot: each ENI has its DHCP address, the main default route goes via eth0, nothing else.")
 }
@@ -329,27 +332,39 @@ func (d *demo) describe() {
 // each, and returns how many failed.
 func (d *demo) probeAll(ctx context.Context, timeout time.Duration) (failed int) {
 	w := d.world
+	type probe struct {
+		client   *simworld.NS
+		what     string // client or on-prem
+		from, to netip.Addr
+		eni      *simworld.ENI
+	}
+	var probes []probe
 	for _, l := range []string{"eth0", "eth1", "eth2"} {
 		e := w.ENI(l)
 		for _, a := range append(e.IPv4s(), e.IPv6s()...) {
-			if ctx.Err() != nil {
-				return failed
-			}
 			from := e.VPC.Client4
 			if a.Is6() {
 				from = e.VPC.Client6
 			}
-			pinged := make(chan error, 1)
-			go func() { pinged <- simworld.Ping(e.VPC.Client, a, timeout) }()
-			tcpErr := simworld.EchoOnce(e.VPC.Client, netip.AddrPortFrom(a, simworld.EchoPort), timeout)
-			pingErr := <-pinged
-			line := fmt.Sprintf("   VPC %s client %-15s -> %s %-14s  ping %-4s  tcp %-4s  reply route: %s",
-				e.VPC.Name, from, l, a, okFail(pingErr), okFail(tcpErr), replyRoute(w, a, from))
-			if pingErr != nil || tcpErr != nil {
-				failed++
-			}
-			say("%s", line)
+			probes = append(probes, probe{e.VPC.Client, "client", from, a, e})
 		}
+		if e.VPC.OnPrem != nil {
+			probes = append(probes, probe{e.VPC.OnPrem, "on-prem", e.VPC.OnPrem4, e.Primary4(), e})
+		}
+	}
+	for _, p := range probes {
+		if ctx.Err() != nil {
+			return failed
+		}
+		pinged := make(chan error, 1)
+		go func() { pinged <- simworld.Ping(p.client, p.to, timeout) }()
+		tcpErr := simworld.EchoOnce(p.client, netip.AddrPortFrom(p.to, simworld.EchoPort), timeout)
+		pingErr := <-pinged
+		if pingErr != nil || tcpErr != nil {
+			failed++
+		}
+		say("   VPC %s %-7s %-15s -> %s %-14s  ping %-4s  tcp %-4s  reply route: %s",
+			p.eni.VPC.Name, p.what, p.from, p.eni.Link, p.to, okFail(pingErr), okFail(tcpErr), replyRoute(w, p.to, p.from))
 	}
 	return failed
 }

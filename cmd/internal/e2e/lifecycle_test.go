@@ -240,12 +240,18 @@ func TestRestartLosesNoPacket(t *testing.T) {
 		streams = append(streams, s)
 	}
 	var wg sync.WaitGroup
-	pings := make([]simworld.PingResult, 2)
-	pingErrs := make([]error, 2)
-	for i, dst := range []netip.Addr{eth1.Primary4(), eth1.IPv6s()[0]} {
+	// VPC B's client (IPv4, IPv6) and the on-premises client, whose replies
+	// only the source rule brings back.
+	pingers := []struct {
+		from *simworld.NS
+		dst  netip.Addr
+	}{{b.Client, eth1.Primary4()}, {b.Client, eth1.IPv6s()[0]}, {b.OnPrem, eth1.Primary4()}}
+	pings := make([]simworld.PingResult, len(pingers))
+	pingErrs := make([]error, len(pingers))
+	for i, p := range pingers {
 		wg.Go(func() {
 			// ping -i 0.05 -c 80: four seconds around the restart.
-			pings[i], pingErrs[i] = simworld.PingRun(context.Background(), b.Client, dst, 80, 50*time.Millisecond, 2*time.Second)
+			pings[i], pingErrs[i] = simworld.PingRun(context.Background(), p.from, p.dst, 80, 50*time.Millisecond, 2*time.Second)
 		})
 	}
 	time.Sleep(time.Second)
@@ -271,8 +277,8 @@ func TestRestartLosesNoPacket(t *testing.T) {
 			t.Errorf("ping %d: %d/%d replies, lost seq %v (%v)", i, r.Received, r.Sent, r.Lost, pingErrs[i])
 		}
 	}
-	t.Logf("across the restart: IPv4 ping %d/%d, IPv6 ping %d/%d, TCP streams IPv4 %d and IPv6 %d round trips",
-		pings[0].Received, pings[0].Sent, pings[1].Received, pings[1].Sent, rounds[0], rounds[1])
+	t.Logf("across the restart: IPv4 ping %d/%d, IPv6 ping %d/%d, on-premises ping %d/%d, TCP streams IPv4 %d and IPv6 %d round trips",
+		pings[0].Received, pings[0].Sent, pings[1].Received, pings[1].Sent, pings[2].Received, pings[2].Sent, rounds[0], rounds[1])
 	// Give the new daemon a poll to add anything twice, if it would.
 	time.Sleep(1500 * time.Millisecond)
 	if rulesAfter := ourRules(t, w); !slices.Equal(rulesBefore, rulesAfter) {

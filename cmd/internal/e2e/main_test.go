@@ -171,7 +171,7 @@ func (p probe) both(timeout time.Duration) (pingErr, tcpErr error) {
 	return <-done, tcpErr
 }
 
-// clientProbes returns, for each attached ENI, its VPC's client probing its addresses.
+// clientProbes returns, for each attached ENI, its VPC's clients probing its addresses.
 func clientProbes(w *simworld.World, links ...string) []probe {
 	var ps []probe
 	for _, l := range links {
@@ -181,6 +181,11 @@ func clientProbes(w *simworld.World, links ...string) []probe {
 		}
 		for _, a := range e.IPv6s() {
 			ps = append(ps, probe{fmt.Sprintf("VPC %s client %s -> %s %s", e.VPC.Name, e.VPC.Client6, l, a), e.VPC.Client, a})
+		}
+		if e.VPC.OnPrem != nil {
+			for _, a := range e.IPv4s() {
+				ps = append(ps, probe{fmt.Sprintf("VPC %s on-premises client %s -> %s %s", e.VPC.Name, e.VPC.OnPrem4, l, a), e.VPC.OnPrem, a})
+			}
 		}
 	}
 	return ps

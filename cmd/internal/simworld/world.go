@@ -12,7 +12,8 @@
 //
 // The router holds .1 of its client subnet (10.x.100.0/24, fd00:x:0:64::/64)
 // and the gateway of the ENI's subnet (10.x.y.1/24 and fe80:ec2::1) on the
-// veth whose other end is the instance's ethN.
+// veth whose other end is the instance's ethN. VPC B's router also reaches an
+// "on-premises" client, onpB 198.18.0.50, outside every VPC CIDR.
 //
 // VPC C deliberately reuses VPC A's CIDR, and its client has the same address
 // as VPC A's client (10.0.100.50): only source-based routing on the instance can
@@ -74,6 +75,11 @@ type VPC struct {
 	Client  *NS
 	Client4 netip.Addr // the client's address
 	Client6 netip.Addr // invalid without IPv6
+	// OnPrem is a client beyond the VPC's CIDR that the VPC routes to (an
+	// on-premises network behind a VPN, say): no main-table VPC route can
+	// bring its replies back, only the ENI's source rule. Nil when absent.
+	OnPrem  *NS
+	OnPrem4 netip.Addr
 }
 
 // ENI is one simulated elastic network interface: a veth whose instance end
@@ -240,7 +246,8 @@ func defaultVPCs() []*VPC {
 			Client4: netip.MustParseAddr("10.0.100.50")},
 		{Name: "B", ID: "vpc-0bbbbbbbbbbbbbbbb", CIDR4: netip.MustParsePrefix("10.1.0.0/16"),
 			CIDR6:   netip.MustParsePrefix("fd00:b:0::/56"),
-			Client4: netip.MustParseAddr("10.1.100.50"), Client6: netip.MustParseAddr("fd00:b:0:64::50")},
+			Client4: netip.MustParseAddr("10.1.100.50"), Client6: netip.MustParseAddr("fd00:b:0:64::50"),
+			OnPrem4: netip.MustParseAddr("198.18.0.50")},
 		{Name: "C", ID: "vpc-0cccccccccccccccc", CIDR4: netip.MustParsePrefix("10.0.0.0/16"),
 			Client4: netip.MustParseAddr("10.0.100.50")},
 		{Name: "D", ID: "vpc-0dddddddddddddddd", CIDR4: netip.MustParsePrefix("10.3.0.0/16"),
@@ -359,6 +366,29 @@ func (w *World) addVPC(v *VPC) error {
 		_, dflt6, _ := net.ParseCIDR("::/0")
 		if err := addRoute(v.Client.NL, &netlink.Route{LinkIndex: cliLink.Attrs().Index, Dst: dflt6, Gw: gw6.AsSlice()}); err != nil {
 			return fmt.Errorf("adding client IPv6 default route in %s: %w", v.Client.Name, err)
+		}
+	}
+	if v.OnPrem4.IsValid() {
+		if v.OnPrem, err = w.newNS("onp" + v.Name); err != nil {
+			return err
+		}
+		rl, err := vethPair(v.Router, "onprem", v.OnPrem, "eth0", nil)
+		if err != nil {
+			return err
+		}
+		gw := netip.PrefixFrom(v.OnPrem4, 24).Masked().Addr().Next()
+		if err := addAddr(v.Router.NL, rl, netip.PrefixFrom(gw, 24)); err != nil {
+			return err
+		}
+		l, err := v.OnPrem.NL.LinkByName("eth0")
+		if err != nil {
+			return fmt.Errorf("finding on-premises link in %s: %w", v.OnPrem.Name, err)
+		}
+		if err := addAddr(v.OnPrem.NL, l, netip.PrefixFrom(v.OnPrem4, 24)); err != nil {
+			return err
+		}
+		if err := addRoute(v.OnPrem.NL, &netlink.Route{LinkIndex: l.Attrs().Index, Gw: gw.AsSlice()}); err != nil {
+			return fmt.Errorf("adding on-premises default route in %s: %w", v.OnPrem.Name, err)
 		}
 	}
 	w.VPCs[v.Name] = v
