@@ -98,7 +98,25 @@ func (d *daemonProc) logContext(err error) error {
 	if err == nil {
 		return nil
 	}
-	return fmt.Errorf("%w\n  the daemon's log ends with:\n%s", err, d.logTail(20))
+	return fmt.Errorf("%w\n  the daemon's last warnings and errors:\n%s\n  the daemon's log ends with:\n%s", err, d.logProblems(10), d.logTail(5))
+}
+
+// logProblems returns the last n warning and error lines of the log.
+func (d *daemonProc) logProblems(n int) string {
+	b, _ := os.ReadFile(filepath.Join(d.dir, "daemon.log"))
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.Contains(line, `"level":"warn"`) || strings.Contains(line, `"level":"error"`) {
+			out = append(out, line)
+		}
+	}
+	if len(out) > n {
+		out = out[len(out)-n:]
+	}
+	if len(out) == 0 {
+		return "(none)"
+	}
+	return strings.Join(out, "\n")
 }
 
 func (d *daemonProc) logTail(lines int) string {
