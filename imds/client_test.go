@@ -627,3 +627,84 @@ func TestSnapshotRetriesStalledBody(t *testing.T) {
 		t.Errorf("IPv6s = %v after %d reads, want one address after 2 reads", e.IPv6s, f.hitCount(target))
 	}
 }
+
+// ListMACs reads the MAC listing only: one request once the token is
+// cached, sorted and lower case, counted like a snapshot's requests.
+func TestListMACsCostsOneRequest(t *testing.T) {
+	f := newFakeIMDS()
+	f.addENI(mac1, 0)
+	f.addENI(mac3, 2)
+	f.addENI(mac2, 1)
+	c := f.start(t, Options{})
+	macs, n, err := c.ListMACs(context.Background())
+	if err != nil {
+		t.Fatalf("ListMACs: %v", err)
+	}
+	if want := []string{mac1, mac2, mac3}; !slices.Equal(macs, want) {
+		t.Errorf("ListMACs = %v, want %v", macs, want)
+	}
+	if n != 2 || c.Requests() != 2 { // token + macs/
+		t.Errorf("first ListMACs cost %d requests (client counted %d), want 2", n, c.Requests())
+	}
+	_, n, err = c.ListMACs(context.Background())
+	if err != nil || n != 1 || c.Requests() != 3 {
+		t.Errorf("second ListMACs: %d requests (cumulative %d), err %v; want 1 (3)", n, c.Requests(), err)
+	}
+	for _, r := range f.log() {
+		if !strings.HasSuffix(r, "api/token") && !strings.HasSuffix(r, "meta-data/"+macsPath) {
+			t.Errorf("ListMACs requested %s", r)
+		}
+	}
+}
+
+// A failing or unparsable listing is an error naming the key, never a
+// partial list; transient failures are retried as in a snapshot.
+func TestListMACsErrors(t *testing.T) {
+	t.Run("retries 5xx", func(t *testing.T) {
+		f := twoENIs()
+		f.hook = func(w http.ResponseWriter, r *http.Request, path string, hit int) bool {
+			if strings.HasSuffix(path, macsPath) && hit == 1 {
+				w.WriteHeader(http.StatusServiceUnavailable)
+				return true
+			}
+			return false
+		}
+		c := f.start(t, Options{})
+		macs, n, err := c.ListMACs(context.Background())
+		if err != nil || len(macs) != 2 || n != 3 { // token + failed GET + retried GET
+			t.Errorf("ListMACs after one 503: %v, %d requests, %v; want 2 MACs, 3 requests", macs, n, err)
+		}
+	})
+	t.Run("gives up", func(t *testing.T) {
+		f := twoENIs()
+		f.hook = func(w http.ResponseWriter, r *http.Request, path string, _ int) bool {
+			if strings.HasSuffix(path, macsPath) {
+				w.WriteHeader(http.StatusInternalServerError)
+				return true
+			}
+			return false
+		}
+		c := f.start(t, Options{MaxAttempts: 2})
+		macs, _, err := c.ListMACs(context.Background())
+		var ke *KeyError
+		if err == nil || macs != nil || !errors.As(err, &ke) || ke.Key != "meta-data/"+macsPath {
+			t.Errorf("ListMACs against a broken IMDS: %v, %v; want a *KeyError naming the listing", macs, err)
+		}
+	})
+	t.Run("bad value", func(t *testing.T) {
+		f := twoENIs()
+		f.hook = func(w http.ResponseWriter, r *http.Request, path string, _ int) bool {
+			if strings.HasSuffix(path, macsPath) {
+				_, _ = w.Write([]byte(mac1 + "/\nnot-a-mac/"))
+				return true
+			}
+			return false
+		}
+		c := f.start(t, Options{})
+		_, _, err := c.ListMACs(context.Background())
+		var ke *KeyError
+		if !errors.As(err, &ke) || ke.Value == "" {
+			t.Errorf("ListMACs with a bad MAC: %v; want a *KeyError naming the value", err)
+		}
+	})
+}
