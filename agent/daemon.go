@@ -48,7 +48,8 @@ const (
 	snapshotTimeout = 10 * time.Second
 	// minLinkReadGap spaces the IMDS reads caused by new links: on a host
 	// where containers come and go, each new veth would otherwise cost a
-	// snapshot. A hot-attached ENI waits at most this long for its read.
+	// read (a MAC listing, see RefreshIfNewLinks). A hot-attached ENI waits
+	// at most this long for its read.
 	minLinkReadGap = time.Second
 	// kernelRetry is the delay before retrying a reconcile that could not
 	// read the kernel's state.
@@ -118,6 +119,7 @@ type Daemon struct {
 	lastSuccess   time.Time
 	lastRead      time.Time // last IMDS read, successful or not
 	readDeferred  bool      // a new link's IMDS read waits for minLinkReadGap
+	kernelFailed  bool      // the last reconcile could not read the kernel
 	imdsFailures  int
 	imdsLastError string
 	imdsRetryAt   time.Time
@@ -375,7 +377,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 			d.trigger(reasonPoll)
 
 		case <-retry.C:
-			d.trigger(reasonRetry)
+			if d.imdsFailures > 0 || d.kernelFailed {
+				d.trigger(reasonRetry) // IMDS or the kernel must be read again in full
+			} else {
+				d.trigger(reasonRecheck)
+			}
 
 		case <-settle.C:
 			settling = false
@@ -413,11 +419,13 @@ func (d *Daemon) reconcile(ctx context.Context, r reason) error {
 		refresh = RefreshAlways
 	case time.Now().Before(d.imdsRetryAt):
 		refresh = RefreshNever // IMDS is backing off: repair from the last good snapshot
+	case r&reasonRecheck != 0:
+		refresh = RefreshPendingLinks // its own schedule spaces it
 	case time.Since(d.lastRead) < minLinkReadGap:
 		refresh, gapped = RefreshNever, true
 	}
 	rep, err := d.rec.Reconcile(ctx, refresh, false)
-	if rep.Fresh || rep.IMDSError != "" {
+	if rep.Fresh || rep.Listed || rep.IMDSError != "" {
 		d.lastRead, d.readDeferred = time.Now(), false
 	} else if gapped && rep.NewLinks {
 		d.readDeferred = true // schedule reads it at lastRead+minLinkReadGap
@@ -542,7 +550,7 @@ func (d *Daemon) trackLinks(rep Report) {
 			delete(d.linkRetries, idx)
 		}
 	}
-	if !rep.Fresh {
+	if !rep.Fresh && !rep.Listed {
 		return
 	}
 	for idx := range now {
@@ -553,6 +561,7 @@ func (d *Daemon) trackLinks(rep Report) {
 // schedule arms the poll timer after an IMDS read and the retry timer for
 // IMDS backoff and for links IMDS does not know yet.
 func (d *Daemon) schedule(poll, retry *time.Timer, r reason, err error) {
+	d.kernelFailed = err != nil
 	if err != nil {
 		// The kernel could not be read: try again soon, keep polling.
 		retry.Reset(kernelRetry)

@@ -605,3 +605,49 @@ func TestDaemonLeavesBlockedRouteAlone(t *testing.T) {
 		return false
 	})
 }
+
+// Container veths (MACs IMDS never lists) appearing in a burst cost the MAC
+// listing, one request per read including the quick re-reads, never a full
+// snapshot: N veths cost about N requests or fewer, not N snapshots of ~30
+// requests each. A hot attach still works afterwards (IMDS learns the MAC).
+func TestDaemonUnknownLinksCostOneRequestEach(t *testing.T) {
+	const veths = 20
+	w := newWorld(t, 2)
+	w.link(1)
+	r := w.start(w.config(), "")
+	src, table := eniRule(1)
+	waitFor(t, "ENI 1 configured", func() bool { return w.hasRule(src, table) })
+	waitFor(t, "READY=1", func() bool { return r.notes.has("READY=1") })
+	r.settle(t)
+	before := w.emu.Stats()
+	snapsBefore := snapshots(w.emu)
+
+	for i := range veths {
+		mac := net.HardwareAddr{0x0a, 0x58, 0x0a, 0xf4, 0x00, byte(i + 1)}.String()
+		w.ns.Veth(t, "veth"+strconv.Itoa(i), mac, w.router, "cveth"+strconv.Itoa(i))
+	}
+	// The first read and the four quick re-reads (0.5, 1, 2, 4 s) for the
+	// veths, whatever the burst's split into reconciles.
+	listings := func() int64 {
+		return w.emu.Stats().ByPath["/latest/meta-data/network/interfaces/macs/"] - before.ByPath["/latest/meta-data/network/interfaces/macs/"]
+	}
+	waitFor(t, "the quick re-reads for the veths", func() bool { return listings() >= maxLinkRetries })
+	r.settle(t)
+	cost := w.emu.Stats().Requests - before.Requests
+	t.Logf("%d container veths cost %d IMDS requests (%d listings, %d snapshots)", veths, cost, listings(), snapshots(w.emu)-snapsBefore)
+	if n := snapshots(w.emu) - snapsBefore; n != 0 {
+		t.Errorf("%d full snapshots for links IMDS does not list, want 0", n)
+	}
+	if cost > veths {
+		t.Errorf("%d veths cost %d IMDS requests, want at most %d", veths, cost, veths)
+	}
+
+	// A real hot attach afterwards: the listing names the new MAC, so a
+	// snapshot is taken and the ENI is configured by a quick re-read.
+	w.link(2)
+	if err := w.emu.AttachENI(w.inst.ENIs[2]); err != nil {
+		t.Fatal(err)
+	}
+	src2, table2 := eniRule(2)
+	waitFor(t, "the hot-attached ENI 2 configured", func() bool { return w.hasRule(src2, table2) })
+}

@@ -25,13 +25,17 @@ const (
 	reasonDrift          // one of our routes or rules was deleted
 	reasonResync         // an event subscription was lost: state may have changed unseen
 	reasonForeign        // another program deleted one of its routes or rules: blocked adds may fit now
+	// reasonRecheck is the quick re-read for links IMDS did not describe yet
+	// (and a new link's read deferred by minLinkReadGap): it costs the MAC
+	// listing, and a snapshot only once IMDS lists something new.
+	reasonRecheck
 )
 
 // needsIMDS reports whether the reasons call for a fresh IMDS read.
 func (r reason) needsIMDS() bool { return r&(reasonStart|reasonPoll|reasonRetry|reasonReload) != 0 }
 
 func (r reason) String() string {
-	names := []string{"start", "poll", "retry", "reload", "link", "address", "drift", "resync", "foreign"}
+	names := []string{"start", "poll", "retry", "reload", "link", "address", "drift", "resync", "foreign", "recheck"}
 	s := ""
 	for i, n := range names {
 		if r&(1<<i) != 0 {

@@ -309,3 +309,105 @@ func TestRepairBackoff(t *testing.T) {
 }
 
 func nopLogger() *zap.Logger { return zap.NewNop() }
+
+// listingIMDS is a fakeIMDS that also offers the cheap MAC listing.
+type listingIMDS struct {
+	*fakeIMDS
+	listings int
+	listErr  error
+}
+
+func (f *listingIMDS) ListMACs(context.Context) ([]string, int, error) {
+	f.listings++
+	if f.listErr != nil {
+		return nil, 1, f.listErr
+	}
+	var macs []string
+	for _, e := range f.snap.ENIs {
+		macs = append(macs, e.MAC)
+	}
+	return macs, 1, nil
+}
+
+// A link whose MAC the last snapshot does not list costs one MAC listing,
+// not a snapshot; a snapshot follows only when the listing names a new MAC
+// or a link's MAC is listed as not ready. A failed listing is an IMDS error
+// (nothing deleted).
+func TestReconcileListsMACsBeforeSnapshotForUnknownLinks(t *testing.T) {
+	base, k := testWorld()
+	src := &listingIMDS{fakeIMDS: base}
+	enis := src.snap.ENIs
+	src.snap.ENIs = enis[:2] // IMDS does not know C yet
+	k.obs.Links = k.obs.Links[:3]
+	rec := NewReconciler(src, k, DefaultConfig())
+	ctx := context.Background()
+	if _, err := rec.Reconcile(ctx, RefreshAlways, false); err != nil {
+		t.Fatal(err)
+	}
+	reconcile := func(refresh Refresh) Report {
+		t.Helper()
+		rep, err := rec.Reconcile(ctx, refresh, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rep
+	}
+	check := func(step string, rep Report, snapshots, listings int) {
+		t.Helper()
+		if src.reads != snapshots || src.listings != listings {
+			t.Errorf("%s: %d snapshots and %d listings so far, want %d and %d", step, src.reads, src.listings, snapshots, listings)
+		}
+		for _, c := range rep.Changes {
+			if c.Op.Delete {
+				t.Errorf("%s: deleted %s", step, c)
+			}
+		}
+	}
+
+	veth := netcfg.Link{Index: 10, Name: "veth1a2b", MAC: "0a:58:0a:f4:00:01"}
+	k.obs.Links = append(k.obs.Links, veth)
+	rep := reconcile(RefreshIfNewLinks)
+	check("container veth", rep, 1, 1)
+	if !rep.Listed || rep.Fresh || rep.IMDSRequests != 1 || len(rep.PendingLinks) != 1 {
+		t.Errorf("container veth: listed %v, fresh %v, %d requests, pending %v; want a listing of 1 request, veth pending",
+			rep.Listed, rep.Fresh, rep.IMDSRequests, rep.PendingLinks)
+	}
+	rep = reconcile(RefreshIfNewLinks)
+	check("an event on a link already listed", rep, 1, 1)
+	rep = reconcile(RefreshPendingLinks)
+	check("a re-read for the pending veth", rep, 1, 2)
+
+	// The ENI's link appears before IMDS lists it: listings only, until
+	// the listing names its MAC.
+	k.obs.Links = append(k.obs.Links, netcfg.Link{Index: 4, Name: "eth2", MAC: macC})
+	rep = reconcile(RefreshIfNewLinks)
+	check("hot-attached link unknown to IMDS", rep, 1, 3)
+	src.snap.ENIs, src.snap.Requests = enis, 40
+	rep = reconcile(RefreshPendingLinks)
+	check("IMDS lists the new MAC", rep, 2, 4)
+	if !rep.Fresh || rep.IMDSRequests != 1+40 || rulesOf(k.obs.Owned, netcfg.DefaultTableBase+2) == 0 {
+		t.Errorf("after IMDS listed C: fresh %v, %d requests, rules of C %d; want a snapshot that configures C",
+			rep.Fresh, rep.IMDSRequests, rulesOf(k.obs.Owned, netcfg.DefaultTableBase+2))
+	}
+
+	// A MAC listed but not ready costs a snapshot on each re-read (IMDS is
+	// catching up with a real ENI).
+	notReady := eni("02:00:00:00:00:03", 3, "vpc-b", "10.1.2.10")
+	notReady.Ready, notReady.DeviceNumber = false, imds.DeviceNumberUnknown
+	src.snap.ENIs = append(append([]imds.ENI(nil), enis...), notReady)
+	reconcile(RefreshAlways)
+	k.obs.Links = append(k.obs.Links, netcfg.Link{Index: 5, Name: "eth3", MAC: notReady.MAC})
+	rep = reconcile(RefreshIfNewLinks)
+	check("link of a not-ready ENI", rep, 4, 4)
+	rep = reconcile(RefreshPendingLinks)
+	check("re-read for the not-ready ENI", rep, 5, 4)
+
+	// A failed listing is an IMDS error: no snapshot, nothing deleted.
+	src.listErr = errors.New("IMDS down")
+	k.obs.Links = append(k.obs.Links, netcfg.Link{Index: 11, Name: "veth3c4d", MAC: "0a:58:0a:f4:00:02"})
+	rep = reconcile(RefreshIfNewLinks)
+	check("listing fails", rep, 5, 5)
+	if rep.IMDSError == "" || rep.Listed || rep.Fresh {
+		t.Errorf("failed listing: IMDSError %q, listed %v, fresh %v; want an IMDS error", rep.IMDSError, rep.Listed, rep.Fresh)
+	}
+}
