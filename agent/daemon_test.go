@@ -164,12 +164,18 @@ func (r *running) settle(t *testing.T) {
 // timing assertion: a slow CI machine must not fail the test).
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
+	waitForEvery(t, 20*time.Millisecond, what, cond)
+}
+
+// waitForEvery is waitFor polling every interval (finer for latency figures).
+func waitForEvery(t *testing.T, interval time.Duration, what string, cond func() bool) {
+	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(interval)
 	}
 }
 
@@ -219,7 +225,8 @@ func TestDaemonConfiguresHotAttachedLinkWithoutPoll(t *testing.T) {
 	}
 	start := time.Now()
 	w.link(1) // the hot attach: the poll timer is 1 h away, only the link event can act
-	waitFor(t, "the rule of the hot-attached ENI", func() bool { return w.hasRule(src, table) })
+	// Polled every millisecond: the logged latency is a figure, not a bound.
+	waitForEvery(t, time.Millisecond, "the rule of the hot-attached ENI", func() bool { return w.hasRule(src, table) })
 	t.Logf("hot-attached link configured %s after its creation began", time.Since(start).Round(time.Millisecond))
 
 	h, err := ReadStatus(cfg.StateDir)
@@ -501,7 +508,9 @@ func TestDaemonRetriesIMDSForAnUnknownLink(t *testing.T) {
 }
 
 // A burst of hot-attached links (15, as at boot on a large instance) is
-// configured completely; how many reconciles it took is logged, not asserted.
+// configured completely; how many reconciles it took is logged, not asserted
+// (it depends on the machine's speed; TestDaemonBatchesEvents proves the
+// coalescing on a simulated clock).
 func TestDaemonConfiguresABurstOfLinks(t *testing.T) {
 	nstest.RequireRoot(t)
 	w := &world{t: t, ns: nstest.New(t), router: nstest.New(t)}
@@ -518,16 +527,20 @@ func TestDaemonConfiguresABurstOfLinks(t *testing.T) {
 	waitFor(t, "READY=1", func() bool { return r.notes.has("READY=1") })
 	r.settle(t)
 	before := snapshots(w.emu)
+	runsBefore := r.d.runs.Load()
 
+	began := time.Now()
 	for i := 1; i < 16; i++ {
 		w.ns.Veth(t, "ens"+strconv.Itoa(i), w.inst.ENIs[i].MAC, w.router, "rens"+strconv.Itoa(i))
 	}
+	created := time.Since(began)
 	for i := 1; i < 16; i++ {
 		src, table := eniRule(i)
 		waitFor(t, "ENI "+strconv.Itoa(i)+" configured", func() bool { return w.hasRule(src, table) })
 	}
 	r.settle(t)
-	t.Logf("15 hot-attached links took %d IMDS snapshots", snapshots(w.emu)-before)
+	t.Logf("15 hot-attached links (created in %s) took %d reconciles and %d IMDS snapshots",
+		created.Round(time.Millisecond), r.d.runs.Load()-runsBefore, snapshots(w.emu)-before)
 }
 
 // snapshots counts the emulator's answers to meta-data/mac: one per snapshot.
@@ -650,4 +663,79 @@ func TestDaemonUnknownLinksCostOneRequestEach(t *testing.T) {
 	}
 	src2, table2 := eniRule(2)
 	waitFor(t, "the hot-attached ENI 2 configured", func() bool { return w.hasRule(src2, table2) })
+}
+
+// reconcilesFor replays events (offsets from the first, with their reasons)
+// through the daemon's batching on a simulated clock and returns when each
+// reconcile runs. No real timer is involved: the result is exact.
+func reconcilesFor(events []time.Duration, r reason, delayFor func(reason) time.Duration) []time.Duration {
+	var b batch
+	var deadline time.Duration
+	var runs []time.Duration
+	base := time.Unix(1e9, 0)
+	for _, at := range events {
+		if b.open && at >= deadline { // the settle timer fired before this event
+			runs = append(runs, deadline)
+			b = batch{}
+		}
+		if delay, rearm := b.add(base.Add(at), r, delayFor); rearm {
+			deadline = at + delay
+		}
+	}
+	if b.open {
+		runs = append(runs, deadline)
+	}
+	return runs
+}
+
+// Bursts are coalesced by quiet, not by a fixed delay: the 45 events of 15
+// links created back to back (add, up, carrier) are one reconcile that runs
+// debounce after the last one; links apart by more than the debounce are
+// reconciled one by one; a steady stream is cut every maxSettle; a repair
+// backoff is not shortened by further events, and a reload is not delayed.
+func TestDaemonBatchesEvents(t *testing.T) {
+	debounced := func(reason) time.Duration { return debounce }
+	every := func(n int, gap time.Duration) []time.Duration {
+		out := make([]time.Duration, n)
+		for i := range out {
+			out[i] = time.Duration(i) * gap
+		}
+		return out
+	}
+
+	burst := every(45, time.Millisecond/2)
+	if got := reconcilesFor(burst, reasonLink, debounced); len(got) != 1 || got[0] != burst[44]+debounce {
+		t.Errorf("15 links back to back: reconciles at %v, want one at %v", got, burst[44]+debounce)
+	}
+	if got := reconcilesFor([]time.Duration{0}, reasonLink, debounced); len(got) != 1 || got[0] != debounce {
+		t.Errorf("one hot-attached link: reconcile at %v, want %v after it", got, debounce)
+	}
+	apart := every(3, debounce+time.Millisecond)
+	if got := reconcilesFor(apart, reasonLink, debounced); len(got) != 3 {
+		t.Errorf("links %v apart: reconciles at %v, want 3", debounce+time.Millisecond, got)
+	}
+	stream := every(200, debounce/2) // 2 s of events
+	got := reconcilesFor(stream, reasonAddr, debounced)
+	if len(got) < 4 {
+		t.Errorf("a 2 s stream of events: reconciles at %v, want one at least every %v", got, maxSettle)
+	}
+	for i, at := range got {
+		prev := time.Duration(0)
+		if i > 0 {
+			prev = got[i-1]
+		}
+		if at-prev > maxSettle+debounce/2 {
+			t.Errorf("a steady stream held a reconcile back %v (from %v to %v), want at most maxSettle %v", at-prev, prev, at, maxSettle)
+		}
+	}
+
+	backoff := func(reason) time.Duration { return 2 * time.Second }
+	if got := reconcilesFor(every(10, 100*time.Millisecond), reasonDrift, backoff); len(got) != 1 || got[0] != 2*time.Second {
+		t.Errorf("drift during a repair backoff: reconciles at %v, want one at 2s", got)
+	}
+	var b batch
+	b.add(time.Now(), reasonDrift, backoff)
+	if delay, rearm := b.add(time.Now(), reasonDrift|reasonReload, backoff); !rearm || delay != 0 {
+		t.Errorf("reload during a repair backoff: delay %v (rearm %v), want immediate", delay, rearm)
+	}
 }
