@@ -3,8 +3,9 @@
 // (cmd/internal/simworld) while the tests break things around them.
 //
 //   - IMDS faults (500, 429, latency, dropped connections, token expiry,
-//     pending MACs, device-number 0, malformed values): nothing that works is
-//     removed, the request rate stays within the client's retry budget, and
+//     pending MACs, device-number 0, malformed values, rules deleted or the
+//     daemon restarted while IMDS fails): nothing that works is removed, the
+//     request rate stays within the client's retry budget (requestBound), and
 //     the daemon converges once IMDS recovers.
 //   - Crashes: SIGKILL of `apply`, `daemon` and `cleanup` at seeded random
 //     points of a large apply; a restart converges to exactly the state of an
