@@ -89,9 +89,9 @@ func (k *Kernel) pruneAddrRecords() error {
 	if err != nil || len(set) == 0 {
 		return err
 	}
-	present, err := k.addrs.list()
+	present, err := k.dump.addrs()
 	if err != nil {
-		return fmt.Errorf("listing addresses: %w", err)
+		return err
 	}
 	kept := map[addrRecord]bool{}
 	for _, a := range present {

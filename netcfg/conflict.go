@@ -60,9 +60,9 @@ func DefaultConflictPaths() ConflictPaths {
 func (k *Kernel) Conflicts(desired State) []Warning {
 	var warns []Warning
 	links := map[int]string{} // index -> MAC
-	if ls, err := retryDump("links", k.h.LinkList); err == nil {
+	if ls, err := k.dump.links(); err == nil {
 		for _, l := range ls {
-			links[l.Attrs().Index] = l.Attrs().HardwareAddr.String()
+			links[l.Index] = l.MAC
 		}
 	}
 	tableLink := map[int]int{} // our table -> its ENI's link index
@@ -73,12 +73,12 @@ func (k *Kernel) Conflicts(desired State) []Warning {
 	}
 	eniOfTable := func(table int) string { return links[tableLink[table]] }
 
-	routes, routesErr := retryDump("routes", func() ([]netlink.Route, error) {
-		return k.h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
-	})
-	rules, err := retryDump("rules", func() ([]netlink.Rule, error) {
-		return k.h.RuleListFiltered(netlink.FAMILY_ALL, nil, 0)
-	})
+	// The local table (a route per address) and our own rules (which
+	// ruleConflicts skips) are thousands of objects at full scale: the
+	// dumps drop them before building anything.
+	routes, routesErr := k.dump.routesExceptLocal()
+	var rules []netlink.Rule
+	err := k.dump.rules(k.ownsRule, nil, func(r netlink.Rule) { rules = append(rules, r) }, func() { rules = rules[:0] })
 	switch {
 	case err != nil:
 		warns = append(warns, Warning{Message: fmt.Sprintf("cannot check policy rules for conflicts: %v", err)})

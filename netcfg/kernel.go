@@ -27,6 +27,7 @@ const netlinkTimeout = 10 * time.Second
 type Kernel struct {
 	h        *netlink.Handle
 	addrs    *addrSocket    // raw rtnetlink for addresses (IFA_PROTO)
+	dump     *dumpSocket    // reads: links, addresses, routes, rules
 	ns       netns.NsHandle // sysctls are per namespace: written from a thread inside it
 	stateDir string         // where rp_filter originals are recorded (e.g. /run/dualhomed)
 	cfg      Config
@@ -84,9 +85,17 @@ func NewKernel(ns netns.NsHandle, stateDir string, cfg Config) (*Kernel, error) 
 		own.Close()
 		return nil, fmt.Errorf("setting netlink timeouts: %w", err)
 	}
+	dump, err := newDumpSocket(own)
+	if err != nil {
+		h.Close()
+		sock.Close()
+		own.Close()
+		return nil, err
+	}
 	return &Kernel{
 		h:             h,
 		addrs:         newAddrSocket(sock),
+		dump:          dump,
 		ns:            own,
 		stateDir:      stateDir,
 		cfg:           cfg,
@@ -127,6 +136,7 @@ func parseRelease(r string) (major, minor int, ok bool) {
 func (k *Kernel) Close() {
 	k.h.Close()
 	k.addrs.close()
+	k.dump.close()
 	if k.ns.IsOpen() {
 		k.ns.Close()
 	}
@@ -156,24 +166,17 @@ func retryDump[T any](what string, dump func() ([]T, error)) ([]T, error) {
 
 // Observe lists links, every address on them whoever put it there, and the
 // state dualhomed owns (Owned), as Desired's contract asks: Desired treats an
-// address as foreign unless Observed.Owned lists it.
+// address as foreign unless Observed.Owned lists it. One address dump serves
+// both.
 func (k *Kernel) Observe() (Observed, error) {
-	links, err := retryDump("links", k.h.LinkList)
+	links, err := k.dump.links()
 	if err != nil {
 		return Observed{}, err
 	}
-	obs := Observed{Addrs: map[int][]netip.Prefix{}}
-	for _, l := range links {
-		a := l.Attrs()
-		obs.Links = append(obs.Links, Link{
-			Index: a.Index,
-			Name:  a.Name,
-			MAC:   strings.ToLower(a.HardwareAddr.String()),
-		})
-	}
-	addrs, err := k.addrs.list()
+	obs := Observed{Links: links, Addrs: map[int][]netip.Prefix{}}
+	addrs, err := k.dump.addrs()
 	if err != nil {
-		return Observed{}, fmt.Errorf("listing addresses: %w", err)
+		return Observed{}, err
 	}
 	for _, a := range addrs {
 		obs.Addrs[a.LinkIndex] = append(obs.Addrs[a.LinkIndex], a.Prefix)
@@ -205,9 +208,9 @@ func (k *Kernel) inPriorityBand(prio int) bool {
 // (or recorded in the state file on kernels without it), and the current
 // rp_filter of every link whose original value we recorded.
 func (k *Kernel) Owned() (State, error) {
-	addrs, err := k.addrs.list()
+	addrs, err := k.dump.addrs()
 	if err != nil {
-		return State{}, fmt.Errorf("listing addresses: %w", err)
+		return State{}, err
 	}
 	return k.owned(addrs)
 }
@@ -215,24 +218,24 @@ func (k *Kernel) Owned() (State, error) {
 // owned is Owned with the address dump already made.
 func (k *Kernel) owned(allAddrs []kernelAddr) (State, error) {
 	var st State
-	routes, err := k.ownedNetlinkRoutes()
+	var err error
+	st.Routes, err = k.dump.ownedRoutes(k.cfg.Protocol, func(table int) bool {
+		return table == MainTable || k.inTableBand(table)
+	})
 	if err != nil {
 		return State{}, err
 	}
-	for _, r := range routes {
-		st.Routes = append(st.Routes, fromNetlinkRoute(r))
-	}
-	rules, err := k.ownedNetlinkRules()
+	err = k.dump.rules(k.ownsRule, func(r ruleSummary) {
+		st.Rules = append(st.Rules, fromRuleSummary(r))
+	}, nil, func() { st.Rules = st.Rules[:0] })
 	if err != nil {
 		return State{}, err
-	}
-	for _, r := range rules {
-		st.Rules = append(st.Rules, fromNetlinkRule(r))
 	}
 	addrs, err := k.ownedKernelAddrs(allAddrs)
 	if err != nil {
 		return State{}, err
 	}
+	st.Addrs = make([]Addr, 0, len(addrs))
 	for _, a := range addrs {
 		st.Addrs = append(st.Addrs, Addr{
 			LinkIndex:     a.LinkIndex,
@@ -247,6 +250,21 @@ func (k *Kernel) owned(allAddrs []kernelAddr) (State, error) {
 	return st, nil
 }
 
+// ownsRule: our protocol in our priority band.
+func (k *Kernel) ownsRule(r ruleSummary) bool {
+	return r.Protocol == k.cfg.Protocol && k.inPriorityBand(r.Priority)
+}
+
+func fromRuleSummary(r ruleSummary) Rule {
+	src := r.Src
+	if !src.IsValid() {
+		src = prefixOf(nil, r.Family)
+	}
+	return Rule{Priority: r.Priority, Src: src, Table: r.Table}
+}
+
+// ownedNetlinkRoutes lists our routes as vishvananda/netlink reports them,
+// every attribute kept, for re-adding them as they were (readdAddr4).
 func (k *Kernel) ownedNetlinkRoutes() ([]netlink.Route, error) {
 	filter := &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: netlink.RouteProtocol(k.cfg.Protocol)}
 	all, err := retryDump("routes", func() ([]netlink.Route, error) {
@@ -258,22 +276,6 @@ func (k *Kernel) ownedNetlinkRoutes() ([]netlink.Route, error) {
 	var out []netlink.Route
 	for _, r := range all {
 		if r.Table == MainTable || k.inTableBand(r.Table) {
-			out = append(out, r)
-		}
-	}
-	return out, nil
-}
-
-func (k *Kernel) ownedNetlinkRules() ([]netlink.Rule, error) {
-	all, err := retryDump("rules", func() ([]netlink.Rule, error) {
-		return k.h.RuleListFiltered(netlink.FAMILY_ALL, nil, 0)
-	})
-	if err != nil {
-		return nil, err
-	}
-	var out []netlink.Rule
-	for _, r := range all {
-		if r.Protocol == k.cfg.Protocol && k.inPriorityBand(r.Priority) {
 			out = append(out, r)
 		}
 	}
@@ -359,10 +361,6 @@ func (k *Kernel) netlinkRoute(r Route) *netlink.Route {
 		nr.Scope = netlink.SCOPE_LINK
 	}
 	return nr
-}
-
-func fromNetlinkRule(r netlink.Rule) Rule {
-	return Rule{Priority: r.Priority, Src: prefixOf(r.Src, r.Family), Table: r.Table}
 }
 
 // netlinkRule is `ip rule add from <src> lookup <table> priority <prio>

@@ -152,3 +152,26 @@ func BenchmarkNoopReconcileFullScale(b *testing.B) {
 		b.Fatalf("Cleanup: %v", err)
 	}
 }
+
+// BenchmarkConflictsFullScale measures the conflict check a reconcile runs
+// after Apply, on the full-scale configured kernel.
+func BenchmarkConflictsFullScale(b *testing.B) {
+	k := fullScaleKernel(b)
+	k.ConflictPaths = ConflictPaths{}
+	snap := fullScaleSnapshot()
+	reconcileOnce(b, k, snap)
+	obs, err := k.Observe()
+	if err != nil {
+		b.Fatalf("Observe: %v", err)
+	}
+	desired := Desired(snap, obs, DefaultConfig()).State
+	for b.Loop() {
+		if w := k.Conflicts(desired); len(w) != 0 {
+			b.Fatalf("Conflicts: %v", w)
+		}
+	}
+	b.StopTimer()
+	if _, err := k.Cleanup(); err != nil {
+		b.Fatalf("Cleanup: %v", err)
+	}
+}
