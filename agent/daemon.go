@@ -411,17 +411,36 @@ func (b *batch) add(now time.Time, r reason, delayFor func(reason) time.Duration
 		return delay, true
 	case r&(reasonStart|reasonReload) != 0:
 		return 0, true // a reload is never held back by a repair backoff
+	case !b.sliding && r&promptReasons != 0:
+		// A link changed while a repair backoff holds the batch: what the
+		// kernel removed with the link is not a fight, and traffic through
+		// the link waits for it.
+		*b = batch{open: true, sliding: true, first: now}
+		return debounce, true
 	case b.sliding && now.Sub(b.first)+debounce < maxSettle:
 		return debounce, true // the burst goes on: wait for quiet
 	}
 	return 0, false
 }
 
+// promptReasons are never held back by a repair backoff. A link that goes
+// down, is renamed or comes up takes its routes with it (the kernel flushes
+// the IPv4 routes of a link that goes down, silently): putting them back is
+// not a repair against another program, and until it happens replies through
+// the ENI are broken. Address events are not among them: a program deleting
+// our addresses would otherwise meet a prompt reconcile at each of our own
+// re-adds (RTM_NEWADDR), and fight without backoff.
+const promptReasons = reasonLink
+
 // settleDelay is how long to gather events before reconciling: the debounce,
-// or the repair backoff while another program keeps deleting our objects.
+// or the repair backoff while another program keeps deleting our objects
+// (never for a link change, see promptReasons).
 func (d *Daemon) settleDelay(r reason) time.Duration {
 	if r&(reasonStart|reasonReload) != 0 {
 		return 0
+	}
+	if r&promptReasons != 0 {
+		return debounce
 	}
 	if d.repairDelay > debounce && time.Since(d.lastRepair) < d.repairDelay {
 		return d.repairDelay - time.Since(d.lastRepair)
@@ -453,6 +472,12 @@ func (d *Daemon) reconcile(ctx context.Context, r reason) error {
 		d.readDeferred = true // schedule reads it at lastRead+minLinkReadGap
 	}
 	rep.Trigger = r.String()
+	if r&promptReasons != 0 {
+		// The kernel removed these objects with a link (down, renamed,
+		// flapping): no program is fighting us, so they neither count as
+		// repairs nor grow the repair backoff.
+		rep.Restored, rep.Repairs = rep.Repairs, 0
+	}
 	d.blocked.Store(d.rec.Blocked() > 0)
 	d.metrics.Record(rep, err)
 	log := d.log.With(zap.Stringer("trigger", r))

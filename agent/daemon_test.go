@@ -126,6 +126,13 @@ type running struct {
 
 func (w *world) start(cfg Config, configPath string) *running {
 	w.t.Helper()
+	return w.startPrepared(cfg, configPath, nil)
+}
+
+// startPrepared is start with prepare run on the daemon before Run (its
+// worker state is then still the test's to set).
+func (w *world) startPrepared(cfg Config, configPath string, prepare func(*Daemon)) *running {
+	w.t.Helper()
 	r := &running{notes: &recorder{}, done: make(chan error, 1)}
 	d, err := NewDaemon(Options{
 		ConfigPath: configPath, Config: cfg, NS: w.ns.Handle, Logger: zaptest.NewLogger(w.t),
@@ -137,6 +144,9 @@ func (w *world) start(cfg Config, configPath string) *running {
 		w.t.Fatalf("NewDaemon: %v", err)
 	}
 	r.d = d
+	if prepare != nil {
+		prepare(d)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel = cancel
 	go func() { r.done <- d.Run(ctx) }()
@@ -737,5 +747,74 @@ func TestDaemonBatchesEvents(t *testing.T) {
 	b.add(time.Now(), reasonDrift, backoff)
 	if delay, rearm := b.add(time.Now(), reasonDrift|reasonReload, backoff); !rearm || delay != 0 {
 		t.Errorf("reload during a repair backoff: delay %v (rearm %v), want immediate", delay, rearm)
+	}
+	// A link that comes up while drift waits out a repair backoff: its
+	// routes (flushed by the kernel with the link) must not wait too.
+	b = batch{}
+	b.add(time.Now(), reasonDrift, backoff)
+	if delay, rearm := b.add(time.Now(), reasonDrift|reasonLink, backoff); !rearm || delay != debounce {
+		t.Errorf("link event during a repair backoff: delay %v (rearm %v), want the debounce %v", delay, rearm, debounce)
+	}
+}
+
+// ourRoutes returns the IPv4 routes of table with our protocol.
+func (w *world) ourRoutes(table int) []netlink.Route {
+	w.t.Helper()
+	routes, err := w.ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		w.t.Fatalf("listing routes of table %d: %v", table, err)
+	}
+	var out []netlink.Route
+	for _, rt := range routes {
+		if rt.Protocol == netcfg.DefaultProtocol {
+			out = append(out, rt)
+		}
+	}
+	return out
+}
+
+// After a fight grew the repair backoff, a link that goes down and up (the
+// kernel flushes its IPv4 routes) gets its routes back at once: the backoff
+// is set to ten minutes, far beyond the wait, so the routes can only return
+// in time if link events are not held back by it. Nor do they count as
+// repairs: the backoff does not grow.
+func TestDaemonLinkDownUpBypassesRepairBackoff(t *testing.T) {
+	const backoff = 10 * time.Minute
+	w := newWorld(t, 2)
+	w.link(1)
+	cfg := w.config()
+	w.startPrepared(cfg, "", func(d *Daemon) {
+		// What a long fight leaves behind (trackRepairs' state).
+		d.repairStreak, d.repairDelay, d.lastRepair = 12, backoff, time.Now()
+	})
+	src, table := eniRule(1)
+	// No settle: events held by the backoff (our own address adds) keep
+	// the daemon from going idle.
+	waitFor(t, "ENI 1 configured", func() bool { return w.hasRule(src, table) && len(w.ourRoutes(table)) > 0 })
+	want := len(w.ourRoutes(table))
+
+	eth1, err := w.ns.NL.LinkByName("eth1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.ns.NL.LinkSetDown(eth1); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the kernel to flush eth1's routes", func() bool { return len(w.ourRoutes(table)) == 0 })
+	up := time.Now()
+	if err := w.ns.NL.LinkSetUp(eth1); err != nil {
+		t.Fatal(err)
+	}
+	// waitFor gives up after 30 s, well before the backoff would expire.
+	waitForEvery(t, time.Millisecond, "eth1's routes back after link up", func() bool { return len(w.ourRoutes(table)) == want })
+	t.Logf("%d routes back %v after link up, with a repair backoff of %v in force", want, time.Since(up).Round(time.Millisecond), backoff)
+	var h Health
+	waitFor(t, "the status of the reconcile that restored the routes", func() bool {
+		var err error
+		h, err = ReadStatus(cfg.StateDir)
+		return err == nil && h.Report.Restored > 0
+	})
+	if h.Report.Repairs != 0 || !strings.Contains(h.Report.Trigger, "link") {
+		t.Errorf("the reconcile after link up (trigger %q) counted %d repairs, want 0 (%d restored)", h.Report.Trigger, h.Report.Repairs, h.Report.Restored)
 	}
 }

@@ -101,6 +101,10 @@ type Report struct {
 	// Repairs counts re-added objects of ENIs that were already configured:
 	// drift caused by another program.
 	Repairs int `json:"repairs"`
+	// Restored counts re-adds of a reconcile a link change triggered (the
+	// daemon moves them out of Repairs): the kernel removed those objects
+	// with the link, no program did.
+	Restored int `json:"restored,omitempty"`
 	// Blocked counts adds of this reconcile that did not stick (EEXIST on
 	// another program's object); they are not retried until Unblock.
 	Blocked int `json:"blocked,omitempty"`
