@@ -11,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
 	"github.com/dualhomed/dualhomed/netcfg"
 )
 
@@ -120,5 +123,97 @@ func TestMetricsExposition(t *testing.T) {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q", want)
 		}
+	}
+}
+
+// A foreign main-table route with the destination and metric of one of ours
+// makes our add answer EEXIST; the daemon skips it with a warning. plan
+// agrees: the add is a warning with a hint, not a pending change, so plan
+// says "in sync" (exit 0) instead of listing it forever. A foreign route
+// with another metric blocks nothing: there the add stays pending.
+func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
+	w := newWorld(t, 2)
+	w.link(1)
+	cfg := w.config()
+	k, err := NetcfgKernel(w.ns.Handle, cfg.StateDir, cfg.Netcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.(*netcfg.Kernel).Close()
+	src, _ := testSource(cfg.IMDS)
+	if _, _, err := Apply(context.Background(), NewReconciler(src, k, cfg), 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	var ours *netlink.Route
+	for _, rt := range w.ourRoutes(netcfg.MainTable) {
+		ours = &rt
+		break
+	}
+	if ours == nil {
+		t.Fatal("apply added no main-table route for ENI 1 (another VPC): nothing to block")
+	}
+	if err := w.ns.NL.RouteDel(ours); err != nil {
+		t.Fatal(err)
+	}
+	foreign := *ours
+	foreign.Protocol = unix.RTPROT_STATIC
+	plan := func() Report {
+		t.Helper()
+		rep, err := Plan(context.Background(), NewReconciler(src, k, cfg)) // a fresh process, as `dualhomed plan`
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rep
+	}
+
+	foreign.Priority = 100
+	if err := w.ns.NL.RouteAdd(&foreign); err != nil {
+		t.Fatalf("adding the foreign route: %v", err)
+	}
+	if rep := plan(); len(rep.Changes) != 1 || !strings.Contains(rep.Changes[0].Text, ours.Dst.String()) {
+		t.Errorf("with a foreign route of another metric, plan changes = %v, want our route to %s pending", rep.Changes, ours.Dst)
+	}
+	if err := w.ns.NL.RouteDel(&foreign); err != nil {
+		t.Fatal(err)
+	}
+
+	foreign.Priority = 0
+	if err := w.ns.NL.RouteAdd(&foreign); err != nil {
+		t.Fatalf("adding the foreign route: %v", err)
+	}
+	rep := plan()
+	if len(rep.Changes) != 0 {
+		t.Errorf("plan lists %v, want no pending change (the add is blocked by the foreign route)", rep.Changes)
+	}
+	if rep.Configured() != 1 {
+		t.Errorf("plan: %s, want ENI 1 configured, as the daemon reports it", rep.Summary())
+	}
+	warned := false
+	for _, wn := range rep.Warnings {
+		warned = warned || (strings.Contains(wn.Message, "cannot add") && strings.Contains(wn.Message, ours.Dst.String()) && wn.Hint != "")
+	}
+	if !warned {
+		t.Errorf("no warning with a hint names the blocked route to %s: %v", ours.Dst, rep.Warnings)
+	}
+	var buf bytes.Buffer
+	WritePlan(&buf, rep)
+	if !strings.Contains(buf.String(), "in sync") {
+		t.Errorf("plan output:\n%s\nwant in sync", buf.String())
+	}
+
+	// The daemon's path agrees: the add fails to stick, is blocked, and the
+	// foreign route is left alone.
+	rec := NewReconciler(src, k, cfg)
+	drep, _, err := Apply(context.Background(), rec, 0, nil)
+	if err != nil || drep.Blocked != 1 || rec.Blocked() != 1 {
+		t.Errorf("apply with the foreign route: err %v, blocked %d (reconciler %d), want 1", err, drep.Blocked, rec.Blocked())
+	}
+	routes, _ := w.ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: netcfg.MainTable}, netlink.RT_FILTER_TABLE)
+	left := false
+	for _, rt := range routes {
+		left = left || (rt.Dst != nil && rt.Dst.String() == ours.Dst.String() && rt.Protocol == unix.RTPROT_STATIC)
+	}
+	if !left {
+		t.Error("the foreign route was replaced or deleted")
 	}
 }

@@ -322,8 +322,17 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 	}
 
 	attr := newAttributor(desired.ENIs, obs)
-	if len(r.blocked) > 0 {
-		plan = r.withoutBlocked(plan, attr, &rep)
+	var conflicts []netcfg.Warning
+	blocked := r.blocked
+	if dryRun && haveSnap {
+		// A dry run cannot learn from EEXIST what a foreign object holds:
+		// it asks Conflicts, which the daemon reports too, so that plan
+		// agrees with the daemon, which skips such adds once tried.
+		conflicts = r.kernel.Conflicts(desired.State)
+		blocked = blockedByConflicts(plan, conflicts, r.blocked)
+	}
+	if len(blocked) > 0 {
+		plan = withoutBlocked(plan, blocked, attr, &rep)
 	}
 	touched := map[string]bool{} // MACs with pending or applied changes
 	for _, op := range plan.Ops {
@@ -346,7 +355,10 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 		}
 	}
 	if haveSnap {
-		rep.Warnings = append(rep.Warnings, r.kernel.Conflicts(desired.State)...)
+		if !dryRun {
+			conflicts = r.kernel.Conflicts(desired.State) // the state after Apply
+		}
+		rep.Warnings = append(rep.Warnings, conflicts...)
 	}
 
 	// ENI states: pending changes (dry run) or a failed apply mean drift.
@@ -512,11 +524,12 @@ func opKey(op netcfg.Op) string {
 	return ""
 }
 
-// withoutBlocked drops the adds known to be blocked, with a warning each.
-func (r *Reconciler) withoutBlocked(p netcfg.Plan, attr attributor, rep *Report) netcfg.Plan {
+// withoutBlocked drops the adds known to be blocked (op key -> op text),
+// with a warning each.
+func withoutBlocked(p netcfg.Plan, blocked map[string]string, attr attributor, rep *Report) netcfg.Plan {
 	var out netcfg.Plan
 	for _, op := range p.Ops {
-		if k := opKey(op); !op.Delete && k != "" && r.blocked[k] != "" {
+		if k := opKey(op); !op.Delete && k != "" && blocked[k] != "" {
 			c := attr.change(op)
 			rep.Warnings = append(rep.Warnings, netcfg.Warning{ENI: c.ENI,
 				Message: fmt.Sprintf("cannot add %q: another program's object holds its place (EEXIST); left alone", strings.TrimPrefix(c.Text, "+ ")),
@@ -524,6 +537,36 @@ func (r *Reconciler) withoutBlocked(p netcfg.Plan, attr attributor, rep *Report)
 			continue
 		}
 		out.Ops = append(out.Ops, op)
+	}
+	return out
+}
+
+// foreignMainRoute is how Kernel.Conflicts starts its warning about a
+// foreign main-table route with the destination and metric of one of ours:
+// the kernel answers our add with EEXIST, so the route can never be added.
+const foreignMainRoute = "foreign main-table route to %s ("
+
+// blockedByConflicts returns known (not modified) plus the adds of p that a
+// conflict warning says a foreign object holds: main-table routes, the only
+// conflict Kernel.Conflicts reports with the metric that makes it EEXIST.
+// Warnings carry no structured key (only text), so the match is on the
+// message; TestPlanReportsBlockedMainRouteAsWarning pins the format.
+func blockedByConflicts(p netcfg.Plan, conflicts []netcfg.Warning, known map[string]string) map[string]string {
+	out := map[string]string{}
+	for k, v := range known {
+		out[k] = v
+	}
+	for _, op := range p.Ops {
+		if op.Delete || op.Route == nil || op.Route.Table != netcfg.MainTable {
+			continue
+		}
+		prefix := fmt.Sprintf(foreignMainRoute, op.Route.Dst)
+		for _, w := range conflicts {
+			if strings.HasPrefix(w.Message, prefix) {
+				out[opKey(op)] = prefix
+				break
+			}
+		}
 	}
 	return out
 }
