@@ -59,11 +59,15 @@ func DefaultConflictPaths() ConflictPaths {
 // A failure to read kernel state is itself reported as a warning.
 func (k *Kernel) Conflicts(desired State) []Warning {
 	var warns []Warning
+	// Observe, which precedes Conflicts in a reconcile, read the links and
+	// rules: reuse them while the kernel reports no change since.
+	cachedLinks, cachedRules, cached := k.cache.get()
 	links := map[int]string{} // index -> MAC
-	if ls, err := k.dump.links(); err == nil {
-		for _, l := range ls {
-			links[l.Index] = l.MAC
-		}
+	if !cached {
+		cachedLinks, _ = k.dump.links()
+	}
+	for _, l := range cachedLinks {
+		links[l.Index] = l.MAC
 	}
 	tableLink := map[int]int{} // our table -> its ENI's link index
 	for _, r := range desired.Routes {
@@ -77,8 +81,11 @@ func (k *Kernel) Conflicts(desired State) []Warning {
 	// ruleConflicts skips) are thousands of objects at full scale: the
 	// dumps drop them before building anything.
 	routes, routesErr := k.dump.routesExceptLocal()
-	var rules []netlink.Rule
-	err := k.dump.rules(k.ownsRule, nil, func(r netlink.Rule) { rules = append(rules, r) }, func() { rules = rules[:0] })
+	rules, err := cachedRules, error(nil)
+	if !cached {
+		rules = nil
+		err = k.dump.rules(k.ownsRule, nil, func(r netlink.Rule) { rules = append(rules, r) }, func() { rules = rules[:0] })
+	}
 	switch {
 	case err != nil:
 		warns = append(warns, Warning{Message: fmt.Sprintf("cannot check policy rules for conflicts: %v", err)})

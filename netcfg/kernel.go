@@ -28,6 +28,7 @@ type Kernel struct {
 	h        *netlink.Handle
 	addrs    *addrSocket    // raw rtnetlink for addresses (IFA_PROTO)
 	dump     *dumpSocket    // reads: links, addresses, routes, rules
+	cache    *observedCache // Observe's links and foreign rules, for Conflicts
 	ns       netns.NsHandle // sysctls are per namespace: written from a thread inside it
 	stateDir string         // where rp_filter originals are recorded (e.g. /run/dualhomed)
 	cfg      Config
@@ -96,6 +97,7 @@ func NewKernel(ns netns.NsHandle, stateDir string, cfg Config) (*Kernel, error) 
 		h:             h,
 		addrs:         newAddrSocket(sock),
 		dump:          dump,
+		cache:         newObservedCache(own),
 		ns:            own,
 		stateDir:      stateDir,
 		cfg:           cfg,
@@ -137,6 +139,7 @@ func (k *Kernel) Close() {
 	k.h.Close()
 	k.addrs.close()
 	k.dump.close()
+	k.cache.close()
 	if k.ns.IsOpen() {
 		k.ns.Close()
 	}
@@ -168,23 +171,38 @@ func retryDump[T any](what string, dump func() ([]T, error)) ([]T, error) {
 // state dualhomed owns (Owned), as Desired's contract asks: Desired treats an
 // address as foreign unless Observed.Owned lists it. One address dump serves
 // both.
-func (k *Kernel) Observe() (Observed, error) {
+func (k *Kernel) Observe() (obs Observed, err error) {
+	// Conflicts, which follows in a reconcile, reuses the links and foreign
+	// rules read here while the kernel reports no change to them.
+	var foreign []netlink.Rule
+	k.cache.begin()
+	defer func() { k.cache.end(obs.Links, foreign, err == nil) }()
+
 	links, err := k.dump.links()
 	if err != nil {
 		return Observed{}, err
 	}
-	obs := Observed{Links: links, Addrs: map[int][]netip.Prefix{}}
 	addrs, err := k.dump.addrs()
 	if err != nil {
 		return Observed{}, err
 	}
+	perLink := map[int]int{}
 	for _, a := range addrs {
-		obs.Addrs[a.LinkIndex] = append(obs.Addrs[a.LinkIndex], a.Prefix)
+		perLink[a.LinkIndex]++
 	}
-	if obs.Owned, err = k.owned(addrs); err != nil {
+	byLink := make(map[int][]netip.Prefix, len(perLink))
+	for _, a := range addrs {
+		ps := byLink[a.LinkIndex]
+		if ps == nil {
+			ps = make([]netip.Prefix, 0, perLink[a.LinkIndex])
+		}
+		byLink[a.LinkIndex] = append(ps, a.Prefix)
+	}
+	owned, err := k.owned(addrs, func(r netlink.Rule) { foreign = append(foreign, r) }, func() { foreign = foreign[:0] })
+	if err != nil {
 		return Observed{}, err
 	}
-	return obs, nil
+	return Observed{Links: links, Addrs: byLink, Owned: owned}, nil
 }
 
 func (k *Kernel) ownsAddr(a kernelAddr, recorded map[addrRecord]bool) bool {
@@ -212,11 +230,12 @@ func (k *Kernel) Owned() (State, error) {
 	if err != nil {
 		return State{}, err
 	}
-	return k.owned(addrs)
+	return k.owned(addrs, nil, func() {})
 }
 
-// owned is Owned with the address dump already made.
-func (k *Kernel) owned(allAddrs []kernelAddr) (State, error) {
+// owned is Owned with the address dump already made. Rules that are not
+// ours go to foreign, when not nil (resetForeign starts over a retried dump).
+func (k *Kernel) owned(allAddrs []kernelAddr, foreign func(netlink.Rule), resetForeign func()) (State, error) {
 	var st State
 	var err error
 	st.Routes, err = k.dump.ownedRoutes(k.cfg.Protocol, func(table int) bool {
@@ -227,7 +246,7 @@ func (k *Kernel) owned(allAddrs []kernelAddr) (State, error) {
 	}
 	err = k.dump.rules(k.ownsRule, func(r ruleSummary) {
 		st.Rules = append(st.Rules, fromRuleSummary(r))
-	}, nil, func() { st.Rules = st.Rules[:0] })
+	}, foreign, func() { st.Rules = st.Rules[:0]; resetForeign() })
 	if err != nil {
 		return State{}, err
 	}

@@ -165,11 +165,25 @@ func BenchmarkConflictsFullScale(b *testing.B) {
 		b.Fatalf("Observe: %v", err)
 	}
 	desired := Desired(snap, obs, DefaultConfig()).State
-	for b.Loop() {
-		if w := k.Conflicts(desired); len(w) != 0 {
-			b.Fatalf("Conflicts: %v", w)
+	run := func(b *testing.B, fresh bool) {
+		for b.Loop() {
+			if fresh {
+				k.cache.begin() // as if a link or rule had changed since Observe
+				k.cache.end(nil, nil, false)
+			}
+			if w := k.Conflicts(desired); len(w) != 0 {
+				b.Fatalf("Conflicts: %v", w)
+			}
 		}
 	}
+	// In a reconcile, Observe just read the links and rules.
+	b.Run("after-observe", func(b *testing.B) {
+		if _, err := k.Observe(); err != nil {
+			b.Fatalf("Observe: %v", err)
+		}
+		run(b, false)
+	})
+	b.Run("dumping-all", func(b *testing.B) { run(b, true) })
 	b.StopTimer()
 	if _, err := k.Cleanup(); err != nil {
 		b.Fatalf("Cleanup: %v", err)

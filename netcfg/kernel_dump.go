@@ -287,6 +287,9 @@ func (d *dumpSocket) routesExceptLocal() ([]netlink.Route, error) {
 		body[rtmFamily] = family
 		start := len(out)
 		err := d.dump("routes", unix.RTM_GETROUTE, body, func() { out = out[:start] }, func(typ uint16, m []byte) error {
+			if len(m) > rtmTable && m[rtmTable] == unix.RT_TABLE_LOCAL {
+				return nil // exact: tables over 255 show as RT_TABLE_COMPAT here
+			}
 			r, ok := parseRouteMessage(typ, m, family)
 			if ok && r.Table != unix.RT_TABLE_LOCAL {
 				out = append(out, r.toNetlink())
