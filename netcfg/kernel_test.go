@@ -676,3 +676,29 @@ func TestReadsRunAlongsideApply(t *testing.T) {
 		t.Errorf("owned after concurrent use:\n%s", Diff(owned, desired))
 	}
 }
+
+// Conflicts reuses the links and rules Observe read only while the kernel
+// reports no change: a foreign rule added after Observe is still reported.
+func TestConflictsAfterObserveSeesLaterChanges(t *testing.T) {
+	w := newKTWorld(t)
+	w.k.ConflictPaths = noNetworkd(t)
+	desired := w.state(ktEth1, ktEth2, ktEth3)
+	w.reconcile(t, desired)
+	if _, err := w.k.Observe(); err != nil {
+		t.Fatalf("Observe: %v", err)
+	}
+	if _, _, ok := w.k.cache.get(); !ok {
+		t.Fatal("Observe's links and rules are not reused although nothing changed")
+	}
+	if warns := w.k.Conflicts(desired); len(warns) != 0 {
+		t.Fatalf("warnings on an instance with only our state: %v", warns)
+	}
+	w.ip(t, "rule", "add", "priority", "50", "from", "10.1.0.12", "lookup", "101")
+	warns := w.k.Conflicts(desired)
+	if len(warns) != 1 || !strings.Contains(warns[0].Message, "foreign rule `50: from 10.1.0.12/32 lookup 101`") {
+		t.Errorf("after a foreign rule was added: %v, want its warning", warns)
+	}
+	if _, _, ok := w.k.cache.get(); ok {
+		t.Error("the cache is still in use after a rule change")
+	}
+}
