@@ -169,28 +169,30 @@ func parseAddrMessage(m []byte) (kernelAddr, bool, error) {
 	if len(m) < unix.SizeofIfAddrmsg {
 		return kernelAddr{}, false, fmt.Errorf("short message (%d bytes)", len(m))
 	}
-	msg := nl.DeserializeIfAddrmsg(m)
-	attrs, err := nl.ParseRouteAttr(m[msg.Len():])
-	if err != nil {
-		return kernelAddr{}, false, err
-	}
-	a := kernelAddr{LinkIndex: int(msg.Index), Flags: uint32(msg.Flags)}
+	// struct ifaddrmsg: family, prefixlen, flags, scope (u8 each), index (u32).
+	prefixLen, flags := m[1], m[2]
+	a := kernelAddr{LinkIndex: int(nl.NativeEndian().Uint32(m[4:8])), Flags: uint32(flags)}
 	var local, address []byte
-	for _, at := range attrs {
-		switch at.Attr.Type {
+	// Parsed in place (no attribute slice per message): a full-scale
+	// instance has 1,500 addresses and Observe reads them all.
+	ok := forEachAttr(m[unix.SizeofIfAddrmsg:], func(t uint16, v []byte) {
+		switch t {
 		case unix.IFA_LOCAL:
-			local = at.Value
+			local = v
 		case unix.IFA_ADDRESS:
-			address = at.Value
+			address = v
 		case unix.IFA_FLAGS:
-			if len(at.Value) >= 4 {
-				a.Flags = nl.NativeEndian().Uint32(at.Value[:4])
+			if len(v) >= 4 {
+				a.Flags = nl.NativeEndian().Uint32(v[:4])
 			}
 		case ifaProto:
-			if len(at.Value) >= 1 {
-				a.Proto = at.Value[0]
+			if len(v) >= 1 {
+				a.Proto = v[0]
 			}
 		}
+	})
+	if !ok {
+		return kernelAddr{}, false, errors.New("malformed attributes")
 	}
 	// IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on
 	// point-to-point links (and the only one IPv6 sends otherwise).
@@ -202,6 +204,6 @@ func parseAddrMessage(m []byte) (kernelAddr, bool, error) {
 	if !ok {
 		return kernelAddr{}, false, nil
 	}
-	a.Prefix = netip.PrefixFrom(ip.Unmap(), int(msg.Prefixlen))
+	a.Prefix = netip.PrefixFrom(ip.Unmap(), int(prefixLen))
 	return a, true, nil
 }

@@ -244,6 +244,7 @@ func (k *Kernel) owned(allAddrs []kernelAddr, foreign func(netlink.Rule), resetF
 	if err != nil {
 		return State{}, err
 	}
+	st.Rules = make([]Rule, 0, k.dump.ruleHint.Load())
 	err = k.dump.rules(k.ownsRule, func(r ruleSummary) {
 		st.Rules = append(st.Rules, fromRuleSummary(r))
 	}, foreign, func() { st.Rules = st.Rules[:0]; resetForeign() })
@@ -262,6 +263,7 @@ func (k *Kernel) owned(allAddrs []kernelAddr, foreign func(netlink.Rule), resetF
 			NoPrefixRoute: a.Flags&unix.IFA_F_NOPREFIXROUTE != 0,
 		})
 	}
+	k.dump.ruleHint.Store(int64(len(st.Rules)))
 	if st.RPFilters, err = k.ownedRPFilters(); err != nil {
 		return State{}, err
 	}
@@ -309,7 +311,7 @@ func (k *Kernel) ownedKernelAddrs(all []kernelAddr) ([]kernelAddr, error) {
 			return nil, err
 		}
 	}
-	var out []kernelAddr
+	out := make([]kernelAddr, 0, len(all))
 	for _, a := range all {
 		if k.ownsAddr(a, recorded) {
 			out = append(out, a)

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/vishvananda/netlink"
@@ -35,6 +36,9 @@ type dumpSocket struct {
 	seq    uint32
 	strict bool
 	buf    []byte
+
+	// Sizes of the latest dumps, to allocate the next ones at once.
+	addrHint, ruleHint atomic.Int64
 }
 
 // dumpBufferSize holds any one read of a dump: the kernel fills at most 32 KiB
@@ -168,20 +172,21 @@ func nlmAlign(l int) int { return (l + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_AL
 func rtaAlign(l int) int { return (l + unix.RTA_ALIGNTO - 1) &^ (unix.RTA_ALIGNTO - 1) }
 
 // forEachAttr calls fn with each rtattr in b (type without the nested and
-// byte-order flags). It stops at the first malformed attribute.
-func forEachAttr(b []byte, fn func(typ uint16, v []byte)) {
+// byte-order flags). It stops at a malformed attribute and reports false.
+func forEachAttr(b []byte, fn func(typ uint16, v []byte)) bool {
 	ne := nl.NativeEndian()
 	for len(b) >= unix.SizeofRtAttr {
 		l := int(ne.Uint16(b[0:2]))
 		if l < unix.SizeofRtAttr || l > len(b) {
-			return
+			return false
 		}
 		fn(ne.Uint16(b[2:4])&nlaTypeMask, b[unix.SizeofRtAttr:l])
 		if rtaAlign(l) >= len(b) {
-			return
+			return true
 		}
 		b = b[rtaAlign(l):]
 	}
+	return true
 }
 
 func u32(v []byte) (uint32, bool) {
@@ -224,7 +229,8 @@ func (d *dumpSocket) links() ([]Link, error) {
 // order (by link, then as the link holds them).
 func (d *dumpSocket) addrs() ([]kernelAddr, error) {
 	body := make([]byte, unix.SizeofIfAddrmsg) // AF_UNSPEC, every link
-	var out []kernelAddr
+	out := make([]kernelAddr, 0, d.addrHint.Load())
+	defer func() { d.addrHint.Store(int64(len(out))) }()
 	err := d.dump("addresses", unix.RTM_GETADDR, body, func() { out = out[:0] }, func(typ uint16, m []byte) error {
 		if typ != unix.RTM_NEWADDR {
 			return nil
