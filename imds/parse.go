@@ -221,19 +221,46 @@ func parseAddrList(body string, parse func(string) (netip.Addr, error)) ([]netip
 		return nil, err
 	}
 	addrs := make([]netip.Addr, 0, len(lines))
-	seen := make(map[netip.Addr]bool, len(lines))
+	var seen map[netip.Addr]bool
 	for _, l := range lines {
 		a, err := parse(l)
 		if err != nil {
 			return nil, err
 		}
-		if seen[a] {
+		if repeats(addrs, a, &seen) {
 			return nil, invalid(l, "is listed twice")
 		}
-		seen[a] = true
 		addrs = append(addrs, a)
 	}
 	return addrs, nil
+}
+
+// repeats reports whether v is among earlier, the values already accepted.
+// Lists are short (at most 50 addresses per ENI), and comparing with each
+// earlier value is cheaper than building a set, which cost a map per list
+// and poll; *seen takes over past 64 values so that a long (bogus) list
+// stays linear.
+func repeats[T comparable](earlier []T, v T, seen *map[T]bool) bool {
+	const linearMax = 64
+	if len(earlier) < linearMax {
+		for _, e := range earlier {
+			if e == v {
+				return true
+			}
+		}
+		return false
+	}
+	if *seen == nil {
+		*seen = make(map[T]bool, 2*len(earlier))
+		for _, e := range earlier {
+			(*seen)[e] = true
+		}
+	}
+	if (*seen)[v] {
+		return true
+	}
+	(*seen)[v] = true
+	return false
 }
 
 // parseIPv4List parses local-ipv4s.
@@ -277,16 +304,15 @@ func parsePrefixList(body string, family int) ([]netip.Prefix, error) {
 		return nil, err
 	}
 	prefixes := make([]netip.Prefix, 0, len(lines))
-	seen := make(map[netip.Prefix]bool, len(lines))
+	var seen map[netip.Prefix]bool
 	for _, l := range lines {
 		p, err := parsePrefix(l, family)
 		if err != nil {
 			return nil, err
 		}
-		if seen[p] {
+		if repeats(prefixes, p, &seen) {
 			return nil, invalid(l, "is listed twice")
 		}
-		seen[p] = true
 		prefixes = append(prefixes, p)
 	}
 	return prefixes, nil
