@@ -395,6 +395,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 type batch struct {
 	open    bool
 	sliding bool // the delay is the debounce (not a repair backoff): events extend it
+	held    bool // the delay is a repair backoff: a link event cuts it short
 	first   time.Time
 }
 
@@ -402,16 +403,17 @@ type batch struct {
 // delay to (re)arm the settle timer with, or rearm false to leave it as it
 // is. The first event opens the batch with delayFor(r): the debounce, or
 // the repair backoff. Later events push a debounce deadline back, never
-// beyond maxSettle after the first event; start and reload fire at once.
+// beyond maxSettle after the first event; start and reload fire at once; a
+// link event turns a repair backoff into the debounce.
 func (b *batch) add(now time.Time, r reason, delayFor func(reason) time.Duration) (delay time.Duration, rearm bool) {
 	switch {
 	case !b.open:
 		delay = delayFor(r)
-		*b = batch{open: true, sliding: delay == debounce, first: now}
+		*b = batch{open: true, sliding: delay == debounce, held: delay > debounce, first: now}
 		return delay, true
 	case r&(reasonStart|reasonReload) != 0:
 		return 0, true // a reload is never held back by a repair backoff
-	case !b.sliding && r&promptReasons != 0:
+	case b.held && r&promptReasons != 0:
 		// A link changed while a repair backoff holds the batch: what the
 		// kernel removed with the link is not a fight, and traffic through
 		// the link waits for it.

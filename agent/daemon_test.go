@@ -702,7 +702,8 @@ func reconcilesFor(events []time.Duration, r reason, delayFor func(reason) time.
 // links created back to back (add, up, carrier) are one reconcile that runs
 // debounce after the last one; links apart by more than the debounce are
 // reconciled one by one; a steady stream is cut every maxSettle; a repair
-// backoff is not shortened by further events, and a reload is not delayed.
+// backoff is not shortened by further drift, but a link event cuts it to the
+// debounce, and a reload is not delayed.
 func TestDaemonBatchesEvents(t *testing.T) {
 	debounced := func(reason) time.Duration { return debounce }
 	every := func(n int, gap time.Duration) []time.Duration {
