@@ -29,9 +29,10 @@ clean:
 demo: build
 	$(BIN)/dualhomed-demo
 
-# Side-by-side benchmarks (cmd/dualhomed-bench) plus Go micro-benchmarks; writes docs/benchmarks.md. Needs root.
+# Side-by-side benchmarks (cmd/dualhomed-bench, which also runs the Go
+# micro-benchmarks so that their figures land in the file); writes
+# docs/benchmarks.md. Needs root.
 bench: build
-	$(GO) test -run '^$$' -bench . -benchmem ./imds/... ./netcfg/...
 	$(BIN)/dualhomed-bench -out docs/benchmarks.md
 
 # .deb and .rpm for amd64 and arm64 into dist/ (packaging/build.sh).
