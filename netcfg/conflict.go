@@ -59,9 +59,9 @@ func DefaultConflictPaths() ConflictPaths {
 // A failure to read kernel state is itself reported as a warning.
 func (k *Kernel) Conflicts(desired State) []Warning {
 	var warns []Warning
-	// Observe, which precedes Conflicts in a reconcile, read the links and
-	// rules: reuse them while the kernel reports no change since.
-	cachedLinks, cachedRules, cached := k.cache.get()
+	// Observe, which precedes Conflicts in a reconcile, read the links,
+	// routes and rules: reuse them while the kernel reports no change since.
+	cachedLinks, cachedRoutes, cachedRules, cached := k.cache.get()
 	links := map[int]string{} // index -> MAC
 	if !cached {
 		cachedLinks, _ = k.dump.links()
@@ -80,12 +80,14 @@ func (k *Kernel) Conflicts(desired State) []Warning {
 	// The local table (a route per address) and our own rules (which
 	// ruleConflicts skips) are thousands of objects at full scale: the
 	// dumps drop them before building anything.
-	routes, routesErr := k.dump.routesExceptLocal()
+	rawRoutes, routesErr := cachedRoutes, error(nil)
 	rules, err := cachedRules, error(nil)
 	if !cached {
+		rawRoutes, routesErr = k.dump.routesExceptLocal()
 		rules = nil
 		err = k.dump.rules(k.ownsRule, nil, func(r netlink.Rule) { rules = append(rules, r) }, func() { rules = rules[:0] })
 	}
+	routes := netlinkRoutes(rawRoutes)
 	switch {
 	case err != nil:
 		warns = append(warns, Warning{Message: fmt.Sprintf("cannot check policy rules for conflicts: %v", err)})

@@ -25,13 +25,14 @@ const netlinkTimeout = 10 * time.Second
 // Its methods may be called from several goroutines: Apply and Cleanup are
 // serialised, reads may run alongside them.
 type Kernel struct {
-	h        *netlink.Handle
-	addrs    *addrSocket    // raw rtnetlink for addresses (IFA_PROTO)
-	dump     *dumpSocket    // reads: links, addresses, routes, rules
-	cache    *observedCache // Observe's links and foreign rules, for Conflicts
-	ns       netns.NsHandle // sysctls are per namespace: written from a thread inside it
-	stateDir string         // where rp_filter originals are recorded (e.g. /run/dualhomed)
-	cfg      Config
+	h         *netlink.Handle
+	addrs     *addrSocket    // raw rtnetlink for addresses (IFA_PROTO)
+	dump      *dumpSocket    // reads: links, addresses, routes, rules
+	routeDump *dumpSocket    // Observe's route dump, alongside the others
+	cache     *observedCache // Observe's links and foreign rules, for Conflicts
+	ns        netns.NsHandle // sysctls are per namespace: written from a thread inside it
+	stateDir  string         // where rp_filter originals are recorded (e.g. /run/dualhomed)
+	cfg       Config
 
 	// addrProto is true when the kernel records IFA_PROTO (Linux 5.18+), so
 	// our addresses carry cfg.Protocol like our routes and rules. Otherwise
@@ -93,10 +94,19 @@ func NewKernel(ns netns.NsHandle, stateDir string, cfg Config) (*Kernel, error) 
 		own.Close()
 		return nil, err
 	}
+	routeDump, err := newDumpSocket(own)
+	if err != nil {
+		dump.close()
+		h.Close()
+		sock.Close()
+		own.Close()
+		return nil, err
+	}
 	return &Kernel{
 		h:             h,
 		addrs:         newAddrSocket(sock),
 		dump:          dump,
+		routeDump:     routeDump,
 		cache:         newObservedCache(own),
 		ns:            own,
 		stateDir:      stateDir,
@@ -139,6 +149,7 @@ func (k *Kernel) Close() {
 	k.h.Close()
 	k.addrs.close()
 	k.dump.close()
+	k.routeDump.close()
 	k.cache.close()
 	if k.ns.IsOpen() {
 		k.ns.Close()
@@ -172,11 +183,36 @@ func retryDump[T any](what string, dump func() ([]T, error)) ([]T, error) {
 // address as foreign unless Observed.Owned lists it. One address dump serves
 // both.
 func (k *Kernel) Observe() (obs Observed, err error) {
-	// Conflicts, which follows in a reconcile, reuses the links and foreign
-	// rules read here while the kernel reports no change to them.
+	// Conflicts, which follows in a reconcile, reuses the links, routes and
+	// foreign rules read here while the kernel reports no change to them.
 	var foreign []netlink.Rule
+	var routes []rawRoute
 	k.cache.begin()
-	defer func() { k.cache.end(obs.Links, foreign, err == nil) }()
+	defer func() { k.cache.end(obs.Links, routes, foreign, err == nil) }()
+
+	// The routes (every table but local: ours and what Conflicts checks) are
+	// dumped on a second socket while the links, addresses and rules are
+	// dumped on the first: the kernel fills both at once on another core.
+	var routesErr error
+	routesDone := make(chan struct{})
+	go func() {
+		defer close(routesDone)
+		routes, routesErr = k.routeDump.routesExceptLocal()
+	}()
+	defer func() { <-routesDone }() // never leave the dump running
+	ownedRoutes := func() ([]Route, error) {
+		<-routesDone
+		if routesErr != nil {
+			return nil, routesErr
+		}
+		var out []Route
+		for _, r := range routes {
+			if k.ownsRoute(r) {
+				out = append(out, r.toRoute())
+			}
+		}
+		return out, nil
+	}
 
 	links, err := k.dump.links()
 	if err != nil {
@@ -198,11 +234,16 @@ func (k *Kernel) Observe() (obs Observed, err error) {
 		}
 		byLink[a.LinkIndex] = append(ps, a.Prefix)
 	}
-	owned, err := k.owned(addrs, func(r netlink.Rule) { foreign = append(foreign, r) }, func() { foreign = foreign[:0] })
+	owned, err := k.owned(addrs, ownedRoutes, func(r netlink.Rule) { foreign = append(foreign, r) }, func() { foreign = foreign[:0] })
 	if err != nil {
 		return Observed{}, err
 	}
 	return Observed{Links: links, Addrs: byLink, Owned: owned}, nil
+}
+
+// ownsRoute: our protocol, in the main table or our band.
+func (k *Kernel) ownsRoute(r rawRoute) bool {
+	return r.Protocol == netlink.RouteProtocol(k.cfg.Protocol) && (r.Table == MainTable || k.inTableBand(r.Table))
 }
 
 func (k *Kernel) ownsAddr(a kernelAddr, recorded map[addrRecord]bool) bool {
@@ -230,20 +271,20 @@ func (k *Kernel) Owned() (State, error) {
 	if err != nil {
 		return State{}, err
 	}
-	return k.owned(addrs, nil, func() {})
+	ownedRoutes := func() ([]Route, error) {
+		// The kernel filters by protocol (strict checking): only ours come.
+		return k.dump.ownedRoutes(k.cfg.Protocol, func(table int) bool {
+			return table == MainTable || k.inTableBand(table)
+		})
+	}
+	return k.owned(addrs, ownedRoutes, nil, func() {})
 }
 
 // owned is Owned with the address dump already made. Rules that are not
 // ours go to foreign, when not nil (resetForeign starts over a retried dump).
-func (k *Kernel) owned(allAddrs []kernelAddr, foreign func(netlink.Rule), resetForeign func()) (State, error) {
+func (k *Kernel) owned(allAddrs []kernelAddr, ownedRoutes func() ([]Route, error), foreign func(netlink.Rule), resetForeign func()) (State, error) {
 	var st State
 	var err error
-	st.Routes, err = k.dump.ownedRoutes(k.cfg.Protocol, func(table int) bool {
-		return table == MainTable || k.inTableBand(table)
-	})
-	if err != nil {
-		return State{}, err
-	}
 	st.Rules = make([]Rule, 0, k.dump.ruleHint.Load())
 	err = k.dump.rules(k.ownsRule, func(r ruleSummary) {
 		st.Rules = append(st.Rules, fromRuleSummary(r))
@@ -264,6 +305,9 @@ func (k *Kernel) owned(allAddrs []kernelAddr, foreign func(netlink.Rule), resetF
 		})
 	}
 	k.dump.ruleHint.Store(int64(len(st.Rules)))
+	if st.Routes, err = ownedRoutes(); err != nil {
+		return State{}, err
+	}
 	if st.RPFilters, err = k.ownedRPFilters(); err != nil {
 		return State{}, err
 	}

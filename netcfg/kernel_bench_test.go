@@ -169,7 +169,7 @@ func BenchmarkConflictsFullScale(b *testing.B) {
 		for b.Loop() {
 			if fresh {
 				k.cache.begin() // as if a link or rule had changed since Observe
-				k.cache.end(nil, nil, false)
+				k.cache.end(nil, nil, nil, false)
 			}
 			if w := k.Conflicts(desired); len(w) != 0 {
 				b.Fatalf("Conflicts: %v", w)

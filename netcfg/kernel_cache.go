@@ -5,26 +5,33 @@ import (
 	"sync"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
-// observedCache keeps the links and foreign rules that the latest Observe
-// dumped, for the Conflicts check that follows it in the same reconcile.
+// observedCache keeps the links, routes (all but the local table's) and
+// foreign rules that the latest Observe dumped, for the Conflicts check that
+// follows it in the same reconcile.
 //
-// Why: the rule dump is the costliest read of a reconcile at full scale
-// (about 1,500 rules, which the kernel cannot filter by protocol), and
-// Conflicts used to dump rules and links again a millisecond after Observe.
+// Why: Conflicts used to dump rules, links and routes again a millisecond
+// after Observe had, and these are the costliest reads of a reconcile at full
+// scale: about 1,500 rules (the kernel cannot filter them by protocol) and
+// 3,000 routes (the local table's, one per address, which the kernel cannot
+// leave out either).
 //
 // It is only used while provably current: a socket subscribed to the
-// kernel's link and rule notifications is drained before Observe dumps, and
-// any notification since (a foreign change, or our own Apply) makes Conflicts
-// dump afresh. Without that socket the cache is never used.
+// kernel's link, address, route and rule notifications is drained before
+// Observe dumps, and any notification since (a foreign change, or our own
+// Apply) makes Conflicts dump afresh; only the local table's route
+// notifications are ignored, as Conflicts never reads that table. Without
+// that socket the cache is never used.
 type observedCache struct {
 	mu      sync.Mutex
-	notify  int // rtnetlink socket in the link and rule groups; -1 if unavailable
+	notify  int // rtnetlink socket in the link, address, route and rule groups; -1 if unavailable
 	valid   bool
 	links   []Link
+	routes  []rawRoute // every table but local
 	foreign []netlink.Rule
 }
 
@@ -42,7 +49,11 @@ func newObservedCache(ns netns.NsHandle) *observedCache {
 	if err != nil {
 		return c // not fatal: Conflicts dumps for itself
 	}
-	groups := rtnlGroupBit(unix.RTNLGRP_LINK) | rtnlGroupBit(unix.RTNLGRP_IPV4_RULE) | rtnlGroupBit(unix.RTNLGRP_IPV6_RULE)
+	groups := rtnlGroupBit(unix.RTNLGRP_LINK) | rtnlGroupBit(unix.RTNLGRP_IPV4_RULE) | rtnlGroupBit(unix.RTNLGRP_IPV6_RULE) |
+		rtnlGroupBit(unix.RTNLGRP_IPV4_ROUTE) | rtnlGroupBit(unix.RTNLGRP_IPV6_ROUTE) |
+		// Deleting an IPv4 address flushes the routes using it without a
+		// route notification: any address change counts as a route change.
+		rtnlGroupBit(unix.RTNLGRP_IPV4_IFADDR) | rtnlGroupBit(unix.RTNLGRP_IPV6_IFADDR)
 	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: groups}); err != nil {
 		unix.Close(fd)
 		return c
@@ -58,13 +69,13 @@ func (c *observedCache) close() {
 }
 
 // changed drains the notification socket and reports whether the kernel
-// announced any link or rule change (or the socket overflowed) since the
-// last drain. Called with c.mu held.
+// announced any change to links, addresses, rules or routes outside the local table (or
+// the socket overflowed) since the last drain. Called with c.mu held.
 func (c *observedCache) changed() bool {
 	if c.notify < 0 {
 		return true
 	}
-	var buf [4096]byte
+	var buf [16 << 10]byte
 	seen := false
 	for {
 		n, _, err := unix.Recvfrom(c.notify, buf[:], unix.MSG_DONTWAIT)
@@ -76,10 +87,31 @@ func (c *observedCache) changed() bool {
 		case err != nil: // ENOBUFS: notifications were lost
 			seen = true
 			continue
-		case n > 0:
+		}
+		if !seen && notifiesChange(buf[:n]) {
 			seen = true
 		}
 	}
+}
+
+// notifiesChange reports whether the notifications in b announce anything
+// but a route of the local table.
+func notifiesChange(b []byte) bool {
+	ne := nl.NativeEndian()
+	for len(b) >= unix.SizeofNlMsghdr {
+		l := int(ne.Uint32(b[0:4]))
+		if l < unix.SizeofNlMsghdr || l > len(b) {
+			return true
+		}
+		typ, m := ne.Uint16(b[4:6]), b[unix.SizeofNlMsghdr:l]
+		local := (typ == unix.RTM_NEWROUTE || typ == unix.RTM_DELROUTE) &&
+			len(m) >= unix.SizeofRtMsg && m[rtmTable] == unix.RT_TABLE_LOCAL
+		if !local {
+			return true
+		}
+		b = b[nlmAlign(l):]
+	}
+	return false
 }
 
 // begin starts an Observe: later notifications are news. It returns with
@@ -91,21 +123,21 @@ func (c *observedCache) begin() {
 }
 
 // end records what Observe dumped, unless the kernel changed meanwhile.
-func (c *observedCache) end(links []Link, foreign []netlink.Rule, ok bool) {
+func (c *observedCache) end(links []Link, routes []rawRoute, foreign []netlink.Rule, ok bool) {
 	defer c.mu.Unlock()
 	if !ok || c.changed() {
 		return
 	}
-	c.links, c.foreign, c.valid = slices.Clone(links), foreign, true
+	c.links, c.routes, c.foreign, c.valid = slices.Clone(links), routes, foreign, true
 }
 
-// get returns the cached links and foreign rules if no link or rule changed
-// since they were dumped. The caller must not modify them.
-func (c *observedCache) get() (links []Link, foreign []netlink.Rule, ok bool) {
+// get returns the cached links, routes and foreign rules if none of them
+// changed since they were dumped. The caller must not modify them.
+func (c *observedCache) get() (links []Link, routes []rawRoute, foreign []netlink.Rule, ok bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.valid && c.changed() {
 		c.valid = false
 	}
-	return c.links, c.foreign, c.valid
+	return c.links, c.routes, c.foreign, c.valid
 }

@@ -283,11 +283,9 @@ func (d *dumpSocket) ownedRoutes(protocol uint8, keep func(table int) bool) ([]R
 }
 
 // routesExceptLocal dumps the routes of every table but the local one (a
-// route per address: nothing Conflicts looks at), both families, as
-// vishvananda/netlink would report them in the fields Conflicts reads:
-// Family, Table, Dst, Gw, LinkIndex, Priority, Protocol, Type, Scope.
-func (d *dumpSocket) routesExceptLocal() ([]netlink.Route, error) {
-	var out []netlink.Route
+// route per address: nothing Observe or Conflicts looks at), both families.
+func (d *dumpSocket) routesExceptLocal() ([]rawRoute, error) {
+	var out []rawRoute
 	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
 		body := make([]byte, unix.SizeofRtMsg)
 		body[rtmFamily] = family
@@ -298,7 +296,7 @@ func (d *dumpSocket) routesExceptLocal() ([]netlink.Route, error) {
 			}
 			r, ok := parseRouteMessage(typ, m, family)
 			if ok && r.Table != unix.RT_TABLE_LOCAL {
-				out = append(out, r.toNetlink())
+				out = append(out, r)
 			}
 			return nil
 		})
@@ -307,6 +305,17 @@ func (d *dumpSocket) routesExceptLocal() ([]netlink.Route, error) {
 		}
 	}
 	return out, nil
+}
+
+// netlinkRoutes converts routes as vishvananda/netlink would report them in
+// the fields Conflicts reads: Family, Table, Dst, Gw, LinkIndex, Priority,
+// Protocol, Type, Scope.
+func netlinkRoutes(routes []rawRoute) []netlink.Route {
+	out := make([]netlink.Route, len(routes))
+	for i, r := range routes {
+		out[i] = r.toNetlink()
+	}
+	return out
 }
 
 // rawRoute is a route message's fields, its addresses still in netip form.
@@ -364,6 +373,23 @@ func parseRouteMessage(typ uint16, m []byte, family uint8) (rawRoute, bool) {
 		}
 	})
 	return r, true
+}
+
+// toRoute is the route as State holds it (fromNetlinkRoute(r.toNetlink())
+// without the detour).
+func (r rawRoute) toRoute() Route {
+	dst := r.Dst
+	if !dst.IsValid() {
+		dst = prefixOf(nil, r.Family)
+	}
+	return Route{
+		Table:     r.Table,
+		Dst:       dst,
+		Gateway:   r.Gw,
+		LinkIndex: r.LinkIndex,
+		Src:       r.Src,
+		ScopeLink: r.Scope == netlink.SCOPE_LINK,
+	}
 }
 
 func (r rawRoute) toNetlink() netlink.Route {

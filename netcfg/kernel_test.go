@@ -677,8 +677,9 @@ func TestReadsRunAlongsideApply(t *testing.T) {
 	}
 }
 
-// Conflicts reuses the links and rules Observe read only while the kernel
-// reports no change: a foreign rule added after Observe is still reported.
+// Conflicts reuses the links, routes and rules Observe read only while the
+// kernel reports no change: a foreign rule or route added after Observe is
+// still reported.
 func TestConflictsAfterObserveSeesLaterChanges(t *testing.T) {
 	w := newKTWorld(t)
 	w.k.ConflictPaths = noNetworkd(t)
@@ -687,7 +688,7 @@ func TestConflictsAfterObserveSeesLaterChanges(t *testing.T) {
 	if _, err := w.k.Observe(); err != nil {
 		t.Fatalf("Observe: %v", err)
 	}
-	if _, _, ok := w.k.cache.get(); !ok {
+	if _, _, _, ok := w.k.cache.get(); !ok {
 		t.Fatal("Observe's links and rules are not reused although nothing changed")
 	}
 	if warns := w.k.Conflicts(desired); len(warns) != 0 {
@@ -698,7 +699,21 @@ func TestConflictsAfterObserveSeesLaterChanges(t *testing.T) {
 	if len(warns) != 1 || !strings.Contains(warns[0].Message, "foreign rule `50: from 10.1.0.12/32 lookup 101`") {
 		t.Errorf("after a foreign rule was added: %v, want its warning", warns)
 	}
-	if _, _, ok := w.k.cache.get(); ok {
+	if _, _, _, ok := w.k.cache.get(); ok {
 		t.Error("the cache is still in use after a rule change")
+	}
+
+	// A route, in our band, added after Observe.
+	if _, err := w.k.Observe(); err != nil {
+		t.Fatalf("Observe: %v", err)
+	}
+	w.ip(t, "route", "add", "default", "dev", "eth2", "table", "20077", "proto", "boot")
+	warns = w.k.Conflicts(desired)
+	found := false
+	for _, wn := range warns {
+		found = found || strings.Contains(wn.Message, "table 20077, in dualhomed's band, holds foreign routes: 0.0.0.0/0 (protocol 3)")
+	}
+	if !found {
+		t.Errorf("after a foreign route was added: %v, want its warning", warns)
 	}
 }
