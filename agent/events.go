@@ -96,8 +96,17 @@ func (w *watcher) loop(ctx context.Context, what string, subscribe func(ctx cont
 	}
 }
 
-func (w *watcher) errorCallback(what string) func(error) {
-	return func(err error) { w.log.Debug("netlink event error", zap.String("events", what), zap.Error(err)) }
+// errorCallback logs the subscription's receive errors. The library's
+// goroutine reports one more error when it notices that we closed done; ctx is
+// always cancelled before that, so errors after the end are dropped instead of
+// being logged after Run returned (a logger may be gone by then, as in tests).
+func (w *watcher) errorCallback(ctx context.Context, what string) func(error) {
+	return func(err error) {
+		if ctx.Err() != nil {
+			return
+		}
+		w.log.Debug("netlink event error", zap.String("events", what), zap.Error(err))
+	}
 }
 
 // rcvbuf is large enough for the burst of notifications when many ENIs and
@@ -110,7 +119,7 @@ func (w *watcher) links(ctx context.Context) error {
 	defer close(done)
 	ns := w.ns
 	err := netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{
-		Namespace: &ns, ErrorCallback: w.errorCallback("link"), ReceiveBufferSize: rcvbuf})
+		Namespace: &ns, ErrorCallback: w.errorCallback(ctx, "link"), ReceiveBufferSize: rcvbuf})
 	if err != nil {
 		return err
 	}
@@ -123,7 +132,7 @@ func (w *watcher) addrs(ctx context.Context) error {
 	defer close(done)
 	ns := w.ns
 	err := netlink.AddrSubscribeWithOptions(ch, done, netlink.AddrSubscribeOptions{
-		Namespace: &ns, ErrorCallback: w.errorCallback("address"), ReceiveBufferSize: rcvbuf})
+		Namespace: &ns, ErrorCallback: w.errorCallback(ctx, "address"), ReceiveBufferSize: rcvbuf})
 	if err != nil {
 		return err
 	}
@@ -136,7 +145,7 @@ func (w *watcher) routes(ctx context.Context) error {
 	defer close(done)
 	ns := w.ns
 	err := netlink.RouteSubscribeWithOptions(ch, done, netlink.RouteSubscribeOptions{
-		Namespace: &ns, ErrorCallback: w.errorCallback("route"), ReceiveBufferSize: rcvbuf})
+		Namespace: &ns, ErrorCallback: w.errorCallback(ctx, "route"), ReceiveBufferSize: rcvbuf})
 	if err != nil {
 		return err
 	}
