@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"runtime"
 	"strings"
 	"time"
 
@@ -15,6 +14,7 @@ import (
 
 	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/imds/emulator"
+	"github.com/dualhomed/dualhomed/netcfg/nstest"
 )
 
 // world is the simulated instance. The process itself runs in the instance
@@ -50,7 +50,7 @@ func newWorld() (*world, error) {
 	if w.h, err = netlink.NewHandle(); err != nil {
 		return nil, fmt.Errorf("opening netlink handle: %w", err)
 	}
-	if w.vpc, err = newNamespace(); err != nil {
+	if w.vpc, err = nstest.NewNamespace(); err != nil {
 		w.Close()
 		return nil, err
 	}
@@ -208,7 +208,7 @@ func (w *world) addENI(i int, mac string, viaVPC bool) error {
 	// client pinging an ENI address before it exists must not wait a whole
 	// retransmit interval once it does (a real VPC router answers at once).
 	// Non-initial namespaces have no neigh "default" entry: set it per link.
-	err = inNamespace(w.vpc, func() error {
+	err = nstest.InNamespace(w.vpc, func() error {
 		return writeSysctl("net.ipv4.neigh."+peerLink(i)+".retrans_time_ms", "10")
 	})
 	if err != nil {
@@ -261,55 +261,4 @@ func primaryENI(inst emulator.Instance) (imds.ENI, bool) {
 
 func ipNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
-}
-
-// newNamespace creates an anonymous network namespace without moving any
-// goroutine into it; it lives as long as the handle (or a process in it).
-func newNamespace() (netns.NsHandle, error) {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		return netns.None(), fmt.Errorf("getting current namespace: %w", err)
-	}
-	defer orig.Close()
-	ns, err := netns.New()
-	if err != nil {
-		return netns.None(), fmt.Errorf("creating network namespace: %w", err)
-	}
-	if err := netns.Set(orig); err != nil {
-		// The thread is stuck in the new namespace: keep it locked so
-		// that the runtime throws it away instead of reusing it.
-		runtime.LockOSThread()
-		ns.Close()
-		return netns.None(), fmt.Errorf("returning to the instance namespace: %w", err)
-	}
-	return ns, nil
-}
-
-// inNamespace runs fn on a thread inside ns, for sockets that must be
-// created there; the thread returns to the instance namespace afterwards.
-func inNamespace(ns netns.NsHandle, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(ns); err != nil {
-			errc <- fmt.Errorf("entering namespace: %w", err)
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(orig); err != nil {
-			errc <- fmt.Errorf("leaving namespace: %w", err) // the locked thread dies with the goroutine
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
 }

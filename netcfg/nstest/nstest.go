@@ -38,7 +38,7 @@ type NS struct {
 func New(t testing.TB) *NS {
 	t.Helper()
 	RequireRoot(t)
-	ns, err := newNS()
+	ns, err := NewNamespace()
 	if err != nil {
 		t.Fatalf("creating network namespace: %v", err)
 	}
@@ -61,9 +61,11 @@ func New(t testing.TB) *NS {
 	return &NS{Handle: ns, NL: h}
 }
 
-// newNS creates a namespace from a locked thread and returns to the original
-// namespace before unlocking, so no goroutine ever runs in the wrong namespace.
-func newNS() (netns.NsHandle, error) {
+// NewNamespace creates an anonymous network namespace from a locked thread and
+// returns to the original namespace before unlocking, so no goroutine ever
+// runs in the wrong namespace. It lives as long as the handle (or a process in
+// it). New wraps it for tests; tools such as dualhomed-bench call it directly.
+func NewNamespace() (netns.NsHandle, error) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	orig, err := netns.Get()
@@ -88,7 +90,11 @@ func newNS() (netns.NsHandle, error) {
 // Do runs fn on a thread inside the namespace (for sysctls under /proc/sys, or
 // sockets that must be created inside it). The thread returns to its original
 // namespace afterwards.
-func (n *NS) Do(fn func() error) error {
+func (n *NS) Do(fn func() error) error { return InNamespace(n.Handle, fn) }
+
+// InNamespace runs fn on a thread inside ns; the thread returns to its
+// original namespace afterwards (or dies with its goroutine if it cannot).
+func InNamespace(ns netns.NsHandle, fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -98,7 +104,7 @@ func (n *NS) Do(fn func() error) error {
 			return
 		}
 		defer orig.Close()
-		if err := netns.Set(n.Handle); err != nil {
+		if err := netns.Set(ns); err != nil {
 			errc <- fmt.Errorf("entering namespace: %w", err)
 			return
 		}
