@@ -121,15 +121,15 @@ func TestBadInput(t *testing.T) {
 			case r.code == -1:
 				t.Errorf("dualhomed %s: still running after 5 s (hangs)", strings.Join(c.args, " "))
 			case r.code != c.code:
-				t.Errorf("dualhomed %s: exit %d, want %d\n%s", strings.Join(c.args, " "), r.code, c.code, tail(out, 10))
+				t.Errorf("dualhomed %s: exit %d, want %d\n%s", strings.Join(c.args, " "), r.code, c.code, simworld.Tail(out, 10))
 			}
 			for _, word := range c.want {
 				if !strings.Contains(r.stderr, word) {
-					t.Errorf("dualhomed %s: error output does not name %q:\n%s", strings.Join(c.args, " "), word, tail(out, 10))
+					t.Errorf("dualhomed %s: error output does not name %q:\n%s", strings.Join(c.args, " "), word, simworld.Tail(out, 10))
 				}
 			}
 			if c.code == 1 && strings.Contains(r.stderr, "Usage:") {
-				t.Errorf("a bad configuration is not a usage error, but the usage was printed:\n%s", tail(out, 10))
+				t.Errorf("a bad configuration is not a usage error, but the usage was printed:\n%s", simworld.Tail(out, 10))
 			}
 			removed, added := before.Diff(dump(t, w))
 			if len(removed)+len(added) > 0 {
@@ -143,7 +143,7 @@ func TestBadInput(t *testing.T) {
 	for _, content := range []string{"", "# nothing here\n\n"} {
 		cfg := write("empty.yaml", content)
 		if r := invoke(w, 10*time.Second, append([]string{"plan"}, flags(cfg)...)...); r.code != 2 || !strings.Contains(r.stdout, pending.String()) {
-			t.Errorf("plan with an empty config %q: exit %d, want 2 with %s pending\n%s", content, r.code, pending, tail(r.stdout+r.stderr, 10))
+			t.Errorf("plan with an empty config %q: exit %d, want 2 with %s pending\n%s", content, r.code, pending, simworld.Tail(r.stdout+r.stderr, 10))
 		}
 	}
 	if r := invoke(w, 20*time.Second, append([]string{"apply"}, flags(write("empty.yaml", ""))...)...); r.code != 0 {

@@ -184,7 +184,7 @@ func runDualhomed(t *testing.T, w *simworld.World, args ...string) time.Duration
 	t.Helper()
 	start := time.Now()
 	if out, err := dualhomedCmd(w, args...).CombinedOutput(); err != nil {
-		t.Fatalf("dualhomed %s: %v\n%s", strings.Join(args, " "), err, tail(string(out), 20))
+		t.Fatalf("dualhomed %s: %v\n%s", strings.Join(args, " "), err, simworld.Tail(string(out), 20))
 	}
 	return time.Since(start)
 }
@@ -239,7 +239,7 @@ func TestCrashes(t *testing.T) {
 		t.Helper()
 		runDualhomed(t, w, "apply")
 		if out, err := dualhomedCmd(w, "plan").CombinedOutput(); err != nil {
-			t.Fatalf("%s: plan after a clean apply: %v\n%s", when, err, tail(string(out), 20))
+			t.Fatalf("%s: plan after a clean apply: %v\n%s", when, err, simworld.Tail(string(out), 20))
 		}
 		removed, added := ref.Diff(dump(t, w))
 		if len(removed)+len(added) > 0 {

@@ -312,7 +312,7 @@ func TestFights(t *testing.T) {
 			}
 		}
 		out, err := w.Dualhomed(context.Background(), "plan")
-		t.Logf("plan with the foreign routes in place: exit %d\n%s", simworld.ExitCode(err), tail(out, 8))
+		t.Logf("plan with the foreign routes in place: exit %d\n%s", simworld.ExitCode(err), simworld.Tail(out, 8))
 		// The daemon cannot add what the foreign routes block; it says so
 		// (plan's warnings) and must then leave it: a reconcile with nothing
 		// it can change makes zero netlink writes, and nobody removed

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -56,24 +55,12 @@ func run(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	dualhomedBin = filepath.Join(dir, "dualhomed")
-	emulatorBin = filepath.Join(dir, "imds-emulator")
-	buildErr = goBuild(dir, "github.com/dualhomed/dualhomed/cmd/imds-emulator", "github.com/dualhomed/dualhomed/cmd/dualhomed")
+	// Built without the race detector: the suite measures CPU and memory
+	// of the daemon, which -race would inflate many times over.
+	if emulatorBin, buildErr = simworld.Build(dir, simworld.EmulatorPkg, false); buildErr == nil {
+		dualhomedBin, buildErr = simworld.Build(dir, simworld.DualhomedPkg, false)
+	}
 	return m.Run()
-}
-
-// goBuild builds the packages into dir with the go command that runs the tests.
-func goBuild(dir string, pkgs ...string) error {
-	gobin := filepath.Join(os.Getenv("GOROOT"), "bin", "go")
-	if _, err := os.Stat(gobin); err != nil {
-		gobin = "go"
-	}
-	cmd := exec.Command(gobin, append([]string{"build", "-o", dir + "/"}, pkgs...)...)
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("building %s: %v\n%s", strings.Join(pkgs, " "), err, out)
-	}
-	return nil
 }
 
 // rng returns the test's random source: the suite seed mixed with the test
@@ -124,7 +111,7 @@ func newWorld(t *testing.T) *simworld.World {
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, p := range w.Procs() {
-				t.Logf("log of %s:\n%s", p.Name, tail(p.Log(), 40))
+				t.Logf("log of %s:\n%s", p.Name, simworld.Tail(p.Log(), 40))
 			}
 		}
 		if err := w.Close(); err != nil {
@@ -190,12 +177,4 @@ func waitInSync(t *testing.T, w *simworld.World, limit time.Duration) time.Durat
 		t.Fatalf("`dualhomed plan` not in sync after %s: %v", limit, last)
 	}
 	return time.Since(start)
-}
-
-func tail(s string, lines int) string {
-	l := strings.Split(s, "\n")
-	if len(l) > lines {
-		l = l[len(l)-lines:]
-	}
-	return strings.Join(l, "\n")
 }

@@ -276,7 +276,7 @@ func head(s []string, n int) []string {
 func daemonAlive(t *testing.T, d *simworld.Proc) {
 	t.Helper()
 	if done, err := d.Exited(); done {
-		t.Fatalf("the daemon exited: %v\n%s", err, tail(d.Log(), 30))
+		t.Fatalf("the daemon exited: %v\n%s", err, simworld.Tail(d.Log(), 30))
 	}
 }
 

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strings"
@@ -52,31 +51,9 @@ func run(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	dualhomedBin = filepath.Join(dir, "dualhomed")
-	emulatorBin = filepath.Join(dir, "imds-emulator")
-	emulatorErr = goBuild(dir, "github.com/dualhomed/dualhomed/cmd/imds-emulator")
-	dualhomedErr = goBuild(dir, "github.com/dualhomed/dualhomed/cmd/dualhomed")
+	emulatorBin, emulatorErr = simworld.Build(dir, simworld.EmulatorPkg, raceEnabled)
+	dualhomedBin, dualhomedErr = simworld.Build(dir, simworld.DualhomedPkg, raceEnabled)
 	return m.Run()
-}
-
-// goBuild builds the packages into dir with the go command that runs the tests.
-func goBuild(dir string, pkgs ...string) error {
-	gobin := filepath.Join(os.Getenv("GOROOT"), "bin", "go")
-	if _, err := os.Stat(gobin); err != nil {
-		gobin = "go"
-	}
-	args := []string{"build", "-o", dir + "/"}
-	env := append(os.Environ(), "CGO_ENABLED=0")
-	if raceEnabled {
-		args = append(args, "-race")
-		env = os.Environ() // the race detector needs cgo
-	}
-	cmd := exec.Command(gobin, append(args, pkgs...)...)
-	cmd.Env = env
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("building %s: %v\n%s", strings.Join(pkgs, " "), err, out)
-	}
-	return nil
 }
 
 // newWorld builds a world for t, with the instance's echo server running,
@@ -105,7 +82,7 @@ func newWorld(t *testing.T) *simworld.World {
 		}
 		if t.Failed() {
 			for _, p := range w.Procs() {
-				t.Logf("log of %s:\n%s", p.Name, tail(p.Log(), 60))
+				t.Logf("log of %s:\n%s", p.Name, simworld.Tail(p.Log(), 60))
 			}
 			if d, err := simworld.DumpState(w.Instance); err == nil {
 				t.Logf("instance state at failure:\n%s", d)
@@ -135,14 +112,6 @@ func needBinaries(t *testing.T) {
 	if dualhomedErr != nil {
 		t.Fatalf("cmd/dualhomed does not build: %v", dualhomedErr)
 	}
-}
-
-func tail(s string, lines int) string {
-	l := strings.Split(s, "\n")
-	if len(l) > lines {
-		l = l[len(l)-lines:]
-	}
-	return strings.Join(l, "\n")
 }
 
 // probe is one connection attempt from a client to an address of the instance.
