@@ -55,6 +55,11 @@ const (
 	// up with. A MAC the snapshot lists as not ready costs a snapshot; an
 	// unknown MAC costs one listing until IMDS lists it.
 	RefreshPendingLinks
+	// RefreshPoll is the poll timer's read. It re-reads only what can change
+	// while an ENI stays attached (addresses, prefixes, CIDR blocks) for the
+	// ENIs the last good snapshot has ready; new, not-ready and re-attached
+	// ENIs are read in full, and every so many polls the whole snapshot is.
+	RefreshPoll
 )
 
 // Change is one planned or applied operation, attributed to an ENI.
@@ -261,8 +266,8 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 	rep.NewLinks = len(newLinks) > 0
 	var read bool
 	switch {
-	case refresh == RefreshAlways:
-		read = true
+	case refresh == RefreshAlways, refresh == RefreshPoll:
+		read = true // TODO(lead): the cheaper poll read
 	case refresh == RefreshNever:
 	case r.lastGood == nil:
 		read = true
