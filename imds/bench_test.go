@@ -53,3 +53,41 @@ func BenchmarkSnapshot15ENIs(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkRefresh15ENIs measures the daemon's cheaper reads at full scale
+// (15 ENIs x 50 IPv4 + 50 IPv6 + 4 prefixes), unpaced: a poll (dynamic keys
+// of every ENI) and a hot attach (only the new ENI, the MAC listing given).
+func BenchmarkRefresh15ENIs(b *testing.B) {
+	inst := emulator.ExampleInstance(15, 50, 50, 4, 1)
+	_, c := startEmulator(b, inst, imds.Options{})
+	ctx := context.Background()
+	prev, err := c.Snapshot(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	run := func(b *testing.B, prev imds.Snapshot, u imds.Update) {
+		before := c.Requests()
+		b.ReportAllocs()
+		for b.Loop() {
+			snap, err := c.Refresh(ctx, prev, u)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if len(snap.ENIs) != len(inst.ENIs) {
+				b.Fatalf("refresh has %d ENIs, want %d", len(snap.ENIs), len(inst.ENIs))
+			}
+		}
+		b.ReportMetric(float64(c.Requests()-before)/float64(b.N), "requests/op")
+	}
+	b.Run("poll", func(b *testing.B) { run(b, prev, imds.Update{Dynamic: true}) })
+	b.Run("hot-attach", func(b *testing.B) {
+		// prev without the last ENI: the listing names it as new.
+		known := prev
+		known.ENIs = prev.ENIs[:len(prev.ENIs)-1]
+		macs := make([]string, 0, len(prev.ENIs))
+		for _, e := range prev.ENIs {
+			macs = append(macs, e.MAC)
+		}
+		run(b, known, imds.Update{MACs: macs})
+	})
+}

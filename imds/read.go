@@ -128,10 +128,108 @@ func (c *Client) snapshot(ctx context.Context) (Snapshot, error) {
 	if err != nil {
 		return Snapshot{}, err
 	}
-	macs, err := getParsed(ctx, c, macsPath, parseMACList)
-	if err != nil {
-		return Snapshot{}, err
+	return c.readENIs(ctx, &count, primary, nil, func(string) (readMode, ENI) { return readFull, ENI{} })
+}
+
+// dynamicKeys are the keys under macs/<mac>/ whose values change while an
+// ENI stays attached: private IPv4 and IPv6 addresses and delegated prefixes
+// are assigned and unassigned, and CIDR blocks are associated with the VPC
+// and the subnet. The other keys dualhomed reads (device-number,
+// network-card, interface-id, subnet-id, vpc-id, owner-id,
+// subnet-ipv4-cidr-block) are fixed for the life of an attachment.
+var dynamicKeys = map[string]bool{
+	"local-ipv4s": true, "ipv6s": true, "ipv4-prefix": true, "ipv6-prefix": true,
+	"subnet-ipv6-cidr-blocks": true, "vpc-ipv4-cidr-blocks": true, "vpc-ipv4-cidr-block": true,
+	"vpc-ipv6-cidr-blocks": true,
+}
+
+// withoutDynamic returns e with the values of its dynamic keys cleared, as
+// before they are read again.
+func withoutDynamic(e ENI) ENI {
+	e.SubnetIPv6CIDRs, e.VPCIPv4CIDRs, e.VPCIPv6CIDRs = nil, nil, nil
+	e.LocalIPv4s, e.IPv6s, e.IPv4Prefixes, e.IPv6Prefixes = nil, nil, nil, nil
+	return e
+}
+
+// readMode says how much of one MAC's keys a read fetches.
+type readMode int
+
+const (
+	readFull    readMode = iota // the listing and every key dualhomed uses
+	readDynamic                 // the listing and the dynamic keys; the rest from the previous snapshot
+	readKeep                    // nothing: the previous snapshot's ENI as it is
+)
+
+// Update says what Refresh reads again.
+type Update struct {
+	// MACs is the MAC listing the caller has just read (ListMACs); nil
+	// reads it.
+	MACs []string
+	// Full names MACs to read in full even though the previous snapshot
+	// has them ready: their link is new (an ENI detached and attached again
+	// may come back with another device number).
+	Full []string
+	// Dynamic re-reads the dynamic keys (addresses, prefixes, CIDR blocks)
+	// of the other MACs the previous snapshot has ready; false keeps their
+	// values (a hot attach, where only the new ENI is news).
+	Dynamic bool
+}
+
+// Refresh reads IMDS again at a fraction of Snapshot's cost, building on
+// prev, a complete snapshot this client (or another) read earlier. The MAC
+// listing (unless u.MACs gives it) is read again and is authoritative:
+// ENIs it no longer names are gone from the result. A MAC that prev lacks,
+// has not ready, or u.Full names is read in full, as Snapshot reads it; the
+// others get only their dynamic keys read again (u.Dynamic) or are kept as
+// prev has them. On a 15-ENI instance a poll costs 121 requests instead of
+// 212, and a hot attach 16 instead of 213.
+//
+// The guarantees are Snapshot's: an error (a *KeyError) rather than a
+// partial result, and readiness judged on the fresh listing of every MAC
+// read. prev without a primary MAC makes Refresh a Snapshot.
+func (c *Client) Refresh(ctx context.Context, prev Snapshot, u Update) (Snapshot, error) {
+	if prev.PrimaryMAC == "" {
+		return c.Snapshot(ctx)
 	}
+	if c.lastFailed.Load() {
+		if err := c.retries.wait(ctx); err != nil {
+			return Snapshot{}, err
+		}
+	}
+	var count atomic.Int64
+	rctx := context.WithValue(ctx, snapshotCounterKey{}, &count)
+	full := map[string]bool{}
+	for _, m := range u.Full {
+		full[m] = true
+	}
+	snap, err := c.readENIs(rctx, &count, prev.PrimaryMAC, u.MACs, func(mac string) (readMode, ENI) {
+		old, ok := prev.ENI(mac)
+		switch {
+		case !ok || !old.Ready || full[mac]:
+			return readFull, ENI{}
+		case u.Dynamic:
+			return readDynamic, withoutDynamic(old)
+		default:
+			return readKeep, old
+		}
+	})
+	if ctx.Err() == nil { // the caller's cancellation says nothing about IMDS
+		c.lastFailed.Store(err != nil)
+	}
+	return snap, err
+}
+
+// readENIs reads the MAC listing (unless macs is given) and each MAC's
+// keys as mode decides, starting from the ENI mode returns. count counts
+// the requests of ctx.
+func (c *Client) readENIs(ctx context.Context, count *atomic.Int64, primary string, macs []string, mode func(mac string) (readMode, ENI)) (Snapshot, error) {
+	if macs == nil {
+		var err error
+		if macs, err = getParsed(ctx, c, macsPath, parseMACList); err != nil {
+			return Snapshot{}, err
+		}
+	}
+	macs = slices.Clone(macs)
 	if !slices.Contains(macs, primary) {
 		// IMDS contradicts itself; wait for it to settle rather than guess.
 		return Snapshot{}, &KeyError{Key: "meta-data/" + macsPath, Value: primary,
@@ -140,9 +238,22 @@ func (c *Client) snapshot(ctx context.Context) (Snapshot, error) {
 	slices.Sort(macs)
 
 	enis := make([]ENI, len(macs))
-	keys := make([][]eniKey, len(macs))
-	err = c.forEach(ctx, len(macs), func(ctx context.Context, i int) error {
-		enis[i] = ENI{MAC: macs[i], Ready: true}
+	modes := make([]readMode, len(macs))
+	var toRead []int // indexes of the MACs whose listing is read
+	for i, mac := range macs {
+		modes[i], enis[i] = mode(mac)
+		if modes[i] == readFull {
+			enis[i] = ENI{}
+		}
+		if modes[i] != readKeep {
+			enis[i].MAC, enis[i].Ready, enis[i].NotReadyReason = mac, true, ""
+			toRead = append(toRead, i)
+		}
+	}
+	keys := make([][]eniKey, len(macs))  // the listed keys dualhomed uses
+	fetch := make([][]eniKey, len(macs)) // those of them read now
+	err := c.forEach(ctx, len(toRead), func(ctx context.Context, j int) error {
+		i := toRead[j]
 		listed, err := getParsed(ctx, c, macsPath+macs[i]+"/", parseKeyList)
 		var se *StatusError
 		switch {
@@ -152,11 +263,16 @@ func (c *Client) snapshot(ctx context.Context) (Snapshot, error) {
 			return err
 		}
 		if len(listed) == 0 {
+			enis[i] = ENI{MAC: macs[i]}
 			notReady(&enis[i], "IMDS lists the MAC but none of its keys yet")
 			enis[i].DeviceNumber = DeviceNumberUnknown
 			return nil
 		}
 		keys[i] = keysToFetch(listed)
+		fetch[i] = keys[i]
+		if modes[i] == readDynamic {
+			fetch[i] = slices.DeleteFunc(slices.Clone(keys[i]), func(k eniKey) bool { return !dynamicKeys[k.name] })
+		}
 		if !listed["device-number"] {
 			notReady(&enis[i], "device-number not listed yet")
 			enis[i].DeviceNumber = DeviceNumberUnknown
@@ -173,7 +289,7 @@ func (c *Client) snapshot(ctx context.Context) (Snapshot, error) {
 	}
 	var jobs []job
 	for i := range macs {
-		for _, k := range keys[i] {
+		for _, k := range fetch[i] {
 			jobs = append(jobs, job{i, k})
 		}
 	}
@@ -191,7 +307,7 @@ func (c *Client) snapshot(ctx context.Context) (Snapshot, error) {
 			return Snapshot{}, keyValueError("meta-data/"+macsPath+macs[jb.eni]+"/"+jb.key.name, err)
 		}
 	}
-	for i := range enis {
+	for _, i := range toRead {
 		if enis[i].Ready {
 			checkReady(&enis[i], keys[i], primary)
 		}
