@@ -458,6 +458,8 @@ func (d *Daemon) reconcile(ctx context.Context, r reason) error {
 	refresh := RefreshIfNewLinks
 	gapped := false
 	switch {
+	case r&reasonPoll != 0 && r&(reasonStart|reasonRetry|reasonReload) == 0:
+		refresh = RefreshPoll // what changes while ENIs stay attached; in full now and then
 	case r.needsIMDS():
 		refresh = RefreshAlways
 	case time.Now().Before(d.imdsRetryAt):

@@ -1,0 +1,137 @@
+package agent
+
+import (
+	"context"
+	"net/netip"
+	"testing"
+
+	"github.com/dualhomed/dualhomed/imds"
+	"github.com/dualhomed/dualhomed/imds/emulator"
+	"github.com/dualhomed/dualhomed/netcfg"
+)
+
+// refreshWorld is a Reconciler reading the IMDS emulator through the real
+// client, with an in-memory kernel whose links match the instance.
+func refreshWorld(t *testing.T, inst emulator.Instance) (*emulator.Server, *imds.Client, *fakeKernel, *Reconciler) {
+	t.Helper()
+	srv := emulator.New(inst)
+	url, err := srv.Start("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	client, err := imds.New(imds.Options{Endpoint: url, MaxRequestsPerSecond: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := &fakeKernel{obs: netcfg.Observed{Addrs: map[int][]netip.Prefix{}}}
+	for i, e := range inst.ENIs {
+		k.obs.Links = append(k.obs.Links, netcfg.Link{Index: 10 + i, Name: "eth" + string(rune('0'+i)), MAC: e.MAC})
+	}
+	return srv, client, k, NewReconciler(client, k, DefaultConfig())
+}
+
+func mustReconcile(t *testing.T, rec *Reconciler, refresh Refresh) Report {
+	t.Helper()
+	rep, err := rec.Reconcile(context.Background(), refresh, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.OK() {
+		t.Fatalf("reconcile not OK: %s (IMDS: %s, apply: %s)", rep.Summary(), rep.IMDSError, rep.ApplyError)
+	}
+	return rep
+}
+
+func hasRuleFrom(st netcfg.State, src netip.Addr, table int) bool {
+	for _, r := range st.Rules {
+		if r.Src == netip.PrefixFrom(src, src.BitLen()) && r.Table == table {
+			return true
+		}
+	}
+	return false
+}
+
+// The poll reads only what changes while ENIs stay attached, sees such a
+// change at once, and takes a full snapshot every fullReadEvery polls.
+func TestReconcilePollReadsDynamicKeysAndSometimesAll(t *testing.T) {
+	inst := emulator.ExampleInstance(4, 3, 2, 1, 1)
+	srv, _, k, rec := refreshWorld(t, inst)
+	full := mustReconcile(t, rec, RefreshAlways).IMDSRequests
+
+	added := netip.MustParseAddr("10.2.0.99")
+	if err := srv.UpdateENI(inst.ENIs[2].MAC, func(e *imds.ENI) { e.LocalIPv4s = append(e.LocalIPv4s, added) }); err != nil {
+		t.Fatal(err)
+	}
+	rep := mustReconcile(t, rec, RefreshPoll)
+	if rep.IMDSRequests >= full-len(inst.ENIs) {
+		t.Errorf("poll: %d requests, want well under a snapshot's %d", rep.IMDSRequests, full)
+	}
+	table := netcfg.DefaultTableBase + inst.ENIs[2].DeviceNumber
+	if !hasRuleFrom(k.obs.Owned, added, table) {
+		t.Errorf("poll did not add the rule for the new secondary IP %s (table %d)", added, table)
+	}
+	requests := []int{rep.IMDSRequests}
+	for range fullReadEvery {
+		requests = append(requests, mustReconcile(t, rec, RefreshPoll).IMDSRequests)
+	}
+	fulls := 0
+	for _, n := range requests {
+		if n >= full-1 { // a full read; its token may be cached (one request less)
+			fulls++
+		}
+	}
+	if fulls != 1 {
+		t.Errorf("%d polls cost %v requests: want exactly one full read among them (a snapshot costs %d)", len(requests), requests, full)
+	}
+}
+
+// A hot-attached ENI costs the MAC listing and its own keys, not a snapshot
+// of every ENI, and is configured; the others keep their state.
+func TestReconcileHotAttachReadsOnlyTheNewENI(t *testing.T) {
+	inst := emulator.ExampleInstance(6, 20, 20, 2, 1)
+	all := inst.ENIs
+	inst.ENIs = all[:5]
+	srv, _, k, rec := refreshWorld(t, inst)
+	full := mustReconcile(t, rec, RefreshAlways).IMDSRequests
+	before := len(k.obs.Owned.Rules)
+
+	if err := srv.AttachENI(all[5]); err != nil {
+		t.Fatal(err)
+	}
+	k.obs.Links = append(k.obs.Links, netcfg.Link{Index: 30, Name: "eth5", MAC: all[5].MAC})
+	rep := mustReconcile(t, rec, RefreshIfNewLinks)
+	if rep.IMDSRequests > full/len(inst.ENIs)+2 {
+		t.Errorf("hot attach: %d requests; want about one ENI's share of a %d-request snapshot", rep.IMDSRequests, full)
+	}
+	table := netcfg.DefaultTableBase + all[5].DeviceNumber
+	if !hasRuleFrom(k.obs.Owned, all[5].LocalIPv4s[0], table) {
+		t.Errorf("hot-attached ENI not configured: no rule from %s in table %d", all[5].LocalIPv4s[0], table)
+	}
+	for _, c := range rep.Changes {
+		if c.Op.Delete {
+			t.Errorf("hot attach deleted %s", c)
+		}
+	}
+	if got, want := len(k.obs.Owned.Rules), before+rulesOf(k.obs.Owned, table); got != want {
+		t.Errorf("%d rules after the attach, want %d (the others' %d plus the new ENI's)", got, want, before)
+	}
+}
+
+// An ENI detached and attached again at another device index comes back
+// as a new link with a MAC IMDS already had: it is read in full, so its new
+// device number (and table) is used, not the remembered one.
+func TestReconcileReattachedENIIsReadInFull(t *testing.T) {
+	inst := emulator.ExampleInstance(3, 2, 0, 0, 1)
+	srv, _, k, rec := refreshWorld(t, inst)
+	mustReconcile(t, rec, RefreshAlways)
+	mac := inst.ENIs[2].MAC
+	if err := srv.UpdateENI(mac, func(e *imds.ENI) { e.DeviceNumber = 7 }); err != nil {
+		t.Fatal(err)
+	}
+	k.obs.Links[2].Index = 40 // the link came back with a new index
+	mustReconcile(t, rec, RefreshIfNewLinks)
+	if !hasRuleFrom(k.obs.Owned, inst.ENIs[2].LocalIPv4s[0], netcfg.DefaultTableBase+7) {
+		t.Errorf("re-attached ENI not configured with its new device number 7: rules %v", k.obs.Owned.Rules)
+	}
+}
