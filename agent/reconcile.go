@@ -641,12 +641,29 @@ func (r *Reconciler) checkAddsStuck(p netcfg.Plan, attr attributor, rep *Report)
 	for _, a := range after.Owned.Addrs {
 		present[opKey(netcfg.Op{Addr: &a})] = true
 	}
+	links := map[int]bool{}
+	for _, l := range after.Links {
+		links[l.Index] = true
+	}
 	for _, op := range p.Ops {
-		if k := opKey(op); !op.Delete && k != "" && !present[k] {
+		if k := opKey(op); !op.Delete && k != "" && !present[k] && !linkGone(op, links) {
 			r.blocked[k] = attr.change(op).Text
 			rep.Blocked++
 		}
 	}
+}
+
+// linkGone reports whether op's route or address is on a link that is no
+// longer there: the kernel removed the object with its link (a detach right
+// after the attach), no foreign object blocks it.
+func linkGone(op netcfg.Op, links map[int]bool) bool {
+	switch {
+	case op.Route != nil && op.Route.LinkIndex != 0:
+		return !links[op.Route.LinkIndex]
+	case op.Addr != nil:
+		return !links[op.Addr.LinkIndex]
+	}
+	return false
 }
 
 // netcfgFor returns the routing configuration for snap: the file's

@@ -411,3 +411,40 @@ func TestReconcileListsMACsBeforeSnapshotForUnknownLinks(t *testing.T) {
 		t.Errorf("failed listing: IMDSError %q, listed %v, fresh %v; want an IMDS error", rep.IMDSError, rep.Listed, rep.Fresh)
 	}
 }
+
+// detachingKernel is a fakeKernel whose link goes away during Apply, with
+// every address and route on it, as when an ENI is detached right after it
+// was attached; dropRule makes one rule add not stick (a foreign twin).
+type detachingKernel struct {
+	*fakeKernel
+	link     int
+	dropRule netip.Prefix
+}
+
+func (k *detachingKernel) Apply(p netcfg.Plan) (int, error) {
+	n, err := k.fakeKernel.Apply(p)
+	st := &k.obs.Owned
+	k.obs.Links = removeFunc(k.obs.Links, func(l netcfg.Link) bool { return l.Index == k.link })
+	delete(k.obs.Addrs, k.link)
+	st.Addrs = removeFunc(st.Addrs, func(a netcfg.Addr) bool { return a.LinkIndex == k.link })
+	st.Routes = removeFunc(st.Routes, func(r netcfg.Route) bool { return r.LinkIndex == k.link })
+	st.Rules = removeFunc(st.Rules, func(r netcfg.Rule) bool { return r.Src == k.dropRule })
+	return n, err
+}
+
+// Adds that vanished with their link are not blocked by anybody: they must
+// not be reported as blocked (nor skipped later), while an add that did
+// not stick on a link still there is.
+func TestReconcileAddsGoneWithTheirLinkAreNotBlocked(t *testing.T) {
+	src, fk := testWorld()
+	k := &detachingKernel{fakeKernel: fk, link: 4, dropRule: netip.MustParsePrefix("10.1.0.10/32")}
+	rec := NewReconciler(src, k, DefaultConfig())
+	rep, err := rec.Reconcile(context.Background(), RefreshAlways, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Blocked != 1 || rec.Blocked() != 1 {
+		t.Errorf("blocked %d (reconciler holds %d), want 1: only eth1's rule that did not stick, not eth2's objects that left with their link",
+			rep.Blocked, rec.Blocked())
+	}
+}
