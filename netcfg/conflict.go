@@ -64,7 +64,7 @@ func (k *Kernel) Conflicts(desired State) []Warning {
 	cachedLinks, cachedRoutes, cachedRules, cached := k.cache.get()
 	links := map[int]string{} // index -> MAC
 	if !cached {
-		cachedLinks, _ = k.dump.links()
+		cachedLinks, _, _ = k.dump.links()
 	}
 	for _, l := range cachedLinks {
 		links[l.Index] = l.MAC

@@ -214,7 +214,7 @@ func (k *Kernel) Observe() (obs Observed, err error) {
 		return out, nil
 	}
 
-	links, err := k.dump.links()
+	links, rpFilters, err := k.dump.links()
 	if err != nil {
 		return Observed{}, err
 	}
@@ -234,7 +234,8 @@ func (k *Kernel) Observe() (obs Observed, err error) {
 		}
 		byLink[a.LinkIndex] = append(ps, a.Prefix)
 	}
-	owned, err := k.owned(addrs, ownedRoutes, func(r netlink.Rule) { foreign = append(foreign, r) }, func() { foreign = foreign[:0] })
+	currentRPFilters := func() (map[string]int, error) { return rpFilters, nil }
+	owned, err := k.owned(addrs, ownedRoutes, currentRPFilters, func(r netlink.Rule) { foreign = append(foreign, r) }, func() { foreign = foreign[:0] })
 	if err != nil {
 		return Observed{}, err
 	}
@@ -277,12 +278,17 @@ func (k *Kernel) Owned() (State, error) {
 			return table == MainTable || k.inTableBand(table)
 		})
 	}
-	return k.owned(addrs, ownedRoutes, nil, func() {})
+	currentRPFilters := func() (map[string]int, error) {
+		_, rpFilters, err := k.dump.links()
+		return rpFilters, err
+	}
+	return k.owned(addrs, ownedRoutes, currentRPFilters, nil, func() {})
 }
 
 // owned is Owned with the address dump already made. Rules that are not
 // ours go to foreign, when not nil (resetForeign starts over a retried dump).
-func (k *Kernel) owned(allAddrs []kernelAddr, ownedRoutes func() ([]Route, error), foreign func(netlink.Rule), resetForeign func()) (State, error) {
+// currentRPFilters is as ownedRPFilters takes it.
+func (k *Kernel) owned(allAddrs []kernelAddr, ownedRoutes func() ([]Route, error), currentRPFilters func() (map[string]int, error), foreign func(netlink.Rule), resetForeign func()) (State, error) {
 	var st State
 	var err error
 	st.Rules = make([]Rule, 0, k.dump.ruleHint.Load())
@@ -308,7 +314,7 @@ func (k *Kernel) owned(allAddrs []kernelAddr, ownedRoutes func() ([]Route, error
 	if st.Routes, err = ownedRoutes(); err != nil {
 		return State{}, err
 	}
-	if st.RPFilters, err = k.ownedRPFilters(); err != nil {
+	if st.RPFilters, err = k.ownedRPFilters(currentRPFilters); err != nil {
 		return State{}, err
 	}
 	st.Sort()

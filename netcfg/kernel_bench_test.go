@@ -8,6 +8,7 @@ import (
 
 	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/netcfg/nstest"
+	"github.com/vishvananda/netlink"
 )
 
 // Full scale: the largest single-card instance types take 15 ENIs with 50
@@ -184,6 +185,69 @@ func BenchmarkConflictsFullScale(b *testing.B) {
 		run(b, false)
 	})
 	b.Run("dumping-all", func(b *testing.B) { run(b, true) })
+	b.StopTimer()
+	if _, err := k.Cleanup(); err != nil {
+		b.Fatalf("Cleanup: %v", err)
+	}
+}
+
+// BenchmarkObserveParts times each read Observe makes, one by one, on the
+// configured full-scale kernel: where a no-op reconcile's kernel time goes.
+func BenchmarkObserveParts(b *testing.B) {
+	k := fullScaleKernel(b)
+	snap := fullScaleSnapshot()
+	reconcileOnce(b, k, snap)
+	owns := func(table int) bool { return table == MainTable || k.inTableBand(table) }
+	_, rpFilters, err := k.dump.links()
+	if err != nil {
+		b.Fatal(err)
+	}
+	parts := []struct {
+		name string
+		read func() error
+	}{
+		{"links", func() error { _, _, err := k.dump.links(); return err }},
+		{"addrs", func() error { _, err := k.dump.addrs(); return err }},
+		{"rules", func() error {
+			var foreign []netlink.Rule
+			return k.dump.rules(k.ownsRule, func(ruleSummary) {}, func(r netlink.Rule) { foreign = append(foreign, r) }, func() { foreign = foreign[:0] })
+		}},
+		{"routes-except-local", func() error { _, err := k.routeDump.routesExceptLocal(); return err }},
+		{"owned-routes", func() error { _, err := k.dump.ownedRoutes(k.cfg.Protocol, owns); return err }},
+		// As Observe reads them: from the links dump just made.
+		{"rp-filters", func() error {
+			_, err := k.ownedRPFilters(func() (map[string]int, error) { return rpFilters, nil })
+			return err
+		}},
+		{"rp-filters-procfs", func() error {
+			_, err := k.ownedRPFilters(func() (map[string]int, error) { return nil, nil })
+			return err
+		}},
+		{"observe", func() error { _, err := k.Observe(); return err }},
+	}
+	for _, p := range parts {
+		b.Run(p.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if err := p.read(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+	obs, err := k.Observe()
+	if err != nil {
+		b.Fatalf("Observe: %v", err)
+	}
+	b.Run("sort-owned", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			b.StopTimer()
+			st := obs.Owned.clone()
+			b.StartTimer()
+			st.Sort()
+		}
+	})
 	b.StopTimer()
 	if _, err := k.Cleanup(); err != nil {
 		b.Fatalf("Cleanup: %v", err)

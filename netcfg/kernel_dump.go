@@ -203,26 +203,67 @@ func ipFromAttr(v []byte) (netip.Addr, bool) {
 }
 
 // links dumps the links: index, name and MAC (lower case, "" when none).
-func (d *dumpSocket) links() ([]Link, error) {
+// rpFilters maps the name of every link with an IPv4 configuration to its
+// rp_filter, as /proc/sys/net/ipv4/conf/<link>/rp_filter shows it; it is nil
+// when no link carried one (a kernel that does not report it).
+//
+// Why from the link dump: the kernel puts each link's whole IPv4
+// configuration in its message (IFLA_AF_SPEC), so the rp_filter values come
+// with no further request, where procfs costs a file open, read and close per
+// link, from a thread moved into the namespace.
+func (d *dumpSocket) links() (links []Link, rpFilters map[string]int, err error) {
 	body := make([]byte, unix.SizeofIfInfomsg) // AF_UNSPEC, no filter
-	var out []Link
-	err := d.dump("links", unix.RTM_GETLINK, body, func() { out = out[:0] }, func(typ uint16, m []byte) error {
+	reset := func() { links, rpFilters = links[:0], nil }
+	err = d.dump("links", unix.RTM_GETLINK, body, reset, func(typ uint16, m []byte) error {
 		if typ != unix.RTM_NEWLINK || len(m) < unix.SizeofIfInfomsg {
 			return nil
 		}
 		l := Link{Index: int(int32(nl.NativeEndian().Uint32(m[4:8])))}
+		rpFilter, haveRPFilter := 0, false
 		forEachAttr(m[unix.SizeofIfInfomsg:], func(t uint16, v []byte) {
 			switch t {
 			case unix.IFLA_IFNAME:
 				l.Name = unix.ByteSliceToString(v)
 			case unix.IFLA_ADDRESS:
 				l.MAC = net.HardwareAddr(v).String() // lower case hex
+			case unix.IFLA_AF_SPEC:
+				rpFilter, haveRPFilter = rpFilterFromAFSpec(v)
 			}
 		})
-		out = append(out, l)
+		links = append(links, l)
+		if haveRPFilter {
+			if rpFilters == nil {
+				rpFilters = make(map[string]int)
+			}
+			rpFilters[l.Name] = rpFilter
+		}
 		return nil
 	})
-	return out, err
+	return links, rpFilters, err
+}
+
+// ipv4DevconfRPFilter is IPV4_DEVCONF_RP_FILTER (linux/ip.h): the position,
+// counted from 1, of rp_filter in IFLA_INET_CONF's array of 32-bit values.
+const ipv4DevconfRPFilter = 8
+
+// rpFilterFromAFSpec reads rp_filter from a link's IFLA_AF_SPEC attribute:
+// AF_INET's nest, IFLA_INET_CONF, the IPV4_DEVCONF_RP_FILTER'th value. It
+// reports false when the link has no IPv4 configuration (the kernel leaves
+// AF_INET out exactly when the link has no /proc/sys/net/ipv4/conf entry).
+func rpFilterFromAFSpec(afSpec []byte) (value int, ok bool) {
+	forEachAttr(afSpec, func(family uint16, inet []byte) {
+		if family != unix.AF_INET {
+			return
+		}
+		forEachAttr(inet, func(t uint16, conf []byte) {
+			const at = (ipv4DevconfRPFilter - 1) * 4
+			if t != unix.IFLA_INET_CONF || len(conf) < at+4 {
+				return
+			}
+			value, ok = int(int32(nl.NativeEndian().Uint32(conf[at:at+4]))), true
+		})
+	})
+	return value, ok
 }
 
 // addrs dumps every address of every link, both families, in the kernel's

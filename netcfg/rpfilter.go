@@ -25,29 +25,48 @@ func (k *Kernel) rpFilterOriginals() (map[string]int, error) {
 }
 
 // ownedRPFilters reports the current rp_filter of every recorded link that
-// still exists.
-func (k *Kernel) ownedRPFilters() ([]RPFilter, error) {
+// still exists. current gives every link's value by name (as links() does);
+// it is called only when some link is recorded, and a nil map from it means
+// the values are read from procfs instead.
+func (k *Kernel) ownedRPFilters(current func() (map[string]int, error)) ([]RPFilter, error) {
 	orig, err := k.rpFilterOriginals()
 	if err != nil || len(orig) == 0 {
 		return nil, err
 	}
 	links := make([]string, 0, len(orig))
 	for link := range orig {
+		// A name that could not be a link's is an error on either path, as
+		// it always was when every value came from procfs.
+		if _, err := rpFilterPath(link); err != nil {
+			return nil, fmt.Errorf("reading rp_filter originals: %w", err)
+		}
 		links = append(links, link)
 	}
 	sort.Strings(links)
-	// One trip into the namespace for all of them: entering it costs two
-	// setns calls and a thread, more than the reads.
-	values, err := readRPFilters(k.ns, links)
+	values, err := current()
 	if err != nil {
 		return nil, err
 	}
 	var out []RPFilter
+	if values != nil {
+		for _, link := range links {
+			if v, ok := values[link]; ok {
+				out = append(out, RPFilter{LinkName: link, Value: v})
+			} // else the link is gone; its record waits for it to return
+		}
+		return out, nil
+	}
+	// One trip into the namespace for all of them: entering it costs two
+	// setns calls and a thread, more than the reads.
+	read, err := readRPFilters(k.ns, links)
+	if err != nil {
+		return nil, err
+	}
 	for i, link := range links {
-		if values[i] < 0 {
+		if read[i] < 0 {
 			continue // the link is gone; its record waits for it to return
 		}
-		out = append(out, RPFilter{LinkName: link, Value: values[i]})
+		out = append(out, RPFilter{LinkName: link, Value: read[i]})
 	}
 	return out, nil
 }

@@ -1,0 +1,169 @@
+package netcfg
+
+import (
+	"encoding/binary"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"testing"
+
+	"github.com/dualhomed/dualhomed/netcfg/nstest"
+	"github.com/vishvananda/netlink/nl"
+	"golang.org/x/sys/unix"
+)
+
+// inetConf is an IFLA_INET_CONF array of n values with rp_filter at its place.
+func inetConf(n, rpFilter int) []byte {
+	b := make([]byte, 4*n)
+	if n >= ipv4DevconfRPFilter {
+		binary.NativeEndian.PutUint32(b[(ipv4DevconfRPFilter-1)*4:], uint32(rpFilter))
+	}
+	return b
+}
+
+// afSpec is an IFLA_AF_SPEC payload holding one nest per family given.
+func afSpec(nests map[int][]byte) []byte {
+	var b []byte
+	for _, family := range []int{unix.AF_INET6, unix.AF_INET} { // the kernel's order varies: AF_INET last here
+		conf, ok := nests[family]
+		if !ok {
+			continue
+		}
+		nest := nl.NewRtAttr(family, nil)
+		nest.AddRtAttr(unix.IFLA_INET_CONF, conf)
+		b = append(b, nest.Serialize()...)
+	}
+	return b
+}
+
+func TestRPFilterFromAFSpec(t *testing.T) {
+	tests := []struct {
+		name   string
+		spec   []byte
+		want   int
+		wantOK bool
+	}{
+		{"IPv4 configuration", afSpec(map[int][]byte{unix.AF_INET: inetConf(33, 2)}), 2, true},
+		{"after IPv6's", afSpec(map[int][]byte{unix.AF_INET6: inetConf(60, 7), unix.AF_INET: inetConf(33, 1)}), 1, true},
+		{"zero", afSpec(map[int][]byte{unix.AF_INET: inetConf(33, 0)}), 0, true},
+		{"exactly long enough", afSpec(map[int][]byte{unix.AF_INET: inetConf(ipv4DevconfRPFilter, 2)}), 2, true},
+		{"no IPv4 configuration", afSpec(map[int][]byte{unix.AF_INET6: inetConf(60, 2)}), 0, false},
+		{"array too short", afSpec(map[int][]byte{unix.AF_INET: inetConf(ipv4DevconfRPFilter-1, 2)}), 0, false},
+		{"empty", nil, 0, false},
+		{"truncated", afSpec(map[int][]byte{unix.AF_INET: inetConf(33, 2)})[:10], 0, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, ok := rpFilterFromAFSpec(tt.spec)
+			if got != tt.want || ok != tt.wantOK {
+				t.Errorf("rpFilterFromAFSpec = %d, %v; want %d, %v", got, ok, tt.want, tt.wantOK)
+			}
+		})
+	}
+}
+
+// rpFilterKernel is a namespace with eth0..eth2 whose rp_filter are 0, 1, 2.
+func rpFilterKernel(t *testing.T) (*Kernel, *nstest.NS) {
+	t.Helper()
+	router := nstest.New(t)
+	ns := nstest.New(t)
+	for i := range 3 {
+		name := "eth" + strconv.Itoa(i)
+		ns.Veth(t, name, ktMAC(i), router, "vpc"+strconv.Itoa(i))
+		ns.Sysctl(t, "net/ipv4/conf/"+name+"/rp_filter", strconv.Itoa(i))
+	}
+	k, err := NewKernel(ns.Handle, t.TempDir(), DefaultConfig())
+	if err != nil {
+		t.Fatalf("NewKernel: %v", err)
+	}
+	t.Cleanup(k.Close)
+	return k, ns
+}
+
+// The link dump's rp_filter values are the ones procfs shows, for every link.
+func TestLinkDumpRPFiltersMatchProcfs(t *testing.T) {
+	k, ns := rpFilterKernel(t)
+	links, values, err := k.dump.links()
+	if err != nil {
+		t.Fatalf("dumping links: %v", err)
+	}
+	if len(values) != len(links) {
+		t.Errorf("rp_filter of %d links for %d links: %v", len(values), len(links), values)
+	}
+	for _, l := range links {
+		want := ns.ReadSysctl(t, "net/ipv4/conf/"+l.Name+"/rp_filter")
+		if got, ok := values[l.Name]; !ok || strconv.Itoa(got) != want {
+			t.Errorf("rp_filter of %s from the link dump = %d (%v), procfs says %s", l.Name, got, ok, want)
+		}
+	}
+	for i := range 3 { // not all 0: the test can fail
+		if got := values["eth"+strconv.Itoa(i)]; got != i {
+			t.Errorf("rp_filter of eth%d = %d, want %d", i, got, i)
+		}
+	}
+}
+
+// Both ways of reading owned rp_filter values (the link dump, procfs when the
+// kernel does not report them) give the same answer: every recorded link that
+// exists with an IPv4 configuration, sorted, and nothing for the others.
+func TestOwnedRPFiltersFromLinkDumpOrProcfs(t *testing.T) {
+	k, ns := rpFilterKernel(t)
+	// An MTU too small for IPv4 removes lo's IPv4 configuration, and with it
+	// /proc/sys/net/ipv4/conf/lo: a link that exists but has no rp_filter.
+	ns.Run(t, "ip", "link", "set", "lo", "mtu", "60")
+	orig := map[string]int{"eth2": 0, "eth0": 1, "gone": 1, "lo": 1}
+	if err := writeJSONAtomic(k.rpFilterStatePath(), orig); err != nil {
+		t.Fatal(err)
+	}
+	fromLinks, err := k.ownedRPFilters(func() (map[string]int, error) {
+		_, v, err := k.dump.links()
+		if v == nil {
+			t.Fatal("the link dump carried no rp_filter: the test lost its point")
+		}
+		return v, err
+	})
+	if err != nil {
+		t.Fatalf("ownedRPFilters from the link dump: %v", err)
+	}
+	fromProcfs, err := k.ownedRPFilters(func() (map[string]int, error) { return nil, nil })
+	if err != nil {
+		t.Fatalf("ownedRPFilters from procfs: %v", err)
+	}
+	want := []RPFilter{{LinkName: "eth0", Value: 0}, {LinkName: "eth2", Value: 2}}
+	if !slices.Equal(fromLinks, want) {
+		t.Errorf("from the link dump: %v, want %v", fromLinks, want)
+	}
+	if !slices.Equal(fromProcfs, want) {
+		t.Errorf("from procfs: %v, want %v", fromProcfs, want)
+	}
+	// Owned and Observe read them the same way.
+	owned, err := k.Owned()
+	if err != nil {
+		t.Fatalf("Owned: %v", err)
+	}
+	obs, err := k.Observe()
+	if err != nil {
+		t.Fatalf("Observe: %v", err)
+	}
+	if !slices.Equal(owned.RPFilters, want) || !slices.Equal(obs.Owned.RPFilters, want) {
+		t.Errorf("Owned: %v, Observe: %v; want %v", owned.RPFilters, obs.Owned.RPFilters, want)
+	}
+}
+
+// A recorded name that cannot be a link's is an error whichever way values
+// are read: the state file is damaged.
+func TestOwnedRPFiltersRefusesABadRecord(t *testing.T) {
+	k, _ := rpFilterKernel(t)
+	if err := os.WriteFile(filepath.Join(k.stateDir, rpFilterStateFile), []byte(`{"../eth0": 1}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for name, current := range map[string]func() (map[string]int, error){
+		"link dump": func() (map[string]int, error) { _, v, err := k.dump.links(); return v, err },
+		"procfs":    func() (map[string]int, error) { return nil, nil },
+	} {
+		if got, err := k.ownedRPFilters(current); err == nil {
+			t.Errorf("%s: ownedRPFilters = %v, want an error", name, got)
+		}
+	}
+}
