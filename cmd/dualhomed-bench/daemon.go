@@ -12,6 +12,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // clockTicks is USER_HZ, the unit of utime and stime in /proc/<pid>/stat:
@@ -27,8 +29,9 @@ type daemonProc struct {
 	waitErr error
 }
 
-// startDaemon starts bin as the daemon against the emulator at endpoint.
-func startDaemon(bin, endpoint string) (*daemonProc, error) {
+// startDaemon starts bin as the daemon against the emulator at endpoint,
+// with config as its configuration file ("": none, the documented defaults).
+func startDaemon(bin, endpoint, config string) (*daemonProc, error) {
 	if _, err := os.Stat(bin); err != nil {
 		return nil, fmt.Errorf("finding the dualhomed binary (run `make build`): %w", err)
 	}
@@ -42,10 +45,18 @@ func startDaemon(bin, endpoint string) (*daemonProc, error) {
 		return nil, err
 	}
 	defer logf.Close()
+	configFile := filepath.Join(dir, "absent.yaml") // absent: the documented defaults
+	if config != "" {
+		configFile = filepath.Join(dir, "config.yaml")
+		if err := os.WriteFile(configFile, []byte(config), 0o644); err != nil {
+			os.RemoveAll(dir)
+			return nil, fmt.Errorf("writing the daemon's configuration: %w", err)
+		}
+	}
 	cmd := exec.Command(bin, "daemon",
 		"--imds-endpoint", endpoint,
 		"--state-dir", filepath.Join(dir, "state"),
-		"--config", filepath.Join(dir, "absent.yaml"), // absent: the documented defaults
+		"--config", configFile,
 	)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own process group (Ctrl-C is ours to handle), and killed with us.
@@ -146,8 +157,30 @@ func (d *daemonProc) stop(keepLog string) {
 	os.RemoveAll(d.dir)
 }
 
-// cpuTime is the CPU time (user + system, all threads) the daemon used so far.
+// cpuTime is the CPU time (user + system, every thread, exited ones
+// included) the daemon used so far, read from its process CPU-time clock
+// (what clock_getcpuclockid(3) returns for another process): nanoseconds
+// of the scheduler's accounting, where /proc/<pid>/stat truncates the same
+// sum to 10 ms ticks.
 func (d *daemonProc) cpuTime() (time.Duration, error) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(processCPUClock(d.cmd.Process.Pid), &ts); err != nil {
+		return 0, fmt.Errorf("reading the daemon's CPU clock: %w", err)
+	}
+	return time.Duration(ts.Nano()), nil
+}
+
+// processCPUClock is the clock id of pid's process CPU-time clock, as
+// glibc's clock_getcpuclockid builds it: the negated pid shifted by 3, with
+// CPUCLOCK_SCHED (2) and no per-thread bit.
+func processCPUClock(pid int) int32 {
+	const cpuClockSched = 2
+	return int32(^pid)<<3 | cpuClockSched
+}
+
+// cpuTicks is the CPU time (user + system, all threads) the daemon used so
+// far as /proc/<pid>/stat reports it: utime+stime in 10 ms ticks.
+func (d *daemonProc) cpuTicks() (time.Duration, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", d.cmd.Process.Pid))
 	if err != nil {
 		return 0, err

@@ -227,31 +227,43 @@ func (b *bench) variant(ctx context.Context, cards int) {
 				continue
 			}
 			defer p.Close()
-			// The no-op poll, with the IMDS cost of one poll.
-			if err := b.w.srv.ResetStats(); err != nil {
-				return err
-			}
+			// The no-op poll as the daemon's timer does it (agent.RefreshPoll,
+			// on a pipeline with a good snapshot), then the full snapshot a
+			// start, a reload and every so many polls read, each with its
+			// IMDS cost counted by the emulator.
 			for range o.runs {
-				time.Sleep(bucketRefill) // as between two polls of the daemon
-				c0 := b.settledChanges()
-				run, err := p.reconcile(ctx, agent.RefreshAlways)
+				run, st, obs, err := b.measuredRead(ctx, p, agent.RefreshPoll)
 				if err != nil {
 					return fmt.Errorf("no-op poll: %w", err)
 				}
-				c1 := b.settledChanges()
 				v.Noop = append(v.Noop, run.Total)
+				v.NoopIMDS = append(v.NoopIMDS, run.IMDS)
 				v.NoopWrites = append(v.NoopWrites, run.Writes)
-				v.NoopObserved = append(v.NoopObserved, c1.sub(c0).Total())
+				v.NoopObserved = append(v.NoopObserved, obs)
+				v.PollRequests = append(v.PollRequests, int(st.Requests))
+				v.PollBytes = append(v.PollBytes, int(st.BytesSent))
 			}
-			st := b.w.srv.Stats()
-			v.PollRequests = float64(st.Requests) / float64(o.runs)
-			v.PollBytes = float64(st.BytesSent) / float64(o.runs)
-			for path := range st.ByPath {
-				if path != emulator.TokenPath {
-					v.imdsPaths = append(v.imdsPaths, path)
+			for range o.runs {
+				run, st, obs, err := b.measuredRead(ctx, p, agent.RefreshAlways)
+				if err != nil {
+					return fmt.Errorf("no-op reconcile with a full snapshot: %w", err)
 				}
+				v.Full = append(v.Full, run.Total)
+				v.FullIMDS = append(v.FullIMDS, run.IMDS)
+				v.FullWrites = append(v.FullWrites, run.Writes)
+				v.FullObserved = append(v.FullObserved, obs)
+				v.FullRequests = append(v.FullRequests, int(st.Requests))
+				v.FullBytes = append(v.FullBytes, int(st.BytesSent))
+				// Baseline (a) curls every key a full snapshot reads: a
+				// shell tool configuring an instance has no earlier read.
+				v.imdsPaths = v.imdsPaths[:0]
+				for path := range st.ByPath {
+					if path != emulator.TokenPath {
+						v.imdsPaths = append(v.imdsPaths, path)
+					}
+				}
+				slices.Sort(v.imdsPaths)
 			}
-			slices.Sort(v.imdsPaths)
 			for range o.runs {
 				c0 := b.settledChanges()
 				run, err := p.reconcile(ctx, agent.RefreshNever)
@@ -384,6 +396,26 @@ func (b *bench) variant(ctx context.Context, cards int) {
 	}
 }
 
+// measuredRead runs one reconcile that reads IMDS on the warm pipeline p,
+// after the client's request burst has refilled (as between two polls of the
+// daemon), and returns it with the emulator's counts for it and the number
+// of rtnetlink notifications it caused.
+func (b *bench) measuredRead(ctx context.Context, p *pipeline, refresh agent.Refresh) (reconcileRun, emulator.Stats, int, error) {
+	select {
+	case <-ctx.Done():
+		return reconcileRun{}, emulator.Stats{}, 0, ctx.Err()
+	case <-time.After(bucketRefill):
+	}
+	if err := b.w.srv.ResetStats(); err != nil {
+		return reconcileRun{}, emulator.Stats{}, 0, err
+	}
+	c0 := b.settledChanges()
+	run, err := p.reconcile(ctx, refresh)
+	st := b.w.srv.Stats()
+	c1 := b.settledChanges()
+	return run, st, c1.sub(c0).Total(), err
+}
+
 // endState describes how the kernel compares with the variant's reference.
 func (b *bench) endState() string {
 	v := b.r.Variants[len(b.r.Variants)-1]
@@ -430,13 +462,13 @@ func (b *bench) daemon(ctx context.Context) {
 	}()
 	// restart replaces the daemon with a fresh one and waits until it has
 	// checked the kernel (already configured: it makes no change).
-	restart := func() error {
+	restart := func(config string) error {
 		if proc != nil {
 			proc.stop(o.daemonLog)
 			proc = nil
 		}
 		var err error
-		if proc, err = startDaemon(o.dualhomed, b.w.url); err != nil {
+		if proc, err = startDaemon(o.dualhomed, b.w.url, config); err != nil {
 			return err
 		}
 		if err := b.waitState(ctx, proc, v.reference, 30*time.Second); err != nil {
@@ -454,7 +486,7 @@ func (b *bench) daemon(ctx context.Context) {
 		}
 		start := time.Now()
 		var err error
-		if proc, err = startDaemon(o.dualhomed, b.w.url); err != nil {
+		if proc, err = startDaemon(o.dualhomed, b.w.url, ""); err != nil {
 			return err
 		}
 		if err := b.waitState(ctx, proc, v.reference, 60*time.Second); err != nil {
@@ -473,8 +505,9 @@ func (b *bench) daemon(ctx context.Context) {
 			return err
 		}
 		c0 := b.settledChanges()
-		cpu0, err := proc.cpuTime()
-		if err != nil {
+		cpu0, err1 := proc.cpuTime()
+		ticks0, err2 := proc.cpuTicks()
+		if err := errors.Join(err1, err2); err != nil {
 			return err
 		}
 		start := time.Now()
@@ -483,17 +516,20 @@ func (b *bench) daemon(ctx context.Context) {
 			return ctx.Err()
 		case <-time.After(o.idle):
 		}
-		cpu1, err := proc.cpuTime()
-		if err != nil {
+		cpu1, err1 := proc.cpuTime()
+		ticks1, err2 := proc.cpuTicks()
+		if err := errors.Join(err1, err2); err != nil {
 			return errors.Join(err, proc.alive())
 		}
 		d.IdleWall = time.Since(start)
 		d.IdleCPU = cpu1 - cpu0
+		d.IdleCPUTicks = ticks1 - ticks0
 		c1, lost := b.wt.Changes()
 		d.IdleChanges = c1.sub(c0)
 		d.IdleChangesLost = lost > 0
 		st := b.w.srv.Stats()
 		d.IdleRequests, d.IdleBytes = st.Requests, st.BytesSent
+		var err error
 		d.RSSPeakKiB, d.RSSKiB, err = proc.memory()
 		return err
 	})
@@ -518,7 +554,7 @@ func (b *bench) daemon(ctx context.Context) {
 				return err
 			}
 			if n > 0 {
-				if err := restart(); err != nil {
+				if err := restart(""); err != nil {
 					return fmt.Errorf("restarting the daemon: %w", err)
 				}
 			}
@@ -546,7 +582,7 @@ func (b *bench) daemon(ctx context.Context) {
 	})
 
 	b.step(fmt.Sprintf("daemon: IMDS answering 500 for %v", o.fault), func() error {
-		if err := restart(); err != nil {
+		if err := restart(""); err != nil {
 			return fmt.Errorf("restarting the daemon: %w", err)
 		}
 		before, err := dumpKernel(b.w.h)
@@ -588,7 +624,7 @@ func (b *bench) daemon(ctx context.Context) {
 	})
 
 	b.step("daemon: hot attach", func() error {
-		if err := restart(); err != nil {
+		if err := restart(""); err != nil {
 			return fmt.Errorf("restarting the daemon: %w", err)
 		}
 		if err := b.hotAttach(ctx, proc, v, d); err != nil {
@@ -599,7 +635,78 @@ func (b *bench) daemon(ctx context.Context) {
 		}
 		return nil
 	})
+
+	if o.pollCPU <= 0 {
+		return
+	}
+	b.step(fmt.Sprintf("daemon: CPU per poll (poll_interval %v, for %v)", pollCPUInterval, o.pollCPU), func() error {
+		// From the instance as at boot, whatever the hot attaches left.
+		if proc != nil {
+			proc.stop(o.daemonLog)
+			proc = nil
+		}
+		if err := b.w.build(v.inst); err != nil {
+			return err
+		}
+		if err := b.reset(); err != nil {
+			return err
+		}
+		if err := restart(fmt.Sprintf("poll_interval: %v\n", pollCPUInterval)); err != nil {
+			return fmt.Errorf("restarting the daemon with poll_interval %v: %w", pollCPUInterval, err)
+		}
+		return b.pollCPU(ctx, proc, d)
+	})
 }
+
+// pollCPUInterval is the poll interval of the daemon that measures the CPU
+// cost of one poll: short, so that a window of half a minute holds about
+// ten polls and the figure rests on more than a few scheduler ticks.
+const pollCPUInterval = 3 * time.Second
+
+// pollCPU watches a daemon polling every pollCPUInterval for o.pollCPU and
+// records the CPU time and IMDS requests per poll. Polls are counted by the
+// IMDS listing of MACs, which every poll reads once.
+func (b *bench) pollCPU(ctx context.Context, proc *daemonProc, d *daemonResult) error {
+	// Let the start-up's last work and the first poll pass.
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(time.Second):
+	}
+	if err := b.w.srv.ResetStats(); err != nil {
+		return err
+	}
+	c0 := b.settledChanges()
+	cpu0, err := proc.cpuTime()
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(b.o.pollCPU):
+	}
+	cpu1, err := proc.cpuTime()
+	if err != nil {
+		return errors.Join(err, proc.alive())
+	}
+	d.PollCPUWall = time.Since(start)
+	st := b.w.srv.Stats()
+	c1, _ := b.wt.Changes()
+	d.PollCPU = cpu1 - cpu0
+	d.PollCPUInterval = pollCPUInterval
+	d.PollCPUPolls = st.ByPath[macListingPath]
+	d.PollCPURequests, d.PollCPUBytes = st.Requests, st.BytesSent
+	d.PollCPUChanges = c1.sub(c0)
+	if d.PollCPUPolls == 0 {
+		return proc.logContext(fmt.Errorf("no poll in %v (no request of %s)", d.PollCPUWall.Round(time.Millisecond), macListingPath))
+	}
+	return proc.alive()
+}
+
+// macListingPath is the IMDS listing of the attached ENIs' MACs.
+const macListingPath = "/latest/meta-data/network/interfaces/macs/"
 
 // waitState polls the kernel until it matches want.
 func (b *bench) waitState(ctx context.Context, proc *daemonProc, want kernelState, timeout time.Duration) error {
@@ -631,8 +738,10 @@ const pingTimeout = 5 * time.Second
 // hotAttach attaches a new ENI again and again in the place of the last one
 // (device number, addresses): its link is deleted and IMDS forgets it, the
 // kernel is cleaned of its rules, IMDS learns a new ENI (new MAC), and only
-// then does the new link arrive. Timed from the link's arrival to its rules'
-// notification and to the first ping answered through it.
+// then does the new link arrive. Timed from the link's arrival (its
+// RTM_NEWLINK notification in the instance) to its rules' notification and
+// to the first ping answered through it; the move into the instance, which
+// a hot-plugged NIC does not go through, is timed apart.
 func (b *bench) hotAttach(ctx context.Context, proc *daemonProc, v *variantResult, d *daemonResult) error {
 	i := len(v.inst.ENIs) - 1
 	eni := v.inst.ENIs[i]
@@ -732,6 +841,7 @@ func (b *bench) hotAttach(ctx context.Context, proc *daemonProc, v *variantResul
 			return err
 		}
 		rules := b.wt.expect(allRules(want))
+		arrived := b.wt.expectLink(end.Attrs().HardwareAddr)
 		pctx, cancel := context.WithTimeout(ctx, pingTimeout)
 		t0 := time.Now()
 		if err := b.w.vpcH.LinkSetNsFd(end, int(b.w.self)); err != nil {
@@ -752,13 +862,24 @@ func (b *bench) hotAttach(ctx context.Context, proc *daemonProc, v *variantResul
 				return fmt.Errorf("setting %s up: %w", eniLink(i), err)
 			}
 		}
+		var tRules, tArrival time.Time
 		select {
-		case t := <-rules:
-			d.HotRules = append(d.HotRules, t.Sub(t0))
+		case tRules = <-rules:
 		case <-time.After(pingTimeout):
 			cancel()
 			return errors.Join(fmt.Errorf("attach %d: rules not in place within %v", n+1, pingTimeout), proc.alive())
 		}
+		// The link's notification is handled before the rules' ones (one
+		// socket, in order): it is there unless the socket overran.
+		select {
+		case tArrival = <-arrived:
+		case <-time.After(time.Second):
+			cancel()
+			return fmt.Errorf("attach %d: no RTM_NEWLINK notification of %s (%s) in the instance", n+1, eniLink(i), current.MAC)
+		}
+		d.HotMove = append(d.HotMove, tArrival.Sub(t0))
+		d.HotRules = append(d.HotRules, tRules.Sub(tArrival))
+		d.HotMoveRules = append(d.HotMoveRules, tRules.Sub(t0))
 		t := <-pinged
 		cancel()
 		if t.IsZero() {
@@ -771,7 +892,8 @@ func (b *bench) hotAttach(ctx context.Context, proc *daemonProc, v *variantResul
 			}
 			continue
 		}
-		d.HotPing = append(d.HotPing, t.Sub(t0))
+		d.HotPing = append(d.HotPing, t.Sub(tArrival))
+		d.HotMovePing = append(d.HotMovePing, t.Sub(t0))
 	}
 	return nil
 }

@@ -41,7 +41,8 @@ type options struct {
 	drifts     int
 	idle       time.Duration
 	fault      time.Duration
-	dualhomed  string // path of the dualhomed binary
+	pollCPU    time.Duration // window of the CPU-per-poll measurement (0 skips it)
+	dualhomed  string        // path of the dualhomed binary
 	goBench    bool
 	goBenchOut string // file with `go test -bench` output, handed to the inner process
 	inNS       string // set in the inner process: the namespace it runs in
@@ -61,6 +62,7 @@ func main() {
 	flag.IntVar(&o.attaches, "attaches", 20, "hot attaches measured")
 	flag.IntVar(&o.drifts, "drifts", 20, "drift repairs measured")
 	flag.DurationVar(&o.idle, "idle", 60*time.Second, "how long the daemon is watched at rest")
+	flag.DurationVar(&o.pollCPU, "poll-cpu", 30*time.Second, "how long a daemon polling every 3 s is watched to measure the CPU time of one poll (0 skips it)")
 	flag.DurationVar(&o.fault, "fault", 10*time.Second, "how long IMDS answers 500 in the failure measurement")
 	flag.StringVar(&o.dualhomed, "dualhomed", "", "dualhomed `binary` (default: next to this one)")
 	flag.BoolVar(&o.goBench, "go-bench", true, "run the Go micro-benchmarks of imds and netcfg and include them")

@@ -59,8 +59,9 @@ type reconcileRun struct {
 	Ops      int           // plan size
 }
 
-// reconcile runs one reconcile. refresh is agent.RefreshAlways for a poll
-// (reads IMDS), agent.RefreshNever for what a netlink event triggers when no
+// reconcile runs one reconcile. refresh is agent.RefreshPoll for the poll
+// timer's read, agent.RefreshAlways for a full snapshot (start, reload),
+// agent.RefreshNever for what a netlink event triggers when no
 // link appeared (the last good snapshot is reused).
 func (p *pipeline) reconcile(ctx context.Context, refresh agent.Refresh) (reconcileRun, error) {
 	start := time.Now()
@@ -81,6 +82,8 @@ func (p *pipeline) reconcile(ctx context.Context, refresh agent.Refresh) (reconc
 		return run, fmt.Errorf("applying %d changes: %s", len(rep.Changes), rep.ApplyError)
 	case refresh == agent.RefreshAlways && !rep.Fresh:
 		return run, errors.New("the reconcile did not read IMDS")
+	case refresh == agent.RefreshPoll && rep.IMDSRequests == 0:
+		return run, errors.New("the poll did not read IMDS")
 	}
 	return run, nil
 }

@@ -14,10 +14,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// watcher follows the namespace's rules, routes and addresses through an
-// rtnetlink subscription: it knows the current set of rules at every moment
-// (to time when a rule appears) and counts the changes a tool makes (to
-// count writes made by a process we cannot instrument).
+// watcher follows the namespace's links, rules, routes and addresses through
+// an rtnetlink subscription: it knows the current set of rules at every
+// moment (to time when a rule appears), times the arrival of a link (to time
+// a hot attach from it), and counts the changes a tool makes (to count
+// writes made by a process we cannot instrument).
 type watcher struct {
 	h    *netlink.Handle
 	sock *nl.NetlinkSocket
@@ -26,9 +27,12 @@ type watcher struct {
 	rules   map[string]bool
 	changes changeCounts
 	lost    int // buffer overruns: counts are unreliable when non-zero
-	waiters []*ruleWaiter
-	closed  bool
-	done    chan struct{}
+	// received is when the batch being handled was received.
+	received time.Time
+	waiters  []*ruleWaiter
+	arrival  []*linkWaiter
+	closed   bool
+	done     chan struct{}
 }
 
 // changeCounts are rtnetlink notifications of objects a tool writes: rules,
@@ -46,9 +50,16 @@ type ruleWaiter struct {
 	done chan time.Time // receives the time of the notification that made cond true
 }
 
+// linkWaiter waits for the first RTM_NEWLINK of a link with a given MAC.
+type linkWaiter struct {
+	mac  string // net.HardwareAddr.String() form
+	done chan time.Time
+}
+
 // newWatcher subscribes in the process's namespace and loads the current rules.
 func newWatcher(h *netlink.Handle) (*watcher, error) {
 	sock, err := nl.Subscribe(unix.NETLINK_ROUTE,
+		unix.RTNLGRP_LINK,
 		unix.RTNLGRP_IPV4_RULE, unix.RTNLGRP_IPV6_RULE,
 		unix.RTNLGRP_IPV4_ROUTE, unix.RTNLGRP_IPV6_ROUTE,
 		unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV6_IFADDR)
@@ -120,6 +131,7 @@ func (w *watcher) loop() {
 			return
 		}
 		w.mu.Lock()
+		w.received = now
 		for _, m := range msgs {
 			w.handleLocked(m)
 			// After each message: a rule deleted and re-added within one
@@ -152,7 +164,50 @@ func (w *watcher) handleLocked(msg syscall.NetlinkMessage) {
 		}
 	case unix.RTM_NEWADDR, unix.RTM_DELADDR:
 		w.changes.Addrs++
+	case unix.RTM_NEWLINK:
+		if len(w.arrival) > 0 {
+			w.linkArrivedLocked(msg.Data)
+		}
 	}
+}
+
+// linkArrivedLocked hands the time the current batch was received to the waiters
+// whose MAC the link in an RTM_NEWLINK payload has.
+func (w *watcher) linkArrivedLocked(b []byte) {
+	if len(b) < unix.SizeofIfInfomsg {
+		return
+	}
+	attrs, err := nl.ParseRouteAttr(b[unix.SizeofIfInfomsg:])
+	if err != nil {
+		return
+	}
+	for _, a := range attrs {
+		if a.Attr.Type != unix.IFLA_ADDRESS {
+			continue
+		}
+		mac := net.HardwareAddr(a.Value).String()
+		kept := w.arrival[:0]
+		for _, lw := range w.arrival {
+			if lw.mac == mac {
+				lw.done <- w.received
+				continue
+			}
+			kept = append(kept, lw)
+		}
+		w.arrival = kept
+	}
+}
+
+// expectLink registers, before the action that brings it, a wait for the
+// first RTM_NEWLINK notification of a link with address mac: the moment the
+// link exists in this namespace, as a hot-plugged NIC's registration is.
+// The channel receives the time that notification was received.
+func (w *watcher) expectLink(mac net.HardwareAddr) <-chan time.Time {
+	lw := &linkWaiter{mac: mac.String(), done: make(chan time.Time, 1)}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.arrival = append(w.arrival, lw)
+	return lw.done
 }
 
 func (w *watcher) wakeLocked(now time.Time) {
