@@ -3,11 +3,14 @@ package main
 import (
 	"net"
 	"net/netip"
+	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
@@ -193,5 +196,65 @@ func TestCompareStatesIgnoringAddrProto(t *testing.T) {
 func TestLastHost(t *testing.T) {
 	if got := lastHost(netip.MustParsePrefix("10.14.0.0/16")); got != netip.MustParseAddr("10.14.255.254") {
 		t.Errorf("lastHost = %v", got)
+	}
+}
+
+// newLinkMessage is an RTM_NEWLINK notification of a link with the given
+// name and MAC, as the kernel sends it.
+func newLinkMessage(name string, mac net.HardwareAddr) syscall.NetlinkMessage {
+	msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
+	data := msg.Serialize()
+	data = append(data, nl.NewRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated(name)).Serialize()...)
+	data = append(data, nl.NewRtAttr(unix.IFLA_ADDRESS, mac).Serialize()...)
+	return syscall.NetlinkMessage{Header: syscall.NlMsghdr{Type: unix.RTM_NEWLINK}, Data: data}
+}
+
+func TestLinkArrivalMatchesTheNewMAC(t *testing.T) {
+	w := &watcher{rules: map[string]bool{}}
+	want, _ := net.ParseMAC("02:00:00:01:00:07")
+	old, _ := net.ParseMAC("02:00:00:00:00:0e")
+	arrived := w.expectLink(want)
+
+	// The detached ENI's link, same name, old MAC: not the arrival.
+	w.received = time.Unix(1, 0)
+	w.handleLocked(newLinkMessage("eth14", old))
+	select {
+	case <-arrived:
+		t.Fatal("a link with another MAC counted as the arrival")
+	default:
+	}
+
+	w.received = time.Unix(2, 0)
+	w.handleLocked(newLinkMessage("eth14", want))
+	w.received = time.Unix(3, 0) // set up: a second RTM_NEWLINK
+	w.handleLocked(newLinkMessage("eth14", want))
+	select {
+	case got := <-arrived:
+		if !got.Equal(time.Unix(2, 0)) {
+			t.Errorf("arrival at %v, want the first notification's time %v", got, time.Unix(2, 0))
+		}
+	default:
+		t.Fatal("the link's RTM_NEWLINK was not seen as its arrival")
+	}
+	if len(w.arrival) != 0 {
+		t.Errorf("%d link waiters left after the arrival", len(w.arrival))
+	}
+}
+
+func TestProcessCPUClockIsTheProcessCPUTime(t *testing.T) {
+	// The clock id built from our own pid must read our process CPU time:
+	// between two readings of CLOCK_PROCESS_CPUTIME_ID.
+	var before, byPid, after unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_PROCESS_CPUTIME_ID, &before); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.ClockGettime(processCPUClock(os.Getpid()), &byPid); err != nil {
+		t.Fatalf("reading the process CPU clock by pid: %v", err)
+	}
+	if err := unix.ClockGettime(unix.CLOCK_PROCESS_CPUTIME_ID, &after); err != nil {
+		t.Fatal(err)
+	}
+	if byPid.Nano() < before.Nano() || byPid.Nano() > after.Nano() {
+		t.Errorf("CPU clock of pid %d reads %d ns, not between %d and %d", os.Getpid(), byPid.Nano(), before.Nano(), after.Nano())
 	}
 }
