@@ -291,8 +291,8 @@ func (r *results) rows() []row {
 	if d.PollCPUPolls > 0 {
 		perPoll := d.PollCPU / time.Duration(d.PollCPUPolls)
 		rows = append(rows, row{
-			what: fmt.Sprintf("Daemon polling every %v for %.0f s (informative): CPU per poll; IMDS requests per poll; idle CPU this implies at the default %v interval",
-				d.PollCPUInterval, d.PollCPUWall.Seconds(), agent.DefaultPollInterval),
+			what: fmt.Sprintf("Daemon polling every %s for %.0f s (informative): CPU per poll; IMDS requests per poll; idle CPU this implies at the default %s interval",
+				seconds(d.PollCPUInterval), d.PollCPUWall.Seconds(), seconds(agent.DefaultPollInterval)),
 			dualhomed: fmt.Sprintf("%s per poll (%d polls); %.0f requests per poll; %.3f %% of a core",
 				fmtDur(perPoll), d.PollCPUPolls, float64(d.PollCPURequests)/float64(d.PollCPUPolls),
 				100*perPoll.Seconds()/agent.DefaultPollInterval.Seconds()),
@@ -422,10 +422,10 @@ func (r *results) write(path string) error {
 		kv("Hot attach: veth move started → rules", d.HotMoveRules.percentiles())
 		kv("Hot attach: veth move started → ping reply", d.HotMovePing.percentiles())
 		if d.PollCPUPolls > 0 {
-			kv(fmt.Sprintf("Polling every %v: CPU (process CPU clock) / wall, polls", d.PollCPUInterval),
+			kv(fmt.Sprintf("Polling every %s: CPU (process CPU clock) / wall, polls", seconds(d.PollCPUInterval)),
 				fmt.Sprintf("%.4f s / %.1f s, %d polls", d.PollCPU.Seconds(), d.PollCPUWall.Seconds(), d.PollCPUPolls))
-			kv(fmt.Sprintf("Polling every %v: IMDS requests, bytes", d.PollCPUInterval), fmt.Sprintf("%d, %d", d.PollCPURequests, d.PollCPUBytes))
-			kv(fmt.Sprintf("Polling every %v: rtnetlink notifications (rules, routes, addresses)", d.PollCPUInterval),
+			kv(fmt.Sprintf("Polling every %s: IMDS requests, bytes", seconds(d.PollCPUInterval)), fmt.Sprintf("%d, %d", d.PollCPURequests, d.PollCPUBytes))
+			kv(fmt.Sprintf("Polling every %s: rtnetlink notifications (rules, routes, addresses)", seconds(d.PollCPUInterval)),
 				fmt.Sprintf("%d, %d, %d", d.PollCPUChanges.Rules, d.PollCPUChanges.Routes, d.PollCPUChanges.Addrs))
 		}
 		if d.FaultWall > 0 {
@@ -471,6 +471,9 @@ func (r *results) write(path string) error {
 	return nil
 }
 
+// seconds formats a whole number of seconds as "15 s".
+func seconds(d time.Duration) string { return fmt.Sprintf("%.0f s", d.Seconds()) }
+
 func orDash(s string) string {
 	if s == "" {
 		return "—"
@@ -494,7 +497,7 @@ func methodNotes(r *results) []string {
 		"The baselines create exactly the objects dualhomed created (derived from the kernel dump after dualhomed's run, as `ip` commands: " +
 			"addresses, on-link routes, routes via a gateway, rules) and are then compared with dualhomed's end state (rules, routes of every table, addresses with flags and protocol, rp_filter). " +
 			"Computing that list is not timed: a shell tool also spends time on its own logic, so the baselines are favoured.",
-		"Baseline (a) is what shell tools such as ec2-net-utils do: one `curl` for the IMDSv2 token and one per key that dualhomed's client read in a poll, " +
+		"Baseline (a) is what shell tools such as ec2-net-utils do: one `curl` for the IMDSv2 token and one per key that dualhomed's client read in a full snapshot (a tool configuring an instance has no earlier read to build on), " +
 			"one `ip` process per object (`ip rule add … protocol 210`, `ip route add … proto 210`, `ip addr add`), one `sysctl -w` per rp_filter value; processes run one after another, " +
 			"started from Go (a bash script would add its own interpreter's cost).",
 		"Baseline (b) is the floor of any iproute2-driven tool: one `ip -4 -batch -` and one `ip -6 -batch -` process (`ip rule` cannot infer the family and batch lines cannot carry `-6`), " +
@@ -503,12 +506,12 @@ func methodNotes(r *results) []string {
 			"CPU is read from the daemon's process CPU-time clock (`clock_gettime` on the clock `clock_getcpuclockid` names: every thread, in nanoseconds); " +
 			"utime+stime from /proc/<pid>/stat is the same sum truncated to 10 ms ticks, too coarse against 0.1 % of a core over a minute, and is shown in the details only. " +
 			"RSS is VmHWM from /proc/<pid>/status.",
-		fmt.Sprintf("Idle CPU is judged as the issue defines it: the daemon with its default configuration (a poll every %v), at rest for the whole window. ", agent.DefaultPollInterval) +
+		fmt.Sprintf("Idle CPU is judged as the issue defines it: the daemon with its default configuration (a poll every %s), at rest for the whole window. ", seconds(agent.DefaultPollInterval)) +
 			fmt.Sprintf("To see what one poll costs, a second daemon is started with a configuration file setting `poll_interval: %v` and watched for about ten polls: ", pollCPUInterval) +
 			"its CPU time divided by the polls it made (counted by the emulator as requests of the MAC listing, which every poll reads once) is the CPU per poll, " +
-			fmt.Sprintf("and that divided by %v is the idle CPU it implies at the default interval. ", agent.DefaultPollInterval) +
-			fmt.Sprintf("The per-poll figure includes the daemon's background work of %v, so the implied figure slightly overstates a poll's own cost and omits the background of the remaining %v; it is informative.",
-				pollCPUInterval, agent.DefaultPollInterval-pollCPUInterval),
+			fmt.Sprintf("and that divided by %s is the idle CPU it implies at the default interval. ", seconds(agent.DefaultPollInterval)) +
+			fmt.Sprintf("The per-poll figure includes the daemon's background work of the %s between two polls, so the implied figure slightly overstates a poll's own cost and omits the background of the remaining %s; it is informative.",
+				seconds(pollCPUInterval), seconds(agent.DefaultPollInterval-pollCPUInterval)),
 		"No-op: the 5 ms target is judged on the reconcile a netlink event triggers (the kernel pass with the last good snapshot); " +
 			"a poll adds one IMDS read, paced by the client, whose time is shown but not judged against 5 ms. " +
 			"The poll is the daemon's timer read, `agent.RefreshPoll`, on the pipeline of the last cold run (it holds a good snapshot): it re-reads what can change while an ENI stays attached. " +
