@@ -85,6 +85,10 @@ func main() {
 		fmt.Fprintln(os.Stderr, "dualhomed-bench: -runs, -shell-runs, -attaches and -drifts must be at least 1, -enis at least 2")
 		os.Exit(2)
 	}
+	if o.pollCPU != 0 && o.pollCPU < 2*pollCPUInterval {
+		fmt.Fprintf(os.Stderr, "dualhomed-bench: -poll-cpu must be 0 (skip) or at least %v (two polls of the daemon it watches)\n", 2*pollCPUInterval)
+		os.Exit(2)
+	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "dualhomed-bench: needs root to create network namespaces; run `sudo make bench`")
 		os.Exit(1)
