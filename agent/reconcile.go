@@ -3,6 +3,9 @@ package agent
 import (
 	"context"
 	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -222,6 +225,54 @@ type Reconciler struct {
 	seenLinks  map[int]string  // link index -> MAC, as observed at the last IMDS read
 	configured map[string]bool // MACs of ENIs configured by an earlier successful apply
 	polls      int             // RefreshPoll reads so far, for fullReadEvery
+	memo       *desiredMemo    // the last Desired result and its inputs
+}
+
+// desiredMemo is a Desired result with its inputs. Desired is a pure
+// function, and most reconciles a netlink event triggers (a container's
+// veth, a foreign address) find the kernel state they depend on exactly as
+// the previous reconcile left it: they reuse its result instead of
+// computing about 3,000 objects again (0.4 ms of a 3 ms no-op at full scale).
+type desiredMemo struct {
+	snap   *imds.Snapshot // r.lastGood when it was computed: a new read replaces the pointer
+	obs    netcfg.Observed
+	result netcfg.Result
+}
+
+// desired returns netcfg.Desired for snap (r.lastGood) and obs, computed
+// again only when its inputs changed.
+func (r *Reconciler) desired(snap imds.Snapshot, obs netcfg.Observed) netcfg.Result {
+	if m := r.memo; m != nil && m.snap == r.lastGood && sameObserved(m.obs, obs) {
+		res := m.result
+		res.ENIs = slices.Clone(res.ENIs) // the caller marks ENI states in place
+		return res
+	}
+	res := netcfg.Desired(snap, obs, netcfgFor(r.cfg, snap))
+	r.memo = &desiredMemo{snap: r.lastGood, obs: cloneObserved(obs), result: res}
+	res.ENIs = slices.Clone(res.ENIs)
+	return res
+}
+
+// cloneObserved copies obs, so that the memo cannot change under it.
+func cloneObserved(obs netcfg.Observed) netcfg.Observed {
+	addrs := make(map[int][]netip.Prefix, len(obs.Addrs))
+	for i, ps := range obs.Addrs {
+		addrs[i] = slices.Clone(ps)
+	}
+	return netcfg.Observed{Links: slices.Clone(obs.Links), Addrs: addrs, Owned: netcfg.State{
+		Rules: slices.Clone(obs.Owned.Rules), Routes: slices.Clone(obs.Owned.Routes),
+		Addrs: slices.Clone(obs.Owned.Addrs), RPFilters: slices.Clone(obs.Owned.RPFilters)}}
+}
+
+// sameObserved reports whether two observations of the kernel are equal in
+// everything Desired reads.
+func sameObserved(a, b netcfg.Observed) bool {
+	return slices.Equal(a.Links, b.Links) &&
+		maps.EqualFunc(a.Addrs, b.Addrs, slices.Equal) &&
+		slices.Equal(a.Owned.Rules, b.Owned.Rules) &&
+		slices.Equal(a.Owned.Routes, b.Owned.Routes) &&
+		slices.Equal(a.Owned.Addrs, b.Owned.Addrs) &&
+		slices.Equal(a.Owned.RPFilters, b.Owned.RPFilters)
 }
 
 // NewReconciler returns a Reconciler reading IMDS through source and acting
@@ -250,6 +301,7 @@ func (r *Reconciler) Unblock() {
 // keeping the last good snapshot.
 func (r *Reconciler) Swap(source Snapshotter, kernel Kernel, cfg Config) {
 	r.source, r.kernel, r.cfg = source, kernel, cfg
+	r.memo = nil // Desired's configuration changed
 }
 
 // LastGood returns the last complete IMDS snapshot, if any.
@@ -334,7 +386,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 	owned := obs.Owned
 	var desired netcfg.Result
 	if haveSnap {
-		desired = netcfg.Desired(snap, obs, netcfgFor(r.cfg, snap))
+		desired = r.desired(snap, obs)
 	}
 	rep.ENIs = desired.ENIs
 	rep.Warnings = append(rep.Warnings, desired.Warnings...)

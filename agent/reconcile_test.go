@@ -448,3 +448,30 @@ func TestReconcileAddsGoneWithTheirLinkAreNotBlocked(t *testing.T) {
 			rep.Blocked, rec.Blocked())
 	}
 }
+
+// Desired's result is reused only while its inputs are the same: a link
+// appearing with the same snapshot must be configured.
+func TestReconcileComputesDesiredAgainWhenTheKernelChanged(t *testing.T) {
+	src, k := testWorld()
+	linkC := k.obs.Links[3]
+	k.obs.Links = k.obs.Links[:3]
+	rec := NewReconciler(src, k, DefaultConfig())
+	ctx := context.Background()
+	for _, refresh := range []Refresh{RefreshAlways, RefreshNever} {
+		if _, err := rec.Reconcile(ctx, refresh, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := rulesOf(k.obs.Owned, netcfg.DefaultTableBase+2); n != 0 {
+		t.Fatalf("ENI C has %d rules before its link exists", n)
+	}
+	k.obs.Links = append(k.obs.Links, linkC)
+	rep, err := rec.Reconcile(ctx, RefreshNever, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Fresh || rulesOf(k.obs.Owned, netcfg.DefaultTableBase+2) == 0 {
+		t.Errorf("after C's link appeared: fresh %v, %d rules for C; want C configured from the same snapshot",
+			rep.Fresh, rulesOf(k.obs.Owned, netcfg.DefaultTableBase+2))
+	}
+}
