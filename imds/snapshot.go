@@ -6,7 +6,10 @@
 // missing, because callers delete configuration that a snapshot no longer lists.
 package imds
 
-import "net/netip"
+import (
+	"net/netip"
+	"slices"
+)
 
 // Snapshot is one complete, authoritative read of the instance's ENIs.
 type Snapshot struct {
@@ -61,3 +64,20 @@ func (s Snapshot) ENI(mac string) (ENI, bool) {
 
 // Primary returns the primary ENI, if the snapshot lists it.
 func (s Snapshot) Primary() (ENI, bool) { return s.ENI(s.PrimaryMAC) }
+
+// Equal reports whether s and o say the same about the instance's ENIs
+// (what they cost to read aside).
+func (s Snapshot) Equal(o Snapshot) bool {
+	return s.PrimaryMAC == o.PrimaryMAC && slices.EqualFunc(s.ENIs, o.ENIs, ENI.Equal)
+}
+
+// Equal reports whether e and o are the same in every field.
+func (e ENI) Equal(o ENI) bool {
+	return e.MAC == o.MAC && e.Ready == o.Ready && e.NotReadyReason == o.NotReadyReason &&
+		e.DeviceNumber == o.DeviceNumber && e.NetworkCard == o.NetworkCard && e.InterfaceID == o.InterfaceID &&
+		e.SubnetID == o.SubnetID && e.VPCID == o.VPCID && e.OwnerID == o.OwnerID &&
+		e.SubnetIPv4CIDR == o.SubnetIPv4CIDR && slices.Equal(e.SubnetIPv6CIDRs, o.SubnetIPv6CIDRs) &&
+		slices.Equal(e.VPCIPv4CIDRs, o.VPCIPv4CIDRs) && slices.Equal(e.VPCIPv6CIDRs, o.VPCIPv6CIDRs) &&
+		slices.Equal(e.LocalIPv4s, o.LocalIPv4s) && slices.Equal(e.IPv6s, o.IPv6s) &&
+		slices.Equal(e.IPv4Prefixes, o.IPv4Prefixes) && slices.Equal(e.IPv6Prefixes, o.IPv6Prefixes)
+}
