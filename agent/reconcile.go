@@ -377,7 +377,9 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 			rep.Fresh = true
 			snap = r.mergeNotReady(fresh)
 			haveSnap = true
-			r.lastGood = &snap
+			if r.lastGood == nil || !r.lastGood.Equal(snap) {
+				r.lastGood = &snap // a poll that found nothing new keeps the memo's snapshot
+			}
 			r.markSeen(obs)
 		}
 	}
