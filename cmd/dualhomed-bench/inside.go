@@ -663,29 +663,34 @@ func (b *bench) daemon(ctx context.Context) {
 // ten polls and the figure rests on more than a few scheduler ticks.
 const pollCPUInterval = 3 * time.Second
 
-// pollCPU watches a daemon polling every pollCPUInterval for o.pollCPU and
-// records the CPU time and IMDS requests per poll. Polls are counted by the
-// IMDS listing of MACs, which every poll reads once.
+// pollCPU watches a daemon polling every pollCPUInterval for about
+// o.pollCPU and records the CPU time and IMDS requests per poll. Polls are
+// seen as the IMDS listing of MACs, which every poll reads once, and the
+// window runs from just after one poll to just after the last: it holds
+// whole poll cycles, so no poll is cut in two at either end.
 func (b *bench) pollCPU(ctx context.Context, proc *daemonProc, d *daemonResult) error {
-	// Let the start-up's last work and the first poll pass.
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-time.After(time.Second):
+	want := max(1, int(b.o.pollCPU/pollCPUInterval))
+	// Counts start from zero twice: to see the first poll, then for the window.
+	if err := b.w.srv.ResetStats(); err != nil {
+		return err
+	}
+	if _, err := b.afterNextPoll(ctx, proc, 0); err != nil {
+		return err
 	}
 	if err := b.w.srv.ResetStats(); err != nil {
 		return err
 	}
-	c0 := b.settledChanges()
+	c0, _ := b.wt.Changes()
 	cpu0, err := proc.cpuTime()
 	if err != nil {
 		return err
 	}
 	start := time.Now()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-time.After(b.o.pollCPU):
+	var polls int64
+	for polls < int64(want) {
+		if polls, err = b.afterNextPoll(ctx, proc, polls); err != nil {
+			return err
+		}
 	}
 	cpu1, err := proc.cpuTime()
 	if err != nil {
@@ -699,10 +704,36 @@ func (b *bench) pollCPU(ctx context.Context, proc *daemonProc, d *daemonResult) 
 	d.PollCPUPolls = st.ByPath[macListingPath]
 	d.PollCPURequests, d.PollCPUBytes = st.Requests, st.BytesSent
 	d.PollCPUChanges = c1.sub(c0)
-	if d.PollCPUPolls == 0 {
-		return proc.logContext(fmt.Errorf("no poll in %v (no request of %s)", d.PollCPUWall.Round(time.Millisecond), macListingPath))
-	}
 	return proc.alive()
+}
+
+// pollDone is how long after a poll's MAC listing the poll is surely over:
+// one takes some 15 ms, and the next comes pollCPUInterval later.
+const pollDone = 500 * time.Millisecond
+
+// afterNextPoll waits until the emulator has served more than seen MAC
+// listings since its last reset, then until that poll is over, and returns
+// the new count.
+func (b *bench) afterNextPoll(ctx context.Context, proc *daemonProc, seen int64) (int64, error) {
+	deadline := time.Now().Add(2*pollCPUInterval + time.Second)
+	for {
+		if n := b.w.srv.Stats().ByPath[macListingPath]; n > seen {
+			select {
+			case <-ctx.Done():
+				return n, ctx.Err()
+			case <-time.After(pollDone):
+			}
+			return b.w.srv.Stats().ByPath[macListingPath], nil
+		}
+		if time.Now().After(deadline) {
+			return seen, proc.logContext(errors.Join(fmt.Errorf("no poll (request of %s) within %v", macListingPath, 2*pollCPUInterval+time.Second), proc.alive()))
+		}
+		select {
+		case <-ctx.Done():
+			return seen, ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 }
 
 // macListingPath is the IMDS listing of the attached ENIs' MACs.

@@ -508,7 +508,8 @@ func methodNotes(r *results) []string {
 			"RSS is VmHWM from /proc/<pid>/status.",
 		fmt.Sprintf("Idle CPU is judged as the issue defines it: the daemon with its default configuration (a poll every %s), at rest for the whole window. ", seconds(agent.DefaultPollInterval)) +
 			fmt.Sprintf("To see what one poll costs, a second daemon is started with a configuration file setting `poll_interval: %v` and watched for about ten polls: ", pollCPUInterval) +
-			"its CPU time divided by the polls it made (counted by the emulator as requests of the MAC listing, which every poll reads once) is the CPU per poll, " +
+			"the window runs from just after one poll to just after the last (polls are seen as the emulator's requests of the MAC listing, which every poll reads once), " +
+			"so it holds whole poll cycles, and its CPU time divided by the polls in it is the CPU per poll, " +
 			fmt.Sprintf("and that divided by %s is the idle CPU it implies at the default interval. ", seconds(agent.DefaultPollInterval)) +
 			fmt.Sprintf("The per-poll figure includes the daemon's background work of the %s between two polls, so the implied figure slightly overstates a poll's own cost and omits the background of the remaining %s; it is informative.",
 				seconds(pollCPUInterval), seconds(agent.DefaultPollInterval-pollCPUInterval)),
