@@ -21,7 +21,7 @@ import (
 // leave out either).
 //
 // It is only used while provably current: a socket subscribed to the
-// kernel's link, address, route and rule notifications is drained before
+// kernel's link, address, route, rule and IPv4 netconf notifications is drained before
 // Observe dumps, and any notification since (a foreign change, or our own
 // Apply) makes Conflicts dump afresh; only the local table's route
 // notifications are ignored, as Conflicts never reads that table. Without
@@ -53,7 +53,9 @@ func newObservedCache(ns netns.NsHandle) *observedCache {
 		rtnlGroupBit(unix.RTNLGRP_IPV4_ROUTE) | rtnlGroupBit(unix.RTNLGRP_IPV6_ROUTE) |
 		// Deleting an IPv4 address flushes the routes using it without a
 		// route notification: any address change counts as a route change.
-		rtnlGroupBit(unix.RTNLGRP_IPV4_IFADDR) | rtnlGroupBit(unix.RTNLGRP_IPV6_IFADDR)
+		rtnlGroupBit(unix.RTNLGRP_IPV4_IFADDR) | rtnlGroupBit(unix.RTNLGRP_IPV6_IFADDR) |
+		// rp_filter changes come as RTM_NEWNETCONF (Unchanged must see them).
+		rtnlGroupBit(unix.RTNLGRP_IPV4_NETCONF)
 	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: groups}); err != nil {
 		unix.Close(fd)
 		return c
