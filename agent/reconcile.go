@@ -226,6 +226,29 @@ type Reconciler struct {
 	configured map[string]bool // MACs of ENIs configured by an earlier successful apply
 	polls      int             // RefreshPoll reads so far, for fullReadEvery
 	memo       *desiredMemo    // the last Desired result and its inputs
+	// quiet is the observation of the last reconcile that changed nothing,
+	// while the kernel has announced no change since (UnchangedKernel).
+	quiet *netcfg.Observed
+}
+
+// UnchangedKernel is what a Kernel may also offer (a *netcfg.Kernel does):
+// whether the kernel announced no change since the last Observe.
+type UnchangedKernel interface {
+	Unchanged() bool
+}
+
+// observe returns the kernel's state. A poll (mayReuse) whose previous
+// reconcile changed nothing reuses that reconcile's observation while the
+// kernel reports no change since: at full scale that saves dumping about
+// 3,000 objects (2-4 ms) on every poll, a quarter of the daemon's idle CPU.
+// Anything the kernel announces (links, addresses, rules, routes, rp_filter,
+// a lost notification) makes it dump again, and so does every full poll.
+func (r *Reconciler) observe(mayReuse bool) (netcfg.Observed, error) {
+	if q, ok := r.kernel.(UnchangedKernel); ok && mayReuse && r.quiet != nil && q.Unchanged() {
+		return *r.quiet, nil
+	}
+	r.quiet = nil
+	return r.kernel.Observe()
 }
 
 // desiredMemo is a Desired result with its inputs. Desired is a pure
@@ -304,7 +327,7 @@ func (r *Reconciler) Unblock() {
 // keeping the last good snapshot.
 func (r *Reconciler) Swap(source Snapshotter, kernel Kernel, cfg Config) {
 	r.source, r.kernel, r.cfg = source, kernel, cfg
-	r.memo = nil // Desired's configuration changed
+	r.memo, r.quiet = nil, nil // Desired's configuration changed; another kernel
 }
 
 // LastGood returns the last complete IMDS snapshot, if any.
@@ -323,7 +346,8 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 	rep = Report{Time: start, DryRun: dryRun}
 	defer func() { rep.Duration = time.Since(start) }() // named result: the caller sees it
 
-	obs, err := r.kernel.Observe()
+	fullPoll := refresh == RefreshPoll && (r.polls+1)%fullReadEvery == 0
+	obs, err := r.observe(refresh == RefreshPoll && !fullPoll)
 	if err != nil {
 		return rep, fmt.Errorf("observing links and addresses: %w", err)
 	}
@@ -347,7 +371,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 	case refresh == RefreshPoll:
 		read = true
 		r.polls++
-		if r.polls%fullReadEvery != 0 {
+		if !fullPoll {
 			update = &imds.Update{Dynamic: true, Full: r.listedMACs(newLinks)}
 		}
 	case refresh == RefreshIfNewLinks:
@@ -481,6 +505,10 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 	}
 
 	clear(r.retrying)
+	r.quiet = nil
+	if !dryRun && plan.Empty() && rep.ApplyError == "" {
+		r.quiet = &obs // the kernel is as observed: a poll may reuse it while Unchanged
+	}
 	rep.ManagedRules, rep.ManagedRoutes = len(owned.Rules), len(owned.Routes)
 	if !dryRun && rep.ApplyError == "" {
 		for _, op := range plan.Ops {

@@ -475,3 +475,65 @@ func TestReconcileComputesDesiredAgainWhenTheKernelChanged(t *testing.T) {
 			rep.Fresh, rulesOf(k.obs.Owned, netcfg.DefaultTableBase+2))
 	}
 }
+
+// quietKernel is a fakeKernel that says, as netcfg.Kernel does, whether
+// anything changed since its last Observe.
+type quietKernel struct {
+	*fakeKernel
+	observes int
+	changed  bool
+}
+
+func (k *quietKernel) Observe() (netcfg.Observed, error) {
+	k.observes++
+	k.changed = false
+	return k.fakeKernel.Observe()
+}
+
+func (k *quietKernel) Unchanged() bool { return !k.changed }
+
+func (k *quietKernel) Apply(p netcfg.Plan) (int, error) {
+	k.changed = true
+	return k.fakeKernel.Apply(p)
+}
+
+// A poll reuses the last no-op's observation while the kernel reports no
+// change, and dumps again after any change, after its own writes, on
+// events, and on every full poll.
+func TestReconcilePollReusesQuietObservation(t *testing.T) {
+	src, fk := testWorld()
+	k := &quietKernel{fakeKernel: fk}
+	rec := NewReconciler(src, k, DefaultConfig())
+	ctx := context.Background()
+	step := func(name string, refresh Refresh, wantObserves int) Report {
+		t.Helper()
+		before := k.observes
+		rep, err := rec.Reconcile(ctx, refresh, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := k.observes - before; got != wantObserves {
+			t.Errorf("%s: %d kernel observations, want %d", name, got, wantObserves)
+		}
+		return rep
+	}
+	step("start (configures, then reads its adds back)", RefreshAlways, 2)
+	step("poll after our writes", RefreshPoll, 1)
+	step("quiet poll", RefreshPoll, 0)
+	step("another quiet poll", RefreshPoll, 0)
+	step("netlink event", RefreshNever, 1)
+	step("quiet poll after a no-op event", RefreshPoll, 0)
+
+	// Another program deletes one of our rules: the kernel says so.
+	k.obs.Owned.Rules = k.obs.Owned.Rules[1:]
+	k.changed = true
+	rep := step("poll after drift (and the read-back of its add)", RefreshPoll, 2)
+	if rep.Writes != 1 {
+		t.Errorf("poll after drift: %d writes, want the rule back", rep.Writes)
+	}
+	step("poll after the repair", RefreshPoll, 1)
+	for i := 0; rec.polls%fullReadEvery != fullReadEvery-1; i++ {
+		step("quiet poll", RefreshPoll, 0)
+	}
+	step("full poll", RefreshPoll, 1)
+}
