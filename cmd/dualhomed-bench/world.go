@@ -110,6 +110,10 @@ func (w *world) Close() {
 // pristine state that every run starts from.
 func (w *world) build(inst emulator.Instance) error {
 	links, err := w.h.LinkList()
+	for attempt := 0; errors.Is(err, netlink.ErrDumpInterrupted) && attempt < 5; attempt++ {
+		time.Sleep(10 * time.Millisecond) // links changed during the dump: again
+		links, err = w.h.LinkList()
+	}
 	if err != nil {
 		return fmt.Errorf("listing links: %w", err)
 	}
