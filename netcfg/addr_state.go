@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"path/filepath"
 	"sort"
+
+	"golang.org/x/sys/unix"
 )
 
 // addrStateFile records the addresses dualhomed added, on kernels older than
@@ -89,7 +91,7 @@ func (k *Kernel) pruneAddrRecords() error {
 	if err != nil || len(set) == 0 {
 		return err
 	}
-	present, err := k.dump.addrs()
+	present, err := k.dump.addrs(unix.AF_UNSPEC)
 	if err != nil {
 		return err
 	}

@@ -83,7 +83,7 @@ func (k *Kernel) Conflicts(desired State) []Warning {
 	rawRoutes, routesErr := cachedRoutes, error(nil)
 	rules, err := cachedRules, error(nil)
 	if !cached {
-		rawRoutes, routesErr = k.dump.routesExceptLocal()
+		rawRoutes, routesErr = k.dump.routesExceptLocal(unix.AF_INET, unix.AF_INET6)
 		rules = nil
 		err = k.dump.rules(k.ownsRule, nil, func(r netlink.Rule) { rules = append(rules, r) }, func() { rules = rules[:0] })
 	}

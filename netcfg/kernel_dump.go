@@ -37,8 +37,10 @@ type dumpSocket struct {
 	strict bool
 	buf    []byte
 
-	// Sizes of the latest dumps, to allocate the next ones at once.
-	addrHint, ruleHint atomic.Int64
+	// Sizes of the latest dumps, to allocate the next ones at once:
+	// addresses by family (see addrHintSlot), rules.
+	addrHint [3]atomic.Int64
+	ruleHint atomic.Int64
 }
 
 // dumpBufferSize holds any one read of a dump: the kernel fills at most 32 KiB
@@ -266,12 +268,15 @@ func rpFilterFromAFSpec(afSpec []byte) (value int, ok bool) {
 	return value, ok
 }
 
-// addrs dumps every address of every link, both families, in the kernel's
-// order (by link, then as the link holds them).
-func (d *dumpSocket) addrs() ([]kernelAddr, error) {
-	body := make([]byte, unix.SizeofIfAddrmsg) // AF_UNSPEC, every link
-	out := make([]kernelAddr, 0, d.addrHint.Load())
-	defer func() { d.addrHint.Store(int64(len(out))) }()
+// addrs dumps every address of family (AF_INET, AF_INET6, or AF_UNSPEC for
+// both) on every link, in the kernel's order (by family, then by link, then
+// as the link holds them).
+func (d *dumpSocket) addrs(family uint8) ([]kernelAddr, error) {
+	body := make([]byte, unix.SizeofIfAddrmsg) // every link
+	body[0] = family
+	hint := &d.addrHint[addrHintSlot(family)]
+	out := make([]kernelAddr, 0, hint.Load())
+	defer func() { hint.Store(int64(len(out))) }()
 	err := d.dump("addresses", unix.RTM_GETADDR, body, func() { out = out[:0] }, func(typ uint16, m []byte) error {
 		if typ != unix.RTM_NEWADDR {
 			return nil
@@ -286,6 +291,16 @@ func (d *dumpSocket) addrs() ([]kernelAddr, error) {
 		return nil
 	})
 	return out, err
+}
+
+func addrHintSlot(family uint8) int {
+	switch family {
+	case unix.AF_INET:
+		return 1
+	case unix.AF_INET6:
+		return 2
+	}
+	return 0
 }
 
 // rtmsg header offsets (struct rtmsg, linux/rtnetlink.h).
@@ -324,10 +339,11 @@ func (d *dumpSocket) ownedRoutes(protocol uint8, keep func(table int) bool) ([]R
 }
 
 // routesExceptLocal dumps the routes of every table but the local one (a
-// route per address: nothing Observe or Conflicts looks at), both families.
-func (d *dumpSocket) routesExceptLocal() ([]rawRoute, error) {
+// route per address: nothing Observe or Conflicts looks at) of each family
+// given, in that order.
+func (d *dumpSocket) routesExceptLocal(families ...uint8) ([]rawRoute, error) {
 	var out []rawRoute
-	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
+	for _, family := range families {
 		body := make([]byte, unix.SizeofRtMsg)
 		body[rtmFamily] = family
 		start := len(out)
