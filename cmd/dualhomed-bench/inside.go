@@ -529,6 +529,7 @@ func (b *bench) daemon(ctx context.Context) {
 		d.IdleChangesLost = lost > 0
 		st := b.w.srv.Stats()
 		d.IdleRequests, d.IdleBytes = st.Requests, st.BytesSent
+		d.IdlePolls = st.ByPath[macListingPath]
 		var err error
 		d.RSSPeakKiB, d.RSSKiB, err = proc.memory()
 		return err

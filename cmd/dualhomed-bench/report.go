@@ -84,6 +84,7 @@ type daemonResult struct {
 	IdleChanges     changeCounts
 	IdleChangesLost bool
 	IdleRequests    int64
+	IdlePolls       int64 // IMDS MAC listings in the window: one per poll
 	IdleBytes       int64
 	RSSPeakKiB      int
 	RSSKiB          int
@@ -277,7 +278,7 @@ func (r *results) rows() []row {
 		frac := d.IdleCPU.Seconds() / d.IdleWall.Seconds()
 		rows = append(rows,
 			row{what: fmt.Sprintf("Daemon at rest %.0f s: CPU", d.IdleWall.Seconds()),
-				dualhomed: fmt.Sprintf("%.3f s (%.3f %% of a core)", d.IdleCPU.Seconds(), 100*frac),
+				dualhomed: fmt.Sprintf("%.3f s (%.3f %% of a core; %d polls in the window)", d.IdleCPU.Seconds(), 100*frac, d.IdlePolls),
 				target:    "< 0.1 % of a core", result: verdict(frac < targetIdleCPU)},
 			row{what: "Daemon peak RSS (VmHWM)",
 				dualhomed: fmt.Sprintf("%.1f MB (now %.1f MB)", float64(d.RSSPeakKiB)*1024/1e6, float64(d.RSSKiB)*1024/1e6),
@@ -507,6 +508,7 @@ func methodNotes(r *results) []string {
 			"utime+stime from /proc/<pid>/stat is the same sum truncated to 10 ms ticks, too coarse against 0.1 % of a core over a minute, and is shown in the details only. " +
 			"RSS is VmHWM from /proc/<pid>/status.",
 		fmt.Sprintf("Idle CPU is judged as the issue defines it: the daemon with its default configuration (a poll every %s), at rest for the whole window. ", seconds(agent.DefaultPollInterval)) +
+			"The poll timer has ±10 % jitter, so the 60 s window holds 4 polls or, when the jitter adds up, 3; the row says how many, and the figure scales with them. " +
 			fmt.Sprintf("To see what one poll costs, a second daemon is started with a configuration file setting `poll_interval: %v` and watched for about ten polls: ", pollCPUInterval) +
 			"the window runs from just after one poll to just after the last (polls are seen as the emulator's requests of the MAC listing, which every poll reads once), " +
 			"so it holds whole poll cycles, and its CPU time divided by the polls in it is the CPU per poll, " +
