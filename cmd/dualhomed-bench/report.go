@@ -508,7 +508,7 @@ func methodNotes(r *results) []string {
 			"utime+stime from /proc/<pid>/stat is the same sum truncated to 10 ms ticks, too coarse against 0.1 % of a core over a minute, and is shown in the details only. " +
 			"RSS is VmHWM from /proc/<pid>/status.",
 		fmt.Sprintf("Idle CPU is judged as the issue defines it: the daemon with its default configuration (a poll every %s), at rest for the whole window. ", seconds(agent.DefaultPollInterval)) +
-			"The poll timer has ±10 % jitter, so the 60 s window holds 4 polls or, when the jitter adds up, 3; the row says how many, and the figure scales with them. " +
+			"The poll timer has ±10 % jitter, so the number of polls in the window can vary by one (4 or 3 in 60 s); the row says how many, and the figure scales with them. " +
 			fmt.Sprintf("To see what one poll costs, a second daemon is started with a configuration file setting `poll_interval: %v` and watched for about ten polls: ", pollCPUInterval) +
 			"the window runs from just after one poll to just after the last (polls are seen as the emulator's requests of the MAC listing, which every poll reads once), " +
 			"so it holds whole poll cycles, and its CPU time divided by the polls in it is the CPU per poll, " +
