@@ -33,6 +33,7 @@ type observedCache struct {
 	links   []Link
 	routes  []rawRoute // every table but local
 	foreign []netlink.Rule
+	buf     []byte // for draining notify: allocated once, not twice per Observe
 }
 
 // rtnlGroupBit is the bind(2) group mask bit of an RTNLGRP_* group.
@@ -77,10 +78,12 @@ func (c *observedCache) changed() bool {
 	if c.notify < 0 {
 		return true
 	}
-	var buf [16 << 10]byte
+	if c.buf == nil {
+		c.buf = make([]byte, 16<<10)
+	}
 	seen := false
 	for {
-		n, _, err := unix.Recvfrom(c.notify, buf[:], unix.MSG_DONTWAIT)
+		n, _, err := unix.Recvfrom(c.notify, c.buf, unix.MSG_DONTWAIT)
 		switch {
 		case err == unix.EINTR:
 			continue
@@ -90,7 +93,7 @@ func (c *observedCache) changed() bool {
 			seen = true
 			continue
 		}
-		if !seen && notifiesChange(buf[:n]) {
+		if !seen && notifiesChange(c.buf[:n]) {
 			seen = true
 		}
 	}
