@@ -31,11 +31,12 @@ type Refresher interface {
 	Refresh(ctx context.Context, prev imds.Snapshot, u imds.Update) (imds.Snapshot, error)
 }
 
-// fullReadEvery is how many polls (RefreshPoll) go between two full
-// snapshots: about every 5 minutes at the default 15 s interval. The polls
+// FullReadEvery is how many polls (RefreshPoll) go between two full
+// snapshots (and two full kernel dumps): every FullReadEvery-th poll is one,
+// about every 5 minutes at the default 15 s interval. The polls
 // in between read only the keys that change while an ENI stays attached;
 // the full read is defence in depth, for a change no link event told us of.
-const fullReadEvery = 20
+const FullReadEvery = 20
 
 // Kernel is what a reconcile needs of the kernel (a *netcfg.Kernel).
 // Observe includes the owned state.
@@ -224,7 +225,7 @@ type Reconciler struct {
 	lastGood   *imds.Snapshot
 	seenLinks  map[int]string  // link index -> MAC, as observed at the last IMDS read
 	configured map[string]bool // MACs of ENIs configured by an earlier successful apply
-	polls      int             // RefreshPoll reads so far, for fullReadEvery
+	polls      int             // RefreshPoll reads so far, for FullReadEvery
 	memo       *desiredMemo    // the last Desired result and its inputs
 	// quiet is the observation of the last reconcile that changed nothing,
 	// while the kernel has announced no change since (UnchangedKernel).
@@ -346,7 +347,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 	rep = Report{Time: start, DryRun: dryRun}
 	defer func() { rep.Duration = time.Since(start) }() // named result: the caller sees it
 
-	fullPoll := refresh == RefreshPoll && (r.polls+1)%fullReadEvery == 0
+	fullPoll := refresh == RefreshPoll && (r.polls+1)%FullReadEvery == 0
 	obs, err := r.observe(refresh == RefreshPoll && !fullPoll)
 	if err != nil {
 		return rep, fmt.Errorf("observing links and addresses: %w", err)

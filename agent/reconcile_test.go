@@ -532,7 +532,7 @@ func TestReconcilePollReusesQuietObservation(t *testing.T) {
 		t.Errorf("poll after drift: %d writes, want the rule back", rep.Writes)
 	}
 	step("poll after the repair", RefreshPoll, 1)
-	for i := 0; rec.polls%fullReadEvery != fullReadEvery-1; i++ {
+	for i := 0; rec.polls%FullReadEvery != FullReadEvery-1; i++ {
 		step("quiet poll", RefreshPoll, 0)
 	}
 	step("full poll", RefreshPoll, 1)

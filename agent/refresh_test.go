@@ -53,7 +53,7 @@ func hasRuleFrom(st netcfg.State, src netip.Addr, table int) bool {
 }
 
 // The poll reads only what changes while ENIs stay attached, sees such a
-// change at once, and takes a full snapshot every fullReadEvery polls.
+// change at once, and takes a full snapshot every FullReadEvery polls.
 func TestReconcilePollReadsDynamicKeysAndSometimesAll(t *testing.T) {
 	inst := emulator.ExampleInstance(4, 3, 2, 1, 1)
 	srv, _, k, rec := refreshWorld(t, inst)
@@ -72,7 +72,7 @@ func TestReconcilePollReadsDynamicKeysAndSometimesAll(t *testing.T) {
 		t.Errorf("poll did not add the rule for the new secondary IP %s (table %d)", added, table)
 	}
 	requests := []int{rep.IMDSRequests}
-	for range fullReadEvery {
+	for range FullReadEvery {
 		requests = append(requests, mustReconcile(t, rec, RefreshPoll).IMDSRequests)
 	}
 	fulls := 0

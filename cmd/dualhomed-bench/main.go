@@ -21,6 +21,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/dualhomed/dualhomed/agent"
 )
 
 // nsPrefix names our namespaces, so that leftovers of a killed run are found
@@ -62,7 +64,7 @@ func main() {
 	flag.IntVar(&o.attaches, "attaches", 20, "hot attaches measured")
 	flag.IntVar(&o.drifts, "drifts", 20, "drift repairs measured")
 	flag.DurationVar(&o.idle, "idle", 60*time.Second, "how long the daemon is watched at rest")
-	flag.DurationVar(&o.pollCPU, "poll-cpu", 30*time.Second, "how long a daemon polling every 3 s is watched to measure the CPU time of one poll (0 skips it)")
+	flag.DurationVar(&o.pollCPU, "poll-cpu", agent.FullReadEvery*pollCPUInterval, "how long a daemon polling every 3 s is watched to measure the CPU time of one poll (0 skips it; the default holds one cycle of agent.FullReadEvery polls, one full read included)")
 	flag.DurationVar(&o.fault, "fault", 10*time.Second, "how long IMDS answers 500 in the failure measurement")
 	flag.StringVar(&o.dualhomed, "dualhomed", "", "dualhomed `binary` (default: next to this one)")
 	flag.BoolVar(&o.goBench, "go-bench", true, "run the Go micro-benchmarks of imds and netcfg and include them")

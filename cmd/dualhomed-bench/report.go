@@ -509,7 +509,7 @@ func methodNotes(r *results) []string {
 			"RSS is VmHWM from /proc/<pid>/status.",
 		fmt.Sprintf("Idle CPU is judged as the issue defines it: the daemon with its default configuration (a poll every %s), at rest for the whole window. ", seconds(agent.DefaultPollInterval)) +
 			"The poll timer has ±10 % jitter, so the number of polls in the window can vary by one (4 or 3 in 60 s); the row says how many, and the figure scales with them. " +
-			fmt.Sprintf("To see what one poll costs, a second daemon is started with a configuration file setting `poll_interval: %v` and watched for about ten polls: ", pollCPUInterval) +
+			fmt.Sprintf("To see what one poll costs, a second daemon is started with a configuration file setting `poll_interval: %v` and watched for %d polls (by default), one cycle of `agent.FullReadEvery`: 19 polls that re-read what changes while ENIs stay attached and reuse the kernel view while the kernel announces nothing, and one that reads the full snapshot and dumps the kernel; ", pollCPUInterval, agent.FullReadEvery) +
 			"the window runs from just after one poll to just after the last (polls are seen as the emulator's requests of the MAC listing, which every poll reads once), " +
 			"so it holds whole poll cycles, and its CPU time divided by the polls in it is the CPU per poll, " +
 			fmt.Sprintf("and that divided by %s is the idle CPU it implies at the default interval. ", seconds(agent.DefaultPollInterval)) +
