@@ -166,8 +166,9 @@ type desirer struct {
 	primaryVPC string
 	// foreign holds, per link, the addresses on it that are not ours.
 	foreign map[int][]netip.Prefix
-	// owned holds the addresses we own, by identity.
-	owned map[AddrKey]Addr
+	// owned holds the addresses we own, sorted by identity (ownedAddr looks
+	// them up).
+	owned []Addr
 
 	b        stateBuilder
 	warnings []Warning
@@ -279,19 +280,46 @@ func (d *desirer) run() {
 
 // computeForeign subtracts our own addresses from the observed ones.
 func (d *desirer) computeForeign() {
-	d.owned = make(map[AddrKey]Addr, len(d.obs.Owned.Addrs))
-	for _, a := range d.obs.Owned.Addrs {
-		d.owned[a.Key()] = a
+	// Observe's state is sorted already: no copy, and none of the map of
+	// 1,500 keys this used to build at full scale.
+	d.owned = d.obs.Owned.Addrs
+	if !slices.IsSortedFunc(d.owned, compareAddrKeys) {
+		d.owned = slices.Clone(d.owned)
+		slices.SortStableFunc(d.owned, compareAddrKeys)
 	}
 	d.foreign = map[int][]netip.Prefix{}
 	for idx, ps := range d.obs.Addrs {
+		mine := d.ownedOnLink(idx)
 		for _, p := range ps {
-			if _, ours := d.owned[AddrKey{idx, p}]; ours || !p.IsValid() {
+			if _, ours := ownedAddr(mine, p); ours || !p.IsValid() {
 				continue
 			}
 			d.foreign[idx] = append(d.foreign[idx], p)
 		}
 	}
+}
+
+// ownedOnLink is the part of d.owned on link.
+func (d *desirer) ownedOnLink(link int) []Addr {
+	lo, _ := slices.BinarySearchFunc(d.owned, link, func(a Addr, link int) int { return cmp.Compare(a.LinkIndex, link) })
+	hi := lo
+	for hi < len(d.owned) && d.owned[hi].LinkIndex == link {
+		hi++
+	}
+	return d.owned[lo:hi]
+}
+
+// ownedAddr finds prefix among the owned addresses of one link (sorted);
+// of several with that identity, the last one counts.
+func ownedAddr(onLink []Addr, prefix netip.Prefix) (Addr, bool) {
+	i, found := slices.BinarySearchFunc(onLink, prefix, func(a Addr, p netip.Prefix) int { return comparePrefix(a.Prefix, p) })
+	if !found {
+		return Addr{}, false
+	}
+	for i+1 < len(onLink) && onLink[i+1].Prefix == prefix {
+		i++
+	}
+	return onLink[i], true
 }
 
 // present reports whether a will be on the link after the plan: a foreign
@@ -505,7 +533,7 @@ func (d *desirer) addAddresses(e *eniInfo, overlapping bool) {
 			// main unambiguous, while flipping ours would mean deleting and
 			// re-adding the ENI's primary address (IPv4 cannot change the
 			// flag in place).
-			if o, ok := d.owned[AddrKey{link, p}]; ok {
+			if o, ok := ownedAddr(d.ownedOnLink(link), p); ok {
 				noPrefixRoute = o.NoPrefixRoute
 			}
 		}
