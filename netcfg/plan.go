@@ -52,6 +52,14 @@ func (p Plan) Empty() bool { return len(p.Ops) == 0 }
 // Diff of a state with itself is empty. Duplicate keys in owned (which the
 // kernel can hold) are tolerated: one is kept or replaced, the others deleted.
 func Diff(owned, desired State) Plan {
+	if unchanged(owned, desired) {
+		return Plan{}
+	}
+	return mergePlan(owned, desired)
+}
+
+// mergePlan is Diff's merge join of the two states.
+func mergePlan(owned, desired State) Plan {
 	var addrAdds, routeAddsOnLink, routeAddsVia, ruleAdds, rpfSets []Op
 	var ruleDels, routeDelsVia, routeDelsOnLink, addrDels, rpfRestores []Op
 	owned, desired = sortedState(owned), sortedState(desired)
@@ -134,7 +142,7 @@ func Diff(owned, desired State) Plan {
 	})
 
 	// rp_filter: keyed by link name; a changed value is simply set again.
-	mergeByKey(owned.RPFilters, desired.RPFilters, func(a, b RPFilter) int { return strings.Compare(a.LinkName, b.LinkName) },
+	mergeByKey(owned.RPFilters, desired.RPFilters, compareRPFilterKeys,
 		func(os, ds []RPFilter) {
 			switch {
 			case len(ds) == 0:
@@ -151,6 +159,35 @@ func Diff(owned, desired State) Plan {
 	}
 	return p
 }
+
+// unchanged reports whether owned equals desired object for object, in
+// canonical order with no key twice: then Diff has nothing to do (each key
+// has one owned and one equal desired object), and one pass over each slice
+// tells, where the merge costs several comparisons per object. That is every
+// no-op reconcile.
+func unchanged(owned, desired State) bool {
+	return sameWithUniqueKeys(owned.Routes, desired.Routes, compareRouteKeys) &&
+		sameWithUniqueKeys(owned.Rules, desired.Rules, compareRules) &&
+		sameWithUniqueKeys(owned.Addrs, desired.Addrs, compareAddrKeys) &&
+		sameWithUniqueKeys(owned.RPFilters, desired.RPFilters, compareRPFilterKeys)
+}
+
+// sameWithUniqueKeys reports whether owned and desired are equal and their
+// keys strictly increase (so they are sorted: each comparator of State.Sort
+// orders by key first).
+func sameWithUniqueKeys[T comparable](owned, desired []T, compareKeys func(a, b T) int) bool {
+	if len(owned) != len(desired) {
+		return false
+	}
+	for i := range desired {
+		if owned[i] != desired[i] || i > 0 && compareKeys(desired[i-1], desired[i]) >= 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func compareRPFilterKeys(a, b RPFilter) int { return strings.Compare(a.LinkName, b.LinkName) }
 
 // mergeByKey walks owned and desired, both sorted with their key first,
 // and calls f once per key with the owned and the desired objects that carry
