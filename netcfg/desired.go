@@ -402,6 +402,9 @@ func cleanAddrs(as []netip.Addr, v4 bool) []netip.Addr {
 	for _, a := range as {
 		a = a.Unmap()
 		if a.IsValid() && a.Is4() == v4 && !a.IsUnspecified() && !slices.Contains(out, a) {
+			if out == nil {
+				out = make([]netip.Addr, 0, len(as)) // one allocation, not one per doubling
+			}
 			out = append(out, a)
 		}
 	}
