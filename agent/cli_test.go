@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http/httptest"
 	"os"
@@ -215,5 +216,55 @@ func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
 	}
 	if !left {
 		t.Error("the foreign route was replaced or deleted")
+	}
+}
+
+// A foreign route in one of our tables with the destination and metric of
+// ours keeps ours out (EEXIST): plan reports it as blocked, with the
+// conflict's warning, not as a change pending forever (exit 2).
+func TestPlanReportsBlockedRouteInOurTable(t *testing.T) {
+	w := newWorld(t, 2)
+	w.link(1)
+	cfg := w.config()
+	k, err := NetcfgKernel(w.ns.Handle, cfg.StateDir, cfg.Netcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.(*netcfg.Kernel).Close()
+	src, _ := testSource(cfg.IMDS)
+	if _, _, err := Apply(context.Background(), NewReconciler(src, k, cfg), 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	table := netcfg.DefaultTableBase + w.inst.ENIs[1].DeviceNumber
+	var ours *netlink.Route
+	for _, rt := range w.ourRoutes(table) {
+		if rt.Dst == nil || rt.Dst.String() == "0.0.0.0/0" {
+			ours = &rt // the table's default route
+		}
+	}
+	if ours == nil {
+		t.Fatalf("apply added no default route to table %d", table)
+	}
+	if err := w.ns.NL.RouteDel(ours); err != nil {
+		t.Fatal(err)
+	}
+	foreign := *ours
+	foreign.Protocol = unix.RTPROT_STATIC
+	if err := w.ns.NL.RouteAdd(&foreign); err != nil {
+		t.Fatalf("adding the foreign route: %v", err)
+	}
+	rep, err := Plan(context.Background(), NewReconciler(src, k, cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Changes) != 0 {
+		t.Errorf("plan lists %v, want no pending change (the add is blocked by the foreign route)", rep.Changes)
+	}
+	blocked := false
+	for _, wn := range rep.Warnings {
+		blocked = blocked || (strings.Contains(wn.Message, "cannot add") && strings.Contains(wn.Message, fmt.Sprintf("table %d", table)))
+	}
+	if !blocked {
+		t.Errorf("no warning names the blocked default route of table %d: %v", table, rep.Warnings)
 	}
 }

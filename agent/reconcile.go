@@ -681,31 +681,21 @@ func withoutBlocked(p netcfg.Plan, blocked map[string]string, attr attributor, r
 	return out
 }
 
-// foreignMainRoute is how Kernel.Conflicts starts its warning about a
-// foreign main-table route with the destination and metric of one of ours:
-// the kernel answers our add with EEXIST, so the route can never be added.
-const foreignMainRoute = "foreign main-table route to %s ("
-
-// blockedByConflicts returns known (not modified) plus the adds of p that a
-// conflict warning says a foreign object holds: main-table routes, the only
-// conflict Kernel.Conflicts reports with the metric that makes it EEXIST.
-// Warnings carry no structured key (only text), so the match is on the
-// message; TestPlanReportsBlockedMainRouteAsWarning pins the format.
+// blockedByConflicts returns known (not modified) plus the adds of p that
+// a conflict warning says a foreign route keeps out (Warning.Blocks: same
+// table, destination and metric, so the kernel would answer EEXIST).
 func blockedByConflicts(p netcfg.Plan, conflicts []netcfg.Warning, known map[string]string) map[string]string {
-	out := map[string]string{}
-	for k, v := range known {
-		out[k] = v
+	out := make(map[string]string, len(known))
+	maps.Copy(out, known)
+	held := map[string]string{}
+	for _, w := range conflicts {
+		for _, r := range w.Blocks {
+			held[opKey(netcfg.Op{Route: &r})] = w.Message
+		}
 	}
 	for _, op := range p.Ops {
-		if op.Delete || op.Route == nil || op.Route.Table != netcfg.MainTable {
-			continue
-		}
-		prefix := fmt.Sprintf(foreignMainRoute, op.Route.Dst)
-		for _, w := range conflicts {
-			if strings.HasPrefix(w.Message, prefix) {
-				out[opKey(op)] = prefix
-				break
-			}
+		if k := opKey(op); !op.Delete && op.Route != nil && held[k] != "" {
+			out[k] = held[k]
 		}
 	}
 	return out

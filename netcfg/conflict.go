@@ -209,11 +209,20 @@ func ruleHint(r netlink.Rule) string {
 // foreign routes in our tables.
 func (k *Kernel) routeConflicts(desired State, tableLink map[int]int, routes []netlink.Route, links map[int]string) []Warning {
 	var warns []Warning
-	wantMain := map[netip.Prefix]Route{} // our main-table routes by destination
+	type tableDst struct {
+		table int
+		dst   netip.Prefix
+	}
+	want := map[tableDst]Route{} // our routes (all with the default metric) by table and destination
 	for _, r := range desired.Routes {
-		if r.Table == MainTable {
-			wantMain[r.Dst] = r
-		}
+		want[tableDst{r.Table, r.Dst}] = r
+	}
+	// blocked returns our route that a foreign route r keeps out: same
+	// table, destination and metric make the kernel answer our add with
+	// EEXIST, and our route never exists.
+	blocked := func(r netlink.Route) (Route, bool) {
+		w, ok := want[tableDst{r.Table, prefixOf(r.Dst, r.Family)}]
+		return w, ok && r.Priority == defaultMetric(r.Family)
 	}
 	secondary := map[int]bool{}
 	if !k.cfg.PrimaryTable {
@@ -239,8 +248,10 @@ func (k *Kernel) routeConflicts(desired State, tableLink map[int]int, routes []n
 		return !ok || r.Priority <= m
 	}
 	foreign := map[int][]string{}
+	blocks := map[int][]Route{}
 	for _, r := range routes {
 		ours := int(r.Protocol) == int(k.cfg.Protocol)
+		mine, isBlocked := blocked(r)
 		switch {
 		case isDefault(r) && !ours && secondary[r.LinkIndex] && winsOver(r):
 			warns = append(warns, Warning{
@@ -248,18 +259,19 @@ func (k *Kernel) routeConflicts(desired State, tableLink map[int]int, routes []n
 				Message: fmt.Sprintf("main table has a default route through secondary ENI (link #%d, via %v, metric %d, protocol %d): outbound traffic may leave through the wrong VPC", r.LinkIndex, r.Gw, r.Priority, r.Protocol),
 				Hint:    "stop the DHCP client or network manager from installing a default route on this interface (e.g. systemd-networkd: [DHCPv4] UseRoutes=no / UseGateway=no; netplan: dhcp4-overrides: use-routes: false)",
 			})
-		case r.Table == MainTable && !ours && r.Priority == defaultMetric(r.Family) && hasKey(wantMain, prefixOf(r.Dst, r.Family)):
-			// Same table, destination and metric: the kernel answers our add
-			// with EEXIST, and our route never exists.
-			want := wantMain[prefixOf(r.Dst, r.Family)]
+		case r.Table == MainTable && !ours && isBlocked:
 			warns = append(warns, Warning{
-				ENI: links[want.LinkIndex],
+				ENI: links[mine.LinkIndex],
 				Message: fmt.Sprintf("foreign main-table route to %s (via %v, link #%d, protocol %d) has the metric of ours, which therefore cannot be added",
 					prefixOf(r.Dst, r.Family), r.Gw, r.LinkIndex, r.Protocol),
-				Hint: "give that route another metric, or set vpc_routes: off for this ENI",
+				Hint:   "give that route another metric, or set vpc_routes: off for this ENI",
+				Blocks: []Route{mine},
 			})
 		case k.inTableBand(r.Table) && !ours:
 			foreign[r.Table] = append(foreign[r.Table], fmt.Sprintf("%s (protocol %d)", prefixOf(r.Dst, r.Family), r.Protocol))
+			if isBlocked {
+				blocks[r.Table] = append(blocks[r.Table], mine)
+			}
 		}
 	}
 	tables := make([]int, 0, len(foreign))
@@ -272,6 +284,7 @@ func (k *Kernel) routeConflicts(desired State, tableLink map[int]int, routes []n
 			ENI:     links[tableLink[t]],
 			Message: fmt.Sprintf("table %d, in dualhomed's band, holds foreign routes: %s", t, strings.Join(foreign[t], ", ")),
 			Hint:    fmt.Sprintf("another tool uses table %d: reconfigure it to another table, or move dualhomed's band (table_base); inspect with `ip route show table %d`", t, t),
+			Blocks:  blocks[t],
 		})
 	}
 	return warns
@@ -284,11 +297,6 @@ func defaultMetric(family int) int {
 		return 1024
 	}
 	return 0
-}
-
-func hasKey[K comparable, V any](m map[K]V, k K) bool {
-	_, ok := m[k]
-	return ok
 }
 
 // networkdConflicts warns when systemd-networkd runs with settings that make

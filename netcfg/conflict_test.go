@@ -1,6 +1,7 @@
 package netcfg
 
 import (
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -72,6 +73,14 @@ func TestConflictsReportsForeignStateAndChangesNothing(t *testing.T) {
 	}
 	if len(warns) != 7 {
 		t.Errorf("%d warnings, want 7", len(warns))
+	}
+	// Only the foreign main-table route holds the place of one of ours.
+	var blocked []Route
+	for _, wn := range warns {
+		blocked = append(blocked, wn.Blocks...)
+	}
+	if len(blocked) != 1 || blocked[0].Table != MainTable || blocked[0].Dst != netip.MustParsePrefix("172.31.0.0/16") {
+		t.Errorf("routes the conflicts block: %v, want only our main-table route to 172.31.0.0/16", blocked)
 	}
 	for _, wn := range warns {
 		if wn.Hint == "" {

@@ -78,6 +78,10 @@ type Warning struct {
 	ENI     string `json:"eni,omitempty"` // interface id or MAC; "" for instance-wide warnings
 	Message string `json:"message"`
 	Hint    string `json:"hint,omitempty"`
+	// Blocks lists the routes dualhomed wants that the conflict keeps out
+	// of the kernel: a foreign route holds their table, destination and
+	// metric, so adding them fails with EEXIST (Kernel.Conflicts sets it).
+	Blocks []Route `json:"blocks,omitempty"`
 }
 
 // String renders the warning on one line, hint included.
