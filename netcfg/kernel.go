@@ -45,6 +45,11 @@ type Kernel struct {
 	ConflictPaths ConflictPaths
 
 	mu sync.Mutex // serialises writes: Apply, and the state files
+
+	// shadowed holds our rules that a lookalike precedes in the kernel's
+	// list, as the last rule dump found them (see ruleScan): Apply does not
+	// delete them.
+	shadowed atomic.Pointer[map[Rule]bool]
 }
 
 // NewKernel returns a Kernel acting in namespace ns (netns.None() for the
@@ -204,9 +209,11 @@ func (k *Kernel) Observe() (obs Observed, err error) {
 	// addresses 0.21, links 0.06.
 	err = k.dumpInParallel(
 		func(d *dumpSocket) error {
-			return d.rules(k.ownsRule, func(r ruleSummary) { rules = append(rules, fromRuleSummary(r)) },
+			scan := k.newRuleScan()
+			defer scan.done()
+			return d.rules(scan.ours, func(r ruleSummary) { rules = append(rules, fromRuleSummary(r)) },
 				func(r netlink.Rule) { foreign = append(foreign, r) },
-				func() { rules, foreign = rules[:0], foreign[:0] })
+				func() { rules, foreign = rules[:0], foreign[:0]; scan.reset() })
 		},
 		func(d *dumpSocket) (err error) { routes6, err = d.routesExceptLocal(unix.AF_INET6); return err },
 		func(d *dumpSocket) (err error) { addrs4, err = d.addrs(unix.AF_INET); return err },
@@ -310,7 +317,9 @@ func (k *Kernel) inPriorityBand(prio int) bool {
 // rp_filter of every link whose original value we recorded.
 func (k *Kernel) Owned() (State, error) {
 	var rules []Rule
-	err := k.dump.rules(k.ownsRule, func(r ruleSummary) { rules = append(rules, fromRuleSummary(r)) }, nil, func() { rules = rules[:0] })
+	scan := k.newRuleScan()
+	err := k.dump.rules(scan.ours, func(r ruleSummary) { rules = append(rules, fromRuleSummary(r)) }, nil, func() { rules = rules[:0]; scan.reset() })
+	scan.done()
 	if err != nil {
 		return State{}, err
 	}
@@ -348,9 +357,46 @@ func (k *Kernel) owned(rules []Rule, allAddrs [][]kernelAddr, routes []Route, cu
 	return st, nil
 }
 
-// ownsRule: our protocol in our priority band.
+// ruleScan decides the ownership of rules in the kernel's list order, and
+// notes which of our rules a lookalike comes before: a rule with our
+// protocol, priority, source and table plus a selector we never set (see
+// ruleSummary.Selectors). The kernel deletes the first rule in its list that
+// matches what a delete request names, and a request cannot say "no fwmark",
+// so deleting such a rule of ours would delete the lookalike instead.
+type ruleScan struct {
+	k          *Kernel
+	lookalikes map[Rule]bool
+	shadowed   map[Rule]bool
+}
+
+func (k *Kernel) newRuleScan() *ruleScan {
+	return &ruleScan{k: k, lookalikes: map[Rule]bool{}, shadowed: map[Rule]bool{}}
+}
+
+func (s *ruleScan) ours(r ruleSummary) bool {
+	if r.Protocol != s.k.cfg.Protocol || !s.k.inPriorityBand(r.Priority) {
+		return false
+	}
+	key := fromRuleSummary(r)
+	if r.Selectors {
+		s.lookalikes[key] = true
+		return false
+	}
+	if s.lookalikes[key] {
+		s.shadowed[key] = true
+	}
+	return true
+}
+
+func (s *ruleScan) reset() { clear(s.lookalikes); clear(s.shadowed) }
+
+// done publishes the shadowed rules for Apply.
+func (s *ruleScan) done() { s.k.shadowed.Store(&s.shadowed) }
+
+// ownsRule: our protocol in our priority band, and no selector dualhomed
+// never sets (see ruleSummary.Selectors).
 func (k *Kernel) ownsRule(r ruleSummary) bool {
-	return r.Protocol == k.cfg.Protocol && k.inPriorityBand(r.Priority)
+	return r.Protocol == k.cfg.Protocol && k.inPriorityBand(r.Priority) && !r.Selectors
 }
 
 func fromRuleSummary(r ruleSummary) Rule {

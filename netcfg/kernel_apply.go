@@ -208,6 +208,10 @@ func (k *Kernel) applyRule(op Op) error {
 	r := *op.Rule
 	nr := k.netlinkRule(r)
 	if op.Delete {
+		if sh := k.shadowed.Load(); sh != nil && (*sh)[r] {
+			return fmt.Errorf("not deleting rule %v: a rule with protocol %d, the same priority, source and table and more selectors (fwmark, iif, ...) comes first in the kernel's list, and the kernel would delete that one instead; remove one of the two by hand (`ip rule show priority %d`)",
+				r, k.cfg.Protocol, r.Priority)
+		}
 		if err := ignoreOnDelete(k.h.RuleDel(nr)); err != nil {
 			return fmt.Errorf("deleting rule %v: %w", r, err)
 		}

@@ -473,8 +473,15 @@ const (
 	frhDstLen = 1
 	frhSrcLen = 2
 	frhTos    = 3
+	frhAction = 7
 	frhFlags  = 8
 	frhSize   = 12
+)
+
+// Rule attributes newer than golang.org/x/sys/unix knows (linux/fib_rules.h).
+const (
+	fraDSCP      = 25
+	fraFlowlabel = 26
 )
 
 // ruleSummary is what ownership needs of a rule.
@@ -484,12 +491,32 @@ type ruleSummary struct {
 	Protocol uint8
 	Table    int
 	Src      netip.Prefix // invalid when the rule has no FRA_SRC
+	// Selectors is true when the rule matches on more than its source, or
+	// does more than look up a table: a destination, tos, fwmark, iif/oif,
+	// ports, uid range, `not`, suppress_*, goto... dualhomed never adds
+	// such a rule, so one carrying our protocol is somebody else's: it is
+	// left alone, and never mistaken for our plain rule of the same source.
+	Selectors bool
 }
 
 func parseRuleSummary(m []byte) ruleSummary {
 	s := ruleSummary{Family: int(m[frhFamily])}
 	srcLen := int(m[frhSrcLen])
+	s.Selectors = m[frhDstLen] != 0 || m[frhTos] != 0 || m[frhAction] != unix.FR_ACT_TO_TBL ||
+		nl.NativeEndian().Uint32(m[frhFlags:frhFlags+4])&unix.FIB_RULE_INVERT != 0
 	forEachAttr(m[frhSize:], func(t uint16, v []byte) {
+		x, isU32 := u32(v)
+		switch t {
+		case unix.FRA_DST, unix.FRA_IIFNAME, unix.FRA_OIFNAME, unix.FRA_GOTO, unix.FRA_UID_RANGE,
+			unix.FRA_SPORT_RANGE, unix.FRA_DPORT_RANGE, fraDSCP:
+			s.Selectors = true
+		case unix.FRA_FWMARK, unix.FRA_FWMASK, unix.FRA_FLOW, unix.FRA_L3MDEV, unix.FRA_IP_PROTO, fraFlowlabel:
+			s.Selectors = s.Selectors || (len(v) > 0 && !allZero(v))
+		case unix.FRA_TUN_ID:
+			s.Selectors = s.Selectors || !allZero(v)
+		case unix.FRA_SUPPRESS_PREFIXLEN, unix.FRA_SUPPRESS_IFGROUP:
+			s.Selectors = s.Selectors || (isU32 && x != 0xffffffff) // -1: unset
+		}
 		switch t {
 		case nl.FRA_PRIORITY:
 			if x, ok := u32(v); ok {
@@ -510,6 +537,15 @@ func parseRuleSummary(m []byte) ruleSummary {
 		}
 	})
 	return s
+}
+
+func allZero(v []byte) bool {
+	for _, b := range v {
+		if b != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // rules dumps the policy rules of every family. Rules for which ours returns
