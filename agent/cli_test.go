@@ -127,12 +127,11 @@ func TestMetricsExposition(t *testing.T) {
 	}
 }
 
-// A foreign main-table route with the destination and metric of one of ours
-// makes our add answer EEXIST; the daemon skips it with a warning. plan
-// agrees: the add is a warning with a hint, not a pending change, so plan
-// says "in sync" (exit 0) instead of listing it forever. A foreign route
-// with another metric blocks nothing: there the add stays pending.
-func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
+// configuredENI1 is a world whose ENI 1 (another VPC) dualhomed has
+// configured through the one-shot apply, with the kernel and IMDS source
+// that did it.
+func configuredENI1(t *testing.T) (*world, Config, Kernel, Snapshotter) {
+	t.Helper()
 	w := newWorld(t, 2)
 	w.link(1)
 	cfg := w.config()
@@ -140,11 +139,21 @@ func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer k.(*netcfg.Kernel).Close()
+	t.Cleanup(k.(*netcfg.Kernel).Close)
 	src, _ := testSource(cfg.IMDS)
 	if _, _, err := Apply(context.Background(), NewReconciler(src, k, cfg), 0, nil); err != nil {
 		t.Fatal(err)
 	}
+	return w, cfg, k, src
+}
+
+// A foreign main-table route with the destination and metric of one of ours
+// makes our add answer EEXIST; the daemon skips it with a warning. plan
+// agrees: the add is a warning with a hint, not a pending change, so plan
+// says "in sync" (exit 0) instead of listing it forever. A foreign route
+// with another metric blocks nothing: there the add stays pending.
+func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
+	w, cfg, k, src := configuredENI1(t)
 	var ours *netlink.Route
 	for _, rt := range w.ourRoutes(netcfg.MainTable) {
 		ours = &rt
@@ -223,18 +232,7 @@ func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
 // ours keeps ours out (EEXIST): plan reports it as blocked, with the
 // conflict's warning, not as a change pending forever (exit 2).
 func TestPlanReportsBlockedRouteInOurTable(t *testing.T) {
-	w := newWorld(t, 2)
-	w.link(1)
-	cfg := w.config()
-	k, err := NetcfgKernel(w.ns.Handle, cfg.StateDir, cfg.Netcfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer k.(*netcfg.Kernel).Close()
-	src, _ := testSource(cfg.IMDS)
-	if _, _, err := Apply(context.Background(), NewReconciler(src, k, cfg), 0, nil); err != nil {
-		t.Fatal(err)
-	}
+	w, cfg, k, src := configuredENI1(t)
 	table := netcfg.DefaultTableBase + w.inst.ENIs[1].DeviceNumber
 	var ours *netlink.Route
 	for _, rt := range w.ourRoutes(table) {
