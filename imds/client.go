@@ -275,7 +275,10 @@ func (c *Client) get(ctx context.Context, path string) (string, error) {
 			return "", &KeyError{Key: failedKey, Err: &StatusError{StatusCode: seen.status, Attempts: attempt}}
 		case seen.transportErr != nil || timedOut:
 			cause := seen.transportErr
-			if cause == nil {
+			if cause == nil || (isUnreachableTransport(err) && !isUnreachableTransport(cause)) {
+				// http.Client's own timeout cancels the request: the transport
+				// then saw only "net/http: request canceled", while the error
+				// the client returned says what happened (Client.Timeout).
 				cause = err
 			}
 			if attempt >= c.maxAttempts {
@@ -321,11 +324,16 @@ func backoff(attempt int) time.Duration {
 // forEach runs fn(i) for i in [0,n) on at most c.concurrency goroutines. On
 // the first failure it cancels the rest and returns the failure with the
 // lowest index that is not a consequence of that cancellation, so the error
-// does not depend on scheduling more than it must.
+// does not depend on scheduling more than it must. A failure that returns
+// once the cancellation is under way is a consequence, whatever it says:
+// net/http reports a request cancelled mid-flight as "net/http: request
+// canceled", which is not context.Canceled, and that must not hide the
+// timeout that caused it.
 func (c *Client) forEach(parent context.Context, n int, fn func(ctx context.Context, i int) error) error {
 	ctx, cancel := context.WithCancel(parent)
 	defer cancel()
-	errs := make([]error, n)
+	causes := make([]error, n)       // failures before any cancellation
+	consequences := make([]error, n) // failures once ctx was cancelled
 	var next atomic.Int64
 	var wg sync.WaitGroup
 	for range min(c.concurrency, n) {
@@ -336,19 +344,25 @@ func (c *Client) forEach(parent context.Context, n int, fn func(ctx context.Cont
 					return
 				}
 				if err := fn(ctx, i); err != nil {
-					errs[i] = err
-					cancel()
+					if ctx.Err() != nil {
+						consequences[i] = err
+					} else {
+						causes[i] = err
+						cancel()
+					}
 				}
 			}
 		})
 	}
 	wg.Wait()
-	for _, err := range errs {
-		if err != nil && !errors.Is(err, context.Canceled) {
-			return err
+	for _, errs := range [][]error{causes, consequences} {
+		for _, err := range errs {
+			if err != nil && !errors.Is(err, context.Canceled) {
+				return err
+			}
 		}
 	}
-	for _, err := range errs {
+	for _, err := range consequences {
 		if err != nil {
 			return err
 		}
