@@ -77,16 +77,38 @@ func keysToFetch(listed map[string]bool) []eniKey {
 //   - local-ipv4s is listed without subnet-ipv4-cidr-block, or ipv6s without
 //     subnet-ipv6-cidr-blocks (no gateway could be derived).
 func (c *Client) Snapshot(ctx context.Context) (Snapshot, error) {
+	var snap Snapshot
+	n, err := c.read(ctx, func(ctx context.Context) error {
+		primary, err := getParsed(ctx, c, "mac", parsePrimaryMAC)
+		if err != nil {
+			return err
+		}
+		snap, err = c.readENIs(ctx, primary, nil, func(string) (readMode, ENI) { return readFull, ENI{} })
+		return err
+	})
+	if err != nil {
+		return Snapshot{}, err
+	}
+	snap.Requests = n
+	return snap, nil
+}
+
+// read runs one of the client's reads (Snapshot, Refresh, ListMACs) and
+// returns what it cost in requests. A read that follows a failed one first
+// waits for a retry token, so callers that simply call again are paced; the
+// caller's cancellation says nothing about IMDS and leaves that state as is.
+func (c *Client) read(ctx context.Context, fn func(ctx context.Context) error) (requests int, err error) {
 	if c.lastFailed.Load() {
 		if err := c.retries.wait(ctx); err != nil {
-			return Snapshot{}, err
+			return 0, err
 		}
 	}
-	snap, err := c.snapshot(ctx)
-	if ctx.Err() == nil { // the caller's cancellation says nothing about IMDS
+	var count atomic.Int64
+	err = fn(context.WithValue(ctx, snapshotCounterKey{}, &count))
+	if ctx.Err() == nil {
 		c.lastFailed.Store(err != nil)
 	}
-	return snap, err
+	return int(count.Load()), err
 }
 
 // ListMACs reads only meta-data/network/interfaces/macs/ and returns the
@@ -103,32 +125,15 @@ func (c *Client) Snapshot(ctx context.Context) (Snapshot, error) {
 // a *KeyError after retries, never a partial or empty list, and a call that
 // follows a failed call or snapshot waits for a retry token first.
 func (c *Client) ListMACs(ctx context.Context) (macs []string, requests int, err error) {
-	if c.lastFailed.Load() {
-		if err := c.retries.wait(ctx); err != nil {
-			return nil, 0, err
-		}
-	}
-	var count atomic.Int64
-	macs, err = getParsed(context.WithValue(ctx, snapshotCounterKey{}, &count), c, macsPath, parseMACList)
-	if ctx.Err() == nil { // the caller's cancellation says nothing about IMDS
-		c.lastFailed.Store(err != nil)
-	}
+	requests, err = c.read(ctx, func(ctx context.Context) (err error) {
+		macs, err = getParsed(ctx, c, macsPath, parseMACList)
+		return err
+	})
 	if err != nil {
-		return nil, int(count.Load()), err
+		return nil, requests, err
 	}
 	slices.Sort(macs)
-	return macs, int(count.Load()), nil
-}
-
-func (c *Client) snapshot(ctx context.Context) (Snapshot, error) {
-	var count atomic.Int64
-	ctx = context.WithValue(ctx, snapshotCounterKey{}, &count)
-
-	primary, err := getParsed(ctx, c, "mac", parsePrimaryMAC)
-	if err != nil {
-		return Snapshot{}, err
-	}
-	return c.readENIs(ctx, &count, primary, nil, func(string) (readMode, ENI) { return readFull, ENI{} })
+	return macs, requests, nil
 }
 
 // dynamicKeys are the keys under macs/<mac>/ whose values change while an
@@ -191,38 +196,36 @@ func (c *Client) Refresh(ctx context.Context, prev Snapshot, u Update) (Snapshot
 	if prev.PrimaryMAC == "" {
 		return c.Snapshot(ctx)
 	}
-	if c.lastFailed.Load() {
-		if err := c.retries.wait(ctx); err != nil {
-			return Snapshot{}, err
-		}
-	}
-	var count atomic.Int64
-	rctx := context.WithValue(ctx, snapshotCounterKey{}, &count)
 	full := map[string]bool{}
 	for _, m := range u.Full {
 		full[m] = true
 	}
-	snap, err := c.readENIs(rctx, &count, prev.PrimaryMAC, u.MACs, func(mac string) (readMode, ENI) {
-		old, ok := prev.ENI(mac)
-		switch {
-		case !ok || !old.Ready || full[mac]:
-			return readFull, ENI{}
-		case u.Dynamic:
-			return readDynamic, withoutDynamic(old)
-		default:
-			return readKeep, old
-		}
+	var snap Snapshot
+	n, err := c.read(ctx, func(ctx context.Context) (err error) {
+		snap, err = c.readENIs(ctx, prev.PrimaryMAC, u.MACs, func(mac string) (readMode, ENI) {
+			old, ok := prev.ENI(mac)
+			switch {
+			case !ok || !old.Ready || full[mac]:
+				return readFull, ENI{}
+			case u.Dynamic:
+				return readDynamic, withoutDynamic(old)
+			default:
+				return readKeep, old
+			}
+		})
+		return err
 	})
-	if ctx.Err() == nil { // the caller's cancellation says nothing about IMDS
-		c.lastFailed.Store(err != nil)
+	if err != nil {
+		return Snapshot{}, err
 	}
-	return snap, err
+	snap.Requests = n
+	return snap, nil
 }
 
 // readENIs reads the MAC listing (unless macs is given) and each MAC's
-// keys as mode decides, starting from the ENI mode returns. count counts
-// the requests of ctx.
-func (c *Client) readENIs(ctx context.Context, count *atomic.Int64, primary string, macs []string, mode func(mac string) (readMode, ENI)) (Snapshot, error) {
+// keys as mode decides, starting from the ENI mode returns (an ENI is read
+// in full from scratch).
+func (c *Client) readENIs(ctx context.Context, primary string, macs []string, mode func(mac string) (readMode, ENI)) (Snapshot, error) {
 	if macs == nil {
 		var err error
 		if macs, err = getParsed(ctx, c, macsPath, parseMACList); err != nil {
@@ -242,9 +245,6 @@ func (c *Client) readENIs(ctx context.Context, count *atomic.Int64, primary stri
 	var toRead []int // indexes of the MACs whose listing is read
 	for i, mac := range macs {
 		modes[i], enis[i] = mode(mac)
-		if modes[i] == readFull {
-			enis[i] = ENI{}
-		}
 		if modes[i] != readKeep {
 			enis[i].MAC, enis[i].Ready, enis[i].NotReadyReason = mac, true, ""
 			toRead = append(toRead, i)
@@ -312,7 +312,7 @@ func (c *Client) readENIs(ctx context.Context, count *atomic.Int64, primary stri
 			checkReady(&enis[i], keys[i], primary)
 		}
 	}
-	return Snapshot{PrimaryMAC: primary, ENIs: enis, Requests: int(count.Load())}, nil
+	return Snapshot{PrimaryMAC: primary, ENIs: enis}, nil
 }
 
 // checkReady flags an ENI whose keys are not yet complete enough to
