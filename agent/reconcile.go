@@ -347,7 +347,11 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 	rep = Report{Time: start, DryRun: dryRun}
 	defer func() { rep.Duration = time.Since(start) }() // named result: the caller sees it
 
-	fullPoll := refresh == RefreshPoll && (r.polls+1)%FullReadEvery == 0
+	fullPoll := false // this poll reads everything: IMDS and the kernel
+	if refresh == RefreshPoll {
+		r.polls++
+		fullPoll = r.polls%FullReadEvery == 0
+	}
 	obs, err := r.observe(refresh == RefreshPoll && !fullPoll)
 	if err != nil {
 		return rep, fmt.Errorf("observing links and addresses: %w", err)
@@ -371,7 +375,6 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 		read = true
 	case refresh == RefreshPoll:
 		read = true
-		r.polls++
 		if !fullPoll {
 			update = &imds.Update{Dynamic: true, Full: r.listedMACs(newLinks)}
 		}
