@@ -263,7 +263,11 @@ func TestDaemonLinkBeforeIMDSKnowsIt(t *testing.T) {
 	waitFor(t, "the rule of the ENI IMDS learned late", func() bool { return w.hasRule(src, table) })
 }
 
-func TestDaemonRepairsOwnRuleLeavesForeignRules(t *testing.T) {
+// startedWithENI1 is a world with ENI 1's link, and its daemon (default
+// configuration) started, ready and idle with ENI 1 configured: the source
+// and table of ENI 1's rule are returned too.
+func startedWithENI1(t *testing.T) (*world, *running, string, int) {
+	t.Helper()
 	w := newWorld(t, 2)
 	w.link(1)
 	r := w.start(w.config(), "")
@@ -271,6 +275,11 @@ func TestDaemonRepairsOwnRuleLeavesForeignRules(t *testing.T) {
 	waitFor(t, "ENI 1 configured", func() bool { return w.hasRule(src, table) })
 	waitFor(t, "READY=1", func() bool { return r.notes.has("READY=1") })
 	r.settle(t)
+	return w, r, src, table
+}
+
+func TestDaemonRepairsOwnRuleLeavesForeignRules(t *testing.T) {
+	w, r, src, table := startedWithENI1(t)
 
 	// Two foreign rules: one in our priority band (another protocol), kept;
 	// one we delete, which must stay deleted.
@@ -635,13 +644,7 @@ func TestDaemonLeavesBlockedRouteAlone(t *testing.T) {
 // requests each. A hot attach still works afterwards (IMDS learns the MAC).
 func TestDaemonUnknownLinksCostOneRequestEach(t *testing.T) {
 	const veths = 20
-	w := newWorld(t, 2)
-	w.link(1)
-	r := w.start(w.config(), "")
-	src, table := eniRule(1)
-	waitFor(t, "ENI 1 configured", func() bool { return w.hasRule(src, table) })
-	waitFor(t, "READY=1", func() bool { return r.notes.has("READY=1") })
-	r.settle(t)
+	w, r, _, _ := startedWithENI1(t)
 	before := w.emu.Stats()
 	snapsBefore := snapshots(w.emu)
 
