@@ -374,7 +374,7 @@ func (k *Kernel) newRuleScan() *ruleScan {
 }
 
 func (s *ruleScan) ours(r ruleSummary) bool {
-	if r.Protocol != s.k.cfg.Protocol || !s.k.inPriorityBand(r.Priority) {
+	if !s.k.oursOrLookalike(r) {
 		return false
 	}
 	key := fromRuleSummary(r)
@@ -396,7 +396,12 @@ func (s *ruleScan) done() { s.k.shadowed.Store(&s.shadowed) }
 // ownsRule: our protocol in our priority band, and no selector dualhomed
 // never sets (see ruleSummary.Selectors).
 func (k *Kernel) ownsRule(r ruleSummary) bool {
-	return r.Protocol == k.cfg.Protocol && k.inPriorityBand(r.Priority) && !r.Selectors
+	return k.oursOrLookalike(r) && !r.Selectors
+}
+
+// oursOrLookalike: our protocol in our priority band, selectors or not.
+func (k *Kernel) oursOrLookalike(r ruleSummary) bool {
+	return r.Protocol == k.cfg.Protocol && k.inPriorityBand(r.Priority)
 }
 
 func fromRuleSummary(r ruleSummary) Rule {
