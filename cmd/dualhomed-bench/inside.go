@@ -236,24 +236,14 @@ func (b *bench) variant(ctx context.Context, cards int) {
 				if err != nil {
 					return fmt.Errorf("no-op poll: %w", err)
 				}
-				v.Noop = append(v.Noop, run.Total)
-				v.NoopIMDS = append(v.NoopIMDS, run.IMDS)
-				v.NoopWrites = append(v.NoopWrites, run.Writes)
-				v.NoopObserved = append(v.NoopObserved, obs)
-				v.PollRequests = append(v.PollRequests, int(st.Requests))
-				v.PollBytes = append(v.PollBytes, int(st.BytesSent))
+				v.Poll.add(run, st, obs)
 			}
 			for range o.runs {
 				run, st, obs, err := b.measuredRead(ctx, p, agent.RefreshAlways)
 				if err != nil {
 					return fmt.Errorf("no-op reconcile with a full snapshot: %w", err)
 				}
-				v.Full = append(v.Full, run.Total)
-				v.FullIMDS = append(v.FullIMDS, run.IMDS)
-				v.FullWrites = append(v.FullWrites, run.Writes)
-				v.FullObserved = append(v.FullObserved, obs)
-				v.FullRequests = append(v.FullRequests, int(st.Requests))
-				v.FullBytes = append(v.FullBytes, int(st.BytesSent))
+				v.Full.add(run, st, obs)
 				// Baseline (a) curls every key a full snapshot reads: a
 				// shell tool configuring an instance has no earlier read.
 				v.imdsPaths = v.imdsPaths[:0]

@@ -56,15 +56,11 @@ type variantResult struct {
 	ColdWrites, ColdObserved                  []int
 	ColdRequests                              int
 	ColdUnpaced, ColdUnpacedIMDS              series
-	Noop, NoopKernel                          series
-	NoopIMDS, FullIMDS                        series // of which reading IMDS
-	NoopWrites, NoopObserved                  []int
+	Poll                                      readRuns // no-op reconciles as the poll timer runs them (agent.RefreshPoll)
+	Full                                      readRuns // no-op reconciles reading a full snapshot (agent.RefreshAlways)
+	NoopKernel                                series   // no-op reconciles as a netlink event runs them (agent.RefreshNever)
 	NoopKernelWrites, NoopKernelObserved      []int
 	Breakdown                                 map[string]series // steps of the no-op kernel pass
-	PollRequests, PollBytes                   []int             // per poll (agent.RefreshPoll), as the emulator counted
-	Full                                      series            // no-op reconcile reading a full snapshot (agent.RefreshAlways)
-	FullWrites, FullObserved                  []int
-	FullRequests, FullBytes                   []int
 	Apply                                     series
 	ApplyObserved                             []int
 	ScriptCommands, ScriptSysctls, ShellCurls int
@@ -74,6 +70,24 @@ type variantResult struct {
 	Shell, ShellIMDS                          series
 	ShellProcesses, ShellWrites               int
 	ShellState                                string
+}
+
+// readRuns are no-op reconciles that read IMDS: their time, of which
+// reading IMDS, the writes Apply counted and the rtnetlink notifications
+// seen (both must be 0), and the requests and response bytes the emulator
+// served for each.
+type readRuns struct {
+	Total, IMDS                       series
+	Writes, Observed, Requests, Bytes []int
+}
+
+func (r *readRuns) add(run reconcileRun, st emulator.Stats, observed int) {
+	r.Total = append(r.Total, run.Total)
+	r.IMDS = append(r.IMDS, run.IMDS)
+	r.Writes = append(r.Writes, run.Writes)
+	r.Observed = append(r.Observed, observed)
+	r.Requests = append(r.Requests, int(st.Requests))
+	r.Bytes = append(r.Bytes, int(st.BytesSent))
 }
 
 type daemonResult struct {
@@ -216,7 +230,7 @@ func (r *results) rows() []row {
 			})
 		}
 	}
-	if len(r.Variants) > 0 && len(r.Variants[0].Noop) > 0 {
+	if len(r.Variants) > 0 && len(r.Variants[0].Poll.Total) > 0 {
 		v := r.Variants[0]
 		zero := func(w []int) bool {
 			for _, x := range w {
@@ -235,22 +249,22 @@ func (r *results) rows() []row {
 			},
 			row{
 				what:      "No-op reconcile on the poll timer (agent.RefreshPoll: one paced IMDS read + kernel): time, writes",
-				dualhomed: fmt.Sprintf("%s, %s writes", v.Noop.medianRange(), intRange(v.NoopWrites)),
+				dualhomed: fmt.Sprintf("%s, %s writes", v.Poll.Total.medianRange(), intRange(v.Poll.Writes)),
 				target:    "0 writes (time: see method)",
-				result:    verdict(zero(v.NoopWrites) && zero(v.NoopObserved)),
+				result:    verdict(zero(v.Poll.Writes) && zero(v.Poll.Observed)),
 			},
 			row{
 				what:      "IMDS cost of one poll (agent.RefreshPoll): requests, response bytes",
-				dualhomed: fmt.Sprintf("%s requests, %s bytes", intRange(v.PollRequests), intRange(v.PollBytes)),
+				dualhomed: fmt.Sprintf("%s requests, %s bytes", intRange(v.Poll.Requests), intRange(v.Poll.Bytes)),
 				shell:     fmt.Sprintf("%d curl processes", v.ShellCurls),
 			},
 			row{
 				what: "No-op reconcile reading the full snapshot (agent.RefreshAlways: start, reload, and every so many polls; informative): time, writes; IMDS requests, response bytes",
 				dualhomed: fmt.Sprintf("%s, %s writes; %s requests, %s bytes",
-					v.Full.medianRange(), intRange(v.FullWrites), intRange(v.FullRequests), intRange(v.FullBytes)),
+					v.Full.Total.medianRange(), intRange(v.Full.Writes), intRange(v.Full.Requests), intRange(v.Full.Bytes)),
 				shell:  fmt.Sprintf("%d curl processes", v.ShellCurls),
 				target: "0 writes",
-				result: verdict(zero(v.FullWrites) && zero(v.FullObserved)),
+				result: verdict(zero(v.Full.Writes) && zero(v.Full.Observed)),
 			},
 		)
 	}
@@ -382,14 +396,18 @@ func (r *results) write(path string) error {
 		kv("… of which reading IMDS", v.ColdUnpacedIMDS.medianRange())
 		kv("`dualhomed apply` process, cold (process start included)", v.Apply.medianRange())
 		kv("… rtnetlink notifications seen", intRange(v.ApplyObserved))
-		kv("No-op poll (agent.RefreshPoll: IMDS + kernel)", v.Noop.medianRange())
-		kv("… of which reading IMDS", v.NoopIMDS.medianRange())
-		kv("… writes by Apply / notifications", fmt.Sprintf("%s / %s", intRange(v.NoopWrites), intRange(v.NoopObserved)))
-		kv("… IMDS requests, response bytes", fmt.Sprintf("%s, %s", intRange(v.PollRequests), intRange(v.PollBytes)))
-		kv("No-op reconcile with a full snapshot (agent.RefreshAlways)", v.Full.medianRange())
-		kv("… of which reading IMDS", v.FullIMDS.medianRange())
-		kv("… writes by Apply / notifications", fmt.Sprintf("%s / %s", intRange(v.FullWrites), intRange(v.FullObserved)))
-		kv("… IMDS requests, response bytes", fmt.Sprintf("%s, %s", intRange(v.FullRequests), intRange(v.FullBytes)))
+		for _, read := range []struct {
+			what string
+			runs readRuns
+		}{
+			{"No-op poll (agent.RefreshPoll: IMDS + kernel)", v.Poll},
+			{"No-op reconcile with a full snapshot (agent.RefreshAlways)", v.Full},
+		} {
+			kv(read.what, read.runs.Total.medianRange())
+			kv("… of which reading IMDS", read.runs.IMDS.medianRange())
+			kv("… writes by Apply / notifications", fmt.Sprintf("%s / %s", intRange(read.runs.Writes), intRange(read.runs.Observed)))
+			kv("… IMDS requests, response bytes", fmt.Sprintf("%s, %s", intRange(read.runs.Requests), intRange(read.runs.Bytes)))
+		}
 		kv("No-op on a netlink event (kernel only)", v.NoopKernel.medianRange())
 		kv("… writes by Apply / notifications", fmt.Sprintf("%s / %s", intRange(v.NoopKernelWrites), intRange(v.NoopKernelObserved)))
 		for _, step := range sortedKeys(v.Breakdown) {
