@@ -227,9 +227,10 @@ type Reconciler struct {
 	configured map[string]bool // MACs of ENIs configured by an earlier successful apply
 	polls      int             // RefreshPoll reads so far, for FullReadEvery
 	memo       *desiredMemo    // the last Desired result and its inputs
-	// quiet is the observation of the last reconcile that changed nothing,
-	// while the kernel has announced no change since (UnchangedKernel).
-	quiet *netcfg.Observed
+	// quiet: the last reconcile changed nothing, so the memo's observation
+	// is the kernel's state for as long as the kernel announces no change
+	// (UnchangedKernel).
+	quiet bool
 }
 
 // UnchangedKernel is what a Kernel may also offer (a *netcfg.Kernel does):
@@ -245,10 +246,10 @@ type UnchangedKernel interface {
 // Anything the kernel announces (links, addresses, rules, routes, rp_filter,
 // a lost notification) makes it dump again, and so does every full poll.
 func (r *Reconciler) observe(mayReuse bool) (netcfg.Observed, error) {
-	if q, ok := r.kernel.(UnchangedKernel); ok && mayReuse && r.quiet != nil && q.Unchanged() {
-		return *r.quiet, nil
+	if q, ok := r.kernel.(UnchangedKernel); ok && mayReuse && r.quiet && q.Unchanged() {
+		return r.memo.obs, nil
 	}
-	r.quiet = nil
+	r.quiet = false
 	return r.kernel.Observe()
 }
 
@@ -328,7 +329,7 @@ func (r *Reconciler) Unblock() {
 // keeping the last good snapshot.
 func (r *Reconciler) Swap(source Snapshotter, kernel Kernel, cfg Config) {
 	r.source, r.kernel, r.cfg = source, kernel, cfg
-	r.memo, r.quiet = nil, nil // Desired's configuration changed; another kernel
+	r.memo, r.quiet = nil, false // Desired's configuration changed; another kernel
 }
 
 // LastGood returns the last complete IMDS snapshot, if any.
@@ -509,10 +510,9 @@ func (r *Reconciler) Reconcile(ctx context.Context, refresh Refresh, dryRun bool
 	}
 
 	clear(r.retrying)
-	r.quiet = nil
-	if !dryRun && plan.Empty() && rep.ApplyError == "" {
-		r.quiet = &obs // the kernel is as observed: a poll may reuse it while Unchanged
-	}
+	// The kernel is as observed (the memo holds that observation): a poll
+	// may reuse it while Unchanged.
+	r.quiet = haveSnap && !dryRun && plan.Empty() && rep.ApplyError == ""
 	rep.ManagedRules, rep.ManagedRoutes = len(owned.Rules), len(owned.Routes)
 	if !dryRun && rep.ApplyError == "" {
 		for _, op := range plan.Ops {
