@@ -8,6 +8,8 @@ import (
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/dualhomed/dualhomed/netcfg/nsthread"
 )
 
 // observedCache keeps the links, routes (all but the local table's) and
@@ -42,7 +44,7 @@ func rtnlGroupBit(group uint) uint32 { return 1 << (group - 1) }
 func newObservedCache(ns netns.NsHandle) *observedCache {
 	c := &observedCache{notify: -1}
 	var fd int
-	err := inNamespace(ns, func() error {
+	err := nsthread.Do(ns, func() error {
 		var err error
 		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_ROUTE)
 		return err

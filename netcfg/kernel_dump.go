@@ -14,6 +14,8 @@ import (
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/dualhomed/dualhomed/netcfg/nsthread"
 )
 
 // dumpSocket reads kernel state with rtnetlink dumps parsed in place.
@@ -49,7 +51,7 @@ const dumpBufferSize = 64 << 10
 
 func newDumpSocket(ns netns.NsHandle) (*dumpSocket, error) {
 	var fd int
-	err := inNamespace(ns, func() error {
+	err := nsthread.Do(ns, func() error {
 		var err error
 		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
 		return err

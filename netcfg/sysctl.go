@@ -6,48 +6,13 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 
 	"github.com/vishvananda/netns"
-)
 
-// inNamespace runs fn on an OS thread inside ns, or on the calling goroutine
-// when ns is not open (the caller's own namespace). /proc/sys/net shows the
-// namespace of the thread that opens a file, so sysctls must be read and
-// written from there.
-func inNamespace(ns netns.NsHandle, fn func() error) error {
-	if !ns.IsOpen() {
-		return fn()
-	}
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("getting current namespace: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(ns); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("entering namespace: %w", err)
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(orig); err != nil {
-			// Stay locked: the runtime throws the thread away when the
-			// goroutine ends, so no other goroutine runs in the wrong namespace.
-			errc <- fmt.Errorf("leaving namespace: %w", err)
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
+	"github.com/dualhomed/dualhomed/netcfg/nsthread"
+)
 
 // rpFilterPath is /proc/sys/net/ipv4/conf/<link>/rp_filter; link names that
 // could escape the directory are refused.
@@ -65,7 +30,7 @@ func readRPFilter(ns netns.NsHandle, link string) (int, error) {
 		return 0, err
 	}
 	var v int
-	err = inNamespace(ns, func() error {
+	err = nsthread.Do(ns, func() error {
 		b, err := os.ReadFile(path)
 		if err != nil {
 			return err
@@ -91,7 +56,7 @@ func readRPFilters(ns netns.NsHandle, links []string) ([]int, error) {
 		paths[i] = p
 	}
 	values := make([]int, len(links))
-	err := inNamespace(ns, func() error {
+	err := nsthread.Do(ns, func() error {
 		for i, path := range paths {
 			b, err := os.ReadFile(path)
 			if errors.Is(err, fs.ErrNotExist) {
@@ -119,7 +84,7 @@ func writeRPFilter(ns netns.NsHandle, link string, v int) error {
 	if err != nil {
 		return err
 	}
-	err = inNamespace(ns, func() error {
+	err = nsthread.Do(ns, func() error {
 		f, err := os.OpenFile(path, os.O_WRONLY, 0)
 		if err != nil {
 			return err

@@ -11,7 +11,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
-	"github.com/dualhomed/dualhomed/netcfg/nstest"
+	"github.com/dualhomed/dualhomed/netcfg/nsthread"
 )
 
 // pinger sends ICMP echo requests from a client address inside a VPC
@@ -26,7 +26,7 @@ type pinger struct {
 // an address of that namespace).
 func newPinger(ns netns.NsHandle, src netip.Addr) (*pinger, error) {
 	var fd int
-	err := nstest.InNamespace(ns, func() error {
+	err := nsthread.Do(ns, func() error {
 		var err error
 		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
 		if err != nil {

@@ -15,6 +15,7 @@ import (
 	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/imds/emulator"
 	"github.com/dualhomed/dualhomed/netcfg/nstest"
+	"github.com/dualhomed/dualhomed/netcfg/nsthread"
 )
 
 // world is the simulated instance. The process itself runs in the instance
@@ -212,7 +213,7 @@ func (w *world) addENI(i int, mac string, viaVPC bool) error {
 	// client pinging an ENI address before it exists must not wait a whole
 	// retransmit interval once it does (a real VPC router answers at once).
 	// Non-initial namespaces have no neigh "default" entry: set it per link.
-	err = nstest.InNamespace(w.vpc, func() error {
+	err = nsthread.Do(w.vpc, func() error {
 		return writeSysctl("net.ipv4.neigh."+peerLink(i)+".retrans_time_ms", "10")
 	})
 	if err != nil {

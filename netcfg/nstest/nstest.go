@@ -16,6 +16,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/dualhomed/dualhomed/netcfg/nsthread"
 )
 
 // RequireRoot skips the test with a clear message unless it runs as root.
@@ -90,35 +92,7 @@ func NewNamespace() (netns.NsHandle, error) {
 // Do runs fn on a thread inside the namespace (for sysctls under /proc/sys, or
 // sockets that must be created inside it). The thread returns to its original
 // namespace afterwards.
-func (n *NS) Do(fn func() error) error { return InNamespace(n.Handle, fn) }
-
-// InNamespace runs fn on a thread inside ns; the thread returns to its
-// original namespace afterwards (or dies with its goroutine if it cannot).
-func InNamespace(ns netns.NsHandle, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(ns); err != nil {
-			errc <- fmt.Errorf("entering namespace: %w", err)
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(orig); err != nil {
-			// Leave the thread locked: the runtime terminates it.
-			errc <- fmt.Errorf("leaving namespace: %w", err)
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
+func (n *NS) Do(fn func() error) error { return nsthread.Do(n.Handle, fn) }
 
 // Veth creates a veth pair whose end `name` (MAC mac, up) lives in n and whose
 // peer (up) lives in peerNS (or in n when peerNS is nil). It returns the end in n.

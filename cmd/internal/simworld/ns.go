@@ -6,12 +6,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/dualhomed/dualhomed/netcfg/nsthread"
 )
 
 // NS is a named network namespace (/run/netns/<Name>), so that `ip -n <Name>`
@@ -105,31 +106,7 @@ func killNSProcesses(name string) {
 
 // Do runs fn on an OS thread inside the namespace: sockets created by fn live
 // in the namespace for their whole life, and /proc/sys/net is the namespace's.
-func (n *NS) Do(fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- fmt.Errorf("getting current namespace: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(n.Handle); err != nil {
-			errc <- fmt.Errorf("entering namespace %s: %w", n.Name, err)
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(orig); err != nil {
-			// Stay locked: the runtime throws the thread away.
-			errc <- fmt.Errorf("leaving namespace %s: %w", n.Name, err)
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
+func (n *NS) Do(fn func() error) error { return nsthread.Do(n.Handle, fn) }
 
 // SetSysctl writes /proc/sys/<key> inside the namespace (key like "net/ipv4/ip_forward").
 func (n *NS) SetSysctl(key, value string) error {
