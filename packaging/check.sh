@@ -11,7 +11,10 @@
 #      names, remove and purge
 #   6. boot test (BOOT_TEST=0 skips it): boot that root with systemd-nspawn
 #      --private-network and the IMDS emulator on 169.254.169.254 inside it;
-#      the unit must reach active (READY=1) under its full hardening.
+#      the unit must reach active (READY=1) under its full hardening; then
+#      the rollout recipes of packaging/rollout run there: the SSM document
+#      (install, upgrade, and failing when plan exits 2), the Image Builder
+#      component's phases, and the Packer provisioner script
 #   7. rpm scriptlets: install and erase the .rpm in that root, offline
 # Environment: DEBIAN_MIRROR, ROOT_CACHE (reuse a debootstrap'd root between
 # local runs; CI starts clean), BOOT_TEST.
@@ -308,6 +311,102 @@ if [ "$BOOT_TEST" = 1 ]; then
 	fi
 	in_ct ip -4 addr show dev eth0 | grep -q 'inet 10.0.0.10/20' || fail "removal touched the primary ENI"
 	echo "   remove: stopped, cleanup removed rule, routes and address; primary untouched"
+
+	# Rollout recipes (packaging/rollout, docs/fleet.md): each step as the SSM
+	# Agent or AWSTOE would run it (cmd/internal/rollout writes them out with
+	# the parameters substituted), run in this container against the IMDS
+	# emulator. The package is removed at this point.
+	CGO_ENABLED=0 go build -trimpath -o "$WORK/rollout" ./cmd/internal/rollout
+	recipe() { # recipe DIR DOCUMENT NAME=VALUE...: writes DOCUMENT's steps into $ROOT/root/recipes/DIR
+		local dir=$1 doc=$2; shift 2
+		"$WORK/rollout" extract -out "$ROOT/root/recipes/$dir" "${@/#/-param=}" "$doc" >/dev/null
+	}
+	run_step() { # run_step SCRIPT LOG: runs a step in the container; its status, output in LOG
+		in_ct "$1" >"$2" 2>&1
+	}
+	rule_ok() { # the secondary ENI's rule appears within 10 s
+		for _ in $(seq 20); do
+			in_ct ip -4 rule show | grep -q 'from 10.1.0.10 lookup 20001 proto dualhomed' && return 0
+			sleep 0.5
+		done
+		in_ct ip -4 rule show
+		in_ct journalctl -b --no-pager -u dualhomed.service | tail -20
+		return 1
+	}
+	ssm_step=01-main-installDualhomedAndCheckPlan.sh
+
+	# SSM: install on a running instance.
+	recipe ssm-install packaging/rollout/ssm-install-dualhomed.json PackageSource=/root/dualhomed.deb PlanWaitSeconds=30
+	run_step "/root/recipes/ssm-install/$ssm_step" "$WORK/ssm-install.log" ||
+		{ cat "$WORK/ssm-install.log"; fail "SSM document: install failed"; }
+	grep -q '^in sync' "$WORK/ssm-install.log" || { cat "$WORK/ssm-install.log"; fail "SSM document: no plan in its output"; }
+	rule_ok || fail "SSM document: installed, but the secondary ENI is not configured"
+	echo "   SSM document, install: succeeded (plan in sync, service active, ENI configured)"
+
+	# SSM: upgrade to a newer version (the same package, revision bumped).
+	dpkg-deb -R "${debs[0]}" "$WORK/next"
+	sed -i 's/^Version: .*/&.1/' "$WORK/next/DEBIAN/control"
+	next_version=$(sed -n 's/^Version: //p' "$WORK/next/DEBIAN/control")
+	dpkg-deb -b -Zxz "$WORK/next" "$ROOT/root/dualhomed-next.deb" >/dev/null
+	pid_before=$(in_ct systemctl show -p MainPID --value dualhomed.service)
+	recipe ssm-upgrade packaging/rollout/ssm-install-dualhomed.json PackageSource=/root/dualhomed-next.deb PlanWaitSeconds=30
+	run_step "/root/recipes/ssm-upgrade/$ssm_step" "$WORK/ssm-upgrade.log" ||
+		{ cat "$WORK/ssm-upgrade.log"; fail "SSM document: upgrade failed"; }
+	installed=$(in_ct dpkg-query -W -f='${Version}' dualhomed)
+	[ "$installed" = "$next_version" ] || fail "SSM document: $installed installed after the upgrade, not $next_version"
+	pid_after=$(in_ct systemctl show -p MainPID --value dualhomed.service)
+	[ "$pid_before" != "$pid_after" ] || fail "SSM document: the upgrade did not restart the daemon"
+	rule_ok || fail "SSM document: secondary ENI not configured after the upgrade"
+	echo "   SSM document, upgrade to $next_version: succeeded (daemon restarted, plan in sync)"
+
+	# SSM: plan exits 2 (daemon disabled and stopped, so the document leaves
+	# it alone; one of its rules deleted): the command fails and prints the plan.
+	in_ct systemctl disable --now dualhomed.service 2>/dev/null
+	in_ct ip rule del from 10.1.0.10 lookup 20001
+	recipe ssm-pending packaging/rollout/ssm-install-dualhomed.json PackageSource=/root/dualhomed-next.deb PlanWaitSeconds=3
+	if run_step "/root/recipes/ssm-pending/$ssm_step" "$WORK/ssm-pending.log"; then
+		cat "$WORK/ssm-pending.log"; fail "SSM document succeeded with changes pending"
+	fi
+	grep -q 'dualhomed plan exited 2' "$WORK/ssm-pending.log" && grep -q '+ rule from 10.1.0.10' "$WORK/ssm-pending.log" ||
+		{ cat "$WORK/ssm-pending.log"; fail "SSM document: the failure does not say plan exited 2, or lacks the plan"; }
+	echo "   SSM document, plan exit 2: failed, printing the pending rule"
+	in_ct systemctl enable --now dualhomed.service 2>/dev/null
+	rule_ok || fail "the restarted daemon did not restore the rule"
+
+	# Image Builder component: build and validate on a "build instance"
+	# without the package, then what an instance launched from the image
+	# does: the enabled service starts, and the test phase runs.
+	in_ct apt-get purge -y -qq dualhomed >"$WORK/purge-booted.log" 2>&1 || { cat "$WORK/purge-booted.log"; fail "purge in the container"; }
+	mkdir -p "$ROOT/etc/cloud/cloud.cfg.d"
+	recipe imagebuilder packaging/rollout/imagebuilder-dualhomed.yml PackageSource=/root/dualhomed.deb
+	for s in 01-build-InstallEnabledNotStarted 02-validate-InstalledEnabledNotRunning; do
+		run_step "/root/recipes/imagebuilder/$s.sh" "$WORK/$s.log" || { cat "$WORK/$s.log"; fail "Image Builder component: $s failed"; }
+	done
+	[ "$(in_ct systemctl is-enabled dualhomed.service)" = enabled ] || fail "Image Builder component: service not enabled"
+	! in_ct systemctl is-active --quiet dualhomed.service || fail "Image Builder component: build started the service"
+	[ ! -e "$ROOT/usr/sbin/policy-rc.d" ] || fail "Image Builder component: left policy-rc.d behind"
+	grep -q 'apply_full_imds_network_config: false' "$ROOT/etc/cloud/cloud.cfg.d/99-dualhomed.cfg" ||
+		fail "Image Builder component: cloud-init setting not written"
+	in_ct systemctl start dualhomed.service
+	s=03-test-RunningAndInSync
+	run_step "/root/recipes/imagebuilder/$s.sh" "$WORK/$s.log" || { cat "$WORK/$s.log"; fail "Image Builder component: $s failed"; }
+	grep -q '^in sync' "$WORK/$s.log" || { cat "$WORK/$s.log"; fail "Image Builder component: no plan in the test phase's output"; }
+	in_ct systemctl stop dualhomed.service
+	if run_step "/root/recipes/imagebuilder/$s.sh" "$WORK/$s-stopped.log"; then
+		cat "$WORK/$s-stopped.log"; fail "Image Builder component: test phase passed with the service stopped"
+	fi
+	echo "   Image Builder component: build (enabled, not started, cloud-init setting), validate, test pass; test fails with the service stopped"
+
+	# Packer: the shell provisioner's script, as root, on a build instance
+	# without the package.
+	in_ct apt-get purge -y -qq dualhomed >"$WORK/purge-booted.log" 2>&1 || { cat "$WORK/purge-booted.log"; fail "purge in the container"; }
+	cp packaging/rollout/packer/bake-dualhomed.sh "$ROOT/root/recipes/"
+	in_ct env DUALHOMED_PACKAGE=/root/dualhomed.deb /root/recipes/bake-dualhomed.sh >"$WORK/packer.log" 2>&1 ||
+		{ cat "$WORK/packer.log"; fail "Packer provisioner script failed"; }
+	[ "$(in_ct systemctl is-enabled dualhomed.service)" = enabled ] || fail "Packer provisioner script: service not enabled"
+	! in_ct systemctl is-active --quiet dualhomed.service || fail "Packer provisioner script: started the service"
+	echo "   Packer provisioner script: installed enabled, not started"
+
 	in_ct systemctl poweroff >/dev/null 2>&1 || true
 	wait "$NSPAWN_PID" 2>/dev/null || true
 	NSPAWN_PID=
