@@ -79,6 +79,7 @@ expect_files=(
 	/usr/share/licenses/dualhomed/LICENSE
 	/usr/share/doc/dualhomed/config.md
 	/usr/share/bash-completion/completions/dualhomed
+	/usr/share/dualhomed/prometheus/dualhomed.rules.yml
 )
 for rpmfile in "${rpms[@]}"; do
 	echo "-- $rpmfile"
@@ -160,7 +161,7 @@ fi
 for f in /usr/bin/dualhomed /lib/systemd/system/dualhomed.service /etc/dualhomed/dualhomed.yaml \
 	/etc/iproute2/rt_protos.d/dualhomed.conf /usr/lib/systemd/networkd.conf.d/50-dualhomed.conf \
 	/usr/share/man/man1/dualhomed.1.gz /usr/share/doc/dualhomed/copyright /usr/share/doc/dualhomed/changelog.Debian.gz \
-	/usr/share/doc/dualhomed/config.md; do
+	/usr/share/doc/dualhomed/config.md /usr/share/dualhomed/prometheus/dualhomed.rules.yml; do
 	[ -e "$ROOT$f" ] || fail "installed root lacks $f"
 done
 in_root dpkg-query -W -f='${Conffiles}\n' dualhomed | grep -q /etc/dualhomed/dualhomed.yaml || fail "config is not a conffile"
