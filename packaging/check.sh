@@ -313,6 +313,20 @@ if [ "$BOOT_TEST" = 1 ]; then
 	in_ct ip -4 addr show dev eth0 | grep -q 'inet 10.0.0.10/20' || fail "removal touched the primary ENI"
 	echo "   remove: stopped, cleanup removed rule, routes and address; primary untouched"
 
+	# Reinstallation after a remove (the package is in config-files state, so
+	# postinst gets the removed version as for an upgrade) starts the enabled
+	# daemon again, then the package is removed again for the recipes below.
+	in_ct dpkg -i /root/dualhomed.deb >"$WORK/reinstall.log" 2>&1 || { cat "$WORK/reinstall.log"; fail "reinstall after remove"; }
+	state=
+	for _ in $(seq 60); do
+		state=$(in_ct systemctl is-active dualhomed.service 2>/dev/null || true)
+		[ "$state" = activating ] || break
+		sleep 0.5
+	done
+	[ "$state" = active ] || fail "dualhomed.service is $state after reinstalling a removed package"
+	in_ct apt-get remove -y -qq dualhomed >"$WORK/remove-booted.log" 2>&1 || { cat "$WORK/remove-booted.log"; fail "second remove in the container"; }
+	echo "   reinstall after remove: active again"
+
 	# Rollout recipes (packaging/rollout, docs/fleet.md): each step as the SSM
 	# Agent or AWSTOE would run it (cmd/internal/rollout writes them out with
 	# the parameters substituted), run in this container against the IMDS
