@@ -30,20 +30,20 @@ func BenchmarkReconcileNoOp(b *testing.B) {
 	cfg := DefaultConfig()
 	cfg.StateDir = b.TempDir()
 	cfg.IMDS = IMDSConfig{Endpoint: url, Timeout: DefaultIMDSTimeout}
-	k, err := NetcfgKernel(ns.Handle, cfg.StateDir, cfg.Netcfg)
+	k, err := netcfg.NewKernel(ns.Handle, cfg.StateDir, cfg.Netcfg)
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer k.(*netcfg.Kernel).Close()
+	defer k.Close()
 	src, _ := testSource(cfg.IMDS)
 	rec := NewReconciler(src, k, cfg)
 	ctx := context.Background()
-	if rep, err := rec.Reconcile(ctx, RefreshAlways, false); err != nil || !rep.OK() || rep.Configured() != 15 {
+	if rep, err := rec.Reconcile(ctx, TriggerStart, false); err != nil || !rep.OK() || rep.Configured() != 15 {
 		b.Fatalf("configuring: %v %s", err, rep.Summary())
 	}
 	b.ResetTimer()
 	for b.Loop() {
-		rep, err := rec.Reconcile(ctx, RefreshIfNewLinks, false)
+		rep, err := rec.Reconcile(ctx, TriggerAddr, false)
 		if err != nil || rep.Writes != 0 || rep.Fresh {
 			b.Fatalf("not a no-op: err=%v writes=%d fresh=%v", err, rep.Writes, rep.Fresh)
 		}

@@ -14,6 +14,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/vishvananda/netns"
+
 	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/netcfg"
 )
@@ -49,16 +51,23 @@ func IMDSError(endpoint string, err error) error {
 	return fmt.Errorf("reading IMDS at %s: %w", endpoint, err)
 }
 
+// oneShot prepares rec for a one-shot command in the caller's network
+// namespace: a short IMDS timeout, and the host check.
+func oneShot(rec *Reconciler) {
+	rec.IMDSTimeout = OneShotIMDSTimeout
+	rec.HostWarnings = HostWarnings(netns.None())
+}
+
 // Plan computes what a reconcile would change, changing nothing. An IMDS
 // failure is an error: without a snapshot there is nothing to compare.
 func Plan(ctx context.Context, rec *Reconciler) (Report, error) {
-	rec.IMDSTimeout = OneShotIMDSTimeout
-	rep, err := rec.Reconcile(ctx, RefreshAlways, true)
+	oneShot(rec)
+	rep, err := rec.Reconcile(ctx, TriggerStart, true)
 	if err != nil {
 		return rep, err
 	}
 	if rep.IMDSErr != nil {
-		return rep, IMDSError(endpointOf(rec.source), rep.IMDSErr)
+		return rep, IMDSError(endpointOf(rec.imds.source), rep.IMDSErr)
 	}
 	return rep, nil
 }
@@ -67,17 +76,17 @@ func Plan(ctx context.Context, rec *Reconciler) (Report, error) {
 // ENI listed in IMDS has a link and is configured, or wait passes. Missing
 // lists what is still not configured when Apply gives up.
 func Apply(ctx context.Context, rec *Reconciler, wait time.Duration, onReport func(Report)) (rep Report, missing []string, err error) {
-	rec.IMDSTimeout = OneShotIMDSTimeout
+	oneShot(rec)
 	deadline := time.Now().Add(wait)
 	for {
-		rep, err = rec.Reconcile(ctx, RefreshAlways, false)
+		rep, err = rec.Reconcile(ctx, TriggerStart, false)
 		if err == nil {
 			if onReport != nil {
 				onReport(rep)
 			}
 			switch {
 			case rep.IMDSErr != nil:
-				err = IMDSError(endpointOf(rec.source), rep.IMDSErr)
+				err = IMDSError(endpointOf(rec.imds.source), rep.IMDSErr)
 			case rep.ApplyError != "":
 				err = fmt.Errorf("applying changes: %s", rep.ApplyError)
 			}

@@ -21,11 +21,11 @@ import (
 func TestApplyWaitNamesMissingENIs(t *testing.T) {
 	w := newWorld(t, 2) // ENI 1 listed by IMDS, its link missing
 	cfg := w.config()
-	k, err := NetcfgKernel(w.ns.Handle, cfg.StateDir, cfg.Netcfg)
+	k, err := netcfg.NewKernel(w.ns.Handle, cfg.StateDir, cfg.Netcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer k.(*netcfg.Kernel).Close()
+	defer k.Close()
 	src, _ := testSource(cfg.IMDS)
 	rec := NewReconciler(src, k, cfg)
 
@@ -135,11 +135,11 @@ func configuredENI1(t *testing.T) (*world, Config, Kernel, Snapshotter) {
 	w := newWorld(t, 2)
 	w.link(1)
 	cfg := w.config()
-	k, err := NetcfgKernel(w.ns.Handle, cfg.StateDir, cfg.Netcfg)
+	k, err := netcfg.NewKernel(w.ns.Handle, cfg.StateDir, cfg.Netcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(k.(*netcfg.Kernel).Close)
+	t.Cleanup(k.Close)
 	src, _ := testSource(cfg.IMDS)
 	if _, _, err := Apply(context.Background(), NewReconciler(src, k, cfg), 0, nil); err != nil {
 		t.Fatal(err)

@@ -47,11 +47,9 @@ const (
 
 // Config is the whole daemon configuration, as read from the YAML file.
 type Config struct {
-	// Netcfg is the routing model's configuration, including per-ENI settings.
-	Netcfg netcfg.Config
-	// VPCRoutes is the top-level vpc_routes: the default for ENIs whose
-	// entry in Netcfg.ENIs does not say (netcfg's own default is auto).
-	VPCRoutes    netcfg.VPCRoutesMode
+	// Netcfg is the routing model's configuration, including per-ENI
+	// settings and the top-level vpc_routes.
+	Netcfg       netcfg.Config
 	PollInterval time.Duration
 	StartTimeout time.Duration
 	IMDS         IMDSConfig
@@ -86,7 +84,6 @@ type MetricsConfig struct {
 func DefaultConfig() Config {
 	return Config{
 		Netcfg:       netcfg.DefaultConfig(),
-		VPCRoutes:    netcfg.VPCRoutesAuto,
 		PollInterval: DefaultPollInterval,
 		StartTimeout: DefaultStartTimeout,
 		IMDS:         IMDSConfig{Timeout: DefaultIMDSTimeout},
@@ -264,7 +261,7 @@ func (p parser) top(n *yaml.Node, cfg *Config) error {
 		case "vpc_routes":
 			var s string
 			s, err = p.oneOf(v, key, "auto", "off")
-			cfg.VPCRoutes = netcfg.VPCRoutesMode(s)
+			cfg.Netcfg.VPCRoutes = netcfg.VPCRoutesMode(s)
 		case "enis":
 			cfg.Netcfg.ENIs, err = p.enis(v, key)
 		case "poll_interval":

@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/netcfg"
 )
 
@@ -93,8 +92,8 @@ state_dir: /var/run/dh/
 		n.RPFilter != netcfg.RPFilterStrict || n.ManageAddresses || !n.PrimaryTable {
 		t.Errorf("numbers: %+v", n)
 	}
-	if len(n.ENIs) != 2 || cfg.VPCRoutes != netcfg.VPCRoutesOff {
-		t.Fatalf("ENIs = %+v, vpc_routes %q", n.ENIs, cfg.VPCRoutes)
+	if len(n.ENIs) != 2 || n.VPCRoutes != netcfg.VPCRoutesOff {
+		t.Fatalf("ENIs = %+v, vpc_routes %q", n.ENIs, n.VPCRoutes)
 	}
 	if !n.ENIs[0].Exclude || n.ENIs[0].Match.InterfaceID != "eni-0abc" || n.ENIs[0].VPCRoutes != "" {
 		t.Errorf("ENIs[0] = %+v", n.ENIs[0])
@@ -103,24 +102,6 @@ state_dir: /var/run/dh/
 	if e1.Match.MAC != "0a:1b:2c:3d:4e:5f" || e1.Match.DeviceNumber == nil || *e1.Match.DeviceNumber != 2 ||
 		e1.VPCRoutes != netcfg.VPCRoutesAuto || len(e1.ExtraRoutes) != 2 || e1.ExtraRoutes[1].String() != "2001:db8::/32" {
 		t.Errorf("ENIs[1] = %+v", e1)
-	}
-	snap := imds.Snapshot{ENIs: []imds.ENI{
-		{MAC: "0a:00:00:00:00:01", InterfaceID: "eni-0abc"},
-		{MAC: "0a:1b:2c:3d:4e:5f", DeviceNumber: 2},
-		{MAC: "0a:00:00:00:00:03", DeviceNumber: 3},
-	}}
-	eff := netcfgFor(cfg, snap)
-	if err := eff.Validate(); err != nil {
-		t.Fatalf("effective config invalid: %v", err)
-	}
-	want := []netcfg.VPCRoutesMode{netcfg.VPCRoutesOff, netcfg.VPCRoutesAuto, netcfg.VPCRoutesOff}
-	if len(eff.ENIs) != 3 || eff.ENIs[2].Match.MAC != "0a:00:00:00:00:03" {
-		t.Fatalf("effective ENIs = %+v", eff.ENIs)
-	}
-	for i, w := range want {
-		if eff.ENIs[i].VPCRoutes != w {
-			t.Errorf("effective ENIs[%d].VPCRoutes = %q, want %q", i, eff.ENIs[i].VPCRoutes, w)
-		}
 	}
 	if cfg.PollInterval != 30*time.Second || cfg.StartTimeout != 2*time.Minute || cfg.IMDS.Timeout != 500*time.Millisecond ||
 		cfg.IMDS.Endpoint != "http://127.0.0.1:1338" || cfg.Log.Level != "debug" || cfg.Log.Format != "json" ||

@@ -14,7 +14,10 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 	"golang.org/x/sys/unix"
 
 	"github.com/dualhomed/dualhomed/imds"
@@ -119,6 +122,7 @@ func (r *recorder) has(prefix string) bool {
 
 type running struct {
 	d      *Daemon
+	logs   *observer.ObservedLogs // what the daemon logged at info level and above
 	notes  *recorder
 	cancel context.CancelFunc
 	done   chan error
@@ -133,9 +137,11 @@ func (w *world) start(cfg Config, configPath string) *running {
 // worker state is then still the test's to set).
 func (w *world) startPrepared(cfg Config, configPath string, prepare func(*Daemon)) *running {
 	w.t.Helper()
-	r := &running{notes: &recorder{}, done: make(chan error, 1)}
+	core, logs := observer.New(zap.InfoLevel)
+	r := &running{notes: &recorder{}, logs: logs, done: make(chan error, 1)}
+	logger := zaptest.NewLogger(w.t, zaptest.WrapOptions(zap.WrapCore(func(c zapcore.Core) zapcore.Core { return zapcore.NewTee(c, core) })))
 	d, err := NewDaemon(Options{
-		ConfigPath: configPath, Config: cfg, NS: w.ns.Handle, Logger: zaptest.NewLogger(w.t),
+		ConfigPath: configPath, Config: cfg, NS: w.ns.Handle, Logger: logger,
 		NewSource: testSource, Notifier: r.notes, Version: "test",
 		// Only the reload test sends SIGHUP, and only while Run is active.
 		HandleSignals: configPath != "",
@@ -342,10 +348,18 @@ func TestDaemonReloadRejectsBadConfig(t *testing.T) {
 	if err := os.WriteFile(path, []byte(bad), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	err = r.d.Reload(context.Background())
-	if err == nil || !strings.Contains(err.Error(), path+":7: enis[0].vpc_routes") {
-		t.Fatalf("Reload with a bad file: err = %v, want it to name %s:7", err, path)
+	// Through SIGHUP, as systemctl reload does: the rejection is logged.
+	if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
+		t.Fatal(err)
 	}
+	waitFor(t, "the bad file's rejection", func() bool {
+		for _, e := range r.logs.FilterMessage("reload rejected; keeping the running configuration").All() {
+			if err, _ := e.ContextMap()["error"].(string); strings.Contains(err, path+":7: enis[0].vpc_routes") {
+				return true
+			}
+		}
+		return false
+	})
 	// The old configuration still runs: drift is repaired as before.
 	ours := w.findRule(func(r netlink.Rule) bool { return r.Table == table && r.Src != nil && r.Src.String() == src })
 	if err := w.ns.NL.RuleDel(ours); err != nil {
@@ -358,7 +372,6 @@ func TestDaemonReloadRejectsBadConfig(t *testing.T) {
 	if err := os.WriteFile(path, []byte(good), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	// This time through SIGHUP, as systemctl reload does.
 	if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
@@ -681,7 +694,7 @@ func TestDaemonUnknownLinksCostOneRequestEach(t *testing.T) {
 // reconcilesFor replays events (offsets from the first, with their reasons)
 // through the daemon's batching on a simulated clock and returns when each
 // reconcile runs. No real timer is involved: the result is exact.
-func reconcilesFor(events []time.Duration, r reason, delayFor func(reason) time.Duration) []time.Duration {
+func reconcilesFor(events []time.Duration, r Trigger, delayFor func(Trigger) time.Duration) []time.Duration {
 	var b batch
 	var deadline time.Duration
 	var runs []time.Duration
@@ -708,7 +721,7 @@ func reconcilesFor(events []time.Duration, r reason, delayFor func(reason) time.
 // backoff is not shortened by further drift, but a link event cuts it to the
 // debounce, and a reload is not delayed.
 func TestDaemonBatchesEvents(t *testing.T) {
-	debounced := func(reason) time.Duration { return debounce }
+	debounced := func(Trigger) time.Duration { return debounce }
 	every := func(n int, gap time.Duration) []time.Duration {
 		out := make([]time.Duration, n)
 		for i := range out {
@@ -718,18 +731,18 @@ func TestDaemonBatchesEvents(t *testing.T) {
 	}
 
 	burst := every(45, time.Millisecond/2)
-	if got := reconcilesFor(burst, reasonLink, debounced); len(got) != 1 || got[0] != burst[44]+debounce {
+	if got := reconcilesFor(burst, TriggerLink, debounced); len(got) != 1 || got[0] != burst[44]+debounce {
 		t.Errorf("15 links back to back: reconciles at %v, want one at %v", got, burst[44]+debounce)
 	}
-	if got := reconcilesFor([]time.Duration{0}, reasonLink, debounced); len(got) != 1 || got[0] != debounce {
+	if got := reconcilesFor([]time.Duration{0}, TriggerLink, debounced); len(got) != 1 || got[0] != debounce {
 		t.Errorf("one hot-attached link: reconcile at %v, want %v after it", got, debounce)
 	}
 	apart := every(3, debounce+time.Millisecond)
-	if got := reconcilesFor(apart, reasonLink, debounced); len(got) != 3 {
+	if got := reconcilesFor(apart, TriggerLink, debounced); len(got) != 3 {
 		t.Errorf("links %v apart: reconciles at %v, want 3", debounce+time.Millisecond, got)
 	}
 	stream := every(200, debounce/2) // 2 s of events
-	got := reconcilesFor(stream, reasonAddr, debounced)
+	got := reconcilesFor(stream, TriggerAddr, debounced)
 	if len(got) < 4 {
 		t.Errorf("a 2 s stream of events: reconciles at %v, want one at least every %v", got, maxSettle)
 	}
@@ -743,20 +756,20 @@ func TestDaemonBatchesEvents(t *testing.T) {
 		}
 	}
 
-	backoff := func(reason) time.Duration { return 2 * time.Second }
-	if got := reconcilesFor(every(10, 100*time.Millisecond), reasonDrift, backoff); len(got) != 1 || got[0] != 2*time.Second {
+	backoff := func(Trigger) time.Duration { return 2 * time.Second }
+	if got := reconcilesFor(every(10, 100*time.Millisecond), TriggerDrift, backoff); len(got) != 1 || got[0] != 2*time.Second {
 		t.Errorf("drift during a repair backoff: reconciles at %v, want one at 2s", got)
 	}
 	var b batch
-	b.add(time.Now(), reasonDrift, backoff)
-	if delay, rearm := b.add(time.Now(), reasonDrift|reasonReload, backoff); !rearm || delay != 0 {
+	b.add(time.Now(), TriggerDrift, backoff)
+	if delay, rearm := b.add(time.Now(), TriggerDrift|TriggerReload, backoff); !rearm || delay != 0 {
 		t.Errorf("reload during a repair backoff: delay %v (rearm %v), want immediate", delay, rearm)
 	}
 	// A link that comes up while drift waits out a repair backoff: its
 	// routes (flushed by the kernel with the link) must not wait too.
 	b = batch{}
-	b.add(time.Now(), reasonDrift, backoff)
-	if delay, rearm := b.add(time.Now(), reasonDrift|reasonLink, backoff); !rearm || delay != debounce {
+	b.add(time.Now(), TriggerDrift, backoff)
+	if delay, rearm := b.add(time.Now(), TriggerDrift|TriggerLink, backoff); !rearm || delay != debounce {
 		t.Errorf("link event during a repair backoff: delay %v (rearm %v), want the debounce %v", delay, rearm, debounce)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -20,8 +21,18 @@ type fakeKernel struct {
 	applied []netcfg.Plan
 }
 
-func (k *fakeKernel) Observe() (netcfg.Observed, error)       { return k.obs, nil }
-func (k *fakeKernel) Conflicts(netcfg.State) []netcfg.Warning { return nil }
+// Observe returns a copy, as the kernel's are fresh on each call.
+func (k *fakeKernel) Observe() (netcfg.Observed, error) {
+	obs := k.obs
+	obs.Links = slices.Clone(obs.Links)
+	obs.Addrs = map[int][]netip.Prefix{}
+	for i, ps := range k.obs.Addrs {
+		obs.Addrs[i] = slices.Clone(ps)
+	}
+	o := &obs.Owned
+	o.Rules, o.Routes, o.Addrs, o.RPFilters = slices.Clone(o.Rules), slices.Clone(o.Routes), slices.Clone(o.Addrs), slices.Clone(o.RPFilters)
+	return obs, nil
+}
 func (k *fakeKernel) Apply(p netcfg.Plan) (int, error) {
 	k.applied = append(k.applied, p)
 	st := &k.obs.Owned
@@ -69,6 +80,20 @@ type fakeIMDS struct {
 	snap  imds.Snapshot
 	err   error
 	reads int
+}
+
+// event is a kernel event's trigger a second after the last IMDS read:
+// past minLinkReadGap, so that it may read IMDS for new links.
+func event(rec *Reconciler) Trigger {
+	rec.imds.lastRead = time.Time{}
+	return TriggerLink
+}
+
+// backingOff is a kernel event's trigger while IMDS backs off after a
+// failure: it reads nothing, and repairs from the last good snapshot.
+func backingOff(rec *Reconciler) Trigger {
+	rec.imds.retryAt = time.Now().Add(time.Hour)
+	return TriggerDrift
 }
 
 func (f *fakeIMDS) Snapshot(context.Context) (imds.Snapshot, error) {
@@ -123,7 +148,7 @@ func rulesOf(st netcfg.State, table int) int {
 func TestReconcileConfiguresThenIsANoOp(t *testing.T) {
 	src, k := testWorld()
 	rec := NewReconciler(src, k, DefaultConfig())
-	rep, err := rec.Reconcile(context.Background(), RefreshAlways, false)
+	rep, err := rec.Reconcile(context.Background(), TriggerStart, false)
 	if err != nil || !rep.OK() || rep.Duration <= 0 {
 		t.Fatalf("first reconcile: %v %+v", err, rep)
 	}
@@ -135,7 +160,7 @@ func TestReconcileConfiguresThenIsANoOp(t *testing.T) {
 			t.Errorf("change not attributed: %+v", c)
 		}
 	}
-	rep, err = rec.Reconcile(context.Background(), RefreshAlways, false)
+	rep, err = rec.Reconcile(context.Background(), TriggerStart, false)
 	if err != nil || rep.Writes != 0 || len(rep.Changes) != 0 || rep.Repairs != 0 {
 		t.Fatalf("second reconcile must be a no-op: %v writes=%d changes=%v", err, rep.Writes, rep.Changes)
 	}
@@ -144,7 +169,7 @@ func TestReconcileConfiguresThenIsANoOp(t *testing.T) {
 func TestReconcileIMDSErrorNeverDeletes(t *testing.T) {
 	src, k := testWorld()
 	rec := NewReconciler(src, k, DefaultConfig())
-	if _, err := rec.Reconcile(context.Background(), RefreshAlways, false); err != nil {
+	if _, err := rec.Reconcile(context.Background(), TriggerStart, false); err != nil {
 		t.Fatal(err)
 	}
 	before := k.obs.Owned
@@ -157,7 +182,7 @@ func TestReconcileIMDSErrorNeverDeletes(t *testing.T) {
 	}
 	k.obs.Owned.Rules = removeFunc(k.obs.Owned.Rules, func(r netcfg.Rule) bool { return r == lost })
 	src.err = errors.New("connection refused")
-	rep, err := rec.Reconcile(context.Background(), RefreshAlways, false)
+	rep, err := rec.Reconcile(context.Background(), TriggerStart, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -176,7 +201,7 @@ func TestReconcileIMDSErrorNeverDeletes(t *testing.T) {
 	// A fresh daemon that never read IMDS changes nothing at all.
 	_, k2 := testWorld()
 	k2.obs.Owned = before
-	rep, err = NewReconciler(&fakeIMDS{err: errors.New("timeout")}, k2, DefaultConfig()).Reconcile(context.Background(), RefreshAlways, false)
+	rep, err = NewReconciler(&fakeIMDS{err: errors.New("timeout")}, k2, DefaultConfig()).Reconcile(context.Background(), TriggerStart, false)
 	if err != nil || len(rep.Changes) != 0 || len(k2.applied) != 0 {
 		t.Fatalf("without any snapshot: err=%v changes=%v", err, rep.Changes)
 	}
@@ -188,13 +213,13 @@ func TestReconcileIMDSErrorNeverDeletes(t *testing.T) {
 func TestReconcileNotReadyENIKeepsItsState(t *testing.T) {
 	src, k := testWorld()
 	rec := NewReconciler(src, k, DefaultConfig())
-	if _, err := rec.Reconcile(context.Background(), RefreshAlways, false); err != nil {
+	if _, err := rec.Reconcile(context.Background(), TriggerStart, false); err != nil {
 		t.Fatal(err)
 	}
 	configured := k.obs.Owned
 	// IMDS glitch: eni B's device number reads 0 (not ready).
 	src.snap.ENIs[1].Ready, src.snap.ENIs[1].DeviceNumber = false, 0
-	rep, err := rec.Reconcile(context.Background(), RefreshAlways, false)
+	rep, err := rec.Reconcile(context.Background(), TriggerStart, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -204,7 +229,7 @@ func TestReconcileNotReadyENIKeepsItsState(t *testing.T) {
 	// The same glitch seen by a restarted daemon (no last good snapshot):
 	// netcfg keeps the kernel objects of the not-ready ENI.
 	rec2 := NewReconciler(src, k, DefaultConfig())
-	rep, err = rec2.Reconcile(context.Background(), RefreshAlways, false)
+	rep, err = rec2.Reconcile(context.Background(), TriggerStart, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -216,7 +241,7 @@ func TestReconcileNotReadyENIKeepsItsState(t *testing.T) {
 	// Detach (authoritative: IMDS no longer lists it) removes its state.
 	src.snap.ENIs = src.snap.ENIs[:1:1]
 	src.snap.ENIs = append(src.snap.ENIs, eni(macC, 2, "vpc-b", "10.1.1.10"))
-	if _, err := rec.Reconcile(context.Background(), RefreshAlways, false); err != nil {
+	if _, err := rec.Reconcile(context.Background(), TriggerStart, false); err != nil {
 		t.Fatal(err)
 	}
 	if n := rulesOf(k.obs.Owned, 20001); n != 0 {
@@ -231,22 +256,22 @@ func TestReconcileRefreshModes(t *testing.T) {
 	src, k := testWorld()
 	rec := NewReconciler(src, k, DefaultConfig())
 	ctx := context.Background()
-	if _, err := rec.Reconcile(ctx, RefreshIfNewLinks, false); err != nil || src.reads != 1 {
+	if _, err := rec.Reconcile(ctx, event(rec), false); err != nil || src.reads != 1 {
 		t.Fatalf("first reconcile must read IMDS: reads=%d err=%v", src.reads, err)
 	}
-	if _, err := rec.Reconcile(ctx, RefreshIfNewLinks, false); err != nil || src.reads != 1 {
+	if _, err := rec.Reconcile(ctx, event(rec), false); err != nil || src.reads != 1 {
 		t.Fatalf("drift without new links must not read IMDS: reads=%d", src.reads)
 	}
 	k.obs.Links = append(k.obs.Links, netcfg.Link{Index: 9, Name: "eth3", MAC: "02:00:00:00:00:09"})
-	rep, err := rec.Reconcile(ctx, RefreshIfNewLinks, false)
+	rep, err := rec.Reconcile(ctx, event(rec), false)
 	if err != nil || src.reads != 2 {
 		t.Fatalf("a new link must read IMDS: reads=%d", src.reads)
 	}
 	if len(rep.PendingLinks) != 1 || rep.PendingLinks[0].Index != 9 {
 		t.Errorf("pending links = %+v, want eth3", rep.PendingLinks)
 	}
-	if _, err := rec.Reconcile(ctx, RefreshNever, false); err != nil || src.reads != 2 {
-		t.Fatalf("RefreshNever read IMDS")
+	if _, err := rec.Reconcile(ctx, backingOff(rec), false); err != nil || src.reads != 2 {
+		t.Fatalf("an event while IMDS backs off read IMDS")
 	}
 }
 
@@ -254,17 +279,17 @@ func TestReconcileCountsRepairs(t *testing.T) {
 	src, k := testWorld()
 	rec := NewReconciler(src, k, DefaultConfig())
 	ctx := context.Background()
-	if rep, _ := rec.Reconcile(ctx, RefreshAlways, false); rep.Repairs != 0 {
+	if rep, _ := rec.Reconcile(ctx, TriggerStart, false); rep.Repairs != 0 {
 		t.Fatalf("first configuration counted as repairs: %d", rep.Repairs)
 	}
 	k.obs.Owned.Rules = removeFunc(k.obs.Owned.Rules, func(r netcfg.Rule) bool { return r.Table == 20002 })
-	rep, _ := rec.Reconcile(ctx, RefreshIfNewLinks, false)
+	rep, _ := rec.Reconcile(ctx, event(rec), false)
 	if rep.Repairs == 0 || rulesOf(k.obs.Owned, 20002) == 0 {
 		t.Fatalf("deleted rule not repaired/counted: repairs=%d", rep.Repairs)
 	}
 	// Dry run: pending changes mark the ENI as drift.
 	k.obs.Owned.Rules = removeFunc(k.obs.Owned.Rules, func(r netcfg.Rule) bool { return r.Table == 20002 })
-	rep, _ = rec.Reconcile(ctx, RefreshAlways, true)
+	rep, _ = rec.Reconcile(ctx, TriggerStart, true)
 	drift := false
 	for _, e := range rep.ENIs {
 		if e.MAC == macC && e.State == netcfg.ENIDrift {
@@ -341,12 +366,12 @@ func TestReconcileListsMACsBeforeSnapshotForUnknownLinks(t *testing.T) {
 	k.obs.Links = k.obs.Links[:3]
 	rec := NewReconciler(src, k, DefaultConfig())
 	ctx := context.Background()
-	if _, err := rec.Reconcile(ctx, RefreshAlways, false); err != nil {
+	if _, err := rec.Reconcile(ctx, TriggerStart, false); err != nil {
 		t.Fatal(err)
 	}
-	reconcile := func(refresh Refresh) Report {
+	reconcile := func(trigger Trigger) Report {
 		t.Helper()
-		rep, err := rec.Reconcile(ctx, refresh, false)
+		rep, err := rec.Reconcile(ctx, trigger, false)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -366,24 +391,24 @@ func TestReconcileListsMACsBeforeSnapshotForUnknownLinks(t *testing.T) {
 
 	veth := netcfg.Link{Index: 10, Name: "veth1a2b", MAC: "0a:58:0a:f4:00:01"}
 	k.obs.Links = append(k.obs.Links, veth)
-	rep := reconcile(RefreshIfNewLinks)
+	rep := reconcile(event(rec))
 	check("container veth", rep, 1, 1)
 	if !rep.Listed || rep.Fresh || rep.IMDSRequests != 1 || len(rep.PendingLinks) != 1 {
 		t.Errorf("container veth: listed %v, fresh %v, %d requests, pending %v; want a listing of 1 request, veth pending",
 			rep.Listed, rep.Fresh, rep.IMDSRequests, rep.PendingLinks)
 	}
-	rep = reconcile(RefreshIfNewLinks)
+	rep = reconcile(event(rec))
 	check("an event on a link already listed", rep, 1, 1)
-	rep = reconcile(RefreshPendingLinks)
+	rep = reconcile(TriggerRecheck)
 	check("a re-read for the pending veth", rep, 1, 2)
 
 	// The ENI's link appears before IMDS lists it: listings only, until
 	// the listing names its MAC.
 	k.obs.Links = append(k.obs.Links, netcfg.Link{Index: 4, Name: "eth2", MAC: macC})
-	rep = reconcile(RefreshIfNewLinks)
+	rep = reconcile(event(rec))
 	check("hot-attached link unknown to IMDS", rep, 1, 3)
 	src.snap.ENIs, src.snap.Requests = enis, 40
-	rep = reconcile(RefreshPendingLinks)
+	rep = reconcile(TriggerRecheck)
 	check("IMDS lists the new MAC", rep, 2, 4)
 	if !rep.Fresh || rep.IMDSRequests != 1+40 || rulesOf(k.obs.Owned, netcfg.DefaultTableBase+2) == 0 {
 		t.Errorf("after IMDS listed C: fresh %v, %d requests, rules of C %d; want a snapshot that configures C",
@@ -395,17 +420,17 @@ func TestReconcileListsMACsBeforeSnapshotForUnknownLinks(t *testing.T) {
 	notReady := eni("02:00:00:00:00:03", 3, "vpc-b", "10.1.2.10")
 	notReady.Ready, notReady.DeviceNumber = false, imds.DeviceNumberUnknown
 	src.snap.ENIs = append(append([]imds.ENI(nil), enis...), notReady)
-	reconcile(RefreshAlways)
+	reconcile(TriggerStart)
 	k.obs.Links = append(k.obs.Links, netcfg.Link{Index: 5, Name: "eth3", MAC: notReady.MAC})
-	rep = reconcile(RefreshIfNewLinks)
+	rep = reconcile(event(rec))
 	check("link of a not-ready ENI", rep, 4, 4)
-	rep = reconcile(RefreshPendingLinks)
+	rep = reconcile(TriggerRecheck)
 	check("re-read for the not-ready ENI", rep, 5, 4)
 
 	// A failed listing is an IMDS error: no snapshot, nothing deleted.
 	src.listErr = errors.New("IMDS down")
 	k.obs.Links = append(k.obs.Links, netcfg.Link{Index: 11, Name: "veth3c4d", MAC: "0a:58:0a:f4:00:02"})
-	rep = reconcile(RefreshIfNewLinks)
+	rep = reconcile(event(rec))
 	check("listing fails", rep, 5, 5)
 	if rep.IMDSError == "" || rep.Listed || rep.Fresh {
 		t.Errorf("failed listing: IMDSError %q, listed %v, fresh %v; want an IMDS error", rep.IMDSError, rep.Listed, rep.Fresh)
@@ -439,7 +464,7 @@ func TestReconcileAddsGoneWithTheirLinkAreNotBlocked(t *testing.T) {
 	src, fk := testWorld()
 	k := &detachingKernel{fakeKernel: fk, link: 4, dropRule: netip.MustParsePrefix("10.1.0.10/32")}
 	rec := NewReconciler(src, k, DefaultConfig())
-	rep, err := rec.Reconcile(context.Background(), RefreshAlways, false)
+	rep, err := rec.Reconcile(context.Background(), TriggerStart, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -457,8 +482,8 @@ func TestReconcileComputesDesiredAgainWhenTheKernelChanged(t *testing.T) {
 	k.obs.Links = k.obs.Links[:3]
 	rec := NewReconciler(src, k, DefaultConfig())
 	ctx := context.Background()
-	for _, refresh := range []Refresh{RefreshAlways, RefreshNever} {
-		if _, err := rec.Reconcile(ctx, refresh, false); err != nil {
+	for _, trigger := range []Trigger{TriggerStart, backingOff(rec)} {
+		if _, err := rec.Reconcile(ctx, trigger, false); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -466,7 +491,7 @@ func TestReconcileComputesDesiredAgainWhenTheKernelChanged(t *testing.T) {
 		t.Fatalf("ENI C has %d rules before its link exists", n)
 	}
 	k.obs.Links = append(k.obs.Links, linkC)
-	rep, err := rec.Reconcile(ctx, RefreshNever, false)
+	rep, err := rec.Reconcile(ctx, backingOff(rec), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -476,39 +501,40 @@ func TestReconcileComputesDesiredAgainWhenTheKernelChanged(t *testing.T) {
 	}
 }
 
-// quietKernel is a fakeKernel that says, as netcfg.Kernel does, whether
-// anything changed since its last Observe.
+// quietKernel is a fakeKernel that tells its Reconciler, as the daemon's
+// kernel feed does, of every change: its own writes, and the test's.
 type quietKernel struct {
 	*fakeKernel
+	rec      *Reconciler // nil: nobody is told
 	observes int
-	changed  bool
 }
 
 func (k *quietKernel) Observe() (netcfg.Observed, error) {
 	k.observes++
-	k.changed = false
 	return k.fakeKernel.Observe()
 }
 
-func (k *quietKernel) Unchanged() bool { return !k.changed }
-
 func (k *quietKernel) Apply(p netcfg.Plan) (int, error) {
-	k.changed = true
+	if k.rec != nil {
+		defer k.rec.KernelChanged()
+	}
 	return k.fakeKernel.Apply(p)
 }
 
 // A poll reuses the last no-op's observation while the kernel reports no
 // change, and dumps again after any change, after its own writes, on
-// events, and on every full poll.
+// events, and on every full poll. A Reconciler never told of changes never
+// reuses it.
 func TestReconcilePollReusesQuietObservation(t *testing.T) {
 	src, fk := testWorld()
 	k := &quietKernel{fakeKernel: fk}
 	rec := NewReconciler(src, k, DefaultConfig())
+	k.rec = rec
 	ctx := context.Background()
-	step := func(name string, refresh Refresh, wantObserves int) Report {
+	step := func(name string, trigger Trigger, wantObserves int) Report {
 		t.Helper()
 		before := k.observes
-		rep, err := rec.Reconcile(ctx, refresh, false)
+		rep, err := rec.Reconcile(ctx, trigger, false)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -517,23 +543,32 @@ func TestReconcilePollReusesQuietObservation(t *testing.T) {
 		}
 		return rep
 	}
-	step("start (configures, then reads its adds back)", RefreshAlways, 2)
-	step("poll after our writes", RefreshPoll, 1)
-	step("quiet poll", RefreshPoll, 0)
-	step("another quiet poll", RefreshPoll, 0)
-	step("netlink event", RefreshNever, 1)
-	step("quiet poll after a no-op event", RefreshPoll, 0)
+	rec.KernelChanged() // the feed starts
+	step("start (configures, then reads its adds back)", TriggerStart, 2)
+	step("poll after our writes", TriggerPoll, 1)
+	step("quiet poll", TriggerPoll, 0)
+	step("another quiet poll", TriggerPoll, 0)
+	step("netlink event", TriggerAddr, 1)
+	step("quiet poll after a no-op event", TriggerPoll, 0)
 
 	// Another program deletes one of our rules: the kernel says so.
 	k.obs.Owned.Rules = k.obs.Owned.Rules[1:]
-	k.changed = true
-	rep := step("poll after drift (and the read-back of its add)", RefreshPoll, 2)
+	rec.KernelChanged()
+	rep := step("poll after drift (and the read-back of its add)", TriggerPoll, 2)
 	if rep.Writes != 1 {
 		t.Errorf("poll after drift: %d writes, want the rule back", rep.Writes)
 	}
-	step("poll after the repair", RefreshPoll, 1)
-	for i := 0; rec.polls%FullReadEvery != FullReadEvery-1; i++ {
-		step("quiet poll", RefreshPoll, 0)
+	step("poll after the repair", TriggerPoll, 1)
+	for i := 0; rec.imds.polls%FullReadEvery != FullReadEvery-1; i++ {
+		step("quiet poll", TriggerPoll, 0)
 	}
-	step("full poll", RefreshPoll, 1)
+	step("full poll", TriggerPoll, 1)
+
+	// Without a kernel feed, nothing says the kernel stayed quiet.
+	src2, fk2 := testWorld()
+	k = &quietKernel{fakeKernel: fk2}
+	rec = NewReconciler(src2, k, DefaultConfig())
+	step("start without a feed", TriggerStart, 2)
+	step("poll without a feed", TriggerPoll, 1)
+	step("another poll without a feed", TriggerPoll, 1)
 }

@@ -31,9 +31,9 @@ func refreshWorld(t *testing.T, inst emulator.Instance) (*emulator.Server, *imds
 	return srv, client, k, NewReconciler(client, k, DefaultConfig())
 }
 
-func mustReconcile(t *testing.T, rec *Reconciler, refresh Refresh) Report {
+func mustReconcile(t *testing.T, rec *Reconciler, trigger Trigger) Report {
 	t.Helper()
-	rep, err := rec.Reconcile(context.Background(), refresh, false)
+	rep, err := rec.Reconcile(context.Background(), trigger, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,13 +57,13 @@ func hasRuleFrom(st netcfg.State, src netip.Addr, table int) bool {
 func TestReconcilePollReadsDynamicKeysAndSometimesAll(t *testing.T) {
 	inst := emulator.ExampleInstance(4, 3, 2, 1, 1)
 	srv, _, k, rec := refreshWorld(t, inst)
-	full := mustReconcile(t, rec, RefreshAlways).IMDSRequests
+	full := mustReconcile(t, rec, TriggerStart).IMDSRequests
 
 	added := netip.MustParseAddr("10.2.0.99")
 	if err := srv.UpdateENI(inst.ENIs[2].MAC, func(e *imds.ENI) { e.LocalIPv4s = append(e.LocalIPv4s, added) }); err != nil {
 		t.Fatal(err)
 	}
-	rep := mustReconcile(t, rec, RefreshPoll)
+	rep := mustReconcile(t, rec, TriggerPoll)
 	if rep.IMDSRequests >= full-len(inst.ENIs) {
 		t.Errorf("poll: %d requests, want well under a snapshot's %d", rep.IMDSRequests, full)
 	}
@@ -73,7 +73,7 @@ func TestReconcilePollReadsDynamicKeysAndSometimesAll(t *testing.T) {
 	}
 	requests := []int{rep.IMDSRequests}
 	for range FullReadEvery {
-		requests = append(requests, mustReconcile(t, rec, RefreshPoll).IMDSRequests)
+		requests = append(requests, mustReconcile(t, rec, TriggerPoll).IMDSRequests)
 	}
 	fulls := 0
 	for _, n := range requests {
@@ -93,14 +93,14 @@ func TestReconcileHotAttachReadsOnlyTheNewENI(t *testing.T) {
 	all := inst.ENIs
 	inst.ENIs = all[:5]
 	srv, _, k, rec := refreshWorld(t, inst)
-	full := mustReconcile(t, rec, RefreshAlways).IMDSRequests
+	full := mustReconcile(t, rec, TriggerStart).IMDSRequests
 	before := len(k.obs.Owned.Rules)
 
 	if err := srv.AttachENI(all[5]); err != nil {
 		t.Fatal(err)
 	}
 	k.obs.Links = append(k.obs.Links, netcfg.Link{Index: 30, Name: "eth5", MAC: all[5].MAC})
-	rep := mustReconcile(t, rec, RefreshIfNewLinks)
+	rep := mustReconcile(t, rec, event(rec))
 	if rep.IMDSRequests > full/len(inst.ENIs)+2 {
 		t.Errorf("hot attach: %d requests; want about one ENI's share of a %d-request snapshot", rep.IMDSRequests, full)
 	}
@@ -124,13 +124,13 @@ func TestReconcileHotAttachReadsOnlyTheNewENI(t *testing.T) {
 func TestReconcileReattachedENIIsReadInFull(t *testing.T) {
 	inst := emulator.ExampleInstance(3, 2, 0, 0, 1)
 	srv, _, k, rec := refreshWorld(t, inst)
-	mustReconcile(t, rec, RefreshAlways)
+	mustReconcile(t, rec, TriggerStart)
 	mac := inst.ENIs[2].MAC
 	if err := srv.UpdateENI(mac, func(e *imds.ENI) { e.DeviceNumber = 7 }); err != nil {
 		t.Fatal(err)
 	}
 	k.obs.Links[2].Index = 40 // the link came back with a new index
-	mustReconcile(t, rec, RefreshIfNewLinks)
+	mustReconcile(t, rec, event(rec))
 	if !hasRuleFrom(k.obs.Owned, inst.ENIs[2].LocalIPv4s[0], netcfg.DefaultTableBase+7) {
 		t.Errorf("re-attached ENI not configured with its new device number 7: rules %v", k.obs.Owned.Rules)
 	}

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"sort"
 
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
@@ -125,45 +124,6 @@ func (s *addrSocket) del(a Addr) error {
 // maxDumpAttempts bounds the retries of a dump the kernel reports as
 // interrupted (NLM_F_DUMP_INTR: the object list changed while it was read).
 const maxDumpAttempts = 5
-
-// list is `ip addr show`: every address of every link, both families.
-func (s *addrSocket) list() ([]kernelAddr, error) {
-	var err error
-	for range maxDumpAttempts {
-		var addrs []kernelAddr
-		addrs, err = s.listOnce()
-		if !errors.Is(err, nl.ErrDumpInterrupted) {
-			return addrs, err
-		}
-	}
-	return nil, fmt.Errorf("dumping addresses %d times: %w", maxDumpAttempts, err)
-}
-
-func (s *addrSocket) listOnce() ([]kernelAddr, error) {
-	req := s.request(unix.RTM_GETADDR, unix.NLM_F_DUMP)
-	req.AddData(nl.NewIfAddrmsg(unix.AF_UNSPEC))
-	msgs, err := req.Execute(unix.NETLINK_ROUTE, unix.RTM_NEWADDR)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]kernelAddr, 0, len(msgs))
-	for _, m := range msgs {
-		a, ok, err := parseAddrMessage(m)
-		if err != nil {
-			return nil, fmt.Errorf("parsing address message: %w", err)
-		}
-		if ok {
-			out = append(out, a)
-		}
-	}
-	sort.Slice(out, func(i, j int) bool {
-		if out[i].LinkIndex != out[j].LinkIndex {
-			return out[i].LinkIndex < out[j].LinkIndex
-		}
-		return out[i].Prefix.String() < out[j].Prefix.String()
-	})
-	return out, nil
-}
 
 func parseAddrMessage(m []byte) (kernelAddr, bool, error) {
 	if len(m) < unix.SizeofIfAddrmsg {

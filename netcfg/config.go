@@ -55,6 +55,11 @@ func (c Config) Validate() error {
 	default:
 		bad("rp_filter: %q is not one of loose, strict, keep", c.RPFilter)
 	}
+	switch c.VPCRoutes {
+	case "", VPCRoutesAuto, VPCRoutesOff:
+	default:
+		bad("vpc_routes: %q is not one of auto, off", c.VPCRoutes)
+	}
 	for i, e := range c.ENIs {
 		key := fmt.Sprintf("enis[%d]", i)
 		m := e.Match
@@ -105,14 +110,20 @@ func (s Selector) Matches(e imds.ENI) bool {
 		(s.VPCID == "" || s.VPCID == e.VPCID)
 }
 
-// eniConfig returns the first per-ENI entry matching e, or the zero entry.
+// eniConfig returns the first per-ENI entry matching e, or the zero entry,
+// with the top-level VPCRoutes filled in when the entry does not say.
 func (c Config) eniConfig(e imds.ENI) ENIConfig {
+	var out ENIConfig
 	for _, ec := range c.ENIs {
 		if ec.Match.Matches(e) {
-			return ec
+			out = ec
+			break
 		}
 	}
-	return ENIConfig{}
+	if out.VPCRoutes == "" {
+		out.VPCRoutes = c.VPCRoutes
+	}
+	return out
 }
 
 // rpFilterMode treats the unset mode as the default (loose) and an unknown

@@ -97,3 +97,34 @@ func TestSelectorMatches(t *testing.T) {
 		}
 	}
 }
+
+// The top-level vpc_routes applies to entries without their own value and
+// to ENIs no entry matches; an entry's own value wins.
+func TestENIConfigTopLevelVPCRoutes(t *testing.T) {
+	two := 2
+	cfg := DefaultConfig()
+	cfg.VPCRoutes = VPCRoutesOff
+	cfg.ENIs = []ENIConfig{
+		{Match: Selector{InterfaceID: "eni-0abc"}, Exclude: true},
+		{Match: Selector{MAC: "0a:1b:2c:3d:4e:5f", DeviceNumber: &two}, VPCRoutes: VPCRoutesAuto},
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		eni  imds.ENI
+		want VPCRoutesMode
+	}{
+		{imds.ENI{MAC: "0a:00:00:00:00:01", InterfaceID: "eni-0abc"}, VPCRoutesOff},
+		{imds.ENI{MAC: "0a:1b:2c:3d:4e:5f", DeviceNumber: 2}, VPCRoutesAuto},
+		{imds.ENI{MAC: "0a:00:00:00:00:03", DeviceNumber: 3}, VPCRoutesOff},
+	} {
+		if got := cfg.eniConfig(c.eni).VPCRoutes; got != c.want {
+			t.Errorf("%s: vpc_routes %q, want %q", c.eni.MAC, got, c.want)
+		}
+	}
+	cfg.VPCRoutes = "sometimes"
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), `vpc_routes: "sometimes" is not one of auto, off`) {
+		t.Errorf("Validate with a bad top-level vpc_routes: %v", err)
+	}
+}

@@ -2,22 +2,12 @@ package netcfg
 
 import (
 	"net/netip"
-	"os"
-	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 )
 
-// noNetworkd points Conflicts at an empty directory: no systemd-networkd.
-func noNetworkd(t *testing.T) ConflictPaths {
-	dir := t.TempDir()
-	return ConflictPaths{NetifDir: filepath.Join(dir, "netif"), ProcDir: filepath.Join(dir, "proc")}
-}
-
 func TestConflictsReportsForeignStateAndChangesNothing(t *testing.T) {
 	w := newKTWorld(t)
-	w.k.ConflictPaths = noNetworkd(t)
 	w.placeForeign(t) // ec2-net-utils' rule 10001 for 10.1.0.11, foreign routes in tables 20001 and 20077
 	for _, args := range [][]string{
 		{"rule", "add", "priority", "50", "from", "10.1.0.12", "lookup", "101"},                          // cloud-init/netplan
@@ -41,7 +31,7 @@ func TestConflictsReportsForeignStateAndChangesNothing(t *testing.T) {
 	}
 	desired := w.state(ktEth1, ktEth2, ktEth3)
 	before := w.dump(t)
-	warns := w.k.Conflicts(desired)
+	warns := Conflicts(w.observe(t), desired, DefaultConfig())
 	ktRequireEqual(t, w.dump(t), before)
 
 	var got []string
@@ -91,73 +81,9 @@ func TestConflictsReportsForeignStateAndChangesNothing(t *testing.T) {
 
 func TestConflictsQuietOnACleanInstance(t *testing.T) {
 	w := newKTWorld(t)
-	w.k.ConflictPaths = noNetworkd(t)
 	desired := w.state(ktEth1, ktEth2, ktEth3)
 	w.reconcile(t, desired)
-	if warns := w.k.Conflicts(desired); len(warns) != 0 {
+	if warns := Conflicts(w.observe(t), desired, DefaultConfig()); len(warns) != 0 {
 		t.Errorf("warnings on an instance with only our state: %v", warns)
-	}
-}
-
-func writeFile(t *testing.T, path, content string) {
-	t.Helper()
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func TestNetworkdConflicts(t *testing.T) {
-	dir := t.TempDir()
-	p := ConflictPaths{
-		NetifDir:           filepath.Join(dir, "run/systemd/netif"),
-		ProcDir:            filepath.Join(dir, "proc"),
-		NetworkdConfs:      []string{filepath.Join(dir, "usr/lib/systemd/networkd.conf"), filepath.Join(dir, "etc/systemd/networkd.conf")},
-		NetworkdDropinDirs: []string{filepath.Join(dir, "etc/systemd/networkd.conf.d"), filepath.Join(dir, "usr/lib/systemd/networkd.conf.d")},
-	}
-	keys := func() []string {
-		var out []string
-		for _, w := range networkdConflicts(p) {
-			for _, k := range []string{"ManageForeignRoutingPolicyRules", "ManageForeignRoutes"} {
-				if strings.Contains(w.Message, k+"=no") {
-					out = append(out, k)
-				}
-			}
-		}
-		return out
-	}
-
-	if got := keys(); len(got) != 0 {
-		t.Fatalf("networkd not running, yet warnings for %v", got)
-	}
-	writeFile(t, filepath.Join(dir, "proc/412/comm"), "systemd-network\n") // the kernel cuts comm to 15 bytes
-	writeFile(t, filepath.Join(dir, "proc/413/comm"), "bash\n")
-	if got := keys(); !slices.Equal(got, []string{"ManageForeignRoutingPolicyRules", "ManageForeignRoutes"}) {
-		t.Fatalf("networkd running with defaults: warnings for %v", got)
-	}
-	os.RemoveAll(filepath.Join(dir, "proc"))
-	if err := os.MkdirAll(p.NetifDir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if got := keys(); len(got) != 2 {
-		t.Fatalf("networkd detected by %s: warnings for %v", p.NetifDir, got)
-	}
-
-	writeFile(t, p.NetworkdConfs[1], "[Network]\n#ManageForeignRoutes=no\nManageForeignRoutingPolicyRules=no\n[DHCPv4]\nManageForeignRoutes=no\n")
-	if got := keys(); !slices.Equal(got, []string{"ManageForeignRoutes"}) {
-		t.Errorf("rules off in networkd.conf: warnings for %v", got)
-	}
-	// A vendor drop-in turns rules back on; the admin's drop-in of the same
-	// name in /etc hides it, and a later-sorting one turns routes off.
-	writeFile(t, filepath.Join(dir, "usr/lib/systemd/networkd.conf.d/50-vendor.conf"), "[Network]\nManageForeignRoutingPolicyRules=yes\n")
-	if got := keys(); !slices.Equal(got, []string{"ManageForeignRoutingPolicyRules", "ManageForeignRoutes"}) {
-		t.Errorf("vendor drop-in turns rules on: warnings for %v", got)
-	}
-	writeFile(t, filepath.Join(dir, "etc/systemd/networkd.conf.d/50-vendor.conf"), "# masked\n")
-	writeFile(t, filepath.Join(dir, "etc/systemd/networkd.conf.d/90-dualhomed.conf"), "[Network]\nManageForeignRoutes = false\n")
-	if got := keys(); len(got) != 0 {
-		t.Errorf("both off: warnings for %v", got)
 	}
 }

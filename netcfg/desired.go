@@ -23,7 +23,7 @@ var IPv6Gateway = netip.MustParseAddr("fe80:ec2::1")
 //   - Addrs may list every address on each link, whoever put it there (that is
 //     what Kernel.Observe returns). Desired subtracts the addresses listed in
 //     Owned.Addrs (exact link and prefix) and treats the rest as foreign.
-//   - Owned must be what Kernel.Owned returned, read in the same reconcile.
+//   - Owned must be what Kernel.Observe returned, read in the same pass.
 //     Without it, an address dualhomed added itself looks foreign, Desired stops
 //     wanting it, and Diff deletes it: the next round adds it back (flapping).
 //     A caller whose Addrs already exclude our own addresses may leave Owned
@@ -35,8 +35,37 @@ type Observed struct {
 	Links []Link
 	// Addrs lists the addresses on each link, by link index, with their prefix length.
 	Addrs map[int][]netip.Prefix
-	// Owned is the state dualhomed owns in the kernel now (Kernel.Owned).
+	// Owned is the state dualhomed owns in the kernel now.
 	Owned State
+	// ForeignRules and ForeignRoutes are the rules and routes (the local
+	// table's aside) that dualhomed does not own: what Conflicts checks.
+	ForeignRules  []KernelRule
+	ForeignRoutes []KernelRoute
+}
+
+// KernelRoute is a route as the kernel reports it.
+type KernelRoute struct {
+	Route
+	Metric   int
+	Protocol uint8
+	Type     uint8 // RTN_UNICAST, RTN_BLACKHOLE, ...
+}
+
+// KernelRule is a policy rule as the kernel reports it.
+type KernelRule struct {
+	Priority int
+	Src      netip.Prefix // 0.0.0.0/0 or ::/0 for "from all"
+	Table    int
+	Protocol uint8
+	// Selectors is true when the rule matches on more than its source, or
+	// does more than look up a table: a destination, tos, fwmark, iif/oif,
+	// ports, uid range, `not`, suppress_*, goto... dualhomed never adds
+	// such a rule, so one carrying our protocol is somebody else's: it is
+	// left alone, and never mistaken for our plain rule of the same source.
+	Selectors bool
+	// LookupAll is true when the rule sends all traffic from Src to Table:
+	// nothing narrows it (see parseRule) and Table is a real one.
+	LookupAll bool
 }
 
 // ENIState is the lifecycle state of one ENI as reported by plan and status.

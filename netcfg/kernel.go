@@ -30,7 +30,6 @@ type Kernel struct {
 	addrs        *addrSocket    // raw rtnetlink for addresses (IFA_PROTO)
 	dump         *dumpSocket    // reads: links, addresses, routes, rules
 	parallelDump *dumpSocket    // Observe's second dump socket: dumps run on both at once
-	cache        *observedCache // Observe's links and foreign rules, for Conflicts
 	ns           netns.NsHandle // sysctls are per namespace: written from a thread inside it
 	stateDir     string         // where rp_filter originals are recorded (e.g. /run/dualhomed)
 	cfg          Config
@@ -40,14 +39,10 @@ type Kernel struct {
 	// the addresses we add are recorded in stateDir/addresses.json.
 	addrProto bool
 
-	// ConflictPaths are the files and directories Conflicts inspects; tests
-	// point them into a temporary directory.
-	ConflictPaths ConflictPaths
-
 	mu sync.Mutex // serialises writes: Apply, and the state files
 
 	// shadowed holds our rules that a lookalike precedes in the kernel's
-	// list, as the last rule dump found them (see ruleScan): Apply does not
+	// list, as the last Observe found them (see rules): Apply does not
 	// delete them.
 	shadowed atomic.Pointer[map[Rule]bool]
 }
@@ -109,16 +104,14 @@ func NewKernel(ns netns.NsHandle, stateDir string, cfg Config) (*Kernel, error) 
 		return nil, err
 	}
 	return &Kernel{
-		h:             h,
-		addrs:         newAddrSocket(sock),
-		dump:          dump,
-		parallelDump:  parallelDump,
-		cache:         newObservedCache(own),
-		ns:            own,
-		stateDir:      stateDir,
-		cfg:           cfg,
-		addrProto:     kernelHasAddrProto(),
-		ConflictPaths: DefaultConflictPaths(),
+		h:            h,
+		addrs:        newAddrSocket(sock),
+		dump:         dump,
+		parallelDump: parallelDump,
+		ns:           own,
+		stateDir:     stateDir,
+		cfg:          cfg,
+		addrProto:    kernelHasAddrProto(),
 	}, nil
 }
 
@@ -156,7 +149,6 @@ func (k *Kernel) Close() {
 	k.addrs.close()
 	k.dump.close()
 	k.parallelDump.close()
-	k.cache.close()
 	if k.ns.IsOpen() {
 		k.ns.Close()
 	}
@@ -166,98 +158,68 @@ func (k *Kernel) Close() {
 // kernel (IFA_PROTO) rather than from the state file.
 func (k *Kernel) AddrOwnershipInKernel() bool { return k.addrProto }
 
-// retryDump calls dump until it is not interrupted by a concurrent change
-// (netlink.ErrDumpInterrupted, whose data may be inconsistent), at most
-// maxDumpAttempts times.
-func retryDump[T any](what string, dump func() ([]T, error)) ([]T, error) {
-	var err error
-	for range maxDumpAttempts {
-		var v []T
-		v, err = dump()
-		if err == nil {
-			return v, nil
-		}
-		if !errors.Is(err, netlink.ErrDumpInterrupted) {
-			return nil, fmt.Errorf("listing %s: %w", what, err)
-		}
-	}
-	return nil, fmt.Errorf("listing %s: interrupted %d times: %w", what, maxDumpAttempts, err)
-}
-
-// Observe lists links, every address on them whoever put it there, and the
-// state dualhomed owns (Owned), as Desired's contract asks: Desired treats an
-// address as foreign unless Observed.Owned lists it. One address dump serves
-// both.
-func (k *Kernel) Observe() (obs Observed, err error) {
-	// Conflicts, which follows in a reconcile, reuses the links, routes and
-	// foreign rules read here while the kernel reports no change to them.
-	var foreign []netlink.Rule
-	var routes []rawRoute
-	k.cache.begin()
-	defer func() { k.cache.end(obs.Links, routes, foreign, err == nil) }()
-
+// Observe reads, in one pass of rtnetlink dumps, everything a reconcile
+// needs of the kernel: the links, every address on them whoever put it
+// there, the state dualhomed owns, and the other programs' rules and routes
+// (every table but local) that Conflicts checks. Desired treats an address
+// as foreign unless Observed.Owned lists it. Routes we own carry our
+// protocol in the main table or our table band; rules carry our protocol in
+// our priority band and no selector we never set (see KernelRule.Selectors);
+// addresses carry our protocol in IFA_PROTO (or are recorded in the state
+// file on kernels without it); rp_filter is owned on every link whose
+// original value we recorded.
+func (k *Kernel) Observe() (Observed, error) {
 	var (
-		links            []Link
-		rpFilters        map[string]int
-		addrs4, addrs6   []kernelAddr
-		routes4, routes6 []rawRoute
-		rules            = make([]Rule, 0, k.dump.ruleHint.Load())
+		obs       Observed
+		rpFilters map[string]int
+		addrs     [2][]kernelAddr // IPv4, IPv6
+		routes    [2][]KernelRoute
+		shadowed  map[Rule]bool
 	)
+	obs.Owned.Rules = make([]Rule, 0, k.dump.ruleHint.Load())
 	// Costliest first, as measured at full scale (BenchmarkObserveParts):
-	// rules 0.49 ms, IPv6 routes 0.36 (every table but local: ours and what
-	// Conflicts checks), IPv4 addresses 0.29, IPv4 routes 0.24, IPv6
-	// addresses 0.21, links 0.06.
-	err = k.dumpInParallel(
-		func(d *dumpSocket) error {
-			scan := k.newRuleScan()
-			defer scan.done()
-			return d.rules(scan.ours, func(r ruleSummary) { rules = append(rules, fromRuleSummary(r)) },
-				func(r netlink.Rule) { foreign = append(foreign, r) },
-				func() { rules, foreign = rules[:0], foreign[:0]; scan.reset() })
+	// rules, IPv6 routes, IPv4 addresses, IPv4 routes, IPv6 addresses, links.
+	err := k.dumpInParallel(
+		func(d *dumpSocket) (err error) {
+			obs.Owned.Rules, obs.ForeignRules, shadowed, err = k.rules(d, obs.Owned.Rules)
+			return err
 		},
-		func(d *dumpSocket) (err error) { routes6, err = d.routesExceptLocal(unix.AF_INET6); return err },
-		func(d *dumpSocket) (err error) { addrs4, err = d.addrs(unix.AF_INET); return err },
-		func(d *dumpSocket) (err error) { routes4, err = d.routesExceptLocal(unix.AF_INET); return err },
-		func(d *dumpSocket) (err error) { addrs6, err = d.addrs(unix.AF_INET6); return err },
-		func(d *dumpSocket) (err error) { links, rpFilters, err = d.links(); return err },
+		func(d *dumpSocket) (err error) { routes[1], err = d.routes(unix.AF_INET6); return err },
+		func(d *dumpSocket) (err error) { addrs[0], err = d.addrs(unix.AF_INET); return err },
+		func(d *dumpSocket) (err error) { routes[0], err = d.routes(unix.AF_INET); return err },
+		func(d *dumpSocket) (err error) { addrs[1], err = d.addrs(unix.AF_INET6); return err },
+		func(d *dumpSocket) (err error) { obs.Links, rpFilters, err = d.links(); return err },
 	)
 	if err != nil {
 		return Observed{}, err
 	}
-	k.dump.ruleHint.Store(int64(len(rules)))
-	routes = append(routes4, routes6...) // as one dump of both families lists them
-
-	// Each family's addresses come by link: IPv4 first, as one dump of both
-	// families lists them.
-	addrs := [][]kernelAddr{addrs4, addrs6}
-	perLink := map[int]int{}
-	for _, family := range addrs {
-		for _, a := range family {
-			perLink[a.LinkIndex]++
-		}
-	}
-	byLink := make(map[int][]netip.Prefix, len(perLink))
-	for _, family := range addrs {
-		for _, a := range family {
-			ps := byLink[a.LinkIndex]
-			if ps == nil {
-				ps = make([]netip.Prefix, 0, perLink[a.LinkIndex])
+	k.dump.ruleHint.Store(int64(len(obs.Owned.Rules)))
+	k.shadowed.Store(&shadowed)
+	for _, family := range routes {
+		for _, r := range family {
+			if k.cfg.ownsRoute(r) {
+				obs.Owned.Routes = append(obs.Owned.Routes, r.Route)
+			} else {
+				obs.ForeignRoutes = append(obs.ForeignRoutes, r)
 			}
-			byLink[a.LinkIndex] = append(ps, a.Prefix)
 		}
 	}
-	var ownedRoutes []Route
-	for _, r := range routes {
-		if k.ownsRoute(r) {
-			ownedRoutes = append(ownedRoutes, r.toRoute())
+	// Each family's addresses come by link, IPv4 first, as one dump of both
+	// families lists them.
+	obs.Addrs = map[int][]netip.Prefix{}
+	for _, family := range addrs {
+		for _, a := range family {
+			obs.Addrs[a.LinkIndex] = append(obs.Addrs[a.LinkIndex], a.Prefix)
 		}
 	}
-	currentRPFilters := func() (map[string]int, error) { return rpFilters, nil }
-	owned, err := k.owned(rules, addrs, ownedRoutes, currentRPFilters)
-	if err != nil {
+	if obs.Owned.Addrs, err = k.ownedAddrs(addrs[:]...); err != nil {
 		return Observed{}, err
 	}
-	return Observed{Links: links, Addrs: byLink, Owned: owned}, nil
+	if obs.Owned.RPFilters, err = k.ownedRPFilters(rpFilters); err != nil {
+		return Observed{}, err
+	}
+	obs.Owned.Sort()
+	return obs, nil
 }
 
 // dumpInParallel runs dumps on the two dump sockets at once, each socket
@@ -290,9 +252,42 @@ func (k *Kernel) dumpInParallel(dumps ...func(*dumpSocket) error) error {
 	return err
 }
 
+// rules dumps the policy rules and sorts them: ours (appended to ours), the
+// others, and those of ours that a lookalike precedes in the kernel's list:
+// a rule with our protocol, priority, source and table plus a selector we
+// never set. The kernel deletes the first rule in its list that matches
+// what a delete request names, and a request cannot say "no fwmark", so
+// deleting such a rule of ours would delete the lookalike instead.
+func (k *Kernel) rules(d *dumpSocket, ours []Rule) ([]Rule, []KernelRule, map[Rule]bool, error) {
+	var foreign []KernelRule
+	lookalikes, shadowed := map[Rule]bool{}, map[Rule]bool{}
+	reset := func() { ours, foreign = ours[:0], foreign[:0]; clear(lookalikes); clear(shadowed) }
+	err := d.rules(reset, func(r KernelRule) {
+		key := Rule{Priority: r.Priority, Src: r.Src, Table: r.Table}
+		switch {
+		case !k.cfg.ourRuleBand(r):
+			foreign = append(foreign, r)
+		case r.Selectors:
+			lookalikes[key] = true
+			foreign = append(foreign, r)
+		default:
+			if lookalikes[key] {
+				shadowed[key] = true
+			}
+			ours = append(ours, key)
+		}
+	})
+	return ours, foreign, shadowed, err
+}
+
 // ownsRoute: our protocol, in the main table or our band.
-func (k *Kernel) ownsRoute(r rawRoute) bool {
-	return r.Protocol == netlink.RouteProtocol(k.cfg.Protocol) && (r.Table == MainTable || k.inTableBand(r.Table))
+func (c Config) ownsRoute(r KernelRoute) bool {
+	return r.Protocol == c.Protocol && (r.Table == MainTable || c.inTableBand(r.Table))
+}
+
+// ourRuleBand: our protocol in our priority band, selectors or not.
+func (c Config) ourRuleBand(r KernelRule) bool {
+	return r.Protocol == c.Protocol && c.inPriorityBand(r.Priority)
 }
 
 func (k *Kernel) ownsAddr(a kernelAddr, recorded map[addrRecord]bool) bool {
@@ -302,133 +297,12 @@ func (k *Kernel) ownsAddr(a kernelAddr, recorded map[addrRecord]bool) bool {
 	return recorded[addrRecord{Link: a.LinkIndex, Prefix: a.Prefix.String()}]
 }
 
-func (k *Kernel) inTableBand(table int) bool {
-	return table >= k.cfg.TableBase && table < k.cfg.TableBase+k.cfg.CardStride*MaxNetworkCards
+func (c Config) inTableBand(table int) bool {
+	return table >= c.TableBase && table < c.TableBase+c.CardStride*MaxNetworkCards
 }
 
-func (k *Kernel) inPriorityBand(prio int) bool {
-	return prio >= k.cfg.PriorityBase && prio < k.cfg.PriorityBase+k.cfg.CardStride*MaxNetworkCards
-}
-
-// Owned reads exactly the objects dualhomed owns: routes carrying cfg.Protocol
-// in our table band or in the main table, rules carrying cfg.Protocol in our
-// priority band (IPv4 and IPv6), addresses carrying cfg.Protocol in IFA_PROTO
-// (or recorded in the state file on kernels without it), and the current
-// rp_filter of every link whose original value we recorded.
-func (k *Kernel) Owned() (State, error) {
-	var rules []Rule
-	scan := k.newRuleScan()
-	err := k.dump.rules(scan.ours, func(r ruleSummary) { rules = append(rules, fromRuleSummary(r)) }, nil, func() { rules = rules[:0]; scan.reset() })
-	scan.done()
-	if err != nil {
-		return State{}, err
-	}
-	addrs, err := k.dump.addrs(unix.AF_UNSPEC)
-	if err != nil {
-		return State{}, err
-	}
-	// The kernel filters by protocol (strict checking): only ours come.
-	routes, err := k.dump.ownedRoutes(k.cfg.Protocol, func(table int) bool {
-		return table == MainTable || k.inTableBand(table)
-	})
-	if err != nil {
-		return State{}, err
-	}
-	currentRPFilters := func() (map[string]int, error) {
-		_, rpFilters, err := k.dump.links()
-		return rpFilters, err
-	}
-	return k.owned(rules, [][]kernelAddr{addrs}, routes, currentRPFilters)
-}
-
-// owned is Owned with the rules, addresses (every one, in one or more slices)
-// and routes already dumped; the rules and routes are ours. currentRPFilters
-// is as ownedRPFilters takes it.
-func (k *Kernel) owned(rules []Rule, allAddrs [][]kernelAddr, routes []Route, currentRPFilters func() (map[string]int, error)) (State, error) {
-	st := State{Rules: rules, Routes: routes}
-	var err error
-	if st.Addrs, err = k.ownedAddrs(allAddrs...); err != nil {
-		return State{}, err
-	}
-	if st.RPFilters, err = k.ownedRPFilters(currentRPFilters); err != nil {
-		return State{}, err
-	}
-	st.Sort()
-	return st, nil
-}
-
-// ruleScan decides the ownership of rules in the kernel's list order, and
-// notes which of our rules a lookalike comes before: a rule with our
-// protocol, priority, source and table plus a selector we never set (see
-// ruleSummary.Selectors). The kernel deletes the first rule in its list that
-// matches what a delete request names, and a request cannot say "no fwmark",
-// so deleting such a rule of ours would delete the lookalike instead.
-type ruleScan struct {
-	k          *Kernel
-	lookalikes map[Rule]bool
-	shadowed   map[Rule]bool
-}
-
-func (k *Kernel) newRuleScan() *ruleScan {
-	return &ruleScan{k: k, lookalikes: map[Rule]bool{}, shadowed: map[Rule]bool{}}
-}
-
-func (s *ruleScan) ours(r ruleSummary) bool {
-	if !s.k.oursOrLookalike(r) {
-		return false
-	}
-	key := fromRuleSummary(r)
-	if r.Selectors {
-		s.lookalikes[key] = true
-		return false
-	}
-	if s.lookalikes[key] {
-		s.shadowed[key] = true
-	}
-	return true
-}
-
-func (s *ruleScan) reset() { clear(s.lookalikes); clear(s.shadowed) }
-
-// done publishes the shadowed rules for Apply.
-func (s *ruleScan) done() { s.k.shadowed.Store(&s.shadowed) }
-
-// ownsRule: our protocol in our priority band, and no selector dualhomed
-// never sets (see ruleSummary.Selectors).
-func (k *Kernel) ownsRule(r ruleSummary) bool {
-	return k.oursOrLookalike(r) && !r.Selectors
-}
-
-// oursOrLookalike: our protocol in our priority band, selectors or not.
-func (k *Kernel) oursOrLookalike(r ruleSummary) bool {
-	return r.Protocol == k.cfg.Protocol && k.inPriorityBand(r.Priority)
-}
-
-func fromRuleSummary(r ruleSummary) Rule {
-	src := r.Src
-	if !src.IsValid() {
-		src = prefixOf(nil, r.Family)
-	}
-	return Rule{Priority: r.Priority, Src: src, Table: r.Table}
-}
-
-// ownedNetlinkRoutes lists our routes as vishvananda/netlink reports them,
-// every attribute kept, for re-adding them as they were (readdAddr4).
-func (k *Kernel) ownedNetlinkRoutes() ([]netlink.Route, error) {
-	filter := &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: netlink.RouteProtocol(k.cfg.Protocol)}
-	all, err := retryDump("routes", func() ([]netlink.Route, error) {
-		return k.h.RouteListFiltered(netlink.FAMILY_ALL, filter, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
-	})
-	if err != nil {
-		return nil, err
-	}
-	var out []netlink.Route
-	for _, r := range all {
-		if r.Table == MainTable || k.inTableBand(r.Table) {
-			out = append(out, r)
-		}
-	}
-	return out, nil
+func (c Config) inPriorityBand(prio int) bool {
+	return prio >= c.PriorityBase && prio < c.PriorityBase+c.CardStride*MaxNetworkCards
 }
 
 // ownedAddrs picks ours among every address dumped (in one or more slices).
@@ -474,14 +348,6 @@ func prefixOf(n *net.IPNet, family int) netip.Prefix {
 	return netip.PrefixFrom(ip.Unmap(), ones)
 }
 
-func addrOf(ip net.IP) netip.Addr {
-	if ip == nil {
-		return netip.Addr{}
-	}
-	a, _ := netip.AddrFromSlice(ip)
-	return a.Unmap()
-}
-
 func ipNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
@@ -491,17 +357,6 @@ func ipOf(a netip.Addr) net.IP {
 		return nil
 	}
 	return a.AsSlice()
-}
-
-func fromNetlinkRoute(r netlink.Route) Route {
-	return Route{
-		Table:     r.Table,
-		Dst:       prefixOf(r.Dst, r.Family),
-		Gateway:   addrOf(r.Gw),
-		LinkIndex: r.LinkIndex,
-		Src:       addrOf(r.Src),
-		ScopeLink: r.Scope == netlink.SCOPE_LINK,
-	}
 }
 
 // netlinkRoute is the route r as we add it: `ip route add <dst> [via <gw>] dev

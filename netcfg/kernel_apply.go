@@ -22,11 +22,9 @@ import (
 // use that link until it comes up, and waiting for it must not keep other
 // links' stale state forever (the error is still returned).
 //
-// Additions run in dependency order (addresses, on-link routes, routes via a
-// gateway, rules, rp_filter), deletions in the reverse one (rules, routes via
-// a gateway, on-link routes, addresses, rp_filter restores): the order Diff
-// produces, enforced here too; the plan's order is kept otherwise. An error on
-// one object does not stop the others: Apply returns all errors joined.
+// Otherwise the plan's order is kept: Diff puts each object after what it
+// depends on. An error on one object does not stop the others: Apply
+// returns all errors joined.
 func (k *Kernel) Apply(p Plan) (writes int, err error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -39,8 +37,6 @@ func (k *Kernel) Apply(p Plan) (writes int, err error) {
 			adds = append(adds, op)
 		}
 	}
-	sort.SliceStable(adds, func(i, j int) bool { return addRank(adds[i]) < addRank(adds[j]) })
-	sort.SliceStable(dels, func(i, j int) bool { return deleteRank(dels[i]) < deleteRank(dels[j]) })
 
 	var errs []error
 	blocking := 0 // failed additions that forbid deletions
@@ -102,42 +98,6 @@ func (k *Kernel) linkDown(idx int) bool {
 	}
 	a := l.Attrs()
 	return a.Flags&net.FlagUp == 0 || a.RawFlags&unix.IFF_LOWER_UP == 0
-}
-
-// addRank orders additions so that each object finds what it depends on: a
-// route's source address must exist, a gateway must be reachable through an
-// on-link route.
-func addRank(op Op) int {
-	switch {
-	case op.Addr != nil:
-		return 0
-	case op.Route != nil && !op.Route.Gateway.IsValid():
-		return 1
-	case op.Route != nil:
-		return 2
-	case op.Rule != nil: // after the routes: they only send traffic to complete tables
-		return 3
-	default:
-		return 4
-	}
-}
-
-// deleteRank orders deletions the other way round: rules stop sending traffic
-// to a table before its routes go, addresses go last, rp_filter is restored
-// once nothing of ours is left on the link.
-func deleteRank(op Op) int {
-	switch {
-	case op.Rule != nil:
-		return 0
-	case op.Route != nil && op.Route.Gateway.IsValid():
-		return 1
-	case op.Route != nil:
-		return 2
-	case op.Addr != nil:
-		return 3
-	default:
-		return 4
-	}
 }
 
 // applyOp makes one change and returns how many writes it sent.
@@ -267,21 +227,16 @@ func (k *Kernel) applyAddr(op Op) (int, error) {
 // routes that use it as source, so our routes with that source are read
 // first and added back at once.
 func (k *Kernel) readdAddr4(a Addr, proto uint8) (writes int, err error) {
+	obs, err := k.Observe()
+	if err != nil {
+		return 0, fmt.Errorf("replacing address %v: %w", a, err)
+	}
 	// Deleting a primary IPv4 address also deletes the secondary addresses
 	// of its subnet (unless promote_secondaries): never risk another's.
-	present, err := k.addrs.list()
-	if err != nil {
-		return 0, fmt.Errorf("replacing address %v: %w", a, err)
-	}
-	for _, o := range present {
-		if o.LinkIndex == a.LinkIndex && o.Prefix != a.Prefix && o.Prefix.Bits() == a.Prefix.Bits() &&
-			o.Prefix.Masked() == a.Prefix.Masked() {
-			return 0, fmt.Errorf("replacing address %v: deleting it could take %v on the same subnet with it; change the noprefixroute flag by hand", a, o.Prefix)
+	for _, o := range obs.Addrs[a.LinkIndex] {
+		if o != a.Prefix && o.Bits() == a.Prefix.Bits() && o.Masked() == a.Prefix.Masked() {
+			return 0, fmt.Errorf("replacing address %v: deleting it could take %v on the same subnet with it; change the noprefixroute flag by hand", a, o)
 		}
-	}
-	routes, err := k.ownedNetlinkRoutes()
-	if err != nil {
-		return 0, fmt.Errorf("replacing address %v: %w", a, err)
 	}
 	writes++
 	if err := ignoreOnDelete(k.addrs.del(a)); err != nil {
@@ -292,28 +247,28 @@ func (k *Kernel) readdAddr4(a Addr, proto uint8) (writes int, err error) {
 		return writes, fmt.Errorf("replacing address %v: adding: %w", a, err)
 	}
 	// On-link routes first: a gateway must be reachable when its route is added.
-	sort.SliceStable(routes, func(i, j int) bool { return routes[i].Gw == nil && routes[j].Gw != nil })
+	routes := obs.Owned.Routes
+	sort.SliceStable(routes, func(i, j int) bool { return !routes[i].Gateway.IsValid() && routes[j].Gateway.IsValid() })
 	var errs []error
 	for _, r := range routes {
-		if !r.Src.Equal(a.Prefix.Addr().AsSlice()) {
+		if r.Src != a.Prefix.Addr() {
 			continue
 		}
 		writes++
-		if err := ignoreOnAdd(k.h.RouteAdd(&r)); err != nil {
-			errs = append(errs, fmt.Errorf("restoring route %s after replacing address %s: %w",
-				fromNetlinkRoute(r).String(), a.String(), err))
+		if err := ignoreOnAdd(k.h.RouteAdd(k.netlinkRoute(r))); err != nil {
+			errs = append(errs, fmt.Errorf("restoring route %s after replacing address %s: %w", r, a, err))
 		}
 	}
 	return writes, errors.Join(errs...)
 }
 
 // Cleanup removes every object dualhomed owns and restores every rp_filter
-// value it changed: it applies Diff(Owned(), State{}). It returns the number
-// of writes made.
+// value it changed: it applies Diff(Observe().Owned, State{}). It returns
+// the number of writes made.
 func (k *Kernel) Cleanup() (writes int, err error) {
-	owned, err := k.Owned()
+	obs, err := k.Observe()
 	if err != nil {
 		return 0, fmt.Errorf("reading owned state for cleanup: %w", err)
 	}
-	return k.Apply(Diff(owned, State{}))
+	return k.Apply(Diff(obs.Owned, State{}))
 }

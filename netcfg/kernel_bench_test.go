@@ -8,7 +8,6 @@ import (
 
 	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/netcfg/nstest"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -156,11 +155,10 @@ func BenchmarkNoopReconcileFullScale(b *testing.B) {
 	}
 }
 
-// BenchmarkConflictsFullScale measures the conflict check a reconcile runs
-// after Apply, on the full-scale configured kernel.
+// BenchmarkConflictsFullScale measures the conflict check a reconcile runs,
+// on what Observe read of the full-scale configured kernel.
 func BenchmarkConflictsFullScale(b *testing.B) {
 	k := fullScaleKernel(b)
-	k.ConflictPaths = ConflictPaths{}
 	snap := fullScaleSnapshot()
 	reconcileOnce(b, k, snap)
 	obs, err := k.Observe()
@@ -168,25 +166,11 @@ func BenchmarkConflictsFullScale(b *testing.B) {
 		b.Fatalf("Observe: %v", err)
 	}
 	desired := Desired(snap, obs, DefaultConfig()).State
-	run := func(b *testing.B, fresh bool) {
-		for b.Loop() {
-			if fresh {
-				k.cache.begin() // as if a link or rule had changed since Observe
-				k.cache.end(nil, nil, nil, false)
-			}
-			if w := k.Conflicts(desired); len(w) != 0 {
-				b.Fatalf("Conflicts: %v", w)
-			}
+	for b.Loop() {
+		if w := Conflicts(obs, desired, DefaultConfig()); len(w) != 0 {
+			b.Fatalf("Conflicts: %v", w)
 		}
 	}
-	// In a reconcile, Observe just read the links and rules.
-	b.Run("after-observe", func(b *testing.B) {
-		if _, err := k.Observe(); err != nil {
-			b.Fatalf("Observe: %v", err)
-		}
-		run(b, false)
-	})
-	b.Run("dumping-all", func(b *testing.B) { run(b, true) })
 	b.StopTimer()
 	if _, err := k.Cleanup(); err != nil {
 		b.Fatalf("Cleanup: %v", err)
@@ -199,7 +183,6 @@ func BenchmarkObserveParts(b *testing.B) {
 	k := fullScaleKernel(b)
 	snap := fullScaleSnapshot()
 	reconcileOnce(b, k, snap)
-	owns := func(table int) bool { return table == MainTable || k.inTableBand(table) }
 	_, rpFilters, err := k.dump.links()
 	if err != nil {
 		b.Fatal(err)
@@ -211,22 +194,12 @@ func BenchmarkObserveParts(b *testing.B) {
 		{"links", func() error { _, _, err := k.dump.links(); return err }},
 		{"addrs-ipv4", func() error { _, err := k.dump.addrs(unix.AF_INET); return err }},
 		{"addrs-ipv6", func() error { _, err := k.dump.addrs(unix.AF_INET6); return err }},
-		{"rules", func() error {
-			var foreign []netlink.Rule
-			return k.dump.rules(k.ownsRule, func(ruleSummary) {}, func(r netlink.Rule) { foreign = append(foreign, r) }, func() { foreign = foreign[:0] })
-		}},
-		{"routes-ipv4-except-local", func() error { _, err := k.dump.routesExceptLocal(unix.AF_INET); return err }},
-		{"routes-ipv6-except-local", func() error { _, err := k.dump.routesExceptLocal(unix.AF_INET6); return err }},
-		{"owned-routes", func() error { _, err := k.dump.ownedRoutes(k.cfg.Protocol, owns); return err }},
+		{"rules", func() error { _, _, _, err := k.rules(k.dump, nil); return err }},
+		{"routes-ipv4-except-local", func() error { _, err := k.dump.routes(unix.AF_INET); return err }},
+		{"routes-ipv6-except-local", func() error { _, err := k.dump.routes(unix.AF_INET6); return err }},
 		// As Observe reads them: from the links dump just made.
-		{"rp-filters", func() error {
-			_, err := k.ownedRPFilters(func() (map[string]int, error) { return rpFilters, nil })
-			return err
-		}},
-		{"rp-filters-procfs", func() error {
-			_, err := k.ownedRPFilters(func() (map[string]int, error) { return nil, nil })
-			return err
-		}},
+		{"rp-filters", func() error { _, err := k.ownedRPFilters(rpFilters); return err }},
+		{"rp-filters-procfs", func() error { _, err := k.ownedRPFilters(nil); return err }},
 		{"observe", func() error { _, err := k.Observe(); return err }},
 	}
 	for _, p := range parts {
@@ -264,8 +237,8 @@ func BenchmarkObserveParts(b *testing.B) {
 func kernelOrderOwned(tb testing.TB, k *Kernel) State {
 	tb.Helper()
 	var st State
-	err := k.dump.rules(k.ownsRule, func(r ruleSummary) { st.Rules = append(st.Rules, fromRuleSummary(r)) }, nil, func() { st.Rules = st.Rules[:0] })
-	if err != nil {
+	var err error
+	if st.Rules, _, _, err = k.rules(k.dump, nil); err != nil {
 		tb.Fatal(err)
 	}
 	all, err := k.dump.addrs(unix.AF_UNSPEC)
@@ -275,20 +248,22 @@ func kernelOrderOwned(tb testing.TB, k *Kernel) State {
 	if st.Addrs, err = k.ownedAddrs(all); err != nil {
 		tb.Fatal(err)
 	}
-	routes, err := k.dump.routesExceptLocal(unix.AF_INET, unix.AF_INET6)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	for _, r := range routes {
-		if k.ownsRoute(r) {
-			st.Routes = append(st.Routes, r.toRoute())
+	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
+		routes, err := k.dump.routes(family)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		for _, r := range routes {
+			if k.cfg.ownsRoute(r) {
+				st.Routes = append(st.Routes, r.Route)
+			}
 		}
 	}
 	_, rpFilters, err := k.dump.links()
 	if err != nil {
 		tb.Fatal(err)
 	}
-	if st.RPFilters, err = k.ownedRPFilters(func() (map[string]int, error) { return rpFilters, nil }); err != nil {
+	if st.RPFilters, err = k.ownedRPFilters(rpFilters); err != nil {
 		tb.Fatal(err)
 	}
 	return st

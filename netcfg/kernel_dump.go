@@ -1,7 +1,6 @@
 package netcfg
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -28,10 +27,9 @@ import (
 // the dump, each message is parsed without allocating, and only what is kept
 // is built.
 //
-// With NETLINK_GET_STRICT_CHK (Linux 4.20+) the kernel also filters route
-// dumps by protocol, so it sends our ~100 routes instead of all ~3,200. On
-// older kernels the option fails, the kernel ignores the filter fields and
-// the same userspace filters apply: the result is identical.
+// With NETLINK_GET_STRICT_CHK (Linux 4.20+) the kernel filters dumps by
+// the family in the request; on older kernels the option fails, the kernel
+// sends every family and the parsers skip the others: the result is the same.
 type dumpSocket struct {
 	mu     sync.Mutex // one dump at a time: replies are read off one socket
 	fd     int
@@ -316,157 +314,53 @@ const (
 	rtmFlags    = 8
 )
 
-// ownedRoutes dumps the routes carrying protocol, both families, in every
-// table; keep decides which tables count. With strict checking the kernel
-// applies the protocol filter itself.
-func (d *dumpSocket) ownedRoutes(protocol uint8, keep func(table int) bool) ([]Route, error) {
-	var out []Route
-	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
-		body := make([]byte, unix.SizeofRtMsg)
-		body[rtmFamily] = family
-		body[rtmProtocol] = protocol
-		start := len(out)
-		err := d.dump("routes", unix.RTM_GETROUTE, body, func() { out = out[:start] }, func(typ uint16, m []byte) error {
-			r, ok := parseRouteMessage(typ, m, family)
-			if ok && r.Protocol == netlink.RouteProtocol(protocol) && keep(r.Table) {
-				out = append(out, fromNetlinkRoute(r.toNetlink()))
-			}
-			return nil
-		})
-		if err != nil {
-			return nil, err
+// routes dumps the routes of family in every table but the local one (a
+// route per address, which nothing reads).
+func (d *dumpSocket) routes(family uint8) ([]KernelRoute, error) {
+	body := make([]byte, unix.SizeofRtMsg)
+	body[rtmFamily] = family
+	var out []KernelRoute
+	err := d.dump("routes", unix.RTM_GETROUTE, body, func() { out = out[:0] }, func(typ uint16, m []byte) error {
+		if r, ok := parseRoute(m); ok && typ == unix.RTM_NEWROUTE && int(m[rtmFamily]) == int(family) && r.Table != unix.RT_TABLE_LOCAL {
+			out = append(out, r)
 		}
-	}
-	return out, nil
+		return nil
+	})
+	return out, err
 }
 
-// routesExceptLocal dumps the routes of every table but the local one (a
-// route per address: nothing Observe or Conflicts looks at) of each family
-// given, in that order.
-func (d *dumpSocket) routesExceptLocal(families ...uint8) ([]rawRoute, error) {
-	var out []rawRoute
-	for _, family := range families {
-		body := make([]byte, unix.SizeofRtMsg)
-		body[rtmFamily] = family
-		start := len(out)
-		err := d.dump("routes", unix.RTM_GETROUTE, body, func() { out = out[:start] }, func(typ uint16, m []byte) error {
-			if len(m) > rtmTable && m[rtmTable] == unix.RT_TABLE_LOCAL {
-				return nil // exact: tables over 255 show as RT_TABLE_COMPAT here
-			}
-			r, ok := parseRouteMessage(typ, m, family)
-			if ok && r.Table != unix.RT_TABLE_LOCAL {
-				out = append(out, r)
-			}
-			return nil
-		})
-		if err != nil {
-			return nil, err
-		}
+// parseRoute reads a route message (RTM_NEWROUTE or RTM_DELROUTE). Cached
+// (cloned) routes and the local table's are skipped, as vishvananda/netlink
+// skips the former.
+func parseRoute(m []byte) (KernelRoute, bool) {
+	if len(m) < unix.SizeofRtMsg || m[rtmTable] == unix.RT_TABLE_LOCAL || // exact: tables over 255 show as RT_TABLE_COMPAT here
+		nl.NativeEndian().Uint32(m[rtmFlags:rtmFlags+4])&unix.RTM_F_CLONED != 0 {
+		return KernelRoute{}, false
 	}
-	return out, nil
-}
-
-// netlinkRoutes converts routes as vishvananda/netlink would report them in
-// the fields Conflicts reads: Family, Table, Dst, Gw, LinkIndex, Priority,
-// Protocol, Type, Scope.
-func netlinkRoutes(routes []rawRoute) []netlink.Route {
-	out := make([]netlink.Route, len(routes))
-	for i, r := range routes {
-		out[i] = r.toNetlink()
-	}
-	return out
-}
-
-// rawRoute is a route message's fields, its addresses still in netip form.
-type rawRoute struct {
-	Family    int
-	Table     int
-	Dst       netip.Prefix // invalid when the message has no RTA_DST
-	Gw, Src   netip.Addr
-	LinkIndex int
-	Priority  int
-	Protocol  netlink.RouteProtocol
-	Type      int
-	Scope     netlink.Scope
-}
-
-// parseRouteMessage reads a route of family, skipping cached (cloned) routes
-// as vishvananda/netlink does.
-func parseRouteMessage(typ uint16, m []byte, family uint8) (rawRoute, bool) {
-	if typ != unix.RTM_NEWROUTE || len(m) < unix.SizeofRtMsg || m[rtmFamily] != family {
-		return rawRoute{}, false
-	}
-	if nl.NativeEndian().Uint32(m[rtmFlags:rtmFlags+4])&unix.RTM_F_CLONED != 0 {
-		return rawRoute{}, false
-	}
-	r := rawRoute{
-		Family:   int(family),
-		Table:    int(m[rtmTable]),
-		Protocol: netlink.RouteProtocol(m[rtmProtocol]),
-		Scope:    netlink.Scope(m[rtmScope]),
-		Type:     int(m[rtmType]),
-	}
+	r := KernelRoute{Protocol: m[rtmProtocol], Type: m[rtmType]}
+	r.Table, r.ScopeLink = int(m[rtmTable]), m[rtmScope] == unix.RT_SCOPE_LINK
+	r.Dst = prefixOf(nil, int(m[rtmFamily]))
 	dstLen := int(m[rtmDstLen])
 	forEachAttr(m[unix.SizeofRtMsg:], func(t uint16, v []byte) {
-		switch t {
-		case unix.RTA_TABLE:
-			if x, ok := u32(v); ok {
-				r.Table = int(x)
-			}
-		case unix.RTA_DST:
+		x, isU32 := u32(v)
+		switch {
+		case t == unix.RTA_TABLE && isU32:
+			r.Table = int(x)
+		case t == unix.RTA_DST:
 			if a, ok := ipFromAttr(v); ok {
 				r.Dst = netip.PrefixFrom(a, dstLen)
 			}
-		case unix.RTA_GATEWAY:
-			r.Gw, _ = ipFromAttr(v)
-		case unix.RTA_PREFSRC:
+		case t == unix.RTA_GATEWAY:
+			r.Gateway, _ = ipFromAttr(v)
+		case t == unix.RTA_PREFSRC:
 			r.Src, _ = ipFromAttr(v)
-		case unix.RTA_OIF:
-			if x, ok := u32(v); ok {
-				r.LinkIndex = int(x)
-			}
-		case unix.RTA_PRIORITY:
-			if x, ok := u32(v); ok {
-				r.Priority = int(x)
-			}
+		case t == unix.RTA_OIF && isU32:
+			r.LinkIndex = int(x)
+		case t == unix.RTA_PRIORITY && isU32:
+			r.Metric = int(x)
 		}
 	})
-	return r, true
-}
-
-// toRoute is the route as State holds it (fromNetlinkRoute(r.toNetlink())
-// without the detour).
-func (r rawRoute) toRoute() Route {
-	dst := r.Dst
-	if !dst.IsValid() {
-		dst = prefixOf(nil, r.Family)
-	}
-	return Route{
-		Table:     r.Table,
-		Dst:       dst,
-		Gateway:   r.Gw,
-		LinkIndex: r.LinkIndex,
-		Src:       r.Src,
-		ScopeLink: r.Scope == netlink.SCOPE_LINK,
-	}
-}
-
-func (r rawRoute) toNetlink() netlink.Route {
-	nr := netlink.Route{
-		Family:    r.Family,
-		Table:     r.Table,
-		Gw:        ipOf(r.Gw),
-		Src:       ipOf(r.Src),
-		LinkIndex: r.LinkIndex,
-		Priority:  r.Priority,
-		Protocol:  r.Protocol,
-		Type:      r.Type,
-		Scope:     r.Scope,
-	}
-	if r.Dst.IsValid() {
-		nr.Dst = ipNet(r.Dst)
-	}
-	return nr
+	return r, r.Table != unix.RT_TABLE_LOCAL
 }
 
 // fib_rule_hdr offsets (linux/fib_rules.h).
@@ -486,59 +380,59 @@ const (
 	fraFlowlabel = 26
 )
 
-// ruleSummary is what ownership needs of a rule.
-type ruleSummary struct {
-	Family   int
-	Priority int
-	Protocol uint8
-	Table    int
-	Src      netip.Prefix // invalid when the rule has no FRA_SRC
-	// Selectors is true when the rule matches on more than its source, or
-	// does more than look up a table: a destination, tos, fwmark, iif/oif,
-	// ports, uid range, `not`, suppress_*, goto... dualhomed never adds
-	// such a rule, so one carrying our protocol is somebody else's: it is
-	// left alone, and never mistaken for our plain rule of the same source.
-	Selectors bool
-}
-
-func parseRuleSummary(m []byte) ruleSummary {
-	s := ruleSummary{Family: int(m[frhFamily])}
+// parseRule reads a rule message (RTM_NEWRULE or RTM_DELRULE); ok is false
+// for a message too short to be one.
+func parseRule(m []byte) (r KernelRule, ok bool) {
+	if len(m) < frhSize {
+		return KernelRule{}, false
+	}
+	r.Src = prefixOf(nil, int(m[frhFamily]))
 	srcLen := int(m[frhSrcLen])
-	s.Selectors = m[frhDstLen] != 0 || m[frhTos] != 0 || m[frhAction] != unix.FR_ACT_TO_TBL ||
-		nl.NativeEndian().Uint32(m[frhFlags:frhFlags+4])&unix.FIB_RULE_INVERT != 0
+	// narrowed: a selector that keeps the rule from sending all traffic of
+	// its source to its table (Conflicts' test), as vishvananda/netlink
+	// reports them: destination, tos, not, fwmark/mask, iif/oif, ports,
+	// ip_proto, uid range, tun_id.
+	narrowed := m[frhDstLen] != 0 || m[frhTos] != 0 || nl.NativeEndian().Uint32(m[frhFlags:frhFlags+4])&unix.FIB_RULE_INVERT != 0
+	var jumps, suppressesPrefix bool
 	forEachAttr(m[frhSize:], func(t uint16, v []byte) {
 		x, isU32 := u32(v)
+		set := len(v) > 0 && !allZero(v)
 		switch t {
-		case unix.FRA_DST, unix.FRA_IIFNAME, unix.FRA_OIFNAME, unix.FRA_GOTO, unix.FRA_UID_RANGE,
-			unix.FRA_SPORT_RANGE, unix.FRA_DPORT_RANGE, fraDSCP:
-			s.Selectors = true
-		case unix.FRA_FWMARK, unix.FRA_FWMASK, unix.FRA_FLOW, unix.FRA_L3MDEV, unix.FRA_IP_PROTO, fraFlowlabel:
-			s.Selectors = s.Selectors || (len(v) > 0 && !allZero(v))
-		case unix.FRA_TUN_ID:
-			s.Selectors = s.Selectors || !allZero(v)
+		case unix.FRA_DST, unix.FRA_IIFNAME, unix.FRA_OIFNAME, unix.FRA_UID_RANGE, unix.FRA_SPORT_RANGE, unix.FRA_DPORT_RANGE, unix.FRA_FWMASK:
+			narrowed = true
+		case unix.FRA_FWMARK, unix.FRA_IP_PROTO, unix.FRA_TUN_ID:
+			narrowed = narrowed || set
+		case unix.FRA_GOTO:
+			jumps = true
+		case fraDSCP:
+			r.Selectors = true
+		case unix.FRA_FLOW, unix.FRA_L3MDEV, fraFlowlabel:
+			r.Selectors = r.Selectors || set
 		case unix.FRA_SUPPRESS_PREFIXLEN, unix.FRA_SUPPRESS_IFGROUP:
-			s.Selectors = s.Selectors || (isU32 && x != 0xffffffff) // -1: unset
-		}
-		switch t {
-		case nl.FRA_PRIORITY:
-			if x, ok := u32(v); ok {
-				s.Priority = int(x)
+			if isU32 && x != 0xffffffff { // -1: unset
+				r.Selectors = true
+				suppressesPrefix = suppressesPrefix || t == unix.FRA_SUPPRESS_PREFIXLEN
 			}
-		case nl.FRA_TABLE:
-			if x, ok := u32(v); ok {
-				s.Table = int(x)
-			}
-		case nl.FRA_PROTOCOL:
+		case unix.FRA_PRIORITY:
+			r.Priority = int(x)
+		case unix.FRA_TABLE:
+			r.Table = int(x)
+		case unix.FRA_PROTOCOL:
 			if len(v) >= 1 {
-				s.Protocol = v[0]
+				r.Protocol = v[0]
 			}
-		case nl.FRA_SRC:
+		case unix.FRA_SRC:
 			if a, ok := ipFromAttr(v); ok {
-				s.Src = netip.PrefixFrom(a, srcLen)
+				r.Src = netip.PrefixFrom(a, srcLen)
 			}
 		}
 	})
-	return s
+	r.Selectors = r.Selectors || narrowed || jumps || m[frhAction] != unix.FR_ACT_TO_TBL
+	// wg-quick's `lookup main suppress_prefixlength 0` lets default routes
+	// fall through: it sends nothing elsewhere.
+	r.LookupAll = !narrowed && !jumps && r.Table != unix.RT_TABLE_LOCAL && r.Table != 0 &&
+		!(r.Table == unix.RT_TABLE_MAIN && suppressesPrefix)
+	return r, true
 }
 
 func allZero(v []byte) bool {
@@ -550,115 +444,15 @@ func allZero(v []byte) bool {
 	return true
 }
 
-// rules dumps the policy rules of every family. Rules for which ours returns
-// true are passed to owned as summaries; the others, unless foreign is nil,
-// are parsed in full (as vishvananda/netlink's RuleList would report them)
-// and passed to foreign.
-func (d *dumpSocket) rules(ours func(ruleSummary) bool, owned func(ruleSummary), foreign func(netlink.Rule), reset func()) error {
+// rules dumps the policy rules of every family, in the kernel's order.
+func (d *dumpSocket) rules(reset func(), fn func(KernelRule)) error {
 	body := make([]byte, frhSize) // AF_UNSPEC: every family
 	return d.dump("rules", unix.RTM_GETRULE, body, reset, func(typ uint16, m []byte) error {
-		if typ != unix.RTM_NEWRULE || len(m) < frhSize {
-			return nil
-		}
-		s := parseRuleSummary(m)
-		switch {
-		case ours(s):
-			if owned != nil {
-				owned(s)
-			}
-		case foreign != nil:
-			foreign(parseNetlinkRule(m))
+		if r, ok := parseRule(m); ok && typ == unix.RTM_NEWRULE {
+			fn(r)
 		}
 		return nil
 	})
-}
-
-// parseNetlinkRule mirrors vishvananda/netlink v1.3.1's RuleListFiltered
-// parsing, field for field (Type is left 0 there too).
-func parseNetlinkRule(m []byte) netlink.Rule {
-	ne := nl.NativeEndian()
-	r := *netlink.NewRule()
-	r.Priority = 0 // the kernel's default
-	r.Family = int(m[frhFamily])
-	r.Tos = uint(m[frhTos])
-	r.Invert = ne.Uint32(m[frhFlags:frhFlags+4])&netlink.FibRuleInvert != 0
-	dstLen, srcLen := int(m[frhDstLen]), int(m[frhSrcLen])
-	ipnet := func(v []byte, bits int) *net.IPNet {
-		ip := make(net.IP, len(v))
-		copy(ip, v)
-		return &net.IPNet{IP: ip, Mask: net.CIDRMask(bits, 8*len(v))}
-	}
-	forEachAttr(m[frhSize:], func(t uint16, v []byte) {
-		x, ok := u32(v)
-		switch t {
-		case nl.FRA_TABLE:
-			if ok {
-				r.Table = int(x)
-			}
-		case nl.FRA_SRC:
-			r.Src = ipnet(v, srcLen)
-		case nl.FRA_DST:
-			r.Dst = ipnet(v, dstLen)
-		case nl.FRA_FWMARK:
-			if ok {
-				r.Mark = x
-			}
-		case nl.FRA_FWMASK:
-			if ok {
-				r.Mask = &x
-			}
-		case nl.FRA_TUN_ID:
-			if len(v) >= 8 {
-				r.TunID = uint(binary.NativeEndian.Uint64(v[:8]))
-			}
-		case nl.FRA_IIFNAME:
-			r.IifName = unix.ByteSliceToString(v)
-		case nl.FRA_OIFNAME:
-			r.OifName = unix.ByteSliceToString(v)
-		case nl.FRA_SUPPRESS_PREFIXLEN:
-			if ok && x != 0xffffffff {
-				r.SuppressPrefixlen = int(x)
-			}
-		case nl.FRA_SUPPRESS_IFGROUP:
-			if ok && x != 0xffffffff {
-				r.SuppressIfgroup = int(x)
-			}
-		case nl.FRA_FLOW:
-			if ok {
-				r.Flow = int(x)
-			}
-		case nl.FRA_GOTO:
-			if ok {
-				r.Goto = int(x)
-			}
-		case nl.FRA_PRIORITY:
-			if ok {
-				r.Priority = int(x)
-			}
-		case nl.FRA_IP_PROTO:
-			// The kernel sends a u8; vishvananda/netlink reads 4 bytes.
-			if len(v) >= 1 {
-				r.IPProto = int(v[0])
-			}
-		case nl.FRA_DPORT_RANGE:
-			if len(v) >= 4 {
-				r.Dport = netlink.NewRulePortRange(ne.Uint16(v[0:2]), ne.Uint16(v[2:4]))
-			}
-		case nl.FRA_SPORT_RANGE:
-			if len(v) >= 4 {
-				r.Sport = netlink.NewRulePortRange(ne.Uint16(v[0:2]), ne.Uint16(v[2:4]))
-			}
-		case nl.FRA_UID_RANGE:
-			if len(v) >= 8 {
-				r.UIDRange = netlink.NewRuleUIDRange(ne.Uint32(v[0:4]), ne.Uint32(v[4:8]))
-			}
-		case nl.FRA_PROTOCOL:
-			if len(v) >= 1 {
-				r.Protocol = v[0]
-			}
-		}
-	})
-	return r
 }
 
 // nlaTypeMask strips NLA_F_NESTED and NLA_F_NET_BYTEORDER from an attribute type.

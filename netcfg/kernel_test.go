@@ -10,7 +10,6 @@ import (
 	"testing"
 
 	"github.com/dualhomed/dualhomed/imds"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -395,7 +394,7 @@ func TestKernelMarksAddressesWithIFAProto(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(w.stateDir, addrStateFile)); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("address state file written although the kernel records IFA_PROTO: %v", err)
 	}
-	addrs, err := w.k.addrs.list()
+	addrs, err := w.k.dump.addrs(unix.AF_UNSPEC)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -525,29 +524,6 @@ func TestPipelineFromSnapshot(t *testing.T) {
 	}
 }
 
-func TestRetryDump(t *testing.T) {
-	calls := 0
-	got, err := retryDump("things", func() ([]int, error) {
-		calls++
-		if calls < 3 {
-			return []int{-1}, netlink.ErrDumpInterrupted
-		}
-		return []int{1, 2}, nil
-	})
-	if err != nil || !slices.Equal(got, []int{1, 2}) || calls != 3 {
-		t.Errorf("retryDump = %v, %v after %d calls", got, err, calls)
-	}
-	calls = 0
-	_, err = retryDump("things", func() ([]int, error) { calls++; return nil, netlink.ErrDumpInterrupted })
-	if !errors.Is(err, netlink.ErrDumpInterrupted) || calls != maxDumpAttempts {
-		t.Errorf("endless interruption: %v after %d calls", err, calls)
-	}
-	_, err = retryDump("things", func() ([]int, error) { return nil, unix.EPERM })
-	if !errors.Is(err, unix.EPERM) || !strings.Contains(err.Error(), "listing things") {
-		t.Errorf("plain error: %v", err)
-	}
-}
-
 func TestParseRelease(t *testing.T) {
 	for _, tc := range []struct {
 		in           string
@@ -654,11 +630,12 @@ func TestReadsRunAlongsideApply(t *testing.T) {
 				return
 			default:
 			}
-			if _, err := w.k.Observe(); err != nil {
+			obs, err := w.k.Observe()
+			if err != nil {
 				errc <- err
 				return
 			}
-			w.k.Conflicts(desired)
+			Conflicts(obs, desired, DefaultConfig())
 		}
 	}()
 	for range 3 {
@@ -677,38 +654,24 @@ func TestReadsRunAlongsideApply(t *testing.T) {
 	}
 }
 
-// Conflicts reuses the links, routes and rules Observe read only while the
-// kernel reports no change: a foreign rule or route added after Observe is
-// still reported.
+// Conflicts reports what a fresh Observe read: a foreign rule or route
+// added after an earlier Observe is reported.
 func TestConflictsAfterObserveSeesLaterChanges(t *testing.T) {
 	w := newKTWorld(t)
-	w.k.ConflictPaths = noNetworkd(t)
 	desired := w.state(ktEth1, ktEth2, ktEth3)
 	w.reconcile(t, desired)
-	if _, err := w.k.Observe(); err != nil {
-		t.Fatalf("Observe: %v", err)
-	}
-	if _, _, _, ok := w.k.cache.get(); !ok {
-		t.Fatal("Observe's links and rules are not reused although nothing changed")
-	}
-	if warns := w.k.Conflicts(desired); len(warns) != 0 {
+	if warns := Conflicts(w.observe(t), desired, DefaultConfig()); len(warns) != 0 {
 		t.Fatalf("warnings on an instance with only our state: %v", warns)
 	}
 	w.ip(t, "rule", "add", "priority", "50", "from", "10.1.0.12", "lookup", "101")
-	warns := w.k.Conflicts(desired)
+	warns := Conflicts(w.observe(t), desired, DefaultConfig())
 	if len(warns) != 1 || !strings.Contains(warns[0].Message, "foreign rule `50: from 10.1.0.12/32 lookup 101`") {
 		t.Errorf("after a foreign rule was added: %v, want its warning", warns)
 	}
-	if _, _, _, ok := w.k.cache.get(); ok {
-		t.Error("the cache is still in use after a rule change")
-	}
 
 	// A route, in our band, added after Observe.
-	if _, err := w.k.Observe(); err != nil {
-		t.Fatalf("Observe: %v", err)
-	}
 	w.ip(t, "route", "add", "default", "dev", "eth2", "table", "20077", "proto", "boot")
-	warns = w.k.Conflicts(desired)
+	warns = Conflicts(w.observe(t), desired, DefaultConfig())
 	found := false
 	for _, wn := range warns {
 		found = found || strings.Contains(wn.Message, "table 20077, in dualhomed's band, holds foreign routes: 0.0.0.0/0 (protocol 3)")

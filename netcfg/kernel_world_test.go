@@ -11,6 +11,7 @@ import (
 
 	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/netcfg/nstest"
+	"golang.org/x/sys/unix"
 )
 
 // ktWorld is an instance namespace with four fake ENIs eth0..eth3 (veth pairs
@@ -167,28 +168,30 @@ var (
 	}
 )
 
-// reconcile applies Diff(Owned(), desired) and returns the writes made.
+// reconcile applies Diff(Observe().Owned, desired) and returns the writes made.
 func (w *ktWorld) reconcile(t *testing.T, desired State) int {
 	t.Helper()
-	owned, err := w.k.Owned()
-	if err != nil {
-		t.Fatalf("Owned: %v", err)
-	}
-	n, err := w.k.Apply(Diff(owned, desired))
+	n, err := w.k.Apply(Diff(w.owned(t), desired))
 	if err != nil {
 		t.Fatalf("Apply: %v", err)
 	}
 	return n
 }
 
-// owned returns Owned() or fails the test.
+// owned returns Observe().Owned or fails the test.
 func (w *ktWorld) owned(t *testing.T) State {
 	t.Helper()
-	st, err := w.k.Owned()
+	return w.observe(t).Owned
+}
+
+// observe returns Observe() or fails the test.
+func (w *ktWorld) observe(t *testing.T) Observed {
+	t.Helper()
+	obs, err := w.k.Observe()
 	if err != nil {
-		t.Fatalf("Owned: %v", err)
+		t.Fatalf("Observe: %v", err)
 	}
-	return st
+	return obs
 }
 
 // ktDump is everything an operator sees of the namespace's routing state,
@@ -208,10 +211,16 @@ func (w *ktWorld) dump(t *testing.T) ktDump {
 	} {
 		d[name] = ktLines(w.ns.Run(t, "ip", args...))
 	}
-	addrs, err := w.k.addrs.list()
+	addrs, err := w.k.dump.addrs(unix.AF_UNSPEC)
 	if err != nil {
 		t.Fatalf("dumping addresses: %v", err)
 	}
+	sort.Slice(addrs, func(i, j int) bool {
+		if addrs[i].LinkIndex != addrs[j].LinkIndex {
+			return addrs[i].LinkIndex < addrs[j].LinkIndex
+		}
+		return addrs[i].Prefix.String() < addrs[j].Prefix.String()
+	})
 	for _, a := range addrs {
 		d["addr proto"] = append(d["addr proto"], fmt.Sprintf("%d %s flags %#x proto %d", a.LinkIndex, a.Prefix, a.Flags, a.Proto))
 	}

@@ -25,10 +25,9 @@ func (k *Kernel) rpFilterOriginals() (map[string]int, error) {
 }
 
 // ownedRPFilters reports the current rp_filter of every recorded link that
-// still exists. current gives every link's value by name (as links() does);
-// it is called only when some link is recorded, and a nil map from it means
-// the values are read from procfs instead.
-func (k *Kernel) ownedRPFilters(current func() (map[string]int, error)) ([]RPFilter, error) {
+// still exists. values gives every link's value by name (as links() reads
+// them); nil means they are read from procfs instead.
+func (k *Kernel) ownedRPFilters(values map[string]int) ([]RPFilter, error) {
 	orig, err := k.rpFilterOriginals()
 	if err != nil || len(orig) == 0 {
 		return nil, err
@@ -43,10 +42,6 @@ func (k *Kernel) ownedRPFilters(current func() (map[string]int, error)) ([]RPFil
 		links = append(links, link)
 	}
 	sort.Strings(links)
-	values, err := current()
-	if err != nil {
-		return nil, err
-	}
 	var out []RPFilter
 	if values != nil {
 		for _, link := range links {

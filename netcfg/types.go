@@ -59,6 +59,9 @@ type Config struct {
 	// PrimaryTable gives the primary ENI a table and rules too (off by default:
 	// rules on the primary broke Docker's published ports for the incumbent tool).
 	PrimaryTable bool
+	// VPCRoutes is the default for ENIs whose entry does not set its own
+	// (and for ENIs no entry matches); "" means auto.
+	VPCRoutes VPCRoutesMode
 	// ENIs are per-ENI settings; for each ENI the first entry whose selector
 	// matches wins.
 	ENIs []ENIConfig
@@ -73,6 +76,7 @@ func DefaultConfig() Config {
 		CardStride:      DefaultCardStride,
 		RPFilter:        RPFilterLoose,
 		ManageAddresses: true,
+		VPCRoutes:       VPCRoutesAuto,
 	}
 }
 
@@ -88,7 +92,7 @@ type Selector struct {
 type ENIConfig struct {
 	Match   Selector
 	Exclude bool // leave this ENI entirely alone (e.g. VPC CNI ENIs)
-	// VPCRoutes "" means auto. One ENI per VPC carries the VPC's main-table
+	// VPCRoutes "" means Config.VPCRoutes. One ENI per VPC carries the VPC's main-table
 	// routes (the lowest card/device); an ENI with off does not, so the next
 	// ENI of that VPC does. Select by VPC id to turn a VPC's routes off.
 	VPCRoutes VPCRoutesMode

@@ -199,7 +199,7 @@ func (b *bench) variant(ctx context.Context, cards int) {
 				return err
 			}
 			c0 := b.settledChanges()
-			run, err := p.reconcile(ctx, agent.RefreshAlways)
+			run, err := p.reconcile(ctx, agent.TriggerStart)
 			if err != nil {
 				p.Close()
 				return err
@@ -227,19 +227,19 @@ func (b *bench) variant(ctx context.Context, cards int) {
 				continue
 			}
 			defer p.Close()
-			// The no-op poll as the daemon's timer does it (agent.RefreshPoll,
+			// The no-op poll as the daemon's timer does it (agent.TriggerPoll,
 			// on a pipeline with a good snapshot), then the full snapshot a
 			// start, a reload and every so many polls read, each with its
 			// IMDS cost counted by the emulator.
 			for range o.runs {
-				run, st, obs, err := b.measuredRead(ctx, p, agent.RefreshPoll)
+				run, st, obs, err := b.measuredRead(ctx, p, agent.TriggerPoll)
 				if err != nil {
 					return fmt.Errorf("no-op poll: %w", err)
 				}
 				v.Poll.add(run, st, obs)
 			}
 			for range o.runs {
-				run, st, obs, err := b.measuredRead(ctx, p, agent.RefreshAlways)
+				run, st, obs, err := b.measuredRead(ctx, p, agent.TriggerStart)
 				if err != nil {
 					return fmt.Errorf("no-op reconcile with a full snapshot: %w", err)
 				}
@@ -256,7 +256,7 @@ func (b *bench) variant(ctx context.Context, cards int) {
 			}
 			for range o.runs {
 				c0 := b.settledChanges()
-				run, err := p.reconcile(ctx, agent.RefreshNever)
+				run, err := p.reconcile(ctx, agent.TriggerDrift)
 				if err != nil {
 					return fmt.Errorf("no-op on a netlink event: %w", err)
 				}
@@ -292,7 +292,7 @@ func (b *bench) variant(ctx context.Context, cards int) {
 			if err != nil {
 				return err
 			}
-			run, err := p.reconcile(ctx, agent.RefreshAlways)
+			run, err := p.reconcile(ctx, agent.TriggerStart)
 			p.Close()
 			if err != nil {
 				return err
@@ -390,7 +390,7 @@ func (b *bench) variant(ctx context.Context, cards int) {
 // after the client's request burst has refilled (as between two polls of the
 // daemon), and returns it with the emulator's counts for it and the number
 // of rtnetlink notifications it caused.
-func (b *bench) measuredRead(ctx context.Context, p *pipeline, refresh agent.Refresh) (reconcileRun, emulator.Stats, int, error) {
+func (b *bench) measuredRead(ctx context.Context, p *pipeline, refresh agent.Trigger) (reconcileRun, emulator.Stats, int, error) {
 	select {
 	case <-ctx.Done():
 		return reconcileRun{}, emulator.Stats{}, 0, ctx.Err()

@@ -59,11 +59,11 @@ type reconcileRun struct {
 	Ops      int           // plan size
 }
 
-// reconcile runs one reconcile. refresh is agent.RefreshPoll for the poll
-// timer's read, agent.RefreshAlways for a full snapshot (start, reload),
-// agent.RefreshNever for what a netlink event triggers when no
+// reconcile runs one reconcile. refresh is agent.TriggerPoll for the poll
+// timer's read, agent.TriggerStart for a full snapshot (start, reload),
+// agent.TriggerDrift for what a netlink event triggers when no
 // link appeared (the last good snapshot is reused).
-func (p *pipeline) reconcile(ctx context.Context, refresh agent.Refresh) (reconcileRun, error) {
+func (p *pipeline) reconcile(ctx context.Context, refresh agent.Trigger) (reconcileRun, error) {
 	start := time.Now()
 	rep, err := p.rec.Reconcile(ctx, refresh, false)
 	run := reconcileRun{
@@ -80,9 +80,9 @@ func (p *pipeline) reconcile(ctx context.Context, refresh agent.Refresh) (reconc
 		return run, fmt.Errorf("reading IMDS: %s", rep.IMDSError)
 	case rep.ApplyError != "":
 		return run, fmt.Errorf("applying %d changes: %s", len(rep.Changes), rep.ApplyError)
-	case refresh == agent.RefreshAlways && !rep.Fresh:
+	case refresh == agent.TriggerStart && !rep.Fresh:
 		return run, errors.New("the reconcile did not read IMDS")
-	case refresh == agent.RefreshPoll && rep.IMDSRequests == 0:
+	case refresh == agent.TriggerPoll && rep.IMDSRequests == 0:
 		return run, errors.New("the poll did not read IMDS")
 	}
 	return run, nil
@@ -109,7 +109,7 @@ func (p *pipeline) breakdown() (map[string]time.Duration, error) {
 	plan := netcfg.Diff(obs.Owned, desired.State)
 	out["Diff"] = time.Since(t)
 	t = time.Now()
-	p.kernel.Conflicts(desired.State)
+	netcfg.Conflicts(obs, desired.State, p.cfg.Netcfg)
 	out["Conflicts"] = time.Since(t)
 	if !plan.Empty() {
 		return out, fmt.Errorf("the kernel pass is not a no-op: %d changes", len(plan.Ops))

@@ -1,0 +1,177 @@
+package agent
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/dualhomed/dualhomed/netcfg"
+)
+
+// HostPaths are where the host check looks for systemd-networkd.
+type HostPaths struct {
+	// ProcDir is scanned for a systemd-networkd process (/proc).
+	ProcDir string
+	// NetworkdConfs are the main configuration files, lowest precedence first.
+	NetworkdConfs []string
+	// NetworkdDropinDirs hold *.conf drop-ins, highest precedence first: a
+	// drop-in in an earlier directory hides one of the same name in a later one.
+	NetworkdDropinDirs []string
+}
+
+// DefaultHostPaths are systemd's real locations.
+func DefaultHostPaths() HostPaths {
+	return HostPaths{
+		ProcDir:       "/proc",
+		NetworkdConfs: []string{"/usr/lib/systemd/networkd.conf", "/etc/systemd/networkd.conf"},
+		NetworkdDropinDirs: []string{
+			"/etc/systemd/networkd.conf.d",
+			"/run/systemd/networkd.conf.d",
+			"/usr/local/lib/systemd/networkd.conf.d",
+			"/usr/lib/systemd/networkd.conf.d",
+		},
+	}
+}
+
+// hostWarnings warns when systemd-networkd runs in the network namespace ns
+// (see namespaceOf) with settings that make it delete foreign rules or
+// routes: dualhomed's included. The daemon checks at start and on reload.
+func hostWarnings(p HostPaths, ns fileID) []netcfg.Warning {
+	if !networkdRunning(p, ns) {
+		return nil
+	}
+	settings := networkdSettings(p)
+	var warns []netcfg.Warning
+	for _, c := range []struct{ key, what string }{
+		{"ManageForeignRoutingPolicyRules", "routing policy rules"},
+		{"ManageForeignRoutes", "routes"},
+	} {
+		if isFalse(settings[c.key]) {
+			continue
+		}
+		warns = append(warns, netcfg.Warning{
+			Message: fmt.Sprintf("systemd-networkd is running without %s=no: it deletes %s it did not create, dualhomed's included", c.key, c.what),
+			Hint:    fmt.Sprintf("create /etc/systemd/networkd.conf.d/dualhomed.conf containing `[Network]` and `%s=no`, then `systemctl restart systemd-networkd`", c.key),
+		})
+	}
+	return warns
+}
+
+// networkdRunning reports whether a systemd-networkd process runs in the
+// network namespace ns: one that runs elsewhere (the host's, when dualhomed
+// manages a namespace of its own) never touches ns's routes.
+func networkdRunning(p HostPaths, ns fileID) bool {
+	comms, _ := filepath.Glob(filepath.Join(p.ProcDir, "[0-9]*", "comm"))
+	for _, c := range comms {
+		b, err := os.ReadFile(c)
+		// comm is cut to 15 bytes: "systemd-network".
+		if name := strings.TrimSpace(string(b)); err != nil || (name != "systemd-network" && name != "systemd-networkd") {
+			continue
+		}
+		if id, err := fileIDOf(filepath.Join(filepath.Dir(c), "ns", "net")); err == nil && id == ns {
+			return true
+		}
+	}
+	return false
+}
+
+// fileID identifies a file, and so a network namespace: /proc/<pid>/ns/net
+// of every process in one namespace is the same file.
+type fileID struct{ dev, ino uint64 }
+
+func fileIDOf(path string) (fileID, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return fileID{}, err
+	}
+	return fileID{dev: st.Dev, ino: st.Ino}, nil
+}
+
+// namespaceOf identifies the network namespace ns (the caller's own when ns
+// is not open).
+func namespaceOf(ns netns.NsHandle) (fileID, error) {
+	if !ns.IsOpen() {
+		return fileIDOf("/proc/self/ns/net")
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(ns), &st); err != nil {
+		return fileID{}, fmt.Errorf("identifying the network namespace: %w", err)
+	}
+	return fileID{dev: st.Dev, ino: st.Ino}, nil
+}
+
+// HostWarnings runs the host check for the network namespace ns with
+// systemd's real paths. A namespace it cannot identify is checked as the
+// caller's own.
+func HostWarnings(ns netns.NsHandle) []netcfg.Warning {
+	id, err := namespaceOf(ns)
+	if err != nil {
+		id, _ = namespaceOf(netns.None())
+	}
+	return hostWarnings(DefaultHostPaths(), id)
+}
+
+// networkdSettings returns the [Network] keys as systemd-networkd would see
+// them: main files in order, then drop-ins sorted by file name, later values
+// overriding earlier ones.
+func networkdSettings(p HostPaths) map[string]string {
+	settings := map[string]string{}
+	for _, f := range p.NetworkdConfs {
+		readNetworkSection(f, settings)
+	}
+	dropins := map[string]string{} // base name -> path of highest precedence
+	for i := len(p.NetworkdDropinDirs) - 1; i >= 0; i-- {
+		files, _ := filepath.Glob(filepath.Join(p.NetworkdDropinDirs[i], "*.conf"))
+		for _, f := range files {
+			dropins[filepath.Base(f)] = f
+		}
+	}
+	names := make([]string, 0, len(dropins))
+	for n := range dropins {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		readNetworkSection(dropins[n], settings)
+	}
+	return settings
+}
+
+// readNetworkSection adds the key=value lines of path's [Network] section to
+// settings. A missing file adds nothing.
+func readNetworkSection(path string, settings map[string]string) {
+	f, err := os.Open(path)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	section := ""
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		switch {
+		case line == "" || line[0] == '#' || line[0] == ';':
+		case line[0] == '[' && strings.HasSuffix(line, "]"):
+			section = strings.TrimSpace(line[1 : len(line)-1])
+		case section == "Network":
+			if k, v, ok := strings.Cut(line, "="); ok {
+				settings[strings.TrimSpace(k)] = strings.TrimSpace(v)
+			}
+		}
+	}
+}
+
+// isFalse is systemd's boolean "no".
+func isFalse(v string) bool {
+	switch strings.ToLower(v) {
+	case "no", "false", "0", "off":
+		return true
+	}
+	return false
+}

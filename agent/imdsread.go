@@ -1,0 +1,344 @@
+package agent
+
+import (
+	"context"
+	"time"
+
+	"github.com/dualhomed/dualhomed/imds"
+	"github.com/dualhomed/dualhomed/netcfg"
+)
+
+// Snapshotter reads the instance metadata service (an *imds.Client).
+type Snapshotter interface {
+	Snapshot(ctx context.Context) (imds.Snapshot, error)
+}
+
+// MACLister is the cheap IMDS read a Snapshotter may also offer (an
+// *imds.Client does): only the listing of attached MACs, one request.
+type MACLister interface {
+	ListMACs(ctx context.Context) (macs []string, requests int, err error)
+}
+
+// Refresher is the cheaper IMDS read a Snapshotter may also offer (an
+// *imds.Client does): a read built on the last good snapshot that fetches
+// only what may have changed (see imds.Client.Refresh).
+type Refresher interface {
+	Refresh(ctx context.Context, prev imds.Snapshot, u imds.Update) (imds.Snapshot, error)
+}
+
+// FullReadEvery is how many polls go between two full snapshots (and two
+// full kernel dumps): about every 5 minutes at the default 15 s interval.
+// The polls in between read only the keys that change while an ENI stays
+// attached; the full read is defence in depth, for a change no link event
+// told us of.
+const FullReadEvery = 20
+
+// IMDS read pacing of the daemon.
+const (
+	// minLinkReadGap spaces the IMDS reads caused by new links: on a host
+	// where containers come and go, each new veth would otherwise cost a
+	// read (a MAC listing). A hot-attached ENI waits at most this long.
+	minLinkReadGap = time.Second
+	// maxLinkRetries bounds the quick IMDS re-reads for a link IMDS does not
+	// know yet (0.5 s, 1 s, 2 s, 4 s, 8 s); after that the poll timer takes over.
+	maxLinkRetries = 5
+	firstLinkRetry = 500 * time.Millisecond
+	// maxIMDSBackoff caps the retry delay while IMDS is unreachable (the poll
+	// interval caps it too).
+	maxIMDSBackoff = 30 * time.Second
+)
+
+// imdsReads decides what each reconcile reads of IMDS, and keeps what the
+// reads taught: the last good snapshot, the links IMDS was asked about, the
+// polls, the backoff while IMDS fails and the quick re-reads for links IMDS
+// does not describe yet. What a trigger reads ("new links" appeared, or
+// changed MAC, since the last read):
+//   - start, reload, retry, and any trigger before the first good read: a
+//     full snapshot;
+//   - a poll: what changes while an ENI stays attached (imds.Update's
+//     Dynamic), and the new links' MACs in full; every FullReadEvery-th poll
+//     a full snapshot;
+//   - a kernel event: nothing while IMDS backs off, nor within
+//     minLinkReadGap of the last read (the read is deferred to the gap's
+//     end); else the new links. A MAC the last good snapshot lists is read
+//     in full: its ENI is new, not ready yet, or attached again, maybe with
+//     another device number. Unknown MACs (every container veth on a busy
+//     host) first cost only the MAC listing, one request; then only the
+//     MACs it names that the snapshot lacks are read (a hot attach: about
+//     14 requests). IMDS shares the link-local budget of 1024 packets/s per
+//     ENI with DNS and NTP, so veths must not spend it, and a hot attach
+//     must not wait for the other ENIs;
+//   - a recheck (the quick re-reads): as an event, for the new links and
+//     the links IMDS did not describe at the last read.
+//
+// An IMDS error is never an answer: the reconcile then repairs from the
+// last good snapshot and removes nothing.
+type imdsReads struct {
+	source       Snapshotter
+	pollInterval time.Duration // caps the backoff (0: no cap)
+
+	lastGood    *imds.Snapshot
+	seen        map[int]string // link index -> MAC, as observed at the last read
+	polls       int
+	failures    int // reads failed in a row
+	lastError   string
+	retryAt     time.Time   // while IMDS fails, events read nothing until then
+	lastRead    time.Time   // successful or not
+	deferred    bool        // a new link's read waits for minLinkReadGap
+	linkRetries map[int]int // quick re-reads so far per link IMDS does not describe
+}
+
+// read reads what t calls for (see imdsReads), records the outcome in rep
+// and returns the snapshot to plan from: the fresh one, or else the last
+// good one; false when IMDS was never read successfully.
+func (p *imdsReads) read(ctx context.Context, t Trigger, links []netcfg.Link, timeout time.Duration, rep *Report) (imds.Snapshot, bool) {
+	now := time.Now()
+	var newLinks []netcfg.Link
+	for _, l := range links {
+		if l.MAC != "" && p.seen[l.Index] != l.MAC {
+			newLinks = append(newLinks, l)
+		}
+	}
+	rep.NewLinks = len(newLinks) > 0
+	rd := imdsRead{p: p, ctx: ctx, timeout: timeout, links: links, rep: rep}
+	switch {
+	case t&TriggerPoll != 0 && t&(TriggerStart|TriggerRetry|TriggerReload) == 0:
+		p.polls++
+		if p.lastGood != nil && p.polls%FullReadEvery != 0 {
+			rd.fetch(&imds.Update{Dynamic: true, Full: p.listed(newLinks)})
+		} else {
+			rd.fetch(nil)
+		}
+	case t.needsIMDS():
+		rd.fetch(nil)
+	case now.Before(p.retryAt): // backing off: repair from the last good snapshot
+	case t&TriggerRecheck != 0: // its own schedule spaces it
+		rd.ask(append(newLinks, p.pending(links)...))
+	case now.Sub(p.lastRead) < minLinkReadGap:
+		p.deferred = p.deferred || len(newLinks) > 0
+	default:
+		rd.ask(newLinks)
+	}
+	p.record(now, rep)
+	rep.PendingLinks = p.pending(links)
+	p.countRetries(rep)
+	if p.lastGood == nil {
+		return imds.Snapshot{}, false
+	}
+	rep.HaveSnapshot = true
+	return *p.lastGood, true
+}
+
+// record keeps the outcome of a read: when it happened, and the backoff.
+func (p *imdsReads) record(now time.Time, rep *Report) {
+	if rep.Fresh || rep.Listed || rep.IMDSError != "" {
+		p.lastRead, p.deferred = now, false
+	}
+	switch {
+	case rep.IMDSError != "":
+		p.failures++
+		p.lastError = rep.IMDSError
+		backoff := min(time.Second<<min(p.failures-1, 10), maxIMDSBackoff)
+		if p.pollInterval > 0 {
+			backoff = min(backoff, p.pollInterval)
+		}
+		p.retryAt = now.Add(backoff)
+	case rep.Fresh:
+		p.failures, p.retryAt = 0, time.Time{}
+	}
+}
+
+// countRetries counts the quick re-reads of each link IMDS does not
+// describe yet, and forgets the links it describes now.
+func (p *imdsReads) countRetries(rep *Report) {
+	pending := map[int]bool{}
+	for _, l := range rep.PendingLinks {
+		pending[l.Index] = true
+	}
+	for idx := range p.linkRetries {
+		if !pending[idx] {
+			delete(p.linkRetries, idx)
+		}
+	}
+	if rep.Fresh || rep.Listed {
+		for idx := range pending {
+			p.linkRetries[idx]++
+		}
+	}
+}
+
+// next is how long until IMDS should be read again for the backoff, a
+// pending link's quick re-read or a deferred read; 0 for never.
+func (p *imdsReads) next(now time.Time) time.Duration {
+	var next time.Duration
+	if !p.retryAt.IsZero() {
+		next = max(p.retryAt.Sub(now), 0)
+	}
+	fewest := -1
+	for _, n := range p.linkRetries {
+		if n <= maxLinkRetries-1 && (fewest < 0 || n < fewest) {
+			fewest = n
+		}
+	}
+	if fewest >= 1 {
+		if delay := firstLinkRetry << (fewest - 1); next == 0 || delay < next {
+			next = delay
+		}
+	}
+	if p.deferred {
+		if delay := max(p.lastRead.Add(minLinkReadGap).Sub(now), time.Millisecond); next == 0 || delay < next {
+			next = delay
+		}
+	}
+	return next
+}
+
+// listed returns the MACs of links that the last good snapshot lists.
+func (p *imdsReads) listed(links []netcfg.Link) []string {
+	var macs []string
+	for _, l := range links {
+		if _, ok := p.lastGood.ENI(l.MAC); ok && l.MAC != "" {
+			macs = append(macs, l.MAC)
+		}
+	}
+	return macs
+}
+
+// pending returns the links IMDS does not describe yet: their MAC is not
+// listed, or listed as not ready. Links without a MAC (lo, tunnels) are skipped.
+func (p *imdsReads) pending(links []netcfg.Link) []netcfg.Link {
+	var out []netcfg.Link
+	for _, l := range links {
+		if l.MAC == "" || l.MAC == "00:00:00:00:00:00" {
+			continue
+		}
+		if p.lastGood == nil {
+			out = append(out, l)
+		} else if e, ok := p.lastGood.ENI(l.MAC); !ok || !e.Ready {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// markSeen records the links IMDS has been asked about.
+func (p *imdsReads) markSeen(links []netcfg.Link) {
+	p.seen = make(map[int]string, len(links))
+	for _, l := range links {
+		p.seen[l.Index] = l.MAC
+	}
+}
+
+// imdsRead is one reconcile's read.
+type imdsRead struct {
+	p       *imdsReads
+	ctx     context.Context
+	timeout time.Duration
+	links   []netcfg.Link // every link observed
+	rep     *Report
+}
+
+// ask reads IMDS for links: see imdsReads. A listing that names nothing
+// new marks the links as seen, so later events on them (a container's
+// addresses) cost nothing, and sets rep.Listed; a failed listing is
+// reported like a failed snapshot.
+func (rd imdsRead) ask(links []netcfg.Link) {
+	p := rd.p
+	if p.lastGood == nil {
+		rd.fetch(nil)
+		return
+	}
+	if known := p.listed(links); len(known) > 0 {
+		rd.fetch(&imds.Update{Full: known})
+		return
+	}
+	unknown := false
+	for _, l := range links {
+		unknown = unknown || (l.MAC != "" && l.MAC != "00:00:00:00:00:00")
+	}
+	lister, ok := p.source.(MACLister)
+	switch {
+	case !unknown:
+		if len(links) > 0 {
+			p.markSeen(rd.links) // only links without a MAC appeared: nothing to ask
+		}
+		return
+	case !ok:
+		rd.fetch(nil)
+		return
+	}
+	ctx, cancel := rd.context()
+	defer cancel()
+	t0 := time.Now()
+	macs, n, err := lister.ListMACs(ctx)
+	rd.rep.IMDSLatency, rd.rep.IMDSRequests = time.Since(t0), n
+	if err != nil {
+		rd.rep.IMDSError, rd.rep.IMDSErr = err.Error(), err
+		return
+	}
+	for _, mac := range macs {
+		if _, listed := p.lastGood.ENI(mac); !listed {
+			rd.fetch(&imds.Update{MACs: macs})
+			return
+		}
+	}
+	rd.rep.Listed = true
+	p.markSeen(rd.links)
+}
+
+// fetch reads a snapshot: in full (u nil, or a source without Refresh) or
+// as u says on the last good one.
+func (rd imdsRead) fetch(u *imds.Update) {
+	p := rd.p
+	ctx, cancel := rd.context()
+	defer cancel()
+	t0 := time.Now()
+	var fresh imds.Snapshot
+	var err error
+	if rf, ok := p.source.(Refresher); ok && u != nil {
+		fresh, err = rf.Refresh(ctx, *p.lastGood, *u)
+	} else {
+		fresh, err = p.source.Snapshot(ctx)
+	}
+	rd.rep.IMDSLatency += time.Since(t0)
+	rd.rep.IMDSRequests += fresh.Requests
+	if err != nil {
+		rd.rep.IMDSError, rd.rep.IMDSErr = err.Error(), err
+		return
+	}
+	rd.rep.Fresh = true
+	snap := p.mergeNotReady(fresh)
+	if p.lastGood == nil || !p.lastGood.Equal(snap) {
+		p.lastGood = &snap // a read that found nothing new keeps the pointer: the quiet memo holds
+	}
+	p.markSeen(rd.links)
+}
+
+// context bounds one IMDS read by the timeout.
+func (rd imdsRead) context() (context.Context, context.CancelFunc) {
+	if rd.timeout > 0 {
+		return context.WithTimeout(rd.ctx, rd.timeout)
+	}
+	return rd.ctx, func() {}
+}
+
+// mergeNotReady replaces each not-ready ENI of a fresh snapshot with its
+// entry from the last good snapshot, if that one was ready: IMDS catching up
+// after a hot attach (or briefly answering device-number 0) must not undo
+// configuration that was correct a moment ago.
+func (p *imdsReads) mergeNotReady(fresh imds.Snapshot) imds.Snapshot {
+	if p.lastGood == nil {
+		return fresh
+	}
+	out := fresh
+	out.ENIs = make([]imds.ENI, len(fresh.ENIs))
+	for i, e := range fresh.ENIs {
+		if !e.Ready {
+			if old, ok := p.lastGood.ENI(e.MAC); ok && old.Ready {
+				e = old
+			}
+		}
+		out.ENIs[i] = e
+	}
+	return out
+}

@@ -1,0 +1,136 @@
+package netcfg
+
+// What a caller does with a plan between Diff and Apply: keep only its adds,
+// leave out the adds another program's object holds out, and say which ENI
+// each op serves. All pure.
+
+// AddsOnly returns p without its deletions, in the same order: what may be
+// applied while the snapshot it was planned from may be stale.
+func (p Plan) AddsOnly() Plan {
+	var out Plan
+	for _, op := range p.Ops {
+		if !op.Delete {
+			out.Ops = append(out.Ops, op)
+		}
+	}
+	return out
+}
+
+// ObjectKey identifies the kernel object an op adds or deletes: two adds
+// with one key collide in the kernel (EEXIST). It is a RouteKey, RuleKey or
+// AddrKey, and nil for rp_filter.
+func (op Op) ObjectKey() any {
+	switch {
+	case op.Route != nil:
+		return op.Route.Key()
+	case op.Rule != nil:
+		return op.Rule.Key()
+	case op.Addr != nil:
+		return op.Addr.Key()
+	}
+	return nil
+}
+
+// Split returns p without the adds whose ObjectKey is in held, and those
+// adds apart, each list in p's order.
+func (p Plan) Split(held map[any]bool) (kept Plan, dropped []Op) {
+	for _, op := range p.Ops {
+		if k := op.ObjectKey(); !op.Delete && k != nil && held[k] {
+			dropped = append(dropped, op)
+		} else {
+			kept.Ops = append(kept.Ops, op)
+		}
+	}
+	return kept, dropped
+}
+
+// BlockedBy returns the ObjectKeys of p's route adds that a conflict warning
+// says a foreign route keeps out (Warning.Blocks: same table, destination
+// and metric, so the kernel would answer EEXIST).
+func BlockedBy(p Plan, conflicts []Warning) map[any]bool {
+	held := map[any]bool{}
+	for _, w := range conflicts {
+		for _, r := range w.Blocks {
+			held[r.Key()] = true
+		}
+	}
+	out := map[any]bool{}
+	for _, op := range p.Ops {
+		if !op.Delete && op.Route != nil && held[op.Route.Key()] {
+			out[op.Route.Key()] = true
+		}
+	}
+	return out
+}
+
+// Change is one planned or applied op, attributed to the ENI it serves.
+type Change struct {
+	ENI  string `json:"eni,omitempty"`  // interface id (or MAC); "" for objects of a detached ENI
+	Link string `json:"link,omitempty"` // link name, when the link exists
+	Text string `json:"text"`           // the op in `ip` syntax, links by name
+	Op   Op     `json:"op"`
+}
+
+// String describes the change the way `ip` would.
+func (c Change) String() string { return c.Text }
+
+// Name is how warnings and changes name the ENI: its interface id, or its
+// MAC while IMDS gives none.
+func (e ENIStatus) Name() string {
+	if e.InterfaceID != "" {
+		return e.InterfaceID
+	}
+	return e.MAC
+}
+
+// Attribute describes each op of ops with the ENI it serves (by link, by
+// table for rules and for routes whose link is gone, by link name for
+// rp_filter) and the link's name.
+func Attribute(ops []Op, enis []ENIStatus, links []Link) []Change {
+	byLink, byTable, byName := map[int]ENIStatus{}, map[int]ENIStatus{}, map[string]ENIStatus{}
+	for _, e := range enis {
+		if e.LinkIndex != 0 {
+			byLink[e.LinkIndex] = e
+		}
+		if e.Table != 0 {
+			byTable[e.Table] = e
+		}
+		if e.Link != "" {
+			byName[e.Link] = e
+		}
+	}
+	names := map[int]string{}
+	for _, l := range links {
+		names[l.Index] = l.Name
+	}
+	out := make([]Change, 0, len(ops))
+	for _, op := range ops {
+		var e ENIStatus
+		var found bool
+		link := ""
+		switch {
+		case op.Route != nil:
+			if e, found = byLink[op.Route.LinkIndex]; !found {
+				e, found = byTable[op.Route.Table]
+			}
+			link = names[op.Route.LinkIndex]
+		case op.Rule != nil:
+			e, found = byTable[op.Rule.Table]
+		case op.Addr != nil:
+			e, found = byLink[op.Addr.LinkIndex]
+			link = names[op.Addr.LinkIndex]
+		case op.RPFilter != nil:
+			e, found = byName[op.RPFilter.LinkName]
+			link = op.RPFilter.LinkName
+		}
+		c := Change{Op: op, Text: op.Format(names), Link: link}
+		if found {
+			c.ENI = e.Name()
+			if e.Link != "" {
+				c.Link = e.Link
+			}
+		}
+		out = append(out, c)
+	}
+	return out
+}

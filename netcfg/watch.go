@@ -1,0 +1,179 @@
+package netcfg
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/vishvananda/netlink/nl"
+	"golang.org/x/sys/unix"
+
+	"github.com/dualhomed/dualhomed/netcfg/nsthread"
+)
+
+// KernelChange is what one kernel notification means to dualhomed.
+type KernelChange int
+
+const (
+	LinkChanged KernelChange = iota + 1 // a link appeared, went or changed (up, down, renamed)
+	AddrChanged                         // an address was added or deleted
+	// OwnedDeleted: a route or rule carrying our protocol was deleted (drift).
+	OwnedDeleted
+	// ForeignDeleted: another program's route or rule was deleted; an add
+	// of ours that it held out may fit now.
+	ForeignDeleted
+	// OtherChanged: anything else Observe reads changed (a route or rule
+	// added, ours included; an IPv4 device setting such as rp_filter).
+	OtherChanged
+	// Resync: notifications were lost (the socket overflowed, or it was
+	// opened again after an error): anything may have changed.
+	Resync
+)
+
+// watchGroups are the rtnetlink groups Watch listens to. Deleting an IPv4
+// address flushes the routes using it without a route notification: the
+// address groups cover that too.
+var watchGroups = rtnlGroups(unix.RTNLGRP_LINK, unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV6_IFADDR,
+	unix.RTNLGRP_IPV4_ROUTE, unix.RTNLGRP_IPV6_ROUTE, unix.RTNLGRP_IPV4_RULE, unix.RTNLGRP_IPV6_RULE,
+	unix.RTNLGRP_IPV4_NETCONF)
+
+func rtnlGroups(groups ...uint) uint32 {
+	var mask uint32
+	for _, g := range groups {
+		mask |= 1 << (g - 1)
+	}
+	return mask
+}
+
+// watchBuffer is the notification socket's receive buffer: large enough for
+// the burst of notifications when many ENIs and their addresses appear at
+// once at boot (the kernel caps it at net.core.rmem_max).
+const watchBuffer = 1 << 20
+
+// Watch calls fn with every change the kernel announces in k's namespace,
+// one call per notification, until ctx ends; the local table's routes (one
+// per address, which nothing reads) are left out. It is the daemon's one
+// kernel change feed: one socket, parsed like Observe's dumps. After a
+// receive error it opens its socket again, after a pause that doubles from
+// 1 s to 30 s (reset once it has worked for a minute), reports the error and
+// the pause to lost first, and Resync to fn once listening again. It
+// returns at once; fn and lost are called from its goroutine.
+func (k *Kernel) Watch(ctx context.Context, fn func(KernelChange), lost func(err error, retryIn time.Duration)) {
+	go func() {
+		backoff := time.Second
+		for resync := false; ; resync = true {
+			began := time.Now()
+			err := k.watch(ctx, fn, resync)
+			if ctx.Err() != nil {
+				return
+			}
+			if time.Since(began) > time.Minute {
+				backoff = time.Second // it worked for a while: a fresh failure
+			}
+			lost(err, backoff)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, 30*time.Second)
+		}
+	}()
+}
+
+// watch listens on one socket until ctx ends or the socket fails.
+func (k *Kernel) watch(ctx context.Context, fn func(KernelChange), resync bool) error {
+	var fd int
+	err := nsthread.Do(k.ns, func() (err error) {
+		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_ROUTE)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("opening netlink notification socket: %w", err)
+	}
+	// Non-blocking under the runtime's poller: closing the file ends a read.
+	f := os.NewFile(uintptr(fd), "rtnetlink notifications")
+	defer f.Close()
+	_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, watchBuffer) // not fatal: the default buffer
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: watchGroups}); err != nil {
+		return fmt.Errorf("subscribing to netlink notifications: %w", err)
+	}
+	defer context.AfterFunc(ctx, func() { f.Close() })()
+	conn, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	if resync {
+		fn(Resync)
+	}
+	buf := make([]byte, dumpBufferSize)
+	for {
+		var n int
+		var from unix.Sockaddr
+		var rerr error
+		if err := conn.Read(func(fd uintptr) bool {
+			n, from, rerr = unix.Recvfrom(int(fd), buf, 0)
+			return rerr != unix.EAGAIN
+		}); err != nil {
+			return fmt.Errorf("receiving netlink notifications: %w", err)
+		}
+		switch sa, _ := from.(*unix.SockaddrNetlink); {
+		case rerr == unix.ENOBUFS:
+			fn(Resync) // the socket overflowed: notifications were lost
+		case rerr == unix.EINTR:
+		case rerr != nil:
+			return fmt.Errorf("receiving netlink notifications: %w", rerr)
+		case sa != nil && sa.Pid == 0: // the kernel's, not another process's
+			k.cfg.changes(buf[:n], fn)
+		}
+	}
+}
+
+// changes calls fn with the meaning of each notification in b.
+func (c Config) changes(b []byte, fn func(KernelChange)) {
+	ne := nl.NativeEndian()
+	for len(b) >= unix.SizeofNlMsghdr {
+		l := int(ne.Uint32(b[0:4]))
+		if l < unix.SizeofNlMsghdr || l > len(b) {
+			fn(Resync) // cannot happen; if it does, look at everything
+			return
+		}
+		if ch := c.change(ne.Uint16(b[4:6]), b[unix.SizeofNlMsghdr:l]); ch != 0 {
+			fn(ch)
+		}
+		b = b[nlmAlign(l):]
+	}
+}
+
+// change classifies one notification; 0 means it changes nothing Observe
+// reads.
+func (c Config) change(typ uint16, m []byte) KernelChange {
+	switch typ {
+	case unix.RTM_NEWLINK, unix.RTM_DELLINK:
+		return LinkChanged
+	case unix.RTM_NEWADDR, unix.RTM_DELADDR:
+		return AddrChanged
+	case unix.RTM_NEWNETCONF, unix.RTM_DELNETCONF:
+		return OtherChanged
+	case unix.RTM_NEWROUTE, unix.RTM_DELROUTE:
+		r, ok := parseRoute(m)
+		return deletion(ok, typ == unix.RTM_DELROUTE, r.Protocol == c.Protocol)
+	case unix.RTM_NEWRULE, unix.RTM_DELRULE:
+		r, ok := parseRule(m)
+		return deletion(ok, typ == unix.RTM_DELRULE, c.ourRuleBand(r))
+	}
+	return 0
+}
+
+func deletion(parsed, deleted, ours bool) KernelChange {
+	switch {
+	case !parsed:
+		return 0
+	case !deleted:
+		return OtherChanged
+	case ours:
+		return OwnedDeleted
+	}
+	return ForeignDeleted
+}
