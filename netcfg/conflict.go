@@ -2,8 +2,9 @@ package netcfg
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
-	"sort"
+	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -207,14 +208,16 @@ func routeConflicts(cfg Config, desired State, tableLink map[int]int, routes []K
 			}
 		}
 	}
-	tables := make([]int, 0, len(foreign))
-	for t := range foreign {
-		tables = append(tables, t)
-	}
-	sort.Ints(tables)
-	for _, t := range tables {
+	return append(warns, bandWarnings(foreign, blocks, func(t int) string { return links[tableLink[t]] })...)
+}
+
+// bandWarnings warns about each table of our band that holds foreign routes
+// (by table, described), naming the routes of ours they keep out (blocks).
+func bandWarnings(foreign map[int][]string, blocks map[int][]Route, eniOfTable func(int) string) []Warning {
+	var warns []Warning
+	for _, t := range slices.Sorted(maps.Keys(foreign)) {
 		warns = append(warns, Warning{
-			ENI:     links[tableLink[t]],
+			ENI:     eniOfTable(t),
 			Message: fmt.Sprintf("table %d, in dualhomed's band, holds foreign routes: %s", t, strings.Join(foreign[t], ", ")),
 			Hint:    fmt.Sprintf("another tool uses table %d: reconfigure it to another table, or move dualhomed's band (table_base); inspect with `ip route show table %d`", t, t),
 			Blocks:  blocks[t],

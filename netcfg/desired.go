@@ -666,71 +666,14 @@ func (d *desirer) addVPCRoutes() {
 			}
 		}
 	}
-	overlap := func(vpc string, c netip.Prefix, all map[string][]netip.Prefix) string {
-		others := make([]string, 0, len(all))
-		for id := range all {
-			others = append(others, id)
-		}
-		slices.Sort(others)
-		for _, id := range others {
-			if id == vpc {
-				continue
-			}
-			for _, o := range all[id] {
-				if o.Overlaps(c) {
-					return fmt.Sprintf("%v of %s", o, id)
-				}
-			}
-		}
-		return ""
-	}
-
 	carried := map[string]bool{}
 	for _, e := range d.sortedManaged() {
-		if !e.status.MultiVPC || e.table == 0 || carried[e.eni.VPCID] {
-			continue
-		}
-		if e.conf.VPCRoutes == VPCRoutesOff {
+		if !e.status.MultiVPC || e.table == 0 || carried[e.eni.VPCID] || e.conf.VPCRoutes == VPCRoutesOff {
 			continue
 		}
 		carried[e.eni.VPCID] = true
-		vpc := e.eni.VPCID
 		if e.v4.IsValid() {
-			gw := e.v4Net.Addr().Next()
-			onLink := d.gatewayOnLink(e, gw)
-			var routes []Route
-			needSubnet := false
-			for _, c := range vpcV4[vpc] {
-				if c == e.v4Net {
-					// A VPC with a single subnet of its size: the address's
-					// prefix route covers it (and ours would clash with it).
-					needSubnet = !onLink
-					continue
-				}
-				if o := overlap(vpc, c, vpcV4); o != "" {
-					d.warn(e, fmt.Sprintf("not routing %v of %s through %s in the main table: it overlaps %s", c, vpc, e.link.Name, o),
-						"connections bound to this ENI's addresses still work; add a narrower extra route if needed")
-					continue
-				}
-				routes = append(routes, Route{Table: MainTable, Dst: c, Gateway: gw, LinkIndex: e.link.Index, Src: e.v4})
-			}
-			// The kernel refuses a route via a gateway it cannot reach
-			// on-link (ENETUNREACH). Without an address prefix route to the
-			// subnet in main (ours is noprefixroute because several ENIs
-			// share the subnet, or somebody added the address as /32), this
-			// ENI carries its subnet in main, unless that would be ambiguous.
-			if (len(routes) > 0 || needSubnet) && !onLink {
-				if e.overlapsOtherVPC || d.foreignSubnetRoute(e.v4Net) {
-					d.warn(e, fmt.Sprintf("not routing %s's CIDRs through %s in the main table: the gateway %v is not on-link in main and the subnet %v overlaps another subnet", vpc, e.link.Name, gw, e.v4Net),
-						"connections bound to this ENI's addresses still work")
-					routes = nil
-				} else {
-					routes = append([]Route{{Table: MainTable, Dst: e.v4Net, LinkIndex: e.link.Index, Src: e.v4, ScopeLink: true}}, routes...)
-				}
-			}
-			for _, r := range routes {
-				d.b.route(e, r)
-			}
+			d.addVPCRoutes4(e, vpcV4)
 		}
 		if e.v6 {
 			var src netip.Addr
@@ -740,15 +683,78 @@ func (d *desirer) addVPCRoutes() {
 					break
 				}
 			}
-			for _, c := range vpcV6[vpc] {
-				if o := overlap(vpc, c, vpcV6); o != "" {
-					d.warn(e, fmt.Sprintf("not routing %v of %s through %s in the main table: it overlaps %s", c, vpc, e.link.Name, o),
-						"connections bound to this ENI's addresses still work; add a narrower extra route if needed")
-					continue
-				}
+			for _, c := range d.vpcCIDRsAlone(e, vpcV6) {
 				d.b.route(e, Route{Table: MainTable, Dst: c, Gateway: IPv6Gateway, LinkIndex: e.link.Index, Src: src})
 			}
 		}
+	}
+}
+
+// vpcCIDRsAlone returns the CIDRs of e's VPC (in all, by VPC) that overlap
+// no CIDR of another VPC, warning about the others.
+func (d *desirer) vpcCIDRsAlone(e *eniInfo, all map[string][]netip.Prefix) []netip.Prefix {
+	vpc := e.eni.VPCID
+	var out []netip.Prefix
+	for _, c := range all[vpc] {
+		if o := overlapOfOtherVPC(vpc, c, all); o != "" {
+			d.warn(e, fmt.Sprintf("not routing %v of %s through %s in the main table: it overlaps %s", c, vpc, e.link.Name, o),
+				"connections bound to this ENI's addresses still work; add a narrower extra route if needed")
+			continue
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+// overlapOfOtherVPC names the first CIDR of another VPC than vpc (by VPC
+// id) that overlaps c, "" for none.
+func overlapOfOtherVPC(vpc string, c netip.Prefix, all map[string][]netip.Prefix) string {
+	for _, id := range slices.Sorted(maps.Keys(all)) {
+		if id == vpc {
+			continue
+		}
+		for _, o := range all[id] {
+			if o.Overlaps(c) {
+				return fmt.Sprintf("%v of %s", o, id)
+			}
+		}
+	}
+	return ""
+}
+
+// addVPCRoutes4 adds the main-table routes to e's VPC's IPv4 CIDRs.
+func (d *desirer) addVPCRoutes4(e *eniInfo, vpcV4 map[string][]netip.Prefix) {
+	vpc := e.eni.VPCID
+	gw := e.v4Net.Addr().Next()
+	onLink := d.gatewayOnLink(e, gw)
+	var routes []Route
+	// A VPC CIDR equal to the ENI's subnet: the address's prefix route
+	// covers it (and ours would clash with it).
+	needSubnet := slices.Contains(vpcV4[vpc], e.v4Net) && !onLink
+	others := map[string][]netip.Prefix{}
+	for id, cs := range vpcV4 {
+		others[id] = cs
+	}
+	others[vpc] = slices.DeleteFunc(slices.Clone(vpcV4[vpc]), func(c netip.Prefix) bool { return c == e.v4Net })
+	for _, c := range d.vpcCIDRsAlone(e, others) {
+		routes = append(routes, Route{Table: MainTable, Dst: c, Gateway: gw, LinkIndex: e.link.Index, Src: e.v4})
+	}
+	// The kernel refuses a route via a gateway it cannot reach on-link
+	// (ENETUNREACH). Without an address prefix route to the subnet in main
+	// (ours is noprefixroute because several ENIs share the subnet, or
+	// somebody added the address as /32), this ENI carries its subnet in
+	// main, unless that would be ambiguous.
+	if (len(routes) > 0 || needSubnet) && !onLink {
+		if e.overlapsOtherVPC || d.foreignSubnetRoute(e.v4Net) {
+			d.warn(e, fmt.Sprintf("not routing %s's CIDRs through %s in the main table: the gateway %v is not on-link in main and the subnet %v overlaps another subnet", vpc, e.link.Name, gw, e.v4Net),
+				"connections bound to this ENI's addresses still work")
+			routes = nil
+		} else {
+			routes = append([]Route{{Table: MainTable, Dst: e.v4Net, LinkIndex: e.link.Index, Src: e.v4, ScopeLink: true}}, routes...)
+		}
+	}
+	for _, r := range routes {
+		d.b.route(e, r)
 	}
 }
 

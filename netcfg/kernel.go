@@ -26,13 +26,12 @@ const netlinkTimeout = 10 * time.Second
 // Its methods may be called from several goroutines: Apply and Cleanup are
 // serialised, reads may run alongside them.
 type Kernel struct {
-	h            *netlink.Handle
-	addrs        *addrSocket    // raw rtnetlink for addresses (IFA_PROTO)
-	dump         *dumpSocket    // reads: links, addresses, routes, rules
-	parallelDump *dumpSocket    // Observe's second dump socket: dumps run on both at once
-	ns           netns.NsHandle // sysctls are per namespace: written from a thread inside it
-	stateDir     string         // where rp_filter originals are recorded (e.g. /run/dualhomed)
-	cfg          Config
+	h        *netlink.Handle
+	addrs    *addrSocket    // raw rtnetlink for addresses (IFA_PROTO)
+	dump     *dumpSocket    // reads: links, addresses, routes, rules
+	ns       netns.NsHandle // sysctls are per namespace: written from a thread inside it
+	stateDir string         // where rp_filter originals are recorded (e.g. /run/dualhomed)
+	cfg      Config
 
 	// addrProto is true when the kernel records IFA_PROTO (Linux 5.18+), so
 	// our addresses carry cfg.Protocol like our routes and rules. Otherwise
@@ -95,23 +94,14 @@ func NewKernel(ns netns.NsHandle, stateDir string, cfg Config) (*Kernel, error) 
 		own.Close()
 		return nil, err
 	}
-	parallelDump, err := newDumpSocket(own)
-	if err != nil {
-		dump.close()
-		h.Close()
-		sock.Close()
-		own.Close()
-		return nil, err
-	}
 	return &Kernel{
-		h:            h,
-		addrs:        newAddrSocket(sock),
-		dump:         dump,
-		parallelDump: parallelDump,
-		ns:           own,
-		stateDir:     stateDir,
-		cfg:          cfg,
-		addrProto:    kernelHasAddrProto(),
+		h:         h,
+		addrs:     newAddrSocket(sock),
+		dump:      dump,
+		ns:        own,
+		stateDir:  stateDir,
+		cfg:       cfg,
+		addrProto: kernelHasAddrProto(),
 	}, nil
 }
 
@@ -148,7 +138,6 @@ func (k *Kernel) Close() {
 	k.h.Close()
 	k.addrs.close()
 	k.dump.close()
-	k.parallelDump.close()
 	if k.ns.IsOpen() {
 		k.ns.Close()
 	}
@@ -169,50 +158,37 @@ func (k *Kernel) AddrOwnershipInKernel() bool { return k.addrProto }
 // file on kernels without it); rp_filter is owned on every link whose
 // original value we recorded.
 func (k *Kernel) Observe() (Observed, error) {
-	var (
-		obs       Observed
-		rpFilters map[string]int
-		addrs     [2][]kernelAddr // IPv4, IPv6
-		routes    [2][]KernelRoute
-		shadowed  map[Rule]bool
-	)
-	obs.Owned.Rules = make([]Rule, 0, k.dump.ruleHint.Load())
-	// Costliest first, as measured at full scale (BenchmarkObserveParts):
-	// rules, IPv6 routes, IPv4 addresses, IPv4 routes, IPv6 addresses, links.
-	err := k.dumpInParallel(
-		func(d *dumpSocket) (err error) {
-			obs.Owned.Rules, obs.ForeignRules, shadowed, err = k.rules(d, obs.Owned.Rules)
-			return err
-		},
-		func(d *dumpSocket) (err error) { routes[1], err = d.routes(unix.AF_INET6); return err },
-		func(d *dumpSocket) (err error) { addrs[0], err = d.addrs(unix.AF_INET); return err },
-		func(d *dumpSocket) (err error) { routes[0], err = d.routes(unix.AF_INET); return err },
-		func(d *dumpSocket) (err error) { addrs[1], err = d.addrs(unix.AF_INET6); return err },
-		func(d *dumpSocket) (err error) { obs.Links, rpFilters, err = d.links(); return err },
-	)
+	var obs Observed
+	var shadowed map[Rule]bool
+	var rpFilters map[string]int
+	d := k.dump
+	routes, err := d.routes()
 	if err != nil {
 		return Observed{}, err
 	}
-	k.dump.ruleHint.Store(int64(len(obs.Owned.Rules)))
+	addrs, err := d.addrs(unix.AF_UNSPEC)
+	if err != nil {
+		return Observed{}, err
+	}
+	if obs.Owned.Rules, obs.ForeignRules, shadowed, err = k.rules(d); err != nil {
+		return Observed{}, err
+	}
+	if obs.Links, rpFilters, err = d.links(); err != nil {
+		return Observed{}, err
+	}
 	k.shadowed.Store(&shadowed)
-	for _, family := range routes {
-		for _, r := range family {
-			if k.cfg.ownsRoute(r) {
-				obs.Owned.Routes = append(obs.Owned.Routes, r.Route)
-			} else {
-				obs.ForeignRoutes = append(obs.ForeignRoutes, r)
-			}
+	for _, r := range routes {
+		if k.cfg.ownsRoute(r) {
+			obs.Owned.Routes = append(obs.Owned.Routes, r.Route)
+		} else {
+			obs.ForeignRoutes = append(obs.ForeignRoutes, r)
 		}
 	}
-	// Each family's addresses come by link, IPv4 first, as one dump of both
-	// families lists them.
 	obs.Addrs = map[int][]netip.Prefix{}
-	for _, family := range addrs {
-		for _, a := range family {
-			obs.Addrs[a.LinkIndex] = append(obs.Addrs[a.LinkIndex], a.Prefix)
-		}
+	for _, a := range addrs {
+		obs.Addrs[a.LinkIndex] = append(obs.Addrs[a.LinkIndex], a.Prefix)
 	}
-	if obs.Owned.Addrs, err = k.ownedAddrs(addrs[:]...); err != nil {
+	if obs.Owned.Addrs, err = k.ownedAddrs(addrs); err != nil {
 		return Observed{}, err
 	}
 	if obs.Owned.RPFilters, err = k.ownedRPFilters(rpFilters); err != nil {
@@ -222,43 +198,13 @@ func (k *Kernel) Observe() (Observed, error) {
 	return obs, nil
 }
 
-// dumpInParallel runs dumps on the two dump sockets at once, each socket
-// taking the next dump of the list as it finishes one, and returns the first
-// error. The dumps must not share variables.
-//
-// Why: nearly all of Observe's time is the kernel filling dump messages, in
-// the system call of the socket that asked. Two sockets are filled on two
-// cores; with the costliest dumps first, both finish at about the same time.
-func (k *Kernel) dumpInParallel(dumps ...func(*dumpSocket) error) error {
-	var next atomic.Int32
-	work := func(d *dumpSocket) error {
-		for {
-			i := int(next.Add(1)) - 1
-			if i >= len(dumps) {
-				return nil
-			}
-			if err := dumps[i](d); err != nil {
-				next.Store(int32(len(dumps))) // no more for either socket
-				return err
-			}
-		}
-	}
-	errc := make(chan error, 1)
-	go func() { errc <- work(k.parallelDump) }()
-	err := work(k.dump)
-	if err2 := <-errc; err == nil { // never leave a dump running
-		err = err2
-	}
-	return err
-}
-
-// rules dumps the policy rules and sorts them: ours (appended to ours), the
-// others, and those of ours that a lookalike precedes in the kernel's list:
+// rules dumps the policy rules and sorts them: ours, the others, and those of ours that a lookalike precedes in the kernel's list:
 // a rule with our protocol, priority, source and table plus a selector we
 // never set. The kernel deletes the first rule in its list that matches
 // what a delete request names, and a request cannot say "no fwmark", so
 // deleting such a rule of ours would delete the lookalike instead.
-func (k *Kernel) rules(d *dumpSocket, ours []Rule) ([]Rule, []KernelRule, map[Rule]bool, error) {
+func (k *Kernel) rules(d *dumpSocket) ([]Rule, []KernelRule, map[Rule]bool, error) {
+	var ours []Rule
 	var foreign []KernelRule
 	lookalikes, shadowed := map[Rule]bool{}, map[Rule]bool{}
 	reset := func() { ours, foreign = ours[:0], foreign[:0]; clear(lookalikes); clear(shadowed) }
@@ -305,8 +251,8 @@ func (c Config) inPriorityBand(prio int) bool {
 	return prio >= c.PriorityBase && prio < c.PriorityBase+c.CardStride*MaxNetworkCards
 }
 
-// ownedAddrs picks ours among every address dumped (in one or more slices).
-func (k *Kernel) ownedAddrs(all ...[]kernelAddr) ([]Addr, error) {
+// ownedAddrs picks ours among every address dumped.
+func (k *Kernel) ownedAddrs(all []kernelAddr) ([]Addr, error) {
 	var recorded map[addrRecord]bool
 	var err error
 	if !k.addrProto {
@@ -314,20 +260,10 @@ func (k *Kernel) ownedAddrs(all ...[]kernelAddr) ([]Addr, error) {
 			return nil, err
 		}
 	}
-	n := 0
-	for _, part := range all {
-		n += len(part)
-	}
-	out := make([]Addr, 0, n)
-	for _, part := range all {
-		for _, a := range part {
-			if k.ownsAddr(a, recorded) {
-				out = append(out, Addr{
-					LinkIndex:     a.LinkIndex,
-					Prefix:        a.Prefix,
-					NoPrefixRoute: a.Flags&unix.IFA_F_NOPREFIXROUTE != 0,
-				})
-			}
+	var out []Addr
+	for _, a := range all {
+		if k.ownsAddr(a, recorded) {
+			out = append(out, Addr{LinkIndex: a.LinkIndex, Prefix: a.Prefix, NoPrefixRoute: a.Flags&unix.IFA_F_NOPREFIXROUTE != 0})
 		}
 	}
 	return out, nil

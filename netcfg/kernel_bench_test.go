@@ -194,9 +194,8 @@ func BenchmarkObserveParts(b *testing.B) {
 		{"links", func() error { _, _, err := k.dump.links(); return err }},
 		{"addrs-ipv4", func() error { _, err := k.dump.addrs(unix.AF_INET); return err }},
 		{"addrs-ipv6", func() error { _, err := k.dump.addrs(unix.AF_INET6); return err }},
-		{"rules", func() error { _, _, _, err := k.rules(k.dump, nil); return err }},
-		{"routes-ipv4-except-local", func() error { _, err := k.dump.routes(unix.AF_INET); return err }},
-		{"routes-ipv6-except-local", func() error { _, err := k.dump.routes(unix.AF_INET6); return err }},
+		{"rules", func() error { _, _, _, err := k.rules(k.dump); return err }},
+		{"routes-except-local", func() error { _, err := k.dump.routes(); return err }},
 		// As Observe reads them: from the links dump just made.
 		{"rp-filters", func() error { _, err := k.ownedRPFilters(rpFilters); return err }},
 		{"rp-filters-procfs", func() error { _, err := k.ownedRPFilters(nil); return err }},
@@ -238,7 +237,7 @@ func kernelOrderOwned(tb testing.TB, k *Kernel) State {
 	tb.Helper()
 	var st State
 	var err error
-	if st.Rules, _, _, err = k.rules(k.dump, nil); err != nil {
+	if st.Rules, _, _, err = k.rules(k.dump); err != nil {
 		tb.Fatal(err)
 	}
 	all, err := k.dump.addrs(unix.AF_UNSPEC)
@@ -248,15 +247,13 @@ func kernelOrderOwned(tb testing.TB, k *Kernel) State {
 	if st.Addrs, err = k.ownedAddrs(all); err != nil {
 		tb.Fatal(err)
 	}
-	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
-		routes, err := k.dump.routes(family)
-		if err != nil {
-			tb.Fatal(err)
-		}
-		for _, r := range routes {
-			if k.cfg.ownsRoute(r) {
-				st.Routes = append(st.Routes, r.Route)
-			}
+	routes, err := k.dump.routes()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for _, r := range routes {
+		if k.cfg.ownsRoute(r) {
+			st.Routes = append(st.Routes, r.Route)
 		}
 	}
 	_, rpFilters, err := k.dump.links()

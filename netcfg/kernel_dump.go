@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/netip"
 	"sync"
-	"sync/atomic"
 	"syscall"
 
 	"github.com/vishvananda/netlink"
@@ -36,11 +35,6 @@ type dumpSocket struct {
 	seq    uint32
 	strict bool
 	buf    []byte
-
-	// Sizes of the latest dumps, to allocate the next ones at once:
-	// addresses by family (see addrHintSlot), rules.
-	addrHint [3]atomic.Int64
-	ruleHint atomic.Int64
 }
 
 // dumpBufferSize holds any one read of a dump: the kernel fills at most 32 KiB
@@ -274,9 +268,7 @@ func rpFilterFromAFSpec(afSpec []byte) (value int, ok bool) {
 func (d *dumpSocket) addrs(family uint8) ([]kernelAddr, error) {
 	body := make([]byte, unix.SizeofIfAddrmsg) // every link
 	body[0] = family
-	hint := &d.addrHint[addrHintSlot(family)]
-	out := make([]kernelAddr, 0, hint.Load())
-	defer func() { hint.Store(int64(len(out))) }()
+	var out []kernelAddr
 	err := d.dump("addresses", unix.RTM_GETADDR, body, func() { out = out[:0] }, func(typ uint16, m []byte) error {
 		if typ != unix.RTM_NEWADDR {
 			return nil
@@ -293,16 +285,6 @@ func (d *dumpSocket) addrs(family uint8) ([]kernelAddr, error) {
 	return out, err
 }
 
-func addrHintSlot(family uint8) int {
-	switch family {
-	case unix.AF_INET:
-		return 1
-	case unix.AF_INET6:
-		return 2
-	}
-	return 0
-}
-
 // rtmsg header offsets (struct rtmsg, linux/rtnetlink.h).
 const (
 	rtmFamily   = 0
@@ -314,14 +296,13 @@ const (
 	rtmFlags    = 8
 )
 
-// routes dumps the routes of family in every table but the local one (a
-// route per address, which nothing reads).
-func (d *dumpSocket) routes(family uint8) ([]KernelRoute, error) {
-	body := make([]byte, unix.SizeofRtMsg)
-	body[rtmFamily] = family
+// routes dumps the IPv4 and IPv6 routes of every table but the local one
+// (a route per address, which nothing reads).
+func (d *dumpSocket) routes() ([]KernelRoute, error) {
+	body := make([]byte, unix.SizeofRtMsg) // AF_UNSPEC: every family
 	var out []KernelRoute
 	err := d.dump("routes", unix.RTM_GETROUTE, body, func() { out = out[:0] }, func(typ uint16, m []byte) error {
-		if r, ok := parseRoute(m); ok && typ == unix.RTM_NEWROUTE && int(m[rtmFamily]) == int(family) && r.Table != unix.RT_TABLE_LOCAL {
+		if r, ok := parseRoute(m); ok && typ == unix.RTM_NEWROUTE {
 			out = append(out, r)
 		}
 		return nil
@@ -334,6 +315,7 @@ func (d *dumpSocket) routes(family uint8) ([]KernelRoute, error) {
 // skips the former.
 func parseRoute(m []byte) (KernelRoute, bool) {
 	if len(m) < unix.SizeofRtMsg || m[rtmTable] == unix.RT_TABLE_LOCAL || // exact: tables over 255 show as RT_TABLE_COMPAT here
+		(m[rtmFamily] != unix.AF_INET && m[rtmFamily] != unix.AF_INET6) ||
 		nl.NativeEndian().Uint32(m[rtmFlags:rtmFlags+4])&unix.RTM_F_CLONED != 0 {
 		return KernelRoute{}, false
 	}

@@ -52,139 +52,68 @@ func (p Plan) Empty() bool { return len(p.Ops) == 0 }
 // Diff of a state with itself is empty. Duplicate keys in owned (which the
 // kernel can hold) are tolerated: one is kept or replaced, the others deleted.
 func Diff(owned, desired State) Plan {
-	if unchanged(owned, desired) {
-		return Plan{}
+	const (
+		addrAdds = iota
+		onLinkAdds
+		viaAdds
+		ruleAdds
+		rpfSets
+		ruleDels
+		viaDels
+		onLinkDels
+		addrDels
+		rpfRestores
+		groups
+	)
+	var g [groups][]Op
+	owned, desired = sortedState(owned), sortedState(desired)
+	route := func(r Route, first int) int { // first: the on-link group; via follows or precedes it
+		switch {
+		case !r.Gateway.IsValid():
+			return first
+		case first == onLinkAdds:
+			return viaAdds
+		}
+		return viaDels
 	}
-	return mergePlan(owned, desired)
+	diffByKey(owned.Routes, desired.Routes, compareRouteKeys,
+		func(r Route, replace bool) { i := route(r, onLinkAdds); g[i] = append(g[i], Op{Replace: replace, Route: ptr(r)}) },
+		func(r Route) { i := route(r, onLinkDels); g[i] = append(g[i], Op{Delete: true, Route: ptr(r)}) })
+	// Rules: the key is the whole rule, so only adds and deletes.
+	diffByKey(owned.Rules, desired.Rules, compareRules,
+		func(r Rule, _ bool) { g[ruleAdds] = append(g[ruleAdds], Op{Rule: ptr(r)}) },
+		func(r Rule) { g[ruleDels] = append(g[ruleDels], Op{Delete: true, Rule: ptr(r)}) })
+	diffByKey(owned.Addrs, desired.Addrs, compareAddrKeys,
+		func(a Addr, replace bool) { g[addrAdds] = append(g[addrAdds], Op{Replace: replace, Addr: ptr(a)}) },
+		func(a Addr) { g[addrDels] = append(g[addrDels], Op{Delete: true, Addr: ptr(a)}) })
+	// rp_filter: keyed by link name; a changed value is simply set again.
+	diffByKey(owned.RPFilters, desired.RPFilters, compareRPFilterKeys,
+		func(f RPFilter, _ bool) { g[rpfSets] = append(g[rpfSets], Op{RPFilter: ptr(f)}) },
+		func(f RPFilter) { g[rpfRestores] = append(g[rpfRestores], Op{Delete: true, RPFilter: ptr(f)}) })
+	return Plan{Ops: slices.Concat(g[:]...)}
 }
 
-// mergePlan is Diff's merge join of the two states.
-func mergePlan(owned, desired State) Plan {
-	var addrAdds, routeAddsOnLink, routeAddsVia, ruleAdds, rpfSets []Op
-	var ruleDels, routeDelsVia, routeDelsOnLink, addrDels, rpfRestores []Op
-	owned, desired = sortedState(owned), sortedState(desired)
-
-	addRoute := func(op Op) {
-		if op.Route.Gateway.IsValid() {
-			routeAddsVia = append(routeAddsVia, op)
-		} else {
-			routeAddsOnLink = append(routeAddsOnLink, op)
-		}
-	}
-	mergeByKey(owned.Routes, desired.Routes, compareRouteKeys, func(os, ds []Route) {
-		if len(ds) == 0 {
-			for _, o := range os {
-				op := Op{Delete: true, Route: ptr(o)}
-				if o.Gateway.IsValid() {
-					routeDelsVia = append(routeDelsVia, op)
-				} else {
-					routeDelsOnLink = append(routeDelsOnLink, op)
-				}
+// diffByKey walks owned and desired (sorted, key first) by key: a desired
+// object owned lacks is added, or replaces the owned one with its key and
+// other attributes (replace); the owned objects of a key that no desired
+// object keeps are deleted. Desired never wants two objects with one key;
+// of several, the first counts.
+func diffByKey[T comparable](owned, desired []T, compareKeys func(a, b T) int, add func(d T, replace bool), del func(o T)) {
+	mergeByKey(owned, desired, compareKeys, func(os, ds []T) {
+		keep := -1
+		if len(ds) > 0 {
+			keep = slices.Index(os, ds[0])
+			if keep < 0 {
+				add(ds[0], len(os) > 0)
+				keep = 0 // the first owned object, if any, becomes ds[0]
 			}
-			return
-		}
-		d := ds[0] // Desired never wants two routes with one key; be safe anyway
-		keep := slices.Index(os, d)
-		switch {
-		case len(os) == 0:
-			addRoute(Op{Route: ptr(d)})
-		case keep < 0:
-			addRoute(Op{Replace: true, Route: ptr(d)})
-			keep = 0 // the first owned route becomes d
 		}
 		for i, o := range os {
 			if i != keep { // a duplicate the kernel held under the same key
-				op := Op{Delete: true, Route: ptr(o)}
-				if o.Gateway.IsValid() {
-					routeDelsVia = append(routeDelsVia, op)
-				} else {
-					routeDelsOnLink = append(routeDelsOnLink, op)
-				}
+				del(o)
 			}
 		}
 	})
-
-	// Rules: the key is the whole rule, so only adds and deletes.
-	mergeByKey(owned.Rules, desired.Rules, compareRules, func(os, ds []Rule) {
-		if len(ds) > 0 {
-			if len(os) == 0 {
-				ruleAdds = append(ruleAdds, Op{Rule: ptr(ds[0])})
-				return
-			}
-			os = os[1:] // keep one, delete duplicates
-		}
-		for _, o := range os {
-			ruleDels = append(ruleDels, Op{Delete: true, Rule: ptr(o)})
-		}
-	})
-
-	mergeByKey(owned.Addrs, desired.Addrs, compareAddrKeys, func(os, ds []Addr) {
-		if len(ds) == 0 {
-			for _, o := range os {
-				addrDels = append(addrDels, Op{Delete: true, Addr: ptr(o)})
-			}
-			return
-		}
-		d := ds[0]
-		keep := slices.Index(os, d)
-		switch {
-		case len(os) == 0:
-			addrAdds = append(addrAdds, Op{Addr: ptr(d)})
-		case keep < 0: // only the flags differ: change them in place
-			addrAdds = append(addrAdds, Op{Replace: true, Addr: ptr(d)})
-			keep = 0
-		}
-		for i, o := range os {
-			if i != keep {
-				addrDels = append(addrDels, Op{Delete: true, Addr: ptr(o)})
-			}
-		}
-	})
-
-	// rp_filter: keyed by link name; a changed value is simply set again.
-	mergeByKey(owned.RPFilters, desired.RPFilters, compareRPFilterKeys,
-		func(os, ds []RPFilter) {
-			switch {
-			case len(ds) == 0:
-				rpfRestores = append(rpfRestores, Op{Delete: true, RPFilter: ptr(os[0])})
-			case len(os) == 0 || !slices.Contains(os, ds[0]):
-				rpfSets = append(rpfSets, Op{RPFilter: ptr(ds[0])})
-			}
-		})
-
-	var p Plan
-	for _, g := range [][]Op{addrAdds, routeAddsOnLink, routeAddsVia, ruleAdds, rpfSets,
-		ruleDels, routeDelsVia, routeDelsOnLink, addrDels, rpfRestores} {
-		p.Ops = append(p.Ops, g...)
-	}
-	return p
-}
-
-// unchanged reports whether owned equals desired object for object, in
-// canonical order with no key twice: then Diff has nothing to do (each key
-// has one owned and one equal desired object), and one pass over each slice
-// tells, where the merge costs several comparisons per object. That is every
-// no-op reconcile.
-func unchanged(owned, desired State) bool {
-	return sameWithUniqueKeys(owned.Routes, desired.Routes, compareRouteKeys) &&
-		sameWithUniqueKeys(owned.Rules, desired.Rules, compareRules) &&
-		sameWithUniqueKeys(owned.Addrs, desired.Addrs, compareAddrKeys) &&
-		sameWithUniqueKeys(owned.RPFilters, desired.RPFilters, compareRPFilterKeys)
-}
-
-// sameWithUniqueKeys reports whether owned and desired are equal and their
-// keys strictly increase (so they are sorted: each comparator of State.Sort
-// orders by key first).
-func sameWithUniqueKeys[T comparable](owned, desired []T, compareKeys func(a, b T) int) bool {
-	if len(owned) != len(desired) {
-		return false
-	}
-	for i := range desired {
-		if owned[i] != desired[i] || i > 0 && compareKeys(desired[i-1], desired[i]) >= 0 {
-			return false
-		}
-	}
-	return true
 }
 
 func compareRPFilterKeys(a, b RPFilter) int { return strings.Compare(a.LinkName, b.LinkName) }

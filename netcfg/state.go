@@ -46,84 +46,10 @@ func (a Addr) Key() AddrKey { return AddrKey{LinkIndex: a.LinkIndex, Prefix: a.P
 // by priority then source then table, addresses by link then address,
 // rp_filter entries by link name.
 func (s *State) Sort() {
-	sortRuns(s.Routes, compareRoutes)
-	sortRuns(s.Rules, compareRules)
-	sortRuns(s.Addrs, compareAddrs)
-	sortRuns(s.RPFilters, compareRPFilters)
-}
-
-// maxSortRuns is how many sorted runs sortRuns merges; more, and it sorts.
-const maxSortRuns = 32
-
-// sortRuns sorts s as slices.SortFunc does (cmp orders every field of T, so
-// the result is the same), in linear time when s is made of a few ascending
-// or descending runs.
-//
-// Why: the owned state comes from kernel dumps in nearly sorted order, and
-// sorting it from scratch was a tenth of a no-op reconcile at full scale.
-// Rules come in priority order, one run per family; addresses come by link,
-// IPv4 in the order they were added (Apply adds them sorted) and IPv6 newest
-// first: after reversing those descending runs, one run per family.
-func sortRuns[T any](s []T, cmp func(a, b T) int) {
-	// bounds: the start of each run, then len(s).
-	bounds := make([]int, 0, 8)
-	for i := 0; i < len(s); {
-		j := i + 1
-		if j < len(s) && cmp(s[i], s[j]) > 0 {
-			for j < len(s) && cmp(s[j-1], s[j]) > 0 {
-				j++
-			}
-			slices.Reverse(s[i:j]) // strictly descending: no equal elements swap
-		} else {
-			for j < len(s) && cmp(s[j-1], s[j]) <= 0 {
-				j++
-			}
-		}
-		// A reversed run may continue the run before it.
-		if i == 0 || cmp(s[i-1], s[i]) > 0 {
-			if len(bounds) == maxSortRuns {
-				slices.SortFunc(s, cmp)
-				return
-			}
-			bounds = append(bounds, i)
-		}
-		i = j
-	}
-	bounds = append(bounds, len(s))
-	var buf []T
-	for len(bounds) > 2 {
-		merged := make([]int, 0, len(bounds)/2+2)
-		i := 0
-		for ; i+2 < len(bounds); i += 2 {
-			buf = mergeRuns(s[bounds[i]:bounds[i+2]], bounds[i+1]-bounds[i], buf, cmp)
-			merged = append(merged, bounds[i])
-		}
-		merged = append(merged, bounds[i:]...) // the last run if odd, and len(s)
-		bounds = merged
-	}
-}
-
-// mergeRuns merges the sorted s[:mid] and s[mid:] in place, copying the
-// first run into buf (returned, for reuse).
-func mergeRuns[T any](s []T, mid int, buf []T, cmp func(a, b T) int) []T {
-	if cmp(s[mid-1], s[mid]) <= 0 {
-		return buf // already in order
-	}
-	buf = append(buf[:0], s[:mid]...)
-	i, j, k := 0, mid, 0
-	// k < j while buf has elements left: nothing unread is overwritten.
-	for i < len(buf) && j < len(s) {
-		if cmp(s[j], buf[i]) < 0 {
-			s[k] = s[j]
-			j++
-		} else {
-			s[k] = buf[i]
-			i++
-		}
-		k++
-	}
-	copy(s[k:], buf[i:]) // what is left of s[j:] is already in place
-	return buf
+	slices.SortFunc(s.Routes, compareRoutes)
+	slices.SortFunc(s.Rules, compareRules)
+	slices.SortFunc(s.Addrs, compareAddrs)
+	slices.SortFunc(s.RPFilters, compareRPFilters)
 }
 
 // Equal reports whether s and t hold the same objects, in any order.
