@@ -283,9 +283,16 @@ func WriteStatusTable(w io.Writer, rep Report, health *Health, healthErr error) 
 	if multi {
 		fmt.Fprintln(w, "* VPC differs from the primary ENI's (multi-VPC)")
 	}
+	// Desired's warnings are both the ENI's and the report's: print each once.
+	reported := map[[2]string]bool{}
+	for _, x := range rep.Warnings {
+		reported[[2]string{x.ENI, x.Message}] = true
+	}
 	for _, e := range rep.ENIs {
 		for _, msg := range e.Warnings {
-			fmt.Fprintf(w, "warning: %s: %s\n", nonEmpty(e.InterfaceID, e.MAC), msg)
+			if !reported[[2]string{e.Name(), msg}] {
+				fmt.Fprintf(w, "warning: %s: %s\n", e.Name(), msg)
+			}
 		}
 	}
 	writeWarnings(w, rep)

@@ -266,3 +266,22 @@ func TestPlanReportsBlockedRouteInOurTable(t *testing.T) {
 		t.Errorf("no warning names the blocked default route of table %d: %v", table, rep.Warnings)
 	}
 }
+
+// A warning of Desired is both the ENI's and the report's: the status table
+// prints it once; an ENI's own note (not ready, kept state) is printed too.
+func TestStatusTablePrintsEachWarningOnce(t *testing.T) {
+	overlap := "not routing 10.0.0.0/16 of vpc-c through eth2 in the main table: it overlaps 10.0.0.0/16 of vpc-a"
+	rep := Report{HaveSnapshot: true,
+		ENIs: []netcfg.ENIStatus{{MAC: "02:00:00:00:00:02", InterfaceID: "eni-2", State: netcfg.ENIConfigured,
+			Warnings: []string{overlap, "keeping the existing configuration until IMDS is ready"}}},
+		Warnings: []netcfg.Warning{{ENI: "eni-2", Message: overlap, Hint: "add a narrower extra route"}},
+	}
+	var buf bytes.Buffer
+	WriteStatusTable(&buf, rep, nil, os.ErrNotExist)
+	if n := strings.Count(buf.String(), overlap); n != 1 {
+		t.Errorf("the overlap warning is printed %d times:\n%s", n, buf.String())
+	}
+	if !strings.Contains(buf.String(), "warning: eni-2: keeping the existing configuration") {
+		t.Errorf("the ENI's own note is missing:\n%s", buf.String())
+	}
+}

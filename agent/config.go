@@ -271,51 +271,64 @@ func (p parser) top(n *yaml.Node, cfg *Config) error {
 		case "state_dir":
 			cfg.StateDir, err = p.absPath(v, key)
 		case "imds":
-			err = p.fields(v, key, []string{"endpoint", "timeout"}, func(k string, v *yaml.Node) error {
-				var err error
-				switch k {
-				case "endpoint":
-					cfg.IMDS.Endpoint, err = p.endpoint(v, join(key, k))
-				case "timeout":
-					cfg.IMDS.Timeout, err = p.duration(v, join(key, k), 100*time.Millisecond)
-				}
-				return err
-			})
+			err = p.imds(v, key, &cfg.IMDS)
 		case "log":
-			err = p.fields(v, key, []string{"level", "format"}, func(k string, v *yaml.Node) error {
-				var err error
-				switch k {
-				case "level":
-					cfg.Log.Level, err = p.oneOf(v, join(key, k), "debug", "info", "warn", "error")
-				case "format":
-					cfg.Log.Format, err = p.oneOf(v, join(key, k), "auto", "json", "console")
-				}
-				return err
-			})
+			err = p.log(v, key, &cfg.Log)
 		case "metrics":
-			var listenNode *yaml.Node
-			err = p.fields(v, key, []string{"listen", "allow_non_loopback"}, func(k string, v *yaml.Node) error {
-				var err error
-				switch k {
-				case "listen":
-					listenNode = v
-					cfg.Metrics.Listen, err = p.str(v, join(key, k))
-				case "allow_non_loopback":
-					cfg.Metrics.AllowNonLoopback, err = p.boolean(v, join(key, k))
-				}
-				return err
-			})
-			if err == nil && listenNode != nil && cfg.Metrics.Listen != "" {
-				var addr string
-				addr, err = CheckMetricsListen(cfg.Metrics.Listen, cfg.Metrics.AllowNonLoopback)
-				if err != nil {
-					err = p.errorf(listenNode, "metrics.listen", "%v", err)
-				}
-				cfg.Metrics.Listen = addr
-			}
+			err = p.metrics(v, key, &cfg.Metrics)
 		}
 		return err
 	})
+}
+
+func (p parser) imds(n *yaml.Node, key string, c *IMDSConfig) error {
+	return p.fields(n, key, []string{"endpoint", "timeout"}, func(k string, v *yaml.Node) error {
+		var err error
+		switch k {
+		case "endpoint":
+			c.Endpoint, err = p.endpoint(v, join(key, k))
+		case "timeout":
+			c.Timeout, err = p.duration(v, join(key, k), 100*time.Millisecond)
+		}
+		return err
+	})
+}
+
+func (p parser) log(n *yaml.Node, key string, c *LogConfig) error {
+	return p.fields(n, key, []string{"level", "format"}, func(k string, v *yaml.Node) error {
+		var err error
+		switch k {
+		case "level":
+			c.Level, err = p.oneOf(v, join(key, k), "debug", "info", "warn", "error")
+		case "format":
+			c.Format, err = p.oneOf(v, join(key, k), "auto", "json", "console")
+		}
+		return err
+	})
+}
+
+func (p parser) metrics(n *yaml.Node, key string, c *MetricsConfig) error {
+	var listenNode *yaml.Node
+	err := p.fields(n, key, []string{"listen", "allow_non_loopback"}, func(k string, v *yaml.Node) error {
+		var err error
+		switch k {
+		case "listen":
+			listenNode = v
+			c.Listen, err = p.str(v, join(key, k))
+		case "allow_non_loopback":
+			c.AllowNonLoopback, err = p.boolean(v, join(key, k))
+		}
+		return err
+	})
+	if err != nil || listenNode == nil || c.Listen == "" {
+		return err
+	}
+	addr, err := CheckMetricsListen(c.Listen, c.AllowNonLoopback)
+	if err != nil {
+		return p.errorf(listenNode, "metrics.listen", "%v", err)
+	}
+	c.Listen = addr
+	return nil
 }
 
 func (p parser) enis(n *yaml.Node, path string) ([]netcfg.ENIConfig, error) {

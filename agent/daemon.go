@@ -85,7 +85,6 @@ type Daemon struct {
 
 	pending atomic.Uint32 // trigger bits not yet handled
 	idle    atomic.Bool   // the worker waits with nothing pending (for tests)
-	runs    atomic.Int64  // reconciles run so far (for tests: proves coalescing)
 	blocked atomic.Bool   // some wanted object is held off by a foreign one
 	kick    chan struct{}
 
@@ -298,7 +297,6 @@ func (d *Daemon) loop(ctx context.Context, hup <-chan os.Signal, watchdog <-chan
 		case <-settle.C:
 			gathering = batch{}
 			if t := Trigger(d.pending.Swap(0)); t != 0 {
-				d.runs.Add(1)
 				err := d.reconcile(ctx, t)
 				d.schedule(poll, retry, t, err)
 			}

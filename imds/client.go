@@ -44,7 +44,7 @@ const (
 	DefaultConcurrency          = 4
 	DefaultMaxRequestsPerSecond = 100
 	// DefaultRequestBurst lets one full snapshot of the largest instance
-	// (15 ENIs, ~182 requests) go out at once, so a hot attach is configured in
+	// (15 ENIs with 100 addresses and 4 prefixes each: 212 requests) go out at once, so a hot attach is configured in
 	// milliseconds, while the sustained rate stays at MaxRequestsPerSecond:
 	// about 3 packets a request keeps a worst-case second (burst + rate) under
 	// the 1024 packets/s that IMDS, DNS and NTP share per ENI.

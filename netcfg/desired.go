@@ -313,8 +313,6 @@ func (d *desirer) run() {
 
 // computeForeign subtracts our own addresses from the observed ones.
 func (d *desirer) computeForeign() {
-	// Observe's state is sorted already: no copy, and none of the map of
-	// 1,500 keys this used to build at full scale.
 	d.owned = d.obs.Owned.Addrs
 	if !slices.IsSortedFunc(d.owned, compareAddrKeys) {
 		d.owned = slices.Clone(d.owned)
