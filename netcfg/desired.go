@@ -199,9 +199,9 @@ type desirer struct {
 	primaryVPC string
 	// foreign holds, per link, the addresses on it that are not ours.
 	foreign map[int][]netip.Prefix
-	// owned holds the addresses we own, sorted by identity (ownedAddr looks
-	// them up).
-	owned []Addr
+	// owned holds the addresses we own by identity; of several with one
+	// identity, the last one counts.
+	owned map[AddrKey]Addr
 
 	b        stateBuilder
 	warnings []Warning
@@ -209,14 +209,7 @@ type desirer struct {
 
 func newDesirer(snap imds.Snapshot, obs Observed, cfg Config) *desirer {
 	d := &desirer{snap: snap, obs: obs, cfg: cfg}
-	// Sizing the builder up front saves most of Desired's allocations at
-	// full scale (thousands of addresses and rules).
-	var addrs, rules int
-	for _, e := range snap.ENIs {
-		addrs += len(e.LocalIPv4s) + len(e.IPv6s)
-		rules += len(e.LocalIPv4s) + len(e.IPv6s) + len(e.IPv4Prefixes) + len(e.IPv6Prefixes)
-	}
-	d.b = newStateBuilder(d.warn, 4*len(snap.ENIs), rules, addrs)
+	d.b = stateBuilder{routes: map[RouteKey]Route{}, addrs: map[netip.Addr]AddrKey{}, rpf: map[string]bool{}, warn: d.warn}
 	return d
 }
 
@@ -313,44 +306,18 @@ func (d *desirer) run() {
 
 // computeForeign subtracts our own addresses from the observed ones.
 func (d *desirer) computeForeign() {
-	d.owned = d.obs.Owned.Addrs
-	if !slices.IsSortedFunc(d.owned, compareAddrKeys) {
-		d.owned = slices.Clone(d.owned)
-		slices.SortStableFunc(d.owned, compareAddrKeys)
+	d.owned = make(map[AddrKey]Addr, len(d.obs.Owned.Addrs))
+	for _, a := range d.obs.Owned.Addrs {
+		d.owned[a.Key()] = a
 	}
 	d.foreign = map[int][]netip.Prefix{}
 	for idx, ps := range d.obs.Addrs {
-		mine := d.ownedOnLink(idx)
 		for _, p := range ps {
-			if _, ours := ownedAddr(mine, p); ours || !p.IsValid() {
-				continue
+			if _, ours := d.owned[AddrKey{LinkIndex: idx, Prefix: p}]; !ours && p.IsValid() {
+				d.foreign[idx] = append(d.foreign[idx], p)
 			}
-			d.foreign[idx] = append(d.foreign[idx], p)
 		}
 	}
-}
-
-// ownedOnLink is the part of d.owned on link.
-func (d *desirer) ownedOnLink(link int) []Addr {
-	lo, _ := slices.BinarySearchFunc(d.owned, link, func(a Addr, link int) int { return cmp.Compare(a.LinkIndex, link) })
-	hi := lo
-	for hi < len(d.owned) && d.owned[hi].LinkIndex == link {
-		hi++
-	}
-	return d.owned[lo:hi]
-}
-
-// ownedAddr finds prefix among the owned addresses of one link (sorted);
-// of several with that identity, the last one counts.
-func ownedAddr(onLink []Addr, prefix netip.Prefix) (Addr, bool) {
-	i, found := slices.BinarySearchFunc(onLink, prefix, func(a Addr, p netip.Prefix) int { return comparePrefix(a.Prefix, p) })
-	if !found {
-		return Addr{}, false
-	}
-	for i+1 < len(onLink) && onLink[i+1].Prefix == prefix {
-		i++
-	}
-	return onLink[i], true
 }
 
 // present reports whether a will be on the link after the plan: a foreign
@@ -567,7 +534,7 @@ func (d *desirer) addAddresses(e *eniInfo, overlapping bool) {
 			// main unambiguous, while flipping ours would mean deleting and
 			// re-adding the ENI's primary address (IPv4 cannot change the
 			// flag in place).
-			if o, ok := ownedAddr(d.ownedOnLink(link), p); ok {
+			if o, ok := d.owned[AddrKey{LinkIndex: link, Prefix: p}]; ok {
 				noPrefixRoute = o.NoPrefixRoute
 			}
 		}
@@ -852,20 +819,6 @@ type stateBuilder struct {
 	addrs  map[netip.Addr]AddrKey // by address alone: see addr
 	rpf    map[string]bool
 	warn   func(e *eniInfo, msg, hint string)
-}
-
-func newStateBuilder(warn func(e *eniInfo, msg, hint string), routes, rules, addrs int) stateBuilder {
-	return stateBuilder{
-		st: State{
-			Routes: make([]Route, 0, routes),
-			Rules:  make([]Rule, 0, rules),
-			Addrs:  make([]Addr, 0, addrs),
-		},
-		routes: make(map[RouteKey]Route, routes),
-		addrs:  make(map[netip.Addr]AddrKey, addrs),
-		rpf:    map[string]bool{},
-		warn:   warn,
-	}
 }
 
 func (b *stateBuilder) route(e *eniInfo, r Route) bool {

@@ -184,8 +184,15 @@ func (k *Kernel) Observe() (Observed, error) {
 			obs.ForeignRoutes = append(obs.ForeignRoutes, r)
 		}
 	}
-	obs.Addrs = map[int][]netip.Prefix{}
+	perLink := map[int]int{} // sizes first: one allocation per link
 	for _, a := range addrs {
+		perLink[a.LinkIndex]++
+	}
+	obs.Addrs = make(map[int][]netip.Prefix, len(perLink))
+	for _, a := range addrs {
+		if obs.Addrs[a.LinkIndex] == nil {
+			obs.Addrs[a.LinkIndex] = make([]netip.Prefix, 0, perLink[a.LinkIndex])
+		}
 		obs.Addrs[a.LinkIndex] = append(obs.Addrs[a.LinkIndex], a.Prefix)
 	}
 	if obs.Owned.Addrs, err = k.ownedAddrs(addrs); err != nil {
@@ -204,7 +211,7 @@ func (k *Kernel) Observe() (Observed, error) {
 // what a delete request names, and a request cannot say "no fwmark", so
 // deleting such a rule of ours would delete the lookalike instead.
 func (k *Kernel) rules(d *dumpSocket) ([]Rule, []KernelRule, map[Rule]bool, error) {
-	var ours []Rule
+	ours := make([]Rule, 0, d.sizeHint(unix.RTM_GETRULE))
 	var foreign []KernelRule
 	lookalikes, shadowed := map[Rule]bool{}, map[Rule]bool{}
 	reset := func() { ours, foreign = ours[:0], foreign[:0]; clear(lookalikes); clear(shadowed) }
@@ -260,7 +267,7 @@ func (k *Kernel) ownedAddrs(all []kernelAddr) ([]Addr, error) {
 			return nil, err
 		}
 	}
-	var out []Addr
+	out := make([]Addr, 0, len(all))
 	for _, a := range all {
 		if k.ownsAddr(a, recorded) {
 			out = append(out, Addr{LinkIndex: a.LinkIndex, Prefix: a.Prefix, NoPrefixRoute: a.Flags&unix.IFA_F_NOPREFIXROUTE != 0})

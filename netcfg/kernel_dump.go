@@ -35,6 +35,17 @@ type dumpSocket struct {
 	seq    uint32
 	strict bool
 	buf    []byte
+	// counts is how many messages the latest dump of each type carried: the
+	// next one allocates for as many at once (at full scale, 1,500
+	// addresses and as many rules).
+	counts map[uint16]int
+}
+
+// sizeHint is how many messages the latest dump of msgType carried.
+func (d *dumpSocket) sizeHint(msgType uint16) int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.counts[msgType]
 }
 
 // dumpBufferSize holds any one read of a dump: the kernel fills at most 32 KiB
@@ -61,7 +72,7 @@ func newDumpSocket(ns netns.NsHandle) (*dumpSocket, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("setting up netlink dump socket: %w", err)
 	}
-	d := &dumpSocket{fd: fd, buf: make([]byte, dumpBufferSize)}
+	d := &dumpSocket{fd: fd, buf: make([]byte, dumpBufferSize), counts: map[uint16]int{}}
 	// Not fatal: without it the kernel sends everything and we filter.
 	d.strict = unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_GET_STRICT_CHK, 1) == nil
 	return d, nil
@@ -80,7 +91,9 @@ func (d *dumpSocket) dump(what string, msgType uint16, body []byte, reset func()
 	var err error
 	for range maxDumpAttempts {
 		reset()
-		err = d.dumpOnce(msgType, body, fn)
+		n := 0
+		err = d.dumpOnce(msgType, body, func(typ uint16, m []byte) error { n++; return fn(typ, m) })
+		d.counts[msgType] = n
 		if !errors.Is(err, netlink.ErrDumpInterrupted) {
 			if err != nil {
 				return fmt.Errorf("listing %s: %w", what, err)
@@ -268,7 +281,7 @@ func rpFilterFromAFSpec(afSpec []byte) (value int, ok bool) {
 func (d *dumpSocket) addrs(family uint8) ([]kernelAddr, error) {
 	body := make([]byte, unix.SizeofIfAddrmsg) // every link
 	body[0] = family
-	var out []kernelAddr
+	out := make([]kernelAddr, 0, d.sizeHint(unix.RTM_GETADDR))
 	err := d.dump("addresses", unix.RTM_GETADDR, body, func() { out = out[:0] }, func(typ uint16, m []byte) error {
 		if typ != unix.RTM_NEWADDR {
 			return nil
