@@ -30,54 +30,32 @@ type Metrics struct {
 
 // NewMetrics registers every metric in a new private registry.
 func NewMetrics() *Metrics {
+	counter := func(name, help string) prometheus.Counter {
+		return prometheus.NewCounter(prometheus.CounterOpts{Name: name, Help: help})
+	}
+	gauge := func(name, help string) prometheus.Gauge {
+		return prometheus.NewGauge(prometheus.GaugeOpts{Name: name, Help: help})
+	}
+	histogram := func(name, help string) prometheus.Histogram {
+		return prometheus.NewHistogram(prometheus.HistogramOpts{Name: name, Help: help, Buckets: prometheus.ExponentialBuckets(0.001, 2, 14)})
+	}
 	m := &Metrics{
 		reg: prometheus.NewRegistry(),
 		reconciles: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "dualhomed_reconciles_total",
 			Help: "Reconciles run, by result (ok, degraded: IMDS or apply failed, error: kernel unreadable).",
 		}, []string{"result"}),
-		duration: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    "dualhomed_reconcile_duration_seconds",
-			Help:    "Time one reconcile took, IMDS read included.",
-			Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
-		}),
-		changes: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "dualhomed_changes_applied_total",
-			Help: "Route, rule, address and rp_filter changes applied.",
-		}),
-		repairs: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "dualhomed_drift_repairs_total",
-			Help: "Objects re-added after another program removed them.",
-		}),
-		imdsRequests: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "dualhomed_imds_requests_total",
-			Help: "HTTP requests made to the instance metadata service (token included).",
-		}),
-		imdsErrors: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "dualhomed_imds_errors_total",
-			Help: "IMDS snapshots that failed (unreachable, throttled, malformed).",
-		}),
-		imdsLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    "dualhomed_imds_snapshot_duration_seconds",
-			Help:    "Time to read one complete IMDS snapshot.",
-			Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
-		}),
-		enis: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "dualhomed_enis",
-			Help: "ENIs listed by IMDS, by state.",
-		}, []string{"state"}),
-		rules: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "dualhomed_managed_rules",
-			Help: "Policy rules owned by dualhomed.",
-		}),
-		routes: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "dualhomed_managed_routes",
-			Help: "Routes owned by dualhomed.",
-		}),
-		lastSuccess: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "dualhomed_last_successful_reconcile_timestamp_seconds",
-			Help: "Unix time of the last reconcile that read IMDS and applied everything.",
-		}),
+		duration:     histogram("dualhomed_reconcile_duration_seconds", "Time one reconcile took, IMDS read included."),
+		changes:      counter("dualhomed_changes_applied_total", "Route, rule, address and rp_filter changes applied."),
+		repairs:      counter("dualhomed_drift_repairs_total", "Objects re-added after another program removed them."),
+		imdsRequests: counter("dualhomed_imds_requests_total", "HTTP requests made to the instance metadata service (token included)."),
+		imdsErrors:   counter("dualhomed_imds_errors_total", "IMDS snapshots that failed (unreachable, throttled, malformed)."),
+		imdsLatency:  histogram("dualhomed_imds_snapshot_duration_seconds", "Time to read one complete IMDS snapshot."),
+		enis: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "dualhomed_enis", Help: "ENIs listed by IMDS, by state."},
+			[]string{"state"}),
+		rules:       gauge("dualhomed_managed_rules", "Policy rules owned by dualhomed."),
+		routes:      gauge("dualhomed_managed_routes", "Routes owned by dualhomed."),
+		lastSuccess: gauge("dualhomed_last_successful_reconcile_timestamp_seconds", "Unix time of the last reconcile that read IMDS and applied everything."),
 	}
 	m.reg.MustRegister(m.reconciles, m.duration, m.changes, m.repairs, m.imdsRequests, m.imdsErrors,
 		m.imdsLatency, m.enis, m.rules, m.routes, m.lastSuccess,

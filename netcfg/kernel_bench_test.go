@@ -198,7 +198,6 @@ func BenchmarkObserveParts(b *testing.B) {
 		{"routes-except-local", func() error { _, err := k.dump.routes(); return err }},
 		// As Observe reads them: from the links dump just made.
 		{"rp-filters", func() error { _, err := k.ownedRPFilters(rpFilters); return err }},
-		{"rp-filters-procfs", func() error { _, err := k.ownedRPFilters(nil); return err }},
 		{"observe", func() error { _, err := k.Observe(); return err }},
 	}
 	for _, p := range parts {

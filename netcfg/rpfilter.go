@@ -4,8 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"path/filepath"
-	"sort"
+	"slices"
 )
 
 // rpFilterStateFile records, for each link whose rp_filter we changed, the
@@ -25,43 +26,22 @@ func (k *Kernel) rpFilterOriginals() (map[string]int, error) {
 }
 
 // ownedRPFilters reports the current rp_filter of every recorded link that
-// still exists. values gives every link's value by name (as links() reads
-// them); nil means they are read from procfs instead.
+// still exists; values gives every link's value by name, as links() reads
+// them. A recorded name that could not be a link's is an error: the state
+// file is damaged.
 func (k *Kernel) ownedRPFilters(values map[string]int) ([]RPFilter, error) {
 	orig, err := k.rpFilterOriginals()
 	if err != nil || len(orig) == 0 {
 		return nil, err
 	}
-	links := make([]string, 0, len(orig))
-	for link := range orig {
-		// A name that could not be a link's is an error on either path, as
-		// it always was when every value came from procfs.
+	var out []RPFilter
+	for _, link := range slices.Sorted(maps.Keys(orig)) {
 		if _, err := rpFilterPath(link); err != nil {
 			return nil, fmt.Errorf("reading rp_filter originals: %w", err)
 		}
-		links = append(links, link)
-	}
-	sort.Strings(links)
-	var out []RPFilter
-	if values != nil {
-		for _, link := range links {
-			if v, ok := values[link]; ok {
-				out = append(out, RPFilter{LinkName: link, Value: v})
-			} // else the link is gone; its record waits for it to return
-		}
-		return out, nil
-	}
-	// One trip into the namespace for all of them: entering it costs two
-	// setns calls and a thread, more than the reads.
-	read, err := readRPFilters(k.ns, links)
-	if err != nil {
-		return nil, err
-	}
-	for i, link := range links {
-		if read[i] < 0 {
-			continue // the link is gone; its record waits for it to return
-		}
-		out = append(out, RPFilter{LinkName: link, Value: read[i]})
+		if v, ok := values[link]; ok {
+			out = append(out, RPFilter{LinkName: link, Value: v})
+		} // else the link is gone; its record waits for it to return
 	}
 	return out, nil
 }

@@ -104,10 +104,9 @@ func TestLinkDumpRPFiltersMatchProcfs(t *testing.T) {
 	}
 }
 
-// Both ways of reading owned rp_filter values (the link dump, procfs when the
-// kernel does not report them) give the same answer: every recorded link that
+// Owned rp_filter values come from the link dump: every recorded link that
 // exists with an IPv4 configuration, sorted, and nothing for the others.
-func TestOwnedRPFiltersFromLinkDumpOrProcfs(t *testing.T) {
+func TestOwnedRPFiltersFromLinkDump(t *testing.T) {
 	k, ns := rpFilterKernel(t)
 	// An MTU too small for IPv4 removes lo's IPv4 configuration, and with it
 	// /proc/sys/net/ipv4/conf/lo: a link that exists but has no rp_filter.
@@ -124,16 +123,9 @@ func TestOwnedRPFiltersFromLinkDumpOrProcfs(t *testing.T) {
 	if err != nil {
 		t.Fatalf("ownedRPFilters from the link dump: %v", err)
 	}
-	fromProcfs, err := k.ownedRPFilters(nil)
-	if err != nil {
-		t.Fatalf("ownedRPFilters from procfs: %v", err)
-	}
 	want := []RPFilter{{LinkName: "eth0", Value: 0}, {LinkName: "eth2", Value: 2}}
 	if !slices.Equal(fromLinks, want) {
 		t.Errorf("from the link dump: %v, want %v", fromLinks, want)
-	}
-	if !slices.Equal(fromProcfs, want) {
-		t.Errorf("from procfs: %v, want %v", fromProcfs, want)
 	}
 	// Observe reads them the same way.
 	obs, err := k.Observe()
@@ -145,8 +137,8 @@ func TestOwnedRPFiltersFromLinkDumpOrProcfs(t *testing.T) {
 	}
 }
 
-// A recorded name that cannot be a link's is an error whichever way values
-// are read: the state file is damaged.
+// A recorded name that cannot be a link's is an error: the state file is
+// damaged.
 func TestOwnedRPFiltersRefusesABadRecord(t *testing.T) {
 	k, _ := rpFilterKernel(t)
 	if err := os.WriteFile(filepath.Join(k.stateDir, rpFilterStateFile), []byte(`{"../eth0": 1}`), 0o644); err != nil {
@@ -156,9 +148,7 @@ func TestOwnedRPFiltersRefusesABadRecord(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for name, values := range map[string]map[string]int{"link dump": fromLinks, "procfs": nil} {
-		if got, err := k.ownedRPFilters(values); err == nil {
-			t.Errorf("%s: ownedRPFilters = %v, want an error", name, got)
-		}
+	if got, err := k.ownedRPFilters(fromLinks); err == nil {
+		t.Errorf("ownedRPFilters = %v, want an error", got)
 	}
 }

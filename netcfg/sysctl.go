@@ -1,9 +1,7 @@
 package netcfg
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -42,40 +40,6 @@ func readRPFilter(ns netns.NsHandle, link string) (int, error) {
 		return 0, fmt.Errorf("reading net.ipv4.conf.%s.rp_filter: %w", link, err)
 	}
 	return v, nil
-}
-
-// readRPFilters reads the rp_filter of each link inside ns in one trip into
-// the namespace; a link that does not exist reads as -1.
-func readRPFilters(ns netns.NsHandle, links []string) ([]int, error) {
-	paths := make([]string, len(links))
-	for i, link := range links {
-		p, err := rpFilterPath(link)
-		if err != nil {
-			return nil, err
-		}
-		paths[i] = p
-	}
-	values := make([]int, len(links))
-	err := nsthread.Do(ns, func() error {
-		for i, path := range paths {
-			b, err := os.ReadFile(path)
-			if errors.Is(err, fs.ErrNotExist) {
-				values[i] = -1
-				continue
-			}
-			if err == nil {
-				values[i], err = strconv.Atoi(strings.TrimSpace(string(b)))
-			}
-			if err != nil {
-				return fmt.Errorf("reading net.ipv4.conf.%s.rp_filter: %w", links[i], err)
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	return values, nil
 }
 
 // writeRPFilter is `sysctl -w net.ipv4.conf.<link>.rp_filter=<v>` inside ns.
