@@ -61,7 +61,7 @@ func TestAttribute(t *testing.T) {
 	}{
 		{Op{Route: r(20001, 3)}, "eni-1", "eth1"},
 		{Op{Route: r(20002, 7)}, "02:00:00:00:00:02", "eth2"}, // its link is gone: by table
-		{Op{Route: r(MainTable, 9)}, "", "veth9"},              // nobody's ENI: the link's name
+		{Op{Route: r(MainTable, 9)}, "", "veth9"},             // nobody's ENI: the link's name
 		{Op{Rule: &Rule{Priority: 20001, Src: netip.MustParsePrefix("10.1.0.10/32"), Table: 20001}}, "eni-1", "eth1"},
 		{Op{Addr: &Addr{LinkIndex: 4, Prefix: netip.MustParsePrefix("10.2.0.10/20")}}, "02:00:00:00:00:02", "eth2"},
 		{Op{RPFilter: &RPFilter{LinkName: "eth1", Value: 2}}, "eni-1", "eth1"},

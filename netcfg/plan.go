@@ -77,7 +77,10 @@ func Diff(owned, desired State) Plan {
 		return viaDels
 	}
 	diffByKey(owned.Routes, desired.Routes, compareRouteKeys,
-		func(r Route, replace bool) { i := route(r, onLinkAdds); g[i] = append(g[i], Op{Replace: replace, Route: ptr(r)}) },
+		func(r Route, replace bool) {
+			i := route(r, onLinkAdds)
+			g[i] = append(g[i], Op{Replace: replace, Route: ptr(r)})
+		},
 		func(r Route) { i := route(r, onLinkDels); g[i] = append(g[i], Op{Delete: true, Route: ptr(r)}) })
 	// Rules: the key is the whole rule, so only adds and deletes.
 	diffByKey(owned.Rules, desired.Rules, compareRules,
