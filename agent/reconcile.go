@@ -295,9 +295,8 @@ func (r *Reconciler) quietPoll(t Trigger) bool {
 
 // plan returns Diff's plan for desired less what this reconcile may not or
 // need not apply, whether it withheld no deletion, and the conflicts it
-// checked (a dry run's). Without a
-// fresh IMDS read, the last good snapshot may be stale: it can add, never
-// remove. Adds another program's object holds out are left out with a
+// checked (a dry run's). Without a fresh IMDS read, the last good snapshot
+// may be stale: it can add, never remove. Adds another program's object holds out are left out with a
 // warning each: those that did not stick before (blocked), and in a dry
 // run, which cannot learn that from EEXIST, those Conflicts names, so that
 // plan agrees with the daemon.

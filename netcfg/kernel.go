@@ -276,19 +276,13 @@ func (k *Kernel) ownedAddrs(all []kernelAddr) ([]Addr, error) {
 	return out, nil
 }
 
-func prefixOf(n *net.IPNet, family int) netip.Prefix {
-	if n == nil {
-		if family == unix.AF_INET6 {
-			return netip.PrefixFrom(netip.IPv6Unspecified(), 0)
-		}
-		return netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+// anyPrefix is "all" of family (AF_INET6 or else IPv4): 0.0.0.0/0 or ::/0,
+// what a route or rule without a destination or source matches.
+func anyPrefix(family int) netip.Prefix {
+	if family == unix.AF_INET6 {
+		return netip.PrefixFrom(netip.IPv6Unspecified(), 0)
 	}
-	ip, ok := netip.AddrFromSlice(n.IP)
-	if !ok {
-		return netip.Prefix{}
-	}
-	ones, _ := n.Mask.Size()
-	return netip.PrefixFrom(ip.Unmap(), ones)
+	return netip.PrefixFrom(netip.IPv4Unspecified(), 0)
 }
 
 func ipNet(p netip.Prefix) *net.IPNet {

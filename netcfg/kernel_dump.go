@@ -334,7 +334,7 @@ func parseRoute(m []byte) (KernelRoute, bool) {
 	}
 	r := KernelRoute{Protocol: m[rtmProtocol], Type: m[rtmType]}
 	r.Table, r.ScopeLink = int(m[rtmTable]), m[rtmScope] == unix.RT_SCOPE_LINK
-	r.Dst = prefixOf(nil, int(m[rtmFamily]))
+	r.Dst = anyPrefix(int(m[rtmFamily]))
 	dstLen := int(m[rtmDstLen])
 	forEachAttr(m[unix.SizeofRtMsg:], func(t uint16, v []byte) {
 		x, isU32 := u32(v)
@@ -381,7 +381,7 @@ func parseRule(m []byte) (r KernelRule, ok bool) {
 	if len(m) < frhSize {
 		return KernelRule{}, false
 	}
-	r.Src = prefixOf(nil, int(m[frhFamily]))
+	r.Src = anyPrefix(int(m[frhFamily]))
 	srcLen := int(m[frhSrcLen])
 	// narrowed: a selector that keeps the rule from sending all traffic of
 	// its source to its table (Conflicts' test), as vishvananda/netlink

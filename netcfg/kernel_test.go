@@ -85,7 +85,7 @@ func TestApplyInstallsExactlyTheModel(t *testing.T) {
 		}
 	}
 	if owned := w.owned(t); !owned.Equal(desired) {
-		t.Errorf("Owned() differs from what was applied:\n%s", Diff(owned, desired))
+		t.Errorf("Observe().Owned differs from what was applied:\n%s", Diff(owned, desired))
 	}
 }
 
@@ -96,7 +96,7 @@ func TestSecondReconcileMakesNoWrites(t *testing.T) {
 		t.Fatal("first reconcile made no writes")
 	}
 	if plan := Diff(w.owned(t), desired); !plan.Empty() {
-		t.Fatalf("Diff(Owned(), desired) after Apply is not empty:\n%s", plan)
+		t.Fatalf("Diff(Observe().Owned, desired) after Apply is not empty:\n%s", plan)
 	}
 	before := w.dump(t)
 	if n := w.reconcile(t, desired); n != 0 {
@@ -166,7 +166,7 @@ func TestForeignObjectsSurviveApplyAndCleanup(t *testing.T) {
 	// Exactly the desired objects are ours: no foreign object was claimed.
 	owned := w.owned(t)
 	if !owned.Equal(res.State) {
-		t.Errorf("Owned() is not the desired state:\n%s", Diff(owned, res.State))
+		t.Errorf("Observe().Owned is not the desired state:\n%s", Diff(owned, res.State))
 	}
 	for _, a := range owned.Addrs {
 		switch a.Prefix.String() {
@@ -212,7 +212,7 @@ func TestRemovingAnENIRemovesExactlyItsObjects(t *testing.T) {
 	after := w.dump(t)
 
 	if owned := w.owned(t); !owned.Equal(without) {
-		t.Errorf("Owned() after removing eth2:\n%s", Diff(owned, without))
+		t.Errorf("Observe().Owned after removing eth2:\n%s", Diff(owned, without))
 	}
 	// Nothing appeared, and what went away is eth2's objects and what the
 	// kernel derived from its address, nothing else.
@@ -282,7 +282,7 @@ func TestCleanupRestoresTheNamespace(t *testing.T) {
 	}
 	ktRequireEqual(t, w.dump(t), before)
 	if owned := w.owned(t); !owned.Empty() {
-		t.Errorf("Owned() after cleanup: %+v", owned)
+		t.Errorf("Observe().Owned after cleanup: %+v", owned)
 	}
 	orig, err := w.k.rpFilterOriginals()
 	if err != nil || len(orig) != 0 {
@@ -309,7 +309,7 @@ func TestApplyIsIdempotent(t *testing.T) {
 		}
 	}
 	if owned := w.owned(t); !owned.Empty() {
-		t.Errorf("Owned() after deleting everything: %+v", owned)
+		t.Errorf("Observe().Owned after deleting everything: %+v", owned)
 	}
 }
 
@@ -578,14 +578,14 @@ func TestOwnedIgnoresOurProtocolOutsideOurBands(t *testing.T) {
 		w.ip(t, args...)
 	}
 	if owned := w.owned(t); !owned.Empty() {
-		t.Errorf("Owned() claims foreign objects: %+v", owned)
+		t.Errorf("Observe().Owned claims foreign objects: %+v", owned)
 	}
 	// At the edges of the bands, with our protocol: ours.
 	w.ip(t, "route", "add", "10.81.0.0/16", "dev", "eth1", "table", "23199", "proto", "210")
 	w.ip(t, "rule", "add", "priority", "20000", "from", "10.1.0.80", "lookup", "20000", "proto", "210")
 	owned := w.owned(t)
 	if len(owned.Routes) != 1 || owned.Routes[0].Table != 23199 || len(owned.Rules) != 1 || owned.Rules[0].Priority != 20000 {
-		t.Errorf("Owned() at the band edges: %+v", owned)
+		t.Errorf("Observe().Owned at the band edges: %+v", owned)
 	}
 }
 
