@@ -209,7 +209,14 @@ type desirer struct {
 
 func newDesirer(snap imds.Snapshot, obs Observed, cfg Config) *desirer {
 	d := &desirer{snap: snap, obs: obs, cfg: cfg}
-	d.b = stateBuilder{routes: map[RouteKey]Route{}, addrs: map[netip.Addr]AddrKey{}, rpf: map[string]bool{}, warn: d.warn}
+	// Sized up front: at full scale, thousands of addresses and rules.
+	var addrs, rules int
+	for _, e := range snap.ENIs {
+		addrs += len(e.LocalIPv4s) + len(e.IPv6s)
+		rules += len(e.LocalIPv4s) + len(e.IPv6s) + len(e.IPv4Prefixes) + len(e.IPv6Prefixes)
+	}
+	d.b = stateBuilder{st: State{Routes: make([]Route, 0, 4*len(snap.ENIs)), Rules: make([]Rule, 0, rules), Addrs: make([]Addr, 0, addrs)},
+		routes: make(map[RouteKey]Route, 4*len(snap.ENIs)), addrs: make(map[netip.Addr]AddrKey, addrs), rpf: map[string]bool{}, warn: d.warn}
 	return d
 }
 
