@@ -166,14 +166,15 @@ type Reconciler struct {
 // the same, a reconcile finds the same ENIs, warnings and empty plan. Most
 // reconciles a kernel event triggers (a container's veth, a foreign
 // address, our own adds echoed back) find the kernel as the last one left
-// it: comparing the observations takes microseconds where computing again
-// takes about 1 ms at full scale (15 ENIs x 100 addresses). The no-op on an
-// event went from 3.8 to 2.1 ms of CPU with it (BenchmarkFullScaleAgent/
-// event), against a target of 5 ms measured at 3.3 ms. A poll while the
+// it, and comparing two observations takes microseconds. Measured at full
+// scale (15 ENIs x 100 addresses; BenchmarkFullScaleAgent on a shared
+// 2-core machine, with and without it): the no-op on an event costs 2.1
+// instead of 3.8 ms of CPU, against the 5 ms target (3.3 ms measured by
+// make bench before this memo took over from four caches). A poll while the
 // kernel feed announced nothing (KernelChanged) also skips the kernel
-// dumps: 18.1 to 14.5 ms of CPU per poll, IMDS and the in-process emulator
-// included (poll-unwatched and poll), against a budget of 15 ms per poll
-// for 0.1 % of a core at the 15 s interval, measured at 11.3 ms.
+// dumps: 19.2 instead of 22.8 ms of CPU per poll, IMDS and the in-process
+// emulator included, where the daemon at rest (0.070 % of a core, target
+// 0.1 %) has about 4 ms per poll to spare at the 15 s interval.
 type memo struct {
 	changes uint64         // kernelChanges before it observed
 	snap    *imds.Snapshot // imdsReads.lastGood it planned from
