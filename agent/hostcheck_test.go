@@ -1,11 +1,15 @@
 package agent
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/dualhomed/dualhomed/netcfg/nstest"
+	"github.com/vishvananda/netns"
 )
 
 func writeFile(t *testing.T, path, content string) {
@@ -76,5 +80,22 @@ func TestHostWarnings(t *testing.T) {
 	writeFile(t, filepath.Join(dir, "etc/systemd/networkd.conf.d/90-dualhomed.conf"), "[Network]\nManageForeignRoutes = false\n")
 	if got := keys(); len(got) != 0 {
 		t.Errorf("both off: warnings for %v", got)
+	}
+}
+
+// The managed namespace is told apart from the caller's: a networkd of the
+// host never counts for a namespace the daemon manages from outside.
+func TestNamespaceOf(t *testing.T) {
+	own, err := namespaceOf(netns.None())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if self, err := fileIDOf(fmt.Sprintf("/proc/%d/ns/net", os.Getpid())); err != nil || self != own {
+		t.Fatalf("the caller's namespace %v, /proc/<pid>/ns/net %v (%v)", own, self, err)
+	}
+	ns := nstest.New(t)
+	other, err := namespaceOf(ns.Handle)
+	if err != nil || other == own {
+		t.Errorf("a new namespace is %v (%v), the caller's %v", other, err, own)
 	}
 }
