@@ -48,7 +48,8 @@ func rtnlGroups(groups ...uint) uint32 {
 
 // watchBuffer is the notification socket's receive buffer: large enough for
 // the burst of notifications when many ENIs and their addresses appear at
-// once at boot (the kernel caps it at net.core.rmem_max).
+// once at boot, or a cold apply writes 3,000 objects (each address also
+// brings a local-table route notification).
 const watchBuffer = 1 << 20
 
 // Watch calls fn with every change the kernel announces in k's namespace,
@@ -95,7 +96,10 @@ func (k *Kernel) watch(ctx context.Context, fn func(KernelChange), resync bool) 
 	// Non-blocking under the runtime's poller: closing the file ends a read.
 	f := os.NewFile(uintptr(fd), "rtnetlink notifications")
 	defer f.Close()
-	_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, watchBuffer) // not fatal: the default buffer
+	// Past net.core.rmem_max as root; else capped by it. Not fatal either way.
+	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, watchBuffer) != nil {
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, watchBuffer)
+	}
 	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: watchGroups}); err != nil {
 		return fmt.Errorf("subscribing to netlink notifications: %w", err)
 	}
