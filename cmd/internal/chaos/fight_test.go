@@ -143,7 +143,7 @@ func TestFights(t *testing.T) {
 	measure := func(t *testing.T, name string, body func() (rounds, undone int)) fightFigures {
 		t.Helper()
 		daemonAlive(t, d)
-		c0, cpu := readCounters(t, w), startCPU(t, d.Pid())
+		c0, cpu := readCounters(t, w), startCPU(t, d)
 		start := time.Now()
 		rounds, undone := body()
 		elapsed := time.Since(start)

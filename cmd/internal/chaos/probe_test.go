@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -175,71 +174,39 @@ func readCounters(t *testing.T, w *simworld.World) counters {
 	return c
 }
 
-// cpuTicks returns utime+stime of pid in clock ticks (USER_HZ, 100 on Linux).
-func cpuTicks(pid int) (int64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	s := string(b)
-	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
-	// After "pid (comm) ", field 3 (state) is f[0]; utime is field 14, stime 15.
-	u, err1 := strconv.ParseInt(f[11], 10, 64)
-	st, err2 := strconv.ParseInt(f[12], 10, 64)
-	if err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("parsing /proc/%d/stat: %q", pid, s)
-	}
-	return u + st, nil
-}
-
-const clockTicksPerSecond = 100
-
-// cpuMeter measures a process's CPU use over a window.
+// cpuMeter measures a program's CPU use over a window.
 type cpuMeter struct {
-	pid   int
-	ticks int64
+	p     *simworld.Proc
+	cpu   time.Duration
 	start time.Time
 }
 
-func startCPU(t *testing.T, pid int) cpuMeter {
+func startCPU(t *testing.T, p *simworld.Proc) cpuMeter {
 	t.Helper()
-	n, err := cpuTicks(pid)
+	cpu, err := p.CPUTime()
 	if err != nil {
 		t.Fatal(err)
 	}
-	return cpuMeter{pid, n, time.Now()}
+	return cpuMeter{p, cpu, time.Now()}
 }
 
 // share returns the fraction of one core used since start, and the CPU time.
 func (m cpuMeter) share(t *testing.T) (float64, time.Duration) {
 	t.Helper()
-	n, err := cpuTicks(m.pid)
+	cpu, err := m.p.CPUTime()
 	if err != nil {
 		t.Fatal(err)
 	}
-	cpu := time.Duration(n-m.ticks) * time.Second / clockTicksPerSecond
+	cpu -= m.cpu
 	return cpu.Seconds() / time.Since(m.start).Seconds(), cpu
 }
 
-// memory returns VmRSS and VmHWM of pid in KiB.
-func memory(t *testing.T, pid int) (rss, hwm int64) {
+// memory returns VmRSS and VmHWM of the program in KiB.
+func memory(t *testing.T, p *simworld.Proc) (rss, hwm int) {
 	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	hwm, rss, err := p.Memory()
 	if err != nil {
 		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if !ok {
-			continue
-		}
-		n, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-		switch k {
-		case "VmRSS":
-			rss = n
-		case "VmHWM":
-			hwm = n
-		}
 	}
 	return rss, hwm
 }

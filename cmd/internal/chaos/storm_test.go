@@ -27,10 +27,10 @@ func TestLinkFlapStorm(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rss0, hwm0 := memory(t, d.Pid())
+	rss0, hwm0 := memory(t, d)
 	var figures []string
 	for s := range storms {
-		c0, cpu := readCounters(t, w), startCPU(t, d.Pid())
+		c0, cpu := readCounters(t, w), startCPU(t, d)
 		paced := s%2 == 1
 		start := time.Now()
 		for i := range flaps {
@@ -51,7 +51,7 @@ func TestLinkFlapStorm(t *testing.T) {
 		settled := time.Since(start)
 		share, used := cpu.share(t)
 		c := readCounters(t, w).sub(c0)
-		rss, hwm := memory(t, d.Pid())
+		rss, hwm := memory(t, d)
 		daemonAlive(t, d)
 		kind := "burst"
 		if paced {

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -60,16 +59,7 @@ func TestEmulatorDescribesTheWorld(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Dial from inside the instance: the emulator listens on its loopback.
-	tr := &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-		var c net.Conn
-		err := w.Instance.Do(func() error {
-			var d net.Dialer
-			var err error
-			c, err = d.DialContext(ctx, network, addr)
-			return err
-		})
-		return c, err
-	}}
+	tr := &http.Transport{DialContext: w.Instance.DialContext}
 	defer tr.CloseIdleConnections()
 	cl, err := imds.New(imds.Options{Endpoint: simworld.IMDSEndpoint, Transport: tr, MaxRequestsPerSecond: -1})
 	if err != nil {

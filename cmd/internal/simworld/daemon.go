@@ -46,16 +46,12 @@ func (w *World) WriteConfig(o DaemonOptions) error {
 
 // globalFlags point dualhomed at the world's emulator, config and state.
 func (w *World) globalFlags() []string {
-	return []string{
-		"--config", w.ConfigPath(),
-		"--imds-endpoint", IMDSEndpoint,
-		"--state-dir", w.StateDir(),
-		"--log-format", "console",
-	}
+	return []string{"--config", w.ConfigPath(), "--imds-endpoint", IMDSEndpoint, "--state-dir", w.StateDir()}
 }
 
 // StartDaemon writes the configuration and runs `dualhomed daemon` inside the
-// instance. Use WaitConfigured to know when it has done its work.
+// instance, logging as under systemd (JSON). Use WaitConfigured to know when
+// it has done its work.
 func (w *World) StartDaemon(o DaemonOptions) (*Proc, error) {
 	if err := w.WriteConfig(o); err != nil {
 		return nil, err
@@ -75,7 +71,7 @@ func (w *World) Dualhomed(ctx context.Context, args ...string) (string, error) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	cmd := w.Instance.Command(ctx, w.opts.DualhomedBin, append(args, w.globalFlags()...)...)
+	cmd := w.Instance.Command(ctx, w.opts.DualhomedBin, append(args, append(w.globalFlags(), "--log-format", "console")...)...)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()

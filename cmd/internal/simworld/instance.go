@@ -19,36 +19,15 @@ import (
 func (e *ENI) imdsENI() imds.ENI {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	x := imds.ENI{
-		MAC:            e.MAC,
-		Ready:          true,
-		DeviceNumber:   e.Device,
-		InterfaceID:    e.ID,
-		SubnetID:       e.SubnetID,
-		VPCID:          e.VPC.ID,
-		OwnerID:        OwnerID,
-		SubnetIPv4CIDR: e.Subnet4,
-		VPCIPv4CIDRs:   []netip.Prefix{e.VPC.CIDR4},
-		LocalIPv4s:     slices.Clone(e.ipv4s),
-		IPv6s:          slices.Clone(e.ipv6s),
-	}
-	if e.Subnet6.IsValid() {
-		x.SubnetIPv6CIDRs = []netip.Prefix{e.Subnet6}
-	}
-	if e.VPC.CIDR6.IsValid() {
-		x.VPCIPv6CIDRs = []netip.Prefix{e.VPC.CIDR6}
-	}
-	return x
+	d := e.desc
+	d.LocalIPv4s, d.IPv6s = slices.Clone(d.LocalIPv4s), slices.Clone(d.IPv6s)
+	return d
 }
 
 // emulatedInstance is the emulator's model of the instance: the attached ENIs.
 func (w *World) emulatedInstance() emulator.Instance {
-	inst := emulator.Instance{
-		InstanceID:   "i-0d0a1b0c0e0d0e000",
-		InstanceType: "c6in.large",
-		Region:       "us-east-1",
-		PrimaryMAC:   w.ENI("eth0").MAC,
-	}
+	inst := w.base.Clone()
+	inst.ENIs = nil
 	for _, e := range w.ENIs {
 		if e.Attached() {
 			inst.ENIs = append(inst.ENIs, e.imdsENI())
@@ -97,7 +76,7 @@ func (w *World) StartIMDS(ctx context.Context) error {
 // `aws ec2 assign-private-ip-addresses` does: the OS is not told.
 func (w *World) AddIPv4(e *ENI, a netip.Addr) error {
 	e.mu.Lock()
-	e.ipv4s = append(e.ipv4s, a)
+	e.desc.LocalIPv4s = append(e.desc.LocalIPv4s, a)
 	e.mu.Unlock()
 	if err := w.IMDS.UpdateENI(e.MAC, func(x *imds.ENI) { x.LocalIPv4s = append(x.LocalIPv4s, a) }); err != nil {
 		return fmt.Errorf("assigning %s to %s in IMDS: %w", a, e.ID, err)
@@ -108,7 +87,7 @@ func (w *World) AddIPv4(e *ENI, a netip.Addr) error {
 // AddIPv6 assigns an IPv6 address to the ENI in IMDS; the OS is not told.
 func (w *World) AddIPv6(e *ENI, a netip.Addr) error {
 	e.mu.Lock()
-	e.ipv6s = append(e.ipv6s, a)
+	e.desc.IPv6s = append(e.desc.IPv6s, a)
 	e.mu.Unlock()
 	if err := w.IMDS.UpdateENI(e.MAC, func(x *imds.ENI) { x.IPv6s = append(x.IPv6s, a) }); err != nil {
 		return fmt.Errorf("assigning %s to %s in IMDS: %w", a, e.ID, err)
@@ -119,13 +98,12 @@ func (w *World) AddIPv6(e *ENI, a netip.Addr) error {
 // RemoveIP unassigns a secondary address (IPv4 or IPv6) of the ENI in IMDS,
 // as `aws ec2 unassign-private-ip-addresses` does: the OS is not told.
 func (w *World) RemoveIP(e *ENI, a netip.Addr) error {
-	e.mu.Lock()
-	e.ipv4s = slices.DeleteFunc(e.ipv4s, func(x netip.Addr) bool { return x == a })
-	e.ipv6s = slices.DeleteFunc(e.ipv6s, func(x netip.Addr) bool { return x == a })
-	e.mu.Unlock()
 	drop := func(s []netip.Addr) []netip.Addr {
 		return slices.DeleteFunc(s, func(x netip.Addr) bool { return x == a })
 	}
+	e.mu.Lock()
+	e.desc.LocalIPv4s, e.desc.IPv6s = drop(e.desc.LocalIPv4s), drop(e.desc.IPv6s)
+	e.mu.Unlock()
 	if err := w.IMDS.UpdateENI(e.MAC, func(x *imds.ENI) {
 		x.LocalIPv4s, x.IPv6s = drop(x.LocalIPv4s), drop(x.IPv6s)
 	}); err != nil {
@@ -134,41 +112,61 @@ func (w *World) RemoveIP(e *ENI, a netip.Addr) error {
 	return nil
 }
 
-// HotAttach attaches the parked ENI the way EC2 does: IMDS lists it, then its
-// link appears in the instance (moved in from the router's namespace), comes
-// up and gets its primary address from "DHCP". It returns the moment the link
-// arrived in the instance.
+// HotAttach attaches the detached ENI the way EC2 does: IMDS lists it
+// (ListInIMDS), then its link arrives (Plug). It returns when the link
+// started to move into the instance.
 func (w *World) HotAttach(e *ENI) (time.Time, error) {
+	if err := w.ListInIMDS(e); err != nil {
+		return time.Time{}, err
+	}
+	return w.Plug(e)
+}
+
+// ListInIMDS makes IMDS list the detached ENI, whose link has not arrived yet.
+func (w *World) ListInIMDS(e *ENI) error {
 	if e.Attached() {
-		return time.Time{}, fmt.Errorf("%s is already attached", e.Link)
+		return fmt.Errorf("%s is already attached", e.Link)
 	}
 	if err := w.IMDS.AttachENI(e.imdsENI()); err != nil {
-		return time.Time{}, fmt.Errorf("attaching %s in IMDS: %w", e.ID, err)
+		return fmt.Errorf("attaching %s in IMDS: %w", e.ID, err)
 	}
+	return nil
+}
+
+// Plug makes the detached ENI's link arrive as a hot-plugged NIC does: its
+// veth pair is made in the VPC's router, the ENI end moves into the
+// instance, comes up (as udev and the network manager bring it up) and gets
+// its address from "DHCP" (not with MinimalBoot). It returns when the move
+// started: moving a veth costs the kernel milliseconds a real attach does
+// not (unregister, synchronize_net, register), so the link's RTM_NEWLINK in
+// the instance is the moment of its arrival.
+func (w *World) Plug(e *ENI) (time.Time, error) {
 	r := e.VPC.Router
+	if err := w.addLink(e, r); err != nil {
+		return time.Time{}, err
+	}
 	l, err := r.NL.LinkByName(e.Link)
 	if err != nil {
-		return time.Time{}, fmt.Errorf("finding parked %s in %s: %w", e.Link, r.Name, err)
+		return time.Time{}, fmt.Errorf("finding %s in %s: %w", e.Link, r.Name, err)
 	}
-	arrived := time.Now()
+	moved := time.Now()
 	if err := r.NL.LinkSetNsFd(l, int(w.Instance.Handle)); err != nil {
-		return arrived, fmt.Errorf("moving %s into the instance: %w", e.Link, err)
+		return moved, fmt.Errorf("moving %s into the instance: %w", e.Link, err)
 	}
-	l, err = w.Instance.NL.LinkByName(e.Link)
+	if l, err = w.Instance.NL.LinkByName(e.Link); err == nil {
+		err = w.Instance.NL.LinkSetUp(l)
+	}
 	if err != nil {
-		return arrived, fmt.Errorf("finding %s in the instance: %w", e.Link, err)
-	}
-	if err := w.Instance.NL.LinkSetUp(l); err != nil {
-		return arrived, fmt.Errorf("setting %s up: %w", e.Link, err)
+		return moved, fmt.Errorf("setting %s up in the instance: %w", e.Link, err)
 	}
 	e.mu.Lock()
 	e.attached = true
 	e.mu.Unlock()
-	return arrived, w.bootENI(e)
+	return moved, w.bootENI(e)
 }
 
 // Detach detaches the ENI the way EC2 does: IMDS stops listing it and its
-// link leaves the instance (parked again in the router's namespace).
+// link disappears from the instance (the veth pair is deleted).
 func (w *World) Detach(e *ENI) error {
 	if !e.Attached() {
 		return fmt.Errorf("%s is not attached", e.Link)
@@ -177,15 +175,29 @@ func (w *World) Detach(e *ENI) error {
 		return fmt.Errorf("detaching %s in IMDS: %w", e.ID, err)
 	}
 	l, err := w.Instance.NL.LinkByName(e.Link)
-	if err != nil {
-		return fmt.Errorf("finding %s in the instance: %w", e.Link, err)
+	if err == nil {
+		err = w.Instance.NL.LinkDel(l)
 	}
-	if err := w.Instance.NL.LinkSetNsFd(l, int(e.VPC.Router.Handle)); err != nil {
-		return fmt.Errorf("moving %s out of the instance: %w", e.Link, err)
+	if err != nil {
+		return fmt.Errorf("deleting %s from the instance: %w", e.Link, err)
 	}
 	e.mu.Lock()
 	e.attached = false
 	e.mu.Unlock()
+	return nil
+}
+
+// Reissue gives the detached ENI a new MAC and interface ID: attached
+// again, it is a new ENI in the old one's place (same device number,
+// subnet and addresses), which dualhomed must read from IMDS afresh.
+func (w *World) Reissue(e *ENI, mac, id string) error {
+	if e.Attached() {
+		return fmt.Errorf("%s is attached", e.Link)
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.MAC, e.ID = mac, id
+	e.desc.MAC, e.desc.InterfaceID = mac, id
 	return nil
 }
 

@@ -3,6 +3,7 @@ package simworld
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -107,6 +108,18 @@ func killNSProcesses(name string) {
 // Do runs fn on an OS thread inside the namespace: sockets created by fn live
 // in the namespace for their whole life, and /proc/sys/net is the namespace's.
 func (n *NS) Do(fn func() error) error { return nsthread.Do(n.Handle, fn) }
+
+// DialContext dials from inside the namespace, for an http.Transport that
+// reaches a server listening there (the IMDS emulator on its loopback).
+func (n *NS) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	var c net.Conn
+	err := n.Do(func() error {
+		var err error
+		c, err = (&net.Dialer{}).DialContext(ctx, network, addr)
+		return err
+	})
+	return c, err
+}
 
 // SetSysctl writes /proc/sys/<key> inside the namespace (key like "net/ipv4/ip_forward").
 func (n *NS) SetSysctl(key, value string) error {

@@ -113,27 +113,12 @@ func PingRun(ctx context.Context, ns *NS, dst netip.Addr, count int, interval, l
 	readerDone := make(chan struct{})
 	go func() {
 		defer close(readerDone)
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := c.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			if n < 8 || (v6 && buf[0] != 129) || (!v6 && buf[0] != 0) {
-				continue
-			}
-			ip, ok := from.(*net.IPAddr)
-			if !ok {
-				continue
-			}
-			fa, _ := netip.AddrFromSlice(ip.IP)
-			if fa.Unmap() != dst || binary.BigEndian.Uint16(buf[4:]) != id {
-				continue
-			}
+		readReplies(c, dst, id, func(seq int) bool {
 			mu.Lock()
-			got[int(binary.BigEndian.Uint16(buf[6:]))] = true
+			got[seq] = true
 			mu.Unlock()
-		}
+			return true
+		})
 	}()
 	res := PingResult{}
 	to := &net.IPAddr{IP: dst.AsSlice()}
@@ -172,18 +157,63 @@ send:
 	return res, nil
 }
 
+// readReplies reads c until it fails, and calls got with the sequence number
+// of every echo reply from dst to the request identifier id, until got
+// returns false.
+func readReplies(c net.PacketConn, dst netip.Addr, id uint16, got func(seq int) bool) {
+	buf := make([]byte, 1500)
+	for {
+		n, from, err := c.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		ip, ok := from.(*net.IPAddr)
+		if !ok || n < 8 || (dst.Is6() && buf[0] != 129) || (dst.Is4() && buf[0] != 0) {
+			continue
+		}
+		fa, _ := netip.AddrFromSlice(ip.IP)
+		if fa.Unmap() == dst && binary.BigEndian.Uint16(buf[4:]) == id && !got(int(binary.BigEndian.Uint16(buf[6:]))) {
+			return
+		}
+	}
+}
+
+// FirstReply pings dst from ns every interval until the first echo reply,
+// and returns when that reply arrived; ctx bounds the wait.
+func FirstReply(ctx context.Context, ns *NS, dst netip.Addr, interval time.Duration) (time.Time, error) {
+	c, err := icmpConn(ns, dst)
+	if err != nil {
+		return time.Time{}, err
+	}
+	defer c.Close()
+	id := randomID()
+	replied := make(chan time.Time, 1)
+	go readReplies(c, dst, id, func(int) bool {
+		replied <- time.Now()
+		return false
+	})
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	to := &net.IPAddr{IP: dst.AsSlice()}
+	for seq := 0; ; seq++ {
+		// A failed send (no route yet) only means "not yet".
+		_, _ = c.WriteTo(echoRequest(dst.Is6(), id, uint16(seq)), to)
+		select {
+		case t := <-replied:
+			return t, nil
+		case <-ctx.Done():
+			return time.Time{}, fmt.Errorf("no echo reply from %s to %s: %w", dst, ns.Name, ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
 // Dial opens a TCP connection from ns to dst, like a client program running
 // in ns; the kernel picks the source address (the connection is unbound).
 func Dial(ctx context.Context, ns *NS, dst netip.AddrPort, timeout time.Duration) (net.Conn, error) {
-	var c net.Conn
-	err := ns.Do(func() error {
-		ctx, cancel := context.WithTimeout(ctx, timeout)
-		defer cancel()
-		var d net.Dialer
-		var err error
-		c, err = d.DialContext(ctx, "tcp", dst.String())
-		return err
-	})
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	c, err := ns.DialContext(ctx, "tcp", dst.String())
 	if err != nil {
 		return nil, fmt.Errorf("connecting from %s to %s: %w", ns.Name, dst, err)
 	}

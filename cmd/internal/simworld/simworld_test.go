@@ -1,8 +1,16 @@
 package simworld
 
 import (
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
 	"slices"
 	"testing"
+	"time"
+
+	"github.com/dualhomed/dualhomed/imds/emulator"
+	"golang.org/x/sys/unix"
 )
 
 func TestEchoRequestChecksum(t *testing.T) {
@@ -44,11 +52,11 @@ func TestVolatileFieldsAreRemoved(t *testing.T) {
 }
 
 func TestDefaultWorldAddressing(t *testing.T) {
+	list, enis := defaultWorld()
 	vpcs := map[string]*VPC{}
-	for _, v := range defaultVPCs() {
+	for _, v := range list {
 		vpcs[v.Name] = v
 	}
-	enis := defaultENIs(vpcs)
 	if vpcs["A"].CIDR4 != vpcs["C"].CIDR4 || vpcs["A"].Client4 != vpcs["C"].Client4 {
 		t.Error("VPC C must overlap VPC A: same CIDR and same client address")
 	}
@@ -77,5 +85,53 @@ func TestDefaultWorldAddressing(t *testing.T) {
 	}
 	if !prefixPattern.MatchString("dh123w4-inst") || prefixPattern.MatchString("dualhomed-bench-1") {
 		t.Error("prefixPattern must match the world's names and only them")
+	}
+}
+
+// A world built from an instance has one VPC per VPC ID, each with a client
+// inside the VPC but outside every ENI subnet, and serves the instance as given.
+func TestInstanceWorldAddressing(t *testing.T) {
+	inst := emulator.ExampleInstance(15, 50, 50, 4, 2)
+	vpcs, enis := instanceWorld(inst)
+	if len(vpcs) != 15 || len(enis) != 15 {
+		t.Fatalf("%d VPCs, %d ENIs; want 15 and 15", len(vpcs), len(enis))
+	}
+	for i, e := range enis {
+		if e.Link != "eth"+e.VPC.Name || e.MAC != inst.ENIs[i].MAC || !e.Attached() {
+			t.Errorf("ENI %d: link %s in VPC %s, MAC %s, attached %v", i, e.Link, e.VPC.Name, e.MAC, e.Attached())
+		}
+		if c := e.VPC.Client4; !e.VPC.CIDR4.Contains(c) || e.Subnet4.Contains(c) || c != netip.MustParseAddr(fmt.Sprintf("10.%d.255.50", i)) {
+			t.Errorf("ENI %d: client %s not in VPC %s outside subnet %s", i, c, e.VPC.CIDR4, e.Subnet4)
+		}
+		if d := e.imdsENI(); !slices.Equal(d.LocalIPv4s, inst.ENIs[i].LocalIPv4s) || d.NetworkCard != inst.ENIs[i].NetworkCard {
+			t.Errorf("ENI %d: IMDS description differs from the instance's", i)
+		}
+	}
+}
+
+func TestCPUTimeIsTheProcessCPUClock(t *testing.T) {
+	// Read for our own process, it must lie between two readings of
+	// CLOCK_PROCESS_CPUTIME_ID.
+	self, err := os.FindProcess(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &Proc{Name: "self", cmd: &exec.Cmd{Process: self}}
+	var before, after unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_PROCESS_CPUTIME_ID, &before); err != nil {
+		t.Fatal(err)
+	}
+	got, err := p.CPUTime()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.ClockGettime(unix.CLOCK_PROCESS_CPUTIME_ID, &after); err != nil {
+		t.Fatal(err)
+	}
+	if got < time.Duration(before.Nano()) || got > time.Duration(after.Nano()) {
+		t.Errorf("CPUTime of our own process = %v, not between %v and %v", got, time.Duration(before.Nano()), time.Duration(after.Nano()))
+	}
+	if ticks, err := p.CPUTicks(); err != nil || ticks > got+10*time.Millisecond {
+		t.Errorf("CPUTicks = %v, %v; want at most the CPU time %v", ticks, err, got)
 	}
 }

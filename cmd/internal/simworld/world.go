@@ -1,6 +1,7 @@
 // Package simworld builds a simulated dual-homed EC2 instance out of network
-// namespaces and veth pairs, for the end-to-end tests (cmd/internal/e2e) and
-// for `make demo` (cmd/dualhomed-demo).
+// namespaces and veth pairs, for the end-to-end and chaos tests
+// (cmd/internal/e2e, cmd/internal/chaos), `make demo` (cmd/dualhomed-demo)
+// and `make bench` (cmd/dualhomed-bench).
 //
 // The world; every namespace name starts with a per-run prefix (dh<pid>w<n>-):
 //
@@ -19,8 +20,8 @@
 // as VPC A's client (10.0.100.50): only source-based routing on the instance can
 // tell their replies apart. The ENI subnets differ (10.0.1.0/24 in A, 10.0.2.0/24
 // in C) because one instance cannot hold the same address twice; the overlap is
-// the VPC CIDR and the client address. VPC D's ENI (eth3) starts parked in
-// its router's namespace, ready for HotAttach.
+// the VPC CIDR and the client address. VPC D's ENI (eth3) starts detached,
+// ready for HotAttach.
 //
 // Each router forwards only between its ENI link and its client subnet: routers
 // live in separate namespaces, so nothing is ever forwarded between VPCs.
@@ -29,16 +30,23 @@
 // "DHCP" primary address with its prefix route, the main table's default route
 // goes through eth0 (proto dhcp), and nothing else. IPv6 forwarding, router
 // advertisements and DAD are off everywhere so the world is deterministic.
+//
+// Options.Instance replaces the four VPCs with any emulator.Instance (the
+// benchmarks' 15 ENIs): ENI i is the instance's eth<i>, every VPC (by VPC ID)
+// gets a router and a client at .50 of the last /24 of its first IPv4 CIDR,
+// and IMDS serves the instance exactly as given.
 package simworld
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -46,9 +54,11 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/dualhomed/dualhomed/imds/emulator"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/dualhomed/dualhomed/imds"
+	"github.com/dualhomed/dualhomed/imds/emulator"
 )
 
 // Names of the world's fixed objects.
@@ -98,8 +108,7 @@ type ENI struct {
 	RouterLink string // the veth peer's name in the router namespace
 
 	mu       sync.Mutex
-	ipv4s    []netip.Addr // first is the primary private IP ("DHCP")
-	ipv6s    []netip.Addr
+	desc     imds.ENI // what IMDS says; LocalIPv4s[0] is the primary private IP ("DHCP")
 	attached bool
 }
 
@@ -107,14 +116,14 @@ type ENI struct {
 func (e *ENI) IPv4s() []netip.Addr {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return append([]netip.Addr(nil), e.ipv4s...)
+	return slices.Clone(e.desc.LocalIPv4s)
 }
 
 // IPv6s returns the ENI's IPv6 addresses.
 func (e *ENI) IPv6s() []netip.Addr {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return append([]netip.Addr(nil), e.ipv6s...)
+	return slices.Clone(e.desc.IPv6s)
 }
 
 // Primary4 is the ENI's primary private IPv4 address.
@@ -137,6 +146,14 @@ type Options struct {
 	EmulatorBin  string
 	// Logf receives one line per step of building and tearing down (may be nil).
 	Logf func(format string, args ...any)
+	// Instance, when set, is the instance to simulate instead of the four
+	// VPCs of the package comment.
+	Instance *emulator.Instance
+	// MinimalBoot boots the instance as a minimal image does, the benchmarks'
+	// starting point: DHCPv4 configures only the primary ENI (at boot; a
+	// hot-attached ENI gets nothing), and rp_filter keeps the kernel's
+	// default (0). dualhomed then configures every secondary ENI itself.
+	MinimalBoot bool
 }
 
 // World is the simulated instance with its VPCs.
@@ -149,6 +166,7 @@ type World struct {
 	// IMDS controls the emulator once StartIMDS has run.
 	IMDS *emulator.ControlClient
 
+	base    emulator.Instance // what IMDS serves besides the attached ENIs
 	opts    Options
 	ownDir  bool
 	mu      sync.Mutex
@@ -222,16 +240,26 @@ func New(ctx context.Context, opts Options) (w *World, err error) {
 		{"net/ipv4/conf/default/rp_filter", "2"},
 		{"net/ipv4/conf/all/rp_filter", "2"},
 	} {
+		if opts.MinimalBoot {
+			break
+		}
 		if err = w.Instance.SetSysctl(s[0], s[1]); err != nil {
 			return w, err
 		}
 	}
-	for _, v := range defaultVPCs() {
+	vpcs, enis := defaultWorld()
+	if opts.Instance != nil {
+		vpcs, enis = instanceWorld(*opts.Instance)
+		w.base = opts.Instance.Clone()
+	} else {
+		w.base = emulator.Instance{InstanceID: "i-0d0a1b0c0e0d0e000", InstanceType: "c6in.large", Region: "us-east-1", PrimaryMAC: enis[0].MAC}
+	}
+	for _, v := range vpcs {
 		if err = w.addVPC(v); err != nil {
 			return w, err
 		}
 	}
-	for _, e := range defaultENIs(w.VPCs) {
+	for _, e := range enis {
 		if err = w.addENI(e); err != nil {
 			return w, err
 		}
@@ -240,8 +268,9 @@ func New(ctx context.Context, opts Options) (w *World, err error) {
 	return w, nil
 }
 
-func defaultVPCs() []*VPC {
-	return []*VPC{
+// defaultWorld is the four VPCs of the package comment and their ENIs.
+func defaultWorld() ([]*VPC, []*ENI) {
+	vpcs := []*VPC{
 		{Name: "A", ID: "vpc-0aaaaaaaaaaaaaaaa", CIDR4: netip.MustParsePrefix("10.0.0.0/16"),
 			Client4: netip.MustParseAddr("10.0.100.50")},
 		{Name: "B", ID: "vpc-0bbbbbbbbbbbbbbbb", CIDR4: netip.MustParsePrefix("10.1.0.0/16"),
@@ -254,39 +283,77 @@ func defaultVPCs() []*VPC {
 			CIDR6:   netip.MustParsePrefix("fd00:d:0::/56"),
 			Client4: netip.MustParseAddr("10.3.100.50"), Client6: netip.MustParseAddr("fd00:d:0:64::50")},
 	}
-}
-
-func defaultENIs(vpcs map[string]*VPC) []*ENI {
-	mk := func(dev int, vpc, subnet4, subnet6 string, attached bool, ipv6s ...string) *ENI {
-		v := vpcs[vpc]
-		s4 := netip.MustParsePrefix(subnet4)
-		e := &ENI{
-			Link:       fmt.Sprintf("eth%d", dev),
-			MAC:        fmt.Sprintf("02:00:00:00:0%s:%02x", strings.ToLower(vpc), dev),
-			ID:         fmt.Sprintf("eni-0%s%015d", strings.ToLower(vpc)+strings.ToLower(vpc), dev),
-			Device:     dev,
-			VPC:        v,
-			SubnetID:   fmt.Sprintf("subnet-0%s%014d", strings.ToLower(vpc)+strings.ToLower(vpc), dev),
-			Subnet4:    s4,
-			Gateway4:   s4.Addr().Next(),
-			RouterLink: fmt.Sprintf("eni%d", dev),
-			ipv4s:      []netip.Addr{addrIn(s4, 10)},
-			attached:   attached,
+	mk := func(v *VPC, dev int, subnet4, subnet6 string, attached bool, ipv6s ...string) *ENI {
+		x := strings.ToLower(v.Name)
+		d := imds.ENI{
+			MAC:          fmt.Sprintf("02:00:00:00:0%s:%02x", x, dev),
+			Ready:        true,
+			DeviceNumber: dev,
+			InterfaceID:  fmt.Sprintf("eni-0%s%015d", x+x, dev),
+			SubnetID:     fmt.Sprintf("subnet-0%s%014d", x+x, dev),
+			VPCID:        v.ID,
+			OwnerID:      OwnerID,
+			VPCIPv4CIDRs: []netip.Prefix{v.CIDR4},
 		}
+		d.SubnetIPv4CIDR = netip.MustParsePrefix(subnet4)
+		d.LocalIPv4s = []netip.Addr{addrIn(d.SubnetIPv4CIDR, 10)}
 		if subnet6 != "" {
-			e.Subnet6 = netip.MustParsePrefix(subnet6)
+			d.SubnetIPv6CIDRs = []netip.Prefix{netip.MustParsePrefix(subnet6)}
+			d.VPCIPv6CIDRs = []netip.Prefix{v.CIDR6}
 		}
 		for _, a := range ipv6s {
-			e.ipv6s = append(e.ipv6s, netip.MustParseAddr(a))
+			d.IPv6s = append(d.IPv6s, netip.MustParseAddr(a))
 		}
+		e := newENI(fmt.Sprintf("eth%d", dev), fmt.Sprintf("eni%d", dev), v, d)
+		e.attached = attached
 		return e
 	}
-	return []*ENI{
-		mk(0, "A", "10.0.1.0/24", "", true),
-		mk(1, "B", "10.1.1.0/24", "fd00:b:0:1::/64", true, "fd00:b:0:1::10"),
-		mk(2, "C", "10.0.2.0/24", "", true),
-		mk(3, "D", "10.3.1.0/24", "fd00:d:0:1::/64", false, "fd00:d:0:1::10"),
+	return vpcs, []*ENI{
+		mk(vpcs[0], 0, "10.0.1.0/24", "", true),
+		mk(vpcs[1], 1, "10.1.1.0/24", "fd00:b:0:1::/64", true, "fd00:b:0:1::10"),
+		mk(vpcs[2], 2, "10.0.2.0/24", "", true),
+		mk(vpcs[3], 3, "10.3.1.0/24", "fd00:d:0:1::/64", false, "fd00:d:0:1::10"),
 	}
+}
+
+// instanceWorld is a VPC for each VPC ID of inst and an attached ENI for
+// each of its ENIs; a VPC's client is .50 of the last /24 of its first IPv4
+// CIDR, outside the ENIs' subnets where those sit low in the VPC.
+func instanceWorld(inst emulator.Instance) ([]*VPC, []*ENI) {
+	var vpcs []*VPC
+	var enis []*ENI
+	for i, d := range inst.ENIs {
+		k := slices.IndexFunc(vpcs, func(v *VPC) bool { return v.ID == d.VPCID })
+		if k < 0 {
+			v := &VPC{Name: strconv.Itoa(len(vpcs)), ID: d.VPCID, CIDR4: d.VPCIPv4CIDRs[0].Masked()}
+			a := v.CIDR4.Addr().As4()
+			last := binary.BigEndian.Uint32(a[:]) | (1<<(32-v.CIDR4.Bits()) - 1)
+			binary.BigEndian.PutUint32(a[:], last&^0xff|50)
+			v.Client4 = netip.AddrFrom4(a)
+			if len(d.VPCIPv6CIDRs) > 0 {
+				v.CIDR6 = d.VPCIPv6CIDRs[0]
+			}
+			k, vpcs = len(vpcs), append(vpcs, v)
+		}
+		e := newENI(fmt.Sprintf("eth%d", i), fmt.Sprintf("eni%d", i), vpcs[k], d)
+		e.attached = true
+		enis = append(enis, e)
+	}
+	return vpcs, enis
+}
+
+// newENI is the ENI that IMDS describes as d, its link called link in the
+// instance and routerLink in its VPC's router.
+func newENI(link, routerLink string, v *VPC, d imds.ENI) *ENI {
+	e := &ENI{
+		Link: link, MAC: d.MAC, ID: d.InterfaceID, Device: d.DeviceNumber, VPC: v,
+		SubnetID: d.SubnetID, Subnet4: d.SubnetIPv4CIDR, Gateway4: d.SubnetIPv4CIDR.Masked().Addr().Next(),
+		RouterLink: routerLink, desc: d,
+	}
+	if len(d.SubnetIPv6CIDRs) > 0 {
+		e.Subnet6 = d.SubnetIPv6CIDRs[0]
+	}
+	return e
 }
 
 // addrIn returns the host'th address of p (IPv4).
@@ -395,25 +462,38 @@ func (w *World) addVPC(v *VPC) error {
 	return nil
 }
 
-// addENI creates the ENI's veth: the router end holds the subnet gateway and
-// fe80:ec2::1; the other end becomes the instance's ethN when attached, or is
-// parked in the router namespace until HotAttach.
+// addENI adds the ENI to the world; an attached one gets its link, in the
+// instance from the start, and its boot-time configuration.
 func (w *World) addENI(e *ENI) error {
-	r := e.VPC.Router
-	var peerNS *NS
-	if e.attached {
-		peerNS = w.Instance
+	w.ENIs = append(w.ENIs, e)
+	if !e.attached {
+		return nil
 	}
+	if err := w.addLink(e, w.Instance); err != nil {
+		return err
+	}
+	return w.bootENI(e)
+}
+
+// addLink creates the ENI's veth pair in its VPC's router, the ENI end
+// (named e.Link, with e.MAC) inside ns. The router end holds the subnet's
+// gateway and fe80:ec2::1, and re-probes ARP every 10 ms instead of every
+// second: a client pinging an ENI address before it exists must not wait a
+// whole retransmit interval once it does (a real VPC router answers at once).
+func (w *World) addLink(e *ENI, ns *NS) error {
+	r := e.VPC.Router
 	mac, err := net.ParseMAC(e.MAC)
 	if err != nil {
 		return fmt.Errorf("parsing MAC %s: %w", e.MAC, err)
 	}
-	rl, err := vethPair(r, e.RouterLink, peerNS, e.Link, mac)
+	rl, err := vethPair(r, e.RouterLink, ns, e.Link, mac)
 	if err != nil {
 		return err
 	}
-	if err := addAddr(r.NL, rl, netip.PrefixFrom(e.Gateway4, e.Subnet4.Bits())); err != nil {
-		return err
+	if e.Subnet4.IsValid() {
+		if err := addAddr(r.NL, rl, netip.PrefixFrom(e.Gateway4, e.Subnet4.Bits())); err != nil {
+			return err
+		}
 	}
 	if err := addAddr(r.NL, rl, netip.MustParsePrefix(RouterIPv6+"/64")); err != nil {
 		return err
@@ -424,17 +504,18 @@ func (w *World) addENI(e *ENI) error {
 			return fmt.Errorf("adding route to %s in %s: %w", e.Subnet6, r.Name, err)
 		}
 	}
-	w.ENIs = append(w.ENIs, e)
-	if e.attached {
-		return w.bootENI(e)
-	}
-	return nil
+	// Namespaces other than the host's have no neigh "default" entry: per link.
+	return r.SetSysctl("net/ipv4/neigh/"+e.RouterLink+"/retrans_time_ms", "10")
 }
 
 // bootENI does what DHCP does on a real instance when the ENI comes up: its
 // primary private IPv4 (and IPv6) with the subnet's prefix route, and for
-// the primary ENI (device 0) the main table's default route.
+// the primary ENI (device 0) the main table's default route. With
+// MinimalBoot only the primary ENI gets its IPv4 and default route.
 func (w *World) bootENI(e *ENI) error {
+	if w.opts.MinimalBoot && e.Device != 0 {
+		return nil
+	}
 	h := w.Instance.NL
 	l, err := h.LinkByName(e.Link)
 	if err != nil {
@@ -443,7 +524,7 @@ func (w *World) bootENI(e *ENI) error {
 	if err := addAddr(h, l, netip.PrefixFrom(e.Primary4(), e.Subnet4.Bits())); err != nil {
 		return err
 	}
-	if e.Subnet6.IsValid() && len(e.IPv6s()) > 0 {
+	if e.Subnet6.IsValid() && len(e.IPv6s()) > 0 && !w.opts.MinimalBoot {
 		if err := addAddr(h, l, netip.PrefixFrom(e.IPv6s()[0], e.Subnet6.Bits())); err != nil {
 			return err
 		}
