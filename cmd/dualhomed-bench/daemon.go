@@ -1,228 +1,503 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"strconv"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
+	"github.com/dualhomed/dualhomed/imds"
+	"github.com/dualhomed/dualhomed/imds/emulator"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
-// clockTicks is USER_HZ, the unit of utime and stime in /proc/<pid>/stat:
-// 100 on every Linux architecture Go supports.
-const clockTicks = 100
-
-// daemonProc is a `dualhomed daemon` process running in the instance
-// namespace, with its log in a temporary directory.
-type daemonProc struct {
-	cmd     *exec.Cmd
-	dir     string // state directory and log
-	exited  chan struct{}
-	waitErr error
-}
-
-// startDaemon starts bin as the daemon against the emulator at endpoint,
-// with config as its configuration file ("": none, the documented defaults).
-func startDaemon(bin, endpoint, config string) (*daemonProc, error) {
-	if _, err := os.Stat(bin); err != nil {
-		return nil, fmt.Errorf("finding the dualhomed binary (run `make build`): %w", err)
+// daemon measures the `dualhomed daemon` process on the 1-card instance:
+// start to converged, rest, drift repair, IMDS failure and hot attach.
+func (b *bench) daemon(ctx context.Context) {
+	o := b.o
+	d := &daemonResult{}
+	b.r.Daemon = d
+	v := b.r.Variants[0]
+	if v.reference.Rules == nil {
+		b.r.Failures = append(b.r.Failures, "daemon: skipped (no reference state)")
+		return
 	}
-	dir, err := os.MkdirTemp("", "dualhomed-bench-daemon-*")
-	if err != nil {
-		return nil, err
-	}
-	logf, err := os.Create(filepath.Join(dir, "daemon.log"))
-	if err != nil {
-		os.RemoveAll(dir)
-		return nil, err
-	}
-	defer logf.Close()
-	configFile := filepath.Join(dir, "absent.yaml") // absent: the documented defaults
-	if config != "" {
-		configFile = filepath.Join(dir, "config.yaml")
-		if err := os.WriteFile(configFile, []byte(config), 0o644); err != nil {
-			os.RemoveAll(dir)
-			return nil, fmt.Errorf("writing the daemon's configuration: %w", err)
+	var proc *simworld.Proc
+	// restart replaces the daemon with a fresh one (poll: its poll_interval,
+	// 0 for the default) and waits until it has checked the kernel (already
+	// configured: it makes no change) and watches netlink.
+	restart := func(poll time.Duration) error {
+		if proc != nil {
+			_ = proc.Stop(10 * time.Second)
 		}
+		var err error
+		if proc, err = b.w.StartDaemon(simworld.DaemonOptions{PollInterval: poll}); err != nil {
+			return err
+		}
+		if err := b.waitState(ctx, proc, v.reference, 30*time.Second); err != nil {
+			return err
+		}
+		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		return logContext(proc, proc.WaitLog(wctx, `"msg":"ready"`))
 	}
-	cmd := exec.Command(bin, "daemon",
-		"--imds-endpoint", endpoint,
-		"--state-dir", filepath.Join(dir, "state"),
-		"--config", configFile,
-	)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	// Its own process group (Ctrl-C is ours to handle), and killed with us.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET=") // no systemd here
-	if err := cmd.Start(); err != nil {
-		os.RemoveAll(dir)
-		return nil, fmt.Errorf("starting %s daemon: %w", bin, err)
+
+	b.step("daemon: start to fully configured", func() error {
+		if err := b.build(v.inst); err != nil {
+			return err
+		}
+		start := time.Now()
+		var err error
+		if proc, err = b.w.StartDaemon(simworld.DaemonOptions{}); err != nil {
+			return err
+		}
+		if err := b.waitState(ctx, proc, v.reference, 60*time.Second); err != nil {
+			return err
+		}
+		d.Converge = time.Since(start)
+		return nil
+	})
+	if d.Converge == 0 {
+		return
 	}
-	d := &daemonProc{cmd: cmd, dir: dir, exited: make(chan struct{})}
-	go func() {
-		d.waitErr = cmd.Wait()
-		close(d.exited)
-	}()
-	return d, nil
+
+	b.step(fmt.Sprintf("daemon: at rest for %v", o.idle), func() error {
+		time.Sleep(2 * time.Second) // let the start-up settle (logs, first poll timer)
+		if err := b.w.IMDS.ResetStats(); err != nil {
+			return err
+		}
+		c0 := b.settledChanges()
+		cpu0, err1 := proc.CPUTime()
+		ticks0, err2 := proc.CPUTicks()
+		if err := errors.Join(err1, err2); err != nil {
+			return err
+		}
+		start := time.Now()
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(o.idle):
+		}
+		cpu1, err1 := proc.CPUTime()
+		ticks1, err2 := proc.CPUTicks()
+		st, err3 := b.w.IMDS.Stats()
+		if err := errors.Join(err1, err2, err3); err != nil {
+			return errors.Join(err, alive(proc))
+		}
+		d.IdleWall = time.Since(start)
+		d.IdleCPU = cpu1 - cpu0
+		d.IdleCPUTicks = ticks1 - ticks0
+		c1, lost := b.wt.Changes()
+		d.IdleChanges = c1.sub(c0)
+		d.IdleChangesLost = lost > 0
+		d.IdleRequests, d.IdleBytes = st.Requests, st.BytesSent
+		d.IdlePolls = st.ByPath[macListingPath]
+		var err error
+		d.RSSPeakKiB, d.RSSKiB, err = proc.Memory()
+		return err
+	})
+
+	// Each drift is isolated: the daemon deliberately backs off when drift
+	// repeats within a minute (another manager fighting it), so every
+	// sample after the first is taken on a freshly started daemon.
+	b.step("daemon: drift repair", func() error {
+		var ours []string
+		for k, r := range v.reference.Rules {
+			if _, ok := b.pristine.Rules[k]; !ok && r.Protocol != 0 {
+				ours = append(ours, k)
+			}
+		}
+		if len(ours) == 0 {
+			return errors.New("no rule of ours to delete")
+		}
+		slices.Sort(ours)
+		rng := rand.New(rand.NewPCG(1, 2))
+		for n := range o.drifts {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			if n > 0 {
+				if err := restart(0); err != nil {
+					return fmt.Errorf("restarting the daemon: %w", err)
+				}
+			}
+			k := ours[rng.IntN(len(ours))]
+			rule := v.reference.Rules[k]
+			gone := false
+			back := b.wt.expect(func(have map[string]bool) bool {
+				if !have[k] {
+					gone = true
+				}
+				return gone && have[k]
+			})
+			t0 := time.Now()
+			if err := b.w.Instance.NL.RuleDel(&rule); err != nil {
+				return fmt.Errorf("deleting rule %s: %w", k, err)
+			}
+			select {
+			case t := <-back:
+				d.Drift = append(d.Drift, t.Sub(t0))
+			case <-time.After(10 * time.Second):
+				return logContext(proc, errors.Join(fmt.Errorf("rule %s not restored within 10 s", k), alive(proc)))
+			}
+		}
+		return nil
+	})
+
+	b.step(fmt.Sprintf("daemon: IMDS answering 500 for %v", o.fault), func() error {
+		if err := restart(0); err != nil {
+			return fmt.Errorf("restarting the daemon: %w", err)
+		}
+		before, err := dumpKernel(b.w.Instance)
+		if err != nil {
+			return err
+		}
+		if err := b.w.IMDS.ResetStats(); err != nil {
+			return err
+		}
+		if err := b.w.IMDS.SetFaults(emulator.Faults{Status: 500}); err != nil {
+			return err
+		}
+		start := time.Now()
+		// A reload makes the daemon read IMDS now rather than at its next
+		// poll, so the whole window is spent failing and backing off.
+		if err := proc.Signal(syscall.SIGHUP); err != nil {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(o.fault):
+		}
+		st, err := b.w.IMDS.Stats()
+		elapsed := time.Since(start)
+		if err := errors.Join(err, b.w.IMDS.ClearFaults()); err != nil {
+			return err
+		}
+		d.FaultRequests, d.FaultWall = st.Requests, elapsed
+		_, diff, err := b.settledDiff(before, false)
+		if err != nil {
+			return err
+		}
+		d.FaultKept = diff.Empty()
+		d.FaultDiff = diff.Summary("before", "after")
+		if d.FaultRequests == 0 {
+			return logContext(proc, errors.New("the daemon sent no IMDS request during the failure: it did not react to SIGHUP"))
+		}
+		return alive(proc)
+	})
+
+	b.step("daemon: hot attach", func() error {
+		if err := restart(0); err != nil {
+			return fmt.Errorf("restarting the daemon: %w", err)
+		}
+		if err := b.hotAttach(ctx, proc, v, d); err != nil {
+			return logContext(proc, err)
+		}
+		if d.HotPingFailures > 0 {
+			return logContext(proc, fmt.Errorf("%d of %d attaches got no ping reply; the first: %s", d.HotPingFailures, o.attaches, d.HotPingFailure))
+		}
+		return nil
+	})
+
+	if o.pollCPU <= 0 {
+		return
+	}
+	b.step(fmt.Sprintf("daemon: CPU per poll (poll_interval %v, for %v)", pollCPUInterval, o.pollCPU), func() error {
+		// The hot attaches end in the configured instance (the last ENI
+		// with a new MAC); when they did not, start again from the boot.
+		_ = proc.Stop(10 * time.Second)
+		if now, err := dumpKernel(b.w.Instance); err != nil || !compareStates(v.reference, now).Empty() {
+			if err := b.build(v.inst); err != nil {
+				return err
+			}
+		}
+		if err := restart(pollCPUInterval); err != nil {
+			return fmt.Errorf("restarting the daemon with poll_interval %v: %w", pollCPUInterval, err)
+		}
+		return b.pollCPU(ctx, proc, d)
+	})
 }
 
 // alive returns an error, with the end of the daemon's log, if it exited.
-func (d *daemonProc) alive() error {
-	select {
-	case <-d.exited:
-		return fmt.Errorf("the daemon exited (%v); its log ends with:\n%s", d.waitErr, d.logTail(15))
-	default:
+func alive(p *simworld.Proc) error {
+	if done, err := p.Exited(); done {
+		return fmt.Errorf("the daemon exited (%v); its log ends with:\n%s", err, simworld.Tail(p.Log(), 15))
+	}
+	return nil
+}
+
+// logContext adds the end of the daemon's log to err.
+func logContext(p *simworld.Proc, err error) error {
+	if err == nil {
 		return nil
+	}
+	return fmt.Errorf("%w\n  the daemon's log ends with:\n%s", err, simworld.Tail(p.Log(), 15))
+}
+
+// pollCPUInterval is the poll interval of the daemon that measures the CPU
+// cost of one poll: short, so that a window of half a minute holds about
+// ten polls and the figure rests on more than a few scheduler ticks.
+const pollCPUInterval = 3 * time.Second
+
+// pollCPU watches a daemon polling every pollCPUInterval for about
+// o.pollCPU and records the CPU time and IMDS requests per poll. Polls are
+// seen as the IMDS listing of MACs, which every poll reads once, and the
+// window runs from just after one poll to just after the last: it holds
+// whole poll cycles, so no poll is cut in two at either end.
+func (b *bench) pollCPU(ctx context.Context, proc *simworld.Proc, d *daemonResult) error {
+	want := max(1, int(b.o.pollCPU/pollCPUInterval))
+	// Counts start from zero twice: to see the first poll, then for the window.
+	if err := b.w.IMDS.ResetStats(); err != nil {
+		return err
+	}
+	if _, err := b.afterNextPoll(ctx, proc, 0); err != nil {
+		return err
+	}
+	if err := b.w.IMDS.ResetStats(); err != nil {
+		return err
+	}
+	c0, _ := b.wt.Changes()
+	cpu0, err := proc.CPUTime()
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	var polls int64
+	for polls < int64(want) {
+		if polls, err = b.afterNextPoll(ctx, proc, polls); err != nil {
+			return err
+		}
+	}
+	cpu1, err := proc.CPUTime()
+	if err != nil {
+		return errors.Join(err, alive(proc))
+	}
+	d.PollCPUWall = time.Since(start)
+	st, err := b.w.IMDS.Stats()
+	if err != nil {
+		return err
+	}
+	c1, _ := b.wt.Changes()
+	d.PollCPU = cpu1 - cpu0
+	d.PollCPUInterval = pollCPUInterval
+	d.PollCPUPolls = st.ByPath[macListingPath]
+	d.PollCPURequests, d.PollCPUBytes = st.Requests, st.BytesSent
+	d.PollCPUChanges = c1.sub(c0)
+	return alive(proc)
+}
+
+// pollDone is how long after a poll's MAC listing the poll is surely over:
+// one takes some 15 ms, and the next comes pollCPUInterval later.
+const pollDone = 500 * time.Millisecond
+
+// afterNextPoll waits until the emulator has served more than seen MAC
+// listings since its last reset, then until that poll is over, and returns
+// the new count. It asks every 50 ms: each question is a request to the
+// emulator process, and pollDone makes up for the delay.
+func (b *bench) afterNextPoll(ctx context.Context, proc *simworld.Proc, seen int64) (int64, error) {
+	deadline := time.Now().Add(2*pollCPUInterval + time.Second)
+	for {
+		st, err := b.w.IMDS.Stats()
+		if err != nil {
+			return seen, err
+		}
+		if n := st.ByPath[macListingPath]; n > seen {
+			select {
+			case <-ctx.Done():
+				return n, ctx.Err()
+			case <-time.After(pollDone):
+			}
+			st, err := b.w.IMDS.Stats()
+			return st.ByPath[macListingPath], err
+		}
+		if time.Now().After(deadline) {
+			return seen, logContext(proc, errors.Join(fmt.Errorf("no poll (request of %s) within %v", macListingPath, 2*pollCPUInterval+time.Second), alive(proc)))
+		}
+		select {
+		case <-ctx.Done():
+			return seen, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
 }
 
-// waitReady waits until the daemon logs that its start-up reconcile is
-// done (it then watches netlink), or fails after timeout.
-func (d *daemonProc) waitReady(ctx context.Context, timeout time.Duration) error {
+// macListingPath is the IMDS listing of the attached ENIs' MACs.
+const macListingPath = "/latest/meta-data/network/interfaces/macs/"
+
+// waitState polls the kernel until it matches want.
+func (b *bench) waitState(ctx context.Context, proc *simworld.Proc, want kernelState, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
+	var last stateDiff
 	for time.Now().Before(deadline) {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if err := d.alive(); err != nil {
+		if err := alive(proc); err != nil {
 			return err
 		}
-		b, _ := os.ReadFile(filepath.Join(d.dir, "daemon.log"))
-		if bytes.Contains(b, []byte(`"msg":"ready"`)) {
-			return nil
+		got, err := dumpKernel(b.w.Instance)
+		switch {
+		case errors.Is(err, netlink.ErrDumpInterrupted):
+			// The daemon is still changing the kernel faster than a dump
+			// completes: not there yet.
+		case err != nil:
+			return err
+		default:
+			if last = compareStates(want, got); last.Empty() {
+				return nil
+			}
 		}
-		time.Sleep(10 * time.Millisecond)
+		time.Sleep(20 * time.Millisecond)
 	}
-	return d.logContext(fmt.Errorf("the daemon did not log \"ready\" within %v", timeout))
+	return fmt.Errorf("not in the expected state after %v: %s", timeout, last.Summary("expected", "kernel"))
 }
 
-// logContext is the end of the daemon's log, to attach to an error.
-func (d *daemonProc) logContext(err error) error {
-	if err == nil {
-		return nil
-	}
-	return fmt.Errorf("%w\n  the daemon's last warnings and errors:\n%s\n  the daemon's log ends with:\n%s", err, d.logProblems(10), d.logTail(5))
-}
+// pingTimeout bounds the wait for an attached ENI's rules and first ping
+// reply: a working daemon needs a small fraction of it.
+const pingTimeout = 5 * time.Second
 
-// logProblems returns the last n warning and error lines of the log.
-func (d *daemonProc) logProblems(n int) string {
-	b, _ := os.ReadFile(filepath.Join(d.dir, "daemon.log"))
-	var out []string
-	for _, line := range strings.Split(string(b), "\n") {
-		if strings.Contains(line, `"level":"warn"`) || strings.Contains(line, `"level":"error"`) {
-			out = append(out, line)
-		}
-	}
-	if len(out) > n {
-		out = out[len(out)-n:]
-	}
-	if len(out) == 0 {
-		return "(none)"
-	}
-	return strings.Join(out, "\n")
-}
-
-func (d *daemonProc) logTail(lines int) string {
-	b, _ := os.ReadFile(filepath.Join(d.dir, "daemon.log"))
-	all := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(all) > lines {
-		all = all[len(all)-lines:]
-	}
-	return strings.Join(all, "\n")
-}
-
-// stop ends the daemon with SIGTERM (SIGKILL after 10 s), copies its log to
-// keepLog (if set) and removes its directory.
-func (d *daemonProc) stop(keepLog string) {
-	_ = d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.exited:
-	case <-time.After(10 * time.Second):
-		_ = syscall.Kill(-d.cmd.Process.Pid, syscall.SIGKILL)
-		<-d.exited
-	}
-	if keepLog != "" {
-		if b, err := os.ReadFile(filepath.Join(d.dir, "daemon.log")); err == nil {
-			_ = os.WriteFile(keepLog, b, 0o644)
+// hotAttach attaches a new ENI again and again in the place of the last one
+// (device number, addresses): it is detached (IMDS forgets it, its link
+// goes), the kernel is cleaned of its rules, IMDS learns a new ENI (new
+// MAC), and only then does the new link arrive. Timed from the link's
+// arrival (its RTM_NEWLINK notification in the instance) to its rules'
+// notification and to the first ping its VPC's client gets through it; the
+// move into the instance, which a hot-plugged NIC does not go through, is
+// timed apart.
+func (b *bench) hotAttach(ctx context.Context, proc *simworld.Proc, v *variantResult, d *daemonResult) error {
+	e := b.w.ENIs[len(b.w.ENIs)-1]
+	var want []string
+	for k, r := range v.reference.Rules {
+		if r.Src != nil && ruleSrcOf(v.inst.ENIs[len(v.inst.ENIs)-1], r.Src.IP) {
+			want = append(want, k)
 		}
 	}
-	os.RemoveAll(d.dir)
-}
+	if len(want) == 0 {
+		return fmt.Errorf("no rule of ENI %s in the reference state", e.MAC)
+	}
+	// The client is in the ENI's VPC but outside its subnet, so that only
+	// the ENI's routing (not the subnet's connected route) can carry the
+	// reply back.
+	if len(e.IPv4s()) == 0 || e.Subnet4.Contains(e.VPC.Client4) {
+		return fmt.Errorf("no IPv4 of %s to ping from outside its subnet %s", e.Link, e.Subnet4)
+	}
+	for n := range b.o.attaches {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		// Detach. The daemon removes a vanished ENI's rules at its next
+		// IMDS poll; the bench does it at once so that the next attach
+		// starts clean.
+		gone := b.wt.expect(noRules(want))
+		if err := b.w.Detach(e); err != nil {
+			return err
+		}
+		time.Sleep(300 * time.Millisecond)
+		for _, k := range want {
+			r := v.reference.Rules[k]
+			if err := b.w.Instance.NL.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
+				return fmt.Errorf("deleting rule %s: %w", k, err)
+			}
+		}
+		select {
+		case <-gone:
+		case <-time.After(5 * time.Second):
+			return errors.Join(fmt.Errorf("attach %d: the rules of detached %s keep coming back", n+1, e.Link), alive(proc))
+		}
+		// IMDS knows the new ENI before its link arrives, long after the
+		// daemon's last IMDS read: its client's request bucket is full.
+		mac := fmt.Sprintf("02:00:00:01:%02x:%02x", n>>8, n&0xff)
+		if err := errors.Join(b.w.Reissue(e, mac, fmt.Sprintf("eni-%017x", 0xa000+n)), b.w.ListInIMDS(e)); err != nil {
+			return err
+		}
+		time.Sleep(bucketRefill)
 
-// cpuTime is the CPU time (user + system, every thread, exited ones
-// included) the daemon used so far, read from its process CPU-time clock
-// (what clock_getcpuclockid(3) returns for another process): nanoseconds
-// of the scheduler's accounting, where /proc/<pid>/stat truncates the same
-// sum to 10 ms ticks.
-func (d *daemonProc) cpuTime() (time.Duration, error) {
-	var ts unix.Timespec
-	if err := unix.ClockGettime(processCPUClock(d.cmd.Process.Pid), &ts); err != nil {
-		return 0, fmt.Errorf("reading the daemon's CPU clock: %w", err)
-	}
-	return time.Duration(ts.Nano()), nil
-}
-
-// processCPUClock is the clock id of pid's process CPU-time clock, as
-// glibc's clock_getcpuclockid builds it: the negated pid shifted by 3, with
-// CPUCLOCK_SCHED (2) and no per-thread bit.
-func processCPUClock(pid int) int32 {
-	const cpuClockSched = 2
-	return int32(^pid)<<3 | cpuClockSched
-}
-
-// cpuTicks is the CPU time (user + system, all threads) the daemon used so
-// far as /proc/<pid>/stat reports it: utime+stime in 10 ms ticks.
-func (d *daemonProc) cpuTicks() (time.Duration, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", d.cmd.Process.Pid))
-	if err != nil {
-		return 0, err
-	}
-	// The command name (field 2) is in parentheses and may hold spaces.
-	s := string(b)
-	end := strings.LastIndexByte(s, ')')
-	if end < 0 {
-		return 0, errors.New("parsing /proc/<pid>/stat: no command name")
-	}
-	f := strings.Fields(s[end+1:]) // f[0] is field 3 (state)
-	if len(f) < 13 {
-		return 0, errors.New("parsing /proc/<pid>/stat: too few fields")
-	}
-	utime, err1 := strconv.ParseInt(f[14-3], 10, 64)
-	stime, err2 := strconv.ParseInt(f[15-3], 10, 64)
-	if err := errors.Join(err1, err2); err != nil {
-		return 0, fmt.Errorf("parsing /proc/<pid>/stat: %w", err)
-	}
-	return time.Duration(utime+stime) * time.Second / clockTicks, nil
-}
-
-// memory returns the peak (VmHWM) and current (VmRSS) resident set in KiB.
-func (d *daemonProc) memory() (peakKiB, nowKiB int, err error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.cmd.Process.Pid))
-	if err != nil {
-		return 0, 0, err
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 2 {
+		hw, _ := net.ParseMAC(mac)
+		rules, arrived := b.wt.expect(allRules(want)), b.wt.expectLink(hw)
+		pctx, cancel := context.WithTimeout(ctx, pingTimeout)
+		pinged := make(chan time.Time, 1)
+		go func() {
+			t, _ := simworld.FirstReply(pctx, e.VPC.Client, e.Primary4(), time.Millisecond)
+			pinged <- t
+		}()
+		t0, err := b.w.Plug(e)
+		if err != nil {
+			cancel()
+			return err
+		}
+		var tRules, tArrival time.Time
+		select {
+		case tRules = <-rules:
+		case <-time.After(pingTimeout):
+			cancel()
+			return errors.Join(fmt.Errorf("attach %d: rules not in place within %v", n+1, pingTimeout), alive(proc))
+		}
+		// The link's notification is handled before the rules' ones (one
+		// socket, in order): it is there unless the socket overran.
+		select {
+		case tArrival = <-arrived:
+		case <-time.After(time.Second):
+			cancel()
+			return fmt.Errorf("attach %d: no RTM_NEWLINK notification of %s (%s) in the instance", n+1, e.Link, mac)
+		}
+		d.HotMove = append(d.HotMove, tArrival.Sub(t0))
+		d.HotRules = append(d.HotRules, tRules.Sub(tArrival))
+		d.HotMoveRules = append(d.HotMoveRules, tRules.Sub(t0))
+		t := <-pinged
+		cancel()
+		if t.IsZero() {
+			// Counted, explained once, and the series goes on: the next
+			// attach starts from a clean slate anyway.
+			d.HotPingFailures++
+			if d.HotPingFailure == "" {
+				d.HotPingFailure = fmt.Sprintf("attach %d: no ping reply from %s through %s within %v; %s", n+1, e.Primary4(), e.Link,
+					pingTimeout, b.routingDiagnosis(e))
+			}
 			continue
 		}
-		switch f[0] {
-		case "VmHWM:":
-			peakKiB, _ = strconv.Atoi(f[1])
-		case "VmRSS:":
-			nowKiB, _ = strconv.Atoi(f[1])
+		d.HotPing = append(d.HotPing, t.Sub(tArrival))
+		d.HotMovePing = append(d.HotMovePing, t.Sub(t0))
+	}
+	return nil
+}
+
+// routingDiagnosis shows how the instance would answer e's VPC client, for
+// the error message of a failed ping.
+func (b *bench) routingDiagnosis(e *simworld.ENI) string {
+	var s strings.Builder
+	local, client := e.Primary4().String(), e.VPC.Client4.String()
+	for _, args := range [][]string{
+		{"-4", "addr", "show", "dev", e.Link, "to", local + "/32"},
+		{"-4", "route", "get", client, "from", local},
+		{"-4", "neigh", "show", "dev", e.Link},
+		{"-4", "rule", "show", "from", local},
+	} {
+		out, err := b.w.Instance.IP(args...)
+		fmt.Fprintf(&s, "\n  ip %s: %s", strings.Join(args, " "), strings.TrimSpace(out))
+		if err != nil {
+			fmt.Fprintf(&s, " (%v)", err)
 		}
 	}
-	if peakKiB == 0 {
-		return 0, 0, errors.New("no VmHWM in /proc/<pid>/status")
+	return s.String()
+}
+
+// ruleSrcOf reports whether ip is one of the ENI's addresses or prefixes.
+func ruleSrcOf(e imds.ENI, ip []byte) bool {
+	a, ok := netip.AddrFromSlice(ip)
+	if !ok {
+		return false
 	}
-	return peakKiB, nowKiB, nil
+	a = a.Unmap()
+	if slices.Contains(e.LocalIPv4s, a) || slices.Contains(e.IPv6s, a) {
+		return true
+	}
+	return slices.ContainsFunc(slices.Concat(e.IPv4Prefixes, e.IPv6Prefixes), func(p netip.Prefix) bool { return p.Addr() == a })
 }

@@ -9,22 +9,19 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
+
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 )
 
 // IFA_PROTO (linux/if_addr.h, kernel 5.18+): x/sys/unix does not name it yet.
 const ifaProto = 11
-
-// Address flags that describe how an address was configured. Flags that
-// describe its current life (tentative, deprecated, dadfailed) are left out
-// of comparisons.
-const addrConfigFlags = unix.IFA_F_NOPREFIXROUTE | unix.IFA_F_NODAD | unix.IFA_F_HOMEADDRESS |
-	unix.IFA_F_MANAGETEMPADDR | unix.IFA_F_PERMANENT | unix.IFA_F_SECONDARY
 
 // kernelAddr is an interface address as dumped with raw rtnetlink, because
 // vishvananda/netlink v1.3.1 does not report IFA_PROTO.
@@ -39,7 +36,8 @@ type kernelAddr struct {
 
 // kernelState is every rule, route, address and rp_filter value of the
 // namespace, keyed by a canonical text (link names, not indexes, so that a
-// link deleted and re-created compares equal).
+// link deleted and re-created compares equal). Flags that describe an
+// address's current life (tentative, deprecated, dadfailed) are left out.
 type kernelState struct {
 	Rules    map[string]netlink.Rule
 	Routes   map[string]netlink.Route
@@ -49,13 +47,12 @@ type kernelState struct {
 	LinkByNm map[string]int
 }
 
-// dumpKernel reads the whole routing state of the namespace h works in
-// (which must be the calling process's own: sysctls are read from /proc/sys).
-func dumpKernel(h *netlink.Handle) (kernelState, error) {
+// dumpKernel reads the whole routing state of the namespace.
+func dumpKernel(ns *simworld.NS) (kernelState, error) {
 	var err error
 	for attempt := 0; attempt < 5; attempt++ {
 		var s kernelState
-		s, err = dumpKernelOnce(h)
+		s, err = dumpKernelOnce(ns)
 		if !errors.Is(err, netlink.ErrDumpInterrupted) {
 			return s, err
 		}
@@ -64,7 +61,8 @@ func dumpKernel(h *netlink.Handle) (kernelState, error) {
 	return kernelState{}, err
 }
 
-func dumpKernelOnce(h *netlink.Handle) (kernelState, error) {
+func dumpKernelOnce(ns *simworld.NS) (kernelState, error) {
+	h := ns.NL
 	s := kernelState{
 		Rules:    map[string]netlink.Rule{},
 		Routes:   map[string]netlink.Route{},
@@ -97,28 +95,30 @@ func dumpKernelOnce(h *netlink.Handle) (kernelState, error) {
 			s.Routes[s.routeKey(r)] = r
 		}
 	}
-	addrs, err := dumpAddrs()
-	if err != nil {
-		return s, err
-	}
-	for _, a := range addrs {
-		s.Addrs[s.addrKey(a)] = a
-	}
 	names := []string{"all", "default"}
 	for _, n := range s.Links {
 		names = append(names, n)
 	}
-	for _, n := range names {
-		key := "net.ipv4.conf." + n + ".rp_filter"
-		b, err := os.ReadFile(filepath.Join("/proc/sys/net/ipv4/conf", n, "rp_filter"))
-		if err == nil {
-			s.Sysctls[key] = strings.TrimSpace(string(b))
+	// Addresses through a socket, and sysctls through /proc/sys, opened by a
+	// thread inside the namespace.
+	var addrs []kernelAddr
+	err = ns.Do(func() error {
+		for _, n := range names {
+			if b, err := os.ReadFile(filepath.Join("/proc/sys/net/ipv4/conf", n, "rp_filter")); err == nil {
+				s.Sysctls["net.ipv4.conf."+n+".rp_filter"] = strings.TrimSpace(string(b))
+			}
 		}
+		addrs, err = dumpAddrs()
+		return err
+	})
+	for _, a := range addrs {
+		s.Addrs[s.addrKey(a)] = a
 	}
-	return s, nil
+	return s, err
 }
 
-// dumpAddrs is `ip addr show` with IFA_PROTO.
+// dumpAddrs is `ip addr show` with IFA_PROTO, which vishvananda/netlink
+// v1.3.1 does not report, in the calling thread's namespace.
 func dumpAddrs() ([]kernelAddr, error) {
 	req := nl.NewNetlinkRequest(unix.RTM_GETADDR, unix.NLM_F_DUMP)
 	req.AddData(nl.NewIfAddrmsg(unix.AF_UNSPEC))
@@ -184,54 +184,11 @@ func parseAddr(m []byte) (kernelAddr, bool, error) {
 	return a, true, nil
 }
 
-func familyName(f int) string {
-	if f == netlink.FAMILY_V6 {
-		return "inet6"
-	}
-	return "inet"
-}
-
 func ipnetString(n *net.IPNet) string {
 	if n == nil {
 		return "all"
 	}
 	return n.String()
-}
-
-func ruleKey(r netlink.Rule) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "%s pref %d", familyName(r.Family), r.Priority)
-	if r.Invert {
-		b.WriteString(" not")
-	}
-	fmt.Fprintf(&b, " from %s", ipnetString(r.Src))
-	if r.Dst != nil {
-		fmt.Fprintf(&b, " to %s", r.Dst)
-	}
-	if r.IifName != "" {
-		fmt.Fprintf(&b, " iif %s", r.IifName)
-	}
-	if r.OifName != "" {
-		fmt.Fprintf(&b, " oif %s", r.OifName)
-	}
-	if r.Mark != 0 || r.Mask != nil {
-		fmt.Fprintf(&b, " fwmark %#x", r.Mark)
-		if r.Mask != nil {
-			fmt.Fprintf(&b, "/%#x", *r.Mask)
-		}
-	}
-	if r.Tos != 0 {
-		fmt.Fprintf(&b, " tos %d", r.Tos)
-	}
-	if r.Goto >= 0 {
-		fmt.Fprintf(&b, " goto %d", r.Goto)
-	}
-	fmt.Fprintf(&b, " lookup %d", r.Table)
-	if r.SuppressPrefixlen >= 0 {
-		fmt.Fprintf(&b, " suppress_prefixlength %d", r.SuppressPrefixlen)
-	}
-	fmt.Fprintf(&b, " proto %d", r.Protocol)
-	return b.String()
 }
 
 func (s kernelState) linkName(index int) string {
@@ -241,43 +198,138 @@ func (s kernelState) linkName(index int) string {
 	return fmt.Sprintf("if%d", index)
 }
 
-func (s kernelState) routeKey(r netlink.Route) string {
-	var b strings.Builder
+// An object's key is the `ip` command that creates it, which names every
+// attribute that tells it apart; an address's key adds the flags the
+// kernel sets on its own.
+func ruleKey(r netlink.Rule) string                   { return ruleCommand(r).String() }
+func (s kernelState) routeKey(r netlink.Route) string { return routeCommand(s, r).String() }
+func (s kernelState) addrKey(a kernelAddr) string {
+	return fmt.Sprintf("%s (flags %#x)", addrCommand(s, a, true), a.Flags&(unix.IFA_F_PERMANENT|unix.IFA_F_SECONDARY))
+}
+
+// ipCommand is one iproute2 command: `ip -4|-6 <Args...>`. ip rule cannot
+// infer the family from the address, so every command carries it.
+type ipCommand struct {
+	V6   bool
+	Args []string
+}
+
+func (c ipCommand) familyFlag() string {
+	if c.V6 {
+		return "-6"
+	}
+	return "-4"
+}
+
+func (c ipCommand) String() string { return "ip " + c.familyFlag() + " " + strings.Join(c.Args, " ") }
+
+func addrCommand(s kernelState, a kernelAddr, withProto bool) ipCommand {
+	args := []string{"addr", "add", a.Prefix.String(), "dev", s.linkName(a.LinkIndex)}
+	if a.Broadcast.IsValid() {
+		args = append(args, "broadcast", a.Broadcast.String())
+	}
+	if a.Scope != unix.RT_SCOPE_UNIVERSE {
+		args = append(args, "scope", strconv.Itoa(int(a.Scope)))
+	}
+	for _, f := range []struct {
+		bit  uint32
+		word string
+	}{
+		{unix.IFA_F_NOPREFIXROUTE, "noprefixroute"},
+		{unix.IFA_F_NODAD, "nodad"},
+		{unix.IFA_F_HOMEADDRESS, "home"},
+		{unix.IFA_F_MANAGETEMPADDR, "mngtmpaddr"},
+	} {
+		if a.Flags&f.bit != 0 {
+			args = append(args, f.word)
+		}
+	}
+	if withProto && a.Proto != 0 {
+		args = append(args, "proto", strconv.Itoa(int(a.Proto)))
+	}
+	return ipCommand{V6: a.Prefix.Addr().Is6(), Args: args}
+}
+
+var routeTypes = map[int]string{
+	unix.RTN_LOCAL: "local", unix.RTN_BROADCAST: "broadcast", unix.RTN_ANYCAST: "anycast",
+	unix.RTN_MULTICAST: "multicast", unix.RTN_BLACKHOLE: "blackhole", unix.RTN_UNREACHABLE: "unreachable",
+	unix.RTN_PROHIBIT: "prohibit", unix.RTN_THROW: "throw",
+}
+
+func routeCommand(s kernelState, r netlink.Route) ipCommand {
+	v6 := r.Family == netlink.FAMILY_V6
+	args := []string{"route", "add"}
+	if t, ok := routeTypes[r.Type]; ok {
+		args = append(args, t)
+	}
 	dst := "default"
 	if r.Dst != nil {
 		dst = r.Dst.String()
 	}
-	fmt.Fprintf(&b, "%s table %d type %d %s", familyName(r.Family), r.Table, r.Type, dst)
+	args = append(args, dst)
 	if r.Gw != nil {
-		fmt.Fprintf(&b, " via %s", r.Gw)
+		args = append(args, "via", r.Gw.String())
 	}
 	if r.LinkIndex > 0 {
-		fmt.Fprintf(&b, " dev %s", s.linkName(r.LinkIndex))
+		args = append(args, "dev", s.linkName(r.LinkIndex))
 	}
 	if r.Src != nil {
-		fmt.Fprintf(&b, " src %s", r.Src)
+		args = append(args, "src", r.Src.String())
 	}
-	fmt.Fprintf(&b, " scope %d proto %d metric %d", r.Scope, r.Protocol, r.Priority)
-	if r.Flags&unix.RTNH_F_ONLINK != 0 {
-		b.WriteString(" onlink")
+	args = append(args, "table", strconv.Itoa(r.Table), "proto", strconv.Itoa(int(r.Protocol)))
+	if !v6 { // IPv6 routes have no scope
+		args = append(args, "scope", strconv.Itoa(int(r.Scope)))
+	}
+	if r.Priority != 0 {
+		args = append(args, "metric", strconv.Itoa(r.Priority))
 	}
 	if r.MTU != 0 {
-		fmt.Fprintf(&b, " mtu %d", r.MTU)
+		args = append(args, "mtu", strconv.Itoa(r.MTU))
+	}
+	if r.Flags&unix.RTNH_F_ONLINK != 0 {
+		args = append(args, "onlink")
 	}
 	for _, nh := range r.MultiPath {
-		fmt.Fprintf(&b, " nexthop via %s dev %s", nh.Gw, s.linkName(nh.LinkIndex))
+		args = append(args, "nexthop", "via", nh.Gw.String(), "dev", s.linkName(nh.LinkIndex))
 	}
-	return b.String()
+	return ipCommand{V6: v6, Args: args}
 }
 
-func (s kernelState) addrKey(a kernelAddr) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "%s dev %s scope %d flags %#x", a.Prefix, s.linkName(a.LinkIndex), a.Scope, a.Flags&addrConfigFlags)
-	if a.Broadcast.IsValid() {
-		fmt.Fprintf(&b, " brd %s", a.Broadcast)
+func ruleCommand(r netlink.Rule) ipCommand {
+	args := []string{"rule", "add"}
+	if r.Invert {
+		args = append(args, "not")
 	}
-	fmt.Fprintf(&b, " proto %d", a.Proto)
-	return b.String()
+	args = append(args, "from", ipnetString(r.Src))
+	if r.Dst != nil {
+		args = append(args, "to", r.Dst.String())
+	}
+	if r.IifName != "" {
+		args = append(args, "iif", r.IifName)
+	}
+	if r.OifName != "" {
+		args = append(args, "oif", r.OifName)
+	}
+	if r.Mark != 0 || r.Mask != nil {
+		m := fmt.Sprintf("%#x", r.Mark)
+		if r.Mask != nil {
+			m += fmt.Sprintf("/%#x", *r.Mask)
+		}
+		args = append(args, "fwmark", m)
+	}
+	if r.Tos != 0 {
+		args = append(args, "tos", strconv.Itoa(int(r.Tos)))
+	}
+	if r.Goto >= 0 {
+		args = append(args, "goto", strconv.Itoa(r.Goto))
+	} else {
+		args = append(args, "lookup", strconv.Itoa(r.Table))
+	}
+	if r.SuppressPrefixlen >= 0 {
+		args = append(args, "suppress_prefixlength", strconv.Itoa(r.SuppressPrefixlen))
+	}
+	args = append(args, "pref", strconv.Itoa(r.Priority), "protocol", strconv.Itoa(int(r.Protocol)))
+	return ipCommand{V6: r.Family == netlink.FAMILY_V6, Args: args}
 }
 
 // stateDiff lists what differs between two kernel states.
@@ -345,12 +397,14 @@ func withoutAddrProto(s kernelState) kernelState {
 	return out
 }
 
-// resetKernel deletes every rule, route and address that pristine does not
-// have and restores the rp_filter values, so that the next run starts from
-// the same empty kernel. It returns an error if the result differs.
-func resetKernel(h *netlink.Handle, pristine kernelState) error {
+// resetKernel deletes every rule, route and address of the namespace that
+// pristine does not have and restores the rp_filter values, so that the next
+// run starts from the same empty kernel. It returns an error if the result
+// differs.
+func resetKernel(ns *simworld.NS, pristine kernelState) error {
+	h := ns.NL
 	for attempt := 0; ; attempt++ {
-		cur, err := dumpKernel(h)
+		cur, err := dumpKernel(ns)
 		if err != nil {
 			return err
 		}
@@ -383,26 +437,36 @@ func resetKernel(h *netlink.Handle, pristine kernelState) error {
 			if err != nil {
 				continue // the link went away, and the address with it
 			}
-			na := &netlink.Addr{IPNet: &net.IPNet{IP: a.Prefix.Addr().AsSlice(), Mask: net.CIDRMask(a.Prefix.Bits(), a.Prefix.Addr().BitLen())}}
+			na := &netlink.Addr{IPNet: ipNet(a.Prefix)}
 			if err := h.AddrDel(link, na); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) && !errors.Is(err, unix.ENOENT) {
 				return fmt.Errorf("deleting address %s: %w", k, err)
 			}
 		}
-		for k, v := range pristine.Sysctls {
-			if cur.Sysctls[k] != v {
-				if err := writeSysctl(k, v); err != nil {
-					return err
+		err = ns.Do(func() error {
+			for k, v := range pristine.Sysctls {
+				if cur.Sysctls[k] != v {
+					if err := writeSysctl(k, v); err != nil {
+						return err
+					}
 				}
 			}
+			return nil
+		})
+		if err != nil {
+			return err
 		}
 	}
 }
 
-// writeSysctl writes a net.* sysctl of the process's namespace.
+// writeSysctl writes a net.* sysctl of the calling thread's namespace.
 func writeSysctl(key, value string) error {
 	path := "/proc/sys/" + strings.ReplaceAll(key, ".", "/")
 	if err := os.WriteFile(path, []byte(value), 0o644); err != nil {
 		return fmt.Errorf("writing %s: %w", key, err)
 	}
 	return nil
+}
+
+func ipNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }

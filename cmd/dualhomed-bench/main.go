@@ -2,34 +2,30 @@
 // routing is configured today, in one run on one machine, and writes the
 // figures to a Markdown file (docs/benchmarks.md through `make bench`).
 //
-// It needs root: everything happens in a throwaway network namespace named
-// dualhomed-bench-<pid>, with veth pairs as ENIs and the IMDS emulator on
-// that namespace's loopback. The tool re-executes itself inside the namespace
-// (`ip netns exec`), so that the emulator, curl, ip, the in-process pipeline
-// and the dualhomed daemon all share it; the outer process only creates the
-// namespace and always deletes it, on success, failure or Ctrl-C.
+// It needs root: everything happens in simulated instances
+// (cmd/internal/simworld: network namespaces, veth pairs as ENIs, the IMDS
+// emulator on the instance's loopback), removed at the end, on failure and
+// on Ctrl-C. The in-process pipeline works in the instance through netlink
+// handles and threads inside it; curl, ip, `dualhomed apply` and the daemon
+// are started inside it.
 package main
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
-	"github.com/dualhomed/dualhomed/agent"
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 )
 
-// nsPrefix names our namespaces, so that leftovers of a killed run are found
-// and removed by the next one.
-const nsPrefix = "dualhomed-bench-"
-
-// options are the command-line settings shared by the outer and inner process.
+// options are the command-line settings.
 type options struct {
 	out        string
 	runs       int // repetitions of the in-process and batch measurements
@@ -44,12 +40,13 @@ type options struct {
 	idle       time.Duration
 	fault      time.Duration
 	pollCPU    time.Duration // window of the CPU-per-poll measurement (0 skips it)
-	dualhomed  string        // path of the dualhomed binary
+	dualhomed  string        // path of the dualhomed binary; imds-emulator is its neighbour
 	goBench    bool
-	goBenchOut string // file with `go test -bench` output, handed to the inner process
-	inNS       string // set in the inner process: the namespace it runs in
+	goBenchOut string // file holding the `go test -bench` output
 	daemonLog  string // where to copy the daemon's log (debugging)
 }
+
+func (o options) emulator() string { return filepath.Join(filepath.Dir(o.dualhomed), "imds-emulator") }
 
 func main() {
 	var o options
@@ -64,17 +61,15 @@ func main() {
 	flag.IntVar(&o.attaches, "attaches", 20, "hot attaches measured")
 	flag.IntVar(&o.drifts, "drifts", 20, "drift repairs measured")
 	flag.DurationVar(&o.idle, "idle", 60*time.Second, "how long the daemon is watched at rest")
-	flag.DurationVar(&o.pollCPU, "poll-cpu", agent.FullReadEvery*pollCPUInterval, "how long a daemon polling every 3 s is watched to measure the CPU time of one poll (0 skips it; the default holds one cycle of agent.FullReadEvery polls, one full read included)")
+	flag.DurationVar(&o.pollCPU, "poll-cpu", fullReadEvery*pollCPUInterval, "how long a daemon polling every 3 s is watched to measure the CPU time of one poll (0 skips it; the default holds one cycle of agent.FullReadEvery polls, one full read included)")
 	flag.DurationVar(&o.fault, "fault", 10*time.Second, "how long IMDS answers 500 in the failure measurement")
-	flag.StringVar(&o.dualhomed, "dualhomed", "", "dualhomed `binary` (default: next to this one)")
+	flag.StringVar(&o.dualhomed, "dualhomed", "", "dualhomed `binary`, with imds-emulator beside it (default: next to this one)")
 	flag.BoolVar(&o.goBench, "go-bench", true, "run the Go micro-benchmarks of imds and netcfg and include them")
-	flag.StringVar(&o.goBenchOut, "go-bench-output", "", "internal: go test -bench output to include")
-	flag.StringVar(&o.inNS, "in-namespace", "", "internal: set when running inside the benchmark namespace")
-	flag.StringVar(&o.daemonLog, "daemon-log", "", "copy the daemon's log to this `file` when it stops")
+	flag.StringVar(&o.daemonLog, "daemon-log", "", "copy the daemon's log to this `file` when its world closes")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: %s [flags]\n\n"+
-			"Measures dualhomed against shell-style baselines in a throwaway network\n"+
-			"namespace and writes the figures to -out. Needs root.\n\n", os.Args[0])
+			"Measures dualhomed against shell-style baselines in simulated instances\n"+
+			"(network namespaces) and writes the figures to -out. Needs root.\n\n", os.Args[0])
 		flag.PrintDefaults()
 	}
 	flag.Parse()
@@ -100,10 +95,7 @@ func main() {
 			o.dualhomed = filepath.Join(filepath.Dir(exe), "dualhomed")
 		}
 	}
-	if o.inNS != "" {
-		os.Exit(runInside(o))
-	}
-	os.Exit(runOutside(o))
+	os.Exit(run(o))
 }
 
 // requiredTools are the programs the baselines run, with the Debian package
@@ -114,9 +106,10 @@ var requiredTools = []struct{ name, pkg string }{
 	{"sysctl", "procps"},
 }
 
-// runOutside creates the namespace, runs the measurements inside it, and
-// deletes it whatever happens.
-func runOutside(o options) int {
+// run checks what the measurements need, runs the Go micro-benchmarks, then
+// the measurements. A first Ctrl-C stops them and removes the worlds; a
+// second one removes the worlds at once.
+func run(o options) int {
 	var missing []string
 	for _, t := range requiredTools {
 		if _, err := exec.LookPath(t.name); err != nil {
@@ -128,11 +121,19 @@ func runOutside(o options) int {
 			strings.Join(missing, " "))
 		return 1
 	}
-	removeStaleNamespaces()
-
+	for _, bin := range []string{o.dualhomed, o.emulator()} {
+		if _, err := os.Stat(bin); err != nil {
+			fmt.Fprintf(os.Stderr, "dualhomed-bench: %v (run `make build`)\n", err)
+			return 1
+		}
+	}
+	if removed, err := simworld.Sweep(); err != nil {
+		fmt.Fprintf(os.Stderr, "dualhomed-bench: removing leftovers of earlier runs: %v\n", err)
+	} else if len(removed) > 0 {
+		fmt.Fprintf(os.Stderr, "dualhomed-bench: removed namespaces left by an earlier run: %s\n", strings.Join(removed, " "))
+	}
 	if o.goBench {
-		f, err := os.CreateTemp("", "dualhomed-gobench-*.txt")
-		if err == nil {
+		if f, err := os.CreateTemp("", "dualhomed-gobench-*.txt"); err == nil {
 			defer os.Remove(f.Name())
 			o.goBenchOut = f.Name()
 			runGoBench(f)
@@ -140,87 +141,20 @@ func runOutside(o options) int {
 		}
 	}
 
-	name := fmt.Sprintf("%s%d", nsPrefix, os.Getpid())
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "dualhomed-bench: creating namespace %s: %v: %s\n", name, err, out)
-		return 1
-	}
-	defer deleteNamespace(name)
-
-	// Ctrl-C reaches the inner process too (same process group): it stops
-	// measuring and cleans up. Here we only wait for it, and kill it if it
-	// does not finish in time, so that the namespace is always deleted.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
 	defer signal.Stop(sigs)
-
-	exe, err := os.Executable()
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "dualhomed-bench: finding own executable: %v\n", err)
-		return 1
-	}
-	args := []string{"netns", "exec", name, exe, "-in-namespace", name}
-	flag.Visit(func(f *flag.Flag) {
-		if f.Name != "in-namespace" && f.Name != "go-bench-output" {
-			args = append(args, "-"+f.Name+"="+f.Value.String())
-		}
-	})
-	args = append(args, "-go-bench-output="+o.goBenchOut, "-dualhomed="+o.dualhomed)
-	cmd := exec.Command("ip", args...)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, os.Stdout, os.Stderr
-	if err := cmd.Start(); err != nil {
-		fmt.Fprintf(os.Stderr, "dualhomed-bench: starting the measurements: %v\n", err)
-		return 1
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	var kill <-chan time.Time
-	for {
-		select {
-		case sig := <-sigs:
-			fmt.Fprintf(os.Stderr, "dualhomed-bench: %v: stopping, cleaning up\n", sig)
-			_ = cmd.Process.Signal(os.Interrupt)
-			if kill == nil {
-				kill = time.After(20 * time.Second)
-			}
-		case <-kill:
-			_ = cmd.Process.Kill()
-		case err := <-done:
-			if err != nil {
-				if ee, ok := err.(*exec.ExitError); ok {
-					return ee.ExitCode()
-				}
-				fmt.Fprintf(os.Stderr, "dualhomed-bench: %v\n", err)
-				return 1
-			}
-			return 0
-		}
-	}
-}
-
-func deleteNamespace(name string) {
-	if out, err := exec.Command("ip", "netns", "delete", name).CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "dualhomed-bench: deleting namespace %s: %v: %s\n", name, err, out)
-	}
-}
-
-// removeStaleNamespaces deletes namespaces left by runs whose process is gone
-// (killed with SIGKILL, machine crash while /run survived).
-func removeStaleNamespaces() {
-	entries, err := os.ReadDir("/run/netns")
-	if err != nil {
-		return
-	}
-	for _, e := range entries {
-		pid, err := strconv.Atoi(strings.TrimPrefix(e.Name(), nsPrefix))
-		if !strings.HasPrefix(e.Name(), nsPrefix) || err != nil {
-			continue
-		}
-		if err := syscall.Kill(pid, 0); err == syscall.ESRCH {
-			fmt.Fprintf(os.Stderr, "dualhomed-bench: removing namespace %s left by an earlier run\n", e.Name())
-			deleteNamespace(e.Name())
-		}
-	}
+	go func() {
+		sig := <-sigs
+		fmt.Fprintf(os.Stderr, "dualhomed-bench: %v: stopping, cleaning up (again to stop at once)\n", sig)
+		cancel()
+		<-sigs
+		_ = simworld.CloseAll()
+		os.Exit(130)
+	}()
+	return measure(ctx, o)
 }
 
 // runGoBench runs the Go micro-benchmarks of imds and netcfg from the module

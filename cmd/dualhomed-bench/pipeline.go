@@ -1,22 +1,52 @@
 package main
 
+// This file is the bench's only contact with the production packages'
+// internals (agent, netcfg, imds): the in-process pipeline and the
+// constants the report quotes. When their APIs change, only this file does.
+
 import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"time"
 
-	"github.com/vishvananda/netns"
-
 	"github.com/dualhomed/dualhomed/agent"
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/netcfg"
 )
 
+// Production settings the measurements and the report depend on.
+const (
+	pollInterval   = agent.DefaultPollInterval // the daemon's IMDS poll
+	fullReadEvery  = agent.FullReadEvery       // every so many polls read the full snapshot
+	imdsPace       = imds.DefaultMaxRequestsPerSecond
+	imdsBurst      = imds.DefaultRequestBurst
+	imdsMaxAttempt = imds.DefaultMaxAttempts
+)
+
+// bucketRefill is how long the IMDS client's default pacing takes to refill
+// its whole burst: a daemon polling every 15 s always starts a poll with a
+// full bucket, so measurements of one poll wait this long after the last.
+var bucketRefill = time.Duration(float64(imdsBurst)/imdsPace*float64(time.Second)) + 100*time.Millisecond
+
+// read says what a reconcile reads from IMDS, as the daemon's triggers do.
+type read int
+
+const (
+	readFull read = iota // the full snapshot: start, reload, every fullReadEvery polls
+	readPoll             // the poll timer's read of what changes while ENIs stay attached
+	readNone             // a netlink event without a new link: the last good snapshot
+)
+
+var refreshOf = map[read]agent.Trigger{readFull: agent.TriggerStart, readPoll: agent.TriggerPoll, readNone: agent.TriggerDrift}
+
 // pipeline is dualhomed's reconcile run in-process: the daemon's own
 // agent.Reconciler (IMDS snapshot, Observe, Desired, Diff, Apply) over an
-// imds.Client and a netcfg.Kernel, with the default configuration.
+// imds.Client and a netcfg.Kernel working in the instance, with the
+// default configuration.
 type pipeline struct {
 	cfg      agent.Config
 	rec      *agent.Reconciler
@@ -26,10 +56,14 @@ type pipeline struct {
 
 // newPipeline builds what a daemon starting on a freshly booted instance has:
 // a new client, a new Kernel, an empty state directory. requestsPerSecond is
-// the client's IMDS pacing (0: its default, negative: unpaced).
-func newPipeline(endpoint string, requestsPerSecond float64) (*pipeline, error) {
+// the client's IMDS pacing (0: its default, negative: unpaced). The client
+// dials from inside the instance, with the settings of its own transport.
+func newPipeline(inst *simworld.NS, requestsPerSecond float64) (*pipeline, error) {
 	cfg := agent.DefaultConfig()
-	client, err := imds.New(imds.Options{Endpoint: endpoint, Timeout: cfg.IMDS.Timeout, MaxRequestsPerSecond: requestsPerSecond})
+	tr := &http.Transport{DialContext: inst.DialContext, ResponseHeaderTimeout: cfg.IMDS.Timeout,
+		MaxIdleConnsPerHost: imds.DefaultConcurrency, IdleConnTimeout: 30 * time.Second}
+	client, err := imds.New(imds.Options{Endpoint: simworld.IMDSEndpoint, Timeout: cfg.IMDS.Timeout,
+		MaxRequestsPerSecond: requestsPerSecond, Transport: tr})
 	if err != nil {
 		return nil, fmt.Errorf("creating IMDS client: %w", err)
 	}
@@ -37,7 +71,7 @@ func newPipeline(endpoint string, requestsPerSecond float64) (*pipeline, error) 
 	if err != nil {
 		return nil, err
 	}
-	k, err := netcfg.NewKernel(netns.None(), dir, cfg.Netcfg)
+	k, err := netcfg.NewKernel(inst.Handle, dir, cfg.Netcfg)
 	if err != nil {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("opening kernel: %w", err)
@@ -56,23 +90,13 @@ type reconcileRun struct {
 	IMDS     time.Duration // reading the snapshot (0 when IMDS was not read)
 	Writes   int           // netlink and sysctl writes, as counted by Apply
 	Requests int           // HTTP requests of the snapshot
-	Ops      int           // plan size
 }
 
-// reconcile runs one reconcile. refresh is agent.TriggerPoll for the poll
-// timer's read, agent.TriggerStart for a full snapshot (start, reload),
-// agent.TriggerDrift for what a netlink event triggers when no
-// link appeared (the last good snapshot is reused).
-func (p *pipeline) reconcile(ctx context.Context, refresh agent.Trigger) (reconcileRun, error) {
+// reconcile runs one reconcile that reads what r says.
+func (p *pipeline) reconcile(ctx context.Context, r read) (reconcileRun, error) {
 	start := time.Now()
-	rep, err := p.rec.Reconcile(ctx, refresh, false)
-	run := reconcileRun{
-		Total:    time.Since(start),
-		IMDS:     rep.IMDSLatency,
-		Writes:   rep.Writes,
-		Requests: rep.IMDSRequests,
-		Ops:      len(rep.Changes),
-	}
+	rep, err := p.rec.Reconcile(ctx, refreshOf[r], false)
+	run := reconcileRun{Total: time.Since(start), IMDS: rep.IMDSLatency, Writes: rep.Writes, Requests: rep.IMDSRequests}
 	switch {
 	case err != nil:
 		return run, err
@@ -80,9 +104,9 @@ func (p *pipeline) reconcile(ctx context.Context, refresh agent.Trigger) (reconc
 		return run, fmt.Errorf("reading IMDS: %s", rep.IMDSError)
 	case rep.ApplyError != "":
 		return run, fmt.Errorf("applying %d changes: %s", len(rep.Changes), rep.ApplyError)
-	case refresh == agent.TriggerStart && !rep.Fresh:
+	case r == readFull && !rep.Fresh:
 		return run, errors.New("the reconcile did not read IMDS")
-	case refresh == agent.TriggerPoll && rep.IMDSRequests == 0:
+	case r == readPoll && rep.IMDSRequests == 0:
 		return run, errors.New("the poll did not read IMDS")
 	}
 	return run, nil
@@ -116,8 +140,3 @@ func (p *pipeline) breakdown() (map[string]time.Duration, error) {
 	}
 	return out, nil
 }
-
-// bucketRefill is how long the IMDS client's default pacing takes to refill
-// its whole burst: a daemon polling every 15 s always starts a poll with a
-// full bucket, so measurements of one poll wait this long after the last.
-var bucketRefill = time.Duration(float64(imds.DefaultRequestBurst)/imds.DefaultMaxRequestsPerSecond*float64(time.Second)) + 100*time.Millisecond

@@ -3,16 +3,16 @@ package main
 import (
 	"bytes"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/dualhomed/dualhomed/agent"
-	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/imds/emulator"
 )
 
@@ -38,13 +38,11 @@ type results struct {
 	Variants  []*variantResult
 	Daemon    *daemonResult
 	Failures  []string
-	Notes     []string // observations made during the run
-	LoadStart string   // /proc/loadavg when the measurements started
+	LoadStart string // /proc/loadavg when the measurements started
 }
 
 type variantResult struct {
-	Name  string
-	Cards int
+	Name string
 
 	inst      emulator.Instance
 	reference kernelState // dualhomed's end state: what every tool must reach
@@ -307,10 +305,10 @@ func (r *results) rows() []row {
 		perPoll := d.PollCPU / time.Duration(d.PollCPUPolls)
 		rows = append(rows, row{
 			what: fmt.Sprintf("Daemon polling every %s for %.0f s (informative): CPU per poll; IMDS requests per poll; idle CPU this implies at the default %s interval",
-				seconds(d.PollCPUInterval), d.PollCPUWall.Seconds(), seconds(agent.DefaultPollInterval)),
+				seconds(d.PollCPUInterval), d.PollCPUWall.Seconds(), seconds(pollInterval)),
 			dualhomed: fmt.Sprintf("%s per poll (%d polls); %.0f requests per poll; %.3f %% of a core",
 				fmtDur(perPoll), d.PollCPUPolls, float64(d.PollCPURequests)/float64(d.PollCPUPolls),
-				100*perPoll.Seconds()/agent.DefaultPollInterval.Seconds()),
+				100*perPoll.Seconds()/pollInterval.Seconds()),
 		})
 	}
 	if d.FaultWall > 0 {
@@ -333,7 +331,7 @@ func (r *results) rows() []row {
 // faultBound is the most requests the daemon may send while every IMDS
 // request fails for window: one snapshot per step of its backoff (1 s,
 // doubling, capped by the poll interval), plus one already under way, each
-// with at most imds.DefaultMaxAttempts attempts of its first request.
+// with at most imdsMaxAttempt attempts of its first request.
 func faultBound(window time.Duration) float64 {
 	snapshots := 2 // the one under way when the fault starts, and the first failure
 	delay := daemonIMDSBackoff0
@@ -341,7 +339,7 @@ func faultBound(window time.Duration) float64 {
 		snapshots++
 		delay = min(2*delay, daemonIMDSBackoffM)
 	}
-	return float64(snapshots * imds.DefaultMaxAttempts)
+	return float64(snapshots * imdsMaxAttempt)
 }
 
 // summaryTable is the Markdown table of the headline figures.
@@ -410,7 +408,7 @@ func (r *results) write(path string) error {
 		}
 		kv("No-op on a netlink event (kernel only)", v.NoopKernel.medianRange())
 		kv("… writes by Apply / notifications", fmt.Sprintf("%s / %s", intRange(v.NoopKernelWrites), intRange(v.NoopKernelObserved)))
-		for _, step := range sortedKeys(v.Breakdown) {
+		for _, step := range slices.Sorted(maps.Keys(v.Breakdown)) {
 			kv("… no-op step: "+step, v.Breakdown[step].medianRange())
 		}
 		kv("Baseline script", fmt.Sprintf("%d ip commands, %d rp_filter writes, %d curl (token PUT + one per key read by dualhomed)", v.ScriptCommands, v.ScriptSysctls, v.ShellCurls))
@@ -457,13 +455,6 @@ func (r *results) write(path string) error {
 		fmt.Fprintf(&b, "- %s\n", n)
 	}
 
-	if len(r.Notes) > 0 {
-		b.WriteString("\n## Observations\n\n")
-		for _, n := range r.Notes {
-			fmt.Fprintf(&b, "- %s\n", n)
-		}
-	}
-
 	b.WriteString("\n## Failures\n\n")
 	if len(r.Failures) == 0 {
 		b.WriteString("None: every measurement ran.\n")
@@ -502,14 +493,15 @@ func orDash(s string) string {
 
 func methodNotes(r *results) []string {
 	notes := []string{
-		"Everything runs in a throwaway network namespace (`dualhomed-bench-<pid>`, deleted at the end, also on Ctrl-C). " +
-			"ENIs are veth pairs whose peers live in a second namespace playing the VPC routers. " +
-			"The IMDS emulator (`imds/emulator`) serves the instance on the namespace's 127.0.0.1; dualhomed, curl and the daemon all read it over HTTP.",
+		"Everything runs in simulated instances (`cmd/internal/simworld`: throwaway network namespaces `dh<pid>w<n>-…`, deleted at the end, also on Ctrl-C). " +
+			"ENIs are veth pairs whose peers live in their VPC's router namespace; each VPC also has a client namespace behind its router. " +
+			"The IMDS emulator (`cmd/imds-emulator`) runs in the instance and serves it on the instance's 127.0.0.1; dualhomed's in-process client (dialling from inside the instance), curl and the daemon all read it over HTTP. " +
+			"curl, ip, sysctl, `dualhomed apply` and the daemon are forked by a thread inside the instance's namespace (no `ip netns exec`).",
 		"The instance starts as after boot: links up, the primary ENI with its DHCP address and default route. " +
 			"Before every run the kernel is brought back to exactly that state (every other rule, route, address and rp_filter value removed) and checked.",
 		"dualhomed's cold reconcile is the daemon's own `agent.Reconciler` in-process (IMDS snapshot, Observe, Desired, Diff, Apply) with a fresh client, " +
-			"kernel handle and state directory per run, the default configuration and the client's default IMDS pacing " +
-			fmt.Sprintf("(%d requests/s after a burst of %d); the unpaced figure shows what the pacing costs. ", imds.DefaultMaxRequestsPerSecond, imds.DefaultRequestBurst) +
+			"kernel handle (on the instance's namespace) and state directory per run, the default configuration and the client's default IMDS pacing " +
+			fmt.Sprintf("(%d requests/s after a burst of %d); the unpaced figure shows what the pacing costs. ", imdsPace, imdsBurst) +
 			fmt.Sprintf("Each no-op reconcile that reads IMDS starts %v after the previous one, so that the client's burst has refilled as between the daemon's 15 s polls. ", bucketRefill.Round(100*time.Millisecond)) +
 			"The `dualhomed apply` figure is the whole process, start-up included.",
 		"Writes are counted twice: by `Kernel.Apply` and by an rtnetlink subscription in the namespace (rule, non-kernel route and address notifications).",
@@ -521,18 +513,18 @@ func methodNotes(r *results) []string {
 			"started from Go (a bash script would add its own interpreter's cost).",
 		"Baseline (b) is the floor of any iproute2-driven tool: one `ip -4 -batch -` and one `ip -6 -batch -` process (`ip rule` cannot infer the family and batch lines cannot carry `-6`), " +
 			"rp_filter written directly. It reads no IMDS at all.",
-		"Daemon figures use `dualhomed daemon` (the binary next to this one) with its default configuration, running in the namespace. " +
+		"Daemon figures use `dualhomed daemon` (the binary next to this one) with its default configuration (an empty configuration file), running in the instance. " +
 			"CPU is read from the daemon's process CPU-time clock (`clock_gettime` on the clock `clock_getcpuclockid` names: every thread, in nanoseconds); " +
 			"utime+stime from /proc/<pid>/stat is the same sum truncated to 10 ms ticks, too coarse against 0.1 % of a core over a minute, and is shown in the details only. " +
 			"RSS is VmHWM from /proc/<pid>/status.",
-		fmt.Sprintf("Idle CPU is judged as the issue defines it: the daemon with its default configuration (a poll every %s), at rest for the whole window. ", seconds(agent.DefaultPollInterval)) +
+		fmt.Sprintf("Idle CPU is judged as the issue defines it: the daemon with its default configuration (a poll every %s), at rest for the whole window. ", seconds(pollInterval)) +
 			"The poll timer has ±10 % jitter, so the number of polls in the window can vary by one (4 or 3 in 60 s); the row says how many, and the figure scales with them. " +
-			fmt.Sprintf("To see what one poll costs, a second daemon is started with a configuration file setting `poll_interval: %v` and watched for %d polls (by default), one cycle of `agent.FullReadEvery`: 19 polls that re-read what changes while ENIs stay attached and reuse the kernel view while the kernel announces nothing, and one that reads the full snapshot and dumps the kernel; ", pollCPUInterval, agent.FullReadEvery) +
+			fmt.Sprintf("To see what one poll costs, a second daemon is started with a configuration file setting `poll_interval: %v` and watched for %d polls (by default), one cycle of `agent.FullReadEvery`: 19 polls that re-read what changes while ENIs stay attached and reuse the kernel view while the kernel announces nothing, and one that reads the full snapshot and dumps the kernel; ", pollCPUInterval, fullReadEvery) +
 			"the window runs from just after one poll to just after the last (polls are seen as the emulator's requests of the MAC listing, which every poll reads once), " +
 			"so it holds whole poll cycles, and its CPU time divided by the polls in it is the CPU per poll, " +
-			fmt.Sprintf("and that divided by %s is the idle CPU it implies at the default interval. ", seconds(agent.DefaultPollInterval)) +
+			fmt.Sprintf("and that divided by %s is the idle CPU it implies at the default interval. ", seconds(pollInterval)) +
 			fmt.Sprintf("The per-poll figure includes the daemon's background work of the %s between two polls, so the implied figure slightly overstates a poll's own cost and omits the background of the remaining %s; it is informative.",
-				seconds(pollCPUInterval), seconds(agent.DefaultPollInterval-pollCPUInterval)),
+				seconds(pollCPUInterval), seconds(pollInterval-pollCPUInterval)),
 		"No-op: the 5 ms target is judged on the reconcile a netlink event triggers (the kernel pass with the last good snapshot); " +
 			"a poll adds one IMDS read, paced by the client, whose time is shown but not judged against 5 ms. " +
 			"The poll is the daemon's timer read, `agent.TriggerPoll`, on the pipeline of the last cold run (it holds a good snapshot): it re-reads what can change while an ENI stays attached. " +
@@ -544,15 +536,15 @@ func methodNotes(r *results) []string {
 		"Hot attach (on a freshly started daemon): the last ENI's link is deleted and IMDS forgets it; its rules are removed (the daemon itself does it at its next poll); " +
 			"IMDS then lists a new ENI (new MAC, same device number and addresses), and only then (after the IMDS client's burst has refilled, as long after boot) does its link arrive: the veth pair is made in the VPC namespace, " +
 			"its router address configured, and the ENI end moved into the instance and set up (as a hot-plugged NIC brought up by udev). " +
-			"Timed from the link's arrival to the notification of the last of its rules, and to the first ICMP echo reply to its primary IPv4 from a client in its VPC but outside its subnet " +
-			"(pinged every 1 ms from the start of the move; the router namespace re-probes ARP every 10 ms). " +
+			"Timed from the link's arrival to the notification of the last of its rules, and to the first ICMP echo reply to its primary IPv4 from its VPC's client, in the VPC but outside the ENI's subnet " +
+			"(pinged every 1 ms from just before the pair is made; the router re-probes ARP every 10 ms). " +
 			"The link's arrival is its first RTM_NEWLINK notification in the instance namespace (matched by its new MAC), received by the same rtnetlink subscription that times the rules: " +
 			"on EC2 a hot-attached ENI is a new PCI device whose netdev registers, and that registration's RTM_NEWLINK is the first sign of it the daemon can see. " +
 			"Moving a veth between namespaces is not part of that: the kernel unregisters the device, waits for an RCU grace period (synchronize_net) and registers it again, " +
 			"which takes milliseconds before the link exists in the instance; that cost is shown apart (veth move started → link arrival), and the figures from the start of the move are kept as informative rows.",
 		"IMDS failure (on a freshly started daemon): the emulator answers every request with 500, and a SIGHUP makes the daemon read IMDS at once rather than at its next 15 s poll. " +
 			"The bound assumes the daemon's backoff (1 s doubling, capped by the 15 s poll) " +
-			fmt.Sprintf("and at most %d attempts of a snapshot's first request, plus the snapshot under way. ", imds.DefaultMaxAttempts) +
+			fmt.Sprintf("and at most %d attempts of a snapshot's first request, plus the snapshot under way. ", imdsMaxAttempt) +
 			"The kernel must be unchanged afterwards: an IMDS error is never an answer.",
 	}
 	if !r.AddrProto {

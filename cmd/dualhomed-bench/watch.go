@@ -12,6 +12,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
+
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 )
 
 // watcher follows the namespace's links, rules, routes and addresses through
@@ -56,13 +58,17 @@ type linkWaiter struct {
 	done chan time.Time
 }
 
-// newWatcher subscribes in the process's namespace and loads the current rules.
-func newWatcher(h *netlink.Handle) (*watcher, error) {
-	sock, err := nl.Subscribe(unix.NETLINK_ROUTE,
-		unix.RTNLGRP_LINK,
-		unix.RTNLGRP_IPV4_RULE, unix.RTNLGRP_IPV6_RULE,
-		unix.RTNLGRP_IPV4_ROUTE, unix.RTNLGRP_IPV6_ROUTE,
-		unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV6_IFADDR)
+// newWatcher subscribes inside ns and loads the current rules.
+func newWatcher(ns *simworld.NS) (*watcher, error) {
+	var sock *nl.NetlinkSocket
+	err := ns.Do(func() (err error) {
+		sock, err = nl.Subscribe(unix.NETLINK_ROUTE,
+			unix.RTNLGRP_LINK,
+			unix.RTNLGRP_IPV4_RULE, unix.RTNLGRP_IPV6_RULE,
+			unix.RTNLGRP_IPV4_ROUTE, unix.RTNLGRP_IPV6_ROUTE,
+			unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV6_IFADDR)
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("subscribing to rtnetlink: %w", err)
 	}
@@ -71,7 +77,7 @@ func newWatcher(h *netlink.Handle) (*watcher, error) {
 		sock.Close()
 		return nil, fmt.Errorf("growing the rtnetlink receive buffer: %w", err)
 	}
-	w := &watcher{h: h, sock: sock, done: make(chan struct{})}
+	w := &watcher{h: ns.NL, sock: sock, done: make(chan struct{})}
 	if err := w.resync(); err != nil {
 		sock.Close()
 		return nil, err
@@ -228,13 +234,6 @@ func (w *watcher) Changes() (changeCounts, int) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.changes, w.lost
-}
-
-// HasRule reports whether the rule with key k is in the kernel now.
-func (w *watcher) HasRule(k string) bool {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.rules[k]
 }
 
 // expect registers cond before the action whose effect it waits for. The

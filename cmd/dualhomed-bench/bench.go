@@ -1,0 +1,481 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"runtime/debug"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
+	"github.com/dualhomed/dualhomed/imds/emulator"
+)
+
+// bench runs the measurements in one simulated instance at a time.
+type bench struct {
+	ctx       context.Context // cancelled by Ctrl-C: the remaining steps are skipped
+	o         options
+	w         *simworld.World // the instance of the step under way
+	wt        *watcher        // its rtnetlink notifications
+	pristine  kernelState     // its kernel after boot: links up, the primary ENI's DHCP address and default route
+	r         *results
+	addrProto bool // iproute2 can set an address's protocol
+}
+
+// measure runs every measurement, then writes the report.
+func measure(ctx context.Context, o options) int {
+	r := newResults(o)
+	b := &bench{ctx: ctx, o: o, r: r}
+	defer b.closeWorld()
+	if load := loadAverage(); loadAbove(load, float64(runtime.NumCPU())/2) {
+		b.logf("warning: load average %s on %d CPUs: other work on the machine will slow every figure", load, runtime.NumCPU())
+	}
+
+	b.variant(ctx, 1)
+	if o.cards > 1 && ctx.Err() == nil {
+		// Fewer repetitions for the variant: it shows the effect of a
+		// second card, and the figures above carry the comparison.
+		b.o.runs, b.o.shellRuns = min(o.runs, 5), min(o.shellRuns, 3)
+		b.variant(ctx, o.cards)
+		b.o.runs, b.o.shellRuns = o.runs, o.shellRuns
+	}
+	if ctx.Err() == nil {
+		b.daemon(ctx)
+	}
+	if ctx.Err() != nil {
+		fmt.Fprintln(os.Stderr, "dualhomed-bench: interrupted; not writing the report")
+		return 130
+	}
+	r.Finished, r.AddrProto = time.Now(), b.addrProto
+	if err := r.write(o.out); err != nil {
+		fmt.Fprintf(os.Stderr, "dualhomed-bench: %v\n", err)
+		return 1
+	}
+	fmt.Fprintf(os.Stderr, "dualhomed-bench: wrote %s\n", o.out)
+	fmt.Print(r.summaryTable())
+	if len(r.Failures) > 0 {
+		fmt.Fprintf(os.Stderr, "dualhomed-bench: %d measurement(s) failed, see %s\n", len(r.Failures), o.out)
+		return 1
+	}
+	return 0
+}
+
+func (b *bench) logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "dualhomed-bench: "+format+"\n", args...)
+}
+
+// step runs one measurement: its failure (error or panic, e.g. a component
+// not written yet) is recorded and the others still run.
+func (b *bench) step(name string, fn func() error) {
+	if b.ctx.Err() != nil {
+		return
+	}
+	b.logf("%s", name)
+	err := func() (err error) {
+		defer func() {
+			if p := recover(); p != nil {
+				err = fmt.Errorf("panic: %v\n%s", p, debug.Stack())
+			}
+		}()
+		return fn()
+	}()
+	if err != nil {
+		b.r.Failures = append(b.r.Failures, fmt.Sprintf("%s: %v", name, err))
+		b.logf("%s: FAILED: %v", name, err)
+	}
+}
+
+// build replaces the world with a freshly booted instance inst (as a
+// minimal image boots: dualhomed configures every secondary ENI), its IMDS
+// emulator running and its rtnetlink notifications watched, and records
+// its pristine state.
+func (b *bench) build(inst emulator.Instance) error {
+	b.closeWorld()
+	w, err := simworld.New(b.ctx, simworld.Options{Instance: &inst, MinimalBoot: true, DualhomedBin: b.o.dualhomed, EmulatorBin: b.o.emulator()})
+	if err != nil {
+		return err
+	}
+	b.w = w
+	if err := w.StartIMDS(b.ctx); err != nil {
+		return err
+	}
+	if b.wt, err = newWatcher(w.Instance); err != nil {
+		return err
+	}
+	b.addrProto = iproute2AddrProto(w.Instance)
+	b.pristine, err = b.settle()
+	return err
+}
+
+func (b *bench) closeWorld() {
+	if b.wt != nil {
+		b.wt.Close()
+		b.wt = nil
+	}
+	if b.w == nil {
+		return
+	}
+	for _, p := range b.w.Procs() {
+		if p.Name == "dualhomed" && b.o.daemonLog != "" {
+			_ = p.Stop(10 * time.Second)
+			_ = os.WriteFile(b.o.daemonLog, []byte(p.Log()), 0o644)
+		}
+	}
+	if err := b.w.Close(); err != nil {
+		b.logf("removing the simulated instance: %v", err)
+	}
+	b.w = nil
+}
+
+// settle waits until the kernel has finished reacting to new links (IPv6
+// link-local addresses and multicast routes appear a moment after a link
+// comes up) and returns the settled state.
+func (b *bench) settle() (kernelState, error) {
+	prev, err := dumpKernel(b.w.Instance)
+	deadline := time.Now().Add(5 * time.Second)
+	for err == nil {
+		time.Sleep(100 * time.Millisecond)
+		var cur kernelState
+		if cur, err = dumpKernel(b.w.Instance); err != nil {
+			break
+		}
+		if compareStates(prev, cur).Empty() && linkLocalsReady(cur) {
+			return cur, nil
+		}
+		if time.Now().After(deadline) {
+			return kernelState{}, errors.New("the kernel did not settle within 5 s after creating the links")
+		}
+		prev = cur
+	}
+	return kernelState{}, err
+}
+
+// linkLocalsReady reports whether every ENI link has its IPv6 link-local address.
+func linkLocalsReady(s kernelState) bool {
+	have := map[string]bool{}
+	for _, a := range s.Addrs {
+		if a.Prefix.Addr().IsLinkLocalUnicast() {
+			have[s.linkName(a.LinkIndex)] = true
+		}
+	}
+	for name := range s.LinkByNm {
+		if strings.HasPrefix(name, "eth") && !have[name] {
+			return false
+		}
+	}
+	return true
+}
+
+// reset brings the kernel back to the pristine state of the current world.
+func (b *bench) reset() error { return resetKernel(b.w.Instance, b.pristine) }
+
+// settledChanges waits until no rtnetlink notification has arrived for a
+// while (the last ones of a burst are still queued when a tool returns) and
+// returns the counts.
+func (b *bench) settledChanges() changeCounts {
+	last, _ := b.wt.Changes()
+	deadline := time.Now().Add(2 * time.Second)
+	for time.Now().Before(deadline) {
+		time.Sleep(30 * time.Millisecond)
+		now, _ := b.wt.Changes()
+		if now == last {
+			return now
+		}
+		last = now
+	}
+	return last
+}
+
+// verify compares the kernel with the reference state of the variant.
+func (b *bench) verify(v *variantResult) (stateDiff, error) {
+	_, d, err := b.settledDiff(v.reference, false)
+	return d, err
+}
+
+// settledDiff compares the kernel with want, allowing the kernel up to a
+// second to finish what it does asynchronously (IPv6 local routes of new
+// addresses appear a moment after the address). Without addrProto, the
+// addresses' protocols are ignored as a second-best match.
+func (b *bench) settledDiff(want kernelState, ignoreAddrProto bool) (kernelState, stateDiff, error) {
+	deadline := time.Now().Add(time.Second)
+	for {
+		got, err := dumpKernel(b.w.Instance)
+		if err != nil {
+			return got, stateDiff{}, err
+		}
+		d := compareStates(want, got)
+		if ignoreAddrProto {
+			d = compareStates(withoutAddrProto(want), withoutAddrProto(got))
+		}
+		if d.Empty() || time.Now().After(deadline) {
+			return got, d, nil
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// variant measures dualhomed and the baselines on the full-scale instance
+// with the given number of network cards.
+func (b *bench) variant(ctx context.Context, cards int) {
+	o := b.o
+	v := &variantResult{}
+	v.Name = fmt.Sprintf("%d network card", cards)
+	if cards > 1 {
+		v.Name += "s"
+	}
+	b.r.Variants = append(b.r.Variants, v)
+	v.inst = emulator.ExampleInstance(o.enis, o.ipv4, o.ipv6, o.prefixes, cards)
+	var built bool
+	b.step(v.Name+": building the instance", func() error {
+		err := b.build(v.inst)
+		built = err == nil
+		return err
+	})
+	if !built {
+		return
+	}
+
+	// Cold reconcile with the client as the daemon builds it (default IMDS
+	// pacing), then no-op reconciles with the same pipeline, as the daemon's
+	// next poll and next netlink event do.
+	b.step(v.Name+": cold and no-op reconcile (in-process agent.Reconciler)", func() error {
+		for i := range o.runs {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			if err := b.reset(); err != nil {
+				return err
+			}
+			p, err := newPipeline(b.w.Instance, 0)
+			if err != nil {
+				return err
+			}
+			c0 := b.settledChanges()
+			run, err := p.reconcile(ctx, readFull)
+			if err != nil {
+				p.Close()
+				return err
+			}
+			c1 := b.settledChanges()
+			v.Cold = append(v.Cold, run.Total)
+			v.ColdIMDS = append(v.ColdIMDS, run.IMDS)
+			v.ColdWrites = append(v.ColdWrites, run.Writes)
+			v.ColdObserved = append(v.ColdObserved, c1.sub(c0).Total())
+			v.ColdRequests = run.Requests
+			if v.reference.Rules == nil {
+				ref, err := dumpKernel(b.w.Instance)
+				if err != nil {
+					p.Close()
+					return err
+				}
+				v.reference = ref
+				v.countObjects(b.pristine)
+			} else if d, err := b.verify(v); err != nil || !d.Empty() {
+				p.Close()
+				return errors.Join(err, fmt.Errorf("run %d ended in another state than run 1: %s", i+1, d.Summary("run 1", "this run")))
+			}
+			if i < o.runs-1 {
+				p.Close()
+				continue
+			}
+			defer p.Close()
+			// The no-op poll as the daemon's timer does it (readPoll, on a
+			// pipeline with a good snapshot), then the full snapshot a
+			// start, a reload and every so many polls read, each with its
+			// IMDS cost counted by the emulator.
+			for range o.runs {
+				run, st, obs, err := b.measuredRead(ctx, p, readPoll)
+				if err != nil {
+					return fmt.Errorf("no-op poll: %w", err)
+				}
+				v.Poll.add(run, st, obs)
+			}
+			for range o.runs {
+				run, st, obs, err := b.measuredRead(ctx, p, readFull)
+				if err != nil {
+					return fmt.Errorf("no-op reconcile with a full snapshot: %w", err)
+				}
+				v.Full.add(run, st, obs)
+				// Baseline (a) curls every key a full snapshot reads: a
+				// shell tool configuring an instance has no earlier read.
+				v.imdsPaths = v.imdsPaths[:0]
+				for path := range st.ByPath {
+					if path != emulator.TokenPath {
+						v.imdsPaths = append(v.imdsPaths, path)
+					}
+				}
+				slices.Sort(v.imdsPaths)
+			}
+			for range o.runs {
+				c0 := b.settledChanges()
+				run, err := p.reconcile(ctx, readNone)
+				if err != nil {
+					return fmt.Errorf("no-op on a netlink event: %w", err)
+				}
+				c1 := b.settledChanges()
+				v.NoopKernel = append(v.NoopKernel, run.Total)
+				v.NoopKernelWrites = append(v.NoopKernelWrites, run.Writes)
+				v.NoopKernelObserved = append(v.NoopKernelObserved, c1.sub(c0).Total())
+			}
+			v.Breakdown = map[string]series{}
+			for range o.runs {
+				steps, err := p.breakdown()
+				if err != nil {
+					return fmt.Errorf("timing the no-op's steps: %w", err)
+				}
+				for name, d := range steps {
+					v.Breakdown[name] = append(v.Breakdown[name], d)
+				}
+			}
+		}
+		return nil
+	})
+	if v.reference.Rules == nil {
+		b.r.Failures = append(b.r.Failures, v.Name+": no reference state (dualhomed's cold reconcile failed): baselines skipped")
+		return
+	}
+
+	b.step(v.Name+": cold reconcile with IMDS unpaced (in-process)", func() error {
+		for range o.runs {
+			if err := b.reset(); err != nil {
+				return err
+			}
+			p, err := newPipeline(b.w.Instance, -1)
+			if err != nil {
+				return err
+			}
+			run, err := p.reconcile(ctx, readFull)
+			p.Close()
+			if err != nil {
+				return err
+			}
+			if d, err := b.verify(v); err != nil || !d.Empty() {
+				return errors.Join(err, fmt.Errorf("end state differs: %s", d.Summary("paced", "unpaced")))
+			}
+			v.ColdUnpaced = append(v.ColdUnpaced, run.Total)
+			v.ColdUnpacedIMDS = append(v.ColdUnpacedIMDS, run.IMDS)
+		}
+		return nil
+	})
+
+	b.step(v.Name+": cold reconcile with the `dualhomed apply` process", func() error {
+		for range o.runs {
+			if err := b.reset(); err != nil {
+				return err
+			}
+			dir, err := os.MkdirTemp("", "dualhomed-bench-apply-*")
+			if err != nil {
+				return err
+			}
+			c0 := b.settledChanges()
+			var out []byte
+			var elapsed time.Duration
+			err = b.w.Instance.Do(func() (err error) {
+				start := time.Now()
+				out, err = exec.CommandContext(ctx, o.dualhomed, "apply", "--imds-endpoint", simworld.IMDSEndpoint,
+					"--state-dir", dir, "--config", dir+"/absent.yaml").CombinedOutput()
+				elapsed = time.Since(start)
+				return err
+			})
+			os.RemoveAll(dir)
+			if err != nil {
+				return fmt.Errorf("dualhomed apply: %w: %s", err, simworld.Tail(strings.TrimSpace(string(out)), 10))
+			}
+			c1 := b.settledChanges()
+			if d, err := b.verify(v); err != nil || !d.Empty() {
+				return errors.Join(err, fmt.Errorf("end state differs: %s", d.Summary("in-process", "dualhomed apply")))
+			}
+			v.Apply = append(v.Apply, elapsed)
+			v.ApplyObserved = append(v.ApplyObserved, c1.sub(c0).Total())
+		}
+		return nil
+	})
+
+	script := scriptFor(b.pristine, v.reference, b.addrProto)
+	script.IMDSPaths = v.imdsPaths
+	v.ScriptCommands = len(script.Commands)
+	v.ScriptSysctls = len(script.Sysctls)
+	v.ShellCurls = 1 + len(script.IMDSPaths)
+
+	b.step(v.Name+": baseline (b), one ip -batch", func() error {
+		for range o.runs {
+			if err := b.reset(); err != nil {
+				return err
+			}
+			run, err := runBatchBaseline(ctx, b.w.Instance, script)
+			if err != nil {
+				return err
+			}
+			v.Batch = append(v.Batch, run.Elapsed)
+			v.BatchProcesses = run.Processes
+			v.BatchWrites = run.Writes
+		}
+		v.BatchState = b.endState()
+		return nil
+	})
+
+	b.step(v.Name+": baseline (a), one curl per IMDS key and one ip per object", func() error {
+		for range o.shellRuns {
+			if err := b.reset(); err != nil {
+				return err
+			}
+			run, err := runShellBaseline(ctx, b.w.Instance, script)
+			if err != nil {
+				return err
+			}
+			v.Shell = append(v.Shell, run.Elapsed)
+			v.ShellIMDS = append(v.ShellIMDS, run.IMDS)
+			v.ShellProcesses = run.Processes
+			v.ShellWrites = run.Writes
+		}
+		v.ShellState = b.endState()
+		return nil
+	})
+	if err := b.reset(); err != nil {
+		b.r.Failures = append(b.r.Failures, v.Name+": final reset: "+err.Error())
+	}
+}
+
+// measuredRead runs one reconcile that reads IMDS on the warm pipeline p,
+// after the client's request burst has refilled (as between two polls of the
+// daemon), and returns it with the emulator's counts for it and the number
+// of rtnetlink notifications it caused.
+func (b *bench) measuredRead(ctx context.Context, p *pipeline, r read) (reconcileRun, emulator.Stats, int, error) {
+	select {
+	case <-ctx.Done():
+		return reconcileRun{}, emulator.Stats{}, 0, ctx.Err()
+	case <-time.After(bucketRefill):
+	}
+	if err := b.w.IMDS.ResetStats(); err != nil {
+		return reconcileRun{}, emulator.Stats{}, 0, err
+	}
+	c0 := b.settledChanges()
+	run, err := p.reconcile(ctx, r)
+	st, serr := b.w.IMDS.Stats()
+	c1 := b.settledChanges()
+	return run, st, c1.sub(c0).Total(), errors.Join(err, serr)
+}
+
+// endState describes how the kernel compares with the variant's reference.
+func (b *bench) endState() string {
+	v := b.r.Variants[len(b.r.Variants)-1]
+	_, d, err := b.settledDiff(v.reference, !b.addrProto)
+	if err != nil {
+		return "not compared: " + err.Error()
+	}
+	if b.addrProto {
+		if d.Empty() {
+			return "identical"
+		}
+		return "DIFFERENT: " + d.Summary("dualhomed", "baseline")
+	}
+	if d.Empty() {
+		return "identical except the addresses' protocol (IFA_PROTO), which this iproute2 cannot set"
+	}
+	return "DIFFERENT (besides the addresses' protocol, which this iproute2 cannot set): " + d.Summary("dualhomed", "baseline")
+}
