@@ -192,7 +192,7 @@ func runDualhomed(t *testing.T, w *simworld.World, args ...string) time.Duration
 // ruleDuplicates returns the policy rules that appear more than once.
 func ruleDuplicates(d simworld.Dump) []string {
 	var dup []string
-	rules := append(d.Grep("-4 rule:"), d.Grep("-6 rule:")...)
+	rules := append(d.Grep("ip -4 rule"), d.Grep("ip -6 rule")...)
 	for i := 1; i < len(rules); i++ {
 		if rules[i] == rules[i-1] {
 			dup = append(dup, rules[i])

@@ -285,7 +285,7 @@ func TestFights(t *testing.T) {
 				t.Fatalf("ip %s: %v %s", strings.Join(args, " "), err, out)
 			}
 		}
-		placed := dump(t, w).Grep("proto static", "eth5")
+		placed := dump(t, w).Grep("proto 4", "eth5") // proto static
 		if err := w.IMDS.AttachENI(e); err != nil {
 			t.Fatal(err)
 		}

@@ -68,7 +68,6 @@ func (w *World) StartIMDS(ctx context.Context) error {
 		return fmt.Errorf("waiting for the IMDS emulator: %w", err)
 	}
 	w.IMDS = ctl
-	w.logf("IMDS emulator listening on %s inside %s", IMDSEndpoint, w.Instance.Name)
 	return nil
 }
 

@@ -228,15 +228,16 @@ func EchoOnce(ns *NS, dst netip.AddrPort, timeout time.Duration) error {
 		return err
 	}
 	defer c.Close()
-	return echoLine(c, fmt.Sprintf("hello from %s", ns.Name), timeout)
+	return echoLine(c, bufio.NewReader(c), fmt.Sprintf("hello from %s", ns.Name), timeout)
 }
 
-func echoLine(c net.Conn, msg string, timeout time.Duration) error {
+// echoLine sends msg and a newline on c and reads it back through r.
+func echoLine(c net.Conn, r *bufio.Reader, msg string, timeout time.Duration) error {
 	_ = c.SetDeadline(time.Now().Add(timeout))
 	if _, err := io.WriteString(c, msg+"\n"); err != nil {
 		return fmt.Errorf("writing to %s: %w", c.RemoteAddr(), err)
 	}
-	line, err := bufio.NewReader(c).ReadString('\n')
+	line, err := r.ReadString('\n')
 	if err != nil {
 		return fmt.Errorf("reading echo from %s: %w", c.RemoteAddr(), err)
 	}
@@ -272,21 +273,10 @@ func StartStream(ns *NS, dst netip.AddrPort, interval time.Duration) (*Stream, e
 				return
 			case <-time.After(interval):
 			}
-			msg := "line " + strconv.Itoa(i) + "\n"
 			// A generous deadline: TCP retransmits a lost segment after
 			// about 200ms; a broken stream is a reset or a stall of seconds.
-			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-			if _, err := io.WriteString(c, msg); err != nil {
-				s.err = fmt.Errorf("round %d: writing: %w", i, err)
-				return
-			}
-			line, err := r.ReadString('\n')
-			if err != nil {
-				s.err = fmt.Errorf("round %d: reading: %w", i, err)
-				return
-			}
-			if line != msg {
-				s.err = fmt.Errorf("round %d: got %q, want %q", i, line, msg)
+			if err := echoLine(c, r, "line "+strconv.Itoa(i), 5*time.Second); err != nil {
+				s.err = fmt.Errorf("round %d: %w", i, err)
 				return
 			}
 			s.rounds++

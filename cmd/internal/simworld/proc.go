@@ -67,7 +67,6 @@ func (w *World) start(ns *NS, name, bin string, args ...string) (*Proc, error) {
 	w.mu.Lock()
 	w.procs = append(w.procs, p)
 	w.mu.Unlock()
-	w.logf("started %s (pid %d) in %s", name, cmd.Process.Pid, ns.Name)
 	return p, nil
 }
 

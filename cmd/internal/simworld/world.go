@@ -144,8 +144,6 @@ type Options struct {
 	// DualhomedBin and EmulatorBin are the programs run inside the instance.
 	DualhomedBin string
 	EmulatorBin  string
-	// Logf receives one line per step of building and tearing down (may be nil).
-	Logf func(format string, args ...any)
 	// Instance, when set, is the instance to simulate instead of the four
 	// VPCs of the package comment.
 	Instance *emulator.Instance
@@ -264,7 +262,6 @@ func New(ctx context.Context, opts Options) (w *World, err error) {
 			return w, err
 		}
 	}
-	w.logf("world %s built in %s", w.Prefix, w.Dir)
 	return w, nil
 }
 
@@ -363,17 +360,6 @@ func addrIn(p netip.Prefix, host int) netip.Addr {
 	return netip.AddrFrom4(a)
 }
 
-// ClientSubnet4 is the VPC's client subnet (10.x.100.0/24); the router holds .1.
-func (v *VPC) ClientSubnet4() netip.Prefix {
-	return netip.PrefixFrom(addrIn(netip.PrefixFrom(v.Client4, 24), 0), 24).Masked()
-}
-
-func (w *World) logf(format string, args ...any) {
-	if w.opts.Logf != nil {
-		w.opts.Logf(format, args...)
-	}
-}
-
 func (w *World) newNS(name string) (*NS, error) {
 	n, err := newNS(w.Prefix + name)
 	if err != nil {
@@ -385,13 +371,11 @@ func (w *World) newNS(name string) (*NS, error) {
 	return n, nil
 }
 
-// addVPC builds the VPC's router and client namespaces and the client subnet.
+// addVPC builds the VPC's router and client namespaces and the client
+// subnet, and the on-premises client if the VPC has one.
 func (w *World) addVPC(v *VPC) error {
 	var err error
 	if v.Router, err = w.newNS("rtr" + v.Name); err != nil {
-		return err
-	}
-	if v.Client, err = w.newNS("cli" + v.Name); err != nil {
 		return err
 	}
 	if err := v.Router.SetSysctl("net/ipv4/ip_forward", "1"); err != nil {
@@ -402,64 +386,51 @@ func (w *World) addVPC(v *VPC) error {
 			return err
 		}
 	}
-	rtrSide, err := vethPair(v.Router, "cli", v.Client, "eth0", nil)
-	if err != nil {
+	if v.Client, err = w.hostBehind(v.Router, "cli"+v.Name, "cli", v.Client4, v.Client6); err != nil {
 		return err
-	}
-	sub := v.ClientSubnet4()
-	gw4 := sub.Addr().Next()
-	if err := addAddr(v.Router.NL, rtrSide, netip.PrefixFrom(gw4, 24)); err != nil {
-		return err
-	}
-	cliLink, err := v.Client.NL.LinkByName("eth0")
-	if err != nil {
-		return fmt.Errorf("finding client link in %s: %w", v.Client.Name, err)
-	}
-	if err := addAddr(v.Client.NL, cliLink, netip.PrefixFrom(v.Client4, 24)); err != nil {
-		return err
-	}
-	if err := addRoute(v.Client.NL, &netlink.Route{LinkIndex: cliLink.Attrs().Index, Dst: nil, Gw: gw4.AsSlice()}); err != nil {
-		return fmt.Errorf("adding client default route in %s: %w", v.Client.Name, err)
-	}
-	if v.Client6.IsValid() {
-		sub6 := netip.PrefixFrom(v.Client6, 64).Masked()
-		gw6 := sub6.Addr().Next()
-		if err := addAddr(v.Router.NL, rtrSide, netip.PrefixFrom(gw6, 64)); err != nil {
-			return err
-		}
-		if err := addAddr(v.Client.NL, cliLink, netip.PrefixFrom(v.Client6, 64)); err != nil {
-			return err
-		}
-		_, dflt6, _ := net.ParseCIDR("::/0")
-		if err := addRoute(v.Client.NL, &netlink.Route{LinkIndex: cliLink.Attrs().Index, Dst: dflt6, Gw: gw6.AsSlice()}); err != nil {
-			return fmt.Errorf("adding client IPv6 default route in %s: %w", v.Client.Name, err)
-		}
 	}
 	if v.OnPrem4.IsValid() {
-		if v.OnPrem, err = w.newNS("onp" + v.Name); err != nil {
+		if v.OnPrem, err = w.hostBehind(v.Router, "onp"+v.Name, "onprem", v.OnPrem4, netip.Addr{}); err != nil {
 			return err
-		}
-		rl, err := vethPair(v.Router, "onprem", v.OnPrem, "eth0", nil)
-		if err != nil {
-			return err
-		}
-		gw := netip.PrefixFrom(v.OnPrem4, 24).Masked().Addr().Next()
-		if err := addAddr(v.Router.NL, rl, netip.PrefixFrom(gw, 24)); err != nil {
-			return err
-		}
-		l, err := v.OnPrem.NL.LinkByName("eth0")
-		if err != nil {
-			return fmt.Errorf("finding on-premises link in %s: %w", v.OnPrem.Name, err)
-		}
-		if err := addAddr(v.OnPrem.NL, l, netip.PrefixFrom(v.OnPrem4, 24)); err != nil {
-			return err
-		}
-		if err := addRoute(v.OnPrem.NL, &netlink.Route{LinkIndex: l.Attrs().Index, Gw: gw.AsSlice()}); err != nil {
-			return fmt.Errorf("adding on-premises default route in %s: %w", v.OnPrem.Name, err)
 		}
 	}
 	w.VPCs[v.Name] = v
 	return nil
+}
+
+// hostBehind makes a namespace holding one host at a4 (and a6 if valid) on
+// its eth0, on a /24 (/64) whose .1 (::1) is router's link routerLink and
+// its default route.
+func (w *World) hostBehind(router *NS, name, routerLink string, a4, a6 netip.Addr) (*NS, error) {
+	n, err := w.newNS(name)
+	if err != nil {
+		return nil, err
+	}
+	rl, err := vethPair(router, routerLink, n, "eth0", nil)
+	if err != nil {
+		return nil, err
+	}
+	l, err := n.NL.LinkByName("eth0")
+	if err != nil {
+		return nil, fmt.Errorf("finding eth0 in %s: %w", n.Name, err)
+	}
+	for _, a := range []netip.Prefix{netip.PrefixFrom(a4, 24), netip.PrefixFrom(a6, 64)} {
+		if !a.IsValid() {
+			continue
+		}
+		gw := a.Masked().Addr().Next()
+		if err := addAddr(router.NL, rl, netip.PrefixFrom(gw, a.Bits())); err != nil {
+			return nil, err
+		}
+		if err := addAddr(n.NL, l, a); err != nil {
+			return nil, err
+		}
+		dflt := &net.IPNet{IP: make(net.IP, a.Addr().BitLen()/8), Mask: make(net.IPMask, a.Addr().BitLen()/8)}
+		if err := addRoute(n.NL, &netlink.Route{LinkIndex: l.Attrs().Index, Dst: dflt, Gw: gw.AsSlice()}); err != nil {
+			return nil, fmt.Errorf("adding the default route via %s in %s: %w", gw, n.Name, err)
+		}
+	}
+	return n, nil
 }
 
 // addENI adds the ENI to the world; an attached one gets its link, in the
@@ -590,7 +561,6 @@ func (w *World) Close() error {
 			errs = append(errs, err)
 		}
 	}
-	w.logf("world %s removed", w.Prefix)
 	return errors.Join(errs...)
 }
 
