@@ -23,7 +23,7 @@ type sysctlWrite struct{ Key, Value string }
 // iproute2 commands, in an order the kernel accepts (addresses, then on-link
 // routes, then routes via a gateway, then rules).
 type baselineScript struct {
-	Commands []ipCommand
+	Commands []simworld.Command
 	Sysctls  []sysctlWrite
 	// IMDSPaths are the metadata paths dualhomed's client read for one
 	// snapshot: the shell baseline fetches each with its own curl.
@@ -34,20 +34,20 @@ type baselineScript struct {
 // reference has and pristine has not. Routes the kernel creates by itself
 // for addresses (proto kernel) are not commands: adding the address makes them.
 // addrProto says whether `ip addr add … proto N` is available.
-func scriptFor(pristine, reference kernelState, addrProto bool) baselineScript {
-	var addrs, onLink, viaGW, rules []ipCommand
+func scriptFor(pristine, reference simworld.State, addrProto bool) baselineScript {
+	var addrs, onLink, viaGW, rules []simworld.Command
 	for _, k := range slices.Sorted(maps.Keys(reference.Addrs)) {
 		if _, ok := pristine.Addrs[k]; ok {
 			continue
 		}
-		addrs = append(addrs, addrCommand(reference, reference.Addrs[k], addrProto))
+		addrs = append(addrs, reference.AddrCommand(reference.Addrs[k], addrProto))
 	}
 	for _, k := range slices.Sorted(maps.Keys(reference.Routes)) {
 		r := reference.Routes[k]
 		if _, ok := pristine.Routes[k]; ok || r.Protocol == unix.RTPROT_KERNEL {
 			continue
 		}
-		c := routeCommand(reference, r)
+		c := reference.RouteCommand(r)
 		if r.Gw == nil {
 			onLink = append(onLink, c)
 		} else {
@@ -58,7 +58,7 @@ func scriptFor(pristine, reference kernelState, addrProto bool) baselineScript {
 		if _, ok := pristine.Rules[k]; ok {
 			continue
 		}
-		rules = append(rules, ruleCommand(reference.Rules[k]))
+		rules = append(rules, reference.RuleCommand(reference.Rules[k]))
 	}
 	var s baselineScript
 	s.Commands = slices.Concat(addrs, onLink, viaGW, rules)
@@ -78,21 +78,21 @@ type baselineRun struct {
 	Writes    int // objects created (commands run) plus sysctls written
 }
 
-// runShellBaseline does what shell-based tools do: one curl per IMDS key
-// (a token PUT, then each key with the token), then one `ip` process per
-// object and one `sysctl` per rp_filter value. Processes are started from
-// Go one after the other, by a thread inside the instance ns; a real shell
-// script also pays for its own interpreter, which is not counted here (in
-// the baseline's favour).
-func runShellBaseline(ctx context.Context, ns *simworld.NS, s baselineScript) (run baselineRun, err error) {
-	err = ns.Do(func() error {
-		run, err = shellBaseline(ctx, s, simworld.IMDSEndpoint)
-		return err
-	})
-	return run, err
+// baselineRuns are the runs of one baseline, and how its end state compares
+// with dualhomed's.
+type baselineRuns struct {
+	Time, IMDS        series
+	Processes, Writes int // of one run
+	State             string
 }
 
-func shellBaseline(ctx context.Context, s baselineScript, imdsBase string) (baselineRun, error) {
+// shellBaseline does what shell-based tools do: one curl per IMDS key (a
+// token PUT, then each key with the token), then one `ip` process per
+// object and one `sysctl` per rp_filter value. Processes are started from
+// Go one after the other; a real shell script also pays for its own
+// interpreter, which is not counted here (in the baseline's favour).
+func shellBaseline(ctx context.Context, s baselineScript) (baselineRun, error) {
+	imdsBase := simworld.IMDSEndpoint
 	var run baselineRun
 	start := time.Now()
 	token, err := output(ctx, "curl", "-sS", "-f", "-X", "PUT", "-H", "X-aws-ec2-metadata-token-ttl-seconds: 21600", imdsBase+"/latest/api/token")
@@ -109,7 +109,7 @@ func shellBaseline(ctx context.Context, s baselineScript, imdsBase string) (base
 	}
 	run.IMDS = time.Since(start)
 	for _, c := range s.Commands {
-		if _, err := output(ctx, "ip", append([]string{c.familyFlag()}, c.Args...)...); err != nil {
+		if _, err := output(ctx, "ip", append([]string{c.Family()}, c.Args...)...); err != nil {
 			return run, fmt.Errorf("running %s: %w", c, err)
 		}
 		run.Processes++
@@ -126,19 +126,10 @@ func shellBaseline(ctx context.Context, s baselineScript, imdsBase string) (base
 	return run, nil
 }
 
-// runBatchBaseline is the floor of any tool that drives iproute2: all
-// objects through `ip -batch` on standard input, one process per address
-// family (ip rule needs -4/-6 and batch lines cannot carry it). The few
-// rp_filter values are written directly, as such a tool would. It runs on a
-// thread inside the instance ns.
-func runBatchBaseline(ctx context.Context, ns *simworld.NS, s baselineScript) (run baselineRun, err error) {
-	err = ns.Do(func() error {
-		run, err = batchBaseline(ctx, s)
-		return err
-	})
-	return run, err
-}
-
+// batchBaseline is the floor of any tool that drives iproute2: all objects
+// through `ip -batch` on standard input, one process per address family
+// (ip rule needs -4/-6 and batch lines cannot carry it). The few rp_filter
+// values are written directly, as such a tool would.
 func batchBaseline(ctx context.Context, s baselineScript) (baselineRun, error) {
 	var run baselineRun
 	var v4, v6 bytes.Buffer

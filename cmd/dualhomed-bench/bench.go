@@ -22,7 +22,7 @@ type bench struct {
 	o         options
 	w         *simworld.World // the instance of the step under way
 	wt        *watcher        // its rtnetlink notifications
-	pristine  kernelState     // its kernel after boot: links up, the primary ENI's DHCP address and default route
+	pristine  simworld.State  // its kernel after boot: links up, the primary ENI's DHCP address and default route
 	r         *results
 	addrProto bool // iproute2 can set an address's protocol
 }
@@ -135,36 +135,34 @@ func (b *bench) closeWorld() {
 // settle waits until the kernel has finished reacting to new links (IPv6
 // link-local addresses and multicast routes appear a moment after a link
 // comes up) and returns the settled state.
-func (b *bench) settle() (kernelState, error) {
-	prev, err := dumpKernel(b.w.Instance)
+func (b *bench) settle() (simworld.State, error) {
+	prev, err := simworld.ReadState(b.w.Instance)
 	deadline := time.Now().Add(5 * time.Second)
 	for err == nil {
 		time.Sleep(100 * time.Millisecond)
-		var cur kernelState
-		if cur, err = dumpKernel(b.w.Instance); err != nil {
+		var cur simworld.State
+		if cur, err = simworld.ReadState(b.w.Instance); err != nil {
 			break
 		}
 		if compareStates(prev, cur).Empty() && linkLocalsReady(cur) {
 			return cur, nil
 		}
 		if time.Now().After(deadline) {
-			return kernelState{}, errors.New("the kernel did not settle within 5 s after creating the links")
+			return simworld.State{}, errors.New("the kernel did not settle within 5 s after creating the links")
 		}
 		prev = cur
 	}
-	return kernelState{}, err
+	return simworld.State{}, err
 }
 
 // linkLocalsReady reports whether every ENI link has its IPv6 link-local address.
-func linkLocalsReady(s kernelState) bool {
-	have := map[string]bool{}
+func linkLocalsReady(s simworld.State) bool {
+	have := map[int]bool{}
 	for _, a := range s.Addrs {
-		if a.Prefix.Addr().IsLinkLocalUnicast() {
-			have[s.linkName(a.LinkIndex)] = true
-		}
+		have[a.LinkIndex] = have[a.LinkIndex] || a.Prefix.Addr().IsLinkLocalUnicast()
 	}
-	for name := range s.LinkByNm {
-		if strings.HasPrefix(name, "eth") && !have[name] {
+	for i, name := range s.LinkNames {
+		if strings.HasPrefix(name, "eth") && !have[i] {
 			return false
 		}
 	}
@@ -201,16 +199,16 @@ func (b *bench) verify(v *variantResult) (stateDiff, error) {
 // second to finish what it does asynchronously (IPv6 local routes of new
 // addresses appear a moment after the address). Without addrProto, the
 // addresses' protocols are ignored as a second-best match.
-func (b *bench) settledDiff(want kernelState, ignoreAddrProto bool) (kernelState, stateDiff, error) {
+func (b *bench) settledDiff(want simworld.State, ignoreAddrProto bool) (simworld.State, stateDiff, error) {
 	deadline := time.Now().Add(time.Second)
 	for {
-		got, err := dumpKernel(b.w.Instance)
+		got, err := simworld.ReadState(b.w.Instance)
 		if err != nil {
 			return got, stateDiff{}, err
 		}
 		d := compareStates(want, got)
 		if ignoreAddrProto {
-			d = compareStates(withoutAddrProto(want), withoutAddrProto(got))
+			d = compareStates(want.WithoutAddrProto(), got.WithoutAddrProto())
 		}
 		if d.Empty() || time.Now().After(deadline) {
 			return got, d, nil
@@ -223,7 +221,7 @@ func (b *bench) settledDiff(want kernelState, ignoreAddrProto bool) (kernelState
 // with the given number of network cards.
 func (b *bench) variant(ctx context.Context, cards int) {
 	o := b.o
-	v := &variantResult{}
+	v := &variantResult{Objects: map[string]int{}}
 	v.Name = fmt.Sprintf("%d network card", cards)
 	if cards > 1 {
 		v.Name += "s"
@@ -262,19 +260,14 @@ func (b *bench) variant(ctx context.Context, cards int) {
 				return err
 			}
 			c1 := b.settledChanges()
-			v.Cold = append(v.Cold, run.Total)
-			v.ColdIMDS = append(v.ColdIMDS, run.IMDS)
-			v.ColdWrites = append(v.ColdWrites, run.Writes)
-			v.ColdObserved = append(v.ColdObserved, c1.sub(c0).Total())
-			v.ColdRequests = run.Requests
+			v.Cold.add(run, emulator.Stats{Requests: int64(run.Requests)}, c1.sub(c0).Total())
 			if v.reference.Rules == nil {
-				ref, err := dumpKernel(b.w.Instance)
+				ref, err := simworld.ReadState(b.w.Instance)
 				if err != nil {
 					p.Close()
 					return err
 				}
 				v.reference = ref
-				v.countObjects(b.pristine)
 			} else if d, err := b.verify(v); err != nil || !d.Empty() {
 				p.Close()
 				return errors.Join(err, fmt.Errorf("run %d ended in another state than run 1: %s", i+1, d.Summary("run 1", "this run")))
@@ -318,9 +311,7 @@ func (b *bench) variant(ctx context.Context, cards int) {
 					return fmt.Errorf("no-op on a netlink event: %w", err)
 				}
 				c1 := b.settledChanges()
-				v.NoopKernel = append(v.NoopKernel, run.Total)
-				v.NoopKernelWrites = append(v.NoopKernelWrites, run.Writes)
-				v.NoopKernelObserved = append(v.NoopKernelObserved, c1.sub(c0).Total())
+				v.NoopKernel.add(run, emulator.Stats{}, c1.sub(c0).Total())
 			}
 			v.Breakdown = map[string]series{}
 			for range o.runs {
@@ -339,6 +330,12 @@ func (b *bench) variant(ctx context.Context, cards int) {
 		b.r.Failures = append(b.r.Failures, v.Name+": no reference state (dualhomed's cold reconcile failed): baselines skipped")
 		return
 	}
+	script := scriptFor(b.pristine, v.reference, b.addrProto)
+	script.IMDSPaths = v.imdsPaths
+	for _, c := range script.Commands {
+		v.Objects[c.Args[0]]++ // rule, route, addr
+	}
+	v.Objects["rp_filter"], v.ShellCurls = len(script.Sysctls), 1+len(script.IMDSPaths)
 
 	b.step(v.Name+": cold reconcile with IMDS unpaced (in-process)", func() error {
 		for range o.runs {
@@ -357,8 +354,7 @@ func (b *bench) variant(ctx context.Context, cards int) {
 			if d, err := b.verify(v); err != nil || !d.Empty() {
 				return errors.Join(err, fmt.Errorf("end state differs: %s", d.Summary("paced", "unpaced")))
 			}
-			v.ColdUnpaced = append(v.ColdUnpaced, run.Total)
-			v.ColdUnpacedIMDS = append(v.ColdUnpacedIMDS, run.IMDS)
+			v.ColdUnpaced.add(run, emulator.Stats{}, 0)
 		}
 		return nil
 	})
@@ -390,52 +386,41 @@ func (b *bench) variant(ctx context.Context, cards int) {
 			if d, err := b.verify(v); err != nil || !d.Empty() {
 				return errors.Join(err, fmt.Errorf("end state differs: %s", d.Summary("in-process", "dualhomed apply")))
 			}
-			v.Apply = append(v.Apply, elapsed)
-			v.ApplyObserved = append(v.ApplyObserved, c1.sub(c0).Total())
+			v.Apply.add(reconcileRun{Total: elapsed}, emulator.Stats{}, c1.sub(c0).Total())
 		}
 		return nil
 	})
 
-	script := scriptFor(b.pristine, v.reference, b.addrProto)
-	script.IMDSPaths = v.imdsPaths
-	v.ScriptCommands = len(script.Commands)
-	v.ScriptSysctls = len(script.Sysctls)
-	v.ShellCurls = 1 + len(script.IMDSPaths)
-
-	b.step(v.Name+": baseline (b), one ip -batch", func() error {
-		for range o.runs {
-			if err := b.reset(); err != nil {
-				return err
+	// The baselines' processes are forked by a thread inside the instance.
+	for _, bl := range []struct {
+		name string
+		n    int
+		runs *baselineRuns
+		run  func(context.Context, baselineScript) (baselineRun, error)
+	}{
+		{"baseline (b), one ip -batch", o.runs, &v.Batch, batchBaseline},
+		{"baseline (a), one curl per IMDS key and one ip per object", o.shellRuns, &v.Shell, shellBaseline},
+	} {
+		b.step(v.Name+": "+bl.name, func() error {
+			for range bl.n {
+				if err := b.reset(); err != nil {
+					return err
+				}
+				var run baselineRun
+				err := b.w.Instance.Do(func() (err error) {
+					run, err = bl.run(ctx, script)
+					return err
+				})
+				if err != nil {
+					return err
+				}
+				bl.runs.Time, bl.runs.IMDS = append(bl.runs.Time, run.Elapsed), append(bl.runs.IMDS, run.IMDS)
+				bl.runs.Processes, bl.runs.Writes = run.Processes, run.Writes
 			}
-			run, err := runBatchBaseline(ctx, b.w.Instance, script)
-			if err != nil {
-				return err
-			}
-			v.Batch = append(v.Batch, run.Elapsed)
-			v.BatchProcesses = run.Processes
-			v.BatchWrites = run.Writes
-		}
-		v.BatchState = b.endState()
-		return nil
-	})
-
-	b.step(v.Name+": baseline (a), one curl per IMDS key and one ip per object", func() error {
-		for range o.shellRuns {
-			if err := b.reset(); err != nil {
-				return err
-			}
-			run, err := runShellBaseline(ctx, b.w.Instance, script)
-			if err != nil {
-				return err
-			}
-			v.Shell = append(v.Shell, run.Elapsed)
-			v.ShellIMDS = append(v.ShellIMDS, run.IMDS)
-			v.ShellProcesses = run.Processes
-			v.ShellWrites = run.Writes
-		}
-		v.ShellState = b.endState()
-		return nil
-	})
+			bl.runs.State = b.endState()
+			return nil
+		})
+	}
 	if err := b.reset(); err != nil {
 		b.r.Failures = append(b.r.Failures, v.Name+": final reset: "+err.Error())
 	}

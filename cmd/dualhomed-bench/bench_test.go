@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
@@ -101,58 +102,28 @@ func TestFaultBound(t *testing.T) {
 	}
 }
 
-func TestBaselineCommands(t *testing.T) {
-	s := kernelState{Links: map[int]string{3: "eth1"}}
-	rule := *netlink.NewRule()
-	rule.Family = netlink.FAMILY_V6
-	rule.Priority = 20001
-	rule.Table = 20001
-	rule.Protocol = 210
-	rule.Src = &net.IPNet{IP: net.ParseIP("2001:db8::10"), Mask: net.CIDRMask(128, 128)}
-	if got, want := ruleCommand(rule).String(), "ip -6 rule add from 2001:db8::10/128 lookup 20001 pref 20001 protocol 210"; got != want {
-		t.Errorf("rule command = %q, want %q", got, want)
-	}
-
-	route := netlink.Route{
-		Family: netlink.FAMILY_V4, Table: 20001, Type: unix.RTN_UNICAST, Protocol: 210,
-		Gw: net.ParseIP("10.1.0.1").To4(), LinkIndex: 3, Src: net.ParseIP("10.1.0.10").To4(),
-		Scope: netlink.SCOPE_UNIVERSE,
-	}
-	if got, want := routeCommand(s, route).String(), "ip -4 route add default via 10.1.0.1 dev eth1 src 10.1.0.10 table 20001 proto 210 scope 0"; got != want {
-		t.Errorf("route command = %q, want %q", got, want)
-	}
-
-	a := kernelAddr{LinkIndex: 3, Prefix: netip.MustParsePrefix("2001:db8::10/128"), Flags: unix.IFA_F_NOPREFIXROUTE | unix.IFA_F_NODAD, Proto: 210}
-	if got, want := addrCommand(s, a, true).String(), "ip -6 addr add 2001:db8::10/128 dev eth1 noprefixroute nodad proto 210"; got != want {
-		t.Errorf("addr command = %q, want %q", got, want)
-	}
-	if got := addrCommand(s, a, false).String(); strings.Contains(got, "proto") {
-		t.Errorf("addr command without protocol support = %q", got)
-	}
-}
-
 // The script adds only what the reference has beyond the pristine state,
 // addresses before routes before rules, on-link routes before gateway ones,
 // and never the routes the kernel makes for addresses.
 func TestScriptForOrdersAndFilters(t *testing.T) {
-	pristine := kernelState{Links: map[int]string{3: "eth1"}, Rules: map[string]netlink.Rule{}, Routes: map[string]netlink.Route{},
-		Addrs: map[string]kernelAddr{}, Sysctls: map[string]string{"net.ipv4.conf.eth1.rp_filter": "0"}}
-	ref := kernelState{Links: pristine.Links, Rules: map[string]netlink.Rule{}, Routes: map[string]netlink.Route{},
-		Addrs: map[string]kernelAddr{}, Sysctls: map[string]string{"net.ipv4.conf.eth1.rp_filter": "2"}}
+	pristine := simworld.State{LinkNames: map[int]string{3: "eth1"}, Rules: map[string]netlink.Rule{}, Routes: map[string]netlink.Route{},
+		Addrs: map[string]simworld.Addr{}, Sysctls: map[string]string{"net.ipv4.conf.eth1.rp_filter": "0"}}
+	ref := simworld.State{LinkNames: pristine.LinkNames, Rules: map[string]netlink.Rule{}, Routes: map[string]netlink.Route{},
+		Addrs: map[string]simworld.Addr{}, Sysctls: map[string]string{"net.ipv4.conf.eth1.rp_filter": "2"}}
 	rule := *netlink.NewRule()
 	rule.Family, rule.Priority, rule.Table, rule.Protocol = netlink.FAMILY_V4, 20001, 20001, 210
 	rule.Src = &net.IPNet{IP: net.ParseIP("10.1.0.10").To4(), Mask: net.CIDRMask(32, 32)}
-	ref.Rules[ruleKey(rule)] = rule
+	ref.Rules[ref.RuleCommand(rule).String()] = rule
 	gwRoute := netlink.Route{Family: netlink.FAMILY_V4, Table: 20001, Type: unix.RTN_UNICAST, Protocol: 210, Gw: net.ParseIP("10.1.0.1").To4(), LinkIndex: 3}
 	linkRoute := netlink.Route{Family: netlink.FAMILY_V4, Table: 20001, Type: unix.RTN_UNICAST, Protocol: 210, LinkIndex: 3, Scope: netlink.SCOPE_LINK,
 		Dst: &net.IPNet{IP: net.ParseIP("10.1.0.0").To4(), Mask: net.CIDRMask(20, 32)}}
 	kernelRoute := netlink.Route{Family: netlink.FAMILY_V4, Table: 255, Type: unix.RTN_LOCAL, Protocol: unix.RTPROT_KERNEL, LinkIndex: 3,
 		Dst: &net.IPNet{IP: net.ParseIP("10.1.0.10").To4(), Mask: net.CIDRMask(32, 32)}}
 	for _, r := range []netlink.Route{gwRoute, linkRoute, kernelRoute} {
-		ref.Routes[ref.routeKey(r)] = r
+		ref.Routes[ref.RouteCommand(r).String()] = r
 	}
-	a := kernelAddr{LinkIndex: 3, Prefix: netip.MustParsePrefix("10.1.0.10/20"), Proto: 210}
-	ref.Addrs[ref.addrKey(a)] = a
+	a := simworld.Addr{LinkIndex: 3, Prefix: netip.MustParsePrefix("10.1.0.10/20"), Proto: 210}
+	ref.Addrs[ref.AddrCommand(a, true).String()] = a
 
 	script := scriptFor(pristine, ref, true)
 	var got []string
@@ -165,23 +136,6 @@ func TestScriptForOrdersAndFilters(t *testing.T) {
 	}
 	if len(script.Sysctls) != 1 || script.Sysctls[0] != (sysctlWrite{"net.ipv4.conf.eth1.rp_filter", "2"}) {
 		t.Errorf("sysctls = %v", script.Sysctls)
-	}
-}
-
-func TestCompareStatesIgnoringAddrProto(t *testing.T) {
-	links := map[int]string{3: "eth1"}
-	a := kernelAddr{LinkIndex: 3, Prefix: netip.MustParsePrefix("10.1.0.11/32"), Flags: unix.IFA_F_NOPREFIXROUTE, Proto: 210}
-	b := a
-	b.Proto = 0
-	sa := kernelState{Links: links, Addrs: map[string]kernelAddr{}}
-	sb := kernelState{Links: links, Addrs: map[string]kernelAddr{}}
-	sa.Addrs[sa.addrKey(a)] = a
-	sb.Addrs[sb.addrKey(b)] = b
-	if compareStates(sa, sb).Empty() {
-		t.Error("addresses differing by protocol compare equal")
-	}
-	if !compareStates(withoutAddrProto(sa), withoutAddrProto(sb)).Empty() {
-		t.Error("addresses differing only by protocol differ once the protocol is ignored")
 	}
 }
 

@@ -131,12 +131,10 @@ func (b *bench) daemon(ctx context.Context) {
 			}
 			k := ours[rng.IntN(len(ours))]
 			rule := v.reference.Rules[k]
-			gone := false
+			gone, id := false, ruleID(rule)
 			back := b.wt.expect(func(have map[string]bool) bool {
-				if !have[k] {
-					gone = true
-				}
-				return gone && have[k]
+				gone = gone || !have[id]
+				return gone && have[id]
 			})
 			t0 := time.Now()
 			if err := b.w.Instance.NL.RuleDel(&rule); err != nil {
@@ -156,7 +154,7 @@ func (b *bench) daemon(ctx context.Context) {
 		if err := restart(0); err != nil {
 			return fmt.Errorf("restarting the daemon: %w", err)
 		}
-		before, err := dumpKernel(b.w.Instance)
+		before, err := simworld.ReadState(b.w.Instance)
 		if err != nil {
 			return err
 		}
@@ -214,7 +212,7 @@ func (b *bench) daemon(ctx context.Context) {
 		// The hot attaches end in the configured instance (the last ENI
 		// with a new MAC); when they did not, start again from the boot.
 		_ = proc.Stop(10 * time.Second)
-		if now, err := dumpKernel(b.w.Instance); err != nil || !compareStates(v.reference, now).Empty() {
+		if now, err := simworld.ReadState(b.w.Instance); err != nil || !compareStates(v.reference, now).Empty() {
 			if err := b.build(v.inst); err != nil {
 				return err
 			}
@@ -333,7 +331,7 @@ func (b *bench) afterNextPoll(ctx context.Context, proc *simworld.Proc, seen int
 const macListingPath = "/latest/meta-data/network/interfaces/macs/"
 
 // waitState polls the kernel until it matches want.
-func (b *bench) waitState(ctx context.Context, proc *simworld.Proc, want kernelState, timeout time.Duration) error {
+func (b *bench) waitState(ctx context.Context, proc *simworld.Proc, want simworld.State, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	var last stateDiff
 	for time.Now().Before(deadline) {
@@ -343,7 +341,7 @@ func (b *bench) waitState(ctx context.Context, proc *simworld.Proc, want kernelS
 		if err := alive(proc); err != nil {
 			return err
 		}
-		got, err := dumpKernel(b.w.Instance)
+		got, err := simworld.ReadState(b.w.Instance)
 		switch {
 		case errors.Is(err, netlink.ErrDumpInterrupted):
 			// The daemon is still changing the kernel faster than a dump
@@ -374,10 +372,11 @@ const pingTimeout = 5 * time.Second
 // timed apart.
 func (b *bench) hotAttach(ctx context.Context, proc *simworld.Proc, v *variantResult, d *daemonResult) error {
 	e := b.w.ENIs[len(b.w.ENIs)-1]
-	var want []string
-	for k, r := range v.reference.Rules {
+	var want []string // ruleIDs
+	var rules []netlink.Rule
+	for _, r := range v.reference.Rules {
 		if r.Src != nil && ruleSrcOf(v.inst.ENIs[len(v.inst.ENIs)-1], r.Src.IP) {
-			want = append(want, k)
+			want, rules = append(want, ruleID(r)), append(rules, r)
 		}
 	}
 	if len(want) == 0 {
@@ -401,10 +400,9 @@ func (b *bench) hotAttach(ctx context.Context, proc *simworld.Proc, v *variantRe
 			return err
 		}
 		time.Sleep(300 * time.Millisecond)
-		for _, k := range want {
-			r := v.reference.Rules[k]
+		for _, r := range rules {
 			if err := b.w.Instance.NL.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
-				return fmt.Errorf("deleting rule %s: %w", k, err)
+				return fmt.Errorf("deleting rule %v: %w", r, err)
 			}
 		}
 		select {
@@ -421,7 +419,7 @@ func (b *bench) hotAttach(ctx context.Context, proc *simworld.Proc, v *variantRe
 		time.Sleep(bucketRefill)
 
 		hw, _ := net.ParseMAC(mac)
-		rules, arrived := b.wt.expect(allRules(want)), b.wt.expectLink(hw)
+		placed, arrived := b.wt.expect(allRules(want)), b.wt.expectLink(hw)
 		pctx, cancel := context.WithTimeout(ctx, pingTimeout)
 		pinged := make(chan time.Time, 1)
 		go func() {
@@ -435,7 +433,7 @@ func (b *bench) hotAttach(ctx context.Context, proc *simworld.Proc, v *variantRe
 		}
 		var tRules, tArrival time.Time
 		select {
-		case tRules = <-rules:
+		case tRules = <-placed:
 		case <-time.After(pingTimeout):
 			cancel()
 			return errors.Join(fmt.Errorf("attach %d: rules not in place within %v", n+1, pingTimeout), alive(proc))

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 	"github.com/dualhomed/dualhomed/imds/emulator"
 )
 
@@ -45,41 +46,30 @@ type variantResult struct {
 	Name string
 
 	inst      emulator.Instance
-	reference kernelState // dualhomed's end state: what every tool must reach
+	reference simworld.State // dualhomed's end state: what every tool must reach
 	imdsPaths []string
 
-	Rules, Routes, Addrs, Sysctls int // objects dualhomed made
+	Objects map[string]int // objects dualhomed made, by kind: rule, route, addr, rp_filter
 
-	Cold, ColdIMDS                            series
-	ColdWrites, ColdObserved                  []int
-	ColdRequests                              int
-	ColdUnpaced, ColdUnpacedIMDS              series
-	Poll                                      readRuns // no-op reconciles as the poll timer runs them (agent.TriggerPoll)
-	Full                                      readRuns // no-op reconciles reading a full snapshot (agent.TriggerStart)
-	NoopKernel                                series   // no-op reconciles as a netlink event runs them (agent.TriggerDrift)
-	NoopKernelWrites, NoopKernelObserved      []int
-	Breakdown                                 map[string]series // steps of the no-op kernel pass
-	Apply                                     series
-	ApplyObserved                             []int
-	ScriptCommands, ScriptSysctls, ShellCurls int
-	Batch                                     series
-	BatchProcesses, BatchWrites               int
-	BatchState                                string
-	Shell, ShellIMDS                          series
-	ShellProcesses, ShellWrites               int
-	ShellState                                string
+	Cold, ColdUnpaced runs              // cold reconciles, with the client's pacing and without
+	Poll              runs              // no-op reconciles as the poll timer runs them (readPoll)
+	Full              runs              // no-op reconciles reading a full snapshot (readFull)
+	NoopKernel        runs              // no-op reconciles as a netlink event runs them (readNone)
+	Apply             runs              // `dualhomed apply` processes (time and notifications)
+	Breakdown         map[string]series // steps of the no-op kernel pass
+	ShellCurls        int
+	Shell, Batch      baselineRuns // (a) and (b)
 }
 
-// readRuns are no-op reconciles that read IMDS: their time, of which
-// reading IMDS, the writes Apply counted and the rtnetlink notifications
-// seen (both must be 0), and the requests and response bytes the emulator
-// served for each.
-type readRuns struct {
+// runs are reconciles of one kind: their time, of which reading IMDS, the
+// writes Apply counted and the rtnetlink notifications seen, and the IMDS
+// requests and response bytes of each.
+type runs struct {
 	Total, IMDS                       series
 	Writes, Observed, Requests, Bytes []int
 }
 
-func (r *readRuns) add(run reconcileRun, st emulator.Stats, observed int) {
+func (r *runs) add(run reconcileRun, st emulator.Stats, observed int) {
 	r.Total = append(r.Total, run.Total)
 	r.IMDS = append(r.IMDS, run.IMDS)
 	r.Writes = append(r.Writes, run.Writes)
@@ -151,31 +141,9 @@ func loadAverage() string {
 	return strings.Join(f[:3], " ")
 }
 
-// countObjects counts what dualhomed added to the pristine kernel.
-func (v *variantResult) countObjects(pristine kernelState) {
-	for k := range v.reference.Rules {
-		if _, ok := pristine.Rules[k]; !ok {
-			v.Rules++
-		}
-	}
-	for k, r := range v.reference.Routes {
-		if _, ok := pristine.Routes[k]; !ok && r.Protocol != 2 { // not the kernel's own
-			v.Routes++
-		}
-	}
-	for k := range v.reference.Addrs {
-		if _, ok := pristine.Addrs[k]; !ok {
-			v.Addrs++
-		}
-	}
-	for k, val := range v.reference.Sysctls {
-		if pristine.Sysctls[k] != val {
-			v.Sysctls++
-		}
-	}
+func (v *variantResult) objects() int {
+	return v.Objects["rule"] + v.Objects["route"] + v.Objects["addr"] + v.Objects["rp_filter"]
 }
-
-func (v *variantResult) objects() int { return v.Rules + v.Routes + v.Addrs + v.Sysctls }
 
 func verdict(ok bool) string {
 	if ok {
@@ -193,37 +161,37 @@ func (r *results) rows() []row {
 	var rows []row
 	na := "not measured"
 	for _, v := range r.Variants {
-		if len(v.Cold) == 0 {
+		if len(v.Cold.Total) == 0 {
 			rows = append(rows, row{"Cold reconcile, " + v.Name, na, "", "", "", "", "**FAIL**"})
 			continue
 		}
-		d, a, b := v.Cold.median(), v.Shell.median(), v.Batch.median()
+		d, a, b := v.Cold.Total.median(), v.Shell.Time.median(), v.Batch.Time.median()
 		res := "—"
-		if len(v.Shell) > 0 && len(v.Batch) > 0 {
+		if len(v.Shell.Time) > 0 && len(v.Batch.Time) > 0 {
 			okB := float64(d) <= targetColdVsBatch*float64(b)
 			okA := float64(a) >= targetColdVsShell*float64(d)
 			res = fmt.Sprintf("vs (b) %s, vs (a) %s", verdict(okB), verdict(okA))
 		}
 		rows = append(rows, row{
 			what:      fmt.Sprintf("Cold reconcile, %s (IMDS reads included): time", v.Name),
-			dualhomed: v.Cold.medianRange(),
-			shell:     v.Shell.medianRange(),
-			batch:     v.Batch.medianRange(),
+			dualhomed: v.Cold.Total.medianRange(),
+			shell:     v.Shell.Time.medianRange(),
+			batch:     v.Batch.Time.medianRange(),
 			ratios:    fmt.Sprintf("(a)/dualhomed %s; dualhomed/(b) %s", ratio(a, d), ratio(d, b)),
 			target:    fmt.Sprintf("≤ %.1f × (b) and ≥ %d × faster than (a)", targetColdVsBatch, targetColdVsShell),
 			result:    res,
 		})
 		rows = append(rows, row{
 			what:      fmt.Sprintf("Cold reconcile, %s: writes", v.Name),
-			dualhomed: fmt.Sprintf("%s (%d objects)", intRange(v.ColdWrites), v.objects()),
-			shell:     fmt.Sprintf("%d (%d processes)", v.ShellWrites, v.ShellProcesses),
-			batch:     fmt.Sprintf("%d (%d processes)", v.BatchWrites, v.BatchProcesses),
+			dualhomed: fmt.Sprintf("%s (%d objects)", intRange(v.Cold.Writes), v.objects()),
+			shell:     fmt.Sprintf("%d (%d processes)", v.Shell.Writes, v.Shell.Processes),
+			batch:     fmt.Sprintf("%d (%d processes)", v.Batch.Writes, v.Batch.Processes),
 		})
-		if len(v.ColdUnpaced) > 0 {
-			d := v.ColdUnpaced.median()
+		if len(v.ColdUnpaced.Total) > 0 {
+			d := v.ColdUnpaced.Total.median()
 			rows = append(rows, row{
 				what:      fmt.Sprintf("Cold reconcile, %s, IMDS client unpaced (informative)", v.Name),
-				dualhomed: v.ColdUnpaced.medianRange(),
+				dualhomed: v.ColdUnpaced.Total.medianRange(),
 				ratios:    fmt.Sprintf("(a)/dualhomed %s; dualhomed/(b) %s", ratio(a, d), ratio(d, b)),
 			})
 		}
@@ -241,9 +209,9 @@ func (r *results) rows() []row {
 		rows = append(rows,
 			row{
 				what:      "No-op reconcile on a netlink event (kernel only): time, writes",
-				dualhomed: fmt.Sprintf("%s, %s writes", v.NoopKernel.medianRange(), intRange(v.NoopKernelWrites)),
+				dualhomed: fmt.Sprintf("%s, %s writes", v.NoopKernel.Total.medianRange(), intRange(v.NoopKernel.Writes)),
 				target:    "< 5 ms, 0 writes",
-				result:    verdict(v.NoopKernel.median() < targetNoop && zero(v.NoopKernelWrites) && zero(v.NoopKernelObserved)),
+				result:    verdict(v.NoopKernel.Total.median() < targetNoop && zero(v.NoopKernel.Writes) && zero(v.NoopKernel.Observed)),
 			},
 			row{
 				what:      "No-op reconcile on the poll timer (agent.TriggerPoll: one paced IMDS read + kernel): time, writes",
@@ -376,7 +344,7 @@ func (r *results) write(path string) error {
 	for _, v := range r.Variants {
 		if v.objects() > 0 {
 			fmt.Fprintf(&b, "With %s dualhomed creates %d objects: %d rules, %d routes, %d addresses, %d rp_filter values. ",
-				v.Name, v.objects(), v.Rules, v.Routes, v.Addrs, v.Sysctls)
+				v.Name, v.objects(), v.Objects["rule"], v.Objects["route"], v.Objects["addr"], v.Objects["rp_filter"])
 		}
 	}
 	b.WriteString("\n\n## Summary\n\n")
@@ -386,17 +354,17 @@ func (r *results) write(path string) error {
 	for _, v := range r.Variants {
 		fmt.Fprintf(&b, "\n## Reconcile details, %s\n\n| Figure | Value |\n|---|---|\n", v.Name)
 		kv := func(k, val string) { fmt.Fprintf(&b, "| %s | %s |\n", k, val) }
-		kv("dualhomed cold reconcile (in-process agent.Reconciler, default IMDS pacing)", fmt.Sprintf("%s over %d runs", v.Cold.medianRange(), len(v.Cold)))
-		kv("… of which reading IMDS", v.ColdIMDS.medianRange())
-		kv("… IMDS requests", fmt.Sprint(v.ColdRequests))
-		kv("… writes counted by Apply / rtnetlink notifications seen", fmt.Sprintf("%s / %s", intRange(v.ColdWrites), intRange(v.ColdObserved)))
-		kv("dualhomed cold reconcile, IMDS unpaced", v.ColdUnpaced.medianRange())
-		kv("… of which reading IMDS", v.ColdUnpacedIMDS.medianRange())
-		kv("`dualhomed apply` process, cold (process start included)", v.Apply.medianRange())
-		kv("… rtnetlink notifications seen", intRange(v.ApplyObserved))
+		kv("dualhomed cold reconcile (in-process agent.Reconciler, default IMDS pacing)", fmt.Sprintf("%s over %d runs", v.Cold.Total.medianRange(), len(v.Cold.Total)))
+		kv("… of which reading IMDS", v.Cold.IMDS.medianRange())
+		kv("… IMDS requests", intRange(v.Cold.Requests))
+		kv("… writes counted by Apply / rtnetlink notifications seen", fmt.Sprintf("%s / %s", intRange(v.Cold.Writes), intRange(v.Cold.Observed)))
+		kv("dualhomed cold reconcile, IMDS unpaced", v.ColdUnpaced.Total.medianRange())
+		kv("… of which reading IMDS", v.ColdUnpaced.IMDS.medianRange())
+		kv("`dualhomed apply` process, cold (process start included)", v.Apply.Total.medianRange())
+		kv("… rtnetlink notifications seen", intRange(v.Apply.Observed))
 		for _, read := range []struct {
 			what string
-			runs readRuns
+			runs runs
 		}{
 			{"No-op poll (agent.TriggerPoll: IMDS + kernel)", v.Poll},
 			{"No-op reconcile with a full snapshot (agent.TriggerStart)", v.Full},
@@ -406,17 +374,17 @@ func (r *results) write(path string) error {
 			kv("… writes by Apply / notifications", fmt.Sprintf("%s / %s", intRange(read.runs.Writes), intRange(read.runs.Observed)))
 			kv("… IMDS requests, response bytes", fmt.Sprintf("%s, %s", intRange(read.runs.Requests), intRange(read.runs.Bytes)))
 		}
-		kv("No-op on a netlink event (kernel only)", v.NoopKernel.medianRange())
-		kv("… writes by Apply / notifications", fmt.Sprintf("%s / %s", intRange(v.NoopKernelWrites), intRange(v.NoopKernelObserved)))
+		kv("No-op on a netlink event (kernel only)", v.NoopKernel.Total.medianRange())
+		kv("… writes by Apply / notifications", fmt.Sprintf("%s / %s", intRange(v.NoopKernel.Writes), intRange(v.NoopKernel.Observed)))
 		for _, step := range slices.Sorted(maps.Keys(v.Breakdown)) {
 			kv("… no-op step: "+step, v.Breakdown[step].medianRange())
 		}
-		kv("Baseline script", fmt.Sprintf("%d ip commands, %d rp_filter writes, %d curl (token PUT + one per key read by dualhomed)", v.ScriptCommands, v.ScriptSysctls, v.ShellCurls))
-		kv("(a) shell: curl per key + ip per object", fmt.Sprintf("%s over %d runs", v.Shell.medianRange(), len(v.Shell)))
-		kv("… of which curl", v.ShellIMDS.medianRange())
-		kv("… end state vs dualhomed", orDash(v.ShellState))
-		kv("(b) ip -batch", fmt.Sprintf("%s over %d runs", v.Batch.medianRange(), len(v.Batch)))
-		kv("… end state vs dualhomed", orDash(v.BatchState))
+		kv("Baseline script", fmt.Sprintf("%d ip commands, %d rp_filter writes, %d curl (token PUT + one per key read by dualhomed)", v.objects()-v.Objects["rp_filter"], v.Objects["rp_filter"], v.ShellCurls))
+		kv("(a) shell: curl per key + ip per object", fmt.Sprintf("%s over %d runs", v.Shell.Time.medianRange(), len(v.Shell.Time)))
+		kv("… of which curl", v.Shell.IMDS.medianRange())
+		kv("… end state vs dualhomed", orDash(v.Shell.State))
+		kv("(b) ip -batch", fmt.Sprintf("%s over %d runs", v.Batch.Time.medianRange(), len(v.Batch.Time)))
+		kv("… end state vs dualhomed", orDash(v.Batch.State))
 	}
 
 	if d := r.Daemon; d != nil {

@@ -17,10 +17,10 @@ import (
 )
 
 // watcher follows the namespace's links, rules, routes and addresses through
-// an rtnetlink subscription: it knows the current set of rules at every
-// moment (to time when a rule appears), times the arrival of a link (to time
-// a hot attach from it), and counts the changes a tool makes (to count
-// writes made by a process we cannot instrument).
+// an rtnetlink subscription: it knows the current set of rules (by ruleID)
+// at every moment (to time when a rule appears), times the arrival of a
+// link (to time a hot attach from it), and counts the changes a tool makes
+// (to count writes made by a process we cannot instrument).
 type watcher struct {
 	h    *netlink.Handle
 	sock *nl.NetlinkSocket
@@ -102,7 +102,7 @@ func (w *watcher) resync() error {
 			return fmt.Errorf("listing rules: %w", err)
 		}
 		for _, r := range rs {
-			rules[ruleKey(r)] = true
+			rules[ruleID(r)] = true
 		}
 	}
 	w.mu.Lock()
@@ -152,14 +152,10 @@ func (w *watcher) handleLocked(msg syscall.NetlinkMessage) {
 	switch msg.Header.Type {
 	case unix.RTM_NEWRULE, unix.RTM_DELRULE:
 		w.changes.Rules++
-		r, err := parseRule(msg.Data)
-		if err != nil {
-			return
-		}
-		if msg.Header.Type == unix.RTM_NEWRULE {
-			w.rules[ruleKey(r)] = true
-		} else {
-			delete(w.rules, ruleKey(r))
+		if id, ok := notifiedRuleID(msg.Data); ok && msg.Header.Type == unix.RTM_NEWRULE {
+			w.rules[id] = true
+		} else if ok {
+			delete(w.rules, id)
 		}
 	case unix.RTM_NEWROUTE, unix.RTM_DELROUTE:
 		if len(msg.Data) >= unix.SizeofRtMsg {
@@ -275,51 +271,33 @@ func noRules(gone []string) func(map[string]bool) bool {
 	}
 }
 
-// parseRule decodes an RTM_NEWRULE/RTM_DELRULE payload like
-// netlink.RuleList does, for the attributes ruleKey uses.
-func parseRule(b []byte) (netlink.Rule, error) {
+// ruleID names a rule by what tells ours apart: family, priority, source
+// and table.
+func ruleID(r netlink.Rule) string {
+	return fmt.Sprintf("%d %d %v %d", r.Family, r.Priority, r.Src, r.Table)
+}
+
+// notifiedRuleID is the ruleID of the rule in an RTM_NEWRULE or
+// RTM_DELRULE payload.
+func notifiedRuleID(b []byte) (string, bool) {
 	if len(b) < unix.SizeofRtMsg {
-		return netlink.Rule{}, fmt.Errorf("short rule message (%d bytes)", len(b))
+		return "", false
 	}
 	msg := nl.DeserializeRtMsg(b)
 	attrs, err := nl.ParseRouteAttr(b[msg.Len():])
 	if err != nil {
-		return netlink.Rule{}, err
+		return "", false
 	}
-	r := netlink.NewRule()
-	r.Priority = 0
-	r.Invert = msg.Flags&netlink.FibRuleInvert > 0
-	r.Family = int(msg.Family)
-	r.Tos = uint(msg.Tos)
-	u32 := binary.NativeEndian.Uint32
+	r := netlink.Rule{Family: int(msg.Family), Table: int(msg.Table)}
 	for _, a := range attrs {
-		switch a.Attr.Type {
-		case unix.RTA_TABLE:
-			r.Table = int(u32(a.Value))
-		case nl.FRA_SRC:
+		switch {
+		case a.Attr.Type == nl.FRA_SRC:
 			r.Src = &net.IPNet{IP: a.Value, Mask: net.CIDRMask(int(msg.Src_len), 8*len(a.Value))}
-		case nl.FRA_DST:
-			r.Dst = &net.IPNet{IP: a.Value, Mask: net.CIDRMask(int(msg.Dst_len), 8*len(a.Value))}
-		case nl.FRA_FWMARK:
-			r.Mark = u32(a.Value)
-		case nl.FRA_FWMASK:
-			m := u32(a.Value)
-			r.Mask = &m
-		case nl.FRA_IIFNAME:
-			r.IifName = string(a.Value[:len(a.Value)-1])
-		case nl.FRA_OIFNAME:
-			r.OifName = string(a.Value[:len(a.Value)-1])
-		case nl.FRA_SUPPRESS_PREFIXLEN:
-			if i := u32(a.Value); i != 0xffffffff {
-				r.SuppressPrefixlen = int(i)
-			}
-		case nl.FRA_GOTO:
-			r.Goto = int(u32(a.Value))
-		case nl.FRA_PRIORITY:
-			r.Priority = int(u32(a.Value))
-		case nl.FRA_PROTOCOL:
-			r.Protocol = a.Value[0]
+		case a.Attr.Type == nl.FRA_PRIORITY && len(a.Value) == 4:
+			r.Priority = int(binary.NativeEndian.Uint32(a.Value))
+		case a.Attr.Type == unix.RTA_TABLE && len(a.Value) == 4:
+			r.Table = int(binary.NativeEndian.Uint32(a.Value))
 		}
 	}
-	return *r, nil
+	return ruleID(r), true
 }
