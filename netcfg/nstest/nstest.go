@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
-	"syscall"
 	"testing"
 
 	"github.com/vishvananda/netlink"
@@ -40,7 +39,7 @@ type NS struct {
 func New(t testing.TB) *NS {
 	t.Helper()
 	RequireRoot(t)
-	ns, err := NewNamespace()
+	ns, err := newNamespace()
 	if err != nil {
 		t.Fatalf("creating network namespace: %v", err)
 	}
@@ -63,11 +62,11 @@ func New(t testing.TB) *NS {
 	return &NS{Handle: ns, NL: h}
 }
 
-// NewNamespace creates an anonymous network namespace from a locked thread and
+// newNamespace creates an anonymous network namespace from a locked thread and
 // returns to the original namespace before unlocking, so no goroutine ever
 // runs in the wrong namespace. It lives as long as the handle (or a process in
-// it). New wraps it for tests; tools such as dualhomed-bench call it directly.
-func NewNamespace() (netns.NsHandle, error) {
+// it).
+func newNamespace() (netns.NsHandle, error) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	orig, err := netns.Get()
@@ -135,7 +134,6 @@ func (n *NS) Veth(t testing.TB, name, mac string, peerNS *NS, peerName string) n
 }
 
 // Run runs a command (for example `ip -d rule show`) inside the namespace
-// through nsenter, which gets the namespace as an inherited file descriptor,
 // and returns its standard output. The test fails if the command fails.
 func (n *NS) Run(t testing.TB, name string, args ...string) string {
 	t.Helper()
@@ -147,21 +145,13 @@ func (n *NS) Run(t testing.TB, name string, args ...string) string {
 }
 
 // Output is Run without a test: it returns the command's standard output, or
-// an error carrying its standard error.
+// an error carrying its standard error. The command is forked by a thread
+// inside the namespace, so it runs there from its start.
 func (n *NS) Output(name string, args ...string) (string, error) {
-	// A duplicate: the *os.File closes its descriptor when collected.
-	fd, err := syscall.Dup(int(n.Handle))
-	if err != nil {
-		return "", fmt.Errorf("duplicating namespace handle: %w", err)
-	}
-	f := os.NewFile(uintptr(fd), "netns")
-	defer f.Close()
-	// ExtraFiles[0] becomes fd 3 in the child.
-	cmd := exec.Command("nsenter", append([]string{"--net=/proc/self/fd/3", name}, args...)...)
-	cmd.ExtraFiles = []*os.File{f}
 	var stdout, stderr bytes.Buffer
+	cmd := exec.Command(name, args...)
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
+	if err := n.Do(cmd.Run); err != nil {
 		return "", fmt.Errorf("%w: %s", err, strings.TrimSpace(stderr.String()))
 	}
 	return stdout.String(), nil
