@@ -96,12 +96,12 @@ func (b *bench) step(name string, fn func() error) {
 // its pristine state.
 func (b *bench) build(inst emulator.Instance) error {
 	b.closeWorld()
-	w, err := simworld.New(b.ctx, simworld.Options{Instance: &inst, MinimalBoot: true, DualhomedBin: b.o.dualhomed, EmulatorBin: b.o.emulator()})
+	w, err := simworld.New(b.ctx, simworld.Options{Instance: &inst, MinimalBoot: true, DualhomedBin: b.o.dualhomed})
 	if err != nil {
 		return err
 	}
 	b.w = w
-	if err := w.StartIMDS(b.ctx); err != nil {
+	if err := w.StartIMDS(); err != nil {
 		return err
 	}
 	if b.wt, err = newWatcher(w.Instance); err != nil {
@@ -441,9 +441,9 @@ func (b *bench) measuredRead(ctx context.Context, p *pipeline, r read) (reconcil
 	}
 	c0 := b.settledChanges()
 	run, err := p.reconcile(ctx, r)
-	st, serr := b.w.IMDS.Stats()
+	st := b.w.IMDS.Stats()
 	c1 := b.settledChanges()
-	return run, st, c1.sub(c0).Total(), errors.Join(err, serr)
+	return run, st, c1.sub(c0).Total(), err
 }
 
 // endState describes how the kernel compares with the variant's reference.

@@ -40,13 +40,11 @@ type options struct {
 	idle       time.Duration
 	fault      time.Duration
 	pollCPU    time.Duration // window of the CPU-per-poll measurement (0 skips it)
-	dualhomed  string        // path of the dualhomed binary; imds-emulator is its neighbour
+	dualhomed  string        // path of the dualhomed binary
 	goBench    bool
 	goBenchOut string // file holding the `go test -bench` output
 	daemonLog  string // where to copy the daemon's log (debugging)
 }
-
-func (o options) emulator() string { return filepath.Join(filepath.Dir(o.dualhomed), "imds-emulator") }
 
 func main() {
 	var o options
@@ -63,7 +61,7 @@ func main() {
 	flag.DurationVar(&o.idle, "idle", 60*time.Second, "how long the daemon is watched at rest")
 	flag.DurationVar(&o.pollCPU, "poll-cpu", fullReadEvery*pollCPUInterval, "how long a daemon polling every 3 s is watched to measure the CPU time of one poll (0 skips it; the default holds one cycle of agent.FullReadEvery polls, one full read included)")
 	flag.DurationVar(&o.fault, "fault", 10*time.Second, "how long IMDS answers 500 in the failure measurement")
-	flag.StringVar(&o.dualhomed, "dualhomed", "", "dualhomed `binary`, with imds-emulator beside it (default: next to this one)")
+	flag.StringVar(&o.dualhomed, "dualhomed", "", "dualhomed `binary` (default: next to this one)")
 	flag.BoolVar(&o.goBench, "go-bench", true, "run the Go micro-benchmarks of imds and netcfg and include them")
 	flag.StringVar(&o.daemonLog, "daemon-log", "", "copy the daemon's log to this `file` when its world closes")
 	flag.Usage = func() {
@@ -121,11 +119,9 @@ func run(o options) int {
 			strings.Join(missing, " "))
 		return 1
 	}
-	for _, bin := range []string{o.dualhomed, o.emulator()} {
-		if _, err := os.Stat(bin); err != nil {
-			fmt.Fprintf(os.Stderr, "dualhomed-bench: %v (run `make build`)\n", err)
-			return 1
-		}
+	if _, err := os.Stat(o.dualhomed); err != nil {
+		fmt.Fprintf(os.Stderr, "dualhomed-bench: %v (run `make build`)\n", err)
+		return 1
 	}
 	if removed, err := simworld.Sweep(); err != nil {
 		fmt.Fprintf(os.Stderr, "dualhomed-bench: removing leftovers of earlier runs: %v\n", err)

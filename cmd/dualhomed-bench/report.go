@@ -463,7 +463,7 @@ func methodNotes(r *results) []string {
 	notes := []string{
 		"Everything runs in simulated instances (`cmd/internal/simworld`: throwaway network namespaces `dh<pid>w<n>-…`, deleted at the end, also on Ctrl-C). " +
 			"ENIs are veth pairs whose peers live in their VPC's router namespace; each VPC also has a client namespace behind its router. " +
-			"The IMDS emulator (`cmd/imds-emulator`) runs in the instance and serves it on the instance's 127.0.0.1; dualhomed's in-process client (dialling from inside the instance), curl and the daemon all read it over HTTP. " +
+			"The IMDS emulator (`imds/emulator`) runs in the bench's process and serves the instance on the instance's 127.0.0.1; dualhomed's in-process client (dialling from inside the instance), curl and the daemon all read it over HTTP. " +
 			"curl, ip, sysctl, `dualhomed apply` and the daemon are forked by a thread inside the instance's namespace (no `ip netns exec`).",
 		"The instance starts as after boot: links up, the primary ENI with its DHCP address and default route. " +
 			"Before every run the kernel is brought back to exactly that state (every other rule, route, address and rp_filter value removed) and checked.",

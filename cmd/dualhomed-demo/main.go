@@ -13,7 +13,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -34,8 +33,8 @@ func main() {
 }
 
 func run() int {
-	binDir := flag.String("bin-dir", "", "directory holding dualhomed and imds-emulator (default: this program's directory)")
-	keep := flag.Bool("keep-logs", false, "keep the world's directory (daemon and emulator logs) after the demo")
+	binDir := flag.String("bin-dir", "", "directory holding dualhomed (default: this program's directory)")
+	keep := flag.Bool("keep-logs", false, "keep the world's directory (the daemon's log and state) after the demo")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: sudo %s [--bin-dir DIR] [--keep-logs]\n\n", os.Args[0])
 		flag.PrintDefaults()
@@ -57,16 +56,10 @@ func run() int {
 		}
 		*binDir = filepath.Dir(exe)
 	}
-	d := &demo{
-		dualhomed: filepath.Join(*binDir, "dualhomed"),
-		emulator:  filepath.Join(*binDir, "imds-emulator"),
-		keepLogs:  *keep,
-	}
-	for _, b := range []string{d.dualhomed, d.emulator} {
-		if _, err := os.Stat(b); err != nil {
-			fmt.Fprintf(os.Stderr, "%s is missing: run `make build` first (or `sudo make demo`)\n", b)
-			return 1
-		}
+	d := &demo{dualhomed: filepath.Join(*binDir, "dualhomed"), keepLogs: *keep}
+	if _, err := os.Stat(d.dualhomed); err != nil {
+		fmt.Fprintf(os.Stderr, "%s is missing: run `make build` first (or `sudo make demo`)\n", d.dualhomed)
+		return 1
 	}
 
 	// Ctrl-C or SIGTERM cancel the demo; the teardown below always runs.
@@ -97,10 +90,10 @@ func run() int {
 }
 
 type demo struct {
-	dualhomed, emulator string
-	keepLogs            bool
-	world               *simworld.World
-	hostBefore          []string
+	dualhomed  string
+	keepLogs   bool
+	world      *simworld.World
+	hostBefore []string
 }
 
 func say(format string, args ...any) { fmt.Printf(format+"\n", args...) }
@@ -163,7 +156,7 @@ func (d *demo) run(ctx context.Context) error {
 	if d.hostBefore, err = hostState(); err != nil {
 		return err
 	}
-	opts := simworld.Options{DualhomedBin: d.dualhomed, EmulatorBin: d.emulator}
+	opts := simworld.Options{DualhomedBin: d.dualhomed}
 	if d.keepLogs {
 		if opts.Dir, err = os.MkdirTemp("", "dualhomed-demo-"); err != nil {
 			return err
@@ -181,7 +174,7 @@ func (d *demo) run(ctx context.Context) error {
 	if err := w.ServeEcho(w.Instance, simworld.EchoPort); err != nil {
 		return err
 	}
-	if err := w.StartIMDS(ctx); err != nil {
+	if err := w.StartIMDS(); err != nil {
 		return err
 	}
 
@@ -220,47 +213,15 @@ func (d *demo) run(ctx context.Context) error {
 		say("   %s", l)
 	}
 	say("")
-	say("   What it put in the kernel: source rules, one routing table per secondary ENI, and a main-table\n   route to VPC B (VPC C's CIDR overlaps VPC A's, so it gets none: see the warning above):")
-	rules, err := w.Instance.IP("rule", "show")
+	say("   What it put in the kernel, written as the ip commands that make it: source rules, one routing")
+	say("   table per secondary ENI, its addresses, and a main-table route to VPC B (VPC C's CIDR overlaps")
+	say("   VPC A's, so it gets none: see the warning above):")
+	st, err := simworld.ReadState(w.Instance)
 	if err != nil {
 		return err
 	}
-	rules6, err := w.Instance.IP("-6", "rule", "show")
-	if err != nil {
-		return err
-	}
-	tables := map[string]bool{}
-	for _, l := range strings.Split(strings.TrimSpace(rules+rules6), "\n") {
-		if strings.Contains(l, "proto 210") {
-			say("   ip rule: %s", strings.Join(strings.Fields(l), " "))
-			if f := strings.Fields(l); slices.Contains(f, "lookup") {
-				tables[f[slices.Index(f, "lookup")+1]] = true
-			}
-		}
-	}
-	for _, t := range slices.Sorted(maps.Keys(tables)) {
-		for _, fam := range []string{"-4", "-6"} {
-			// A table without IPv6 routes does not exist for IPv6: not an error.
-			out, _ := w.Instance.IP(fam, "route", "show", "table", t)
-			for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
-				if l = strings.TrimSpace(l); l != "" {
-					say("   table %s: %s", t, l)
-				}
-			}
-		}
-	}
-	main4, err := w.Instance.IP("route", "show", "proto", "210")
-	if err != nil {
-		return err
-	}
-	main6, err := w.Instance.IP("-6", "route", "show", "proto", "210")
-	if err != nil {
-		return err
-	}
-	for _, l := range strings.Split(strings.TrimSpace(main4+main6), "\n") {
-		if l = strings.TrimSpace(l); l != "" {
-			say("   main:  %s", l)
-		}
+	for _, l := range st.Dump().Grep("proto 210") {
+		say("   %s", strings.TrimPrefix(l, "ip "))
 	}
 
 	say("")

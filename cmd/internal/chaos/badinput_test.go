@@ -56,7 +56,7 @@ func TestBadInput(t *testing.T) {
 	runDualhomed(t, w, "apply")
 	// A pending change: whatever runs by mistake would apply it.
 	pending := netip.MustParseAddr("10.1.1.77")
-	if err := w.AddIPv4(w.ENI("eth1"), pending); err != nil {
+	if err := w.AddIP(w.ENI("eth1"), pending); err != nil {
 		t.Fatal(err)
 	}
 	before := dump(t, w)

@@ -1,6 +1,6 @@
-// Package chaos is dualhomed's fault-injection suite: the real dualhomed and
-// imds-emulator binaries run inside a simulated dual-homed instance
-// (cmd/internal/simworld) while the tests break things around them.
+// Package chaos is dualhomed's fault-injection suite: the real dualhomed
+// binary runs inside a simulated dual-homed instance (cmd/internal/simworld),
+// served by the IMDS emulator, while the tests break things around them.
 //
 //   - IMDS faults (500, 429, latency, dropped connections, token expiry,
 //     pending MACs, device-number 0, malformed values, rules deleted or the

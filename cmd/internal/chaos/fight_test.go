@@ -218,7 +218,7 @@ func TestFights(t *testing.T) {
 			for i := range rounds {
 				a := eth2.Subnet4.Addr().As4()
 				a[3] = byte(100 + i)
-				if err := w.AddIPv4(eth2, netipAddr4(a)); err != nil {
+				if err := w.AddIP(eth2, netipAddr4(a)); err != nil {
 					t.Fatal(err)
 				}
 				if err := d.Signal(sighup); err != nil {

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -16,8 +15,8 @@ import (
 
 // The binaries under test, built once per test binary by TestMain.
 var (
-	dualhomedBin, emulatorBin string
-	buildErr                  error
+	dualhomedBin string
+	buildErr     error
 )
 
 // long is set by CHAOS_LONG=1 (`make chaos`): more iterations, longer windows.
@@ -57,9 +56,7 @@ func run(m *testing.M) int {
 	defer os.RemoveAll(dir)
 	// Built without the race detector: the suite measures CPU and memory
 	// of the daemon, which -race would inflate many times over.
-	if emulatorBin, buildErr = simworld.Build(dir, simworld.EmulatorPkg, false); buildErr == nil {
-		dualhomedBin, buildErr = simworld.Build(dir, simworld.DualhomedPkg, false)
-	}
+	dualhomedBin, buildErr = simworld.Build(dir, simworld.DualhomedPkg, false)
 	return m.Run()
 }
 
@@ -88,45 +85,15 @@ const metricsListen = "127.0.0.1:9810"
 // daemonConfig is the YAML the suite's daemons run with (metrics on).
 const daemonConfig = "metrics:\n  listen: " + metricsListen + "\n"
 
-// newWorld builds a world for t with the IMDS emulator running and the
-// instance's echo server up, and tears everything down when t ends.
+// newWorld builds a world for t with the IMDS emulator running, and
+// removes it when t ends.
 func newWorld(t *testing.T) *simworld.World {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("skipping: the chaos suite needs root to create network namespaces (run `sudo make test`)")
-	}
-	if buildErr != nil {
+	if buildErr != nil && os.Geteuid() == 0 {
 		t.Fatal(buildErr)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	w, err := simworld.New(ctx, simworld.Options{
-		Dir:          t.TempDir(),
-		DualhomedBin: dualhomedBin,
-		EmulatorBin:  emulatorBin,
-	})
-	if err != nil {
-		t.Fatalf("building the simulated instance: %v", err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, p := range w.Procs() {
-				t.Logf("log of %s:\n%s", p.Name, simworld.Tail(p.Log(), 40))
-			}
-		}
-		if err := w.Close(); err != nil {
-			t.Errorf("tearing down the world: %v", err)
-		}
-		for _, name := range w.Namespaces() {
-			if _, err := os.Stat(filepath.Join("/run/netns", name)); err == nil {
-				t.Errorf("namespace %s left behind", name)
-			}
-		}
-	})
-	if err := w.ServeEcho(w.Instance, simworld.EchoPort); err != nil {
-		t.Fatal(err)
-	}
-	if err := w.StartIMDS(ctx); err != nil {
+	w := simworld.ForTest(t, dualhomedBin)
+	if err := w.StartIMDS(); err != nil {
 		t.Fatal(err)
 	}
 	return w

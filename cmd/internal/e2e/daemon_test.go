@@ -16,7 +16,7 @@ func startDualhomed(t *testing.T, w *simworld.World, poll time.Duration) *simwor
 	t.Helper()
 	needBinaries(t)
 	if w.IMDS == nil {
-		if err := w.StartIMDS(context.Background()); err != nil {
+		if err := w.StartIMDS(); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -123,10 +123,10 @@ func TestDaemonRepliesLeaveThroughTheirENI(t *testing.T) {
 	eth1 := w.ENI("eth1")
 	sec4, sec6 := netip.MustParseAddr("10.1.1.11"), netip.MustParseAddr("fd00:b:0:1::11")
 	assigned := time.Now()
-	if err := w.AddIPv4(eth1, sec4); err != nil {
+	if err := w.AddIP(eth1, sec4); err != nil {
 		t.Fatal(err)
 	}
-	if err := w.AddIPv6(eth1, sec6); err != nil {
+	if err := w.AddIP(eth1, sec6); err != nil {
 		t.Fatal(err)
 	}
 	for _, a := range []netip.Addr{sec4, sec6} {

@@ -56,14 +56,14 @@ func TestHotAttachWithoutWaitingForThePoll(t *testing.T) {
 func TestDetachRemovesOnlyThatENIsState(t *testing.T) {
 	w := newWorld(t)
 	needBinaries(t)
-	if err := w.StartIMDS(context.Background()); err != nil {
+	if err := w.StartIMDS(); err != nil {
 		t.Fatal(err)
 	}
 	eth1 := w.ENI("eth1")
-	if err := w.AddIPv4(eth1, netip.MustParseAddr("10.1.1.11")); err != nil {
+	if err := w.AddIP(eth1, netip.MustParseAddr("10.1.1.11")); err != nil {
 		t.Fatal(err)
 	}
-	if err := w.AddIPv6(eth1, netip.MustParseAddr("fd00:b:0:1::11")); err != nil {
+	if err := w.AddIP(eth1, netip.MustParseAddr("fd00:b:0:1::11")); err != nil {
 		t.Fatal(err)
 	}
 	d := startDualhomed(t, w, time.Second)
@@ -313,13 +313,13 @@ func ourRules(t *testing.T, w *simworld.World) []string {
 func TestCleanupRestoresTheStateBeforeDualhomed(t *testing.T) {
 	w := newWorld(t)
 	needBinaries(t)
-	if err := w.StartIMDS(context.Background()); err != nil {
+	if err := w.StartIMDS(); err != nil {
 		t.Fatal(err)
 	}
-	if err := w.AddIPv4(w.ENI("eth1"), netip.MustParseAddr("10.1.1.11")); err != nil {
+	if err := w.AddIP(w.ENI("eth1"), netip.MustParseAddr("10.1.1.11")); err != nil {
 		t.Fatal(err)
 	}
-	if err := w.AddIPv6(w.ENI("eth1"), netip.MustParseAddr("fd00:b:0:1::11")); err != nil {
+	if err := w.AddIP(w.ENI("eth1"), netip.MustParseAddr("fd00:b:0:1::11")); err != nil {
 		t.Fatal(err)
 	}
 	// Strict on eth1, as an administrator may have set it: dualhomed makes it

@@ -1,12 +1,10 @@
 package e2e
 
 import (
-	"context"
 	"fmt"
 	"net/netip"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -15,10 +13,10 @@ import (
 	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 )
 
-// The binaries under test, built once per test binary by TestMain.
+// The daemon under test, built once per test binary by TestMain.
 var (
-	dualhomedBin, emulatorBin string
-	dualhomedErr, emulatorErr error
+	dualhomedBin string
+	dualhomedErr error
 )
 
 func TestMain(m *testing.M) {
@@ -51,64 +49,16 @@ func run(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	emulatorBin, emulatorErr = simworld.Build(dir, simworld.EmulatorPkg, raceEnabled)
 	dualhomedBin, dualhomedErr = simworld.Build(dir, simworld.DualhomedPkg, raceEnabled)
 	return m.Run()
 }
 
-// newWorld builds a world for t, with the instance's echo server running,
-// and tears it down when t ends, whatever happens in between.
-func newWorld(t *testing.T) *simworld.World {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("skipping: the end-to-end scenarios need root to create network namespaces (run `sudo make test`)")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	w, err := simworld.New(ctx, simworld.Options{
-		Dir:          t.TempDir(),
-		DualhomedBin: dualhomedBin,
-		EmulatorBin:  emulatorBin,
-	})
-	if err != nil {
-		t.Fatalf("building the simulated instance: %v", err)
-	}
-	t.Cleanup(func() {
-		for _, p := range w.Procs() {
-			p.Kill() // so its log is complete, race reports included
-			if log := p.Log(); strings.Contains(log, "WARNING: DATA RACE") {
-				t.Errorf("the race detector caught a data race in %s:\n%s", p.Name, log[strings.Index(log, "WARNING: DATA RACE"):])
-			}
-		}
-		if t.Failed() {
-			for _, p := range w.Procs() {
-				t.Logf("log of %s:\n%s", p.Name, simworld.Tail(p.Log(), 60))
-			}
-			if d, err := simworld.DumpState(w.Instance); err == nil {
-				t.Logf("instance state at failure:\n%s", d)
-			}
-		}
-		if err := w.Close(); err != nil {
-			t.Errorf("tearing down the world: %v", err)
-		}
-		for _, name := range w.Namespaces() {
-			if _, err := os.Stat(filepath.Join("/run/netns", name)); err == nil {
-				t.Errorf("namespace %s left behind", name)
-			}
-		}
-	})
-	if err := w.ServeEcho(w.Instance, simworld.EchoPort); err != nil {
-		t.Fatal(err)
-	}
-	return w
-}
+// newWorld builds a world for t and removes it when t ends.
+func newWorld(t *testing.T) *simworld.World { return simworld.ForTest(t, dualhomedBin) }
 
-// needBinaries fails the test when the daemon or the emulator could not be built.
+// needBinaries fails the test when the daemon could not be built.
 func needBinaries(t *testing.T) {
 	t.Helper()
-	if emulatorErr != nil {
-		t.Fatalf("cmd/imds-emulator does not build: %v", emulatorErr)
-	}
 	if dualhomedErr != nil {
 		t.Fatalf("cmd/dualhomed does not build: %v", dualhomedErr)
 	}

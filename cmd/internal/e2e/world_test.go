@@ -52,10 +52,7 @@ func TestWorldIsSolvableByHand(t *testing.T) {
 // has a link with its MAC in the instance, with IMDS's primary IP on it.
 func TestEmulatorDescribesTheWorld(t *testing.T) {
 	w := newWorld(t)
-	if emulatorErr != nil {
-		t.Fatalf("cmd/imds-emulator does not build: %v", emulatorErr)
-	}
-	if err := w.StartIMDS(context.Background()); err != nil {
+	if err := w.StartIMDS(); err != nil {
 		t.Fatal(err)
 	}
 	// Dial from inside the instance: the emulator listens on its loopback.
@@ -104,11 +101,11 @@ func TestTeardownLeavesNothing(t *testing.T) {
 		return names
 	}
 	linksBefore := hostLinks()
-	w, err := simworld.New(context.Background(), simworld.Options{DualhomedBin: dualhomedBin, EmulatorBin: emulatorBin})
+	w, err := simworld.New(context.Background(), simworld.Options{DualhomedBin: dualhomedBin})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := w.StartIMDS(context.Background()); err != nil {
+	if err := w.StartIMDS(); err != nil {
 		w.Close()
 		t.Fatal(err)
 	}

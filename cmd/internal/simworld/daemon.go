@@ -153,7 +153,7 @@ func (w *World) ConfiguredCheck(enis ...*ENI) error {
 // WaitConfigured waits until ConfiguredCheck passes for the ENIs, or the
 // daemon exits, or ctx ends.
 func (w *World) WaitConfigured(ctx context.Context, daemon *Proc, enis ...*ENI) error {
-	return waitFor(ctx, func() error {
+	return WaitFor(ctx, func() error {
 		if daemon != nil {
 			if done, err := daemon.Exited(); done {
 				return errors.Join(ErrExited, err)
@@ -162,9 +162,6 @@ func (w *World) WaitConfigured(ctx context.Context, daemon *Proc, enis ...*ENI) 
 		return w.ConfiguredCheck(enis...)
 	})
 }
-
-// WaitFor polls cond every 20ms until it returns nil or ctx ends.
-func WaitFor(ctx context.Context, cond func() error) error { return waitFor(ctx, cond) }
 
 func hasAddr(h *netlink.Handle, l netlink.Link, a netip.Addr) bool {
 	as, err := h.AddrList(l, netlink.FAMILY_ALL)

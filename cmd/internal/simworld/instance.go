@@ -1,13 +1,10 @@
 package simworld
 
 import (
-	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"slices"
 	"time"
 
@@ -36,62 +33,37 @@ func (w *World) emulatedInstance() emulator.Instance {
 	return inst
 }
 
-// StartIMDS runs the IMDS emulator (Options.EmulatorBin) inside the instance
-// on IMDSListen, loads the world's instance into it, and connects w.IMDS to
-// its control socket.
-func (w *World) StartIMDS(ctx context.Context) error {
-	sock := filepath.Join(w.Dir, "imds-control.sock")
-	instFile := filepath.Join(w.Dir, "instance.json")
-	data, err := json.MarshalIndent(w.emulatedInstance(), "", "  ")
-	if err != nil {
-		return fmt.Errorf("encoding the emulated instance: %w", err)
-	}
-	if err := os.WriteFile(instFile, data, 0o644); err != nil {
-		return fmt.Errorf("writing the emulated instance: %w", err)
-	}
-	p, err := w.start(w.Instance, "imds-emulator", w.opts.EmulatorBin,
-		"--listen", IMDSListen, "--control", "unix:"+sock, "--instance", instFile)
-	if err != nil {
+// StartIMDS serves the world's instance from an IMDS emulator that runs in
+// this process and listens on IMDSListen inside the instance, and sets
+// w.IMDS. Real IMDS answers from outside the instance's kernel too; the
+// emulator's socket is the instance's, so dualhomed reaches it the same way.
+func (w *World) StartIMDS() error {
+	srv := emulator.New(w.emulatedInstance())
+	var ln net.Listener
+	err := w.Instance.Do(func() (err error) {
+		ln, err = net.Listen("tcp", IMDSListen)
 		return err
-	}
-	ctl := emulator.DialControl("unix:" + sock)
-	w.onClose(ctl.Close)
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	err = waitFor(ctx, func() error {
-		if done, err := p.Exited(); done {
-			return fmt.Errorf("%w: %v: %s", ErrExited, err, p.Log())
-		}
-		return ctl.Ping()
 	})
 	if err != nil {
-		return fmt.Errorf("waiting for the IMDS emulator: %w", err)
+		return fmt.Errorf("listening for IMDS in %s: %w", w.Instance.Name, err)
 	}
-	w.IMDS = ctl
+	if _, err := srv.Serve(ln); err != nil {
+		return err
+	}
+	w.onClose(srv.Close)
+	w.IMDS = srv
 	return nil
 }
 
-// AddIPv4 assigns a secondary private IPv4 to the ENI in IMDS, as
+// AddIP assigns a secondary address (IPv4 or IPv6) to the ENI in IMDS, as
 // `aws ec2 assign-private-ip-addresses` does: the OS is not told.
-func (w *World) AddIPv4(e *ENI, a netip.Addr) error {
-	e.mu.Lock()
-	e.desc.LocalIPv4s = append(e.desc.LocalIPv4s, a)
-	e.mu.Unlock()
-	if err := w.IMDS.UpdateENI(e.MAC, func(x *imds.ENI) { x.LocalIPv4s = append(x.LocalIPv4s, a) }); err != nil {
-		return fmt.Errorf("assigning %s to %s in IMDS: %w", a, e.ID, err)
-	}
-	return nil
-}
-
-// AddIPv6 assigns an IPv6 address to the ENI in IMDS; the OS is not told.
-func (w *World) AddIPv6(e *ENI, a netip.Addr) error {
-	e.mu.Lock()
-	e.desc.IPv6s = append(e.desc.IPv6s, a)
-	e.mu.Unlock()
-	if err := w.IMDS.UpdateENI(e.MAC, func(x *imds.ENI) { x.IPv6s = append(x.IPv6s, a) }); err != nil {
-		return fmt.Errorf("assigning %s to %s in IMDS: %w", a, e.ID, err)
-	}
-	return nil
+func (w *World) AddIP(e *ENI, a netip.Addr) error {
+	return w.changeIPs(e, "assigning", a, func(v4, v6 []netip.Addr) ([]netip.Addr, []netip.Addr) {
+		if a.Is4() {
+			return append(v4, a), v6
+		}
+		return v4, append(v6, a)
+	})
 }
 
 // RemoveIP unassigns a secondary address (IPv4 or IPv6) of the ENI in IMDS,
@@ -100,13 +72,16 @@ func (w *World) RemoveIP(e *ENI, a netip.Addr) error {
 	drop := func(s []netip.Addr) []netip.Addr {
 		return slices.DeleteFunc(s, func(x netip.Addr) bool { return x == a })
 	}
+	return w.changeIPs(e, "unassigning", a, func(v4, v6 []netip.Addr) ([]netip.Addr, []netip.Addr) { return drop(v4), drop(v6) })
+}
+
+// changeIPs changes the ENI's addresses in the world's record and in IMDS.
+func (w *World) changeIPs(e *ENI, what string, a netip.Addr, change func(v4, v6 []netip.Addr) ([]netip.Addr, []netip.Addr)) error {
 	e.mu.Lock()
-	e.desc.LocalIPv4s, e.desc.IPv6s = drop(e.desc.LocalIPv4s), drop(e.desc.IPv6s)
+	e.desc.LocalIPv4s, e.desc.IPv6s = change(e.desc.LocalIPv4s, e.desc.IPv6s)
 	e.mu.Unlock()
-	if err := w.IMDS.UpdateENI(e.MAC, func(x *imds.ENI) {
-		x.LocalIPv4s, x.IPv6s = drop(x.LocalIPv4s), drop(x.IPv6s)
-	}); err != nil {
-		return fmt.Errorf("unassigning %s from %s in IMDS: %w", a, e.ID, err)
+	if err := w.IMDS.UpdateENI(e.MAC, func(x *imds.ENI) { x.LocalIPv4s, x.IPv6s = change(x.LocalIPv4s, x.IPv6s) }); err != nil {
+		return fmt.Errorf("%s %s of %s in IMDS: %w", what, a, e.ID, err)
 	}
 	return nil
 }

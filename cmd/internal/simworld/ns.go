@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -100,7 +101,7 @@ func killNSProcesses(name string) {
 	}
 	for _, f := range strings.Fields(string(out)) {
 		if pid, err := strconv.Atoi(f); err == nil && pid != os.Getpid() {
-			_ = syscallKill(pid)
+			_ = syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}
 }
@@ -140,6 +141,14 @@ func (n *NS) Sysctl(key string) (string, error) {
 		return err
 	})
 	return v, err
+}
+
+// childAttrs makes the kernel kill a child when this process dies, so that a
+// crashed test run never leaves a daemon behind; and puts it in its own
+// process group, so that a Ctrl-C on the terminal reaches only us and the
+// teardown stops the children in order.
+func childAttrs() *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 }
 
 // Command is `ip netns exec <Name> <name> <args...>`: the program runs in the

@@ -126,7 +126,7 @@ var ErrExited = errors.New("program exited")
 // WaitLog waits until this run of the program has logged s, or fails when
 // the program exits or ctx ends.
 func (p *Proc) WaitLog(ctx context.Context, s string) error {
-	return waitFor(ctx, func() error {
+	return WaitFor(ctx, func() error {
 		if log := p.Log(); len(log) >= p.logFrom && strings.Contains(log[p.logFrom:], s) {
 			return nil
 		}

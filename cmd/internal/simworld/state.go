@@ -344,7 +344,7 @@ func (s State) RuleCommand(r netlink.Rule) Command {
 	}
 	args = append(args, "from", netString(r.Src, "all"))
 	if r.Dst != nil {
-		args = append(args, "to", netString(r.Dst, ""))
+		args = append(args, "to", netString(r.Dst, "all"))
 	}
 	if r.IifName != "" {
 		args = append(args, "iif", r.IifName)
@@ -374,13 +374,17 @@ func (s State) RuleCommand(r netlink.Rule) Command {
 	return Command{V6: r.Family == netlink.FAMILY_V6, Args: args}
 }
 
-// netString prints n as ip does: a host without its prefix length, and
-// none as none.
-func netString(n *net.IPNet, none string) string {
-	if n == nil {
-		return none
+// netString prints n as ip does: a host without its prefix length, and no
+// prefix or a zero-length one as whole.
+func netString(n *net.IPNet, whole string) string {
+	ones, bits := 0, 0
+	if n != nil {
+		ones, bits = n.Mask.Size()
 	}
-	if ones, bits := n.Mask.Size(); ones == bits {
+	switch {
+	case ones == 0:
+		return whole
+	case ones == bits:
 		return n.IP.String()
 	}
 	return n.String()

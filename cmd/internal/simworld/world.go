@@ -138,12 +138,11 @@ func (e *ENI) Attached() bool {
 
 // Options configure New.
 type Options struct {
-	// Dir holds the world's files (configs, logs, state, control socket).
+	// Dir holds the world's files (configuration, logs, state).
 	// Empty means a new temporary directory, removed by Close.
 	Dir string
-	// DualhomedBin and EmulatorBin are the programs run inside the instance.
+	// DualhomedBin is the dualhomed program StartDaemon runs.
 	DualhomedBin string
-	EmulatorBin  string
 	// Instance, when set, is the instance to simulate instead of the four
 	// VPCs of the package comment.
 	Instance *emulator.Instance
@@ -161,8 +160,8 @@ type World struct {
 	Instance *NS
 	VPCs     map[string]*VPC // by name: A, B, C, D
 	ENIs     []*ENI          // eth0..eth3 (eth3 starts detached)
-	// IMDS controls the emulator once StartIMDS has run.
-	IMDS *emulator.ControlClient
+	// IMDS is the emulator once StartIMDS has run.
+	IMDS *emulator.Server
 
 	base    emulator.Instance // what IMDS serves besides the attached ENIs
 	opts    Options
@@ -677,9 +676,9 @@ func prefixIPNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
-// waitFor polls cond every 20ms until it returns nil or ctx ends; it returns
+// WaitFor polls cond every 20ms until it returns nil or ctx ends; it returns
 // cond's last error when ctx ends.
-func waitFor(ctx context.Context, cond func() error) error {
+func WaitFor(ctx context.Context, cond func() error) error {
 	var last error
 	for {
 		if last = cond(); last == nil {
