@@ -460,6 +460,11 @@ func (w *World) addLink(e *ENI, ns *NS) error {
 	if err != nil {
 		return err
 	}
+	// Before the addresses: the first probe's timer takes the value in force.
+	// Namespaces other than the host's have no neigh "default" entry: per link.
+	if err := r.SetSysctl("net/ipv4/neigh/"+e.RouterLink+"/retrans_time_ms", "10"); err != nil {
+		return err
+	}
 	if e.Subnet4.IsValid() {
 		if err := addAddr(r.NL, rl, netip.PrefixFrom(e.Gateway4, e.Subnet4.Bits())); err != nil {
 			return err
@@ -474,8 +479,7 @@ func (w *World) addLink(e *ENI, ns *NS) error {
 			return fmt.Errorf("adding route to %s in %s: %w", e.Subnet6, r.Name, err)
 		}
 	}
-	// Namespaces other than the host's have no neigh "default" entry: per link.
-	return r.SetSysctl("net/ipv4/neigh/"+e.RouterLink+"/retrans_time_ms", "10")
+	return nil
 }
 
 // bootENI does what DHCP does on a real instance when the ENI comes up: its
