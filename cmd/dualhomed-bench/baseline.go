@@ -11,8 +11,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 	"golang.org/x/sys/unix"
+
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 )
 
 // sysctlWrite is one sysctl a baseline sets (rp_filter of a managed link).

@@ -191,27 +191,26 @@ func (b *bench) settledChanges() changeCounts {
 
 // verify compares the kernel with the reference state of the variant.
 func (b *bench) verify(v *variantResult) (stateDiff, error) {
-	_, d, err := b.settledDiff(v.reference, false)
-	return d, err
+	return b.settledDiff(v.reference, false)
 }
 
 // settledDiff compares the kernel with want, allowing the kernel up to a
 // second to finish what it does asynchronously (IPv6 local routes of new
 // addresses appear a moment after the address). Without addrProto, the
 // addresses' protocols are ignored as a second-best match.
-func (b *bench) settledDiff(want simworld.State, ignoreAddrProto bool) (simworld.State, stateDiff, error) {
+func (b *bench) settledDiff(want simworld.State, ignoreAddrProto bool) (stateDiff, error) {
 	deadline := time.Now().Add(time.Second)
 	for {
 		got, err := simworld.ReadState(b.w.Instance)
 		if err != nil {
-			return got, stateDiff{}, err
+			return stateDiff{}, err
 		}
 		d := compareStates(want, got)
 		if ignoreAddrProto {
 			d = compareStates(want.WithoutAddrProto(), got.WithoutAddrProto())
 		}
 		if d.Empty() || time.Now().After(deadline) {
-			return got, d, nil
+			return d, nil
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -449,7 +448,7 @@ func (b *bench) measuredRead(ctx context.Context, p *pipeline, r read) (reconcil
 // endState describes how the kernel compares with the variant's reference.
 func (b *bench) endState() string {
 	v := b.r.Variants[len(b.r.Variants)-1]
-	_, d, err := b.settledDiff(v.reference, !b.addrProto)
+	d, err := b.settledDiff(v.reference, !b.addrProto)
 	if err != nil {
 		return "not compared: " + err.Error()
 	}

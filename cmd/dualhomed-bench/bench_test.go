@@ -8,10 +8,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
+
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 )
 
 func ms(v ...float64) series {

@@ -12,11 +12,12 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
 	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/imds/emulator"
-	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 )
 
 // daemon measures the `dualhomed daemon` process on the 1-card instance:
@@ -180,7 +181,7 @@ func (b *bench) daemon(ctx context.Context) {
 			return err
 		}
 		d.FaultRequests, d.FaultWall = st.Requests, elapsed
-		_, diff, err := b.settledDiff(before, false)
+		diff, err := b.settledDiff(before, false)
 		if err != nil {
 			return err
 		}

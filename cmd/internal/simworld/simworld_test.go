@@ -11,9 +11,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dualhomed/dualhomed/imds/emulator"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/dualhomed/dualhomed/imds/emulator"
 )
 
 func TestEchoRequestChecksum(t *testing.T) {
