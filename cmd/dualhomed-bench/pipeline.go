@@ -43,6 +43,12 @@ const (
 
 var refreshOf = map[read]agent.Trigger{readFull: agent.TriggerStart, readPoll: agent.TriggerPoll, readNone: agent.TriggerDrift}
 
+// What the report calls the daemon's full read and its poll.
+const (
+	fullReadName = "agent.TriggerStart"
+	pollReadName = "agent.TriggerPoll"
+)
+
 // pipeline is dualhomed's reconcile run in-process: the daemon's own
 // agent.Reconciler (IMDS snapshot, Observe, Desired, Diff, Apply) over an
 // imds.Client and a netcfg.Kernel working in the instance, with the

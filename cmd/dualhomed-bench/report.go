@@ -214,18 +214,18 @@ func (r *results) rows() []row {
 				result:    verdict(v.NoopKernel.Total.median() < targetNoop && zero(v.NoopKernel.Writes) && zero(v.NoopKernel.Observed)),
 			},
 			row{
-				what:      "No-op reconcile on the poll timer (agent.TriggerPoll: one paced IMDS read + kernel): time, writes",
+				what:      "No-op reconcile on the poll timer (" + pollReadName + ": one paced IMDS read + kernel): time, writes",
 				dualhomed: fmt.Sprintf("%s, %s writes", v.Poll.Total.medianRange(), intRange(v.Poll.Writes)),
 				target:    "0 writes (time: see method)",
 				result:    verdict(zero(v.Poll.Writes) && zero(v.Poll.Observed)),
 			},
 			row{
-				what:      "IMDS cost of one poll (agent.TriggerPoll): requests, response bytes",
+				what:      "IMDS cost of one poll (" + pollReadName + "): requests, response bytes",
 				dualhomed: fmt.Sprintf("%s requests, %s bytes", intRange(v.Poll.Requests), intRange(v.Poll.Bytes)),
 				shell:     fmt.Sprintf("%d curl processes", v.ShellCurls),
 			},
 			row{
-				what: "No-op reconcile reading the full snapshot (agent.TriggerStart: start, reload, and every so many polls; informative): time, writes; IMDS requests, response bytes",
+				what: "No-op reconcile reading the full snapshot (" + fullReadName + ": start, reload, and every so many polls; informative): time, writes; IMDS requests, response bytes",
 				dualhomed: fmt.Sprintf("%s, %s writes; %s requests, %s bytes",
 					v.Full.Total.medianRange(), intRange(v.Full.Writes), intRange(v.Full.Requests), intRange(v.Full.Bytes)),
 				shell:  fmt.Sprintf("%d curl processes", v.ShellCurls),
@@ -366,8 +366,8 @@ func (r *results) write(path string) error {
 			what string
 			runs runs
 		}{
-			{"No-op poll (agent.TriggerPoll: IMDS + kernel)", v.Poll},
-			{"No-op reconcile with a full snapshot (agent.TriggerStart)", v.Full},
+			{"No-op poll (" + pollReadName + ": IMDS + kernel)", v.Poll},
+			{"No-op reconcile with a full snapshot (" + fullReadName + ")", v.Full},
 		} {
 			kv(read.what, read.runs.Total.medianRange())
 			kv("… of which reading IMDS", read.runs.IMDS.medianRange())
@@ -495,8 +495,8 @@ func methodNotes(r *results) []string {
 				seconds(pollCPUInterval), seconds(pollInterval-pollCPUInterval)),
 		"No-op: the 5 ms target is judged on the reconcile a netlink event triggers (the kernel pass with the last good snapshot); " +
 			"a poll adds one IMDS read, paced by the client, whose time is shown but not judged against 5 ms. " +
-			"The poll is the daemon's timer read, `agent.TriggerPoll`, on the pipeline of the last cold run (it holds a good snapshot): it re-reads what can change while an ENI stays attached. " +
-			"The full snapshot (`agent.TriggerStart`, read at start, on reload and every so many polls) is measured the same way after the polls and shown as its own row. " +
+			"The poll is the daemon's timer read, `" + pollReadName + "`, on the pipeline of the last cold run (it holds a good snapshot): it re-reads what can change while an ENI stays attached. " +
+			"The full snapshot (`" + fullReadName + "`, read at start, on reload and every so many polls) is measured the same way after the polls and shown as its own row. " +
 			"IMDS requests and response bytes are counted by the emulator for each read (median, min–max). All of them must make zero writes.",
 		"Drift: one of our rules (chosen at random) is deleted with netlink; timed until the rtnetlink notification of its return. " +
 			"The daemon deliberately backs off when drift repeats within a minute (another manager fighting it), so each sample is an isolated drift: " +
