@@ -198,10 +198,22 @@ func (s State) WithoutAddrProto() State {
 	return out
 }
 
-// DumpState returns the namespace's State as a Dump.
+// DumpState returns the namespace's State as a Dump once two reads 20 ms
+// apart agree, or after a second: the kernel adds and removes some routes
+// of its own (IPv6 local routes) a moment after the changes that cause them.
 func DumpState(ns *NS) (Dump, error) {
-	s, err := ReadState(ns)
-	return s.Dump(), err
+	var last Dump
+	for deadline := time.Now().Add(time.Second); ; time.Sleep(20 * time.Millisecond) {
+		s, err := ReadState(ns)
+		if err != nil {
+			return nil, err
+		}
+		d := s.Dump()
+		if slices.Equal(d, last) || time.Now().After(deadline) {
+			return d, nil
+		}
+		last = d
+	}
 }
 
 // Dump is a state as lines, sorted (State.Dump).
