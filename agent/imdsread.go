@@ -121,7 +121,7 @@ func (p *imdsReads) read(ctx context.Context, t Trigger, links []netcfg.Link, ti
 	}
 	p.record(now, rep)
 	rep.PendingLinks = p.pending(links)
-	p.countRetries(rep)
+	p.countRetries(links, rep)
 	if p.lastGood == nil {
 		return imds.Snapshot{}, false
 	}
@@ -149,22 +149,35 @@ func (p *imdsReads) record(now time.Time, rep *Report) {
 }
 
 // countRetries counts the quick re-reads of each link IMDS does not
-// describe yet, and forgets the links it describes now.
-func (p *imdsReads) countRetries(rep *Report) {
-	pending := map[int]bool{}
+// describe yet, and forgets the links it describes now. The count of an
+// Unconfirmed ENI's link stays once its re-reads are done: its device 0 is
+// then trusted until the ENI changes.
+func (p *imdsReads) countRetries(links []netcfg.Link, rep *Report) {
+	keep := map[int]bool{}
 	for _, l := range rep.PendingLinks {
-		pending[l.Index] = true
+		keep[l.Index] = true
+		if rep.Fresh || rep.Listed {
+			p.linkRetries[l.Index]++
+		}
+	}
+	for _, l := range links {
+		keep[l.Index] = keep[l.Index] || p.unconfirmed(l)
 	}
 	for idx := range p.linkRetries {
-		if !pending[idx] {
+		if !keep[idx] {
 			delete(p.linkRetries, idx)
 		}
 	}
-	if rep.Fresh || rep.Listed {
-		for idx := range pending {
-			p.linkRetries[idx]++
-		}
+}
+
+// unconfirmed reports whether the last good snapshot has l's ENI ready at
+// device 0 of a card other than 0 (imds.ENI.Unconfirmed).
+func (p *imdsReads) unconfirmed(l netcfg.Link) bool {
+	if p.lastGood == nil {
+		return false
 	}
+	e, ok := p.lastGood.ENI(l.MAC)
+	return ok && e.Unconfirmed()
 }
 
 // next is how long until IMDS should be read again for the backoff, a
@@ -205,7 +218,11 @@ func (p *imdsReads) listed(links []netcfg.Link) []string {
 }
 
 // pending returns the links IMDS does not describe yet: their MAC is not
-// listed, or listed as not ready. Links without a MAC (lo, tunnels) are skipped.
+// listed, or listed as not ready, or as Unconfirmed and not re-read
+// maxLinkRetries-1 times yet (IMDS answers device-number 0 for a few
+// seconds after a hot attach; the re-reads cover 7.5 s, more than the 6 s
+// amazon-ec2-net-utils 2.7.4 allows it). Links without a MAC (lo, tunnels)
+// are skipped.
 func (p *imdsReads) pending(links []netcfg.Link) []netcfg.Link {
 	var out []netcfg.Link
 	for _, l := range links {
@@ -214,7 +231,7 @@ func (p *imdsReads) pending(links []netcfg.Link) []netcfg.Link {
 		}
 		if p.lastGood == nil {
 			out = append(out, l)
-		} else if e, ok := p.lastGood.ENI(l.MAC); !ok || !e.Ready {
+		} else if e, ok := p.lastGood.ENI(l.MAC); !ok || !e.Ready || (e.Unconfirmed() && p.linkRetries[l.Index] < maxLinkRetries) {
 			out = append(out, l)
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/imds/emulator"
@@ -133,5 +134,50 @@ func TestReconcileReattachedENIIsReadInFull(t *testing.T) {
 	mustReconcile(t, rec, event(rec))
 	if !hasRuleFrom(k.obs.Owned, inst.ENIs[2].LocalIPv4s[0], netcfg.DefaultTableBase+7) {
 		t.Errorf("re-attached ENI not configured with its new device number 7: rules %v", k.obs.Owned.Rules)
+	}
+}
+
+// Device 0 on a card other than 0 is configured at once, but IMDS may be
+// answering a 0 it has not corrected yet: the link stays pending and its
+// MAC is re-read in full on the quick schedule, so a lagging 0 is
+// corrected within seconds (the configuration moves to the real table), and
+// a true 0 is trusted once the re-reads are done.
+func TestReconcileRereadsDeviceZeroOnOtherCards(t *testing.T) {
+	all := emulator.ExampleInstance(4, 1, 0, 0, 2) // card 0: devices 0, 1; card 1: devices 0, 1
+	for _, lagging := range []bool{false, true} {
+		inst := all
+		inst.ENIs = []imds.ENI{all.ENIs[0], all.ENIs[1]} // the primary, card 1 device 0
+		if lagging {
+			inst.ENIs[1] = all.ENIs[3] // card 1 device 1, answered as device 0 at first
+		}
+		srv, _, k, rec := refreshWorld(t, inst)
+		e := inst.ENIs[1]
+		if lagging {
+			if err := srv.SetFaults(emulator.Faults{DeviceNumberZeroReads: map[string]int{e.MAC: 1}}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		card1 := netcfg.DefaultTableBase + netcfg.DefaultCardStride
+		rep := mustReconcile(t, rec, TriggerStart)
+		if !hasRuleFrom(k.obs.Owned, e.LocalIPv4s[0], card1) || len(rep.PendingLinks) != 1 {
+			t.Fatalf("lagging %v: device 0 on card 1 not configured in table %d at once, or not pending (%v): rules %v",
+				lagging, card1, rep.PendingLinks, k.obs.Owned.Rules)
+		}
+		rereads := 0
+		for rec.imds.next(time.Now()) > 0 && rereads < 10 { // as the daemon schedules them
+			mustReconcile(t, rec, TriggerRecheck)
+			rereads++
+		}
+		want, wantRereads := card1, maxLinkRetries-1 // a true 0: re-read until trusted
+		if lagging {
+			want, wantRereads = card1+1, 1 // corrected by the first re-read
+		}
+		if rereads != wantRereads || !hasRuleFrom(k.obs.Owned, e.LocalIPv4s[0], want) || len(k.obs.Owned.Rules) != rulesOf(k.obs.Owned, want) {
+			t.Errorf("lagging %v: after %d re-reads (want %d) rules %v, want the ENI's in table %d only",
+				lagging, rereads, wantRereads, k.obs.Owned.Rules, want)
+		}
+		if rep, _ = rec.Reconcile(context.Background(), TriggerRecheck, false); len(rep.PendingLinks) != 0 || rep.Fresh {
+			t.Errorf("lagging %v: once trusted, a recheck read IMDS (fresh %v) or found links pending %v", lagging, rep.Fresh, rep.PendingLinks)
+		}
 	}
 }

@@ -145,6 +145,14 @@ func TestSnapshotReadiness(t *testing.T) {
 		{"secondary ready", mac2, func(*fakeIMDS) {}, true, 1, ""},
 		{"device-number 0 on the primary is fine", mac1, func(*fakeIMDS) {}, true, 0, ""},
 		{"device-number 0 on a secondary", mac2, func(f *fakeIMDS) { f.set(mac2, "device-number", "0") }, false, DeviceNumberUnknown, "device-number 0"},
+		// Multi-card instances: EC2 lists network-card for every ENI, the primary included.
+		{"device 0 on card 1 is valid", mac2, multiCard("1", "0"), true, 0, ""},
+		{"device 0 on card 0 of a multi-card secondary", mac2, multiCard("0", "0"), false, DeviceNumberUnknown, "device-number 0 on card 0"},
+		{"highest device on card 31", mac2, multiCard("31", "99"), true, 99, ""},
+		{"network-card not listed yet on a multi-card instance", mac2, func(f *fakeIMDS) {
+			multiCard("1", "1")(f)
+			f.del(mac2, "network-card")
+		}, false, DeviceNumberUnknown, "network-card not listed yet"},
 		{"device-number not listed", mac2, func(f *fakeIMDS) { f.del(mac2, "device-number") }, false, DeviceNumberUnknown, "device-number not listed"},
 		{"no keys listed yet", mac2, func(f *fakeIMDS) { f.macs[mac2] = map[string]string{} }, false, DeviceNumberUnknown, "none of its keys"},
 		{"listing 404", mac2, func(f *fakeIMDS) {
@@ -178,6 +186,15 @@ func TestSnapshotReadiness(t *testing.T) {
 				t.Errorf("primary ENI not ready: %s", other.NotReadyReason)
 			}
 		})
+	}
+}
+
+// multiCard makes twoENIs a multi-card instance with mac2 at card, device.
+func multiCard(card, device string) func(f *fakeIMDS) {
+	return func(f *fakeIMDS) {
+		f.set(mac1, "network-card", "0")
+		f.set(mac2, "network-card", card)
+		f.set(mac2, "device-number", device)
 	}
 }
 

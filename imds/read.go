@@ -71,8 +71,10 @@ func keysToFetch(listed map[string]bool) []eniKey {
 // (see ENI.Ready), when:
 //   - its directory listing is empty or 404 (the MAC is listed before its
 //     keys exist: seen right after a hot attach);
-//   - device-number is not listed, or is 0 on a MAC other than the primary
-//     (DeviceNumber is then DeviceNumberUnknown, never 0);
+//   - device-number is not listed, or is 0 on card 0 on a MAC other than
+//     the primary (DeviceNumber is then DeviceNumberUnknown, never 0);
+//   - network-card is not listed on a MAC other than the primary while the
+//     instance is multi-card (Snapshot.MultiCard);
 //   - interface-id is not listed, or neither local-ipv4s nor ipv6s is;
 //   - local-ipv4s is listed without subnet-ipv4-cidr-block, or ipv6s without
 //     subnet-ipv6-cidr-blocks (no gateway could be derived).
@@ -83,7 +85,7 @@ func (c *Client) Snapshot(ctx context.Context) (Snapshot, error) {
 		if err != nil {
 			return err
 		}
-		snap, err = c.readENIs(ctx, primary, nil, func(string) (readMode, ENI) { return readFull, ENI{} })
+		snap, err = c.readENIs(ctx, primary, false, nil, func(string) (readMode, ENI) { return readFull, ENI{} })
 		return err
 	})
 	if err != nil {
@@ -202,7 +204,7 @@ func (c *Client) Refresh(ctx context.Context, prev Snapshot, u Update) (Snapshot
 	}
 	var snap Snapshot
 	n, err := c.read(ctx, func(ctx context.Context) (err error) {
-		snap, err = c.readENIs(ctx, prev.PrimaryMAC, u.MACs, func(mac string) (readMode, ENI) {
+		snap, err = c.readENIs(ctx, prev.PrimaryMAC, prev.MultiCard, u.MACs, func(mac string) (readMode, ENI) {
 			old, ok := prev.ENI(mac)
 			switch {
 			case !ok || !old.Ready || full[mac]:
@@ -225,7 +227,7 @@ func (c *Client) Refresh(ctx context.Context, prev Snapshot, u Update) (Snapshot
 // readENIs reads the MAC listing (unless macs is given) and each MAC's
 // keys as mode decides, starting from the ENI mode returns (an ENI is read
 // in full from scratch).
-func (c *Client) readENIs(ctx context.Context, primary string, macs []string, mode func(mac string) (readMode, ENI)) (Snapshot, error) {
+func (c *Client) readENIs(ctx context.Context, primary string, multiCard bool, macs []string, mode func(mac string) (readMode, ENI)) (Snapshot, error) {
 	if macs == nil {
 		var err error
 		if macs, err = getParsed(ctx, c, macsPath, parseMACList); err != nil {
@@ -255,12 +257,16 @@ func (c *Client) readENIs(ctx context.Context, primary string, macs []string, mo
 	if err := c.fetchKeys(ctx, reads); err != nil {
 		return Snapshot{}, err
 	}
+	snap := Snapshot{PrimaryMAC: primary, ENIs: enis, MultiCard: multiCard}
+	for _, r := range reads {
+		snap.MultiCard = snap.MultiCard || slices.ContainsFunc(r.listed, func(k eniKey) bool { return k.name == "network-card" })
+	}
 	for _, r := range reads {
 		if r.eni.Ready {
-			checkReady(r.eni, r.listed, primary)
+			checkReady(r.eni, r.listed, snap)
 		}
 	}
-	return Snapshot{PrimaryMAC: primary, ENIs: enis}, nil
+	return snap, nil
 }
 
 // eniRead is one MAC's read: its listed keys dualhomed uses, and those of
@@ -330,15 +336,28 @@ func (c *Client) fetchKeys(ctx context.Context, reads []eniRead) error {
 }
 
 // checkReady flags an ENI whose keys are not yet complete enough to
-// configure it. Its arguments are the keys the listing contained.
-func checkReady(e *ENI, listed []eniKey, primaryMAC string) {
+// configure it. listed are the keys its listing contained.
+//
+// Right after a hot attach IMDS can answer device-number 0 before the real
+// value has propagated, and list network-card late (amazon-ec2-net-utils
+// 2.7.4, lib/lib.sh). The primary's keys (top-level mac) are there from
+// launch, and EC2 serves network-card for every ENI of a multi-card
+// instance type, so one snapshot tells: card 0 device 0 is the primary's
+// slot, and a multi-card instance's ENI without network-card is not
+// described yet. Device 0 on another card is valid and usual; the agent
+// re-reads such an ENI a few times before it trusts the 0 (Unconfirmed).
+func checkReady(e *ENI, listed []eniKey, snap Snapshot) {
 	has := map[string]bool{}
 	for _, k := range listed {
 		has[k.name] = true
 	}
+	secondary := e.MAC != snap.PrimaryMAC
 	switch {
-	case e.DeviceNumber == 0 && e.MAC != primaryMAC:
-		notReady(e, "device-number 0 on a secondary MAC: IMDS has not caught up with the attachment")
+	case secondary && snap.MultiCard && !has["network-card"]:
+		notReady(e, "network-card not listed yet on a multi-card instance")
+		e.DeviceNumber = DeviceNumberUnknown
+	case secondary && e.DeviceNumber == 0 && e.NetworkCard == 0:
+		notReady(e, "device-number 0 on card 0 of a secondary MAC: IMDS has not caught up with the attachment")
 		e.DeviceNumber = DeviceNumberUnknown
 	case !has["interface-id"]:
 		notReady(e, "interface-id not listed yet")

@@ -222,3 +222,45 @@ func TestRefreshWithoutPreviousSnapshot(t *testing.T) {
 	_, c := startEmulator(t, inst, imds.Options{})
 	sameENIs(t, "no previous snapshot", refresh(t, c, imds.Snapshot{}, imds.Update{Dynamic: true}), snapshot(t, c))
 }
+
+// A hot attach on a multi-card instance reads only the new MAC, yet knows
+// from the previous snapshot that the instance is multi-card: while IMDS
+// does not list the new ENI's network-card it is not ready (its device 1
+// would otherwise land on card 0, another ENI's table).
+func TestRefreshHotAttachOnMultiCardWaitsForNetworkCard(t *testing.T) {
+	all := emulator.ExampleInstance(4, 1, 0, 0, 2) // cards 0 and 1, devices 0 and 1 on each
+	inst := all
+	inst.ENIs = all.ENIs[:3]
+	srv, c := startEmulator(t, inst, imds.Options{})
+	prev := snapshot(t, c)
+	if !prev.MultiCard {
+		t.Fatal("snapshot of a multi-card instance: MultiCard false")
+	}
+	extra := all.ENIs[3]
+	if err := srv.AttachENI(extra); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.DeleteKey(extra.MAC, "network-card"); err != nil {
+		t.Fatal(err)
+	}
+	u := imds.Update{MACs: append(macsOf(prev), extra.MAC)}
+	if e := eni(t, refresh(t, c, prev, u), extra.MAC); e.Ready || !strings.Contains(e.NotReadyReason, "network-card") {
+		t.Errorf("network-card not listed yet: Ready=%v (%s), want not ready", e.Ready, e.NotReadyReason)
+	}
+	if err := srv.ClearOverrides(); err != nil {
+		t.Fatal(err)
+	}
+	got := refresh(t, c, prev, u)
+	if e := eni(t, got, extra.MAC); !e.Ready || e.NetworkCard != 1 || e.DeviceNumber != 1 {
+		t.Errorf("listed: %+v, want ready at card 1 device 1", e)
+	}
+	sameENIs(t, "settled", got, snapshot(t, c))
+}
+
+func macsOf(s imds.Snapshot) []string {
+	var out []string
+	for _, e := range s.ENIs {
+		out = append(out, e.MAC)
+	}
+	return out
+}

@@ -18,6 +18,10 @@ type Snapshot struct {
 	// ENIs holds one entry per MAC listed under network/interfaces/macs/,
 	// sorted by MAC. Not-ready ENIs are included, flagged with Ready=false.
 	ENIs []ENI
+	// MultiCard is true when some ENI's listing names network-card: the
+	// instance type has several network cards (IMDS has no such key on
+	// the others).
+	MultiCard bool
 	// Requests is the number of HTTP requests (token included) the snapshot cost.
 	Requests int
 }
@@ -28,9 +32,9 @@ type Snapshot struct {
 // (an invalid netip.Prefix, a nil slice).
 type ENI struct {
 	MAC string // lower case, colon separated
-	// Ready is false while IMDS is still catching up after a hot attach: the
-	// device-number key is missing, or is 0 on a MAC other than the primary.
-	// A not-ready ENI must not be configured, and must not cause removal either.
+	// Ready is false while IMDS is still catching up after a hot attach (see
+	// Client.Snapshot for the rule). A not-ready ENI must not be configured,
+	// and must not cause removal either.
 	Ready          bool
 	NotReadyReason string
 
@@ -68,8 +72,13 @@ func (s Snapshot) Primary() (ENI, bool) { return s.ENI(s.PrimaryMAC) }
 // Equal reports whether s and o say the same about the instance's ENIs
 // (what they cost to read aside).
 func (s Snapshot) Equal(o Snapshot) bool {
-	return s.PrimaryMAC == o.PrimaryMAC && slices.EqualFunc(s.ENIs, o.ENIs, ENI.Equal)
+	return s.PrimaryMAC == o.PrimaryMAC && s.MultiCard == o.MultiCard && slices.EqualFunc(s.ENIs, o.ENIs, ENI.Equal)
 }
+
+// Unconfirmed reports whether e is a ready secondary ENI at device 0 of a
+// card other than 0: valid, but IMDS answers device-number 0 before the
+// real value has propagated, so the 0 may still change.
+func (e ENI) Unconfirmed() bool { return e.Ready && e.DeviceNumber == 0 && e.NetworkCard != 0 }
 
 // Equal reports whether e and o are the same in every field.
 func (e ENI) Equal(o ENI) bool {

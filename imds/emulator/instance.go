@@ -100,9 +100,9 @@ func ExampleMAC(card, device int) string {
 // n ENIs spread round-robin over cards network cards (cards < 1 means 1), each
 // in its own VPC and subnet, with ipv4PerENI private IPv4s, ipv6PerENI IPv6s,
 // and prefixesPerENI delegated IPv4 /28 prefixes (plus as many IPv6 /80
-// prefixes when the ENI has IPv6). ENI 0 is the primary: card 0, device 0.
-// Devices on other cards start at 1, because the client rightly treats
-// device-number 0 on a non-primary MAC as not ready.
+// prefixes when the ENI has IPv6). ENI 0 is the primary: card 0, device 0;
+// devices on card 0 continue at 1, those on the other cards start at 0, as
+// EC2 attaches them.
 //
 // ENI i (0-based) lives in VPC 10.i.0.0/16 (plus 2001:db8:0:i00::/56 when it
 // has IPv6), subnet 10.i.0.0/20; its IPv4s start at 10.i.0.10, its prefixes
@@ -122,9 +122,6 @@ func ExampleInstance(n, ipv4PerENI, ipv6PerENI, prefixesPerENI, cards int) Insta
 	for i := range n {
 		card := i % cards
 		device := i / cards
-		if card != 0 {
-			device++
-		}
 		e := imds.ENI{
 			MAC:          ExampleMAC(card, device),
 			DeviceNumber: device,

@@ -219,12 +219,12 @@ func TestAbsentKeys404(t *testing.T) {
 func TestNetworkCardOnlyOnMultiCard(t *testing.T) {
 	_, c := start(t, emulator.ExampleInstance(4, 1, 0, 0, 2))
 	macs := c.mustGet("/latest/meta-data/network/interfaces/macs/")
-	want := "02:00:00:00:00:00/\n02:00:00:00:01:01/\n02:00:00:00:00:01/\n02:00:00:00:01:02/"
+	want := "02:00:00:00:00:00/\n02:00:00:00:01:00/\n02:00:00:00:00:01/\n02:00:00:00:01:01/"
 	if macs != want {
 		t.Fatalf("macs/ = %q, want %q", macs, want)
 	}
 	for _, tc := range []struct{ mac, card, dev string }{
-		{"02:00:00:00:00:00", "0", "0"}, {"02:00:00:00:01:01", "1", "1"}, {"02:00:00:00:01:02", "1", "2"},
+		{"02:00:00:00:00:00", "0", "0"}, {"02:00:00:00:01:00", "1", "0"}, {"02:00:00:00:01:01", "1", "1"},
 	} {
 		if got := c.mustGet(macPath(tc.mac, "network-card")); got != tc.card {
 			t.Errorf("%s network-card = %q, want %s", tc.mac, got, tc.card)
