@@ -189,6 +189,7 @@ func sameObserved(a, b netcfg.Observed) bool {
 	return slices.Equal(a.Links, b.Links) && maps.EqualFunc(a.Addrs, b.Addrs, slices.Equal) &&
 		slices.Equal(a.Owned.Rules, b.Owned.Rules) && slices.Equal(a.Owned.Routes, b.Owned.Routes) &&
 		slices.Equal(a.Owned.Addrs, b.Owned.Addrs) && slices.Equal(a.Owned.RPFilters, b.Owned.RPFilters) &&
+		slices.Equal(a.Owned.AltNames, b.Owned.AltNames) && maps.Equal(a.AltNames, b.AltNames) &&
 		slices.Equal(a.ForeignRules, b.ForeignRules) && slices.Equal(a.ForeignRoutes, b.ForeignRoutes)
 }
 

@@ -37,6 +37,10 @@ type Observed struct {
 	Addrs map[int][]netip.Prefix
 	// Owned is the state dualhomed owns in the kernel now.
 	Owned State
+	// AltNames maps every alternative name in the namespace, whoever added
+	// it, to the index of the link that holds it; nil when the kernel has
+	// no altnames (before Linux 5.5): Desired then wants none.
+	AltNames map[string]int
 	// ForeignRules and ForeignRoutes are the rules and routes (the local
 	// table's aside) that dualhomed does not own: what Conflicts checks.
 	ForeignRules  []KernelRule
@@ -158,6 +162,8 @@ type Result struct {
 //     card/device. If no address gives main an on-link route to the gateway,
 //     the carrier adds its subnet to main, or skips when that is ambiguous.
 //   - rp_filter for secondary ENIs unless cfg.RPFilter is keep.
+//   - altnames on every ENI's link, the primary's included (altNamesOf),
+//     except a name another program's link or altname holds.
 //
 // An excluded ENI gets nothing. A not-ready ENI gets nothing new, but what
 // Observed.Owned holds on its link (routes, rules pointing at their tables,
@@ -306,6 +312,7 @@ func (d *desirer) run() {
 		if !e.primary && d.cfg.rpFilterMode() != RPFilterKeep {
 			d.b.rpFilter(e, RPFilter{LinkName: e.link.Name, Value: d.cfg.rpFilterValue()})
 		}
+		d.addAltNames(e)
 	}
 	d.addVPCRoutes()
 	d.keepNotReady()
@@ -760,6 +767,28 @@ func (d *desirer) foreignSubnetRoute(subnet netip.Prefix) bool {
 	return false
 }
 
+// addAltNames wants e's altnames on its link, leaving out those another
+// program holds: on this link it gave the same name (fine, and not ours to
+// claim), on another link it is a conflict to report.
+func (d *desirer) addAltNames(e *eniInfo) {
+	if d.obs.AltNames == nil {
+		return
+	}
+	for _, name := range altNamesOf(e.eni) {
+		holder, held := d.obs.AltNames[name]
+		if i := slices.IndexFunc(d.obs.Links, func(l Link) bool { return l.Name == name }); i >= 0 {
+			holder, held = d.obs.Links[i].Index, true // link names share the namespace
+		}
+		switch {
+		case !held || slices.Contains(d.obs.Owned.AltNames, AltName{LinkIndex: holder, Name: name}):
+			d.b.altName(e, AltName{LinkIndex: e.link.Index, Name: name})
+		case holder != e.link.Index:
+			d.warn(e, fmt.Sprintf("altname %s is taken by link #%d: not giving it to %s", name, holder, e.link.Name),
+				"remove it there (`ip link property del dev <link> altname "+name+"`) if that link is not this ENI")
+		}
+	}
+}
+
 // keepNotReady keeps what we own on the link of an ENI that IMDS reports not
 // ready: a not-ready ENI must not be configured, and must not cause removal
 // either. Our routes on the link, the rules pointing at their tables, our
@@ -797,6 +826,11 @@ func (d *desirer) keepNotReady() {
 		for _, f := range d.obs.Owned.RPFilters {
 			if f.LinkName == e.link.Name {
 				kept = d.b.rpFilter(e, f) || kept
+			}
+		}
+		for _, a := range d.obs.Owned.AltNames {
+			if a.LinkIndex == link {
+				kept = d.b.altName(e, a) || kept
 			}
 		}
 		if kept {
@@ -859,6 +893,15 @@ func (b *stateBuilder) addr(e *eniInfo, a Addr) bool {
 	}
 	b.addrs[ip] = a.Key()
 	b.st.Addrs = append(b.st.Addrs, a)
+	return true
+}
+
+// altName keeps one link per name: names are unique in a namespace.
+func (b *stateBuilder) altName(_ *eniInfo, a AltName) bool {
+	if slices.ContainsFunc(b.st.AltNames, func(o AltName) bool { return o.Name == a.Name }) {
+		return false
+	}
+	b.st.AltNames = append(b.st.AltNames, a)
 	return true
 }
 

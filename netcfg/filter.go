@@ -18,7 +18,8 @@ func (p Plan) AddsOnly() Plan {
 
 // ObjectKey identifies the kernel object an op adds or deletes: two adds
 // with one key collide in the kernel (EEXIST). It is a RouteKey, RuleKey or
-// AddrKey, and nil for rp_filter.
+// AddrKey, and nil for rp_filter and altnames (a name another program
+// holds is left out of Desired, not blocked).
 func (op Op) ObjectKey() any {
 	switch {
 	case op.Route != nil:
@@ -122,6 +123,9 @@ func Attribute(ops []Op, enis []ENIStatus, links []Link) []Change {
 		case op.RPFilter != nil:
 			e, found = byName[op.RPFilter.LinkName]
 			link = op.RPFilter.LinkName
+		case op.AltName != nil:
+			e, found = byLink[op.AltName.LinkIndex]
+			link = names[op.AltName.LinkIndex]
 		}
 		c := Change{Op: op, Text: op.Format(names), Link: link}
 		if found {

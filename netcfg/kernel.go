@@ -37,6 +37,8 @@ type Kernel struct {
 	// our addresses carry cfg.Protocol like our routes and rules. Otherwise
 	// the addresses we add are recorded in stateDir/addresses.json.
 	addrProto bool
+	// altNames is true when the kernel has link altnames (Linux 5.5+).
+	altNames bool
 
 	mu sync.Mutex // serialises writes: Apply, and the state files
 
@@ -101,21 +103,22 @@ func NewKernel(ns netns.NsHandle, stateDir string, cfg Config) (*Kernel, error) 
 		ns:        own,
 		stateDir:  stateDir,
 		cfg:       cfg,
-		addrProto: kernelHasAddrProto(),
+		addrProto: kernelAtLeast(5, 18),
+		altNames:  kernelAtLeast(5, 5),
 	}, nil
 }
 
-// kernelHasAddrProto reports whether the running kernel stores IFA_PROTO
-// (added in Linux 5.18). Older kernels silently ignore the attribute rather
-// than reject it, so probing by adding an address would prove nothing: the
+// kernelAtLeast reports whether the running kernel's release is at least
+// major.minor. Kernels before 5.18 silently ignore IFA_PROTO rather than
+// reject it, so probing by adding an address would prove nothing: the
 // release number is the reliable signal.
-func kernelHasAddrProto() bool {
+func kernelAtLeast(major, minor int) bool {
 	var u unix.Utsname
 	if err := unix.Uname(&u); err != nil {
 		return false
 	}
-	major, minor, ok := parseRelease(unix.ByteSliceToString(u.Release[:]))
-	return ok && (major > 5 || major == 5 && minor >= 18)
+	ma, mi, ok := parseRelease(unix.ByteSliceToString(u.Release[:]))
+	return ok && (ma > major || ma == major && mi >= minor)
 }
 
 // parseRelease reads "6.18.44-fc" as 6, 18.
@@ -156,7 +159,8 @@ func (k *Kernel) AddrOwnershipInKernel() bool { return k.addrProto }
 // our priority band and no selector we never set (see KernelRule.Selectors);
 // addresses carry our protocol in IFA_PROTO (or are recorded in the state
 // file on kernels without it); rp_filter is owned on every link whose
-// original value we recorded.
+// original value we recorded, and an altname when the record of the names
+// we added has it on the link that holds it.
 func (k *Kernel) Observe() (Observed, error) {
 	var obs Observed
 	var shadowed map[Rule]bool
@@ -173,7 +177,7 @@ func (k *Kernel) Observe() (Observed, error) {
 	if obs.Owned.Rules, obs.ForeignRules, shadowed, err = k.rules(d); err != nil {
 		return Observed{}, err
 	}
-	if obs.Links, rpFilters, err = d.links(); err != nil {
+	if obs.Links, rpFilters, obs.AltNames, err = d.links(); err != nil {
 		return Observed{}, err
 	}
 	k.shadowed.Store(&shadowed)
@@ -200,6 +204,12 @@ func (k *Kernel) Observe() (Observed, error) {
 	}
 	if obs.Owned.RPFilters, err = k.ownedRPFilters(rpFilters); err != nil {
 		return Observed{}, err
+	}
+	if obs.Owned.AltNames, err = k.ownedAltNames(obs.AltNames); err != nil {
+		return Observed{}, err
+	}
+	if obs.AltNames == nil && k.altNames {
+		obs.AltNames = map[string]int{}
 	}
 	obs.Owned.Sort()
 	return obs, nil

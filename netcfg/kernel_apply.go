@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sort"
 
 	"github.com/vishvananda/netlink"
@@ -42,6 +43,12 @@ func (k *Kernel) Apply(p Plan) (writes int, err error) {
 	blocking := 0 // failed additions that forbid deletions
 	if !k.addrProto {
 		if err := k.pruneAddrRecords(); err != nil {
+			errs = append(errs, err)
+			blocking++
+		}
+	}
+	if slices.ContainsFunc(p.Ops, func(op Op) bool { return op.AltName != nil }) {
+		if err := k.pruneAltNameRecords(); err != nil {
 			errs = append(errs, err)
 			blocking++
 		}
@@ -114,6 +121,8 @@ func (k *Kernel) applyOp(op Op) (int, error) {
 			return k.restoreRPFilter(op.RPFilter.LinkName)
 		}
 		return k.setRPFilter(*op.RPFilter)
+	case op.AltName != nil:
+		return 1, k.applyAltName(op)
 	default:
 		return 0, errors.New("applying empty operation")
 	}

@@ -21,8 +21,8 @@ const (
 
 // fullScaleWriteCount is what a cold apply of fullScaleSnapshot must write:
 // per secondary 100 addresses, 4 table routes, 102 rules, 1 rp_filter; 2
-// main-table routes to VPC B; the primary's 100 addresses.
-const fullScaleWriteCount = (fullScaleENIs-1)*(2*fullScaleAddrs+4+2*fullScaleAddrs+2+1) + 2 + 2*fullScaleAddrs
+// main-table routes to VPC B; the primary's 100 addresses; 2 altnames per ENI.
+const fullScaleWriteCount = (fullScaleENIs-1)*(2*fullScaleAddrs+4+2*fullScaleAddrs+2+1) + 2 + 2*fullScaleAddrs + 2*fullScaleENIs
 
 func fullScaleSnapshot() imds.Snapshot {
 	snap := imds.Snapshot{PrimaryMAC: ktMAC(0)}
@@ -183,7 +183,7 @@ func BenchmarkObserveParts(b *testing.B) {
 	k := fullScaleKernel(b)
 	snap := fullScaleSnapshot()
 	reconcileOnce(b, k, snap)
-	_, rpFilters, err := k.dump.links()
+	_, rpFilters, _, err := k.dump.links()
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -191,7 +191,7 @@ func BenchmarkObserveParts(b *testing.B) {
 		name string
 		read func() error
 	}{
-		{"links", func() error { _, _, err := k.dump.links(); return err }},
+		{"links", func() error { _, _, _, err := k.dump.links(); return err }},
 		{"addrs-ipv4", func() error { _, err := k.dump.addrs(unix.AF_INET); return err }},
 		{"addrs-ipv6", func() error { _, err := k.dump.addrs(unix.AF_INET6); return err }},
 		{"rules", func() error { _, _, _, err := k.rules(k.dump); return err }},
@@ -255,7 +255,7 @@ func kernelOrderOwned(tb testing.TB, k *Kernel) State {
 			st.Routes = append(st.Routes, r.Route)
 		}
 	}
-	_, rpFilters, err := k.dump.links()
+	_, rpFilters, _, err := k.dump.links()
 	if err != nil {
 		tb.Fatal(err)
 	}

@@ -212,6 +212,7 @@ func ipFromAttr(v []byte) (netip.Addr, bool) {
 }
 
 // links dumps the links: index, name and MAC (lower case, "" when none).
+// altNames maps every link's alternative names (IFLA_PROP_LIST) to its index.
 // rpFilters maps the name of every link with an IPv4 configuration to its
 // rp_filter, as /proc/sys/net/ipv4/conf/<link>/rp_filter shows it; it is nil
 // when no link carried one (a kernel that does not report it).
@@ -220,9 +221,9 @@ func ipFromAttr(v []byte) (netip.Addr, bool) {
 // configuration in its message (IFLA_AF_SPEC), so the rp_filter values come
 // with no further request, where procfs costs a file open, read and close per
 // link, from a thread moved into the namespace.
-func (d *dumpSocket) links() (links []Link, rpFilters map[string]int, err error) {
+func (d *dumpSocket) links() (links []Link, rpFilters, altNames map[string]int, err error) {
 	body := make([]byte, unix.SizeofIfInfomsg) // AF_UNSPEC, no filter
-	reset := func() { links, rpFilters = links[:0], nil }
+	reset := func() { links, rpFilters, altNames = links[:0], nil, nil }
 	err = d.dump("links", unix.RTM_GETLINK, body, reset, func(typ uint16, m []byte) error {
 		if typ != unix.RTM_NEWLINK || len(m) < unix.SizeofIfInfomsg {
 			return nil
@@ -237,6 +238,15 @@ func (d *dumpSocket) links() (links []Link, rpFilters map[string]int, err error)
 				l.MAC = net.HardwareAddr(v).String() // lower case hex
 			case unix.IFLA_AF_SPEC:
 				rpFilter, haveRPFilter = rpFilterFromAFSpec(v)
+			case unix.IFLA_PROP_LIST:
+				forEachAttr(v, func(t uint16, name []byte) {
+					if t == unix.IFLA_ALT_IFNAME {
+						if altNames == nil {
+							altNames = map[string]int{}
+						}
+						altNames[unix.ByteSliceToString(name)] = l.Index
+					}
+				})
 			}
 		})
 		links = append(links, l)
@@ -248,7 +258,7 @@ func (d *dumpSocket) links() (links []Link, rpFilters map[string]int, err error)
 		}
 		return nil
 	})
-	return links, rpFilters, err
+	return links, rpFilters, altNames, err
 }
 
 // ipv4DevconfRPFilter is IPV4_DEVCONF_RP_FILTER (linux/ip.h): the position,

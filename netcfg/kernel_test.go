@@ -2,6 +2,7 @@ package netcfg
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -506,6 +507,10 @@ func TestPipelineFromSnapshot(t *testing.T) {
 	want.Addrs = append(want.Addrs,
 		Addr{LinkIndex: eth0, Prefix: netip.MustParsePrefix("10.0.0.10/24")},
 		Addr{LinkIndex: eth0, Prefix: netip.MustParsePrefix("10.0.0.20/32"), NoPrefixRoute: true})
+	for i, dev := range []string{"device-number-0", "device-number-1", "device-number-2", "device-number-1.1"} {
+		link := w.idx[fmt.Sprintf("eth%d", i)]
+		want.AltNames = append(want.AltNames, AltName{LinkIndex: link, Name: fmt.Sprintf("eni-%d", i)}, AltName{LinkIndex: link, Name: dev})
+	}
 	want.Sort()
 	if owned := w.owned(t); !owned.Equal(want) {
 		t.Errorf("owned after the pipeline vs the hand-built model:\n%s", Diff(owned, want))
@@ -521,6 +526,9 @@ func TestPipelineFromSnapshot(t *testing.T) {
 		if r.Table == 20002 {
 			t.Errorf("rule of the detached ENI left: %v", r)
 		}
+	}
+	if names := w.altNames(t, "eth2"); len(names) != 0 {
+		t.Errorf("altnames of the detached ENI's link left: %v", names)
 	}
 }
 

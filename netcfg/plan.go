@@ -8,8 +8,8 @@ import (
 	"strings"
 )
 
-// Op is one change: add or delete a route, rule or address, or set rp_filter.
-// Exactly one of Route, Rule, Addr, RPFilter is set.
+// Op is one change: add or delete a route, rule, address or altname, or set
+// rp_filter. Exactly one of Route, Rule, Addr, RPFilter, AltName is set.
 type Op struct {
 	Delete bool `json:"delete,omitempty"`
 	// Replace swaps an object of ours in place, in one atomic RTM_NEWROUTE /
@@ -23,6 +23,7 @@ type Op struct {
 	Rule     *Rule     `json:"rule,omitempty"`
 	Addr     *Addr     `json:"addr,omitempty"`
 	RPFilter *RPFilter `json:"rp_filter,omitempty"` // Delete means "restore the recorded original value"
+	AltName  *AltName  `json:"altname,omitempty"`
 }
 
 // Plan is an ordered list of changes: all adds (and rp_filter sets) come before
@@ -42,10 +43,12 @@ func (p Plan) Empty() bool { return len(p.Ops) == 0 }
 //     gateway must be reachable in the table when the route is added);
 //  3. rule adds (after the routes, so a rule never points at an empty table);
 //  4. rp_filter sets;
-//  5. rule deletes (before routes: no rule left pointing at a gutted table);
-//  6. route deletes, gateway routes before on-link routes;
-//  7. address deletes;
-//  8. rp_filter restores.
+//  5. altname adds;
+//  6. rule deletes (before routes: no rule left pointing at a gutted table);
+//  7. route deletes, gateway routes before on-link routes;
+//  8. address deletes;
+//  9. rp_filter restores;
+//  10. altname deletes.
 //
 // An owned object with the key of a desired object but other attributes is
 // replaced in place (routes, address flags) rather than deleted and re-added.
@@ -58,11 +61,13 @@ func Diff(owned, desired State) Plan {
 		viaAdds
 		ruleAdds
 		rpfSets
+		altAdds
 		ruleDels
 		viaDels
 		onLinkDels
 		addrDels
 		rpfRestores
+		altDels
 		groups
 	)
 	var g [groups][]Op
@@ -93,6 +98,9 @@ func Diff(owned, desired State) Plan {
 	diffByKey(owned.RPFilters, desired.RPFilters, compareRPFilterKeys,
 		func(f RPFilter, _ bool) { g[rpfSets] = append(g[rpfSets], Op{RPFilter: ptr(f)}) },
 		func(f RPFilter) { g[rpfRestores] = append(g[rpfRestores], Op{Delete: true, RPFilter: ptr(f)}) })
+	diffByKey(owned.AltNames, desired.AltNames, compareAltNames,
+		func(a AltName, _ bool) { g[altAdds] = append(g[altAdds], Op{AltName: ptr(a)}) },
+		func(a AltName) { g[altDels] = append(g[altDels], Op{Delete: true, AltName: ptr(a)}) })
 	return Plan{Ops: slices.Concat(g[:]...)}
 }
 
@@ -154,7 +162,8 @@ func mergeByKey[T any](owned, desired []T, compareKeys func(a, b T) int, f func(
 // already sorted (Desired's and Owned's states are).
 func sortedState(s State) State {
 	if slices.IsSortedFunc(s.Routes, compareRoutes) && slices.IsSortedFunc(s.Rules, compareRules) &&
-		slices.IsSortedFunc(s.Addrs, compareAddrs) && slices.IsSortedFunc(s.RPFilters, compareRPFilters) {
+		slices.IsSortedFunc(s.Addrs, compareAddrs) && slices.IsSortedFunc(s.RPFilters, compareRPFilters) &&
+		slices.IsSortedFunc(s.AltNames, compareAltNames) {
 		return s
 	}
 	c := s.clone()
@@ -204,6 +213,8 @@ func (op Op) Format(linkNames map[int]string) string {
 			return sign + "sysctl net.ipv4.conf." + op.RPFilter.LinkName + ".rp_filter (restore the original value)"
 		}
 		return sign + "sysctl " + op.RPFilter.String()
+	case op.AltName != nil:
+		return sign + "altname " + op.AltName.Name + " dev " + linkName(linkNames, op.AltName.LinkIndex)
 	}
 	return sign + "(empty op)"
 }
@@ -219,6 +230,8 @@ func (op Op) kind() string {
 		return "addr"
 	case op.RPFilter != nil:
 		return "rp_filter"
+	case op.AltName != nil:
+		return "altname"
 	}
 	return ""
 }

@@ -84,7 +84,7 @@ func rpFilterKernel(t *testing.T) (*Kernel, *nstest.NS) {
 // The link dump's rp_filter values are the ones procfs shows, for every link.
 func TestLinkDumpRPFiltersMatchProcfs(t *testing.T) {
 	k, ns := rpFilterKernel(t)
-	links, values, err := k.dump.links()
+	links, values, _, err := k.dump.links()
 	if err != nil {
 		t.Fatalf("dumping links: %v", err)
 	}
@@ -115,7 +115,7 @@ func TestOwnedRPFiltersFromLinkDump(t *testing.T) {
 	if err := writeJSONAtomic(k.rpFilterStatePath(), orig); err != nil {
 		t.Fatal(err)
 	}
-	_, values, err := k.dump.links()
+	_, values, _, err := k.dump.links()
 	if err != nil || values == nil {
 		t.Fatalf("the link dump carried no rp_filter (%v): the test lost its point", err)
 	}
@@ -144,7 +144,7 @@ func TestOwnedRPFiltersRefusesABadRecord(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(k.stateDir, rpFilterStateFile), []byte(`{"../eth0": 1}`), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	_, fromLinks, err := k.dump.links()
+	_, fromLinks, _, err := k.dump.links()
 	if err != nil {
 		t.Fatal(err)
 	}

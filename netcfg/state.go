@@ -44,12 +44,13 @@ func (a Addr) Key() AddrKey { return AddrKey{LinkIndex: a.LinkIndex, Prefix: a.P
 // Sort puts every slice of s in canonical order, so that equal states compare
 // equal and print identically. Routes sort by table then destination, rules
 // by priority then source then table, addresses by link then address,
-// rp_filter entries by link name.
+// rp_filter entries by link name, altnames by link then name.
 func (s *State) Sort() {
 	slices.SortFunc(s.Routes, compareRoutes)
 	slices.SortFunc(s.Rules, compareRules)
 	slices.SortFunc(s.Addrs, compareAddrs)
 	slices.SortFunc(s.RPFilters, compareRPFilters)
+	slices.SortFunc(s.AltNames, compareAltNames)
 }
 
 // Equal reports whether s and t hold the same objects, in any order.
@@ -58,12 +59,12 @@ func (s State) Equal(t State) bool {
 	a.Sort()
 	b.Sort()
 	return slices.Equal(a.Routes, b.Routes) && slices.Equal(a.Rules, b.Rules) &&
-		slices.Equal(a.Addrs, b.Addrs) && slices.Equal(a.RPFilters, b.RPFilters)
+		slices.Equal(a.Addrs, b.Addrs) && slices.Equal(a.RPFilters, b.RPFilters) && slices.Equal(a.AltNames, b.AltNames)
 }
 
 // Empty reports whether s holds no object at all.
 func (s State) Empty() bool {
-	return len(s.Routes) == 0 && len(s.Rules) == 0 && len(s.Addrs) == 0 && len(s.RPFilters) == 0
+	return len(s.Routes) == 0 && len(s.Rules) == 0 && len(s.Addrs) == 0 && len(s.RPFilters) == 0 && len(s.AltNames) == 0
 }
 
 func (s State) clone() State {
@@ -72,6 +73,7 @@ func (s State) clone() State {
 		Rules:     slices.Clone(s.Rules),
 		Addrs:     slices.Clone(s.Addrs),
 		RPFilters: slices.Clone(s.RPFilters),
+		AltNames:  slices.Clone(s.AltNames),
 	}
 }
 
@@ -108,6 +110,10 @@ func compareRPFilters(a, b RPFilter) int {
 		return c
 	}
 	return cmp.Compare(a.Value, b.Value)
+}
+
+func compareAltNames(a, b AltName) int {
+	return cmp.Or(cmp.Compare(a.LinkIndex, b.LinkIndex), cmp.Compare(a.Name, b.Name))
 }
 
 func compareRules(a, b Rule) int {

@@ -141,6 +141,14 @@ type RPFilter struct {
 	Value    int    `json:"value"`
 }
 
+// AltName is an alternative name dualhomed gives a link: `ip link property
+// add dev <link> altname <Name>`. Names are unique in a namespace, link
+// names included.
+type AltName struct {
+	LinkIndex int    `json:"link_index"`
+	Name      string `json:"name"`
+}
+
 // State is a set of objects: either the desired state or the owned state.
 // Slices are kept sorted (see State.Sort) so that states compare and print
 // deterministically.
@@ -149,4 +157,5 @@ type State struct {
 	Rules     []Rule     `json:"rules"`
 	Addrs     []Addr     `json:"addrs"`
 	RPFilters []RPFilter `json:"rp_filters"`
+	AltNames  []AltName  `json:"altnames"`
 }

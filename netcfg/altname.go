@@ -1,0 +1,127 @@
+package netcfg
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"path/filepath"
+	"slices"
+	"strconv"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/dualhomed/dualhomed/imds"
+)
+
+// altNamesOf returns the names a person can use for an ENI's link: its
+// interface id, and amazon-ec2-net-utils' device-number-N, with the card
+// appended past card 0 (device-number-N.C, upstream's spelling on
+// multi-card instance types), so that each card's device 0 has its own.
+func altNamesOf(e imds.ENI) []string {
+	dev := "device-number-" + strconv.Itoa(e.DeviceNumber)
+	if e.NetworkCard != 0 {
+		dev += "." + strconv.Itoa(e.NetworkCard)
+	}
+	if e.InterfaceID == "" {
+		return []string{dev}
+	}
+	return []string{e.InterfaceID, dev}
+}
+
+// altNameStateFile records the altnames dualhomed added, by link index. The
+// kernel has no owner mark for altnames: this file is the only record, and a
+// name it does not list is never removed. It lives under the state
+// directory (/run/dualhomed: gone at reboot, like the names).
+const altNameStateFile = "altnames.json"
+
+func (k *Kernel) altNameStatePath() string { return filepath.Join(k.stateDir, altNameStateFile) }
+
+// altNameRecords reads the recorded altnames as a set.
+func (k *Kernel) altNameRecords() (map[AltName]bool, error) {
+	var recs []AltName
+	if err := readJSON(k.altNameStatePath(), &recs); err != nil {
+		return nil, fmt.Errorf("reading owned altnames: %w", err)
+	}
+	set := make(map[AltName]bool, len(recs))
+	for _, r := range recs {
+		set[r] = true
+	}
+	return set, nil
+}
+
+func (k *Kernel) writeAltNameRecords(set map[AltName]bool) error {
+	if err := writeJSONAtomic(k.altNameStatePath(), slices.SortedFunc(maps.Keys(set), compareAltNames)); err != nil {
+		return fmt.Errorf("recording owned altnames: %w", err)
+	}
+	return nil
+}
+
+// ownedAltNames returns the recorded altnames that their link holds now;
+// present maps every altname in the namespace to its link.
+func (k *Kernel) ownedAltNames(present map[string]int) ([]AltName, error) {
+	if len(present) == 0 {
+		return nil, nil // nothing could be ours: no file to read
+	}
+	set, err := k.altNameRecords()
+	if err != nil {
+		return nil, err
+	}
+	var out []AltName
+	for a := range set {
+		if idx, ok := present[a.Name]; ok && idx == a.LinkIndex {
+			out = append(out, a)
+		}
+	}
+	return out, nil
+}
+
+// pruneAltNameRecords forgets the recorded altnames that their link no
+// longer holds (gone with a detached link, or deleted by somebody else):
+// should another tool add the same name later, it is not ours.
+func (k *Kernel) pruneAltNameRecords() error {
+	set, err := k.altNameRecords()
+	if err != nil || len(set) == 0 {
+		return err
+	}
+	_, _, present, err := k.dump.links()
+	if err != nil {
+		return err
+	}
+	n := len(set)
+	maps.DeleteFunc(set, func(a AltName, _ bool) bool { idx, ok := present[a.Name]; return !ok || idx != a.LinkIndex })
+	if len(set) == n {
+		return nil
+	}
+	return k.writeAltNameRecords(set)
+}
+
+// applyAltName is `ip link property add|del dev <link> altname <name>`, and
+// keeps the record. A name the kernel already holds (EEXIST: another tool
+// put it on this link, or another link holds it) is left alone and not
+// recorded; it is recorded after the add, so that a crash in between can
+// leave a name of ours unrecorded but never claim somebody else's.
+func (k *Kernel) applyAltName(op Op) error {
+	a := *op.AltName
+	link := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: a.LinkIndex}}
+	set, err := k.altNameRecords()
+	if err != nil {
+		return err
+	}
+	if op.Delete {
+		if err := ignoreOnDelete(k.h.LinkDelAltName(link, a.Name)); err != nil {
+			return fmt.Errorf("deleting altname %s of link #%d: %w", a.Name, a.LinkIndex, err)
+		}
+		delete(set, a)
+		return k.writeAltNameRecords(set)
+	}
+	err = k.h.LinkAddAltName(link, a.Name)
+	if errors.Is(err, unix.EEXIST) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("adding altname %s to link #%d: %w", a.Name, a.LinkIndex, err)
+	}
+	set[a] = true
+	return k.writeAltNameRecords(set)
+}
