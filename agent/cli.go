@@ -233,6 +233,7 @@ func WritePlanJSON(w io.Writer, rep Report) error {
 
 // StatusJSON is the output of `dualhomed status --json`.
 type StatusJSON struct {
+	Schema   int           `json:"schema"` // StatusSchema
 	ENIs     []ENIView     `json:"enis"`
 	Warnings []WarningView `json:"warnings"`
 	Pending  []Change      `json:"pending_changes"`
@@ -245,7 +246,7 @@ type StatusJSON struct {
 
 // WriteStatusJSON prints the live status and the daemon's health as JSON.
 func WriteStatusJSON(w io.Writer, rep Report, health *Health, healthErr error) error {
-	out := StatusJSON{ENIs: eniViews(rep.ENIs), Warnings: warningViews(rep.Warnings), Pending: changes(rep.Changes),
+	out := StatusJSON{Schema: StatusSchema, ENIs: eniViews(rep.ENIs), Warnings: warningViews(rep.Warnings), Pending: changes(rep.Changes),
 		Summary: rep.Summary()}
 	if health != nil {
 		out.Daemon = &DaemonView{PID: health.PID, Version: health.Version, Running: processAlive(health.PID),

@@ -95,6 +95,7 @@ type Daemon struct {
 	lastSuccess   time.Time
 	kernelFailed  bool // the last reconcile could not read the kernel
 	lastIMDSWarn  time.Time
+	warned        map[string]bool // the last reconcile's warnings (Warning.String)
 	repairStreak  int
 	lastRepair    time.Time
 	repairDelay   time.Duration
@@ -412,7 +413,7 @@ func (d *Daemon) logReport(rep Report, log *zap.Logger, failing int) {
 		if rep.ApplyError != "" {
 			break
 		}
-		log.Info("changed", zap.String("eni", c.ENI), zap.String("link", c.Link), zap.String("op", c.String()))
+		log.Info("changed", ChangeFields(c)...)
 	}
 	if rep.Blocked > 0 {
 		log.Warn("some objects could not be added: other programs' objects hold their place; leaving them alone until those go",
@@ -421,9 +422,26 @@ func (d *Daemon) logReport(rep Report, log *zap.Logger, failing int) {
 	if rep.ApplyError != "" {
 		log.Error("applying changes failed", zap.String("error", rep.ApplyError), zap.Int("writes", rep.Writes))
 	}
+	// A warning is logged at warn level when it appears, at debug level
+	// while it stays: every reconcile repeats it.
+	warned := map[string]bool{}
 	for _, w := range rep.Warnings {
-		log.Debug("warning", zap.String("eni", w.ENI), zap.String("message", w.Message), zap.String("hint", w.Hint))
+		level := zap.DebugLevel
+		if !d.warned[w.String()] {
+			level = zap.WarnLevel
+		}
+		warned[w.String()] = true
+		fields := []zap.Field{zap.String("eni", w.ENI), zap.String("message", w.Message), zap.String("hint", w.Hint)}
+		if len(w.Blocks) > 0 {
+			blocks := make([]string, len(w.Blocks))
+			for i, r := range w.Blocks {
+				blocks[i] = r.String()
+			}
+			fields = append(fields, zap.Strings("blocks", blocks))
+		}
+		log.Log(level, "warning", fields...)
 	}
+	d.warned = warned
 	switch {
 	case rep.IMDSError != "" && time.Since(d.lastIMDSWarn) >= warnEvery:
 		d.lastIMDSWarn = time.Now()

@@ -46,6 +46,13 @@ func NewLogger(level, format string) (*zap.Logger, zap.AtomicLevel, error) {
 	return zap.New(core), lvl, nil
 }
 
+// ChangeFields are the fields of a "changed" log line, the same on every
+// line so that a fleet's logs can be searched by them (docs/fleet.md).
+func ChangeFields(c Change) []zap.Field {
+	return []zap.Field{zap.String("eni", c.ENI), zap.String("link", c.Link), zap.Int("table", c.Table),
+		zap.String("op", c.Op.Action()), zap.String("object", c.Op.Object()), zap.String("text", c.Text)}
+}
+
 // UpdateLevel sets lvl from a configuration value, ignoring bad values (the
 // configuration parser has already rejected them).
 func UpdateLevel(lvl zap.AtomicLevel, level string) {

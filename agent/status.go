@@ -11,9 +11,16 @@ import (
 // StatusFile is the name of the daemon's status file inside the state directory.
 const StatusFile = "status.json"
 
+// StatusSchema is the version of status.json's and `dualhomed status
+// --json`'s fields (docs/cli.md): it goes up when a field is renamed,
+// removed or changes type, not when one is added.
+// testdata/status.schema lists the fields of the version.
+const StatusSchema = 1
+
 // Health is what the daemon publishes in <state_dir>/status.json after every
 // reconcile, for `dualhomed status` and for humans.
 type Health struct {
+	Schema  int       `json:"schema"` // StatusSchema
 	PID     int       `json:"pid"`
 	Version string    `json:"version"`
 	Started time.Time `json:"started"`
@@ -31,6 +38,7 @@ type Health struct {
 // WriteStatus replaces <dir>/status.json atomically (write, then rename), so a
 // reader never sees a half-written file.
 func WriteStatus(dir string, h Health) error {
+	h.Schema = StatusSchema
 	data, err := json.MarshalIndent(h, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encoding status: %w", err)

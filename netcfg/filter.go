@@ -66,10 +66,11 @@ func BlockedBy(p Plan, conflicts []Warning) map[any]bool {
 
 // Change is one planned or applied op, attributed to the ENI it serves.
 type Change struct {
-	ENI  string `json:"eni,omitempty"`  // interface id (or MAC); "" for objects of a detached ENI
-	Link string `json:"link,omitempty"` // link name, when the link exists
-	Text string `json:"text"`           // the op in `ip` syntax, links by name
-	Op   Op     `json:"op"`
+	ENI   string `json:"eni,omitempty"`   // interface id (or MAC); "" for objects of a detached ENI
+	Link  string `json:"link,omitempty"`  // link name, when the link exists
+	Table int    `json:"table,omitempty"` // the route's or rule's table, else the ENI's; 0 for none
+	Text  string `json:"text"`            // the op in `ip` syntax, links by name
+	Op    Op     `json:"op"`
 }
 
 // String describes the change the way `ip` would.
@@ -129,10 +130,16 @@ func Attribute(ops []Op, enis []ENIStatus, links []Link) []Change {
 		}
 		c := Change{Op: op, Text: op.Format(names), Link: link}
 		if found {
-			c.ENI = e.Name()
+			c.ENI, c.Table = e.Name(), e.Table
 			if e.Link != "" {
 				c.Link = e.Link
 			}
+		}
+		switch {
+		case op.Route != nil:
+			c.Table = op.Route.Table
+		case op.Rule != nil:
+			c.Table = op.Rule.Table
 		}
 		out = append(out, c)
 	}

@@ -219,8 +219,8 @@ func (op Op) Format(linkNames map[int]string) string {
 	return sign + "(empty op)"
 }
 
-// kind names what the op changes, for JSON.
-func (op Op) kind() string {
+// Object names what the op changes: route, rule, addr, rp_filter or altname.
+func (op Op) Object() string {
 	switch {
 	case op.Route != nil:
 		return "route"
@@ -236,7 +236,9 @@ func (op Op) kind() string {
 	return ""
 }
 
-func (op Op) action() string {
+// Action names the change: add, delete, replace, set (rp_filter) or
+// restore (rp_filter's original value).
+func (op Op) Action() string {
 	switch {
 	case op.Delete && op.RPFilter != nil:
 		return "restore"
@@ -260,7 +262,7 @@ func (op Op) MarshalJSON() ([]byte, error) {
 		Kind   string `json:"kind"`
 		Text   string `json:"text"`
 		plain
-	}{op.action(), op.kind(), op.Format(nil), plain(op)})
+	}{op.Action(), op.Object(), op.Format(nil), plain(op)})
 }
 
 // Format prints the route in `ip route` syntax without the leading verb.

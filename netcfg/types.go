@@ -103,9 +103,9 @@ type ENIConfig struct {
 
 // Link is a kernel network interface as seen by dualhomed: ENIs are found by MAC.
 type Link struct {
-	Index int
-	Name  string
-	MAC   string // lower case, colon separated
+	Index int    `json:"index"`
+	Name  string `json:"name"`
+	MAC   string `json:"mac"` // lower case, colon separated
 }
 
 // Route is a route dualhomed owns: `ip route add <Dst> [via <Gateway>] dev <link>

@@ -12,7 +12,6 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/cobra/doc"
 	"github.com/vishvananda/netns"
-	"go.uber.org/zap"
 
 	"github.com/dualhomed/dualhomed/agent"
 )
@@ -89,7 +88,7 @@ passes: then exit 3 naming what is missing.`,
 			defer stop()
 			rep, missing, err := agent.Apply(ctx, rec, wait, func(rep agent.Report) {
 				for _, c := range rep.Changes {
-					log.Info("changed", zap.String("eni", c.ENI), zap.String("link", c.Link), zap.String("op", c.Text))
+					log.Info("changed", agent.ChangeFields(c)...)
 				}
 			})
 			if err != nil {
