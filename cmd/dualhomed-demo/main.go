@@ -223,6 +223,22 @@ func (d *demo) run(ctx context.Context) error {
 	for _, l := range st.Dump().Grep("proto 210") {
 		say("   %s", strings.TrimPrefix(l, "ip "))
 	}
+	say("   And names a person can use for every ENI's link (`ip addr show %s`, `ping -I device-number-1`):", w.ENI("eth1").ID)
+	// The altnames come last in the Apply that configured the ENIs.
+	wctx, cancel = context.WithTimeout(ctx, 5*time.Second)
+	err = simworld.WaitFor(wctx, func() error {
+		if st, err = simworld.ReadState(w.Instance); err == nil && len(st.Dump().Grep("altname")) < 6 {
+			err = errors.New("altnames not there yet")
+		}
+		return err
+	})
+	cancel()
+	if err != nil {
+		return fmt.Errorf("waiting for the altnames: %w", err)
+	}
+	for _, l := range st.Dump().Grep("altname") {
+		say("   %s", strings.TrimPrefix(l, "ip "))
+	}
 
 	say("")
 	say("3. With dualhomed, the same probes:")
@@ -256,7 +272,7 @@ func (d *demo) describe() {
 	for _, l := range []string{"eth0", "eth1", "eth2"} {
 		e := w.ENI(l)
 		role := "secondary"
-		if e.Device == 0 {
+		if e.IsPrimary() {
 			role = "primary  "
 		}
 		addrs := e.IPv4s()

@@ -57,12 +57,19 @@ func Tail(s string, lines int) string {
 // namespace left behind fails t.
 func ForTest(t testing.TB, dualhomedBin string) *World {
 	t.Helper()
+	return ForTestWith(t, Options{DualhomedBin: dualhomedBin})
+}
+
+// ForTestWith is ForTest with opts (its Dir is t's temporary directory).
+func ForTestWith(t testing.TB, opts Options) *World {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("skipping: the simulated instance needs root to create network namespaces (run `sudo make test`)")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	w, err := New(ctx, Options{Dir: t.TempDir(), DualhomedBin: dualhomedBin})
+	opts.Dir = t.TempDir()
+	w, err := New(ctx, opts)
 	if err != nil {
 		t.Fatalf("building the simulated instance: %v", err)
 	}

@@ -99,6 +99,7 @@ type ENI struct {
 	Link       string // name inside the instance: eth0, eth1, ...
 	MAC        string
 	ID         string
+	Card       int // network card
 	Device     int
 	VPC        *VPC
 	SubnetID   string
@@ -125,6 +126,9 @@ func (e *ENI) IPv6s() []netip.Addr {
 	defer e.mu.Unlock()
 	return slices.Clone(e.desc.IPv6s)
 }
+
+// IsPrimary says whether the ENI is the instance's primary: card 0, device 0.
+func (e *ENI) IsPrimary() bool { return e.Card == 0 && e.Device == 0 }
 
 // Primary4 is the ENI's primary private IPv4 address.
 func (e *ENI) Primary4() netip.Addr { return e.IPv4s()[0] }
@@ -342,7 +346,7 @@ func instanceWorld(inst emulator.Instance) ([]*VPC, []*ENI) {
 // instance and routerLink in its VPC's router.
 func newENI(link, routerLink string, v *VPC, d imds.ENI) *ENI {
 	e := &ENI{
-		Link: link, MAC: d.MAC, ID: d.InterfaceID, Device: d.DeviceNumber, VPC: v,
+		Link: link, MAC: d.MAC, ID: d.InterfaceID, Card: d.NetworkCard, Device: d.DeviceNumber, VPC: v,
 		SubnetID: d.SubnetID, Subnet4: d.SubnetIPv4CIDR, Gateway4: d.SubnetIPv4CIDR.Masked().Addr().Next(),
 		RouterLink: routerLink, desc: d,
 	}
@@ -484,10 +488,10 @@ func (w *World) addLink(e *ENI, ns *NS) error {
 
 // bootENI does what DHCP does on a real instance when the ENI comes up: its
 // primary private IPv4 (and IPv6) with the subnet's prefix route, and for
-// the primary ENI (device 0) the main table's default route. With
+// the primary ENI (card 0, device 0) the main table's default route. With
 // MinimalBoot only the primary ENI gets its IPv4 and default route.
 func (w *World) bootENI(e *ENI) error {
-	if w.opts.MinimalBoot && e.Device != 0 {
+	if w.opts.MinimalBoot && !e.IsPrimary() {
 		return nil
 	}
 	h := w.Instance.NL
@@ -503,7 +507,7 @@ func (w *World) bootENI(e *ENI) error {
 			return err
 		}
 	}
-	if e.Device == 0 {
+	if e.IsPrimary() {
 		rt := &netlink.Route{
 			LinkIndex: l.Attrs().Index,
 			Gw:        e.Gateway4.AsSlice(),
