@@ -433,11 +433,7 @@ func (d *Daemon) logReport(rep Report, log *zap.Logger, failing int) {
 		warned[w.String()] = true
 		fields := []zap.Field{zap.String("eni", w.ENI), zap.String("message", w.Message), zap.String("hint", w.Hint)}
 		if len(w.Blocks) > 0 {
-			blocks := make([]string, len(w.Blocks))
-			for i, r := range w.Blocks {
-				blocks[i] = r.String()
-			}
-			fields = append(fields, zap.Strings("blocks", blocks))
+			fields = append(fields, zap.Stringers("blocks", w.Blocks))
 		}
 		log.Log(level, "warning", fields...)
 	}

@@ -121,10 +121,10 @@ func (p *imdsReads) read(ctx context.Context, t Trigger, links []netcfg.Link, ti
 	}
 	p.record(now, rep)
 	rep.PendingLinks = p.pending(links)
-	p.countRetries(links, rep)
 	if p.lastGood == nil {
 		return imds.Snapshot{}, false
 	}
+	p.countRetries(links, rep)
 	rep.HaveSnapshot = true
 	return *p.lastGood, true
 }
@@ -161,23 +161,15 @@ func (p *imdsReads) countRetries(links []netcfg.Link, rep *Report) {
 		}
 	}
 	for _, l := range links {
-		keep[l.Index] = keep[l.Index] || p.unconfirmed(l)
+		if e, ok := p.lastGood.ENI(l.MAC); ok && e.Unconfirmed() {
+			keep[l.Index] = true
+		}
 	}
 	for idx := range p.linkRetries {
 		if !keep[idx] {
 			delete(p.linkRetries, idx)
 		}
 	}
-}
-
-// unconfirmed reports whether the last good snapshot has l's ENI ready at
-// device 0 of a card other than 0 (imds.ENI.Unconfirmed).
-func (p *imdsReads) unconfirmed(l netcfg.Link) bool {
-	if p.lastGood == nil {
-		return false
-	}
-	e, ok := p.lastGood.ENI(l.MAC)
-	return ok && e.Unconfirmed()
 }
 
 // next is how long until IMDS should be read again for the backoff, a
