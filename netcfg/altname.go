@@ -97,10 +97,12 @@ func (k *Kernel) pruneAltNameRecords() error {
 }
 
 // applyAltName is `ip link property add|del dev <link> altname <name>`, and
-// keeps the record. A name the kernel already holds (EEXIST: another tool
-// put it on this link, or another link holds it) is left alone and not
-// recorded; it is recorded after the add, so that a crash in between can
-// leave a name of ours unrecorded but never claim somebody else's.
+// keeps the record. The record is written before the add, as rp_filter's
+// original is, so that a crash never leaves a name of ours that cleanup
+// does not know (a record whose name never made it onto the link owns
+// nothing). A name the kernel already holds (EEXIST: another tool put it
+// on this link, or another link holds it) is left alone and its record
+// dropped.
 func (k *Kernel) applyAltName(op Op) error {
 	a := *op.AltName
 	link := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: a.LinkIndex}}
@@ -115,13 +117,16 @@ func (k *Kernel) applyAltName(op Op) error {
 		delete(set, a)
 		return k.writeAltNameRecords(set)
 	}
-	err = k.h.LinkAddAltName(link, a.Name)
-	if errors.Is(err, unix.EEXIST) {
+	set[a] = true
+	if err := k.writeAltNameRecords(set); err != nil {
+		return err
+	}
+	if err = k.h.LinkAddAltName(link, a.Name); err == nil {
 		return nil
 	}
-	if err != nil {
-		return fmt.Errorf("adding altname %s to link #%d: %w", a.Name, a.LinkIndex, err)
+	delete(set, a)
+	if werr := k.writeAltNameRecords(set); werr != nil || errors.Is(err, unix.EEXIST) {
+		return werr
 	}
-	set[a] = true
-	return k.writeAltNameRecords(set)
+	return fmt.Errorf("adding altname %s to link #%d: %w", a.Name, a.LinkIndex, err)
 }
