@@ -69,7 +69,7 @@ func (k *Kernel) ownedAltNames(present map[string]int) ([]AltName, error) {
 	}
 	var out []AltName
 	for a := range set {
-		if idx, ok := present[a.Name]; ok && idx == a.LinkIndex {
+		if present[a.Name] == a.LinkIndex { // link indexes start at 1
 			out = append(out, a)
 		}
 	}
@@ -89,7 +89,7 @@ func (k *Kernel) pruneAltNameRecords() error {
 		return err
 	}
 	n := len(set)
-	maps.DeleteFunc(set, func(a AltName, _ bool) bool { idx, ok := present[a.Name]; return !ok || idx != a.LinkIndex })
+	maps.DeleteFunc(set, func(a AltName, _ bool) bool { return present[a.Name] != a.LinkIndex })
 	if len(set) == n {
 		return nil
 	}
