@@ -212,9 +212,9 @@ func (p *imdsReads) listed(links []netcfg.Link) []string {
 // pending returns the links IMDS does not describe yet: their MAC is not
 // listed, or listed as not ready, or as Unconfirmed and not re-read
 // maxLinkRetries-1 times yet (IMDS answers device-number 0 for a few
-// seconds after a hot attach; the re-reads cover 7.5 s, more than the 6 s
-// amazon-ec2-net-utils 2.7.4 allows it). Links without a MAC (lo, tunnels)
-// are skipped.
+// seconds after a hot attach; the re-reads cover 7.5 s, where
+// amazon-ec2-net-utils 2.7.4 waits 6 s for a 0 on card 0 to change). Links
+// without a MAC (lo, tunnels) are skipped.
 func (p *imdsReads) pending(links []netcfg.Link) []netcfg.Link {
 	var out []netcfg.Link
 	for _, l := range links {
