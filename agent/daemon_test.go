@@ -798,14 +798,17 @@ func TestDaemonLinkDownUpBypassesRepairBackoff(t *testing.T) {
 	w := newWorld(t, 2)
 	w.link(1)
 	cfg := w.config()
-	w.startPrepared(cfg, "", func(d *Daemon) {
+	r := w.startPrepared(cfg, "", func(d *Daemon) {
 		// What a long fight leaves behind (trackRepairs' state).
 		d.repairStreak, d.repairDelay, d.lastRepair = 12, backoff, time.Now()
 	})
 	src, table := eniRule(1)
 	// No settle: events held by the backoff (our own address adds) keep
-	// the daemon from going idle.
-	waitFor(t, "ENI 1 configured", func() bool { return w.hasRule(src, table) && len(w.ourRoutes(table)) > 0 })
+	// the daemon from going idle. READY=1 follows the start's read-back:
+	// a link taken down before it would have the start's routes blocked.
+	waitFor(t, "ENI 1 configured", func() bool {
+		return r.notes.has("READY=1") && w.hasRule(src, table) && len(w.ourRoutes(table)) > 0
+	})
 	want := len(w.ourRoutes(table))
 
 	eth1, err := w.ns.NL.LinkByName("eth1")
