@@ -224,20 +224,22 @@ func (d *demo) run(ctx context.Context) error {
 		say("   %s", strings.TrimPrefix(l, "ip "))
 	}
 	say("   And names a person can use for every ENI's link (`ip addr show %s`, `ping -I device-number-1`):", w.ENI("eth1").ID)
-	// The altnames come last in the Apply that configured the ENIs.
-	wctx, cancel = context.WithTimeout(ctx, 5*time.Second)
-	err = simworld.WaitFor(wctx, func() error {
-		if st, err = simworld.ReadState(w.Instance); err == nil && len(st.Dump().Grep("altname")) < 6 {
-			err = errors.New("altnames not there yet")
+	for _, l := range []string{"eth0", "eth1", "eth2"} {
+		var out string
+		// The altnames come last in the Apply that configured the ENIs.
+		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := simworld.WaitFor(wctx, func() (err error) {
+			if out, err = w.Instance.IP("-o", "link", "show", "dev", l); err == nil && strings.Count(out, " altname ") < 2 {
+				err = errors.New("altnames not there yet")
+			}
+			return err
+		})
+		cancel()
+		if err != nil {
+			return fmt.Errorf("waiting for the altnames of %s: %w", l, err)
 		}
-		return err
-	})
-	cancel()
-	if err != nil {
-		return fmt.Errorf("waiting for the altnames: %w", err)
-	}
-	for _, l := range st.Dump().Grep("altname") {
-		say("   %s", strings.TrimPrefix(l, "ip "))
+		_, names, _ := strings.Cut(strings.ReplaceAll(out, "\\", ""), " altname ")
+		say("   ip link show %s: altname %s", l, strings.Join(strings.Fields(names), " "))
 	}
 
 	say("")

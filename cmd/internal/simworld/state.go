@@ -19,7 +19,7 @@ import (
 )
 
 // State is a namespace's routing state: every policy rule, route of every
-// table, address (with its protocol), link, altname and rp_filter value. Each rule,
+// table, address (with its protocol), link and rp_filter value. Each rule,
 // route and address is keyed by the `ip` command that makes it, with link
 // names rather than indexes, so that a link deleted and made again compares
 // equal.
@@ -29,7 +29,7 @@ type State struct {
 	Addrs     map[string]Addr
 	Sysctls   map[string]string // "net.ipv4.conf.eth1.rp_filter" -> "2"
 	LinkNames map[int]string    // by index
-	links     []string          // "link eth1 02:00:00:00:0b:01 mtu 1500 up", and the links' altnames
+	links     []string          // "link eth1 02:00:00:00:0b:01 mtu 1500 up"
 	dups      []string          // the key again for each duplicated rule
 }
 
@@ -78,9 +78,6 @@ func readState(ns *NS) (State, error) {
 			state = "up"
 		}
 		s.links = append(s.links, fmt.Sprintf("link %s %s mtu %d %s", a.Name, a.HardwareAddr, a.MTU, state))
-		for _, n := range a.AltNames {
-			s.links = append(s.links, fmt.Sprintf("ip link property add dev %s altname %s", a.Name, n))
-		}
 	}
 	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
 		rules, err := ns.NL.RuleList(fam)
