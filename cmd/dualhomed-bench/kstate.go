@@ -48,12 +48,24 @@ func compareStates(a, b simworld.State) stateDiff {
 	return stateDiff{onlyA, onlyB}
 }
 
-// resetKernel deletes every rule, route and address of the namespace that
+// resetKernel deletes every rule, route, address and altname of the namespace that
 // pristine does not have and restores the rp_filter values, so that the next
 // run starts from the same empty kernel. It returns an error if the result
 // differs.
 func resetKernel(ns *simworld.NS, pristine simworld.State) error {
 	h := ns.NL
+	// dualhomed's altnames, which State does not list: the pristine links have none.
+	links, err := h.LinkList()
+	if err != nil {
+		return fmt.Errorf("listing links: %w", err)
+	}
+	for _, l := range links {
+		for _, n := range l.Attrs().AltNames {
+			if err := h.LinkDelAltName(l, n); err != nil {
+				return fmt.Errorf("deleting altname %s of %s: %w", n, l.Attrs().Name, err)
+			}
+		}
+	}
 	for attempt := 0; ; attempt++ {
 		cur, err := simworld.ReadState(ns)
 		if err != nil {
