@@ -14,6 +14,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/dualhomed/dualhomed/agent"
+	"github.com/dualhomed/dualhomed/netcfg"
 )
 
 func daemonCmd(g *globals) *cobra.Command {
@@ -31,7 +32,7 @@ leaves routes and rules in place.`,
 			if err != nil {
 				return err
 			}
-			log, level, err := g.logger(cfg)
+			log, level, err := agent.NewLogger(cfg.Log.Level, cfg.Log.Format)
 			if err != nil {
 				return err
 			}
@@ -74,7 +75,7 @@ passes: then exit 3 naming what is missing.`,
 			if err != nil {
 				return err
 			}
-			log, _, err := g.logger(cfg)
+			log, _, err := agent.NewLogger(cfg.Log.Level, cfg.Log.Format)
 			if err != nil {
 				return err
 			}
@@ -201,7 +202,7 @@ does not need IMDS. Stop the daemon first, or it puts everything back.`,
 			if err != nil {
 				return err
 			}
-			kernel, err := newKernel(cfg)
+			kernel, err := netcfg.NewKernel(netns.None(), cfg.StateDir, cfg.Netcfg)
 			if err != nil {
 				return err
 			}

@@ -9,9 +9,7 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
-	"github.com/spf13/pflag"
 	"github.com/vishvananda/netns"
-	"go.uber.org/zap"
 
 	"github.com/dualhomed/dualhomed/agent"
 	"github.com/dualhomed/dualhomed/imds"
@@ -40,9 +38,7 @@ type globals struct {
 	logLevel     string
 	logFormat    string
 	stateDir     string
-	flags        *pflag.FlagSet
 	stdout       io.Writer
-	stderr       io.Writer
 }
 
 // usageError marks errors that print the usage and exit 2.
@@ -93,7 +89,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 }
 
 func newRoot(stdout, stderr io.Writer) *cobra.Command {
-	g := &globals{stdout: stdout, stderr: stderr}
+	g := &globals{stdout: stdout}
 	root := &cobra.Command{
 		Use:   "dualhomed",
 		Short: "Policy routing for secondary (multi-VPC) EC2 network interfaces",
@@ -125,7 +121,6 @@ table and priority bands, and never touches anything else.
 	pf.StringVar(&g.logLevel, "log-level", "", "log level: debug, info, warn, error (default from the configuration: info)")
 	pf.StringVar(&g.logFormat, "log-format", "", "log format: json or console (default: console on a terminal, json otherwise)")
 	pf.StringVar(&g.stateDir, "state-dir", "", "state directory (default from the configuration: "+agent.DefaultStateDir+")")
-	g.flags = pf
 
 	root.AddCommand(
 		daemonCmd(g),
@@ -207,11 +202,6 @@ func (g *globals) override(cfg *agent.Config) {
 	}
 }
 
-// logger builds the logger for cfg.
-func (g *globals) logger(cfg agent.Config) (*zap.Logger, zap.AtomicLevel, error) {
-	return agent.NewLogger(cfg.Log.Level, cfg.Log.Format)
-}
-
 // tools builds the IMDS client, the kernel handle (current namespace) and a
 // reconciler for the one-shot commands.
 func (g *globals) tools(cfg agent.Config) (*agent.Reconciler, *netcfg.Kernel, error) {
@@ -219,14 +209,9 @@ func (g *globals) tools(cfg agent.Config) (*agent.Reconciler, *netcfg.Kernel, er
 	if err != nil {
 		return nil, nil, err
 	}
-	kernel, err := newKernel(cfg)
+	kernel, err := netcfg.NewKernel(netns.None(), cfg.StateDir, cfg.Netcfg)
 	if err != nil {
 		return nil, nil, err
 	}
 	return agent.NewReconciler(source, kernel, cfg), kernel, nil
-}
-
-// newKernel opens netlink in the current namespace.
-func newKernel(cfg agent.Config) (*netcfg.Kernel, error) {
-	return netcfg.NewKernel(netns.None(), cfg.StateDir, cfg.Netcfg)
 }
