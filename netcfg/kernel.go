@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -26,11 +25,10 @@ const netlinkTimeout = 10 * time.Second
 // Its methods may be called from several goroutines: Apply and Cleanup are
 // serialised, reads may run alongside them.
 type Kernel struct {
-	h        *netlink.Handle
-	addrs    *addrSocket    // raw rtnetlink for addresses (IFA_PROTO)
-	dump     *dumpSocket    // reads: links, addresses, routes, rules
-	ns       netns.NsHandle // sysctls are per namespace: written from a thread inside it
-	stateDir string         // where rp_filter originals are recorded (e.g. /run/dualhomed)
+	h        *netlink.Handle // routes, rules, links
+	dump     *dumpSocket     // reads: links, addresses, routes, rules; address writes (IFA_PROTO)
+	ns       netns.NsHandle  // sysctls are per namespace: written from a thread inside it
+	stateDir string          // where rp_filter originals are recorded (e.g. /run/dualhomed)
 	cfg      Config
 
 	// addrProto is true when the kernel records IFA_PROTO (Linux 5.18+), so
@@ -73,32 +71,21 @@ func NewKernel(ns netns.NsHandle, stateDir string, cfg Config) (*Kernel, error) 
 		own.Close()
 		return nil, fmt.Errorf("opening netlink handle: %w", err)
 	}
-	sock, err := nl.GetNetlinkSocketAt(own, netns.None(), unix.NETLINK_ROUTE)
-	if err != nil {
-		h.Close()
-		own.Close()
-		return nil, fmt.Errorf("opening address netlink socket: %w", err)
-	}
 	// A kernel that never answers must not hang the daemon: each send and
 	// receive gives up after netlinkTimeout and the reconcile is retried.
-	tv := unix.NsecToTimeval(netlinkTimeout.Nanoseconds())
-	err = errors.Join(h.SetSocketTimeout(netlinkTimeout), sock.SetSendTimeout(&tv), sock.SetReceiveTimeout(&tv))
-	if err != nil {
+	if err := h.SetSocketTimeout(netlinkTimeout); err != nil {
 		h.Close()
-		sock.Close()
 		own.Close()
 		return nil, fmt.Errorf("setting netlink timeouts: %w", err)
 	}
 	dump, err := newDumpSocket(own)
 	if err != nil {
 		h.Close()
-		sock.Close()
 		own.Close()
 		return nil, err
 	}
 	return &Kernel{
 		h:         h,
-		addrs:     newAddrSocket(sock),
 		dump:      dump,
 		ns:        own,
 		stateDir:  stateDir,
@@ -139,7 +126,6 @@ func parseRelease(r string) (major, minor int, ok bool) {
 // Close releases the netlink sockets and the namespace handle.
 func (k *Kernel) Close() {
 	k.h.Close()
-	k.addrs.close()
 	k.dump.close()
 	if k.ns.IsOpen() {
 		k.ns.Close()

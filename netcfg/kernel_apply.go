@@ -195,7 +195,7 @@ func (k *Kernel) applyRule(op Op) error {
 func (k *Kernel) applyAddr(op Op) (int, error) {
 	a := *op.Addr
 	if op.Delete {
-		if err := ignoreOnDelete(k.addrs.del(a)); err != nil {
+		if err := ignoreOnDelete(k.dump.delAddr(a)); err != nil {
 			return 1, fmt.Errorf("deleting address %v: %w", a, err)
 		}
 		if !k.addrProto {
@@ -211,12 +211,12 @@ func (k *Kernel) applyAddr(op Op) (int, error) {
 		if a.Prefix.Addr().Is4() {
 			return k.readdAddr4(a, proto)
 		}
-		if err := k.addrs.replace(a, proto); err != nil {
+		if err := k.dump.addAddr(a, proto, true); err != nil {
 			return 1, fmt.Errorf("replacing address %v: %w", a, err)
 		}
 		return 1, nil
 	}
-	err := k.addrs.add(a, proto)
+	err := k.dump.addAddr(a, proto, false)
 	if errors.Is(err, unix.EEXIST) {
 		// Somebody else's address (or ours, already recorded): never claim it.
 		return 1, nil
@@ -248,11 +248,11 @@ func (k *Kernel) readdAddr4(a Addr, proto uint8) (writes int, err error) {
 		}
 	}
 	writes++
-	if err := ignoreOnDelete(k.addrs.del(a)); err != nil {
+	if err := ignoreOnDelete(k.dump.delAddr(a)); err != nil {
 		return writes, fmt.Errorf("replacing address %v: deleting: %w", a, err)
 	}
 	writes++
-	if err := ignoreOnAdd(k.addrs.add(a, proto)); err != nil {
+	if err := ignoreOnAdd(k.dump.addAddr(a, proto, false)); err != nil {
 		return writes, fmt.Errorf("replacing address %v: adding: %w", a, err)
 	}
 	// On-link routes first: a gateway must be reachable when its route is added.
