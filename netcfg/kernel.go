@@ -239,13 +239,6 @@ func (c Config) ourRuleBand(r KernelRule) bool {
 	return r.Protocol == c.Protocol && c.inPriorityBand(r.Priority)
 }
 
-func (k *Kernel) ownsAddr(a kernelAddr, recorded map[addrRecord]bool) bool {
-	if k.addrProto {
-		return a.Proto == k.cfg.Protocol
-	}
-	return recorded[addrRecord{Link: a.LinkIndex, Prefix: a.Prefix.String()}]
-}
-
 func (c Config) inTableBand(table int) bool {
 	return table >= c.TableBase && table < c.TableBase+c.CardStride*MaxNetworkCards
 }
@@ -254,7 +247,8 @@ func (c Config) inPriorityBand(prio int) bool {
 	return prio >= c.PriorityBase && prio < c.PriorityBase+c.CardStride*MaxNetworkCards
 }
 
-// ownedAddrs picks ours among every address dumped.
+// ownedAddrs picks ours among every address dumped: those carrying our
+// protocol, or on kernels without IFA_PROTO those recorded in the state file.
 func (k *Kernel) ownedAddrs(all []kernelAddr) ([]Addr, error) {
 	var recorded map[addrRecord]bool
 	var err error
@@ -265,7 +259,7 @@ func (k *Kernel) ownedAddrs(all []kernelAddr) ([]Addr, error) {
 	}
 	out := make([]Addr, 0, len(all))
 	for _, a := range all {
-		if k.ownsAddr(a, recorded) {
+		if (k.addrProto && a.Proto == k.cfg.Protocol) || (!k.addrProto && recorded[recordOf(a.LinkIndex, a.Prefix)]) {
 			out = append(out, Addr{LinkIndex: a.LinkIndex, Prefix: a.Prefix, NoPrefixRoute: a.Flags&unix.IFA_F_NOPREFIXROUTE != 0})
 		}
 	}

@@ -41,11 +41,9 @@ func (k *Kernel) Apply(p Plan) (writes int, err error) {
 
 	var errs []error
 	blocking := 0 // failed additions that forbid deletions
-	if !k.addrProto {
-		if err := k.pruneAddrRecords(); err != nil {
-			errs = append(errs, err)
-			blocking++
-		}
+	if err := k.pruneAddrRecords(); err != nil {
+		errs = append(errs, err)
+		blocking++
 	}
 	if slices.ContainsFunc(p.Ops, func(op Op) bool { return op.AltName != nil }) {
 		if err := k.pruneAltNameRecords(); err != nil {
@@ -198,10 +196,7 @@ func (k *Kernel) applyAddr(op Op) (int, error) {
 		if err := ignoreOnDelete(k.dump.delAddr(a)); err != nil {
 			return 1, fmt.Errorf("deleting address %v: %w", a, err)
 		}
-		if !k.addrProto {
-			return 1, k.forgetAddr(a)
-		}
-		return 1, nil
+		return 1, k.recordAddr(a, false)
 	}
 	proto := k.cfg.Protocol
 	if !k.addrProto {
@@ -216,18 +211,13 @@ func (k *Kernel) applyAddr(op Op) (int, error) {
 		}
 		return 1, nil
 	}
-	err := k.dump.addAddr(a, proto, false)
-	if errors.Is(err, unix.EEXIST) {
-		// Somebody else's address (or ours, already recorded): never claim it.
-		return 1, nil
-	}
-	if err != nil {
+	switch err := k.dump.addAddr(a, proto, false); {
+	case errors.Is(err, unix.EEXIST):
+		return 1, nil // somebody else's address (or ours, already recorded): never claim it
+	case err != nil:
 		return 1, fmt.Errorf("adding address %v: %w", a, err)
 	}
-	if !k.addrProto {
-		return 1, k.recordAddr(a)
-	}
-	return 1, nil
+	return 1, k.recordAddr(a, true)
 }
 
 // readdAddr4 changes the noprefixroute flag of one of our IPv4 addresses.
