@@ -169,14 +169,14 @@ func New(opts Options) (*Client, error) {
 // $AWS_EC2_METADATA_SERVICE_ENDPOINT > default of the endpoint mode.
 func resolveEndpoint(opts Options, getenv func(string) string) (string, sdkimds.EndpointModeState, error) {
 	if opts.Endpoint != "" {
-		u, err := validateEndpoint(opts.Endpoint)
+		u, err := ValidateEndpoint(opts.Endpoint)
 		if err != nil {
 			return "", 0, fmt.Errorf("invalid IMDS endpoint %q: %w", opts.Endpoint, err)
 		}
 		return u, sdkimds.EndpointModeStateUnset, nil
 	}
 	if v := getenv(EnvEndpoint); v != "" {
-		u, err := validateEndpoint(v)
+		u, err := ValidateEndpoint(v)
 		if err != nil {
 			return "", 0, fmt.Errorf("invalid IMDS endpoint %s=%q: %w", EnvEndpoint, v, err)
 		}
@@ -193,10 +193,10 @@ func resolveEndpoint(opts Options, getenv func(string) string) (string, sdkimds.
 	}
 }
 
-// validateEndpoint accepts http(s)://host[:port][/] and returns it without
+// ValidateEndpoint accepts http(s)://host[:port][/] and returns it without
 // the trailing slash. The SDK replaces the path of the endpoint, so a path
 // would be silently ignored: reject it instead.
-func validateEndpoint(s string) (string, error) {
+func ValidateEndpoint(s string) (string, error) {
 	u, err := url.Parse(s)
 	if err != nil {
 		return "", errors.New("not a URL")

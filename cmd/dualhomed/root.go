@@ -161,8 +161,8 @@ func (g *globals) loadConfig() (agent.Config, error) {
 // validateFlags checks the global flags before any command runs.
 func (g *globals) validateFlags() error {
 	if g.imdsEndpoint != "" {
-		if err := agent.CheckIMDSEndpoint(g.imdsEndpoint); err != nil {
-			return usageError{fmt.Errorf("--imds-endpoint: %w", err)}
+		if _, err := imds.ValidateEndpoint(g.imdsEndpoint); err != nil {
+			return usageError{fmt.Errorf("--imds-endpoint: %q is not a usable IMDS endpoint: %w", g.imdsEndpoint, err)}
 		}
 	}
 	switch g.logLevel {
