@@ -292,9 +292,9 @@ func (p parser) log(n *yaml.Node, key string, c *LogConfig) error {
 		var err error
 		switch k {
 		case "level":
-			c.Level, err = p.oneOf(v, join(key, k), "debug", "info", "warn", "error")
+			c.Level, err = p.oneOf(v, join(key, k), LogLevels...)
 		case "format":
-			c.Format, err = p.oneOf(v, join(key, k), "auto", "json", "console")
+			c.Format, err = p.oneOf(v, join(key, k), LogFormats...)
 		}
 		return err
 	})

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -165,15 +166,11 @@ func (g *globals) validateFlags() error {
 			return usageError{fmt.Errorf("--imds-endpoint: %q is not a usable IMDS endpoint: %w", g.imdsEndpoint, err)}
 		}
 	}
-	switch g.logLevel {
-	case "", "debug", "info", "warn", "error":
-	default:
-		return usageError{fmt.Errorf("--log-level: %q is not one of debug, info, warn, error", g.logLevel)}
+	if g.logLevel != "" && !slices.Contains(agent.LogLevels, g.logLevel) {
+		return usageError{fmt.Errorf("--log-level: %q is not one of %s", g.logLevel, strings.Join(agent.LogLevels, ", "))}
 	}
-	switch g.logFormat {
-	case "", "json", "console", "auto":
-	default:
-		return usageError{fmt.Errorf("--log-format: %q is not one of json, console", g.logFormat)}
+	if g.logFormat != "" && !slices.Contains(agent.LogFormats, g.logFormat) {
+		return usageError{fmt.Errorf("--log-format: %q is not one of %s", g.logFormat, strings.Join(agent.LogFormats, ", "))}
 	}
 	if g.stateDir != "" && !strings.HasPrefix(g.stateDir, "/") {
 		return usageError{fmt.Errorf("--state-dir: %q is not an absolute path", g.stateDir)}
