@@ -132,10 +132,6 @@ func (k *Kernel) Close() {
 	}
 }
 
-// AddrOwnershipInKernel reports whether address ownership is read from the
-// kernel (IFA_PROTO) rather than from the state file.
-func (k *Kernel) AddrOwnershipInKernel() bool { return k.addrProto }
-
 // Observe reads, in one pass of rtnetlink dumps, everything a reconcile
 // needs of the kernel: the links, every address on them whoever put it
 // there, the state dualhomed owns, and the other programs' rules and routes
