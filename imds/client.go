@@ -41,11 +41,12 @@ const DeviceNumberUnknown = -1
 const (
 	DefaultTimeout              = time.Second
 	DefaultMaxAttempts          = 3
-	DefaultConcurrency          = 4
+	DefaultConcurrency          = 4 // keys fetched at once
 	DefaultMaxRequestsPerSecond = 100
-	// DefaultRequestBurst lets one full snapshot of the largest instance
-	// (15 ENIs with 100 addresses and 4 prefixes each: 212 requests) go out at once, so a hot attach is configured in
-	// milliseconds, while the sustained rate stays at MaxRequestsPerSecond:
+	// DefaultRequestBurst lets one full snapshot of the largest instance (15
+	// ENIs with 100 addresses and 4 prefixes each: 212 requests) go out at
+	// once, so a hot attach is configured in milliseconds, while the sustained
+	// rate stays at MaxRequestsPerSecond:
 	// about 3 packets a request keeps a worst-case second (burst + rate) under
 	// the 1024 packets/s that IMDS, DNS and NTP share per ENI.
 	DefaultRequestBurst = 250
@@ -78,12 +79,9 @@ type Options struct {
 	// MaxAttempts bounds the attempts per key on timeouts, connection
 	// errors, 5xx and 429 (default 3).
 	MaxAttempts int
-	// Concurrency is how many keys are fetched at once (default 4).
-	Concurrency int
 	// MaxRequestsPerSecond paces requests (default 100, burst
 	// DefaultRequestBurst): link-local services share 1024 packets/s per ENI.
-	// Negative means unlimited
-	// (tests and benchmarks against a local emulator).
+	// Negative means unlimited (tests and benchmarks against an emulator).
 	MaxRequestsPerSecond float64
 	// Transport replaces the HTTP transport (tests). Requests through it are
 	// still counted and bounded.
@@ -96,7 +94,6 @@ type Client struct {
 	endpoint    string
 	timeout     time.Duration
 	maxAttempts int
-	concurrency int
 	requests    *limiter
 	retries     *limiter
 	total       atomic.Uint64
@@ -118,9 +115,6 @@ func New(opts Options) (*Client, error) {
 	if opts.MaxAttempts <= 0 {
 		opts.MaxAttempts = DefaultMaxAttempts
 	}
-	if opts.Concurrency <= 0 {
-		opts.Concurrency = DefaultConcurrency
-	}
 	if opts.MaxRequestsPerSecond == 0 {
 		opts.MaxRequestsPerSecond = DefaultMaxRequestsPerSecond
 	}
@@ -128,7 +122,6 @@ func New(opts Options) (*Client, error) {
 		endpoint:    endpoint,
 		timeout:     opts.Timeout,
 		maxAttempts: opts.MaxAttempts,
-		concurrency: opts.Concurrency,
 		requests:    newLimiter(opts.MaxRequestsPerSecond, DefaultRequestBurst),
 		retries:     newLimiter(retriesPerSecond, retryBurst),
 	}
@@ -138,7 +131,7 @@ func New(opts Options) (*Client, error) {
 			Proxy:                 nil, // never send IMDS requests through a proxy
 			DialContext:           (&net.Dialer{Timeout: opts.Timeout}).DialContext,
 			ResponseHeaderTimeout: opts.Timeout,
-			MaxIdleConnsPerHost:   opts.Concurrency,
+			MaxIdleConnsPerHost:   DefaultConcurrency,
 			IdleConnTimeout:       30 * time.Second,
 		}
 	}
@@ -321,7 +314,7 @@ func backoff(attempt int) time.Duration {
 	return d/2 + rand.N(d/2+1)
 }
 
-// forEach runs fn(i) for i in [0,n) on at most c.concurrency goroutines. On
+// forEach runs fn(i) for i in [0,n) on at most DefaultConcurrency goroutines. On
 // the first failure it cancels the rest and returns the failure with the
 // lowest index that is not a consequence of that cancellation, so the error
 // does not depend on scheduling more than it must. A failure that returns
@@ -336,7 +329,7 @@ func (c *Client) forEach(parent context.Context, n int, fn func(ctx context.Cont
 	consequences := make([]error, n) // failures once ctx was cancelled
 	var next atomic.Int64
 	var wg sync.WaitGroup
-	for range min(c.concurrency, n) {
+	for range min(DefaultConcurrency, n) {
 		wg.Go(func() {
 			for {
 				i := int(next.Add(1) - 1)
