@@ -79,21 +79,15 @@ func (r Report) OK() bool { return r.Fresh && r.IMDSError == "" && r.ApplyError 
 
 // Summary is the one-line STATUS= text: "3 ENIs: 2 configured, 1 waiting for IMDS".
 func (r Report) Summary() string {
-	order := []netcfg.ENIState{netcfg.ENIConfigured, netcfg.ENIDrift, netcfg.ENIWaitingLink,
-		netcfg.ENIWaitingIMDS, netcfg.ENIExcluded, netcfg.ENIPrimaryRole}
 	counts := map[netcfg.ENIState]int{}
 	for _, e := range r.ENIs {
 		counts[e.State]++
 	}
 	var parts []string
-	for _, s := range order {
+	for _, s := range netcfg.ENIStates {
 		if counts[s] > 0 {
 			parts = append(parts, fmt.Sprintf("%d %s", counts[s], s))
-			delete(counts, s)
 		}
-	}
-	for s, n := range counts { // states added later to netcfg
-		parts = append(parts, fmt.Sprintf("%d %s", n, s))
 	}
 	noun := "ENIs"
 	if len(r.ENIs) == 1 {

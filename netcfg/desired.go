@@ -87,6 +87,9 @@ const (
 	ENIInvalid ENIState = "invalid"
 )
 
+// ENIStates lists every ENIState, in the order summaries name them.
+var ENIStates = []ENIState{ENIConfigured, ENIDrift, ENIWaitingLink, ENIWaitingIMDS, ENIExcluded, ENIPrimaryRole, ENIInvalid}
+
 // ENIStatus describes one ENI of the snapshot and what dualhomed does with it.
 type ENIStatus struct {
 	MAC         string       `json:"mac"`
