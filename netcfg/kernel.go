@@ -66,33 +66,25 @@ func NewKernel(ns netns.NsHandle, stateDir string, cfg Config) (*Kernel, error) 
 		}
 		own = netns.NsHandle(fd)
 	}
-	h, err := netlink.NewHandleAt(own, unix.NETLINK_ROUTE)
-	if err != nil {
+	k := &Kernel{ns: own, stateDir: stateDir, cfg: cfg, addrProto: kernelAtLeast(5, 18), altNames: kernelAtLeast(5, 5)}
+	var err error
+	if k.h, err = netlink.NewHandleAt(own, unix.NETLINK_ROUTE); err != nil {
 		own.Close()
 		return nil, fmt.Errorf("opening netlink handle: %w", err)
 	}
 	// A kernel that never answers must not hang the daemon: each send and
 	// receive gives up after netlinkTimeout and the reconcile is retried.
-	if err := h.SetSocketTimeout(netlinkTimeout); err != nil {
-		h.Close()
-		own.Close()
-		return nil, fmt.Errorf("setting netlink timeouts: %w", err)
+	if err = k.h.SetSocketTimeout(netlinkTimeout); err != nil {
+		err = fmt.Errorf("setting netlink timeouts: %w", err)
+	} else {
+		k.dump, err = newDumpSocket(own)
 	}
-	dump, err := newDumpSocket(own)
 	if err != nil {
-		h.Close()
+		k.h.Close()
 		own.Close()
 		return nil, err
 	}
-	return &Kernel{
-		h:         h,
-		dump:      dump,
-		ns:        own,
-		stateDir:  stateDir,
-		cfg:       cfg,
-		addrProto: kernelAtLeast(5, 18),
-		altNames:  kernelAtLeast(5, 5),
-	}, nil
+	return k, nil
 }
 
 // kernelAtLeast reports whether the running kernel's release is at least
