@@ -116,7 +116,7 @@ type Warning struct {
 	Hint    string `json:"hint,omitempty"`
 	// Blocks lists the routes dualhomed wants that the conflict keeps out
 	// of the kernel: a foreign route holds their table, destination and
-	// metric, so adding them fails with EEXIST (Kernel.Conflicts sets it).
+	// metric, so adding them fails with EEXIST (Conflicts sets it).
 	Blocks []Route `json:"blocks,omitempty"`
 }
 
