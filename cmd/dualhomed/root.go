@@ -134,6 +134,9 @@ table and priority bands, and never touches anything else.
 	)
 	for _, c := range root.Commands() {
 		c.SilenceErrors, c.SilenceUsage = true, true
+		if c.Args == nil {
+			c.Args = noArgs
+		}
 		if c.Long != "" {
 			c.Long += "\n\n" + exitCodesHelp
 		}
