@@ -44,7 +44,7 @@ func (k *Kernel) writeAddrRecords(set map[addrRecord]bool) error {
 	recs := slices.SortedFunc(maps.Keys(set), func(a, b addrRecord) int {
 		return cmp.Or(cmp.Compare(a.Link, b.Link), strings.Compare(a.Prefix, b.Prefix))
 	})
-	if err := writeJSONAtomic(k.addrStatePath(), recs); err != nil {
+	if err := WriteStateFile(k.addrStatePath(), recs, 0o600); err != nil {
 		return fmt.Errorf("recording owned addresses: %w", err)
 	}
 	return nil

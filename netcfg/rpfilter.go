@@ -69,7 +69,7 @@ func (k *Kernel) setRPFilter(f RPFilter) (int, error) {
 	}
 	if _, ok := orig[f.LinkName]; !ok {
 		orig[f.LinkName] = cur
-		if err := writeJSONAtomic(k.rpFilterStatePath(), orig); err != nil {
+		if err := WriteStateFile(k.rpFilterStatePath(), orig, 0o600); err != nil {
 			return 0, fmt.Errorf("recording original rp_filter of %s: %w", f.LinkName, err)
 		}
 	}
@@ -102,7 +102,7 @@ func (k *Kernel) restoreRPFilter(link string) (int, error) {
 		}
 	}
 	delete(orig, link)
-	if err := writeJSONAtomic(k.rpFilterStatePath(), orig); err != nil {
+	if err := WriteStateFile(k.rpFilterStatePath(), orig, 0o600); err != nil {
 		return writes, fmt.Errorf("forgetting original rp_filter of %s: %w", link, err)
 	}
 	return writes, nil
