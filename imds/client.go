@@ -69,11 +69,9 @@ const (
 type Options struct {
 	// Endpoint overrides the IMDS endpoint, e.g. "http://127.0.0.1:1338"
 	// (from the --imds-endpoint flag). Precedence: Endpoint, then
-	// $AWS_EC2_METADATA_SERVICE_ENDPOINT, then the default for the mode.
+	// $AWS_EC2_METADATA_SERVICE_ENDPOINT, then the default for
+	// $AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE (IPv4 or IPv6).
 	Endpoint string
-	// IPv6 selects http://[fd00:ec2::254] when no endpoint is given, as does
-	// AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6.
-	IPv6 bool
 	// Timeout bounds each HTTP request (default 1s).
 	Timeout time.Duration
 	// MaxAttempts bounds the attempts per key on timeouts, connection
@@ -177,7 +175,7 @@ func resolveEndpoint(opts Options, getenv func(string) string) (string, sdkimds.
 	}
 	mode := getenv(EnvEndpointMode)
 	switch {
-	case opts.IPv6 || strings.EqualFold(mode, "IPv6"):
+	case strings.EqualFold(mode, "IPv6"):
 		return DefaultIPv6Endpoint, sdkimds.EndpointModeStateIPv6, nil
 	case mode == "" || strings.EqualFold(mode, "IPv4"):
 		return DefaultIPv4Endpoint, sdkimds.EndpointModeStateIPv4, nil
