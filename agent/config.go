@@ -233,9 +233,9 @@ func (p parser) top(n *yaml.Node, cfg *Config) error {
 	return p.fields(n, "", keys, func(key string, v *yaml.Node) error {
 		var err error
 		switch key {
-		case "protocol": // netcfg.Validate explains why not below 5
+		case "protocol": // a byte; netcfg.Validate refuses the kernel's own values
 			var x int
-			x, err = p.intIn(v, key, 5, 255)
+			x, err = p.intIn(v, key, 0, 255)
 			cfg.Netcfg.Protocol = uint8(x)
 		case "table_base":
 			cfg.Netcfg.TableBase, err = p.intIn(v, key, 256, 1<<31-1)

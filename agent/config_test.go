@@ -19,7 +19,7 @@ func TestParseConfigErrors(t *testing.T) {
 		{"unknown top key", "protocl: 210\n", file + ":1: protocl: unknown key"},
 		{"bad enum nested", "enis:\n  - match: {interface_id: eni-1}\n  - match:\n      mac: 0a:00:00:00:00:01\n    vpc_routes: maybe\n",
 			file + `:5: enis[1].vpc_routes: "maybe" is not one of auto, off`},
-		{"protocol range", "\n\nprotocol: 2\n", file + ":3: protocol: 2 is out of range 5..255"},
+		{"protocol range", "\n\nprotocol: 2\n", file + ":3: protocol: 2 is reserved for the kernel (0..4)"},
 		{"protocol not number", "protocol: abc\n", file + `:1: protocol: "abc" is not a whole number`},
 		{"bad duration", "poll_interval: 15\n", file + `:1: poll_interval: "15" is not a duration`},
 		{"duration too short", "poll_interval: 10ms\n", file + ":1: poll_interval: 10ms is shorter than the minimum 1s"},
