@@ -38,7 +38,7 @@ func BenchmarkReconcileNoOp(b *testing.B) {
 	src, _ := testSource(cfg.IMDS)
 	rec := NewReconciler(src, k, cfg)
 	ctx := context.Background()
-	if rep, err := rec.Reconcile(ctx, TriggerStart, false); err != nil || !rep.OK() || rep.Configured() != 15 {
+	if rep, err := rec.Reconcile(ctx, TriggerStart, false); err != nil || !rep.OK() || configured(rep) != 15 {
 		b.Fatalf("configuring: %v %s", err, rep.Summary())
 	}
 	b.ResetTimer()

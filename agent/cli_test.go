@@ -43,7 +43,7 @@ func TestApplyWaitNamesMissingENIs(t *testing.T) {
 		t.Fatalf("after the link appeared: missing %q, err %v", missing, err)
 	}
 	src1, table := eniRule(1)
-	if !w.hasRule(src1, table) || rep.Configured() != 1 {
+	if !w.hasRule(src1, table) || configured(rep) != 1 {
 		t.Errorf("apply did not configure ENI 1: %s", rep.Summary())
 	}
 
@@ -195,7 +195,7 @@ func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
 	if len(rep.Changes) != 0 {
 		t.Errorf("plan lists %v, want no pending change (the add is blocked by the foreign route)", rep.Changes)
 	}
-	if rep.Configured() != 1 {
+	if configured(rep) != 1 {
 		t.Errorf("plan: %s, want ENI 1 configured, as the daemon reports it", rep.Summary())
 	}
 	warned := false

@@ -11,15 +11,16 @@ import (
 	"io/fs"
 	"net"
 	"net/netip"
-	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/netcfg"
 )
 
@@ -108,8 +109,6 @@ func LoadConfig(path string) (Config, error) {
 	case !fi.Mode().IsRegular():
 		// A FIFO or a device would block or never end.
 		return Config{}, fmt.Errorf("%s: not a regular file (%s)", path, fi.Mode().Type())
-	case fi.Size() > maxConfigSize:
-		return Config{}, fmt.Errorf("%s: %d bytes, larger than any configuration (limit %d)", path, fi.Size(), maxConfigSize)
 	}
 	f, err := os.Open(path)
 	if err != nil {
@@ -166,29 +165,25 @@ func ParseConfig(name string, data []byte) (Config, error) {
 }
 
 // validationError places each of netcfg's "key: message" problems on the
-// line of its key.
+// line of its key, or of the nearest enclosing key the file gives.
 func (p parser) validationError(err error) error {
 	var out []string
 	for _, msg := range strings.Split(err.Error(), "\n") {
-		key, _, _ := strings.Cut(msg, ":")
-		line, ok := p.lines[key]
-		if !ok {
-			if k, _, cut := strings.Cut(key, "."); cut {
-				line, ok = p.lines[k]
+		where := p.file
+		for key, _, _ := strings.Cut(msg, ":"); key != ""; key = key[:max(strings.LastIndexAny(key, ".["), 0)] {
+			if line, ok := p.lines[key]; ok {
+				where = fmt.Sprintf("%s:%d", p.file, line)
+				break
 			}
 		}
-		if ok {
-			out = append(out, fmt.Sprintf("%s:%d: %s", p.file, line, msg))
-		} else {
-			out = append(out, fmt.Sprintf("%s: %s", p.file, msg))
-		}
+		out = append(out, where+": "+msg)
 	}
 	return errors.New(strings.Join(out, "\n"))
 }
 
 type parser struct {
 	file  string
-	lines map[string]int // key path -> line, for netcfg's validation errors
+	lines map[string]int // key path ("enis[0].match.mac") -> line, for netcfg's validation errors
 }
 
 // errorf returns an error in the `file:line: key: message` form.
@@ -213,7 +208,7 @@ func (p parser) fields(n *yaml.Node, path string, allowed []string, set func(key
 		if k.Kind != yaml.ScalarNode {
 			return p.errorf(k, path, "keys must be plain names")
 		}
-		if !contains(allowed, k.Value) {
+		if !slices.Contains(allowed, k.Value) {
 			return p.errorf(k, key, "unknown key (known keys here: %s)", strings.Join(allowed, ", "))
 		}
 		if seen[k.Value] {
@@ -238,11 +233,9 @@ func (p parser) top(n *yaml.Node, cfg *Config) error {
 	return p.fields(n, "", keys, func(key string, v *yaml.Node) error {
 		var err error
 		switch key {
-		case "protocol":
-			// 0..4 are the kernel's own (unspec, redirect, kernel, boot,
-			// static): owning them would mean deleting routes we never made.
+		case "protocol": // a byte; netcfg.Validate refuses the kernel's own values
 			var x int
-			x, err = p.intIn(v, key, 5, 255)
+			x, err = p.intIn(v, key, 0, 255)
 			cfg.Netcfg.Protocol = uint8(x)
 		case "table_base":
 			cfg.Netcfg.TableBase, err = p.intIn(v, key, 256, 1<<31-1)
@@ -252,7 +245,7 @@ func (p parser) top(n *yaml.Node, cfg *Config) error {
 			cfg.Netcfg.CardStride, err = p.intIn(v, key, 1, 10000)
 		case "rp_filter":
 			var s string
-			s, err = p.oneOf(v, key, "loose", "strict", "keep")
+			s, err = p.str(v, key)
 			cfg.Netcfg.RPFilter = netcfg.RPFilterMode(s)
 		case "manage_addresses":
 			cfg.Netcfg.ManageAddresses, err = p.boolean(v, key)
@@ -260,7 +253,7 @@ func (p parser) top(n *yaml.Node, cfg *Config) error {
 			cfg.Netcfg.PrimaryTable, err = p.boolean(v, key)
 		case "vpc_routes":
 			var s string
-			s, err = p.oneOf(v, key, "auto", "off")
+			s, err = p.str(v, key)
 			cfg.Netcfg.VPCRoutes = netcfg.VPCRoutesMode(s)
 		case "enis":
 			cfg.Netcfg.ENIs, err = p.enis(v, key)
@@ -299,9 +292,9 @@ func (p parser) log(n *yaml.Node, key string, c *LogConfig) error {
 		var err error
 		switch k {
 		case "level":
-			c.Level, err = p.oneOf(v, join(key, k), "debug", "info", "warn", "error")
+			c.Level, err = p.oneOf(v, join(key, k), LogLevels...)
 		case "format":
-			c.Format, err = p.oneOf(v, join(key, k), "auto", "json", "console")
+			c.Format, err = p.oneOf(v, join(key, k), LogFormats...)
 		}
 		return err
 	})
@@ -331,6 +324,7 @@ func (p parser) metrics(n *yaml.Node, key string, c *MetricsConfig) error {
 	return nil
 }
 
+// enis parses the per-ENI entries; netcfg.Validate checks their values.
 func (p parser) enis(n *yaml.Node, path string) ([]netcfg.ENIConfig, error) {
 	if n.Kind != yaml.SequenceNode {
 		return nil, p.errorf(n, path, "expected a list of ENI entries, got %s", describe(n))
@@ -338,20 +332,19 @@ func (p parser) enis(n *yaml.Node, path string) ([]netcfg.ENIConfig, error) {
 	var out []netcfg.ENIConfig
 	for i, item := range n.Content {
 		ip := fmt.Sprintf("%s[%d]", path, i)
+		p.lines[ip] = item.Line
 		var e netcfg.ENIConfig
-		hasMatch := false
 		err := p.fields(item, ip, []string{"match", "exclude", "vpc_routes", "extra_routes"}, func(k string, v *yaml.Node) error {
 			var err error
 			kp := join(ip, k)
 			switch k {
 			case "match":
-				hasMatch = true
 				e.Match, err = p.selector(v, kp)
 			case "exclude":
 				e.Exclude, err = p.boolean(v, kp)
 			case "vpc_routes":
 				var s string
-				s, err = p.oneOf(v, kp, "auto", "off")
+				s, err = p.str(v, kp)
 				e.VPCRoutes = netcfg.VPCRoutesMode(s)
 			case "extra_routes":
 				e.ExtraRoutes, err = p.prefixes(v, kp)
@@ -360,10 +353,6 @@ func (p parser) enis(n *yaml.Node, path string) ([]netcfg.ENIConfig, error) {
 		})
 		if err != nil {
 			return nil, err
-		}
-		if !hasMatch || e.Match == (netcfg.Selector{}) {
-			// An entry without a selector would silently apply to every ENI.
-			return nil, p.errorf(item, join(ip, "match"), "missing: give at least one of interface_id, mac, device_number, vpc_id")
 		}
 		out = append(out, e)
 	}
@@ -374,35 +363,24 @@ func (p parser) selector(n *yaml.Node, path string) (netcfg.Selector, error) {
 	var s netcfg.Selector
 	err := p.fields(n, path, []string{"interface_id", "mac", "device_number", "vpc_id"}, func(k string, v *yaml.Node) error {
 		kp := join(path, k)
-		str, err := p.str(v, kp)
-		if err != nil && k != "device_number" {
+		if k == "device_number" {
+			d, err := p.intIn(v, kp, 0, 1<<16)
+			s.DeviceNumber = &d
 			return err
 		}
+		str, err := p.str(v, kp)
 		switch k {
 		case "interface_id":
-			if !strings.HasPrefix(str, "eni-") {
-				return p.errorf(v, kp, "%q is not an ENI id (eni-...)", str)
-			}
 			s.InterfaceID = str
 		case "vpc_id":
-			if !strings.HasPrefix(str, "vpc-") {
-				return p.errorf(v, kp, "%q is not a VPC id (vpc-...)", str)
-			}
 			s.VPCID = str
 		case "mac":
-			hw, perr := net.ParseMAC(str)
-			if perr != nil || len(hw) != 6 {
-				return p.errorf(v, kp, "%q is not a MAC address (like 0a:1b:2c:3d:4e:5f)", str)
+			s.MAC = str
+			if hw, perr := net.ParseMAC(str); perr == nil && len(hw) == 6 {
+				s.MAC = hw.String() // lower case, colon separated, as in IMDS
 			}
-			s.MAC = hw.String() // lower case, colon separated, as in IMDS
-		case "device_number":
-			d, err := p.intIn(v, kp, 0, 1<<16)
-			if err != nil {
-				return err
-			}
-			s.DeviceNumber = &d
 		}
-		return nil
+		return err
 	})
 	return s, err
 }
@@ -452,7 +430,7 @@ func (p parser) oneOf(n *yaml.Node, key string, allowed ...string) (string, erro
 	if err != nil {
 		return "", err
 	}
-	if !contains(allowed, s) {
+	if !slices.Contains(allowed, s) {
 		return "", p.errorf(n, key, "%q is not one of %s", s, strings.Join(allowed, ", "))
 	}
 	return s, nil
@@ -489,8 +467,8 @@ func (p parser) endpoint(n *yaml.Node, key string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if err := CheckIMDSEndpoint(s); err != nil {
-		return "", p.errorf(n, key, "%v", err)
+	if _, err := imds.ValidateEndpoint(s); err != nil {
+		return "", p.errorf(n, key, "%q is not a usable IMDS endpoint: %v", s, err)
 	}
 	return s, nil
 }
@@ -502,6 +480,7 @@ func (p parser) prefixes(n *yaml.Node, key string) ([]netip.Prefix, error) {
 	var out []netip.Prefix
 	for i, item := range n.Content {
 		ik := fmt.Sprintf("%s[%d]", key, i)
+		p.lines[ik] = item.Line
 		s, err := p.scalar(item, ik, "a CIDR such as 10.50.0.0/16")
 		if err != nil {
 			return nil, err
@@ -510,21 +489,9 @@ func (p parser) prefixes(n *yaml.Node, key string) ([]netip.Prefix, error) {
 		if err != nil {
 			return nil, p.errorf(item, ik, "%q is not a CIDR (like 10.50.0.0/16 or 2001:db8::/32)", s)
 		}
-		if pfx != pfx.Masked() {
-			return nil, p.errorf(item, ik, "%q has host bits set (did you mean %s?)", s, pfx.Masked())
-		}
 		out = append(out, pfx)
 	}
 	return out, nil
-}
-
-// CheckIMDSEndpoint reports whether s is a usable IMDS endpoint URL.
-func CheckIMDSEndpoint(s string) error {
-	u, err := url.Parse(s)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return fmt.Errorf("%q is not an http(s) URL such as http://169.254.169.254", s)
-	}
-	return nil
 }
 
 // CheckMetricsListen validates a metrics listen address and returns it with
@@ -587,13 +554,4 @@ func join(path, key string) string {
 		return key
 	}
 	return path + "." + key
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/dualhomed/dualhomed/imds"
 )
 
 // FuzzParseConfig feeds the configuration parser arbitrary bytes. Whatever
@@ -90,7 +92,7 @@ func FuzzParseConfig(f *testing.F) {
 			}
 		}
 		if cfg.IMDS.Endpoint != "" {
-			if eerr := CheckIMDSEndpoint(cfg.IMDS.Endpoint); eerr != nil {
+			if _, eerr := imds.ValidateEndpoint(cfg.IMDS.Endpoint); eerr != nil {
 				t.Fatalf("accepted imds.endpoint %q: %v", cfg.IMDS.Endpoint, eerr)
 			}
 		}

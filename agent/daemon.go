@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -79,9 +78,7 @@ type Daemon struct {
 	metrics  *Metrics
 	kernel   *netcfg.Kernel
 	rec      *Reconciler
-
-	mu  sync.Mutex // guards cfg, read by Config from other goroutines
-	cfg Config
+	cfg      Config // the configuration in force
 
 	pending atomic.Uint32 // trigger bits not yet handled
 	idle    atomic.Bool   // the worker waits with nothing pending (for tests)
@@ -140,13 +137,6 @@ func NewDaemon(opts Options) (*Daemon, error) {
 	return d, nil
 }
 
-// Config returns the configuration in force.
-func (d *Daemon) Config() Config {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.cfg
-}
-
 // reload loads and installs the configuration file again (SIGHUP, worker
 // goroutine). A bad file is rejected with an error and the running
 // configuration stays in force.
@@ -158,7 +148,7 @@ func (d *Daemon) reload() error {
 	if d.opts.Override != nil {
 		d.opts.Override(&cfg)
 	}
-	old := d.Config()
+	old := d.cfg
 	// The numbers that define ownership cannot change under a running
 	// daemon: the objects made with the old ones would be orphaned.
 	on, nn := old.Netcfg, cfg.Netcfg
@@ -171,9 +161,7 @@ func (d *Daemon) reload() error {
 	if err != nil {
 		return fmt.Errorf("creating IMDS client: %w", err)
 	}
-	d.mu.Lock()
 	d.cfg = cfg
-	d.mu.Unlock()
 	d.rec.Swap(source, cfg)
 	d.rec.HostWarnings = HostWarnings(d.opts.NS)
 	if d.opts.Level != nil {
@@ -209,7 +197,7 @@ func (d *Daemon) kernelChanged(c netcfg.KernelChange) {
 // upgrade never disturbs traffic.
 func (d *Daemon) Run(ctx context.Context) error {
 	d.started = time.Now()
-	cfg := d.Config()
+	cfg := d.cfg
 	d.log.Info("starting", zap.String("version", d.opts.Version), zap.String("config", d.opts.ConfigPath),
 		zap.Duration("poll_interval", cfg.PollInterval), zap.String("state_dir", cfg.StateDir))
 	defer d.kernel.Close()
@@ -498,7 +486,7 @@ func (d *Daemon) schedule(poll, retry *time.Timer, t Trigger, err error) {
 		retry.Reset(kernelRetry)
 	}
 	if t.needsIMDS() || d.report.Fresh || d.report.IMDSError != "" {
-		iv := d.Config().PollInterval
+		iv := d.cfg.PollInterval
 		// ±10% jitter spreads a fleet's requests.
 		poll.Reset(iv + time.Duration((rand.Float64()*0.2-0.1)*float64(iv)))
 	}
@@ -508,7 +496,6 @@ func (d *Daemon) schedule(poll, retry *time.Timer, t Trigger, err error) {
 }
 
 func (d *Daemon) writeStatus(rep Report, err error) {
-	cfg := d.Config()
 	h := Health{
 		PID: os.Getpid(), Version: d.opts.Version, Started: d.started, Updated: time.Now(),
 		Ready: d.ready, Degraded: err != nil || d.rec.imds.failures > 0 || rep.ApplyError != "",
@@ -522,7 +509,7 @@ func (d *Daemon) writeStatus(rep Report, err error) {
 	case d.rec.imds.failures > 0:
 		h.LastError = d.rec.imds.lastError
 	}
-	if werr := WriteStatus(cfg.StateDir, h); werr != nil {
+	if werr := WriteStatus(d.cfg.StateDir, h); werr != nil {
 		d.log.Warn("writing status file", zap.Error(werr))
 	}
 }

@@ -121,11 +121,12 @@ func (r *recorder) has(prefix string) bool {
 }
 
 type running struct {
-	d      *Daemon
-	logs   *observer.ObservedLogs // what the daemon logged at info level and above
-	notes  *recorder
-	cancel context.CancelFunc
-	done   chan error
+	d        *Daemon
+	stateDir string
+	logs     *observer.ObservedLogs // what the daemon logged at info level and above
+	notes    *recorder
+	cancel   context.CancelFunc
+	done     chan error
 }
 
 func (w *world) start(cfg Config, configPath string) *running {
@@ -138,7 +139,7 @@ func (w *world) start(cfg Config, configPath string) *running {
 func (w *world) startPrepared(cfg Config, configPath string, prepare func(*Daemon)) *running {
 	w.t.Helper()
 	core, logs := observer.New(zap.InfoLevel)
-	r := &running{notes: &recorder{}, logs: logs, done: make(chan error, 1)}
+	r := &running{notes: &recorder{}, logs: logs, done: make(chan error, 1), stateDir: cfg.StateDir}
 	logger := zaptest.NewLogger(w.t, zaptest.WrapOptions(zap.WrapCore(func(c zapcore.Core) zapcore.Core { return zapcore.NewTee(c, core) })))
 	d, err := NewDaemon(Options{
 		ConfigPath: configPath, Config: cfg, NS: w.ns.Handle, Logger: logger,
@@ -312,7 +313,7 @@ func TestDaemonRepairsOwnRuleLeavesForeignRules(t *testing.T) {
 	// after the foreign deletion.
 	waitFor(t, "our deleted rule restored", func() bool { return w.hasRule(src, table) })
 	r.settle(t)
-	if h, err := ReadStatus(r.d.Config().StateDir); err != nil || !strings.Contains(h.Report.Trigger, "drift") {
+	if h, err := ReadStatus(r.stateDir); err != nil || !strings.Contains(h.Report.Trigger, "drift") {
 		t.Errorf("the repair was not triggered by the rule deletion: trigger %q, %v", h.Report.Trigger, err)
 	}
 

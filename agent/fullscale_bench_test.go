@@ -44,7 +44,7 @@ func fullScaleReconciler(b *testing.B) *Reconciler {
 	src, _ := testSource(cfg.IMDS)
 	rec := NewReconciler(src, k, cfg)
 	ctx := context.Background()
-	if rep, err := rec.Reconcile(ctx, TriggerStart, false); err != nil || !rep.OK() || rep.Configured() != 14 {
+	if rep, err := rec.Reconcile(ctx, TriggerStart, false); err != nil || !rep.OK() || configured(rep) != 14 {
 		b.Fatalf("configuring: %v %s", err, rep.Summary())
 	}
 	time.Sleep(100 * time.Millisecond) // the kernel settles

@@ -3,9 +3,10 @@ package agent
 import (
 	"bufio"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
-	"sort"
+	"slices"
 	"strings"
 
 	"github.com/vishvananda/netns"
@@ -99,11 +100,7 @@ func namespaceOf(ns netns.NsHandle) (fileID, error) {
 	if !ns.IsOpen() {
 		return fileIDOf("/proc/self/ns/net")
 	}
-	var st unix.Stat_t
-	if err := unix.Fstat(int(ns), &st); err != nil {
-		return fileID{}, fmt.Errorf("identifying the network namespace: %w", err)
-	}
-	return fileID{dev: st.Dev, ino: st.Ino}, nil
+	return fileIDOf(fmt.Sprintf("/proc/self/fd/%d", int(ns)))
 }
 
 // HostWarnings runs the host check for the network namespace ns with
@@ -132,12 +129,7 @@ func networkdSettings(p HostPaths) map[string]string {
 			dropins[filepath.Base(f)] = f
 		}
 	}
-	names := make([]string, 0, len(dropins))
-	for n := range dropins {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	for _, n := range names {
+	for _, n := range slices.Sorted(maps.Keys(dropins)) {
 		readNetworkSection(dropins[n], settings)
 	}
 	return settings

@@ -88,10 +88,16 @@ type imdsReads struct {
 	linkRetries map[int]int // quick re-reads so far per link IMDS does not describe
 }
 
-// read reads what t calls for (see imdsReads), records the outcome in rep
-// and returns the snapshot to plan from: the fresh one, or else the last
-// good one; false when IMDS was never read successfully.
+// read reads what t calls for (see imdsReads) within timeout (0: ctx's
+// deadline only), records the outcome in rep and returns the snapshot to
+// plan from: the fresh one, or else the last good one; false when IMDS was
+// never read successfully.
 func (p *imdsReads) read(ctx context.Context, t Trigger, links []netcfg.Link, timeout time.Duration, rep *Report) (imds.Snapshot, bool) {
+	if timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
 	now := time.Now()
 	var newLinks []netcfg.Link
 	for _, l := range links {
@@ -100,7 +106,7 @@ func (p *imdsReads) read(ctx context.Context, t Trigger, links []netcfg.Link, ti
 		}
 	}
 	rep.NewLinks = len(newLinks) > 0
-	rd := imdsRead{p: p, ctx: ctx, timeout: timeout, links: links, rep: rep}
+	rd := imdsRead{p: p, ctx: ctx, links: links, rep: rep}
 	switch {
 	case t&TriggerPoll != 0 && t&(TriggerStart|TriggerRetry|TriggerReload) == 0:
 		p.polls++
@@ -240,11 +246,10 @@ func (p *imdsReads) markSeen(links []netcfg.Link) {
 
 // imdsRead is one reconcile's read.
 type imdsRead struct {
-	p       *imdsReads
-	ctx     context.Context
-	timeout time.Duration
-	links   []netcfg.Link // every link observed
-	rep     *Report
+	p     *imdsReads
+	ctx   context.Context
+	links []netcfg.Link // every link observed
+	rep   *Report
 }
 
 // ask reads IMDS for links: see imdsReads. A listing that names nothing
@@ -276,10 +281,8 @@ func (rd imdsRead) ask(links []netcfg.Link) {
 		rd.fetch(nil)
 		return
 	}
-	ctx, cancel := rd.context()
-	defer cancel()
 	t0 := time.Now()
-	macs, n, err := lister.ListMACs(ctx)
+	macs, n, err := lister.ListMACs(rd.ctx)
 	rd.rep.IMDSLatency, rd.rep.IMDSRequests = time.Since(t0), n
 	if err != nil {
 		rd.rep.IMDSError, rd.rep.IMDSErr = err.Error(), err
@@ -299,15 +302,13 @@ func (rd imdsRead) ask(links []netcfg.Link) {
 // as u says on the last good one.
 func (rd imdsRead) fetch(u *imds.Update) {
 	p := rd.p
-	ctx, cancel := rd.context()
-	defer cancel()
 	t0 := time.Now()
 	var fresh imds.Snapshot
 	var err error
 	if rf, ok := p.source.(Refresher); ok && u != nil {
-		fresh, err = rf.Refresh(ctx, *p.lastGood, *u)
+		fresh, err = rf.Refresh(rd.ctx, *p.lastGood, *u)
 	} else {
-		fresh, err = p.source.Snapshot(ctx)
+		fresh, err = p.source.Snapshot(rd.ctx)
 	}
 	rd.rep.IMDSLatency += time.Since(t0)
 	rd.rep.IMDSRequests += fresh.Requests
@@ -321,14 +322,6 @@ func (rd imdsRead) fetch(u *imds.Update) {
 		p.lastGood = &snap // a read that found nothing new keeps the pointer: the quiet memo holds
 	}
 	p.markSeen(rd.links)
-}
-
-// context bounds one IMDS read by the timeout.
-func (rd imdsRead) context() (context.Context, context.CancelFunc) {
-	if rd.timeout > 0 {
-		return context.WithTimeout(rd.ctx, rd.timeout)
-	}
-	return rd.ctx, func() {}
 }
 
 // mergeNotReady replaces each not-ready ENI of a fresh snapshot with its

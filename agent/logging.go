@@ -3,10 +3,17 @@ package agent
 import (
 	"fmt"
 	"os"
+	"strings"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"golang.org/x/sys/unix"
+)
+
+// The values log.level and log.format (and their flags) accept.
+var (
+	LogLevels  = []string{"debug", "info", "warn", "error"}
+	LogFormats = []string{"auto", "json", "console"}
 )
 
 // NewLogger builds the daemon's logger. Format "auto" picks JSON under
@@ -16,7 +23,7 @@ import (
 func NewLogger(level, format string) (*zap.Logger, zap.AtomicLevel, error) {
 	lvl := zap.NewAtomicLevel()
 	if err := lvl.UnmarshalText([]byte(level)); err != nil {
-		return nil, lvl, fmt.Errorf("log level %q is not one of debug, info, warn, error", level)
+		return nil, lvl, fmt.Errorf("log level %q is not one of %s", level, strings.Join(LogLevels, ", "))
 	}
 	if format == "" || format == "auto" {
 		format = "console"
@@ -40,7 +47,7 @@ func NewLogger(level, format string) (*zap.Logger, zap.AtomicLevel, error) {
 		}
 		enc = zapcore.NewConsoleEncoder(ec)
 	default:
-		return nil, lvl, fmt.Errorf("log format %q is not one of auto, json, console", format)
+		return nil, lvl, fmt.Errorf("log format %q is not one of %s", format, strings.Join(LogFormats, ", "))
 	}
 	core := zapcore.NewCore(enc, zapcore.Lock(os.Stderr), lvl)
 	return zap.New(core), lvl, nil

@@ -106,8 +106,7 @@ func (m *Metrics) Record(rep Report, err error) {
 
 func (m *Metrics) recordENIs(rep Report) {
 	m.enis.Reset()
-	for _, s := range []netcfg.ENIState{netcfg.ENIConfigured, netcfg.ENIDrift, netcfg.ENIWaitingLink,
-		netcfg.ENIWaitingIMDS, netcfg.ENIExcluded, netcfg.ENIPrimaryRole} {
+	for _, s := range netcfg.ENIStates {
 		m.enis.WithLabelValues(string(s)).Set(0)
 	}
 	for _, e := range rep.ENIs {

@@ -77,34 +77,17 @@ type Report struct {
 // OK reports whether the reconcile read IMDS and applied everything.
 func (r Report) OK() bool { return r.Fresh && r.IMDSError == "" && r.ApplyError == "" }
 
-// Configured counts the ENIs in the configured state.
-func (r Report) Configured() int {
-	n := 0
-	for _, e := range r.ENIs {
-		if e.State == netcfg.ENIConfigured {
-			n++
-		}
-	}
-	return n
-}
-
 // Summary is the one-line STATUS= text: "3 ENIs: 2 configured, 1 waiting for IMDS".
 func (r Report) Summary() string {
-	order := []netcfg.ENIState{netcfg.ENIConfigured, netcfg.ENIDrift, netcfg.ENIWaitingLink,
-		netcfg.ENIWaitingIMDS, netcfg.ENIExcluded, netcfg.ENIPrimaryRole}
 	counts := map[netcfg.ENIState]int{}
 	for _, e := range r.ENIs {
 		counts[e.State]++
 	}
 	var parts []string
-	for _, s := range order {
+	for _, s := range netcfg.ENIStates {
 		if counts[s] > 0 {
 			parts = append(parts, fmt.Sprintf("%d %s", counts[s], s))
-			delete(counts, s)
 		}
-	}
-	for s, n := range counts { // states added later to netcfg
-		parts = append(parts, fmt.Sprintf("%d %s", n, s))
 	}
 	noun := "ENIs"
 	if len(r.ENIs) == 1 {
@@ -169,8 +152,7 @@ type Reconciler struct {
 // it, and comparing two observations takes microseconds. Measured at full
 // scale (15 ENIs x 100 addresses; BenchmarkFullScaleAgent on a shared
 // 2-core machine, with and without it): the no-op on an event costs 2.1
-// instead of 3.8 ms of CPU, against the 5 ms target (3.3 ms measured by
-// make bench before this memo took over from four caches). A poll while the
+// instead of 3.8 ms of CPU, against the 5 ms target. A poll while the
 // kernel feed announced nothing (KernelChanged) also skips the kernel
 // dumps: 19.2 instead of 22.8 ms of CPU per poll, IMDS and the in-process
 // emulator included, where the daemon at rest (0.070 % of a core, target

@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/dualhomed/dualhomed/netcfg"
 )
 
 // StatusFile is the name of the daemon's status file inside the state directory.
@@ -35,34 +37,11 @@ type Health struct {
 	Report      Report    `json:"report"`
 }
 
-// WriteStatus replaces <dir>/status.json atomically (write, then rename), so a
-// reader never sees a half-written file.
+// WriteStatus replaces <dir>/status.json atomically, so a reader never sees
+// a half-written file. Any user may read it.
 func WriteStatus(dir string, h Health) error {
 	h.Schema = StatusSchema
-	data, err := json.MarshalIndent(h, "", "  ")
-	if err != nil {
-		return fmt.Errorf("encoding status: %w", err)
-	}
-	f, err := os.CreateTemp(dir, ".status-*.json")
-	if err != nil {
-		return fmt.Errorf("writing status: %w", err)
-	}
-	defer os.Remove(f.Name()) // no-op after the rename
-	if _, err := f.Write(append(data, '\n')); err != nil {
-		f.Close()
-		return fmt.Errorf("writing status: %w", err)
-	}
-	if err := f.Chmod(0o644); err != nil {
-		f.Close()
-		return fmt.Errorf("writing status: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("writing status: %w", err)
-	}
-	if err := os.Rename(f.Name(), filepath.Join(dir, StatusFile)); err != nil {
-		return fmt.Errorf("writing status: %w", err)
-	}
-	return nil
+	return netcfg.WriteStateFile(filepath.Join(dir, StatusFile), h, 0o644)
 }
 
 // ReadStatus reads the daemon's status file from dir.

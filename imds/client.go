@@ -41,11 +41,12 @@ const DeviceNumberUnknown = -1
 const (
 	DefaultTimeout              = time.Second
 	DefaultMaxAttempts          = 3
-	DefaultConcurrency          = 4
+	DefaultConcurrency          = 4 // keys fetched at once
 	DefaultMaxRequestsPerSecond = 100
-	// DefaultRequestBurst lets one full snapshot of the largest instance
-	// (15 ENIs with 100 addresses and 4 prefixes each: 212 requests) go out at once, so a hot attach is configured in
-	// milliseconds, while the sustained rate stays at MaxRequestsPerSecond:
+	// DefaultRequestBurst lets one full snapshot of the largest instance (15
+	// ENIs with 100 addresses and 4 prefixes each: 212 requests) go out at
+	// once, so a hot attach is configured in milliseconds, while the sustained
+	// rate stays at MaxRequestsPerSecond:
 	// about 3 packets a request keeps a worst-case second (burst + rate) under
 	// the 1024 packets/s that IMDS, DNS and NTP share per ENI.
 	DefaultRequestBurst = 250
@@ -68,22 +69,17 @@ const (
 type Options struct {
 	// Endpoint overrides the IMDS endpoint, e.g. "http://127.0.0.1:1338"
 	// (from the --imds-endpoint flag). Precedence: Endpoint, then
-	// $AWS_EC2_METADATA_SERVICE_ENDPOINT, then the default for the mode.
+	// $AWS_EC2_METADATA_SERVICE_ENDPOINT, then the default for
+	// $AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE (IPv4 or IPv6).
 	Endpoint string
-	// IPv6 selects http://[fd00:ec2::254] when no endpoint is given, as does
-	// AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6.
-	IPv6 bool
 	// Timeout bounds each HTTP request (default 1s).
 	Timeout time.Duration
 	// MaxAttempts bounds the attempts per key on timeouts, connection
 	// errors, 5xx and 429 (default 3).
 	MaxAttempts int
-	// Concurrency is how many keys are fetched at once (default 4).
-	Concurrency int
 	// MaxRequestsPerSecond paces requests (default 100, burst
 	// DefaultRequestBurst): link-local services share 1024 packets/s per ENI.
-	// Negative means unlimited
-	// (tests and benchmarks against a local emulator).
+	// Negative means unlimited (tests and benchmarks against an emulator).
 	MaxRequestsPerSecond float64
 	// Transport replaces the HTTP transport (tests). Requests through it are
 	// still counted and bounded.
@@ -96,7 +92,6 @@ type Client struct {
 	endpoint    string
 	timeout     time.Duration
 	maxAttempts int
-	concurrency int
 	requests    *limiter
 	retries     *limiter
 	total       atomic.Uint64
@@ -118,9 +113,6 @@ func New(opts Options) (*Client, error) {
 	if opts.MaxAttempts <= 0 {
 		opts.MaxAttempts = DefaultMaxAttempts
 	}
-	if opts.Concurrency <= 0 {
-		opts.Concurrency = DefaultConcurrency
-	}
 	if opts.MaxRequestsPerSecond == 0 {
 		opts.MaxRequestsPerSecond = DefaultMaxRequestsPerSecond
 	}
@@ -128,7 +120,6 @@ func New(opts Options) (*Client, error) {
 		endpoint:    endpoint,
 		timeout:     opts.Timeout,
 		maxAttempts: opts.MaxAttempts,
-		concurrency: opts.Concurrency,
 		requests:    newLimiter(opts.MaxRequestsPerSecond, DefaultRequestBurst),
 		retries:     newLimiter(retriesPerSecond, retryBurst),
 	}
@@ -138,7 +129,7 @@ func New(opts Options) (*Client, error) {
 			Proxy:                 nil, // never send IMDS requests through a proxy
 			DialContext:           (&net.Dialer{Timeout: opts.Timeout}).DialContext,
 			ResponseHeaderTimeout: opts.Timeout,
-			MaxIdleConnsPerHost:   opts.Concurrency,
+			MaxIdleConnsPerHost:   DefaultConcurrency,
 			IdleConnTimeout:       30 * time.Second,
 		}
 	}
@@ -169,14 +160,14 @@ func New(opts Options) (*Client, error) {
 // $AWS_EC2_METADATA_SERVICE_ENDPOINT > default of the endpoint mode.
 func resolveEndpoint(opts Options, getenv func(string) string) (string, sdkimds.EndpointModeState, error) {
 	if opts.Endpoint != "" {
-		u, err := validateEndpoint(opts.Endpoint)
+		u, err := ValidateEndpoint(opts.Endpoint)
 		if err != nil {
 			return "", 0, fmt.Errorf("invalid IMDS endpoint %q: %w", opts.Endpoint, err)
 		}
 		return u, sdkimds.EndpointModeStateUnset, nil
 	}
 	if v := getenv(EnvEndpoint); v != "" {
-		u, err := validateEndpoint(v)
+		u, err := ValidateEndpoint(v)
 		if err != nil {
 			return "", 0, fmt.Errorf("invalid IMDS endpoint %s=%q: %w", EnvEndpoint, v, err)
 		}
@@ -184,7 +175,7 @@ func resolveEndpoint(opts Options, getenv func(string) string) (string, sdkimds.
 	}
 	mode := getenv(EnvEndpointMode)
 	switch {
-	case opts.IPv6 || strings.EqualFold(mode, "IPv6"):
+	case strings.EqualFold(mode, "IPv6"):
 		return DefaultIPv6Endpoint, sdkimds.EndpointModeStateIPv6, nil
 	case mode == "" || strings.EqualFold(mode, "IPv4"):
 		return DefaultIPv4Endpoint, sdkimds.EndpointModeStateIPv4, nil
@@ -193,10 +184,10 @@ func resolveEndpoint(opts Options, getenv func(string) string) (string, sdkimds.
 	}
 }
 
-// validateEndpoint accepts http(s)://host[:port][/] and returns it without
+// ValidateEndpoint accepts http(s)://host[:port][/] and returns it without
 // the trailing slash. The SDK replaces the path of the endpoint, so a path
 // would be silently ignored: reject it instead.
-func validateEndpoint(s string) (string, error) {
+func ValidateEndpoint(s string) (string, error) {
 	u, err := url.Parse(s)
 	if err != nil {
 		return "", errors.New("not a URL")
@@ -321,7 +312,7 @@ func backoff(attempt int) time.Duration {
 	return d/2 + rand.N(d/2+1)
 }
 
-// forEach runs fn(i) for i in [0,n) on at most c.concurrency goroutines. On
+// forEach runs fn(i) for i in [0,n) on at most DefaultConcurrency goroutines. On
 // the first failure it cancels the rest and returns the failure with the
 // lowest index that is not a consequence of that cancellation, so the error
 // does not depend on scheduling more than it must. A failure that returns
@@ -336,7 +327,7 @@ func (c *Client) forEach(parent context.Context, n int, fn func(ctx context.Cont
 	consequences := make([]error, n) // failures once ctx was cancelled
 	var next atomic.Int64
 	var wg sync.WaitGroup
-	for range min(c.concurrency, n) {
+	for range min(DefaultConcurrency, n) {
 		wg.Go(func() {
 			for {
 				i := int(next.Add(1) - 1)

@@ -65,7 +65,7 @@ func TestSnapshotParsesEveryKey(t *testing.T) {
 	if got, _ := snap.ENI(mac2); !reflect.DeepEqual(got, want) {
 		t.Errorf("ENI %s:\n got %+v\nwant %+v", mac2, got, want)
 	}
-	if p, ok := snap.Primary(); !ok || !p.Ready || p.DeviceNumber != 0 || p.IPv4Prefixes != nil {
+	if p, ok := snap.ENI(snap.PrimaryMAC); !ok || !p.Ready || p.DeviceNumber != 0 || p.IPv4Prefixes != nil {
 		t.Errorf("primary ENI = %+v, want ready device 0 without prefixes", p)
 	}
 }
@@ -500,11 +500,10 @@ func TestResolveEndpoint(t *testing.T) {
 		wantErr string
 	}{
 		{"default", Options{}, nil, DefaultIPv4Endpoint, ""},
-		{"IPv6 option", Options{IPv6: true}, nil, DefaultIPv6Endpoint, ""},
 		{"IPv6 env", Options{}, map[string]string{EnvEndpointMode: "ipv6"}, DefaultIPv6Endpoint, ""},
 		{"IPv4 env", Options{}, map[string]string{EnvEndpointMode: "IPv4"}, DefaultIPv4Endpoint, ""},
 		{"bad mode", Options{}, map[string]string{EnvEndpointMode: "IPv5"}, "", EnvEndpointMode},
-		{"env endpoint", Options{IPv6: true}, map[string]string{EnvEndpoint: "http://127.0.0.1:1338/"}, "http://127.0.0.1:1338", ""},
+		{"env endpoint", Options{}, map[string]string{EnvEndpoint: "http://127.0.0.1:1338/", EnvEndpointMode: "IPv6"}, "http://127.0.0.1:1338", ""},
 		{"option beats env", Options{Endpoint: "http://[::1]:8080"}, map[string]string{EnvEndpoint: "http://127.0.0.1:1338"}, "http://[::1]:8080", ""},
 		{"bad env endpoint", Options{}, map[string]string{EnvEndpoint: "127.0.0.1:1338"}, "", EnvEndpoint},
 		{"no scheme", Options{Endpoint: "127.0.0.1"}, nil, "", "want http://"},
@@ -574,9 +573,8 @@ func TestDefaultEndpointsReachTheSDK(t *testing.T) {
 		want string
 	}{
 		{"IPv4 default", Options{}, "", "PUT http://169.254.169.254/latest/api/token"},
-		{"IPv6 option", Options{IPv6: true}, "", "PUT http://[fd00:ec2::254]/latest/api/token"},
 		{"IPv6 env", Options{}, "IPv6", "PUT http://[fd00:ec2::254]/latest/api/token"},
-		{"explicit endpoint beats IPv6", Options{IPv6: true, Endpoint: "http://[::1]:1"}, "IPv6", "PUT http://[::1]:1/latest/api/token"},
+		{"explicit endpoint beats IPv6", Options{Endpoint: "http://[::1]:1"}, "IPv6", "PUT http://[::1]:1/latest/api/token"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Setenv(EnvEndpoint, "")

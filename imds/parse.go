@@ -106,24 +106,7 @@ func parsePrimaryMAC(body string) (string, error) {
 // per line. It returns the MACs lower case, in listing order, and rejects
 // duplicates and an empty listing (an instance always has its primary ENI).
 func parseMACList(body string) ([]string, error) {
-	lines, err := splitLines(body)
-	if err != nil {
-		return nil, err
-	}
-	macs := make([]string, 0, len(lines))
-	seen := make(map[string]bool, len(lines))
-	for _, l := range lines {
-		mac, err := parseMAC(strings.TrimSuffix(l, "/"))
-		if err != nil {
-			return nil, err
-		}
-		if seen[mac] {
-			return nil, invalid(l, "is listed twice")
-		}
-		seen[mac] = true
-		macs = append(macs, mac)
-	}
-	return macs, nil
+	return parseList(body, func(l string) (string, error) { return parseMAC(strings.TrimSuffix(l, "/")) })
 }
 
 // parseKeyList parses a directory listing such as macs/<mac>/: one key per
@@ -213,26 +196,26 @@ func parseIPv6(s string) (netip.Addr, error) {
 	return a, nil
 }
 
-// parseAddrList parses one address per line, keeping IMDS order (the first
+// parseList parses one value per line, keeping IMDS order (the first
 // local-ipv4s entry is the ENI's primary private IP) and rejecting duplicates.
-func parseAddrList(body string, parse func(string) (netip.Addr, error)) ([]netip.Addr, error) {
+func parseList[T comparable](body string, parse func(string) (T, error)) ([]T, error) {
 	lines, err := splitLines(body)
 	if err != nil {
 		return nil, err
 	}
-	addrs := make([]netip.Addr, 0, len(lines))
-	var seen map[netip.Addr]bool
+	out := make([]T, 0, len(lines))
+	var seen map[T]bool
 	for _, l := range lines {
-		a, err := parse(l)
+		v, err := parse(l)
 		if err != nil {
 			return nil, err
 		}
-		if repeats(addrs, a, &seen) {
+		if repeats(out, v, &seen) {
 			return nil, invalid(l, "is listed twice")
 		}
-		addrs = append(addrs, a)
+		out = append(out, v)
 	}
-	return addrs, nil
+	return out, nil
 }
 
 // repeats reports whether v is among earlier, the values already accepted.
@@ -264,10 +247,10 @@ func repeats[T comparable](earlier []T, v T, seen *map[T]bool) bool {
 }
 
 // parseIPv4List parses local-ipv4s.
-func parseIPv4List(body string) ([]netip.Addr, error) { return parseAddrList(body, parseIPv4) }
+func parseIPv4List(body string) ([]netip.Addr, error) { return parseList(body, parseIPv4) }
 
 // parseIPv6List parses ipv6s.
-func parseIPv6List(body string) ([]netip.Addr, error) { return parseAddrList(body, parseIPv6) }
+func parseIPv6List(body string) ([]netip.Addr, error) { return parseList(body, parseIPv6) }
 
 // parsePrefix parses one CIDR block of the given family (4 or 6). Host bits
 // must be zero: IMDS lists blocks, and "10.0.1.5/24" means a corrupted value.
@@ -299,21 +282,5 @@ func parseIPv4Prefix(body string) (netip.Prefix, error) {
 // parsePrefixList parses one CIDR block of the given family per line
 // (ipv4-prefix, ipv6-prefix, *-cidr-blocks), keeping order, rejecting duplicates.
 func parsePrefixList(body string, family int) ([]netip.Prefix, error) {
-	lines, err := splitLines(body)
-	if err != nil {
-		return nil, err
-	}
-	prefixes := make([]netip.Prefix, 0, len(lines))
-	var seen map[netip.Prefix]bool
-	for _, l := range lines {
-		p, err := parsePrefix(l, family)
-		if err != nil {
-			return nil, err
-		}
-		if repeats(prefixes, p, &seen) {
-			return nil, invalid(l, "is listed twice")
-		}
-		prefixes = append(prefixes, p)
-	}
-	return prefixes, nil
+	return parseList(body, func(l string) (netip.Prefix, error) { return parsePrefix(l, family) })
 }

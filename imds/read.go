@@ -79,20 +79,7 @@ func keysToFetch(listed map[string]bool) []eniKey {
 //   - local-ipv4s is listed without subnet-ipv4-cidr-block, or ipv6s without
 //     subnet-ipv6-cidr-blocks (no gateway could be derived).
 func (c *Client) Snapshot(ctx context.Context) (Snapshot, error) {
-	var snap Snapshot
-	n, err := c.read(ctx, func(ctx context.Context) error {
-		primary, err := getParsed(ctx, c, "mac", parsePrimaryMAC)
-		if err != nil {
-			return err
-		}
-		snap, err = c.readENIs(ctx, primary, false, nil, func(string) (readMode, ENI) { return readFull, ENI{} })
-		return err
-	})
-	if err != nil {
-		return Snapshot{}, err
-	}
-	snap.Requests = n
-	return snap, nil
+	return c.Refresh(ctx, Snapshot{}, Update{})
 }
 
 // read runs one of the client's reads (Snapshot, Refresh, ListMACs) and
@@ -196,7 +183,7 @@ type Update struct {
 // read. prev without a primary MAC makes Refresh a Snapshot.
 func (c *Client) Refresh(ctx context.Context, prev Snapshot, u Update) (Snapshot, error) {
 	if prev.PrimaryMAC == "" {
-		return c.Snapshot(ctx)
+		u = Update{}
 	}
 	full := map[string]bool{}
 	for _, m := range u.Full {
@@ -204,7 +191,13 @@ func (c *Client) Refresh(ctx context.Context, prev Snapshot, u Update) (Snapshot
 	}
 	var snap Snapshot
 	n, err := c.read(ctx, func(ctx context.Context) (err error) {
-		snap, err = c.readENIs(ctx, prev.PrimaryMAC, prev.MultiCard, u.MACs, func(mac string) (readMode, ENI) {
+		primary := prev.PrimaryMAC
+		if primary == "" {
+			if primary, err = getParsed(ctx, c, "mac", parsePrimaryMAC); err != nil {
+				return err
+			}
+		}
+		snap, err = c.readENIs(ctx, primary, prev.MultiCard, u.MACs, func(mac string) (readMode, ENI) {
 			old, ok := prev.ENI(mac)
 			switch {
 			case !ok || !old.Ready || full[mac]:

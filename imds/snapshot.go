@@ -66,9 +66,6 @@ func (s Snapshot) ENI(mac string) (ENI, bool) {
 	return ENI{}, false
 }
 
-// Primary returns the primary ENI, if the snapshot lists it.
-func (s Snapshot) Primary() (ENI, bool) { return s.ENI(s.PrimaryMAC) }
-
 // Equal reports whether s and o say the same about the instance's ENIs
 // (what they cost to read aside).
 func (s Snapshot) Equal(o Snapshot) bool {

@@ -1,6 +1,7 @@
 package netcfg
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -12,7 +13,7 @@ import (
 // ifaProto is the IFA_PROTO address attribute (linux/if_addr.h, kernel 5.18+):
 // the address's origin, like a route's protocol. golang.org/x/sys/unix and
 // vishvananda/netlink v1.3.1 do not know it yet, so addresses are added and
-// dumped with raw rtnetlink messages.
+// dumped with raw rtnetlink messages on the dump socket.
 const ifaProto = 11
 
 // kernelAddr is one interface address as the kernel reports it.
@@ -23,53 +24,43 @@ type kernelAddr struct {
 	Proto     uint8        // IFA_PROTO; 0 when absent
 }
 
-// addrSocket talks rtnetlink for addresses in one namespace. It owns a netlink
-// socket opened inside that namespace, so every request acts there whatever
-// thread sends it.
-type addrSocket struct {
-	sh *nl.SocketHandle
-}
-
-func newAddrSocket(sock *nl.NetlinkSocket) *addrSocket {
-	return &addrSocket{sh: &nl.SocketHandle{Socket: sock}}
-}
-
-func (s *addrSocket) close() { s.sh.Close() }
-
-func (s *addrSocket) request(msgType, flags int) *nl.NetlinkRequest {
-	req := nl.NewNetlinkRequest(msgType, flags)
-	req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: s.sh}
-	return req
-}
-
-// addrMessage builds the ifaddrmsg and attributes identifying a, plus (for
-// adds) flags and protocol.
-func addrMessage(req *nl.NetlinkRequest, a Addr, flags uint32, proto uint8, add bool) {
-	addr := a.Prefix.Addr()
-	family := unix.AF_INET6
-	if addr.Is4() {
-		family = unix.AF_INET
+// addrRequest is the body of a request about a: its ifaddrmsg and the
+// attributes naming it, plus for an add its broadcast, flags and protocol
+// (proto 0 sends no IFA_PROTO).
+func addrRequest(a Addr, proto uint8, add bool) []byte {
+	ip := a.Prefix.Addr()
+	// struct ifaddrmsg: family, prefixlen, flags, scope (u8 each), index (u32).
+	b := make([]byte, unix.SizeofIfAddrmsg, 64)
+	b[0], b[1] = unix.AF_INET6, byte(a.Prefix.Bits())
+	if ip.Is4() {
+		b[0] = unix.AF_INET
 	}
-	msg := nl.NewIfAddrmsg(family)
-	msg.Prefixlen = uint8(a.Prefix.Bits())
-	msg.Index = uint32(a.LinkIndex)
-	msg.Flags = uint8(flags & 0xff)
-	req.AddData(msg)
-	raw := addr.AsSlice()
-	req.AddData(nl.NewRtAttr(unix.IFA_LOCAL, raw))
-	req.AddData(nl.NewRtAttr(unix.IFA_ADDRESS, raw))
+	binary.NativeEndian.PutUint32(b[4:8], uint32(a.LinkIndex))
+	b = appendAttr(b, unix.IFA_LOCAL, ip.AsSlice())
+	b = appendAttr(b, unix.IFA_ADDRESS, ip.AsSlice())
 	if !add {
-		return
+		return b
 	}
-	if addr.Is4() && a.Prefix.Bits() < 31 {
+	flags := addrFlags(a)
+	b[2] = byte(flags) // the low 8 bits; IFA_FLAGS carries them all
+	if ip.Is4() && a.Prefix.Bits() < 31 {
 		// `ip addr add 10.1.0.11/24 brd +`: what DHCP clients set too.
-		bcast := broadcast(a.Prefix)
-		req.AddData(nl.NewRtAttr(unix.IFA_BROADCAST, bcast.AsSlice()))
+		b = appendAttr(b, unix.IFA_BROADCAST, broadcast(a.Prefix).AsSlice())
 	}
-	req.AddData(nl.NewRtAttr(unix.IFA_FLAGS, nl.Uint32Attr(flags)))
+	b = appendAttr(b, unix.IFA_FLAGS, binary.NativeEndian.AppendUint32(nil, flags))
 	if proto != 0 {
-		req.AddData(nl.NewRtAttr(ifaProto, nl.Uint8Attr(proto)))
+		b = appendAttr(b, ifaProto, []byte{proto})
 	}
+	return b
+}
+
+// appendAttr appends the rtattr typ holding v, padded to the alignment.
+func appendAttr(b []byte, typ uint16, v []byte) []byte {
+	l := unix.SizeofRtAttr + len(v)
+	b = binary.NativeEndian.AppendUint16(b, uint16(l))
+	b = binary.NativeEndian.AppendUint16(b, typ)
+	b = append(b, v...)
+	return append(b, make([]byte, rtaAlign(l)-l)...)
 }
 
 func broadcast(p netip.Prefix) netip.Addr {
@@ -95,30 +86,20 @@ func addrFlags(a Addr) uint32 {
 	return f
 }
 
-// add is `ip addr add <prefix> dev <link> [noprefixroute] [nodad] proto <proto>`
-// (proto 0 sends no IFA_PROTO). It fails with EEXIST if the address is there.
-func (s *addrSocket) add(a Addr, proto uint8) error {
-	req := s.request(unix.RTM_NEWADDR, unix.NLM_F_CREATE|unix.NLM_F_EXCL|unix.NLM_F_ACK)
-	addrMessage(req, a, addrFlags(a), proto, true)
-	_, err := req.Execute(unix.NETLINK_ROUTE, 0)
-	return err
+// addAddr is `ip addr add <prefix> dev <link> [noprefixroute] [nodad] proto
+// <proto>`, failing with EEXIST if the address is there; with replace it is
+// `ip addr replace`: the address stays, its flags change.
+func (d *dumpSocket) addAddr(a Addr, proto uint8, replace bool) error {
+	flags := uint16(unix.NLM_F_CREATE | unix.NLM_F_EXCL)
+	if replace {
+		flags = unix.NLM_F_CREATE | unix.NLM_F_REPLACE
+	}
+	return d.request(unix.RTM_NEWADDR, flags, addrRequest(a, proto, true))
 }
 
-// replace is `ip addr replace <prefix> dev <link> [noprefixroute] proto
-// <proto>`: the address stays, its flags change.
-func (s *addrSocket) replace(a Addr, proto uint8) error {
-	req := s.request(unix.RTM_NEWADDR, unix.NLM_F_CREATE|unix.NLM_F_REPLACE|unix.NLM_F_ACK)
-	addrMessage(req, a, addrFlags(a), proto, true)
-	_, err := req.Execute(unix.NETLINK_ROUTE, 0)
-	return err
-}
-
-// del is `ip addr del <prefix> dev <link>`.
-func (s *addrSocket) del(a Addr) error {
-	req := s.request(unix.RTM_DELADDR, unix.NLM_F_ACK)
-	addrMessage(req, a, 0, 0, false)
-	_, err := req.Execute(unix.NETLINK_ROUTE, 0)
-	return err
+// delAddr is `ip addr del <prefix> dev <link>`.
+func (d *dumpSocket) delAddr(a Addr) error {
+	return d.request(unix.RTM_DELADDR, 0, addrRequest(a, 0, false))
 }
 
 // maxDumpAttempts bounds the retries of a dump the kernel reports as

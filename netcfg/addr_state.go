@@ -1,9 +1,13 @@
 package netcfg
 
 import (
+	"cmp"
 	"fmt"
+	"maps"
+	"net/netip"
 	"path/filepath"
-	"sort"
+	"slices"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -21,19 +25,13 @@ type addrRecord struct {
 
 func (k *Kernel) addrStatePath() string { return filepath.Join(k.stateDir, addrStateFile) }
 
-func (k *Kernel) readAddrRecords() ([]addrRecord, error) {
-	var recs []addrRecord
-	if err := readJSON(k.addrStatePath(), &recs); err != nil {
-		return nil, fmt.Errorf("reading owned addresses: %w", err)
-	}
-	return recs, nil
-}
+func recordOf(link int, p netip.Prefix) addrRecord { return addrRecord{Link: link, Prefix: p.String()} }
 
 // addrRecords returns the recorded addresses as a set.
 func (k *Kernel) addrRecords() (map[addrRecord]bool, error) {
-	recs, err := k.readAddrRecords()
-	if err != nil {
-		return nil, err
+	var recs []addrRecord
+	if err := readJSON(k.addrStatePath(), &recs); err != nil {
+		return nil, fmt.Errorf("reading owned addresses: %w", err)
 	}
 	set := make(map[addrRecord]bool, len(recs))
 	for _, r := range recs {
@@ -43,43 +41,34 @@ func (k *Kernel) addrRecords() (map[addrRecord]bool, error) {
 }
 
 func (k *Kernel) writeAddrRecords(set map[addrRecord]bool) error {
-	recs := make([]addrRecord, 0, len(set))
-	for r := range set {
-		recs = append(recs, r)
-	}
-	sort.Slice(recs, func(i, j int) bool {
-		if recs[i].Link != recs[j].Link {
-			return recs[i].Link < recs[j].Link
-		}
-		return recs[i].Prefix < recs[j].Prefix
+	recs := slices.SortedFunc(maps.Keys(set), func(a, b addrRecord) int {
+		return cmp.Or(cmp.Compare(a.Link, b.Link), strings.Compare(a.Prefix, b.Prefix))
 	})
-	if err := writeJSONAtomic(k.addrStatePath(), recs); err != nil {
+	if err := WriteStateFile(k.addrStatePath(), recs, 0o600); err != nil {
 		return fmt.Errorf("recording owned addresses: %w", err)
 	}
 	return nil
 }
 
-// recordAddr notes that we added a.
-func (k *Kernel) recordAddr(a Addr) error {
-	set, err := k.addrRecords()
-	if err != nil {
-		return err
-	}
-	set[addrRecord{Link: a.LinkIndex, Prefix: a.Prefix.String()}] = true
-	return k.writeAddrRecords(set)
-}
-
-// forgetAddr drops a's record once it is deleted.
-func (k *Kernel) forgetAddr(a Addr) error {
-	set, err := k.addrRecords()
-	if err != nil {
-		return err
-	}
-	rec := addrRecord{Link: a.LinkIndex, Prefix: a.Prefix.String()}
-	if !set[rec] {
+// recordAddr notes that we added a (owned) or deleted it, on a kernel
+// without IFA_PROTO.
+func (k *Kernel) recordAddr(a Addr, owned bool) error {
+	if k.addrProto {
 		return nil
 	}
-	delete(set, rec)
+	set, err := k.addrRecords()
+	if err != nil {
+		return err
+	}
+	rec := recordOf(a.LinkIndex, a.Prefix)
+	if set[rec] == owned {
+		return nil
+	}
+	if owned {
+		set[rec] = true
+	} else {
+		delete(set, rec)
+	}
 	return k.writeAddrRecords(set)
 }
 
@@ -87,6 +76,9 @@ func (k *Kernel) forgetAddr(a Addr) error {
 // link (deleted by somebody else, or gone with their link): should another
 // tool add the same address later, it is not ours.
 func (k *Kernel) pruneAddrRecords() error {
+	if k.addrProto {
+		return nil
+	}
 	set, err := k.addrRecords()
 	if err != nil || len(set) == 0 {
 		return err
@@ -97,8 +89,7 @@ func (k *Kernel) pruneAddrRecords() error {
 	}
 	kept := map[addrRecord]bool{}
 	for _, a := range present {
-		rec := addrRecord{Link: a.LinkIndex, Prefix: a.Prefix.String()}
-		if set[rec] {
+		if rec := recordOf(a.LinkIndex, a.Prefix); set[rec] {
 			kept[rec] = true
 		}
 	}

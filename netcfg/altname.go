@@ -51,7 +51,7 @@ func (k *Kernel) altNameRecords() (map[AltName]bool, error) {
 }
 
 func (k *Kernel) writeAltNameRecords(set map[AltName]bool) error {
-	if err := writeJSONAtomic(k.altNameStatePath(), slices.SortedFunc(maps.Keys(set), compareAltNames)); err != nil {
+	if err := WriteStateFile(k.altNameStatePath(), slices.SortedFunc(maps.Keys(set), compareAltNames), 0o600); err != nil {
 		return fmt.Errorf("recording owned altnames: %w", err)
 	}
 	return nil

@@ -67,10 +67,10 @@ func (c Config) Validate() error {
 			bad("%s.match: empty selector would match every ENI; set interface_id, mac, device_number or vpc_id", key)
 		}
 		if m.InterfaceID != "" && !strings.HasPrefix(m.InterfaceID, "eni-") {
-			bad("%s.match.interface_id: %q does not look like eni-...", key, m.InterfaceID)
+			bad("%s.match.interface_id: %q is not an ENI id (eni-...)", key, m.InterfaceID)
 		}
 		if m.VPCID != "" && !strings.HasPrefix(m.VPCID, "vpc-") {
-			bad("%s.match.vpc_id: %q does not look like vpc-...", key, m.VPCID)
+			bad("%s.match.vpc_id: %q is not a VPC id (vpc-...)", key, m.VPCID)
 		}
 		if m.MAC != "" {
 			if hw, err := net.ParseMAC(m.MAC); err != nil || len(hw) != 6 {

@@ -87,6 +87,9 @@ const (
 	ENIInvalid ENIState = "invalid"
 )
 
+// ENIStates lists every ENIState, in the order summaries name them.
+var ENIStates = []ENIState{ENIConfigured, ENIDrift, ENIWaitingLink, ENIWaitingIMDS, ENIExcluded, ENIPrimaryRole, ENIInvalid}
+
 // ENIStatus describes one ENI of the snapshot and what dualhomed does with it.
 type ENIStatus struct {
 	MAC         string       `json:"mac"`
@@ -113,7 +116,7 @@ type Warning struct {
 	Hint    string `json:"hint,omitempty"`
 	// Blocks lists the routes dualhomed wants that the conflict keeps out
 	// of the kernel: a foreign route holds their table, destination and
-	// metric, so adding them fails with EEXIST (Kernel.Conflicts sets it).
+	// metric, so adding them fails with EEXIST (Conflicts sets it).
 	Blocks []Route `json:"blocks,omitempty"`
 }
 
@@ -209,7 +212,12 @@ type desirer struct {
 	// identity, the last one counts.
 	owned map[AddrKey]Addr
 
-	b        stateBuilder
+	// The state being built: at most one object per key (Diff needs that),
+	// the first of several counting.
+	st       State
+	routes   map[RouteKey]Route
+	addrs    map[netip.Addr]AddrKey // by address alone: see addr
+	rpf      map[string]bool
 	warnings []Warning
 }
 
@@ -221,8 +229,8 @@ func newDesirer(snap imds.Snapshot, obs Observed, cfg Config) *desirer {
 		addrs += len(e.LocalIPv4s) + len(e.IPv6s)
 		rules += len(e.LocalIPv4s) + len(e.IPv6s) + len(e.IPv4Prefixes) + len(e.IPv6Prefixes)
 	}
-	d.b = stateBuilder{st: State{Routes: make([]Route, 0, 4*len(snap.ENIs)), Rules: make([]Rule, 0, rules), Addrs: make([]Addr, 0, addrs)},
-		routes: make(map[RouteKey]Route, 4*len(snap.ENIs)), addrs: make(map[netip.Addr]AddrKey, addrs), rpf: map[string]bool{}, warn: d.warn}
+	d.st = State{Routes: make([]Route, 0, 4*len(snap.ENIs)), Rules: make([]Rule, 0, rules), Addrs: make([]Addr, 0, addrs)}
+	d.routes, d.addrs, d.rpf = make(map[RouteKey]Route, 4*len(snap.ENIs)), make(map[netip.Addr]AddrKey, addrs), map[string]bool{}
 	return d
 }
 
@@ -310,7 +318,7 @@ func (d *desirer) run() {
 	for _, e := range d.sortedManaged() {
 		d.addTable(e)
 		if !e.primary && d.cfg.rpFilterMode() != RPFilterKeep {
-			d.b.rpFilter(e, RPFilter{LinkName: e.link.Name, Value: d.cfg.rpFilterValue()})
+			d.rpFilter(RPFilter{LinkName: e.link.Name, Value: d.cfg.rpFilterValue()})
 		}
 		d.addAltNames(e)
 	}
@@ -337,7 +345,7 @@ func (d *desirer) computeForeign() {
 // present reports whether a will be on the link after the plan: a foreign
 // address or one we want.
 func (d *desirer) present(link int, a netip.Addr) bool {
-	if k, ok := d.b.addrs[a]; ok && k.LinkIndex == link {
+	if k, ok := d.addrs[a]; ok && k.LinkIndex == link {
 		return true
 	}
 	return d.isForeign(link, a)
@@ -535,7 +543,7 @@ func (d *desirer) addAddresses(e *eniInfo, overlapping bool) {
 	link := e.link.Index
 	add := func(a Addr) {
 		if !d.isForeign(link, a.Prefix.Addr()) {
-			d.b.addr(e, a)
+			d.addr(e, a)
 		}
 	}
 	for i, a := range e.eni.LocalIPv4s {
@@ -565,7 +573,7 @@ func (d *desirer) addTable(e *eniInfo) {
 		return
 	}
 	link := e.link.Index
-	rule := func(src netip.Prefix) { d.b.rule(e, Rule{Priority: e.prio, Src: src, Table: e.table}) }
+	rule := func(src netip.Prefix) { d.rule(Rule{Priority: e.prio, Src: src, Table: e.table}) }
 
 	if len(e.eni.LocalIPv4s) > 0 {
 		first, subnet := e.eni.LocalIPv4s[0], e.eni.SubnetIPv4CIDR
@@ -583,8 +591,8 @@ func (d *desirer) addTable(e *eniInfo) {
 	}
 	if e.v4.IsValid() {
 		gw := e.v4Net.Addr().Next()
-		d.b.route(e, Route{Table: e.table, Dst: e.v4Net, LinkIndex: link, Src: e.v4, ScopeLink: true})
-		d.b.route(e, Route{Table: e.table, Dst: netip.PrefixFrom(netip.IPv4Unspecified(), 0), Gateway: gw, LinkIndex: link, Src: e.v4})
+		d.route(e, Route{Table: e.table, Dst: e.v4Net, LinkIndex: link, Src: e.v4, ScopeLink: true})
+		d.route(e, Route{Table: e.table, Dst: netip.PrefixFrom(netip.IPv4Unspecified(), 0), Gateway: gw, LinkIndex: link, Src: e.v4})
 		for _, a := range e.eni.LocalIPv4s {
 			rule(netip.PrefixFrom(a, 32))
 		}
@@ -598,9 +606,9 @@ func (d *desirer) addTable(e *eniInfo) {
 	e.v6 = len(e.eni.IPv6s) > 0 || len(e.eni.IPv6Prefixes) > 0
 	if e.v6 {
 		for _, s := range e.eni.SubnetIPv6CIDRs {
-			d.b.route(e, Route{Table: e.table, Dst: s, LinkIndex: link})
+			d.route(e, Route{Table: e.table, Dst: s, LinkIndex: link})
 		}
-		d.b.route(e, Route{Table: e.table, Dst: netip.PrefixFrom(netip.IPv6Unspecified(), 0), Gateway: IPv6Gateway, LinkIndex: link})
+		d.route(e, Route{Table: e.table, Dst: netip.PrefixFrom(netip.IPv6Unspecified(), 0), Gateway: IPv6Gateway, LinkIndex: link})
 		for _, a := range e.eni.IPv6s {
 			rule(netip.PrefixFrom(a, 128))
 		}
@@ -615,9 +623,9 @@ func (d *desirer) addTable(e *eniInfo) {
 		case !dst.IsValid():
 			d.warn(e, "ignoring an invalid extra route", "")
 		case dst.Addr().Is4() && e.v4.IsValid():
-			d.b.route(e, Route{Table: e.table, Dst: dst, Gateway: e.v4Net.Addr().Next(), LinkIndex: link, Src: e.v4})
+			d.route(e, Route{Table: e.table, Dst: dst, Gateway: e.v4Net.Addr().Next(), LinkIndex: link, Src: e.v4})
 		case dst.Addr().Is6() && e.v6:
-			d.b.route(e, Route{Table: e.table, Dst: dst, Gateway: IPv6Gateway, LinkIndex: link})
+			d.route(e, Route{Table: e.table, Dst: dst, Gateway: IPv6Gateway, LinkIndex: link})
 		default:
 			d.warn(e, fmt.Sprintf("extra route %v: the ENI has no routing for that address family", dst), "")
 		}
@@ -631,18 +639,11 @@ func (d *desirer) addTable(e *eniInfo) {
 func (d *desirer) addVPCRoutes() {
 	vpcV4, vpcV6 := map[string][]netip.Prefix{}, map[string][]netip.Prefix{}
 	for _, e := range d.enis {
-		if e.eni.VPCID == "" {
-			continue
-		}
 		for _, c := range e.eni.VPCIPv4CIDRs {
-			if !slices.Contains(vpcV4[e.eni.VPCID], c) {
-				vpcV4[e.eni.VPCID] = append(vpcV4[e.eni.VPCID], c)
-			}
+			addVPCCIDR(vpcV4, e.eni.VPCID, c)
 		}
 		for _, c := range e.eni.VPCIPv6CIDRs {
-			if !slices.Contains(vpcV6[e.eni.VPCID], c) {
-				vpcV6[e.eni.VPCID] = append(vpcV6[e.eni.VPCID], c)
-			}
+			addVPCCIDR(vpcV6, e.eni.VPCID, c)
 		}
 	}
 	carried := map[string]bool{}
@@ -663,9 +664,16 @@ func (d *desirer) addVPCRoutes() {
 				}
 			}
 			for _, c := range d.vpcCIDRsAlone(e, vpcV6) {
-				d.b.route(e, Route{Table: MainTable, Dst: c, Gateway: IPv6Gateway, LinkIndex: e.link.Index, Src: src})
+				d.route(e, Route{Table: MainTable, Dst: c, Gateway: IPv6Gateway, LinkIndex: e.link.Index, Src: src})
 			}
 		}
+	}
+}
+
+// addVPCCIDR adds c to the CIDRs of vpc, once; a VPC without an id has none.
+func addVPCCIDR(cidrs map[string][]netip.Prefix, vpc string, c netip.Prefix) {
+	if vpc != "" && !slices.Contains(cidrs[vpc], c) {
+		cidrs[vpc] = append(cidrs[vpc], c)
 	}
 }
 
@@ -733,7 +741,7 @@ func (d *desirer) addVPCRoutes4(e *eniInfo, vpcV4 map[string][]netip.Prefix) {
 		}
 	}
 	for _, r := range routes {
-		d.b.route(e, r)
+		d.route(e, r)
 	}
 }
 
@@ -746,7 +754,7 @@ func (d *desirer) gatewayOnLink(e *eniInfo, gw netip.Addr) bool {
 			return true
 		}
 	}
-	for _, a := range d.b.st.Addrs {
+	for _, a := range d.st.Addrs {
 		if a.LinkIndex == e.link.Index && !a.NoPrefixRoute && a.Prefix.Contains(gw) {
 			return true
 		}
@@ -781,7 +789,7 @@ func (d *desirer) addAltNames(e *eniInfo) {
 		}
 		switch {
 		case !held || slices.Contains(d.obs.Owned.AltNames, AltName{LinkIndex: holder, Name: name}):
-			d.b.altName(e, AltName{LinkIndex: e.link.Index, Name: name})
+			d.altName(AltName{LinkIndex: e.link.Index, Name: name})
 		case holder != e.link.Index:
 			d.warn(e, fmt.Sprintf("altname %s is taken by link #%d: not giving it to %s", name, holder, e.link.Name),
 				"remove it there (`ip link property del dev <link> altname "+name+"`) if that link is not this ENI")
@@ -805,32 +813,32 @@ func (d *desirer) keepNotReady() {
 			if r.LinkIndex != link {
 				continue
 			}
-			if _, taken := d.b.routes[r.Key()]; taken {
+			if _, taken := d.routes[r.Key()]; taken {
 				continue // a ready ENI took over the destination (a VPC's routes, a clashing table)
 			}
-			kept = d.b.route(e, r) || kept
+			kept = d.route(e, r) || kept
 			if r.Table != MainTable {
 				tables[r.Table] = true
 			}
 		}
 		for _, r := range d.obs.Owned.Rules {
 			if tables[r.Table] {
-				kept = d.b.rule(e, r) || kept
+				kept = d.rule(r) || kept
 			}
 		}
 		for _, a := range d.obs.Owned.Addrs {
-			if _, taken := d.b.addrs[a.Prefix.Addr()]; a.LinkIndex == link && !taken {
-				kept = d.b.addr(e, a) || kept
+			if _, taken := d.addrs[a.Prefix.Addr()]; a.LinkIndex == link && !taken {
+				kept = d.addr(e, a) || kept
 			}
 		}
 		for _, f := range d.obs.Owned.RPFilters {
 			if f.LinkName == e.link.Name {
-				kept = d.b.rpFilter(e, f) || kept
+				kept = d.rpFilter(f) || kept
 			}
 		}
 		for _, a := range d.obs.Owned.AltNames {
 			if a.LinkIndex == link {
-				kept = d.b.altName(e, a) || kept
+				kept = d.altName(a) || kept
 			}
 		}
 		if kept {
@@ -840,7 +848,7 @@ func (d *desirer) keepNotReady() {
 }
 
 func (d *desirer) result() Result {
-	st := d.b.st
+	st := d.st
 	st.Sort()
 	st.Rules = slices.Compact(st.Rules)
 	enis := slices.Clone(d.enis)
@@ -852,64 +860,54 @@ func (d *desirer) result() Result {
 	return res
 }
 
-// stateBuilder collects objects, keeping the first of several with one key:
-// Diff needs at most one desired object per identity.
-type stateBuilder struct {
-	st     State
-	routes map[RouteKey]Route
-	addrs  map[netip.Addr]AddrKey // by address alone: see addr
-	rpf    map[string]bool
-	warn   func(e *eniInfo, msg, hint string)
-}
-
-func (b *stateBuilder) route(e *eniInfo, r Route) bool {
-	if old, ok := b.routes[r.Key()]; ok {
+func (d *desirer) route(e *eniInfo, r Route) bool {
+	if old, ok := d.routes[r.Key()]; ok {
 		if old != r {
-			b.warn(e, fmt.Sprintf("route to %v in table %d is wanted twice with different attributes: keeping the first", r.Dst, r.Table), "")
+			d.warn(e, fmt.Sprintf("route to %v in table %d is wanted twice with different attributes: keeping the first", r.Dst, r.Table), "")
 		}
 		return false
 	}
-	b.routes[r.Key()] = r
-	b.st.Routes = append(b.st.Routes, r)
+	d.routes[r.Key()] = r
+	d.st.Routes = append(d.st.Routes, r)
 	return true
 }
 
 // rule collects a rule; duplicates (only possible between a not-ready ENI's
 // kept rules and a ready ENI's) are dropped when the state is sorted.
-func (b *stateBuilder) rule(_ *eniInfo, r Rule) bool {
-	b.st.Rules = append(b.st.Rules, r)
+func (d *desirer) rule(r Rule) bool {
+	d.st.Rules = append(d.st.Rules, r)
 	return true
 }
 
 // addr keeps one address per IP instance-wide: IMDS listing an address on
 // two ENIs is a glitch, and the same address twice would make Diff unstable.
-func (b *stateBuilder) addr(e *eniInfo, a Addr) bool {
+func (d *desirer) addr(e *eniInfo, a Addr) bool {
 	ip := a.Prefix.Addr()
-	if old, ok := b.addrs[ip]; ok {
+	if old, ok := d.addrs[ip]; ok {
 		if old != a.Key() {
-			b.warn(e, fmt.Sprintf("address %v is wanted twice: keeping the first", ip), "")
+			d.warn(e, fmt.Sprintf("address %v is wanted twice: keeping the first", ip), "")
 		}
 		return false
 	}
-	b.addrs[ip] = a.Key()
-	b.st.Addrs = append(b.st.Addrs, a)
+	d.addrs[ip] = a.Key()
+	d.st.Addrs = append(d.st.Addrs, a)
 	return true
 }
 
 // altName keeps one link per name: names are unique in a namespace.
-func (b *stateBuilder) altName(_ *eniInfo, a AltName) bool {
-	if slices.ContainsFunc(b.st.AltNames, func(o AltName) bool { return o.Name == a.Name }) {
+func (d *desirer) altName(a AltName) bool {
+	if slices.ContainsFunc(d.st.AltNames, func(o AltName) bool { return o.Name == a.Name }) {
 		return false
 	}
-	b.st.AltNames = append(b.st.AltNames, a)
+	d.st.AltNames = append(d.st.AltNames, a)
 	return true
 }
 
-func (b *stateBuilder) rpFilter(_ *eniInfo, f RPFilter) bool {
-	if f.LinkName == "" || b.rpf[f.LinkName] {
+func (d *desirer) rpFilter(f RPFilter) bool {
+	if f.LinkName == "" || d.rpf[f.LinkName] {
 		return false
 	}
-	b.rpf[f.LinkName] = true
-	b.st.RPFilters = append(b.st.RPFilters, f)
+	d.rpf[f.LinkName] = true
+	d.st.RPFilters = append(d.st.RPFilters, f)
 	return true
 }

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -26,11 +25,10 @@ const netlinkTimeout = 10 * time.Second
 // Its methods may be called from several goroutines: Apply and Cleanup are
 // serialised, reads may run alongside them.
 type Kernel struct {
-	h        *netlink.Handle
-	addrs    *addrSocket    // raw rtnetlink for addresses (IFA_PROTO)
-	dump     *dumpSocket    // reads: links, addresses, routes, rules
-	ns       netns.NsHandle // sysctls are per namespace: written from a thread inside it
-	stateDir string         // where rp_filter originals are recorded (e.g. /run/dualhomed)
+	h        *netlink.Handle // routes, rules, links
+	dump     *dumpSocket     // reads: links, addresses, routes, rules; address writes (IFA_PROTO)
+	ns       netns.NsHandle  // sysctls are per namespace: written from a thread inside it
+	stateDir string          // where rp_filter originals are recorded (e.g. /run/dualhomed)
 	cfg      Config
 
 	// addrProto is true when the kernel records IFA_PROTO (Linux 5.18+), so
@@ -68,44 +66,25 @@ func NewKernel(ns netns.NsHandle, stateDir string, cfg Config) (*Kernel, error) 
 		}
 		own = netns.NsHandle(fd)
 	}
-	h, err := netlink.NewHandleAt(own, unix.NETLINK_ROUTE)
-	if err != nil {
+	k := &Kernel{ns: own, stateDir: stateDir, cfg: cfg, addrProto: kernelAtLeast(5, 18), altNames: kernelAtLeast(5, 5)}
+	var err error
+	if k.h, err = netlink.NewHandleAt(own, unix.NETLINK_ROUTE); err != nil {
 		own.Close()
 		return nil, fmt.Errorf("opening netlink handle: %w", err)
 	}
-	sock, err := nl.GetNetlinkSocketAt(own, netns.None(), unix.NETLINK_ROUTE)
-	if err != nil {
-		h.Close()
-		own.Close()
-		return nil, fmt.Errorf("opening address netlink socket: %w", err)
-	}
 	// A kernel that never answers must not hang the daemon: each send and
 	// receive gives up after netlinkTimeout and the reconcile is retried.
-	tv := unix.NsecToTimeval(netlinkTimeout.Nanoseconds())
-	err = errors.Join(h.SetSocketTimeout(netlinkTimeout), sock.SetSendTimeout(&tv), sock.SetReceiveTimeout(&tv))
-	if err != nil {
-		h.Close()
-		sock.Close()
-		own.Close()
-		return nil, fmt.Errorf("setting netlink timeouts: %w", err)
+	if err = k.h.SetSocketTimeout(netlinkTimeout); err != nil {
+		err = fmt.Errorf("setting netlink timeouts: %w", err)
+	} else {
+		k.dump, err = newDumpSocket(own)
 	}
-	dump, err := newDumpSocket(own)
 	if err != nil {
-		h.Close()
-		sock.Close()
+		k.h.Close()
 		own.Close()
 		return nil, err
 	}
-	return &Kernel{
-		h:         h,
-		addrs:     newAddrSocket(sock),
-		dump:      dump,
-		ns:        own,
-		stateDir:  stateDir,
-		cfg:       cfg,
-		addrProto: kernelAtLeast(5, 18),
-		altNames:  kernelAtLeast(5, 5),
-	}, nil
+	return k, nil
 }
 
 // kernelAtLeast reports whether the running kernel's release is at least
@@ -139,16 +118,11 @@ func parseRelease(r string) (major, minor int, ok bool) {
 // Close releases the netlink sockets and the namespace handle.
 func (k *Kernel) Close() {
 	k.h.Close()
-	k.addrs.close()
 	k.dump.close()
 	if k.ns.IsOpen() {
 		k.ns.Close()
 	}
 }
-
-// AddrOwnershipInKernel reports whether address ownership is read from the
-// kernel (IFA_PROTO) rather than from the state file.
-func (k *Kernel) AddrOwnershipInKernel() bool { return k.addrProto }
 
 // Observe reads, in one pass of rtnetlink dumps, everything a reconcile
 // needs of the kernel: the links, every address on them whoever put it
@@ -253,13 +227,6 @@ func (c Config) ourRuleBand(r KernelRule) bool {
 	return r.Protocol == c.Protocol && c.inPriorityBand(r.Priority)
 }
 
-func (k *Kernel) ownsAddr(a kernelAddr, recorded map[addrRecord]bool) bool {
-	if k.addrProto {
-		return a.Proto == k.cfg.Protocol
-	}
-	return recorded[addrRecord{Link: a.LinkIndex, Prefix: a.Prefix.String()}]
-}
-
 func (c Config) inTableBand(table int) bool {
 	return table >= c.TableBase && table < c.TableBase+c.CardStride*MaxNetworkCards
 }
@@ -268,7 +235,8 @@ func (c Config) inPriorityBand(prio int) bool {
 	return prio >= c.PriorityBase && prio < c.PriorityBase+c.CardStride*MaxNetworkCards
 }
 
-// ownedAddrs picks ours among every address dumped.
+// ownedAddrs picks ours among every address dumped: those carrying our
+// protocol, or on kernels without IFA_PROTO those recorded in the state file.
 func (k *Kernel) ownedAddrs(all []kernelAddr) ([]Addr, error) {
 	var recorded map[addrRecord]bool
 	var err error
@@ -279,7 +247,7 @@ func (k *Kernel) ownedAddrs(all []kernelAddr) ([]Addr, error) {
 	}
 	out := make([]Addr, 0, len(all))
 	for _, a := range all {
-		if k.ownsAddr(a, recorded) {
+		if (k.addrProto && a.Proto == k.cfg.Protocol) || (!k.addrProto && recorded[recordOf(a.LinkIndex, a.Prefix)]) {
 			out = append(out, Addr{LinkIndex: a.LinkIndex, Prefix: a.Prefix, NoPrefixRoute: a.Flags&unix.IFA_F_NOPREFIXROUTE != 0})
 		}
 	}

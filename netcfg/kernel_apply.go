@@ -41,11 +41,9 @@ func (k *Kernel) Apply(p Plan) (writes int, err error) {
 
 	var errs []error
 	blocking := 0 // failed additions that forbid deletions
-	if !k.addrProto {
-		if err := k.pruneAddrRecords(); err != nil {
-			errs = append(errs, err)
-			blocking++
-		}
+	if err := k.pruneAddrRecords(); err != nil {
+		errs = append(errs, err)
+		blocking++
 	}
 	if slices.ContainsFunc(p.Ops, func(op Op) bool { return op.AltName != nil }) {
 		if err := k.pruneAltNameRecords(); err != nil {
@@ -195,13 +193,10 @@ func (k *Kernel) applyRule(op Op) error {
 func (k *Kernel) applyAddr(op Op) (int, error) {
 	a := *op.Addr
 	if op.Delete {
-		if err := ignoreOnDelete(k.addrs.del(a)); err != nil {
+		if err := ignoreOnDelete(k.dump.delAddr(a)); err != nil {
 			return 1, fmt.Errorf("deleting address %v: %w", a, err)
 		}
-		if !k.addrProto {
-			return 1, k.forgetAddr(a)
-		}
-		return 1, nil
+		return 1, k.recordAddr(a, false)
 	}
 	proto := k.cfg.Protocol
 	if !k.addrProto {
@@ -211,23 +206,18 @@ func (k *Kernel) applyAddr(op Op) (int, error) {
 		if a.Prefix.Addr().Is4() {
 			return k.readdAddr4(a, proto)
 		}
-		if err := k.addrs.replace(a, proto); err != nil {
+		if err := k.dump.addAddr(a, proto, true); err != nil {
 			return 1, fmt.Errorf("replacing address %v: %w", a, err)
 		}
 		return 1, nil
 	}
-	err := k.addrs.add(a, proto)
-	if errors.Is(err, unix.EEXIST) {
-		// Somebody else's address (or ours, already recorded): never claim it.
-		return 1, nil
-	}
-	if err != nil {
+	switch err := k.dump.addAddr(a, proto, false); {
+	case errors.Is(err, unix.EEXIST):
+		return 1, nil // somebody else's address (or ours, already recorded): never claim it
+	case err != nil:
 		return 1, fmt.Errorf("adding address %v: %w", a, err)
 	}
-	if !k.addrProto {
-		return 1, k.recordAddr(a)
-	}
-	return 1, nil
+	return 1, k.recordAddr(a, true)
 }
 
 // readdAddr4 changes the noprefixroute flag of one of our IPv4 addresses.
@@ -248,11 +238,11 @@ func (k *Kernel) readdAddr4(a Addr, proto uint8) (writes int, err error) {
 		}
 	}
 	writes++
-	if err := ignoreOnDelete(k.addrs.del(a)); err != nil {
+	if err := ignoreOnDelete(k.dump.delAddr(a)); err != nil {
 		return writes, fmt.Errorf("replacing address %v: deleting: %w", a, err)
 	}
 	writes++
-	if err := ignoreOnAdd(k.addrs.add(a, proto)); err != nil {
+	if err := ignoreOnAdd(k.dump.addAddr(a, proto, false)); err != nil {
 		return writes, fmt.Errorf("replacing address %v: adding: %w", a, err)
 	}
 	// On-link routes first: a gateway must be reachable when its route is added.

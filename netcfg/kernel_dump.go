@@ -16,7 +16,8 @@ import (
 	"github.com/dualhomed/dualhomed/netcfg/nsthread"
 )
 
-// dumpSocket reads kernel state with rtnetlink dumps parsed in place.
+// dumpSocket reads kernel state with rtnetlink dumps parsed in place, and
+// sends the address requests (see ifaProto).
 //
 // Why not vishvananda/netlink's List functions: at full scale (15 ENIs, 1,500
 // addresses, 1,500 rules) a no-op reconcile spent most of its 10 ms copying
@@ -30,7 +31,7 @@ import (
 // the family in the request; on older kernels the option fails, the kernel
 // sends every family and the parsers skip the others: the result is the same.
 type dumpSocket struct {
-	mu     sync.Mutex // one dump at a time: replies are read off one socket
+	mu     sync.Mutex // one exchange at a time: replies are read off one socket
 	fd     int
 	seq    uint32
 	strict bool
@@ -92,7 +93,7 @@ func (d *dumpSocket) dump(what string, msgType uint16, body []byte, reset func()
 	for range maxDumpAttempts {
 		reset()
 		n := 0
-		err = d.dumpOnce(msgType, body, func(typ uint16, m []byte) error { n++; return fn(typ, m) })
+		err = d.exchange(msgType, unix.NLM_F_DUMP, body, func(typ uint16, m []byte) error { n++; return fn(typ, m) })
 		d.counts[msgType] = n
 		if !errors.Is(err, netlink.ErrDumpInterrupted) {
 			if err != nil {
@@ -104,24 +105,35 @@ func (d *dumpSocket) dump(what string, msgType uint16, body []byte, reset func()
 	return fmt.Errorf("listing %s: interrupted %d times: %w", what, maxDumpAttempts, err)
 }
 
-func (d *dumpSocket) dumpOnce(msgType uint16, body []byte, fn func(uint16, []byte) error) error {
+// request sends one request and waits for the kernel's acknowledgement:
+// nil, or the errno it answered with.
+func (d *dumpSocket) request(msgType, flags uint16, body []byte) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.exchange(msgType, unix.NLM_F_ACK|flags, body, func(uint16, []byte) error { return nil })
+}
+
+// exchange sends a request and calls fn with each reply message's type and
+// body until the dump ends (NLMSG_DONE) or the kernel acknowledges the
+// request (NLMSG_ERROR), and returns the errno it reports, if any.
+func (d *dumpSocket) exchange(msgType, flags uint16, body []byte, fn func(uint16, []byte) error) error {
 	d.seq++
 	req := make([]byte, unix.SizeofNlMsghdr, unix.SizeofNlMsghdr+len(body))
 	req = append(req, body...)
 	ne := nl.NativeEndian()
 	ne.PutUint32(req[0:4], uint32(len(req)))
 	ne.PutUint16(req[4:6], msgType)
-	ne.PutUint16(req[6:8], unix.NLM_F_REQUEST|unix.NLM_F_DUMP)
+	ne.PutUint16(req[6:8], unix.NLM_F_REQUEST|flags)
 	ne.PutUint32(req[8:12], d.seq)
 	if _, err := unix.Write(d.fd, req); err != nil {
-		return fmt.Errorf("sending dump request: %w", err)
+		return fmt.Errorf("sending netlink request: %w", err)
 	}
 	interrupted := false
 	var fnErr error
 	for {
 		n, err := readRetry(d.fd, d.buf)
 		if err != nil {
-			return fmt.Errorf("receiving dump: %w", err)
+			return fmt.Errorf("receiving netlink reply: %w", err)
 		}
 		b := d.buf[:n]
 		for len(b) >= unix.SizeofNlMsghdr {
@@ -129,17 +141,17 @@ func (d *dumpSocket) dumpOnce(msgType uint16, body []byte, fn func(uint16, []byt
 			if l < unix.SizeofNlMsghdr || l > len(b) {
 				return fmt.Errorf("malformed netlink message (length %d of %d bytes)", l, len(b))
 			}
-			typ, flags, seq := ne.Uint16(b[4:6]), ne.Uint16(b[6:8]), ne.Uint32(b[8:12])
+			typ, mflags, seq := ne.Uint16(b[4:6]), ne.Uint16(b[6:8]), ne.Uint32(b[8:12])
 			m := b[unix.SizeofNlMsghdr:l]
 			b = b[nlmAlign(l):]
 			if seq != d.seq {
 				continue // a late reply to an earlier, abandoned request
 			}
-			if flags&unix.NLM_F_DUMP_INTR != 0 {
+			if mflags&unix.NLM_F_DUMP_INTR != 0 {
 				interrupted = true
 			}
 			switch typ {
-			case unix.NLMSG_DONE:
+			case unix.NLMSG_DONE, unix.NLMSG_ERROR: // the error code leads both
 				if len(m) >= 4 {
 					if e := int32(ne.Uint32(m[0:4])); e < 0 {
 						return syscall.Errno(-e)
@@ -149,13 +161,6 @@ func (d *dumpSocket) dumpOnce(msgType uint16, body []byte, fn func(uint16, []byt
 					return netlink.ErrDumpInterrupted
 				}
 				return fnErr
-			case unix.NLMSG_ERROR:
-				if len(m) >= 4 {
-					if e := int32(ne.Uint32(m[0:4])); e < 0 {
-						return syscall.Errno(-e)
-					}
-				}
-				return errors.New("unexpected netlink acknowledgement")
 			case unix.NLMSG_NOOP, unix.NLMSG_OVERRUN:
 				continue
 			}

@@ -25,10 +25,12 @@ func readJSON(path string, v any) error {
 	return nil
 }
 
-// writeJSONAtomic replaces path with v's JSON so that a crash leaves either
-// the old or the new file, never a torn one: write a temporary file in the
-// same directory, fsync it, rename it over path.
-func writeJSONAtomic(path string, v any) error {
+// WriteStateFile replaces path with v's JSON, with permissions perm, so that
+// a crash leaves either the old or the new file, never a torn one: write a
+// temporary file in the same directory, rename it over path. There is no
+// fsync: what the files describe (our addresses, the rp_filter values we
+// changed, the daemon's status) does not survive a power loss either.
+func WriteStateFile(path string, v any, perm os.FileMode) error {
 	b, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encoding %s: %w", path, err)
@@ -42,16 +44,15 @@ func writeJSONAtomic(path string, v any) error {
 		return fmt.Errorf("creating temporary file for %s: %w", path, err)
 	}
 	defer os.Remove(tmp.Name()) // no-op once renamed
-	if _, err := tmp.Write(append(b, '\n')); err != nil {
-		tmp.Close()
+	_, err = tmp.Write(append(b, '\n'))
+	if err == nil {
+		err = tmp.Chmod(perm)
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
 		return fmt.Errorf("writing %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("syncing %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("closing %s: %w", tmp.Name(), err)
 	}
 	if err := os.Rename(tmp.Name(), path); err != nil {
 		return fmt.Errorf("renaming %s to %s: %w", tmp.Name(), path, err)

@@ -386,7 +386,7 @@ func TestAddrOwnershipInStateFileWithoutIFAProto(t *testing.T) {
 
 func TestKernelMarksAddressesWithIFAProto(t *testing.T) {
 	w := newKTWorld(t)
-	if !w.k.AddrOwnershipInKernel() {
+	if !w.k.addrProto {
 		t.Skip("kernel before 5.18: no IFA_PROTO")
 	}
 	if _, err := w.k.Apply(Diff(State{}, w.state(ktEth2))); err != nil {

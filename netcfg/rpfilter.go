@@ -1,9 +1,7 @@
 package netcfg
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
 	"maps"
 	"path/filepath"
 	"slices"
@@ -46,13 +44,24 @@ func (k *Kernel) ownedRPFilters(values map[string]int) ([]RPFilter, error) {
 	return out, nil
 }
 
+// rpFilterNow is link's rp_filter as the link dump reports it; false when
+// the link has no IPv4 configuration (it is gone).
+func (k *Kernel) rpFilterNow(link string) (value int, ok bool, err error) {
+	_, values, _, err := k.dump.links()
+	value, ok = values[link]
+	return value, ok, err
+}
+
 // setRPFilter records the link's original value (first time only, before
 // writing, so that a crash never loses it) and sets the new one. It writes
 // nothing when the value is already right.
 func (k *Kernel) setRPFilter(f RPFilter) (int, error) {
-	cur, err := readRPFilter(k.ns, f.LinkName)
+	cur, ok, err := k.rpFilterNow(f.LinkName)
 	if err != nil {
 		return 0, err
+	}
+	if !ok {
+		return 0, fmt.Errorf("reading net.ipv4.conf.%s.rp_filter: no such link", f.LinkName)
 	}
 	orig, err := k.rpFilterOriginals()
 	if err != nil {
@@ -60,7 +69,7 @@ func (k *Kernel) setRPFilter(f RPFilter) (int, error) {
 	}
 	if _, ok := orig[f.LinkName]; !ok {
 		orig[f.LinkName] = cur
-		if err := writeJSONAtomic(k.rpFilterStatePath(), orig); err != nil {
+		if err := WriteStateFile(k.rpFilterStatePath(), orig, 0o600); err != nil {
 			return 0, fmt.Errorf("recording original rp_filter of %s: %w", f.LinkName, err)
 		}
 	}
@@ -77,24 +86,23 @@ func (k *Kernel) restoreRPFilter(link string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	want, ok := orig[link]
-	if !ok {
+	want, recorded := orig[link]
+	if !recorded {
 		return 0, nil
 	}
-	writes := 0
-	cur, err := readRPFilter(k.ns, link)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-	case err != nil:
+	cur, present, err := k.rpFilterNow(link)
+	if err != nil {
 		return 0, err
-	case cur != want:
+	}
+	writes := 0
+	if present && cur != want {
 		writes = 1
 		if err := writeRPFilter(k.ns, link, want); err != nil {
 			return writes, fmt.Errorf("restoring rp_filter of %s: %w", link, err)
 		}
 	}
 	delete(orig, link)
-	if err := writeJSONAtomic(k.rpFilterStatePath(), orig); err != nil {
+	if err := WriteStateFile(k.rpFilterStatePath(), orig, 0o600); err != nil {
 		return writes, fmt.Errorf("forgetting original rp_filter of %s: %w", link, err)
 	}
 	return writes, nil

@@ -21,27 +21,6 @@ func rpFilterPath(link string) (string, error) {
 	return filepath.Join("/proc/sys/net/ipv4/conf", link, "rp_filter"), nil
 }
 
-// readRPFilter is `sysctl net.ipv4.conf.<link>.rp_filter` inside ns.
-func readRPFilter(ns netns.NsHandle, link string) (int, error) {
-	path, err := rpFilterPath(link)
-	if err != nil {
-		return 0, err
-	}
-	var v int
-	err = nsthread.Do(ns, func() error {
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return err
-		}
-		v, err = strconv.Atoi(strings.TrimSpace(string(b)))
-		return err
-	})
-	if err != nil {
-		return 0, fmt.Errorf("reading net.ipv4.conf.%s.rp_filter: %w", link, err)
-	}
-	return v, nil
-}
-
 // writeRPFilter is `sysctl -w net.ipv4.conf.<link>.rp_filter=<v>` inside ns.
 func writeRPFilter(ns netns.NsHandle, link string, v int) error {
 	path, err := rpFilterPath(link)

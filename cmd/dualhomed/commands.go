@@ -14,6 +14,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/dualhomed/dualhomed/agent"
+	"github.com/dualhomed/dualhomed/netcfg"
 )
 
 func daemonCmd(g *globals) *cobra.Command {
@@ -25,13 +26,12 @@ func daemonCmd(g *globals) *cobra.Command {
 the configuration; a bad file is rejected and the old one stays in force).
 Talks to systemd (Type=notify: READY, STATUS, WATCHDOG, STOPPING). Stopping
 leaves routes and rules in place.`,
-		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := g.loadConfig()
 			if err != nil {
 				return err
 			}
-			log, level, err := g.logger(cfg)
+			log, level, err := agent.NewLogger(cfg.Log.Level, cfg.Log.Format)
 			if err != nil {
 				return err
 			}
@@ -65,7 +65,6 @@ func applyCmd(g *globals) *cobra.Command {
 		Long: `Read IMDS, bring the kernel in line once, and exit. With --wait, repeat
 until every ENI listed in IMDS has a link and is configured, or the duration
 passes: then exit 3 naming what is missing.`,
-		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if wait < 0 {
 				return usageError{errors.New("--wait must not be negative")}
@@ -74,7 +73,7 @@ passes: then exit 3 naming what is missing.`,
 			if err != nil {
 				return err
 			}
-			log, _, err := g.logger(cfg)
+			log, _, err := agent.NewLogger(cfg.Log.Level, cfg.Log.Format)
 			if err != nil {
 				return err
 			}
@@ -113,7 +112,6 @@ func planCmd(g *globals) *cobra.Command {
 		Long: `Read IMDS and the kernel, and print the changes a reconcile would make in
 ip(8) syntax ("+" add, "~" replace, "-" delete) with every warning.
 Exit 0 when in sync, 2 when changes are pending, 1 on error.`,
-		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := g.loadConfig()
 			if err != nil {
@@ -154,7 +152,6 @@ func statusCmd(g *globals) *cobra.Command {
 running daemon's health from <state-dir>/status.json when present. States:
 configured, drift (changes pending), waiting for link, waiting for IMDS,
 excluded, primary, invalid.`,
-		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := g.loadConfig()
 			if err != nil {
@@ -195,13 +192,12 @@ func cleanupCmd(g *globals) *cobra.Command {
 		Long: `Delete every route, rule and address carrying dualhomed's protocol in its
 bands, and restore the rp_filter values it changed. Touches nothing else and
 does not need IMDS. Stop the daemon first, or it puts everything back.`,
-		Args: noArgs,
 		RunE: func(*cobra.Command, []string) error {
 			cfg, err := g.loadConfig()
 			if err != nil {
 				return err
 			}
-			kernel, err := newKernel(cfg)
+			kernel, err := netcfg.NewKernel(netns.None(), cfg.StateDir, cfg.Netcfg)
 			if err != nil {
 				return err
 			}
@@ -220,7 +216,6 @@ func versionCmd(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
-		Args:  noArgs,
 		RunE: func(*cobra.Command, []string) error {
 			fmt.Fprintf(g.stdout, "dualhomed %s\n", version)
 			return nil

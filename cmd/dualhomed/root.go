@@ -6,12 +6,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/spf13/cobra"
-	"github.com/spf13/pflag"
 	"github.com/vishvananda/netns"
-	"go.uber.org/zap"
 
 	"github.com/dualhomed/dualhomed/agent"
 	"github.com/dualhomed/dualhomed/imds"
@@ -40,9 +39,7 @@ type globals struct {
 	logLevel     string
 	logFormat    string
 	stateDir     string
-	flags        *pflag.FlagSet
 	stdout       io.Writer
-	stderr       io.Writer
 }
 
 // usageError marks errors that print the usage and exit 2.
@@ -93,7 +90,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 }
 
 func newRoot(stdout, stderr io.Writer) *cobra.Command {
-	g := &globals{stdout: stdout, stderr: stderr}
+	g := &globals{stdout: stdout}
 	root := &cobra.Command{
 		Use:   "dualhomed",
 		Short: "Policy routing for secondary (multi-VPC) EC2 network interfaces",
@@ -125,7 +122,6 @@ table and priority bands, and never touches anything else.
 	pf.StringVar(&g.logLevel, "log-level", "", "log level: debug, info, warn, error (default from the configuration: info)")
 	pf.StringVar(&g.logFormat, "log-format", "", "log format: json or console (default: console on a terminal, json otherwise)")
 	pf.StringVar(&g.stateDir, "state-dir", "", "state directory (default from the configuration: "+agent.DefaultStateDir+")")
-	g.flags = pf
 
 	root.AddCommand(
 		daemonCmd(g),
@@ -138,6 +134,9 @@ table and priority bands, and never touches anything else.
 	)
 	for _, c := range root.Commands() {
 		c.SilenceErrors, c.SilenceUsage = true, true
+		if c.Args == nil {
+			c.Args = noArgs
+		}
 		if c.Long != "" {
 			c.Long += "\n\n" + exitCodesHelp
 		}
@@ -166,19 +165,15 @@ func (g *globals) loadConfig() (agent.Config, error) {
 // validateFlags checks the global flags before any command runs.
 func (g *globals) validateFlags() error {
 	if g.imdsEndpoint != "" {
-		if err := agent.CheckIMDSEndpoint(g.imdsEndpoint); err != nil {
-			return usageError{fmt.Errorf("--imds-endpoint: %w", err)}
+		if _, err := imds.ValidateEndpoint(g.imdsEndpoint); err != nil {
+			return usageError{fmt.Errorf("--imds-endpoint: %q is not a usable IMDS endpoint: %w", g.imdsEndpoint, err)}
 		}
 	}
-	switch g.logLevel {
-	case "", "debug", "info", "warn", "error":
-	default:
-		return usageError{fmt.Errorf("--log-level: %q is not one of debug, info, warn, error", g.logLevel)}
+	if g.logLevel != "" && !slices.Contains(agent.LogLevels, g.logLevel) {
+		return usageError{fmt.Errorf("--log-level: %q is not one of %s", g.logLevel, strings.Join(agent.LogLevels, ", "))}
 	}
-	switch g.logFormat {
-	case "", "json", "console", "auto":
-	default:
-		return usageError{fmt.Errorf("--log-format: %q is not one of json, console", g.logFormat)}
+	if g.logFormat != "" && !slices.Contains(agent.LogFormats, g.logFormat) {
+		return usageError{fmt.Errorf("--log-format: %q is not one of %s", g.logFormat, strings.Join(agent.LogFormats, ", "))}
 	}
 	if g.stateDir != "" && !strings.HasPrefix(g.stateDir, "/") {
 		return usageError{fmt.Errorf("--state-dir: %q is not an absolute path", g.stateDir)}
@@ -207,11 +202,6 @@ func (g *globals) override(cfg *agent.Config) {
 	}
 }
 
-// logger builds the logger for cfg.
-func (g *globals) logger(cfg agent.Config) (*zap.Logger, zap.AtomicLevel, error) {
-	return agent.NewLogger(cfg.Log.Level, cfg.Log.Format)
-}
-
 // tools builds the IMDS client, the kernel handle (current namespace) and a
 // reconciler for the one-shot commands.
 func (g *globals) tools(cfg agent.Config) (*agent.Reconciler, *netcfg.Kernel, error) {
@@ -219,14 +209,9 @@ func (g *globals) tools(cfg agent.Config) (*agent.Reconciler, *netcfg.Kernel, er
 	if err != nil {
 		return nil, nil, err
 	}
-	kernel, err := newKernel(cfg)
+	kernel, err := netcfg.NewKernel(netns.None(), cfg.StateDir, cfg.Netcfg)
 	if err != nil {
 		return nil, nil, err
 	}
 	return agent.NewReconciler(source, kernel, cfg), kernel, nil
-}
-
-// newKernel opens netlink in the current namespace.
-func newKernel(cfg agent.Config) (*netcfg.Kernel, error) {
-	return netcfg.NewKernel(netns.None(), cfg.StateDir, cfg.Netcfg)
 }
