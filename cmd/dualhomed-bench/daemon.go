@@ -72,9 +72,7 @@ func (b *bench) daemon(ctx context.Context) {
 
 	b.step(fmt.Sprintf("daemon: at rest for %v", o.idle), func() error {
 		time.Sleep(2 * time.Second) // let the start-up settle (logs, first poll timer)
-		if err := b.w.IMDS.ResetStats(); err != nil {
-			return err
-		}
+		b.w.IMDS.ResetStats()
 		c0 := b.settledChanges()
 		cpu0, err1 := proc.CPUTime()
 		ticks0, err2 := proc.CPUTicks()
@@ -159,9 +157,7 @@ func (b *bench) daemon(ctx context.Context) {
 		if err != nil {
 			return err
 		}
-		if err := b.w.IMDS.ResetStats(); err != nil {
-			return err
-		}
+		b.w.IMDS.ResetStats()
 		if err := b.w.IMDS.SetFaults(emulator.Faults{Status: 500}); err != nil {
 			return err
 		}
@@ -177,9 +173,7 @@ func (b *bench) daemon(ctx context.Context) {
 		}
 		st := b.w.IMDS.Stats()
 		elapsed := time.Since(start)
-		if err := b.w.IMDS.ClearFaults(); err != nil {
-			return err
-		}
+		b.w.IMDS.ClearFaults()
 		d.FaultRequests, d.FaultWall = st.Requests, elapsed
 		diff, err := b.settledDiff(before, false)
 		if err != nil {
@@ -254,15 +248,11 @@ const pollCPUInterval = 3 * time.Second
 func (b *bench) pollCPU(ctx context.Context, proc *simworld.Proc, d *daemonResult) error {
 	want := max(1, int(b.o.pollCPU/pollCPUInterval))
 	// Counts start from zero twice: to see the first poll, then for the window.
-	if err := b.w.IMDS.ResetStats(); err != nil {
-		return err
-	}
+	b.w.IMDS.ResetStats()
 	if _, err := b.afterNextPoll(ctx, proc, 0); err != nil {
 		return err
 	}
-	if err := b.w.IMDS.ResetStats(); err != nil {
-		return err
-	}
+	b.w.IMDS.ResetStats()
 	c0, _ := b.wt.Changes()
 	cpu0, err := proc.CPUTime()
 	if err != nil {

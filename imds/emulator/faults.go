@@ -108,7 +108,6 @@ type Stats struct {
 	ByPath map[string]int64
 	// BytesSent is the total of response bodies (headers not included).
 	BytesSent int64
-	Dropped   int64 // connections closed by DropConnections
 }
 
 func (s Stats) clone() Stats {

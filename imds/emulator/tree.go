@@ -28,30 +28,20 @@ type node struct {
 // read without copying, so answering a GET costs one map lookup.
 type tree map[string]*node
 
-// override is a raw value (or a deletion) that wins over the model.
-type override struct {
-	Path    string
-	Raw     string
-	Deleted bool
-}
-
-func (t tree) setLeaf(path, body string) {
-	t.removeSubtree(path)
-	t[path] = &node{body: body}
-	t.link(path, false)
-}
-
-// link adds path to its parent's listing, creating parent directories (a
-// leaf standing where a directory is needed is replaced).
-func (t tree) link(path string, dir bool) {
-	for path != "" {
-		parent, name := splitPath(path)
+// add serves n at path, listed in its parent directory, whose own parents
+// are made as needed.
+func (t tree) add(path string, n *node) {
+	t[path] = n
+	for dir := n.dir; path != ""; dir = true {
+		parent, name := "", path
+		if i := strings.LastIndexByte(path, '/'); i >= 0 {
+			parent, name = path[:i], path[i+1:]
+		}
 		if dir {
 			name += "/"
 		}
 		p := t[parent]
-		if p == nil || !p.dir {
-			t.removeSubtree(parent)
+		if p == nil {
 			p = &node{dir: true}
 			t[parent] = p
 		}
@@ -59,32 +49,8 @@ func (t tree) link(path string, dir bool) {
 			return
 		}
 		p.entries = append(p.entries, name)
-		path, dir = parent, true
+		path = parent
 	}
-}
-
-func (t tree) removeSubtree(path string) {
-	if _, ok := t[path]; !ok || path == "" {
-		return
-	}
-	prefix := path + "/"
-	for p := range t {
-		if p == path || strings.HasPrefix(p, prefix) {
-			delete(t, p)
-		}
-	}
-	parent, name := splitPath(path)
-	if pn := t[parent]; pn != nil {
-		pn.entries = slices.DeleteFunc(pn.entries, func(e string) bool { return e == name || e == name+"/" })
-	}
-}
-
-func splitPath(path string) (parent, name string) {
-	i := strings.LastIndexByte(path, '/')
-	if i < 0 {
-		return "", path
-	}
-	return path[:i], path[i+1:]
 }
 
 // finish sorts listings (except the MAC listing, which keeps model order) and
@@ -118,11 +84,11 @@ func joinLines[T fmt.Stringer](items []T) string {
 	return strings.Join(parts, "\n")
 }
 
-// render builds the tree IMDS would serve for inst, then applies the raw
-// overrides in order.
-func render(inst Instance, overrides []override) tree {
+// render builds the tree IMDS would serve for inst, with the raw keys (by
+// MAC, then key) in place of the model's.
+func render(inst Instance, raw map[string]map[string]string) tree {
 	t := tree{"": {dir: true}}
-	md := func(key, value string) { t.setLeaf("meta-data/"+key, value) }
+	md := func(key, value string) { t.add("meta-data/"+key, &node{body: value}) }
 
 	md("ami-id", "ami-0abcdef1234567890")
 	if inst.InstanceID != "" {
@@ -148,13 +114,12 @@ func render(inst Instance, overrides []override) tree {
 		}
 	}
 	// The network/interfaces/macs directory exists even with no ENIs.
-	t[macsDir] = &node{dir: true}
-	t.link(macsDir, true)
+	t.add(macsDir, &node{dir: true})
 
 	multiCard := inst.MultiCard || slices.ContainsFunc(inst.ENIs, func(e imds.ENI) bool { return e.NetworkCard != 0 })
 	for _, e := range inst.ENIs {
 		dir := macsDir + "/" + e.MAC + "/"
-		k := func(key, value string) { t.setLeaf(dir+key, value) }
+		k := func(key, value string) { t.add(dir+key, &node{body: value}) }
 		k("device-number", strconv.Itoa(e.DeviceNumber))
 		if multiCard {
 			k("network-card", strconv.Itoa(e.NetworkCard))
@@ -179,9 +144,6 @@ func render(inst Instance, overrides []override) tree {
 		if e.OwnerID != "" {
 			k("owner-id", e.OwnerID)
 		}
-		if pub := inst.PublicIPv4s[e.MAC]; len(pub) > 0 {
-			k("public-ipv4s", joinLines(pub))
-		}
 		k("security-group-ids", securityGroupID(e))
 		if e.SubnetID != "" {
 			k("subnet-id", e.SubnetID)
@@ -202,17 +164,11 @@ func render(inst Instance, overrides []override) tree {
 		if len(e.VPCIPv6CIDRs) > 0 {
 			k("vpc-ipv6-cidr-blocks", joinLines(e.VPCIPv6CIDRs))
 		}
-	}
-
-	t.setLeaf("dynamic/instance-identity/document", identityDocument(inst, region))
-
-	for _, o := range overrides {
-		if o.Deleted {
-			t.removeSubtree(o.Path)
-			continue
+		for key, body := range raw[e.MAC] {
+			k(key, body)
 		}
-		t.setLeaf(o.Path, o.Raw)
 	}
+	t.add("dynamic/instance-identity/document", &node{body: identityDocument(inst, region)})
 	t.finish()
 	return t
 }
