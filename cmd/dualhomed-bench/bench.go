@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"runtime"
 	"runtime/debug"
 	"slices"
 	"strings"
@@ -32,9 +31,6 @@ func measure(ctx context.Context, o options) int {
 	r := newResults(o)
 	b := &bench{ctx: ctx, o: o, r: r}
 	defer b.closeWorld()
-	if load := loadAverage(); loadAbove(load, float64(runtime.NumCPU())/2) {
-		b.logf("warning: load average %s on %d CPUs: other work on the machine will slow every figure", load, runtime.NumCPU())
-	}
 
 	b.variant(ctx, 1)
 	if o.cards > 1 && ctx.Err() == nil {

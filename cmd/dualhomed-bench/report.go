@@ -8,7 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strconv"
+	"slices"
 	"strings"
 	"text/template"
 	"time"
@@ -117,16 +117,6 @@ func newResults(o options) *results {
 	return &results{o: o, Started: time.Now(), LoadStart: loadAverage()}
 }
 
-// loadAbove reports whether the 1-minute figure of a loadAverage exceeds limit.
-func loadAbove(load string, limit float64) bool {
-	f := strings.Fields(load)
-	if len(f) == 0 {
-		return false
-	}
-	v, err := strconv.ParseFloat(f[0], 64)
-	return err == nil && v > limit
-}
-
 // loadAverage is the 1, 5 and 15 minute load average: other work on the
 // machine during the run makes every figure slower.
 func loadAverage() string {
@@ -152,148 +142,57 @@ func verdict(ok bool) string {
 	return "**FAIL**"
 }
 
-// row is one line of the summary table.
-type row struct {
-	what, dualhomed, shell, batch, ratios, target, result string
+// The summary table's verdicts and derived figures, against the targets above.
+
+// ColdResult judges the cold reconcile against both baselines.
+func (v *variantResult) ColdResult() string {
+	if len(v.Shell.Time) == 0 || len(v.Batch.Time) == 0 {
+		return "—"
+	}
+	d := float64(v.Cold.Total.median())
+	return fmt.Sprintf("vs (b) %s, vs (a) %s", verdict(d <= targetColdVsBatch*float64(v.Batch.Time.median())),
+		verdict(float64(v.Shell.Time.median()) >= targetColdVsShell*d))
 }
 
-func (r *results) rows() []row {
-	var rows []row
-	na := "not measured"
-	for _, v := range r.Variants {
-		if len(v.Cold.Total) == 0 {
-			rows = append(rows, row{"Cold reconcile, " + v.Name, na, "", "", "", "", "**FAIL**"})
-			continue
-		}
-		d, a, b := v.Cold.Total.median(), v.Shell.Time.median(), v.Batch.Time.median()
-		res := "—"
-		if len(v.Shell.Time) > 0 && len(v.Batch.Time) > 0 {
-			okB := float64(d) <= targetColdVsBatch*float64(b)
-			okA := float64(a) >= targetColdVsShell*float64(d)
-			res = fmt.Sprintf("vs (b) %s, vs (a) %s", verdict(okB), verdict(okA))
-		}
-		rows = append(rows, row{
-			what:      fmt.Sprintf("Cold reconcile, %s (IMDS reads included): time", v.Name),
-			dualhomed: v.Cold.Total.medianRange(),
-			shell:     v.Shell.Time.medianRange(),
-			batch:     v.Batch.Time.medianRange(),
-			ratios:    fmt.Sprintf("(a)/dualhomed %s; dualhomed/(b) %s", ratio(a, d), ratio(d, b)),
-			target:    fmt.Sprintf("≤ %.1f × (b) and ≥ %d × faster than (a)", targetColdVsBatch, targetColdVsShell),
-			result:    res,
-		})
-		rows = append(rows, row{
-			what:      fmt.Sprintf("Cold reconcile, %s: writes", v.Name),
-			dualhomed: fmt.Sprintf("%s (%d objects)", intRange(v.Cold.Writes), v.objects()),
-			shell:     fmt.Sprintf("%d (%d processes)", v.Shell.Writes, v.Shell.Processes),
-			batch:     fmt.Sprintf("%d (%d processes)", v.Batch.Writes, v.Batch.Processes),
-		})
-		if len(v.ColdUnpaced.Total) > 0 {
-			d := v.ColdUnpaced.Total.median()
-			rows = append(rows, row{
-				what:      fmt.Sprintf("Cold reconcile, %s, IMDS client unpaced (informative)", v.Name),
-				dualhomed: v.ColdUnpaced.Total.medianRange(),
-				ratios:    fmt.Sprintf("(a)/dualhomed %s; dualhomed/(b) %s", ratio(a, d), ratio(d, b)),
-			})
-		}
-	}
-	if len(r.Variants) > 0 && len(r.Variants[0].Poll.Total) > 0 {
-		v := r.Variants[0]
-		zero := func(w []int) bool {
-			for _, x := range w {
-				if x != 0 {
-					return false
-				}
-			}
-			return true
-		}
-		rows = append(rows,
-			row{
-				what:      "No-op reconcile on a netlink event (kernel only): time, writes",
-				dualhomed: fmt.Sprintf("%s, %s writes", v.NoopKernel.Total.medianRange(), intRange(v.NoopKernel.Writes)),
-				target:    "< 5 ms, 0 writes",
-				result:    verdict(v.NoopKernel.Total.median() < targetNoop && zero(v.NoopKernel.Writes) && zero(v.NoopKernel.Observed)),
-			},
-			row{
-				what:      "No-op reconcile on the poll timer (" + pollReadName + ": one paced IMDS read + kernel): time, writes",
-				dualhomed: fmt.Sprintf("%s, %s writes", v.Poll.Total.medianRange(), intRange(v.Poll.Writes)),
-				target:    "0 writes (time: see method)",
-				result:    verdict(zero(v.Poll.Writes) && zero(v.Poll.Observed)),
-			},
-			row{
-				what:      "IMDS cost of one poll (" + pollReadName + "): requests, response bytes",
-				dualhomed: fmt.Sprintf("%s requests, %s bytes", intRange(v.Poll.Requests), intRange(v.Poll.Bytes)),
-				shell:     fmt.Sprintf("%d curl processes", v.ShellCurls),
-			},
-			row{
-				what: "No-op reconcile reading the full snapshot (" + fullReadName + ": start, reload, and every so many polls; informative): time, writes; IMDS requests, response bytes",
-				dualhomed: fmt.Sprintf("%s, %s writes; %s requests, %s bytes",
-					v.Full.Total.medianRange(), intRange(v.Full.Writes), intRange(v.Full.Requests), intRange(v.Full.Bytes)),
-				shell:  fmt.Sprintf("%d curl processes", v.ShellCurls),
-				target: "0 writes",
-				result: verdict(zero(v.Full.Writes) && zero(v.Full.Observed)),
-			},
-		)
-	}
-	d := r.Daemon
-	if d == nil {
-		return rows
-	}
-	if len(d.HotRules) > 0 {
-		rows = append(rows,
-			row{what: "Hot attach: link arrival (RTM_NEWLINK in the instance) → its rules in place", dualhomed: d.HotRules.percentiles(),
-				target: "p50 < 50 ms", result: verdict(d.HotRules.quantile(0.5) < targetHotAttach)},
-			pingRow(d),
-			row{what: "Hot attach from the start of the veth move (the move's own kernel cost included, informative) → rules in place; → first ping reply",
-				dualhomed: d.HotMoveRules.percentiles() + "; " + d.HotMovePing.percentiles()})
-	} else {
-		rows = append(rows, row{what: "Hot attach", dualhomed: na, target: "p50 < 50 ms", result: "**FAIL**"})
-	}
-	if len(d.Drift) > 0 {
-		rows = append(rows, row{what: "Drift repair: rule deleted → back", dualhomed: d.Drift.percentiles(),
-			target: "p50 < 100 ms", result: verdict(d.Drift.quantile(0.5) < targetDrift)})
-	} else {
-		rows = append(rows, row{what: "Drift repair", dualhomed: na, target: "p50 < 100 ms", result: "**FAIL**"})
-	}
-	if d.IdleWall > 0 {
-		frac := d.IdleCPU.Seconds() / d.IdleWall.Seconds()
-		rows = append(rows,
-			row{what: fmt.Sprintf("Daemon at rest %.0f s: CPU", d.IdleWall.Seconds()),
-				dualhomed: fmt.Sprintf("%.3f s (%.3f %% of a core; %d polls in the window)", d.IdleCPU.Seconds(), 100*frac, d.IdlePolls),
-				target:    "< 0.1 % of a core", result: verdict(frac < targetIdleCPU)},
-			row{what: "Daemon peak RSS (VmHWM)",
-				dualhomed: fmt.Sprintf("%.1f MB (now %.1f MB)", float64(d.RSSPeakKiB)*1024/1e6, float64(d.RSSKiB)*1024/1e6),
-				target:    "< 30 MB", result: verdict(float64(d.RSSPeakKiB)*1024 < targetRSSBytes)},
-			row{what: "Daemon at rest: netlink writes, IMDS requests",
-				dualhomed: fmt.Sprintf("%d writes, %d requests (%d bytes)", d.IdleChanges.Total(), d.IdleRequests, d.IdleBytes),
-				target:    "0 writes", result: verdict(d.IdleChanges.Total() == 0 && !d.IdleChangesLost)})
-	} else {
-		rows = append(rows, row{what: "Daemon at rest", dualhomed: na, target: "< 0.1 % CPU, < 30 MB", result: "**FAIL**"})
-	}
-	if d.PollCPUPolls > 0 {
-		perPoll := d.PollCPU / time.Duration(d.PollCPUPolls)
-		rows = append(rows, row{
-			what: fmt.Sprintf("Daemon polling every %s for %.0f s (informative): CPU per poll; IMDS requests per poll; idle CPU this implies at the default %s interval",
-				seconds(d.PollCPUInterval), d.PollCPUWall.Seconds(), seconds(pollInterval)),
-			dualhomed: fmt.Sprintf("%s per poll (%d polls); %.0f requests per poll; %.3f %% of a core",
-				fmtDur(perPoll), d.PollCPUPolls, float64(d.PollCPURequests)/float64(d.PollCPUPolls),
-				100*perPoll.Seconds()/pollInterval.Seconds()),
-		})
-	}
-	if d.FaultWall > 0 {
-		rate := float64(d.FaultRequests) / d.FaultWall.Seconds()
-		bound := faultBound(d.FaultWall)
-		res := verdict(float64(d.FaultRequests) <= bound)
-		kept := "kernel state unchanged"
-		if !d.FaultKept {
-			kept = "kernel state CHANGED: " + d.FaultDiff
-			res = "**FAIL**"
-		}
-		rows = append(rows, row{what: fmt.Sprintf("IMDS answering 500 for %.0f s: requests/s", d.FaultWall.Seconds()),
-			dualhomed: fmt.Sprintf("%.2f req/s (%d requests); %s", rate, d.FaultRequests, kept),
-			target:    fmt.Sprintf("≤ %.0f requests (%.2f req/s): backoff bound", bound, bound/d.FaultWall.Seconds()),
-			result:    res})
-	}
-	return rows
+// Ratios compares the median of a dualhomed cold reconcile with the baselines'.
+func (v *variantResult) Ratios(s series) string {
+	d := s.median()
+	return fmt.Sprintf("(a)/dualhomed %s; dualhomed/(b) %s", ratio(v.Shell.Time.median(), d), ratio(d, v.Batch.Time.median()))
+}
+
+// Quiet says that no run made a write, as Apply counted them or as notified.
+func (r runs) Quiet() bool {
+	return !slices.ContainsFunc(slices.Concat(r.Writes, r.Observed), func(n int) bool { return n != 0 })
+}
+
+func (v *variantResult) NoopOK() bool {
+	return v.NoopKernel.Total.median() < targetNoop && v.NoopKernel.Quiet()
+}
+
+func (d *daemonResult) HotOK() bool   { return d.HotRules.quantile(0.5) < targetHotAttach }
+func (d *daemonResult) DriftOK() bool { return d.Drift.quantile(0.5) < targetDrift }
+func (d *daemonResult) IdleOK() bool  { return d.IdlePercent() < 100*targetIdleCPU }
+func (d *daemonResult) RSSOK() bool   { return float64(d.RSSPeakKiB)*1024 < targetRSSBytes }
+func (d *daemonResult) RestOK() bool  { return d.IdleChanges.Total() == 0 && !d.IdleChangesLost }
+
+func (d *daemonResult) IdlePercent() float64 { return 100 * d.IdleCPU.Seconds() / d.IdleWall.Seconds() }
+
+func (d *daemonResult) PerPoll() time.Duration { return d.PollCPU / time.Duration(d.PollCPUPolls) }
+
+func (d *daemonResult) RequestsPerPoll() float64 {
+	return float64(d.PollCPURequests) / float64(d.PollCPUPolls)
+}
+
+// ImpliedIdlePercent is the share of a core one poll per default interval takes.
+func (d *daemonResult) ImpliedIdlePercent() float64 {
+	return 100 * d.PerPoll().Seconds() / pollInterval.Seconds()
+}
+
+func (d *daemonResult) FaultBound() float64 { return faultBound(d.FaultWall) }
+func (d *daemonResult) FaultRate() float64  { return float64(d.FaultRequests) / d.FaultWall.Seconds() }
+
+func (d *daemonResult) FaultOK() bool {
+	return d.FaultKept && float64(d.FaultRequests) <= d.FaultBound()
 }
 
 // faultBound is the most requests the daemon may send while every IMDS
@@ -313,10 +212,8 @@ func faultBound(window time.Duration) float64 {
 // summaryTable is the Markdown table of the headline figures.
 func (r *results) summaryTable() string {
 	var b strings.Builder
-	b.WriteString("| Measurement | dualhomed | (a) shell: curl per key, ip per object | (b) ip -batch | Ratios | Target | Result |\n")
-	b.WriteString("|---|---|---|---|---|---|---|\n")
-	for _, x := range r.rows() {
-		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s |\n", x.what, x.dualhomed, x.shell, x.batch, x.ratios, x.target, x.result)
+	if err := report.ExecuteTemplate(&b, "summary", r); err != nil {
+		return err.Error()
 	}
 	return b.String()
 }
@@ -327,15 +224,21 @@ var reportTemplate string
 // report is the Markdown page of a run: report.md.tmpl holds its layout,
 // the details tables and the method.
 var report = template.Must(template.New("report").Funcs(template.FuncMap{
-	"mr":         series.medianRange,
-	"pct":        series.percentiles,
-	"ints":       intRange,
-	"dur":        fmtDur,
-	"secs":       seconds,
-	"objects":    (*variantResult).objects,
-	"faultBound": faultBound,
-	"sub":        func(a, b int) int { return a - b },
-	"indent":     func(s string) string { return strings.ReplaceAll(strings.TrimSpace(s), "\n", "\n  ") },
+	"mr":          series.medianRange,
+	"pct":         series.percentiles,
+	"ints":        intRange,
+	"dur":         fmtDur,
+	"secs":        seconds,
+	"objects":     (*variantResult).objects,
+	"verdict":     verdict,
+	"ratio":       ratio,
+	"set":         func() any { return quoted },
+	"mb":          func(kib int) float64 { return float64(kib) * 1024 / 1e6 },
+	"add":         func(a, b int) int { return a + b },
+	"perSecond":   func(d time.Duration, n float64) float64 { return n / d.Seconds() },
+	"pingTimeout": func() time.Duration { return pingTimeout },
+	"sub":         func(a, b int) int { return a - b },
+	"indent":      func(s string) string { return strings.ReplaceAll(strings.TrimSpace(s), "\n", "\n  ") },
 	"noopReads": func(v *variantResult) []namedRuns {
 		return []namedRuns{
 			{"No-op poll (" + pollReadName + ": IMDS + kernel)", v.Poll},
@@ -366,9 +269,8 @@ func (r *results) write(path string) error {
 		LoadEnd, Command, Summary  string
 		GoBench                    string
 		ENIs, IPv4, IPv6, Prefixes int
-		Set                        any
 	}{r, machineFacts(), loadAverage(), commandLine(o), r.summaryTable(), goBenchLines(o.goBenchOut),
-		o.enis, o.ipv4, o.ipv6, o.prefixes, quoted}
+		o.enis, o.ipv4, o.ipv6, o.prefixes}
 	var b bytes.Buffer
 	if err := report.Execute(&b, page); err != nil {
 		return fmt.Errorf("rendering the report: %w", err)
@@ -453,13 +355,4 @@ func goBenchLines(path string) string {
 		}
 	}
 	return b.String()
-}
-
-func pingRow(d *daemonResult) row {
-	r := row{what: "Hot attach: link arrival (RTM_NEWLINK in the instance) → first ping reply from its VPC", dualhomed: d.HotPing.percentiles()}
-	if d.HotPingFailures > 0 {
-		r.dualhomed += fmt.Sprintf("; %d of %d attaches: no reply within %v", d.HotPingFailures, d.HotPingFailures+len(d.HotPing), pingTimeout)
-		r.target, r.result = "every attach answers", "**FAIL**"
-	}
-	return r
 }
