@@ -11,6 +11,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 	"github.com/dualhomed/dualhomed/imds/emulator"
 )
@@ -116,12 +118,6 @@ func (b *bench) closeWorld() {
 	if b.w == nil {
 		return
 	}
-	for _, p := range b.w.Procs() {
-		if p.Name == "dualhomed" && b.o.daemonLog != "" {
-			_ = p.Stop(10 * time.Second)
-			_ = os.WriteFile(b.o.daemonLog, []byte(p.Log()), 0o644)
-		}
-	}
 	if err := b.w.Close(); err != nil {
 		b.logf("removing the simulated instance: %v", err)
 	}
@@ -185,31 +181,48 @@ func (b *bench) settledChanges() changeCounts {
 	return last
 }
 
-// verify compares the kernel with the reference state of the variant.
-func (b *bench) verify(v *variantResult) (stateDiff, error) {
-	return b.settledDiff(v.reference, false)
+// until reads the kernel until it matches want or timeout passes, and
+// returns how they differ last (empty once they match): the kernel finishes
+// some work a moment after a tool returns (IPv6 local routes of new
+// addresses), and a daemon converges over a while. With ignoreAddrProto the
+// addresses' protocols are left out, for tools that cannot set them. It
+// stops early when the run is interrupted or daemon (when not nil) exits.
+func (b *bench) until(want simworld.State, timeout time.Duration, daemon *simworld.Proc, ignoreAddrProto bool) (stateDiff, error) {
+	if ignoreAddrProto {
+		want = want.WithoutAddrProto()
+	}
+	d := stateDiff{OnlyB: []string{"(the kernel changed during every read)"}}
+	for deadline := time.Now().Add(timeout); ; time.Sleep(10 * time.Millisecond) {
+		if daemon != nil {
+			if err := alive(daemon); err != nil {
+				return d, err
+			}
+		}
+		got, err := simworld.ReadState(b.w.Instance)
+		switch {
+		case errors.Is(err, netlink.ErrDumpInterrupted):
+			// Changing faster than a dump completes: not there yet.
+		case err != nil:
+			return d, err
+		case ignoreAddrProto:
+			d = compareStates(want, got.WithoutAddrProto())
+		default:
+			d = compareStates(want, got)
+		}
+		if d.Empty() || time.Now().After(deadline) || b.ctx.Err() != nil {
+			return d, b.ctx.Err()
+		}
+	}
 }
 
-// settledDiff compares the kernel with want, allowing the kernel up to a
-// second to finish what it does asynchronously (IPv6 local routes of new
-// addresses appear a moment after the address). Without addrProto, the
-// addresses' protocols are ignored as a second-best match.
-func (b *bench) settledDiff(want simworld.State, ignoreAddrProto bool) (stateDiff, error) {
-	deadline := time.Now().Add(time.Second)
-	for {
-		got, err := simworld.ReadState(b.w.Instance)
-		if err != nil {
-			return stateDiff{}, err
-		}
-		d := compareStates(want, got)
-		if ignoreAddrProto {
-			d = compareStates(want.WithoutAddrProto(), got.WithoutAddrProto())
-		}
-		if d.Empty() || time.Now().After(deadline) {
-			return d, nil
-		}
-		time.Sleep(10 * time.Millisecond)
+// match is until as a check: an error unless the kernel reaches want,
+// which the error calls wantName.
+func (b *bench) match(want simworld.State, wantName string, timeout time.Duration, daemon *simworld.Proc) error {
+	d, err := b.until(want, timeout, daemon, false)
+	if err == nil && !d.Empty() {
+		err = fmt.Errorf("the kernel differs from %s after %v: %s", wantName, timeout, d.Summary(wantName, "the kernel"))
 	}
+	return err
 }
 
 // variant measures dualhomed and the baselines on the full-scale instance
@@ -263,9 +276,9 @@ func (b *bench) variant(ctx context.Context, cards int) {
 					return err
 				}
 				v.reference = ref
-			} else if d, err := b.verify(v); err != nil || !d.Empty() {
+			} else if err := b.match(v.reference, "run 1", time.Second, nil); err != nil {
 				p.Close()
-				return errors.Join(err, fmt.Errorf("run %d ended in another state than run 1: %s", i+1, d.Summary("run 1", "this run")))
+				return fmt.Errorf("run %d: %w", i+1, err)
 			}
 			if i < o.runs-1 {
 				p.Close()
@@ -346,8 +359,8 @@ func (b *bench) variant(ctx context.Context, cards int) {
 			if err != nil {
 				return err
 			}
-			if d, err := b.verify(v); err != nil || !d.Empty() {
-				return errors.Join(err, fmt.Errorf("end state differs: %s", d.Summary("paced", "unpaced")))
+			if err := b.match(v.reference, "the paced run", time.Second, nil); err != nil {
+				return err
 			}
 			v.ColdUnpaced.add(run, emulator.Stats{}, 0)
 		}
@@ -378,8 +391,8 @@ func (b *bench) variant(ctx context.Context, cards int) {
 				return fmt.Errorf("dualhomed apply: %w: %s", err, simworld.Tail(strings.TrimSpace(string(out)), 10))
 			}
 			c1 := b.settledChanges()
-			if d, err := b.verify(v); err != nil || !d.Empty() {
-				return errors.Join(err, fmt.Errorf("end state differs: %s", d.Summary("in-process", "dualhomed apply")))
+			if err := b.match(v.reference, "the in-process run", time.Second, nil); err != nil {
+				return err
 			}
 			v.Apply.add(reconcileRun{Total: elapsed}, emulator.Stats{}, c1.sub(c0).Total())
 		}
@@ -442,7 +455,7 @@ func (b *bench) measuredRead(ctx context.Context, p *pipeline, r read) (reconcil
 // endState describes how the kernel compares with the variant's reference.
 func (b *bench) endState() string {
 	v := b.r.Variants[len(b.r.Variants)-1]
-	d, err := b.settledDiff(v.reference, !b.addrProto)
+	d, err := b.until(v.reference, time.Second, nil, !b.addrProto)
 	if err != nil {
 		return "not compared: " + err.Error()
 	}

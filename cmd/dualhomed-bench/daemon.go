@@ -43,7 +43,7 @@ func (b *bench) daemon(ctx context.Context) {
 		if proc, err = b.w.StartDaemon(simworld.DaemonOptions{PollInterval: poll}); err != nil {
 			return err
 		}
-		if err := b.waitState(ctx, proc, v.reference, 30*time.Second); err != nil {
+		if err := b.match(v.reference, "dualhomed's state", 30*time.Second, proc); err != nil {
 			return err
 		}
 		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -60,7 +60,7 @@ func (b *bench) daemon(ctx context.Context) {
 		if proc, err = b.w.StartDaemon(simworld.DaemonOptions{}); err != nil {
 			return err
 		}
-		if err := b.waitState(ctx, proc, v.reference, 60*time.Second); err != nil {
+		if err := b.match(v.reference, "dualhomed's state", 60*time.Second, proc); err != nil {
 			return err
 		}
 		d.Converge = time.Since(start)
@@ -175,7 +175,7 @@ func (b *bench) daemon(ctx context.Context) {
 		elapsed := time.Since(start)
 		b.w.IMDS.ClearFaults()
 		d.FaultRequests, d.FaultWall = st.Requests, elapsed
-		diff, err := b.settledDiff(before, false)
+		diff, err := b.until(before, time.Second, nil, false)
 		if err != nil {
 			return err
 		}
@@ -207,7 +207,7 @@ func (b *bench) daemon(ctx context.Context) {
 		// The hot attaches end in the configured instance (the last ENI
 		// with a new MAC); when they did not, start again from the boot.
 		_ = proc.Stop(10 * time.Second)
-		if now, err := simworld.ReadState(b.w.Instance); err != nil || !compareStates(v.reference, now).Empty() {
+		if b.match(v.reference, "dualhomed's state", 0, nil) != nil {
 			if err := b.build(v.inst); err != nil {
 				return err
 			}
@@ -311,34 +311,6 @@ func (b *bench) afterNextPoll(ctx context.Context, proc *simworld.Proc, seen int
 
 // macListingPath is the IMDS listing of the attached ENIs' MACs.
 const macListingPath = "/latest/meta-data/network/interfaces/macs/"
-
-// waitState polls the kernel until it matches want.
-func (b *bench) waitState(ctx context.Context, proc *simworld.Proc, want simworld.State, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	var last stateDiff
-	for time.Now().Before(deadline) {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		if err := alive(proc); err != nil {
-			return err
-		}
-		got, err := simworld.ReadState(b.w.Instance)
-		switch {
-		case errors.Is(err, netlink.ErrDumpInterrupted):
-			// The daemon is still changing the kernel faster than a dump
-			// completes: not there yet.
-		case err != nil:
-			return err
-		default:
-			if last = compareStates(want, got); last.Empty() {
-				return nil
-			}
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return fmt.Errorf("not in the expected state after %v: %s", timeout, last.Summary("expected", "kernel"))
-}
 
 // pingTimeout bounds the wait for an attached ENI's rules and first ping
 // reply: a working daemon needs a small fraction of it.

@@ -42,8 +42,7 @@ type options struct {
 	pollCPU    time.Duration // window of the CPU-per-poll measurement (0 skips it)
 	dualhomed  string        // path of the dualhomed binary
 	goBench    bool
-	goBenchOut string // file holding the `go test -bench` output
-	daemonLog  string // where to copy the daemon's log (debugging)
+	goBenchOut string // what the report quotes of the `go test -bench` output
 }
 
 func main() {
@@ -63,7 +62,6 @@ func main() {
 	flag.DurationVar(&o.fault, "fault", 10*time.Second, "how long IMDS answers 500 in the failure measurement")
 	flag.StringVar(&o.dualhomed, "dualhomed", "", "dualhomed `binary` (default: next to this one)")
 	flag.BoolVar(&o.goBench, "go-bench", true, "run the Go micro-benchmarks of imds and netcfg and include them")
-	flag.StringVar(&o.daemonLog, "daemon-log", "", "copy the daemon's log to this `file` when its world closes")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: %s [flags]\n\n"+
 			"Measures dualhomed against shell-style baselines in simulated instances\n"+
@@ -129,12 +127,7 @@ func run(o options) int {
 		fmt.Fprintf(os.Stderr, "dualhomed-bench: removed namespaces left by an earlier run: %s\n", strings.Join(removed, " "))
 	}
 	if o.goBench {
-		if f, err := os.CreateTemp("", "dualhomed-gobench-*.txt"); err == nil {
-			defer os.Remove(f.Name())
-			o.goBenchOut = f.Name()
-			runGoBench(f)
-			f.Close()
-		}
+		o.goBenchOut = runGoBench()
 	}
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -154,21 +147,25 @@ func run(o options) int {
 }
 
 // runGoBench runs the Go micro-benchmarks of imds and netcfg from the module
-// root (where `make bench` runs us) and saves their output for the report.
-func runGoBench(out *os.File) {
+// root (where `make bench` runs us) and returns the lines of their output
+// the report quotes: headers, results and failures.
+func runGoBench() string {
 	if _, err := os.Stat("go.mod"); err != nil {
-		fmt.Fprintln(out, "not run: the current directory is not the module root")
-		return
-	}
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		fmt.Fprintln(out, "not run: go is not in PATH")
-		return
+		return "not run: the current directory is not the module root\n"
 	}
 	fmt.Fprintln(os.Stderr, "dualhomed-bench: running the Go micro-benchmarks of imds and netcfg")
-	cmd := exec.Command(goBin, "test", "-run", "^$", "-bench", ".", "-benchmem", "-count", "1", "./imds/...", "./netcfg/...")
-	cmd.Stdout, cmd.Stderr = out, out
-	if err := cmd.Run(); err != nil {
-		fmt.Fprintf(out, "go test -bench failed: %v\n", err)
+	out, err := exec.Command("go", "test", "-run", "^$", "-bench", ".", "-benchmem", "-count", "1", "./imds/...", "./netcfg/...").CombinedOutput()
+	if err != nil {
+		out = fmt.Appendf(out, "go test -bench failed: %v\n", err)
 	}
+	var b strings.Builder
+	for _, line := range strings.Split(string(out), "\n") {
+		for _, p := range []string{"Benchmark", "pkg:", "cpu:", "goos:", "goarch:", "FAIL", "go test -bench failed"} {
+			if strings.HasPrefix(line, p) {
+				b.WriteString(line + "\n")
+				break
+			}
+		}
+	}
+	return b.String()
 }

@@ -266,11 +266,9 @@ func (r *results) write(path string) error {
 	page := struct {
 		*results
 		Facts                      [][2]string
-		LoadEnd, Command, Summary  string
-		GoBench                    string
+		LoadEnd, Command, GoBench  string
 		ENIs, IPv4, IPv6, Prefixes int
-	}{r, machineFacts(), loadAverage(), commandLine(o), r.summaryTable(), goBenchLines(o.goBenchOut),
-		o.enis, o.ipv4, o.ipv6, o.prefixes}
+	}{r, machineFacts(), loadAverage(), commandLine(o), o.goBenchOut, o.enis, o.ipv4, o.ipv6, o.prefixes}
 	var b bytes.Buffer
 	if err := report.Execute(&b, page); err != nil {
 		return fmt.Errorf("rendering the report: %w", err)
@@ -291,15 +289,15 @@ func seconds(d time.Duration) string { return fmt.Sprintf("%.0f s", d.Seconds())
 func machineFacts() [][2]string {
 	facts := [][2]string{
 		{"CPU", fmt.Sprintf("%s, nproc %d", cpuModel(), runtime.NumCPU())},
-		{"Kernel", firstLine(cmdOutput("uname", "-r"))},
+		{"Kernel", firstLine("uname", "-r")},
 		{"Go", runtime.Version()},
-		{"iproute2", firstLine(cmdOutput("ip", "-V"))},
-		{"curl", firstLine(cmdOutput("curl", "--version"))},
+		{"iproute2", firstLine("ip", "-V")},
+		{"curl", firstLine("curl", "--version")},
 	}
-	commit := firstLine(cmdOutput("git", "rev-parse", "--short=12", "HEAD"))
+	commit := firstLine("git", "rev-parse", "--short=12", "HEAD")
 	if commit == "" {
 		commit = "unknown (not a git checkout)"
-	} else if strings.TrimSpace(cmdOutput("git", "status", "--porcelain", "--untracked-files=no")) != "" {
+	} else if firstLine("git", "status", "--porcelain", "--untracked-files=no") != "" {
 		commit += " (with uncommitted changes)"
 	}
 	return append(facts, [2]string{"Commit", commit})
@@ -318,41 +316,14 @@ func cpuModel() string {
 	return "unknown"
 }
 
-func cmdOutput(name string, args ...string) string {
-	out, err := exec.Command(name, args...).Output()
-	if err != nil {
-		return ""
-	}
-	return string(out)
-}
-
-func firstLine(s string) string {
-	line, _, _ := strings.Cut(strings.TrimSpace(s), "\n")
+// firstLine is the first line a command prints, "" if it fails.
+func firstLine(name string, args ...string) string {
+	out, _ := exec.Command(name, args...).Output()
+	line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
 	return line
 }
 
 func commandLine(o options) string {
 	return fmt.Sprintf("dualhomed-bench -out %s -runs %d -shell-runs %d -enis %d -ipv4 %d -ipv6 %d -prefixes %d -cards %d -attaches %d -drifts %d -idle %v -poll-cpu %v -fault %v",
 		o.out, o.runs, o.shellRuns, o.enis, o.ipv4, o.ipv6, o.prefixes, o.cards, o.attaches, o.drifts, o.idle, o.pollCPU, o.fault)
-}
-
-// goBenchLines keeps the header and result lines of `go test -bench` output.
-func goBenchLines(path string) string {
-	if path == "" {
-		return ""
-	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return ""
-	}
-	var b strings.Builder
-	for _, line := range strings.Split(string(data), "\n") {
-		switch {
-		case strings.HasPrefix(line, "Benchmark"), strings.HasPrefix(line, "pkg:"), strings.HasPrefix(line, "cpu:"),
-			strings.HasPrefix(line, "goos:"), strings.HasPrefix(line, "goarch:"), strings.HasPrefix(line, "not run"),
-			strings.HasPrefix(line, "FAIL"), strings.HasPrefix(line, "go test -bench failed"):
-			b.WriteString(line + "\n")
-		}
-	}
-	return b.String()
 }
