@@ -237,15 +237,11 @@ func New(ctx context.Context, opts Options) (w *World, err error) {
 	// Like the sysctl defaults of systemd and Ubuntu: loose reverse path
 	// filtering on every link, so a request on eth1 is accepted and its reply
 	// is lost on the way back, as on a real instance.
-	for _, s := range [][2]string{
-		{"net/ipv4/conf/default/rp_filter", "2"},
-		{"net/ipv4/conf/all/rp_filter", "2"},
-	} {
-		if opts.MinimalBoot {
-			break
-		}
-		if err = w.Instance.SetSysctl(s[0], s[1]); err != nil {
-			return w, err
+	for _, conf := range []string{"default", "all"} {
+		if !opts.MinimalBoot {
+			if err = w.Instance.SetSysctl("net/ipv4/conf/"+conf+"/rp_filter", "2"); err != nil {
+				return w, err
+			}
 		}
 	}
 	vpcs, enis := defaultWorld()
@@ -563,7 +559,7 @@ func (w *World) Close() error {
 			errs = append(errs, err)
 		}
 	}
-	if w.ownDir && w.Dir != "" && os.Getenv("SIMWORLD_KEEP") == "" {
+	if w.ownDir && w.Dir != "" {
 		if err := os.RemoveAll(w.Dir); err != nil {
 			errs = append(errs, err)
 		}
