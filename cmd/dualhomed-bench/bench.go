@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"runtime/debug"
@@ -161,8 +162,14 @@ func linkLocalsReady(s simworld.State) bool {
 	return true
 }
 
-// reset brings the kernel back to the pristine state of the current world.
-func (b *bench) reset() error { return resetKernel(b.w.Instance, b.pristine) }
+// reset brings the kernel back to the pristine state of the current world,
+// unless the run is interrupted.
+func (b *bench) reset() error {
+	if err := b.ctx.Err(); err != nil {
+		return err
+	}
+	return resetKernel(b.w.Instance, b.pristine)
+}
 
 // settledChanges waits until no rtnetlink notification has arrived for a
 // while (the last ones of a burst are still queued when a tool returns) and
@@ -229,8 +236,7 @@ func (b *bench) match(want simworld.State, wantName string, timeout time.Duratio
 // with the given number of network cards.
 func (b *bench) variant(ctx context.Context, cards int) {
 	o := b.o
-	v := &variantResult{Objects: map[string]int{}}
-	v.Name = fmt.Sprintf("%d network card", cards)
+	v := &variantResult{Name: fmt.Sprintf("%d network card", cards), Objects: map[string]int{}}
 	if cards > 1 {
 		v.Name += "s"
 	}
@@ -246,91 +252,22 @@ func (b *bench) variant(ctx context.Context, cards int) {
 		return
 	}
 
-	// Cold reconcile with the client as the daemon builds it (default IMDS
-	// pacing), then no-op reconciles with the same pipeline, as the daemon's
-	// next poll and next netlink event do.
+	// Cold reconciles with the client as the daemon builds it (default IMDS
+	// pacing); the last run's pipeline then makes the no-op reconciles the
+	// daemon's next poll and next netlink event make.
 	b.step(v.Name+": cold and no-op reconcile (in-process agent.Reconciler)", func() error {
 		for i := range o.runs {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			if err := b.reset(); err != nil {
-				return err
-			}
-			p, err := newPipeline(b.w.Instance, 0)
+			p, run, notified, err := b.cold(v, 0)
 			if err != nil {
-				return err
-			}
-			c0 := b.settledChanges()
-			run, err := p.reconcile(ctx, readFull)
-			if err != nil {
-				p.Close()
-				return err
-			}
-			c1 := b.settledChanges()
-			v.Cold.add(run, emulator.Stats{Requests: int64(run.Requests)}, c1.sub(c0).Total())
-			if v.reference.Rules == nil {
-				ref, err := simworld.ReadState(b.w.Instance)
-				if err != nil {
-					p.Close()
-					return err
-				}
-				v.reference = ref
-			} else if err := b.match(v.reference, "run 1", time.Second, nil); err != nil {
-				p.Close()
 				return fmt.Errorf("run %d: %w", i+1, err)
 			}
+			v.Cold.add(run, emulator.Stats{Requests: int64(run.Requests)}, notified)
 			if i < o.runs-1 {
 				p.Close()
 				continue
 			}
 			defer p.Close()
-			// The no-op poll as the daemon's timer does it (readPoll, on a
-			// pipeline with a good snapshot), then the full snapshot a
-			// start, a reload and every so many polls read, each with its
-			// IMDS cost counted by the emulator.
-			for range o.runs {
-				run, st, obs, err := b.measuredRead(ctx, p, readPoll)
-				if err != nil {
-					return fmt.Errorf("no-op poll: %w", err)
-				}
-				v.Poll.add(run, st, obs)
-			}
-			for range o.runs {
-				run, st, obs, err := b.measuredRead(ctx, p, readFull)
-				if err != nil {
-					return fmt.Errorf("no-op reconcile with a full snapshot: %w", err)
-				}
-				v.Full.add(run, st, obs)
-				// Baseline (a) curls every key a full snapshot reads: a
-				// shell tool configuring an instance has no earlier read.
-				v.imdsPaths = v.imdsPaths[:0]
-				for path := range st.ByPath {
-					if path != emulator.TokenPath {
-						v.imdsPaths = append(v.imdsPaths, path)
-					}
-				}
-				slices.Sort(v.imdsPaths)
-			}
-			for range o.runs {
-				c0 := b.settledChanges()
-				run, err := p.reconcile(ctx, readNone)
-				if err != nil {
-					return fmt.Errorf("no-op on a netlink event: %w", err)
-				}
-				c1 := b.settledChanges()
-				v.NoopKernel.add(run, emulator.Stats{}, c1.sub(c0).Total())
-			}
-			v.Breakdown = map[string]series{}
-			for range o.runs {
-				steps, err := p.breakdown()
-				if err != nil {
-					return fmt.Errorf("timing the no-op's steps: %w", err)
-				}
-				for name, d := range steps {
-					v.Breakdown[name] = append(v.Breakdown[name], d)
-				}
-			}
+			return b.noops(v, p)
 		}
 		return nil
 	})
@@ -347,21 +284,11 @@ func (b *bench) variant(ctx context.Context, cards int) {
 
 	b.step(v.Name+": cold reconcile with IMDS unpaced (in-process)", func() error {
 		for range o.runs {
-			if err := b.reset(); err != nil {
-				return err
-			}
-			p, err := newPipeline(b.w.Instance, -1)
+			p, run, _, err := b.cold(v, -1)
 			if err != nil {
 				return err
 			}
-			run, err := p.reconcile(ctx, readFull)
 			p.Close()
-			if err != nil {
-				return err
-			}
-			if err := b.match(v.reference, "the paced run", time.Second, nil); err != nil {
-				return err
-			}
 			v.ColdUnpaced.add(run, emulator.Stats{}, 0)
 		}
 		return nil
@@ -434,22 +361,95 @@ func (b *bench) variant(ctx context.Context, cards int) {
 	}
 }
 
+// cold runs one cold reconcile on the reset kernel with a new pipeline
+// (newPipeline's IMDS pacing), and checks its end state against the
+// variant's reference, which the first run makes. It returns the pipeline,
+// open, the run and the rtnetlink notifications it caused.
+func (b *bench) cold(v *variantResult, requestsPerSecond float64) (*pipeline, reconcileRun, int, error) {
+	if err := b.reset(); err != nil {
+		return nil, reconcileRun{}, 0, err
+	}
+	p, err := newPipeline(b.w.Instance, requestsPerSecond)
+	if err != nil {
+		return nil, reconcileRun{}, 0, err
+	}
+	c0 := b.settledChanges()
+	run, err := p.reconcile(b.ctx, readFull)
+	notified := b.settledChanges().sub(c0).Total()
+	switch {
+	case err != nil:
+	case v.reference.Rules == nil:
+		v.reference, err = simworld.ReadState(b.w.Instance)
+	default:
+		err = b.match(v.reference, "the first cold run", time.Second, nil)
+	}
+	if err != nil {
+		p.Close()
+		return nil, run, notified, err
+	}
+	return p, run, notified, nil
+}
+
+// noops measures the no-op reconciles on p, which holds a good snapshot:
+// the poll as the daemon's timer runs it, the full snapshot a start, a
+// reload and every so many polls read (each with its IMDS cost counted by
+// the emulator), the kernel pass a netlink event runs, and that pass's
+// steps one by one.
+func (b *bench) noops(v *variantResult, p *pipeline) error {
+	for range b.o.runs {
+		run, st, notified, err := b.measuredRead(p, readPoll)
+		if err != nil {
+			return fmt.Errorf("no-op poll: %w", err)
+		}
+		v.Poll.add(run, st, notified)
+	}
+	for range b.o.runs {
+		run, st, notified, err := b.measuredRead(p, readFull)
+		if err != nil {
+			return fmt.Errorf("no-op reconcile with a full snapshot: %w", err)
+		}
+		v.Full.add(run, st, notified)
+		// Baseline (a) curls every key a full snapshot reads: a shell tool
+		// configuring an instance has no earlier read.
+		v.imdsPaths = slices.Sorted(maps.Keys(st.ByPath))
+		v.imdsPaths = slices.DeleteFunc(v.imdsPaths, func(path string) bool { return path == emulator.TokenPath })
+	}
+	for range b.o.runs {
+		c0 := b.settledChanges()
+		run, err := p.reconcile(b.ctx, readNone)
+		if err != nil {
+			return fmt.Errorf("no-op on a netlink event: %w", err)
+		}
+		v.NoopKernel.add(run, emulator.Stats{}, b.settledChanges().sub(c0).Total())
+	}
+	v.Breakdown = map[string]series{}
+	for range b.o.runs {
+		steps, err := p.breakdown()
+		if err != nil {
+			return fmt.Errorf("timing the no-op's steps: %w", err)
+		}
+		for name, d := range steps {
+			v.Breakdown[name] = append(v.Breakdown[name], d)
+		}
+	}
+	return nil
+}
+
 // measuredRead runs one reconcile that reads IMDS on the warm pipeline p,
 // after the client's request burst has refilled (as between two polls of the
 // daemon), and returns it with the emulator's counts for it and the number
 // of rtnetlink notifications it caused.
-func (b *bench) measuredRead(ctx context.Context, p *pipeline, r read) (reconcileRun, emulator.Stats, int, error) {
+func (b *bench) measuredRead(p *pipeline, r read) (reconcileRun, emulator.Stats, int, error) {
 	select {
-	case <-ctx.Done():
-		return reconcileRun{}, emulator.Stats{}, 0, ctx.Err()
+	case <-b.ctx.Done():
+		return reconcileRun{}, emulator.Stats{}, 0, b.ctx.Err()
 	case <-time.After(bucketRefill):
 	}
 	b.w.IMDS.ResetStats()
 	c0 := b.settledChanges()
-	run, err := p.reconcile(ctx, r)
+	run, err := p.reconcile(b.ctx, r)
 	st := b.w.IMDS.Stats()
-	c1 := b.settledChanges()
-	return run, st, c1.sub(c0).Total(), err
+	return run, st, b.settledChanges().sub(c0).Total(), err
 }
 
 // endState describes how the kernel compares with the variant's reference.

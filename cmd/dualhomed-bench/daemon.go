@@ -32,39 +32,33 @@ func (b *bench) daemon(ctx context.Context) {
 		return
 	}
 	var proc *simworld.Proc
-	// restart replaces the daemon with a fresh one (poll: its poll_interval,
-	// 0 for the default) and waits until it has checked the kernel (already
-	// configured: it makes no change) and watches netlink.
-	restart := func(poll time.Duration) error {
+	// start replaces the daemon with a fresh one (poll: its poll_interval,
+	// 0 for the default), waits until the kernel is in the reference state
+	// (on a configured kernel, the daemon makes no change) and the daemon
+	// watches netlink, and returns how long the kernel took.
+	start := func(poll time.Duration) (time.Duration, error) {
 		if proc != nil {
 			_ = proc.Stop(10 * time.Second)
 		}
+		t0 := time.Now()
 		var err error
 		if proc, err = b.w.StartDaemon(simworld.DaemonOptions{PollInterval: poll}); err != nil {
-			return err
-		}
-		if err := b.match(v.reference, "dualhomed's state", 30*time.Second, proc); err != nil {
-			return err
-		}
-		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		defer cancel()
-		return logContext(proc, proc.WaitLog(wctx, `"msg":"ready"`))
-	}
-
-	b.step("daemon: start to fully configured", func() error {
-		if err := b.build(v.inst); err != nil {
-			return err
-		}
-		start := time.Now()
-		var err error
-		if proc, err = b.w.StartDaemon(simworld.DaemonOptions{}); err != nil {
-			return err
+			return 0, err
 		}
 		if err := b.match(v.reference, "dualhomed's state", 60*time.Second, proc); err != nil {
-			return err
+			return 0, err
 		}
-		d.Converge = time.Since(start)
-		return nil
+		converged := time.Since(t0)
+		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		return converged, logContext(proc, proc.WaitLog(wctx, `"msg":"ready"`))
+	}
+
+	b.step("daemon: start to fully configured", func() (err error) {
+		if err = b.build(v.inst); err == nil {
+			d.Converge, err = start(0)
+		}
+		return err
 	})
 	if d.Converge == 0 {
 		return
@@ -124,7 +118,7 @@ func (b *bench) daemon(ctx context.Context) {
 				return err
 			}
 			if n > 0 {
-				if err := restart(0); err != nil {
+				if _, err := start(0); err != nil {
 					return fmt.Errorf("restarting the daemon: %w", err)
 				}
 			}
@@ -150,7 +144,7 @@ func (b *bench) daemon(ctx context.Context) {
 	})
 
 	b.step(fmt.Sprintf("daemon: IMDS answering 500 for %v", o.fault), func() error {
-		if err := restart(0); err != nil {
+		if _, err := start(0); err != nil {
 			return fmt.Errorf("restarting the daemon: %w", err)
 		}
 		before, err := simworld.ReadState(b.w.Instance)
@@ -188,7 +182,7 @@ func (b *bench) daemon(ctx context.Context) {
 	})
 
 	b.step("daemon: hot attach", func() error {
-		if err := restart(0); err != nil {
+		if _, err := start(0); err != nil {
 			return fmt.Errorf("restarting the daemon: %w", err)
 		}
 		if err := b.hotAttach(ctx, proc, v, d); err != nil {
@@ -212,7 +206,7 @@ func (b *bench) daemon(ctx context.Context) {
 				return err
 			}
 		}
-		if err := restart(pollCPUInterval); err != nil {
+		if _, err := start(pollCPUInterval); err != nil {
 			return fmt.Errorf("restarting the daemon with poll_interval %v: %w", pollCPUInterval, err)
 		}
 		return b.pollCPU(ctx, proc, d)
