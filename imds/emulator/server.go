@@ -276,7 +276,6 @@ func (s *Server) ResetStats() {
 
 // ServeHTTP answers one IMDS request.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	cw := &countingWriter{ResponseWriter: w}
 	path := r.URL.Path
 	isToken := strings.TrimSuffix(path, "/") == TokenPath
 
@@ -298,34 +297,41 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		t.Stop()
 	}
-	if drop {
+	var body string
+	switch {
+	case drop:
 		dropConnection(w)
 		return
-	}
-	defer func() {
-		s.mu.Lock()
-		s.stats.ByStatus[cw.statusOr200()]++
-		s.stats.BytesSent += cw.bytes
-		s.mu.Unlock()
-	}()
-	if status != 0 {
+	case status != 0:
 		if retryAfter != "" {
 			w.Header().Set("Retry-After", retryAfter)
 		}
-		writeError(cw, status)
-		return
-	}
-	if isToken {
-		s.serveToken(cw, r)
-		return
-	}
-	if r.Method == http.MethodPut && strings.HasSuffix(strings.TrimSuffix(path, "/"), "/api/token") {
+	case isToken:
+		status, body = s.serveToken(w.Header(), r)
+	case r.Method == http.MethodPut && strings.HasSuffix(strings.TrimSuffix(path, "/"), "/api/token"):
 		// AWS documents 403 for a token PUT to a version-specific path
 		// such as /2021-03-23/api/token: only /latest/api/token works.
-		writeError(cw, http.StatusForbidden)
-		return
+		status = http.StatusForbidden
+	default:
+		status, body = s.serveMetadata(w.Header(), r)
 	}
-	s.serveMetadata(cw, r)
+	h := w.Header()
+	h.Set("Content-Type", "text/plain")
+	if status != http.StatusOK {
+		h.Set("Content-Type", "text/html")
+		body = errorPage(status)
+	}
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	h.Set("Server", "EC2ws")
+	w.WriteHeader(status)
+	if r.Method == http.MethodHead {
+		body = ""
+	}
+	w.Write([]byte(body))
+	s.mu.Lock()
+	s.stats.ByStatus[status]++
+	s.stats.BytesSent += int64(len(body))
+	s.mu.Unlock()
 }
 
 // takeFault decides, with s.mu held, which faults apply to this request, and
@@ -371,28 +377,26 @@ func dropConnection(w http.ResponseWriter) {
 	conn.Close()
 }
 
-func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
+// serveToken answers a token request: its status and, with 200, the token.
+func (s *Server) serveToken(h http.Header, r *http.Request) (int, string) {
 	if r.Method != http.MethodPut {
-		writeError(w, http.StatusMethodNotAllowed)
-		return
+		return http.StatusMethodNotAllowed, ""
 	}
 	ttl, err := strconv.Atoi(strings.TrimSpace(r.Header.Get(TokenTTLHeader)))
 	if err != nil || ttl < MinTokenTTL || ttl > MaxTokenTTL {
-		writeError(w, http.StatusBadRequest)
-		return
+		return http.StatusBadRequest, ""
 	}
 	s.mu.Lock()
 	token := s.issueToken(s.now().Add(time.Duration(ttl) * time.Second))
 	s.mu.Unlock()
-
-	w.Header().Set(TokenTTLHeader, strconv.Itoa(ttl))
-	writeBody(w, r, http.StatusOK, "text/plain", token)
+	h.Set(TokenTTLHeader, strconv.Itoa(ttl))
+	return http.StatusOK, token
 }
 
-func (s *Server) serveMetadata(w http.ResponseWriter, r *http.Request) {
+// serveMetadata answers a metadata read: its status and, with 200, the body.
+func (s *Server) serveMetadata(h http.Header, r *http.Request) (int, string) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		writeError(w, http.StatusMethodNotAllowed)
-		return
+		return http.StatusMethodNotAllowed, ""
 	}
 	token := r.Header.Get(TokenHeader)
 
@@ -408,19 +412,15 @@ func (s *Server) serveMetadata(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mu.Unlock()
 
-	if !valid {
-		writeError(w, http.StatusUnauthorized)
-		return
+	switch {
+	case !valid:
+		return http.StatusUnauthorized, ""
+	case !found:
+		return http.StatusNotFound, ""
+	case token != "":
+		h.Set(TokenTTLHeader, strconv.Itoa(max(int(exp.Sub(now).Seconds()), 1)))
 	}
-	if !found {
-		writeError(w, http.StatusNotFound)
-		return
-	}
-	if token != "" {
-		remaining := int(exp.Sub(now).Seconds())
-		w.Header().Set(TokenTTLHeader, strconv.Itoa(max(remaining, 1)))
-	}
-	writeBody(w, r, http.StatusOK, "text/plain", body)
+	return http.StatusOK, body
 }
 
 // Tokens are stateless, as real IMDS's are, so memory does not grow with the
@@ -526,52 +526,4 @@ func errorPage(status int) string {
  </body>
 </html>
 `
-}
-
-func writeError(w http.ResponseWriter, status int) {
-	writeBody(w, nil, status, "text/html", errorPage(status))
-}
-
-func writeBody(w http.ResponseWriter, r *http.Request, status int, contentType, body string) {
-	h := w.Header()
-	h.Set("Content-Type", contentType)
-	h.Set("Content-Length", strconv.Itoa(len(body)))
-	h.Set("Server", "EC2ws")
-	w.WriteHeader(status)
-	if r != nil && r.Method == http.MethodHead {
-		return
-	}
-	w.Write([]byte(body))
-}
-
-// countingWriter records the status and body bytes for Stats.
-type countingWriter struct {
-	http.ResponseWriter
-	status int
-	bytes  int64
-}
-
-func (c *countingWriter) WriteHeader(status int) {
-	if c.status == 0 {
-		c.status = status
-	}
-	c.ResponseWriter.WriteHeader(status)
-}
-
-func (c *countingWriter) Write(b []byte) (int, error) {
-	if c.status == 0 {
-		c.status = http.StatusOK
-	}
-	n, err := c.ResponseWriter.Write(b)
-	c.bytes += int64(n)
-	return n, err
-}
-
-func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
-
-func (c *countingWriter) statusOr200() int {
-	if c.status == 0 {
-		return http.StatusOK
-	}
-	return c.status
 }
