@@ -179,28 +179,6 @@ type World struct {
 
 var worldSeq atomic.Int64
 
-// open holds the worlds not closed yet, for CloseAll.
-var (
-	openMu sync.Mutex
-	open   = map[*World]bool{}
-)
-
-// CloseAll closes every world of this process that is still open: for a
-// signal handler, so that an interrupted run leaves nothing behind.
-func CloseAll() error {
-	openMu.Lock()
-	var ws []*World
-	for w := range open {
-		ws = append(ws, w)
-	}
-	openMu.Unlock()
-	var errs []error
-	for _, w := range ws {
-		errs = append(errs, w.Close())
-	}
-	return errors.Join(errs...)
-}
-
 // prefixPattern matches every namespace name a world creates; the pid lets
 // the sweeper tell a live run from a crashed one.
 var prefixPattern = regexp.MustCompile(`^dh([0-9]+)w[0-9]+-`)
@@ -215,9 +193,6 @@ func New(ctx context.Context, opts Options) (w *World, err error) {
 		VPCs:   map[string]*VPC{},
 		opts:   opts,
 	}
-	openMu.Lock()
-	open[w] = true
-	openMu.Unlock()
 	defer func() {
 		if err != nil {
 			w.Close()
@@ -540,11 +515,6 @@ func (w *World) Close() error {
 	w.closed = true
 	procs, all, closers := w.procs, w.all, w.closers
 	w.mu.Unlock()
-	defer func() {
-		openMu.Lock()
-		delete(open, w)
-		openMu.Unlock()
-	}()
 	var errs []error
 	for i := len(closers) - 1; i >= 0; i-- {
 		if err := closers[i](); err != nil {
@@ -705,20 +675,6 @@ func (w *World) ServeEcho(ns *NS, port int) error {
 	}
 	w.onClose(s.Close)
 	return nil
-}
-
-// LinkStats returns the packet counters of a link in ns: on a router's ENI
-// link, TX counts packets sent to the instance and RX packets received from it.
-func LinkStats(ns *NS, link string) (rx, tx uint64, err error) {
-	l, err := ns.NL.LinkByName(link)
-	if err != nil {
-		return 0, 0, fmt.Errorf("finding %s in %s: %w", link, ns.Name, err)
-	}
-	s := l.Attrs().Statistics
-	if s == nil {
-		return 0, 0, fmt.Errorf("no statistics for %s in %s", link, ns.Name)
-	}
-	return s.RxPackets, s.TxPackets, nil
 }
 
 // Procs lists the programs started in the world.
