@@ -36,6 +36,11 @@ func TestStatusFaultOnOneKey(t *testing.T) {
 
 func TestStatusFaultCountAndRetryAfter(t *testing.T) {
 	srv, c := start(t, emulator.ExampleInstance(1, 1, 0, 0, 1))
+	for _, bad := range []emulator.Faults{{Status: 1000}, {Latency: -1}, {StatusCount: -1}, {DeviceNumberZeroReads: map[string]int{"m": -1}}} {
+		if err := srv.SetFaults(bad); err == nil {
+			t.Errorf("invalid faults %+v accepted", bad)
+		}
+	}
 	srv.SetFaults(emulator.Faults{Match: "meta-data/", Status: 429, StatusCount: 2})
 	for i := range 2 {
 		status, _, h := c.do(http.MethodGet, "/latest/meta-data/mac", map[string]string{emulator.TokenHeader: c.token})
