@@ -142,9 +142,6 @@ func (e *ENI) Attached() bool {
 
 // Options configure New.
 type Options struct {
-	// Dir holds the world's files (configuration, logs, state).
-	// Empty means a new temporary directory, removed by Close.
-	Dir string
 	// DualhomedBin is the dualhomed program StartDaemon runs.
 	DualhomedBin string
 	// Instance, when set, is the instance to simulate instead of the four
@@ -160,7 +157,7 @@ type Options struct {
 // World is the simulated instance with its VPCs.
 type World struct {
 	Prefix   string
-	Dir      string
+	Dir      string // the world's files (configuration, logs, state), removed by Close
 	Instance *NS
 	VPCs     map[string]*VPC // by name: A, B, C, D
 	ENIs     []*ENI          // eth0..eth3 (eth3 starts detached)
@@ -169,7 +166,6 @@ type World struct {
 
 	base    emulator.Instance // what IMDS serves besides the attached ENIs
 	opts    Options
-	ownDir  bool
 	mu      sync.Mutex
 	all     []*NS // every namespace, in creation order
 	procs   []*Proc
@@ -199,12 +195,8 @@ func New(ctx context.Context, opts Options) (w *World, err error) {
 			w = nil
 		}
 	}()
-	w.Dir = opts.Dir
-	if w.Dir == "" {
-		if w.Dir, err = os.MkdirTemp("", w.Prefix); err != nil {
-			return w, fmt.Errorf("creating world directory: %w", err)
-		}
-		w.ownDir = true
+	if w.Dir, err = os.MkdirTemp("", w.Prefix); err != nil {
+		return w, fmt.Errorf("creating world directory: %w", err)
 	}
 	if w.Instance, err = w.newNS("inst"); err != nil {
 		return w, err
@@ -529,7 +521,7 @@ func (w *World) Close() error {
 			errs = append(errs, err)
 		}
 	}
-	if w.ownDir && w.Dir != "" {
+	if w.Dir != "" {
 		if err := os.RemoveAll(w.Dir); err != nil {
 			errs = append(errs, err)
 		}
