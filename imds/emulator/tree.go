@@ -85,87 +85,68 @@ func joinLines[T fmt.Stringer](items []T) string {
 }
 
 // render builds the tree IMDS would serve for inst, with the raw keys (by
-// MAC, then key) in place of the model's.
+// MAC, then key) in place of the model's. A key whose value is empty is
+// absent, as IMDS leaves out what an instance does not have.
 func render(inst Instance, raw map[string]map[string]string) tree {
 	t := tree{"": {dir: true}}
-	md := func(key, value string) { t.add("meta-data/"+key, &node{body: value}) }
-
-	md("ami-id", "ami-0abcdef1234567890")
-	if inst.InstanceID != "" {
-		md("instance-id", inst.InstanceID)
+	add := func(dir string, keys map[string]string) {
+		for key, value := range keys {
+			if value != "" {
+				t.add(dir+key, &node{body: value})
+			}
+		}
 	}
-	md("instance-type", orDefault(inst.InstanceType, "c6in.large"))
 	region := orDefault(inst.Region, "us-east-1")
-	md("placement/region", region)
-	md("placement/availability-zone", orDefault(inst.AvailabilityZone, region+"a"))
-	md("services/domain", "amazonaws.com")
-	md("services/partition", "aws")
-	if inst.PrimaryMAC != "" {
-		md("mac", inst.PrimaryMAC)
+	md := map[string]string{
+		"ami-id":                      "ami-0abcdef1234567890",
+		"instance-id":                 inst.InstanceID,
+		"instance-type":               orDefault(inst.InstanceType, "c6in.large"),
+		"placement/region":            region,
+		"placement/availability-zone": orDefault(inst.AvailabilityZone, region+"a"),
+		"services/domain":             "amazonaws.com",
+		"services/partition":          "aws",
+		"mac":                         inst.PrimaryMAC,
 	}
 	// The instance's own hostname and IPv4 are the primary ENI's.
 	if i := inst.eniIndex(inst.PrimaryMAC); i >= 0 {
 		p := inst.ENIs[i]
-		host := hostname(inst, p)
-		md("hostname", host)
-		md("local-hostname", host)
-		if len(p.LocalIPv4s) > 0 {
-			md("local-ipv4", p.LocalIPv4s[0].String())
-		}
+		md["hostname"], md["local-hostname"] = hostname(inst, p), hostname(inst, p)
+		md["local-ipv4"] = joinLines(p.LocalIPv4s[:min(len(p.LocalIPv4s), 1)])
 	}
+	add("meta-data/", md)
 	// The network/interfaces/macs directory exists even with no ENIs.
 	t.add(macsDir, &node{dir: true})
 
 	multiCard := inst.MultiCard || slices.ContainsFunc(inst.ENIs, func(e imds.ENI) bool { return e.NetworkCard != 0 })
 	for _, e := range inst.ENIs {
-		dir := macsDir + "/" + e.MAC + "/"
-		k := func(key, value string) { t.add(dir+key, &node{body: value}) }
-		k("device-number", strconv.Itoa(e.DeviceNumber))
+		keys := map[string]string{
+			"device-number":           strconv.Itoa(e.DeviceNumber),
+			"interface-id":            e.InterfaceID,
+			"mac":                     e.MAC,
+			"local-hostname":          hostname(inst, e),
+			"local-ipv4s":             joinLines(e.LocalIPv4s),
+			"ipv6s":                   joinLines(e.IPv6s),
+			"ipv4-prefix":             joinLines(e.IPv4Prefixes),
+			"ipv6-prefix":             joinLines(e.IPv6Prefixes),
+			"owner-id":                e.OwnerID,
+			"security-group-ids":      securityGroupID(e),
+			"subnet-id":               e.SubnetID,
+			"subnet-ipv6-cidr-blocks": joinLines(e.SubnetIPv6CIDRs),
+			"vpc-id":                  e.VPCID,
+			"vpc-ipv4-cidr-block":     joinLines(e.VPCIPv4CIDRs[:min(len(e.VPCIPv4CIDRs), 1)]),
+			"vpc-ipv4-cidr-blocks":    joinLines(e.VPCIPv4CIDRs),
+			"vpc-ipv6-cidr-blocks":    joinLines(e.VPCIPv6CIDRs),
+		}
 		if multiCard {
-			k("network-card", strconv.Itoa(e.NetworkCard))
-		}
-		if e.InterfaceID != "" {
-			k("interface-id", e.InterfaceID)
-		}
-		k("mac", e.MAC)
-		k("local-hostname", hostname(inst, e))
-		if len(e.LocalIPv4s) > 0 {
-			k("local-ipv4s", joinLines(e.LocalIPv4s))
-		}
-		if len(e.IPv6s) > 0 {
-			k("ipv6s", joinLines(e.IPv6s))
-		}
-		if len(e.IPv4Prefixes) > 0 {
-			k("ipv4-prefix", joinLines(e.IPv4Prefixes))
-		}
-		if len(e.IPv6Prefixes) > 0 {
-			k("ipv6-prefix", joinLines(e.IPv6Prefixes))
-		}
-		if e.OwnerID != "" {
-			k("owner-id", e.OwnerID)
-		}
-		k("security-group-ids", securityGroupID(e))
-		if e.SubnetID != "" {
-			k("subnet-id", e.SubnetID)
+			keys["network-card"] = strconv.Itoa(e.NetworkCard)
 		}
 		if e.SubnetIPv4CIDR.IsValid() {
-			k("subnet-ipv4-cidr-block", e.SubnetIPv4CIDR.String())
+			keys["subnet-ipv4-cidr-block"] = e.SubnetIPv4CIDR.String()
 		}
-		if len(e.SubnetIPv6CIDRs) > 0 {
-			k("subnet-ipv6-cidr-blocks", joinLines(e.SubnetIPv6CIDRs))
-		}
-		if e.VPCID != "" {
-			k("vpc-id", e.VPCID)
-		}
-		if len(e.VPCIPv4CIDRs) > 0 {
-			k("vpc-ipv4-cidr-block", e.VPCIPv4CIDRs[0].String())
-			k("vpc-ipv4-cidr-blocks", joinLines(e.VPCIPv4CIDRs))
-		}
-		if len(e.VPCIPv6CIDRs) > 0 {
-			k("vpc-ipv6-cidr-blocks", joinLines(e.VPCIPv6CIDRs))
-		}
-		for key, body := range raw[e.MAC] {
-			k(key, body)
+		dir := macsDir + "/" + e.MAC + "/"
+		add(dir, keys)
+		for key, body := range raw[e.MAC] { // served even when empty
+			t.add(dir+key, &node{body: body})
 		}
 	}
 	t.add("dynamic/instance-identity/document", &node{body: identityDocument(inst, region)})
