@@ -126,7 +126,7 @@ func TestScriptForOrdersAndFilters(t *testing.T) {
 	a := simworld.Addr{LinkIndex: 3, Prefix: netip.MustParsePrefix("10.1.0.10/20"), Proto: 210}
 	ref.Addrs[ref.AddrCommand(a, true).String()] = a
 
-	script := scriptFor(pristine, ref, true)
+	script := scriptFor(pristine, ref)
 	var got []string
 	for _, c := range script.Commands {
 		got = append(got, strings.Join(c.Args[:2], " ")+" "+c.Args[2])

@@ -35,7 +35,6 @@ type results struct {
 	o         options
 	Started   time.Time
 	Finished  time.Time
-	AddrProto bool
 	Variants  []*variantResult
 	Daemon    *daemonResult
 	Failures  []string
