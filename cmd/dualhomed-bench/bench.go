@@ -7,7 +7,6 @@ import (
 	"maps"
 	"os"
 	"os/exec"
-	"runtime/debug"
 	"slices"
 	"strings"
 	"time"
@@ -67,22 +66,13 @@ func (b *bench) logf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "dualhomed-bench: "+format+"\n", args...)
 }
 
-// step runs one measurement: its failure (error or panic, e.g. a component
-// not written yet) is recorded and the others still run.
+// step runs one measurement: its failure is recorded and the others still run.
 func (b *bench) step(name string, fn func() error) {
 	if b.ctx.Err() != nil {
 		return
 	}
 	b.logf("%s", name)
-	err := func() (err error) {
-		defer func() {
-			if p := recover(); p != nil {
-				err = fmt.Errorf("panic: %v\n%s", p, debug.Stack())
-			}
-		}()
-		return fn()
-	}()
-	if err != nil {
+	if err := fn(); err != nil {
 		b.r.Failures = append(b.r.Failures, fmt.Sprintf("%s: %v", name, err))
 		b.logf("%s: FAILED: %v", name, err)
 	}

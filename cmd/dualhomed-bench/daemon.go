@@ -16,7 +16,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
-	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/imds/emulator"
 )
 
@@ -42,11 +41,11 @@ func (b *bench) daemon(ctx context.Context) {
 		}
 		t0 := time.Now()
 		var err error
-		if proc, err = b.w.StartDaemon(simworld.DaemonOptions{PollInterval: poll}); err != nil {
-			return 0, err
+		if proc, err = b.w.StartDaemon(simworld.DaemonOptions{PollInterval: poll}); err == nil {
+			err = b.match(v.reference, "dualhomed's state", 60*time.Second, proc)
 		}
-		if err := b.match(v.reference, "dualhomed's state", 60*time.Second, proc); err != nil {
-			return 0, err
+		if err != nil {
+			return 0, fmt.Errorf("starting the daemon (poll_interval %v): %w", poll, err)
 		}
 		converged := time.Since(t0)
 		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -119,7 +118,7 @@ func (b *bench) daemon(ctx context.Context) {
 			}
 			if n > 0 {
 				if _, err := start(0); err != nil {
-					return fmt.Errorf("restarting the daemon: %w", err)
+					return err
 				}
 			}
 			k := ours[rng.IntN(len(ours))]
@@ -145,7 +144,7 @@ func (b *bench) daemon(ctx context.Context) {
 
 	b.step(fmt.Sprintf("daemon: IMDS answering 500 for %v", o.fault), func() error {
 		if _, err := start(0); err != nil {
-			return fmt.Errorf("restarting the daemon: %w", err)
+			return err
 		}
 		before, err := simworld.ReadState(b.w.Instance)
 		if err != nil {
@@ -183,7 +182,7 @@ func (b *bench) daemon(ctx context.Context) {
 
 	b.step("daemon: hot attach", func() error {
 		if _, err := start(0); err != nil {
-			return fmt.Errorf("restarting the daemon: %w", err)
+			return err
 		}
 		if err := b.hotAttach(ctx, proc, v, d); err != nil {
 			return logContext(proc, err)
@@ -207,7 +206,7 @@ func (b *bench) daemon(ctx context.Context) {
 			}
 		}
 		if _, err := start(pollCPUInterval); err != nil {
-			return fmt.Errorf("restarting the daemon with poll_interval %v: %w", pollCPUInterval, err)
+			return err
 		}
 		return b.pollCPU(ctx, proc, d)
 	})
@@ -267,7 +266,6 @@ func (b *bench) pollCPU(ctx context.Context, proc *simworld.Proc, d *daemonResul
 	st := b.w.IMDS.Stats()
 	c1, _ := b.wt.Changes()
 	d.PollCPU = cpu1 - cpu0
-	d.PollCPUInterval = pollCPUInterval
 	d.PollCPUPolls = st.ByPath[macListingPath]
 	d.PollCPURequests, d.PollCPUBytes = st.Requests, st.BytesSent
 	d.PollCPUChanges = c1.sub(c0)
@@ -320,10 +318,14 @@ const pingTimeout = 5 * time.Second
 // timed apart.
 func (b *bench) hotAttach(ctx context.Context, proc *simworld.Proc, v *variantResult, d *daemonResult) error {
 	e := b.w.ENIs[len(b.w.ENIs)-1]
+	// Its rules are those from its VPC's addresses (every ENI has a VPC of its own).
 	var want []string // ruleIDs
 	var rules []netlink.Rule
 	for _, r := range v.reference.Rules {
-		if r.Src != nil && ruleSrcOf(v.inst.ENIs[len(v.inst.ENIs)-1], r.Src.IP) {
+		if r.Src == nil {
+			continue
+		}
+		if src, _ := netip.AddrFromSlice(r.Src.IP); e.VPC.CIDR4.Contains(src.Unmap()) || e.VPC.CIDR6.Contains(src) {
 			want, rules = append(want, ruleID(r)), append(rules, r)
 		}
 	}
@@ -433,17 +435,4 @@ func (b *bench) routingDiagnosis(e *simworld.ENI) string {
 		}
 	}
 	return s.String()
-}
-
-// ruleSrcOf reports whether ip is one of the ENI's addresses or prefixes.
-func ruleSrcOf(e imds.ENI, ip []byte) bool {
-	a, ok := netip.AddrFromSlice(ip)
-	if !ok {
-		return false
-	}
-	a = a.Unmap()
-	if slices.Contains(e.LocalIPv4s, a) || slices.Contains(e.IPv6s, a) {
-		return true
-	}
-	return slices.ContainsFunc(slices.Concat(e.IPv4Prefixes, e.IPv6Prefixes), func(p netip.Prefix) bool { return p.Addr() == a })
 }

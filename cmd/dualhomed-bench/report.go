@@ -102,8 +102,7 @@ type daemonResult struct {
 	FaultKept       bool
 	FaultDiff       string
 
-	// A daemon polling every PollCPUInterval, watched for PollCPUWall.
-	PollCPUInterval time.Duration
+	// A daemon polling every pollCPUInterval, watched for PollCPUWall.
 	PollCPUWall     time.Duration
 	PollCPU         time.Duration
 	PollCPUPolls    int64 // IMDS MAC listings: one per poll
