@@ -173,7 +173,20 @@ func TestRawOverrides(t *testing.T) {
 		t.Errorf("raw keys not listed: %q", listing)
 	}
 
+	if err := srv.DeleteKey(mac, "subnet-id"); err != nil {
+		t.Fatal(err)
+	}
+	if status, _ := c.get(macPath(mac, "subnet-id")); status != 404 {
+		t.Errorf("deleted key: status %d, want 404", status)
+	}
+	if strings.Contains(c.mustGet(macPath(mac, "")), "subnet-id\n") {
+		t.Error("deleted key still listed")
+	}
 	// The model changing does not undo a raw key: raw wins.
+	srv.UpdateENI(mac, func(e *imds.ENI) { e.SubnetID = "subnet-0new" })
+	if status, _ := c.get(macPath(mac, "subnet-id")); status != 404 {
+		t.Errorf("deleted key after model update: status %d, want 404", status)
+	}
 	srv.UpdateENI(mac, func(e *imds.ENI) { e.SubnetID = "subnet-0new" })
 	if err := srv.SetRawKey(mac, "subnet-id", "subnet-0raw"); err != nil {
 		t.Fatal(err)

@@ -15,7 +15,7 @@
 //
 // At a glance: the model is an Instance of shared imds.ENI values
 // (AttachENI, DetachENI, UpdateENI, SetInstance, Instance); raw keys win
-// over it (SetRawKey, ClearOverrides); Faults are injected with SetFaults
+// over it (SetRawKey, DeleteKey, ClearOverrides); Faults are injected with SetFaults
 // (latency, statuses with Retry-After, dropped connections, rejected tokens,
 // MACs listed before their keys, device-number 0 for the first reads) plus
 // the one-shot ExpireTokens and AdvanceClock; Stats counts requests,
@@ -56,7 +56,7 @@ const (
 type Server struct {
 	mu         sync.Mutex
 	inst       Instance
-	raw        map[string]map[string]string // SetRawKey's values: MAC -> key -> body
+	raw        map[string]map[string]rawKey // SetRawKey's and DeleteKey's keys, by MAC
 	tree       tree                         // rendered from inst and raw after every change
 	faults     Faults
 	tokenKey   [32]byte      // signs tokens, which are stateless like real IMDS's
@@ -78,7 +78,7 @@ func New(inst Instance) *Server {
 	}
 	s := &Server{
 		inst:   inst.Clone(),
-		raw:    map[string]map[string]string{},
+		raw:    map[string]map[string]rawKey{},
 		stats:  Stats{}.clone(),
 		closed: make(chan struct{}),
 	}
@@ -189,11 +189,23 @@ func (s *Server) change(fn func(*Instance) error) error {
 	return nil
 }
 
+// rawKey is a key of an ENI as SetRawKey or DeleteKey made it.
+type rawKey struct {
+	body   string
+	absent bool
+}
+
 // SetRawKey serves raw, byte for byte, as macs/<mac>/<key> of an attached
 // ENI, whatever the model says (malformed values, huge or binary bodies,
 // keys the model has no field for); the key appears in the MAC's listing.
 // Use "" for an empty value.
-func (s *Server) SetRawKey(mac, key, raw string) error {
+func (s *Server) SetRawKey(mac, key, raw string) error { return s.setRaw(mac, key, rawKey{body: raw}) }
+
+// DeleteKey makes macs/<mac>/<key> of an attached ENI absent (404, not
+// listed), whatever the model says.
+func (s *Server) DeleteKey(mac, key string) error { return s.setRaw(mac, key, rawKey{absent: true}) }
+
+func (s *Server) setRaw(mac, key string, k rawKey) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if key == "" || strings.Contains(key, "/") {
@@ -203,9 +215,9 @@ func (s *Server) SetRawKey(mac, key, raw string) error {
 		return fmt.Errorf("setting raw key %s of ENI %s: not attached", key, mac)
 	}
 	if s.raw[mac] == nil {
-		s.raw[mac] = map[string]string{}
+		s.raw[mac] = map[string]rawKey{}
 	}
-	s.raw[mac][key] = raw
+	s.raw[mac][key] = k
 	s.rebuild()
 	return nil
 }

@@ -87,7 +87,7 @@ func joinLines[T fmt.Stringer](items []T) string {
 // render builds the tree IMDS would serve for inst, with the raw keys (by
 // MAC, then key) in place of the model's. A key whose value is empty is
 // absent, as IMDS leaves out what an instance does not have.
-func render(inst Instance, raw map[string]map[string]string) tree {
+func render(inst Instance, raw map[string]map[string]rawKey) tree {
 	t := tree{"": {dir: true}}
 	add := func(dir string, keys map[string]string) {
 		for key, value := range keys {
@@ -143,11 +143,13 @@ func render(inst Instance, raw map[string]map[string]string) tree {
 		if e.SubnetIPv4CIDR.IsValid() {
 			keys["subnet-ipv4-cidr-block"] = e.SubnetIPv4CIDR.String()
 		}
-		dir := macsDir + "/" + e.MAC + "/"
-		add(dir, keys)
-		for key, body := range raw[e.MAC] { // served even when empty
-			t.add(dir+key, &node{body: body})
+		for key, k := range raw[e.MAC] { // served even when empty
+			keys[key] = ""
+			if !k.absent {
+				t.add(macsDir+"/"+e.MAC+"/"+key, &node{body: k.body})
+			}
 		}
+		add(macsDir+"/"+e.MAC+"/", keys)
 	}
 	t.add("dynamic/instance-identity/document", &node{body: identityDocument(inst, region)})
 	t.finish()
