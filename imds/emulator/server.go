@@ -482,43 +482,23 @@ func (s *Server) lookup(urlPath string) (string, bool) {
 		return "", false
 	}
 	rel = strings.Trim(rel, "/")
-
-	f := &s.faults
-	if len(f.PendingMACs) > 0 {
-		if rel == macsDir {
-			n := s.tree[rel]
-			if n == nil {
-				return "", false
-			}
-			entries := slices.Clone(n.entries)
-			for _, mac := range f.PendingMACs {
-				if !slices.Contains(entries, mac+"/") {
-					entries = append(entries, mac+"/")
-				}
-			}
-			return strings.Join(entries, "\n"), true
-		}
-		if rest, ok := strings.CutPrefix(rel, macsDir+"/"); ok {
-			mac, _, _ := strings.Cut(rest, "/")
-			if slices.Contains(f.PendingMACs, mac) {
-				return "", false
+	f, n := &s.faults, s.tree[rel]
+	rest, underMACs := strings.CutPrefix(rel, macsDir+"/")
+	mac, key, _ := strings.Cut(rest, "/")
+	switch {
+	case rel == macsDir && n != nil:
+		entries := slices.Clone(n.entries)
+		for _, m := range f.PendingMACs {
+			if !slices.Contains(entries, m+"/") {
+				entries = append(entries, m+"/")
 			}
 		}
-	}
-	n := s.tree[rel]
-	if n == nil {
+		return strings.Join(entries, "\n"), true
+	case n == nil || underMACs && slices.Contains(f.PendingMACs, mac):
 		return "", false
-	}
-	if len(f.DeviceNumberZeroReads) > 0 && !n.dir {
-		if rest, ok := strings.CutPrefix(rel, macsDir+"/"); ok {
-			if mac, ok := strings.CutSuffix(rest, "/device-number"); ok && f.DeviceNumberZeroReads[mac] > 0 {
-				f.DeviceNumberZeroReads[mac]--
-				if f.DeviceNumberZeroReads[mac] == 0 {
-					delete(f.DeviceNumberZeroReads, mac)
-				}
-				return "0", true
-			}
-		}
+	case underMACs && key == "device-number" && f.DeviceNumberZeroReads[mac] > 0:
+		f.DeviceNumberZeroReads[mac]--
+		return "0", true
 	}
 	return n.body, true
 }
