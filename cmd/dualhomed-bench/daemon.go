@@ -345,7 +345,7 @@ func (b *bench) hotAttach(ctx context.Context, proc *simworld.Proc, v *variantRe
 		// Detach. The daemon removes a vanished ENI's rules at its next
 		// IMDS poll; the bench does it at once so that the next attach
 		// starts clean.
-		gone := b.wt.expect(noRules(want))
+		gone := b.wt.expect(rulesAre(false, want))
 		if err := b.w.Detach(e); err != nil {
 			return err
 		}
@@ -369,7 +369,7 @@ func (b *bench) hotAttach(ctx context.Context, proc *simworld.Proc, v *variantRe
 		time.Sleep(bucketRefill)
 
 		hw, _ := net.ParseMAC(mac)
-		placed, arrived := b.wt.expect(allRules(want)), b.wt.expectLink(hw)
+		placed, arrived := b.wt.expect(rulesAre(true, want)), b.wt.expectLink(hw)
 		pctx, cancel := context.WithTimeout(ctx, pingTimeout)
 		pinged := make(chan time.Time, 1)
 		go func() {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -207,27 +208,11 @@ func (w *watcher) expectLink(mac net.HardwareAddr) <-chan time.Time {
 	return w.expect(func(map[string]bool) bool { return w.links[mac.String()] })
 }
 
-// allRules is a condition: every key of want is present.
-func allRules(want []string) func(map[string]bool) bool {
+// rulesAre is a condition: every rule of ids is present, or with present
+// false, none is.
+func rulesAre(present bool, ids []string) func(map[string]bool) bool {
 	return func(have map[string]bool) bool {
-		for _, k := range want {
-			if !have[k] {
-				return false
-			}
-		}
-		return true
-	}
-}
-
-// noRules is a condition: no key of gone is present.
-func noRules(gone []string) func(map[string]bool) bool {
-	return func(have map[string]bool) bool {
-		for _, k := range gone {
-			if have[k] {
-				return false
-			}
-		}
-		return true
+		return !slices.ContainsFunc(ids, func(id string) bool { return have[id] != present })
 	}
 }
 
