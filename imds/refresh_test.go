@@ -95,9 +95,7 @@ func TestRefreshSeesWhatSnapshotSees(t *testing.T) {
 		if err := st.change(); err != nil {
 			t.Fatalf("%s: %v", st.name, err)
 		}
-		if err := srv.ResetStats(); err != nil {
-			t.Fatal(err)
-		}
+		srv.ResetStats()
 		got := refresh(t, c, prev, imds.Update{Dynamic: true})
 		stats := srv.Stats()
 		for path, n := range staticReads(stats) {
@@ -148,9 +146,7 @@ func TestRefreshHotAttachReadsOnlyTheNewENI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := srv.ResetStats(); err != nil {
-		t.Fatal(err)
-	}
+	srv.ResetStats()
 	got := refresh(t, c, prev, imds.Update{MACs: macs})
 	for path := range srv.Stats().ByPath {
 		if !strings.Contains(path, extra.MAC) && path != emulator.TokenPath {
@@ -177,9 +173,7 @@ func TestRefreshReadsNotReadyENIsInFull(t *testing.T) {
 	if e := eni(t, refresh(t, c, prev, imds.Update{}), extra.MAC); e.Ready {
 		t.Errorf("pending MAC ready after Refresh")
 	}
-	if err := srv.ClearFaults(); err != nil {
-		t.Fatal(err)
-	}
+	srv.ClearFaults()
 	got := refresh(t, c, prev, imds.Update{})
 	if e := eni(t, got, extra.MAC); !e.Ready || e.DeviceNumber != extra.DeviceNumber {
 		t.Errorf("settled MAC: Ready=%v device %d (%s), want ready device %d", e.Ready, e.DeviceNumber, e.NotReadyReason, extra.DeviceNumber)
@@ -204,9 +198,7 @@ func TestRefreshFailsWhole(t *testing.T) {
 	if len(snap.ENIs) != 0 || snap.PrimaryMAC != "" {
 		t.Errorf("failed Refresh returned a partial snapshot: %+v", snap)
 	}
-	if err := srv.ClearFaults(); err != nil {
-		t.Fatal(err)
-	}
+	srv.ClearFaults()
 	if err := srv.SetRawKey(inst.ENIs[2].MAC, "ipv6s", "not-an-address"); err != nil {
 		t.Fatal(err)
 	}
@@ -247,9 +239,7 @@ func TestRefreshHotAttachOnMultiCardWaitsForNetworkCard(t *testing.T) {
 	if e := eni(t, refresh(t, c, prev, u), extra.MAC); e.Ready || !strings.Contains(e.NotReadyReason, "network-card") {
 		t.Errorf("network-card not listed yet: Ready=%v (%s), want not ready", e.Ready, e.NotReadyReason)
 	}
-	if err := srv.ClearOverrides(); err != nil {
-		t.Fatal(err)
-	}
+	srv.ClearOverrides()
 	got := refresh(t, c, prev, u)
 	if e := eni(t, got, extra.MAC); !e.Ready || e.NetworkCard != 1 || e.DeviceNumber != 1 {
 		t.Errorf("listed: %+v, want ready at card 1 device 1", e)

@@ -4,13 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
-	"runtime"
-	"runtime/debug"
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/vishvananda/netlink"
 
 	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 	"github.com/dualhomed/dualhomed/imds/emulator"
@@ -18,13 +19,12 @@ import (
 
 // bench runs the measurements in one simulated instance at a time.
 type bench struct {
-	ctx       context.Context // cancelled by Ctrl-C: the remaining steps are skipped
-	o         options
-	w         *simworld.World // the instance of the step under way
-	wt        *watcher        // its rtnetlink notifications
-	pristine  simworld.State  // its kernel after boot: links up, the primary ENI's DHCP address and default route
-	r         *results
-	addrProto bool // iproute2 can set an address's protocol
+	ctx      context.Context // cancelled by Ctrl-C: the remaining steps are skipped
+	o        options
+	w        *simworld.World // the instance of the step under way
+	wt       *watcher        // its rtnetlink notifications
+	pristine simworld.State  // its kernel after boot: links up, the primary ENI's DHCP address and default route
+	r        *results
 }
 
 // measure runs every measurement, then writes the report.
@@ -32,9 +32,6 @@ func measure(ctx context.Context, o options) int {
 	r := newResults(o)
 	b := &bench{ctx: ctx, o: o, r: r}
 	defer b.closeWorld()
-	if load := loadAverage(); loadAbove(load, float64(runtime.NumCPU())/2) {
-		b.logf("warning: load average %s on %d CPUs: other work on the machine will slow every figure", load, runtime.NumCPU())
-	}
 
 	b.variant(ctx, 1)
 	if o.cards > 1 && ctx.Err() == nil {
@@ -51,7 +48,7 @@ func measure(ctx context.Context, o options) int {
 		fmt.Fprintln(os.Stderr, "dualhomed-bench: interrupted; not writing the report")
 		return 130
 	}
-	r.Finished, r.AddrProto = time.Now(), b.addrProto
+	r.Finished = time.Now()
 	if err := r.write(o.out); err != nil {
 		fmt.Fprintf(os.Stderr, "dualhomed-bench: %v\n", err)
 		return 1
@@ -69,22 +66,13 @@ func (b *bench) logf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "dualhomed-bench: "+format+"\n", args...)
 }
 
-// step runs one measurement: its failure (error or panic, e.g. a component
-// not written yet) is recorded and the others still run.
+// step runs one measurement: its failure is recorded and the others still run.
 func (b *bench) step(name string, fn func() error) {
 	if b.ctx.Err() != nil {
 		return
 	}
 	b.logf("%s", name)
-	err := func() (err error) {
-		defer func() {
-			if p := recover(); p != nil {
-				err = fmt.Errorf("panic: %v\n%s", p, debug.Stack())
-			}
-		}()
-		return fn()
-	}()
-	if err != nil {
+	if err := fn(); err != nil {
 		b.r.Failures = append(b.r.Failures, fmt.Sprintf("%s: %v", name, err))
 		b.logf("%s: FAILED: %v", name, err)
 	}
@@ -107,7 +95,6 @@ func (b *bench) build(inst emulator.Instance) error {
 	if b.wt, err = newWatcher(w.Instance); err != nil {
 		return err
 	}
-	b.addrProto = iproute2AddrProto(w.Instance)
 	b.pristine, err = b.settle()
 	return err
 }
@@ -119,12 +106,6 @@ func (b *bench) closeWorld() {
 	}
 	if b.w == nil {
 		return
-	}
-	for _, p := range b.w.Procs() {
-		if p.Name == "dualhomed" && b.o.daemonLog != "" {
-			_ = p.Stop(10 * time.Second)
-			_ = os.WriteFile(b.o.daemonLog, []byte(p.Log()), 0o644)
-		}
 	}
 	if err := b.w.Close(); err != nil {
 		b.logf("removing the simulated instance: %v", err)
@@ -169,8 +150,14 @@ func linkLocalsReady(s simworld.State) bool {
 	return true
 }
 
-// reset brings the kernel back to the pristine state of the current world.
-func (b *bench) reset() error { return resetKernel(b.w.Instance, b.pristine) }
+// reset brings the kernel back to the pristine state of the current world,
+// unless the run is interrupted.
+func (b *bench) reset() error {
+	if err := b.ctx.Err(); err != nil {
+		return err
+	}
+	return resetKernel(b.w.Instance, b.pristine)
+}
 
 // settledChanges waits until no rtnetlink notification has arrived for a
 // while (the last ones of a burst are still queued when a tool returns) and
@@ -189,39 +176,55 @@ func (b *bench) settledChanges() changeCounts {
 	return last
 }
 
-// verify compares the kernel with the reference state of the variant.
-func (b *bench) verify(v *variantResult) (stateDiff, error) {
-	return b.settledDiff(v.reference, false)
+// until reads the kernel until it matches want or timeout passes, and
+// returns how they differ last (empty once they match): the kernel finishes
+// some work a moment after a tool returns (IPv6 local routes of new
+// addresses), and a daemon converges over a while. With ignoreAddrProto the
+// addresses' protocols are left out, for tools that cannot set them. It
+// stops early when the run is interrupted or daemon (when not nil) exits.
+func (b *bench) until(want simworld.State, timeout time.Duration, daemon *simworld.Proc, ignoreAddrProto bool) (stateDiff, error) {
+	if ignoreAddrProto {
+		want = want.WithoutAddrProto()
+	}
+	d := stateDiff{OnlyB: []string{"(the kernel changed during every read)"}}
+	for deadline := time.Now().Add(timeout); ; time.Sleep(10 * time.Millisecond) {
+		if daemon != nil {
+			if err := alive(daemon); err != nil {
+				return d, err
+			}
+		}
+		got, err := simworld.ReadState(b.w.Instance)
+		switch {
+		case errors.Is(err, netlink.ErrDumpInterrupted):
+			// Changing faster than a dump completes: not there yet.
+		case err != nil:
+			return d, err
+		case ignoreAddrProto:
+			d = compareStates(want, got.WithoutAddrProto())
+		default:
+			d = compareStates(want, got)
+		}
+		if d.Empty() || time.Now().After(deadline) || b.ctx.Err() != nil {
+			return d, b.ctx.Err()
+		}
+	}
 }
 
-// settledDiff compares the kernel with want, allowing the kernel up to a
-// second to finish what it does asynchronously (IPv6 local routes of new
-// addresses appear a moment after the address). Without addrProto, the
-// addresses' protocols are ignored as a second-best match.
-func (b *bench) settledDiff(want simworld.State, ignoreAddrProto bool) (stateDiff, error) {
-	deadline := time.Now().Add(time.Second)
-	for {
-		got, err := simworld.ReadState(b.w.Instance)
-		if err != nil {
-			return stateDiff{}, err
-		}
-		d := compareStates(want, got)
-		if ignoreAddrProto {
-			d = compareStates(want.WithoutAddrProto(), got.WithoutAddrProto())
-		}
-		if d.Empty() || time.Now().After(deadline) {
-			return d, nil
-		}
-		time.Sleep(10 * time.Millisecond)
+// match is until as a check: an error unless the kernel reaches want,
+// which the error calls wantName.
+func (b *bench) match(want simworld.State, wantName string, timeout time.Duration, daemon *simworld.Proc) error {
+	d, err := b.until(want, timeout, daemon, false)
+	if err == nil && !d.Empty() {
+		err = fmt.Errorf("the kernel differs from %s after %v: %s", wantName, timeout, d.Summary(wantName, "the kernel"))
 	}
+	return err
 }
 
 // variant measures dualhomed and the baselines on the full-scale instance
 // with the given number of network cards.
 func (b *bench) variant(ctx context.Context, cards int) {
 	o := b.o
-	v := &variantResult{Objects: map[string]int{}}
-	v.Name = fmt.Sprintf("%d network card", cards)
+	v := &variantResult{Name: fmt.Sprintf("%d network card", cards), Objects: map[string]int{}}
 	if cards > 1 {
 		v.Name += "s"
 	}
@@ -237,91 +240,22 @@ func (b *bench) variant(ctx context.Context, cards int) {
 		return
 	}
 
-	// Cold reconcile with the client as the daemon builds it (default IMDS
-	// pacing), then no-op reconciles with the same pipeline, as the daemon's
-	// next poll and next netlink event do.
+	// Cold reconciles with the client as the daemon builds it (default IMDS
+	// pacing); the last run's pipeline then makes the no-op reconciles the
+	// daemon's next poll and next netlink event make.
 	b.step(v.Name+": cold and no-op reconcile (in-process agent.Reconciler)", func() error {
 		for i := range o.runs {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			if err := b.reset(); err != nil {
-				return err
-			}
-			p, err := newPipeline(b.w.Instance, 0)
+			p, run, notified, err := b.cold(v, 0)
 			if err != nil {
-				return err
+				return fmt.Errorf("run %d: %w", i+1, err)
 			}
-			c0 := b.settledChanges()
-			run, err := p.reconcile(ctx, readFull)
-			if err != nil {
-				p.Close()
-				return err
-			}
-			c1 := b.settledChanges()
-			v.Cold.add(run, emulator.Stats{Requests: int64(run.Requests)}, c1.sub(c0).Total())
-			if v.reference.Rules == nil {
-				ref, err := simworld.ReadState(b.w.Instance)
-				if err != nil {
-					p.Close()
-					return err
-				}
-				v.reference = ref
-			} else if d, err := b.verify(v); err != nil || !d.Empty() {
-				p.Close()
-				return errors.Join(err, fmt.Errorf("run %d ended in another state than run 1: %s", i+1, d.Summary("run 1", "this run")))
-			}
+			v.Cold.add(run, emulator.Stats{Requests: int64(run.Requests)}, notified)
 			if i < o.runs-1 {
 				p.Close()
 				continue
 			}
 			defer p.Close()
-			// The no-op poll as the daemon's timer does it (readPoll, on a
-			// pipeline with a good snapshot), then the full snapshot a
-			// start, a reload and every so many polls read, each with its
-			// IMDS cost counted by the emulator.
-			for range o.runs {
-				run, st, obs, err := b.measuredRead(ctx, p, readPoll)
-				if err != nil {
-					return fmt.Errorf("no-op poll: %w", err)
-				}
-				v.Poll.add(run, st, obs)
-			}
-			for range o.runs {
-				run, st, obs, err := b.measuredRead(ctx, p, readFull)
-				if err != nil {
-					return fmt.Errorf("no-op reconcile with a full snapshot: %w", err)
-				}
-				v.Full.add(run, st, obs)
-				// Baseline (a) curls every key a full snapshot reads: a
-				// shell tool configuring an instance has no earlier read.
-				v.imdsPaths = v.imdsPaths[:0]
-				for path := range st.ByPath {
-					if path != emulator.TokenPath {
-						v.imdsPaths = append(v.imdsPaths, path)
-					}
-				}
-				slices.Sort(v.imdsPaths)
-			}
-			for range o.runs {
-				c0 := b.settledChanges()
-				run, err := p.reconcile(ctx, readNone)
-				if err != nil {
-					return fmt.Errorf("no-op on a netlink event: %w", err)
-				}
-				c1 := b.settledChanges()
-				v.NoopKernel.add(run, emulator.Stats{}, c1.sub(c0).Total())
-			}
-			v.Breakdown = map[string]series{}
-			for range o.runs {
-				steps, err := p.breakdown()
-				if err != nil {
-					return fmt.Errorf("timing the no-op's steps: %w", err)
-				}
-				for name, d := range steps {
-					v.Breakdown[name] = append(v.Breakdown[name], d)
-				}
-			}
+			return b.noops(v, p)
 		}
 		return nil
 	})
@@ -329,7 +263,7 @@ func (b *bench) variant(ctx context.Context, cards int) {
 		b.r.Failures = append(b.r.Failures, v.Name+": no reference state (dualhomed's cold reconcile failed): baselines skipped")
 		return
 	}
-	script := scriptFor(b.pristine, v.reference, b.addrProto)
+	script := scriptFor(b.pristine, v.reference)
 	script.IMDSPaths = v.imdsPaths
 	for _, c := range script.Commands {
 		v.Objects[c.Args[0]]++ // rule, route, addr
@@ -338,21 +272,11 @@ func (b *bench) variant(ctx context.Context, cards int) {
 
 	b.step(v.Name+": cold reconcile with IMDS unpaced (in-process)", func() error {
 		for range o.runs {
-			if err := b.reset(); err != nil {
-				return err
-			}
-			p, err := newPipeline(b.w.Instance, -1)
+			p, run, _, err := b.cold(v, -1)
 			if err != nil {
 				return err
 			}
-			run, err := p.reconcile(ctx, readFull)
 			p.Close()
-			if err != nil {
-				return err
-			}
-			if d, err := b.verify(v); err != nil || !d.Empty() {
-				return errors.Join(err, fmt.Errorf("end state differs: %s", d.Summary("paced", "unpaced")))
-			}
 			v.ColdUnpaced.add(run, emulator.Stats{}, 0)
 		}
 		return nil
@@ -382,8 +306,8 @@ func (b *bench) variant(ctx context.Context, cards int) {
 				return fmt.Errorf("dualhomed apply: %w: %s", err, simworld.Tail(strings.TrimSpace(string(out)), 10))
 			}
 			c1 := b.settledChanges()
-			if d, err := b.verify(v); err != nil || !d.Empty() {
-				return errors.Join(err, fmt.Errorf("end state differs: %s", d.Summary("in-process", "dualhomed apply")))
+			if err := b.match(v.reference, "the in-process run", time.Second, nil); err != nil {
+				return err
 			}
 			v.Apply.add(reconcileRun{Total: elapsed}, emulator.Stats{}, c1.sub(c0).Total())
 		}
@@ -425,41 +349,107 @@ func (b *bench) variant(ctx context.Context, cards int) {
 	}
 }
 
+// cold runs one cold reconcile on the reset kernel with a new pipeline
+// (newPipeline's IMDS pacing), and checks its end state against the
+// variant's reference, which the first run makes. It returns the pipeline,
+// open, the run and the rtnetlink notifications it caused.
+func (b *bench) cold(v *variantResult, requestsPerSecond float64) (*pipeline, reconcileRun, int, error) {
+	if err := b.reset(); err != nil {
+		return nil, reconcileRun{}, 0, err
+	}
+	p, err := newPipeline(b.w.Instance, requestsPerSecond)
+	if err != nil {
+		return nil, reconcileRun{}, 0, err
+	}
+	c0 := b.settledChanges()
+	run, err := p.reconcile(b.ctx, readFull)
+	notified := b.settledChanges().sub(c0).Total()
+	switch {
+	case err != nil:
+	case v.reference.Rules == nil:
+		v.reference, err = simworld.ReadState(b.w.Instance)
+	default:
+		err = b.match(v.reference, "the first cold run", time.Second, nil)
+	}
+	if err != nil {
+		p.Close()
+		return nil, run, notified, err
+	}
+	return p, run, notified, nil
+}
+
+// noops measures the no-op reconciles on p, which holds a good snapshot:
+// the poll as the daemon's timer runs it, the full snapshot a start, a
+// reload and every so many polls read (each with its IMDS cost counted by
+// the emulator), the kernel pass a netlink event runs, and that pass's
+// steps one by one.
+func (b *bench) noops(v *variantResult, p *pipeline) error {
+	for range b.o.runs {
+		run, st, notified, err := b.measuredRead(p, readPoll)
+		if err != nil {
+			return fmt.Errorf("no-op poll: %w", err)
+		}
+		v.Poll.add(run, st, notified)
+	}
+	for range b.o.runs {
+		run, st, notified, err := b.measuredRead(p, readFull)
+		if err != nil {
+			return fmt.Errorf("no-op reconcile with a full snapshot: %w", err)
+		}
+		v.Full.add(run, st, notified)
+		// Baseline (a) curls every key a full snapshot reads: a shell tool
+		// configuring an instance has no earlier read.
+		v.imdsPaths = slices.Sorted(maps.Keys(st.ByPath))
+		v.imdsPaths = slices.DeleteFunc(v.imdsPaths, func(path string) bool { return path == emulator.TokenPath })
+	}
+	for range b.o.runs {
+		c0 := b.settledChanges()
+		run, err := p.reconcile(b.ctx, readNone)
+		if err != nil {
+			return fmt.Errorf("no-op on a netlink event: %w", err)
+		}
+		v.NoopKernel.add(run, emulator.Stats{}, b.settledChanges().sub(c0).Total())
+	}
+	v.Breakdown = map[string]series{}
+	for range b.o.runs {
+		steps, err := p.breakdown()
+		if err != nil {
+			return fmt.Errorf("timing the no-op's steps: %w", err)
+		}
+		for name, d := range steps {
+			v.Breakdown[name] = append(v.Breakdown[name], d)
+		}
+	}
+	return nil
+}
+
 // measuredRead runs one reconcile that reads IMDS on the warm pipeline p,
 // after the client's request burst has refilled (as between two polls of the
 // daemon), and returns it with the emulator's counts for it and the number
 // of rtnetlink notifications it caused.
-func (b *bench) measuredRead(ctx context.Context, p *pipeline, r read) (reconcileRun, emulator.Stats, int, error) {
+func (b *bench) measuredRead(p *pipeline, r read) (reconcileRun, emulator.Stats, int, error) {
 	select {
-	case <-ctx.Done():
-		return reconcileRun{}, emulator.Stats{}, 0, ctx.Err()
+	case <-b.ctx.Done():
+		return reconcileRun{}, emulator.Stats{}, 0, b.ctx.Err()
 	case <-time.After(bucketRefill):
 	}
-	if err := b.w.IMDS.ResetStats(); err != nil {
-		return reconcileRun{}, emulator.Stats{}, 0, err
-	}
+	b.w.IMDS.ResetStats()
 	c0 := b.settledChanges()
-	run, err := p.reconcile(ctx, r)
+	run, err := p.reconcile(b.ctx, r)
 	st := b.w.IMDS.Stats()
-	c1 := b.settledChanges()
-	return run, st, c1.sub(c0).Total(), err
+	return run, st, b.settledChanges().sub(c0).Total(), err
 }
 
-// endState describes how the kernel compares with the variant's reference.
+// endState describes how the kernel compares with the variant's reference,
+// the addresses' protocols left out.
 func (b *bench) endState() string {
 	v := b.r.Variants[len(b.r.Variants)-1]
-	d, err := b.settledDiff(v.reference, !b.addrProto)
-	if err != nil {
+	d, err := b.until(v.reference, time.Second, nil, true)
+	switch {
+	case err != nil:
 		return "not compared: " + err.Error()
+	case d.Empty():
+		return "identical except the addresses' protocol (IFA_PROTO), which the baselines do not set"
 	}
-	if b.addrProto {
-		if d.Empty() {
-			return "identical"
-		}
-		return "DIFFERENT: " + d.Summary("dualhomed", "baseline")
-	}
-	if d.Empty() {
-		return "identical except the addresses' protocol (IFA_PROTO), which this iproute2 cannot set"
-	}
-	return "DIFFERENT (besides the addresses' protocol, which this iproute2 cannot set): " + d.Summary("dualhomed", "baseline")
+	return "DIFFERENT (besides the addresses' protocol): " + d.Summary("dualhomed", "baseline")
 }

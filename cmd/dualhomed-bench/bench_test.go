@@ -126,7 +126,7 @@ func TestScriptForOrdersAndFilters(t *testing.T) {
 	a := simworld.Addr{LinkIndex: 3, Prefix: netip.MustParsePrefix("10.1.0.10/20"), Proto: 210}
 	ref.Addrs[ref.AddrCommand(a, true).String()] = a
 
-	script := scriptFor(pristine, ref, true)
+	script := scriptFor(pristine, ref)
 	var got []string
 	for _, c := range script.Commands {
 		got = append(got, strings.Join(c.Args[:2], " ")+" "+c.Args[2])
@@ -151,24 +151,24 @@ func newLinkMessage(name string, mac net.HardwareAddr) syscall.NetlinkMessage {
 }
 
 func TestLinkArrivalMatchesTheNewMAC(t *testing.T) {
-	w := &watcher{rules: map[string]bool{}}
+	w := &watcher{rules: map[string]bool{}, links: map[string]bool{}}
 	want, _ := net.ParseMAC("02:00:00:01:00:07")
 	old, _ := net.ParseMAC("02:00:00:00:00:0e")
 	arrived := w.expectLink(want)
 
 	// The detached ENI's link, same name, old MAC: not the arrival.
-	w.received = time.Unix(1, 0)
 	w.handleLocked(newLinkMessage("eth14", old))
+	w.wakeLocked(time.Unix(1, 0))
 	select {
 	case <-arrived:
 		t.Fatal("a link with another MAC counted as the arrival")
 	default:
 	}
 
-	w.received = time.Unix(2, 0)
 	w.handleLocked(newLinkMessage("eth14", want))
-	w.received = time.Unix(3, 0) // set up: a second RTM_NEWLINK
-	w.handleLocked(newLinkMessage("eth14", want))
+	w.wakeLocked(time.Unix(2, 0))
+	w.handleLocked(newLinkMessage("eth14", want)) // set up: a second RTM_NEWLINK
+	w.wakeLocked(time.Unix(3, 0))
 	select {
 	case got := <-arrived:
 		if !got.Equal(time.Unix(2, 0)) {
@@ -177,7 +177,7 @@ func TestLinkArrivalMatchesTheNewMAC(t *testing.T) {
 	default:
 		t.Fatal("the link's RTM_NEWLINK was not seen as its arrival")
 	}
-	if len(w.arrival) != 0 {
-		t.Errorf("%d link waiters left after the arrival", len(w.arrival))
+	if len(w.waiters) != 0 {
+		t.Errorf("%d link waiters left after the arrival", len(w.waiters))
 	}
 }

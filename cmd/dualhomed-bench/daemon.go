@@ -16,7 +16,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
-	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/imds/emulator"
 )
 
@@ -32,39 +31,33 @@ func (b *bench) daemon(ctx context.Context) {
 		return
 	}
 	var proc *simworld.Proc
-	// restart replaces the daemon with a fresh one (poll: its poll_interval,
-	// 0 for the default) and waits until it has checked the kernel (already
-	// configured: it makes no change) and watches netlink.
-	restart := func(poll time.Duration) error {
+	// start replaces the daemon with a fresh one (poll: its poll_interval,
+	// 0 for the default), waits until the kernel is in the reference state
+	// (on a configured kernel, the daemon makes no change) and the daemon
+	// watches netlink, and returns how long the kernel took.
+	start := func(poll time.Duration) (time.Duration, error) {
 		if proc != nil {
 			_ = proc.Stop(10 * time.Second)
 		}
+		t0 := time.Now()
 		var err error
-		if proc, err = b.w.StartDaemon(simworld.DaemonOptions{PollInterval: poll}); err != nil {
-			return err
+		if proc, err = b.w.StartDaemon(simworld.DaemonOptions{PollInterval: poll}); err == nil {
+			err = b.match(v.reference, "dualhomed's state", 60*time.Second, proc)
 		}
-		if err := b.waitState(ctx, proc, v.reference, 30*time.Second); err != nil {
-			return err
+		if err != nil {
+			return 0, fmt.Errorf("starting the daemon (poll_interval %v): %w", poll, err)
 		}
+		converged := time.Since(t0)
 		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
-		return logContext(proc, proc.WaitLog(wctx, `"msg":"ready"`))
+		return converged, logContext(proc, proc.WaitLog(wctx, `"msg":"ready"`))
 	}
 
-	b.step("daemon: start to fully configured", func() error {
-		if err := b.build(v.inst); err != nil {
-			return err
+	b.step("daemon: start to fully configured", func() (err error) {
+		if err = b.build(v.inst); err == nil {
+			d.Converge, err = start(0)
 		}
-		start := time.Now()
-		var err error
-		if proc, err = b.w.StartDaemon(simworld.DaemonOptions{}); err != nil {
-			return err
-		}
-		if err := b.waitState(ctx, proc, v.reference, 60*time.Second); err != nil {
-			return err
-		}
-		d.Converge = time.Since(start)
-		return nil
+		return err
 	})
 	if d.Converge == 0 {
 		return
@@ -72,9 +65,7 @@ func (b *bench) daemon(ctx context.Context) {
 
 	b.step(fmt.Sprintf("daemon: at rest for %v", o.idle), func() error {
 		time.Sleep(2 * time.Second) // let the start-up settle (logs, first poll timer)
-		if err := b.w.IMDS.ResetStats(); err != nil {
-			return err
-		}
+		b.w.IMDS.ResetStats()
 		c0 := b.settledChanges()
 		cpu0, err1 := proc.CPUTime()
 		ticks0, err2 := proc.CPUTicks()
@@ -126,8 +117,8 @@ func (b *bench) daemon(ctx context.Context) {
 				return err
 			}
 			if n > 0 {
-				if err := restart(0); err != nil {
-					return fmt.Errorf("restarting the daemon: %w", err)
+				if _, err := start(0); err != nil {
+					return err
 				}
 			}
 			k := ours[rng.IntN(len(ours))]
@@ -152,16 +143,14 @@ func (b *bench) daemon(ctx context.Context) {
 	})
 
 	b.step(fmt.Sprintf("daemon: IMDS answering 500 for %v", o.fault), func() error {
-		if err := restart(0); err != nil {
-			return fmt.Errorf("restarting the daemon: %w", err)
+		if _, err := start(0); err != nil {
+			return err
 		}
 		before, err := simworld.ReadState(b.w.Instance)
 		if err != nil {
 			return err
 		}
-		if err := b.w.IMDS.ResetStats(); err != nil {
-			return err
-		}
+		b.w.IMDS.ResetStats()
 		if err := b.w.IMDS.SetFaults(emulator.Faults{Status: 500}); err != nil {
 			return err
 		}
@@ -177,11 +166,9 @@ func (b *bench) daemon(ctx context.Context) {
 		}
 		st := b.w.IMDS.Stats()
 		elapsed := time.Since(start)
-		if err := b.w.IMDS.ClearFaults(); err != nil {
-			return err
-		}
+		b.w.IMDS.ClearFaults()
 		d.FaultRequests, d.FaultWall = st.Requests, elapsed
-		diff, err := b.settledDiff(before, false)
+		diff, err := b.until(before, time.Second, nil, false)
 		if err != nil {
 			return err
 		}
@@ -194,8 +181,8 @@ func (b *bench) daemon(ctx context.Context) {
 	})
 
 	b.step("daemon: hot attach", func() error {
-		if err := restart(0); err != nil {
-			return fmt.Errorf("restarting the daemon: %w", err)
+		if _, err := start(0); err != nil {
+			return err
 		}
 		if err := b.hotAttach(ctx, proc, v, d); err != nil {
 			return logContext(proc, err)
@@ -213,13 +200,13 @@ func (b *bench) daemon(ctx context.Context) {
 		// The hot attaches end in the configured instance (the last ENI
 		// with a new MAC); when they did not, start again from the boot.
 		_ = proc.Stop(10 * time.Second)
-		if now, err := simworld.ReadState(b.w.Instance); err != nil || !compareStates(v.reference, now).Empty() {
+		if b.match(v.reference, "dualhomed's state", 0, nil) != nil {
 			if err := b.build(v.inst); err != nil {
 				return err
 			}
 		}
-		if err := restart(pollCPUInterval); err != nil {
-			return fmt.Errorf("restarting the daemon with poll_interval %v: %w", pollCPUInterval, err)
+		if _, err := start(pollCPUInterval); err != nil {
+			return err
 		}
 		return b.pollCPU(ctx, proc, d)
 	})
@@ -254,15 +241,11 @@ const pollCPUInterval = 3 * time.Second
 func (b *bench) pollCPU(ctx context.Context, proc *simworld.Proc, d *daemonResult) error {
 	want := max(1, int(b.o.pollCPU/pollCPUInterval))
 	// Counts start from zero twice: to see the first poll, then for the window.
-	if err := b.w.IMDS.ResetStats(); err != nil {
-		return err
-	}
+	b.w.IMDS.ResetStats()
 	if _, err := b.afterNextPoll(ctx, proc, 0); err != nil {
 		return err
 	}
-	if err := b.w.IMDS.ResetStats(); err != nil {
-		return err
-	}
+	b.w.IMDS.ResetStats()
 	c0, _ := b.wt.Changes()
 	cpu0, err := proc.CPUTime()
 	if err != nil {
@@ -283,7 +266,6 @@ func (b *bench) pollCPU(ctx context.Context, proc *simworld.Proc, d *daemonResul
 	st := b.w.IMDS.Stats()
 	c1, _ := b.wt.Changes()
 	d.PollCPU = cpu1 - cpu0
-	d.PollCPUInterval = pollCPUInterval
 	d.PollCPUPolls = st.ByPath[macListingPath]
 	d.PollCPURequests, d.PollCPUBytes = st.Requests, st.BytesSent
 	d.PollCPUChanges = c1.sub(c0)
@@ -322,34 +304,6 @@ func (b *bench) afterNextPoll(ctx context.Context, proc *simworld.Proc, seen int
 // macListingPath is the IMDS listing of the attached ENIs' MACs.
 const macListingPath = "/latest/meta-data/network/interfaces/macs/"
 
-// waitState polls the kernel until it matches want.
-func (b *bench) waitState(ctx context.Context, proc *simworld.Proc, want simworld.State, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	var last stateDiff
-	for time.Now().Before(deadline) {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		if err := alive(proc); err != nil {
-			return err
-		}
-		got, err := simworld.ReadState(b.w.Instance)
-		switch {
-		case errors.Is(err, netlink.ErrDumpInterrupted):
-			// The daemon is still changing the kernel faster than a dump
-			// completes: not there yet.
-		case err != nil:
-			return err
-		default:
-			if last = compareStates(want, got); last.Empty() {
-				return nil
-			}
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return fmt.Errorf("not in the expected state after %v: %s", timeout, last.Summary("expected", "kernel"))
-}
-
 // pingTimeout bounds the wait for an attached ENI's rules and first ping
 // reply: a working daemon needs a small fraction of it.
 const pingTimeout = 5 * time.Second
@@ -364,10 +318,14 @@ const pingTimeout = 5 * time.Second
 // timed apart.
 func (b *bench) hotAttach(ctx context.Context, proc *simworld.Proc, v *variantResult, d *daemonResult) error {
 	e := b.w.ENIs[len(b.w.ENIs)-1]
+	// Its rules are those from its VPC's addresses (every ENI has a VPC of its own).
 	var want []string // ruleIDs
 	var rules []netlink.Rule
 	for _, r := range v.reference.Rules {
-		if r.Src != nil && ruleSrcOf(v.inst.ENIs[len(v.inst.ENIs)-1], r.Src.IP) {
+		if r.Src == nil {
+			continue
+		}
+		if src, _ := netip.AddrFromSlice(r.Src.IP); e.VPC.CIDR4.Contains(src.Unmap()) || e.VPC.CIDR6.Contains(src) {
 			want, rules = append(want, ruleID(r)), append(rules, r)
 		}
 	}
@@ -387,7 +345,7 @@ func (b *bench) hotAttach(ctx context.Context, proc *simworld.Proc, v *variantRe
 		// Detach. The daemon removes a vanished ENI's rules at its next
 		// IMDS poll; the bench does it at once so that the next attach
 		// starts clean.
-		gone := b.wt.expect(noRules(want))
+		gone := b.wt.expect(rulesAre(false, want))
 		if err := b.w.Detach(e); err != nil {
 			return err
 		}
@@ -411,7 +369,7 @@ func (b *bench) hotAttach(ctx context.Context, proc *simworld.Proc, v *variantRe
 		time.Sleep(bucketRefill)
 
 		hw, _ := net.ParseMAC(mac)
-		placed, arrived := b.wt.expect(allRules(want)), b.wt.expectLink(hw)
+		placed, arrived := b.wt.expect(rulesAre(true, want)), b.wt.expectLink(hw)
 		pctx, cancel := context.WithTimeout(ctx, pingTimeout)
 		pinged := make(chan time.Time, 1)
 		go func() {
@@ -477,17 +435,4 @@ func (b *bench) routingDiagnosis(e *simworld.ENI) string {
 		}
 	}
 	return s.String()
-}
-
-// ruleSrcOf reports whether ip is one of the ENI's addresses or prefixes.
-func ruleSrcOf(e imds.ENI, ip []byte) bool {
-	a, ok := netip.AddrFromSlice(ip)
-	if !ok {
-		return false
-	}
-	a = a.Unmap()
-	if slices.Contains(e.LocalIPv4s, a) || slices.Contains(e.IPv6s, a) {
-		return true
-	}
-	return slices.ContainsFunc(slices.Concat(e.IPv4Prefixes, e.IPv6Prefixes), func(p netip.Prefix) bool { return p.Addr() == a })
 }

@@ -3,8 +3,6 @@ package main
 import (
 	"errors"
 	"fmt"
-	"net"
-	"net/netip"
 	"os"
 	"strings"
 
@@ -100,23 +98,17 @@ func resetKernel(ns *simworld.NS, pristine simworld.State) error {
 			if err != nil {
 				continue // the link went away, and the address with it
 			}
-			na := &netlink.Addr{IPNet: ipNet(a.Prefix)}
+			na, _ := netlink.ParseAddr(a.Prefix.String())
 			if err := h.AddrDel(link, na); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) && !errors.Is(err, unix.ENOENT) {
 				return fmt.Errorf("deleting address %s: %w", k, err)
 			}
 		}
-		err = ns.Do(func() error {
-			for k, v := range pristine.Sysctls {
-				if cur.Sysctls[k] != v {
-					if err := writeSysctl(k, v); err != nil {
-						return err
-					}
+		for k, v := range pristine.Sysctls {
+			if cur.Sysctls[k] != v {
+				if err := ns.SetSysctl(strings.ReplaceAll(k, ".", "/"), v); err != nil {
+					return err
 				}
 			}
-			return nil
-		})
-		if err != nil {
-			return err
 		}
 	}
 }
@@ -128,8 +120,4 @@ func writeSysctl(key, value string) error {
 		return fmt.Errorf("writing %s: %w", key, err)
 	}
 	return nil
-}
-
-func ipNet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }

@@ -40,10 +40,9 @@ type options struct {
 	idle       time.Duration
 	fault      time.Duration
 	pollCPU    time.Duration // window of the CPU-per-poll measurement (0 skips it)
-	dualhomed  string        // path of the dualhomed binary
+	dualhomed  string        // path of the dualhomed binary: next to this one
 	goBench    bool
-	goBenchOut string // file holding the `go test -bench` output
-	daemonLog  string // where to copy the daemon's log (debugging)
+	goBenchOut string // what the report quotes of the `go test -bench` output
 }
 
 func main() {
@@ -61,9 +60,7 @@ func main() {
 	flag.DurationVar(&o.idle, "idle", 60*time.Second, "how long the daemon is watched at rest")
 	flag.DurationVar(&o.pollCPU, "poll-cpu", fullReadEvery*pollCPUInterval, "how long a daemon polling every 3 s is watched to measure the CPU time of one poll (0 skips it; the default holds one cycle of agent.FullReadEvery polls, one full read included)")
 	flag.DurationVar(&o.fault, "fault", 10*time.Second, "how long IMDS answers 500 in the failure measurement")
-	flag.StringVar(&o.dualhomed, "dualhomed", "", "dualhomed `binary` (default: next to this one)")
 	flag.BoolVar(&o.goBench, "go-bench", true, "run the Go micro-benchmarks of imds and netcfg and include them")
-	flag.StringVar(&o.daemonLog, "daemon-log", "", "copy the daemon's log to this `file` when its world closes")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: %s [flags]\n\n"+
 			"Measures dualhomed against shell-style baselines in simulated instances\n"+
@@ -88,36 +85,19 @@ func main() {
 		fmt.Fprintln(os.Stderr, "dualhomed-bench: needs root to create network namespaces; run `sudo make bench`")
 		os.Exit(1)
 	}
-	if o.dualhomed == "" {
-		if exe, err := os.Executable(); err == nil {
-			o.dualhomed = filepath.Join(filepath.Dir(exe), "dualhomed")
-		}
-	}
+	exe, _ := os.Executable()
+	o.dualhomed = filepath.Join(filepath.Dir(exe), "dualhomed")
 	os.Exit(run(o))
 }
 
-// requiredTools are the programs the baselines run, with the Debian package
-// that provides each.
-var requiredTools = []struct{ name, pkg string }{
-	{"ip", "iproute2"},
-	{"curl", "curl"},
-	{"sysctl", "procps"},
-}
-
 // run checks what the measurements need, runs the Go micro-benchmarks, then
-// the measurements. A first Ctrl-C stops them and removes the worlds; a
-// second one removes the worlds at once.
+// the measurements.
 func run(o options) int {
-	var missing []string
-	for _, t := range requiredTools {
-		if _, err := exec.LookPath(t.name); err != nil {
-			missing = append(missing, t.pkg)
+	for _, tool := range []string{"ip", "curl", "sysctl"} { // the baselines'
+		if _, err := exec.LookPath(tool); err != nil {
+			fmt.Fprintf(os.Stderr, "dualhomed-bench: %v; install it with: apt-get install -y iproute2 curl procps\n", err)
+			return 1
 		}
-	}
-	if len(missing) > 0 {
-		fmt.Fprintf(os.Stderr, "dualhomed-bench: missing tools; install them with:\n  apt-get update && apt-get install -y %s\n",
-			strings.Join(missing, " "))
-		return 1
 	}
 	if _, err := os.Stat(o.dualhomed); err != nil {
 		fmt.Fprintf(os.Stderr, "dualhomed-bench: %v (run `make build`)\n", err)
@@ -129,46 +109,37 @@ func run(o options) int {
 		fmt.Fprintf(os.Stderr, "dualhomed-bench: removed namespaces left by an earlier run: %s\n", strings.Join(removed, " "))
 	}
 	if o.goBench {
-		if f, err := os.CreateTemp("", "dualhomed-gobench-*.txt"); err == nil {
-			defer os.Remove(f.Name())
-			o.goBenchOut = f.Name()
-			runGoBench(f)
-			f.Close()
-		}
+		o.goBenchOut = runGoBench()
 	}
 
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
-	defer signal.Stop(sigs)
-	go func() {
-		sig := <-sigs
-		fmt.Fprintf(os.Stderr, "dualhomed-bench: %v: stopping, cleaning up (again to stop at once)\n", sig)
-		cancel()
-		<-sigs
-		_ = simworld.CloseAll()
-		os.Exit(130)
-	}()
+	// A first Ctrl-C skips the remaining steps and removes the world; a
+	// second one ends the process, and the next run sweeps what it left.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	context.AfterFunc(ctx, stop)
 	return measure(ctx, o)
 }
 
 // runGoBench runs the Go micro-benchmarks of imds and netcfg from the module
-// root (where `make bench` runs us) and saves their output for the report.
-func runGoBench(out *os.File) {
+// root (where `make bench` runs us) and returns the lines of their output
+// the report quotes: headers, results and failures.
+func runGoBench() string {
 	if _, err := os.Stat("go.mod"); err != nil {
-		fmt.Fprintln(out, "not run: the current directory is not the module root")
-		return
-	}
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		fmt.Fprintln(out, "not run: go is not in PATH")
-		return
+		return "not run: the current directory is not the module root\n"
 	}
 	fmt.Fprintln(os.Stderr, "dualhomed-bench: running the Go micro-benchmarks of imds and netcfg")
-	cmd := exec.Command(goBin, "test", "-run", "^$", "-bench", ".", "-benchmem", "-count", "1", "./imds/...", "./netcfg/...")
-	cmd.Stdout, cmd.Stderr = out, out
-	if err := cmd.Run(); err != nil {
-		fmt.Fprintf(out, "go test -bench failed: %v\n", err)
+	out, err := exec.Command("go", "test", "-run", "^$", "-bench", ".", "-benchmem", "-count", "1", "./imds/...", "./netcfg/...").CombinedOutput()
+	if err != nil {
+		out = fmt.Appendf(out, "go test -bench failed: %v\n", err)
 	}
+	var b strings.Builder
+	for _, line := range strings.Split(string(out), "\n") {
+		for _, p := range []string{"Benchmark", "pkg:", "cpu:", "goos:", "goarch:", "FAIL", "go test -bench failed"} {
+			if strings.HasPrefix(line, p) {
+				b.WriteString(line + "\n")
+				break
+			}
+		}
+	}
+	return b.String()
 }

@@ -32,16 +32,15 @@ const (
 // full bucket, so measurements of one poll wait this long after the last.
 var bucketRefill = time.Duration(float64(imdsBurst)/imdsPace*float64(time.Second)) + 100*time.Millisecond
 
-// read says what a reconcile reads from IMDS, as the daemon's triggers do.
-type read int
+// read is the daemon's trigger a reconcile runs as, which says what it
+// reads from IMDS.
+type read = agent.Trigger
 
 const (
-	readFull read = iota // the full snapshot: start, reload, every fullReadEvery polls
-	readPoll             // the poll timer's read of what changes while ENIs stay attached
-	readNone             // a netlink event without a new link: the last good snapshot
+	readFull = agent.TriggerStart // the full snapshot: start, reload, every fullReadEvery polls
+	readPoll = agent.TriggerPoll  // the poll timer's read of what changes while ENIs stay attached
+	readNone = agent.TriggerDrift // a netlink event without a new link: the last good snapshot
 )
-
-var refreshOf = map[read]agent.Trigger{readFull: agent.TriggerStart, readPoll: agent.TriggerPoll, readNone: agent.TriggerDrift}
 
 // What the report calls the daemon's full read and its poll.
 const (
@@ -101,7 +100,7 @@ type reconcileRun struct {
 // reconcile runs one reconcile that reads what r says.
 func (p *pipeline) reconcile(ctx context.Context, r read) (reconcileRun, error) {
 	start := time.Now()
-	rep, err := p.rec.Reconcile(ctx, refreshOf[r], false)
+	rep, err := p.rec.Reconcile(ctx, r, false)
 	run := reconcileRun{Total: time.Since(start), IMDS: rep.IMDSLatency, Writes: rep.Writes, Requests: rep.IMDSRequests}
 	switch {
 	case err != nil:

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -18,23 +19,21 @@ import (
 
 // watcher follows the namespace's links, rules, routes and addresses through
 // an rtnetlink subscription: it knows the current set of rules (by ruleID)
-// at every moment (to time when a rule appears), times the arrival of a
-// link (to time a hot attach from it), and counts the changes a tool makes
-// (to count writes made by a process we cannot instrument).
+// and the MACs of the links announced so far at every moment (to time when
+// a rule or a link appears), and counts the changes a tool makes (to count
+// writes made by a process we cannot instrument).
 type watcher struct {
 	h    *netlink.Handle
 	sock *nl.NetlinkSocket
 
 	mu      sync.Mutex
 	rules   map[string]bool
+	links   map[string]bool // MACs (net.HardwareAddr.String) of RTM_NEWLINK notifications
 	changes changeCounts
 	lost    int // buffer overruns: counts are unreliable when non-zero
-	// received is when the batch being handled was received.
-	received time.Time
-	waiters  []*ruleWaiter
-	arrival  []*linkWaiter
-	closed   bool
-	done     chan struct{}
+	waiters []waiter
+	closed  bool
+	done    chan struct{}
 }
 
 // changeCounts are rtnetlink notifications of objects a tool writes: rules,
@@ -47,15 +46,9 @@ func (c changeCounts) sub(d changeCounts) changeCounts {
 	return changeCounts{c.Rules - d.Rules, c.Routes - d.Routes, c.Addrs - d.Addrs}
 }
 
-type ruleWaiter struct {
-	cond func(rules map[string]bool) bool
-	done chan time.Time // receives the time of the notification that made cond true
-}
-
-// linkWaiter waits for the first RTM_NEWLINK of a link with a given MAC.
-type linkWaiter struct {
-	mac  string // net.HardwareAddr.String() form
-	done chan time.Time
+type waiter struct {
+	cond func(rules map[string]bool) bool // called with the watcher's lock held
+	done chan time.Time                   // receives the time of the notification that made cond true
 }
 
 // newWatcher subscribes inside ns and loads the current rules.
@@ -77,7 +70,7 @@ func newWatcher(ns *simworld.NS) (*watcher, error) {
 		sock.Close()
 		return nil, fmt.Errorf("growing the rtnetlink receive buffer: %w", err)
 	}
-	w := &watcher{h: ns.NL, sock: sock, done: make(chan struct{})}
+	w := &watcher{h: ns.NL, sock: sock, links: map[string]bool{}, done: make(chan struct{})}
 	if err := w.resync(); err != nil {
 		sock.Close()
 		return nil, err
@@ -117,27 +110,24 @@ func (w *watcher) loop() {
 	for {
 		msgs, _, err := w.sock.Receive()
 		now := time.Now()
-		if err != nil {
-			w.mu.Lock()
-			closed := w.closed
-			w.mu.Unlock()
-			if closed {
-				return
-			}
-			if errors.Is(err, unix.ENOBUFS) {
-				w.mu.Lock()
-				w.lost++
-				w.mu.Unlock()
-				_ = w.resync()
-				continue
-			}
-			if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
-				continue
-			}
+		w.mu.Lock()
+		closed := w.closed
+		if errors.Is(err, unix.ENOBUFS) {
+			w.lost++
+		}
+		w.mu.Unlock()
+		switch {
+		case closed:
+			return
+		case errors.Is(err, unix.ENOBUFS):
+			_ = w.resync()
+			continue
+		case errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR):
+			continue
+		case err != nil:
 			return
 		}
 		w.mu.Lock()
-		w.received = now
 		for _, m := range msgs {
 			w.handleLocked(m)
 			// After each message: a rule deleted and re-added within one
@@ -158,58 +148,22 @@ func (w *watcher) handleLocked(msg syscall.NetlinkMessage) {
 			delete(w.rules, id)
 		}
 	case unix.RTM_NEWROUTE, unix.RTM_DELROUTE:
-		if len(msg.Data) >= unix.SizeofRtMsg {
-			rt := nl.DeserializeRtMsg(msg.Data)
-			if rt.Protocol != unix.RTPROT_KERNEL {
-				w.changes.Routes++
-			}
+		if len(msg.Data) >= unix.SizeofRtMsg && nl.DeserializeRtMsg(msg.Data).Protocol != unix.RTPROT_KERNEL {
+			w.changes.Routes++
 		}
 	case unix.RTM_NEWADDR, unix.RTM_DELADDR:
 		w.changes.Addrs++
 	case unix.RTM_NEWLINK:
-		if len(w.arrival) > 0 {
-			w.linkArrivedLocked(msg.Data)
+		if len(msg.Data) < unix.SizeofIfInfomsg {
+			return
 		}
-	}
-}
-
-// linkArrivedLocked hands the time the current batch was received to the waiters
-// whose MAC the link in an RTM_NEWLINK payload has.
-func (w *watcher) linkArrivedLocked(b []byte) {
-	if len(b) < unix.SizeofIfInfomsg {
-		return
-	}
-	attrs, err := nl.ParseRouteAttr(b[unix.SizeofIfInfomsg:])
-	if err != nil {
-		return
-	}
-	for _, a := range attrs {
-		if a.Attr.Type != unix.IFLA_ADDRESS {
-			continue
-		}
-		mac := net.HardwareAddr(a.Value).String()
-		kept := w.arrival[:0]
-		for _, lw := range w.arrival {
-			if lw.mac == mac {
-				lw.done <- w.received
-				continue
+		attrs, _ := nl.ParseRouteAttr(msg.Data[unix.SizeofIfInfomsg:])
+		for _, a := range attrs {
+			if a.Attr.Type == unix.IFLA_ADDRESS {
+				w.links[net.HardwareAddr(a.Value).String()] = true
 			}
-			kept = append(kept, lw)
 		}
-		w.arrival = kept
 	}
-}
-
-// expectLink registers, before the action that brings it, a wait for the
-// first RTM_NEWLINK notification of a link with address mac: the moment the
-// link exists in this namespace, as a hot-plugged NIC's registration is.
-// The channel receives the time that notification was received.
-func (w *watcher) expectLink(mac net.HardwareAddr) <-chan time.Time {
-	lw := &linkWaiter{mac: mac.String(), done: make(chan time.Time, 1)}
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.arrival = append(w.arrival, lw)
-	return lw.done
 }
 
 func (w *watcher) wakeLocked(now time.Time) {
@@ -236,7 +190,7 @@ func (w *watcher) Changes() (changeCounts, int) {
 // returned channel receives the time of the notification that made cond
 // true (or the registration time if it already is).
 func (w *watcher) expect(cond func(rules map[string]bool) bool) <-chan time.Time {
-	wt := &ruleWaiter{cond: cond, done: make(chan time.Time, 1)}
+	wt := waiter{cond: cond, done: make(chan time.Time, 1)}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if cond(w.rules) {
@@ -247,27 +201,18 @@ func (w *watcher) expect(cond func(rules map[string]bool) bool) <-chan time.Time
 	return wt.done
 }
 
-// allRules is a condition: every key of want is present.
-func allRules(want []string) func(map[string]bool) bool {
-	return func(have map[string]bool) bool {
-		for _, k := range want {
-			if !have[k] {
-				return false
-			}
-		}
-		return true
-	}
+// expectLink registers, before the action that brings it, a wait for the
+// first RTM_NEWLINK notification of a link with address mac: the moment the
+// link exists in this namespace, as a hot-plugged NIC's registration is.
+func (w *watcher) expectLink(mac net.HardwareAddr) <-chan time.Time {
+	return w.expect(func(map[string]bool) bool { return w.links[mac.String()] })
 }
 
-// noRules is a condition: no key of gone is present.
-func noRules(gone []string) func(map[string]bool) bool {
+// rulesAre is a condition: every rule of ids is present, or with present
+// false, none is.
+func rulesAre(present bool, ids []string) func(map[string]bool) bool {
 	return func(have map[string]bool) bool {
-		for _, k := range gone {
-			if have[k] {
-				return false
-			}
-		}
-		return true
+		return !slices.ContainsFunc(ids, func(id string) bool { return have[id] != present })
 	}
 }
 

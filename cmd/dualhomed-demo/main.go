@@ -15,10 +15,8 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
-	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -33,12 +31,7 @@ func main() {
 }
 
 func run() int {
-	binDir := flag.String("bin-dir", "", "directory holding dualhomed (default: this program's directory)")
-	keep := flag.Bool("keep-logs", false, "keep the world's directory (the daemon's log and state) after the demo")
-	flag.Usage = func() {
-		fmt.Fprintf(flag.CommandLine.Output(), "usage: sudo %s [--bin-dir DIR] [--keep-logs]\n\n", os.Args[0])
-		flag.PrintDefaults()
-	}
+	flag.Usage = func() { fmt.Fprintf(flag.CommandLine.Output(), "usage: sudo %s\n", os.Args[0]) }
 	flag.Parse()
 	if flag.NArg() > 0 {
 		flag.Usage()
@@ -48,15 +41,12 @@ func run() int {
 		fmt.Fprintln(os.Stderr, "dualhomed-demo needs root: it creates network namespaces. Run: sudo make demo")
 		return 2
 	}
-	if *binDir == "" {
-		exe, err := os.Executable()
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "finding this program's directory: %v\n", err)
-			return 1
-		}
-		*binDir = filepath.Dir(exe)
+	exe, err := os.Executable()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "finding this program's directory: %v\n", err)
+		return 1
 	}
-	d := &demo{dualhomed: filepath.Join(*binDir, "dualhomed"), keepLogs: *keep}
+	d := &demo{dualhomed: filepath.Join(filepath.Dir(exe), "dualhomed")}
 	if _, err := os.Stat(d.dualhomed); err != nil {
 		fmt.Fprintf(os.Stderr, "%s is missing: run `make build` first (or `sudo make demo`)\n", d.dualhomed)
 		return 1
@@ -65,18 +55,21 @@ func run() int {
 	// Ctrl-C or SIGTERM cancel the demo; the teardown below always runs.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	err := d.run(ctx)
-	if d.world != nil {
+	err = d.run(ctx)
+	if w := d.world; w != nil {
 		say("")
-		say("Cleaning up: stopping dualhomed and the IMDS emulator, removing %d namespaces and their veths...", len(d.world.Namespaces()))
-		if cerr := d.world.Close(); cerr != nil {
+		say("Cleaning up: stopping dualhomed and the IMDS emulator, removing %d namespaces and their veths...", len(w.Namespaces()))
+		if cerr := w.Close(); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("tearing down: %w", cerr))
 		}
-	}
-	if hostErr := d.checkHostUnchanged(); hostErr != nil {
-		err = errors.Join(err, hostErr)
-	} else if d.hostBefore != nil {
-		say("Host left exactly as it was (no namespace, link or rule of the demo remains).")
+		for _, name := range w.Namespaces() {
+			if _, serr := os.Stat(filepath.Join("/run/netns", name)); serr == nil {
+				err = errors.Join(err, fmt.Errorf("namespace %s left behind", name))
+			}
+		}
+		if err == nil {
+			say("Host left as it was: every namespace of the demo is gone, with its links and rules.")
+		}
 	}
 	switch {
 	case ctx.Err() != nil:
@@ -90,61 +83,11 @@ func run() int {
 }
 
 type demo struct {
-	dualhomed  string
-	keepLogs   bool
-	world      *simworld.World
-	hostBefore []string
+	dualhomed string
+	world     *simworld.World
 }
 
 func say(format string, args ...any) { fmt.Printf(format+"\n", args...) }
-
-// hostState is what the demo must leave untouched: the host's namespaces and links.
-func hostState() ([]string, error) {
-	out, err := exec.Command("ip", "-o", "link", "show").Output()
-	if err != nil {
-		return nil, fmt.Errorf("listing host links: %w", err)
-	}
-	var st []string
-	for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
-		// Keep the name and flags, not the counters or the operational state timers.
-		f := strings.Fields(l)
-		if len(f) >= 3 {
-			st = append(st, "link "+f[1]+" "+f[2])
-		}
-	}
-	// Our namespaces only: other programs on this host may add theirs meanwhile.
-	entries, _ := os.ReadDir("/run/netns")
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), fmt.Sprintf("dh%dw", os.Getpid())) {
-			st = append(st, "netns "+e.Name())
-		}
-	}
-	for _, args := range [][]string{{"-4", "rule"}, {"-6", "rule"}} {
-		out, err := exec.Command("ip", args...).Output()
-		if err != nil {
-			return nil, fmt.Errorf("listing host rules: %w", err)
-		}
-		for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
-			st = append(st, "rule "+l)
-		}
-	}
-	slices.Sort(st)
-	return st, nil
-}
-
-func (d *demo) checkHostUnchanged() error {
-	if d.hostBefore == nil {
-		return nil
-	}
-	after, err := hostState()
-	if err != nil {
-		return err
-	}
-	if !slices.Equal(d.hostBefore, after) {
-		return fmt.Errorf("host state changed:\nbefore: %q\nafter:  %q", d.hostBefore, after)
-	}
-	return nil
-}
 
 func (d *demo) run(ctx context.Context) error {
 	if removed, err := simworld.Sweep(); err != nil {
@@ -152,20 +95,9 @@ func (d *demo) run(ctx context.Context) error {
 	} else if len(removed) > 0 {
 		say("Removed leftovers of an earlier crashed run: %s", strings.Join(removed, " "))
 	}
-	var err error
-	if d.hostBefore, err = hostState(); err != nil {
-		return err
-	}
-	opts := simworld.Options{DualhomedBin: d.dualhomed}
-	if d.keepLogs {
-		if opts.Dir, err = os.MkdirTemp("", "dualhomed-demo-"); err != nil {
-			return err
-		}
-		defer say("Logs kept in %s", opts.Dir)
-	}
 	say("dualhomed demo (%s): a simulated dual-homed EC2 instance, built from network namespaces.", version)
 	say("")
-	w, err := simworld.New(ctx, opts)
+	w, err := simworld.New(ctx, simworld.Options{DualhomedBin: d.dualhomed})
 	if err != nil {
 		return err
 	}

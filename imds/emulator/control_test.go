@@ -1,6 +1,7 @@
 package emulator_test
 
 import (
+	"fmt"
 	"io"
 	"net/http"
 	"net/netip"
@@ -22,18 +23,10 @@ type controller interface {
 	AttachENI(imds.ENI) error
 	DetachENI(mac string) error
 	UpdateENI(mac string, update func(*imds.ENI)) error
-	SetPrimaryMAC(mac string) error
-	SetRawKey(mac, key, raw string) error
-	DeleteKey(mac, key string) error
-	ClearOverrides() error
-	SetFaults(emulator.Faults) error
-	ExpireTokens() error
-	AdvanceClock(time.Duration) error
-	ResetStats() error
 }
 
 // exerciseControl drives ctl and checks the effect through IMDS itself.
-func exerciseControl(t *testing.T, ctl controller, c *client, stats func() emulator.Stats, instance func() emulator.Instance) {
+func exerciseControl(t *testing.T, ctl controller, c *client, instance func() emulator.Instance) {
 	t.Helper()
 	const mac = "02:00:00:00:ee:01"
 	if err := ctl.AttachENI(newENI(mac, 5, "192.0.2.20")); err != nil {
@@ -57,66 +50,18 @@ func exerciseControl(t *testing.T, ctl controller, c *client, stats func() emula
 	if inst := instance(); len(inst.ENIs) != 3 || inst.ENIs[2].LocalIPv4s[1] != netip.MustParseAddr("192.0.2.21") {
 		t.Errorf("Instance() = %+v", inst)
 	}
-	junk := "\x00\xff binary"
-	if err := ctl.SetRawKey(mac, "local-ipv4s", junk); err != nil {
-		t.Fatal(err)
+	taken := instance().ENIs[0].MAC
+	if err := ctl.UpdateENI(mac, func(e *imds.ENI) { e.MAC = taken }); err == nil {
+		t.Error("renaming an ENI onto an attached MAC succeeded")
 	}
-	if got := c.mustGet(macPath(mac, "local-ipv4s")); got != junk {
-		t.Errorf("raw binary value = %q, want %q", got, junk)
-	}
-	if err := ctl.DeleteKey(mac, "vpc-id"); err != nil {
-		t.Fatal(err)
-	}
-	if status, _ := c.get(macPath(mac, "vpc-id")); status != 404 {
-		t.Errorf("deleted key: status %d", status)
-	}
-	if err := ctl.ClearOverrides(); err != nil {
-		t.Fatal(err)
-	}
-	c.mustGet(macPath(mac, "vpc-id"))
-
-	if err := ctl.SetFaults(emulator.Faults{Match: mac + "/", Status: 500, StatusCount: 1}); err != nil {
-		t.Fatal(err)
-	}
-	if status, _ := c.get(macPath(mac, "mac")); status != 500 {
-		t.Errorf("status fault via control: %d", status)
-	}
-	if err := ctl.SetFaults(emulator.Faults{Status: 1000}); err == nil {
-		t.Error("invalid faults accepted")
-	}
-	if err := ctl.SetPrimaryMAC(mac); err != nil {
-		t.Fatal(err)
-	}
-	if got := c.mustGet("/latest/meta-data/mac"); got != mac {
-		t.Errorf("primary mac = %q", got)
-	}
-	if err := ctl.ExpireTokens(); err != nil {
-		t.Fatal(err)
-	}
-	if status, _ := c.get("/latest/meta-data/mac"); status != 401 {
-		t.Errorf("after ExpireTokens: %d", status)
-	}
-	c.token = c.newToken()
-	if err := ctl.AdvanceClock(7 * time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	if status, _ := c.get("/latest/meta-data/mac"); status != 401 {
-		t.Errorf("after AdvanceClock past the TTL: %d", status)
-	}
-	c.token = c.newToken()
 	if err := ctl.DetachENI(mac); err != nil {
 		t.Fatal(err)
 	}
+	if status, _ := c.get(macPath(mac, "device-number")); status != 404 {
+		t.Errorf("detached ENI's key: status %d, want 404", status)
+	}
 	if err := ctl.DetachENI(mac); err == nil {
 		t.Error("detaching twice succeeded")
-	}
-
-	if err := ctl.ResetStats(); err != nil {
-		t.Fatal(err)
-	}
-	c.mustGet("/latest/meta-data/instance-id")
-	if st := stats(); st.Requests != 1 || st.ByStatus[200] != 1 {
-		t.Errorf("stats after one read: %+v", st)
 	}
 }
 
@@ -131,13 +76,6 @@ func TestControlInProcess(t *testing.T) {
 	if err := ctl.Ping(); err != nil {
 		t.Fatal(err)
 	}
-	mustStats := func() emulator.Stats {
-		st, err := ctl.Stats()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return st
-	}
 	mustInstance := func() emulator.Instance {
 		inst, err := ctl.Instance()
 		if err != nil {
@@ -145,26 +83,22 @@ func TestControlInProcess(t *testing.T) {
 		}
 		return inst
 	}
-	exerciseControl(t, ctl, c, mustStats, mustInstance)
+	exerciseControl(t, ctl, c, mustInstance)
 
 	// The same checks against the Server directly keep both APIs in step.
 	srv2, c2 := start(t, emulator.ExampleInstance(2, 1, 0, 0, 1))
-	exerciseControl(t, srv2, c2, srv2.Stats, srv2.Instance)
+	exerciseControl(t, srv2, c2, srv2.Instance)
 
-	f := emulator.Faults{Match: "x", Latency: time.Second, DeviceNumberZeroReads: map[string]int{"m": 3}, PendingMACs: []string{"p"}}
-	if err := ctl.SetFaults(f); err != nil {
-		t.Fatal(err)
-	}
-	got, err := ctl.Faults()
-	if err != nil || got.Latency != time.Second || got.DeviceNumberZeroReads["m"] != 3 || got.PendingMACs[0] != "p" {
-		t.Errorf("Faults() round trip = %+v, %v", got, err)
-	}
 	inst := emulator.ExampleInstance(4, 2, 2, 1, 2)
 	if err := ctl.SetInstance(inst); err != nil {
 		t.Fatal(err)
 	}
 	if back := mustInstance(); len(back.ENIs) != 4 || back.ENIs[3].IPv6Prefixes[0] != inst.ENIs[3].IPv6Prefixes[0] || !back.MultiCard {
 		t.Errorf("SetInstance/Instance round trip lost data: %+v", back)
+	}
+	inst.ENIs[1].MAC = inst.ENIs[0].MAC
+	if err := ctl.SetInstance(inst); err == nil || !strings.Contains(err.Error(), "duplicate MAC") {
+		t.Errorf("SetInstance with duplicate MACs: %v, want the emulator's error", err)
 	}
 }
 
@@ -177,21 +111,28 @@ func TestControlTCPAndBadRequests(t *testing.T) {
 	if _, err := srv.StartControl("127.0.0.1:0"); err == nil {
 		t.Error("second StartControl succeeded")
 	}
-	for _, tc := range []struct{ method, body string }{
-		{"AttachENI", `{}`},
-		{"AttachENI", `{"Bogus":1}`},
-		{"SetFaults", `not json`},
-		{"DetachENI", `{"MAC":"02:00:00:00:99:99"}`},
+	for _, tc := range []struct {
+		method, path, body string
+		status             int
+	}{
+		{http.MethodPut, "/instance", `not json`, 400},
+		{http.MethodPut, "/instance", `{"Bogus":1}`, 400},
+		{http.MethodPut, "/instance", `{"ENIs":[{"MAC":""}]}`, 400},
+		{http.MethodPost, "/instance", `{}`, 405},
+		{http.MethodGet, "/v1/Stats", ``, 404},
 	} {
-		resp, err := http.Post("http://"+addr+"/v1/"+tc.method, "application/json", strings.NewReader(tc.body))
+		req, _ := http.NewRequest(tc.method, "http://"+addr+tc.path, strings.NewReader(tc.body))
+		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
-		body, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		if resp.StatusCode != 400 || !strings.Contains(string(body), `"Error"`) {
-			t.Errorf("%s %s: %s %s, want 400 with an Error", tc.method, tc.body, resp.Status, body)
+		if resp.StatusCode != tc.status {
+			t.Errorf("%s %s %s: %s, want %d", tc.method, tc.path, tc.body, resp.Status, tc.status)
 		}
+	}
+	if len(srv.Instance().ENIs) != 1 {
+		t.Errorf("a rejected PUT changed the instance: %+v", srv.Instance())
 	}
 	if err := emulator.DialControl("unix:" + filepath.Join(t.TempDir(), "none.sock")).Ping(); err == nil {
 		t.Error("Ping to nothing succeeded")
@@ -220,8 +161,7 @@ func TestProcess(t *testing.T) {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(dir, "ctl.sock")
-	readyFile := filepath.Join(dir, "ready")
-	cmd := exec.Command(bin, "--listen", "127.0.0.1:0", "--control", "unix:"+sock, "--instance", instFile, "--ready-file", readyFile)
+	cmd := exec.Command(bin, "--listen", "127.0.0.1:0", "--control", "unix:"+sock, "--instance", instFile)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -235,16 +175,14 @@ func TestProcess(t *testing.T) {
 		cmd.Process.Kill()
 		<-exited
 	})
-	base, ctlAddr, err := emulator.WaitReady(stdout)
+	var base, ctlAddr string
+	_, err = fmt.Fscanf(stdout, "ready listen=%s control=%s\n", &base, &ctlAddr)
 	go func() { io.Copy(io.Discard, stdout); exited <- cmd.Wait() }()
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("reading the ready line: %v", err)
 	}
 	if ctlAddr != "unix:"+sock {
 		t.Errorf("control address %q, want unix:%s", ctlAddr, sock)
-	}
-	if line, err := os.ReadFile(readyFile); err != nil || !strings.HasPrefix(string(line), "ready listen="+base) {
-		t.Errorf("ready file: %q, %v", line, err)
 	}
 
 	c := &client{t: t, base: base}
@@ -258,21 +196,13 @@ func TestProcess(t *testing.T) {
 
 	ctl := emulator.DialControl(ctlAddr)
 	defer ctl.Close()
-	mustStats := func() emulator.Stats {
-		st, err := ctl.Stats()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return st
-	}
-	mustInstance := func() emulator.Instance {
+	exerciseControl(t, ctl, c, func() emulator.Instance {
 		inst, err := ctl.Instance()
 		if err != nil {
 			t.Fatal(err)
 		}
 		return inst
-	}
-	exerciseControl(t, ctl, c, mustStats, mustInstance)
+	})
 
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -302,6 +232,7 @@ func TestProcessBadInstance(t *testing.T) {
 	for _, args := range [][]string{
 		{"--instance", instFile},
 		{"--example", "1,2,x"},
+		{"--example", "1,2,0,0,-1"},
 		{"extra-arg"},
 		{"--no-such-flag"},
 	} {

@@ -27,7 +27,7 @@ type Faults struct {
 	// with that status and IMDS's HTML error page instead of the real answer.
 	Status int
 	// StatusCount limits Status to the next N selected requests; 0 means
-	// until cleared. Faults() reports how many are left.
+	// until cleared.
 	StatusCount int
 	// RetryAfter is sent as a Retry-After header (whole seconds, rounded up)
 	// with a Status of 429 or 503. Zero sends "1" with 429 and nothing with 503.
@@ -56,7 +56,7 @@ type Faults struct {
 
 	// DeviceNumberZeroReads answers "0" for macs/<mac>/device-number for the
 	// next N reads of that MAC's device-number (map: MAC -> N), as IMDS has
-	// been seen to do for a freshly attached ENI. Faults() reports the reads left.
+	// been seen to do for a freshly attached ENI.
 	DeviceNumberZeroReads map[string]int
 }
 
@@ -108,7 +108,6 @@ type Stats struct {
 	ByPath map[string]int64
 	// BytesSent is the total of response bodies (headers not included).
 	BytesSent int64
-	Dropped   int64 // connections closed by DropConnections
 }
 
 func (s Stats) clone() Stats {

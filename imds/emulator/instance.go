@@ -31,9 +31,6 @@ type Instance struct {
 	// with several network cards do. It is implied when any ENI has
 	// NetworkCard != 0; on single-card instances IMDS has no network-card key.
 	MultiCard bool
-	// PublicIPv4s optionally gives ENIs (by MAC) public IPv4s, served as the
-	// public-ipv4s key. ENIs without an entry have no such key.
-	PublicIPv4s map[string][]netip.Addr `json:",omitempty"`
 	// TokensOptional emulates HttpTokens=optional (IMDSv1 allowed): reads
 	// without a token header are answered. A bogus or expired token still
 	// gets 401. The default, false, is HttpTokens=required.
@@ -46,12 +43,6 @@ func (inst Instance) Clone() Instance {
 	out.ENIs = make([]imds.ENI, len(inst.ENIs))
 	for i, e := range inst.ENIs {
 		out.ENIs[i] = cloneENI(e)
-	}
-	if inst.PublicIPv4s != nil {
-		out.PublicIPv4s = make(map[string][]netip.Addr, len(inst.PublicIPv4s))
-		for mac, addrs := range inst.PublicIPv4s {
-			out.PublicIPv4s[mac] = slices.Clone(addrs)
-		}
 	}
 	return out
 }
@@ -88,6 +79,34 @@ func (inst Instance) Validate() error {
 
 func (inst Instance) eniIndex(mac string) int {
 	return slices.IndexFunc(inst.ENIs, func(e imds.ENI) bool { return e.MAC == mac })
+}
+
+// attach, detach and update are the changes of the model that Server and
+// ControlClient make; the caller validates the result.
+func (inst *Instance) attach(e imds.ENI) error {
+	if inst.eniIndex(e.MAC) >= 0 {
+		return fmt.Errorf("attaching ENI %s: already attached", e.MAC)
+	}
+	inst.ENIs = append(inst.ENIs, cloneENI(e))
+	return nil
+}
+
+func (inst *Instance) detach(mac string) error {
+	i := inst.eniIndex(mac)
+	if i < 0 {
+		return fmt.Errorf("detaching ENI %s: not attached", mac)
+	}
+	inst.ENIs = slices.Delete(inst.ENIs, i, i+1)
+	return nil
+}
+
+func (inst *Instance) update(mac string, fn func(*imds.ENI)) error {
+	i := inst.eniIndex(mac)
+	if i < 0 {
+		return fmt.Errorf("updating ENI %s: not attached", mac)
+	}
+	fn(&inst.ENIs[i])
+	return nil
 }
 
 // ExampleMAC is the deterministic MAC ExampleInstance gives the ENI with the

@@ -111,7 +111,12 @@ func TestAttachUpdateDetach(t *testing.T) {
 
 func TestPrimaryMACAndInstanceSnapshot(t *testing.T) {
 	srv, c := start(t, emulator.ExampleInstance(2, 1, 0, 0, 1))
-	if err := srv.SetPrimaryMAC("02:00:00:00:00:01"); err != nil {
+	withPrimary := func(mac string) emulator.Instance {
+		inst := emulator.ExampleInstance(2, 1, 0, 0, 1)
+		inst.PrimaryMAC = mac
+		return inst
+	}
+	if err := srv.SetInstance(withPrimary("02:00:00:00:00:01")); err != nil {
 		t.Fatal(err)
 	}
 	if got := c.mustGet("/latest/meta-data/mac"); got != "02:00:00:00:00:01" {
@@ -120,7 +125,7 @@ func TestPrimaryMACAndInstanceSnapshot(t *testing.T) {
 	if got := c.mustGet("/latest/meta-data/local-ipv4"); got != "10.1.0.10" {
 		t.Errorf("local-ipv4 = %q, want the new primary's first IP", got)
 	}
-	srv.SetPrimaryMAC("")
+	srv.SetInstance(withPrimary(""))
 	if status, _ := c.get("/latest/meta-data/mac"); status != 404 {
 		t.Errorf("no primary MAC: status %d, want 404", status)
 	}
@@ -177,35 +182,27 @@ func TestRawOverrides(t *testing.T) {
 	if strings.Contains(c.mustGet(macPath(mac, "")), "subnet-id\n") {
 		t.Error("deleted key still listed")
 	}
-	// The model changing does not undo an override: raw wins.
+	// The model changing does not undo a raw key: raw wins.
 	srv.UpdateENI(mac, func(e *imds.ENI) { e.SubnetID = "subnet-0new" })
 	if status, _ := c.get(macPath(mac, "subnet-id")); status != 404 {
 		t.Errorf("deleted key after model update: status %d, want 404", status)
 	}
-
-	// Whole directories and top-level keys.
-	if err := srv.DeletePath("meta-data/network/interfaces/macs/" + mac); err != nil {
+	srv.UpdateENI(mac, func(e *imds.ENI) { e.SubnetID = "subnet-0new" })
+	if err := srv.SetRawKey(mac, "subnet-id", "subnet-0raw"); err != nil {
 		t.Fatal(err)
 	}
-	if got := c.mustGet("/latest/meta-data/network/interfaces/macs/"); got != "02:00:00:00:00:00/" {
-		t.Errorf("after deleting a MAC directory: macs/ = %q", got)
+	srv.UpdateENI(mac, func(e *imds.ENI) { e.SubnetID = "subnet-0newer" })
+	if got := c.mustGet(macPath(mac, "subnet-id")); got != "subnet-0raw" {
+		t.Errorf("raw key after model update: %q, want subnet-0raw", got)
 	}
-	if err := srv.SetRaw("/latest/meta-data/mac", "02:00:00:00:00:0G"); err != nil {
-		t.Fatal(err)
-	}
-	if got := c.mustGet("/latest/meta-data/mac"); got != "02:00:00:00:00:0G" {
-		t.Errorf("raw mac = %q", got)
-	}
-	for _, p := range []string{"", "/", "meta-data//mac", "meta-data/../x"} {
-		if err := srv.SetRaw(p, "x"); err == nil {
-			t.Errorf("SetRaw(%q) accepted an invalid path", p)
+	for _, k := range []struct{ mac, key string }{{mac, ""}, {mac, "a/b"}, {"02:00:00:00:99:99", "mac"}} {
+		if err := srv.SetRawKey(k.mac, k.key, "x"); err == nil {
+			t.Errorf("SetRawKey(%q, %q) accepted a key that is not an attached ENI's", k.mac, k.key)
 		}
 	}
 
-	if err := srv.ClearOverrides(); err != nil {
-		t.Fatal(err)
-	}
-	if got := c.mustGet(macPath(mac, "subnet-id")); got != "subnet-0new" {
+	srv.ClearOverrides()
+	if got := c.mustGet(macPath(mac, "subnet-id")); got != "subnet-0newer" {
 		t.Errorf("after ClearOverrides subnet-id = %q", got)
 	}
 	if got := c.mustGet(macPath(mac, "local-ipv4s")); got != "10.1.0.10\n10.1.0.11" {

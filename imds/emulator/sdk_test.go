@@ -3,7 +3,6 @@ package emulator_test
 import (
 	"context"
 	"io"
-	"strings"
 	"testing"
 	"time"
 
@@ -16,8 +15,8 @@ import (
 // (the one package imds builds on): token handling, 401 refresh, listings,
 // the identity document and region.
 func TestAWSSDKClient(t *testing.T) {
-	srv, _ := start(t, emulator.ExampleInstance(3, 2, 1, 1, 1))
-	base := strings.TrimSuffix(srv.BaseURL(), "/")
+	srv, c := start(t, emulator.ExampleInstance(3, 2, 1, 1, 1))
+	base := c.base
 	sdk := sdkimds.New(sdkimds.Options{Endpoint: base, ClientEnableState: sdkimds.ClientEnabled, DisableDefaultTimeout: false})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

@@ -14,14 +14,13 @@
 // Serve takes a listener made elsewhere (inside a network namespace).
 //
 // At a glance: the model is an Instance of shared imds.ENI values
-// (AttachENI, DetachENI, UpdateENI, SetPrimaryMAC, SetInstance, Instance);
-// raw overrides win over it (SetRawKey, DeleteKey, SetRaw, DeletePath,
-// ClearOverrides); Faults are injected with SetFaults (latency, statuses
-// with Retry-After, dropped connections, rejected tokens, MACs listed before
-// their keys, device-number 0 for the first reads) plus the one-shot
-// ExpireTokens and AdvanceClock; Stats counts requests, statuses, paths and
-// bytes. The process form is cmd/imds-emulator, driven through DialControl,
-// whose ControlClient has the same methods.
+// (AttachENI, DetachENI, UpdateENI, SetInstance, Instance); raw keys win
+// over it (SetRawKey, DeleteKey, ClearOverrides); Faults are injected with SetFaults
+// (latency, statuses with Retry-After, dropped connections, rejected tokens,
+// MACs listed before their keys, device-number 0 for the first reads) plus
+// the one-shot ExpireTokens and AdvanceClock; Stats counts requests,
+// statuses, paths and bytes. The process form is cmd/imds-emulator, whose
+// model a ControlClient (DialControl) reads and changes.
 package emulator
 
 import (
@@ -57,8 +56,8 @@ const (
 type Server struct {
 	mu         sync.Mutex
 	inst       Instance
-	overrides  []override
-	tree       tree // rendered from inst and overrides after every change
+	raw        map[string]map[string]rawKey // SetRawKey's and DeleteKey's keys, by MAC
+	tree       tree                         // rendered from inst and raw after every change
 	faults     Faults
 	tokenKey   [32]byte      // signs tokens, which are stateless like real IMDS's
 	tokenEpoch uint32        // bumped by ExpireTokens: older tokens are invalid
@@ -66,7 +65,6 @@ type Server struct {
 	stats      Stats
 
 	httpSrv *http.Server
-	baseURL string
 	ctlSrv  *http.Server
 	closed  chan struct{}
 	once    sync.Once
@@ -80,9 +78,10 @@ func New(inst Instance) *Server {
 	}
 	s := &Server{
 		inst:   inst.Clone(),
+		raw:    map[string]map[string]rawKey{},
+		stats:  Stats{}.clone(),
 		closed: make(chan struct{}),
 	}
-	s.stats = Stats{}.clone()
 	rand.Read(s.tokenKey[:])
 	s.rebuild()
 	return s
@@ -111,18 +110,10 @@ func (s *Server) Serve(ln net.Listener) (baseURL string, err error) {
 		return "", errors.New("emulator already started")
 	}
 	s.httpSrv = &http.Server{Handler: s, ReadHeaderTimeout: 10 * time.Second}
-	s.baseURL = "http://" + ln.Addr().String()
-	hs, base := s.httpSrv, s.baseURL
+	hs := s.httpSrv
 	s.mu.Unlock()
 	go hs.Serve(ln)
-	return base, nil
-}
-
-// BaseURL returns what Start returned ("" before Start).
-func (s *Server) BaseURL() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.baseURL
+	return "http://" + ln.Addr().String(), nil
 }
 
 // Close stops the listeners started by Start and StartControl, closes their
@@ -144,154 +135,99 @@ func (s *Server) Close() error {
 func (s *Server) now() time.Time { return time.Now().Add(s.clockSkew) }
 
 // rebuild re-renders the tree; call with s.mu held after every model change.
-func (s *Server) rebuild() { s.tree = render(s.inst, s.overrides) }
+func (s *Server) rebuild() { s.tree = render(s.inst, s.raw) }
 
 // ---- model mutations -------------------------------------------------------
 
-// Instance returns a deep copy of the current model (raw overrides and
-// faults not applied).
+// Instance returns a deep copy of the current model (raw keys and faults not
+// applied).
 func (s *Server) Instance() Instance {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.inst.Clone()
 }
 
-// SetInstance replaces the whole model. Raw overrides stay.
+// SetInstance replaces the whole model. Raw keys stay.
 func (s *Server) SetInstance(inst Instance) error {
-	if err := inst.Validate(); err != nil {
-		return fmt.Errorf("setting instance: %w", err)
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.inst = inst.Clone()
-	s.rebuild()
-	return nil
+	return s.change(func(i *Instance) error { *i = inst.Clone(); return nil })
 }
 
 // AttachENI adds an ENI, listed after the existing ones. Its MAC must be new.
 func (s *Server) AttachENI(e imds.ENI) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if e.MAC == "" {
-		return errors.New("attaching ENI: empty MAC")
-	}
-	if s.inst.eniIndex(e.MAC) >= 0 {
-		return fmt.Errorf("attaching ENI %s: already attached", e.MAC)
-	}
-	next := s.inst.Clone()
-	next.ENIs = append(next.ENIs, cloneENI(e))
-	if err := next.Validate(); err != nil {
-		return fmt.Errorf("attaching ENI %s: %w", e.MAC, err)
-	}
-	s.inst = next
-	s.rebuild()
-	return nil
+	return s.change(func(inst *Instance) error { return inst.attach(e) })
 }
 
-// DetachENI removes the ENI with mac, and any raw overrides under its
-// directory, so it disappears from IMDS entirely.
+// DetachENI removes the ENI with mac, and its raw keys, so it disappears
+// from IMDS entirely.
 func (s *Server) DetachENI(mac string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	i := s.inst.eniIndex(mac)
-	if i < 0 {
-		return fmt.Errorf("detaching ENI %s: not attached", mac)
-	}
-	s.inst.ENIs = slices.Delete(s.inst.ENIs, i, i+1)
-	dir := macsDir + "/" + mac
-	s.overrides = slices.DeleteFunc(s.overrides, func(o override) bool {
-		return o.Path == dir || strings.HasPrefix(o.Path, dir+"/")
+	return s.change(func(inst *Instance) error {
+		delete(s.raw, mac)
+		return inst.detach(mac)
 	})
-	s.rebuild()
-	return nil
 }
 
 // UpdateENI changes the ENI with mac in place through update, which gets a
 // copy (add or remove IPs and prefixes, change the device number...).
 func (s *Server) UpdateENI(mac string, update func(*imds.ENI)) error {
+	return s.change(func(inst *Instance) error { return inst.update(mac, update) })
+}
+
+// change applies fn to a copy of the model, and serves the copy if it is
+// valid.
+func (s *Server) change(fn func(*Instance) error) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	i := s.inst.eniIndex(mac)
-	if i < 0 {
-		return fmt.Errorf("updating ENI %s: not attached", mac)
-	}
 	next := s.inst.Clone()
-	update(&next.ENIs[i])
+	if err := fn(&next); err != nil {
+		return err
+	}
 	if err := next.Validate(); err != nil {
-		return fmt.Errorf("updating ENI %s: %w", mac, err)
+		return fmt.Errorf("changing the instance: %w", err)
 	}
 	s.inst = next
 	s.rebuild()
 	return nil
 }
 
-// SetPrimaryMAC changes meta-data/mac ("" makes it absent).
-func (s *Server) SetPrimaryMAC(mac string) error {
+// rawKey is a key of an ENI as SetRawKey or DeleteKey made it.
+type rawKey struct {
+	body   string
+	absent bool
+}
+
+// SetRawKey serves raw, byte for byte, as macs/<mac>/<key> of an attached
+// ENI, whatever the model says (malformed values, huge or binary bodies,
+// keys the model has no field for); the key appears in the MAC's listing.
+// Use "" for an empty value.
+func (s *Server) SetRawKey(mac, key, raw string) error { return s.setRaw(mac, key, rawKey{body: raw}) }
+
+// DeleteKey makes macs/<mac>/<key> of an attached ENI absent (404, not
+// listed), whatever the model says.
+func (s *Server) DeleteKey(mac, key string) error { return s.setRaw(mac, key, rawKey{absent: true}) }
+
+func (s *Server) setRaw(mac, key string, k rawKey) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.inst.PrimaryMAC = mac
-	s.rebuild()
-	return nil
-}
-
-// KeyPath is the path, relative to /latest/, of key in the directory of mac:
-// "meta-data/network/interfaces/macs/<mac>/<key>".
-func KeyPath(mac, key string) string { return macsDir + "/" + mac + "/" + key }
-
-// SetRawKey serves raw, byte for byte, as macs/<mac>/<key>, whatever the
-// model says (malformed values, huge or binary bodies, keys the model has no
-// field for). The key appears in the MAC's listing; if the MAC is not
-// attached its directory appears too. Use "" for an empty value.
-func (s *Server) SetRawKey(mac, key, raw string) error { return s.SetRaw(KeyPath(mac, key), raw) }
-
-// DeleteKey makes macs/<mac>/<key> absent (404, not listed) whatever the model says.
-func (s *Server) DeleteKey(mac, key string) error { return s.DeletePath(KeyPath(mac, key)) }
-
-// SetRaw serves raw as the leaf at path, relative to /latest/ (for example
-// "meta-data/mac"), replacing whatever the model renders there. Later
-// overrides of the same path replace earlier ones.
-func (s *Server) SetRaw(path, raw string) error {
-	return s.addOverride(override{Path: path, Raw: raw})
-}
-
-// DeletePath makes path (relative to /latest/; a leaf or a whole directory)
-// absent: 404 and missing from its parent's listing.
-func (s *Server) DeletePath(path string) error {
-	return s.addOverride(override{Path: path, Deleted: true})
-}
-
-func (s *Server) addOverride(o override) error {
-	p, err := cleanPath(o.Path)
-	if err != nil {
-		return err
+	if key == "" || strings.Contains(key, "/") {
+		return fmt.Errorf("setting raw key %q: not a key name", key)
 	}
-	o.Path = p
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.overrides = slices.DeleteFunc(s.overrides, func(x override) bool { return x.Path == p })
-	s.overrides = append(s.overrides, o)
-	s.rebuild()
-	return nil
-}
-
-// ClearOverrides drops every SetRaw/SetRawKey/DeletePath/DeleteKey, so the
-// model alone decides again.
-func (s *Server) ClearOverrides() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.overrides = nil
-	s.rebuild()
-	return nil
-}
-
-func cleanPath(p string) (string, error) {
-	p = strings.TrimPrefix(p, "/")
-	p = strings.TrimPrefix(p, metadataVersion+"/")
-	p = strings.Trim(p, "/")
-	if p == "" || slices.Contains(strings.Split(p, "/"), "") || slices.Contains(strings.Split(p, "/"), "..") {
-		return "", fmt.Errorf("invalid metadata path %q", p)
+	if s.inst.eniIndex(mac) < 0 {
+		return fmt.Errorf("setting raw key %s of ENI %s: not attached", key, mac)
 	}
-	return p, nil
+	if s.raw[mac] == nil {
+		s.raw[mac] = map[string]rawKey{}
+	}
+	s.raw[mac][key] = k
+	s.rebuild()
+	return nil
+}
+
+// ClearOverrides drops every raw key, so the model alone decides again.
+func (s *Server) ClearOverrides() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	clear(s.raw)
+	s.rebuild()
 }
 
 // ---- faults, tokens, clock, stats ------------------------------------------
@@ -308,22 +244,18 @@ func (s *Server) SetFaults(f Faults) error {
 }
 
 // ClearFaults removes every injected fault.
-func (s *Server) ClearFaults() error { return s.SetFaults(Faults{}) }
-
-// Faults returns the faults in force, with the counts that are left.
-func (s *Server) Faults() Faults {
+func (s *Server) ClearFaults() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.faults.clone()
+	s.faults = Faults{}
 }
 
 // ExpireTokens expires every token issued so far: reads with them get 401
 // until the client PUTs for a new token, which works.
-func (s *Server) ExpireTokens() error {
+func (s *Server) ExpireTokens() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.tokenEpoch++
-	return nil
 }
 
 // AdvanceClock moves the emulator's token clock forward by d, so a test can
@@ -346,18 +278,16 @@ func (s *Server) Stats() Stats {
 }
 
 // ResetStats zeroes the counters.
-func (s *Server) ResetStats() error {
+func (s *Server) ResetStats() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.stats = Stats{}.clone()
-	return nil
 }
 
 // ---- HTTP ------------------------------------------------------------------
 
 // ServeHTTP answers one IMDS request.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	cw := &countingWriter{ResponseWriter: w}
 	path := r.URL.Path
 	isToken := strings.TrimSuffix(path, "/") == TokenPath
 
@@ -379,34 +309,41 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		t.Stop()
 	}
-	if drop {
-		s.dropConnection(w)
+	var body string
+	switch {
+	case drop:
+		dropConnection(w)
 		return
-	}
-	defer func() {
-		s.mu.Lock()
-		s.stats.ByStatus[cw.statusOr200()]++
-		s.stats.BytesSent += cw.bytes
-		s.mu.Unlock()
-	}()
-	if status != 0 {
+	case status != 0:
 		if retryAfter != "" {
 			w.Header().Set("Retry-After", retryAfter)
 		}
-		writeError(cw, status)
-		return
-	}
-	if isToken {
-		s.serveToken(cw, r)
-		return
-	}
-	if r.Method == http.MethodPut && strings.HasSuffix(strings.TrimSuffix(path, "/"), "/api/token") {
+	case isToken:
+		status, body = s.serveToken(w.Header(), r)
+	case r.Method == http.MethodPut && strings.HasSuffix(strings.TrimSuffix(path, "/"), "/api/token"):
 		// AWS documents 403 for a token PUT to a version-specific path
 		// such as /2021-03-23/api/token: only /latest/api/token works.
-		writeError(cw, http.StatusForbidden)
-		return
+		status = http.StatusForbidden
+	default:
+		status, body = s.serveMetadata(w.Header(), r)
 	}
-	s.serveMetadata(cw, r)
+	h := w.Header()
+	h.Set("Content-Type", "text/plain")
+	if status != http.StatusOK {
+		h.Set("Content-Type", "text/html")
+		body = errorPage(status)
+	}
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	h.Set("Server", "EC2ws")
+	w.WriteHeader(status)
+	if r.Method == http.MethodHead {
+		body = ""
+	}
+	w.Write([]byte(body))
+	s.mu.Lock()
+	s.stats.ByStatus[status]++
+	s.stats.BytesSent += int64(len(body))
+	s.mu.Unlock()
 }
 
 // takeFault decides, with s.mu held, which faults apply to this request, and
@@ -439,10 +376,7 @@ func (s *Server) takeFault(path string) (latency time.Duration, drop bool, statu
 	return latency, false, status, retryAfter
 }
 
-func (s *Server) dropConnection(w http.ResponseWriter) {
-	s.mu.Lock()
-	s.stats.Dropped++
-	s.mu.Unlock()
+func dropConnection(w http.ResponseWriter) {
 	conn, _, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		// Not hijackable (HTTP/2 or a test recorder): abort the handler,
@@ -455,28 +389,26 @@ func (s *Server) dropConnection(w http.ResponseWriter) {
 	conn.Close()
 }
 
-func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
+// serveToken answers a token request: its status and, with 200, the token.
+func (s *Server) serveToken(h http.Header, r *http.Request) (int, string) {
 	if r.Method != http.MethodPut {
-		writeError(w, http.StatusMethodNotAllowed)
-		return
+		return http.StatusMethodNotAllowed, ""
 	}
 	ttl, err := strconv.Atoi(strings.TrimSpace(r.Header.Get(TokenTTLHeader)))
 	if err != nil || ttl < MinTokenTTL || ttl > MaxTokenTTL {
-		writeError(w, http.StatusBadRequest)
-		return
+		return http.StatusBadRequest, ""
 	}
 	s.mu.Lock()
 	token := s.issueToken(s.now().Add(time.Duration(ttl) * time.Second))
 	s.mu.Unlock()
-
-	w.Header().Set(TokenTTLHeader, strconv.Itoa(ttl))
-	writeBody(w, r, http.StatusOK, "text/plain", token)
+	h.Set(TokenTTLHeader, strconv.Itoa(ttl))
+	return http.StatusOK, token
 }
 
-func (s *Server) serveMetadata(w http.ResponseWriter, r *http.Request) {
+// serveMetadata answers a metadata read: its status and, with 200, the body.
+func (s *Server) serveMetadata(h http.Header, r *http.Request) (int, string) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		writeError(w, http.StatusMethodNotAllowed)
-		return
+		return http.StatusMethodNotAllowed, ""
 	}
 	token := r.Header.Get(TokenHeader)
 
@@ -492,19 +424,15 @@ func (s *Server) serveMetadata(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mu.Unlock()
 
-	if !valid {
-		writeError(w, http.StatusUnauthorized)
-		return
+	switch {
+	case !valid:
+		return http.StatusUnauthorized, ""
+	case !found:
+		return http.StatusNotFound, ""
+	case token != "":
+		h.Set(TokenTTLHeader, strconv.Itoa(max(int(exp.Sub(now).Seconds()), 1)))
 	}
-	if !found {
-		writeError(w, http.StatusNotFound)
-		return
-	}
-	if token != "" {
-		remaining := int(exp.Sub(now).Seconds())
-		w.Header().Set(TokenTTLHeader, strconv.Itoa(max(remaining, 1)))
-	}
-	writeBody(w, r, http.StatusOK, "text/plain", body)
+	return http.StatusOK, body
 }
 
 // Tokens are stateless, as real IMDS's are, so memory does not grow with the
@@ -554,43 +482,23 @@ func (s *Server) lookup(urlPath string) (string, bool) {
 		return "", false
 	}
 	rel = strings.Trim(rel, "/")
-
-	f := &s.faults
-	if len(f.PendingMACs) > 0 {
-		if rel == macsDir {
-			n := s.tree[rel]
-			if n == nil {
-				return "", false
-			}
-			entries := slices.Clone(n.entries)
-			for _, mac := range f.PendingMACs {
-				if !slices.Contains(entries, mac+"/") {
-					entries = append(entries, mac+"/")
-				}
-			}
-			return strings.Join(entries, "\n"), true
-		}
-		if rest, ok := strings.CutPrefix(rel, macsDir+"/"); ok {
-			mac, _, _ := strings.Cut(rest, "/")
-			if slices.Contains(f.PendingMACs, mac) {
-				return "", false
+	f, n := &s.faults, s.tree[rel]
+	rest, underMACs := strings.CutPrefix(rel, macsDir+"/")
+	mac, key, _ := strings.Cut(rest, "/")
+	switch {
+	case rel == macsDir && n != nil:
+		entries := slices.Clone(n.entries)
+		for _, m := range f.PendingMACs {
+			if !slices.Contains(entries, m+"/") {
+				entries = append(entries, m+"/")
 			}
 		}
-	}
-	n := s.tree[rel]
-	if n == nil {
+		return strings.Join(entries, "\n"), true
+	case n == nil || underMACs && slices.Contains(f.PendingMACs, mac):
 		return "", false
-	}
-	if len(f.DeviceNumberZeroReads) > 0 && !n.dir {
-		if rest, ok := strings.CutPrefix(rel, macsDir+"/"); ok {
-			if mac, ok := strings.CutSuffix(rest, "/device-number"); ok && f.DeviceNumberZeroReads[mac] > 0 {
-				f.DeviceNumberZeroReads[mac]--
-				if f.DeviceNumberZeroReads[mac] == 0 {
-					delete(f.DeviceNumberZeroReads, mac)
-				}
-				return "0", true
-			}
-		}
+	case underMACs && key == "device-number" && f.DeviceNumberZeroReads[mac] > 0:
+		f.DeviceNumberZeroReads[mac]--
+		return "0", true
 	}
 	return n.body, true
 }
@@ -610,52 +518,4 @@ func errorPage(status int) string {
  </body>
 </html>
 `
-}
-
-func writeError(w http.ResponseWriter, status int) {
-	writeBody(w, nil, status, "text/html", errorPage(status))
-}
-
-func writeBody(w http.ResponseWriter, r *http.Request, status int, contentType, body string) {
-	h := w.Header()
-	h.Set("Content-Type", contentType)
-	h.Set("Content-Length", strconv.Itoa(len(body)))
-	h.Set("Server", "EC2ws")
-	w.WriteHeader(status)
-	if r != nil && r.Method == http.MethodHead {
-		return
-	}
-	w.Write([]byte(body))
-}
-
-// countingWriter records the status and body bytes for Stats.
-type countingWriter struct {
-	http.ResponseWriter
-	status int
-	bytes  int64
-}
-
-func (c *countingWriter) WriteHeader(status int) {
-	if c.status == 0 {
-		c.status = status
-	}
-	c.ResponseWriter.WriteHeader(status)
-}
-
-func (c *countingWriter) Write(b []byte) (int, error) {
-	if c.status == 0 {
-		c.status = http.StatusOK
-	}
-	n, err := c.ResponseWriter.Write(b)
-	c.bytes += int64(n)
-	return n, err
-}
-
-func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
-
-func (c *countingWriter) statusOr200() int {
-	if c.status == 0 {
-		return http.StatusOK
-	}
-	return c.status
 }

@@ -28,30 +28,20 @@ type node struct {
 // read without copying, so answering a GET costs one map lookup.
 type tree map[string]*node
 
-// override is a raw value (or a deletion) that wins over the model.
-type override struct {
-	Path    string
-	Raw     string
-	Deleted bool
-}
-
-func (t tree) setLeaf(path, body string) {
-	t.removeSubtree(path)
-	t[path] = &node{body: body}
-	t.link(path, false)
-}
-
-// link adds path to its parent's listing, creating parent directories (a
-// leaf standing where a directory is needed is replaced).
-func (t tree) link(path string, dir bool) {
-	for path != "" {
-		parent, name := splitPath(path)
+// add serves n at path, listed in its parent directory, whose own parents
+// are made as needed.
+func (t tree) add(path string, n *node) {
+	t[path] = n
+	for dir := n.dir; path != ""; dir = true {
+		parent, name := "", path
+		if i := strings.LastIndexByte(path, '/'); i >= 0 {
+			parent, name = path[:i], path[i+1:]
+		}
 		if dir {
 			name += "/"
 		}
 		p := t[parent]
-		if p == nil || !p.dir {
-			t.removeSubtree(parent)
+		if p == nil {
 			p = &node{dir: true}
 			t[parent] = p
 		}
@@ -59,32 +49,8 @@ func (t tree) link(path string, dir bool) {
 			return
 		}
 		p.entries = append(p.entries, name)
-		path, dir = parent, true
+		path = parent
 	}
-}
-
-func (t tree) removeSubtree(path string) {
-	if _, ok := t[path]; !ok || path == "" {
-		return
-	}
-	prefix := path + "/"
-	for p := range t {
-		if p == path || strings.HasPrefix(p, prefix) {
-			delete(t, p)
-		}
-	}
-	parent, name := splitPath(path)
-	if pn := t[parent]; pn != nil {
-		pn.entries = slices.DeleteFunc(pn.entries, func(e string) bool { return e == name || e == name+"/" })
-	}
-}
-
-func splitPath(path string) (parent, name string) {
-	i := strings.LastIndexByte(path, '/')
-	if i < 0 {
-		return "", path
-	}
-	return path[:i], path[i+1:]
 }
 
 // finish sorts listings (except the MAC listing, which keeps model order) and
@@ -118,101 +84,74 @@ func joinLines[T fmt.Stringer](items []T) string {
 	return strings.Join(parts, "\n")
 }
 
-// render builds the tree IMDS would serve for inst, then applies the raw
-// overrides in order.
-func render(inst Instance, overrides []override) tree {
+// render builds the tree IMDS would serve for inst, with the raw keys (by
+// MAC, then key) in place of the model's. A key whose value is empty is
+// absent, as IMDS leaves out what an instance does not have.
+func render(inst Instance, raw map[string]map[string]rawKey) tree {
 	t := tree{"": {dir: true}}
-	md := func(key, value string) { t.setLeaf("meta-data/"+key, value) }
-
-	md("ami-id", "ami-0abcdef1234567890")
-	if inst.InstanceID != "" {
-		md("instance-id", inst.InstanceID)
+	add := func(dir string, keys map[string]string) {
+		for key, value := range keys {
+			if value != "" {
+				t.add(dir+key, &node{body: value})
+			}
+		}
 	}
-	md("instance-type", orDefault(inst.InstanceType, "c6in.large"))
 	region := orDefault(inst.Region, "us-east-1")
-	md("placement/region", region)
-	md("placement/availability-zone", orDefault(inst.AvailabilityZone, region+"a"))
-	md("services/domain", "amazonaws.com")
-	md("services/partition", "aws")
-	if inst.PrimaryMAC != "" {
-		md("mac", inst.PrimaryMAC)
+	md := map[string]string{
+		"ami-id":                      "ami-0abcdef1234567890",
+		"instance-id":                 inst.InstanceID,
+		"instance-type":               orDefault(inst.InstanceType, "c6in.large"),
+		"placement/region":            region,
+		"placement/availability-zone": orDefault(inst.AvailabilityZone, region+"a"),
+		"services/domain":             "amazonaws.com",
+		"services/partition":          "aws",
+		"mac":                         inst.PrimaryMAC,
 	}
 	// The instance's own hostname and IPv4 are the primary ENI's.
 	if i := inst.eniIndex(inst.PrimaryMAC); i >= 0 {
 		p := inst.ENIs[i]
-		host := hostname(inst, p)
-		md("hostname", host)
-		md("local-hostname", host)
-		if len(p.LocalIPv4s) > 0 {
-			md("local-ipv4", p.LocalIPv4s[0].String())
-		}
+		md["hostname"], md["local-hostname"] = hostname(inst, p), hostname(inst, p)
+		md["local-ipv4"] = joinLines(p.LocalIPv4s[:min(len(p.LocalIPv4s), 1)])
 	}
+	add("meta-data/", md)
 	// The network/interfaces/macs directory exists even with no ENIs.
-	t[macsDir] = &node{dir: true}
-	t.link(macsDir, true)
+	t.add(macsDir, &node{dir: true})
 
 	multiCard := inst.MultiCard || slices.ContainsFunc(inst.ENIs, func(e imds.ENI) bool { return e.NetworkCard != 0 })
 	for _, e := range inst.ENIs {
-		dir := macsDir + "/" + e.MAC + "/"
-		k := func(key, value string) { t.setLeaf(dir+key, value) }
-		k("device-number", strconv.Itoa(e.DeviceNumber))
+		keys := map[string]string{
+			"device-number":           strconv.Itoa(e.DeviceNumber),
+			"interface-id":            e.InterfaceID,
+			"mac":                     e.MAC,
+			"local-hostname":          hostname(inst, e),
+			"local-ipv4s":             joinLines(e.LocalIPv4s),
+			"ipv6s":                   joinLines(e.IPv6s),
+			"ipv4-prefix":             joinLines(e.IPv4Prefixes),
+			"ipv6-prefix":             joinLines(e.IPv6Prefixes),
+			"owner-id":                e.OwnerID,
+			"security-group-ids":      securityGroupID(e),
+			"subnet-id":               e.SubnetID,
+			"subnet-ipv6-cidr-blocks": joinLines(e.SubnetIPv6CIDRs),
+			"vpc-id":                  e.VPCID,
+			"vpc-ipv4-cidr-block":     joinLines(e.VPCIPv4CIDRs[:min(len(e.VPCIPv4CIDRs), 1)]),
+			"vpc-ipv4-cidr-blocks":    joinLines(e.VPCIPv4CIDRs),
+			"vpc-ipv6-cidr-blocks":    joinLines(e.VPCIPv6CIDRs),
+		}
 		if multiCard {
-			k("network-card", strconv.Itoa(e.NetworkCard))
-		}
-		if e.InterfaceID != "" {
-			k("interface-id", e.InterfaceID)
-		}
-		k("mac", e.MAC)
-		k("local-hostname", hostname(inst, e))
-		if len(e.LocalIPv4s) > 0 {
-			k("local-ipv4s", joinLines(e.LocalIPv4s))
-		}
-		if len(e.IPv6s) > 0 {
-			k("ipv6s", joinLines(e.IPv6s))
-		}
-		if len(e.IPv4Prefixes) > 0 {
-			k("ipv4-prefix", joinLines(e.IPv4Prefixes))
-		}
-		if len(e.IPv6Prefixes) > 0 {
-			k("ipv6-prefix", joinLines(e.IPv6Prefixes))
-		}
-		if e.OwnerID != "" {
-			k("owner-id", e.OwnerID)
-		}
-		if pub := inst.PublicIPv4s[e.MAC]; len(pub) > 0 {
-			k("public-ipv4s", joinLines(pub))
-		}
-		k("security-group-ids", securityGroupID(e))
-		if e.SubnetID != "" {
-			k("subnet-id", e.SubnetID)
+			keys["network-card"] = strconv.Itoa(e.NetworkCard)
 		}
 		if e.SubnetIPv4CIDR.IsValid() {
-			k("subnet-ipv4-cidr-block", e.SubnetIPv4CIDR.String())
+			keys["subnet-ipv4-cidr-block"] = e.SubnetIPv4CIDR.String()
 		}
-		if len(e.SubnetIPv6CIDRs) > 0 {
-			k("subnet-ipv6-cidr-blocks", joinLines(e.SubnetIPv6CIDRs))
+		for key, k := range raw[e.MAC] { // served even when empty
+			keys[key] = ""
+			if !k.absent {
+				t.add(macsDir+"/"+e.MAC+"/"+key, &node{body: k.body})
+			}
 		}
-		if e.VPCID != "" {
-			k("vpc-id", e.VPCID)
-		}
-		if len(e.VPCIPv4CIDRs) > 0 {
-			k("vpc-ipv4-cidr-block", e.VPCIPv4CIDRs[0].String())
-			k("vpc-ipv4-cidr-blocks", joinLines(e.VPCIPv4CIDRs))
-		}
-		if len(e.VPCIPv6CIDRs) > 0 {
-			k("vpc-ipv6-cidr-blocks", joinLines(e.VPCIPv6CIDRs))
-		}
+		add(macsDir+"/"+e.MAC+"/", keys)
 	}
-
-	t.setLeaf("dynamic/instance-identity/document", identityDocument(inst, region))
-
-	for _, o := range overrides {
-		if o.Deleted {
-			t.removeSubtree(o.Path)
-			continue
-		}
-		t.setLeaf(o.Path, o.Raw)
-	}
+	t.add("dynamic/instance-identity/document", &node{body: identityDocument(inst, region)})
 	t.finish()
 	return t
 }

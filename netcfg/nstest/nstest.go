@@ -9,7 +9,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"runtime"
 	"strings"
 	"testing"
 
@@ -62,30 +61,24 @@ func New(t testing.TB) *NS {
 	return &NS{Handle: ns, NL: h}
 }
 
-// newNamespace creates an anonymous network namespace from a locked thread and
-// returns to the original namespace before unlocking, so no goroutine ever
-// runs in the wrong namespace. It lives as long as the handle (or a process in
-// it).
+// newNamespace creates an anonymous network namespace from a thread that
+// nsthread returns to this one, so no goroutine ever runs in the wrong
+// namespace. It lives as long as the handle (or a process in it).
 func newNamespace() (netns.NsHandle, error) {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	orig, err := netns.Get()
+	self, err := netns.Get()
 	if err != nil {
 		return netns.None(), fmt.Errorf("getting current namespace: %w", err)
 	}
-	defer orig.Close()
-	ns, err := netns.New()
-	if err != nil {
-		return netns.None(), fmt.Errorf("unsharing network namespace: %w", err)
-	}
-	if err := netns.Set(orig); err != nil {
-		// The thread is stuck in the new namespace: keep it locked so that
-		// the runtime throws it away instead of reusing it.
-		runtime.LockOSThread()
+	defer self.Close()
+	ns := netns.None()
+	err = nsthread.Do(self, func() (err error) {
+		ns, err = netns.New()
+		return err
+	})
+	if err != nil && ns.IsOpen() {
 		ns.Close()
-		return netns.None(), fmt.Errorf("returning to original namespace: %w", err)
 	}
-	return ns, nil
+	return ns, err
 }
 
 // Do runs fn on a thread inside the namespace (for sysctls under /proc/sys, or

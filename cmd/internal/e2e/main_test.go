@@ -4,9 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/signal"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -32,17 +30,6 @@ func run(m *testing.M) int {
 	} else if len(removed) > 0 {
 		fmt.Fprintf(os.Stderr, "e2e: removed leftovers of crashed runs: %s\n", strings.Join(removed, " "))
 	}
-	// Ctrl-C or a CI timeout's SIGTERM: tear down the worlds before dying.
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
-	go func() {
-		s := <-sig
-		fmt.Fprintf(os.Stderr, "e2e: %v: removing the simulated worlds\n", s)
-		if err := simworld.CloseAll(); err != nil {
-			fmt.Fprintln(os.Stderr, err)
-		}
-		os.Exit(1)
-	}()
 	dir, err := os.MkdirTemp("", "dualhomed-e2e-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -28,11 +28,11 @@ func dialFromInstance(t *testing.T, w *simworld.World, dst netip.Addr) net.Conn 
 
 func routerRx(t *testing.T, e *simworld.ENI) uint64 {
 	t.Helper()
-	rx, _, err := simworld.LinkStats(e.VPC.Router, e.RouterLink)
+	l, err := e.VPC.Router.NL.LinkByName(e.RouterLink)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("finding %s in %s: %v", e.RouterLink, e.VPC.Router.Name, err)
 	}
-	return rx
+	return l.Attrs().Statistics.RxPackets
 }
 
 // Scenario 3: unbound connections from the instance into VPC B leave through

@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -95,57 +97,46 @@ func (p *Proc) Signal(sig syscall.Signal) error { return p.cmd.Process.Signal(si
 
 // ConfiguredCheck returns nil when every address of every attached secondary
 // ENI has one of our source rules (protocol 210) pointing at a table that
-// holds a default route through that ENI: what a VPC client needs to get its
-// replies back. It is the kernel's view, not the daemon's word.
+// holds a default route through that ENI, and is on the ENI's link: what a
+// VPC client needs to get its replies back. It is the kernel's view, not
+// the daemon's word.
 func (w *World) ConfiguredCheck(enis ...*ENI) error {
-	h := w.Instance.NL
+	s, err := ReadState(w.Instance)
+	if err != nil {
+		return err
+	}
 	for _, e := range enis {
-		l, err := h.LinkByName(e.Link)
-		if err != nil {
-			return fmt.Errorf("%s: %w", e.Link, err)
-		}
-		addrs := append(e.IPv4s(), e.IPv6s()...)
-		for _, a := range addrs {
-			family := netlink.FAMILY_V4
-			if a.Is6() {
-				family = netlink.FAMILY_V6
-			}
-			rules, err := h.RuleList(family)
-			if err != nil {
-				return fmt.Errorf("listing rules: %w", err)
-			}
-			table := 0
-			for _, r := range rules {
-				if r.Src == nil || r.Protocol != Protocol {
-					continue
-				}
-				p, ok := netipPrefix(r.Src)
-				if ok && p.Contains(a) && p.Bits() > 0 {
-					table = r.Table
-					break
-				}
-			}
-			if table == 0 {
-				return fmt.Errorf("%s %s: no source rule of ours: %w", e.Link, a, errNotConfigured)
-			}
-			routes, err := h.RouteListFiltered(family, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
-			if err != nil {
-				return fmt.Errorf("listing table %d: %w", table, err)
-			}
-			found := false
-			for _, r := range routes {
-				if (r.Dst == nil || isDefault(r.Dst)) && r.LinkIndex == l.Attrs().Index {
-					found = true
-				}
-			}
-			if !found {
-				return fmt.Errorf("%s %s: table %d has no default route via %s: %w", e.Link, a, table, e.Link, errNotConfigured)
-			}
-			// The address must be on the link too (secondary IPs are added by dualhomed).
-			if !hasAddr(h, l, a) {
-				return fmt.Errorf("%s %s: address not on the link: %w", e.Link, a, errNotConfigured)
+		for _, a := range append(e.IPv4s(), e.IPv6s()...) {
+			if err := s.configured(e.Link, a); err != nil {
+				return fmt.Errorf("%s %s: %w", e.Link, a, err)
 			}
 		}
+	}
+	return nil
+}
+
+// configured is ConfiguredCheck for one address a of link.
+func (s State) configured(link string, a netip.Addr) error {
+	table := 0
+	for _, r := range s.Rules {
+		if p, ok := netipPrefix(r.Src); ok && r.Protocol == Protocol && p.Bits() > 0 && p.Contains(a) {
+			table = r.Table
+			break
+		}
+	}
+	if table == 0 {
+		return errors.New("no source rule of ours")
+	}
+	if !slices.ContainsFunc(slices.Collect(maps.Values(s.Routes)), func(r netlink.Route) bool {
+		dst, _ := netipPrefix(r.Dst)
+		return r.Table == table && dst.Bits() <= 0 && s.linkName(r.LinkIndex) == link
+	}) {
+		return fmt.Errorf("table %d has no default route via %s", table, link)
+	}
+	if !slices.ContainsFunc(slices.Collect(maps.Values(s.Addrs)), func(x Addr) bool {
+		return x.Prefix.Addr() == a && s.linkName(x.LinkIndex) == link
+	}) {
+		return errors.New("address not on the link")
 	}
 	return nil
 }
@@ -161,24 +152,6 @@ func (w *World) WaitConfigured(ctx context.Context, daemon *Proc, enis ...*ENI) 
 		}
 		return w.ConfiguredCheck(enis...)
 	})
-}
-
-func hasAddr(h *netlink.Handle, l netlink.Link, a netip.Addr) bool {
-	as, err := h.AddrList(l, netlink.FAMILY_ALL)
-	if err != nil {
-		return false
-	}
-	for _, x := range as {
-		if p, ok := netipPrefix(x.IPNet); ok && p.Addr() == a {
-			return true
-		}
-	}
-	return false
-}
-
-func isDefault(n interface{ String() string }) bool {
-	s := n.String()
-	return s == "0.0.0.0/0" || s == "::/0"
 }
 
 // OurRules lists the instance's policy rules that carry our protocol.

@@ -49,18 +49,17 @@ func Tail(s string, lines int) string {
 	return strings.Join(l, "\n")
 }
 
-// ForTest builds a world for t in t's temporary directory, with the
-// instance's echo server running, or skips t unless it runs as root. When t
-// ends, the world's programs are killed (so that their logs are complete,
-// race reports included: a data race fails t), their logs and the
-// instance's state are logged if t failed, and the world is removed; a
-// namespace left behind fails t.
+// ForTest builds a world for t, with the instance's echo server running,
+// or skips t unless it runs as root. When t ends, the world's programs are
+// killed (so that their logs are complete, race reports included: a data
+// race fails t), their logs and the instance's state are logged if t
+// failed, and the world is removed; a namespace left behind fails t.
 func ForTest(t testing.TB, dualhomedBin string) *World {
 	t.Helper()
 	return ForTestWith(t, Options{DualhomedBin: dualhomedBin})
 }
 
-// ForTestWith is ForTest with opts (its Dir is t's temporary directory).
+// ForTestWith is ForTest with opts.
 func ForTestWith(t testing.TB, opts Options) *World {
 	t.Helper()
 	if os.Geteuid() != 0 {
@@ -68,7 +67,6 @@ func ForTestWith(t testing.TB, opts Options) *World {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	opts.Dir = t.TempDir()
 	w, err := New(ctx, opts)
 	if err != nil {
 		t.Fatalf("building the simulated instance: %v", err)

@@ -1,7 +1,6 @@
 package simworld
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -174,5 +173,3 @@ func (w *World) Reissue(e *ENI, mac, id string) error {
 	e.desc.MAC, e.desc.InterfaceID = mac, id
 	return nil
 }
-
-var errNotConfigured = errors.New("not configured yet")

@@ -132,17 +132,6 @@ func (n *NS) SetSysctl(key, value string) error {
 	})
 }
 
-// Sysctl reads /proc/sys/<key> inside the namespace.
-func (n *NS) Sysctl(key string) (string, error) {
-	var v string
-	err := n.Do(func() error {
-		b, err := os.ReadFile(filepath.Join("/proc/sys", key))
-		v = strings.TrimSpace(string(b))
-		return err
-	})
-	return v, err
-}
-
 // childAttrs makes the kernel kill a child when this process dies, so that a
 // crashed test run never leaves a daemon behind; and puts it in its own
 // process group, so that a Ctrl-C on the terminal reaches only us and the

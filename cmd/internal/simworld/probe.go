@@ -19,11 +19,23 @@ import (
 // need nothing beyond iproute2, and so that sockets are created inside the
 // probing namespace (a socket stays in the namespace it was created in).
 
-// icmpConn opens a raw ICMP socket inside ns for dst's family.
-func icmpConn(ns *NS, dst netip.Addr) (net.PacketConn, error) {
+// pinger sends ICMP echo requests from a raw socket inside a namespace and
+// records when the reply to each arrives.
+type pinger struct {
+	c      net.PacketConn
+	dst    netip.Addr
+	id     uint16
+	mu     sync.Mutex
+	got    map[int]time.Time // reply arrival by sequence number
+	first  chan time.Time    // receives the first reply's arrival
+	reader chan struct{}     // closed when the reader has stopped
+}
+
+// startPinger opens the socket in ns for dst's family and starts reading
+// replies until close.
+func startPinger(ns *NS, dst netip.Addr) (*pinger, error) {
 	var c net.PacketConn
-	err := ns.Do(func() error {
-		var err error
+	err := ns.Do(func() (err error) {
 		if dst.Is4() {
 			c, err = net.ListenPacket("ip4:icmp", "0.0.0.0")
 		} else {
@@ -34,17 +46,65 @@ func icmpConn(ns *NS, dst netip.Addr) (net.PacketConn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening ICMP socket in %s: %w", ns.Name, err)
 	}
-	return c, nil
+	var id [2]byte
+	_, _ = rand.Read(id[:])
+	p := &pinger{c: c, dst: dst, id: binary.BigEndian.Uint16(id[:]), got: map[int]time.Time{},
+		first: make(chan time.Time, 1), reader: make(chan struct{})}
+	reply := byte(0) // ICMP echo reply
+	if dst.Is6() {
+		reply = 129
+	}
+	go func() {
+		defer close(p.reader)
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := c.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			ip, ok := from.(*net.IPAddr)
+			if !ok || n < 8 || buf[0] != reply || binary.BigEndian.Uint16(buf[4:]) != p.id {
+				continue
+			}
+			if fa, _ := netip.AddrFromSlice(ip.IP); fa.Unmap() == dst {
+				p.mu.Lock()
+				if len(p.got) == 0 {
+					p.first <- time.Now()
+				}
+				p.got[int(binary.BigEndian.Uint16(buf[6:]))] = time.Now()
+				p.mu.Unlock()
+			}
+		}
+	}()
+	return p, nil
+}
+
+// send sends the echo request seq; a failed send (no route) is a lost
+// request, as ping(8) counts it.
+func (p *pinger) send(seq int) {
+	_, _ = p.c.WriteTo(echoRequest(p.dst.Is6(), p.id, uint16(seq)), &net.IPAddr{IP: p.dst.AsSlice()})
+}
+
+func (p *pinger) replies() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.got)
+}
+
+// close stops reading and returns the replies.
+func (p *pinger) close() map[int]time.Time {
+	p.c.Close()
+	<-p.reader
+	return p.got
 }
 
 // echoRequest builds an ICMP(v6) echo request. The kernel fills the ICMPv6
 // checksum of raw sockets itself; IPv4's is ours to compute.
 func echoRequest(v6 bool, id, seq uint16) []byte {
 	b := make([]byte, 8+16)
+	b[0] = 8 // ICMP echo request
 	if v6 {
 		b[0] = 128
-	} else {
-		b[0] = 8
 	}
 	binary.BigEndian.PutUint16(b[4:], id)
 	binary.BigEndian.PutUint16(b[6:], seq)
@@ -55,24 +115,16 @@ func echoRequest(v6 bool, id, seq uint16) []byte {
 	return b
 }
 
+// checksum is the Internet checksum of b, of even length.
 func checksum(b []byte) uint16 {
 	var s uint32
 	for i := 0; i+1 < len(b); i += 2 {
 		s += uint32(b[i])<<8 | uint32(b[i+1])
 	}
-	if len(b)%2 == 1 {
-		s += uint32(b[len(b)-1]) << 8
-	}
 	for s>>16 != 0 {
 		s = s&0xffff + s>>16
 	}
 	return ^uint16(s)
-}
-
-func randomID() uint16 {
-	var b [2]byte
-	_, _ = rand.Read(b[:])
-	return binary.BigEndian.Uint16(b[:])
 }
 
 // PingResult counts an echo run.
@@ -86,69 +138,33 @@ type PingResult struct {
 // reply: `ip netns exec <ns> ping -c1 -W<timeout> <dst>`.
 func Ping(ns *NS, dst netip.Addr, timeout time.Duration) error {
 	r, err := PingRun(context.Background(), ns, dst, 1, 0, timeout)
-	if err != nil {
-		return err
+	if err == nil && r.Received != 1 {
+		err = fmt.Errorf("ping %s from %s: no reply within %s", dst, ns.Name, timeout)
 	}
-	if r.Received != 1 {
-		return fmt.Errorf("ping %s from %s: no reply within %s", dst, ns.Name, timeout)
-	}
-	return nil
+	return err
 }
 
 // PingRun sends count echo requests, one every interval, and waits up to
 // linger after the last for the replies: `ping -c <count> -i <interval>`.
 // It stops sending early if ctx ends.
 func PingRun(ctx context.Context, ns *NS, dst netip.Addr, count int, interval, linger time.Duration) (PingResult, error) {
-	c, err := icmpConn(ns, dst)
+	p, err := startPinger(ns, dst)
 	if err != nil {
 		return PingResult{}, err
 	}
-	defer c.Close()
-	id := randomID()
-	v6 := dst.Is6()
-	var (
-		mu  sync.Mutex
-		got = map[int]bool{}
-	)
-	readerDone := make(chan struct{})
-	go func() {
-		defer close(readerDone)
-		readReplies(c, dst, id, func(seq int) bool {
-			mu.Lock()
-			got[seq] = true
-			mu.Unlock()
-			return true
-		})
-	}()
 	res := PingResult{}
-	to := &net.IPAddr{IP: dst.AsSlice()}
-send:
-	for seq := 0; seq < count; seq++ {
-		if seq > 0 {
-			select {
-			case <-ctx.Done():
-				break send
-			case <-time.After(interval):
-			}
-		}
-		// A failed send (no route) is a lost packet, as ping(8) counts it.
-		_, _ = c.WriteTo(echoRequest(v6, id, uint16(seq)), to)
-		res.Sent++
-	}
-	deadline := time.Now().Add(linger)
-	for time.Now().Before(deadline) {
-		mu.Lock()
-		n := len(got)
-		mu.Unlock()
-		if n >= res.Sent {
+	for ; res.Sent < count; res.Sent++ {
+		if res.Sent > 0 && sleep(ctx, interval) != nil {
 			break
 		}
+		p.send(res.Sent)
+	}
+	for deadline := time.Now().Add(linger); p.replies() < res.Sent && time.Now().Before(deadline); {
 		time.Sleep(5 * time.Millisecond)
 	}
-	c.Close()
-	<-readerDone
-	for seq := 0; seq < res.Sent; seq++ {
-		if got[seq] {
+	got := p.close()
+	for seq := range res.Sent {
+		if _, ok := got[seq]; ok {
 			res.Received++
 		} else {
 			res.Lost = append(res.Lost, seq)
@@ -157,54 +173,35 @@ send:
 	return res, nil
 }
 
-// readReplies reads c until it fails, and calls got with the sequence number
-// of every echo reply from dst to the request identifier id, until got
-// returns false.
-func readReplies(c net.PacketConn, dst netip.Addr, id uint16, got func(seq int) bool) {
-	buf := make([]byte, 1500)
-	for {
-		n, from, err := c.ReadFrom(buf)
-		if err != nil {
-			return
-		}
-		ip, ok := from.(*net.IPAddr)
-		if !ok || n < 8 || (dst.Is6() && buf[0] != 129) || (dst.Is4() && buf[0] != 0) {
-			continue
-		}
-		fa, _ := netip.AddrFromSlice(ip.IP)
-		if fa.Unmap() == dst && binary.BigEndian.Uint16(buf[4:]) == id && !got(int(binary.BigEndian.Uint16(buf[6:]))) {
-			return
-		}
-	}
-}
-
 // FirstReply pings dst from ns every interval until the first echo reply,
 // and returns when that reply arrived; ctx bounds the wait.
 func FirstReply(ctx context.Context, ns *NS, dst netip.Addr, interval time.Duration) (time.Time, error) {
-	c, err := icmpConn(ns, dst)
+	p, err := startPinger(ns, dst)
 	if err != nil {
 		return time.Time{}, err
 	}
-	defer c.Close()
-	id := randomID()
-	replied := make(chan time.Time, 1)
-	go readReplies(c, dst, id, func(int) bool {
-		replied <- time.Now()
-		return false
-	})
+	defer p.close()
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
-	to := &net.IPAddr{IP: dst.AsSlice()}
 	for seq := 0; ; seq++ {
-		// A failed send (no route yet) only means "not yet".
-		_, _ = c.WriteTo(echoRequest(dst.Is6(), id, uint16(seq)), to)
+		p.send(seq)
 		select {
-		case t := <-replied:
+		case t := <-p.first:
 			return t, nil
 		case <-ctx.Done():
 			return time.Time{}, fmt.Errorf("no echo reply from %s to %s: %w", dst, ns.Name, ctx.Err())
 		case <-tick.C:
 		}
+	}
+}
+
+// sleep waits d, or less when ctx ends first (then it returns ctx's error).
+func sleep(ctx context.Context, d time.Duration) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(d):
+		return nil
 	}
 }
 

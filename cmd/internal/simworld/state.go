@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -167,23 +168,13 @@ func readAddrs() ([]Addr, error) {
 // Dump lists the state, one object a line, sorted: a duplicated rule
 // appears as often as the kernel holds it.
 func (s State) Dump() Dump {
-	d := slices.Concat(s.links, s.dups)
-	for _, keys := range [][]string{keysOf(s.Rules), keysOf(s.Routes), keysOf(s.Addrs)} {
-		d = append(d, keys...)
-	}
+	d := slices.Concat(s.links, s.dups, slices.Collect(maps.Keys(s.Rules)), slices.Collect(maps.Keys(s.Routes)),
+		slices.Collect(maps.Keys(s.Addrs)))
 	for k, v := range s.Sysctls {
 		d = append(d, "sysctl "+k+" = "+v)
 	}
 	slices.Sort(d)
 	return d
-}
-
-func keysOf[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	return keys
 }
 
 // WithoutAddrProto returns a copy of s whose addresses forget their

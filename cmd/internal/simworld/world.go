@@ -142,9 +142,6 @@ func (e *ENI) Attached() bool {
 
 // Options configure New.
 type Options struct {
-	// Dir holds the world's files (configuration, logs, state).
-	// Empty means a new temporary directory, removed by Close.
-	Dir string
 	// DualhomedBin is the dualhomed program StartDaemon runs.
 	DualhomedBin string
 	// Instance, when set, is the instance to simulate instead of the four
@@ -160,7 +157,7 @@ type Options struct {
 // World is the simulated instance with its VPCs.
 type World struct {
 	Prefix   string
-	Dir      string
+	Dir      string // the world's files (configuration, logs, state), removed by Close
 	Instance *NS
 	VPCs     map[string]*VPC // by name: A, B, C, D
 	ENIs     []*ENI          // eth0..eth3 (eth3 starts detached)
@@ -169,7 +166,6 @@ type World struct {
 
 	base    emulator.Instance // what IMDS serves besides the attached ENIs
 	opts    Options
-	ownDir  bool
 	mu      sync.Mutex
 	all     []*NS // every namespace, in creation order
 	procs   []*Proc
@@ -178,28 +174,6 @@ type World struct {
 }
 
 var worldSeq atomic.Int64
-
-// open holds the worlds not closed yet, for CloseAll.
-var (
-	openMu sync.Mutex
-	open   = map[*World]bool{}
-)
-
-// CloseAll closes every world of this process that is still open: for a
-// signal handler, so that an interrupted run leaves nothing behind.
-func CloseAll() error {
-	openMu.Lock()
-	var ws []*World
-	for w := range open {
-		ws = append(ws, w)
-	}
-	openMu.Unlock()
-	var errs []error
-	for _, w := range ws {
-		errs = append(errs, w.Close())
-	}
-	return errors.Join(errs...)
-}
 
 // prefixPattern matches every namespace name a world creates; the pid lets
 // the sweeper tell a live run from a crashed one.
@@ -215,21 +189,14 @@ func New(ctx context.Context, opts Options) (w *World, err error) {
 		VPCs:   map[string]*VPC{},
 		opts:   opts,
 	}
-	openMu.Lock()
-	open[w] = true
-	openMu.Unlock()
 	defer func() {
 		if err != nil {
 			w.Close()
 			w = nil
 		}
 	}()
-	w.Dir = opts.Dir
-	if w.Dir == "" {
-		if w.Dir, err = os.MkdirTemp("", w.Prefix); err != nil {
-			return w, fmt.Errorf("creating world directory: %w", err)
-		}
-		w.ownDir = true
+	if w.Dir, err = os.MkdirTemp("", w.Prefix); err != nil {
+		return w, fmt.Errorf("creating world directory: %w", err)
 	}
 	if w.Instance, err = w.newNS("inst"); err != nil {
 		return w, err
@@ -237,15 +204,11 @@ func New(ctx context.Context, opts Options) (w *World, err error) {
 	// Like the sysctl defaults of systemd and Ubuntu: loose reverse path
 	// filtering on every link, so a request on eth1 is accepted and its reply
 	// is lost on the way back, as on a real instance.
-	for _, s := range [][2]string{
-		{"net/ipv4/conf/default/rp_filter", "2"},
-		{"net/ipv4/conf/all/rp_filter", "2"},
-	} {
-		if opts.MinimalBoot {
-			break
-		}
-		if err = w.Instance.SetSysctl(s[0], s[1]); err != nil {
-			return w, err
+	for _, conf := range []string{"default", "all"} {
+		if !opts.MinimalBoot {
+			if err = w.Instance.SetSysctl("net/ipv4/conf/"+conf+"/rp_filter", "2"); err != nil {
+				return w, err
+			}
 		}
 	}
 	vpcs, enis := defaultWorld()
@@ -544,11 +507,6 @@ func (w *World) Close() error {
 	w.closed = true
 	procs, all, closers := w.procs, w.all, w.closers
 	w.mu.Unlock()
-	defer func() {
-		openMu.Lock()
-		delete(open, w)
-		openMu.Unlock()
-	}()
 	var errs []error
 	for i := len(closers) - 1; i >= 0; i-- {
 		if err := closers[i](); err != nil {
@@ -563,7 +521,7 @@ func (w *World) Close() error {
 			errs = append(errs, err)
 		}
 	}
-	if w.ownDir && w.Dir != "" && os.Getenv("SIMWORLD_KEEP") == "" {
+	if w.Dir != "" {
 		if err := os.RemoveAll(w.Dir); err != nil {
 			errs = append(errs, err)
 		}
@@ -709,20 +667,6 @@ func (w *World) ServeEcho(ns *NS, port int) error {
 	}
 	w.onClose(s.Close)
 	return nil
-}
-
-// LinkStats returns the packet counters of a link in ns: on a router's ENI
-// link, TX counts packets sent to the instance and RX packets received from it.
-func LinkStats(ns *NS, link string) (rx, tx uint64, err error) {
-	l, err := ns.NL.LinkByName(link)
-	if err != nil {
-		return 0, 0, fmt.Errorf("finding %s in %s: %w", link, ns.Name, err)
-	}
-	s := l.Attrs().Statistics
-	if s == nil {
-		return 0, 0, fmt.Errorf("no statistics for %s in %s", link, ns.Name)
-	}
-	return s.RxPackets, s.TxPackets, nil
 }
 
 // Procs lists the programs started in the world.
