@@ -94,7 +94,7 @@ type NATSource struct {
 func (n NAT) Enabled() bool { return len(n.Sources) > 0 }
 
 // natLinkName is what a link name must look like to name a chain
-// (nat_<link>) that `nft` prints and parses back without quoting.
+// (admit_<link>) that `nft` prints and parses back without quoting.
 var natLinkName = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_.-]{0,14}$`)
 
 // DesiredNAT computes the NAT for enis under cfg's table numbering. It is

@@ -207,10 +207,10 @@ func rebuildMsgs(exists bool, want []nftChain) ([]netlink.Message, error) {
 	return msgs, nil
 }
 
-// sameKind: the same hook, priority and type (or both regular chains).
-// Base chains are always created with the policy accept.
+// sameKind: the same hook, priority, type and policy (or both regular
+// chains).
 func (c nftChain) sameKind(w nftChain) bool {
-	return c.Name == w.Name && c.Type == w.Type && c.Hook == w.Hook && c.Priority == w.Priority
+	return c.Name == w.Name && c.Type == w.Type && c.Hook == w.Hook && c.Priority == w.Priority && c.policy == w.policy
 }
 
 // sameRules compares rules as the kernel dumped them (got) with the rules we
@@ -424,7 +424,7 @@ func newChainMsg(c nftChain) netlink.Message {
 		}
 		attrs = append(attrs,
 			netlink.Attribute{Type: unix.NLA_F_NESTED | unix.NFTA_CHAIN_HOOK, Data: hook},
-			netlink.Attribute{Type: unix.NFTA_CHAIN_POLICY, Data: be32(nfAccept)},
+			netlink.Attribute{Type: unix.NFTA_CHAIN_POLICY, Data: be32(c.policy)},
 			netlink.Attribute{Type: unix.NFTA_CHAIN_TYPE, Data: cstring(c.Type)})
 	}
 	return mustNFTMsg(unix.NFT_MSG_NEWCHAIN, netlink.Create, attrs)
@@ -499,6 +499,8 @@ func parseChain(m netlink.Message) (nftChain, error) {
 			c.Name = ad.String()
 		case unix.NFTA_CHAIN_TYPE:
 			c.Type = ad.String()
+		case unix.NFTA_CHAIN_POLICY:
+			c.policy = ad.Uint32()
 		case unix.NFTA_CHAIN_HOOK:
 			ad.Nested(func(nad *netlink.AttributeDecoder) error {
 				for nad.Next() {

@@ -5,8 +5,14 @@ import (
 	"net/netip"
 	"os/exec"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	mdnetlink "github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/dualhomed/dualhomed/netcfg/nstest"
 )
@@ -116,5 +122,257 @@ func TestNATApplyInstallsTheRuleset(t *testing.T) {
 	}
 	if writes := w.apply(t, n); writes != 0 {
 		t.Errorf("second Apply made %d writes, want 0", writes)
+	}
+}
+
+// foreignTables creates, through google/nftables as another program would,
+// tables in the hooks ours uses: `inet filter` (forward and prerouting raw
+// chains), `ip nat` (a masquerade in postrouting) and `ip dualhomed`, our
+// name in another family.
+func (w *natKTWorld) foreignTables(t *testing.T) {
+	t.Helper()
+	c, err := nftables.New(nftables.WithNetNSFd(int(w.ns.Handle)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	accept, drop := nftables.ChainPolicyAccept, nftables.ChainPolicyDrop
+	// No counters: packets the kernel sends on its own (IPv6 router
+	// solicitations) would change them.
+	ifname := func(key expr.MetaKey, name string) []expr.Any {
+		return []expr.Any{&expr.Meta{Key: key, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte(name + "\x00")}}
+	}
+	dockerAccept := append(ifname(expr.MetaKeyIIFNAME, "docker0"), &expr.Verdict{Kind: expr.VerdictAccept})
+	filter := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: "filter"})
+	fwd := c.AddChain(&nftables.Chain{Name: "forward", Table: filter, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &accept})
+	raw := c.AddChain(&nftables.Chain{Name: "raw", Table: filter, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRaw, Policy: &accept})
+	c.AddRule(&nftables.Rule{Table: filter, Chain: fwd, Exprs: dockerAccept})
+	c.AddRule(&nftables.Rule{Table: filter, Chain: raw, Exprs: []expr.Any{
+		&expr.Immediate{Register: 1, Data: []byte{0x42, 0, 0, 0}},
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1, SourceRegister: true}}})
+	nat := c.AddTable(&nftables.Table{Family: nftables.TableFamilyIPv4, Name: "nat"})
+	post := c.AddChain(&nftables.Chain{Name: "POSTROUTING", Table: nat, Type: nftables.ChainTypeNAT,
+		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource, Policy: &accept})
+	c.AddRule(&nftables.Rule{Table: nat, Chain: post, Exprs: append(ifname(expr.MetaKeyOIFNAME, "eth0"), &expr.Masq{})})
+	twin := c.AddTable(&nftables.Table{Family: nftables.TableFamilyIPv4, Name: NATTableName})
+	twinFwd := c.AddChain(&nftables.Chain{Name: "forward", Table: twin, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &drop})
+	c.AddRule(&nftables.Rule{Table: twin, Chain: twinFwd, Exprs: dockerAccept})
+	if err := c.Flush(); err != nil {
+		t.Fatalf("creating foreign tables: %v", err)
+	}
+}
+
+// foreignDump is every netlink message the kernel sends about the foreign
+// tables (the tables, their chains, their rules with handles, sets and
+// objects), byte for byte: everything in the namespace but `inet
+// dualhomed`. The nfgenmsg header is left out: it carries the ruleset's
+// generation, which every transaction (ours included) moves on.
+func (w *natKTWorld) foreignDump(t *testing.T) []string {
+	t.Helper()
+	conn, err := mdnetlink.Dial(unix.NETLINK_NETFILTER, &mdnetlink.Config{NetNS: int(w.ns.Handle)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	var out []string
+	for _, typ := range []uint16{unix.NFT_MSG_GETTABLE, unix.NFT_MSG_GETCHAIN, unix.NFT_MSG_GETRULE, unix.NFT_MSG_GETSET, unix.NFT_MSG_GETOBJ} {
+		msgs, err := conn.Execute(mdnetlink.Message{
+			Header: mdnetlink.Header{Type: mdnetlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | typ), Flags: mdnetlink.Request | mdnetlink.Dump},
+			Data:   nfgenmsg(unix.NFPROTO_UNSPEC, 0),
+		})
+		if err != nil {
+			t.Fatalf("dumping nftables (%d): %v", typ, err)
+		}
+		for _, m := range msgs {
+			ours := false
+			if err := decodeAttrs(m, func(ad *mdnetlink.AttributeDecoder) {
+				// The first attribute of tables, chains, rules, sets and
+				// objects is the table's name.
+				if ad.Type() == 1 && m.Data[0] == unix.NFPROTO_INET && ad.String() == NATTableName {
+					ours = true
+				}
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if !ours {
+				out = append(out, fmt.Sprintf("%d %x", typ, m.Data[4:]))
+			}
+		}
+	}
+	if len(out) == 0 {
+		t.Fatal("no foreign nftables objects: the test checks nothing")
+	}
+	return out
+}
+
+func TestNATNeverTouchesOtherTables(t *testing.T) {
+	requireNFT(t)
+	w := newNATKTWorld(t)
+	w.foreignTables(t)
+	before := w.foreignDump(t)
+	check := func(step string) {
+		t.Helper()
+		if after := w.foreignDump(t); !slices.Equal(before, after) {
+			t.Fatalf("%s changed a foreign table:\nbefore %v\nafter  %v", step, before, after)
+		}
+	}
+	full, narrow := w.nat(t), w.nat(t, "10.1.5.0/24")
+	w.apply(t, full)
+	check("Apply")
+	w.apply(t, narrow) // rules change: chains flushed and refilled
+	check("Apply of a narrower NAT")
+	w.ns.Run(t, "nft", "flush", "table", "inet", NATTableName)
+	w.apply(t, narrow) // repair
+	check("repairing a flushed table")
+	w.ns.Run(t, "nft", "add", "chain", "inet", NATTableName, "stray")
+	w.apply(t, full) // a chain too many: the table is replaced
+	check("replacing the table")
+	if got := w.nftList(t); got != full.Ruleset() {
+		t.Fatalf("table after the replacement:\n%s\nwant\n%s", got, full.Ruleset())
+	}
+	if _, err := w.nt.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	check("Cleanup")
+	if got := w.nftList(t); got != "" {
+		t.Fatalf("table left after Cleanup:\n%s", got)
+	}
+}
+
+// TestNATRepairsDrift changes our table as other programs could, and checks
+// that InSync sees it and one Apply brings back exactly the table we want.
+func TestNATRepairsDrift(t *testing.T) {
+	requireNFT(t)
+	w := newNATKTWorld(t)
+	n := w.nat(t)
+	want := n.Ruleset()
+	for _, drift := range []struct {
+		name string
+		nft  string // an nft script run in the namespace
+	}{
+		{"flushed table", "flush table inet dualhomed"},
+		{"flushed chain", "flush chain inet dualhomed forward"},
+		{"deleted table", "delete table inet dualhomed"},
+		{"rule appended", "add rule inet dualhomed forward accept"},
+		{"rule inserted", "insert rule inet dualhomed egress_nat oif eth0 masquerade"},
+		{"rule with our comment changed", "flush chain inet dualhomed zones\nadd rule inet dualhomed zones meta nfproto ipv4 iif eth1 ct zone set 1 comment \"eth1: conntrack zone of its clients\"\nadd rule inet dualhomed zones meta nfproto ipv4 iif eth2 ct original zone set 2 comment \"eth2: conntrack zone of its clients\""},
+		{"comment changed", "flush chain inet dualhomed egress_nat\nadd rule inet dualhomed egress_nat oif eth0 ct mark 0x00100000/12 snat ip to 10.0.0.10 comment \"eth1: masquerade to the egress\"\nadd rule inet dualhomed egress_nat oif eth0 ct mark 0x00200000/12 snat ip to 10.0.0.10"},
+		{"chain added", "add chain inet dualhomed extra"},
+		{"set added", "add set inet dualhomed s { type ipv4_addr; }"},
+		{"policy drop", "add chain inet dualhomed forward { type filter hook forward priority filter; policy drop; }"},
+		{"table dormant", "add table inet dualhomed { flags dormant; }"},
+	} {
+		t.Run(drift.name, func(t *testing.T) {
+			w.apply(t, n)
+			if got := w.nftList(t); got != want {
+				t.Fatalf("before the drift:\n%s", got)
+			}
+			w.ns.Run(t, "nft", drift.nft)
+			if w.nftList(t) == want {
+				t.Fatal("the drift changed nothing nft shows: the case tests nothing")
+			}
+			if ok, err := w.nt.InSync(n); err != nil || ok {
+				t.Fatalf("InSync after the drift: %v, %v; want false", ok, err)
+			}
+			if writes := w.apply(t, n); writes == 0 {
+				t.Fatal("Apply after the drift wrote nothing")
+			}
+			if got := w.nftList(t); got != want {
+				t.Fatalf("after the repair:\n%s\nwant\n%s", got, want)
+			}
+			if writes := w.apply(t, n); writes != 0 {
+				t.Fatalf("Apply after the repair made %d writes, want 0", writes)
+			}
+		})
+	}
+}
+
+// TestNATCompletesAPartialTable starts from a table left half built (as no
+// batch of ours can leave it, but a foreign program or an older version
+// could): some chains missing, a rule twice, a stray chain. One Apply must
+// leave each chain once and each rule once.
+func TestNATCompletesAPartialTable(t *testing.T) {
+	requireNFT(t)
+	w := newNATKTWorld(t)
+	n := w.nat(t)
+	w.ns.Run(t, "nft", `table inet dualhomed {
+	chain zones {
+		type filter hook prerouting priority raw; policy accept;
+		meta nfproto ipv4 iif "eth1" ct original zone set 1 comment "eth1: conntrack zone of its clients"
+		meta nfproto ipv4 iif "eth1" ct original zone set 1 comment "eth1: conntrack zone of its clients"
+	}
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+	}
+	chain admit_eth1 {
+		counter drop comment "source not allowed"
+	}
+	chain old {
+	}
+}`)
+	if writes := w.apply(t, n); writes == 0 {
+		t.Fatal("Apply wrote nothing")
+	}
+	if got, want := w.nftList(t), n.Ruleset(); got != want {
+		t.Fatalf("after Apply:\n%s\nwant\n%s", got, want)
+	}
+	if writes := w.apply(t, n); writes != 0 {
+		t.Fatalf("second Apply made %d writes, want 0", writes)
+	}
+}
+
+// TestNATForwardingFollowsTheNAT checks that ip_forward is 1 exactly while
+// the NAT is configured, and comes back to what it was, whatever that was.
+func TestNATForwardingFollowsTheNAT(t *testing.T) {
+	for _, original := range []string{"0", "1"} {
+		t.Run("ip_forward="+original, func(t *testing.T) {
+			w := newNATKTWorld(t)
+			w.ns.Sysctl(t, "net/ipv4/ip_forward", original)
+			n := w.nat(t)
+			w.apply(t, n)
+			if got := w.ns.ReadSysctl(t, "net/ipv4/ip_forward"); got != "1" {
+				t.Fatalf("ip_forward with the NAT = %s, want 1", got)
+			}
+			if ok, err := w.nt.InSync(n); err != nil || !ok {
+				t.Fatalf("InSync after Apply: %v, %v", ok, err)
+			}
+			// A restart: a new NATTable finds the record, changes nothing.
+			again, err := NewNATTable(w.ns.Handle, w.stateDir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer again.Close()
+			if writes, err := again.Apply(n); err != nil || writes != 0 {
+				t.Fatalf("Apply after a restart: %d writes, %v; want 0", writes, err)
+			}
+			if ok, err := again.InSync(NAT{}); err != nil || ok {
+				t.Fatalf("InSync(no NAT) with the table in place: %v, %v; want false", ok, err)
+			}
+			writes, err := again.Cleanup()
+			if err != nil {
+				t.Fatal(err)
+			}
+			wantWrites := 1 // the table
+			if original == "0" {
+				wantWrites++ // and ip_forward
+			}
+			if writes != wantWrites {
+				t.Errorf("Cleanup made %d writes, want %d", writes, wantWrites)
+			}
+			if got := w.ns.ReadSysctl(t, "net/ipv4/ip_forward"); got != original {
+				t.Errorf("ip_forward after Cleanup = %s, want %s", got, original)
+			}
+			if got := w.nftList(t); got != "" {
+				t.Errorf("table after Cleanup:\n%s", got)
+			}
+			if writes, err := again.Cleanup(); err != nil || writes != 0 {
+				t.Errorf("second Cleanup: %d writes, %v; want 0", writes, err)
+			}
+			if ok, err := again.InSync(NAT{}); err != nil || !ok {
+				t.Errorf("InSync(no NAT) after Cleanup: %v, %v", ok, err)
+			}
+		})
 	}
 }

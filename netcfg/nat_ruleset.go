@@ -28,19 +28,25 @@ const (
 	natChainForward     = "forward"      // forward, filter: what may cross
 	natChainToENIs      = "to_enis"      // drop when the output is one of our ENIs
 	natChainFromSource  = "from_source"  // a source's traffic to a link that is not an ENI
-	natChainSNAT        = "snat"         // postrouting, srcnat: masquerade to the egress
-	natChainAdmitPrefix = "nat_"         // nat_<link>: admits a source's new connections
+	natChainSNAT        = "egress_nat"   // postrouting, srcnat: masquerade to the egress
+	natChainAdmitPrefix = "admit_"       // admit_<link>: admits a source's new connections
 )
 
 // nftChain is one chain of the table as dualhomed wants it and reads it back.
-// A base chain has a type, hook and priority and the policy accept; a regular
-// chain (a jump target) has none.
+// A base chain has a type, hook, priority and policy (we want accept); a
+// regular chain (a jump target) has none.
 type nftChain struct {
 	Name     string
 	Type     string // "filter", "nat"; "" for a regular chain
 	Hook     uint32 // unix.NF_INET_*
 	Priority int32
+	policy   uint32 // NF_ACCEPT or NF_DROP; 0 for a regular chain
 	Rules    []nftRule
+}
+
+// baseChain is a base chain with the policy accept.
+func baseChain(name, typ string, hook uint32, priority int32) nftChain {
+	return nftChain{Name: name, Type: typ, Hook: hook, Priority: priority, policy: nfAccept}
 }
 
 func (c nftChain) base() bool { return c.Type != "" }
@@ -69,10 +75,10 @@ func (r nftRule) userData() []byte {
 //   - zones: a packet entering s gets conntrack zone Z_S on its original
 //     direction, so that equal tuples from two overlapping VPCs are two
 //     connections; replies, masqueraded, are found in the default zone.
-//   - forward, nat_<s>: a new connection from s to E is dropped towards a
+//   - forward, admit_<s>: a new connection from s to E is dropped towards a
 //     forbidden destination, marked M_S from an allowed source, and dropped
 //     from any other; marked connections pass both ways.
-//   - snat: marked connections leave E with the egress address.
+//   - egress_nat: marked connections leave E with the egress address.
 //   - restore_mark: a reply entering E of a connection marked M_S gets the
 //     packet mark M_S, so the fwmark rule routes it through S's table.
 //   - to_enis, from_source: every other forwarding between two ENIs is
@@ -97,10 +103,10 @@ func (n NAT) ruleset() []nftChain {
 	}
 	egress := n.Egress.Link
 
-	zones := nftChain{Name: natChainZones, Type: "filter", Hook: unix.NF_INET_PRE_ROUTING, Priority: -300}
-	restore := nftChain{Name: natChainRestoreMark, Type: "filter", Hook: unix.NF_INET_PRE_ROUTING, Priority: -150}
-	forward := nftChain{Name: natChainForward, Type: "filter", Hook: unix.NF_INET_FORWARD, Priority: 0}
-	snat := nftChain{Name: natChainSNAT, Type: "nat", Hook: unix.NF_INET_POST_ROUTING, Priority: 100}
+	zones := baseChain(natChainZones, "filter", unix.NF_INET_PRE_ROUTING, -300)
+	restore := baseChain(natChainRestoreMark, "filter", unix.NF_INET_PRE_ROUTING, -150)
+	forward := baseChain(natChainForward, "filter", unix.NF_INET_FORWARD, 0)
+	snat := baseChain(natChainSNAT, "nat", unix.NF_INET_POST_ROUTING, 100)
 	var admits []nftChain
 	sources := map[int]bool{}
 
