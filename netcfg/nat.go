@@ -102,22 +102,19 @@ var natLinkName = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_.-]{0,14}$`)
 // and the value at fault; they are configuration or IMDS errors that no NAT
 // can be built from.
 func DesiredNAT(cfg Config, enis []NATENI) (NAT, error) {
+	if !slices.ContainsFunc(enis, func(e NATENI) bool { return e.NAT }) {
+		return NAT{}, nil // nothing changes for anyone who does not configure it
+	}
 	var primary *NATENI
-	sources := 0
 	for i := range enis {
 		e := &enis[i]
-		if e.Primary {
-			if primary != nil {
-				return NAT{}, fmt.Errorf("NAT: two primary ENIs (%s and %s)", primary.Link.Name, e.Link.Name)
-			}
-			primary = e
+		if !e.Primary {
+			continue
 		}
-		if e.NAT {
-			sources++
+		if primary != nil {
+			return NAT{}, fmt.Errorf("NAT: two primary ENIs (%s and %s)", primary.Link.Name, e.Link.Name)
 		}
-	}
-	if sources == 0 {
-		return NAT{}, nil
+		primary = e
 	}
 	if primary == nil {
 		return NAT{}, fmt.Errorf("NAT: no primary ENI with a link: it is the NAT's egress")
