@@ -86,7 +86,7 @@ func (w *natKTWorld) apply(t *testing.T, n NAT) int {
 
 // requireNFT skips the test unless the nft binary is installed (CI installs
 // it: .ci/run).
-func requireNFT(t *testing.T) {
+func requireNFT(t testing.TB) {
 	t.Helper()
 	if _, err := exec.LookPath("nft"); err != nil {
 		t.Skip("skipping: needs the nft binary to cross-check the table (apt-get install nftables)")

@@ -2,7 +2,6 @@ package netcfg
 
 import (
 	"bufio"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -249,12 +248,6 @@ func greeting(c net.Conn, timeout time.Duration) (string, error) {
 	c.SetReadDeadline(time.Now().Add(timeout))
 	line, err := bufio.NewReader(c).ReadString('\n')
 	return strings.TrimSpace(line), err
-}
-
-// timedOut reports whether err is a timeout (as opposed to a refusal).
-func timedOut(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
 }
 
 // udpArrives reports whether a datagram sent from ns `from` (from src when
