@@ -240,6 +240,78 @@ func sameRules(want, got []nftRule) (bool, error) {
 	return true, nil
 }
 
+// NATCounters are the counters of the table: the connections each source
+// opened through the NAT, and the packets dropped, by reason.
+type NATCounters struct {
+	// Connections counts, per source link, the packets that opened a NAT
+	// connection (a retransmitted first packet counts again).
+	Connections map[string]uint64 `json:"connections"`
+	// Dropped counts dropped packets by reason (the rule's comment:
+	// "forbidden destination", "source not allowed", "between two ENIs",
+	// "a source VPC routes through the instance").
+	Dropped map[string]uint64 `json:"dropped"`
+}
+
+// Counters reads the table's counters (one dump of our rules). They start
+// at zero whenever a chain is refilled or the table replaced.
+func (t *NATTable) Counters() (NATCounters, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	c := NATCounters{Connections: map[string]uint64{}, Dropped: map[string]uint64{}}
+	msgs, err := t.get(unix.NFT_MSG_GETRULE, true, []netlink.Attribute{{Type: unix.NFTA_RULE_TABLE, Data: cstring(NATTableName)}})
+	if errors.Is(err, unix.ENOENT) {
+		return c, nil
+	}
+	if err != nil {
+		return c, fmt.Errorf("reading rules of table inet %s: %w", NATTableName, err)
+	}
+	for _, m := range msgs {
+		chain, r, err := parseRule(m)
+		if err != nil {
+			return c, fmt.Errorf("parsing a rule of table inet %s: %w", NATTableName, err)
+		}
+		packets, ok, err := rulePackets(r)
+		if err != nil {
+			return c, err
+		}
+		if !ok {
+			continue
+		}
+		if link, admit := strings.CutPrefix(chain, natChainAdmitPrefix); admit && r.Comment == natCommentAllowed {
+			c.Connections[link] += packets
+		} else {
+			c.Dropped[r.Comment] += packets
+		}
+	}
+	return c, nil
+}
+
+// rulePackets is the packet count of the rule's counter expression.
+func rulePackets(r nftRule) (uint64, bool, error) {
+	for _, e := range r.Exprs {
+		name, data, err := splitExpr(e)
+		if err != nil {
+			return 0, false, err
+		}
+		if name != "counter" {
+			continue
+		}
+		ad, err := netlink.NewAttributeDecoder(data)
+		if err != nil {
+			return 0, false, err
+		}
+		ad.ByteOrder = binary.BigEndian
+		var packets uint64
+		for ad.Next() {
+			if ad.Type() == unix.NFTA_COUNTER_PACKETS {
+				packets = ad.Uint64()
+			}
+		}
+		return packets, true, ad.Err()
+	}
+	return 0, false, nil
+}
+
 // natReadback is our table as the kernel reports it.
 type natReadback struct {
 	exists  bool
@@ -552,22 +624,9 @@ func parseRule(m netlink.Message) (string, nftRule, error) {
 // recursively, a counter's values left out, and the attributes the kernel
 // adds with their default values (natExprDefaults) present on both sides.
 func canonicalExpr(b []byte) (string, error) {
-	attrs, err := netlink.UnmarshalAttributes(b)
+	name, data, err := splitExpr(b)
 	if err != nil {
 		return "", err
-	}
-	var name string
-	var data []byte
-	for _, a := range attrs {
-		switch a.Type & natAttrTypeMask {
-		case unix.NFTA_EXPR_NAME:
-			name = strings.TrimRight(string(a.Data), "\x00")
-		case unix.NFTA_EXPR_DATA:
-			data = a.Data
-		}
-	}
-	if name == "" {
-		return "", errors.New("expression without a name")
 	}
 	if name == "counter" {
 		return name, nil
@@ -577,6 +636,26 @@ func canonicalExpr(b []byte) (string, error) {
 		return "", fmt.Errorf("expression %s: %w", name, err)
 	}
 	return name + s, nil
+}
+
+// splitExpr returns an expression's name and its data attributes.
+func splitExpr(b []byte) (name string, data []byte, err error) {
+	attrs, err := netlink.UnmarshalAttributes(b)
+	if err != nil {
+		return "", nil, err
+	}
+	for _, a := range attrs {
+		switch a.Type & natAttrTypeMask {
+		case unix.NFTA_EXPR_NAME:
+			name = strings.TrimRight(string(a.Data), "\x00")
+		case unix.NFTA_EXPR_DATA:
+			data = a.Data
+		}
+	}
+	if name == "" {
+		return "", nil, errors.New("expression without a name")
+	}
+	return name, data, nil
 }
 
 // natNestedAttrs lists, per expression, the attributes of its data that are

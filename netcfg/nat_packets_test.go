@@ -75,6 +75,20 @@ func TestNATWithRealPackets(t *testing.T) {
 		if !udpArrives(t, w.cB, "10.1.5.5", w.inet, natWorldInet) {
 			t.Error("an allowed source's datagram does not reach the internet: the probes prove nothing")
 		}
+		// Each probe was dropped by the rule meant for it, and the
+		// connections of both sources were counted.
+		c, err := w.nt.Counters()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, reason := range []string{"forbidden destination", "source not allowed", "between two ENIs", "a source VPC routes through the instance"} {
+			if c.Dropped[reason] == 0 {
+				t.Errorf("no packet dropped as %q: %+v", reason, c)
+			}
+		}
+		if c.Connections["eth1"] == 0 || c.Connections["eth2"] == 0 {
+			t.Errorf("connections not counted for both sources: %+v", c)
+		}
 	})
 
 	t.Run("Docker's forwarding and masquerade keep working", func(t *testing.T) {

@@ -32,6 +32,10 @@ const (
 	natChainAdmitPrefix = "admit_"       // admit_<link>: admits a source's new connections
 )
 
+// natCommentAllowed marks the rules that admit a new NAT connection: their
+// counters count connections (NATTable.Counters).
+const natCommentAllowed = "allowed source"
+
 // nftChain is one chain of the table as dualhomed wants it and reads it back.
 // A base chain has a type, hook, priority and policy (we want accept); a
 // regular chain (a jump target) has none.
@@ -145,7 +149,7 @@ func (n NAT) ruleset() []nftChain {
 			}))
 		}
 		for _, a := range s.Allowed {
-			admit.Rules = append(admit.Rules, rule("allowed source", func(b *ruleBuilder) {
+			admit.Rules = append(admit.Rules, rule(natCommentAllowed, func(b *ruleBuilder) {
 				b.ipAddr(true, a)
 				b.counter()
 				b.setCtMark(s.Mark)
