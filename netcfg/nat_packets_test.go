@@ -91,6 +91,36 @@ func TestNATWithRealPackets(t *testing.T) {
 		}
 	})
 
+	t.Run("the instance's own connections through the sources keep working", func(t *testing.T) {
+		// Into the instance: its zones must not keep local replies from
+		// their connection (replies are looked up in the default zone).
+		echoServer(t, w.inst, "0.0.0.0", 7777)
+		for _, c := range []struct {
+			ns  *nstest.NS
+			dst string
+		}{{w.cB, "10.1.0.11"}, {w.cC, "10.1.0.12"}} {
+			conn, err := dial(c.ns, "10.1.5.5", 41000, c.dst, 7777, 5*time.Second)
+			if err == nil {
+				_, err = greeting(conn, 5*time.Second)
+				defer conn.Close()
+			}
+			if err != nil {
+				t.Errorf("10.1.5.5 to the instance's %s: %v", c.dst, err)
+			}
+		}
+		// Out of the instance: replies entering a source ENI get its zone
+		// on their original direction, and must still find the connection.
+		echoServer(t, w.cB, "10.1.5.5", 8080)
+		conn, err := dial(w.inst, "10.1.0.11", 0, "10.1.5.5", 8080, 5*time.Second)
+		if err == nil {
+			defer conn.Close()
+			_, err = greeting(conn, 5*time.Second)
+		}
+		if err != nil {
+			t.Errorf("the instance to VPC B's client: %v", err)
+		}
+	})
+
 	t.Run("Docker's forwarding and masquerade keep working", func(t *testing.T) {
 		c, err := dial(w.ctr, "", 0, natWorldInet, 8080, 5*time.Second)
 		if err != nil {
