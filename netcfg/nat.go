@@ -90,6 +90,18 @@ type NATSource struct {
 	Allowed  []netip.Prefix // sources forwarded to the egress, sorted
 }
 
+// clone is a copy of n that shares no slice with it.
+func (n NAT) clone() *NAT {
+	c := n
+	c.Sources = slices.Clone(n.Sources)
+	for i := range c.Sources {
+		c.Sources[i].Allowed = slices.Clone(n.Sources[i].Allowed)
+	}
+	c.ENIs = slices.Clone(n.ENIs)
+	c.Forbidden = slices.Clone(n.Forbidden)
+	return &c
+}
+
 // Enabled reports whether the NAT has anything to do.
 func (n NAT) Enabled() bool { return len(n.Sources) > 0 }
 

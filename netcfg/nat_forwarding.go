@@ -25,6 +25,15 @@ type ipForwardRecord struct {
 
 func (t *NATTable) ipForwardStatePath() string { return filepath.Join(t.stateDir, ipForwardStateFile) }
 
+// forwardingRecord is the recorded original, nil when there is none.
+func (t *NATTable) forwardingRecord() (*ipForwardRecord, error) {
+	var rec *ipForwardRecord
+	if err := readJSON(t.ipForwardStatePath(), &rec); err != nil {
+		return nil, fmt.Errorf("reading ip_forward original: %w", err)
+	}
+	return rec, nil
+}
+
 // readForwarding is `sysctl net.ipv4.ip_forward` inside the namespace.
 func (t *NATTable) readForwarding() (int, error) {
 	var v int
@@ -60,9 +69,9 @@ func (t *NATTable) enableForwarding() (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	var rec *ipForwardRecord
-	if err := readJSON(t.ipForwardStatePath(), &rec); err != nil {
-		return 0, fmt.Errorf("reading ip_forward original: %w", err)
+	rec, err := t.forwardingRecord()
+	if err != nil {
+		return 0, err
 	}
 	if rec == nil {
 		if err := writeJSONAtomic(t.ipForwardStatePath(), ipForwardRecord{Original: cur}); err != nil {
@@ -78,12 +87,9 @@ func (t *NATTable) enableForwarding() (int, error) {
 // restoreForwarding puts back the recorded value and forgets the record.
 // Without a record the NAT never changed ip_forward: nothing to do.
 func (t *NATTable) restoreForwarding() (int, error) {
-	var rec *ipForwardRecord
-	if err := readJSON(t.ipForwardStatePath(), &rec); err != nil {
-		return 0, fmt.Errorf("reading ip_forward original: %w", err)
-	}
-	if rec == nil {
-		return 0, nil
+	rec, err := t.forwardingRecord()
+	if err != nil || rec == nil {
+		return 0, err
 	}
 	cur, err := t.readForwarding()
 	if err != nil {

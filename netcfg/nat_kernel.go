@@ -3,6 +3,7 @@ package netcfg
 import (
 	"errors"
 	"fmt"
+	"reflect"
 	"strings"
 	"sync"
 	"time"
@@ -28,6 +29,16 @@ type NATTable struct {
 
 	mu   sync.Mutex
 	conn *netlink.Conn // reads; each write batch has a socket of its own
+
+	// verified is the nftables generation at which Apply last read the
+	// table back and found it as verifiedNAT wants it (nil: none). Every
+	// transaction in the namespace, anybody's, moves the generation on:
+	// while it stays, Apply asks for it alone instead of reading the table
+	// back. Why: a no-op Apply takes 1.0 to 1.4 ms with the read-back (9
+	// requests and the comparison), 0.13 to 0.16 ms without it
+	// (BenchmarkNATApplyNoOp, busy and quiet).
+	verified    uint32
+	verifiedNAT *NAT
 }
 
 // NewNATTable returns a NATTable acting in namespace ns (netns.None() for
@@ -100,15 +111,26 @@ func (t *NATTable) Apply(n NAT) (int, error) {
 			return writes, err
 		}
 	}
-	msgs, err := t.plan(n.ruleset())
+	gen, err := t.generation()
 	if err != nil {
 		return writes, err
 	}
-	if len(msgs) > 0 {
-		if err := t.send(msgs); err != nil {
-			return writes, fmt.Errorf("applying nftables table inet %s: %w", NATTableName, err)
+	if t.verifiedNAT == nil || gen != t.verified || !reflect.DeepEqual(*t.verifiedNAT, n) {
+		t.verifiedNAT = nil
+		msgs, err := t.plan(n.ruleset())
+		if err != nil {
+			return writes, err
 		}
-		writes += len(msgs)
+		if len(msgs) > 0 {
+			if err := t.send(msgs); err != nil {
+				return writes, fmt.Errorf("applying nftables table inet %s: %w", NATTableName, err)
+			}
+			writes += len(msgs)
+		} else {
+			// gen was read before the table: a later change has moved
+			// the generation on, and the next Apply reads again.
+			t.verified, t.verifiedNAT = gen, n.clone()
+		}
 	}
 	if n.Enabled() {
 		w, err := t.enableForwarding()
@@ -132,15 +154,16 @@ func (t *NATTable) InSync(n NAT) (bool, error) {
 	if err != nil || len(msgs) > 0 {
 		return false, err
 	}
-	fwd, err := t.readForwarding()
-	if err != nil {
-		return false, err
+	if !n.Enabled() {
+		rec, err := t.forwardingRecord()
+		return rec == nil, err // recorded: the original is still to be restored
 	}
-	return !n.Enabled() || fwd == 1, nil
+	fwd, err := t.readForwarding()
+	return fwd == 1, err
 }
 
-// plan reads the table and returns the messages that make it want: none
-// when it already is. When only rules differ, each differing chain is
+// plan reads the table and returns the messages that make it what we want:
+// none when it already is. When only rules differ, each differing chain is
 // flushed and refilled; anything else (the table missing, dormant, holding
 // an object or chain we do not want, a chain of another kind) replaces the
 // whole table, its deletion and re-creation in the same transaction.
@@ -156,11 +179,11 @@ func (t *NATTable) plan(want []nftChain) ([]netlink.Message, error) {
 		return nil, nil
 	}
 	if !got.exists || got.flags != 0 || int(got.objects) != len(want) || len(got.chains) != len(want) {
-		return rebuildMsgs(got.exists, want)
+		return rebuildMsgs(got.exists, want), nil
 	}
 	for _, c := range want {
 		if !got.chains[c.Name].sameKind(c) {
-			return rebuildMsgs(true, want)
+			return rebuildMsgs(true, want), nil
 		}
 	}
 	var msgs []netlink.Message
@@ -181,7 +204,7 @@ func (t *NATTable) plan(want []nftChain) ([]netlink.Message, error) {
 }
 
 // rebuildMsgs creates the whole table, after deleting the old one.
-func rebuildMsgs(exists bool, want []nftChain) ([]netlink.Message, error) {
+func rebuildMsgs(exists bool, want []nftChain) []netlink.Message {
 	var msgs []netlink.Message
 	if exists {
 		msgs = append(msgs, delTableMsg())
@@ -195,7 +218,7 @@ func rebuildMsgs(exists bool, want []nftChain) ([]netlink.Message, error) {
 			msgs = append(msgs, newRuleMsg(c.Name, r))
 		}
 	}
-	return msgs, nil
+	return msgs
 }
 
 // NATCounters are the counters of the table: the connections each source
@@ -237,6 +260,30 @@ func (t *NATTable) Counters() (NATCounters, error) {
 		}
 	}
 	return c, nil
+}
+
+// generation is the namespace's nftables ruleset generation
+// (NFT_MSG_GETGEN), which every committed transaction increments.
+func (t *NATTable) generation() (uint32, error) {
+	msgs, err := t.get(unix.NFT_MSG_GETGEN, false, nil)
+	if err != nil {
+		return 0, fmt.Errorf("reading the nftables generation: %w", err)
+	}
+	for _, m := range msgs {
+		var gen uint32
+		found := false
+		if err := decodeAttrs(m, func(ad *netlink.AttributeDecoder) {
+			if ad.Type() == unix.NFTA_GEN_ID {
+				gen, found = ad.Uint32(), true
+			}
+		}); err != nil {
+			return 0, fmt.Errorf("parsing the nftables generation: %w", err)
+		}
+		if found {
+			return gen, nil
+		}
+	}
+	return 0, errors.New("reading the nftables generation: no generation in the answer")
 }
 
 // natReadback is our table as the kernel reports it.

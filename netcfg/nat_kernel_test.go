@@ -29,7 +29,7 @@ type natKTWorld struct {
 	links    map[string]Link
 }
 
-func newNATKTWorld(t *testing.T) *natKTWorld {
+func newNATKTWorld(t testing.TB) *natKTWorld {
 	t.Helper()
 	router, ns := nstest.New(t), nstest.New(t)
 	w := &natKTWorld{ns: ns, router: router, stateDir: t.TempDir(), links: map[string]Link{}}
@@ -66,7 +66,7 @@ func (w *natKTWorld) enis(natSources ...string) []NATENI {
 	}
 }
 
-func (w *natKTWorld) nat(t *testing.T, natSources ...string) NAT {
+func (w *natKTWorld) nat(t testing.TB, natSources ...string) NAT {
 	t.Helper()
 	n, err := DesiredNAT(DefaultConfig(), w.enis(natSources...))
 	if err != nil {
@@ -328,6 +328,12 @@ func TestNATForwardingFollowsTheNAT(t *testing.T) {
 			}
 			if ok, err := w.nt.InSync(n); err != nil || !ok {
 				t.Fatalf("InSync after Apply: %v, %v", ok, err)
+			}
+			// Another program turns forwarding off: the next Apply, with
+			// nothing else to do, turns it back on.
+			w.ns.Sysctl(t, "net/ipv4/ip_forward", "0")
+			if writes := w.apply(t, n); writes != 1 {
+				t.Fatalf("Apply after ip_forward=0 made %d writes, want 1", writes)
 			}
 			// A restart: a new NATTable finds the record, changes nothing.
 			again, err := NewNATTable(w.ns.Handle, w.stateDir)

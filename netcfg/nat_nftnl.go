@@ -6,11 +6,11 @@ package netcfg
 // kernel dumps them.
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"slices"
-	"strings"
 
 	"github.com/google/nftables/userdata"
 	"github.com/mdlayher/netlink"
@@ -204,39 +204,64 @@ func parseRule(m netlink.Message) (string, nftRule, error) {
 	return chain, r, err
 }
 
-// canonicalExpr renders one expression (NFTA_EXPR_NAME and NFTA_EXPR_DATA
-// attributes) so that our encoding and the kernel's dump of the same
-// expression render alike: attributes sorted by type, without the
-// NLA_F_NESTED flag (which the kernel's dumps omit), nested ones rendered
-// recursively, a counter's values left out, and the attributes the kernel
-// adds with their default values (natExprDefaults) present on both sides.
-func canonicalExpr(b []byte) (string, error) {
+// appendCanonicalExpr appends to dst one expression (NFTA_EXPR_NAME and
+// NFTA_EXPR_DATA attributes) in a form in which our encoding and the
+// kernel's dump of the same expression are equal bytes: attributes sorted
+// by type, without the NLA_F_NESTED flag (which the kernel's dumps omit),
+// nested ones in the same form, a counter's values left out, and the
+// attributes the kernel adds with their default values (natExprDefaults)
+// present on both sides. Each attribute is its type, then its length and
+// value, or the length of its nested attributes and them.
+func appendCanonicalExpr(dst, b []byte) ([]byte, error) {
 	name, data, err := splitExpr(b)
 	if err != nil {
-		return "", err
+		return dst, err
 	}
+	dst = append(append(dst, name...), 0)
 	if name == "counter" {
-		return name, nil
+		return dst, nil
 	}
-	s, err := canonicalAttrs(name, data, 0)
-	if err != nil {
-		return "", fmt.Errorf("expression %s: %w", name, err)
+	if dst, err = appendCanonicalAttrs(dst, name, data, 0); err != nil {
+		return dst, fmt.Errorf("expression %s: %w", name, err)
 	}
-	return name + s, nil
+	return dst, nil
+}
+
+// nlAttr is one netlink attribute, its type without flags.
+type nlAttr struct {
+	typ uint16
+	val []byte
+}
+
+// appendAttrs appends the attributes of b to dst, without copying them.
+func appendAttrs(dst []nlAttr, b []byte) ([]nlAttr, error) {
+	for len(b) > 0 {
+		if len(b) < 4 {
+			return dst, fmt.Errorf("%d bytes left after the last attribute", len(b))
+		}
+		l := int(binary.NativeEndian.Uint16(b))
+		if l < 4 || l > len(b) {
+			return dst, fmt.Errorf("attribute of length %d in %d bytes", l, len(b))
+		}
+		dst = append(dst, nlAttr{typ: binary.NativeEndian.Uint16(b[2:]) & natAttrTypeMask, val: b[4:l]})
+		b = b[min((l+3)&^3, len(b)):]
+	}
+	return dst, nil
 }
 
 // splitExpr returns an expression's name and its data attributes.
 func splitExpr(b []byte) (name string, data []byte, err error) {
-	attrs, err := netlink.UnmarshalAttributes(b)
+	var buf [2]nlAttr
+	attrs, err := appendAttrs(buf[:0], b)
 	if err != nil {
 		return "", nil, err
 	}
 	for _, a := range attrs {
-		switch a.Type & natAttrTypeMask {
+		switch a.typ {
 		case unix.NFTA_EXPR_NAME:
-			name = strings.TrimRight(string(a.Data), "\x00")
+			name = string(bytes.TrimRight(a.val, "\x00"))
 		case unix.NFTA_EXPR_DATA:
-			data = a.Data
+			data = a.val
 		}
 	}
 	if name == "" {
@@ -263,50 +288,39 @@ var natExprDefaults = map[string]map[uint16][]byte{
 	"nat":     {unix.NFTA_NAT_FLAGS: be32(nfNATRangeMapIPs)},
 }
 
-func canonicalAttrs(expr string, b []byte, depth int) (string, error) {
-	attrs, err := netlink.UnmarshalAttributes(b)
+// appendCanonicalAttrs appends the attributes of b (the data of expression
+// expr at nesting depth) in canonical form.
+func appendCanonicalAttrs(dst []byte, expr string, b []byte, depth int) ([]byte, error) {
+	var buf [8]nlAttr
+	attrs, err := appendAttrs(buf[:0], b)
 	if err != nil {
-		return "", err
-	}
-	type kv struct {
-		t uint16
-		v string
-	}
-	var out []kv
-	seen := map[uint16]bool{}
-	for _, a := range attrs {
-		typ := a.Type & natAttrTypeMask
-		seen[typ] = true
-		nested := false
-		switch depth {
-		case 0:
-			nested = slices.Contains(natNestedAttrs[expr], typ)
-		case 1:
-			nested = typ == unix.NFTA_DATA_VERDICT
-		}
-		v := fmt.Sprintf("%x", a.Data)
-		if nested {
-			if v, err = canonicalAttrs(expr, a.Data, depth+1); err != nil {
-				return "", err
-			}
-		}
-		out = append(out, kv{typ, v})
+		return dst, err
 	}
 	if depth == 0 {
 		for typ, v := range natExprDefaults[expr] {
-			if !seen[typ] {
-				out = append(out, kv{typ, fmt.Sprintf("%x", v)})
+			if !slices.ContainsFunc(attrs, func(a nlAttr) bool { return a.typ == typ }) {
+				attrs = append(attrs, nlAttr{typ: typ, val: v})
 			}
 		}
 	}
-	slices.SortFunc(out, func(a, b kv) int { return int(a.t) - int(b.t) })
-	var sb strings.Builder
-	sb.WriteString("{")
-	for _, a := range out {
-		fmt.Fprintf(&sb, "%d:%s;", a.t, a.v)
+	slices.SortStableFunc(attrs, func(a, b nlAttr) int { return int(a.typ) - int(b.typ) })
+	for _, a := range attrs {
+		dst = binary.BigEndian.AppendUint16(dst, a.typ)
+		nested := depth == 0 && slices.Contains(natNestedAttrs[expr], a.typ) ||
+			depth == 1 && a.typ == unix.NFTA_DATA_VERDICT
+		if !nested {
+			dst = binary.BigEndian.AppendUint32(dst, uint32(len(a.val)))
+			dst = append(dst, a.val...)
+			continue
+		}
+		at := len(dst)
+		dst = append(dst, 0, 0, 0, 0)
+		if dst, err = appendCanonicalAttrs(dst, expr, a.val, depth+1); err != nil {
+			return dst, err
+		}
+		binary.BigEndian.PutUint32(dst[at:], uint32(len(dst)-at-4))
 	}
-	sb.WriteString("}")
-	return sb.String(), nil
+	return dst, nil
 }
 
 // sameKind: the same hook, priority, type and policy (or both regular
@@ -316,25 +330,26 @@ func (c nftChain) sameKind(w nftChain) bool {
 }
 
 // sameRules compares rules as the kernel dumped them (got) with the rules we
-// want, expression by expression (see canonicalExpr), comment included.
+// want, expression by expression (see appendCanonicalExpr), comment
+// included.
 func sameRules(want, got []nftRule) (bool, error) {
 	if len(want) != len(got) {
 		return false, nil
 	}
+	var w, g []byte
 	for i := range want {
 		if want[i].Comment != got[i].Comment || len(want[i].Exprs) != len(got[i].Exprs) {
 			return false, nil
 		}
 		for j := range want[i].Exprs {
-			w, err := canonicalExpr(want[i].Exprs[j])
-			if err != nil {
+			var err error
+			if w, err = appendCanonicalExpr(w[:0], want[i].Exprs[j]); err != nil {
 				return false, err
 			}
-			g, err := canonicalExpr(got[i].Exprs[j])
-			if err != nil {
+			if g, err = appendCanonicalExpr(g[:0], got[i].Exprs[j]); err != nil {
 				return false, fmt.Errorf("reading rule %d of chain: %w", i, err)
 			}
-			if w != g {
+			if !bytes.Equal(w, g) {
 				return false, nil
 			}
 		}
