@@ -131,6 +131,9 @@ func DesiredNAT(cfg Config, enis []NATENI) (NAT, error) {
 	if primary == nil {
 		return NAT{}, fmt.Errorf("NAT: no primary ENI with a link: it is the NAT's egress")
 	}
+	if primary.Link.Index <= 0 {
+		return NAT{}, fmt.Errorf("NAT: the primary ENI %s has no link index", primary.Link.Name)
+	}
 	if !primary.FirstIPv4.Is4() {
 		return NAT{}, fmt.Errorf("NAT: the primary ENI %s has no IPv4 address to masquerade to", primary.Link.Name)
 	}

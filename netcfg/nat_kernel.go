@@ -19,8 +19,12 @@ import (
 // It speaks nftables netlink itself: google/nftables encodes the
 // expressions, but its Conn cannot carry the one expression it cannot
 // encode (`ct original zone set`, see setZoneOriginal) in the same batch as
-// the rest, and one batch is what makes a change atomic. The only requests
-// it sends name our table: it never lists, reads or changes another one.
+// the rest, and one batch is what makes a change atomic. Apart from the
+// ruleset's generation number, every request it sends names our table: it
+// never lists, reads or changes another one.
+//
+// The fwmark rules that route replies through a source's table are policy
+// rules, not nftables: they belong with dualhomed's other rules (docs/nat.md).
 //
 // Its methods may be called from several goroutines; they are serialised.
 type NATTable struct {

@@ -72,6 +72,7 @@ func TestDesiredNATRefuses(t *testing.T) {
 		{"NAT on the primary", func(e []NATENI) []NATENI { e[0].NAT = true; return e }, "primary ENI eth0 is the egress"},
 		{"no primary", func(e []NATENI) []NATENI { return e[1:] }, "no primary ENI"},
 		{"two primaries", func(e []NATENI) []NATENI { e[3].Primary = true; return e }, "two primary ENIs"},
+		{"primary without a link", func(e []NATENI) []NATENI { e[0].Link.Index = 0; return e }, "primary ENI eth0 has no link index"},
 		{"primary without IPv4", func(e []NATENI) []NATENI { e[0].FirstIPv4 = netip.Addr{}; return e }, "no IPv4 address to masquerade to"},
 		{"nat_sources outside the VPC", func(e []NATENI) []NATENI { e[1].NATSources = prefixes("10.2.0.0/24"); return e }, "10.2.0.0/24 is outside its VPC's CIDRs"},
 		{"nat_sources wider than the VPC", func(e []NATENI) []NATENI { e[1].NATSources = prefixes("10.0.0.0/8"); return e }, "outside its VPC's CIDRs"},
