@@ -361,7 +361,7 @@ func (t *NATTable) readRules() (map[string][]nftRule, error) {
 		return nil, fmt.Errorf("reading rules of table inet %s: %w", NATTableName, err)
 	}
 	for _, m := range msgs {
-		chain, r, err := parseRule(m)
+		chain, r, err := parseNFTRule(m)
 		if err != nil {
 			return nil, fmt.Errorf("parsing a rule of table inet %s: %w", NATTableName, err)
 		}

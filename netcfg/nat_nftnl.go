@@ -177,8 +177,8 @@ func parseChain(m netlink.Message) (nftChain, error) {
 	return c, err
 }
 
-// parseRule reads a rule's chain, expressions and comment.
-func parseRule(m netlink.Message) (string, nftRule, error) {
+// parseNFTRule reads a rule's chain, expressions and comment.
+func parseNFTRule(m netlink.Message) (string, nftRule, error) {
 	var chain string
 	var r nftRule
 	err := decodeAttrs(m, func(ad *netlink.AttributeDecoder) {
