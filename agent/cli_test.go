@@ -274,7 +274,7 @@ func TestStatusTablePrintsEachWarningOnce(t *testing.T) {
 	rep := Report{HaveSnapshot: true,
 		ENIs: []netcfg.ENIStatus{{MAC: "02:00:00:00:00:02", InterfaceID: "eni-2", State: netcfg.ENIConfigured,
 			Warnings: []string{overlap, "keeping the existing configuration until IMDS is ready"}}},
-		Warnings: []netcfg.Warning{{ENI: "eni-2", Message: overlap, Hint: "add a narrower extra route"}},
+		Warnings: []netcfg.Warning{{ENI: "eni-2", Message: overlap, Hint: "list what this ENI must reach under `routes:`"}},
 	}
 	var buf bytes.Buffer
 	WriteStatusTable(&buf, rep, nil, os.ErrNotExist)

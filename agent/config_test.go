@@ -25,12 +25,16 @@ func TestParseConfigErrors(t *testing.T) {
 		{"duration too short", "poll_interval: 10ms\n", file + ":1: poll_interval: 10ms is shorter than the minimum 1s"},
 		{"bad bool", "manage_addresses: yes\n", file + `:1: manage_addresses: "yes" is not one of true, false`},
 		{"rp_filter", "rp_filter: medium\n", file + `:1: rp_filter: "medium" is not one of loose, strict, keep`},
-		{"bad cidr", "enis:\n  - match: {vpc_id: vpc-1}\n    extra_routes: [10.0.0.0/8, 300.1.0.0/16]\n", file + `:3: enis[0].extra_routes[1]: "300.1.0.0/16" is not a CIDR`},
-		{"host bits", "enis:\n  - match: {vpc_id: vpc-1}\n    extra_routes:\n      - 10.0.0.1/8\n", file + `:4: enis[0].extra_routes[0]: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?`},
+		{"bad cidr", "enis:\n  - match: {vpc_id: vpc-1}\n    routes: [10.0.0.0/8, 300.1.0.0/16]\n", file + `:3: enis[0].routes[1]: "300.1.0.0/16" is not a CIDR`},
+		{"host bits", "enis:\n  - match: {vpc_id: vpc-1}\n    routes:\n      - 10.0.0.0/8\n      - 10.0.0.1/8\n", file + `:5: enis[0].routes[1]: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?`},
+		{"default route", "enis:\n  - match: {vpc_id: vpc-1}\n    routes: [0.0.0.0/0]\n", file + `:3: enis[0].routes[0]: 0.0.0.0/0 is the default route`},
+		{"one CIDR through two ENIs", "enis:\n  - match: {vpc_id: vpc-1}\n    routes: [192.168.0.0/16]\n  - match: {vpc_id: vpc-2}\n    routes:\n      - 192.168.0.0/16\n",
+			file + `:6: enis[1].routes[0]: 192.168.0.0/16 is routed by enis[0].routes[0] too`},
+		{"extra_routes removed", "enis:\n  - match: {vpc_id: vpc-1}\n    extra_routes: [10.0.0.0/8]\n", file + `:3: enis[0].extra_routes: removed: its routes in the ENI's own table changed nothing; use routes`},
 		{"bad mac", "enis:\n  - match: {mac: zz}\n", file + `:2: enis[0].match.mac: "zz" is not a MAC address`},
 		{"bad eni id", "enis:\n  - match: {interface_id: foo}\n", file + `:2: enis[0].match.interface_id: "foo" is not an ENI id`},
-		{"entry-wide problem on the entry's line", "enis:\n  - match: {vpc_id: vpc-1}\n    exclude: true\n    extra_routes: [10.9.0.0/16]\n",
-			file + ":2: enis[0]: exclude and extra_routes contradict each other"},
+		{"entry-wide problem on the entry's line", "enis:\n  - match: {vpc_id: vpc-1}\n    exclude: true\n    routes: [10.9.0.0/16]\n",
+			file + ":2: enis[0]: exclude and routes contradict each other"},
 		{"empty match", "enis:\n  - exclude: true\n", file + ":2: enis[0].match: empty selector would match every ENI"},
 		{"unknown selector key", "enis:\n  - match: {subnet_id: subnet-1}\n", file + ":2: enis[0].match.subnet_id: unknown key"},
 		{"duplicate key", "protocol: 210\nprotocol: 211\n", file + ":2: protocol: key given twice"},
@@ -74,7 +78,7 @@ enis:
       mac: 0A:1B:2C:3D:4E:5F
       device_number: 2
     vpc_routes: auto
-    extra_routes: [10.50.0.0/16, "2001:db8::/32"]
+    routes: [10.50.0.0/16, "2001:db8::/32"]
 poll_interval: 30s
 start_timeout: 2m
 imds:
@@ -102,7 +106,8 @@ state_dir: /var/run/dh/
 	}
 	e1 := n.ENIs[1]
 	if e1.Match.MAC != "0a:1b:2c:3d:4e:5f" || e1.Match.DeviceNumber == nil || *e1.Match.DeviceNumber != 2 ||
-		e1.VPCRoutes != netcfg.VPCRoutesAuto || len(e1.ExtraRoutes) != 2 || e1.ExtraRoutes[1].String() != "2001:db8::/32" {
+		e1.VPCRoutes != netcfg.VPCRoutesAuto || len(e1.Routes) != 2 || e1.Routes[1].String() != "2001:db8::/32" ||
+		e1.Routes[1].At != "x.yaml:17: enis[1].routes[1]" {
 		t.Errorf("ENIs[1] = %+v", e1)
 	}
 	if cfg.PollInterval != 30*time.Second || cfg.StartTimeout != 2*time.Minute || cfg.IMDS.Timeout != 500*time.Millisecond ||

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"strings"
 
 	"github.com/dualhomed/dualhomed/imds"
@@ -60,6 +61,7 @@ func (c Config) Validate() error {
 	default:
 		bad("vpc_routes: %q is not one of auto, off", c.VPCRoutes)
 	}
+	routed := map[netip.Prefix]string{} // CIDR of routes -> its key
 	for i, e := range c.ENIs {
 		key := fmt.Sprintf("enis[%d]", i)
 		m := e.Match
@@ -85,17 +87,22 @@ func (c Config) Validate() error {
 		default:
 			bad("%s.vpc_routes: %q is not one of auto, off", key, e.VPCRoutes)
 		}
-		if e.Exclude && len(e.ExtraRoutes) > 0 {
-			bad("%s: exclude and extra_routes contradict each other", key)
+		if e.Exclude && len(e.Routes) > 0 {
+			bad("%s: exclude and routes contradict each other", key)
 		}
-		for j, r := range e.ExtraRoutes {
+		for j, r := range e.Routes {
+			rk := fmt.Sprintf("%s.routes[%d]", key, j)
 			switch {
 			case !r.IsValid():
-				bad("%s.extra_routes[%d]: invalid prefix", key, j)
+				bad("%s: invalid prefix", rk)
 			case r.Bits() == 0:
-				bad("%s.extra_routes[%d]: %v is the default route, which the table already has", key, j, r)
-			case r != r.Masked():
-				bad("%s.extra_routes[%d]: %v has host bits set; did you mean %v?", key, j, r, r.Masked())
+				bad("%s: %v is the default route, which stays with the primary ENI", rk, r)
+			case r.Prefix != r.Masked():
+				bad("%s: %v has host bits set; did you mean %v?", rk, r, r.Masked())
+			case routed[r.Prefix] != "":
+				bad("%s: %v is routed by %s too; a CIDR goes through one ENI", rk, r, routed[r.Prefix])
+			default:
+				routed[r.Prefix] = rk
 			}
 		}
 	}

@@ -74,7 +74,7 @@ func (t *NATTable) enableForwarding() (int, error) {
 		return 0, err
 	}
 	if rec == nil {
-		if err := writeJSONAtomic(t.ipForwardStatePath(), ipForwardRecord{Original: cur}); err != nil {
+		if err := WriteStateFile(t.ipForwardStatePath(), ipForwardRecord{Original: cur}, 0o600); err != nil {
 			return 0, fmt.Errorf("recording original ip_forward: %w", err)
 		}
 	}

@@ -96,9 +96,26 @@ type ENIConfig struct {
 	// routes (the lowest card/device); an ENI with off does not, so the next
 	// ENI of that VPC does. Select by VPC id to turn a VPC's routes off.
 	VPCRoutes VPCRoutesMode
-	// ExtraRoutes are added to the ENI's table via its gateway, e.g. an
-	// on-premises CIDR reached through VPC B.
-	ExtraRoutes []netip.Prefix
+	// Routes are CIDRs the instance's own connections reach through this
+	// ENI, an on-premises network behind VPC B's VPN for example: main-table
+	// routes via the ENI's gateway with its first address as source.
+	Routes []ConfigPrefix
+}
+
+// ConfigPrefix is a CIDR of the configuration file with where it was given
+// ("dualhomed.yaml:12: enis[0].routes[1]"): some problems show only once
+// IMDS describes the ENIs, and their warnings name the place to fix.
+type ConfigPrefix struct {
+	netip.Prefix
+	At string
+}
+
+// where names the CIDR for a message: its place in the file, else itself.
+func (p ConfigPrefix) where() string {
+	if p.At != "" {
+		return p.At
+	}
+	return p.String()
 }
 
 // Link is a kernel network interface as seen by dualhomed: ENIs are found by MAC.
