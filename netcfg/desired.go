@@ -61,11 +61,14 @@ type KernelRule struct {
 	Src      netip.Prefix // 0.0.0.0/0 or ::/0 for "from all"
 	Table    int
 	Protocol uint8
-	// Selectors is true when the rule matches on more than its source, or
-	// does more than look up a table: a destination, tos, fwmark, iif/oif,
-	// ports, uid range, `not`, suppress_*, goto... dualhomed never adds
-	// such a rule, so one carrying our protocol is somebody else's: it is
-	// left alone, and never mistaken for our plain rule of the same source.
+	Mark     uint32 // fwmark; 0 for none
+	Mask     uint32 // its mask: 0xffffffff for a fwmark given without one
+	// Selectors is true when the rule matches on more than its source and
+	// mark, or does more than look up a table: a destination, tos,
+	// iif/oif, ports, uid range, `not`, suppress_*, goto... dualhomed
+	// never adds such a rule, so one carrying our protocol is somebody
+	// else's: it is left alone, and never mistaken for our rule of the
+	// same source or mark.
 	Selectors bool
 	// LookupAll is true when the rule sends all traffic from Src to Table:
 	// nothing narrows it (see parseRule) and Table is a real one.

@@ -176,7 +176,7 @@ func (k *Kernel) applyRule(op Op) error {
 	nr := k.netlinkRule(r)
 	if op.Delete {
 		if sh := k.shadowed.Load(); sh != nil && (*sh)[r] {
-			return fmt.Errorf("not deleting rule %v: a rule with protocol %d, the same priority, source and table and more selectors (fwmark, iif, ...) comes first in the kernel's list, and the kernel would delete that one instead; remove one of the two by hand (`ip rule show priority %d`)",
+			return fmt.Errorf("not deleting rule %v: a rule with protocol %d, the same priority and table, source (or fwmark) and more selectors (fwmark, iif, ...) comes first in the kernel's list, and the kernel would delete that one instead; remove one of the two by hand (`ip rule show priority %d`)",
 				r, k.cfg.Protocol, r.Priority)
 		}
 		if err := ignoreOnDelete(k.h.RuleDel(nr)); err != nil {

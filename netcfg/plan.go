@@ -296,6 +296,9 @@ func (r Route) String() string { return r.Format(nil) }
 
 // String prints the rule in `ip rule` syntax without the leading verb.
 func (r Rule) String() string {
+	if r.Mark != 0 || r.Mask != 0 {
+		return fmt.Sprintf("from %v fwmark %#x/%#x lookup %d priority %d", r.Src, r.Mark, r.Mask, r.Table, r.Priority)
+	}
 	return fmt.Sprintf("from %v lookup %d priority %d", r.Src, r.Table, r.Priority)
 }
 

@@ -136,12 +136,17 @@ type Route struct {
 	ScopeLink bool         `json:"scope_link,omitempty"`
 }
 
-// Rule is a policy rule dualhomed owns: `ip rule add from <Src> lookup <Table>
-// priority <Priority> protocol <Config.Protocol>`.
+// Rule is a policy rule dualhomed owns, of one of two shapes (ourShape):
+// `ip rule add from <Src> lookup <Table> priority <Priority> protocol
+// <Config.Protocol>`, or, for the replies of a NAT source's connections
+// (docs/nat.md), `ip rule add fwmark <Mark>/<Mask> lookup ...`: IPv4, Src
+// 0.0.0.0/0, Mark in NATMarkMask and Mask NATMarkMask.
 type Rule struct {
 	Priority int          `json:"priority"`
 	Src      netip.Prefix `json:"src"` // /32 and /128 for addresses, the prefix for delegated prefixes
 	Table    int          `json:"table"`
+	Mark     uint32       `json:"fwmark,omitempty"`
+	Mask     uint32       `json:"fwmask,omitempty"`
 }
 
 // Addr is an interface address dualhomed adds (and so owns): `ip addr add
