@@ -87,8 +87,19 @@ func (c Config) Validate() error {
 		default:
 			bad("%s.vpc_routes: %q is not one of auto, off", key, e.VPCRoutes)
 		}
-		if e.Exclude && len(e.Routes) > 0 {
-			bad("%s: exclude and routes contradict each other", key)
+		if e.Exclude && (len(e.Routes) > 0 || e.NAT) {
+			bad("%s: exclude contradicts routes and nat", key)
+		}
+		if len(e.NATSources) > 0 && !e.NAT {
+			bad("%s.nat_sources: given without nat: true", key)
+		}
+		for j, p := range e.NATSources {
+			switch pk := fmt.Sprintf("%s.nat_sources[%d]", key, j); {
+			case !p.IsValid() || !p.Addr().Is4():
+				bad("%s: %v is not an IPv4 CIDR (AWS has no IPv6 NAT)", pk, p.Prefix)
+			case p.Prefix != p.Masked():
+				bad("%s: %v has host bits set; did you mean %v?", pk, p.Prefix, p.Masked())
+			}
 		}
 		for j, r := range e.Routes {
 			rk := fmt.Sprintf("%s.routes[%d]", key, j)

@@ -45,7 +45,7 @@ func TestConfigValidate(t *testing.T) {
 			"enis[0].match: empty selector",
 			`enis[1].match.interface_id: "eth1"`, `enis[1].match.vpc_id: "b"`, `enis[1].match.mac: "zz"`,
 			"enis[1].match.device_number: -1", `enis[1].vpc_routes: "on"`,
-			"enis[2]: exclude and routes",
+			"enis[2]: exclude contradicts routes and nat",
 			"enis[3].routes[0]: 0.0.0.0/0 is the default route",
 			"enis[3].routes[1]: 10.1.2.3/16 has host bits set; did you mean 10.1.0.0/16?",
 			"enis[3].routes[2]: invalid prefix",

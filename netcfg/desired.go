@@ -107,6 +107,7 @@ type ENIStatus struct {
 	Addresses   []netip.Addr `json:"addresses,omitempty"`
 	Table       int          `json:"table,omitempty"`    // 0 when the ENI has no table
 	Priority    int          `json:"priority,omitempty"` // 0 when the ENI has no rules
+	NAT         string       `json:"nat,omitempty"`      // NATRoleSource, NATRoleEgress or ""
 	State       ENIState     `json:"state"`
 	Warnings    []string     `json:"warnings,omitempty"`
 }
@@ -174,6 +175,7 @@ type Result struct {
 //   - rp_filter for secondary ENIs unless cfg.RPFilter is keep.
 //   - altnames on every ENI's link, the primary's included (altNamesOf),
 //     except a name another program's link or altname holds.
+//   - the shared NAT when an enis entry has nat: true (see addNAT).
 //
 // An excluded ENI gets nothing. A not-ready ENI gets nothing new, but what
 // Observed.Owned holds on its link (routes, rules pointing at their tables,
@@ -340,6 +342,7 @@ func (d *desirer) run() {
 	d.addRoutes()
 	d.addVPCRoutes()
 	d.noteOverlaps()
+	d.addNAT()
 	d.keepNotReady()
 }
 
@@ -757,7 +760,9 @@ func (d *desirer) addRoutes() {
 	for _, e := range d.sortedManaged() {
 		var v4 []netip.Prefix
 		for _, r := range e.conf.Routes {
-			refuse := func(why string) { d.warn(e, fmt.Sprintf("%s: not routing %v through %s: %s", r.where(), r.Prefix, e.link.Name, why), "") }
+			refuse := func(why string) {
+				d.warn(e, fmt.Sprintf("%s: not routing %v through %s: %s", r.where(), r.Prefix, e.link.Name, why), "")
+			}
 			if r.Prefix = cleanPrefix(r.Prefix, r.Addr().Unmap().Is4()); !r.IsValid() || r.Bits() == 0 {
 				refuse("not a CIDR to route (Validate refuses it)")
 				continue

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	mdnetlink "github.com/mdlayher/netlink"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -27,6 +28,7 @@ const netlinkTimeout = 10 * time.Second
 type Kernel struct {
 	h        *netlink.Handle // routes, rules, links
 	dump     *dumpSocket     // reads: links, addresses, routes, rules; address writes (IFA_PROTO)
+	nft      *mdnetlink.Conn // reads of the NAT's table; each write batch has a socket of its own
 	ns       netns.NsHandle  // sysctls are per namespace: written from a thread inside it
 	stateDir string          // where rp_filter originals are recorded (e.g. /run/dualhomed)
 	cfg      Config
@@ -79,6 +81,11 @@ func NewKernel(ns netns.NsHandle, stateDir string, cfg Config) (*Kernel, error) 
 	} else {
 		k.dump, err = newDumpSocket(own)
 	}
+	if err == nil {
+		if k.nft, err = k.dialNFT(); err != nil {
+			k.dump.close()
+		}
+	}
 	if err != nil {
 		k.h.Close()
 		own.Close()
@@ -119,6 +126,7 @@ func parseRelease(r string) (major, minor int, ok bool) {
 func (k *Kernel) Close() {
 	k.h.Close()
 	k.dump.close()
+	k.nft.Close()
 	if k.ns.IsOpen() {
 		k.ns.Close()
 	}
@@ -184,6 +192,9 @@ func (k *Kernel) Observe() (Observed, error) {
 	}
 	if obs.AltNames == nil && k.altNames {
 		obs.AltNames = map[string]int{}
+	}
+	if obs.Owned.NAT, err = k.readNAT(); err != nil {
+		return Observed{}, err
 	}
 	obs.Owned.Sort()
 	return obs, nil

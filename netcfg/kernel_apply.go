@@ -115,12 +115,11 @@ func (k *Kernel) applyOp(op Op) (int, error) {
 	case op.Addr != nil:
 		return k.applyAddr(op)
 	case op.RPFilter != nil:
-		if op.Delete {
-			return k.restoreRPFilter(op.RPFilter.LinkName)
-		}
-		return k.setRPFilter(*op.RPFilter)
+		return k.applyRPFilter(op)
 	case op.AltName != nil:
 		return 1, k.applyAltName(op)
+	case op.NAT != nil:
+		return k.applyNAT(op)
 	default:
 		return 0, errors.New("applying empty operation")
 	}

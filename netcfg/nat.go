@@ -4,19 +4,18 @@ import (
 	"cmp"
 	"fmt"
 	"net/netip"
-	"regexp"
 	"slices"
+
+	"golang.org/x/sys/unix"
 )
 
-// The shared NAT: secondary ENIs in other VPCs (B, C, ...) whose route
-// tables send 0.0.0.0/0 to the instance are NAT sources; their clients reach
-// the internet masqueraded to the primary ENI's first IPv4 (the egress), and
-// nothing else crosses between the VPCs. IPv4 only: AWS has no IPv6 NAT
-// (private IPv6 egress is an egress-only internet gateway in each VPC).
-//
-// DesiredNAT turns plain values into a NAT (pure); NAT.ruleset turns that into
-// the nftables table `inet dualhomed` (pure); NATTable reads the table back,
-// compares and applies it in one transaction (nat_kernel.go).
+// The shared NAT (docs/nat.md): secondary ENIs in other VPCs (B, C, ...)
+// whose route tables send 0.0.0.0/0 to the instance are NAT sources; their
+// clients reach the internet masqueraded to the primary ENI's first IPv4
+// (the egress), and nothing else crosses between the VPCs. IPv4 only: AWS
+// has no IPv6 NAT. Desired computes it (addNAT) as one more object of the
+// desired state, the nftables table `inet dualhomed` with ip_forward
+// (NFTable, nat_nft.go), plus one mark rule per source.
 
 // NATMarkMask is the part of the packet and connection marks the NAT owns: the
 // 12 high bits. The low 20 bits are where the marks of common neighbours
@@ -28,40 +27,20 @@ const NATMarkMask uint32 = 0xfff00000
 // natMarkShift places a source's number in NATMarkMask.
 const natMarkShift = 20
 
-// natMaxSourceNumber is the largest number a mark of 12 bits can carry.
-const natMaxSourceNumber = int(NATMarkMask >> natMarkShift)
-
 // NATLinkLocal is never a NAT destination: the link-local services of the
 // egress's VPC (IMDS at 169.254.169.254, the DNS resolver, time sync) would
 // answer a forwarded client as if it were the instance, IAM credentials
 // included.
 var NATLinkLocal = netip.MustParsePrefix("169.254.0.0/16")
 
-// NATENI is what the NAT needs to know of one ENI dualhomed manages and whose
-// link exists. The caller passes every such ENI, the primary included: the
-// NAT forbids forwarding between any two of them.
-type NATENI struct {
-	Link      Link
-	Card      int
-	Device    int
-	Primary   bool
-	FirstIPv4 netip.Addr     // the ENI's primary private IPv4; invalid when it has none
-	VPCCIDRs  []netip.Prefix // its VPC's IPv4 CIDRs (IMDS vpc-ipv4-cidr-blocks)
-	// NAT makes the ENI a NAT source (`nat: true` in its enis entry).
-	NAT bool
-	// NATSources narrows the sources allowed through the NAT (`nat_sources:`);
-	// empty means VPCCIDRs.
-	NATSources []netip.Prefix
-}
-
-// NAT is the shared NAT a host wants. The zero value is "no NAT": no table,
-// no forwarding.
+// NAT is the shared NAT a host wants.
 type NAT struct {
-	Egress  NATEgress
-	Sources []NATSource // sorted by table
-	// ENIs are every ENI dualhomed manages, the egress included, sorted by
-	// link index: forwarding between two of them is dropped unless it is
-	// NAT traffic of a source.
+	Egress     Link
+	EgressAddr netip.Addr  // the primary ENI's first IPv4, which sources are masqueraded to
+	Sources    []NATSource // sorted by mark
+	// ENIs are every ENI with a link that dualhomed does not exclude, the
+	// egress included, by link index: forwarding between two of them is
+	// dropped unless it is NAT traffic of a source.
 	ENIs []Link
 	// Forbidden are destinations a source never reaches through the NAT:
 	// every VPC CIDR of every ENI, and NATLinkLocal. Sorted, none inside
@@ -69,183 +48,137 @@ type NAT struct {
 	Forbidden []netip.Prefix
 }
 
-// NATEgress is where NAT traffic leaves: the primary ENI, masqueraded to Addr.
-type NATEgress struct {
-	Link Link
-	Addr netip.Addr
-}
-
-// NATSource is one ENI whose VPC uses the instance as its NAT.
-//
-// Its number n = CardStride*card + device is the ENI's table minus TableBase.
-// The connection mark is n << 20 (within NATMarkMask) and the conntrack zone
-// is n: both follow from card and device alone, so a restart or another
-// instance computes the same ones.
+// NATSource is one ENI whose VPC uses the instance as its NAT. Its number
+// n = CardStride*card + device (its table minus TableBase) gives the
+// connection mark n << 20 and the conntrack zone n: they follow from card
+// and device alone, so a restart computes the same ones.
 type NATSource struct {
-	Link     Link
-	Table    int            // the ENI's routing table: replies are routed there
-	Priority int            // the ENI's rule priority: the fwmark rule sits there
-	Mark     uint32         // connection mark of its NAT connections, within NATMarkMask
-	Zone     uint16         // conntrack zone of the packets it receives, original direction
-	Allowed  []netip.Prefix // sources forwarded to the egress, sorted
+	Link    Link
+	Mark    uint32         // connection mark of its NAT connections, within NATMarkMask
+	Zone    uint16         // conntrack zone of the packets it receives, original direction
+	Allowed []netip.Prefix // sources forwarded to the egress, sorted
 }
 
-// clone is a copy of n that shares no slice with it.
-func (n NAT) clone() *NAT {
-	c := n
-	c.Sources = slices.Clone(n.Sources)
-	for i := range c.Sources {
-		c.Sources[i].Allowed = slices.Clone(n.Sources[i].Allowed)
-	}
-	c.ENIs = slices.Clone(n.ENIs)
-	c.Forbidden = slices.Clone(n.Forbidden)
-	return &c
-}
+// NAT roles in ENIStatus.NAT.
+const (
+	NATRoleSource = "source"
+	NATRoleEgress = "egress"
+)
 
-// Enabled reports whether the NAT has anything to do.
-func (n NAT) Enabled() bool { return len(n.Sources) > 0 }
-
-// natLinkName is what a link name must look like to name a chain
-// (admit_<link>) that `nft` prints and parses back without quoting.
-var natLinkName = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_.-]{0,14}$`)
-
-// DesiredNAT computes the NAT for enis under cfg's table numbering. It is
-// pure. No ENI with NAT set gives the zero NAT. Errors name the ENI's link
-// and the value at fault; they are configuration or IMDS errors that no NAT
-// can be built from.
-func DesiredNAT(cfg Config, enis []NATENI) (NAT, error) {
-	if !slices.ContainsFunc(enis, func(e NATENI) bool { return e.NAT }) {
-		return NAT{}, nil // nothing changes for anyone who does not configure it
+// addNAT wants the shared NAT when an enis entry has nat: true (nobody else
+// gets anything): its table and a mark rule per source, which routes the
+// replies of the source's connections through the source's table. While
+// the NAT cannot be computed (an ENI not ready in IMDS, nat_sources outside
+// the VPC, no egress address), the table and the mark rules the kernel
+// holds stay as they are, with a warning.
+func (d *desirer) addNAT() {
+	if !slices.ContainsFunc(d.enis, func(e *eniInfo) bool { return e.conf.NAT }) {
+		return
 	}
-	var primary *NATENI
-	for i := range enis {
-		e := &enis[i]
-		if !e.Primary {
-			continue
-		}
-		if primary != nil {
-			return NAT{}, fmt.Errorf("NAT: two primary ENIs (%s and %s)", primary.Link.Name, e.Link.Name)
-		}
-		primary = e
-	}
-	if primary == nil {
-		return NAT{}, fmt.Errorf("NAT: no primary ENI with a link: it is the NAT's egress")
-	}
-	if primary.Link.Index <= 0 {
-		return NAT{}, fmt.Errorf("NAT: the primary ENI %s has no link index", primary.Link.Name)
-	}
-	if !primary.FirstIPv4.Is4() {
-		return NAT{}, fmt.Errorf("NAT: the primary ENI %s has no IPv4 address to masquerade to", primary.Link.Name)
-	}
-	n := NAT{Egress: NATEgress{Link: primary.Link, Addr: primary.FirstIPv4}}
-	var forbidden []netip.Prefix
-	for i := range enis {
-		e := &enis[i]
-		n.ENIs = append(n.ENIs, e.Link)
-		for _, c := range e.VPCCIDRs {
-			if !c.Addr().Is4() {
-				return NAT{}, fmt.Errorf("NAT: VPC CIDR %s of %s is not IPv4", c, e.Link.Name)
+	n, err := d.nat()
+	if err != nil {
+		d.warn(nil, "NAT: "+err.Error()+": the NAT stays as the kernel has it", "see docs/nat.md")
+		d.st.NAT = d.obs.Owned.NAT
+		for _, r := range d.obs.Owned.Rules {
+			if r.Mark != 0 {
+				d.rule(r)
 			}
-			forbidden = append(forbidden, c.Masked())
 		}
-		if !e.NAT {
+		return
+	}
+	d.st.NAT = n.table()
+	for _, r := range n.markRules(d.cfg) {
+		d.rule(r)
+	}
+}
+
+// markRules are the rules that route the replies of each source's
+// connections through its table: `ip rule add fwmark <mark>/0xfff00000
+// lookup <table> priority <priority>`, at the source's priority.
+func (n NAT) markRules(cfg Config) []Rule {
+	var rules []Rule
+	for _, s := range n.Sources {
+		num := int(s.Mark >> natMarkShift)
+		rules = append(rules, Rule{Priority: cfg.PriorityBase + num, Src: anyPrefix(unix.AF_INET), Table: cfg.TableBase + num, Mark: s.Mark, Mask: NATMarkMask})
+	}
+	return rules
+}
+
+// nat computes the NAT from the snapshot's ENIs.
+func (d *desirer) nat() (NAT, error) {
+	n := NAT{Forbidden: []netip.Prefix{NATLinkLocal}}
+	for _, e := range d.enis {
+		n.Forbidden = append(n.Forbidden, e.eni.VPCIPv4CIDRs...)
+		if !e.hasLink || e.conf.Exclude {
 			continue
 		}
-		s, err := natSource(cfg, e)
-		if err != nil {
-			return NAT{}, err
+		if !e.eni.Ready {
+			return n, fmt.Errorf("%s is not ready in IMDS", e.name())
 		}
-		n.Sources = append(n.Sources, s)
+		n.ENIs = append(n.ENIs, e.link)
+		switch {
+		case e.primary && e.conf.NAT:
+			return n, fmt.Errorf("%s is the primary ENI, the NAT's egress: it cannot be a NAT source", e.name())
+		case e.primary:
+			if len(e.eni.LocalIPv4s) == 0 || !d.present(e.link.Index, e.eni.LocalIPv4s[0]) {
+				return n, fmt.Errorf("the primary ENI %s has no IPv4 address on %s to masquerade to", e.name(), e.link.Name)
+			}
+			n.Egress, n.EgressAddr = e.link, e.eni.LocalIPv4s[0]
+			e.status.NAT = NATRoleEgress
+		case e.conf.NAT:
+			s, err := d.natSource(e)
+			if err != nil {
+				return n, err
+			}
+			n.Sources = append(n.Sources, s)
+			e.status.NAT = NATRoleSource
+		}
 	}
-	n.Forbidden = outermostPrefixes(append(forbidden, NATLinkLocal))
+	if !n.EgressAddr.IsValid() {
+		return n, fmt.Errorf("no primary ENI with a link: it is the NAT's egress")
+	}
+	n.Forbidden = outermostPrefixes(n.Forbidden)
 	slices.SortFunc(n.ENIs, func(a, b Link) int { return cmp.Compare(a.Index, b.Index) })
-	slices.SortFunc(n.Sources, func(a, b NATSource) int { return cmp.Compare(a.Table, b.Table) })
-	for i := 1; i < len(n.ENIs); i++ {
-		if n.ENIs[i].Index == n.ENIs[i-1].Index {
-			return NAT{}, fmt.Errorf("NAT: link index %d given for two ENIs (%s, %s)", n.ENIs[i].Index, n.ENIs[i-1].Name, n.ENIs[i].Name)
-		}
-	}
-	for i := 1; i < len(n.Sources); i++ {
-		if n.Sources[i].Table == n.Sources[i-1].Table {
-			return NAT{}, fmt.Errorf("NAT: sources %s and %s have the same card and device", n.Sources[i-1].Link.Name, n.Sources[i].Link.Name)
-		}
-	}
+	slices.SortFunc(n.Sources, func(a, b NATSource) int { return cmp.Compare(a.Mark, b.Mark) })
 	return n, nil
 }
 
-// natSource builds the source for ENI e: its number, mark and zone, and its
-// allowed sources (nat_sources, which may only narrow the VPC's CIDRs).
-func natSource(cfg Config, e *NATENI) (NATSource, error) {
-	name := e.Link.Name
-	if e.Primary {
-		return NATSource{}, fmt.Errorf("NAT: the primary ENI %s is the egress; it cannot be a NAT source", name)
+// natSource builds the source for ENI e: its number, and its allowed
+// sources (nat_sources, which may only narrow its VPC's IPv4 CIDRs).
+func (d *desirer) natSource(e *eniInfo) (NATSource, error) {
+	num := e.table - d.cfg.TableBase
+	switch {
+	case e.table == 0 || !e.v4.IsValid():
+		return NATSource{}, fmt.Errorf("the NAT source %s has no IPv4 routing table for its replies (state %s)", e.name(), e.status.State)
+	case num < 1 || num > int(NATMarkMask>>natMarkShift):
+		return NATSource{}, fmt.Errorf("the NAT source %s is number %d (card %d, device %d), beyond the 12-bit mark field (1..%d)",
+			e.name(), num, e.eni.NetworkCard, e.eni.DeviceNumber, NATMarkMask>>natMarkShift)
 	}
-	if e.Link.Index <= 0 {
-		return NATSource{}, fmt.Errorf("NAT: source %s has no link index", name)
-	}
-	if !natLinkName.MatchString(name) {
-		return NATSource{}, fmt.Errorf("NAT: link name %q cannot name a chain (letters, digits, '_', '.', '-')", name)
-	}
-	if e.Card < 0 || e.Device < 0 || e.Device >= cfg.CardStride {
-		return NATSource{}, fmt.Errorf("NAT: source %s: card %d device %d outside the table numbering (card stride %d)", name, e.Card, e.Device, cfg.CardStride)
-	}
-	num := cfg.CardStride*e.Card + e.Device
-	if num < 1 || num > natMaxSourceNumber {
-		return NATSource{}, fmt.Errorf("NAT: source %s: number %d (card %d, device %d) does not fit the 12-bit mark field (1..%d)",
-			name, num, e.Card, e.Device, natMaxSourceNumber)
-	}
-	var vpc []netip.Prefix
-	for _, c := range e.VPCCIDRs {
-		vpc = append(vpc, c.Masked())
-	}
+	vpc := e.eni.VPCIPv4CIDRs
 	allowed := vpc
-	if len(e.NATSources) > 0 {
+	if len(e.conf.NATSources) > 0 {
 		allowed = nil
-		for _, p := range e.NATSources {
-			if !p.IsValid() || !p.Addr().Is4() {
-				return NATSource{}, fmt.Errorf("NAT: nat_sources of %s: %s is not an IPv4 CIDR (AWS has no IPv6 NAT)", name, p)
-			}
-			if p.Masked() != p {
-				return NATSource{}, fmt.Errorf("NAT: nat_sources of %s: %s has host bits set (did you mean %s?)", name, p, p.Masked())
-			}
+		for _, p := range e.conf.NATSources {
 			if !slices.ContainsFunc(vpc, func(c netip.Prefix) bool { return c.Bits() <= p.Bits() && c.Contains(p.Addr()) }) {
-				return NATSource{}, fmt.Errorf("NAT: nat_sources of %s: %s is outside its VPC's CIDRs %v; nat_sources can only narrow them", name, p, vpc)
+				return NATSource{}, fmt.Errorf("%s: %v is outside the VPC CIDRs %v of %s: nat_sources can only narrow them", p.where(), p.Prefix, vpc, e.name())
 			}
-			allowed = append(allowed, p)
+			allowed = append(allowed, p.Prefix)
 		}
 	}
-	allowed = outermostPrefixes(allowed)
 	if len(allowed) == 0 {
-		return NATSource{}, fmt.Errorf("NAT: source %s: no IPv4 VPC CIDR known to allow sources from", name)
+		return NATSource{}, fmt.Errorf("IMDS gives no IPv4 VPC CIDR of the NAT source %s to allow sources from", e.name())
 	}
-	return NATSource{
-		Link:     e.Link,
-		Table:    cfg.TableBase + num,
-		Priority: cfg.PriorityBase + num,
-		Mark:     uint32(num) << natMarkShift,
-		Zone:     uint16(num),
-		Allowed:  allowed,
-	}, nil
+	return NATSource{Link: e.link, Mark: uint32(num) << natMarkShift, Zone: uint16(num), Allowed: outermostPrefixes(allowed)}, nil
 }
 
 // outermostPrefixes sorts ps and drops duplicates and prefixes inside another.
 func outermostPrefixes(ps []netip.Prefix) []netip.Prefix {
 	ps = slices.Clone(ps)
-	// Shorter first among equal addresses, so that a covering prefix
-	// comes before what it covers.
-	slices.SortFunc(ps, func(a, b netip.Prefix) int {
-		if c := a.Addr().Compare(b.Addr()); c != 0 {
-			return c
-		}
-		return cmp.Compare(a.Bits(), b.Bits())
-	})
+	slices.SortFunc(ps, comparePrefix) // a covering prefix before what it covers
 	out := ps[:0]
 	for _, p := range ps {
-		if len(out) > 0 {
-			last := out[len(out)-1]
-			if last.Bits() <= p.Bits() && last.Contains(p.Addr()) {
-				continue
-			}
+		if len(out) > 0 && out[len(out)-1].Bits() <= p.Bits() && out[len(out)-1].Contains(p.Addr()) {
+			continue
 		}
 		out = append(out, p)
 	}

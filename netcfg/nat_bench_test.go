@@ -7,8 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/nftables"
-
 	"github.com/dualhomed/dualhomed/netcfg/nstest"
 )
 
@@ -50,16 +48,9 @@ func BenchmarkNAT(b *testing.B) {
 		setup := func(b *testing.B) *natWorld {
 			requireNFT(b)
 			w := newNATWorld(b)
-			n := w.nat(b)
-			if ruleset == "dualhomed" {
-				w.start(b, n)
-			} else {
+			w.apply(b, w.nat(), ruleset == "dualhomed")
+			if ruleset != "dualhomed" {
 				w.inst.Run(b, "nft", natFloorRules)
-				for _, r := range markRules(n) {
-					if err := w.inst.NL.RuleAdd(r); err != nil {
-						b.Fatal(err)
-					}
-				}
 				w.inst.Sysctl(b, "net/ipv4/ip_forward", "1")
 			}
 			return w
@@ -132,46 +123,4 @@ func sinkServer(b *testing.B, ns *nstest.NS, addr string, port int) <-chan int64
 		done <- n
 	}()
 	return done
-}
-
-// BenchmarkNATApplyNoOp is what a reconcile costs the NAT when nothing of
-// ours changed, and must write nothing. "quiet": no nftables transaction
-// since the last Apply, which then asks for the generation alone. "busy":
-// another program commits a transaction before each Apply (not timed), so
-// that Apply reads the table back (the table, each chain, one dump of the
-// rules) and compares it.
-func BenchmarkNATApplyNoOp(b *testing.B) {
-	for _, busy := range []bool{false, true} {
-		b.Run(map[bool]string{false: "quiet", true: "busy"}[busy], func(b *testing.B) {
-			w := newNATKTWorld(b)
-			n := w.nat(b)
-			if _, err := w.nt.Apply(n); err != nil {
-				b.Fatal(err)
-			}
-			other, err := nftables.New(nftables.WithNetNSFd(int(w.ns.Handle)))
-			if err != nil {
-				b.Fatal(err)
-			}
-			for i := 0; b.Loop(); i++ {
-				if busy {
-					b.StopTimer()
-					// A real change each time: an unchanged table commits nothing.
-					tbl := &nftables.Table{Family: nftables.TableFamilyIPv4, Name: "other"}
-					if i%2 == 0 {
-						other.AddTable(tbl)
-					} else {
-						other.DelTable(tbl)
-					}
-					if err := other.Flush(); err != nil {
-						b.Fatal(err)
-					}
-					b.StartTimer()
-				}
-				writes, err := w.nt.Apply(n)
-				if err != nil || writes != 0 {
-					b.Fatalf("no-op Apply: %d writes, %v", writes, err)
-				}
-			}
-		})
-	}
 }

@@ -2,7 +2,6 @@ package netcfg
 
 import (
 	"fmt"
-	"net/netip"
 	"os/exec"
 	"regexp"
 	"slices"
@@ -18,66 +17,78 @@ import (
 )
 
 // natKTWorld is an instance namespace with four fake ENIs eth0..eth3 (veth
-// pairs to a router namespace) and a NATTable acting in it: eth0 is the
+// pairs to a router namespace) and a Kernel acting in it: eth0 is the
 // egress, eth1 (VPC B) and eth2 (VPC C, overlapping B) are NAT sources, eth3
 // (VPC D) is managed without NAT.
 type natKTWorld struct {
 	ns       *nstest.NS
 	router   *nstest.NS
-	nt       *NATTable
+	k        *Kernel
 	stateDir string
-	links    map[string]Link
+	links    []Link
 }
 
 func newNATKTWorld(t testing.TB) *natKTWorld {
 	t.Helper()
 	router, ns := nstest.New(t), nstest.New(t)
-	w := &natKTWorld{ns: ns, router: router, stateDir: t.TempDir(), links: map[string]Link{}}
+	w := &natKTWorld{ns: ns, router: router, stateDir: t.TempDir()}
 	for i := range 4 {
 		name := fmt.Sprintf("eth%d", i)
 		l := ns.Veth(t, name, ktMAC(i), router, fmt.Sprintf("vpc%d", i))
-		w.links[name] = Link{Index: l.Attrs().Index, Name: name, MAC: ktMAC(i)}
+		w.links = append(w.links, Link{Index: l.Attrs().Index, Name: name, MAC: ktMAC(i)})
 	}
-	nt, err := NewNATTable(ns.Handle, w.stateDir)
+	k, err := NewKernel(ns.Handle, w.stateDir, DefaultConfig())
 	if err != nil {
-		t.Fatalf("NewNATTable: %v", err)
+		t.Fatalf("NewKernel: %v", err)
 	}
-	t.Cleanup(nt.Close)
-	w.nt = nt
+	t.Cleanup(k.Close)
+	w.k = k
 	return w
 }
 
-func prefixes(ss ...string) []netip.Prefix {
-	var ps []netip.Prefix
-	for _, s := range ss {
-		ps = append(ps, netip.MustParsePrefix(s))
+// nat is the world's NAT (Desired's computation is tested in nat_test.go);
+// natSources narrows eth1's sources.
+func (w *natKTWorld) nat(natSources ...string) *NAT {
+	allowed := desPfxs("10.1.0.0/16")
+	if len(natSources) > 0 {
+		allowed = desPfxs(natSources...)
 	}
-	return ps
+	return &NAT{
+		Egress: w.links[0], EgressAddr: desIP("10.0.0.10"),
+		Sources: []NATSource{
+			{Link: w.links[1], Mark: 1 << natMarkShift, Zone: 1, Allowed: allowed},
+			{Link: w.links[2], Mark: 2 << natMarkShift, Zone: 2, Allowed: desPfxs("10.1.0.0/16", "100.64.0.0/16")},
+		},
+		ENIs:      w.links,
+		Forbidden: desPfxs("10.0.0.0/16", "10.1.0.0/16", "100.64.0.0/16", "169.254.0.0/16", "172.31.0.0/16"),
+	}
 }
 
-// enis is the four ENIs of the world; natSources narrows eth1's sources.
-func (w *natKTWorld) enis(natSources ...string) []NATENI {
-	return []NATENI{
-		{Link: w.links["eth0"], Primary: true, FirstIPv4: netip.MustParseAddr("10.0.0.10"), VPCCIDRs: prefixes("10.0.0.0/16")},
-		{Link: w.links["eth1"], Device: 1, FirstIPv4: netip.MustParseAddr("10.1.0.11"), VPCCIDRs: prefixes("10.1.0.0/16"),
-			NAT: true, NATSources: prefixes(natSources...)},
-		{Link: w.links["eth2"], Device: 2, FirstIPv4: netip.MustParseAddr("10.1.0.12"), VPCCIDRs: prefixes("10.1.0.0/16", "100.64.0.0/16"), NAT: true},
-		{Link: w.links["eth3"], Card: 1, Device: 1, FirstIPv4: netip.MustParseAddr("172.31.5.30"), VPCCIDRs: prefixes("172.31.0.0/16")},
+// withNAT is st with n's table and mark rules in place of any NAT (n nil: none).
+func withNAT(st State, n *NAT) State {
+	st.Rules = slices.DeleteFunc(slices.Clone(st.Rules), func(r Rule) bool { return r.Mark != 0 })
+	st.NAT = nil
+	if n != nil {
+		st.NAT = n.table()
+		st.Rules = append(st.Rules, n.markRules(DefaultConfig())...)
 	}
+	st.Sort()
+	return st
 }
 
-func (w *natKTWorld) nat(t testing.TB, natSources ...string) NAT {
+// plan is what makes the kernel hold n (nil: no NAT), the rest as it is.
+func (w *natKTWorld) plan(t testing.TB, n *NAT) Plan {
 	t.Helper()
-	n, err := DesiredNAT(DefaultConfig(), w.enis(natSources...))
+	obs, err := w.k.Observe()
 	if err != nil {
-		t.Fatalf("DesiredNAT: %v", err)
+		t.Fatalf("Observe: %v", err)
 	}
-	return n
+	return Diff(obs.Owned, withNAT(obs.Owned, n))
 }
 
-func (w *natKTWorld) apply(t *testing.T, n NAT) int {
+func (w *natKTWorld) apply(t testing.TB, n *NAT) int {
 	t.Helper()
-	writes, err := w.nt.Apply(n)
+	writes, err := w.k.Apply(w.plan(t, n))
 	if err != nil {
 		t.Fatalf("Apply: %v", err)
 	}
@@ -112,24 +123,98 @@ func (w *natKTWorld) nftList(t *testing.T) string {
 }
 
 // converge applies n to a table that differs from it: Apply must write,
-// leave exactly the table n wants (as nft prints it, which cross-checks our
-// encoding with nft's decoder), and a second Apply must write nothing.
-func (w *natKTWorld) converge(t *testing.T, n NAT) {
+// and a second Apply must write nothing. For the world's NAT (no
+// nat_sources), the table must then be natKTRuleset as nft lists it, which
+// checks our encoding against nft's decoder.
+func (w *natKTWorld) converge(t *testing.T, n *NAT) {
 	t.Helper()
 	if writes := w.apply(t, n); writes == 0 {
 		t.Fatal("Apply wrote nothing")
 	}
-	if got, want := w.nftList(t), n.Ruleset(); got != want {
-		t.Fatalf("after Apply nft lists:\n%s\nwant (Ruleset):\n%s", got, want)
+	if got := w.nftList(t); n.table().Equal(w.nat().table()) && got != natKTRuleset {
+		t.Fatalf("after Apply nft lists:\n%s\nwant:\n%s", got, natKTRuleset)
 	}
 	if writes := w.apply(t, n); writes != 0 {
 		t.Fatalf("second Apply made %d writes, want 0", writes)
 	}
 }
 
+// natKTRuleset is the world's NAT as nft lists it (counters without values).
+// No base chain drops, and the forward chain jumps only after an iif that is
+// one of our ENIs: forwarding that is not ours passes.
+const natKTRuleset = `table inet dualhomed {
+	chain zones {
+		type filter hook prerouting priority raw; policy accept;
+		meta nfproto ipv4 iif "eth1" ct original zone set 1 comment "eth1: conntrack zone of its clients"
+		meta nfproto ipv4 iif "eth2" ct original zone set 2 comment "eth2: conntrack zone of its clients"
+	}
+
+	chain restore_mark {
+		type filter hook prerouting priority mangle; policy accept;
+		iif "eth0" ct direction reply ct mark 0x00100000/12 meta mark set meta mark & 0x001fffff | 0x00100000 comment "eth1: replies route through its table"
+		iif "eth0" ct direction reply ct mark 0x00200000/12 meta mark set meta mark & 0x002fffff | 0x00200000 comment "eth2: replies route through its table"
+	}
+
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		iif "eth1" oif "eth0" ct direction original ct mark 0x00100000/12 accept comment "eth1: NAT traffic out"
+		iif "eth0" oif "eth1" ct direction reply ct mark 0x00100000/12 accept comment "eth1: NAT replies in"
+		iif "eth2" oif "eth0" ct direction original ct mark 0x00200000/12 accept comment "eth2: NAT traffic out"
+		iif "eth0" oif "eth2" ct direction reply ct mark 0x00200000/12 accept comment "eth2: NAT replies in"
+		iif "eth1" oif "eth0" ct state new jump admit_eth1 comment "eth1: new NAT connections"
+		iif "eth2" oif "eth0" ct state new jump admit_eth2 comment "eth2: new NAT connections"
+		iif "eth0" jump to_enis comment "from an ENI"
+		iif "eth1" jump from_source comment "from a NAT source"
+		iif "eth2" jump from_source comment "from a NAT source"
+		iif "eth3" jump to_enis comment "from an ENI"
+	}
+
+	chain admit_eth1 {
+		ip daddr 10.0.0.0/16 counter drop comment "forbidden destination"
+		ip daddr 10.1.0.0/16 counter drop comment "forbidden destination"
+		ip daddr 100.64.0.0/16 counter drop comment "forbidden destination"
+		ip daddr 169.254.0.0/16 counter drop comment "forbidden destination"
+		ip daddr 172.31.0.0/16 counter drop comment "forbidden destination"
+		ip saddr 10.1.0.0/16 counter ct mark set ct mark & 0x001fffff | 0x00100000 accept comment "allowed source"
+		counter drop comment "source not allowed"
+	}
+
+	chain admit_eth2 {
+		ip daddr 10.0.0.0/16 counter drop comment "forbidden destination"
+		ip daddr 10.1.0.0/16 counter drop comment "forbidden destination"
+		ip daddr 100.64.0.0/16 counter drop comment "forbidden destination"
+		ip daddr 169.254.0.0/16 counter drop comment "forbidden destination"
+		ip daddr 172.31.0.0/16 counter drop comment "forbidden destination"
+		ip saddr 10.1.0.0/16 counter ct mark set ct mark & 0x002fffff | 0x00200000 accept comment "allowed source"
+		ip saddr 100.64.0.0/16 counter ct mark set ct mark & 0x002fffff | 0x00200000 accept comment "allowed source"
+		counter drop comment "source not allowed"
+	}
+
+	chain to_enis {
+		oif "eth0" counter drop comment "between two ENIs"
+		oif "eth1" counter drop comment "between two ENIs"
+		oif "eth2" counter drop comment "between two ENIs"
+		oif "eth3" counter drop comment "between two ENIs"
+	}
+
+	chain from_source {
+		jump to_enis
+		ct direction reply accept comment "replies of connections into the VPC"
+		ct status dnat accept comment "published by another program's DNAT"
+		counter drop comment "a source VPC routes through the instance"
+	}
+
+	chain egress_nat {
+		type nat hook postrouting priority srcnat; policy accept;
+		oif "eth0" ct mark 0x00100000/12 snat ip to 10.0.0.10 comment "eth1: masquerade to the egress"
+		oif "eth0" ct mark 0x00200000/12 snat ip to 10.0.0.10 comment "eth2: masquerade to the egress"
+	}
+}
+`
+
 func TestNATApplyInstallsTheRuleset(t *testing.T) {
 	w := newNATKTWorld(t)
-	w.converge(t, w.nat(t))
+	w.converge(t, w.nat())
 	if got := w.ns.ReadSysctl(t, "net/ipv4/ip_forward"); got != "1" {
 		t.Errorf("ip_forward = %s with the NAT, want 1", got)
 	}
@@ -190,22 +275,18 @@ func (w *natKTWorld) foreignDump(t *testing.T) []string {
 	for _, typ := range []uint16{unix.NFT_MSG_GETTABLE, unix.NFT_MSG_GETCHAIN, unix.NFT_MSG_GETRULE, unix.NFT_MSG_GETSET, unix.NFT_MSG_GETOBJ} {
 		msgs, err := conn.Execute(mdnetlink.Message{
 			Header: mdnetlink.Header{Type: mdnetlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | typ), Flags: mdnetlink.Request | mdnetlink.Dump},
-			Data:   nfgenmsg(unix.NFPROTO_UNSPEC, 0),
+			Data:   []byte{unix.NFPROTO_UNSPEC, unix.NFNETLINK_V0, 0, 0},
 		})
 		if err != nil {
 			t.Fatalf("dumping nftables (%d): %v", typ, err)
 		}
 		for _, m := range msgs {
 			ours := false
-			if err := decodeAttrs(m, func(ad *mdnetlink.AttributeDecoder) {
+			nftAttrs(m, func(typ uint16, v []byte) {
 				// The first attribute of tables, chains, rules, sets and
 				// objects is the table's name.
-				if ad.Type() == 1 && m.Data[0] == unix.NFPROTO_INET && ad.String() == NATTableName {
-					ours = true
-				}
-			}); err != nil {
-				t.Fatal(err)
-			}
+				ours = ours || typ == 1 && m.Data[0] == unix.NFPROTO_INET && unix.ByteSliceToString(v) == NATTableName
+			})
 			if !ours {
 				out = append(out, fmt.Sprintf("%d %x", typ, m.Data[4:]))
 			}
@@ -228,7 +309,7 @@ func TestNATNeverTouchesOtherTables(t *testing.T) {
 			t.Fatalf("%s changed a foreign table:\nbefore %v\nafter  %v", step, before, after)
 		}
 	}
-	full, narrow := w.nat(t), w.nat(t, "10.1.5.0/24")
+	full, narrow := w.nat(), w.nat("10.1.5.0/24")
 	w.apply(t, full)
 	check("Apply")
 	w.apply(t, narrow) // rules change: chains flushed and refilled
@@ -239,7 +320,7 @@ func TestNATNeverTouchesOtherTables(t *testing.T) {
 	w.ns.Run(t, "nft", "add", "chain", "inet", NATTableName, "stray")
 	w.converge(t, full) // a chain too many: the table is replaced
 	check("replacing the table")
-	if _, err := w.nt.Cleanup(); err != nil {
+	if _, err := w.k.Cleanup(); err != nil {
 		t.Fatal(err)
 	}
 	check("Cleanup")
@@ -249,12 +330,11 @@ func TestNATNeverTouchesOtherTables(t *testing.T) {
 }
 
 // TestNATRepairsDrift changes our table as other programs could, and checks
-// that InSync sees it and one Apply brings back exactly the table we want.
+// that Observe sees it and one Apply brings back exactly the table we want.
 func TestNATRepairsDrift(t *testing.T) {
 	requireNFT(t)
 	w := newNATKTWorld(t)
-	n := w.nat(t)
-	want := n.Ruleset()
+	n := w.nat()
 	for _, drift := range []struct {
 		name string
 		nft  string // an nft script run in the namespace
@@ -273,15 +353,15 @@ func TestNATRepairsDrift(t *testing.T) {
 	} {
 		t.Run(drift.name, func(t *testing.T) {
 			w.apply(t, n)
-			if got := w.nftList(t); got != want {
+			if got := w.nftList(t); got != natKTRuleset {
 				t.Fatalf("before the drift:\n%s", got)
 			}
 			w.ns.Run(t, "nft", drift.nft)
-			if w.nftList(t) == want {
+			if w.nftList(t) == natKTRuleset {
 				t.Fatal("the drift changed nothing nft shows: the case tests nothing")
 			}
-			if ok, err := w.nt.InSync(n); err != nil || ok {
-				t.Fatalf("InSync after the drift: %v, %v; want false", ok, err)
+			if p := w.plan(t, n); len(p.Ops) != 1 || p.Ops[0].NAT == nil {
+				t.Fatalf("plan after the drift: %v; want the table written", p)
 			}
 			w.converge(t, n)
 		})
@@ -295,7 +375,7 @@ func TestNATRepairsDrift(t *testing.T) {
 func TestNATCompletesAPartialTable(t *testing.T) {
 	requireNFT(t)
 	w := newNATKTWorld(t)
-	n := w.nat(t)
+	n := w.nat()
 	w.ns.Run(t, "nft", `table inet dualhomed {
 	chain zones {
 		type filter hook prerouting priority raw; policy accept;
@@ -321,37 +401,35 @@ func TestNATForwardingFollowsTheNAT(t *testing.T) {
 		t.Run("ip_forward="+original, func(t *testing.T) {
 			w := newNATKTWorld(t)
 			w.ns.Sysctl(t, "net/ipv4/ip_forward", original)
-			n := w.nat(t)
+			n := w.nat()
 			w.apply(t, n)
 			if got := w.ns.ReadSysctl(t, "net/ipv4/ip_forward"); got != "1" {
 				t.Fatalf("ip_forward with the NAT = %s, want 1", got)
 			}
-			if ok, err := w.nt.InSync(n); err != nil || !ok {
-				t.Fatalf("InSync after Apply: %v, %v", ok, err)
+			if p := w.plan(t, n); !p.Empty() {
+				t.Fatalf("plan after Apply: %v", p)
 			}
-			// Another program turns forwarding off: the next Apply, with
-			// nothing else to do, turns it back on.
+			// Another program turns forwarding off: the next Apply turns
+			// it back on.
 			w.ns.Sysctl(t, "net/ipv4/ip_forward", "0")
-			if writes := w.apply(t, n); writes != 1 {
-				t.Fatalf("Apply after ip_forward=0 made %d writes, want 1", writes)
+			if writes := w.apply(t, n); writes == 0 || w.ns.ReadSysctl(t, "net/ipv4/ip_forward") != "1" {
+				t.Fatalf("Apply after ip_forward=0 made %d writes and left ip_forward %s", writes, w.ns.ReadSysctl(t, "net/ipv4/ip_forward"))
 			}
-			// A restart: a new NATTable finds the record, changes nothing.
-			again, err := NewNATTable(w.ns.Handle, w.stateDir)
+			// A restart: a new Kernel finds the record, changes nothing.
+			again, err := NewKernel(w.ns.Handle, w.stateDir, DefaultConfig())
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer again.Close()
-			if writes, err := again.Apply(n); err != nil || writes != 0 {
-				t.Fatalf("Apply after a restart: %d writes, %v; want 0", writes, err)
-			}
-			if ok, err := again.InSync(NAT{}); err != nil || ok {
-				t.Fatalf("InSync(no NAT) with the table in place: %v, %v; want false", ok, err)
+			w.k = again
+			if writes := w.apply(t, n); writes != 0 {
+				t.Fatalf("Apply after a restart: %d writes, want 0", writes)
 			}
 			writes, err := again.Cleanup()
 			if err != nil {
 				t.Fatal(err)
 			}
-			wantWrites := 1 // the table
+			wantWrites := 1 + 2 // the table, the mark rules
 			if original == "0" {
 				wantWrites++ // and ip_forward
 			}
@@ -367,8 +445,8 @@ func TestNATForwardingFollowsTheNAT(t *testing.T) {
 			if writes, err := again.Cleanup(); err != nil || writes != 0 {
 				t.Errorf("second Cleanup: %d writes, %v; want 0", writes, err)
 			}
-			if ok, err := again.InSync(NAT{}); err != nil || !ok {
-				t.Errorf("InSync(no NAT) after Cleanup: %v, %v", ok, err)
+			if p := w.plan(t, nil); !p.Empty() {
+				t.Errorf("plan without NAT after Cleanup: %v", p)
 			}
 		})
 	}

@@ -35,13 +35,17 @@ func TestNATHelperApplyForever(t *testing.T) {
 	if err := json.Unmarshal([]byte(spec), &o); err != nil {
 		t.Fatal(err)
 	}
-	nt, err := NewNATTable(netns.NsHandle(3), o.StateDir)
+	k, err := NewKernel(netns.NsHandle(3), o.StateDir, DefaultConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
 	for i := 0; ; i++ {
 		start := time.Now()
-		if _, err := nt.Apply(o.NATs[(o.Start+i)%len(o.NATs)]); err != nil {
+		obs, err := k.Observe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := k.Apply(Diff(obs.Owned, withNAT(obs.Owned, &o.NATs[(o.Start+i)%len(o.NATs)]))); err != nil {
 			t.Fatal(err)
 		}
 		if i == 0 {
@@ -55,21 +59,16 @@ func TestNATHelperApplyForever(t *testing.T) {
 // three NATs in turn (a change of rules, then two replacements of the whole
 // table), at random moments. Each time the table must be exactly one of the
 // three: the kernel applies a batch whole or not at all. Then a restart
-// (a new NATTable) must converge in one Apply, with no chain or rule twice.
+// (a new Kernel) must converge in one Apply, with no chain or rule twice.
 func TestNATApplyKilledMidBatch(t *testing.T) {
 	requireNFT(t)
 	w := newNATKTWorld(t)
-	full, narrow := w.nat(t), w.nat(t, "10.1.5.0/24")
-	enis := w.enis()
-	enis[2].NAT = false
-	oneSource, err := DesiredNAT(DefaultConfig(), enis)
-	if err != nil {
-		t.Fatal(err)
-	}
-	nats := []NAT{full, narrow, oneSource}
-	texts := map[string]int{}
+	full, narrow, oneSource := w.nat(), w.nat("10.1.5.0/24"), w.nat()
+	oneSource.Sources = oneSource.Sources[:1]
+	nats := []NAT{*full, *narrow, *oneSource}
+	tables := map[string]int{}
 	for i, n := range nats {
-		texts[n.Ruleset()] = i
+		tables[n.table().canon] = i
 	}
 	fd, err := syscall.Dup(int(w.ns.Handle))
 	if err != nil {
@@ -109,10 +108,13 @@ func TestNATApplyKilledMidBatch(t *testing.T) {
 			t.Fatal(err)
 		}
 		cmd.Wait()
-		got := w.nftList(t)
-		which, ok := texts[got]
+		obs, err := w.k.Observe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		which, ok := tables[obs.Owned.NAT.canon]
 		if !ok {
-			t.Fatalf("after a SIGKILL the table is none of the three NATs:\n%s", got)
+			t.Fatalf("after a SIGKILL the table is none of the three NATs:\n%s", w.nftList(t))
 		}
 		seen[which]++
 	}
@@ -121,19 +123,18 @@ func TestNATApplyKilledMidBatch(t *testing.T) {
 	}
 	t.Logf("tables found after the kills (index in the cycle: count): %v", seen)
 
-	restarted, err := NewNATTable(w.ns.Handle, w.stateDir)
+	restarted, err := NewKernel(w.ns.Handle, w.stateDir, DefaultConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer restarted.Close()
-	if _, err := restarted.Apply(full); err != nil {
-		t.Fatal(err)
+	w.k = restarted
+	w.apply(t, full)
+	if got := w.nftList(t); got != natKTRuleset {
+		t.Fatalf("after the restart:\n%s\nwant\n%s", got, natKTRuleset)
 	}
-	if got := w.nftList(t); got != full.Ruleset() {
-		t.Fatalf("after the restart:\n%s\nwant\n%s", got, full.Ruleset())
-	}
-	if writes, err := restarted.Apply(full); err != nil || writes != 0 {
-		t.Fatalf("second Apply after the restart: %d writes, %v; want 0", writes, err)
+	if writes := w.apply(t, full); writes != 0 {
+		t.Fatalf("second Apply after the restart: %d writes; want 0", writes)
 	}
 	if got := w.ns.ReadSysctl(t, "net/ipv4/ip_forward"); got != "1" {
 		t.Fatalf("ip_forward = %s after the restart, want 1", got)

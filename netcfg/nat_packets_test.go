@@ -38,7 +38,7 @@ func TestNATWithRealPackets(t *testing.T) {
 	w := newNATWorld(t)
 	echoServer(t, w.inet, natWorldInet, 8080)
 	w.inst.Run(t, "nft", dockerRules)
-	n := w.nat(t)
+	n := w.nat()
 
 	t.Run("the world bridges everything without the NAT", func(t *testing.T) {
 		// With forwarding on and no table, every probe crosses: each check
@@ -56,9 +56,9 @@ func TestNATWithRealPackets(t *testing.T) {
 		}
 	})
 
-	w.start(t, n)
-	if writes, err := w.nt.Apply(n); err != nil || writes != 0 {
-		t.Fatalf("second Apply: %d writes, %v; want 0", writes, err)
+	w.apply(t, n, true)
+	if writes := w.apply(t, n, true); writes != 0 {
+		t.Fatalf("second Apply: %d writes; want 0", writes)
 	}
 	t.Logf("the table:\n%s", w.inst.Run(t, "nft", "list", "table", "inet", NATTableName))
 
@@ -77,7 +77,7 @@ func TestNATWithRealPackets(t *testing.T) {
 		}
 		// Each probe was dropped by the rule meant for it, and the
 		// connections of both sources were counted.
-		c, err := w.nt.Counters()
+		c, err := w.k.NATCounters()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -148,21 +148,14 @@ func TestNATWithRealPackets(t *testing.T) {
 			c.Close()
 			t.Fatal("VPC B still reaches the internet with our table flushed")
 		}
-		if writes, err := w.nt.Apply(n); err != nil || writes == 0 {
-			t.Fatalf("Apply after the flush: %d writes, %v", writes, err)
+		if writes := w.apply(t, n, true); writes == 0 {
+			t.Fatal("Apply after the flush wrote nothing")
 		}
 		overlappingClients(t, w, 40002, true)
 	})
 
-	t.Run("cleanup", func(t *testing.T) {
-		if _, err := w.nt.Cleanup(); err != nil {
-			t.Fatal(err)
-		}
-		for _, r := range markRules(n) {
-			if err := w.inst.NL.RuleDel(r); err != nil {
-				t.Fatalf("deleting fwmark rule: %v", err)
-			}
-		}
+	t.Run("the NAT removed", func(t *testing.T) {
+		w.apply(t, nil, true)
 		if out := w.inst.Run(t, "nft", "list", "tables"); strings.Contains(out, "inet "+NATTableName) {
 			t.Errorf("our table is left:\n%s", out)
 		}

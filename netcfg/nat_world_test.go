@@ -32,11 +32,10 @@ import (
 // default route to the instance's ENI in their VPC. ctr is a container
 // behind a Docker-style bridge with Docker's own masquerade, in its own
 // table. The instance's routing is what dualhomed keeps (tables 20001 and
-// 20002, their from-rules), set here by hand; the fwmark rules are added
-// with vishvananda/netlink, in the shape docs/nat.md proposes.
+// 20002, their from-rules), set here by hand; a Kernel adds the NAT.
 type natWorld struct {
 	inst, rA, inet, hostA, rB, cB, rC, cC, cC2, ctr *nstest.NS
-	nt                                              *NATTable
+	k                                               *Kernel
 	stateDir                                        string
 	links                                           map[string]Link
 }
@@ -125,56 +124,48 @@ func newNATWorld(t testing.TB) *natWorld {
 	} {
 		c.ns.Run(t, "ip", strings.Fields(c.args)...)
 	}
-	nt, err := NewNATTable(w.inst.Handle, w.stateDir)
+	k, err := NewKernel(w.inst.Handle, w.stateDir, DefaultConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(nt.Close)
-	w.nt = nt
+	t.Cleanup(k.Close)
+	w.k = k
 	return w
 }
 
 // nat is the NAT of the world: eth1 and eth2 are sources, eth1 narrowed to
 // 10.1.5.0/24 (so that 10.1.6.6 is not allowed).
-func (w *natWorld) nat(t testing.TB) NAT {
+func (w *natWorld) nat() *NAT {
+	l := w.links
+	return &NAT{
+		Egress: l["eth0"], EgressAddr: desIP("10.0.0.10"),
+		Sources: []NATSource{
+			{Link: l["eth1"], Mark: 1 << natMarkShift, Zone: 1, Allowed: desPfxs("10.1.5.0/24")},
+			{Link: l["eth2"], Mark: 2 << natMarkShift, Zone: 2, Allowed: desPfxs("10.1.0.0/16", "100.64.0.0/16")},
+		},
+		ENIs:      []Link{l["eth0"], l["eth1"], l["eth2"]},
+		Forbidden: desPfxs("10.0.0.0/16", "10.1.0.0/16", "100.64.0.0/16", "169.254.0.0/16"),
+	}
+}
+
+// apply makes the instance hold n (nil: no NAT), the hand-made routing as it
+// is, and returns the writes it made. With table false it adds n's mark
+// rules alone (the floor of BenchmarkNAT brings its own table).
+func (w *natWorld) apply(t testing.TB, n *NAT, table bool) int {
 	t.Helper()
-	n, err := DesiredNAT(DefaultConfig(), []NATENI{
-		{Link: w.links["eth0"], Primary: true, FirstIPv4: netip.MustParseAddr("10.0.0.10"), VPCCIDRs: prefixes("10.0.0.0/16")},
-		{Link: w.links["eth1"], Device: 1, FirstIPv4: netip.MustParseAddr("10.1.0.11"), VPCCIDRs: prefixes("10.1.0.0/16"),
-			NAT: true, NATSources: prefixes("10.1.5.0/24")},
-		{Link: w.links["eth2"], Device: 2, FirstIPv4: netip.MustParseAddr("10.1.0.12"), VPCCIDRs: prefixes("10.1.0.0/16", "100.64.0.0/16"), NAT: true},
-	})
+	obs, err := w.k.Observe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	return n
-}
-
-// markRules are the fwmark rules of n's sources as the Rule type will
-// express them (docs/nat.md): `ip rule add fwmark <mark>/0xfff00000 lookup
-// <table> priority <priority> proto 210`.
-func markRules(n NAT) []*netlink.Rule {
-	var rules []*netlink.Rule
-	for _, s := range n.Sources {
-		r := netlink.NewRule()
-		mask := NATMarkMask
-		r.Priority, r.Mark, r.Mask, r.Table, r.Protocol = s.Priority, s.Mark, &mask, s.Table, DefaultProtocol
-		rules = append(rules, r)
+	want := withNAT(obs.Owned, n)
+	if !table {
+		want.NAT = nil
 	}
-	return rules
-}
-
-// start applies n and adds the fwmark rules.
-func (w *natWorld) start(t testing.TB, n NAT) {
-	t.Helper()
-	if _, err := w.nt.Apply(n); err != nil {
+	writes, err := w.k.Apply(Diff(obs.Owned, want))
+	if err != nil {
 		t.Fatal(err)
 	}
-	for _, r := range markRules(n) {
-		if err := w.inst.NL.RuleAdd(r); err != nil {
-			t.Fatalf("adding fwmark rule: %v", err)
-		}
-	}
+	return writes
 }
 
 // dockerRules are what Docker (through iptables-nft) installs for its

@@ -61,12 +61,12 @@ func (s State) Equal(t State) bool {
 	a.Sort()
 	b.Sort()
 	return slices.Equal(a.Routes, b.Routes) && slices.Equal(a.Rules, b.Rules) &&
-		slices.Equal(a.Addrs, b.Addrs) && slices.Equal(a.RPFilters, b.RPFilters) && slices.Equal(a.AltNames, b.AltNames)
+		slices.Equal(a.Addrs, b.Addrs) && slices.Equal(a.RPFilters, b.RPFilters) && slices.Equal(a.AltNames, b.AltNames) && s.NAT.Equal(t.NAT)
 }
 
 // Empty reports whether s holds no object at all.
 func (s State) Empty() bool {
-	return len(s.Routes) == 0 && len(s.Rules) == 0 && len(s.Addrs) == 0 && len(s.RPFilters) == 0 && len(s.AltNames) == 0
+	return len(s.Routes) == 0 && len(s.Rules) == 0 && len(s.Addrs) == 0 && len(s.RPFilters) == 0 && len(s.AltNames) == 0 && s.NAT == nil
 }
 
 func (s State) clone() State {
@@ -76,6 +76,7 @@ func (s State) clone() State {
 		Addrs:     slices.Clone(s.Addrs),
 		RPFilters: slices.Clone(s.RPFilters),
 		AltNames:  slices.Clone(s.AltNames),
+		NAT:       s.NAT, // never changed in place
 	}
 }
 

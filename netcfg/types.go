@@ -100,6 +100,11 @@ type ENIConfig struct {
 	// ENI, an on-premises network behind VPC B's VPN for example: main-table
 	// routes via the ENI's gateway with its first address as source.
 	Routes []ConfigPrefix
+	// NAT makes the ENI a source of the shared NAT (docs/nat.md).
+	NAT bool
+	// NATSources narrows the IPv4 sources the NAT forwards from the ENI;
+	// empty means its VPC's IPv4 CIDRs.
+	NATSources []ConfigPrefix
 }
 
 // ConfigPrefix is a CIDR of the configuration file with where it was given
@@ -180,4 +185,6 @@ type State struct {
 	Addrs     []Addr     `json:"addrs"`
 	RPFilters []RPFilter `json:"rp_filters"`
 	AltNames  []AltName  `json:"altnames"`
+	// NAT is the shared NAT's table with ip_forward; nil for none.
+	NAT *NFTable `json:"-"`
 }
