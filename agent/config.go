@@ -334,7 +334,7 @@ func (p parser) enis(n *yaml.Node, path string) ([]netcfg.ENIConfig, error) {
 		ip := fmt.Sprintf("%s[%d]", path, i)
 		p.lines[ip] = item.Line
 		var e netcfg.ENIConfig
-		err := p.fields(item, ip, []string{"match", "exclude", "vpc_routes", "routes", "extra_routes"}, func(k string, v *yaml.Node) error {
+		err := p.fields(item, ip, []string{"match", "exclude", "vpc_routes", "routes", "nat", "nat_sources", "extra_routes"}, func(k string, v *yaml.Node) error {
 			var err error
 			kp := join(ip, k)
 			switch k {
@@ -348,6 +348,10 @@ func (p parser) enis(n *yaml.Node, path string) ([]netcfg.ENIConfig, error) {
 				e.VPCRoutes = netcfg.VPCRoutesMode(s)
 			case "routes":
 				e.Routes, err = p.prefixes(v, kp)
+			case "nat":
+				e.NAT, err = p.boolean(v, kp)
+			case "nat_sources":
+				e.NATSources, err = p.prefixes(v, kp)
 			case "extra_routes":
 				err = p.errorf(v, kp, "removed: its routes in the ENI's own table changed nothing; use routes (main-table routes through the ENI, docs/config.md)")
 			}

@@ -30,6 +30,10 @@ func TestParseConfigErrors(t *testing.T) {
 		{"default route", "enis:\n  - match: {vpc_id: vpc-1}\n    routes: [0.0.0.0/0]\n", file + `:3: enis[0].routes[0]: 0.0.0.0/0 is the default route`},
 		{"one CIDR through two ENIs", "enis:\n  - match: {vpc_id: vpc-1}\n    routes: [192.168.0.0/16]\n  - match: {vpc_id: vpc-2}\n    routes:\n      - 192.168.0.0/16\n",
 			file + `:6: enis[1].routes[0]: 192.168.0.0/16 is routed by enis[0].routes[0] too`},
+		{"nat_sources without nat", "enis:\n  - match: {vpc_id: vpc-1}\n    nat_sources: [10.1.0.0/16]\n", file + `:3: enis[0].nat_sources: given without nat: true`},
+		{"IPv6 nat_sources", "enis:\n  - match: {vpc_id: vpc-1}\n    nat: true\n    nat_sources: [10.1.0.0/16, \"fd00::/8\"]\n", file + `:4: enis[0].nat_sources[1]: fd00::/8 is not an IPv4 CIDR`},
+		{"nat_sources host bits", "enis:\n  - match: {vpc_id: vpc-1}\n    nat: true\n    nat_sources:\n      - 10.1.2.3/16\n", file + `:5: enis[0].nat_sources[0]: 10.1.2.3/16 has host bits set`},
+		{"nat and exclude", "enis:\n  - match: {vpc_id: vpc-1}\n    exclude: true\n    nat: true\n", file + `:2: enis[0]: exclude contradicts routes and nat`},
 		{"extra_routes removed", "enis:\n  - match: {vpc_id: vpc-1}\n    extra_routes: [10.0.0.0/8]\n", file + `:3: enis[0].extra_routes: removed: its routes in the ENI's own table changed nothing; use routes`},
 		{"bad mac", "enis:\n  - match: {mac: zz}\n", file + `:2: enis[0].match.mac: "zz" is not a MAC address`},
 		{"bad eni id", "enis:\n  - match: {interface_id: foo}\n", file + `:2: enis[0].match.interface_id: "foo" is not an ENI id`},
@@ -79,6 +83,8 @@ enis:
       device_number: 2
     vpc_routes: auto
     routes: [10.50.0.0/16, "2001:db8::/32"]
+    nat: true
+    nat_sources: [10.50.1.0/24]
 poll_interval: 30s
 start_timeout: 2m
 imds:
@@ -107,7 +113,8 @@ state_dir: /var/run/dh/
 	e1 := n.ENIs[1]
 	if e1.Match.MAC != "0a:1b:2c:3d:4e:5f" || e1.Match.DeviceNumber == nil || *e1.Match.DeviceNumber != 2 ||
 		e1.VPCRoutes != netcfg.VPCRoutesAuto || len(e1.Routes) != 2 || e1.Routes[1].String() != "2001:db8::/32" ||
-		e1.Routes[1].At != "x.yaml:17: enis[1].routes[1]" {
+		e1.Routes[1].At != "x.yaml:17: enis[1].routes[1]" || !e1.NAT || len(e1.NATSources) != 1 ||
+		e1.NATSources[0].At != "x.yaml:19: enis[1].nat_sources[0]" {
 		t.Errorf("ENIs[1] = %+v", e1)
 	}
 	if cfg.PollInterval != 30*time.Second || cfg.StartTimeout != 2*time.Minute || cfg.IMDS.Timeout != 500*time.Millisecond ||

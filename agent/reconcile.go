@@ -13,10 +13,12 @@ import (
 	"github.com/dualhomed/dualhomed/netcfg"
 )
 
-// Kernel is what a reconcile needs of the kernel (a *netcfg.Kernel).
+// Kernel is what a reconcile needs of the kernel (a *netcfg.Kernel), and
+// plan and status of the NAT's counters.
 type Kernel interface {
 	Observe() (netcfg.Observed, error)
 	Apply(netcfg.Plan) (writes int, err error)
+	NATCounters() (netcfg.NATCounters, error)
 }
 
 // Change is one planned or applied operation, attributed to an ENI.
@@ -72,6 +74,9 @@ type Report struct {
 	// Managed counts what dualhomed owns after this reconcile.
 	ManagedRules  int `json:"managed_rules"`
 	ManagedRoutes int `json:"managed_routes"`
+	// NAT holds the NAT's counters in plan and status, when an ENI has a
+	// NAT role.
+	NAT *netcfg.NATCounters `json:"nat,omitempty"`
 }
 
 // OK reports whether the reconcile read IMDS and applied everything.
@@ -170,7 +175,7 @@ type memo struct {
 func sameObserved(a, b netcfg.Observed) bool {
 	return slices.Equal(a.Links, b.Links) && maps.EqualFunc(a.Addrs, b.Addrs, slices.Equal) &&
 		slices.Equal(a.Owned.Rules, b.Owned.Rules) && slices.Equal(a.Owned.Routes, b.Owned.Routes) &&
-		slices.Equal(a.Owned.Addrs, b.Owned.Addrs) && slices.Equal(a.Owned.RPFilters, b.Owned.RPFilters) &&
+		slices.Equal(a.Owned.Addrs, b.Owned.Addrs) && slices.Equal(a.Owned.RPFilters, b.Owned.RPFilters) && a.Owned.NAT.Equal(b.Owned.NAT) &&
 		slices.Equal(a.Owned.AltNames, b.Owned.AltNames) && maps.Equal(a.AltNames, b.AltNames) &&
 		slices.Equal(a.ForeignRules, b.ForeignRules) && slices.Equal(a.ForeignRoutes, b.ForeignRoutes)
 }
