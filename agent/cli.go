@@ -290,7 +290,7 @@ func WriteStatusTable(w io.Writer, rep Report, health *Health, healthErr error) 
 		}
 		nat := nonEmpty(e.NAT, "-")
 		if rep.NAT != nil && e.NAT == netcfg.NATRoleSource {
-			nat += fmt.Sprintf(" (%d connections)", rep.NAT.Connections[e.Link])
+			nat += fmt.Sprintf(" (connections: %d)", rep.NAT.Connections[e.Link])
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\t%s\t%s\n",
 			nonEmpty(e.Link, "-"), e.MAC, nonEmpty(e.InterfaceID, "-"), vpc, e.Card, e.Device,

@@ -306,7 +306,7 @@ func TestNATInMetricsAndStatus(t *testing.T) {
 	}}
 	var buf bytes.Buffer
 	WriteStatusTable(&buf, rep, nil, os.ErrNotExist)
-	for _, want := range []string{"egress", "source (12 connections)", "NAT (table inet dualhomed) dropped packets: between two ENIs 3"} {
+	for _, want := range []string{"egress", "source (connections: 12)", "NAT (table inet dualhomed) dropped packets: between two ENIs 3"} {
 		if !strings.Contains(buf.String(), want) {
 			t.Errorf("status lacks %q:\n%s", want, buf.String())
 		}

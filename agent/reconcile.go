@@ -142,6 +142,9 @@ type Reconciler struct {
 	// them again is not a drift repair.
 	retrying   map[any]bool
 	configured map[string]bool // names of ENIs configured by an earlier successful apply
+	// nat is the NAT's table an earlier successful apply left: writing it
+	// again is a drift repair.
+	nat *netcfg.NFTable
 
 	// kernelChanges counts the changes the kernel announced (KernelChanged);
 	// 0 while nobody tells: then every reconcile reads the kernel.
@@ -267,6 +270,9 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 	}
 	if !dryRun {
 		conflicts = netcfg.Conflicts(obs, desired.State, r.cfg.Netcfg)
+		if rep.ApplyError == "" {
+			r.nat = desired.State.NAT
+		}
 	}
 	rep.Warnings = append(append(rep.Warnings, conflicts...), r.HostWarnings...)
 	if !dryRun && complete && plan.Empty() && rep.ApplyError == "" {
@@ -322,7 +328,8 @@ func (r *Reconciler) apply(plan netcfg.Plan, obs netcfg.Observed, dryRun bool, r
 	touched := map[string]bool{} // ENIs with pending or applied changes
 	for _, c := range rep.Changes {
 		touched[c.ENI] = true
-		if c.ENI != "" && !c.Op.Delete && r.configured[c.ENI] && !dryRun && !r.retrying[c.Op.ObjectKey()] {
+		if c.ENI != "" && !c.Op.Delete && r.configured[c.ENI] && !dryRun && !r.retrying[c.Op.ObjectKey()] ||
+			c.Op.NAT != nil && !c.Op.Delete && !dryRun && c.Op.NAT.Equal(r.nat) {
 			rep.Repairs++
 		}
 	}
