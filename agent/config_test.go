@@ -83,8 +83,6 @@ enis:
       device_number: 2
     vpc_routes: auto
     routes: [10.50.0.0/16, "2001:db8::/32"]
-    nat: true
-    nat_sources: [10.50.1.0/24]
 poll_interval: 30s
 start_timeout: 2m
 imds:
@@ -113,14 +111,24 @@ state_dir: /var/run/dh/
 	e1 := n.ENIs[1]
 	if e1.Match.MAC != "0a:1b:2c:3d:4e:5f" || e1.Match.DeviceNumber == nil || *e1.Match.DeviceNumber != 2 ||
 		e1.VPCRoutes != netcfg.VPCRoutesAuto || len(e1.Routes) != 2 || e1.Routes[1].String() != "2001:db8::/32" ||
-		e1.Routes[1].At != "x.yaml:17: enis[1].routes[1]" || !e1.NAT || len(e1.NATSources) != 1 ||
-		e1.NATSources[0].At != "x.yaml:19: enis[1].nat_sources[0]" {
+		e1.Routes[1].At != "x.yaml:17: enis[1].routes[1]" {
 		t.Errorf("ENIs[1] = %+v", e1)
 	}
 	if cfg.PollInterval != 30*time.Second || cfg.StartTimeout != 2*time.Minute || cfg.IMDS.Timeout != 500*time.Millisecond ||
 		cfg.IMDS.Endpoint != "http://127.0.0.1:1338" || cfg.Log.Level != "debug" || cfg.Log.Format != "json" ||
 		cfg.Metrics.Listen != "127.0.0.1:9810" || cfg.StateDir != "/var/run/dh" {
 		t.Errorf("daemon settings: %+v", cfg)
+	}
+}
+
+func TestParseConfigNAT(t *testing.T) {
+	cfg, err := ParseConfig("x.yaml", []byte("enis:\n  - match: {device_number: 1}\n    nat: true\n    nat_sources: [10.50.1.0/24]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := cfg.Netcfg.ENIs[0]; !e.NAT || len(e.NATSources) != 1 || e.NATSources[0].String() != "10.50.1.0/24" ||
+		e.NATSources[0].At != "x.yaml:4: enis[0].nat_sources[0]" {
+		t.Errorf("ENIs[0] = %+v", e)
 	}
 }
 
@@ -207,7 +215,7 @@ func TestExampleConfigParses(t *testing.T) {
 		t.Fatalf("the example with every setting uncommented must parse: %v", err)
 	}
 	if cfg.Netcfg.Protocol != netcfg.DefaultProtocol || cfg.PollInterval != DefaultPollInterval ||
-		cfg.StartTimeout != DefaultStartTimeout || len(cfg.Netcfg.ENIs) != 3 || cfg.Metrics.Listen != "127.0.0.1:9810" {
+		cfg.StartTimeout != DefaultStartTimeout || len(cfg.Netcfg.ENIs) != 4 || cfg.Metrics.Listen != "127.0.0.1:9810" {
 		t.Errorf("uncommented example: %+v", cfg)
 	}
 }

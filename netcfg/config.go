@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/dualhomed/dualhomed/imds"
@@ -60,6 +61,11 @@ func (c Config) Validate() error {
 	case "", VPCRoutesAuto, VPCRoutesOff:
 	default:
 		bad("vpc_routes: %q is not one of auto, off", c.VPCRoutes)
+	}
+	if c.RPFilter == RPFilterStrict && slices.ContainsFunc(c.ENIs, func(e ENIConfig) bool { return e.NAT }) {
+		// The reverse path of an internet-bound client is the default
+		// route through the primary, not the source ENI it came in on.
+		bad("rp_filter: strict drops the clients of NAT sources (enis ... nat: true); use loose")
 	}
 	routed := map[netip.Prefix]string{} // CIDR of routes -> its key
 	for i, e := range c.ENIs {

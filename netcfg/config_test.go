@@ -32,6 +32,10 @@ func TestConfigValidate(t *testing.T) {
 		{name: "priorities past main", mutate: func(c *Config) { c.PriorityBase = 30000 }, errs: []string{"priority_base: priorities 30000..33199"}},
 		{name: "priority zero", mutate: func(c *Config) { c.PriorityBase = 0 }, errs: []string{"priority_base"}},
 		{name: "rp_filter", mutate: func(c *Config) { c.RPFilter = "medium" }, errs: []string{`rp_filter: "medium"`}},
+		{name: "strict rp_filter with a NAT", mutate: func(c *Config) {
+			c.RPFilter = RPFilterStrict
+			c.ENIs = []ENIConfig{{Match: Selector{VPCID: "vpc-1"}, NAT: true, NATSources: cfgPfxs("10.1.0.0/16")}}
+		}, errs: []string{"rp_filter: strict drops the clients of NAT sources"}},
 		{name: "everything wrong at once", mutate: func(c *Config) {
 			c.Protocol, c.RPFilter = 1, "x"
 			c.ENIs = []ENIConfig{
