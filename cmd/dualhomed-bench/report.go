@@ -27,7 +27,7 @@ const (
 	targetDrift        = 100 * time.Millisecond
 	targetIdleCPU      = 0.001 // fraction of one core
 	targetRSSBytes     = 30e6
-	targetNATVsFloor   = 0.8 // the NAT at least 0.8 × the hand-written nft ruleset
+	targetNATVsFloor   = 0.8              // the NAT at least 0.8 × the hand-written nft ruleset
 	daemonIMDSBackoff0 = time.Second      // agent/daemon.go: first retry delay after a failed IMDS read
 	daemonIMDSBackoffM = 15 * time.Second // capped by the poll interval (agent.DefaultPollInterval)
 )
