@@ -15,7 +15,8 @@ import (
 // (the egress), and nothing else crosses between the VPCs. IPv4 only: AWS
 // has no IPv6 NAT. Desired computes it (addNAT) as one more object of the
 // desired state, the nftables table `inet dualhomed` with ip_forward
-// (NFTable, nat_nft.go), plus one mark rule per source.
+// (NFTable: nat_ruleset.go; in the kernel: nat_kernel.go), plus one mark
+// rule per source.
 
 // NATMarkMask is the part of the packet and connection marks the NAT owns: the
 // 12 high bits. The low 20 bits are where the marks of common neighbours
