@@ -124,3 +124,25 @@ func sinkServer(b *testing.B, ns *nstest.NS, addr string, port int) <-chan int64
 	}()
 	return done
 }
+
+// BenchmarkReadNAT is what Observe's read of the NAT adds to every
+// reconcile that reads the kernel: "none", without a NAT (one request for a
+// table that is not there: what every instance without nat: true pays);
+// "table", with the table of natKTWorld (the table, its rules, each chain).
+func BenchmarkReadNAT(b *testing.B) {
+	for _, table := range []bool{false, true} {
+		b.Run(map[bool]string{false: "none", true: "table"}[table], func(b *testing.B) {
+			w := newNATKTWorld(b)
+			if table {
+				w.apply(b, w.nat())
+			}
+			b.ReportAllocs()
+			defer reportCPU(b)()
+			for b.Loop() {
+				if t, err := w.k.readNAT(); err != nil || (t != nil) != table {
+					b.Fatalf("readNAT: %v, %v", t, err)
+				}
+			}
+		})
+	}
+}

@@ -25,7 +25,9 @@ import (
 
 // readNAT reads our table and ip_forward for Observe: nil when there is
 // neither a table nor a recorded ip_forward original. It asks for our
-// table, our rules and each chain of ours by name.
+// table, our rules and each chain of ours by name. It costs 35 µs of CPU
+// without a table and 0.85 ms with the table of four ENIs and two sources
+// (BenchmarkReadNAT), against the 5 ms a no-op reconcile may take.
 func (k *Kernel) readNAT() (*NFTable, error) {
 	orig, err := k.originals(ipForwardStateFile)
 	if err != nil {
