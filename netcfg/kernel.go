@@ -30,7 +30,7 @@ type Kernel struct {
 	dump     *dumpSocket     // reads: links, addresses, routes, rules; address writes (IFA_PROTO)
 	nft      *mdnetlink.Conn // reads of the NAT's table; each write batch has a socket of its own
 	ns       netns.NsHandle  // sysctls are per namespace: written from a thread inside it
-	stateDir string          // where rp_filter originals are recorded (e.g. /run/dualhomed)
+	stateDir string          // where rp_filter and ip_forward originals are recorded (e.g. /run/dualhomed)
 	cfg      Config
 
 	// addrProto is true when the kernel records IFA_PROTO (Linux 5.18+), so
