@@ -75,8 +75,8 @@ type Report struct {
 	ManagedRules  int `json:"managed_rules"`
 	ManagedRoutes int `json:"managed_routes"`
 	// NAT holds the NAT's counters in plan and status, when an ENI has a
-	// NAT role.
-	NAT *netcfg.NATCounters `json:"nat,omitempty"`
+	// NAT role (status --json shows them; the daemon reads none).
+	NAT *netcfg.NATCounters `json:"-"`
 }
 
 // OK reports whether the reconcile read IMDS and applied everything.
