@@ -93,37 +93,43 @@ func (c Config) Validate() error {
 		default:
 			bad("%s.vpc_routes: %q is not one of auto, off", key, e.VPCRoutes)
 		}
-		if e.Exclude && (len(e.Routes) > 0 || e.NAT) {
-			bad("%s: exclude contradicts routes and nat", key)
-		}
-		if len(e.NATSources) > 0 && !e.NAT {
-			bad("%s.nat_sources: given without nat: true", key)
-		}
-		for j, p := range e.NATSources {
-			switch pk := fmt.Sprintf("%s.nat_sources[%d]", key, j); {
-			case !p.IsValid() || !p.Addr().Is4():
-				bad("%s: %v is not an IPv4 CIDR (AWS has no IPv6 NAT)", pk, p.Prefix)
-			case p.Prefix != p.Masked():
-				bad("%s: %v has host bits set; did you mean %v?", pk, p.Prefix, p.Masked())
-			}
-		}
-		for j, r := range e.Routes {
-			rk := fmt.Sprintf("%s.routes[%d]", key, j)
-			switch {
-			case !r.IsValid():
-				bad("%s: invalid prefix", rk)
-			case r.Bits() == 0:
-				bad("%s: %v is the default route, which stays with the primary ENI", rk, r)
-			case r.Prefix != r.Masked():
-				bad("%s: %v has host bits set; did you mean %v?", rk, r, r.Masked())
-			case routed[r.Prefix] != "":
-				bad("%s: %v is routed by %s too; a CIDR goes through one ENI", rk, r, routed[r.Prefix])
-			default:
-				routed[r.Prefix] = rk
-			}
-		}
+		e.validateRoutesAndNAT(key, routed, bad)
 	}
 	return errors.Join(errs...)
+}
+
+// validateRoutesAndNAT checks the routes and the NAT of entry key; routed
+// maps each CIDR of the entries before it to its key.
+func (e ENIConfig) validateRoutesAndNAT(key string, routed map[netip.Prefix]string, bad func(format string, args ...any)) {
+	if e.Exclude && (len(e.Routes) > 0 || e.NAT) {
+		bad("%s: exclude contradicts routes and nat", key)
+	}
+	if len(e.NATSources) > 0 && !e.NAT {
+		bad("%s.nat_sources: given without nat: true", key)
+	}
+	for j, p := range e.NATSources {
+		switch pk := fmt.Sprintf("%s.nat_sources[%d]", key, j); {
+		case !p.IsValid() || !p.Addr().Is4():
+			bad("%s: %v is not an IPv4 CIDR (AWS has no IPv6 NAT)", pk, p.Prefix)
+		case p.Prefix != p.Masked():
+			bad("%s: %v has host bits set; did you mean %v?", pk, p.Prefix, p.Masked())
+		}
+	}
+	for j, r := range e.Routes {
+		rk := fmt.Sprintf("%s.routes[%d]", key, j)
+		switch {
+		case !r.IsValid():
+			bad("%s: invalid prefix", rk)
+		case r.Bits() == 0:
+			bad("%s: %v is the default route, which stays with the primary ENI", rk, r)
+		case r.Prefix != r.Masked():
+			bad("%s: %v has host bits set; did you mean %v?", rk, r, r.Masked())
+		case routed[r.Prefix] != "":
+			bad("%s: %v is routed by %s too; a CIDR goes through one ENI", rk, r, routed[r.Prefix])
+		default:
+			routed[r.Prefix] = rk
+		}
+	}
 }
 
 // Matches reports whether the selector picks e. Empty fields match anything.

@@ -109,15 +109,6 @@ func (n NAT) table() *NFTable {
 //     dropped; from a source to a link that is not an ENI, only replies and
 //     connections another program's DNAT published pass.
 func (n NAT) ruleset() []nftChain {
-	rule := func(comment string, build func(b *ruleBuilder)) nftRule {
-		b := &ruleBuilder{}
-		build(b)
-		r := nftRule{Exprs: b.exprs}
-		if comment != "" {
-			r.UserData = userdata.AppendString(nil, userdata.TypeComment, comment)
-		}
-		return r
-	}
 	base := func(name, typ string, hook uint32, priority int32) nftChain {
 		return nftChain{Name: name, Type: typ, Hook: hook, Priority: priority, Policy: nfAccept}
 	}
@@ -131,60 +122,41 @@ func (n NAT) ruleset() []nftChain {
 	sources := map[int]bool{}
 	for _, s := range n.Sources {
 		sources[s.Link.Index] = true
-		zones.Rules = append(zones.Rules, rule(s.Link.Name+": conntrack zone of its clients", func(b *ruleBuilder) {
+		zones.Rules = append(zones.Rules, natRule(s.Link.Name+": conntrack zone of its clients", func(b *ruleBuilder) {
 			b.nfprotoIPv4()
 			b.link(expr.MetaKeyIIF, s.Link)
 			b.setZoneOriginal(s.Zone)
 		}))
-		restore.Rules = append(restore.Rules, rule(s.Link.Name+": replies route through its table", func(b *ruleBuilder) {
+		restore.Rules = append(restore.Rules, natRule(s.Link.Name+": replies route through its table", func(b *ruleBuilder) {
 			b.link(expr.MetaKeyIIF, egress)
 			b.ctDirection(1)
 			b.ctMarkIs(s.Mark)
 			b.setMark(false, s.Mark)
 		}))
-		forward.Rules = append(forward.Rules, rule(s.Link.Name+": NAT traffic out", func(b *ruleBuilder) {
+		forward.Rules = append(forward.Rules, natRule(s.Link.Name+": NAT traffic out", func(b *ruleBuilder) {
 			b.link(expr.MetaKeyIIF, s.Link)
 			b.link(expr.MetaKeyOIF, egress)
 			b.ctDirection(0)
 			b.ctMarkIs(s.Mark)
 			b.verdict(expr.VerdictAccept, "")
-		}), rule(s.Link.Name+": NAT replies in", func(b *ruleBuilder) {
+		}), natRule(s.Link.Name+": NAT replies in", func(b *ruleBuilder) {
 			b.link(expr.MetaKeyIIF, egress)
 			b.link(expr.MetaKeyOIF, s.Link)
 			b.ctDirection(1)
 			b.ctMarkIs(s.Mark)
 			b.verdict(expr.VerdictAccept, "")
 		}))
-		admit := nftChain{Name: natChainAdmitPrefix + s.Link.Name}
-		for _, f := range n.Forbidden {
-			admit.Rules = append(admit.Rules, rule("forbidden destination", func(b *ruleBuilder) {
-				b.ipAddr(16, f)
-				b.add(&expr.Counter{})
-				b.verdict(expr.VerdictDrop, "")
-			}))
-		}
-		for _, a := range s.Allowed {
-			admit.Rules = append(admit.Rules, rule(natCommentAllowed, func(b *ruleBuilder) {
-				b.ipAddr(12, a)
-				b.add(&expr.Counter{})
-				b.setMark(true, s.Mark)
-				b.verdict(expr.VerdictAccept, "")
-			}))
-		}
-		admit.Rules = append(admit.Rules, rule("source not allowed", func(b *ruleBuilder) {
-			b.add(&expr.Counter{})
-			b.verdict(expr.VerdictDrop, "")
-		}))
+		admit := n.admitChain(s)
 		admits = append(admits, admit)
 		// New connections after the established ones: most packets stop
 		// at the first rules.
-		jumps = append(jumps, rule(s.Link.Name+": new NAT connections", func(b *ruleBuilder) {
+		jumps = append(jumps, natRule(s.Link.Name+": new NAT connections", func(b *ruleBuilder) {
 			b.link(expr.MetaKeyIIF, s.Link)
 			b.link(expr.MetaKeyOIF, egress)
 			b.ctBits(expr.CtKeySTATE, expr.CtStateBitNEW)
 			b.verdict(expr.VerdictJump, admit.Name)
 		}))
-		snat.Rules = append(snat.Rules, rule(s.Link.Name+": masquerade to the egress", func(b *ruleBuilder) {
+		snat.Rules = append(snat.Rules, natRule(s.Link.Name+": masquerade to the egress", func(b *ruleBuilder) {
 			b.link(expr.MetaKeyOIF, egress)
 			b.ctMarkIs(s.Mark)
 			a := n.EgressAddr.As4()
@@ -199,34 +171,78 @@ func (n NAT) ruleset() []nftChain {
 		if sources[l.Index] {
 			target, comment = natChainFromSource, "from a NAT source"
 		}
-		forward.Rules = append(forward.Rules, rule(comment, func(b *ruleBuilder) {
+		forward.Rules = append(forward.Rules, natRule(comment, func(b *ruleBuilder) {
 			b.link(expr.MetaKeyIIF, l)
 			b.verdict(expr.VerdictJump, target)
 		}))
-		toENIs.Rules = append(toENIs.Rules, rule("between two ENIs", func(b *ruleBuilder) {
+		toENIs.Rules = append(toENIs.Rules, natRule("between two ENIs", func(b *ruleBuilder) {
 			b.link(expr.MetaKeyOIF, l)
 			b.add(&expr.Counter{})
 			b.verdict(expr.VerdictDrop, "")
 		}))
 	}
-	fromSource := nftChain{Name: natChainFromSource, Rules: []nftRule{
-		rule("", func(b *ruleBuilder) { b.verdict(expr.VerdictJump, natChainToENIs) }),
-		rule("replies of connections into the VPC", func(b *ruleBuilder) {
+	// Every chain is created before any rule, so jumps find their target;
+	// `nft list` shows them in this order.
+	return slices.Concat([]nftChain{zones, restore, forward}, admits, []nftChain{toENIs, fromSourceChain(), snat})
+}
+
+// natRule is one rule of the table, built by build, with its comment.
+func natRule(comment string, build func(b *ruleBuilder)) nftRule {
+	b := &ruleBuilder{}
+	build(b)
+	r := nftRule{Exprs: b.exprs}
+	if comment != "" {
+		r.UserData = userdata.AppendString(nil, userdata.TypeComment, comment)
+	}
+	return r
+}
+
+// admitChain is admit_<link> of source s: a new connection is dropped
+// towards a forbidden destination, marked from an allowed source, dropped
+// from any other.
+func (n NAT) admitChain(s NATSource) nftChain {
+	admit := nftChain{Name: natChainAdmitPrefix + s.Link.Name}
+	for _, f := range n.Forbidden {
+		admit.Rules = append(admit.Rules, natRule("forbidden destination", func(b *ruleBuilder) {
+			b.ipAddr(16, f)
+			b.add(&expr.Counter{})
+			b.verdict(expr.VerdictDrop, "")
+		}))
+	}
+	for _, a := range s.Allowed {
+		admit.Rules = append(admit.Rules, natRule(natCommentAllowed, func(b *ruleBuilder) {
+			b.ipAddr(12, a)
+			b.add(&expr.Counter{})
+			b.setMark(true, s.Mark)
+			b.verdict(expr.VerdictAccept, "")
+		}))
+	}
+	admit.Rules = append(admit.Rules, natRule("source not allowed", func(b *ruleBuilder) {
+		b.add(&expr.Counter{})
+		b.verdict(expr.VerdictDrop, "")
+	}))
+	return admit
+}
+
+// fromSourceChain is from_source: a source's traffic to another ENI is
+// dropped (to_enis); to a link that is not an ENI only replies and what
+// another program's DNAT published pass.
+func fromSourceChain() nftChain {
+	return nftChain{Name: natChainFromSource, Rules: []nftRule{
+		natRule("", func(b *ruleBuilder) { b.verdict(expr.VerdictJump, natChainToENIs) }),
+		natRule("replies of connections into the VPC", func(b *ruleBuilder) {
 			b.ctDirection(1)
 			b.verdict(expr.VerdictAccept, "")
 		}),
-		rule("published by another program's DNAT", func(b *ruleBuilder) {
+		natRule("published by another program's DNAT", func(b *ruleBuilder) {
 			b.ctBits(expr.CtKeySTATUS, 1<<5) // IPS_DST_NAT, as Docker's published ports
 			b.verdict(expr.VerdictAccept, "")
 		}),
-		rule("a source VPC routes through the instance", func(b *ruleBuilder) {
+		natRule("a source VPC routes through the instance", func(b *ruleBuilder) {
 			b.add(&expr.Counter{})
 			b.verdict(expr.VerdictDrop, "")
 		}),
 	}}
-	// Every chain is created before any rule, so jumps find their target;
-	// `nft list` shows them in this order.
-	return slices.Concat([]nftChain{zones, restore, forward}, admits, []nftChain{toENIs, fromSource, snat})
 }
 
 // ruleBuilder encodes a rule's expressions with google/nftables/expr, all in
