@@ -38,7 +38,7 @@ func TestParseConfigErrors(t *testing.T) {
 		{"bad mac", "enis:\n  - match: {mac: zz}\n", file + `:2: enis[0].match.mac: "zz" is not a MAC address`},
 		{"bad eni id", "enis:\n  - match: {interface_id: foo}\n", file + `:2: enis[0].match.interface_id: "foo" is not an ENI id`},
 		{"entry-wide problem on the entry's line", "enis:\n  - match: {vpc_id: vpc-1}\n    exclude: true\n    routes: [10.9.0.0/16]\n",
-			file + ":2: enis[0]: exclude and routes contradict each other"},
+			file + ":2: enis[0]: exclude contradicts routes and nat"},
 		{"empty match", "enis:\n  - exclude: true\n", file + ":2: enis[0].match: empty selector would match every ENI"},
 		{"unknown selector key", "enis:\n  - match: {subnet_id: subnet-1}\n", file + ":2: enis[0].match.subnet_id: unknown key"},
 		{"duplicate key", "protocol: 210\nprotocol: 211\n", file + ":2: protocol: key given twice"},
