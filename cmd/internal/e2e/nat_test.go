@@ -4,10 +4,13 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -17,13 +20,15 @@ import (
 )
 
 // natConfig makes eth1 (VPC B, its second CIDR only) and eth2 (VPC C) NAT
-// sources.
+// sources, and serves the metrics on the instance's loopback.
 const natConfig = `enis:
   - match: {device_number: 1}
     nat: true
     nat_sources: [100.64.0.0/16]
   - match: {device_number: 2}
     nat: true
+metrics:
+  listen: 127.0.0.1:9464
 `
 
 // dockerRules are what Docker (through iptables-nft) installs for its
@@ -158,6 +163,32 @@ func TestSharedNAT(t *testing.T) {
 		}
 	})
 
+	t.Run("the metrics count the connections", func(t *testing.T) {
+		client := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: w.Instance.DialContext}}
+		resp, err := client.Get("http://127.0.0.1:9464/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// One connection each (a retransmitted SYN would count twice).
+		for _, link := range []string{"eth1", "eth2"} {
+			var n float64
+			prefix := fmt.Sprintf("dualhomed_nat_connections_total{link=%q} ", link)
+			for _, l := range strings.Split(string(body), "\n") {
+				if v, ok := strings.CutPrefix(l, prefix); ok {
+					n, _ = strconv.ParseFloat(v, 64)
+				}
+			}
+			if n < 1 {
+				t.Errorf("the metrics count no connection through %s:\n%s", link, grepLines(string(body), "dualhomed_nat_"))
+			}
+		}
+	})
+
 	t.Run("nothing crosses that must not", func(t *testing.T) {
 		for _, p := range probes {
 			if arrives(p) {
@@ -216,4 +247,15 @@ func TestSharedNAT(t *testing.T) {
 			t.Errorf("ip_forward after cleanup: %q, %v; want the original 0", v, err)
 		}
 	})
+}
+
+// grepLines is the lines of s that contain substr.
+func grepLines(s, substr string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, substr) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
