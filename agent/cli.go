@@ -6,9 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -68,6 +70,13 @@ func Plan(ctx context.Context, rec *Reconciler) (Report, error) {
 	}
 	if rep.IMDSErr != nil {
 		return rep, IMDSError(endpointOf(rec.imds.source), rep.IMDSErr)
+	}
+	if slices.ContainsFunc(rep.ENIs, func(e netcfg.ENIStatus) bool { return e.NAT != "" }) {
+		c, err := rec.kernel.NATCounters()
+		if err != nil {
+			return rep, err
+		}
+		rep.NAT = &c
 	}
 	return rep, nil
 }
@@ -158,6 +167,7 @@ type ENIView struct {
 	Addresses   []netip.Addr `json:"addresses"`
 	Table       int          `json:"table,omitempty"`
 	Priority    int          `json:"priority,omitempty"`
+	NAT         string       `json:"nat,omitempty"` // source or egress of the shared NAT
 	State       string       `json:"state"`
 	Warnings    []string     `json:"warnings"`
 }
@@ -189,7 +199,7 @@ func eniViews(enis []netcfg.ENIStatus) []ENIView {
 	for _, e := range enis {
 		v := ENIView{Link: e.Link, MAC: e.MAC, InterfaceID: e.InterfaceID, VPCID: e.VPCID, MultiVPC: e.MultiVPC,
 			Primary: e.Primary, NetworkCard: e.Card, Device: e.Device, Addresses: e.Addresses, Table: e.Table,
-			Priority: e.Priority, State: string(e.State), Warnings: e.Warnings}
+			Priority: e.Priority, NAT: e.NAT, State: string(e.State), Warnings: e.Warnings}
 		if v.Addresses == nil {
 			v.Addresses = []netip.Addr{}
 		}
@@ -238,6 +248,8 @@ type StatusJSON struct {
 	Warnings []WarningView `json:"warnings"`
 	Pending  []Change      `json:"pending_changes"`
 	Summary  string        `json:"summary"`
+	// NAT holds the NAT's counters when an ENI has a NAT role.
+	NAT *netcfg.NATCounters `json:"nat,omitempty"`
 	// Daemon is the running daemon's health (from status.json), when known.
 	Daemon *DaemonView `json:"daemon,omitempty"`
 	// DaemonError says why the daemon's health is unknown.
@@ -247,7 +259,7 @@ type StatusJSON struct {
 // WriteStatusJSON prints the live status and the daemon's health as JSON.
 func WriteStatusJSON(w io.Writer, rep Report, health *Health, healthErr error) error {
 	out := StatusJSON{Schema: StatusSchema, ENIs: eniViews(rep.ENIs), Warnings: warningViews(rep.Warnings), Pending: changes(rep.Changes),
-		Summary: rep.Summary()}
+		Summary: rep.Summary(), NAT: rep.NAT}
 	if health != nil {
 		out.Daemon = &DaemonView{PID: health.PID, Version: health.Version, Running: processAlive(health.PID),
 			Started: health.Started, Updated: health.Updated, Ready: health.Ready, Degraded: health.Degraded,
@@ -264,7 +276,7 @@ func WriteStatusJSON(w io.Writer, rep Report, health *Health, healthErr error) e
 func WriteStatusTable(w io.Writer, rep Report, health *Health, healthErr error) {
 	WriteDaemonHealth(w, health, healthErr)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "LINK\tMAC\tENI\tVPC\tCARD/DEV\tADDRESSES\tTABLE\tPRIORITY\tSTATE")
+	fmt.Fprintln(tw, "LINK\tMAC\tENI\tVPC\tCARD/DEV\tADDRESSES\tTABLE\tPRIORITY\tNAT\tSTATE")
 	multi := false
 	for _, e := range rep.ENIs {
 		vpc := nonEmpty(e.VPCID, "-")
@@ -276,11 +288,22 @@ func WriteStatusTable(w io.Writer, rep Report, health *Health, healthErr error) 
 		for _, a := range e.Addresses {
 			addrs = append(addrs, a.String())
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\t%s\n",
+		nat := nonEmpty(e.NAT, "-")
+		if rep.NAT != nil && e.NAT == netcfg.NATRoleSource {
+			nat += fmt.Sprintf(" (connections: %d)", rep.NAT.Connections[e.Link])
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\t%s\t%s\n",
 			nonEmpty(e.Link, "-"), e.MAC, nonEmpty(e.InterfaceID, "-"), vpc, e.Card, e.Device,
-			nonEmpty(strings.Join(addrs, ","), "-"), zeroDash(e.Table), zeroDash(e.Priority), e.State)
+			nonEmpty(strings.Join(addrs, ","), "-"), zeroDash(e.Table), zeroDash(e.Priority), nat, e.State)
 	}
 	tw.Flush()
+	if rep.NAT != nil {
+		var drops []string
+		for _, reason := range slices.Sorted(maps.Keys(rep.NAT.Dropped)) {
+			drops = append(drops, fmt.Sprintf("%s %d", reason, rep.NAT.Dropped[reason]))
+		}
+		fmt.Fprintf(w, "NAT (table inet %s) dropped packets: %s\n", netcfg.NATTableName, nonEmpty(strings.Join(drops, ", "), "none"))
+	}
 	if multi {
 		fmt.Fprintln(w, "* VPC differs from the primary ENI's (multi-VPC)")
 	}

@@ -100,7 +100,7 @@ func TestPlanWithoutIMDSIsAnError(t *testing.T) {
 }
 
 func TestMetricsExposition(t *testing.T) {
-	m := NewMetrics()
+	m := NewMetrics(nil)
 	m.Record(Report{Time: time.Now(), Fresh: true, HaveSnapshot: true, IMDSRequests: 7, Writes: 3, Repairs: 1,
 		Changes: make([]Change, 3), ManagedRules: 4, ManagedRoutes: 5,
 		ENIs: []netcfg.ENIStatus{{State: netcfg.ENIConfigured}, {State: netcfg.ENIPrimaryRole}}}, nil)
@@ -274,7 +274,7 @@ func TestStatusTablePrintsEachWarningOnce(t *testing.T) {
 	rep := Report{HaveSnapshot: true,
 		ENIs: []netcfg.ENIStatus{{MAC: "02:00:00:00:00:02", InterfaceID: "eni-2", State: netcfg.ENIConfigured,
 			Warnings: []string{overlap, "keeping the existing configuration until IMDS is ready"}}},
-		Warnings: []netcfg.Warning{{ENI: "eni-2", Message: overlap, Hint: "add a narrower extra route"}},
+		Warnings: []netcfg.Warning{{ENI: "eni-2", Message: overlap, Hint: "list what this ENI must reach under `routes:`"}},
 	}
 	var buf bytes.Buffer
 	WriteStatusTable(&buf, rep, nil, os.ErrNotExist)
@@ -283,5 +283,32 @@ func TestStatusTablePrintsEachWarningOnce(t *testing.T) {
 	}
 	if !strings.Contains(buf.String(), "warning: eni-2: keeping the existing configuration") {
 		t.Errorf("the ENI's own note is missing:\n%s", buf.String())
+	}
+}
+
+// The NAT's counters are read at each scrape, and status shows each ENI's
+// NAT role, a source's connections and the drops.
+func TestNATInMetricsAndStatus(t *testing.T) {
+	counters := netcfg.NATCounters{Connections: map[string]uint64{"eth1": 12}, Dropped: map[string]uint64{"between two ENIs": 3}}
+	m := NewMetrics(func() (netcfg.NATCounters, error) { return counters, nil })
+	rec := httptest.NewRecorder()
+	m.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	body, _ := io.ReadAll(rec.Body)
+	for _, want := range []string{`dualhomed_nat_connections_total{link="eth1"} 12`, `dualhomed_nat_dropped_packets_total{reason="between two ENIs"} 3`} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %q:\n%s", want, body)
+		}
+	}
+
+	rep := Report{HaveSnapshot: true, NAT: &counters, ENIs: []netcfg.ENIStatus{
+		{MAC: "02:00:00:00:00:00", Link: "eth0", NAT: netcfg.NATRoleEgress, State: netcfg.ENIPrimaryRole},
+		{MAC: "02:00:00:00:00:01", Link: "eth1", NAT: netcfg.NATRoleSource, State: netcfg.ENIConfigured},
+	}}
+	var buf bytes.Buffer
+	WriteStatusTable(&buf, rep, nil, os.ErrNotExist)
+	for _, want := range []string{"egress", "source (connections: 12)", "NAT (table inet dualhomed) dropped packets: between two ENIs 3"} {
+		if !strings.Contains(buf.String(), want) {
+			t.Errorf("status lacks %q:\n%s", want, buf.String())
+		}
 	}
 }

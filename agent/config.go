@@ -334,7 +334,7 @@ func (p parser) enis(n *yaml.Node, path string) ([]netcfg.ENIConfig, error) {
 		ip := fmt.Sprintf("%s[%d]", path, i)
 		p.lines[ip] = item.Line
 		var e netcfg.ENIConfig
-		err := p.fields(item, ip, []string{"match", "exclude", "vpc_routes", "extra_routes"}, func(k string, v *yaml.Node) error {
+		err := p.fields(item, ip, []string{"match", "exclude", "vpc_routes", "routes", "nat", "nat_sources", "extra_routes"}, func(k string, v *yaml.Node) error {
 			var err error
 			kp := join(ip, k)
 			switch k {
@@ -346,8 +346,14 @@ func (p parser) enis(n *yaml.Node, path string) ([]netcfg.ENIConfig, error) {
 				var s string
 				s, err = p.str(v, kp)
 				e.VPCRoutes = netcfg.VPCRoutesMode(s)
+			case "routes":
+				e.Routes, err = p.prefixes(v, kp)
+			case "nat":
+				e.NAT, err = p.boolean(v, kp)
+			case "nat_sources":
+				e.NATSources, err = p.prefixes(v, kp)
 			case "extra_routes":
-				e.ExtraRoutes, err = p.prefixes(v, kp)
+				err = p.errorf(v, kp, "removed: its routes in the ENI's own table changed nothing; use routes (main-table routes through the ENI, docs/config.md)")
 			}
 			return err
 		})
@@ -473,11 +479,13 @@ func (p parser) endpoint(n *yaml.Node, key string) (string, error) {
 	return s, nil
 }
 
-func (p parser) prefixes(n *yaml.Node, key string) ([]netip.Prefix, error) {
+// prefixes reads a list of CIDRs, each with where it was given; Validate
+// checks their values.
+func (p parser) prefixes(n *yaml.Node, key string) ([]netcfg.ConfigPrefix, error) {
 	if n.Kind != yaml.SequenceNode {
 		return nil, p.errorf(n, key, "expected a list of CIDRs, got %s", describe(n))
 	}
-	var out []netip.Prefix
+	var out []netcfg.ConfigPrefix
 	for i, item := range n.Content {
 		ik := fmt.Sprintf("%s[%d]", key, i)
 		p.lines[ik] = item.Line
@@ -489,7 +497,7 @@ func (p parser) prefixes(n *yaml.Node, key string) ([]netip.Prefix, error) {
 		if err != nil {
 			return nil, p.errorf(item, ik, "%q is not a CIDR (like 10.50.0.0/16 or 2001:db8::/32)", s)
 		}
-		out = append(out, pfx)
+		out = append(out, netcfg.ConfigPrefix{Prefix: pfx, At: fmt.Sprintf("%s:%d: %s", p.file, item.Line, ik)})
 	}
 	return out, nil
 }

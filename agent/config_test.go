@@ -25,12 +25,20 @@ func TestParseConfigErrors(t *testing.T) {
 		{"duration too short", "poll_interval: 10ms\n", file + ":1: poll_interval: 10ms is shorter than the minimum 1s"},
 		{"bad bool", "manage_addresses: yes\n", file + `:1: manage_addresses: "yes" is not one of true, false`},
 		{"rp_filter", "rp_filter: medium\n", file + `:1: rp_filter: "medium" is not one of loose, strict, keep`},
-		{"bad cidr", "enis:\n  - match: {vpc_id: vpc-1}\n    extra_routes: [10.0.0.0/8, 300.1.0.0/16]\n", file + `:3: enis[0].extra_routes[1]: "300.1.0.0/16" is not a CIDR`},
-		{"host bits", "enis:\n  - match: {vpc_id: vpc-1}\n    extra_routes:\n      - 10.0.0.1/8\n", file + `:4: enis[0].extra_routes[0]: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?`},
+		{"bad cidr", "enis:\n  - match: {vpc_id: vpc-1}\n    routes: [10.0.0.0/8, 300.1.0.0/16]\n", file + `:3: enis[0].routes[1]: "300.1.0.0/16" is not a CIDR`},
+		{"host bits", "enis:\n  - match: {vpc_id: vpc-1}\n    routes:\n      - 10.0.0.0/8\n      - 10.0.0.1/8\n", file + `:5: enis[0].routes[1]: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?`},
+		{"default route", "enis:\n  - match: {vpc_id: vpc-1}\n    routes: [0.0.0.0/0]\n", file + `:3: enis[0].routes[0]: 0.0.0.0/0 is the default route`},
+		{"one CIDR through two ENIs", "enis:\n  - match: {vpc_id: vpc-1}\n    routes: [192.168.0.0/16]\n  - match: {vpc_id: vpc-2}\n    routes:\n      - 192.168.0.0/16\n",
+			file + `:6: enis[1].routes[0]: 192.168.0.0/16 is routed by enis[0].routes[0] too`},
+		{"nat_sources without nat", "enis:\n  - match: {vpc_id: vpc-1}\n    nat_sources: [10.1.0.0/16]\n", file + `:3: enis[0].nat_sources: given without nat: true`},
+		{"IPv6 nat_sources", "enis:\n  - match: {vpc_id: vpc-1}\n    nat: true\n    nat_sources: [10.1.0.0/16, \"fd00::/8\"]\n", file + `:4: enis[0].nat_sources[1]: fd00::/8 is not an IPv4 CIDR`},
+		{"nat_sources host bits", "enis:\n  - match: {vpc_id: vpc-1}\n    nat: true\n    nat_sources:\n      - 10.1.2.3/16\n", file + `:5: enis[0].nat_sources[0]: 10.1.2.3/16 has host bits set`},
+		{"nat and exclude", "enis:\n  - match: {vpc_id: vpc-1}\n    exclude: true\n    nat: true\n", file + `:2: enis[0]: exclude contradicts routes and nat`},
+		{"extra_routes removed", "enis:\n  - match: {vpc_id: vpc-1}\n    extra_routes: [10.0.0.0/8]\n", file + `:3: enis[0].extra_routes: removed: its routes in the ENI's own table changed nothing; use routes`},
 		{"bad mac", "enis:\n  - match: {mac: zz}\n", file + `:2: enis[0].match.mac: "zz" is not a MAC address`},
 		{"bad eni id", "enis:\n  - match: {interface_id: foo}\n", file + `:2: enis[0].match.interface_id: "foo" is not an ENI id`},
-		{"entry-wide problem on the entry's line", "enis:\n  - match: {vpc_id: vpc-1}\n    exclude: true\n    extra_routes: [10.9.0.0/16]\n",
-			file + ":2: enis[0]: exclude and extra_routes contradict each other"},
+		{"entry-wide problem on the entry's line", "enis:\n  - match: {vpc_id: vpc-1}\n    exclude: true\n    routes: [10.9.0.0/16]\n",
+			file + ":2: enis[0]: exclude contradicts routes and nat"},
 		{"empty match", "enis:\n  - exclude: true\n", file + ":2: enis[0].match: empty selector would match every ENI"},
 		{"unknown selector key", "enis:\n  - match: {subnet_id: subnet-1}\n", file + ":2: enis[0].match.subnet_id: unknown key"},
 		{"duplicate key", "protocol: 210\nprotocol: 211\n", file + ":2: protocol: key given twice"},
@@ -74,7 +82,7 @@ enis:
       mac: 0A:1B:2C:3D:4E:5F
       device_number: 2
     vpc_routes: auto
-    extra_routes: [10.50.0.0/16, "2001:db8::/32"]
+    routes: [10.50.0.0/16, "2001:db8::/32"]
 poll_interval: 30s
 start_timeout: 2m
 imds:
@@ -102,13 +110,25 @@ state_dir: /var/run/dh/
 	}
 	e1 := n.ENIs[1]
 	if e1.Match.MAC != "0a:1b:2c:3d:4e:5f" || e1.Match.DeviceNumber == nil || *e1.Match.DeviceNumber != 2 ||
-		e1.VPCRoutes != netcfg.VPCRoutesAuto || len(e1.ExtraRoutes) != 2 || e1.ExtraRoutes[1].String() != "2001:db8::/32" {
+		e1.VPCRoutes != netcfg.VPCRoutesAuto || len(e1.Routes) != 2 || e1.Routes[1].String() != "2001:db8::/32" ||
+		e1.Routes[1].At != "x.yaml:17: enis[1].routes[1]" {
 		t.Errorf("ENIs[1] = %+v", e1)
 	}
 	if cfg.PollInterval != 30*time.Second || cfg.StartTimeout != 2*time.Minute || cfg.IMDS.Timeout != 500*time.Millisecond ||
 		cfg.IMDS.Endpoint != "http://127.0.0.1:1338" || cfg.Log.Level != "debug" || cfg.Log.Format != "json" ||
 		cfg.Metrics.Listen != "127.0.0.1:9810" || cfg.StateDir != "/var/run/dh" {
 		t.Errorf("daemon settings: %+v", cfg)
+	}
+}
+
+func TestParseConfigNAT(t *testing.T) {
+	cfg, err := ParseConfig("x.yaml", []byte("enis:\n  - match: {device_number: 1}\n    nat: true\n    nat_sources: [10.50.1.0/24]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := cfg.Netcfg.ENIs[0]; !e.NAT || len(e.NATSources) != 1 || e.NATSources[0].String() != "10.50.1.0/24" ||
+		e.NATSources[0].At != "x.yaml:4: enis[0].nat_sources[0]" {
+		t.Errorf("ENIs[0] = %+v", e)
 	}
 }
 
@@ -195,7 +215,7 @@ func TestExampleConfigParses(t *testing.T) {
 		t.Fatalf("the example with every setting uncommented must parse: %v", err)
 	}
 	if cfg.Netcfg.Protocol != netcfg.DefaultProtocol || cfg.PollInterval != DefaultPollInterval ||
-		cfg.StartTimeout != DefaultStartTimeout || len(cfg.Netcfg.ENIs) != 3 || cfg.Metrics.Listen != "127.0.0.1:9810" {
+		cfg.StartTimeout != DefaultStartTimeout || len(cfg.Netcfg.ENIs) != 4 || cfg.Metrics.Listen != "127.0.0.1:9810" {
 		t.Errorf("uncommented example: %+v", cfg)
 	}
 }

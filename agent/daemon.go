@@ -132,7 +132,7 @@ func NewDaemon(opts Options) (*Daemon, error) {
 	d.rec.IMDSTimeout = snapshotTimeout
 	d.rec.HostWarnings = HostWarnings(opts.NS)
 	if cfg.Metrics.Listen != "" {
-		d.metrics = NewMetrics()
+		d.metrics = NewMetrics(kernel.NATCounters)
 	}
 	return d, nil
 }

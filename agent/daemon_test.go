@@ -368,16 +368,16 @@ func TestDaemonReloadRejectsBadConfig(t *testing.T) {
 	}
 	waitFor(t, "rule restored under the old configuration", func() bool { return w.hasRule(src, table) })
 
-	// A good file takes effect: an extra route appears in ENI 1's table.
-	good := base + "enis:\n  - match: {interface_id: " + w.inst.ENIs[1].InterfaceID + "}\n    extra_routes: [198.51.100.0/24]\n"
+	// A good file takes effect: a route of `routes:` appears in main.
+	good := base + "enis:\n  - match: {interface_id: " + w.inst.ENIs[1].InterfaceID + "}\n    routes: [198.51.100.0/24]\n"
 	if err := os.WriteFile(path, []byte(good), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the extra route of the reloaded configuration", func() bool {
-		routes, err := w.ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+	waitFor(t, "the route of the reloaded configuration", func() bool {
+		routes, err := w.ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -28,8 +28,9 @@ type Metrics struct {
 	lastSuccess  prometheus.Gauge
 }
 
-// NewMetrics registers every metric in a new private registry.
-func NewMetrics() *Metrics {
+// NewMetrics registers every metric in a new private registry; natCounters
+// reads the NAT's counters at each scrape (nil: no NAT metrics).
+func NewMetrics(natCounters func() (netcfg.NATCounters, error)) *Metrics {
 	counter := func(name, help string) prometheus.Counter {
 		return prometheus.NewCounter(prometheus.CounterOpts{Name: name, Help: help})
 	}
@@ -60,7 +61,35 @@ func NewMetrics() *Metrics {
 	m.reg.MustRegister(m.reconciles, m.duration, m.changes, m.repairs, m.imdsRequests, m.imdsErrors,
 		m.imdsLatency, m.enis, m.rules, m.routes, m.lastSuccess,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if natCounters != nil {
+		m.reg.MustRegister(natCollector{natCounters,
+			prometheus.NewDesc("dualhomed_nat_connections_total", "Connections the NAT opened, by source link (since its table was last written).", []string{"link"}, nil),
+			prometheus.NewDesc("dualhomed_nat_dropped_packets_total", "Packets the NAT dropped, by reason (since its table was last written).", []string{"reason"}, nil)})
+	}
 	return m
+}
+
+// natCollector reads the NAT's counters, which live in its nftables table,
+// at each scrape: a reconcile that finds nothing to do does not read them.
+type natCollector struct {
+	read         func() (netcfg.NATCounters, error)
+	conns, drops *prometheus.Desc
+}
+
+func (c natCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.conns; ch <- c.drops }
+
+func (c natCollector) Collect(ch chan<- prometheus.Metric) {
+	n, err := c.read()
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(c.conns, err)
+		return
+	}
+	for link, v := range n.Connections {
+		ch <- prometheus.MustNewConstMetric(c.conns, prometheus.CounterValue, float64(v), link)
+	}
+	for reason, v := range n.Dropped {
+		ch <- prometheus.MustNewConstMetric(c.drops, prometheus.CounterValue, float64(v), reason)
+	}
 }
 
 // Handler serves the registry in the Prometheus exposition format.

@@ -13,10 +13,12 @@ import (
 	"github.com/dualhomed/dualhomed/netcfg"
 )
 
-// Kernel is what a reconcile needs of the kernel (a *netcfg.Kernel).
+// Kernel is what a reconcile needs of the kernel (a *netcfg.Kernel), and
+// plan and status of the NAT's counters.
 type Kernel interface {
 	Observe() (netcfg.Observed, error)
 	Apply(netcfg.Plan) (writes int, err error)
+	NATCounters() (netcfg.NATCounters, error)
 }
 
 // Change is one planned or applied operation, attributed to an ENI.
@@ -72,6 +74,9 @@ type Report struct {
 	// Managed counts what dualhomed owns after this reconcile.
 	ManagedRules  int `json:"managed_rules"`
 	ManagedRoutes int `json:"managed_routes"`
+	// NAT holds the NAT's counters in plan and status, when an ENI has a
+	// NAT role (status --json shows them; the daemon reads none).
+	NAT *netcfg.NATCounters `json:"-"`
 }
 
 // OK reports whether the reconcile read IMDS and applied everything.
@@ -137,6 +142,9 @@ type Reconciler struct {
 	// them again is not a drift repair.
 	retrying   map[any]bool
 	configured map[string]bool // names of ENIs configured by an earlier successful apply
+	// nat is the NAT's table an earlier successful apply left: writing it
+	// again is a drift repair.
+	nat *netcfg.NFTable
 
 	// kernelChanges counts the changes the kernel announced (KernelChanged);
 	// 0 while nobody tells: then every reconcile reads the kernel.
@@ -170,7 +178,7 @@ type memo struct {
 func sameObserved(a, b netcfg.Observed) bool {
 	return slices.Equal(a.Links, b.Links) && maps.EqualFunc(a.Addrs, b.Addrs, slices.Equal) &&
 		slices.Equal(a.Owned.Rules, b.Owned.Rules) && slices.Equal(a.Owned.Routes, b.Owned.Routes) &&
-		slices.Equal(a.Owned.Addrs, b.Owned.Addrs) && slices.Equal(a.Owned.RPFilters, b.Owned.RPFilters) &&
+		slices.Equal(a.Owned.Addrs, b.Owned.Addrs) && slices.Equal(a.Owned.RPFilters, b.Owned.RPFilters) && a.Owned.NAT.Equal(b.Owned.NAT) &&
 		slices.Equal(a.Owned.AltNames, b.Owned.AltNames) && maps.Equal(a.AltNames, b.AltNames) &&
 		slices.Equal(a.ForeignRules, b.ForeignRules) && slices.Equal(a.ForeignRoutes, b.ForeignRoutes)
 }
@@ -262,6 +270,9 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 	}
 	if !dryRun {
 		conflicts = netcfg.Conflicts(obs, desired.State, r.cfg.Netcfg)
+		if rep.ApplyError == "" {
+			r.nat = desired.State.NAT
+		}
 	}
 	rep.Warnings = append(append(rep.Warnings, conflicts...), r.HostWarnings...)
 	if !dryRun && complete && plan.Empty() && rep.ApplyError == "" {
@@ -317,7 +328,8 @@ func (r *Reconciler) apply(plan netcfg.Plan, obs netcfg.Observed, dryRun bool, r
 	touched := map[string]bool{} // ENIs with pending or applied changes
 	for _, c := range rep.Changes {
 		touched[c.ENI] = true
-		if c.ENI != "" && !c.Op.Delete && r.configured[c.ENI] && !dryRun && !r.retrying[c.Op.ObjectKey()] {
+		if c.ENI != "" && !c.Op.Delete && r.configured[c.ENI] && !dryRun && !r.retrying[c.Op.ObjectKey()] ||
+			c.Op.NAT != nil && !c.Op.Delete && !dryRun && c.Op.NAT.Equal(r.nat) {
 			rep.Repairs++
 		}
 	}

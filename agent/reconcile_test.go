@@ -33,6 +33,8 @@ func (k *fakeKernel) Observe() (netcfg.Observed, error) {
 	o.Rules, o.Routes, o.Addrs, o.RPFilters = slices.Clone(o.Rules), slices.Clone(o.Routes), slices.Clone(o.Addrs), slices.Clone(o.RPFilters)
 	return obs, nil
 }
+func (k *fakeKernel) NATCounters() (netcfg.NATCounters, error) { return netcfg.NATCounters{}, nil }
+
 func (k *fakeKernel) Apply(p netcfg.Plan) (int, error) {
 	k.applied = append(k.applied, p)
 	st := &k.obs.Owned

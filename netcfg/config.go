@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/dualhomed/dualhomed/imds"
@@ -60,6 +62,12 @@ func (c Config) Validate() error {
 	default:
 		bad("vpc_routes: %q is not one of auto, off", c.VPCRoutes)
 	}
+	if c.RPFilter == RPFilterStrict && slices.ContainsFunc(c.ENIs, func(e ENIConfig) bool { return e.NAT }) {
+		// The reverse path of an internet-bound client is the default
+		// route through the primary, not the source ENI it came in on.
+		bad("rp_filter: strict drops the clients of NAT sources (enis ... nat: true); use loose")
+	}
+	routed := map[netip.Prefix]string{} // CIDR of routes -> its key
 	for i, e := range c.ENIs {
 		key := fmt.Sprintf("enis[%d]", i)
 		m := e.Match
@@ -85,21 +93,43 @@ func (c Config) Validate() error {
 		default:
 			bad("%s.vpc_routes: %q is not one of auto, off", key, e.VPCRoutes)
 		}
-		if e.Exclude && len(e.ExtraRoutes) > 0 {
-			bad("%s: exclude and extra_routes contradict each other", key)
-		}
-		for j, r := range e.ExtraRoutes {
-			switch {
-			case !r.IsValid():
-				bad("%s.extra_routes[%d]: invalid prefix", key, j)
-			case r.Bits() == 0:
-				bad("%s.extra_routes[%d]: %v is the default route, which the table already has", key, j, r)
-			case r != r.Masked():
-				bad("%s.extra_routes[%d]: %v has host bits set; did you mean %v?", key, j, r, r.Masked())
-			}
-		}
+		e.validateRoutesAndNAT(key, routed, bad)
 	}
 	return errors.Join(errs...)
+}
+
+// validateRoutesAndNAT checks the routes and the NAT of entry key; routed
+// maps each CIDR of the entries before it to its key.
+func (e ENIConfig) validateRoutesAndNAT(key string, routed map[netip.Prefix]string, bad func(format string, args ...any)) {
+	if e.Exclude && (len(e.Routes) > 0 || e.NAT) {
+		bad("%s: exclude contradicts routes and nat", key)
+	}
+	if len(e.NATSources) > 0 && !e.NAT {
+		bad("%s.nat_sources: given without nat: true", key)
+	}
+	for j, p := range e.NATSources {
+		switch pk := fmt.Sprintf("%s.nat_sources[%d]", key, j); {
+		case !p.IsValid() || !p.Addr().Is4():
+			bad("%s: %v is not an IPv4 CIDR (AWS has no IPv6 NAT)", pk, p.Prefix)
+		case p.Prefix != p.Masked():
+			bad("%s: %v has host bits set; did you mean %v?", pk, p.Prefix, p.Masked())
+		}
+	}
+	for j, r := range e.Routes {
+		rk := fmt.Sprintf("%s.routes[%d]", key, j)
+		switch {
+		case !r.IsValid():
+			bad("%s: invalid prefix", rk)
+		case r.Bits() == 0:
+			bad("%s: %v is the default route, which stays with the primary ENI", rk, r)
+		case r.Prefix != r.Masked():
+			bad("%s: %v has host bits set; did you mean %v?", rk, r, r.Masked())
+		case routed[r.Prefix] != "":
+			bad("%s: %v is routed by %s too; a CIDR goes through one ENI", rk, r, routed[r.Prefix])
+		default:
+			routed[r.Prefix] = rk
+		}
+	}
 }
 
 // Matches reports whether the selector picks e. Empty fields match anything.

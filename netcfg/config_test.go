@@ -1,7 +1,6 @@
 package netcfg
 
 import (
-	"net/netip"
 	"strings"
 	"testing"
 
@@ -20,7 +19,7 @@ func TestConfigValidate(t *testing.T) {
 			c.ENIs = []ENIConfig{
 				{Match: Selector{InterfaceID: "eni-0abc"}, Exclude: true},
 				{Match: Selector{MAC: "0A:1B:2C:3D:4E:5F", DeviceNumber: desInt(2)}, VPCRoutes: VPCRoutesOff},
-				{Match: Selector{VPCID: "vpc-0abc"}, ExtraRoutes: desPfxs("192.168.0.0/16", "fd00::/8")},
+				{Match: Selector{VPCID: "vpc-0abc"}, Routes: cfgPfxs("192.168.0.0/16", "fd00::/8")},
 			}
 		}},
 		{name: "kernel protocol", mutate: func(c *Config) { c.Protocol = 2 }, errs: []string{"protocol: 2 is reserved"}},
@@ -33,23 +32,28 @@ func TestConfigValidate(t *testing.T) {
 		{name: "priorities past main", mutate: func(c *Config) { c.PriorityBase = 30000 }, errs: []string{"priority_base: priorities 30000..33199"}},
 		{name: "priority zero", mutate: func(c *Config) { c.PriorityBase = 0 }, errs: []string{"priority_base"}},
 		{name: "rp_filter", mutate: func(c *Config) { c.RPFilter = "medium" }, errs: []string{`rp_filter: "medium"`}},
+		{name: "strict rp_filter with a NAT", mutate: func(c *Config) {
+			c.RPFilter = RPFilterStrict
+			c.ENIs = []ENIConfig{{Match: Selector{VPCID: "vpc-1"}, NAT: true, NATSources: cfgPfxs("10.1.0.0/16")}}
+		}, errs: []string{"rp_filter: strict drops the clients of NAT sources"}},
 		{name: "everything wrong at once", mutate: func(c *Config) {
 			c.Protocol, c.RPFilter = 1, "x"
 			c.ENIs = []ENIConfig{
 				{},
 				{Match: Selector{InterfaceID: "eth1", VPCID: "b", MAC: "zz", DeviceNumber: desInt(-1)}, VPCRoutes: "on"},
-				{Match: Selector{VPCID: "vpc-1"}, Exclude: true, ExtraRoutes: desPfxs("10.0.0.0/8")},
-				{Match: Selector{VPCID: "vpc-1"}, ExtraRoutes: []netip.Prefix{desPfx("0.0.0.0/0"), desPfx("10.1.2.3/16"), {}}},
+				{Match: Selector{VPCID: "vpc-1"}, Exclude: true, Routes: cfgPfxs("10.0.0.0/8")},
+				{Match: Selector{VPCID: "vpc-1"}, Routes: []ConfigPrefix{{Prefix: desPfx("0.0.0.0/0")}, {Prefix: desPfx("10.1.2.3/16")}, {}, {Prefix: desPfx("10.0.0.0/8")}}},
 			}
 		}, errs: []string{
 			"protocol: 1", `rp_filter: "x"`,
 			"enis[0].match: empty selector",
 			`enis[1].match.interface_id: "eth1"`, `enis[1].match.vpc_id: "b"`, `enis[1].match.mac: "zz"`,
 			"enis[1].match.device_number: -1", `enis[1].vpc_routes: "on"`,
-			"enis[2]: exclude and extra_routes",
-			"enis[3].extra_routes[0]: 0.0.0.0/0 is the default route",
-			"enis[3].extra_routes[1]: 10.1.2.3/16 has host bits set; did you mean 10.1.0.0/16?",
-			"enis[3].extra_routes[2]: invalid prefix",
+			"enis[2]: exclude contradicts routes and nat",
+			"enis[3].routes[0]: 0.0.0.0/0 is the default route",
+			"enis[3].routes[1]: 10.1.2.3/16 has host bits set; did you mean 10.1.0.0/16?",
+			"enis[3].routes[2]: invalid prefix",
+			"enis[3].routes[3]: 10.0.0.0/8 is routed by enis[2].routes[0] too",
 		}},
 	}
 	for _, tt := range tests {

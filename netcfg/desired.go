@@ -61,11 +61,14 @@ type KernelRule struct {
 	Src      netip.Prefix // 0.0.0.0/0 or ::/0 for "from all"
 	Table    int
 	Protocol uint8
-	// Selectors is true when the rule matches on more than its source, or
-	// does more than look up a table: a destination, tos, fwmark, iif/oif,
-	// ports, uid range, `not`, suppress_*, goto... dualhomed never adds
-	// such a rule, so one carrying our protocol is somebody else's: it is
-	// left alone, and never mistaken for our plain rule of the same source.
+	Mark     uint32 // fwmark; 0 for none
+	Mask     uint32 // its mask: 0xffffffff for a fwmark given without one
+	// Selectors is true when the rule matches on more than its source and
+	// mark, or does more than look up a table: a destination, tos,
+	// iif/oif, ports, uid range, `not`, suppress_*, goto... dualhomed
+	// never adds such a rule, so one carrying our protocol is somebody
+	// else's: it is left alone, and never mistaken for our rule of the
+	// same source or mark.
 	Selectors bool
 	// LookupAll is true when the rule sends all traffic from Src to Table:
 	// nothing narrows it (see parseRule) and Table is a real one.
@@ -104,6 +107,7 @@ type ENIStatus struct {
 	Addresses   []netip.Addr `json:"addresses,omitempty"`
 	Table       int          `json:"table,omitempty"`    // 0 when the ENI has no table
 	Priority    int          `json:"priority,omitempty"` // 0 when the ENI has no rules
+	NAT         string       `json:"nat,omitempty"`      // NATRoleSource, NATRoleEgress or ""
 	State       ENIState     `json:"state"`
 	Warnings    []string     `json:"warnings,omitempty"`
 }
@@ -154,7 +158,7 @@ type Result struct {
 //   - for secondary ENIs (and the primary with cfg.PrimaryTable): table
 //     T = TableBase + CardStride*card + device holding the subnet route
 //     (scope link, src the first IPv4), the default route via the subnet's
-//     router (network+1) and the extra routes, and for IPv6 the subnet routes
+//     router (network+1), and for IPv6 the subnet routes
 //     and the default via fe80:ec2::1; rules at priority
 //     PriorityBase + CardStride*card + device from every address (/32, /128)
 //     and delegated prefix to T. IPv4 routing needs the first IPv4 on the
@@ -164,9 +168,14 @@ type Result struct {
 //     reached through another ENI. One ENI per VPC carries them, the lowest
 //     card/device. If no address gives main an on-link route to the gateway,
 //     the carrier adds its subnet to main, or skips when that is ambiguous.
+//   - for each CIDR of a secondary ENI's `routes:`: a main-table route via
+//     its gateway (fe80:ec2::1 for IPv6) with its first address as source,
+//     unless the CIDR overlaps a subnet of the primary ENI; where it
+//     overlaps a VPC route of another ENI, a warning says which one wins.
 //   - rp_filter for secondary ENIs unless cfg.RPFilter is keep.
 //   - altnames on every ENI's link, the primary's included (altNamesOf),
 //     except a name another program's link or altname holds.
+//   - the shared NAT when an enis entry has nat: true (see addNAT).
 //
 // An excluded ENI gets nothing. A not-ready ENI gets nothing new, but what
 // Observed.Owned holds on its link (routes, rules pointing at their tables,
@@ -219,6 +228,14 @@ type desirer struct {
 	addrs    map[netip.Addr]AddrKey // by address alone: see addr
 	rpf      map[string]bool
 	warnings []Warning
+	// routed holds the main-table routes of `routes:`, by destination.
+	routed map[netip.Prefix]routedBy
+}
+
+// routedBy is the ENI and the configuration entry a `routes:` CIDR came from.
+type routedBy struct {
+	e   *eniInfo
+	cfg ConfigPrefix
 }
 
 func newDesirer(snap imds.Snapshot, obs Observed, cfg Config) *desirer {
@@ -322,7 +339,10 @@ func (d *desirer) run() {
 		}
 		d.addAltNames(e)
 	}
+	d.addRoutes()
 	d.addVPCRoutes()
+	d.noteOverlaps()
+	d.addNAT()
 	d.keepNotReady()
 }
 
@@ -616,20 +636,6 @@ func (d *desirer) addTable(e *eniInfo) {
 			rule(p)
 		}
 	}
-
-	for _, dst := range e.conf.ExtraRoutes {
-		dst = cleanPrefix(dst, dst.Addr().Unmap().Is4())
-		switch {
-		case !dst.IsValid():
-			d.warn(e, "ignoring an invalid extra route", "")
-		case dst.Addr().Is4() && e.v4.IsValid():
-			d.route(e, Route{Table: e.table, Dst: dst, Gateway: e.v4Net.Addr().Next(), LinkIndex: link, Src: e.v4})
-		case dst.Addr().Is6() && e.v6:
-			d.route(e, Route{Table: e.table, Dst: dst, Gateway: IPv6Gateway, LinkIndex: link})
-		default:
-			d.warn(e, fmt.Sprintf("extra route %v: the ENI has no routing for that address family", dst), "")
-		}
-	}
 }
 
 // addVPCRoutes adds main-table routes to the CIDRs of each VPC reached only
@@ -656,15 +662,8 @@ func (d *desirer) addVPCRoutes() {
 			d.addVPCRoutes4(e, vpcV4)
 		}
 		if e.v6 {
-			var src netip.Addr
-			for _, a := range e.eni.IPv6s {
-				if d.present(e.link.Index, a) {
-					src = a
-					break
-				}
-			}
 			for _, c := range d.vpcCIDRsAlone(e, vpcV6) {
-				d.route(e, Route{Table: MainTable, Dst: c, Gateway: IPv6Gateway, LinkIndex: e.link.Index, Src: src})
+				d.route(e, Route{Table: MainTable, Dst: c, Gateway: IPv6Gateway, LinkIndex: e.link.Index, Src: d.firstIPv6(e)})
 			}
 		}
 	}
@@ -683,9 +682,13 @@ func (d *desirer) vpcCIDRsAlone(e *eniInfo, all map[string][]netip.Prefix) []net
 	vpc := e.eni.VPCID
 	var out []netip.Prefix
 	for _, c := range all[vpc] {
+		if r, ok := d.routed[c]; ok && r.e != e {
+			d.warn(e, fmt.Sprintf("not routing %v of %s through %s in the main table: %s routes it through %s", c, vpc, e.link.Name, r.cfg.where(), r.e.link.Name), "")
+			continue
+		}
 		if o := overlapOfOtherVPC(vpc, c, all); o != "" {
 			d.warn(e, fmt.Sprintf("not routing %v of %s through %s in the main table: it overlaps %s", c, vpc, e.link.Name, o),
-				"connections bound to this ENI's addresses still work; add a narrower extra route if needed")
+				"connections bound to this ENI's addresses still work; list what this ENI must reach under `routes:` in its enis entry")
 			continue
 		}
 		out = append(out, c)
@@ -712,37 +715,123 @@ func overlapOfOtherVPC(vpc string, c netip.Prefix, all map[string][]netip.Prefix
 // addVPCRoutes4 adds the main-table routes to e's VPC's IPv4 CIDRs.
 func (d *desirer) addVPCRoutes4(e *eniInfo, vpcV4 map[string][]netip.Prefix) {
 	vpc := e.eni.VPCID
-	gw := e.v4Net.Addr().Next()
-	onLink := d.gatewayOnLink(e, gw)
-	var routes []Route
 	// A VPC CIDR equal to the ENI's subnet: the address's prefix route
 	// covers it (and ours would clash with it).
-	needSubnet := slices.Contains(vpcV4[vpc], e.v4Net) && !onLink
-	others := map[string][]netip.Prefix{}
-	for id, cs := range vpcV4 {
-		others[id] = cs
-	}
+	others := maps.Clone(vpcV4)
 	others[vpc] = slices.DeleteFunc(slices.Clone(vpcV4[vpc]), func(c netip.Prefix) bool { return c == e.v4Net })
-	for _, c := range d.vpcCIDRsAlone(e, others) {
-		routes = append(routes, Route{Table: MainTable, Dst: c, Gateway: gw, LinkIndex: e.link.Index, Src: e.v4})
+	d.mainRoutes4(e, d.vpcCIDRsAlone(e, others), slices.Contains(vpcV4[vpc], e.v4Net))
+}
+
+// mainRoutes4 adds main-table routes to cidrs via e's IPv4 gateway. The
+// kernel refuses a route via a gateway it cannot reach on-link
+// (ENETUNREACH): without an address prefix route to the subnet in main
+// (ours is noprefixroute because several ENIs share the subnet, or
+// somebody added the address as /32), e carries its subnet in main (which
+// needSubnet asks for too), unless that would be ambiguous.
+func (d *desirer) mainRoutes4(e *eniInfo, cidrs []netip.Prefix, needSubnet bool) {
+	gw := e.v4Net.Addr().Next()
+	if len(cidrs) == 0 && !needSubnet {
+		return
 	}
-	// The kernel refuses a route via a gateway it cannot reach on-link
-	// (ENETUNREACH). Without an address prefix route to the subnet in main
-	// (ours is noprefixroute because several ENIs share the subnet, or
-	// somebody added the address as /32), this ENI carries its subnet in
-	// main, unless that would be ambiguous.
-	if (len(routes) > 0 || needSubnet) && !onLink {
+	if !d.gatewayOnLink(e, gw) {
 		if e.overlapsOtherVPC || d.foreignSubnetRoute(e.v4Net) {
-			d.warn(e, fmt.Sprintf("not routing %s's CIDRs through %s in the main table: the gateway %v is not on-link in main and the subnet %v overlaps another subnet", vpc, e.link.Name, gw, e.v4Net),
+			d.warn(e, fmt.Sprintf("not routing %v through %s in the main table: the gateway %v is not on-link in main and the subnet %v overlaps another subnet", cidrs, e.link.Name, gw, e.v4Net),
 				"connections bound to this ENI's addresses still work")
-			routes = nil
-		} else {
-			routes = append([]Route{{Table: MainTable, Dst: e.v4Net, LinkIndex: e.link.Index, Src: e.v4, ScopeLink: true}}, routes...)
+			return
+		}
+		d.route(e, Route{Table: MainTable, Dst: e.v4Net, LinkIndex: e.link.Index, Src: e.v4, ScopeLink: true})
+	}
+	for _, c := range cidrs {
+		d.route(e, Route{Table: MainTable, Dst: c, Gateway: gw, LinkIndex: e.link.Index, Src: e.v4})
+	}
+}
+
+// addRoutes adds the main-table routes of each secondary ENI's `routes:`.
+// A CIDR overlapping a subnet of the primary ENI is refused: it would take
+// the instance's own VPC traffic off the primary.
+func (d *desirer) addRoutes() {
+	d.routed = map[netip.Prefix]routedBy{}
+	var primary []netip.Prefix
+	for _, e := range d.enis {
+		if e.primary {
+			primary = append([]netip.Prefix{e.eni.SubnetIPv4CIDR}, e.eni.SubnetIPv6CIDRs...)
 		}
 	}
-	for _, r := range routes {
-		d.route(e, r)
+	for _, e := range d.sortedManaged() {
+		var v4 []netip.Prefix
+		for _, r := range e.conf.Routes {
+			refuse := func(why string) {
+				d.warn(e, fmt.Sprintf("%s: not routing %v through %s: %s", r.where(), r.Prefix, e.link.Name, why), "")
+			}
+			if r.Prefix = cleanPrefix(r.Prefix, r.Addr().Unmap().Is4()); !r.IsValid() || r.Bits() == 0 {
+				refuse("not a CIDR to route (Validate refuses it)")
+				continue
+			}
+			clash := slices.IndexFunc(primary, func(p netip.Prefix) bool { return p.IsValid() && p.Overlaps(r.Prefix) })
+			taken, isTaken := d.routed[r.Prefix]
+			switch {
+			case e.primary:
+				refuse("it is the primary ENI, whose default route reaches everything")
+			case clash >= 0:
+				refuse(fmt.Sprintf("it overlaps the primary ENI's subnet %v", primary[clash]))
+			case isTaken:
+				refuse(fmt.Sprintf("the entry matches %s too, which routes it", taken.e.link.Name))
+			case r.Addr().Is4() && !e.v4.IsValid(), r.Addr().Is6() && d.firstIPv6(e) == (netip.Addr{}):
+				refuse("the ENI has no routing for that address family")
+			case r.Addr().Is4():
+				v4 = append(v4, r.Prefix)
+				d.routed[r.Prefix] = routedBy{e, r}
+			default:
+				d.route(e, Route{Table: MainTable, Dst: r.Prefix, Gateway: IPv6Gateway, LinkIndex: e.link.Index, Src: d.firstIPv6(e)})
+				d.routed[r.Prefix] = routedBy{e, r}
+			}
+		}
+		d.mainRoutes4(e, v4, false)
 	}
+}
+
+// firstIPv6 is e's first IPv6 address that is on its link (or will be),
+// invalid when none is.
+func (d *desirer) firstIPv6(e *eniInfo) netip.Addr {
+	for _, a := range e.eni.IPv6s {
+		if d.present(e.link.Index, a) {
+			return a
+		}
+	}
+	return netip.Addr{}
+}
+
+// noteOverlaps says, for each CIDR of `routes:` that overlaps a main-table
+// route of ours through another ENI (a VPC's CIDR), which of the two a
+// destination in both takes: the longer prefix.
+func (d *desirer) noteOverlaps() {
+	for _, c := range d.st.Routes {
+		r, ok := d.routed[c.Dst]
+		if !ok || c.Table != MainTable || c.LinkIndex != r.e.link.Index {
+			continue
+		}
+		for _, o := range d.st.Routes {
+			if o.Table != MainTable || !o.Gateway.IsValid() || o.LinkIndex == c.LinkIndex || !o.Dst.Overlaps(c.Dst) {
+				continue
+			}
+			win, via := c.Dst, r.e.link.Name
+			if o.Dst.Bits() > c.Dst.Bits() {
+				win, via = o.Dst, d.linkName(o.LinkIndex)
+			}
+			d.warn(r.e, fmt.Sprintf("%s: %v through %s overlaps %v through %s: the longer prefix wins, %v goes through %s",
+				r.cfg.where(), c.Dst, r.e.link.Name, o.Dst, d.linkName(o.LinkIndex), win, via), "")
+		}
+	}
+}
+
+// linkName names the link with index idx.
+func (d *desirer) linkName(idx int) string {
+	for _, l := range d.obs.Links {
+		if l.Index == idx {
+			return l.Name
+		}
+	}
+	return fmt.Sprintf("#%d", idx)
 }
 
 // gatewayOnLink reports whether an address on e's link gives the main table

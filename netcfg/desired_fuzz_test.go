@@ -98,7 +98,7 @@ func garbageWorld(seed uint64) (imds.Snapshot, Observed, Config) {
 		cfg.RPFilter = "bogus"
 	case 4:
 		cfg.PrimaryTable = true
-		cfg.ENIs = []ENIConfig{{Match: Selector{}, ExtraRoutes: some(prefix), VPCRoutes: "bogus"}}
+		cfg.ENIs = []ENIConfig{{Match: Selector{}, Routes: []ConfigPrefix{{Prefix: prefix()}, {Prefix: prefix()}}, VPCRoutes: "bogus"}}
 	}
 	return snap, obs, cfg
 }

@@ -23,6 +23,16 @@ func desPfxs(ss ...string) []netip.Prefix {
 	return out
 }
 
+// cfgPfxs are CIDRs as the configuration gives them, each placed at
+// "test.yaml:<n>".
+func cfgPfxs(ss ...string) []ConfigPrefix {
+	var out []ConfigPrefix
+	for i, p := range desPfxs(ss...) {
+		out = append(out, ConfigPrefix{Prefix: p, At: fmt.Sprintf("test.yaml:%d", i+1)})
+	}
+	return out
+}
+
 func desIPs(ss ...string) []netip.Addr {
 	var out []netip.Addr
 	for _, s := range ss {

@@ -162,7 +162,7 @@ func TestDesired(t *testing.T) {
 			warns: []string{
 				"not routing 10.0.0.0/16 of vpc-b through eth1 in the main table: it overlaps 10.0.0.0/16 of vpc-a",
 				// 100.64.0.0/16 would need the gateway reachable in main.
-				"not routing vpc-b's CIDRs through eth1 in the main table: the gateway 10.0.0.1 is not on-link in main and the subnet 10.0.0.0/24 overlaps another subnet",
+				"not routing [100.64.0.0/16] through eth1 in the main table: the gateway 10.0.0.1 is not on-link in main and the subnet 10.0.0.0/24 overlaps another subnet",
 			},
 		},
 		{
@@ -400,7 +400,7 @@ func TestDesired(t *testing.T) {
 			warns:  []string{"10.1.1.10 is not on eth1"},
 		},
 		{
-			name: "extra routes, VPC routes off, strict rp_filter",
+			name: "routes, VPC routes off, strict rp_filter",
 			enis: []imds.ENI{desPrimary(), func() imds.ENI {
 				e := desSecondary(1)
 				e.IPv6s = desIPs("2600:1f18:1:1::10")
@@ -410,7 +410,7 @@ func TestDesired(t *testing.T) {
 			config: func(c *Config) {
 				c.RPFilter = RPFilterStrict
 				c.ENIs = []ENIConfig{{Match: Selector{InterfaceID: "eni-1"}, VPCRoutes: VPCRoutesOff,
-					ExtraRoutes: desPfxs("192.168.0.0/16", "fd00:1::/48")}}
+					Routes: cfgPfxs("192.168.0.0/16", "fd00:1::/48")}}
 			},
 			want: with(without(eth1Basic,
 				"route 10.1.0.0/16 via 10.1.1.1 dev eth1 src 10.1.1.10 table main",
@@ -418,21 +418,75 @@ func TestDesired(t *testing.T) {
 				"addr 2600:1f18:1:1::10/128 dev eth1 noprefixroute",
 				"route default via fe80:ec2::1 dev eth1 table 20001",
 				"rule from 2600:1f18:1:1::10/128 lookup 20001 priority 20001",
-				"route 192.168.0.0/16 via 10.1.1.1 dev eth1 src 10.1.1.10 table 20001",
-				"route fd00:1::/48 via fe80:ec2::1 dev eth1 table 20001",
+				"route 192.168.0.0/16 via 10.1.1.1 dev eth1 src 10.1.1.10 table main",
+				"route fd00:1::/48 via fe80:ec2::1 dev eth1 src 2600:1f18:1:1::10 table main",
 				"sysctl net.ipv4.conf.eth1.rp_filter=1",
 			),
 		},
 		{
-			name:  "rp_filter keep, extra route of a family the ENI lacks",
+			name:  "rp_filter keep, routes of a family the ENI lacks",
 			enis:  []imds.ENI{desPrimary(), desSecondary(1)},
 			links: desLinks(0, 1),
 			config: func(c *Config) {
 				c.RPFilter = RPFilterKeep
-				c.ENIs = []ENIConfig{{Match: Selector{VPCID: "vpc-b"}, ExtraRoutes: desPfxs("fd00:1::/48")}}
+				c.ENIs = []ENIConfig{{Match: Selector{VPCID: "vpc-b"}, Routes: cfgPfxs("fd00:1::/48")}}
 			},
 			want:  without(eth1Basic, "sysctl net.ipv4.conf.eth1.rp_filter=2"),
-			warns: []string{"extra route fd00:1::/48: the ENI has no routing for that address family"},
+			warns: []string{"test.yaml:1: not routing fd00:1::/48 through eth1: the ENI has no routing for that address family"},
+		},
+		{
+			name:  "routes overlapping the primary ENI's subnet, or matching two ENIs",
+			enis:  []imds.ENI{desPrimary(), desSecondary(1), desSecondary(2)},
+			links: desLinks(0, 1, 2),
+			config: func(c *Config) {
+				c.ENIs = []ENIConfig{
+					{Match: Selector{InterfaceID: "eni-0"}, Routes: cfgPfxs("172.16.0.0/12")},
+					{Match: Selector{VPCID: "vpc-b"}, Routes: cfgPfxs("10.0.0.0/8", "10.0.0.128/25", "192.168.0.0/16")},
+				}
+			},
+			want: with(eth1Basic,
+				"route 192.168.0.0/16 via 10.1.1.1 dev eth1 src 10.1.1.10 table main",
+				"addr 10.1.2.10/24 dev eth2",
+				"addr 10.1.2.11/32 dev eth2 noprefixroute",
+				"route 10.1.2.0/24 dev eth2 scope link src 10.1.2.10 table 20002",
+				"route default via 10.1.2.1 dev eth2 src 10.1.2.10 table 20002",
+				"rule from 10.1.2.10/32 lookup 20002 priority 20002",
+				"rule from 10.1.2.11/32 lookup 20002 priority 20002",
+				"sysctl net.ipv4.conf.eth2.rp_filter=2",
+			),
+			warns: []string{
+				"test.yaml:1: not routing 172.16.0.0/12 through eth0: it is the primary ENI",
+				"test.yaml:1: not routing 10.0.0.0/8 through eth1: it overlaps the primary ENI's subnet 10.0.0.0/24",
+				"test.yaml:2: not routing 10.0.0.128/25 through eth1: it overlaps the primary ENI's subnet 10.0.0.0/24",
+				"test.yaml:3: not routing 192.168.0.0/16 through eth2: the entry matches eth1 too, which routes it",
+			},
+		},
+		{
+			name: "routes overlapping VPC routes: the longer prefix wins, an equal one is ours",
+			enis: []imds.ENI{desPrimary(), desSecondary(1), func() imds.ENI {
+				e := desSecondary(2)
+				e.VPCID, e.VPCIPv4CIDRs, e.SubnetIPv4CIDR = "vpc-c", desPfxs("172.20.0.0/16", "10.9.0.0/16"), desPfx("172.20.2.0/24")
+				e.LocalIPv4s = desIPs("172.20.2.10")
+				return e
+			}()},
+			links: desLinks(0, 1, 2),
+			config: func(c *Config) {
+				c.ENIs = []ENIConfig{{Match: Selector{InterfaceID: "eni-1"}, Routes: cfgPfxs("172.16.0.0/12", "10.9.0.0/16")}}
+			},
+			want: with(eth1Basic,
+				"route 172.16.0.0/12 via 10.1.1.1 dev eth1 src 10.1.1.10 table main",
+				"route 10.9.0.0/16 via 10.1.1.1 dev eth1 src 10.1.1.10 table main",
+				"addr 172.20.2.10/24 dev eth2",
+				"route 172.20.2.0/24 dev eth2 scope link src 172.20.2.10 table 20002",
+				"route default via 172.20.2.1 dev eth2 src 172.20.2.10 table 20002",
+				"route 172.20.0.0/16 via 172.20.2.1 dev eth2 src 172.20.2.10 table main",
+				"rule from 172.20.2.10/32 lookup 20002 priority 20002",
+				"sysctl net.ipv4.conf.eth2.rp_filter=2",
+			),
+			warns: []string{
+				"test.yaml:1: 172.16.0.0/12 through eth1 overlaps 172.20.0.0/16 through eth2: the longer prefix wins, 172.20.0.0/16 goes through eth2",
+				"not routing 10.9.0.0/16 of vpc-c through eth2 in the main table: test.yaml:2 routes it through eth1",
+			},
 		},
 		{
 			name: "two ENIs claim one table: the one owning it keeps it",

@@ -233,7 +233,7 @@ func (w *walkWorld) mutate() {
 			case 1:
 				ec.VPCRoutes = VPCRoutesOff
 			default:
-				ec.ExtraRoutes = desPfxs("192.168.0.0/16", "fd00:1::/48")
+				ec.Routes = cfgPfxs("192.168.0.0/16", "fd00:1::/48")
 			}
 			w.cfg.ENIs = append(w.cfg.ENIs, ec)
 		}

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	mdnetlink "github.com/mdlayher/netlink"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -27,8 +28,9 @@ const netlinkTimeout = 10 * time.Second
 type Kernel struct {
 	h        *netlink.Handle // routes, rules, links
 	dump     *dumpSocket     // reads: links, addresses, routes, rules; address writes (IFA_PROTO)
+	nft      *mdnetlink.Conn // reads of the NAT's table; each write batch has a socket of its own
 	ns       netns.NsHandle  // sysctls are per namespace: written from a thread inside it
-	stateDir string          // where rp_filter originals are recorded (e.g. /run/dualhomed)
+	stateDir string          // where rp_filter and ip_forward originals are recorded (e.g. /run/dualhomed)
 	cfg      Config
 
 	// addrProto is true when the kernel records IFA_PROTO (Linux 5.18+), so
@@ -79,6 +81,11 @@ func NewKernel(ns netns.NsHandle, stateDir string, cfg Config) (*Kernel, error) 
 	} else {
 		k.dump, err = newDumpSocket(own)
 	}
+	if err == nil {
+		if k.nft, err = k.dialNFT(); err != nil {
+			k.dump.close()
+		}
+	}
 	if err != nil {
 		k.h.Close()
 		own.Close()
@@ -119,6 +126,7 @@ func parseRelease(r string) (major, minor int, ok bool) {
 func (k *Kernel) Close() {
 	k.h.Close()
 	k.dump.close()
+	k.nft.Close()
 	if k.ns.IsOpen() {
 		k.ns.Close()
 	}
@@ -185,36 +193,63 @@ func (k *Kernel) Observe() (Observed, error) {
 	if obs.AltNames == nil && k.altNames {
 		obs.AltNames = map[string]int{}
 	}
+	if obs.Owned.NAT, err = k.readNAT(); err != nil {
+		return Observed{}, err
+	}
 	obs.Owned.Sort()
 	return obs, nil
 }
 
-// rules dumps the policy rules and sorts them: ours, the others, and those of ours that a lookalike precedes in the kernel's list:
-// a rule with our protocol, priority, source and table plus a selector we
-// never set. The kernel deletes the first rule in its list that matches
-// what a delete request names, and a request cannot say "no fwmark", so
-// deleting such a rule of ours would delete the lookalike instead.
+// rules dumps the policy rules and sorts them: ours, the others, and those
+// of ours that a lookalike precedes in the kernel's list. A lookalike is a
+// rule with our protocol in our band that is not of our shapes (see
+// Rule.ourShape). The kernel deletes the first rule in its list that
+// matches what a delete request names, and a request cannot say "no
+// fwmark" or "no source": deleting a rule of ours that a lookalike with its
+// priority, source and table precedes (for a mark rule: its priority,
+// table, mark and mask, whatever the source) would delete the lookalike.
 func (k *Kernel) rules(d *dumpSocket) ([]Rule, []KernelRule, map[Rule]bool, error) {
 	ours := make([]Rule, 0, d.sizeHint(unix.RTM_GETRULE))
 	var foreign []KernelRule
 	lookalikes, shadowed := map[Rule]bool{}, map[Rule]bool{}
 	reset := func() { ours, foreign = ours[:0], foreign[:0]; clear(lookalikes); clear(shadowed) }
 	err := d.rules(reset, func(r KernelRule) {
-		key := Rule{Priority: r.Priority, Src: r.Src, Table: r.Table}
+		rule := Rule{Priority: r.Priority, Src: r.Src, Table: r.Table, Mark: r.Mark, Mask: r.Mask}
 		switch {
 		case !k.cfg.ourRuleBand(r):
 			foreign = append(foreign, r)
-		case r.Selectors:
-			lookalikes[key] = true
+		case r.Selectors || !rule.ourShape():
+			lookalikes[rule.deleteMatch(false)] = true
+			lookalikes[rule.deleteMatch(true)] = true
 			foreign = append(foreign, r)
 		default:
-			if lookalikes[key] {
-				shadowed[key] = true
+			if lookalikes[rule.deleteMatch(rule.Mark != 0)] {
+				shadowed[rule] = true
 			}
-			ours = append(ours, key)
+			ours = append(ours, rule)
 		}
 	})
 	return ours, foreign, shadowed, err
+}
+
+// ourShape reports whether r is of a shape dualhomed adds: from a source
+// (a prefix longer than /0, no mark), or a NAT source's mark rule (IPv4,
+// from all, a mark in NATMarkMask and that mask).
+func (r Rule) ourShape() bool {
+	if r.Mark == 0 && r.Mask == 0 {
+		return r.Src.Bits() > 0
+	}
+	return r.Src == anyPrefix(unix.AF_INET) && r.Mark != 0 && r.Mark&^NATMarkMask == 0 && r.Mask == NATMarkMask
+}
+
+// deleteMatch is what the kernel compares when it deletes a rule of ours
+// of that kind (mark or not): priority, source and table, or priority,
+// table, mark and mask.
+func (r Rule) deleteMatch(mark bool) Rule {
+	if mark {
+		return Rule{Priority: r.Priority, Table: r.Table, Mark: r.Mark, Mask: r.Mask}
+	}
+	return Rule{Priority: r.Priority, Src: r.Src, Table: r.Table}
 }
 
 // ownsRoute: our protocol, in the main table or our band.
@@ -293,9 +328,10 @@ func (k *Kernel) netlinkRoute(r Route) *netlink.Route {
 	return nr
 }
 
-// netlinkRule is `ip rule add from <src> lookup <table> priority <prio>
-// protocol <protocol>`, always built from netlink.NewRule(): a zero Rule
-// fails with EINVAL or silently gains suppress_prefixlength 0.
+// netlinkRule is `ip rule add from <src> [fwmark <mark>/<mask>] lookup
+// <table> priority <prio> protocol <protocol>`, always built from
+// netlink.NewRule(): a zero Rule fails with EINVAL or silently gains
+// suppress_prefixlength 0.
 func (k *Kernel) netlinkRule(r Rule) *netlink.Rule {
 	nr := netlink.NewRule()
 	nr.Priority = r.Priority
@@ -307,6 +343,9 @@ func (k *Kernel) netlinkRule(r Rule) *netlink.Rule {
 	}
 	if r.Src.Bits() > 0 {
 		nr.Src = ipNet(r.Src)
+	}
+	if r.Mark != 0 {
+		nr.Mark, nr.Mask = r.Mark, &r.Mask
 	}
 	return nr
 }

@@ -115,12 +115,11 @@ func (k *Kernel) applyOp(op Op) (int, error) {
 	case op.Addr != nil:
 		return k.applyAddr(op)
 	case op.RPFilter != nil:
-		if op.Delete {
-			return k.restoreRPFilter(op.RPFilter.LinkName)
-		}
-		return k.setRPFilter(*op.RPFilter)
+		return k.applyRPFilter(op)
 	case op.AltName != nil:
 		return 1, k.applyAltName(op)
+	case op.NAT != nil:
+		return k.applyNAT(op)
 	default:
 		return 0, errors.New("applying empty operation")
 	}
@@ -176,7 +175,7 @@ func (k *Kernel) applyRule(op Op) error {
 	nr := k.netlinkRule(r)
 	if op.Delete {
 		if sh := k.shadowed.Load(); sh != nil && (*sh)[r] {
-			return fmt.Errorf("not deleting rule %v: a rule with protocol %d, the same priority, source and table and more selectors (fwmark, iif, ...) comes first in the kernel's list, and the kernel would delete that one instead; remove one of the two by hand (`ip rule show priority %d`)",
+			return fmt.Errorf("not deleting rule %v: a rule with protocol %d, the same priority and table, source (or fwmark) and more selectors (fwmark, iif, ...) comes first in the kernel's list, and the kernel would delete that one instead; remove one of the two by hand (`ip rule show priority %d`)",
 				r, k.cfg.Protocol, r.Priority)
 		}
 		if err := ignoreOnDelete(k.h.RuleDel(nr)); err != nil {

@@ -400,18 +400,22 @@ func parseRule(m []byte) (r KernelRule, ok bool) {
 	srcLen := int(m[frhSrcLen])
 	// narrowed: a selector that keeps the rule from sending all traffic of
 	// its source to its table (Conflicts' test), as vishvananda/netlink
-	// reports them: destination, tos, not, fwmark/mask, iif/oif, ports,
-	// ip_proto, uid range, tun_id.
+	// reports them: destination, tos, not, iif/oif, ports, ip_proto, uid
+	// range, tun_id; and fwmark/mask, which are not Selectors.
 	narrowed := m[frhDstLen] != 0 || m[frhTos] != 0 || nl.NativeEndian().Uint32(m[frhFlags:frhFlags+4])&unix.FIB_RULE_INVERT != 0
 	var jumps, suppressesPrefix bool
 	forEachAttr(m[frhSize:], func(t uint16, v []byte) {
 		x, isU32 := u32(v)
 		set := len(v) > 0 && !allZero(v)
 		switch t {
-		case unix.FRA_DST, unix.FRA_IIFNAME, unix.FRA_OIFNAME, unix.FRA_UID_RANGE, unix.FRA_SPORT_RANGE, unix.FRA_DPORT_RANGE, unix.FRA_FWMASK:
+		case unix.FRA_DST, unix.FRA_IIFNAME, unix.FRA_OIFNAME, unix.FRA_UID_RANGE, unix.FRA_SPORT_RANGE, unix.FRA_DPORT_RANGE:
 			narrowed = true
-		case unix.FRA_FWMARK, unix.FRA_IP_PROTO, unix.FRA_TUN_ID:
+		case unix.FRA_IP_PROTO, unix.FRA_TUN_ID:
 			narrowed = narrowed || set
+		case unix.FRA_FWMARK:
+			r.Mark = x
+		case unix.FRA_FWMASK:
+			r.Mask = x
 		case unix.FRA_GOTO:
 			jumps = true
 		case fraDSCP:
@@ -440,7 +444,7 @@ func parseRule(m []byte) (r KernelRule, ok bool) {
 	r.Selectors = r.Selectors || narrowed || jumps || m[frhAction] != unix.FR_ACT_TO_TBL
 	// wg-quick's `lookup main suppress_prefixlength 0` lets default routes
 	// fall through: it sends nothing elsewhere.
-	r.LookupAll = !narrowed && !jumps && r.Table != unix.RT_TABLE_LOCAL && r.Table != 0 &&
+	r.LookupAll = !narrowed && r.Mark == 0 && r.Mask == 0 && !jumps && r.Table != unix.RT_TABLE_LOCAL && r.Table != 0 &&
 		!(r.Table == unix.RT_TABLE_MAIN && suppressesPrefix)
 	return r, true
 }

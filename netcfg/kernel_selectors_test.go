@@ -4,6 +4,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // A rule with our protocol, priority, source and table but a selector
@@ -21,13 +23,32 @@ func TestRulesWithSelectorsAreNotOurs(t *testing.T) {
 		{"uidrange", "1000-2000"},
 		{"suppress_prefixlength", "0"},
 	}
-	t.Run("after ours", func(t *testing.T) { checkRulesWithSelectors(t, lettingOursIn, afterOurs) })
-	t.Run("before ours", func(t *testing.T) { checkRulesWithSelectors(t, lettingOursIn, beforeOurs) })
+	t.Run("after ours", func(t *testing.T) { checkRulesWithSelectors(t, false, lettingOursIn, afterOurs) })
+	t.Run("before ours", func(t *testing.T) { checkRulesWithSelectors(t, false, lettingOursIn, beforeOurs) })
 	// The kernel's duplicate check ignores tos and `not` when the rule added
 	// lacks them: such a rule holds our plain rule's place (EEXIST, which
 	// Apply takes as done and the daemon reports as blocked).
 	for _, sel := range [][]string{{"tos", "0x10"}, {"not"}} {
-		t.Run("holding our place: "+sel[0], func(t *testing.T) { checkRulesWithSelectors(t, [][]string{sel}, holdingOurPlace) })
+		t.Run("holding our place: "+sel[0], func(t *testing.T) { checkRulesWithSelectors(t, false, [][]string{sel}, holdingOurPlace) })
+	}
+}
+
+// The same for a NAT source's mark rule (`fwmark 0x100000/0xfff00000
+// lookup T`): a rule with our protocol, priority, table, mark and mask plus
+// another selector is somebody else's, and so is one with a source, which
+// the kernel's duplicate check and delete request (no source) do not tell
+// from ours.
+func TestMarkRulesWithSelectorsAreNotOurs(t *testing.T) {
+	lettingOursIn := [][]string{
+		{"iif", "eth2"},
+		{"ipproto", "tcp"},
+		{"dport", "443"},
+		{"uidrange", "1000-2000"},
+	}
+	t.Run("after ours", func(t *testing.T) { checkRulesWithSelectors(t, true, lettingOursIn, afterOurs) })
+	t.Run("before ours", func(t *testing.T) { checkRulesWithSelectors(t, true, lettingOursIn, beforeOurs) })
+	for _, sel := range [][]string{{"from", "10.1.0.0/16"}, {"tos", "0x10"}, {"not"}} {
+		t.Run("holding our place: "+sel[0], func(t *testing.T) { checkRulesWithSelectors(t, true, [][]string{sel}, holdingOurPlace) })
 	}
 }
 
@@ -39,11 +60,26 @@ const (
 	holdingOurPlace
 )
 
-func checkRulesWithSelectors(t *testing.T, selectors [][]string, place lookalikePlace) {
+// checkRulesWithSelectors places rules with selectors next to our first
+// rule (mark: our mark rule instead) and checks what reconcile and cleanup
+// do with both.
+func checkRulesWithSelectors(t *testing.T, mark bool, selectors [][]string, place lookalikePlace) {
 	w := newKTWorld(t)
 	desired := w.state(ktEth1)
 	r := desired.Rules[0]
+	// match selects our rule in `ip rule add`; shown is how `ip rule show`
+	// prints it, plain our rule alone.
+	match, shown := []string{"from", r.Src.String()}, "from "+r.Src.Addr().String()+" "
+	plain := "\tfrom " + r.Src.Addr().String()
+	if mark {
+		r = Rule{Priority: r.Priority, Src: anyPrefix(unix.AF_INET), Table: r.Table, Mark: 1 << 20, Mask: NATMarkMask}
+		desired.Rules = append(desired.Rules, r)
+		desired.Sort()
+		match, shown = []string{"fwmark", "0x100000/0xfff00000"}, "fwmark 0x100000/0xfff00000"
+		plain = "\tfrom all " + shown
+	}
 	prio, table := strconv.Itoa(r.Priority), strconv.Itoa(r.Table)
+	plain += " lookup " + table + " proto 210"
 	family := "-4"
 	if r.Src.Addr().Is6() {
 		family = "-6"
@@ -52,14 +88,12 @@ func checkRulesWithSelectors(t *testing.T, selectors [][]string, place lookalike
 		for _, sel := range selectors {
 			args := []string{family, "rule", "add", "priority", prio}
 			if sel[0] == "not" {
-				args = append(args, "not", "from", r.Src.String())
-			} else {
-				args = append(append(args, "from", r.Src.String()), sel...)
+				args = append(args, "not")
+				sel = nil
 			}
-			w.ip(t, append(args, "lookup", table, "proto", "210")...)
+			w.ip(t, append(append(append(args, match...), sel...), "lookup", table, "proto", "210")...)
 		}
 	}
-	plain := "\tfrom " + r.Src.Addr().String() + " lookup " + table + " proto 210"
 	rules := func() (lookalikes string, ours bool) {
 		t.Helper()
 		out, err := w.ns.Output("ip", family, "rule", "show", "priority", prio)
@@ -71,7 +105,7 @@ func checkRulesWithSelectors(t *testing.T, selectors [][]string, place lookalike
 			switch {
 			case strings.HasSuffix(l, plain):
 				ours = true
-			case strings.Contains(l, "from "+r.Src.Addr().String()+" ") && strings.Contains(l, "proto 210"):
+			case strings.Contains(l, shown) && strings.Contains(l, "proto 210"):
 				keep = append(keep, l)
 			}
 		}

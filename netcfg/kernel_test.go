@@ -285,7 +285,7 @@ func TestCleanupRestoresTheNamespace(t *testing.T) {
 	if owned := w.owned(t); !owned.Empty() {
 		t.Errorf("Observe().Owned after cleanup: %+v", owned)
 	}
-	orig, err := w.k.rpFilterOriginals()
+	orig, err := w.k.originals(rpFilterStateFile)
 	if err != nil || len(orig) != 0 {
 		t.Errorf("rp_filter records after cleanup: %v, %v", orig, err)
 	}

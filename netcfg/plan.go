@@ -8,8 +8,9 @@ import (
 	"strings"
 )
 
-// Op is one change: add or delete a route, rule, address or altname, or set
-// rp_filter. Exactly one of Route, Rule, Addr, RPFilter, AltName is set.
+// Op is one change: add or delete a route, rule, address or altname, set
+// rp_filter, or write or delete the NAT's table. Exactly one of Route, Rule,
+// Addr, RPFilter, AltName, NAT is set.
 type Op struct {
 	Delete bool `json:"delete,omitempty"`
 	// Replace swaps an object of ours in place, in one atomic RTM_NEWROUTE /
@@ -24,6 +25,9 @@ type Op struct {
 	Addr     *Addr     `json:"addr,omitempty"`
 	RPFilter *RPFilter `json:"rp_filter,omitempty"` // Delete means "restore the recorded original value"
 	AltName  *AltName  `json:"altname,omitempty"`
+	// NAT: write the whole table and turn ip_forward on; Delete: restore
+	// ip_forward, delete the table.
+	NAT *NFTable `json:"-"`
 }
 
 // Plan is an ordered list of changes: all adds (and rp_filter sets) come before
@@ -44,11 +48,13 @@ func (p Plan) Empty() bool { return len(p.Ops) == 0 }
 //  3. rule adds (after the routes, so a rule never points at an empty table);
 //  4. rp_filter sets;
 //  5. altname adds;
-//  6. rule deletes (before routes: no rule left pointing at a gutted table);
-//  7. route deletes, gateway routes before on-link routes;
-//  8. address deletes;
-//  9. rp_filter restores;
-//  10. altname deletes.
+//  6. the NAT's table (after the mark rules that route its replies), or
+//     its removal (before them);
+//  7. rule deletes (before routes: no rule left pointing at a gutted table);
+//  8. route deletes, gateway routes before on-link routes;
+//  9. address deletes;
+//  10. rp_filter restores;
+//  11. altname deletes.
 //
 // An owned object with the key of a desired object but other attributes is
 // replaced in place (routes, address flags) rather than deleted and re-added.
@@ -62,6 +68,8 @@ func Diff(owned, desired State) Plan {
 		ruleAdds
 		rpfSets
 		altAdds
+		natSets
+		natDels
 		ruleDels
 		viaDels
 		onLinkDels
@@ -101,6 +109,13 @@ func Diff(owned, desired State) Plan {
 	diffByKey(owned.AltNames, desired.AltNames, compareAltNames,
 		func(a AltName, _ bool) { g[altAdds] = append(g[altAdds], Op{AltName: ptr(a)}) },
 		func(a AltName) { g[altDels] = append(g[altDels], Op{Delete: true, AltName: ptr(a)}) })
+	switch {
+	case owned.NAT.Equal(desired.NAT):
+	case desired.NAT != nil:
+		g[natSets] = []Op{{Replace: owned.NAT != nil, NAT: desired.NAT}}
+	default:
+		g[natDels] = []Op{{Delete: true, NAT: owned.NAT}}
+	}
 	return Plan{Ops: slices.Concat(g[:]...)}
 }
 
@@ -215,6 +230,10 @@ func (op Op) Format(linkNames map[int]string) string {
 		return sign + "sysctl " + op.RPFilter.String()
 	case op.AltName != nil:
 		return sign + "altname " + op.AltName.Name + " dev " + linkName(linkNames, op.AltName.LinkIndex)
+	case op.NAT != nil && op.Delete:
+		return sign + "nft table inet " + NATTableName + ", sysctl net.ipv4.ip_forward (restore the original value)"
+	case op.NAT != nil:
+		return sign + "nft " + op.NAT.String() + ", sysctl net.ipv4.ip_forward=1"
 	}
 	return sign + "(empty op)"
 }
@@ -232,6 +251,8 @@ func (op Op) Object() string {
 		return "rp_filter"
 	case op.AltName != nil:
 		return "altname"
+	case op.NAT != nil:
+		return "nat"
 	}
 	return ""
 }
@@ -296,6 +317,9 @@ func (r Route) String() string { return r.Format(nil) }
 
 // String prints the rule in `ip rule` syntax without the leading verb.
 func (r Rule) String() string {
+	if r.Mark != 0 || r.Mask != 0 {
+		return fmt.Sprintf("from %v fwmark %#x/%#x lookup %d priority %d", r.Src, r.Mark, r.Mask, r.Table, r.Priority)
+	}
 	return fmt.Sprintf("from %v lookup %d priority %d", r.Src, r.Table, r.Priority)
 }
 

@@ -112,7 +112,7 @@ func TestOwnedRPFiltersFromLinkDump(t *testing.T) {
 	// /proc/sys/net/ipv4/conf/lo: a link that exists but has no rp_filter.
 	ns.Run(t, "ip", "link", "set", "lo", "mtu", "60")
 	orig := map[string]int{"eth2": 0, "eth0": 1, "gone": 1, "lo": 1}
-	if err := WriteStateFile(k.rpFilterStatePath(), orig, 0o600); err != nil {
+	if err := WriteStateFile(filepath.Join(k.stateDir, rpFilterStateFile), orig, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	_, values, _, err := k.dump.links()

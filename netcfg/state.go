@@ -20,11 +20,13 @@ type RouteKey struct {
 // Key returns the route's identity.
 func (r Route) Key() RouteKey { return RouteKey{Table: r.Table, Dst: r.Dst} }
 
-// RuleKey is a rule's identity: priority, source and table.
+// RuleKey is a rule's identity: all of it.
 type RuleKey struct {
 	Priority int
 	Src      netip.Prefix
 	Table    int
+	Mark     uint32
+	Mask     uint32
 }
 
 // Key returns the rule's identity.
@@ -43,7 +45,7 @@ func (a Addr) Key() AddrKey { return AddrKey{LinkIndex: a.LinkIndex, Prefix: a.P
 
 // Sort puts every slice of s in canonical order, so that equal states compare
 // equal and print identically. Routes sort by table then destination, rules
-// by priority then source then table, addresses by link then address,
+// by priority, source, table, mark and mask, addresses by link then address,
 // rp_filter entries by link name, altnames by link then name.
 func (s *State) Sort() {
 	slices.SortFunc(s.Routes, compareRoutes)
@@ -59,12 +61,12 @@ func (s State) Equal(t State) bool {
 	a.Sort()
 	b.Sort()
 	return slices.Equal(a.Routes, b.Routes) && slices.Equal(a.Rules, b.Rules) &&
-		slices.Equal(a.Addrs, b.Addrs) && slices.Equal(a.RPFilters, b.RPFilters) && slices.Equal(a.AltNames, b.AltNames)
+		slices.Equal(a.Addrs, b.Addrs) && slices.Equal(a.RPFilters, b.RPFilters) && slices.Equal(a.AltNames, b.AltNames) && s.NAT.Equal(t.NAT)
 }
 
 // Empty reports whether s holds no object at all.
 func (s State) Empty() bool {
-	return len(s.Routes) == 0 && len(s.Rules) == 0 && len(s.Addrs) == 0 && len(s.RPFilters) == 0 && len(s.AltNames) == 0
+	return len(s.Routes) == 0 && len(s.Rules) == 0 && len(s.Addrs) == 0 && len(s.RPFilters) == 0 && len(s.AltNames) == 0 && s.NAT == nil
 }
 
 func (s State) clone() State {
@@ -74,6 +76,7 @@ func (s State) clone() State {
 		Addrs:     slices.Clone(s.Addrs),
 		RPFilters: slices.Clone(s.RPFilters),
 		AltNames:  slices.Clone(s.AltNames),
+		NAT:       s.NAT, // never changed in place
 	}
 }
 
@@ -123,7 +126,7 @@ func compareRules(a, b Rule) int {
 	if c := comparePrefix(a.Src, b.Src); c != 0 {
 		return c
 	}
-	return cmp.Compare(a.Table, b.Table)
+	return cmp.Or(cmp.Compare(a.Table, b.Table), cmp.Compare(a.Mark, b.Mark), cmp.Compare(a.Mask, b.Mask))
 }
 
 func compareAddrs(a, b Addr) int {

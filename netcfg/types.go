@@ -96,9 +96,31 @@ type ENIConfig struct {
 	// routes (the lowest card/device); an ENI with off does not, so the next
 	// ENI of that VPC does. Select by VPC id to turn a VPC's routes off.
 	VPCRoutes VPCRoutesMode
-	// ExtraRoutes are added to the ENI's table via its gateway, e.g. an
-	// on-premises CIDR reached through VPC B.
-	ExtraRoutes []netip.Prefix
+	// Routes are CIDRs the instance's own connections reach through this
+	// ENI, an on-premises network behind VPC B's VPN for example: main-table
+	// routes via the ENI's gateway with its first address as source.
+	Routes []ConfigPrefix
+	// NAT makes the ENI a source of the shared NAT (docs/nat.md).
+	NAT bool
+	// NATSources narrows the IPv4 sources the NAT forwards from the ENI;
+	// empty means its VPC's IPv4 CIDRs.
+	NATSources []ConfigPrefix
+}
+
+// ConfigPrefix is a CIDR of the configuration file with where it was given
+// ("dualhomed.yaml:12: enis[0].routes[1]"): some problems show only once
+// IMDS describes the ENIs, and their warnings name the place to fix.
+type ConfigPrefix struct {
+	netip.Prefix
+	At string
+}
+
+// where names the CIDR for a message: its place in the file, else itself.
+func (p ConfigPrefix) where() string {
+	if p.At != "" {
+		return p.At
+	}
+	return p.String()
 }
 
 // Link is a kernel network interface as seen by dualhomed: ENIs are found by MAC.
@@ -119,12 +141,17 @@ type Route struct {
 	ScopeLink bool         `json:"scope_link,omitempty"`
 }
 
-// Rule is a policy rule dualhomed owns: `ip rule add from <Src> lookup <Table>
-// priority <Priority> protocol <Config.Protocol>`.
+// Rule is a policy rule dualhomed owns, of one of two shapes (ourShape):
+// `ip rule add from <Src> lookup <Table> priority <Priority> protocol
+// <Config.Protocol>`, or, for the replies of a NAT source's connections
+// (docs/nat.md), `ip rule add fwmark <Mark>/<Mask> lookup ...`: IPv4, Src
+// 0.0.0.0/0, Mark in NATMarkMask and Mask NATMarkMask.
 type Rule struct {
 	Priority int          `json:"priority"`
 	Src      netip.Prefix `json:"src"` // /32 and /128 for addresses, the prefix for delegated prefixes
 	Table    int          `json:"table"`
+	Mark     uint32       `json:"fwmark,omitempty"`
+	Mask     uint32       `json:"fwmask,omitempty"`
 }
 
 // Addr is an interface address dualhomed adds (and so owns): `ip addr add
@@ -158,4 +185,6 @@ type State struct {
 	Addrs     []Addr     `json:"addrs"`
 	RPFilters []RPFilter `json:"rp_filters"`
 	AltNames  []AltName  `json:"altnames"`
+	// NAT is the shared NAT's table with ip_forward; nil for none.
+	NAT *NFTable `json:"-"`
 }

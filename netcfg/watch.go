@@ -18,7 +18,8 @@ type KernelChange int
 const (
 	LinkChanged KernelChange = iota + 1 // a link appeared, went or changed (up, down, renamed)
 	AddrChanged                         // an address was added or deleted
-	// OwnedDeleted: a route or rule carrying our protocol was deleted (drift).
+	// OwnedDeleted: a route or rule carrying our protocol was deleted, or
+	// our nftables table changed (drift).
 	OwnedDeleted
 	// ForeignDeleted: another program's route or rule was deleted; an add
 	// of ours that it held out may fit now.
@@ -53,54 +54,59 @@ func rtnlGroups(groups ...uint) uint32 {
 const watchBuffer = 1 << 20
 
 // Watch calls fn with every change the kernel announces in k's namespace,
-// one call per notification, until ctx ends; the local table's routes (one
-// per address, which nothing reads) are left out. It is the daemon's one
-// kernel change feed: one socket, parsed like Observe's dumps. After a
-// receive error it opens its socket again, after a pause that doubles from
-// 1 s to 30 s (reset once it has worked for a minute), reports the error and
-// the pause to lost first, and Resync to fn once listening again. It
-// returns at once; fn and lost are called from its goroutine.
+// one call per notification, until ctx ends: rtnetlink's (the local table's
+// routes aside: one per address, which nothing reads) and nftables' about
+// our table. It is the daemon's one kernel change feed, parsed like
+// Observe's reads, on two sockets. After a receive error it opens a socket
+// again, after a pause that doubles from 1 s to 30 s (reset once it has
+// worked for a minute), reports the error and the pause to lost first, and
+// Resync to fn once listening again. It returns at once; fn and lost are
+// called from its goroutines.
 func (k *Kernel) Watch(ctx context.Context, fn func(KernelChange), lost func(err error, retryIn time.Duration)) {
-	go func() {
-		backoff := time.Second
-		for resync := false; ; resync = true {
-			began := time.Now()
-			err := k.watch(ctx, fn, resync)
-			if ctx.Err() != nil {
-				return
-			}
-			if time.Since(began) > time.Minute {
-				backoff = time.Second // it worked for a while: a fresh failure
-			}
-			lost(err, backoff)
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(backoff):
-			}
-			backoff = min(2*backoff, 30*time.Second)
+	go k.feed(ctx, unix.NETLINK_ROUTE, watchGroups, k.cfg.changes, fn, lost)
+	go k.feed(ctx, unix.NETLINK_NETFILTER, 1<<(unix.NFNLGRP_NFTABLES-1), natChanges, fn, lost)
+}
+
+// feed listens to one socket, and again after each failure, until ctx ends.
+func (k *Kernel) feed(ctx context.Context, proto int, groups uint32, changes func([]byte, func(KernelChange)), fn func(KernelChange), lost func(error, time.Duration)) {
+	backoff := time.Second
+	for resync := false; ; resync = true {
+		began := time.Now()
+		err := k.watch(ctx, proto, groups, changes, fn, resync)
+		if ctx.Err() != nil {
+			return
 		}
-	}()
+		if time.Since(began) > time.Minute {
+			backoff = time.Second // it worked for a while: a fresh failure
+		}
+		lost(err, backoff)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 30*time.Second)
+	}
 }
 
 // watch listens on one socket until ctx ends or the socket fails.
-func (k *Kernel) watch(ctx context.Context, fn func(KernelChange), resync bool) error {
+func (k *Kernel) watch(ctx context.Context, proto int, groups uint32, changes func([]byte, func(KernelChange)), fn func(KernelChange), resync bool) error {
 	var fd int
 	err := nsthread.Do(k.ns, func() (err error) {
-		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_ROUTE)
+		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, proto)
 		return err
 	})
 	if err != nil {
 		return fmt.Errorf("opening netlink notification socket: %w", err)
 	}
 	// Non-blocking under the runtime's poller: closing the file ends a read.
-	f := os.NewFile(uintptr(fd), "rtnetlink notifications")
+	f := os.NewFile(uintptr(fd), "netlink notifications")
 	defer f.Close()
 	// Past net.core.rmem_max as root; else capped by it. Not fatal either way.
 	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, watchBuffer) != nil {
 		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, watchBuffer)
 	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: watchGroups}); err != nil {
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: groups}); err != nil {
 		return fmt.Errorf("subscribing to netlink notifications: %w", err)
 	}
 	defer context.AfterFunc(ctx, func() { f.Close() })()
@@ -129,13 +135,37 @@ func (k *Kernel) watch(ctx context.Context, fn func(KernelChange), resync bool) 
 		case rerr != nil:
 			return fmt.Errorf("receiving netlink notifications: %w", rerr)
 		case sa != nil && sa.Pid == 0: // the kernel's, not another process's
-			k.cfg.changes(buf[:n], fn)
+			changes(buf[:n], fn)
 		}
 	}
 }
 
-// changes calls fn with the meaning of each notification in b.
-func (c Config) changes(b []byte, fn func(KernelChange)) {
+// natChanges calls fn with OwnedDeleted for each nftables notification in
+// b about our table: any change of it by another program is drift to
+// repair at once (our own writes come back too, and cost one reconcile
+// that finds nothing to do).
+func natChanges(b []byte, fn func(KernelChange)) {
+	forEachMessage(b, fn, func(typ uint16, m []byte) KernelChange {
+		ours := false
+		if typ>>8 == unix.NFNL_SUBSYS_NFTABLES && len(m) >= 4 && m[0] == unix.NFPROTO_INET {
+			// The first attribute of a table, chain, rule, set... message
+			// names its table.
+			forEachAttr(m[4:], func(t uint16, v []byte) {
+				ours = ours || t == 1 && unix.ByteSliceToString(v) == NATTableName
+			})
+		}
+		if ours {
+			return OwnedDeleted
+		}
+		return 0
+	})
+}
+
+// changes calls fn with the meaning of each rtnetlink notification in b.
+func (c Config) changes(b []byte, fn func(KernelChange)) { forEachMessage(b, fn, c.change) }
+
+// forEachMessage calls fn with change's meaning of each netlink message in b.
+func forEachMessage(b []byte, fn func(KernelChange), change func(typ uint16, m []byte) KernelChange) {
 	ne := nl.NativeEndian()
 	for len(b) >= unix.SizeofNlMsghdr {
 		l := int(ne.Uint32(b[0:4]))
@@ -143,7 +173,7 @@ func (c Config) changes(b []byte, fn func(KernelChange)) {
 			fn(Resync) // cannot happen; if it does, look at everything
 			return
 		}
-		if ch := c.change(ne.Uint16(b[4:6]), b[unix.SizeofNlMsghdr:l]); ch != 0 {
+		if ch := change(ne.Uint16(b[4:6]), b[unix.SizeofNlMsghdr:l]); ch != 0 {
 			fn(ch)
 		}
 		b = b[nlmAlign(l):]

@@ -82,3 +82,39 @@ func TestChangeClassifiesRoutes(t *testing.T) {
 		t.Errorf("a foreign route added is reported as %d, want OtherChanged", got)
 	}
 }
+
+// Of nftables, the feed hears our table only: a change to it is drift, to
+// be repaired at once; another program's tables are none of its business.
+func TestWatchHearsOurNFTableOnly(t *testing.T) {
+	requireNFT(t)
+	w := newKTWorld(t)
+	var mu sync.Mutex
+	var seen []KernelChange
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	w.k.Watch(ctx, func(c KernelChange) { mu.Lock(); seen = append(seen, c); mu.Unlock() },
+		func(err error, _ time.Duration) { t.Errorf("feed lost: %v", err) })
+	time.Sleep(100 * time.Millisecond) // the feed subscribes
+	heard := func() []KernelChange {
+		mu.Lock()
+		defer mu.Unlock()
+		out := seen
+		seen = nil
+		return out
+	}
+	w.ns.Run(t, "nft", "add table inet other\nadd chain inet other c\nadd rule inet other c accept\nflush table inet other\nadd table ip dualhomed")
+	time.Sleep(300 * time.Millisecond)
+	if got := heard(); len(got) != 0 {
+		t.Errorf("other tables' changes reported: %v", got)
+	}
+	for _, script := range []string{"add table inet dualhomed\nadd chain inet dualhomed c\nadd rule inet dualhomed c accept", "flush chain inet dualhomed c"} {
+		w.ns.Run(t, "nft", script)
+		deadline := time.Now().Add(5 * time.Second)
+		for !slices.Contains(heard(), OwnedDeleted) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%q: not reported as drift", script)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+}

@@ -181,3 +181,19 @@ func TestLinkArrivalMatchesTheNewMAC(t *testing.T) {
 		t.Errorf("%d link waiters left after the arrival", len(w.waiters))
 	}
 }
+
+// The NAT's rows come from BenchmarkNAT's lines of the Go benchmarks' output.
+func TestNATRows(t *testing.T) {
+	out := "BenchmarkNAT/conns/dualhomed-2         \t   10000\t    506533 ns/op\t      1974 conns/s\n" +
+		"BenchmarkNAT/throughput/dualhomed-2    \t     656\t   5497407 ns/op\t 190.74 MB/s\n" +
+		"BenchmarkNAT/conns/hand-written-2      \t    5113\t    685870 ns/op\t      1458 conns/s\n" +
+		"BenchmarkNAT/throughput/hand-written-2 \t    1508\t   2774711 ns/op\t 377.90 MB/s\n"
+	rows := natRows(out)
+	if len(rows) != 2 || rows[0].Dualhomed != "1974 conns/s" || !strings.Contains(rows[0].Ratios, "1458 conns/s; dualhomed/hand-written 1.35") ||
+		rows[0].Result != "pass" || rows[1].Dualhomed != "191 MB/s" || rows[1].Result != "**FAIL**" {
+		t.Errorf("rows %+v", rows)
+	}
+	if rows := natRows(""); rows != nil {
+		t.Errorf("rows without output: %+v", rows)
+	}
+}

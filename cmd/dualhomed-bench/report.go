@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"text/template"
 	"time"
@@ -26,6 +27,7 @@ const (
 	targetDrift        = 100 * time.Millisecond
 	targetIdleCPU      = 0.001 // fraction of one core
 	targetRSSBytes     = 30e6
+	targetNATVsFloor   = 0.8              // the NAT at least 0.8 × the hand-written nft ruleset
 	daemonIMDSBackoff0 = time.Second      // agent/daemon.go: first retry delay after a failed IMDS read
 	daemonIMDSBackoffM = 15 * time.Second // capped by the poll interval (agent.DefaultPollInterval)
 )
@@ -214,6 +216,48 @@ func (r *results) summaryTable() string {
 		return err.Error()
 	}
 	return b.String()
+}
+
+// natRow is one of the shared NAT's summary rows.
+type natRow struct{ What, Dualhomed, Ratios, Target, Result string }
+
+// NATRows compares the shared NAT's table with the same NAT written by hand
+// in nft, the floor, from netcfg's BenchmarkNAT in the Go benchmarks'
+// output: the same world, the same fwmark rules, one ruleset or the other.
+func (r *results) NATRows() []natRow { return natRows(r.o.goBenchOut) }
+
+func natRows(goBenchOut string) []natRow {
+	fig := map[string]float64{} // "conns/dualhomed" -> conns/s, "throughput/hand-written" -> MB/s...
+	for _, line := range strings.Split(goBenchOut, "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		name, ok := strings.CutPrefix(f[0], "BenchmarkNAT/")
+		if !ok {
+			continue
+		}
+		name = name[:max(strings.LastIndex(name, "-"), 0)] // the GOMAXPROCS suffix
+		for i := 2; i+1 < len(f); i += 2 {
+			if v, err := strconv.ParseFloat(f[i], 64); err == nil && (f[i+1] == "conns/s" || f[i+1] == "MB/s") {
+				fig[name] = v
+			}
+		}
+	}
+	var rows []natRow
+	for _, m := range []struct{ kind, unit, what string }{
+		{"conns", "conns/s", "Shared NAT: new TCP connections per second, VPC B and C clients to the internet host (BenchmarkNAT)"},
+		{"throughput", "MB/s", "Shared NAT: throughput of one TCP connection (BenchmarkNAT)"},
+	} {
+		d, h := fig[m.kind+"/dualhomed"], fig[m.kind+"/hand-written"]
+		if d == 0 || h == 0 {
+			continue
+		}
+		rows = append(rows, natRow{What: m.what, Dualhomed: fmt.Sprintf("%.0f %s", d, m.unit),
+			Ratios: fmt.Sprintf("hand-written nft ruleset: %.0f %s; dualhomed/hand-written %.2f", h, m.unit, d/h),
+			Target: fmt.Sprintf("≥ %.1f × the hand-written ruleset", targetNATVsFloor), Result: verdict(d >= targetNATVsFloor*h)})
+	}
+	return rows
 }
 
 //go:embed report.md.tmpl

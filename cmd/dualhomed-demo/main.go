@@ -5,7 +5,9 @@
 // (cmd/internal/simworld), shows that clients in the secondary ENIs' VPCs get
 // no reply, starts the real dualhomed daemon against an IMDS emulator running
 // inside the instance, shows `dualhomed status` and the working connections,
-// then removes everything it created, also on Ctrl-C or failure.
+// a route to an on-premises network through VPC B and the instance as the
+// shared NAT of VPC B and VPC C, then removes everything it created, also
+// on Ctrl-C or failure.
 package main
 
 import (
@@ -13,6 +15,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -97,7 +100,7 @@ func (d *demo) run(ctx context.Context) error {
 	}
 	say("dualhomed demo (%s): a simulated dual-homed EC2 instance, built from network namespaces.", version)
 	say("")
-	w, err := simworld.New(ctx, simworld.Options{DualhomedBin: d.dualhomed})
+	w, err := simworld.New(ctx, simworld.Options{DualhomedBin: d.dualhomed, NAT: true})
 	if err != nil {
 		return err
 	}
@@ -124,7 +127,12 @@ func (d *demo) run(ctx context.Context) error {
 	say("2. Starting `dualhomed daemon` in the instance. It reads IMDS (here the emulator on %s)", simworld.IMDSEndpoint)
 	say("   at start and then only once an hour: everything after the start is driven by kernel events.")
 	start := time.Now()
-	daemon, err := w.StartDaemon(simworld.DaemonOptions{PollInterval: time.Hour})
+	say("   Its configuration routes VPC B's on-premises network through eth1 and makes eth1 and eth2")
+	say("   the shared NAT's sources (steps 6 and 7):")
+	for _, l := range strings.Split(strings.TrimSpace(demoConfig), "\n") {
+		say("     %s", l)
+	}
+	daemon, err := w.StartDaemon(simworld.DaemonOptions{PollInterval: time.Hour, ExtraConfig: demoConfig})
 	if err != nil {
 		return err
 	}
@@ -146,8 +154,9 @@ func (d *demo) run(ctx context.Context) error {
 	}
 	say("")
 	say("   What it put in the kernel, written as the ip commands that make it: source rules, one routing")
-	say("   table per secondary ENI, its addresses, and a main-table route to VPC B (VPC C's CIDR overlaps")
-	say("   VPC A's, so it gets none: see the warning above):")
+	say("   table per secondary ENI, its addresses, a main-table route to VPC B (VPC C's CIDR overlaps")
+	say("   VPC A's, so it gets none: see the warning above), the on-premises route, and the NAT's")
+	say("   fwmark rules:")
 	st, err := simworld.ReadState(w.Instance)
 	if err != nil {
 		return err
@@ -196,7 +205,122 @@ func (d *demo) run(ctx context.Context) error {
 		return err
 	}
 	say("")
+	say("6. A route to an on-premises network (198.18.0.0/24, behind VPC B's VPN): an unbound connection")
+	say("   from the instance itself.")
+	if err := d.onPremises(ctx); err != nil {
+		return err
+	}
+	say("")
+	say("7. The shared NAT: VPC B's and VPC C's route tables send 0.0.0.0/0 to the instance.")
+	if err := d.sharedNAT(ctx); err != nil {
+		return err
+	}
+	say("")
 	say("Every reply left through the ENI its request came in on. That is dualhomed's job.")
+	return nil
+}
+
+// demoConfig is the daemon's configuration beyond the defaults.
+const demoConfig = `enis:
+  - match: {device_number: 1}
+    routes: [198.18.0.0/24]
+    nat: true
+    nat_sources: [100.64.0.0/16]
+  - match: {device_number: 2}
+    nat: true
+`
+
+// onPremises connects from the instance, unbound, to VPC B's on-premises
+// client and shows where the connection left.
+func (d *demo) onPremises(ctx context.Context) error {
+	w := d.world
+	b := w.VPCs["B"]
+	if err := w.ServeEcho(b.OnPrem, simworld.EchoPort); err != nil {
+		return err
+	}
+	c, err := simworld.Dial(ctx, w.Instance, netip.AddrPortFrom(b.OnPrem4, simworld.EchoPort), 2*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	route, err := w.Instance.IP("route", "get", b.OnPrem4.String())
+	if err != nil {
+		return err
+	}
+	say("   $ ip route get %s", b.OnPrem4)
+	say("   %s", strings.TrimSpace(strings.SplitN(route, "\n", 2)[0]))
+	say("   instance -> on-premises %s: TCP connected from %s (eth1's address), out of eth1", b.OnPrem4,
+		netip.MustParseAddrPort(c.LocalAddr().String()).Addr().Unmap())
+	return nil
+}
+
+// sharedNAT connects VPC B's and VPC C's clients, both 100.64.1.5, to the
+// internet host at the same moment from the same source port, and shows
+// what the NAT keeps out.
+func (d *demo) sharedNAT(ctx context.Context) error {
+	w := d.world
+	inet, err := simworld.ListenEcho(w.Internet, 8080)
+	if err != nil {
+		return err
+	}
+	defer inet.Close()
+	internet := netip.AddrPortFrom(simworld.InternetAddr, 8080)
+	src := netip.AddrPortFrom(simworld.NATClientAddr, 40000)
+	var conns []io.Closer
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for _, v := range []string{"B", "C"} {
+		c, err := simworld.DialFrom(ctx, w.VPCs[v].NATClient, src, internet, 2*time.Second)
+		if err != nil {
+			return fmt.Errorf("VPC %s's client to the internet: %w", v, err)
+		}
+		conns = append(conns, c)
+	}
+	wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if err := simworld.WaitFor(wctx, func() error {
+		if len(inet.Peers()) < 2 {
+			return errors.New("the internet host has not accepted both connections")
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	peers := inet.Peers()
+	for i, v := range []string{"B", "C"} {
+		say("   VPC %s client %s -> internet %s: connected; the internet host sees %s", v, src, internet, peers[i])
+	}
+	say("   Two connections with the same address and port, told apart by a conntrack zone per source ENI,")
+	say("   both masqueraded to eth0's %s. What the NAT keeps out (a UDP datagram each):", w.ENI("eth0").Primary4())
+	a, b, c := w.VPCs["A"], w.VPCs["B"], w.VPCs["C"]
+	for _, p := range []struct {
+		what     string
+		from, to *simworld.NS
+		src, dst netip.Addr
+	}{
+		{"VPC B -> VPC C's router", b.NATClient, c.Router, simworld.NATClientAddr, w.ENI("eth2").Gateway4},
+		{"VPC B -> VPC A's client", b.NATClient, a.Client, simworld.NATClientAddr, a.Client4},
+		{"VPC B's 10.1.100.50 (not in nat_sources) -> internet", b.Client, w.Internet, b.Client4, simworld.InternetAddr},
+	} {
+		ok, err := simworld.UDPArrives(p.from, p.src, p.to, p.dst)
+		if err != nil {
+			return err
+		}
+		say("   %-50s %s", p.what, map[bool]string{true: "arrives", false: "dropped"}[ok])
+	}
+	out, err := w.Dualhomed(ctx, "status")
+	if err != nil {
+		return err
+	}
+	say("   $ dualhomed status  (the NAT's counters)")
+	for _, l := range strings.Split(out, "\n") {
+		if strings.Contains(l, "source (") || strings.HasPrefix(l, "NAT ") {
+			say("   %s", l)
+		}
+	}
 	return nil
 }
 

@@ -190,8 +190,9 @@ func cleanupCmd(g *globals) *cobra.Command {
 		Use:   "cleanup",
 		Short: "Remove everything dualhomed owns and restore what it changed",
 		Long: `Delete every route, rule and address carrying dualhomed's protocol in its
-bands, and restore the rp_filter values it changed. Touches nothing else and
-does not need IMDS. Stop the daemon first, or it puts everything back.`,
+bands and the NAT's nftables table (inet dualhomed), and restore the
+rp_filter and ip_forward values it changed. Touches nothing else and does
+not need IMDS. Stop the daemon first, or it puts everything back.`,
 		RunE: func(*cobra.Command, []string) error {
 			cfg, err := g.loadConfig()
 			if err != nil {

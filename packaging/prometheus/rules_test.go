@@ -246,7 +246,7 @@ func parseSeries(s string) (series, error) {
 // has reported ENIs in every state, an IMDS error and a repair.
 func exported(t *testing.T) []series {
 	t.Helper()
-	m := agent.NewMetrics()
+	m := agent.NewMetrics(nil)
 	var enis []netcfg.ENIStatus
 	for _, s := range []netcfg.ENIState{netcfg.ENIConfigured, netcfg.ENIDrift, netcfg.ENIWaitingLink,
 		netcfg.ENIWaitingIMDS, netcfg.ENIExcluded, netcfg.ENIPrimaryRole, netcfg.ENIInvalid} {

@@ -49,7 +49,7 @@ func invoke(w *simworld.World, timeout time.Duration, args ...string) result {
 // each invocation fails with its exit code and a clear message, within
 // seconds, and the kernel is left exactly as it was.
 func TestBadInput(t *testing.T) {
-	w := newWorld(t)
+	w := newWorld(t, simworld.Options{})
 	if err := w.WriteConfig(simworld.DaemonOptions{PollInterval: 2 * time.Second}); err != nil {
 		t.Fatal(err)
 	}

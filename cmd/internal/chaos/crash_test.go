@@ -208,7 +208,7 @@ func ruleDuplicates(d simworld.Dump) []string {
 // the reference apply (a full dump, compared line by line), and plan says in
 // sync.
 func TestCrashes(t *testing.T) {
-	w := newWorld(t)
+	w := newWorld(t, simworld.Options{})
 	r := rng(t)
 	sc := crashScale()
 	startPrimaryGuard(t, w)

@@ -3,6 +3,7 @@ package chaos
 import (
 	"context"
 	"fmt"
+	"os/exec"
 	"slices"
 	"strings"
 	"sync"
@@ -135,7 +136,7 @@ func TestFights(t *testing.T) {
 	var d *simworld.Proc
 	setup := func(t *testing.T) {
 		t.Helper()
-		w = newWorld(t)
+		w = newWorld(t, simworld.Options{})
 		d = startDaemon(t, w, poll)
 		startPrimaryGuard(t, w)
 		waitInSync(t, w, 20*time.Second)
@@ -333,7 +334,67 @@ func TestFights(t *testing.T) {
 		}
 	})
 
+	t.Run("nat_table_flushed_every_100ms", func(t *testing.T) {
+		if _, err := exec.LookPath("nft"); err != nil {
+			t.Skip("skipping: needs nft to play the other program (apt-get install nftables)")
+		}
+		w = newWorld(t, simworld.Options{NAT: true})
+		var err error
+		if d, err = w.StartDaemon(simworld.DaemonOptions{PollInterval: poll, ExtraConfig: daemonConfig + natConfig}); err != nil {
+			t.Fatal(err)
+		}
+		waitConfigured(t, w, d, 20*time.Second, "eth1", "eth2")
+		startPrimaryGuard(t, w)
+		waitInSync(t, w, 20*time.Second)
+		// The other program has a table of its own, which must never change.
+		nft(t, w, "table inet other {\n chain forward {\n type filter hook forward priority 10; policy accept;\n iifname \"docker0\" accept\n }\n}")
+		other := nft(t, w, "list table inet other")
+		fig := measure(t, "nft flush table inet dualhomed every 100 ms", func() (int, int) {
+			f := fight(100*time.Millisecond, func() (int, error) {
+				out, err := w.Instance.Command(context.Background(), "nft", "-a", "list", "table", "inet", "dualhomed").Output()
+				rules := strings.Count(string(out), "# handle") - strings.Count(string(out), "chain ")
+				if err != nil || rules == 0 {
+					return 0, nil // not there, or still empty: nothing to undo
+				}
+				out, err = w.Instance.Command(context.Background(), "nft", "flush", "table", "inet", "dualhomed").CombinedOutput()
+				if err != nil {
+					return 0, fmt.Errorf("nft flush: %v %s", err, out)
+				}
+				return rules, nil
+			})
+			time.Sleep(window)
+			rounds, undone, err := f.end()
+			if err != nil {
+				t.Errorf("fighter: %v", err)
+			}
+			return rounds, undone
+		})
+		if fig.repairs == 0 {
+			t.Errorf("the daemon never repaired the flushed table")
+		}
+		if fig.reconciles > float64(window/(100*time.Millisecond))/2 {
+			t.Errorf("%.0f reconciles in %s against a fighter every 100 ms: no backoff", fig.reconciles, window)
+		}
+		converge(t, &fig, "eth1", "eth2")
+		if now := nft(t, w, "list table inet other"); now != other {
+			t.Errorf("the other program's table changed:\nbefore\n%s\nafter\n%s", other, now)
+		}
+	})
+
 	t.Logf("fights:\n  %s", strings.Join(figures, "\n  "))
+}
+
+// natConfig makes eth1 and eth2 sources of the shared NAT.
+const natConfig = "enis:\n  - match: {device_number: 1}\n    nat: true\n  - match: {device_number: 2}\n    nat: true\n"
+
+// nft runs `nft <script>` in the instance, failing t on error, and returns its output.
+func nft(t *testing.T, w *simworld.World, script string) string {
+	t.Helper()
+	out, err := w.Instance.Command(context.Background(), "nft", script).CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft %s: %v\n%s", script, err, out)
+	}
+	return string(out)
 }
 
 // tableOf returns the table that our source rule for addr points at.

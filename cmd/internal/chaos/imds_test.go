@@ -134,7 +134,7 @@ func imdsFaults(w *simworld.World) []imdsFault {
 // nothing is removed, the request rate stays within the retry budget, and
 // the daemon converges once the fault is cleared.
 func TestIMDSFaults(t *testing.T) {
-	w := newWorld(t)
+	w := newWorld(t, simworld.Options{})
 	const poll = 2 * time.Second
 	d := startDaemon(t, w, poll)
 	startPrimaryGuard(t, w)

@@ -85,14 +85,15 @@ const metricsListen = "127.0.0.1:9810"
 // daemonConfig is the YAML the suite's daemons run with (metrics on).
 const daemonConfig = "metrics:\n  listen: " + metricsListen + "\n"
 
-// newWorld builds a world for t with the IMDS emulator running, and
-// removes it when t ends.
-func newWorld(t *testing.T) *simworld.World {
+// newWorld builds a world for t (of opts, the program aside) with the IMDS
+// emulator running, and removes it when t ends.
+func newWorld(t *testing.T, opts simworld.Options) *simworld.World {
 	t.Helper()
 	if buildErr != nil && os.Geteuid() == 0 {
 		t.Fatal(buildErr)
 	}
-	w := simworld.ForTest(t, dualhomedBin)
+	opts.DualhomedBin = dualhomedBin
+	w := simworld.ForTestWith(t, opts)
 	if err := w.StartIMDS(); err != nil {
 		t.Fatal(err)
 	}

@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 )
 
 // TestLinkFlapStorm sets an ENI's link down and up 1,000 times, in a burst
@@ -15,7 +17,7 @@ import (
 // first), its reconciles coalesce (far fewer than the flaps), and it
 // converges once the storm ends.
 func TestLinkFlapStorm(t *testing.T) {
-	w := newWorld(t)
+	w := newWorld(t, simworld.Options{})
 	d := startDaemon(t, w, 2*time.Second)
 	startPrimaryGuard(t, w)
 	waitInSync(t, w, 20*time.Second)

@@ -2,9 +2,12 @@ package e2e
 
 import (
 	"context"
+	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -109,5 +112,69 @@ func TestVPCRoutesAndOverlapWarning(t *testing.T) {
 	t.Logf("dualhomed status:\n%s", out)
 	if !strings.Contains(out, "10.0.0.0/16") || !strings.Contains(strings.ToLower(out), "overlap") {
 		t.Errorf("dualhomed status does not warn that VPC C's 10.0.0.0/16 overlaps VPC A:\n%s", out)
+	}
+}
+
+// Part 1 of issue 14: `routes:` sends the instance's own unbound connections
+// to an on-premises network (reached through VPC B only) out of eth1, with
+// eth1's address as source; the route goes when its entry does.
+func TestRoutesReachOnPremises(t *testing.T) {
+	w := newWorld(t)
+	b, eth1 := w.VPCs["B"], w.ENI("eth1")
+	if err := w.ServeEcho(b.OnPrem, simworld.EchoPort); err != nil {
+		t.Fatal(err)
+	}
+	dst := netip.AddrPortFrom(b.OnPrem4, simworld.EchoPort)
+	// Without the route the connection follows the default route to VPC A.
+	if c, err := simworld.Dial(context.Background(), w.Instance, dst, 500*time.Millisecond); err == nil {
+		c.Close()
+		t.Fatal("the instance reaches the on-premises host without a route: the test proves nothing")
+	}
+	needBinaries(t)
+	if err := w.StartIMDS(); err != nil {
+		t.Fatal(err)
+	}
+	entry := "enis:\n  - match: {device_number: 1}\n    routes: [198.18.0.0/24]\n"
+	d, err := w.StartDaemon(simworld.DaemonOptions{PollInterval: time.Second, ExtraConfig: entry})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitConfigured(t, w, d, "eth1", "eth2")
+	before := routerRx(t, eth1)
+	c := dialFromInstance(t, w, b.OnPrem4)
+	if local := netip.MustParseAddrPort(c.LocalAddr().String()); local.Addr().Unmap() != eth1.Primary4() {
+		t.Errorf("the connection to %s left from %s, want eth1's %s", b.OnPrem4, local.Addr(), eth1.Primary4())
+	}
+	if after := routerRx(t, eth1); after <= before {
+		t.Errorf("VPC B's router received nothing from eth1 (rx %d -> %d)", before, after)
+	}
+	if err := c.SetDeadline(time.Now().Add(2 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write([]byte("hello\n")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 6)
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "hello\n" {
+		t.Fatalf("no echo from the on-premises host: %q, %v", buf, err)
+	}
+	expectInSync(t, w)
+
+	// The entry goes (a reload): so does the route.
+	if err := w.WriteConfig(simworld.DaemonOptions{PollInterval: time.Second}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := simworld.WaitFor(ctx, func() error {
+		if out, _ := w.Instance.IP("route", "show", "198.18.0.0/24"); strings.TrimSpace(out) != "" {
+			return fmt.Errorf("route left: %s", out)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
 	}
 }

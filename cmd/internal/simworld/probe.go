@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -208,13 +209,73 @@ func sleep(ctx context.Context, d time.Duration) error {
 // Dial opens a TCP connection from ns to dst, like a client program running
 // in ns; the kernel picks the source address (the connection is unbound).
 func Dial(ctx context.Context, ns *NS, dst netip.AddrPort, timeout time.Duration) (net.Conn, error) {
+	return DialFrom(ctx, ns, netip.AddrPort{}, dst, timeout)
+}
+
+// DialFrom is Dial bound to the source address and port src (unbound when
+// src is invalid).
+func DialFrom(ctx context.Context, ns *NS, src, dst netip.AddrPort, timeout time.Duration) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	c, err := ns.DialContext(ctx, "tcp", dst.String())
+	var c net.Conn
+	err := ns.Do(func() (err error) {
+		var d net.Dialer
+		if src.IsValid() {
+			d.LocalAddr = net.TCPAddrFromAddrPort(src)
+		}
+		c, err = d.DialContext(ctx, "tcp", dst.String())
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("connecting from %s to %s: %w", ns.Name, dst, err)
 	}
 	return c, nil
+}
+
+// UDPArrives reports whether a datagram sent from ns from (from src, or
+// unbound when src is invalid) to dst reaches a listener in ns to: delivery,
+// not a reply, so that a check of what must not cross does not depend on
+// how a reply would be routed.
+func UDPArrives(from *NS, src netip.Addr, to *NS, dst netip.Addr) (bool, error) {
+	const port = 9999
+	var ln net.PacketConn
+	if err := to.Do(func() (err error) { ln, err = net.ListenPacket("udp4", fmt.Sprintf(":%d", port)); return err }); err != nil {
+		return false, fmt.Errorf("listening in %s: %w", to.Name, err)
+	}
+	defer ln.Close()
+	payload := fmt.Sprintf("probe %v->%v %d", src, dst, time.Now().UnixNano())
+	err := from.Do(func() error {
+		var laddr *net.UDPAddr
+		if src.IsValid() {
+			laddr = net.UDPAddrFromAddrPort(netip.AddrPortFrom(src, 0))
+		}
+		c, err := net.DialUDP("udp4", laddr, net.UDPAddrFromAddrPort(netip.AddrPortFrom(dst, port)))
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		for range 3 { // a first datagram can wait for ARP
+			if _, err := c.Write([]byte(payload)); err != nil {
+				return err
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		return nil
+	})
+	if err != nil {
+		return false, fmt.Errorf("sending from %s: %w", from.Name, err)
+	}
+	buf := make([]byte, 256)
+	_ = ln.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	for {
+		n, _, err := ln.ReadFrom(buf)
+		if err != nil {
+			return false, nil
+		}
+		if string(buf[:n]) == payload {
+			return true, nil
+		}
+	}
 }
 
 // EchoOnce connects from ns to an echo server at dst, sends one line and
@@ -294,10 +355,19 @@ func (s *Stream) Stop() (int, error) {
 // EchoServer is a TCP echo server listening on every address of a namespace
 // (one dual-stack socket on [::]:port).
 type EchoServer struct {
-	ln   net.Listener
-	wg   sync.WaitGroup
-	mu   sync.Mutex
-	open map[net.Conn]bool
+	ln    net.Listener
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	open  map[net.Conn]bool
+	peers []netip.AddrPort
+}
+
+// Peers lists the address and port of each connection accepted so far, as
+// the server saw them.
+func (s *EchoServer) Peers() []netip.AddrPort {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.peers)
 }
 
 // ListenEcho starts an echo server inside ns on port.
@@ -322,6 +392,8 @@ func ListenEcho(ns *NS, port int) (*EchoServer, error) {
 			}
 			s.mu.Lock()
 			s.open[c] = true
+			peer := netip.MustParseAddrPort(c.RemoteAddr().String())
+			s.peers = append(s.peers, netip.AddrPortFrom(peer.Addr().Unmap(), peer.Port()))
 			s.mu.Unlock()
 			s.wg.Add(1)
 			go func() {

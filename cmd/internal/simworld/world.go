@@ -31,6 +31,14 @@
 // goes through eth0 (proto dhcp), and nothing else. IPv6 forwarding, router
 // advertisements and DAD are off everywhere so the world is deterministic.
 //
+// Options.NAT adds the shared NAT's world (docs/nat.md): VPCs B and C get a
+// second CIDR, the same 100.64.0.0/16 in both, each with a client at the
+// same address 100.64.1.5 (natB, natC: VPC.NATClient), and their routers
+// send their default route to the instance's ENI in their VPC; an
+// "internet" host (inet, 203.0.113.5) sits behind VPC A's router; a
+// container (ctr, 172.17.0.2) sits behind the instance's Docker-style
+// bridge link docker0 (172.17.0.1).
+//
 // Options.Instance replaces the four VPCs with any emulator.Instance (the
 // benchmarks' 15 ENIs): ENI i is the instance's eth<i>, every VPC (by VPC ID)
 // gets a router and a client at .50 of the last /24 of its first IPv4 CIDR,
@@ -90,7 +98,19 @@ type VPC struct {
 	// bring its replies back, only the ENI's source rule. Nil when absent.
 	OnPrem  *NS
 	OnPrem4 netip.Addr
+	// NATClient is the VPC's client at NATClientAddr, in its second CIDR
+	// NATCIDR, that reaches the internet through the instance's NAT
+	// (Options.NAT). Nil when absent.
+	NATClient *NS
 }
+
+// The addresses of Options.NAT's world.
+var (
+	NATCIDR       = netip.MustParsePrefix("100.64.0.0/16")
+	NATClientAddr = netip.MustParseAddr("100.64.1.5")
+	InternetAddr  = netip.MustParseAddr("203.0.113.5")
+	ContainerAddr = netip.MustParseAddr("172.17.0.2")
+)
 
 // ENI is one simulated elastic network interface: a veth whose instance end
 // carries the ENI's MAC and whose peer (RouterLink, in the VPC's router)
@@ -147,6 +167,9 @@ type Options struct {
 	// Instance, when set, is the instance to simulate instead of the four
 	// VPCs of the package comment.
 	Instance *emulator.Instance
+	// NAT adds the shared NAT's hosts of the package comment to the four
+	// VPCs.
+	NAT bool
 	// MinimalBoot boots the instance as a minimal image does, the benchmarks'
 	// starting point: DHCPv4 configures only the primary ENI (at boot; a
 	// hot-attached ENI gets nothing), and rp_filter keeps the kernel's
@@ -161,6 +184,9 @@ type World struct {
 	Instance *NS
 	VPCs     map[string]*VPC // by name: A, B, C, D
 	ENIs     []*ENI          // eth0..eth3 (eth3 starts detached)
+	// Internet and Container are the internet host and the container of
+	// Options.NAT; nil without it.
+	Internet, Container *NS
 	// IMDS is the emulator once StartIMDS has run.
 	IMDS *emulator.Server
 
@@ -228,7 +254,32 @@ func New(ctx context.Context, opts Options) (w *World, err error) {
 			return w, err
 		}
 	}
-	return w, nil
+	if opts.NAT && opts.Instance == nil {
+		err = w.addNATHosts()
+	}
+	return w, err
+}
+
+// addNATHosts adds the hosts of Options.NAT.
+func (w *World) addNATHosts() error {
+	var err error
+	if w.Internet, err = w.hostBehind(w.VPCs["A"].Router, "inet", "igw", InternetAddr, netip.Addr{}); err != nil {
+		return err
+	}
+	if w.Container, err = w.hostBehind(w.Instance, "ctr", "docker0", ContainerAddr, netip.Addr{}); err != nil {
+		return err
+	}
+	for _, e := range []*ENI{w.ENI("eth1"), w.ENI("eth2")} {
+		v := e.VPC
+		if v.NATClient, err = w.hostBehind(v.Router, "nat"+v.Name, "nat", NATClientAddr, netip.Addr{}); err != nil {
+			return err
+		}
+		e.desc.VPCIPv4CIDRs = append(e.desc.VPCIPv4CIDRs, NATCIDR)
+		if err := addRoute(v.Router.NL, &netlink.Route{Gw: e.Primary4().AsSlice()}); err != nil {
+			return fmt.Errorf("sending VPC %s's default route to %s: %w", v.Name, e.Link, err)
+		}
+	}
+	return nil
 }
 
 // defaultWorld is the four VPCs of the package comment and their ENIs.
