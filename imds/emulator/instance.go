@@ -14,10 +14,9 @@ import (
 // Ready and NotReadyReason fields are ignored (readiness is the client's
 // conclusion, not something IMDS says).
 type Instance struct {
-	InstanceID       string // meta-data/instance-id, e.g. "i-0123456789abcdef0"
-	InstanceType     string // meta-data/instance-type; "c6in.large" when empty
-	Region           string // meta-data/placement/region; "us-east-1" when empty
-	AvailabilityZone string // meta-data/placement/availability-zone; Region+"a" when empty
+	InstanceID   string // meta-data/instance-id, e.g. "i-0123456789abcdef0"
+	InstanceType string // meta-data/instance-type; "c6in.large" when empty
+	Region       string // meta-data/placement/region; "us-east-1" when empty; the zone is its "a"
 	// PrimaryMAC is served as meta-data/mac (absent when empty).
 	PrimaryMAC string
 	// ENIs are listed under meta-data/network/interfaces/macs/ in this order.
@@ -26,10 +25,6 @@ type Instance struct {
 	// with several network cards do. It is implied when any ENI has
 	// NetworkCard != 0; on single-card instances IMDS has no network-card key.
 	MultiCard bool
-	// TokensOptional emulates HttpTokens=optional (IMDSv1 allowed): reads
-	// without a token header are answered. A bogus or expired token still
-	// gets 401. The default, false, is HttpTokens=required.
-	TokensOptional bool
 }
 
 // Clone returns a deep copy, so a snapshot never aliases the server's state.

@@ -428,8 +428,7 @@ func (s *Server) serveMetadata(h http.Header, r *http.Request) (int, string) {
 	s.mu.Lock()
 	now := s.now()
 	exp, known := s.checkToken(token)
-	valid := token != "" && known && now.Before(exp) && !s.faults.RejectTokens ||
-		token == "" && s.inst.TokensOptional // IMDSv1 allowed: no token is fine, a bad one is not
+	valid := known && now.Before(exp) && !s.faults.RejectTokens // IMDSv2 only: no token is a bad one
 	var body string
 	found := false
 	if valid {
@@ -442,9 +441,8 @@ func (s *Server) serveMetadata(h http.Header, r *http.Request) (int, string) {
 		return http.StatusUnauthorized, ""
 	case !found:
 		return http.StatusNotFound, ""
-	case token != "":
-		h.Set(TokenTTLHeader, strconv.Itoa(max(int(exp.Sub(now).Seconds()), 1)))
 	}
+	h.Set(TokenTTLHeader, strconv.Itoa(max(int(exp.Sub(now).Seconds()), 1)))
 	return http.StatusOK, body
 }
 
