@@ -234,7 +234,7 @@ func (c *Client) get(ctx context.Context, path string) (string, error) {
 		if ctx.Err() != nil {
 			return "", &KeyError{Key: key, Err: ctx.Err()}
 		}
-		seen := rec.snapshot()
+		seen := *rec
 		failedKey := key
 		if seen.path == "api/token" {
 			failedKey = "api/token"
