@@ -15,39 +15,25 @@ import (
 	"github.com/dualhomed/dualhomed/netcfg"
 )
 
-// HostPaths are where the host check looks for systemd-networkd.
-type HostPaths struct {
-	// ProcDir is scanned for a systemd-networkd process (/proc).
-	ProcDir string
-	// NetworkdConfs are the main configuration files, lowest precedence first.
-	NetworkdConfs []string
-	// NetworkdDropinDirs hold *.conf drop-ins, highest precedence first: a
-	// drop-in in an earlier directory hides one of the same name in a later one.
-	NetworkdDropinDirs []string
-}
-
-// DefaultHostPaths are systemd's real locations.
-func DefaultHostPaths() HostPaths {
-	return HostPaths{
-		ProcDir:       "/proc",
-		NetworkdConfs: []string{"/usr/lib/systemd/networkd.conf", "/etc/systemd/networkd.conf"},
-		NetworkdDropinDirs: []string{
-			"/etc/systemd/networkd.conf.d",
-			"/run/systemd/networkd.conf.d",
-			"/usr/local/lib/systemd/networkd.conf.d",
-			"/usr/lib/systemd/networkd.conf.d",
-		},
-	}
-}
+// systemd-networkd's configuration, relative to the root directory: the
+// main files, lowest precedence first, and the directories of *.conf
+// drop-ins, highest precedence first (a drop-in in an earlier directory
+// hides one of the same name in a later one).
+var (
+	networkdConfs      = []string{"usr/lib/systemd/networkd.conf", "etc/systemd/networkd.conf"}
+	networkdDropinDirs = []string{"etc/systemd/networkd.conf.d", "run/systemd/networkd.conf.d",
+		"usr/local/lib/systemd/networkd.conf.d", "usr/lib/systemd/networkd.conf.d"}
+)
 
 // hostWarnings warns when systemd-networkd runs in the network namespace ns
 // (see namespaceOf) with settings that make it delete foreign rules or
-// routes: dualhomed's included. The daemon checks at start and on reload.
-func hostWarnings(p HostPaths, ns fileID) []netcfg.Warning {
-	if !networkdRunning(p, ns) {
+// routes: dualhomed's included. It reads /proc and systemd's files under
+// root. The daemon checks at start and on reload.
+func hostWarnings(root string, ns fileID) []netcfg.Warning {
+	if !networkdRunning(root, ns) {
 		return nil
 	}
-	settings := networkdSettings(p)
+	settings := networkdSettings(root)
 	var warns []netcfg.Warning
 	for _, c := range []struct{ key, what string }{
 		{"ManageForeignRoutingPolicyRules", "routing policy rules"},
@@ -67,8 +53,8 @@ func hostWarnings(p HostPaths, ns fileID) []netcfg.Warning {
 // networkdRunning reports whether a systemd-networkd process runs in the
 // network namespace ns: one that runs elsewhere (the host's, when dualhomed
 // manages a namespace of its own) never touches ns's routes.
-func networkdRunning(p HostPaths, ns fileID) bool {
-	comms, _ := filepath.Glob(filepath.Join(p.ProcDir, "[0-9]*", "comm"))
+func networkdRunning(root string, ns fileID) bool {
+	comms, _ := filepath.Glob(filepath.Join(root, "proc", "[0-9]*", "comm"))
 	for _, c := range comms {
 		b, err := os.ReadFile(c)
 		// comm is cut to 15 bytes: "systemd-network".
@@ -111,20 +97,20 @@ func HostWarnings(ns netns.NsHandle) []netcfg.Warning {
 	if err != nil {
 		id, _ = namespaceOf(netns.None())
 	}
-	return hostWarnings(DefaultHostPaths(), id)
+	return hostWarnings("/", id)
 }
 
 // networkdSettings returns the [Network] keys as systemd-networkd would see
 // them: main files in order, then drop-ins sorted by file name, later values
 // overriding earlier ones.
-func networkdSettings(p HostPaths) map[string]string {
+func networkdSettings(root string) map[string]string {
 	settings := map[string]string{}
-	for _, f := range p.NetworkdConfs {
-		readNetworkSection(f, settings)
+	for _, f := range networkdConfs {
+		readNetworkSection(filepath.Join(root, f), settings)
 	}
 	dropins := map[string]string{} // base name -> path of highest precedence
-	for i := len(p.NetworkdDropinDirs) - 1; i >= 0; i-- {
-		files, _ := filepath.Glob(filepath.Join(p.NetworkdDropinDirs[i], "*.conf"))
+	for i := len(networkdDropinDirs) - 1; i >= 0; i-- {
+		files, _ := filepath.Glob(filepath.Join(root, networkdDropinDirs[i], "*.conf"))
 		for _, f := range files {
 			dropins[filepath.Base(f)] = f
 		}

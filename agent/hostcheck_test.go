@@ -26,15 +26,10 @@ func writeFile(t *testing.T, path, content string) {
 // then with the settings its configuration files give it.
 func TestHostWarnings(t *testing.T) {
 	dir := t.TempDir()
-	p := HostPaths{
-		ProcDir:            filepath.Join(dir, "proc"),
-		NetworkdConfs:      []string{filepath.Join(dir, "usr/lib/systemd/networkd.conf"), filepath.Join(dir, "etc/systemd/networkd.conf")},
-		NetworkdDropinDirs: []string{filepath.Join(dir, "etc/systemd/networkd.conf.d"), filepath.Join(dir, "usr/lib/systemd/networkd.conf.d")},
-	}
 	var ns fileID // no namespace yet: nothing matches
 	keys := func() []string {
 		var out []string
-		for _, w := range hostWarnings(p, ns) {
+		for _, w := range hostWarnings(dir, ns) {
 			for _, k := range []string{"ManageForeignRoutingPolicyRules", "ManageForeignRoutes"} {
 				if strings.Contains(w.Message, k+"=no") {
 					out = append(out, k)
@@ -66,7 +61,7 @@ func TestHostWarnings(t *testing.T) {
 		t.Fatalf("networkd running with defaults: warnings for %v", got)
 	}
 
-	writeFile(t, p.NetworkdConfs[1], "[Network]\n#ManageForeignRoutes=no\nManageForeignRoutingPolicyRules=no\n[DHCPv4]\nManageForeignRoutes=no\n")
+	writeFile(t, filepath.Join(dir, "etc/systemd/networkd.conf"), "[Network]\n#ManageForeignRoutes=no\nManageForeignRoutingPolicyRules=no\n[DHCPv4]\nManageForeignRoutes=no\n")
 	if got := keys(); !slices.Equal(got, []string{"ManageForeignRoutes"}) {
 		t.Errorf("rules off in networkd.conf: warnings for %v", got)
 	}

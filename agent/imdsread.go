@@ -8,22 +8,14 @@ import (
 	"github.com/dualhomed/dualhomed/netcfg"
 )
 
-// Snapshotter reads the instance metadata service (an *imds.Client).
+// Snapshotter reads the instance metadata service (an *imds.Client): a
+// full snapshot, a read built on the last good snapshot that fetches only
+// what may have changed (see imds.Client.Refresh), or only the listing of
+// attached MACs, one request.
 type Snapshotter interface {
 	Snapshot(ctx context.Context) (imds.Snapshot, error)
-}
-
-// MACLister is the cheap IMDS read a Snapshotter may also offer (an
-// *imds.Client does): only the listing of attached MACs, one request.
-type MACLister interface {
-	ListMACs(ctx context.Context) (macs []string, requests int, err error)
-}
-
-// Refresher is the cheaper IMDS read a Snapshotter may also offer (an
-// *imds.Client does): a read built on the last good snapshot that fetches
-// only what may have changed (see imds.Client.Refresh).
-type Refresher interface {
 	Refresh(ctx context.Context, prev imds.Snapshot, u imds.Update) (imds.Snapshot, error)
+	ListMACs(ctx context.Context) (macs []string, requests int, err error)
 }
 
 // FullReadEvery is how many polls go between two full snapshots (and two
@@ -270,19 +262,14 @@ func (rd imdsRead) ask(links []netcfg.Link) {
 	for _, l := range links {
 		unknown = unknown || (l.MAC != "" && l.MAC != "00:00:00:00:00:00")
 	}
-	lister, ok := p.source.(MACLister)
-	switch {
-	case !unknown:
+	if !unknown {
 		if len(links) > 0 {
 			p.markSeen(rd.links) // only links without a MAC appeared: nothing to ask
 		}
 		return
-	case !ok:
-		rd.fetch(nil)
-		return
 	}
 	t0 := time.Now()
-	macs, n, err := lister.ListMACs(rd.ctx)
+	macs, n, err := p.source.ListMACs(rd.ctx)
 	rd.rep.IMDSLatency, rd.rep.IMDSRequests = time.Since(t0), n
 	if err != nil {
 		rd.rep.IMDSError, rd.rep.IMDSErr = err.Error(), err
@@ -298,15 +285,14 @@ func (rd imdsRead) ask(links []netcfg.Link) {
 	p.markSeen(rd.links)
 }
 
-// fetch reads a snapshot: in full (u nil, or a source without Refresh) or
-// as u says on the last good one.
+// fetch reads a snapshot: in full (u nil) or as u says on the last good one.
 func (rd imdsRead) fetch(u *imds.Update) {
 	p := rd.p
 	t0 := time.Now()
 	var fresh imds.Snapshot
 	var err error
-	if rf, ok := p.source.(Refresher); ok && u != nil {
-		fresh, err = rf.Refresh(rd.ctx, *p.lastGood, *u)
+	if u != nil {
+		fresh, err = p.source.Refresh(rd.ctx, *p.lastGood, *u)
 	} else {
 		fresh, err = p.source.Snapshot(rd.ctx)
 	}

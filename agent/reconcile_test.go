@@ -79,9 +79,11 @@ func removeFunc[T any](s []T, del func(T) bool) []T {
 }
 
 type fakeIMDS struct {
-	snap  imds.Snapshot
-	err   error
-	reads int
+	snap     imds.Snapshot
+	err      error
+	reads    int // snapshots and refreshes
+	listings int
+	listErr  error
 }
 
 // event is a kernel event's trigger a second after the last IMDS read:
@@ -106,6 +108,11 @@ func (f *fakeIMDS) Snapshot(context.Context) (imds.Snapshot, error) {
 	snap := f.snap // like the real client, every snapshot has its own slices
 	snap.ENIs = append([]imds.ENI(nil), f.snap.ENIs...)
 	return snap, nil
+}
+
+// Refresh reads everything again, as a Snapshot would.
+func (f *fakeIMDS) Refresh(ctx context.Context, _ imds.Snapshot, _ imds.Update) (imds.Snapshot, error) {
+	return f.Snapshot(ctx)
 }
 
 const (
@@ -269,21 +276,22 @@ func TestReconcileRefreshModes(t *testing.T) {
 	src, k := testWorld()
 	rec := NewReconciler(src, k, DefaultConfig())
 	ctx := context.Background()
-	if _, err := rec.Reconcile(ctx, event(rec), false); err != nil || src.reads != 1 {
-		t.Fatalf("first reconcile must read IMDS: reads=%d err=%v", src.reads, err)
+	reads := func() int { return src.reads + src.listings } // snapshots, refreshes and MAC listings
+	if _, err := rec.Reconcile(ctx, event(rec), false); err != nil || reads() != 1 {
+		t.Fatalf("first reconcile must read IMDS: reads=%d err=%v", reads(), err)
 	}
-	if _, err := rec.Reconcile(ctx, event(rec), false); err != nil || src.reads != 1 {
-		t.Fatalf("drift without new links must not read IMDS: reads=%d", src.reads)
+	if _, err := rec.Reconcile(ctx, event(rec), false); err != nil || reads() != 1 {
+		t.Fatalf("drift without new links must not read IMDS: reads=%d", reads())
 	}
 	k.obs.Links = append(k.obs.Links, netcfg.Link{Index: 9, Name: "eth3", MAC: "02:00:00:00:00:09"})
 	rep, err := rec.Reconcile(ctx, event(rec), false)
-	if err != nil || src.reads != 2 {
-		t.Fatalf("a new link must read IMDS: reads=%d", src.reads)
+	if err != nil || reads() != 2 {
+		t.Fatalf("a new link must read IMDS: reads=%d", reads())
 	}
 	if len(rep.PendingLinks) != 1 || rep.PendingLinks[0].Index != 9 {
 		t.Errorf("pending links = %+v, want eth3", rep.PendingLinks)
 	}
-	if _, err := rec.Reconcile(ctx, backingOff(rec), false); err != nil || src.reads != 2 {
+	if _, err := rec.Reconcile(ctx, backingOff(rec), false); err != nil || reads() != 2 {
 		t.Fatalf("an event while IMDS backs off read IMDS")
 	}
 }
@@ -348,14 +356,7 @@ func TestRepairBackoff(t *testing.T) {
 
 func nopLogger() *zap.Logger { return zap.NewNop() }
 
-// listingIMDS is a fakeIMDS that also offers the cheap MAC listing.
-type listingIMDS struct {
-	*fakeIMDS
-	listings int
-	listErr  error
-}
-
-func (f *listingIMDS) ListMACs(context.Context) ([]string, int, error) {
+func (f *fakeIMDS) ListMACs(context.Context) ([]string, int, error) {
 	f.listings++
 	if f.listErr != nil {
 		return nil, 1, f.listErr
@@ -372,8 +373,7 @@ func (f *listingIMDS) ListMACs(context.Context) ([]string, int, error) {
 // or a link's MAC is listed as not ready. A failed listing is an IMDS error
 // (nothing deleted).
 func TestReconcileListsMACsBeforeSnapshotForUnknownLinks(t *testing.T) {
-	base, k := testWorld()
-	src := &listingIMDS{fakeIMDS: base}
+	src, k := testWorld()
 	enis := src.snap.ENIs
 	src.snap.ENIs = enis[:2] // IMDS does not know C yet
 	k.obs.Links = k.obs.Links[:3]

@@ -103,7 +103,7 @@ type Client struct {
 
 // New validates opts and returns a Client. It sends no request.
 func New(opts Options) (*Client, error) {
-	endpoint, mode, err := resolveEndpoint(opts, os.Getenv)
+	endpoint, err := resolveEndpoint(opts, os.Getenv)
 	if err != nil {
 		return nil, err
 	}
@@ -144,13 +144,7 @@ func New(opts Options) (*Client, error) {
 		Retryer:           aws.NopRetryer{},
 		EnableFallback:    aws.FalseTernary, // IMDSv2 only: never fall back to tokenless v1
 		ClientEnableState: sdkimds.ClientEnabled,
-	}
-	if endpoint == DefaultIPv6Endpoint && mode == sdkimds.EndpointModeStateIPv6 {
-		sdkOpts.EndpointMode = sdkimds.EndpointModeStateIPv6
-	} else if endpoint == DefaultIPv4Endpoint && mode == sdkimds.EndpointModeStateIPv4 {
-		sdkOpts.EndpointMode = sdkimds.EndpointModeStateIPv4
-	} else {
-		sdkOpts.Endpoint = endpoint
+		Endpoint:          endpoint, // resolved here, the endpoint mode included
 	}
 	c.sdk = sdkimds.New(sdkOpts)
 	return c, nil
@@ -158,29 +152,29 @@ func New(opts Options) (*Client, error) {
 
 // resolveEndpoint applies the precedence Options.Endpoint >
 // $AWS_EC2_METADATA_SERVICE_ENDPOINT > default of the endpoint mode.
-func resolveEndpoint(opts Options, getenv func(string) string) (string, sdkimds.EndpointModeState, error) {
+func resolveEndpoint(opts Options, getenv func(string) string) (string, error) {
 	if opts.Endpoint != "" {
 		u, err := ValidateEndpoint(opts.Endpoint)
 		if err != nil {
-			return "", 0, fmt.Errorf("invalid IMDS endpoint %q: %w", opts.Endpoint, err)
+			return "", fmt.Errorf("invalid IMDS endpoint %q: %w", opts.Endpoint, err)
 		}
-		return u, sdkimds.EndpointModeStateUnset, nil
+		return u, nil
 	}
 	if v := getenv(EnvEndpoint); v != "" {
 		u, err := ValidateEndpoint(v)
 		if err != nil {
-			return "", 0, fmt.Errorf("invalid IMDS endpoint %s=%q: %w", EnvEndpoint, v, err)
+			return "", fmt.Errorf("invalid IMDS endpoint %s=%q: %w", EnvEndpoint, v, err)
 		}
-		return u, sdkimds.EndpointModeStateUnset, nil
+		return u, nil
 	}
 	mode := getenv(EnvEndpointMode)
 	switch {
 	case strings.EqualFold(mode, "IPv6"):
-		return DefaultIPv6Endpoint, sdkimds.EndpointModeStateIPv6, nil
+		return DefaultIPv6Endpoint, nil
 	case mode == "" || strings.EqualFold(mode, "IPv4"):
-		return DefaultIPv4Endpoint, sdkimds.EndpointModeStateIPv4, nil
+		return DefaultIPv4Endpoint, nil
 	default:
-		return "", 0, fmt.Errorf("invalid %s=%q: want IPv4 or IPv6", EnvEndpointMode, mode)
+		return "", fmt.Errorf("invalid %s=%q: want IPv4 or IPv6", EnvEndpointMode, mode)
 	}
 }
 
@@ -240,7 +234,7 @@ func (c *Client) get(ctx context.Context, path string) (string, error) {
 		if ctx.Err() != nil {
 			return "", &KeyError{Key: key, Err: ctx.Err()}
 		}
-		seen := rec.snapshot()
+		seen := *rec
 		failedKey := key
 		if seen.path == "api/token" {
 			failedKey = "api/token"

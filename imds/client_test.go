@@ -515,7 +515,7 @@ func TestResolveEndpoint(t *testing.T) {
 		{"garbage", Options{Endpoint: "http://[::1"}, nil, "", "not a URL"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, _, err := resolveEndpoint(tc.opts, func(k string) string { return tc.env[k] })
+			got, err := resolveEndpoint(tc.opts, func(k string) string { return tc.env[k] })
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("resolveEndpoint = %q, %v; want error containing %q", got, err, tc.wantErr)

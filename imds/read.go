@@ -145,15 +145,6 @@ func withoutDynamic(e ENI) ENI {
 	return e
 }
 
-// readMode says how much of one MAC's keys a read fetches.
-type readMode int
-
-const (
-	readFull    readMode = iota // the listing and every key dualhomed uses
-	readDynamic                 // the listing and the dynamic keys; the rest from the previous snapshot
-	readKeep                    // nothing: the previous snapshot's ENI as it is
-)
-
 // Update says what Refresh reads again.
 type Update struct {
 	// MACs is the MAC listing the caller has just read (ListMACs); nil
@@ -185,29 +176,9 @@ func (c *Client) Refresh(ctx context.Context, prev Snapshot, u Update) (Snapshot
 	if prev.PrimaryMAC == "" {
 		u = Update{}
 	}
-	full := map[string]bool{}
-	for _, m := range u.Full {
-		full[m] = true
-	}
 	var snap Snapshot
 	n, err := c.read(ctx, func(ctx context.Context) (err error) {
-		primary := prev.PrimaryMAC
-		if primary == "" {
-			if primary, err = getParsed(ctx, c, "mac", parsePrimaryMAC); err != nil {
-				return err
-			}
-		}
-		snap, err = c.readENIs(ctx, primary, prev.MultiCard, u.MACs, func(mac string) (readMode, ENI) {
-			old, ok := prev.ENI(mac)
-			switch {
-			case !ok || !old.Ready || full[mac]:
-				return readFull, ENI{}
-			case u.Dynamic:
-				return readDynamic, withoutDynamic(old)
-			default:
-				return readKeep, old
-			}
-		})
+		snap, err = c.readENIs(ctx, prev, u)
 		return err
 	})
 	if err != nil {
@@ -217,17 +188,21 @@ func (c *Client) Refresh(ctx context.Context, prev Snapshot, u Update) (Snapshot
 	return snap, nil
 }
 
-// readENIs reads the MAC listing (unless macs is given) and each MAC's
-// keys as mode decides, starting from the ENI mode returns (an ENI is read
-// in full from scratch).
-func (c *Client) readENIs(ctx context.Context, primary string, multiCard bool, macs []string, mode func(mac string) (readMode, ENI)) (Snapshot, error) {
+// readENIs reads the primary MAC and the MAC listing unless prev and u
+// give them, and each MAC's keys as Refresh says.
+func (c *Client) readENIs(ctx context.Context, prev Snapshot, u Update) (Snapshot, error) {
+	primary, macs := prev.PrimaryMAC, slices.Clone(u.MACs)
+	var err error
+	if primary == "" {
+		if primary, err = getParsed(ctx, c, "mac", parsePrimaryMAC); err != nil {
+			return Snapshot{}, err
+		}
+	}
 	if macs == nil {
-		var err error
 		if macs, err = getParsed(ctx, c, macsPath, parseMACList); err != nil {
 			return Snapshot{}, err
 		}
 	}
-	macs = slices.Clone(macs)
 	if !slices.Contains(macs, primary) {
 		// IMDS contradicts itself; wait for it to settle rather than guess.
 		return Snapshot{}, &KeyError{Key: "meta-data/" + macsPath, Value: primary,
@@ -237,12 +212,17 @@ func (c *Client) readENIs(ctx context.Context, primary string, multiCard bool, m
 	enis := make([]ENI, len(macs))
 	reads := make([]eniRead, 0, len(macs))
 	for i, mac := range macs {
-		var m readMode
-		m, enis[i] = mode(mac)
-		if m != readKeep {
-			enis[i].MAC, enis[i].Ready, enis[i].NotReadyReason = mac, true, ""
-			reads = append(reads, eniRead{eni: &enis[i], mode: m})
+		r := eniRead{eni: &enis[i]}
+		switch old, ok := prev.ENI(mac); {
+		case !ok || !old.Ready || slices.Contains(u.Full, mac):
+		case u.Dynamic:
+			enis[i], r.dynamic = withoutDynamic(old), true
+		default:
+			enis[i] = old // kept as prev has it
+			continue
 		}
+		enis[i].MAC, enis[i].Ready, enis[i].NotReadyReason = mac, true, ""
+		reads = append(reads, r)
 	}
 	if err := c.forEach(ctx, len(reads), func(ctx context.Context, j int) error { return c.listKeys(ctx, &reads[j]) }); err != nil {
 		return Snapshot{}, err
@@ -250,7 +230,7 @@ func (c *Client) readENIs(ctx context.Context, primary string, multiCard bool, m
 	if err := c.fetchKeys(ctx, reads); err != nil {
 		return Snapshot{}, err
 	}
-	snap := Snapshot{PrimaryMAC: primary, ENIs: enis, MultiCard: multiCard}
+	snap := Snapshot{PrimaryMAC: primary, ENIs: enis, MultiCard: prev.MultiCard}
 	for _, r := range reads {
 		snap.MultiCard = snap.MultiCard || slices.ContainsFunc(r.listed, func(k eniKey) bool { return k.name == "network-card" })
 	}
@@ -263,10 +243,10 @@ func (c *Client) readENIs(ctx context.Context, primary string, multiCard bool, m
 }
 
 // eniRead is one MAC's read: its listed keys dualhomed uses, and those of
-// them read now.
+// them read now (only the dynamic ones, or all).
 type eniRead struct {
 	eni           *ENI
-	mode          readMode
+	dynamic       bool
 	listed, fetch []eniKey
 }
 
@@ -289,7 +269,7 @@ func (c *Client) listKeys(ctx context.Context, r *eniRead) error {
 	}
 	r.listed = keysToFetch(listed)
 	r.fetch = r.listed
-	if r.mode == readDynamic {
+	if r.dynamic {
 		r.fetch = slices.DeleteFunc(slices.Clone(r.listed), func(k eniKey) bool { return !dynamicKeys[k.name] })
 	}
 	if !listed["device-number"] {

@@ -28,20 +28,16 @@ type (
 // attemptRecord is what the transport saw during one attempt (one SDK
 // GetMetadata call: possibly a token PUT, then the GET). The SDK wraps
 // token errors in a type that hides the cause, so the retry logic decides
-// from what actually went over the wire instead.
+// from what actually went over the wire instead. It needs no lock: an
+// attempt runs on one goroutine, which sends the requests through the
+// transport and reads the bodies (the SDK the token's, Client.get the
+// value's).
 type attemptRecord struct {
-	mu           sync.Mutex
 	path         string // of the last request, below /latest/
 	status       int    // of the last response; 0 when the last request got no response
 	retryAfter   time.Duration
 	transportErr error
 	bodyTooLarge bool
-}
-
-func (r *attemptRecord) snapshot() attemptRecord {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return attemptRecord{path: r.path, status: r.status, retryAfter: r.retryAfter, transportErr: r.transportErr, bodyTooLarge: r.bodyTooLarge}
 }
 
 // countingTransport counts every HTTP request (cumulative and per snapshot),
@@ -75,21 +71,17 @@ func (t *countingTransport) RoundTrip(req *http.Request) (*http.Response, error)
 	}))
 	rec, _ := ctx.Value(attemptRecordKey{}).(*attemptRecord)
 	if rec != nil {
-		rec.mu.Lock()
 		rec.path = strings.TrimPrefix(req.URL.Path, "/latest/")
 		rec.status, rec.retryAfter, rec.transportErr = 0, 0, nil
-		rec.mu.Unlock()
 	}
 	resp, err := t.next.RoundTrip(req)
 	if rec != nil {
-		rec.mu.Lock()
 		if err != nil {
 			rec.transportErr = err
 		} else {
 			rec.status = resp.StatusCode
 			rec.retryAfter = parseRetryAfter(resp.Header.Get("Retry-After"))
 		}
-		rec.mu.Unlock()
 	}
 	if err != nil {
 		return nil, err
@@ -127,16 +119,12 @@ func (b *limitedBody) Read(p []byte) (int, error) {
 	if err != nil && err != io.EOF && b.rec != nil {
 		// A body cut short or too slow (http.Client.Timeout) is a transport
 		// failure even though the status line said 200: retry it.
-		b.rec.mu.Lock()
 		b.rec.transportErr = err
-		b.rec.mu.Unlock()
 	}
 	b.remaining -= int64(n)
 	if b.remaining < 0 {
 		if b.rec != nil {
-			b.rec.mu.Lock()
 			b.rec.bodyTooLarge = true
-			b.rec.mu.Unlock()
 		}
 		return n, ErrBodyTooLarge
 	}

@@ -1,13 +1,8 @@
 package emulator
 
 import (
-	"bytes"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"net/netip"
-	"os"
-	"regexp"
 	"slices"
 	"strings"
 
@@ -19,10 +14,9 @@ import (
 // Ready and NotReadyReason fields are ignored (readiness is the client's
 // conclusion, not something IMDS says).
 type Instance struct {
-	InstanceID       string // meta-data/instance-id, e.g. "i-0123456789abcdef0"
-	InstanceType     string // meta-data/instance-type; "c6in.large" when empty
-	Region           string // meta-data/placement/region; "us-east-1" when empty
-	AvailabilityZone string // meta-data/placement/availability-zone; Region+"a" when empty
+	InstanceID   string // meta-data/instance-id, e.g. "i-0123456789abcdef0"
+	InstanceType string // meta-data/instance-type; "c6in.large" when empty
+	Region       string // meta-data/placement/region; "us-east-1" when empty; the zone is its "a"
 	// PrimaryMAC is served as meta-data/mac (absent when empty).
 	PrimaryMAC string
 	// ENIs are listed under meta-data/network/interfaces/macs/ in this order.
@@ -31,10 +25,6 @@ type Instance struct {
 	// with several network cards do. It is implied when any ENI has
 	// NetworkCard != 0; on single-card instances IMDS has no network-card key.
 	MultiCard bool
-	// TokensOptional emulates HttpTokens=optional (IMDSv1 allowed): reads
-	// without a token header are answered. A bogus or expired token still
-	// gets 401. The default, false, is HttpTokens=required.
-	TokensOptional bool `json:",omitempty"`
 }
 
 // Clone returns a deep copy, so a snapshot never aliases the server's state.
@@ -79,34 +69,6 @@ func (inst Instance) Validate() error {
 
 func (inst Instance) eniIndex(mac string) int {
 	return slices.IndexFunc(inst.ENIs, func(e imds.ENI) bool { return e.MAC == mac })
-}
-
-// attach, detach and update are the changes of the model that Server and
-// ControlClient make; the caller validates the result.
-func (inst *Instance) attach(e imds.ENI) error {
-	if inst.eniIndex(e.MAC) >= 0 {
-		return fmt.Errorf("attaching ENI %s: already attached", e.MAC)
-	}
-	inst.ENIs = append(inst.ENIs, cloneENI(e))
-	return nil
-}
-
-func (inst *Instance) detach(mac string) error {
-	i := inst.eniIndex(mac)
-	if i < 0 {
-		return fmt.Errorf("detaching ENI %s: not attached", mac)
-	}
-	inst.ENIs = slices.Delete(inst.ENIs, i, i+1)
-	return nil
-}
-
-func (inst *Instance) update(mac string, fn func(*imds.ENI)) error {
-	i := inst.eniIndex(mac)
-	if i < 0 {
-		return fmt.Errorf("updating ENI %s: not attached", mac)
-	}
-	fn(&inst.ENIs[i])
-	return nil
 }
 
 // ExampleMAC is the deterministic MAC ExampleInstance gives the ENI with the
@@ -185,54 +147,4 @@ func ExampleInstance(n, ipv4PerENI, ipv6PerENI, prefixesPerENI, cards int) Insta
 		inst.PrimaryMAC = inst.ENIs[0].MAC
 	}
 	return inst
-}
-
-// LoadInstance reads an Instance from a JSON file (the field names of Instance
-// and imds.ENI; addresses and prefixes as strings). Unknown fields are errors,
-// reported with the file and line.
-func LoadInstance(path string) (Instance, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return Instance{}, fmt.Errorf("reading instance: %w", err)
-	}
-	inst, err := ParseInstance(data)
-	if err != nil {
-		return Instance{}, fmt.Errorf("%s:%w", path, err)
-	}
-	return inst, nil
-}
-
-var quotedValue = regexp.MustCompile(`"[^"]+"`)
-
-// ParseInstance decodes an Instance from JSON. Errors start with the line
-// number ("12: ...") so callers can prefix a file name.
-func ParseInstance(data []byte) (Instance, error) {
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	var inst Instance
-	if err := dec.Decode(&inst); err != nil {
-		off := dec.InputOffset()
-		var syn *json.SyntaxError
-		var typ *json.UnmarshalTypeError
-		switch {
-		case errors.As(err, &syn):
-			off = syn.Offset
-		case errors.As(err, &typ):
-			off = typ.Offset
-		default:
-			// A value rejected by UnmarshalText (netip) carries no offset,
-			// but its message quotes the value: find where it stands.
-			if m := quotedValue.FindString(err.Error()); m != "" {
-				if i := bytes.Index(data, []byte(m)); i >= 0 {
-					off = int64(i)
-				}
-			}
-		}
-		line := 1 + bytes.Count(data[:min(int(off), len(data))], []byte("\n"))
-		return Instance{}, fmt.Errorf("%d: decoding instance: %w", line, err)
-	}
-	if err := inst.Validate(); err != nil {
-		return Instance{}, fmt.Errorf("1: invalid instance: %w", err)
-	}
-	return inst, nil
 }

@@ -235,18 +235,6 @@ func TestNetworkCardOnlyOnMultiCard(t *testing.T) {
 	}
 }
 
-func TestTokensOptional(t *testing.T) {
-	inst := emulator.ExampleInstance(1, 1, 0, 0, 1)
-	inst.TokensOptional = true
-	_, c := start(t, inst)
-	if status, body, _ := c.do(http.MethodGet, "/latest/meta-data/mac", nil); status != 200 || body != "02:00:00:00:00:00" {
-		t.Errorf("IMDSv1 read with tokens optional: %d %q", status, body)
-	}
-	if status, _, _ := c.do(http.MethodGet, "/latest/meta-data/mac", map[string]string{emulator.TokenHeader: "bogus"}); status != 401 {
-		t.Errorf("bogus token with tokens optional: %d, want 401", status)
-	}
-}
-
 func TestHeadAndOtherMethods(t *testing.T) {
 	_, c := start(t, emulator.ExampleInstance(1, 1, 0, 0, 1))
 	hdr := map[string]string{emulator.TokenHeader: c.token}

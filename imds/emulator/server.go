@@ -19,8 +19,7 @@
 // (latency, statuses with Retry-After, dropped connections, rejected tokens,
 // MACs listed before their keys, device-number 0 for the first reads) plus
 // the one-shot ExpireTokens and AdvanceClock; Stats counts requests,
-// statuses, paths and bytes. The process form is cmd/imds-emulator, whose
-// model a ControlClient (DialControl) reads and changes.
+// statuses, paths and bytes. The process form is cmd/imds-emulator.
 package emulator
 
 import (
@@ -65,7 +64,6 @@ type Server struct {
 	stats      Stats
 
 	httpSrv *http.Server
-	ctlSrv  *http.Server
 	closed  chan struct{}
 	once    sync.Once
 }
@@ -116,20 +114,17 @@ func (s *Server) Serve(ln net.Listener) (baseURL string, err error) {
 	return "http://" + ln.Addr().String(), nil
 }
 
-// Close stops the listeners started by Start and StartControl, closes their
+// Close stops the listener started by Start or Serve, closes its
 // connections and wakes requests sleeping in a latency fault. Idempotent.
 func (s *Server) Close() error {
 	s.once.Do(func() { close(s.closed) })
 	s.mu.Lock()
-	servers := []*http.Server{s.httpSrv, s.ctlSrv}
+	hs := s.httpSrv
 	s.mu.Unlock()
-	var errs []error
-	for _, hs := range servers {
-		if hs != nil {
-			errs = append(errs, hs.Close())
-		}
+	if hs == nil {
+		return nil
 	}
-	return errors.Join(errs...)
+	return hs.Close()
 }
 
 func (s *Server) now() time.Time { return time.Now().Add(s.clockSkew) }
@@ -154,22 +149,40 @@ func (s *Server) SetInstance(inst Instance) error {
 
 // AttachENI adds an ENI, listed after the existing ones. Its MAC must be new.
 func (s *Server) AttachENI(e imds.ENI) error {
-	return s.change(func(inst *Instance) error { return inst.attach(e) })
+	return s.change(func(inst *Instance) error {
+		if inst.eniIndex(e.MAC) >= 0 {
+			return fmt.Errorf("attaching ENI %s: already attached", e.MAC)
+		}
+		inst.ENIs = append(inst.ENIs, cloneENI(e))
+		return nil
+	})
 }
 
 // DetachENI removes the ENI with mac, and its raw keys, so it disappears
 // from IMDS entirely.
 func (s *Server) DetachENI(mac string) error {
 	return s.change(func(inst *Instance) error {
+		i := inst.eniIndex(mac)
+		if i < 0 {
+			return fmt.Errorf("detaching ENI %s: not attached", mac)
+		}
+		inst.ENIs = slices.Delete(inst.ENIs, i, i+1)
 		delete(s.raw, mac)
-		return inst.detach(mac)
+		return nil
 	})
 }
 
 // UpdateENI changes the ENI with mac in place through update, which gets a
 // copy (add or remove IPs and prefixes, change the device number...).
 func (s *Server) UpdateENI(mac string, update func(*imds.ENI)) error {
-	return s.change(func(inst *Instance) error { return inst.update(mac, update) })
+	return s.change(func(inst *Instance) error {
+		i := inst.eniIndex(mac)
+		if i < 0 {
+			return fmt.Errorf("updating ENI %s: not attached", mac)
+		}
+		update(&inst.ENIs[i])
+		return nil
+	})
 }
 
 // change applies fn to a copy of the model, and serves the copy if it is
@@ -415,8 +428,7 @@ func (s *Server) serveMetadata(h http.Header, r *http.Request) (int, string) {
 	s.mu.Lock()
 	now := s.now()
 	exp, known := s.checkToken(token)
-	valid := token != "" && known && now.Before(exp) && !s.faults.RejectTokens ||
-		token == "" && s.inst.TokensOptional // IMDSv1 allowed: no token is fine, a bad one is not
+	valid := known && now.Before(exp) && !s.faults.RejectTokens // IMDSv2 only: no token is a bad one
 	var body string
 	found := false
 	if valid {
@@ -429,9 +441,8 @@ func (s *Server) serveMetadata(h http.Header, r *http.Request) (int, string) {
 		return http.StatusUnauthorized, ""
 	case !found:
 		return http.StatusNotFound, ""
-	case token != "":
-		h.Set(TokenTTLHeader, strconv.Itoa(max(int(exp.Sub(now).Seconds()), 1)))
 	}
+	h.Set(TokenTTLHeader, strconv.Itoa(max(int(exp.Sub(now).Seconds()), 1)))
 	return http.StatusOK, body
 }
 

@@ -102,7 +102,7 @@ func render(inst Instance, raw map[string]map[string]rawKey) tree {
 		"instance-id":                 inst.InstanceID,
 		"instance-type":               orDefault(inst.InstanceType, "c6in.large"),
 		"placement/region":            region,
-		"placement/availability-zone": orDefault(inst.AvailabilityZone, region+"a"),
+		"placement/availability-zone": region + "a",
 		"services/domain":             "amazonaws.com",
 		"services/partition":          "aws",
 		"mac":                         inst.PrimaryMAC,
@@ -184,7 +184,7 @@ func identityDocument(inst Instance, region string) string {
 	doc := map[string]any{
 		"accountId":        "123456789012",
 		"architecture":     "x86_64",
-		"availabilityZone": orDefault(inst.AvailabilityZone, region+"a"),
+		"availabilityZone": region + "a",
 		"imageId":          "ami-0abcdef1234567890",
 		"instanceId":       inst.InstanceID,
 		"instanceType":     orDefault(inst.InstanceType, "c6in.large"),
