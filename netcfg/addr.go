@@ -94,12 +94,12 @@ func (d *dumpSocket) addAddr(a Addr, proto uint8, replace bool) error {
 	if replace {
 		flags = unix.NLM_F_CREATE | unix.NLM_F_REPLACE
 	}
-	return d.request(unix.RTM_NEWADDR, flags, addrRequest(a, proto, true))
+	return d.request(nlRequest{unix.RTM_NEWADDR, flags, addrRequest(a, proto, true)}, nil)
 }
 
 // delAddr is `ip addr del <prefix> dev <link>`.
 func (d *dumpSocket) delAddr(a Addr) error {
-	return d.request(unix.RTM_DELADDR, 0, addrRequest(a, 0, false))
+	return d.request(nlRequest{unix.RTM_DELADDR, 0, addrRequest(a, 0, false)}, nil)
 }
 
 // maxDumpAttempts bounds the retries of a dump the kernel reports as

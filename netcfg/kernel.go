@@ -11,7 +11,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	mdnetlink "github.com/mdlayher/netlink"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -28,7 +27,7 @@ const netlinkTimeout = 10 * time.Second
 type Kernel struct {
 	h        *netlink.Handle // routes, rules, links
 	dump     *dumpSocket     // reads: links, addresses, routes, rules; address writes (IFA_PROTO)
-	nft      *mdnetlink.Conn // reads of the NAT's table; each write batch has a socket of its own
+	nft      *dumpSocket     // the NAT's table: reads, and its write batches
 	ns       netns.NsHandle  // sysctls are per namespace: written from a thread inside it
 	stateDir string          // where rp_filter and ip_forward originals are recorded (e.g. /run/dualhomed)
 	cfg      Config
@@ -79,10 +78,10 @@ func NewKernel(ns netns.NsHandle, stateDir string, cfg Config) (*Kernel, error) 
 	if err = k.h.SetSocketTimeout(netlinkTimeout); err != nil {
 		err = fmt.Errorf("setting netlink timeouts: %w", err)
 	} else {
-		k.dump, err = newDumpSocket(own)
+		k.dump, err = newDumpSocket(own, unix.NETLINK_ROUTE)
 	}
 	if err == nil {
-		if k.nft, err = k.dialNFT(); err != nil {
+		if k.nft, err = newDumpSocket(own, unix.NETLINK_NETFILTER); err != nil {
 			k.dump.close()
 		}
 	}
@@ -126,7 +125,7 @@ func parseRelease(r string) (major, minor int, ok bool) {
 func (k *Kernel) Close() {
 	k.h.Close()
 	k.dump.close()
-	k.nft.Close()
+	k.nft.close()
 	if k.ns.IsOpen() {
 		k.ns.Close()
 	}

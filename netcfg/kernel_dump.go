@@ -17,7 +17,8 @@ import (
 )
 
 // dumpSocket reads kernel state with rtnetlink dumps parsed in place, and
-// sends the address requests (see ifaProto).
+// sends the address requests (see ifaProto). Opened for NETLINK_NETFILTER,
+// it reads the NAT's table and sends its write batches.
 //
 // Why not vishvananda/netlink's List functions: at full scale (15 ENIs, 1,500
 // addresses, 1,500 rules) a no-op reconcile spent most of its 10 ms copying
@@ -53,11 +54,13 @@ func (d *dumpSocket) sizeHint(msgType uint16) int {
 // per skb.
 const dumpBufferSize = 64 << 10
 
-func newDumpSocket(ns netns.NsHandle) (*dumpSocket, error) {
+// newDumpSocket opens a socket of netlink protocol proto (NETLINK_ROUTE;
+// NETLINK_NETFILTER for the NAT's table) in ns.
+func newDumpSocket(ns netns.NsHandle, proto int) (*dumpSocket, error) {
 	var fd int
 	err := nsthread.Do(ns, func() error {
 		var err error
-		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
+		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto)
 		return err
 	})
 	if err != nil {
@@ -106,28 +109,71 @@ func (d *dumpSocket) dump(what string, msgType uint16, body []byte, reset func()
 }
 
 // request sends one request and waits for the kernel's acknowledgement:
-// nil, or the errno it answered with.
-func (d *dumpSocket) request(msgType, flags uint16, body []byte) error {
+// nil, or the errno it answered with. fn, when not nil, gets the reply
+// messages before the acknowledgement, as in exchange.
+func (d *dumpSocket) request(r nlRequest, fn func(uint16, []byte) error) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.exchange(msgType, unix.NLM_F_ACK|flags, body, func(uint16, []byte) error { return nil })
+	if fn == nil {
+		fn = func(uint16, []byte) error { return nil }
+	}
+	return d.exchange(r.Type, unix.NLM_F_ACK|r.Flags, r.Body, fn)
+}
+
+// batch sends requests as one nftables transaction, between a batch begin
+// and end, in one write: a process killed around it has sent all of it or
+// nothing, and the kernel applies a batch whole or not at all. It waits for
+// the acknowledgement of each request: nil, or the first errno.
+func (d *dumpSocket) batch(reqs []nlRequest) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	edge := []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, unix.NFNL_SUBSYS_NFTABLES} // family unspecified, the subsystem as resource id
+	buf := d.appendRequest(nil, nlRequest{Type: unix.NFNL_MSG_BATCH_BEGIN, Body: edge})
+	first := d.seq + 1
+	for _, r := range reqs {
+		r.Flags |= unix.NLM_F_ACK
+		buf = d.appendRequest(buf, r)
+	}
+	last := d.seq
+	return d.roundTrip(d.appendRequest(buf, nlRequest{Type: unix.NFNL_MSG_BATCH_END, Body: edge}), first, last, func(uint16, []byte) error { return nil })
+}
+
+// nlRequest is one netlink request: its type, flags (NLM_F_REQUEST is
+// implied) and body.
+type nlRequest struct {
+	Type, Flags uint16
+	Body        []byte
+}
+
+// appendRequest appends r to buf with the next sequence number.
+func (d *dumpSocket) appendRequest(buf []byte, r nlRequest) []byte {
+	d.seq++
+	ne := nl.NativeEndian()
+	at := len(buf)
+	buf = append(buf, make([]byte, unix.SizeofNlMsghdr)...)
+	ne.PutUint32(buf[at:], uint32(unix.SizeofNlMsghdr+len(r.Body)))
+	ne.PutUint16(buf[at+4:], r.Type)
+	ne.PutUint16(buf[at+6:], unix.NLM_F_REQUEST|r.Flags)
+	ne.PutUint32(buf[at+8:], d.seq)
+	return append(buf, r.Body...)
 }
 
 // exchange sends a request and calls fn with each reply message's type and
 // body until the dump ends (NLMSG_DONE) or the kernel acknowledges the
 // request (NLMSG_ERROR), and returns the errno it reports, if any.
 func (d *dumpSocket) exchange(msgType, flags uint16, body []byte, fn func(uint16, []byte) error) error {
-	d.seq++
-	req := make([]byte, unix.SizeofNlMsghdr, unix.SizeofNlMsghdr+len(body))
-	req = append(req, body...)
-	ne := nl.NativeEndian()
-	ne.PutUint32(req[0:4], uint32(len(req)))
-	ne.PutUint16(req[4:6], msgType)
-	ne.PutUint16(req[6:8], unix.NLM_F_REQUEST|flags)
-	ne.PutUint32(req[8:12], d.seq)
-	if _, err := unix.Write(d.fd, req); err != nil {
+	req := d.appendRequest(nil, nlRequest{msgType, flags, body})
+	return d.roundTrip(req, d.seq, d.seq, fn)
+}
+
+// roundTrip writes buf, requests numbered first to last (and maybe one
+// after them that asks for no answer), and reads the replies to them until
+// last's dump ends or it is acknowledged, or one of them is refused.
+func (d *dumpSocket) roundTrip(buf []byte, first, last uint32, fn func(uint16, []byte) error) error {
+	if _, err := unix.Write(d.fd, buf); err != nil {
 		return fmt.Errorf("sending netlink request: %w", err)
 	}
+	ne := nl.NativeEndian()
 	interrupted := false
 	var fnErr error
 	for {
@@ -144,7 +190,7 @@ func (d *dumpSocket) exchange(msgType, flags uint16, body []byte, fn func(uint16
 			typ, mflags, seq := ne.Uint16(b[4:6]), ne.Uint16(b[6:8]), ne.Uint32(b[8:12])
 			m := b[unix.SizeofNlMsghdr:l]
 			b = b[nlmAlign(l):]
-			if seq != d.seq {
+			if seq < first || seq > last {
 				continue // a late reply to an earlier, abandoned request
 			}
 			if mflags&unix.NLM_F_DUMP_INTR != 0 {
@@ -156,6 +202,9 @@ func (d *dumpSocket) exchange(msgType, flags uint16, body []byte, fn func(uint16
 					if e := int32(ne.Uint32(m[0:4])); e < 0 {
 						return syscall.Errno(-e)
 					}
+				}
+				if seq != last {
+					continue // an earlier request of the batch, acknowledged
 				}
 				if interrupted {
 					return netlink.ErrDumpInterrupted

@@ -282,7 +282,7 @@ func (w *natKTWorld) foreignDump(t *testing.T) []string {
 		}
 		for _, m := range msgs {
 			ours := false
-			nftAttrs(m, func(typ uint16, v []byte) {
+			nftAttrs(m.Data, func(typ uint16, v []byte) {
 				// The first attribute of tables, chains, rules, sets and
 				// objects is the table's name.
 				ours = ours || typ == 1 && m.Data[0] == unix.NFPROTO_INET && unix.ByteSliceToString(v) == NATTableName
