@@ -232,7 +232,7 @@ func (c *Client) readENIs(ctx context.Context, prev Snapshot, u Update) (Snapsho
 	}
 	snap := Snapshot{PrimaryMAC: primary, ENIs: enis, MultiCard: prev.MultiCard}
 	for _, r := range reads {
-		snap.MultiCard = snap.MultiCard || slices.ContainsFunc(r.listed, func(k eniKey) bool { return k.name == "network-card" })
+		snap.MultiCard = snap.MultiCard || r.listed["network-card"]
 	}
 	for _, r := range reads {
 		if r.eni.Ready {
@@ -242,12 +242,13 @@ func (c *Client) readENIs(ctx context.Context, prev Snapshot, u Update) (Snapsho
 	return snap, nil
 }
 
-// eniRead is one MAC's read: its listed keys dualhomed uses, and those of
-// them read now (only the dynamic ones, or all).
+// eniRead is one MAC's read: its listing, and the keys dualhomed uses
+// that it reads now (of those listed, only the dynamic ones, or all).
 type eniRead struct {
-	eni           *ENI
-	dynamic       bool
-	listed, fetch []eniKey
+	eni     *ENI
+	dynamic bool
+	listed  map[string]bool
+	fetch   []eniKey
 }
 
 // listKeys reads the MAC's key listing and decides which keys to fetch.
@@ -267,10 +268,9 @@ func (c *Client) listKeys(ctx context.Context, r *eniRead) error {
 		r.eni.DeviceNumber = DeviceNumberUnknown
 		return nil
 	}
-	r.listed = keysToFetch(listed)
-	r.fetch = r.listed
+	r.listed, r.fetch = listed, keysToFetch(listed)
 	if r.dynamic {
-		r.fetch = slices.DeleteFunc(slices.Clone(r.listed), func(k eniKey) bool { return !dynamicKeys[k.name] })
+		r.fetch = slices.DeleteFunc(r.fetch, func(k eniKey) bool { return !dynamicKeys[k.name] })
 	}
 	if !listed["device-number"] {
 		notReady(r.eni, "device-number not listed yet")
@@ -309,7 +309,7 @@ func (c *Client) fetchKeys(ctx context.Context, reads []eniRead) error {
 }
 
 // checkReady flags an ENI whose keys are not yet complete enough to
-// configure it. listed are the keys its listing contained.
+// configure it. has is its listing.
 //
 // Right after a hot attach IMDS can answer device-number 0 before the real
 // value has propagated, and list network-card late (amazon-ec2-net-utils
@@ -319,11 +319,7 @@ func (c *Client) fetchKeys(ctx context.Context, reads []eniRead) error {
 // slot, and a multi-card instance's ENI without network-card is not
 // described yet. Device 0 on another card is valid and usual; the agent
 // re-reads such an ENI a few times before it trusts the 0 (Unconfirmed).
-func checkReady(e *ENI, listed []eniKey, snap Snapshot) {
-	has := map[string]bool{}
-	for _, k := range listed {
-		has[k.name] = true
-	}
+func checkReady(e *ENI, has map[string]bool, snap Snapshot) {
 	secondary := e.MAC != snap.PrimaryMAC
 	switch {
 	case secondary && snap.MultiCard && !has["network-card"]:
