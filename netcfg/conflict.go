@@ -129,7 +129,10 @@ func ruleHint(r KernelRule) string {
 	del += fmt.Sprintf(" lookup %d`", r.Table)
 	switch {
 	case r.Table >= 10000 && r.Table < 20000:
-		return "amazon-ec2-net-utils manages this interface too (its tables are 10000+): remove it (`dnf remove amazon-ec2-net-utils`) or exclude the ENI in dualhomed, then " + del
+		// Masked, not removed: the package's 80-ec2.network also brings up
+		// the primary ENI with DHCP.
+		return "amazon-ec2-net-utils manages this interface too (its tables are 10000+): keep the package (it brings up the primary ENI) and mask its per-interface units " +
+			"(`systemctl mask policy-routes@.service refresh-policy-routes@.service refresh-policy-routes@.timer`, see docs/coexistence.md), or exclude the ENI in dualhomed, then " + del
 	case r.Table >= 100 && r.Table < 1000:
 		return "cloud-init/netplan routing policy for this interface: drop the routing-policy entries from the netplan configuration (and disable cloud-init network config), then " + del
 	default:
