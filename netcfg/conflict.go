@@ -194,7 +194,7 @@ func routeConflicts(cfg Config, desired State, tableLink map[int]int, routes []K
 			warns = append(warns, Warning{
 				ENI:     links[r.LinkIndex],
 				Message: fmt.Sprintf("main table has a default route through secondary ENI (link #%d, via %v, metric %d, protocol %d): outbound traffic may leave through the wrong VPC", r.LinkIndex, r.Gateway, r.Metric, r.Protocol),
-				Hint:    "stop the DHCP client or network manager from installing a default route on this interface (e.g. systemd-networkd: [DHCPv4] UseRoutes=no / UseGateway=no; netplan: dhcp4-overrides: use-routes: false)",
+				Hint:    secondaryGatewayHint(links[r.LinkIndex]),
 			})
 		case r.Table == MainTable && !ours && isBlocked:
 			warns = append(warns, Warning{
@@ -212,6 +212,15 @@ func routeConflicts(cfg Config, desired State, tableLink map[int]int, routes []K
 		}
 	}
 	return append(warns, bandWarnings(foreign, blocks, func(t int) string { return links[tableLink[t]] })...)
+}
+
+// secondaryGatewayHint is how each DHCP stack keeps a secondary ENI's
+// gateway out of main, per ENI (mac): only an IMDS reader knows which ENI is
+// the primary, so no package-wide setting can (docs/coexistence.md).
+func secondaryGatewayHint(mac string) string {
+	return fmt.Sprintf("keep this secondary ENI's DHCP gateway out of main, in its own stack's configuration for this ENI only: "+
+		"systemd-networkd `[Match] MACAddress=%s` + `[DHCPv4] UseGateway=no`; netplan `dhcp4-overrides: {use-routes: false}`; "+
+		"NetworkManager `nmcli connection modify <its connection> ipv4.never-default yes`", mac)
 }
 
 // bandWarnings warns about each table of our band that holds foreign routes
