@@ -291,7 +291,8 @@ func (r *Reconciler) quietPoll(t Trigger) bool {
 // plan returns Diff's plan for desired less what this reconcile may not or
 // need not apply, whether it withheld no deletion, and the conflicts it
 // checked (a dry run's). Without a fresh IMDS read, the last good snapshot
-// may be stale: it can add, never remove. Adds another program's object holds out are left out with a
+// may be stale: it can add, and remove only the rules of tables the kernel
+// emptied (a detached link's, see Plan.WithoutFreshIMDS). Adds another program's object holds out are left out with a
 // warning each: those that did not stick before (blocked), and in a dry
 // run, which cannot learn that from EEXIST, those Conflicts names, so that
 // plan agrees with the daemon.
@@ -299,8 +300,8 @@ func (r *Reconciler) plan(obs netcfg.Observed, desired netcfg.State, dryRun bool
 	plan := netcfg.Diff(obs.Owned, desired)
 	complete := true
 	if !rep.Fresh {
-		adds := plan.AddsOnly()
-		plan, complete = adds, len(adds.Ops) == len(plan.Ops)
+		safe := plan.WithoutFreshIMDS(obs)
+		plan, complete = safe, len(safe.Ops) == len(plan.Ops)
 	}
 	held, conflicts := r.blocked, []netcfg.Warning(nil)
 	if dryRun {
