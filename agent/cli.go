@@ -177,6 +177,8 @@ type WarningView struct {
 	ENI     string `json:"eni,omitempty"`
 	Message string `json:"message"`
 	Hint    string `json:"hint,omitempty"`
+	// Blocked names the add of ours and its holder ("cannot add" warnings).
+	Blocked *netcfg.Blocked `json:"blocked,omitempty"`
 }
 
 // DaemonView is the running daemon's health in `status --json`.
@@ -192,6 +194,21 @@ type DaemonView struct {
 	LastSuccess time.Time `json:"last_success"`
 	LastError   string    `json:"last_error,omitempty"`
 	LastTrigger string    `json:"last_trigger,omitempty"`
+	// Blocked lists the adds the daemon holds back because another
+	// program's object holds their place (EEXIST), with that holder as the
+	// daemon read it back: a one-shot plan cannot learn all of them.
+	Blocked []netcfg.Blocked `json:"blocked,omitempty"`
+}
+
+// daemonBlocked returns the adds the daemon's last report holds back.
+func daemonBlocked(h *Health) []netcfg.Blocked {
+	var out []netcfg.Blocked
+	for _, w := range h.Report.Warnings {
+		if w.Blocked != nil {
+			out = append(out, *w.Blocked)
+		}
+	}
+	return out
 }
 
 func eniViews(enis []netcfg.ENIStatus) []ENIView {
@@ -214,7 +231,7 @@ func eniViews(enis []netcfg.ENIStatus) []ENIView {
 func warningViews(ws []netcfg.Warning) []WarningView {
 	out := []WarningView{}
 	for _, w := range ws {
-		out = append(out, WarningView{ENI: w.ENI, Message: w.Message, Hint: w.Hint})
+		out = append(out, WarningView{ENI: w.ENI, Message: w.Message, Hint: w.Hint, Blocked: w.Blocked})
 	}
 	return out
 }
@@ -264,7 +281,7 @@ func WriteStatusJSON(w io.Writer, rep Report, health *Health, healthErr error) e
 		out.Daemon = &DaemonView{PID: health.PID, Version: health.Version, Running: processAlive(health.PID),
 			Started: health.Started, Updated: health.Updated, Ready: health.Ready, Degraded: health.Degraded,
 			Summary: health.Summary, LastSuccess: health.LastSuccess, LastError: health.LastError,
-			LastTrigger: health.Report.Trigger}
+			LastTrigger: health.Report.Trigger, Blocked: daemonBlocked(health)}
 	}
 	if healthErr != nil {
 		out.DaemonError = healthErr.Error()
@@ -347,6 +364,9 @@ func WriteDaemonHealth(w io.Writer, h *Health, err error) {
 			time.Since(h.Updated).Round(time.Second), h.Summary)
 		if h.LastError != "" {
 			fmt.Fprintf(w, "daemon: last error: %s\n", h.LastError)
+		}
+		for _, b := range daemonBlocked(h) {
+			fmt.Fprintf(w, "daemon: cannot add %s: held by %s\n", b.Object, b.Holder)
 		}
 	}
 }

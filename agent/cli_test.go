@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http/httptest"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -198,17 +199,25 @@ func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
 	if configured(rep) != 1 {
 		t.Errorf("plan: %s, want ENI 1 configured, as the daemon reports it", rep.Summary())
 	}
+	// The object and its holder, as the kernel holds them.
+	object := fmt.Sprintf("route %s via %s dev eth1 src %s table main", ours.Dst, ours.Gw, ours.Src)
+	holder := fmt.Sprintf("route %s via %s dev eth1 src %s table main proto static metric 0", ours.Dst, ours.Gw, ours.Src)
 	warned := false
 	for _, wn := range rep.Warnings {
-		warned = warned || (strings.Contains(wn.Message, "cannot add") && strings.Contains(wn.Message, ours.Dst.String()) && wn.Hint != "")
+		warned = warned || (wn.Blocked != nil && wn.Blocked.Object == object && wn.Blocked.Holder == holder &&
+			strings.Contains(wn.Message, "cannot add "+object+": held by "+holder) && wn.Hint != "")
 	}
 	if !warned {
-		t.Errorf("no warning with a hint names the blocked route to %s: %v", ours.Dst, rep.Warnings)
+		t.Errorf("no warning with a hint names the blocked %q and its holder %q: %v", object, holder, rep.Warnings)
 	}
 	var buf bytes.Buffer
 	WritePlan(&buf, rep)
-	if !strings.Contains(buf.String(), "in sync") {
-		t.Errorf("plan output:\n%s\nwant in sync", buf.String())
+	if !strings.Contains(buf.String(), "in sync") || !strings.Contains(buf.String(), "held by "+holder) {
+		t.Errorf("plan output:\n%s\nwant in sync, and the holder named", buf.String())
+	}
+	buf.Reset()
+	if err := WritePlanJSON(&buf, rep); err != nil || !strings.Contains(buf.String(), `"holder": "`+holder+`"`) {
+		t.Errorf("plan --json (err %v) does not name the holder:\n%s", err, buf.String())
 	}
 
 	// The daemon's path agrees: the add fails to stick, is blocked, and the
@@ -217,6 +226,19 @@ func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
 	drep, _, err := Apply(context.Background(), rec, 0, nil)
 	if err != nil || drep.Blocked != 1 || rec.Blocked() != 1 {
 		t.Errorf("apply with the foreign route: err %v, blocked %d (reconciler %d), want 1", err, drep.Blocked, rec.Blocked())
+	}
+	if want := []netcfg.Blocked{{Object: object, Holder: holder}}; !slices.Equal(drep.BlockedObjects, want) {
+		t.Errorf("apply's blocked objects %v, want %v", drep.BlockedObjects, want)
+	}
+	// status shows what the daemon holds back, from its status file.
+	buf.Reset()
+	WriteDaemonHealth(&buf, &Health{PID: os.Getpid(), Report: drep}, nil)
+	if !strings.Contains(buf.String(), "daemon: cannot add "+object+": held by "+holder) {
+		t.Errorf("status does not name the daemon's blocked object:\n%s", buf.String())
+	}
+	buf.Reset()
+	if err := WriteStatusJSON(&buf, rep, &Health{PID: os.Getpid(), Report: drep}, nil); err != nil || strings.Count(buf.String(), `"holder": "`+holder+`"`) != 2 {
+		t.Errorf("status --json (err %v) names the holder %d times, want 2 (live warning, daemon):\n%s", err, strings.Count(buf.String(), holder), buf.String())
 	}
 	routes, _ := w.ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: netcfg.MainTable}, netlink.RT_FILTER_TABLE)
 	left := false

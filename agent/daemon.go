@@ -405,7 +405,7 @@ func (d *Daemon) logReport(rep Report, log *zap.Logger, failing int) {
 	}
 	if rep.Blocked > 0 {
 		log.Warn("some objects could not be added: other programs' objects hold their place; leaving them alone until those go",
-			zap.Int("blocked", rep.Blocked))
+			zap.Int("blocked", rep.Blocked), zap.Any("objects", rep.BlockedObjects))
 	}
 	if rep.ApplyError != "" {
 		log.Error("applying changes failed", zap.String("error", rep.ApplyError), zap.Int("writes", rep.Writes))
@@ -422,6 +422,9 @@ func (d *Daemon) logReport(rep Report, log *zap.Logger, failing int) {
 		fields := []zap.Field{zap.String("eni", w.ENI), zap.String("message", w.Message), zap.String("hint", w.Hint)}
 		if len(w.Blocks) > 0 {
 			fields = append(fields, zap.Stringers("blocks", w.Blocks))
+		}
+		if w.Blocked != nil {
+			fields = append(fields, zap.String("object", w.Blocked.Object), zap.String("holder", w.Blocked.Holder))
 		}
 		log.Log(level, "warning", fields...)
 	}

@@ -64,6 +64,9 @@ type Report struct {
 	// Blocked counts adds of this reconcile that did not stick (EEXIST on
 	// another program's object); they are not retried until Unblock.
 	Blocked int `json:"blocked,omitempty"`
+	// BlockedObjects names those adds and what holds their place, as read
+	// back from the kernel after the apply.
+	BlockedObjects []netcfg.Blocked `json:"blocked_objects,omitempty"`
 	// ApplyError is set when Apply failed part way.
 	ApplyError string `json:"apply_error,omitempty"`
 	// NewLinks is true when a link appeared since the last IMDS read.
@@ -180,7 +183,8 @@ func sameObserved(a, b netcfg.Observed) bool {
 		slices.Equal(a.Owned.Rules, b.Owned.Rules) && slices.Equal(a.Owned.Routes, b.Owned.Routes) &&
 		slices.Equal(a.Owned.Addrs, b.Owned.Addrs) && slices.Equal(a.Owned.RPFilters, b.Owned.RPFilters) && a.Owned.NAT.Equal(b.Owned.NAT) &&
 		slices.Equal(a.Owned.AltNames, b.Owned.AltNames) && maps.Equal(a.AltNames, b.AltNames) &&
-		slices.Equal(a.ForeignRules, b.ForeignRules) && slices.Equal(a.ForeignRoutes, b.ForeignRoutes)
+		slices.Equal(a.ForeignRules, b.ForeignRules) && slices.Equal(a.ForeignRoutes, b.ForeignRoutes) &&
+		slices.Equal(a.ForeignAddrs, b.ForeignAddrs)
 }
 
 // NewReconciler returns a Reconciler reading IMDS through source and acting
@@ -312,12 +316,21 @@ func (r *Reconciler) plan(obs netcfg.Observed, desired netcfg.State, dryRun bool
 		}
 	}
 	plan, dropped := plan.Split(held)
-	for _, c := range netcfg.Attribute(dropped, rep.ENIs, obs.Links) {
-		rep.Warnings = append(rep.Warnings, netcfg.Warning{ENI: c.ENI,
-			Message: fmt.Sprintf("cannot add %q: another program's object holds its place (EEXIST); left alone", strings.TrimPrefix(c.Text, "+ ")),
-			Hint:    "remove the other object (see `ip route show table all` / `ip rule`) or exclude this ENI in the configuration"})
-	}
+	rep.Warnings = append(rep.Warnings, blockedWarnings(dropped, obs, rep.ENIs)...)
 	return plan, complete, conflicts
+}
+
+// blockedWarnings warns about each add of ops that another program's object
+// keeps out, naming both as obs read them back from the kernel.
+func blockedWarnings(ops []netcfg.Op, obs netcfg.Observed, enis []netcfg.ENIStatus) []netcfg.Warning {
+	var out []netcfg.Warning
+	for _, c := range netcfg.Attribute(ops, enis, obs.Links) {
+		b := obs.Blocked(c.Op)
+		out = append(out, netcfg.Warning{ENI: c.ENI, Blocked: &b,
+			Message: fmt.Sprintf("cannot add %s: held by %s (EEXIST); left alone until it goes", b.Object, b.Holder),
+			Hint:    "remove the other object if it is stale, or stop its program from managing this ENI, or exclude the ENI in the configuration"})
+	}
+	return out
 }
 
 // apply reports the plan's changes and applies them (unless dryRun), and
@@ -376,13 +389,20 @@ func (r *Reconciler) blockStuck(plan netcfg.Plan, after netcfg.Observed, rep *Re
 	for _, l := range after.Links {
 		links[l.Index] = true
 	}
+	var stuck []netcfg.Op
 	for _, op := range plan.Ops {
 		k := op.ObjectKey()
 		gone := (op.Route != nil && op.Route.LinkIndex != 0 && !links[op.Route.LinkIndex]) ||
 			(op.Addr != nil && !links[op.Addr.LinkIndex])
 		if !op.Delete && k != nil && !present[k] && !gone {
 			r.blocked[k] = true
-			rep.Blocked++
+			stuck = append(stuck, op)
 		}
 	}
+	rep.Blocked = len(stuck)
+	warns := blockedWarnings(stuck, after, rep.ENIs)
+	for _, w := range warns {
+		rep.BlockedObjects = append(rep.BlockedObjects, *w.Blocked)
+	}
+	rep.Warnings = append(rep.Warnings, warns...)
 }

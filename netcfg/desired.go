@@ -45,6 +45,9 @@ type Observed struct {
 	// table's aside) that dualhomed does not own: what Conflicts checks.
 	ForeignRules  []KernelRule
 	ForeignRoutes []KernelRoute
+	// ForeignAddrs are the addresses (of Addrs) that dualhomed does not
+	// own, with their origin: what a blocked address add names as holder.
+	ForeignAddrs []KernelAddr
 }
 
 // KernelRoute is a route as the kernel reports it.
@@ -122,6 +125,9 @@ type Warning struct {
 	// of the kernel: a foreign route holds their table, destination and
 	// metric, so adding them fails with EEXIST (Conflicts sets it).
 	Blocks []Route `json:"blocks,omitempty"`
+	// Blocked names the add of ours this warning is about and what holds
+	// its place in the kernel (the reconciler's "cannot add" warnings).
+	Blocked *Blocked `json:"blocked,omitempty"`
 }
 
 // String renders the warning on one line, hint included.
