@@ -71,7 +71,7 @@ func TestApplyWaitNamesMissingENIs(t *testing.T) {
 	}
 	buf.Reset()
 	h := Health{PID: os.Getpid(), Ready: true, Summary: "x", Report: Report{Trigger: "poll"}}
-	if err := WriteStatusJSON(&buf, rep, &h, nil); err != nil {
+	if err := WriteStatusJSON(&buf, rep, nil, &h, nil); err != nil {
 		t.Fatal(err)
 	}
 	var sj map[string]any
@@ -237,7 +237,7 @@ func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
 		t.Errorf("status does not name the daemon's blocked object:\n%s", buf.String())
 	}
 	buf.Reset()
-	if err := WriteStatusJSON(&buf, rep, &Health{PID: os.Getpid(), Report: drep}, nil); err != nil || strings.Count(buf.String(), `"holder": "`+holder+`"`) != 2 {
+	if err := WriteStatusJSON(&buf, rep, nil, &Health{PID: os.Getpid(), Report: drep}, nil); err != nil || strings.Count(buf.String(), `"holder": "`+holder+`"`) != 2 {
 		t.Errorf("status --json (err %v) names the holder %d times, want 2 (live warning, daemon):\n%s", err, strings.Count(buf.String(), holder), buf.String())
 	}
 	routes, _ := w.ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: netcfg.MainTable}, netlink.RT_FILTER_TABLE)
