@@ -28,7 +28,7 @@ func TestApplyWaitNamesMissingENIs(t *testing.T) {
 	}
 	defer k.Close()
 	src, _ := testSource(cfg.IMDS)
-	rec := NewReconciler(src, k, cfg)
+	rec := atOnce(NewReconciler(src, k, cfg))
 
 	_, missing, err := Apply(context.Background(), rec, 1500*time.Millisecond, nil)
 	if err != nil {
@@ -91,7 +91,7 @@ func TestApplyWaitNamesMissingENIs(t *testing.T) {
 func TestPlanWithoutIMDSIsAnError(t *testing.T) {
 	src, _ := testSource(IMDSConfig{Endpoint: closedPort(t), Timeout: time.Second})
 	_, k := testWorld()
-	_, err := Plan(context.Background(), NewReconciler(src, k, DefaultConfig()))
+	_, err := Plan(context.Background(), atOnce(NewReconciler(src, k, DefaultConfig())))
 	if err == nil || !strings.Contains(err.Error(), "is this an EC2 instance?") {
 		t.Fatalf("err = %v", err)
 	}
@@ -142,7 +142,7 @@ func configuredENI1(t *testing.T) (*world, Config, Kernel, Snapshotter) {
 	}
 	t.Cleanup(k.Close)
 	src, _ := testSource(cfg.IMDS)
-	if _, _, err := Apply(context.Background(), NewReconciler(src, k, cfg), 0, nil); err != nil {
+	if _, _, err := Apply(context.Background(), atOnce(NewReconciler(src, k, cfg)), 0, nil); err != nil {
 		t.Fatal(err)
 	}
 	return w, cfg, k, src
@@ -170,7 +170,7 @@ func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
 	foreign.Protocol = unix.RTPROT_STATIC
 	plan := func() Report {
 		t.Helper()
-		rep, err := Plan(context.Background(), NewReconciler(src, k, cfg)) // a fresh process, as `dualhomed plan`
+		rep, err := Plan(context.Background(), atOnce(NewReconciler(src, k, cfg))) // a fresh process, as `dualhomed plan`
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -222,7 +222,7 @@ func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
 
 	// The daemon's path agrees: the add fails to stick, is blocked, and the
 	// foreign route is left alone.
-	rec := NewReconciler(src, k, cfg)
+	rec := atOnce(NewReconciler(src, k, cfg))
 	drep, _, err := Apply(context.Background(), rec, 0, nil)
 	if err != nil || drep.Blocked != 1 || rec.Blocked() != 1 {
 		t.Errorf("apply with the foreign route: err %v, blocked %d (reconciler %d), want 1", err, drep.Blocked, rec.Blocked())
@@ -273,7 +273,7 @@ func TestPlanReportsBlockedRouteInOurTable(t *testing.T) {
 	if err := w.ns.NL.RouteAdd(&foreign); err != nil {
 		t.Fatalf("adding the foreign route: %v", err)
 	}
-	rep, err := Plan(context.Background(), NewReconciler(src, k, cfg))
+	rep, err := Plan(context.Background(), atOnce(NewReconciler(src, k, cfg)))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -246,8 +246,8 @@ func stoppedTimer() *time.Timer {
 // until ctx ends.
 func (d *Daemon) loop(ctx context.Context, hup <-chan os.Signal, watchdog <-chan time.Time, startTimeout time.Duration) {
 	started := time.NewTimer(startTimeout)
-	poll, retry, settle := stoppedTimer(), stoppedTimer(), stoppedTimer()
-	defer func() { started.Stop(); poll.Stop(); retry.Stop(); settle.Stop() }()
+	poll, retry, settle, grace := stoppedTimer(), stoppedTimer(), stoppedTimer(), stoppedTimer()
+	defer func() { started.Stop(); poll.Stop(); retry.Stop(); settle.Stop(); grace.Stop() }()
 	var gathering batch
 	for {
 		d.idle.Store(!gathering.open && d.pending.Load() == 0)
@@ -283,11 +283,16 @@ func (d *Daemon) loop(ctx context.Context, hup <-chan os.Signal, watchdog <-chan
 			} else {
 				d.trigger(TriggerRecheck)
 			}
+		case <-grace.C:
+			d.trigger(TriggerGrace)
 		case <-settle.C:
 			gathering = batch{}
 			if t := Trigger(d.pending.Swap(0)); t != 0 {
 				err := d.reconcile(ctx, t)
 				d.schedule(poll, retry, t, err)
+				if next := d.rec.NextGrace(time.Now()); next > 0 {
+					grace.Reset(next)
+				}
 			}
 		}
 	}

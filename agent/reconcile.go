@@ -131,6 +131,13 @@ type Reconciler struct {
 	imds   *imdsReads
 	// IMDSTimeout bounds one IMDS read (0: the caller's context only).
 	IMDSTimeout time.Duration
+	// AddrGrace is how long after a link's appearance its ENI's primary
+	// IPv4 is left to a DHCP client (netcfg.Observed.AwaitDHCP); 0 adds it
+	// at once.
+	AddrGrace time.Duration
+	// firstSeen is when each link (by index) first appeared in an
+	// observation: the start of its AddrGrace.
+	firstSeen map[int]time.Time
 	// HostWarnings are added to every report: what the host check
 	// (HostWarnings) found at start or reload.
 	HostWarnings []netcfg.Warning
@@ -184,13 +191,13 @@ func sameObserved(a, b netcfg.Observed) bool {
 		slices.Equal(a.Owned.Addrs, b.Owned.Addrs) && slices.Equal(a.Owned.RPFilters, b.Owned.RPFilters) && a.Owned.NAT.Equal(b.Owned.NAT) &&
 		slices.Equal(a.Owned.AltNames, b.Owned.AltNames) && maps.Equal(a.AltNames, b.AltNames) &&
 		slices.Equal(a.ForeignRules, b.ForeignRules) && slices.Equal(a.ForeignRoutes, b.ForeignRoutes) &&
-		slices.Equal(a.ForeignAddrs, b.ForeignAddrs)
+		slices.Equal(a.ForeignAddrs, b.ForeignAddrs) && maps.Equal(a.AwaitDHCP, b.AwaitDHCP)
 }
 
 // NewReconciler returns a Reconciler reading IMDS through source and acting
 // on kernel with cfg.
 func NewReconciler(source Snapshotter, kernel Kernel, cfg Config) *Reconciler {
-	return &Reconciler{kernel: kernel, cfg: cfg, configured: map[string]bool{},
+	return &Reconciler{kernel: kernel, cfg: cfg, configured: map[string]bool{}, AddrGrace: DHCPGrace,
 		blocked: map[any]bool{}, retrying: map[any]bool{},
 		imds: &imdsReads{source: source, pollInterval: cfg.PollInterval, linkRetries: map[int]int{}}}
 }
@@ -255,6 +262,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 	} else if obs, err = r.kernel.Observe(); err != nil {
 		return rep, fmt.Errorf("observing links and addresses: %w", err)
 	}
+	obs.AwaitDHCP = r.awaitDHCP(obs.Links, start)
 	snap, ok := r.imds.read(ctx, t, obs.Links, r.IMDSTimeout, &rep)
 	rep.ManagedRules, rep.ManagedRoutes = len(obs.Owned.Rules), len(obs.Owned.Routes)
 	switch {
@@ -283,6 +291,46 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 		r.memo = &memo{changes: changes, snap: r.imds.lastGood, obs: obs, enis: rep.ENIs, warns: rep.Warnings}
 	}
 	return rep, nil
+}
+
+// DHCPGrace is how long a new link's primary IPv4 is left to a DHCP
+// client before dualhomed adds it itself (with manage_addresses): the
+// coexistence matrix saw DHCP clients add it milliseconds to a second after
+// the link appeared, and where none runs the ENI's IPv4 routing waits this
+// long once.
+const DHCPGrace = 3 * time.Second
+
+// awaitDHCP returns the links that appeared less than AddrGrace before now,
+// and records when each link was first seen.
+func (r *Reconciler) awaitDHCP(links []netcfg.Link, now time.Time) map[int]bool {
+	seen := make(map[int]time.Time, len(links))
+	var wait map[int]bool
+	for _, l := range links {
+		first, ok := r.firstSeen[l.Index]
+		if !ok {
+			first = now
+		}
+		seen[l.Index] = first
+		if now.Sub(first) < r.AddrGrace {
+			if wait == nil {
+				wait = map[int]bool{}
+			}
+			wait[l.Index] = true
+		}
+	}
+	r.firstSeen = seen
+	return wait
+}
+
+// NextGrace is how long until the next link's AddrGrace ends, 0 for none.
+func (r *Reconciler) NextGrace(now time.Time) time.Duration {
+	var next time.Duration
+	for _, first := range r.firstSeen {
+		if left := first.Add(r.AddrGrace).Sub(now); left > 0 && (next == 0 || left < next) {
+			next = left
+		}
+	}
+	return next
 }
 
 // quietPoll reports whether t is a poll that may skip the kernel dumps:

@@ -272,7 +272,10 @@ func (c Config) inPriorityBand(prio int) bool {
 
 // ownedAddrs sorts every address dumped into ours and the others. Ours
 // carry our protocol, or on kernels without IFA_PROTO are recorded in the
-// state file.
+// state file, and are permanent: an address with finite lifetimes is a DHCP
+// client's (or SLAAC's) whatever its protocol byte, even one dualhomed added
+// that a DHCP client then took over with its lease (a replace keeps the
+// protocol), so dualhomed never deletes or rewrites it.
 func (k *Kernel) ownedAddrs(all []kernelAddr) (ours []Addr, foreign []KernelAddr, err error) {
 	var recorded map[addrRecord]bool
 	if !k.addrProto {
@@ -283,7 +286,8 @@ func (k *Kernel) ownedAddrs(all []kernelAddr) (ours []Addr, foreign []KernelAddr
 	ours = make([]Addr, 0, len(all))
 	for _, a := range all {
 		permanent := a.Flags&unix.IFA_F_PERMANENT != 0
-		if (k.addrProto && a.Proto == k.cfg.Protocol) || (!k.addrProto && recorded[recordOf(a.LinkIndex, a.Prefix)]) {
+		marked := (k.addrProto && a.Proto == k.cfg.Protocol) || (!k.addrProto && recorded[recordOf(a.LinkIndex, a.Prefix)])
+		if marked && permanent {
 			ours = append(ours, Addr{LinkIndex: a.LinkIndex, Prefix: a.Prefix, NoPrefixRoute: a.Flags&unix.IFA_F_NOPREFIXROUTE != 0})
 		} else {
 			foreign = append(foreign, KernelAddr{LinkIndex: a.LinkIndex, Prefix: a.Prefix, Proto: a.Proto, Dynamic: !permanent})
