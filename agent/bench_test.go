@@ -36,7 +36,7 @@ func BenchmarkReconcileNoOp(b *testing.B) {
 	}
 	defer k.Close()
 	src, _ := testSource(cfg.IMDS)
-	rec := NewReconciler(src, k, cfg)
+	rec := atOnce(NewReconciler(src, k, cfg))
 	ctx := context.Background()
 	if rep, err := rec.Reconcile(ctx, TriggerStart, false); err != nil || !rep.OK() || configured(rep) != 15 {
 		b.Fatalf("configuring: %v %s", err, rep.Summary())

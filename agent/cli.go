@@ -81,6 +81,29 @@ func Plan(ctx context.Context, rec *Reconciler) (Report, error) {
 	return rep, nil
 }
 
+// StatusReport is `dualhomed status`'s report: the live one (a dry-run
+// reconcile, as Plan), or, when IMDS cannot be read live and the daemon left
+// a report (health, from status.json), the daemon's last one. Its warnings matter most when IMDS fails: a secondary ENI's gateway
+// taking over main cuts IMDS off too. The daemon's changes were applied,
+// not pending, and what is pending now is unknown: the fallback lists none.
+// err is the live read's error, returned with the fallback (true) too.
+func StatusReport(ctx context.Context, rec *Reconciler, health *Health) (rep Report, fallback bool, err error) {
+	rep, err = Plan(ctx, rec)
+	if err == nil || rep.IMDSErr == nil || health == nil || health.Report.Time.IsZero() {
+		return rep, false, err
+	}
+	last := health.Report
+	last.Changes, last.DryRun = nil, false
+	return last, true, err
+}
+
+// WriteStaleNotice says that the status shown is the daemon's last report,
+// why, and how old it is.
+func WriteStaleNotice(w io.Writer, rep Report, liveErr error) {
+	fmt.Fprintf(w, "status: IMDS could not be read live (%v)\nstatus: showing the daemon's last report instead, from %s (%s ago); pending changes unknown\n",
+		liveErr, rep.Time.Format(time.RFC3339), time.Since(rep.Time).Round(time.Second))
+}
+
 // Apply reconciles once; with wait > 0 it repeats (every second) until every
 // ENI listed in IMDS has a link and is configured, or wait passes. Missing
 // lists what is still not configured when Apply gives up.
@@ -177,6 +200,8 @@ type WarningView struct {
 	ENI     string `json:"eni,omitempty"`
 	Message string `json:"message"`
 	Hint    string `json:"hint,omitempty"`
+	// Blocked names the add of ours and its holder ("cannot add" warnings).
+	Blocked *netcfg.Blocked `json:"blocked,omitempty"`
 }
 
 // DaemonView is the running daemon's health in `status --json`.
@@ -192,6 +217,21 @@ type DaemonView struct {
 	LastSuccess time.Time `json:"last_success"`
 	LastError   string    `json:"last_error,omitempty"`
 	LastTrigger string    `json:"last_trigger,omitempty"`
+	// Blocked lists the adds the daemon holds back because another
+	// program's object holds their place (EEXIST), with that holder as the
+	// daemon read it back: a one-shot plan cannot learn all of them.
+	Blocked []netcfg.Blocked `json:"blocked,omitempty"`
+}
+
+// daemonBlocked returns the adds the daemon's last report holds back.
+func daemonBlocked(h *Health) []netcfg.Blocked {
+	var out []netcfg.Blocked
+	for _, w := range h.Report.Warnings {
+		if w.Blocked != nil {
+			out = append(out, *w.Blocked)
+		}
+	}
+	return out
 }
 
 func eniViews(enis []netcfg.ENIStatus) []ENIView {
@@ -214,7 +254,7 @@ func eniViews(enis []netcfg.ENIStatus) []ENIView {
 func warningViews(ws []netcfg.Warning) []WarningView {
 	out := []WarningView{}
 	for _, w := range ws {
-		out = append(out, WarningView{ENI: w.ENI, Message: w.Message, Hint: w.Hint})
+		out = append(out, WarningView{ENI: w.ENI, Message: w.Message, Hint: w.Hint, Blocked: w.Blocked})
 	}
 	return out
 }
@@ -250,21 +290,30 @@ type StatusJSON struct {
 	Summary  string        `json:"summary"`
 	// NAT holds the NAT's counters when an ENI has a NAT role.
 	NAT *netcfg.NATCounters `json:"nat,omitempty"`
+	// Live is false when IMDS could not be read live: enis and warnings are
+	// then the daemon's last report (of ReportTime), pending_changes empty.
+	Live       bool      `json:"live"`
+	LiveError  string    `json:"live_error,omitempty"`
+	ReportTime time.Time `json:"report_time"`
 	// Daemon is the running daemon's health (from status.json), when known.
 	Daemon *DaemonView `json:"daemon,omitempty"`
 	// DaemonError says why the daemon's health is unknown.
 	DaemonError string `json:"daemon_error,omitempty"`
 }
 
-// WriteStatusJSON prints the live status and the daemon's health as JSON.
-func WriteStatusJSON(w io.Writer, rep Report, health *Health, healthErr error) error {
+// WriteStatusJSON prints the status (live unless liveErr says why not, see
+// StatusReport) and the daemon's health as JSON.
+func WriteStatusJSON(w io.Writer, rep Report, liveErr error, health *Health, healthErr error) error {
 	out := StatusJSON{Schema: StatusSchema, ENIs: eniViews(rep.ENIs), Warnings: warningViews(rep.Warnings), Pending: changes(rep.Changes),
-		Summary: rep.Summary(), NAT: rep.NAT}
+		Summary: rep.Summary(), NAT: rep.NAT, Live: liveErr == nil, ReportTime: rep.Time}
+	if liveErr != nil {
+		out.LiveError = liveErr.Error()
+	}
 	if health != nil {
 		out.Daemon = &DaemonView{PID: health.PID, Version: health.Version, Running: processAlive(health.PID),
 			Started: health.Started, Updated: health.Updated, Ready: health.Ready, Degraded: health.Degraded,
 			Summary: health.Summary, LastSuccess: health.LastSuccess, LastError: health.LastError,
-			LastTrigger: health.Report.Trigger}
+			LastTrigger: health.Report.Trigger, Blocked: daemonBlocked(health)}
 	}
 	if healthErr != nil {
 		out.DaemonError = healthErr.Error()
@@ -347,6 +396,9 @@ func WriteDaemonHealth(w io.Writer, h *Health, err error) {
 			time.Since(h.Updated).Round(time.Second), h.Summary)
 		if h.LastError != "" {
 			fmt.Fprintf(w, "daemon: last error: %s\n", h.LastError)
+		}
+		for _, b := range daemonBlocked(h) {
+			fmt.Fprintf(w, "daemon: cannot add %s: held by %s\n", b.Object, b.Holder)
 		}
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http/httptest"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -27,7 +28,7 @@ func TestApplyWaitNamesMissingENIs(t *testing.T) {
 	}
 	defer k.Close()
 	src, _ := testSource(cfg.IMDS)
-	rec := NewReconciler(src, k, cfg)
+	rec := atOnce(NewReconciler(src, k, cfg))
 
 	_, missing, err := Apply(context.Background(), rec, 1500*time.Millisecond, nil)
 	if err != nil {
@@ -70,7 +71,7 @@ func TestApplyWaitNamesMissingENIs(t *testing.T) {
 	}
 	buf.Reset()
 	h := Health{PID: os.Getpid(), Ready: true, Summary: "x", Report: Report{Trigger: "poll"}}
-	if err := WriteStatusJSON(&buf, rep, &h, nil); err != nil {
+	if err := WriteStatusJSON(&buf, rep, nil, &h, nil); err != nil {
 		t.Fatal(err)
 	}
 	var sj map[string]any
@@ -90,7 +91,7 @@ func TestApplyWaitNamesMissingENIs(t *testing.T) {
 func TestPlanWithoutIMDSIsAnError(t *testing.T) {
 	src, _ := testSource(IMDSConfig{Endpoint: closedPort(t), Timeout: time.Second})
 	_, k := testWorld()
-	_, err := Plan(context.Background(), NewReconciler(src, k, DefaultConfig()))
+	_, err := Plan(context.Background(), atOnce(NewReconciler(src, k, DefaultConfig())))
 	if err == nil || !strings.Contains(err.Error(), "is this an EC2 instance?") {
 		t.Fatalf("err = %v", err)
 	}
@@ -141,7 +142,7 @@ func configuredENI1(t *testing.T) (*world, Config, Kernel, Snapshotter) {
 	}
 	t.Cleanup(k.Close)
 	src, _ := testSource(cfg.IMDS)
-	if _, _, err := Apply(context.Background(), NewReconciler(src, k, cfg), 0, nil); err != nil {
+	if _, _, err := Apply(context.Background(), atOnce(NewReconciler(src, k, cfg)), 0, nil); err != nil {
 		t.Fatal(err)
 	}
 	return w, cfg, k, src
@@ -169,7 +170,7 @@ func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
 	foreign.Protocol = unix.RTPROT_STATIC
 	plan := func() Report {
 		t.Helper()
-		rep, err := Plan(context.Background(), NewReconciler(src, k, cfg)) // a fresh process, as `dualhomed plan`
+		rep, err := Plan(context.Background(), atOnce(NewReconciler(src, k, cfg))) // a fresh process, as `dualhomed plan`
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -198,25 +199,46 @@ func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
 	if configured(rep) != 1 {
 		t.Errorf("plan: %s, want ENI 1 configured, as the daemon reports it", rep.Summary())
 	}
+	// The object and its holder, as the kernel holds them.
+	object := fmt.Sprintf("route %s via %s dev eth1 src %s table main", ours.Dst, ours.Gw, ours.Src)
+	holder := fmt.Sprintf("route %s via %s dev eth1 src %s table main proto static metric 0", ours.Dst, ours.Gw, ours.Src)
 	warned := false
 	for _, wn := range rep.Warnings {
-		warned = warned || (strings.Contains(wn.Message, "cannot add") && strings.Contains(wn.Message, ours.Dst.String()) && wn.Hint != "")
+		warned = warned || (wn.Blocked != nil && wn.Blocked.Object == object && wn.Blocked.Holder == holder &&
+			strings.Contains(wn.Message, "cannot add "+object+": held by "+holder) && wn.Hint != "")
 	}
 	if !warned {
-		t.Errorf("no warning with a hint names the blocked route to %s: %v", ours.Dst, rep.Warnings)
+		t.Errorf("no warning with a hint names the blocked %q and its holder %q: %v", object, holder, rep.Warnings)
 	}
 	var buf bytes.Buffer
 	WritePlan(&buf, rep)
-	if !strings.Contains(buf.String(), "in sync") {
-		t.Errorf("plan output:\n%s\nwant in sync", buf.String())
+	if !strings.Contains(buf.String(), "in sync") || !strings.Contains(buf.String(), "held by "+holder) {
+		t.Errorf("plan output:\n%s\nwant in sync, and the holder named", buf.String())
+	}
+	buf.Reset()
+	if err := WritePlanJSON(&buf, rep); err != nil || !strings.Contains(buf.String(), `"holder": "`+holder+`"`) {
+		t.Errorf("plan --json (err %v) does not name the holder:\n%s", err, buf.String())
 	}
 
 	// The daemon's path agrees: the add fails to stick, is blocked, and the
 	// foreign route is left alone.
-	rec := NewReconciler(src, k, cfg)
+	rec := atOnce(NewReconciler(src, k, cfg))
 	drep, _, err := Apply(context.Background(), rec, 0, nil)
 	if err != nil || drep.Blocked != 1 || rec.Blocked() != 1 {
 		t.Errorf("apply with the foreign route: err %v, blocked %d (reconciler %d), want 1", err, drep.Blocked, rec.Blocked())
+	}
+	if want := []netcfg.Blocked{{Object: object, Holder: holder}}; !slices.Equal(drep.BlockedObjects, want) {
+		t.Errorf("apply's blocked objects %v, want %v", drep.BlockedObjects, want)
+	}
+	// status shows what the daemon holds back, from its status file.
+	buf.Reset()
+	WriteDaemonHealth(&buf, &Health{PID: os.Getpid(), Report: drep}, nil)
+	if !strings.Contains(buf.String(), "daemon: cannot add "+object+": held by "+holder) {
+		t.Errorf("status does not name the daemon's blocked object:\n%s", buf.String())
+	}
+	buf.Reset()
+	if err := WriteStatusJSON(&buf, rep, nil, &Health{PID: os.Getpid(), Report: drep}, nil); err != nil || strings.Count(buf.String(), `"holder": "`+holder+`"`) != 2 {
+		t.Errorf("status --json (err %v) names the holder %d times, want 2 (live warning, daemon):\n%s", err, strings.Count(buf.String(), holder), buf.String())
 	}
 	routes, _ := w.ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: netcfg.MainTable}, netlink.RT_FILTER_TABLE)
 	left := false
@@ -251,7 +273,7 @@ func TestPlanReportsBlockedRouteInOurTable(t *testing.T) {
 	if err := w.ns.NL.RouteAdd(&foreign); err != nil {
 		t.Fatalf("adding the foreign route: %v", err)
 	}
-	rep, err := Plan(context.Background(), NewReconciler(src, k, cfg))
+	rep, err := Plan(context.Background(), atOnce(NewReconciler(src, k, cfg)))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -246,8 +246,8 @@ func stoppedTimer() *time.Timer {
 // until ctx ends.
 func (d *Daemon) loop(ctx context.Context, hup <-chan os.Signal, watchdog <-chan time.Time, startTimeout time.Duration) {
 	started := time.NewTimer(startTimeout)
-	poll, retry, settle := stoppedTimer(), stoppedTimer(), stoppedTimer()
-	defer func() { started.Stop(); poll.Stop(); retry.Stop(); settle.Stop() }()
+	poll, retry, settle, grace := stoppedTimer(), stoppedTimer(), stoppedTimer(), stoppedTimer()
+	defer func() { started.Stop(); poll.Stop(); retry.Stop(); settle.Stop(); grace.Stop() }()
 	var gathering batch
 	for {
 		d.idle.Store(!gathering.open && d.pending.Load() == 0)
@@ -283,11 +283,16 @@ func (d *Daemon) loop(ctx context.Context, hup <-chan os.Signal, watchdog <-chan
 			} else {
 				d.trigger(TriggerRecheck)
 			}
+		case <-grace.C:
+			d.trigger(TriggerGrace)
 		case <-settle.C:
 			gathering = batch{}
 			if t := Trigger(d.pending.Swap(0)); t != 0 {
 				err := d.reconcile(ctx, t)
 				d.schedule(poll, retry, t, err)
+				if next := d.rec.NextGrace(time.Now()); next > 0 {
+					grace.Reset(next)
+				}
 			}
 		}
 	}
@@ -405,7 +410,7 @@ func (d *Daemon) logReport(rep Report, log *zap.Logger, failing int) {
 	}
 	if rep.Blocked > 0 {
 		log.Warn("some objects could not be added: other programs' objects hold their place; leaving them alone until those go",
-			zap.Int("blocked", rep.Blocked))
+			zap.Int("blocked", rep.Blocked), zap.Any("objects", rep.BlockedObjects))
 	}
 	if rep.ApplyError != "" {
 		log.Error("applying changes failed", zap.String("error", rep.ApplyError), zap.Int("writes", rep.Writes))
@@ -422,6 +427,9 @@ func (d *Daemon) logReport(rep Report, log *zap.Logger, failing int) {
 		fields := []zap.Field{zap.String("eni", w.ENI), zap.String("message", w.Message), zap.String("hint", w.Hint)}
 		if len(w.Blocks) > 0 {
 			fields = append(fields, zap.Stringers("blocks", w.Blocks))
+		}
+		if w.Blocked != nil {
+			fields = append(fields, zap.String("object", w.Blocked.Object), zap.String("holder", w.Blocked.Holder))
 		}
 		log.Log(level, "warning", fields...)
 	}

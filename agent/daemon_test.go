@@ -151,6 +151,7 @@ func (w *world) startPrepared(cfg Config, configPath string, prepare func(*Daemo
 		w.t.Fatalf("NewDaemon: %v", err)
 	}
 	r.d = d
+	atOnce(d.rec) // the test world runs no DHCP client
 	if prepare != nil {
 		prepare(d)
 	}
@@ -471,6 +472,7 @@ func TestDaemonSdNotify(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	atOnce(d.rec)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- d.Run(ctx) }()

@@ -42,7 +42,7 @@ func fullScaleReconciler(b *testing.B) *Reconciler {
 	}
 	b.Cleanup(k.Close)
 	src, _ := testSource(cfg.IMDS)
-	rec := NewReconciler(src, k, cfg)
+	rec := atOnce(NewReconciler(src, k, cfg))
 	ctx := context.Background()
 	if rep, err := rec.Reconcile(ctx, TriggerStart, false); err != nil || !rep.OK() || configured(rep) != 14 {
 		b.Fatalf("configuring: %v %s", err, rep.Summary())

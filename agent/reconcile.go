@@ -64,6 +64,9 @@ type Report struct {
 	// Blocked counts adds of this reconcile that did not stick (EEXIST on
 	// another program's object); they are not retried until Unblock.
 	Blocked int `json:"blocked,omitempty"`
+	// BlockedObjects names those adds and what holds their place, as read
+	// back from the kernel after the apply.
+	BlockedObjects []netcfg.Blocked `json:"blocked_objects,omitempty"`
 	// ApplyError is set when Apply failed part way.
 	ApplyError string `json:"apply_error,omitempty"`
 	// NewLinks is true when a link appeared since the last IMDS read.
@@ -128,6 +131,13 @@ type Reconciler struct {
 	imds   *imdsReads
 	// IMDSTimeout bounds one IMDS read (0: the caller's context only).
 	IMDSTimeout time.Duration
+	// AddrGrace is how long after a link's appearance its ENI's primary
+	// IPv4 is left to a DHCP client (netcfg.Observed.AwaitDHCP); 0 adds it
+	// at once.
+	AddrGrace time.Duration
+	// firstSeen is when each link (by index) first appeared in an
+	// observation: the start of its AddrGrace.
+	firstSeen map[int]time.Time
 	// HostWarnings are added to every report: what the host check
 	// (HostWarnings) found at start or reload.
 	HostWarnings []netcfg.Warning
@@ -180,13 +190,14 @@ func sameObserved(a, b netcfg.Observed) bool {
 		slices.Equal(a.Owned.Rules, b.Owned.Rules) && slices.Equal(a.Owned.Routes, b.Owned.Routes) &&
 		slices.Equal(a.Owned.Addrs, b.Owned.Addrs) && slices.Equal(a.Owned.RPFilters, b.Owned.RPFilters) && a.Owned.NAT.Equal(b.Owned.NAT) &&
 		slices.Equal(a.Owned.AltNames, b.Owned.AltNames) && maps.Equal(a.AltNames, b.AltNames) &&
-		slices.Equal(a.ForeignRules, b.ForeignRules) && slices.Equal(a.ForeignRoutes, b.ForeignRoutes)
+		slices.Equal(a.ForeignRules, b.ForeignRules) && slices.Equal(a.ForeignRoutes, b.ForeignRoutes) &&
+		slices.Equal(a.ForeignAddrs, b.ForeignAddrs) && maps.Equal(a.AwaitDHCP, b.AwaitDHCP)
 }
 
 // NewReconciler returns a Reconciler reading IMDS through source and acting
 // on kernel with cfg.
 func NewReconciler(source Snapshotter, kernel Kernel, cfg Config) *Reconciler {
-	return &Reconciler{kernel: kernel, cfg: cfg, configured: map[string]bool{},
+	return &Reconciler{kernel: kernel, cfg: cfg, configured: map[string]bool{}, AddrGrace: DHCPGrace,
 		blocked: map[any]bool{}, retrying: map[any]bool{},
 		imds: &imdsReads{source: source, pollInterval: cfg.PollInterval, linkRetries: map[int]int{}}}
 }
@@ -251,6 +262,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 	} else if obs, err = r.kernel.Observe(); err != nil {
 		return rep, fmt.Errorf("observing links and addresses: %w", err)
 	}
+	obs.AwaitDHCP = r.awaitDHCP(obs.Links, start)
 	snap, ok := r.imds.read(ctx, t, obs.Links, r.IMDSTimeout, &rep)
 	rep.ManagedRules, rep.ManagedRoutes = len(obs.Owned.Rules), len(obs.Owned.Routes)
 	switch {
@@ -281,6 +293,46 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 	return rep, nil
 }
 
+// DHCPGrace is how long a new link's primary IPv4 is left to a DHCP
+// client before dualhomed adds it itself (with manage_addresses): the
+// coexistence matrix saw DHCP clients add it milliseconds to a second after
+// the link appeared, and where none runs the ENI's IPv4 routing waits this
+// long once.
+const DHCPGrace = 3 * time.Second
+
+// awaitDHCP returns the links that appeared less than AddrGrace before now,
+// and records when each link was first seen.
+func (r *Reconciler) awaitDHCP(links []netcfg.Link, now time.Time) map[int]bool {
+	seen := make(map[int]time.Time, len(links))
+	var wait map[int]bool
+	for _, l := range links {
+		first, ok := r.firstSeen[l.Index]
+		if !ok {
+			first = now
+		}
+		seen[l.Index] = first
+		if now.Sub(first) < r.AddrGrace {
+			if wait == nil {
+				wait = map[int]bool{}
+			}
+			wait[l.Index] = true
+		}
+	}
+	r.firstSeen = seen
+	return wait
+}
+
+// NextGrace is how long until the next link's AddrGrace ends, 0 for none.
+func (r *Reconciler) NextGrace(now time.Time) time.Duration {
+	var next time.Duration
+	for _, first := range r.firstSeen {
+		if left := first.Add(r.AddrGrace).Sub(now); left > 0 && (next == 0 || left < next) {
+			next = left
+		}
+	}
+	return next
+}
+
 // quietPoll reports whether t is a poll that may skip the kernel dumps:
 // not combined with a start, retry or reload, and not the poll that reads
 // everything afresh, IMDS and the kernel.
@@ -291,7 +343,8 @@ func (r *Reconciler) quietPoll(t Trigger) bool {
 // plan returns Diff's plan for desired less what this reconcile may not or
 // need not apply, whether it withheld no deletion, and the conflicts it
 // checked (a dry run's). Without a fresh IMDS read, the last good snapshot
-// may be stale: it can add, never remove. Adds another program's object holds out are left out with a
+// may be stale: it can add, and remove only the rules of tables the kernel
+// emptied (a detached link's, see Plan.WithoutFreshIMDS). Adds another program's object holds out are left out with a
 // warning each: those that did not stick before (blocked), and in a dry
 // run, which cannot learn that from EEXIST, those Conflicts names, so that
 // plan agrees with the daemon.
@@ -299,8 +352,8 @@ func (r *Reconciler) plan(obs netcfg.Observed, desired netcfg.State, dryRun bool
 	plan := netcfg.Diff(obs.Owned, desired)
 	complete := true
 	if !rep.Fresh {
-		adds := plan.AddsOnly()
-		plan, complete = adds, len(adds.Ops) == len(plan.Ops)
+		safe := plan.WithoutFreshIMDS(obs)
+		plan, complete = safe, len(safe.Ops) == len(plan.Ops)
 	}
 	held, conflicts := r.blocked, []netcfg.Warning(nil)
 	if dryRun {
@@ -311,12 +364,21 @@ func (r *Reconciler) plan(obs netcfg.Observed, desired netcfg.State, dryRun bool
 		}
 	}
 	plan, dropped := plan.Split(held)
-	for _, c := range netcfg.Attribute(dropped, rep.ENIs, obs.Links) {
-		rep.Warnings = append(rep.Warnings, netcfg.Warning{ENI: c.ENI,
-			Message: fmt.Sprintf("cannot add %q: another program's object holds its place (EEXIST); left alone", strings.TrimPrefix(c.Text, "+ ")),
-			Hint:    "remove the other object (see `ip route show table all` / `ip rule`) or exclude this ENI in the configuration"})
-	}
+	rep.Warnings = append(rep.Warnings, blockedWarnings(dropped, obs, rep.ENIs)...)
 	return plan, complete, conflicts
+}
+
+// blockedWarnings warns about each add of ops that another program's object
+// keeps out, naming both as obs read them back from the kernel.
+func blockedWarnings(ops []netcfg.Op, obs netcfg.Observed, enis []netcfg.ENIStatus) []netcfg.Warning {
+	var out []netcfg.Warning
+	for _, c := range netcfg.Attribute(ops, enis, obs.Links) {
+		b := obs.Blocked(c.Op)
+		out = append(out, netcfg.Warning{ENI: c.ENI, Blocked: &b,
+			Message: fmt.Sprintf("cannot add %s: held by %s (EEXIST); left alone until it goes", b.Object, b.Holder),
+			Hint:    "remove the other object if it is stale, or stop its program from managing this ENI, or exclude the ENI in the configuration"})
+	}
+	return out
 }
 
 // apply reports the plan's changes and applies them (unless dryRun), and
@@ -375,13 +437,20 @@ func (r *Reconciler) blockStuck(plan netcfg.Plan, after netcfg.Observed, rep *Re
 	for _, l := range after.Links {
 		links[l.Index] = true
 	}
+	var stuck []netcfg.Op
 	for _, op := range plan.Ops {
 		k := op.ObjectKey()
 		gone := (op.Route != nil && op.Route.LinkIndex != 0 && !links[op.Route.LinkIndex]) ||
 			(op.Addr != nil && !links[op.Addr.LinkIndex])
 		if !op.Delete && k != nil && !present[k] && !gone {
 			r.blocked[k] = true
-			rep.Blocked++
+			stuck = append(stuck, op)
 		}
 	}
+	rep.Blocked = len(stuck)
+	warns := blockedWarnings(stuck, after, rep.ENIs)
+	for _, w := range warns {
+		rep.BlockedObjects = append(rep.BlockedObjects, *w.Blocked)
+	}
+	rep.Warnings = append(rep.Warnings, warns...)
 }

@@ -14,6 +14,14 @@ import (
 	"github.com/dualhomed/dualhomed/netcfg"
 )
 
+// atOnce makes rec add the ENIs' primary IPv4 addresses at once: the test
+// kernels run no DHCP client to wait for (TestReconcileLeavesThePrimaryAddressToDHCP
+// covers the wait).
+func atOnce(rec *Reconciler) *Reconciler {
+	rec.AddrGrace = 0
+	return rec
+}
+
 // fakeKernel is an in-memory kernel: Apply changes its owned state, so
 // consecutive reconciles see their own effects.
 type fakeKernel struct {
@@ -167,7 +175,7 @@ func rulesOf(st netcfg.State, table int) int {
 
 func TestReconcileConfiguresThenIsANoOp(t *testing.T) {
 	src, k := testWorld()
-	rec := NewReconciler(src, k, DefaultConfig())
+	rec := atOnce(NewReconciler(src, k, DefaultConfig()))
 	rep, err := rec.Reconcile(context.Background(), TriggerStart, false)
 	if err != nil || !rep.OK() || rep.Duration <= 0 {
 		t.Fatalf("first reconcile: %v %+v", err, rep)
@@ -188,7 +196,7 @@ func TestReconcileConfiguresThenIsANoOp(t *testing.T) {
 
 func TestReconcileIMDSErrorNeverDeletes(t *testing.T) {
 	src, k := testWorld()
-	rec := NewReconciler(src, k, DefaultConfig())
+	rec := atOnce(NewReconciler(src, k, DefaultConfig()))
 	if _, err := rec.Reconcile(context.Background(), TriggerStart, false); err != nil {
 		t.Fatal(err)
 	}
@@ -221,7 +229,7 @@ func TestReconcileIMDSErrorNeverDeletes(t *testing.T) {
 	// A fresh daemon that never read IMDS changes nothing at all.
 	_, k2 := testWorld()
 	k2.obs.Owned = before
-	rep, err = NewReconciler(&fakeIMDS{err: errors.New("timeout")}, k2, DefaultConfig()).Reconcile(context.Background(), TriggerStart, false)
+	rep, err = atOnce(NewReconciler(&fakeIMDS{err: errors.New("timeout")}, k2, DefaultConfig())).Reconcile(context.Background(), TriggerStart, false)
 	if err != nil || len(rep.Changes) != 0 || len(k2.applied) != 0 {
 		t.Fatalf("without any snapshot: err=%v changes=%v", err, rep.Changes)
 	}
@@ -232,7 +240,7 @@ func TestReconcileIMDSErrorNeverDeletes(t *testing.T) {
 
 func TestReconcileNotReadyENIKeepsItsState(t *testing.T) {
 	src, k := testWorld()
-	rec := NewReconciler(src, k, DefaultConfig())
+	rec := atOnce(NewReconciler(src, k, DefaultConfig()))
 	if _, err := rec.Reconcile(context.Background(), TriggerStart, false); err != nil {
 		t.Fatal(err)
 	}
@@ -248,7 +256,7 @@ func TestReconcileNotReadyENIKeepsItsState(t *testing.T) {
 	}
 	// The same glitch seen by a restarted daemon (no last good snapshot):
 	// netcfg keeps the kernel objects of the not-ready ENI.
-	rec2 := NewReconciler(src, k, DefaultConfig())
+	rec2 := atOnce(NewReconciler(src, k, DefaultConfig()))
 	rep, err = rec2.Reconcile(context.Background(), TriggerStart, false)
 	if err != nil {
 		t.Fatal(err)
@@ -274,7 +282,7 @@ func TestReconcileNotReadyENIKeepsItsState(t *testing.T) {
 
 func TestReconcileRefreshModes(t *testing.T) {
 	src, k := testWorld()
-	rec := NewReconciler(src, k, DefaultConfig())
+	rec := atOnce(NewReconciler(src, k, DefaultConfig()))
 	ctx := context.Background()
 	reads := func() int { return src.reads + src.listings } // snapshots, refreshes and MAC listings
 	if _, err := rec.Reconcile(ctx, event(rec), false); err != nil || reads() != 1 {
@@ -298,7 +306,7 @@ func TestReconcileRefreshModes(t *testing.T) {
 
 func TestReconcileCountsRepairs(t *testing.T) {
 	src, k := testWorld()
-	rec := NewReconciler(src, k, DefaultConfig())
+	rec := atOnce(NewReconciler(src, k, DefaultConfig()))
 	ctx := context.Background()
 	if rep, _ := rec.Reconcile(ctx, TriggerStart, false); rep.Repairs != 0 {
 		t.Fatalf("first configuration counted as repairs: %d", rep.Repairs)
@@ -377,7 +385,7 @@ func TestReconcileListsMACsBeforeSnapshotForUnknownLinks(t *testing.T) {
 	enis := src.snap.ENIs
 	src.snap.ENIs = enis[:2] // IMDS does not know C yet
 	k.obs.Links = k.obs.Links[:3]
-	rec := NewReconciler(src, k, DefaultConfig())
+	rec := atOnce(NewReconciler(src, k, DefaultConfig()))
 	ctx := context.Background()
 	if _, err := rec.Reconcile(ctx, TriggerStart, false); err != nil {
 		t.Fatal(err)
@@ -476,7 +484,7 @@ func (k *detachingKernel) Apply(p netcfg.Plan) (int, error) {
 func TestReconcileAddsGoneWithTheirLinkAreNotBlocked(t *testing.T) {
 	src, fk := testWorld()
 	k := &detachingKernel{fakeKernel: fk, link: 4, dropRule: netip.MustParsePrefix("10.1.0.10/32")}
-	rec := NewReconciler(src, k, DefaultConfig())
+	rec := atOnce(NewReconciler(src, k, DefaultConfig()))
 	rep, err := rec.Reconcile(context.Background(), TriggerStart, false)
 	if err != nil {
 		t.Fatal(err)
@@ -493,7 +501,7 @@ func TestReconcileComputesDesiredAgainWhenTheKernelChanged(t *testing.T) {
 	src, k := testWorld()
 	linkC := k.obs.Links[3]
 	k.obs.Links = k.obs.Links[:3]
-	rec := NewReconciler(src, k, DefaultConfig())
+	rec := atOnce(NewReconciler(src, k, DefaultConfig()))
 	ctx := context.Background()
 	for _, trigger := range []Trigger{TriggerStart, backingOff(rec)} {
 		if _, err := rec.Reconcile(ctx, trigger, false); err != nil {
@@ -541,7 +549,7 @@ func (k *quietKernel) Apply(p netcfg.Plan) (int, error) {
 func TestReconcilePollReusesQuietObservation(t *testing.T) {
 	src, fk := testWorld()
 	k := &quietKernel{fakeKernel: fk}
-	rec := NewReconciler(src, k, DefaultConfig())
+	rec := atOnce(NewReconciler(src, k, DefaultConfig()))
 	k.rec = rec
 	ctx := context.Background()
 	step := func(name string, trigger Trigger, wantObserves int) Report {
@@ -580,7 +588,7 @@ func TestReconcilePollReusesQuietObservation(t *testing.T) {
 	// Without a kernel feed, nothing says the kernel stayed quiet.
 	src2, fk2 := testWorld()
 	k = &quietKernel{fakeKernel: fk2}
-	rec = NewReconciler(src2, k, DefaultConfig())
+	rec = atOnce(NewReconciler(src2, k, DefaultConfig()))
 	step("start without a feed", TriggerStart, 2)
 	step("poll without a feed", TriggerPoll, 1)
 	step("another poll without a feed", TriggerPoll, 1)

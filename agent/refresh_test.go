@@ -29,7 +29,7 @@ func refreshWorld(t *testing.T, inst emulator.Instance) (*emulator.Server, *imds
 	for i, e := range inst.ENIs {
 		k.obs.Links = append(k.obs.Links, netcfg.Link{Index: 10 + i, Name: "eth" + string(rune('0'+i)), MAC: e.MAC})
 	}
-	return srv, client, k, NewReconciler(client, k, DefaultConfig())
+	return srv, client, k, atOnce(NewReconciler(client, k, DefaultConfig()))
 }
 
 func mustReconcile(t *testing.T, rec *Reconciler, trigger Trigger) Report {

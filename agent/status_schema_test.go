@@ -119,7 +119,9 @@ func TestLogFieldsForFleetSearch(t *testing.T) {
 	d := &Daemon{rec: NewReconciler(nil, nil, DefaultConfig())}
 	route := netcfg.Route{Table: 20101, Dst: netip.MustParsePrefix("0.0.0.0/0"), Gateway: netip.MustParseAddr("10.1.0.1"), LinkIndex: 3}
 	enis := []netcfg.ENIStatus{{MAC: "02:00:00:00:01:01", InterfaceID: "eni-1", Link: "eth1", LinkIndex: 3, Table: 20101}}
-	rep := Report{ENIs: enis, Warnings: []netcfg.Warning{{ENI: "eni-1", Message: "m", Hint: "h", Blocks: []netcfg.Route{route}}}}
+	held := netcfg.Blocked{Object: "route default via 10.1.0.1 dev eth1 table 20101", Holder: "route default via 10.1.0.1 dev eth1 table 20101 proto dhcp metric 0"}
+	rep := Report{ENIs: enis, Warnings: []netcfg.Warning{{ENI: "eni-1", Message: "m", Hint: "h", Blocks: []netcfg.Route{route}, Blocked: &held}},
+		Blocked: 1, BlockedObjects: []netcfg.Blocked{held}}
 	rep.Changes = netcfg.Attribute([]netcfg.Op{{Route: &route}, {Delete: true, AltName: &netcfg.AltName{LinkIndex: 3, Name: "eni-1"}}},
 		enis, []netcfg.Link{{Index: 3, Name: "eth1"}})
 	d.logReport(rep, zap.New(core), 0)
@@ -139,7 +141,15 @@ func TestLogFieldsForFleetSearch(t *testing.T) {
 		t.Fatalf("warning lines %v: want one at warn level, then one at debug", warnings)
 	}
 	if got, want := warnings[0].ContextMap(), map[string]any{"eni": "eni-1", "message": "m", "hint": "h",
-		"blocks": []any{"default via 10.1.0.1 dev #3 table 20101"}}; !reflect.DeepEqual(got, want) {
+		"blocks": []any{"default via 10.1.0.1 dev #3 table 20101"}, "object": held.Object, "holder": held.Holder}; !reflect.DeepEqual(got, want) {
 		t.Errorf("warning line: %v, want %v", got, want)
+	}
+	// The blocked line names each object and its holder.
+	lines := logs.FilterMessageSnippet("some objects could not be added").All()
+	if len(lines) == 0 {
+		t.Fatal("no line about the blocked objects")
+	}
+	if got, want := lines[0].ContextMap(), map[string]any{"blocked": int64(1), "objects": []netcfg.Blocked{held}}; !reflect.DeepEqual(got, want) {
+		t.Errorf("blocked line: %v, want %v", got, want)
 	}
 }

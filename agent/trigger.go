@@ -24,10 +24,13 @@ const (
 	// yet (and a new link's read deferred by minLinkReadGap): it costs the
 	// MAC listing, and a snapshot only once IMDS lists something new.
 	TriggerRecheck
+	// TriggerGrace: a link's wait for a DHCP client to add its ENI's
+	// primary IPv4 ended (Reconciler.AddrGrace).
+	TriggerGrace
 )
 
 // triggerNames are the bits' names, in bit order.
-var triggerNames = []string{"start", "poll", "retry", "reload", "link", "address", "drift", "resync", "foreign", "recheck"}
+var triggerNames = []string{"start", "poll", "retry", "reload", "link", "address", "drift", "resync", "foreign", "recheck", "grace"}
 
 // String names the bits: "link+drift".
 func (t Trigger) String() string {

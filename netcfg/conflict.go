@@ -129,7 +129,10 @@ func ruleHint(r KernelRule) string {
 	del += fmt.Sprintf(" lookup %d`", r.Table)
 	switch {
 	case r.Table >= 10000 && r.Table < 20000:
-		return "amazon-ec2-net-utils manages this interface too (its tables are 10000+): remove it (`dnf remove amazon-ec2-net-utils`) or exclude the ENI in dualhomed, then " + del
+		// Masked, not removed: the package's 80-ec2.network also brings up
+		// the primary ENI with DHCP.
+		return "amazon-ec2-net-utils manages this interface too (its tables are 10000+): keep the package (it brings up the primary ENI) and mask its per-interface units " +
+			"(`systemctl mask policy-routes@.service refresh-policy-routes@.service refresh-policy-routes@.timer`, see docs/coexistence.md), or exclude the ENI in dualhomed, then " + del
 	case r.Table >= 100 && r.Table < 1000:
 		return "cloud-init/netplan routing policy for this interface: drop the routing-policy entries from the netplan configuration (and disable cloud-init network config), then " + del
 	default:
@@ -191,7 +194,7 @@ func routeConflicts(cfg Config, desired State, tableLink map[int]int, routes []K
 			warns = append(warns, Warning{
 				ENI:     links[r.LinkIndex],
 				Message: fmt.Sprintf("main table has a default route through secondary ENI (link #%d, via %v, metric %d, protocol %d): outbound traffic may leave through the wrong VPC", r.LinkIndex, r.Gateway, r.Metric, r.Protocol),
-				Hint:    "stop the DHCP client or network manager from installing a default route on this interface (e.g. systemd-networkd: [DHCPv4] UseRoutes=no / UseGateway=no; netplan: dhcp4-overrides: use-routes: false)",
+				Hint:    secondaryGatewayHint(links[r.LinkIndex]),
 			})
 		case r.Table == MainTable && !ours && isBlocked:
 			warns = append(warns, Warning{
@@ -209,6 +212,15 @@ func routeConflicts(cfg Config, desired State, tableLink map[int]int, routes []K
 		}
 	}
 	return append(warns, bandWarnings(foreign, blocks, func(t int) string { return links[tableLink[t]] })...)
+}
+
+// secondaryGatewayHint is how each DHCP stack keeps a secondary ENI's
+// gateway out of main, per ENI (mac): only an IMDS reader knows which ENI is
+// the primary, so no package-wide setting can (docs/coexistence.md).
+func secondaryGatewayHint(mac string) string {
+	return fmt.Sprintf("keep this secondary ENI's DHCP gateway out of main, in its own stack's configuration for this ENI only: "+
+		"systemd-networkd `[Match] MACAddress=%s` + `[DHCPv4] UseGateway=no`; netplan `dhcp4-overrides: {use-routes: false}`; "+
+		"NetworkManager `nmcli connection modify <its connection> ipv4.never-default yes`", mac)
 }
 
 // bandWarnings warns about each table of our band that holds foreign routes

@@ -45,6 +45,15 @@ type Observed struct {
 	// table's aside) that dualhomed does not own: what Conflicts checks.
 	ForeignRules  []KernelRule
 	ForeignRoutes []KernelRoute
+	// AwaitDHCP lists the links on which an ENI's primary IPv4 is left to
+	// a DHCP client for now: Desired does not add it there (unless it is
+	// already ours). Observe leaves it empty: the kernel does not say how
+	// long a link has been there; the agent fills it for the links it saw
+	// appear less than its grace period ago.
+	AwaitDHCP map[int]bool
+	// ForeignAddrs are the addresses (of Addrs) that dualhomed does not
+	// own, with their origin: what a blocked address add names as holder.
+	ForeignAddrs []KernelAddr
 }
 
 // KernelRoute is a route as the kernel reports it.
@@ -122,6 +131,9 @@ type Warning struct {
 	// of the kernel: a foreign route holds their table, destination and
 	// metric, so adding them fails with EEXIST (Conflicts sets it).
 	Blocks []Route `json:"blocks,omitempty"`
+	// Blocked names the add of ours this warning is about and what holds
+	// its place in the kernel (the reconciler's "cannot add" warnings).
+	Blocked *Blocked `json:"blocked,omitempty"`
 }
 
 // String renders the warning on one line, hint included.
@@ -154,7 +166,8 @@ type Result struct {
 //     address not already on the link as a foreign address (any length); the
 //     first IPv4 with the subnet's length (noprefixroute when the subnet
 //     overlaps another ENI's, the primary excepted), the others /32 and /128
-//     noprefixroute.
+//     noprefixroute. The first IPv4 is a DHCP client's to add: not on links
+//     in obs.AwaitDHCP, unless it is ours already.
 //   - for secondary ENIs (and the primary with cfg.PrimaryTable): table
 //     T = TableBase + CardStride*card + device holding the subnet route
 //     (scope link, src the first IPv4), the default route via the subnet's
@@ -206,6 +219,8 @@ type eniInfo struct {
 	v6    bool // the ENI has IPv6 addresses or prefixes
 	// overlapsOtherVPC: the subnet overlaps the subnet of an ENI in another VPC.
 	overlapsOtherVPC bool
+	// awaitingDHCP: the primary IPv4 is left to a DHCP client (AwaitDHCP).
+	awaitingDHCP bool
 }
 
 type desirer struct {
@@ -570,6 +585,13 @@ func (d *desirer) addAddresses(e *eniInfo, overlapping bool) {
 		p, noPrefixRoute := netip.PrefixFrom(a, 32), true
 		if i == 0 && e.eni.SubnetIPv4CIDR.Contains(a) {
 			p, noPrefixRoute = netip.PrefixFrom(a, e.eni.SubnetIPv4CIDR.Bits()), overlapping
+			// The primary IPv4 is the one a DHCP client adds: two programs
+			// adding it race for it. While the link waits for DHCP it is
+			// left to the client, unless it is ours already.
+			if _, ours := d.owned[AddrKey{LinkIndex: link, Prefix: p}]; d.obs.AwaitDHCP[link] && !ours {
+				e.awaitingDHCP = true
+				continue
+			}
 			// The flag matters when the address is created: an address of
 			// ours keeps it. Overlaps come and go with other ENIs, and the
 			// one that arrives second taking noprefixroute is enough to keep
@@ -602,6 +624,9 @@ func (d *desirer) addTable(e *eniInfo) {
 			d.warn(e, "IMDS lists IPv4 addresses but no subnet-ipv4-cidr-block: no IPv4 routing", "")
 		case subnet.Bits() > 30:
 			d.warn(e, fmt.Sprintf("subnet %v is too small to have a gateway: no IPv4 routing", subnet), "")
+		case !d.present(link, first) && e.awaitingDHCP:
+			d.warn(e, fmt.Sprintf("%v is not on %s yet: waiting for a DHCP client to add it, no IPv4 routing until then", first, e.link.Name),
+				"dualhomed adds it itself if no DHCP client does within a few seconds of the link's arrival (manage_addresses)")
 		case !d.present(link, first):
 			d.warn(e, fmt.Sprintf("%v is not on %s: no IPv4 routing (a route with that source would fail)", first, e.link.Name),
 				"enable manage_addresses or configure the address on the link")

@@ -4,12 +4,30 @@ package netcfg
 // leave out the adds another program's object holds out, and say which ENI
 // each op serves. All pure.
 
-// AddsOnly returns p without its deletions, in the same order: what may be
-// applied while the snapshot it was planned from may be stale.
-func (p Plan) AddsOnly() Plan {
+// WithoutFreshIMDS returns what of p may be applied while the snapshot it
+// was planned from may be stale (an IMDS error is never an answer): its
+// additions, and the deletions of rules that point at a table obs shows
+// empty in the rule's family (no route of ours or anybody's), in p's order.
+// A detached ENI is kernel evidence, not an IMDS answer: the kernel dropped
+// its link's routes with the link, so its rules look up nothing and
+// deleting them changes no routing decision (a lookup in an empty table
+// falls through to the next rule either way). Should the link come back,
+// the last snapshot wants its rules again and they are added at once.
+func (p Plan) WithoutFreshIMDS(obs Observed) Plan {
+	type tableFamily struct {
+		table int
+		v4    bool
+	}
+	full := map[tableFamily]bool{}
+	for _, r := range obs.Owned.Routes {
+		full[tableFamily{r.Table, r.Dst.Addr().Is4()}] = true
+	}
+	for _, r := range obs.ForeignRoutes {
+		full[tableFamily{r.Table, r.Dst.Addr().Is4()}] = true
+	}
 	var out Plan
 	for _, op := range p.Ops {
-		if !op.Delete {
+		if !op.Delete || (op.Rule != nil && !full[tableFamily{op.Rule.Table, op.Rule.Src.Addr().Is4()}]) {
 			out.Ops = append(out.Ops, op)
 		}
 	}

@@ -15,8 +15,18 @@ func TestPlanFilters(t *testing.T) {
 	p := Plan{Ops: []Op{{Addr: &addr}, {Route: &route}, {Route: &main}, {Rule: &rule}, {RPFilter: &rpf},
 		{Delete: true, Rule: &rule}, {Delete: true, Route: &route}, {Delete: true, RPFilter: &rpf}}}
 
-	if got := p.AddsOnly(); !slices.EqualFunc(got.Ops, p.Ops[:5], opEqual) {
-		t.Errorf("AddsOnly = %v", got)
+	// Table 20001 holds a route: without a fresh IMDS read nothing goes.
+	if got := p.WithoutFreshIMDS(Observed{Owned: State{Routes: []Route{route}}}); !slices.EqualFunc(got.Ops, p.Ops[:5], opEqual) {
+		t.Errorf("WithoutFreshIMDS with table 20001 holding a route = %v", got)
+	}
+	foreign6 := KernelRoute{Route: Route{Table: 20001, Dst: netip.MustParsePrefix("::/0")}}
+	if got := p.WithoutFreshIMDS(Observed{ForeignRoutes: []KernelRoute{{Route: route}}}); !slices.EqualFunc(got.Ops, p.Ops[:5], opEqual) {
+		t.Errorf("WithoutFreshIMDS with table 20001 holding a foreign route = %v", got)
+	}
+	// Emptied by the kernel (IPv6 routes do not serve an IPv4 rule): the
+	// rule's deletion goes through, the route's and rp_filter's do not.
+	if got := p.WithoutFreshIMDS(Observed{ForeignRoutes: []KernelRoute{foreign6}}); !slices.EqualFunc(got.Ops, p.Ops[:6], opEqual) {
+		t.Errorf("WithoutFreshIMDS with table 20001 empty = %v", got)
 	}
 	for _, c := range []struct {
 		op   Op

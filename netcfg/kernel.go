@@ -180,7 +180,7 @@ func (k *Kernel) Observe() (Observed, error) {
 		}
 		obs.Addrs[a.LinkIndex] = append(obs.Addrs[a.LinkIndex], a.Prefix)
 	}
-	if obs.Owned.Addrs, err = k.ownedAddrs(addrs); err != nil {
+	if obs.Owned.Addrs, obs.ForeignAddrs, err = k.ownedAddrs(addrs); err != nil {
 		return Observed{}, err
 	}
 	if obs.Owned.RPFilters, err = k.ownedRPFilters(rpFilters); err != nil {
@@ -269,23 +269,30 @@ func (c Config) inPriorityBand(prio int) bool {
 	return prio >= c.PriorityBase && prio < c.PriorityBase+c.CardStride*MaxNetworkCards
 }
 
-// ownedAddrs picks ours among every address dumped: those carrying our
-// protocol, or on kernels without IFA_PROTO those recorded in the state file.
-func (k *Kernel) ownedAddrs(all []kernelAddr) ([]Addr, error) {
+// ownedAddrs sorts every address dumped into ours and the others. Ours
+// carry our protocol, or on kernels without IFA_PROTO are recorded in the
+// state file, and are permanent: an address with finite lifetimes is a DHCP
+// client's (or SLAAC's) whatever its protocol byte, even one dualhomed added
+// that a DHCP client then took over with its lease (a replace keeps the
+// protocol), so dualhomed never deletes or rewrites it.
+func (k *Kernel) ownedAddrs(all []kernelAddr) (ours []Addr, foreign []KernelAddr, err error) {
 	var recorded map[addrRecord]bool
-	var err error
 	if !k.addrProto {
 		if recorded, err = k.addrRecords(); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
-	out := make([]Addr, 0, len(all))
+	ours = make([]Addr, 0, len(all))
 	for _, a := range all {
-		if (k.addrProto && a.Proto == k.cfg.Protocol) || (!k.addrProto && recorded[recordOf(a.LinkIndex, a.Prefix)]) {
-			out = append(out, Addr{LinkIndex: a.LinkIndex, Prefix: a.Prefix, NoPrefixRoute: a.Flags&unix.IFA_F_NOPREFIXROUTE != 0})
+		permanent := a.Flags&unix.IFA_F_PERMANENT != 0
+		marked := (k.addrProto && a.Proto == k.cfg.Protocol) || (!k.addrProto && recorded[recordOf(a.LinkIndex, a.Prefix)])
+		if marked && permanent {
+			ours = append(ours, Addr{LinkIndex: a.LinkIndex, Prefix: a.Prefix, NoPrefixRoute: a.Flags&unix.IFA_F_NOPREFIXROUTE != 0})
+		} else {
+			foreign = append(foreign, KernelAddr{LinkIndex: a.LinkIndex, Prefix: a.Prefix, Proto: a.Proto, Dynamic: !permanent})
 		}
 	}
-	return out, nil
+	return ours, foreign, nil
 }
 
 // anyPrefix is "all" of family (AF_INET6 or else IPv4): 0.0.0.0/0 or ::/0,

@@ -243,7 +243,7 @@ func kernelOrderOwned(tb testing.TB, k *Kernel) State {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	if st.Addrs, err = k.ownedAddrs(all); err != nil {
+	if st.Addrs, _, err = k.ownedAddrs(all); err != nil {
 		tb.Fatal(err)
 	}
 	routes, err := k.dump.routes()

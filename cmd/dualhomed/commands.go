@@ -149,7 +149,9 @@ func statusCmd(g *globals) *cobra.Command {
 		Use:   "status",
 		Short: "Show every ENI: link, addresses, table, rule priority, state, warnings",
 		Long: `Compute the status live from IMDS and the kernel (like plan), and add the
-running daemon's health from <state-dir>/status.json when present. States:
+running daemon's health from <state-dir>/status.json when present. When IMDS
+cannot be read live, show the daemon's last report from status.json instead,
+say so and how old it is, and exit 4. States:
 configured, drift (changes pending), waiting for link, waiting for IMDS,
 excluded, primary, invalid.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -167,17 +169,26 @@ excluded, primary, invalid.`,
 				return err
 			}
 			defer kernel.Close()
-			rep, err := agent.Plan(cmd.Context(), rec)
-			if err != nil {
+			rep, fallback, err := agent.StatusReport(cmd.Context(), rec, health)
+			if err != nil && !fallback {
 				if !asJSON {
 					agent.WriteDaemonHealth(g.stdout, health, herr)
 				}
 				return err
 			}
 			if asJSON {
-				return agent.WriteStatusJSON(g.stdout, rep, health, herr)
+				if jerr := agent.WriteStatusJSON(g.stdout, rep, err, health, herr); jerr != nil {
+					return jerr
+				}
+			} else {
+				if fallback {
+					agent.WriteStaleNotice(g.stdout, rep, err)
+				}
+				agent.WriteStatusTable(g.stdout, rep, health, herr)
 			}
-			agent.WriteStatusTable(g.stdout, rep, health, herr)
+			if fallback {
+				return exitCodeError{code: exitStale}
+			}
 			return nil
 		},
 	}

@@ -24,13 +24,15 @@ const (
 	exitUsage   = 2 // bad flags or arguments
 	exitPending = 2 // plan: changes are pending
 	exitWaiting = 3 // apply --wait: some ENIs were still not configured
+	exitStale   = 4 // status: IMDS could not be read live; the daemon's last report is shown
 )
 
 const exitCodesHelp = `Exit codes:
   0  success (plan: in sync)
   1  error: bad configuration, IMDS unreachable, netlink failure
   2  bad flags or arguments (usage is printed); plan: changes are pending
-  3  apply --wait: time ran out with ENIs not configured (they are named)`
+  3  apply --wait: time ran out with ENIs not configured (they are named)
+  4  status: IMDS could not be read live; the daemon's last report is shown`
 
 // globals are the flags every command shares.
 type globals struct {

@@ -2,12 +2,15 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
+	"github.com/dualhomed/dualhomed/imds/emulator"
 )
 
 // startDualhomed starts the IMDS emulator and `dualhomed daemon` in w, and
@@ -147,5 +150,55 @@ func expectInSync(t *testing.T, w *simworld.World) {
 	out, err := w.Dualhomed(context.Background(), "plan")
 	if err != nil {
 		t.Errorf("dualhomed plan with the daemon's work done: exit %d, want 0 (in sync): %v\n%s", simworld.ExitCode(err), err, out)
+	}
+}
+
+// With IMDS failing, `dualhomed status` shows the daemon's last report from
+// status.json (ENIs and warnings), says that IMDS could not be read live and
+// how old the report is, and exits 4; without the fallback it printed no
+// ENI at all and exited 1.
+func TestStatusFallsBackToTheDaemonsReport(t *testing.T) {
+	w := newWorld(t)
+	startDualhomed(t, w, time.Hour)
+	if err := w.IMDS.SetFaults(emulator.Faults{Status: 500}); err != nil {
+		t.Fatal(err)
+	}
+	out, err := w.Dualhomed(context.Background(), "status")
+	if code := simworld.ExitCode(err); code != 4 {
+		t.Errorf("status with IMDS failing: exit %d (%v), want 4", code, err)
+	}
+	t.Logf("dualhomed status:\n%s", out)
+	eth1 := w.ENI("eth1")
+	for _, want := range []string{"status: IMDS could not be read live (", "showing the daemon's last report instead, from ", " ago)",
+		eth1.MAC, eth1.Primary4().String(), "configured"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status output lacks %q", want)
+		}
+	}
+	out, err = w.Dualhomed(context.Background(), "status", "--json")
+	if code := simworld.ExitCode(err); code != 4 {
+		t.Errorf("status --json with IMDS failing: exit %d (%v), want 4", code, err)
+	}
+	var sj struct {
+		Live       bool      `json:"live"`
+		LiveError  string    `json:"live_error"`
+		ReportTime time.Time `json:"report_time"`
+		ENIs       []struct {
+			MAC   string `json:"mac"`
+			State string `json:"state"`
+		} `json:"enis"`
+	}
+	if err := json.Unmarshal([]byte(out), &sj); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+	configured := 0
+	for _, e := range sj.ENIs {
+		if e.State == "configured" {
+			configured++
+		}
+	}
+	if sj.Live || !strings.Contains(sj.LiveError, "IMDS") || sj.ReportTime.IsZero() || time.Since(sj.ReportTime) > time.Minute || configured != 2 {
+		t.Errorf("status --json: live %v, live_error %q, report_time %v, %d ENIs configured; want the daemon's report (eth1, eth2 configured) flagged as not live",
+			sj.Live, sj.LiveError, sj.ReportTime, configured)
 	}
 }

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 )
 
@@ -129,6 +131,95 @@ func TestDetachRemovesOnlyThatENIsState(t *testing.T) {
 	t.Logf("detach removed %d lines of eth1 state, added none", len(removed))
 	expectAllWork(t, clientProbes(w, "eth0", "eth2"))
 	expectInSync(t, w)
+}
+
+// Scenario 5b: a detached ENI's rules go as soon as its link does, without
+// an IMDS read (poll interval one hour): the kernel dropped the table's
+// routes with the link. A foreign rule pointing at the same table stays, and
+// the rules come back when the ENI is attached again.
+func TestDetachedLinksRulesGoWithoutIMDS(t *testing.T) {
+	w := newWorld(t)
+	eth1 := w.ENI("eth1")
+	d := startDualhomed(t, w, time.Hour)
+	table, others := eth1Table(t, w)
+	if _, err := w.Instance.IP("rule", "add", "from", "192.0.2.99", "lookup", strconv.Itoa(table), "priority", "20001", "protocol", "static"); err != nil {
+		t.Fatal(err)
+	}
+	// Let the reconcile the foreign rule's event triggers pass first.
+	time.Sleep(200 * time.Millisecond)
+	// Detach returns once the kernel deleted the link (the veth's deletion
+	// waits for the network stack to let go of it): the 1 s count starts
+	// there, the logged figure at the call.
+	detach := time.Now()
+	if err := w.Detach(eth1); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	err := simworld.WaitFor(ctx, func() error {
+		if left, _ := eth1Rules(t, w, table); len(left) > 0 {
+			return fmt.Errorf("rules of ours still point at table %d: %q", table, left)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("within 1s of eth1's removal (poll interval 1h): %v", err)
+	}
+	t.Logf("eth1's rules gone %s after the detach began", time.Since(detach).Round(time.Millisecond))
+	rules, err := w.Instance.NL.RuleList(netlink.FAMILY_V4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(rules, func(r netlink.Rule) bool {
+		return r.Table == table && r.Src != nil && r.Src.IP.String() == "192.0.2.99"
+	}) {
+		t.Errorf("the foreign rule pointing at table %d went too: %v", table, rules)
+	}
+	if _, rest := eth1Rules(t, w, table); !slices.Equal(rest, others) {
+		t.Errorf("the other ENIs' rules changed: %q, want %q", rest, others)
+	}
+	if _, err := w.HotAttach(eth1); err != nil {
+		t.Fatal(err)
+	}
+	waitConfigured(t, w, d, "eth1", "eth2")
+	expectAllWork(t, clientProbes(w, "eth1", "eth2"))
+}
+
+// eth1Table returns the table of eth1's rules, and the other rules of ours.
+func eth1Table(t *testing.T, w *simworld.World) (table int, others []string) {
+	t.Helper()
+	rules, err := w.OurRules()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rules {
+		if r.Src != nil && r.Src.IP.Equal(w.ENI("eth1").Primary4().AsSlice()) {
+			table = r.Table
+		}
+	}
+	if table == 0 {
+		t.Fatalf("no rule of ours for eth1: %v", rules)
+	}
+	_, others = eth1Rules(t, w, table)
+	return table, others
+}
+
+// eth1Rules returns our rules pointing at table, and our other rules.
+func eth1Rules(t *testing.T, w *simworld.World, table int) (in, others []string) {
+	t.Helper()
+	rules, err := w.OurRules()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rules {
+		s := fmt.Sprintf("prio %d from %v table %d", r.Priority, r.Src, r.Table)
+		if r.Table == table {
+			in = append(in, s)
+		} else {
+			others = append(others, s)
+		}
+	}
+	return in, others
 }
 
 // waitDump waits up to 15s for the instance's state to satisfy cond, and returns it.
