@@ -65,7 +65,7 @@ func TestAddressWithLifetimesIsTheDHCPClients(t *testing.T) {
 	// struct ifa_cacheinfo: preferred and valid lifetimes, then two stamps.
 	lifetimes := binary.NativeEndian.AppendUint32(binary.NativeEndian.AppendUint32(nil, 600), 600)
 	lease = appendAttr(lease, unix.IFA_CACHEINFO, append(lifetimes, make([]byte, 8)...))
-	if err := w.k.dump.request(unix.RTM_NEWADDR, unix.NLM_F_CREATE|unix.NLM_F_REPLACE, lease); err != nil {
+	if err := w.k.dump.request(nlRequest{Type: unix.RTM_NEWADDR, Flags: unix.NLM_F_CREATE | unix.NLM_F_REPLACE, Body: lease}, nil); err != nil {
 		t.Fatalf("renewing %s with lifetimes: %v", primary, err)
 	}
 	_, perm, proto := has(primary)
