@@ -39,6 +39,12 @@ const (
 	// daemon tells systemd it is ready anyway (degraded), so boot is never
 	// blocked forever by an unreachable IMDS. Below the unit's TimeoutStartSec.
 	DefaultStartTimeout = 20 * time.Second
+	// DefaultDHCPGrace is how long a new link's primary IPv4 is left to a
+	// DHCP client before dualhomed adds it itself (with manage_addresses):
+	// the coexistence matrix saw DHCP clients add it milliseconds to a
+	// second after the link appeared. Where none runs, the ENI's IPv4
+	// routing waits this long once, unless dhcp_grace is 0.
+	DefaultDHCPGrace = 3 * time.Second
 	// DefaultStateDir holds status.json and netcfg's records (tmpfs: a reboot
 	// starts from the kernel's state, which is where ownership lives anyway).
 	DefaultStateDir = "/run/dualhomed"
@@ -53,10 +59,12 @@ type Config struct {
 	Netcfg       netcfg.Config
 	PollInterval time.Duration
 	StartTimeout time.Duration
-	IMDS         IMDSConfig
-	Log          LogConfig
-	Metrics      MetricsConfig
-	StateDir     string
+	// DHCPGrace: see DefaultDHCPGrace; 0 adds a primary IPv4 at once.
+	DHCPGrace time.Duration
+	IMDS      IMDSConfig
+	Log       LogConfig
+	Metrics   MetricsConfig
+	StateDir  string
 }
 
 // IMDSConfig says how to reach the instance metadata service.
@@ -87,6 +95,7 @@ func DefaultConfig() Config {
 		Netcfg:       netcfg.DefaultConfig(),
 		PollInterval: DefaultPollInterval,
 		StartTimeout: DefaultStartTimeout,
+		DHCPGrace:    DefaultDHCPGrace,
 		IMDS:         IMDSConfig{Timeout: DefaultIMDSTimeout},
 		Log:          LogConfig{Level: "info", Format: "auto"},
 		StateDir:     DefaultStateDir,
@@ -229,7 +238,7 @@ func (p parser) fields(n *yaml.Node, path string, allowed []string, set func(key
 func (p parser) top(n *yaml.Node, cfg *Config) error {
 	keys := []string{"protocol", "table_base", "priority_base", "card_stride", "rp_filter",
 		"manage_addresses", "primary_table", "vpc_routes", "enis", "poll_interval", "imds",
-		"start_timeout", "log", "metrics", "state_dir"}
+		"start_timeout", "dhcp_grace", "log", "metrics", "state_dir"}
 	return p.fields(n, "", keys, func(key string, v *yaml.Node) error {
 		var err error
 		switch key {
@@ -261,6 +270,8 @@ func (p parser) top(n *yaml.Node, cfg *Config) error {
 			cfg.PollInterval, err = p.duration(v, key, time.Second)
 		case "start_timeout":
 			cfg.StartTimeout, err = p.duration(v, key, time.Second)
+		case "dhcp_grace":
+			cfg.DHCPGrace, err = p.duration(v, key, 0)
 		case "state_dir":
 			cfg.StateDir, err = p.absPath(v, key)
 		case "imds":

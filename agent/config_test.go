@@ -23,6 +23,7 @@ func TestParseConfigErrors(t *testing.T) {
 		{"protocol not number", "protocol: abc\n", file + `:1: protocol: "abc" is not a whole number`},
 		{"bad duration", "poll_interval: 15\n", file + `:1: poll_interval: "15" is not a duration`},
 		{"duration too short", "poll_interval: 10ms\n", file + ":1: poll_interval: 10ms is shorter than the minimum 1s"},
+		{"negative grace", "dhcp_grace: -1s\n", file + ":1: dhcp_grace: -1s is shorter than the minimum 0s"},
 		{"bad bool", "manage_addresses: yes\n", file + `:1: manage_addresses: "yes" is not one of true, false`},
 		{"rp_filter", "rp_filter: medium\n", file + `:1: rp_filter: "medium" is not one of loose, strict, keep`},
 		{"bad cidr", "enis:\n  - match: {vpc_id: vpc-1}\n    routes: [10.0.0.0/8, 300.1.0.0/16]\n", file + `:3: enis[0].routes[1]: "300.1.0.0/16" is not a CIDR`},
@@ -85,6 +86,7 @@ enis:
     routes: [10.50.0.0/16, "2001:db8::/32"]
 poll_interval: 30s
 start_timeout: 2m
+dhcp_grace: 0s
 imds:
   endpoint: http://127.0.0.1:1338
   timeout: 500ms
@@ -114,7 +116,7 @@ state_dir: /var/run/dh/
 		e1.Routes[1].At != "x.yaml:17: enis[1].routes[1]" {
 		t.Errorf("ENIs[1] = %+v", e1)
 	}
-	if cfg.PollInterval != 30*time.Second || cfg.StartTimeout != 2*time.Minute || cfg.IMDS.Timeout != 500*time.Millisecond ||
+	if cfg.PollInterval != 30*time.Second || cfg.StartTimeout != 2*time.Minute || cfg.DHCPGrace != 0 || cfg.IMDS.Timeout != 500*time.Millisecond ||
 		cfg.IMDS.Endpoint != "http://127.0.0.1:1338" || cfg.Log.Level != "debug" || cfg.Log.Format != "json" ||
 		cfg.Metrics.Listen != "127.0.0.1:9810" || cfg.StateDir != "/var/run/dh" {
 		t.Errorf("daemon settings: %+v", cfg)

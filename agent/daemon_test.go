@@ -82,6 +82,7 @@ func (w *world) config() Config {
 	cfg.StateDir = w.t.TempDir()
 	cfg.PollInterval = time.Hour // only events may trigger, unless a test says otherwise
 	cfg.StartTimeout = time.Hour
+	cfg.DHCPGrace = 0 // the test world runs no DHCP client
 	cfg.IMDS = IMDSConfig{Endpoint: w.url, Timeout: time.Second}
 	return cfg
 }
@@ -151,7 +152,6 @@ func (w *world) startPrepared(cfg Config, configPath string, prepare func(*Daemo
 		w.t.Fatalf("NewDaemon: %v", err)
 	}
 	r.d = d
-	atOnce(d.rec) // the test world runs no DHCP client
 	if prepare != nil {
 		prepare(d)
 	}
@@ -333,7 +333,7 @@ func TestDaemonReloadRejectsBadConfig(t *testing.T) {
 	w.link(1)
 	cfg := w.config()
 	path := filepath.Join(t.TempDir(), "dualhomed.yaml")
-	base := "poll_interval: 1h\nstate_dir: " + cfg.StateDir + "\nimds:\n  endpoint: " + w.url + "\n"
+	base := "poll_interval: 1h\ndhcp_grace: 0s\nstate_dir: " + cfg.StateDir + "\nimds:\n  endpoint: " + w.url + "\n"
 	if err := os.WriteFile(path, []byte(base), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -356,7 +356,7 @@ func TestDaemonReloadRejectsBadConfig(t *testing.T) {
 	}
 	waitFor(t, "the bad file's rejection", func() bool {
 		for _, e := range r.logs.FilterMessage("reload rejected; keeping the running configuration").All() {
-			if err, _ := e.ContextMap()["error"].(string); strings.Contains(err, path+":7: enis[0].vpc_routes") {
+			if err, _ := e.ContextMap()["error"].(string); strings.Contains(err, path+":8: enis[0].vpc_routes") {
 				return true
 			}
 		}
@@ -472,7 +472,6 @@ func TestDaemonSdNotify(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	atOnce(d.rec)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- d.Run(ctx) }()

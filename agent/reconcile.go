@@ -131,12 +131,8 @@ type Reconciler struct {
 	imds   *imdsReads
 	// IMDSTimeout bounds one IMDS read (0: the caller's context only).
 	IMDSTimeout time.Duration
-	// AddrGrace is how long after a link's appearance its ENI's primary
-	// IPv4 is left to a DHCP client (netcfg.Observed.AwaitDHCP); 0 adds it
-	// at once.
-	AddrGrace time.Duration
 	// firstSeen is when each link (by index) first appeared in an
-	// observation: the start of its AddrGrace.
+	// observation: the start of its cfg.DHCPGrace.
 	firstSeen map[int]time.Time
 	// HostWarnings are added to every report: what the host check
 	// (HostWarnings) found at start or reload.
@@ -197,7 +193,7 @@ func sameObserved(a, b netcfg.Observed) bool {
 // NewReconciler returns a Reconciler reading IMDS through source and acting
 // on kernel with cfg.
 func NewReconciler(source Snapshotter, kernel Kernel, cfg Config) *Reconciler {
-	return &Reconciler{kernel: kernel, cfg: cfg, configured: map[string]bool{}, AddrGrace: DHCPGrace,
+	return &Reconciler{kernel: kernel, cfg: cfg, configured: map[string]bool{},
 		blocked: map[any]bool{}, retrying: map[any]bool{},
 		imds: &imdsReads{source: source, pollInterval: cfg.PollInterval, linkRetries: map[int]int{}}}
 }
@@ -293,14 +289,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 	return rep, nil
 }
 
-// DHCPGrace is how long a new link's primary IPv4 is left to a DHCP
-// client before dualhomed adds it itself (with manage_addresses): the
-// coexistence matrix saw DHCP clients add it milliseconds to a second after
-// the link appeared, and where none runs the ENI's IPv4 routing waits this
-// long once.
-const DHCPGrace = 3 * time.Second
-
-// awaitDHCP returns the links that appeared less than AddrGrace before now,
+// awaitDHCP returns the links that appeared less than cfg.DHCPGrace before now,
 // and records when each link was first seen.
 func (r *Reconciler) awaitDHCP(links []netcfg.Link, now time.Time) map[int]bool {
 	seen := make(map[int]time.Time, len(links))
@@ -311,7 +300,7 @@ func (r *Reconciler) awaitDHCP(links []netcfg.Link, now time.Time) map[int]bool 
 			first = now
 		}
 		seen[l.Index] = first
-		if now.Sub(first) < r.AddrGrace {
+		if now.Sub(first) < r.cfg.DHCPGrace {
 			if wait == nil {
 				wait = map[int]bool{}
 			}
@@ -322,11 +311,11 @@ func (r *Reconciler) awaitDHCP(links []netcfg.Link, now time.Time) map[int]bool 
 	return wait
 }
 
-// NextGrace is how long until the next link's AddrGrace ends, 0 for none.
+// NextGrace is how long until the next link's cfg.DHCPGrace ends, 0 for none.
 func (r *Reconciler) NextGrace(now time.Time) time.Duration {
 	var next time.Duration
 	for _, first := range r.firstSeen {
-		if left := first.Add(r.AddrGrace).Sub(now); left > 0 && (next == 0 || left < next) {
+		if left := first.Add(r.cfg.DHCPGrace).Sub(now); left > 0 && (next == 0 || left < next) {
 			next = left
 		}
 	}

@@ -18,7 +18,7 @@ import (
 // kernels run no DHCP client to wait for (TestReconcileLeavesThePrimaryAddressToDHCP
 // covers the wait).
 func atOnce(rec *Reconciler) *Reconciler {
-	rec.AddrGrace = 0
+	rec.cfg.DHCPGrace = 0
 	return rec
 }
 

@@ -25,7 +25,7 @@ const (
 	// MAC listing, and a snapshot only once IMDS lists something new.
 	TriggerRecheck
 	// TriggerGrace: a link's wait for a DHCP client to add its ENI's
-	// primary IPv4 ended (Reconciler.AddrGrace).
+	// primary IPv4 ended (Config.DHCPGrace).
 	TriggerGrace
 )
 

@@ -41,7 +41,7 @@ func (b *bench) daemon(ctx context.Context) {
 		}
 		t0 := time.Now()
 		var err error
-		if proc, err = b.w.StartDaemon(simworld.DaemonOptions{PollInterval: poll}); err == nil {
+		if proc, err = b.w.StartDaemon(simworld.DaemonOptions{PollInterval: poll, ExtraConfig: minimalImage}); err == nil {
 			err = b.match(v.reference, "dualhomed's state", 60*time.Second, proc)
 		}
 		if err != nil {

@@ -65,6 +65,7 @@ type pipeline struct {
 // dials from inside the instance, with the settings of its own transport.
 func newPipeline(inst *simworld.NS, requestsPerSecond float64) (*pipeline, error) {
 	cfg := agent.DefaultConfig()
+	cfg.DHCPGrace = 0 // the bench's minimal image runs no DHCP client on secondary ENIs (minimalImage)
 	tr := &http.Transport{DialContext: inst.DialContext, ResponseHeaderTimeout: cfg.IMDS.Timeout,
 		MaxIdleConnsPerHost: imds.DefaultConcurrency, IdleConnTimeout: 30 * time.Second}
 	client, err := imds.New(imds.Options{Endpoint: simworld.IMDSEndpoint, Timeout: cfg.IMDS.Timeout,
