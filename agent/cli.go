@@ -169,6 +169,15 @@ func WritePlan(w io.Writer, rep Report) {
 		fmt.Fprintf(tw, "%s\t%s\n", c.Text, who)
 	}
 	tw.Flush()
+	var nat []string
+	for _, e := range rep.ENIs {
+		if e.NAT != "" {
+			nat = append(nat, nonEmpty(e.Link, e.MAC)+" "+natRole(rep, e))
+		}
+	}
+	if len(nat) > 0 {
+		fmt.Fprintf(w, "NAT (table inet %s): %s\n", netcfg.NATTableName, strings.Join(nat, ", "))
+	}
 	writeWarnings(w, rep)
 	if len(rep.Changes) == 0 {
 		fmt.Fprintf(w, "in sync: %s\n", rep.Summary())
@@ -301,6 +310,15 @@ type StatusJSON struct {
 	DaemonError string `json:"daemon_error,omitempty"`
 }
 
+// natRole is e's role in the shared NAT, with a source's connections when
+// rep has the counters; "" for none.
+func natRole(rep Report, e netcfg.ENIStatus) string {
+	if rep.NAT != nil && e.NAT == netcfg.NATRoleSource {
+		return fmt.Sprintf("%s (connections: %d)", e.NAT, rep.NAT.Connections[e.Link])
+	}
+	return e.NAT
+}
+
 // WriteStatusJSON prints the status (live unless liveErr says why not, see
 // StatusReport) and the daemon's health as JSON.
 func WriteStatusJSON(w io.Writer, rep Report, liveErr error, health *Health, healthErr error) error {
@@ -337,13 +355,9 @@ func WriteStatusTable(w io.Writer, rep Report, health *Health, healthErr error) 
 		for _, a := range e.Addresses {
 			addrs = append(addrs, a.String())
 		}
-		nat := nonEmpty(e.NAT, "-")
-		if rep.NAT != nil && e.NAT == netcfg.NATRoleSource {
-			nat += fmt.Sprintf(" (connections: %d)", rep.NAT.Connections[e.Link])
-		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\t%s\t%s\n",
 			nonEmpty(e.Link, "-"), e.MAC, nonEmpty(e.InterfaceID, "-"), vpc, e.Card, e.Device,
-			nonEmpty(strings.Join(addrs, ","), "-"), zeroDash(e.Table), zeroDash(e.Priority), nat, e.State)
+			nonEmpty(strings.Join(addrs, ","), "-"), zeroDash(e.Table), zeroDash(e.Priority), nonEmpty(natRole(rep, e), "-"), e.State)
 	}
 	tw.Flush()
 	if rep.NAT != nil {

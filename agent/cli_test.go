@@ -333,4 +333,9 @@ func TestNATInMetricsAndStatus(t *testing.T) {
 			t.Errorf("status lacks %q:\n%s", want, buf.String())
 		}
 	}
+	buf.Reset()
+	WritePlan(&buf, rep)
+	if want := "NAT (table inet dualhomed): eth0 egress, eth1 source (connections: 12)\n"; !strings.Contains(buf.String(), want) {
+		t.Errorf("plan lacks %q:\n%s", want, buf.String())
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"os/exec"
 	"slices"
 	"strings"
@@ -189,10 +190,36 @@ func runDualhomed(t *testing.T, w *simworld.World, args ...string) time.Duration
 	return time.Since(start)
 }
 
-// ruleDuplicates returns the policy rules that appear more than once.
+// withNAT adds to d the NAT's table, a line per chain and per rule (none
+// without it), and ip_forward.
+func withNAT(t *testing.T, w *simworld.World, d simworld.Dump) simworld.Dump {
+	t.Helper()
+	out, _ := w.Instance.Command(context.Background(), "nft", "list", "table", "inet", "dualhomed").Output()
+	chain := ""
+	for _, l := range strings.Split(string(out), "\n") {
+		l = strings.TrimSpace(l)
+		switch {
+		case strings.HasPrefix(l, "chain "):
+			chain = strings.TrimSuffix(l, " {")
+			d = append(d, "nft "+chain)
+		case l != "" && l != "}" && !strings.HasPrefix(l, "table "):
+			d = append(d, "nft "+chain+": "+l)
+		}
+	}
+	var fwd []byte
+	if err := w.Instance.Do(func() (err error) { fwd, err = os.ReadFile("/proc/sys/net/ipv4/ip_forward"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	d = append(d, "sysctl net.ipv4.ip_forward="+strings.TrimSpace(string(fwd)))
+	slices.Sort(d)
+	return d
+}
+
+// ruleDuplicates returns the policy rules, and the NAT's chains and rules,
+// that appear more than once.
 func ruleDuplicates(d simworld.Dump) []string {
 	var dup []string
-	rules := append(d.Grep("ip -4 rule"), d.Grep("ip -6 rule")...)
+	rules := append(append(d.Grep("ip -4 rule"), d.Grep("ip -6 rule")...), d.Grep("nft ")...)
 	for i := 1; i < len(rules); i++ {
 		if rules[i] == rules[i-1] {
 			dup = append(dup, rules[i])
@@ -205,33 +232,52 @@ func ruleDuplicates(d simworld.Dump) []string {
 // seeded random points of a large apply. After every kill the rules have no
 // duplicates and every foreign object is there; at the checkpoints and at
 // the end an uninterrupted apply brings the kernel to exactly the state of
-// the reference apply (a full dump, compared line by line), and plan says in
-// sync.
+// the reference apply (a full dump, compared line by line, the NAT's table
+// and ip_forward included), and plan says in sync.
 func TestCrashes(t *testing.T) {
-	w := newWorld(t, simworld.Options{})
+	// With nft to list it, eth1 and eth2 are sources of the shared NAT, and
+	// the dumps hold its table and ip_forward.
+	_, err := exec.LookPath("nft")
+	nat := err == nil
+	w := newWorld(t, simworld.Options{NAT: nat})
 	r := rng(t)
 	sc := crashScale()
 	startPrimaryGuard(t, w)
-	if err := w.WriteConfig(simworld.DaemonOptions{PollInterval: 2 * time.Second, ExtraConfig: daemonConfig}); err != nil {
+	config := daemonConfig
+	if nat {
+		config += natConfig
+	}
+	if err := w.WriteConfig(simworld.DaemonOptions{PollInterval: 2 * time.Second, ExtraConfig: config}); err != nil {
 		t.Fatal(err)
+	}
+	state := func(t *testing.T, w *simworld.World) simworld.Dump {
+		t.Helper()
+		d := dump(t, w)
+		if nat {
+			d = withNAT(t, w, d)
+		}
+		return d
 	}
 	grow(t, w, sc)
 	placeForeign(t, w)
-	pristine := dump(t, w)
-	foreign := pristine
+	pristine := state(t, w)
+	foreign := dump(t, w) // ip_forward aside, which the NAT turns on
 
 	// The reference: one uninterrupted apply.
 	applyTime := runDualhomed(t, w, "apply")
 	// plan reads what apply reads and writes nothing: apply's writes
 	// happen roughly between planTime and applyTime.
 	planTime := runDualhomed(t, w, "plan")
-	ref := dump(t, w)
+	ref := state(t, w)
 	removedSince(t, "the reference apply", foreign, ref)
 	ours := len(ref.Grep("proto 210"))
-	t.Logf("%d+3 ENIs x %d IPv4 + %d IPv6 + %d+%d prefixes: reference apply in %s (plan %s), %d objects of ours",
-		sc.extraENIs, sc.addrs, sc.addrs, sc.prefixes, sc.prefixes, applyTime.Round(time.Millisecond), planTime.Round(time.Millisecond), ours)
+	if natLines := len(ref.Grep("nft ")); nat && natLines == 0 {
+		t.Fatal("the reference apply made no NAT table")
+	}
+	t.Logf("%d+3 ENIs x %d IPv4 + %d IPv6 + %d+%d prefixes: reference apply in %s (plan %s), %d objects of ours, %d lines of the NAT's table",
+		sc.extraENIs, sc.addrs, sc.addrs, sc.prefixes, sc.prefixes, applyTime.Round(time.Millisecond), planTime.Round(time.Millisecond), ours, len(ref.Grep("nft ")))
 	cleanTime := runDualhomed(t, w, "cleanup")
-	if removed, added := dump(t, w).Diff(pristine); len(removed)+len(added) > 0 {
+	if removed, added := state(t, w).Diff(pristine); len(removed)+len(added) > 0 {
 		t.Fatalf("cleanup did not restore the pristine state:\n-%s\n+%s", strings.Join(head(removed, 10), "\n-"), strings.Join(head(added, 10), "\n+"))
 	}
 
@@ -241,7 +287,7 @@ func TestCrashes(t *testing.T) {
 		if out, err := dualhomedCmd(w, "plan").CombinedOutput(); err != nil {
 			t.Fatalf("%s: plan after a clean apply: %v\n%s", when, err, simworld.Tail(string(out), 20))
 		}
-		removed, added := ref.Diff(dump(t, w))
+		removed, added := ref.Diff(state(t, w))
 		if len(removed)+len(added) > 0 {
 			t.Fatalf("%s: the kernel differs from the reference apply:\n-%s\n+%s", when,
 				strings.Join(head(removed, 20), "\n-"), strings.Join(head(added, 20), "\n+"))
@@ -250,7 +296,7 @@ func TestCrashes(t *testing.T) {
 
 	counts, partials := map[string]int{}, map[string]int{}
 	midway, partial := 0, 0
-	before := dump(t, w)
+	before := state(t, w)
 	// The kill window of each operation adapts: a kill that changed nothing
 	// came too early (raise its start), one that came after the process
 	// finished came too late (lower its end). Kill times are timing, so a
@@ -299,7 +345,7 @@ func TestCrashes(t *testing.T) {
 			killed = true
 		}
 		counts[op]++
-		d := dump(t, w)
+		d := state(t, w)
 		switch {
 		case !slices.Equal(d, before) && !slices.Equal(d, ref) && !slices.Equal(d, pristine):
 			partial++ // killed half way through its changes
@@ -316,7 +362,7 @@ func TestCrashes(t *testing.T) {
 		}
 		if sc.checkpoints > 0 && (i+1)%sc.checkpoints == 0 {
 			converge(fmt.Sprintf("checkpoint after kill %d", i))
-			before = dump(t, w)
+			before = state(t, w)
 		}
 	}
 	converge("after the last kill")

@@ -212,7 +212,7 @@ func TestSharedNAT(t *testing.T) {
 		}
 	})
 
-	t.Run("status shows the NAT per ENI", func(t *testing.T) {
+	t.Run("status and plan show the NAT per ENI", func(t *testing.T) {
 		out, err := w.Dualhomed(context.Background(), "status")
 		if err != nil {
 			t.Fatal(err)
@@ -222,6 +222,9 @@ func TestSharedNAT(t *testing.T) {
 			if !strings.Contains(out, want) {
 				t.Errorf("status lacks %q:\n%s", want, out)
 			}
+		}
+		if out, err = w.Dualhomed(context.Background(), "plan"); err != nil || !strings.Contains(out, "NAT (table inet dualhomed): eth0 egress, eth1 source (connections: ") {
+			t.Errorf("plan: %v, lacks the NAT's roles:\n%s", err, out)
 		}
 	})
 
