@@ -9,11 +9,10 @@ import (
 )
 
 // Snapshotter reads the instance metadata service (an *imds.Client): a
-// full snapshot, a read built on the last good snapshot that fetches only
-// what may have changed (see imds.Client.Refresh), or only the listing of
-// attached MACs, one request.
+// read built on the last good snapshot that fetches only what may have
+// changed (see imds.Client.Refresh; from no snapshot it is a full one), or
+// only the listing of attached MACs, one request.
 type Snapshotter interface {
-	Snapshot(ctx context.Context) (imds.Snapshot, error)
 	Refresh(ctx context.Context, prev imds.Snapshot, u imds.Update) (imds.Snapshot, error)
 	ListMACs(ctx context.Context) (macs []string, requests int, err error)
 }
@@ -289,13 +288,11 @@ func (rd imdsRead) ask(links []netcfg.Link) {
 func (rd imdsRead) fetch(u *imds.Update) {
 	p := rd.p
 	t0 := time.Now()
-	var fresh imds.Snapshot
-	var err error
+	prev, update := imds.Snapshot{}, imds.Update{}
 	if u != nil {
-		fresh, err = p.source.Refresh(rd.ctx, *p.lastGood, *u)
-	} else {
-		fresh, err = p.source.Snapshot(rd.ctx)
+		prev, update = *p.lastGood, *u
 	}
+	fresh, err := p.source.Refresh(rd.ctx, prev, update)
 	rd.rep.IMDSLatency += time.Since(t0)
 	rd.rep.IMDSRequests += fresh.Requests
 	if err != nil {

@@ -2,20 +2,20 @@ package netcfg
 
 import (
 	"cmp"
-	"fmt"
-	"maps"
 	"net/netip"
-	"path/filepath"
-	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
 )
 
-// addrStateFile records the addresses dualhomed added, on kernels older than
-// 5.18 that cannot mark an address with IFA_PROTO. It lives under the state
-// directory (/run/dualhomed: gone at reboot, like the addresses themselves).
-const addrStateFile = "addresses.json"
+// addrRecords are the addresses dualhomed added, on kernels older than
+// 5.18 that cannot mark an address with IFA_PROTO. The file lives under the
+// state directory (/run/dualhomed: gone at reboot, like the addresses
+// themselves).
+var addrRecords = recordFile[addrRecord]{name: "addresses.json", what: "addresses",
+	compare: func(a, b addrRecord) int {
+		return cmp.Or(cmp.Compare(a.Link, b.Link), strings.Compare(a.Prefix, b.Prefix))
+	}}
 
 // addrRecord is one address we added: link index and address/prefix length.
 type addrRecord struct {
@@ -23,32 +23,7 @@ type addrRecord struct {
 	Prefix string `json:"prefix"`
 }
 
-func (k *Kernel) addrStatePath() string { return filepath.Join(k.stateDir, addrStateFile) }
-
 func recordOf(link int, p netip.Prefix) addrRecord { return addrRecord{Link: link, Prefix: p.String()} }
-
-// addrRecords returns the recorded addresses as a set.
-func (k *Kernel) addrRecords() (map[addrRecord]bool, error) {
-	var recs []addrRecord
-	if err := readJSON(k.addrStatePath(), &recs); err != nil {
-		return nil, fmt.Errorf("reading owned addresses: %w", err)
-	}
-	set := make(map[addrRecord]bool, len(recs))
-	for _, r := range recs {
-		set[r] = true
-	}
-	return set, nil
-}
-
-func (k *Kernel) writeAddrRecords(set map[addrRecord]bool) error {
-	recs := slices.SortedFunc(maps.Keys(set), func(a, b addrRecord) int {
-		return cmp.Or(cmp.Compare(a.Link, b.Link), strings.Compare(a.Prefix, b.Prefix))
-	})
-	if err := WriteStateFile(k.addrStatePath(), recs, 0o600); err != nil {
-		return fmt.Errorf("recording owned addresses: %w", err)
-	}
-	return nil
-}
 
 // recordAddr notes that we added a (owned) or deleted it, on a kernel
 // without IFA_PROTO.
@@ -56,7 +31,7 @@ func (k *Kernel) recordAddr(a Addr, owned bool) error {
 	if k.addrProto {
 		return nil
 	}
-	set, err := k.addrRecords()
+	set, err := addrRecords.read(k.stateDir)
 	if err != nil {
 		return err
 	}
@@ -69,7 +44,7 @@ func (k *Kernel) recordAddr(a Addr, owned bool) error {
 	} else {
 		delete(set, rec)
 	}
-	return k.writeAddrRecords(set)
+	return addrRecords.write(k.stateDir, set)
 }
 
 // pruneAddrRecords forgets recorded addresses that are no longer on their
@@ -79,7 +54,7 @@ func (k *Kernel) pruneAddrRecords() error {
 	if k.addrProto {
 		return nil
 	}
-	set, err := k.addrRecords()
+	set, err := addrRecords.read(k.stateDir)
 	if err != nil || len(set) == 0 {
 		return err
 	}
@@ -96,5 +71,5 @@ func (k *Kernel) pruneAddrRecords() error {
 	if len(kept) == len(set) {
 		return nil
 	}
-	return k.writeAddrRecords(kept)
+	return addrRecords.write(k.stateDir, kept)
 }

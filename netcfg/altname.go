@@ -4,8 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"path/filepath"
-	"slices"
 	"strconv"
 
 	"github.com/vishvananda/netlink"
@@ -29,33 +27,11 @@ func altNamesOf(e imds.ENI) []string {
 	return []string{e.InterfaceID, dev}
 }
 
-// altNameStateFile records the altnames dualhomed added, by link index. The
+// altNameRecords are the altnames dualhomed added, by link index. The
 // kernel has no owner mark for altnames: this file is the only record, and a
 // name it does not list is never removed. It lives under the state
 // directory (/run/dualhomed: gone at reboot, like the names).
-const altNameStateFile = "altnames.json"
-
-func (k *Kernel) altNameStatePath() string { return filepath.Join(k.stateDir, altNameStateFile) }
-
-// altNameRecords reads the recorded altnames as a set.
-func (k *Kernel) altNameRecords() (map[AltName]bool, error) {
-	var recs []AltName
-	if err := readJSON(k.altNameStatePath(), &recs); err != nil {
-		return nil, fmt.Errorf("reading owned altnames: %w", err)
-	}
-	set := make(map[AltName]bool, len(recs))
-	for _, r := range recs {
-		set[r] = true
-	}
-	return set, nil
-}
-
-func (k *Kernel) writeAltNameRecords(set map[AltName]bool) error {
-	if err := WriteStateFile(k.altNameStatePath(), slices.SortedFunc(maps.Keys(set), compareAltNames), 0o600); err != nil {
-		return fmt.Errorf("recording owned altnames: %w", err)
-	}
-	return nil
-}
+var altNameRecords = recordFile[AltName]{name: "altnames.json", what: "altnames", compare: compareAltNames}
 
 // ownedAltNames returns the recorded altnames that their link holds now;
 // present maps every altname in the namespace to its link.
@@ -63,7 +39,7 @@ func (k *Kernel) ownedAltNames(present map[string]int) ([]AltName, error) {
 	if len(present) == 0 {
 		return nil, nil // nothing could be ours: no file to read
 	}
-	set, err := k.altNameRecords()
+	set, err := altNameRecords.read(k.stateDir)
 	if err != nil {
 		return nil, err
 	}
@@ -80,7 +56,7 @@ func (k *Kernel) ownedAltNames(present map[string]int) ([]AltName, error) {
 // longer holds (gone with a detached link, or deleted by somebody else):
 // should another tool add the same name later, it is not ours.
 func (k *Kernel) pruneAltNameRecords() error {
-	set, err := k.altNameRecords()
+	set, err := altNameRecords.read(k.stateDir)
 	if err != nil || len(set) == 0 {
 		return err
 	}
@@ -93,7 +69,7 @@ func (k *Kernel) pruneAltNameRecords() error {
 	if len(set) == n {
 		return nil
 	}
-	return k.writeAltNameRecords(set)
+	return altNameRecords.write(k.stateDir, set)
 }
 
 // applyAltName is `ip link property add|del dev <link> altname <name>`, and
@@ -106,7 +82,7 @@ func (k *Kernel) pruneAltNameRecords() error {
 func (k *Kernel) applyAltName(op Op) error {
 	a := *op.AltName
 	link := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: a.LinkIndex}}
-	set, err := k.altNameRecords()
+	set, err := altNameRecords.read(k.stateDir)
 	if err != nil {
 		return err
 	}
@@ -115,17 +91,17 @@ func (k *Kernel) applyAltName(op Op) error {
 			return fmt.Errorf("deleting altname %s of link #%d: %w", a.Name, a.LinkIndex, err)
 		}
 		delete(set, a)
-		return k.writeAltNameRecords(set)
+		return altNameRecords.write(k.stateDir, set)
 	}
 	set[a] = true
-	if err := k.writeAltNameRecords(set); err != nil {
+	if err := altNameRecords.write(k.stateDir, set); err != nil {
 		return err
 	}
 	if err = k.h.LinkAddAltName(link, a.Name); err == nil {
 		return nil
 	}
 	delete(set, a)
-	if werr := k.writeAltNameRecords(set); werr != nil || errors.Is(err, unix.EEXIST) {
+	if werr := altNameRecords.write(k.stateDir, set); werr != nil || errors.Is(err, unix.EEXIST) {
 		return werr
 	}
 	return fmt.Errorf("adding altname %s to link #%d: %w", a.Name, a.LinkIndex, err)

@@ -97,7 +97,7 @@ func TestAltNamesRenameAndLinkGone(t *testing.T) {
 	snap.ENIs = snap.ENIs[:2] // eth2 and eth3 detached
 	w.pipeline(t, snap)
 	var recs []AltName
-	b, err := os.ReadFile(filepath.Join(w.stateDir, altNameStateFile))
+	b, err := os.ReadFile(filepath.Join(w.stateDir, altNameRecords.name))
 	if err == nil {
 		err = json.Unmarshal(b, &recs)
 	}

@@ -278,7 +278,7 @@ func (c Config) inPriorityBand(prio int) bool {
 func (k *Kernel) ownedAddrs(all []kernelAddr) (ours []Addr, foreign []KernelAddr, err error) {
 	var recorded map[addrRecord]bool
 	if !k.addrProto {
-		if recorded, err = k.addrRecords(); err != nil {
+		if recorded, err = addrRecords.read(k.stateDir); err != nil {
 			return nil, nil, err
 		}
 	}

@@ -5,9 +5,39 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 )
+
+// recordFile is a file of the state directory that lists a set of records
+// (the addresses or the altnames dualhomed added), sorted by compare.
+type recordFile[T comparable] struct {
+	name, what string // file name; what it records, for errors
+	compare    func(a, b T) int
+}
+
+// read returns the recorded set of dir's file: empty when there is no file.
+func (f recordFile[T]) read(dir string) (map[T]bool, error) {
+	var recs []T
+	if err := readJSON(filepath.Join(dir, f.name), &recs); err != nil {
+		return nil, fmt.Errorf("reading owned %s: %w", f.what, err)
+	}
+	set := make(map[T]bool, len(recs))
+	for _, r := range recs {
+		set[r] = true
+	}
+	return set, nil
+}
+
+// write replaces dir's file with set.
+func (f recordFile[T]) write(dir string, set map[T]bool) error {
+	if err := WriteStateFile(filepath.Join(dir, f.name), slices.SortedFunc(maps.Keys(set), f.compare), 0o600); err != nil {
+		return fmt.Errorf("recording owned %s: %w", f.what, err)
+	}
+	return nil
+}
 
 // readJSON decodes path into v. A missing file leaves v untouched: nothing
 // was recorded yet.

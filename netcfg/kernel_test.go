@@ -360,7 +360,7 @@ func TestAddrOwnershipInStateFileWithoutIFAProto(t *testing.T) {
 			t.Errorf("address marked with IFA_PROTO in fallback mode: %s", l)
 		}
 	}
-	b, err := os.ReadFile(filepath.Join(w.stateDir, addrStateFile))
+	b, err := os.ReadFile(filepath.Join(w.stateDir, addrRecords.name))
 	if err != nil || !strings.Contains(string(b), "10.1.0.11/24") || strings.Contains(string(b), "10.1.0.12") {
 		t.Errorf("state file: %q, %v", b, err)
 	}
@@ -392,7 +392,7 @@ func TestKernelMarksAddressesWithIFAProto(t *testing.T) {
 	if _, err := w.k.Apply(Diff(State{}, w.state(ktEth2))); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(filepath.Join(w.stateDir, addrStateFile)); !errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Stat(filepath.Join(w.stateDir, addrRecords.name)); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("address state file written although the kernel records IFA_PROTO: %v", err)
 	}
 	addrs, err := w.k.dump.addrs(unix.AF_UNSPEC)

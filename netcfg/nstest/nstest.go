@@ -95,35 +95,46 @@ func (n *NS) Veth(t testing.TB, name, mac string, peerNS *NS, peerName string) n
 	if err != nil {
 		t.Fatalf("parsing MAC %q: %v", mac, err)
 	}
+	link, err := n.VethPair(name, hw, peerNS, peerName, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return link
+}
+
+// VethPair is `ip link add <name> [address mac] type veth peer <peerName>
+// [address peerMAC]` made directly inside n, the peer inside peerNS (n when
+// nil), so that no link ever appears in the caller's namespace. Both ends
+// are set up. It returns the end in n.
+func (n *NS) VethPair(name string, mac net.HardwareAddr, peerNS *NS, peerName string, peerMAC net.HardwareAddr) (netlink.Link, error) {
 	la := netlink.NewLinkAttrs()
-	la.Name = name
-	la.HardwareAddr = hw
-	veth := &netlink.Veth{LinkAttrs: la, PeerName: peerName}
-	if peerNS != nil {
+	la.Name, la.HardwareAddr = name, mac
+	veth := &netlink.Veth{LinkAttrs: la, PeerName: peerName, PeerHardwareAddr: peerMAC}
+	if peerNS == nil {
+		peerNS = n
+	} else {
 		veth.PeerNamespace = netlink.NsFd(peerNS.Handle)
 	}
 	if err := n.NL.LinkAdd(veth); err != nil {
-		t.Fatalf("adding veth %s/%s: %v", name, peerName, err)
+		return nil, fmt.Errorf("adding veth %s (peer %s): %w", name, peerName, err)
 	}
-	link, err := n.NL.LinkByName(name)
-	if err != nil {
-		t.Fatalf("finding veth %s: %v", name, err)
+	var link netlink.Link
+	for _, end := range []struct {
+		ns   *NS
+		name string
+	}{{n, name}, {peerNS, peerName}} {
+		l, err := end.ns.NL.LinkByName(end.name)
+		if err == nil {
+			err = end.ns.NL.LinkSetUp(l)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("setting veth %s up: %w", end.name, err)
+		}
+		if link == nil {
+			link = l
+		}
 	}
-	if err := n.NL.LinkSetUp(link); err != nil {
-		t.Fatalf("setting %s up: %v", name, err)
-	}
-	peerH := n.NL
-	if peerNS != nil {
-		peerH = peerNS.NL
-	}
-	peer, err := peerH.LinkByName(peerName)
-	if err != nil {
-		t.Fatalf("finding veth peer %s: %v", peerName, err)
-	}
-	if err := peerH.LinkSetUp(peer); err != nil {
-		t.Fatalf("setting %s up: %v", peerName, err)
-	}
-	return link
+	return link, nil
 }
 
 // Run runs a command (for example `ip -d rule show`) inside the namespace
@@ -154,12 +165,19 @@ func (n *NS) Output(name string, args ...string) (string, error) {
 // with slashes (net/ipv6/conf/default/accept_dad).
 func (n *NS) Sysctl(t testing.TB, key, value string) {
 	t.Helper()
-	err := n.Do(func() error {
-		return os.WriteFile("/proc/sys/"+key, []byte(value), 0o644)
-	})
-	if err != nil {
-		t.Fatalf("setting %s=%s: %v", key, value, err)
+	if err := n.SetSysctl(key, value); err != nil {
+		t.Fatal(err)
 	}
+}
+
+// SetSysctl is Sysctl without a test.
+func (n *NS) SetSysctl(key, value string) error {
+	return n.Do(func() error {
+		if err := os.WriteFile("/proc/sys/"+key, []byte(value), 0o644); err != nil {
+			return fmt.Errorf("setting %s=%s: %w", key, value, err)
+		}
+		return nil
+	})
 }
 
 // ReadSysctl reads /proc/sys/<key> inside the namespace.

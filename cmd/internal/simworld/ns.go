@@ -14,15 +14,15 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
-	"github.com/dualhomed/dualhomed/netcfg/nsthread"
+	"github.com/dualhomed/dualhomed/netcfg/nstest"
 )
 
 // NS is a named network namespace (/run/netns/<Name>), so that `ip -n <Name>`
-// and `ip netns exec <Name>` work on it, with a netlink handle bound to it.
+// and `ip netns exec <Name>` work on it, with a netlink handle bound to it
+// and nstest's helpers (Do, VethPair, SetSysctl).
 type NS struct {
-	Name   string
-	Handle netns.NsHandle
-	NL     *netlink.Handle
+	Name string
+	nstest.NS
 }
 
 // newNS is `ip netns add <name>` followed by `ip link set lo up` inside it.
@@ -44,7 +44,7 @@ func newNS(name string) (*NS, error) {
 		deleteNamedNS(name)
 		return nil, fmt.Errorf("opening netlink handle in %s: %w", name, err)
 	}
-	n := &NS{Name: name, Handle: h, NL: nl}
+	n := &NS{Name: name, NS: nstest.NS{Handle: h, NL: nl}}
 	lo, err := nl.LinkByName("lo")
 	if err == nil {
 		err = nl.LinkSetUp(lo)
@@ -106,10 +106,6 @@ func killNSProcesses(name string) {
 	}
 }
 
-// Do runs fn on an OS thread inside the namespace: sockets created by fn live
-// in the namespace for their whole life, and /proc/sys/net is the namespace's.
-func (n *NS) Do(fn func() error) error { return nsthread.Do(n.Handle, fn) }
-
 // DialContext dials from inside the namespace, for an http.Transport that
 // reaches a server listening there (the IMDS emulator on its loopback).
 func (n *NS) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -120,16 +116,6 @@ func (n *NS) DialContext(ctx context.Context, network, addr string) (net.Conn, e
 		return err
 	})
 	return c, err
-}
-
-// SetSysctl writes /proc/sys/<key> inside the namespace (key like "net/ipv4/ip_forward").
-func (n *NS) SetSysctl(key, value string) error {
-	return n.Do(func() error {
-		if err := os.WriteFile(filepath.Join("/proc/sys", key), []byte(value), 0o644); err != nil {
-			return fmt.Errorf("setting %s=%s in %s: %w", key, value, n.Name, err)
-		}
-		return nil
-	})
 }
 
 // childAttrs makes the kernel kill a child when this process dies, so that a

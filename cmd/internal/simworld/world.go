@@ -423,7 +423,7 @@ func (w *World) hostBehind(router *NS, name, routerLink string, a4, a6 netip.Add
 	if err != nil {
 		return nil, err
 	}
-	rl, err := vethPair(router, routerLink, n, "eth0", nil)
+	rl, err := router.VethPair(routerLink, nil, &n.NS, "eth0", nil)
 	if err != nil {
 		return nil, err
 	}
@@ -474,7 +474,7 @@ func (w *World) addLink(e *ENI, ns *NS) error {
 	if err != nil {
 		return fmt.Errorf("parsing MAC %s: %w", e.MAC, err)
 	}
-	rl, err := vethPair(r, e.RouterLink, ns, e.Link, mac)
+	rl, err := r.VethPair(e.RouterLink, nil, &ns.NS, e.Link, mac)
 	if err != nil {
 		return err
 	}
@@ -633,40 +633,6 @@ func Sweep() ([]string, error) {
 func processAlive(pid int) bool {
 	err := syscall.Kill(pid, 0)
 	return err == nil || errors.Is(err, syscall.EPERM)
-}
-
-// vethPair is `ip link add <name> [address mac] type veth peer <peerName>`
-// created directly inside ns (the peer inside peerNS, or ns when nil), so that
-// no link ever appears in the host's namespace. Both ends are set up.
-func vethPair(ns *NS, name string, peerNS *NS, peerName string, peerMAC net.HardwareAddr) (netlink.Link, error) {
-	la := netlink.NewLinkAttrs()
-	la.Name = name
-	veth := &netlink.Veth{LinkAttrs: la, PeerName: peerName, PeerHardwareAddr: peerMAC}
-	if peerNS != nil {
-		veth.PeerNamespace = netlink.NsFd(peerNS.Handle)
-	}
-	if err := ns.NL.LinkAdd(veth); err != nil {
-		return nil, fmt.Errorf("adding veth %s (peer %s) in %s: %w", name, peerName, ns.Name, err)
-	}
-	l, err := ns.NL.LinkByName(name)
-	if err != nil {
-		return nil, fmt.Errorf("finding %s in %s: %w", name, ns.Name, err)
-	}
-	if err := ns.NL.LinkSetUp(l); err != nil {
-		return nil, fmt.Errorf("setting %s up in %s: %w", name, ns.Name, err)
-	}
-	ph := ns
-	if peerNS != nil {
-		ph = peerNS
-	}
-	p, err := ph.NL.LinkByName(peerName)
-	if err != nil {
-		return nil, fmt.Errorf("finding %s in %s: %w", peerName, ph.Name, err)
-	}
-	if err := ph.NL.LinkSetUp(p); err != nil {
-		return nil, fmt.Errorf("setting %s up in %s: %w", peerName, ph.Name, err)
-	}
-	return l, nil
 }
 
 // addAddr is `ip addr add <p> dev <l> nodad`; an existing address is fine.
