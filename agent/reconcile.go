@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -134,6 +135,12 @@ type Reconciler struct {
 	// firstSeen is when each link (by index) first appeared in an
 	// observation: the start of its cfg.DHCPGrace.
 	firstSeen map[int]time.Time
+	// leased holds the links (by index) on which a DHCP client's address
+	// (finite lifetimes) for their ENI's primary IPv4 was seen. That
+	// address is the client's on the link for as long as the link lives:
+	// a client that drops its lease and takes it again (a reconfigure, an
+	// ifdown/ifup) finds no copy of dualhomed's in its place.
+	leased map[int]bool
 	// HostWarnings are added to every report: what the host check
 	// (HostWarnings) found at start or reload.
 	HostWarnings []netcfg.Warning
@@ -258,13 +265,13 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 	} else if obs, err = r.kernel.Observe(); err != nil {
 		return rep, fmt.Errorf("observing links and addresses: %w", err)
 	}
-	obs.AwaitDHCP = r.awaitDHCP(obs.Links, start)
 	snap, ok := r.imds.read(ctx, t, obs.Links, r.IMDSTimeout, &rep)
 	rep.ManagedRules, rep.ManagedRoutes = len(obs.Owned.Rules), len(obs.Owned.Routes)
-	switch {
-	case !ok: // IMDS was never read: nothing is known, so nothing is changed
+	if !ok { // IMDS was never read: nothing is known, so nothing is changed
 		return rep, nil
-	case m != nil && m.snap == r.imds.lastGood && sameObserved(m.obs, obs):
+	}
+	obs.AwaitDHCP = r.awaitDHCP(obs, snap, start)
+	if m != nil && m.snap == r.imds.lastGood && sameObserved(m.obs, obs) {
 		m.changes = changes
 		rep.ENIs, rep.Warnings, r.memo = m.enis, m.warns, m
 		return rep, nil
@@ -289,25 +296,49 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 	return rep, nil
 }
 
-// awaitDHCP returns the links that appeared less than cfg.DHCPGrace before now,
-// and records when each link was first seen.
-func (r *Reconciler) awaitDHCP(links []netcfg.Link, now time.Time) map[int]bool {
-	seen := make(map[int]time.Time, len(links))
+// awaitDHCP returns the links on which the ENI's primary IPv4 is left to a
+// DHCP client: those that appeared less than cfg.DHCPGrace before now, and
+// those on which a client's lease for it was ever seen (leased). It records
+// when each link was first seen and which carry such a lease, and forgets
+// the links that went.
+func (r *Reconciler) awaitDHCP(obs netcfg.Observed, snap imds.Snapshot, now time.Time) map[int]bool {
+	primaries := make(map[string]netip.Addr, len(snap.ENIs))
+	for _, e := range snap.ENIs {
+		if len(e.LocalIPv4s) > 0 {
+			primaries[e.MAC] = e.LocalIPv4s[0]
+		}
+	}
+	primaryOf := map[int]netip.Addr{}
+	for _, l := range obs.Links {
+		if p, ok := primaries[l.MAC]; ok {
+			primaryOf[l.Index] = p
+		}
+	}
+	leased := map[int]bool{}
+	for _, a := range obs.ForeignAddrs {
+		if p, ok := primaryOf[a.LinkIndex]; ok && a.Dynamic && a.Prefix.Addr() == p {
+			leased[a.LinkIndex] = true
+		}
+	}
+	seen := make(map[int]time.Time, len(obs.Links))
 	var wait map[int]bool
-	for _, l := range links {
+	for _, l := range obs.Links {
 		first, ok := r.firstSeen[l.Index]
 		if !ok {
 			first = now
 		}
 		seen[l.Index] = first
-		if now.Sub(first) < r.cfg.DHCPGrace {
+		if r.leased[l.Index] {
+			leased[l.Index] = true
+		}
+		if now.Sub(first) < r.cfg.DHCPGrace || leased[l.Index] {
 			if wait == nil {
 				wait = map[int]bool{}
 			}
 			wait[l.Index] = true
 		}
 	}
-	r.firstSeen = seen
+	r.firstSeen, r.leased = seen, leased
 	return wait
 }
 
