@@ -151,6 +151,9 @@ type Reconciler struct {
 	// every reconcile would write forever and look like drift; they are
 	// skipped until Unblock (a foreign object was deleted).
 	blocked map[any]bool
+	// refusals gives, for the blocked adds the kernel refused (Refused:
+	// a gateway no route reaches), the reason.
+	refusals map[any]string
 	// retrying holds the adds Unblock released for this reconcile: trying
 	// them again is not a drift repair.
 	retrying   map[any]bool
@@ -201,7 +204,7 @@ func sameObserved(a, b netcfg.Observed) bool {
 // on kernel with cfg.
 func NewReconciler(source Snapshotter, kernel Kernel, cfg Config) *Reconciler {
 	return &Reconciler{kernel: kernel, cfg: cfg, configured: map[string]bool{},
-		blocked: map[any]bool{}, retrying: map[any]bool{},
+		blocked: map[any]bool{}, refusals: map[any]string{}, retrying: map[any]bool{},
 		imds: &imdsReads{source: source, pollInterval: cfg.PollInterval, linkRetries: map[int]int{}}}
 }
 
@@ -228,7 +231,12 @@ func (r *Reconciler) Unblock() {
 		r.retrying[k] = true
 	}
 	clear(r.blocked)
+	clear(r.refusals)
 }
+
+// Refused reports whether some blocked add is one the kernel refused, which a
+// change of routes may let in.
+func (r *Reconciler) Refused() bool { return len(r.refusals) > 0 }
 
 // Swap replaces the IMDS source and the configuration (after a reload),
 // keeping the last good snapshot.
@@ -384,16 +392,24 @@ func (r *Reconciler) plan(obs netcfg.Observed, desired netcfg.State, dryRun bool
 		}
 	}
 	plan, dropped := plan.Split(held)
-	rep.Warnings = append(rep.Warnings, blockedWarnings(dropped, obs, rep.ENIs)...)
+	rep.Warnings = append(rep.Warnings, r.blockedWarnings(dropped, obs, rep.ENIs)...)
 	return plan, complete, conflicts
 }
 
 // blockedWarnings warns about each add of ops that another program's object
-// keeps out, naming both as obs read them back from the kernel.
-func blockedWarnings(ops []netcfg.Op, obs netcfg.Observed, enis []netcfg.ENIStatus) []netcfg.Warning {
+// keeps out, naming both as obs read them back from the kernel, or that the
+// kernel refused, naming the reason.
+func (r *Reconciler) blockedWarnings(ops []netcfg.Op, obs netcfg.Observed, enis []netcfg.ENIStatus) []netcfg.Warning {
 	var out []netcfg.Warning
 	for _, c := range netcfg.Attribute(ops, enis, obs.Links) {
 		b := obs.Blocked(c.Op)
+		if reason, ok := r.refusals[c.Op.ObjectKey()]; ok {
+			b.Holder = "no object: the kernel refuses it (" + reason + ")"
+			out = append(out, netcfg.Warning{ENI: c.ENI, Blocked: &b,
+				Message: fmt.Sprintf("cannot add %s: %s; tried again when links, addresses or routes change", b.Object, reason),
+				Hint:    "the gateway needs a route in that table: another program may have moved the subnet's route out of it (amazon-ec2-net-utils: mask its policy-routes units, docs/coexistence.md)"})
+			continue
+		}
 		out = append(out, netcfg.Warning{ENI: c.ENI, Blocked: &b,
 			Message: fmt.Sprintf("cannot add %s: held by %s (EEXIST); left alone until it goes", b.Object, b.Holder),
 			Hint:    "remove the other object if it is stale, or stop its program from managing this ENI, or exclude the ENI in the configuration"})
@@ -417,7 +433,12 @@ func (r *Reconciler) apply(plan netcfg.Plan, obs netcfg.Observed, dryRun bool, r
 	}
 	if !dryRun && !plan.Empty() {
 		var err error
-		if rep.Writes, err = r.kernel.Apply(plan); err != nil {
+		rep.Writes, err = r.kernel.Apply(plan)
+		refused, err := netcfg.Refusals(err)
+		for _, f := range refused { // not retried until Unblock
+			r.blocked[f.Op.ObjectKey()], r.refusals[f.Op.ObjectKey()] = true, f.Reason()
+		}
+		if err != nil {
 			rep.ApplyError = err.Error()
 		} else if after, err = r.kernel.Observe(); err == nil {
 			applied = true
@@ -468,7 +489,7 @@ func (r *Reconciler) blockStuck(plan netcfg.Plan, after netcfg.Observed, rep *Re
 		}
 	}
 	rep.Blocked = len(stuck)
-	warns := blockedWarnings(stuck, after, rep.ENIs)
+	warns := r.blockedWarnings(stuck, after, rep.ENIs)
 	for _, w := range warns {
 		rep.BlockedObjects = append(rep.BlockedObjects, *w.Blocked)
 	}
