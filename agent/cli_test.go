@@ -339,3 +339,72 @@ func TestNATInMetricsAndStatus(t *testing.T) {
 		t.Errorf("plan lacks %q:\n%s", want, buf.String())
 	}
 }
+
+// Issue 13 (coexistence change 8): with eth1's subnet route moved out of
+// main (amazon-ec2-net-utils), the kernel refuses our VPC route in main
+// (ENETUNREACH). The reconcile succeeds with a warning naming the route
+// and the reason, the add is not tried again while the kernel stays as it
+// is (zero writes), and once the kernel changes (Unblock, as the daemon
+// does on a kernel event) it goes in.
+func TestRefusedMainRouteIsAWarningNotRetried(t *testing.T) {
+	w, cfg, k, src := configuredENI1(t)
+	var ours *netlink.Route
+	for _, rt := range w.ourRoutes(netcfg.MainTable) {
+		ours = &rt
+		break
+	}
+	if ours == nil {
+		t.Fatal("apply added no main-table route for ENI 1 (another VPC): nothing to refuse")
+	}
+	if err := w.ns.NL.RouteDel(ours); err != nil {
+		t.Fatal(err)
+	}
+	routes, err := w.ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: netcfg.MainTable, LinkIndex: ours.LinkIndex},
+		netlink.RT_FILTER_TABLE|netlink.RT_FILTER_OIF)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var moved []netlink.Route // the subnet's route, as ec2-net-utils moves it
+	for _, rt := range routes {
+		if rt.Protocol == unix.RTPROT_KERNEL {
+			moved = append(moved, rt)
+			if err := w.ns.NL.RouteDel(&rt); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if len(moved) == 0 {
+		t.Fatal("eth1 has no subnet route in main to move away")
+	}
+	rec := atOnce(NewReconciler(src, k, cfg))
+	object := fmt.Sprintf("route %s via %s dev eth1 src %s table main", ours.Dst, ours.Gw, ours.Src)
+	reason := fmt.Sprintf("network is unreachable: no route in table 254 reaches %s", ours.Gw)
+	for i, trig := range []Trigger{TriggerStart, TriggerPoll} {
+		rep, err := rec.Reconcile(context.Background(), trig, false)
+		if err != nil || rep.ApplyError != "" {
+			t.Fatalf("reconcile %d: %v, apply error %q", i, err, rep.ApplyError)
+		}
+		if i == 1 && rep.Writes != 0 {
+			t.Errorf("reconcile %d tried the refused add again: %d writes", i, rep.Writes)
+		}
+		warned := false
+		for _, wn := range rep.Warnings {
+			warned = warned || (wn.Blocked != nil && wn.Blocked.Object == object && strings.Contains(wn.Message, "cannot add "+object+": "+reason))
+		}
+		if !warned || !rec.Refused() {
+			t.Errorf("reconcile %d: no warning names %q and %q (refused %v): %v", i, object, reason, rec.Refused(), rep.Warnings)
+		}
+	}
+	for _, rt := range moved {
+		if err := w.ns.NL.RouteAdd(&rt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rec.Unblock()
+	if rep, err := rec.Reconcile(context.Background(), TriggerForeign, false); err != nil || rep.ApplyError != "" || rec.Refused() {
+		t.Fatalf("reconcile with the subnet route back: %v, apply error %q, refused %v", err, rep.ApplyError, rec.Refused())
+	}
+	if len(w.ourRoutes(netcfg.MainTable)) == 0 {
+		t.Error("with the subnet route back in main, our VPC route was not added")
+	}
+}

@@ -83,6 +83,7 @@ type Daemon struct {
 	pending atomic.Uint32 // trigger bits not yet handled
 	idle    atomic.Bool   // the worker waits with nothing pending (for tests)
 	blocked atomic.Bool   // some wanted object is held off by a foreign one
+	refused atomic.Bool   // some wanted object is one the kernel refused
 	kick    chan struct{}
 
 	// Worker state (only touched by the worker goroutine).
@@ -187,7 +188,7 @@ func (d *Daemon) trigger(t Trigger) {
 // memo's validity, and some call for a reconcile.
 func (d *Daemon) kernelChanged(c netcfg.KernelChange) {
 	d.rec.KernelChanged()
-	if t := triggerFor(c, d.blocked.Load()); t != 0 {
+	if t := triggerFor(c, d.blocked.Load(), d.refused.Load()); t != 0 {
 		d.trigger(t)
 	}
 }
@@ -372,6 +373,7 @@ func (d *Daemon) reconcile(ctx context.Context, t Trigger) error {
 		rep.Restored, rep.Repairs = rep.Repairs, 0
 	}
 	d.blocked.Store(d.rec.Blocked() > 0)
+	d.refused.Store(d.rec.Refused())
 	d.metrics.Record(rep, err)
 	log := d.log.With(zap.Stringer("trigger", t))
 	if err != nil {

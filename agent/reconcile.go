@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -134,6 +135,12 @@ type Reconciler struct {
 	// firstSeen is when each link (by index) first appeared in an
 	// observation: the start of its cfg.DHCPGrace.
 	firstSeen map[int]time.Time
+	// leased holds the links (by index) on which a DHCP client's address
+	// (finite lifetimes) for their ENI's primary IPv4 was seen. That
+	// address is the client's on the link for as long as the link lives:
+	// a client that drops its lease and takes it again (a reconfigure, an
+	// ifdown/ifup) finds no copy of dualhomed's in its place.
+	leased map[int]bool
 	// HostWarnings are added to every report: what the host check
 	// (HostWarnings) found at start or reload.
 	HostWarnings []netcfg.Warning
@@ -144,6 +151,9 @@ type Reconciler struct {
 	// every reconcile would write forever and look like drift; they are
 	// skipped until Unblock (a foreign object was deleted).
 	blocked map[any]bool
+	// refusals gives, for the blocked adds the kernel refused (Refused:
+	// a gateway no route reaches), the reason.
+	refusals map[any]string
 	// retrying holds the adds Unblock released for this reconcile: trying
 	// them again is not a drift repair.
 	retrying   map[any]bool
@@ -194,7 +204,7 @@ func sameObserved(a, b netcfg.Observed) bool {
 // on kernel with cfg.
 func NewReconciler(source Snapshotter, kernel Kernel, cfg Config) *Reconciler {
 	return &Reconciler{kernel: kernel, cfg: cfg, configured: map[string]bool{},
-		blocked: map[any]bool{}, retrying: map[any]bool{},
+		blocked: map[any]bool{}, refusals: map[any]string{}, retrying: map[any]bool{},
 		imds: &imdsReads{source: source, pollInterval: cfg.PollInterval, linkRetries: map[int]int{}}}
 }
 
@@ -221,7 +231,12 @@ func (r *Reconciler) Unblock() {
 		r.retrying[k] = true
 	}
 	clear(r.blocked)
+	clear(r.refusals)
 }
+
+// Refused reports whether some blocked add is one the kernel refused, which a
+// change of routes may let in.
+func (r *Reconciler) Refused() bool { return len(r.refusals) > 0 }
 
 // Swap replaces the IMDS source and the configuration (after a reload),
 // keeping the last good snapshot.
@@ -258,13 +273,13 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 	} else if obs, err = r.kernel.Observe(); err != nil {
 		return rep, fmt.Errorf("observing links and addresses: %w", err)
 	}
-	obs.AwaitDHCP = r.awaitDHCP(obs.Links, start)
 	snap, ok := r.imds.read(ctx, t, obs.Links, r.IMDSTimeout, &rep)
 	rep.ManagedRules, rep.ManagedRoutes = len(obs.Owned.Rules), len(obs.Owned.Routes)
-	switch {
-	case !ok: // IMDS was never read: nothing is known, so nothing is changed
+	if !ok { // IMDS was never read: nothing is known, so nothing is changed
 		return rep, nil
-	case m != nil && m.snap == r.imds.lastGood && sameObserved(m.obs, obs):
+	}
+	obs.AwaitDHCP = r.awaitDHCP(obs, snap, start)
+	if m != nil && m.snap == r.imds.lastGood && sameObserved(m.obs, obs) {
 		m.changes = changes
 		rep.ENIs, rep.Warnings, r.memo = m.enis, m.warns, m
 		return rep, nil
@@ -289,25 +304,49 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 	return rep, nil
 }
 
-// awaitDHCP returns the links that appeared less than cfg.DHCPGrace before now,
-// and records when each link was first seen.
-func (r *Reconciler) awaitDHCP(links []netcfg.Link, now time.Time) map[int]bool {
-	seen := make(map[int]time.Time, len(links))
+// awaitDHCP returns the links on which the ENI's primary IPv4 is left to a
+// DHCP client: those that appeared less than cfg.DHCPGrace before now, and
+// those on which a client's lease for it was ever seen (leased). It records
+// when each link was first seen and which carry such a lease, and forgets
+// the links that went.
+func (r *Reconciler) awaitDHCP(obs netcfg.Observed, snap imds.Snapshot, now time.Time) map[int]bool {
+	primaries := make(map[string]netip.Addr, len(snap.ENIs))
+	for _, e := range snap.ENIs {
+		if len(e.LocalIPv4s) > 0 {
+			primaries[e.MAC] = e.LocalIPv4s[0]
+		}
+	}
+	primaryOf := map[int]netip.Addr{}
+	for _, l := range obs.Links {
+		if p, ok := primaries[l.MAC]; ok {
+			primaryOf[l.Index] = p
+		}
+	}
+	leased := map[int]bool{}
+	for _, a := range obs.ForeignAddrs {
+		if p, ok := primaryOf[a.LinkIndex]; ok && a.Dynamic && a.Prefix.Addr() == p {
+			leased[a.LinkIndex] = true
+		}
+	}
+	seen := make(map[int]time.Time, len(obs.Links))
 	var wait map[int]bool
-	for _, l := range links {
+	for _, l := range obs.Links {
 		first, ok := r.firstSeen[l.Index]
 		if !ok {
 			first = now
 		}
 		seen[l.Index] = first
-		if now.Sub(first) < r.cfg.DHCPGrace {
+		if r.leased[l.Index] {
+			leased[l.Index] = true
+		}
+		if now.Sub(first) < r.cfg.DHCPGrace || leased[l.Index] {
 			if wait == nil {
 				wait = map[int]bool{}
 			}
 			wait[l.Index] = true
 		}
 	}
-	r.firstSeen = seen
+	r.firstSeen, r.leased = seen, leased
 	return wait
 }
 
@@ -353,16 +392,24 @@ func (r *Reconciler) plan(obs netcfg.Observed, desired netcfg.State, dryRun bool
 		}
 	}
 	plan, dropped := plan.Split(held)
-	rep.Warnings = append(rep.Warnings, blockedWarnings(dropped, obs, rep.ENIs)...)
+	rep.Warnings = append(rep.Warnings, r.blockedWarnings(dropped, obs, rep.ENIs)...)
 	return plan, complete, conflicts
 }
 
 // blockedWarnings warns about each add of ops that another program's object
-// keeps out, naming both as obs read them back from the kernel.
-func blockedWarnings(ops []netcfg.Op, obs netcfg.Observed, enis []netcfg.ENIStatus) []netcfg.Warning {
+// keeps out, naming both as obs read them back from the kernel, or that the
+// kernel refused, naming the reason.
+func (r *Reconciler) blockedWarnings(ops []netcfg.Op, obs netcfg.Observed, enis []netcfg.ENIStatus) []netcfg.Warning {
 	var out []netcfg.Warning
 	for _, c := range netcfg.Attribute(ops, enis, obs.Links) {
 		b := obs.Blocked(c.Op)
+		if reason, ok := r.refusals[c.Op.ObjectKey()]; ok {
+			b.Holder = "no object: the kernel refuses it (" + reason + ")"
+			out = append(out, netcfg.Warning{ENI: c.ENI, Blocked: &b,
+				Message: fmt.Sprintf("cannot add %s: %s; tried again when links, addresses or routes change", b.Object, reason),
+				Hint:    "the gateway needs a route in that table: another program may have moved the subnet's route out of it (amazon-ec2-net-utils: mask its policy-routes units, docs/coexistence.md)"})
+			continue
+		}
 		out = append(out, netcfg.Warning{ENI: c.ENI, Blocked: &b,
 			Message: fmt.Sprintf("cannot add %s: held by %s (EEXIST); left alone until it goes", b.Object, b.Holder),
 			Hint:    "remove the other object if it is stale, or stop its program from managing this ENI, or exclude the ENI in the configuration"})
@@ -386,7 +433,12 @@ func (r *Reconciler) apply(plan netcfg.Plan, obs netcfg.Observed, dryRun bool, r
 	}
 	if !dryRun && !plan.Empty() {
 		var err error
-		if rep.Writes, err = r.kernel.Apply(plan); err != nil {
+		rep.Writes, err = r.kernel.Apply(plan)
+		refused, err := netcfg.Refusals(err)
+		for _, f := range refused { // not retried until Unblock
+			r.blocked[f.Op.ObjectKey()], r.refusals[f.Op.ObjectKey()] = true, f.Reason()
+		}
+		if err != nil {
 			rep.ApplyError = err.Error()
 		} else if after, err = r.kernel.Observe(); err == nil {
 			applied = true
@@ -437,7 +489,7 @@ func (r *Reconciler) blockStuck(plan netcfg.Plan, after netcfg.Observed, rep *Re
 		}
 	}
 	rep.Blocked = len(stuck)
-	warns := blockedWarnings(stuck, after, rep.ENIs)
+	warns := r.blockedWarnings(stuck, after, rep.ENIs)
 	for _, w := range warns {
 		rep.BlockedObjects = append(rep.BlockedObjects, *w.Blocked)
 	}

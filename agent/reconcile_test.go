@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"maps"
 	"net/netip"
 	"slices"
 	"testing"
@@ -15,8 +16,9 @@ import (
 )
 
 // atOnce makes rec add the ENIs' primary IPv4 addresses at once: the test
-// kernels run no DHCP client to wait for (TestReconcileLeavesThePrimaryAddressToDHCP
-// covers the wait).
+// kernels run no DHCP client to wait for (TestAwaitDHCP here, and
+// TestPrimaryAddressIsLeftToDHCP and TestDroppedLeaseIsNotTakenOver in
+// cmd/internal/e2e, cover the wait).
 func atOnce(rec *Reconciler) *Reconciler {
 	rec.cfg.DHCPGrace = 0
 	return rec
@@ -592,4 +594,45 @@ func TestReconcilePollReusesQuietObservation(t *testing.T) {
 	step("start without a feed", TriggerStart, 2)
 	step("poll without a feed", TriggerPoll, 1)
 	step("another poll without a feed", TriggerPoll, 1)
+}
+
+// TestAwaitDHCP walks one link through its life: waited for during the
+// grace, the client's once its lease was seen (after the grace and with
+// the lease dropped included), forgotten when it goes; a link that never
+// had a lease is waited for during the grace only.
+func TestAwaitDHCP(t *testing.T) {
+	const mac, other = "02:00:00:00:00:03", "02:00:00:00:00:04"
+	primary := netip.MustParseAddr("10.3.1.10")
+	snap := imds.Snapshot{ENIs: []imds.ENI{
+		{MAC: mac, LocalIPv4s: []netip.Addr{primary}},
+		{MAC: other, LocalIPv4s: []netip.Addr{netip.MustParseAddr("10.4.1.10")}},
+	}}
+	links := []netcfg.Link{{Index: 5, Name: "eth3", MAC: mac}, {Index: 6, Name: "eth4", MAC: other}}
+	lease := []netcfg.KernelAddr{{LinkIndex: 5, Prefix: netip.PrefixFrom(primary, 24), Dynamic: true}}
+	static := []netcfg.KernelAddr{{LinkIndex: 6, Prefix: netip.MustParsePrefix("10.4.1.10/24")}} // permanent, an administrator's: not a lease
+	r := &Reconciler{cfg: Config{DHCPGrace: 3 * time.Second}}
+	t0 := time.Now()
+	for _, step := range []struct {
+		name  string
+		at    time.Duration
+		links []netcfg.Link
+		addrs []netcfg.KernelAddr
+		want  map[int]bool
+	}{
+		{"links appear", 0, links, static, map[int]bool{5: true, 6: true}},
+		{"lease in the grace", time.Second, links, append(lease, static...), map[int]bool{5: true, 6: true}},
+		{"lease after the grace", 4 * time.Second, links, append(lease, static...), map[int]bool{5: true}},
+		{"lease dropped", 5 * time.Second, links, static, map[int]bool{5: true}},
+		{"eth3 gone", 6 * time.Second, links[1:], static, nil},
+		{"eth3 back, new index", 7 * time.Second, []netcfg.Link{{Index: 7, Name: "eth3", MAC: mac}, links[1]}, static, map[int]bool{7: true}},
+		{"eth3's grace over", 11 * time.Second, []netcfg.Link{{Index: 7, Name: "eth3", MAC: mac}, links[1]}, static, nil},
+	} {
+		got := r.awaitDHCP(netcfg.Observed{Links: step.links, ForeignAddrs: step.addrs}, snap, t0.Add(step.at))
+		if len(got) != len(step.want) || !maps.Equal(got, step.want) {
+			t.Errorf("%s: waiting on %v, want %v", step.name, got, step.want)
+		}
+	}
+	if len(r.leased) != 0 {
+		t.Errorf("the gone link's lease is still recorded: %v", r.leased)
+	}
 }

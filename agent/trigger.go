@@ -19,7 +19,7 @@ const (
 	TriggerAddr                        // an address was added or removed
 	TriggerDrift                       // one of our routes or rules was deleted
 	TriggerResync                      // kernel notifications were lost: state may have changed unseen
-	TriggerForeign                     // another program deleted one of its routes or rules: blocked adds may fit now
+	TriggerForeign                     // another program deleted one of its routes or rules (or added a route while the kernel refuses an add of ours): blocked adds may fit now
 	// TriggerRecheck is the quick re-read for links IMDS did not describe
 	// yet (and a new link's read deferred by minLinkReadGap): it costs the
 	// MAC listing, and a snapshot only once IMDS lists something new.
@@ -49,8 +49,9 @@ func (t Trigger) needsIMDS() bool {
 }
 
 // triggerFor is the reconcile a kernel change asks for; 0 for none. A
-// foreign deletion matters only while some add of ours is blocked.
-func triggerFor(c netcfg.KernelChange, blocked bool) Trigger {
+// foreign deletion matters only while some add of ours is blocked, any other
+// change (a route added) only while the kernel refuses one of our adds.
+func triggerFor(c netcfg.KernelChange, blocked, refused bool) Trigger {
 	switch c {
 	case netcfg.LinkChanged:
 		return TriggerLink
@@ -62,6 +63,10 @@ func triggerFor(c netcfg.KernelChange, blocked bool) Trigger {
 		return TriggerResync
 	case netcfg.ForeignDeleted:
 		if blocked {
+			return TriggerForeign
+		}
+	case netcfg.OtherChanged:
+		if refused {
 			return TriggerForeign
 		}
 	}

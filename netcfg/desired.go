@@ -626,7 +626,8 @@ func (d *desirer) addTable(e *eniInfo) {
 			d.warn(e, fmt.Sprintf("subnet %v is too small to have a gateway: no IPv4 routing", subnet), "")
 		case !d.present(link, first) && e.awaitingDHCP:
 			d.warn(e, fmt.Sprintf("%v is not on %s yet: waiting for a DHCP client to add it, no IPv4 routing until then", first, e.link.Name),
-				"dualhomed adds it itself if no DHCP client does within a few seconds of the link's arrival (manage_addresses)")
+				"dualhomed adds it itself (manage_addresses) only on a link where no DHCP client added it within a few seconds of the link's arrival; "+
+					"where a client held it, it stays the client's until the link goes")
 		case !d.present(link, first):
 			d.warn(e, fmt.Sprintf("%v is not on %s: no IPv4 routing (a route with that source would fail)", first, e.link.Name),
 				"enable manage_addresses or configure the address on the link")

@@ -21,7 +21,9 @@ import (
 // included) runs before any deletion, and if an addition fails no deletion
 // runs at all — unless it failed only because its link is down: nothing can
 // use that link until it comes up, and waiting for it must not keep other
-// links' stale state forever (the error is still returned).
+// links' stale state forever (the error is still returned); or the kernel
+// refused it (Refused): then only the deletions in its table wait, and the
+// others, which cannot depend on it, run.
 //
 // Otherwise the plan's order is kept: Diff puts each object after what it
 // depends on. An error on one object does not stop the others: Apply
@@ -40,7 +42,8 @@ func (k *Kernel) Apply(p Plan) (writes int, err error) {
 	}
 
 	var errs []error
-	blocking := 0 // failed additions that forbid deletions
+	blocking := 0                   // failed additions that forbid deletions
+	refusedTables := map[int]bool{} // tables of Refused additions
 	if err := k.pruneAddrRecords(); err != nil {
 		errs = append(errs, err)
 		blocking++
@@ -59,6 +62,9 @@ func (k *Kernel) Apply(p Plan) (writes int, err error) {
 		}
 		if idx := opLink(op); idx != 0 && k.linkDown(idx) {
 			err = fmt.Errorf("%w (link #%d is down: its routes wait for it to come up)", err, idx)
+		} else if op.Route != nil && errors.Is(err, unix.ENETUNREACH) {
+			err = &Refused{Op: op, Err: err}
+			refusedTables[op.Route.Table] = true
 		} else {
 			blocking++
 		}
@@ -70,14 +76,60 @@ func (k *Kernel) Apply(p Plan) (writes int, err error) {
 		}
 		return writes, errors.Join(errs...)
 	}
+	held := 0
 	for _, op := range dels {
+		if (op.Route != nil && refusedTables[op.Route.Table]) || (op.Rule != nil && refusedTables[op.Rule.Table]) {
+			held++
+			continue
+		}
 		n, err := k.applyOp(op)
 		writes += n
 		if err != nil {
 			errs = append(errs, err)
 		}
 	}
+	if held > 0 {
+		errs = append(errs, fmt.Errorf("skipping %d deletions in the table of a refused addition (make before break)", held))
+	}
 	return writes, errors.Join(errs...)
+}
+
+// Refused is an addition of a route the kernel refused with ENETUNREACH:
+// no route of its table reaches its gateway (amazon-ec2-net-utils moves a
+// secondary ENI's subnet route out of main). Trying again cannot help
+// until the kernel's routes or links change, and deletions outside its
+// table do not depend on it.
+type Refused struct {
+	Op  Op
+	Err error
+}
+
+func (e *Refused) Error() string { return e.Err.Error() }
+func (e *Refused) Unwrap() error { return e.Err }
+
+// Reason says why the kernel refused the route: `network is unreachable: no
+// route in table 254 reaches 10.1.1.1`.
+func (e *Refused) Reason() string {
+	r := e.Op.Route
+	return fmt.Sprintf("%v: no route in table %d reaches %v", unix.ENETUNREACH, r.Table, r.Gateway)
+}
+
+// Refusals splits an error of Apply into the additions the kernel refused
+// and the other errors (nil when there are none).
+func Refusals(err error) (refused []*Refused, rest error) {
+	errs := []error{err}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		errs = j.Unwrap()
+	}
+	var others []error
+	for _, e := range errs {
+		if r, ok := e.(*Refused); ok {
+			refused = append(refused, r)
+		} else if e != nil {
+			others = append(others, e)
+		}
+	}
+	return refused, errors.Join(others...)
 }
 
 // opLink is the link index an addition needs, 0 for none (rules, rp_filter).

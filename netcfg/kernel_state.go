@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"syscall"
 )
 
 // recordFile is a file of the state directory that lists a set of records
@@ -59,7 +60,10 @@ func readJSON(path string, v any) error {
 // a crash leaves either the old or the new file, never a torn one: write a
 // temporary file in the same directory, rename it over path. There is no
 // fsync: what the files describe (our addresses, the rp_filter values we
-// changed, the daemon's status) does not survive a power loss either.
+// changed, the daemon's status) does not survive a power loss either. The
+// file gets the directory's owner when root writes it: root's `dualhomed
+// cleanup` or `apply` rewriting a record in the unit's directory (its
+// DynamicUser=, kept over a stop) leaves it readable by the next daemon.
 func WriteStateFile(path string, v any, perm os.FileMode) error {
 	b, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
@@ -78,6 +82,9 @@ func WriteStateFile(path string, v any, perm os.FileMode) error {
 	if err == nil {
 		err = tmp.Chmod(perm)
 	}
+	if err == nil {
+		err = chownToDir(tmp, dir)
+	}
 	if cerr := tmp.Close(); err == nil {
 		err = cerr
 	}
@@ -88,4 +95,21 @@ func WriteStateFile(path string, v any, perm os.FileMode) error {
 		return fmt.Errorf("renaming %s to %s: %w", tmp.Name(), path, err)
 	}
 	return nil
+}
+
+// chownToDir gives f the owner and group of dir when the caller is root and
+// they differ (`chown --reference=dir f`).
+func chownToDir(f *os.File, dir string) error {
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok || st.Uid == 0 && st.Gid == 0 {
+		return nil
+	}
+	return f.Chown(int(st.Uid), int(st.Gid))
 }

@@ -688,3 +688,51 @@ func TestConflictsAfterObserveSeesLaterChanges(t *testing.T) {
 		t.Errorf("after a foreign route was added: %v, want its warning", warns)
 	}
 }
+
+// Issue 13 (coexistence change 8): amazon-ec2-net-utils moves a secondary
+// ENI's subnet route out of main, and the kernel refuses our VPC route in
+// main through that subnet's gateway (ENETUNREACH). The refusal is a
+// Refused with its reason; the deletions of other tables (a detached ENI's
+// rules, routes and address) run, and only main's wait for the refused add
+// (make before break).
+func TestRefusedAddHoldsBackOnlyItsTablesDeletions(t *testing.T) {
+	w := newKTWorld(t)
+	w.reconcile(t, w.state(ktEth1, ktEth2))
+	w.ip(t, "route", "del", "10.1.0.0/16", "table", "main")
+	w.ip(t, "route", "del", "10.1.0.0/24", "dev", "eth1", "table", "main")
+	w.ip(t, "route", "add", "10.5.0.0/16", "dev", "eth1", "table", "main", "proto", "210") // ours, not wanted
+
+	want := w.state(ktEth1) // eth2 detached from the ENI
+	_, err := w.k.Apply(Diff(w.owned(t), want))
+	refused, rest := Refusals(err)
+	if len(refused) != 1 || refused[0].Op.Route.Dst.String() != "10.1.0.0/16" {
+		t.Fatalf("refused additions %v (error %v); want the VPC route 10.1.0.0/16 in main", refused, err)
+	}
+	if r := refused[0].Reason(); r != "network is unreachable: no route in table 254 reaches 10.1.0.1" {
+		t.Errorf("reason %q", r)
+	}
+	if rest == nil || !strings.Contains(rest.Error(), "skipping 1 deletions") {
+		t.Errorf("other errors %v; want only main's deletion skipped", rest)
+	}
+	owned := w.owned(t)
+	for _, r := range owned.Rules {
+		if r.Table == 20002 {
+			t.Errorf("eth2's rule %v kept because main's VPC route was refused", r)
+		}
+	}
+	var main []string
+	for _, r := range owned.Routes {
+		if r.Table == 20002 {
+			t.Errorf("eth2's route %v kept because main's VPC route was refused", r)
+		}
+		if r.Table == MainTable {
+			main = append(main, r.Dst.String())
+		}
+	}
+	if slices.Contains(main, "10.1.0.0/16") || !slices.Contains(main, "10.5.0.0/16") {
+		t.Errorf("routes of ours in main %v; want 10.5.0.0/16 kept (same table as the refused add), 10.1.0.0/16 absent", main)
+	}
+	if slices.ContainsFunc(owned.Addrs, func(a Addr) bool { return a.Prefix.Addr().String() == "10.1.1.20" }) {
+		t.Error("eth2's address kept because main's VPC route was refused")
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"syscall"
 	"testing"
 
 	"github.com/dualhomed/dualhomed/netcfg/nstest"
@@ -150,5 +151,44 @@ func TestOwnedRPFiltersRefusesABadRecord(t *testing.T) {
 	}
 	if got, err := k.ownedRPFilters(fromLinks); err == nil {
 		t.Errorf("ownedRPFilters = %v, want an error", got)
+	}
+}
+
+// Cleanup run by root in a state directory of another owner (the unit's
+// DynamicUser=, kept over a stop) restores rp_filter from the record and
+// leaves the rewritten record that owner's, so that the next daemon can
+// read it.
+func TestCleanupKeepsTheStateDirectorysOwner(t *testing.T) {
+	k, ns := rpFilterKernel(t)
+	const nobody = 65534
+	if err := os.Chown(k.stateDir, nobody, nobody); err != nil {
+		t.Fatal(err)
+	}
+	// What the daemon leaves: eth1's strict original recorded, loose set.
+	if err := WriteStateFile(filepath.Join(k.stateDir, rpFilterStateFile), map[string]int{"eth1": 1}, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ns.Sysctl(t, "net/ipv4/conf/eth1/rp_filter", "2")
+	if _, err := k.Cleanup(); err != nil {
+		t.Fatalf("Cleanup: %v", err)
+	}
+	if got := ns.ReadSysctl(t, "net/ipv4/conf/eth1/rp_filter"); got != "1" {
+		t.Errorf("eth1's rp_filter after cleanup = %s, want its original 1", got)
+	}
+	entries, err := os.ReadDir(k.stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		fi, err := os.Stat(filepath.Join(k.stateDir, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st := fi.Sys().(*syscall.Stat_t); st.Uid != nobody || st.Gid != nobody {
+			t.Errorf("%s after cleanup is owned by %d:%d, not the directory's %d:%d", e.Name(), st.Uid, st.Gid, nobody, nobody)
+		}
+	}
+	if len(entries) == 0 {
+		t.Error("cleanup left no record file: the ownership check proved nothing")
 	}
 }

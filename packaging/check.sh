@@ -207,6 +207,9 @@ if [ "$BOOT_TEST" = 1 ]; then
 	for l in eth0 eth1 vpc-a vpc-b; do ip link set "$l" up; done
 	ip addr add 10.0.0.10/20 dev eth0
 	ip route add default via 10.0.0.1 dev eth0 onlink
+	# Strict, as an administrator may have set it: dualhomed makes it loose
+	# and `dualhomed cleanup` on removal must put strict back.
+	echo 1 >/proc/sys/net/ipv4/conf/eth1/rp_filter
 	SCRIPT
 	chmod 755 "$ROOT/usr/local/sbin/fake-enis"
 	cat >"$ROOT/etc/systemd/system/imds-emulator.service" <<-'UNIT'
@@ -278,6 +281,8 @@ if [ "$BOOT_TEST" = 1 ]; then
 	grep -q 'inet 10.1.0.10/20' <<<"$routing" || fail "secondary ENI address not added"
 	grep -q 'default via 10.1.0.1 dev eth1 proto dualhomed' <<<"$routing" || fail "no default route in table 20001"
 	grep -q 'from 10.1.0.10 lookup 20001 proto dualhomed' <<<"$routing" || fail "no source rule for the secondary ENI"
+	rp_filter() { in_ct cat /proc/sys/net/ipv4/conf/eth1/rp_filter; }
+	[ "$(rp_filter)" = 2 ] || fail "eth1's rp_filter is $(rp_filter), not 2 (loose)"
 	in_ct systemctl reload dualhomed.service || fail "systemctl reload"
 	sleep 1
 	state=$(in_ct systemctl is-active dualhomed.service || true)
@@ -311,7 +316,10 @@ if [ "$BOOT_TEST" = 1 ]; then
 		echo "$left"; fail "dualhomed cleanup left state behind on removal"
 	fi
 	in_ct ip -4 addr show dev eth0 | grep -q 'inet 10.0.0.10/20' || fail "removal touched the primary ENI"
-	echo "   remove: stopped, cleanup removed rule, routes and address; primary untouched"
+	# The original was recorded by the first daemon, kept through the
+	# upgrade's restart and prerm's stop (RuntimeDirectoryPreserve=yes).
+	[ "$(rp_filter)" = 1 ] || fail "eth1's rp_filter is $(rp_filter) after removal, not its original 1"
+	echo "   remove: stopped, cleanup removed rule, routes and address and put rp_filter 1 back; primary untouched"
 
 	# Reinstallation after a remove (the package is in config-files state, so
 	# postinst gets the removed version as for an upgrade) starts the enabled
@@ -324,8 +332,15 @@ if [ "$BOOT_TEST" = 1 ]; then
 		sleep 0.5
 	done
 	[ "$state" = active ] || fail "dualhomed.service is $state after reinstalling a removed package"
+	# It reads the records root's cleanup rewrote in the kept directory.
+	for _ in $(seq 20); do
+		in_ct ip -4 rule show | grep -q 'from 10.1.0.10 lookup 20001 proto dualhomed' && break
+		sleep 0.5
+	done
+	in_ct ip -4 rule show | grep -q 'from 10.1.0.10 lookup 20001 proto dualhomed' ||
+		{ in_ct journalctl -b --no-pager -u dualhomed.service | tail -5; fail "reinstalled after a remove, dualhomed did not configure eth1"; }
 	in_ct apt-get remove -y -qq dualhomed >"$WORK/remove-booted.log" 2>&1 || { cat "$WORK/remove-booted.log"; fail "second remove in the container"; }
-	echo "   reinstall after remove: active again"
+	echo "   reinstall after remove: active again, eth1 configured"
 
 	# Rollout recipes (packaging/rollout, docs/fleet.md): each step as the SSM
 	# Agent or AWSTOE would run it (cmd/internal/rollout writes them out with
@@ -392,6 +407,7 @@ if [ "$BOOT_TEST" = 1 ]; then
 	# without the package, then what an instance launched from the image
 	# does: the enabled service starts, and the test phase runs.
 	in_ct apt-get purge -y -qq dualhomed >"$WORK/purge-booted.log" 2>&1 || { cat "$WORK/purge-booted.log"; fail "purge in the container"; }
+	! in_ct test -e /run/dualhomed || fail "purge left /run/dualhomed behind"
 	mkdir -p "$ROOT/etc/cloud/cloud.cfg.d"
 	recipe imagebuilder packaging/rollout/imagebuilder-dualhomed.yml PackageSource=/root/dualhomed.deb
 	for s in 01-build-InstallEnabledNotStarted 02-validate-InstalledEnabledNotRunning; do

@@ -68,6 +68,52 @@ func TestPrimaryAddressIsLeftToDHCP(t *testing.T) {
 	expectAllWork(t, clientProbes(w, "eth3"))
 }
 
+// Issue 13's dropped lease (coexistence change 9): a link on which a DHCP
+// client held the ENI's primary IPv4 stays the client's. When the client
+// drops the lease (a reconfigure, ifdown) and the grace period since the
+// link's arrival is over, dualhomed adds no copy of its own; the client's
+// next lease goes in as the client made it (noprefixroute kept), and the
+// ENI is configured around it again.
+func TestDroppedLeaseIsNotTakenOver(t *testing.T) {
+	w := simworld.ForTestWith(t, simworld.Options{DualhomedBin: dualhomedBin, MinimalBoot: true})
+	d := startDualhomed(t, w, time.Hour)
+	eth3 := w.ENI("eth3")
+	primary := netip.PrefixFrom(eth3.Primary4(), eth3.Subnet4.Bits())
+	lease := func(verb string) {
+		t.Helper()
+		args := []string{"addr", verb, primary.String(), "dev", "eth3"}
+		if verb != "del" {
+			args = append(args, "valid_lft", "600", "preferred_lft", "600", "noprefixroute")
+		}
+		if _, err := w.Instance.IP(args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	plugged, err := w.HotAttach(eth3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lease("add")
+	waitConfigured(t, w, d, "eth3")
+
+	lease("del")
+	// The grace period (3 s) ends with a reconcile of its own: a second
+	// after it, the primary would be dualhomed's if the dropped lease had
+	// not made the link the client's.
+	time.Sleep(time.Until(plugged.Add(4 * time.Second)))
+	if got := eth3Primary(t, w, primary); len(got) != 0 {
+		t.Fatalf("dualhomed added %s on eth3 after its DHCP client dropped the lease: %+v", primary, got)
+	}
+
+	lease("add")
+	waitConfigured(t, w, d, "eth3")
+	got := eth3Primary(t, w, primary)
+	if len(got) != 1 || got[0].Flags&unix.IFA_F_PERMANENT != 0 || got[0].Flags&unix.IFA_F_NOPREFIXROUTE == 0 || got[0].Proto == simworld.Protocol {
+		t.Errorf("the client's lease taken again, %s on eth3: %+v; want the client's one address (lifetimes, noprefixroute, not ours)", primary, got)
+	}
+	expectAllWork(t, clientProbes(w, "eth3"))
+}
+
 // eth3Primary returns the addresses on eth3 with p's address.
 func eth3Primary(t *testing.T, w *simworld.World, p netip.Prefix) []simworld.Addr {
 	t.Helper()
