@@ -273,6 +273,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 	} else if obs, err = r.kernel.Observe(); err != nil {
 		return rep, fmt.Errorf("observing links and addresses: %w", err)
 	}
+	r.seeLinks(obs.Links, start) // the grace runs while IMDS is read
 	snap, ok := r.imds.read(ctx, t, obs.Links, r.IMDSTimeout, &rep)
 	rep.ManagedRules, rep.ManagedRoutes = len(obs.Owned.Rules), len(obs.Owned.Routes)
 	if !ok { // IMDS was never read: nothing is known, so nothing is changed
@@ -304,11 +305,25 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 	return rep, nil
 }
 
+// seeLinks records when each link was first seen, the start of its
+// cfg.DHCPGrace, and forgets the links that went, with their leases.
+func (r *Reconciler) seeLinks(links []netcfg.Link, now time.Time) {
+	seen, leased := make(map[int]time.Time, len(links)), map[int]bool{}
+	for _, l := range links {
+		first, ok := r.firstSeen[l.Index]
+		if !ok {
+			first = now
+		}
+		seen[l.Index], leased[l.Index] = first, r.leased[l.Index]
+	}
+	maps.DeleteFunc(leased, func(_ int, v bool) bool { return !v })
+	r.firstSeen, r.leased = seen, leased
+}
+
 // awaitDHCP returns the links on which the ENI's primary IPv4 is left to a
-// DHCP client: those that appeared less than cfg.DHCPGrace before now, and
-// those on which a client's lease for it was ever seen (leased). It records
-// when each link was first seen and which carry such a lease, and forgets
-// the links that went.
+// DHCP client: those seen for the first time less than cfg.DHCPGrace
+// before now, and those on which a client's lease for it (an address with
+// finite lifetimes) was ever seen, which it records in leased.
 func (r *Reconciler) awaitDHCP(obs netcfg.Observed, snap imds.Snapshot, now time.Time) map[int]bool {
 	primaries := make(map[string]netip.Addr, len(snap.ENIs))
 	for _, e := range snap.ENIs {
@@ -322,31 +337,20 @@ func (r *Reconciler) awaitDHCP(obs netcfg.Observed, snap imds.Snapshot, now time
 			primaryOf[l.Index] = p
 		}
 	}
-	leased := map[int]bool{}
 	for _, a := range obs.ForeignAddrs {
 		if p, ok := primaryOf[a.LinkIndex]; ok && a.Dynamic && a.Prefix.Addr() == p {
-			leased[a.LinkIndex] = true
+			r.leased[a.LinkIndex] = true
 		}
 	}
-	seen := make(map[int]time.Time, len(obs.Links))
 	var wait map[int]bool
-	for _, l := range obs.Links {
-		first, ok := r.firstSeen[l.Index]
-		if !ok {
-			first = now
-		}
-		seen[l.Index] = first
-		if r.leased[l.Index] {
-			leased[l.Index] = true
-		}
-		if now.Sub(first) < r.cfg.DHCPGrace || leased[l.Index] {
+	for idx, first := range r.firstSeen {
+		if now.Sub(first) < r.cfg.DHCPGrace || r.leased[idx] {
 			if wait == nil {
 				wait = map[int]bool{}
 			}
-			wait[l.Index] = true
+			wait[idx] = true
 		}
 	}
-	r.firstSeen, r.leased = seen, leased
 	return wait
 }
 

@@ -627,6 +627,7 @@ func TestAwaitDHCP(t *testing.T) {
 		{"eth3 back, new index", 7 * time.Second, []netcfg.Link{{Index: 7, Name: "eth3", MAC: mac}, links[1]}, static, map[int]bool{7: true}},
 		{"eth3's grace over", 11 * time.Second, []netcfg.Link{{Index: 7, Name: "eth3", MAC: mac}, links[1]}, static, nil},
 	} {
+		r.seeLinks(step.links, t0.Add(step.at))
 		got := r.awaitDHCP(netcfg.Observed{Links: step.links, ForeignAddrs: step.addrs}, snap, t0.Add(step.at))
 		if len(got) != len(step.want) || !maps.Equal(got, step.want) {
 			t.Errorf("%s: waiting on %v, want %v", step.name, got, step.want)

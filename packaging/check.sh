@@ -332,13 +332,19 @@ if [ "$BOOT_TEST" = 1 ]; then
 		sleep 0.5
 	done
 	[ "$state" = active ] || fail "dualhomed.service is $state after reinstalling a removed package"
-	# It reads the records root's cleanup rewrote in the kept directory.
-	for _ in $(seq 20); do
-		in_ct ip -4 rule show | grep -q 'from 10.1.0.10 lookup 20001 proto dualhomed' && break
+	# It reads the records root's cleanup rewrote in the kept directory
+	# (within the daemon's own bounds: eth1's address waits for dhcp_grace,
+	# a failed reconcile is retried after 5 s).
+	# (ip's output is read whole first: `ip | grep -q` fails under pipefail
+	# when grep exits before ip has written its last line.)
+	rules=
+	for _ in $(seq 60); do
+		rules=$(in_ct ip -4 rule show 2>&1 || true)
+		grep -q 'from 10.1.0.10 lookup 20001 proto dualhomed' <<<"$rules" && break
 		sleep 0.5
 	done
-	in_ct ip -4 rule show | grep -q 'from 10.1.0.10 lookup 20001 proto dualhomed' ||
-		{ in_ct journalctl -b --no-pager -u dualhomed.service | tail -5; fail "reinstalled after a remove, dualhomed did not configure eth1"; }
+	grep -q 'from 10.1.0.10 lookup 20001 proto dualhomed' <<<"$rules" ||
+		{ echo "$rules"; in_ct journalctl -b --no-pager -u dualhomed.service | tail -40 | cut -c1-300; fail "reinstalled after a remove, dualhomed did not configure eth1"; }
 	in_ct apt-get remove -y -qq dualhomed >"$WORK/remove-booted.log" 2>&1 || { cat "$WORK/remove-booted.log"; fail "second remove in the container"; }
 	echo "   reinstall after remove: active again, eth1 configured"
 
