@@ -5,7 +5,7 @@ LDFLAGS   := -s -w -X main.version=$(VERSION)
 STATICCHECK_VERSION := v0.8.2
 BIN       := bin
 
-.PHONY: all build test lint bench demo chaos package package-check clean
+.PHONY: all build test lint bench demo chaos package package-check matrix clean
 
 all: build
 
@@ -47,3 +47,10 @@ package-check: package
 # iterations of every fault than `make test` does. Needs root.
 chaos: build
 	CHAOS_LONG=1 $(GO) test -race -count=1 -timeout 30m -v ./cmd/internal/chaos/
+
+# The coexistence matrix (cmd/internal/matrix, docs/coexistence.md): the .deb
+# installed into a Debian 12 root booted under systemd-nspawn next to each
+# network stack of EC2 images, all configurations in parallel. Needs root;
+# caches the root in /var/cache/dualhomed-matrix (CI builds it afresh).
+matrix: package
+	MATRIX=1 $(GO) test -count=1 -timeout 40m -v ./cmd/internal/matrix/

@@ -1,0 +1,649 @@
+package matrix
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestMatrix boots every stack configuration in its own container, all in
+// parallel (the 60 s quiet windows overlap), and runs the issue's steps in
+// order in each, recording every assertion in the result table.
+func TestMatrix(t *testing.T) {
+	needMatrix(t)
+	res := newResults()
+	var order []string
+	for i, s := range stacks() {
+		if !only.MatchString(s.name) {
+			continue
+		}
+		order = append(order, s.name)
+		t.Run(s.name, func(t *testing.T) {
+			t.Parallel()
+			r := &run{t: t, s: s, res: res, ctx: context.Background()}
+			r.main(i)
+		})
+	}
+	t.Cleanup(func() { res.write(t, order) })
+}
+
+// run is one stack configuration's pass through the steps.
+type run struct {
+	t        *testing.T
+	s        stack
+	res      *results
+	ctx      context.Context
+	w        *world
+	c        *container
+	step     string
+	baseline dump            // the stack's objects before dualhomed was installed
+	replied  map[string]bool // which clients got replies before dualhomed
+}
+
+func (r *run) pass(assertion string) {
+	r.res.add(r.s.name, r.step, outcome{assertion: assertion, status: "pass"})
+}
+
+func (r *run) fail(assertion, format string, args ...any) {
+	r.t.Helper()
+	msg := fmt.Sprintf(format, args...)
+	r.t.Errorf("%s: %s: %s", r.step, assertion, msg)
+	r.res.add(r.s.name, r.step, outcome{assertion: assertion, status: "FAIL", detail: msg})
+}
+
+// check records a plain assertion.
+func (r *run) check(assertion string, ok bool, format string, args ...any) bool {
+	r.t.Helper()
+	if ok {
+		r.pass(assertion)
+	} else {
+		r.fail(assertion, format, args...)
+	}
+	return ok
+}
+
+// known records an assertion that waits for a daemon change: today an
+// expected failure, a failure once MATRIX_DAEMON_FIXED=1.
+func (r *run) known(assertion string, change daemonChange, ok bool, format string, args ...any) {
+	r.t.Helper()
+	msg := fmt.Sprintf(format, args...)
+	switch {
+	case ok && daemonFixed:
+		r.pass(assertion)
+	case ok:
+		r.t.Logf("%s: %s: passes although it waits for daemon change #%d", r.step, assertion, change)
+		r.res.add(r.s.name, r.step, outcome{assertion: assertion, status: "XPASS", change: change})
+	case daemonFixed:
+		r.t.Errorf("%s: %s (daemon change #%d): %s", r.step, assertion, change, msg)
+		r.res.add(r.s.name, r.step, outcome{assertion: assertion, status: "FAIL", change: change, detail: msg})
+	default:
+		r.t.Logf("EXPECTED FAILURE until daemon change #%d: %s: %s: %s", change, r.step, assertion, msg)
+		r.res.add(r.s.name, r.step, outcome{assertion: assertion, status: "XFAIL", change: change, detail: msg})
+	}
+}
+
+func (r *run) sh(timeout time.Duration, script string) (string, error) {
+	return r.c.sh(r.ctx, timeout, script)
+}
+
+func (r *run) main(i int) {
+	t := r.t
+	dir := filepath.Join(workDir, fmt.Sprintf("c%d", i))
+	var err error
+	r.w, err = newWorld(r.ctx, fmt.Sprintf("mx%dc%d-", os.Getpid(), i), filepath.Join(dir, "world"), emulatorBin, 0, t.Logf)
+	if err != nil {
+		t.Fatalf("building the world: %v", err)
+	}
+	t.Cleanup(r.w.close)
+	if err := os.MkdirAll(filepath.Join(dir, "world"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r.c, err = newContainer(fmt.Sprintf("matrix%d", i), filepath.Join(dir, "ct"), rootDir, r.w)
+	if err != nil {
+		t.Fatalf("preparing the container: %v", err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() || os.Getenv("MATRIX_KEEP") != "" {
+			r.saveLogs(dir)
+		}
+		r.c.kill()
+	})
+	if err := r.s.prepare(r.c.root); err != nil {
+		t.Fatalf("configuring %s: %v", r.s.name, err)
+	}
+	for _, d := range []string{debV1, debV2} {
+		if out, err := exec.Command("cp", d, filepath.Join(r.c.root, "root")).CombinedOutput(); err != nil {
+			t.Fatalf("copying %s: %v: %s", d, err, out)
+		}
+	}
+	r.baselineBoot()
+	r.stepBoot()
+	r.stepAttachDetach()
+	r.stepSecondaryIP()
+	r.stepRenewal()
+	r.stepRestart()
+	r.stepUpgradeRemovePurge()
+	r.stepReboot()
+	r.stepHints()
+}
+
+// saveLogs copies the container's journal and the world's logs next to the results.
+func (r *run) saveLogs(dir string) {
+	dst := filepath.Join(outDir, "logs", strings.NewReplacer(" ", "", ",", "-").Replace(r.s.name))
+	_ = os.MkdirAll(dst, 0o755)
+	if out, err := r.sh(30*time.Second, "journalctl -b --no-pager -o short-monotonic"); err == nil {
+		_ = os.WriteFile(filepath.Join(dst, "journal.txt"), []byte(out), 0o644)
+	}
+	_ = exec.Command("sh", "-c", "cp "+filepath.Join(dir, "world")+"/*.log "+filepath.Join(dir, "ct")+"/console-*.log "+dst+"/ 2>/dev/null").Run()
+}
+
+// boot boots the container in a fresh namespace with the given ENIs.
+func (r *run) boot(enis ...string) error {
+	if err := r.w.newInstance(enis...); err != nil {
+		return fmt.Errorf("making the container's namespace: %w", err)
+	}
+	if err := r.c.boot(r.ctx, 3*time.Minute); err != nil {
+		return err
+	}
+	// Boot is done; network-online.target is part of it for every stack
+	// here. Wait for the DHCP addresses the stack manages.
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		d, err := dumpState(r.w.inst)
+		if err == nil && len(d.without("proto 210").grep("addr: eth0 10.0.1.10/24")) > 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("eth0 has no DHCP address 60 s after boot:\n%s", strings.Join(d, "\n"))
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+func (d dump) grep(s string) []string {
+	var out []string
+	for _, l := range d {
+		if strings.Contains(l, s) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// baselineBoot boots the configuration without dualhomed, records the
+// stack's own objects and which clients get replies, then installs
+// dualhomed as an image bake would and powers off.
+func (r *run) baselineBoot() {
+	t := r.t
+	r.step = "baseline"
+	if err := r.boot("eth0", "eth1", "eth2"); err != nil {
+		t.Fatalf("first boot, without dualhomed: %v", err)
+	}
+	time.Sleep(5 * time.Second) // let secondary ENIs' DHCP finish too
+	d, err := dumpState(r.w.inst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, r.baseline = d.split()
+	r.replied = map[string]bool{}
+	for _, e := range r.w.enis[:3] {
+		r.replied[e.link] = echo(e.vpc.client, e.primary, 3*time.Second) == nil
+	}
+	t.Logf("before dualhomed: replies %v; the stack's objects:\n%s", r.replied, strings.Join(r.baseline, "\n"))
+	if err := r.install("/root/" + filepath.Base(debV1)); err != nil {
+		t.Fatalf("installing dualhomed: %v", err)
+	}
+	if err := r.c.poweroff(r.ctx, time.Minute); err != nil {
+		t.Fatalf("power off: %v", err)
+	}
+}
+
+// install installs a .deb in the running container, turns on dualhomed's
+// metrics (the repair counter) and the variant's own settings, and
+// restarts the daemon with them.
+func (r *run) install(deb string) error {
+	if out, err := r.sh(3*time.Minute, "apt-get install -y -q -o Dpkg::Options::=--force-confold "+deb); err != nil {
+		return fmt.Errorf("%v\n%s", err, tail(out, 20))
+	}
+	script := `grep -q '^metrics:' /etc/dualhomed/dualhomed.yaml || printf 'metrics:\n  listen: 127.0.0.1:9810\n' >>/etc/dualhomed/dualhomed.yaml`
+	if r.s.afterInstall != "" {
+		script += " && " + r.s.afterInstall
+	}
+	if _, err := r.sh(time.Minute, script+" && systemctl restart dualhomed"); err != nil {
+		return err
+	}
+	return nil
+}
+
+// common runs the assertions that follow every step: replies through the
+// right ENI, the stack's objects as before dualhomed, the warnings the
+// situation deserves, and no fight during the quiet window.
+func (r *run) common(withDualhomed bool) {
+	r.replies(withDualhomed)
+	r.stackState()
+	if withDualhomed {
+		r.warnings()
+	}
+	r.quiet(withDualhomed)
+}
+
+// replies: every client of an attached ENI gets TCP replies through its ENI
+// (the same-address clients of VPCs A and C included: a reply through the
+// wrong ENI reaches the other VPC's twin, which resets it). Without
+// dualhomed, the clients that got replies before it was installed.
+func (r *run) replies(withDualhomed bool) {
+	var bad []string
+	for _, e := range r.w.enis {
+		if !e.attached {
+			continue
+		}
+		err := echo(e.vpc.client, e.primary, 10*time.Second)
+		want := withDualhomed || r.replied[e.link]
+		if (err == nil) != want {
+			bad = append(bad, fmt.Sprintf("client in VPC %s -> %s (%s): want reply %v, got error %v", e.vpc.name, e.primary, e.link, want, err))
+		}
+	}
+	r.check("replies", len(bad) == 0, "%s", strings.Join(bad, "\n"))
+}
+
+// stackState compares the stack's objects with the baseline (objects of
+// links the baseline did not have are left out).
+func (r *run) stackState() {
+	d, err := dumpState(r.w.inst)
+	if err != nil {
+		r.fail("stack state", "%v", err)
+		return
+	}
+	mine, theirs := d.split()
+	missing, extra := r.baseline.without("eth3").diff(theirs.without("eth3"))
+	// An address of the baseline that dualhomed's copy holds: the DHCP
+	// client's address replaced by dualhomed's (daemon change #1).
+	var heldByUs, others []string
+	for _, m := range missing {
+		if strings.HasPrefix(m, "addr: ") {
+			f := strings.Fields(m)
+			if len(mine.grep("addr: "+f[1]+" "+f[2]+" ")) > 0 {
+				heldByUs = append(heldByUs, m)
+				continue
+			}
+		}
+		others = append(others, m)
+	}
+	if len(heldByUs) > 0 {
+		r.known("DHCP address ownership", changeDHCPAddress, false,
+			"the stack's address is held by dualhomed's copy (proto 210):\n%s", strings.Join(heldByUs, "\n"))
+	}
+	r.check("stack state", len(others) == 0 && len(extra) == 0,
+		"the stack's objects differ from before dualhomed:\nmissing:\n%s\nextra:\n%s", strings.Join(others, "\n"), strings.Join(extra, "\n"))
+}
+
+// warningView is one entry of `dualhomed status --json`'s warnings.
+type warningView struct {
+	ENI     string `json:"eni"`
+	Message string `json:"message"`
+	Hint    string `json:"hint"`
+}
+
+func (r *run) statusWarnings() ([]warningView, error) {
+	out, err := r.c.exec(r.ctx, 30*time.Second, "dualhomed", "status", "--json")
+	if err != nil && !strings.HasPrefix(strings.TrimSpace(out), "{") {
+		return nil, err
+	}
+	var st struct {
+		Warnings []warningView `json:"warnings"`
+	}
+	if err := json.Unmarshal([]byte(out[strings.Index(out, "{"):]), &st); err != nil {
+		return nil, fmt.Errorf("decoding dualhomed status --json: %v: %s", err, out)
+	}
+	return st.Warnings, nil
+}
+
+// warnings: `dualhomed status` shows exactly the warnings the
+// configuration deserves.
+func (r *run) warnings() {
+	ws, err := r.statusWarnings()
+	if err != nil {
+		r.fail("warnings", "%v", err)
+		return
+	}
+	var unexpected []string
+	found := make([]bool, len(r.s.warnings))
+	for _, w := range ws {
+		matched := false
+		for i, p := range r.s.warnings {
+			if regexp.MustCompile(p).MatchString(w.Message) {
+				found[i], matched = true, true
+			}
+		}
+		if !matched {
+			unexpected = append(unexpected, fmt.Sprintf("%s: %s (hint: %s)", w.ENI, w.Message, w.Hint))
+		}
+	}
+	var absent []string
+	for i, ok := range found {
+		if !ok {
+			absent = append(absent, r.s.warnings[i])
+		}
+	}
+	r.check("warnings", len(unexpected) == 0 && len(absent) == 0,
+		"unexpected warnings:\n%s\nexpected but absent:\n%s", strings.Join(unexpected, "\n"), strings.Join(absent, "\n"))
+}
+
+// quiet watches a quiet window: dualhomed's repair and change counters do
+// not grow, the kernel state does not move, and the stack's journal shows
+// no reconfiguration.
+func (r *run) quiet(withDualhomed bool) {
+	start := time.Now()
+	m0, ok0 := metrics(r.w.inst)
+	d0, _ := dumpState(r.w.inst)
+	time.Sleep(quiet)
+	m1, ok1 := metrics(r.w.inst)
+	d1, _ := dumpState(r.w.inst)
+	if withDualhomed {
+		if r.check("metrics", ok0 && ok1, "dualhomed's metrics endpoint did not answer") {
+			var grew []string
+			for _, k := range []string{"dualhomed_drift_repairs_total", "dualhomed_changes_applied_total"} {
+				if m1[k] != m0[k] {
+					grew = append(grew, fmt.Sprintf("%s %v -> %v", k, m0[k], m1[k]))
+				}
+			}
+			es, _ := r.c.journal(r.ctx, start, "-t", "dualhomed")
+			var changed []string
+			for _, e := range es {
+				if strings.Contains(e.msg(), "changed") || strings.Contains(e.msg(), "repair") {
+					changed = append(changed, e.msg())
+				}
+			}
+			r.check("no fight: dualhomed", len(grew) == 0, "during %s of quiet: %s\n%s", quiet, strings.Join(grew, ", "), tail(strings.Join(changed, "\n"), 20))
+		}
+	}
+	missing, extra := d0.diff(d1)
+	r.check("no fight: kernel state", len(missing) == 0 && len(extra) == 0,
+		"the state moved during %s of quiet:\ngone:\n%s\nnew:\n%s", quiet, strings.Join(missing, "\n"), strings.Join(extra, "\n"))
+	var args []string
+	for _, u := range r.s.units {
+		args = append(args, "-u", u)
+	}
+	es, err := r.c.journal(r.ctx, start, args...)
+	if err != nil {
+		r.fail("no fight: stack", "reading the journal: %v", err)
+		return
+	}
+	var lines []string
+	for _, e := range es {
+		if r.s.reconfig.MatchString(e.msg()) {
+			lines = append(lines, e.Unit+e.Ident+": "+e.msg())
+		}
+	}
+	r.check("no fight: stack", len(lines) == 0, "the stack reconfigured during %s of quiet:\n%s", quiet, tail(strings.Join(lines, "\n"), 20))
+}
+
+var readyMsg = regexp.MustCompile(`(^|\s|")ready("|\s|$)`)
+
+// order: network-online.target is reached only after dualhomed's first
+// reconcile (its "ready" line, logged right before READY=1).
+func (r *run) order() {
+	es, err := r.c.journal(r.ctx, time.Time{})
+	if err != nil {
+		r.fail("network-online order", "%v", err)
+		return
+	}
+	var ready, online int64
+	for _, e := range es {
+		if ready == 0 && e.Ident == "dualhomed" && readyMsg.MatchString(e.msg()) {
+			ready = e.mono()
+		}
+		if online == 0 && strings.Contains(e.msg(), "Reached target") && strings.Contains(e.msg(), "network-online.target") {
+			online = e.mono()
+		}
+	}
+	r.check("network-online order", ready != 0 && online != 0 && ready < online,
+		"dualhomed ready at %d µs, network-online.target reached at %d µs (monotonic; 0 = not in the journal)", ready, online)
+}
+
+// daemonHealthy: dualhomed is active and never restarted.
+func (r *run) daemonHealthy() {
+	out, _ := r.sh(10*time.Second, "systemctl show -p ActiveState -p NRestarts dualhomed.service")
+	r.check("dualhomed active", strings.Contains(out, "ActiveState=active") && strings.Contains(out, "NRestarts=0"), "%s", out)
+}
+
+func (r *run) stepBoot() {
+	r.step = "boot"
+	if err := r.boot("eth0", "eth1", "eth2"); err != nil {
+		r.fail("boot", "%v", err)
+		r.t.FailNow()
+	}
+	r.daemonHealthy()
+	r.order()
+	r.common(true)
+}
+
+// ourRules lists dualhomed's rules that mention s (an address or "lookup N").
+func (r *run) ourRules(s string) []string {
+	d, _ := dumpState(r.w.inst)
+	mine, _ := d.split()
+	var out []string
+	for _, l := range mine.grep(s) {
+		if strings.Contains(l, " rule: ") {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+func (r *run) stepAttachDetach() {
+	r.step = "attach/detach"
+	e := r.w.eni("eth3")
+	start := time.Now()
+	if err := r.w.attach(e); err != nil {
+		r.fail("attach", "%v", err)
+		return
+	}
+	err := echo(e.vpc.client, e.primary, 30*time.Second)
+	r.check("replies after attach", err == nil, "client in VPC D -> %s: %v (%s after the link appeared)", e.primary, err, time.Since(start))
+	r.blockedNamed(start)
+	// Who holds eth3's primary address: the DHCP client (which manages it)
+	// or dualhomed's copy.
+	d, _ := dumpState(r.w.inst)
+	mine, _ := d.split()
+	held := mine.grep("addr: eth3 " + e.primary.String())
+	r.known("DHCP address ownership", changeDHCPAddress, len(held) == 0,
+		"eth3's DHCP-managed address %s is dualhomed's copy: %s", e.primary, strings.Join(held, "; "))
+	// Detach: the rules for the vanished link must be gone within 1 s.
+	table := fmt.Sprintf("lookup %d", 20000+e.dev)
+	detached := time.Now()
+	if err := r.w.detach(e); err != nil {
+		r.fail("detach", "%v", err)
+		return
+	}
+	var gone time.Duration
+	for time.Since(detached) < 25*time.Second {
+		if len(r.ourRules(table)) == 0 {
+			gone = time.Since(detached)
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	r.check("rules gone after detach", gone > 0, "dualhomed's rules for eth3 still there 25 s after the detach: %v", r.ourRules(table))
+	if gone > 0 {
+		r.known("rules gone within 1 s", changeDetachRules, gone <= time.Second, "dualhomed's rules for the detached eth3 went after %s", gone.Round(time.Millisecond))
+	}
+	r.common(true)
+}
+
+// blockedNamed: every "could not be added" warning since start names the
+// blocked object and what holds it (daemon change #2).
+func (r *run) blockedNamed(since time.Time) {
+	es, _ := r.c.journal(r.ctx, since, "-t", "dualhomed")
+	var vague []string
+	for _, e := range es {
+		m := e.msg()
+		if strings.Contains(m, "could not be added") && !(strings.Contains(m, "object") && strings.Contains(m, "held_by")) {
+			vague = append(vague, m)
+		}
+	}
+	if len(vague) > 0 {
+		r.known("blocked object named", changeBlockedNamed, false, "%d warnings name neither the object nor its holder, e.g.:\n%s", len(vague), vague[0])
+	}
+}
+
+func (r *run) stepSecondaryIP() {
+	r.step = "secondary IP"
+	e := r.w.eni("eth1")
+	ip := netip.MustParseAddr("10.1.1.20")
+	start := time.Now()
+	if err := r.w.ctl.UpdateENI(e.mac, func(x *imdsENI) { x.LocalIPv4s = append(x.LocalIPv4s, ip) }); err != nil {
+		r.fail("assign", "%v", err)
+		return
+	}
+	err := echo(e.vpc.client, ip, 40*time.Second)
+	r.check("replies on the new IP", err == nil, "client in VPC B -> %s: %v (%s after the assignment)", ip, err, time.Since(start))
+	if err := r.w.ctl.UpdateENI(e.mac, func(x *imdsENI) { x.LocalIPv4s = x.LocalIPv4s[:1] }); err != nil {
+		r.fail("unassign", "%v", err)
+		return
+	}
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		d, _ := dumpState(r.w.inst)
+		left := d.grep(" " + ip.String())
+		if len(left) == 0 {
+			r.pass("address and rule gone after unassign")
+			break
+		}
+		if time.Now().After(deadline) {
+			r.fail("address and rule gone after unassign", "90 s after the unassignment:\n%s", strings.Join(left, "\n"))
+			break
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	r.common(true)
+}
+
+func (r *run) stepRenewal() {
+	r.step = "DHCP renewal"
+	before := map[string]int{}
+	for _, e := range r.w.enis[:3] {
+		before[e.link] = r.w.acks(e)
+	}
+	deadline := time.Now().Add(100 * time.Second)
+	for {
+		var waiting []string
+		for _, e := range r.w.enis[:3] {
+			if r.w.acks(e) <= before[e.link] {
+				waiting = append(waiting, e.link)
+			}
+		}
+		if len(waiting) == 0 {
+			r.pass("every ENI renewed")
+			break
+		}
+		if time.Now().After(deadline) {
+			r.fail("every ENI renewed", "no DHCPACK within 100 s for %v (2-minute leases)", waiting)
+			break
+		}
+		time.Sleep(time.Second)
+	}
+	r.common(true)
+}
+
+func (r *run) stepRestart() {
+	r.step = "restart/reload"
+	for _, cmd := range r.s.restart {
+		out, err := r.sh(2*time.Minute, cmd)
+		r.check("ran: "+cmd, err == nil, "%v\n%s", err, tail(out, 10))
+		time.Sleep(5 * time.Second)
+	}
+	r.daemonHealthy()
+	r.common(true)
+}
+
+func (r *run) stepUpgradeRemovePurge() {
+	r.step = "upgrade, remove, purge"
+	pid0, _ := r.sh(10*time.Second, "systemctl show -p MainPID --value dualhomed")
+	if err := r.install("/root/" + filepath.Base(debV2)); err != nil {
+		r.fail("upgrade", "%v", err)
+		return
+	}
+	ver, _ := r.sh(10*time.Second, "dpkg-query -W -f '${Version}' dualhomed")
+	pid1, _ := r.sh(10*time.Second, "systemctl show -p MainPID --value dualhomed")
+	r.check("upgraded and restarted", strings.HasSuffix(strings.TrimSpace(ver), "-2") && pid0 != pid1,
+		"version %q, MainPID %s -> %s", ver, strings.TrimSpace(pid0), strings.TrimSpace(pid1))
+	r.replies(true)
+	r.stackState()
+	r.warnings()
+	for _, op := range []string{"remove", "purge"} {
+		out, err := r.sh(2*time.Minute, "apt-get "+op+" -y -q dualhomed")
+		if !r.check("apt-get "+op, err == nil, "%v\n%s", err, tail(out, 10)) {
+			continue
+		}
+		d, _ := dumpState(r.w.inst)
+		mine, _ := d.split()
+		r.check("no dualhomed object after "+op, len(mine) == 0, "left behind:\n%s", strings.Join(mine, "\n"))
+		files, _ := r.sh(10*time.Second, "ls -d /usr/bin/dualhomed /run/dualhomed /etc/dualhomed 2>/dev/null; true")
+		want := ""
+		if op == "remove" {
+			want = "/etc/dualhomed"
+		}
+		r.check("files after "+op, strings.TrimSpace(files) == want, "left: %q, want %q", files, want)
+	}
+	r.common(false)
+}
+
+func (r *run) stepReboot() {
+	r.step = "reboot"
+	if err := r.install("/root/" + filepath.Base(debV2)); err != nil {
+		r.fail("reinstall", "%v", err)
+		return
+	}
+	if err := r.c.poweroff(r.ctx, time.Minute); err != nil {
+		r.fail("power off", "%v", err)
+	}
+	if err := r.boot("eth0", "eth1", "eth2"); err != nil {
+		r.fail("boot", "%v", err)
+		r.t.FailNow()
+	}
+	r.daemonHealthy()
+	r.order()
+	r.common(true)
+}
+
+// stepHints follows every warning's hint as an operator would, then checks
+// that the warning is gone and that everything still works.
+func (r *run) stepHints() {
+	r.step = "hints followed"
+	ws, err := r.statusWarnings()
+	if err != nil {
+		r.fail("warnings", "%v", err)
+		return
+	}
+	if len(ws) == 0 {
+		r.pass("no warning to follow")
+		return
+	}
+	for _, w := range ws {
+		script, ok := r.follow(w)
+		if !r.check("hint is actionable", ok, "no way to follow %q (hint: %q)", w.Message, w.Hint) {
+			continue
+		}
+		out, err := r.sh(3*time.Minute, script)
+		r.check("hint followed", err == nil, "%s: %v\n%s", script, err, tail(out, 10))
+	}
+	time.Sleep(20 * time.Second)
+	left, err := r.statusWarnings()
+	if err == nil {
+		var msgs []string
+		for _, w := range left {
+			msgs = append(msgs, w.Message+" (hint: "+w.Hint+")")
+		}
+		r.check("warnings gone", len(left) == 0, "after following the hints:\n%s", strings.Join(msgs, "\n"))
+	}
+	r.replies(true)
+}
