@@ -64,6 +64,7 @@ func (c *container) boot(ctx context.Context, timeout time.Duration) error {
 	}
 	cmd := exec.Command("systemd-nspawn", "-q", "--register=no", "--keep-unit",
 		"--network-namespace-path=/run/netns/"+c.w.inst.Name,
+		"--capability=CAP_NET_ADMIN", // granted with --private-network, not with a namespace path
 		"--machine="+c.name, "-D", c.root, "-b")
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
@@ -99,7 +100,15 @@ func (c *container) boot(ctx context.Context, timeout time.Duration) error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	out, err := c.exec(ctx, timeout, "systemctl", "is-system-running", "--wait")
+	// systemctl answers once systemd has set up its private socket.
+	var out string
+	for {
+		out, err = c.exec(ctx, timeout, "systemctl", "is-system-running", "--wait")
+		if !strings.Contains(out, "Failed to connect") || time.Now().After(deadline.Add(timeout)) {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 	state := strings.TrimSpace(out)
 	if state != "running" && state != "degraded" {
 		return fmt.Errorf("boot did not finish: is-system-running says %q (%v)", state, err)

@@ -177,6 +177,9 @@ func defaultVPCs() []*vpc {
 // extraIPs secondary addresses are given to eth3 (the hot-attach timing).
 func newWorld(ctx context.Context, prefix, dir, emulatorBin string, eth3Extra int, logf func(string, ...any)) (w *world, err error) {
 	w = &world{prefix: prefix, dir: dir, vpcs: map[string]*vpc{}, logf: logf}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
 	registerWorld(w)
 	defer func() {
 		if err != nil {
