@@ -53,4 +53,4 @@ chaos: build
 # network stack of EC2 images, all configurations in parallel. Needs root;
 # caches the root in /var/cache/dualhomed-matrix (CI builds it afresh).
 matrix: package
-	MATRIX=1 $(GO) test -count=1 -timeout 40m -v ./cmd/internal/matrix/
+	MATRIX=1 $(GO) test -count=1 -timeout 40m -parallel 16 -v ./cmd/internal/matrix/
