@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -636,6 +637,12 @@ func (r *run) stepHints() {
 		r.pass("no warning to follow")
 		return
 	}
+	informational := regexp.MustCompile(overlapWarning)
+	ws = slices.DeleteFunc(ws, func(w warningView) bool { return informational.MatchString(w.Message) })
+	if len(ws) == 0 {
+		r.pass("no warning to follow")
+		return
+	}
 	for _, w := range ws {
 		script, ok := r.follow(w)
 		if !r.check("hint is actionable", ok, "no way to follow %q (hint: %q)", w.Message, w.Hint) {
@@ -647,6 +654,7 @@ func (r *run) stepHints() {
 	time.Sleep(20 * time.Second)
 	left, err := r.statusWarnings()
 	if err == nil {
+		left = slices.DeleteFunc(left, func(w warningView) bool { return informational.MatchString(w.Message) })
 		var msgs []string
 		for _, w := range left {
 			msgs = append(msgs, w.Message+" (hint: "+w.Hint+")")

@@ -52,6 +52,11 @@ var networkdSettingWarnings = []string{
 	`systemd-networkd is running without ManageForeignRoutes=no`,
 }
 
+// overlapWarning is deserved in every configuration: VPC C reuses VPC A's
+// CIDR, so dualhomed routes neither through eth2 in main. Its hint asks for
+// nothing unless narrower routes are wanted: it stays after the hints step.
+const overlapWarning = `not routing 10.0.0.0/16 of vpc-0cccccccccccccccc through eth2 in the main table: it overlaps`
+
 // defaultViaSecondary is the warning for a DHCP default route on a secondary ENI in main.
 const defaultViaSecondary = `main table has a default route through secondary ENI`
 
@@ -219,7 +224,11 @@ iface eth3 inet dhcp
 		udevAdd:    "#!/bin/sh\n# RUN+= of 80-ifupdown.rules\nINTERFACE=$1 ACTION=add exec /lib/udev/ifupdown-hotplug\n",
 		udevRemove: "#!/bin/sh\n# RUN+= of 80-ifupdown.rules\nINTERFACE=$1 ACTION=remove exec /lib/udev/ifupdown-hotplug\n",
 	}
-	return []stack{networkd, noDropIn, netplan, cloudInit, cloudInitRec, ec2, ec2Masked, nm, ifupdown}
+	all := []stack{networkd, noDropIn, netplan, cloudInit, cloudInitRec, ec2, ec2Masked, nm, ifupdown}
+	for i := range all {
+		all[i].warnings = append([]string{overlapWarning}, all[i].warnings...)
+	}
+	return all
 }
 
 // prepare writes the stack's configuration into the (not yet booted) root.
