@@ -192,7 +192,6 @@ func (c *container) kill() {
 // journalEntry is one record of `journalctl -o json`.
 type journalEntry struct {
 	Monotonic string `json:"__MONOTONIC_TIMESTAMP"`
-	Realtime  string `json:"__REALTIME_TIMESTAMP"`
 	Unit      string `json:"_SYSTEMD_UNIT"`
 	Ident     string `json:"SYSLOG_IDENTIFIER"`
 	Message   any    `json:"MESSAGE"` // a string, or bytes for non-UTF-8
@@ -208,7 +207,6 @@ func (e journalEntry) msg() string {
 }
 
 func (e journalEntry) mono() int64 { v, _ := strconv.ParseInt(e.Monotonic, 10, 64); return v }
-func (e journalEntry) real() int64 { v, _ := strconv.ParseInt(e.Realtime, 10, 64); return v }
 
 // journal reads this boot's journal, optionally since a wall-clock time.
 func (c *container) journal(ctx context.Context, since time.Time, args ...string) ([]journalEntry, error) {

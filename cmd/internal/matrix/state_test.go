@@ -18,9 +18,6 @@ import (
 	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 )
 
-// dualhomedProto is the protocol byte of dualhomed's routes, rules and addresses.
-const dualhomedProto = 210
-
 // ifaProto is IFA_PROTO (linux/if_addr.h); iproute2 6.1 neither prints nor
 // parses it, so addresses are dumped here with raw rtnetlink.
 const ifaProto = 11
