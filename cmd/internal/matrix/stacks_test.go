@@ -201,7 +201,7 @@ system_info:
 		name:     "NetworkManager",
 		enable:   []string{"NetworkManager.service", "NetworkManager-wait-online.service"},
 		units:    []string{"NetworkManager.service"},
-		reconfig: regexp.MustCompile(`state change|Activation: starting|dhcp4 \(eth[0-9]\): state changed|policy: set`),
+		reconfig: regexp.MustCompile(`device \(eth[0-9]\): state change|Activation: starting|policy: set`), // a lease renewal ("new lease") is not a reconfiguration
 		restart: []string{`nmcli -g NAME,DEVICE connection show --active | grep ':eth[0-9]' | cut -d: -f1 | while read -r c; do nmcli connection up "$c"; done`,
 			"systemctl restart NetworkManager", "nm-online -s -q -t 30"},
 		warnings: []string{defaultViaSecondary},
@@ -219,7 +219,7 @@ iface eth3 inet dhcp
 `},
 		enable:     []string{"networking.service", "ifupdown-wait-online.service"},
 		units:      []string{"networking.service", "ifup@eth0.service", "ifup@eth1.service", "ifup@eth2.service"},
-		reconfig:   regexp.MustCompile(`DHCPDISCOVER|bound to .* -- renewal|RTNETLINK answers`),
+		reconfig:   regexp.MustCompile(`DHCPDISCOVER|RTNETLINK answers`), // "bound to ... renewal in" is a renewal
 		restart:    []string{"ifdown eth1 && ifup eth1", "ifdown eth2 && ifup eth2", "systemctl restart networking"},
 		udevAdd:    "#!/bin/sh\n# RUN+= of 80-ifupdown.rules\nINTERFACE=$1 ACTION=add exec /lib/udev/ifupdown-hotplug\n",
 		udevRemove: "#!/bin/sh\n# RUN+= of 80-ifupdown.rules\nINTERFACE=$1 ACTION=remove exec /lib/udev/ifupdown-hotplug\n",
