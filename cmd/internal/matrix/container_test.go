@@ -62,9 +62,20 @@ func (c *container) boot(ctx context.Context, timeout time.Duration) error {
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command("systemd-nspawn", "-q", "--register=no", "--keep-unit",
-		"--network-namespace-path=/run/netns/"+c.w.inst.Name,
-		"--capability=CAP_NET_ADMIN", // granted with --private-network, not with a namespace path
+	// nspawn runs inside the container's network namespace (nsenter --net,
+	// which leaves the mount namespace alone) and shares it with the
+	// container. --network-namespace-path= would join the same namespace,
+	// but nspawn mounts the container's /sys before it joins: /sys/class/net
+	// would list the host's links, and everything that reads it (cloud-init's
+	// NIC discovery, ec2-net-utils' setup-policy-routes) would wait for or
+	// configure links that are not there. CAP_NET_ADMIN is granted only with
+	// --private-network, which makes a namespace of its own.
+	cmd := exec.Command("nsenter", "--net=/run/netns/"+c.w.inst.Name, "--",
+		"systemd-nspawn", "-q", "--register=no", "--keep-unit",
+		"--capability=CAP_NET_ADMIN",
+		// No copy of the host's resolv.conf: its servers are outside the
+		// matrix's namespaces (cloud-init waits 15 s on them per lookup).
+		"--resolv-conf=off",
 		"--machine="+c.name, "-D", c.root, "-b")
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
@@ -100,18 +111,21 @@ func (c *container) boot(ctx context.Context, timeout time.Duration) error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	// systemctl answers once systemd has set up its private socket.
+	// systemctl answers once systemd has set up its private socket (until
+	// then it fails to connect) and /run/systemd/system (until then it
+	// says "offline").
 	var out string
 	for {
 		out, err = c.exec(ctx, timeout, "systemctl", "is-system-running", "--wait")
-		if !strings.Contains(out, "Failed to connect") || time.Now().After(deadline.Add(timeout)) {
+		if !strings.Contains(out, "Failed to connect") && strings.TrimSpace(out) != "offline" || time.Now().After(deadline.Add(timeout)) {
 			break
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
 	state := strings.TrimSpace(out)
 	if state != "running" && state != "degraded" {
-		return fmt.Errorf("boot did not finish: is-system-running says %q (%v)", state, err)
+		jobs, _ := c.exec(ctx, 10*time.Second, "systemctl", "list-jobs", "--no-pager")
+		return fmt.Errorf("boot did not finish: is-system-running says %q (%v); jobs:\n%s", state, err, jobs)
 	}
 	return nil
 }
@@ -131,6 +145,12 @@ func (c *container) exec(ctx context.Context, timeout time.Duration, args ...str
 		"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C.UTF-8", "DEBIAN_FRONTEND=noninteractive"}, args...)...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
+	// nsenter forks to enter the PID namespace: on timeout, kill its whole
+	// process group (the command inside included), and stop waiting for
+	// output that something the command started may still hold.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = 5 * time.Second
 	err := cmd.Run()
 	if err != nil {
 		return out.String(), fmt.Errorf("%s: %w: %s", strings.Join(args, " "), err, tail(out.String(), 10))
