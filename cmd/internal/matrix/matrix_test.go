@@ -542,7 +542,7 @@ func (r *run) stepRenewal() {
 	for _, e := range r.w.enis[:3] {
 		before[e.link] = r.w.acks(e)
 	}
-	deadline := time.Now().Add(100 * time.Second)
+	deadline := time.Now().Add(3 * renewAfter)
 	for {
 		var waiting []string
 		for _, e := range r.w.enis[:3] {
@@ -555,7 +555,7 @@ func (r *run) stepRenewal() {
 			break
 		}
 		if time.Now().After(deadline) {
-			r.fail("every ENI renewed", "no DHCPACK within 100 s for %v (2-minute leases)", waiting)
+			r.fail("every ENI renewed", "no DHCPACK within %s for %v (T1 %s)", 3*renewAfter, waiting, renewAfter)
 			break
 		}
 		time.Sleep(time.Second)

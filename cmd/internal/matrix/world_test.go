@@ -37,22 +37,25 @@ import (
 //	D    10.3.0.0/16  10.3.100.50     eni3 10.3.1.1/24, dnsmasq         eth3 10.3.1.10 (hot attach)
 //
 // VPC C reuses VPC A's CIDR and client address. The container's network
-// namespace (inst) is made by the harness and handed to systemd-nspawn with
-// --network-namespace-path=, so the harness holds it across the container's
-// reboots and reads it directly. A reboot makes a new one (as a new kernel
-// would: no addresses, routes or rules survive) and moves the ENIs into it.
+// namespace (inst) is made by the harness and systemd-nspawn runs inside it
+// (see container.boot), so the harness holds it and reads it directly. A
+// reboot makes a new one (as a new kernel would: no addresses, routes or
+// rules survive) and moves the ENIs into it.
 // Each router's dnsmasq hands out its ENI's primary address, the router and
-// MTU 9001 by DHCP with 2-minute leases, so every ENI renews every minute.
+// MTU 9001 by DHCP with 2-minute leases renewed every 20 s.
 // The IMDS emulator runs in router A on 127.0.0.1:8111 behind a small proxy on
-// 169.254.169.254:80 that maps IMDS's dated API versions onto the emulator's
-// /latest (cloud-init asks for /2021-03-23/...); the container reaches it
-// through the primary ENI's DHCP default route, as on EC2.
+// 169.254.169.254:80 in every router that maps IMDS's dated API versions onto
+// the emulator's /latest (cloud-init asks for /2021-03-23/...); the container
+// reaches it through a DHCP default route, as on EC2.
 
 const (
-	imdsAddr  = "169.254.169.254"
-	echoPort  = 7007
-	leaseTime = "2m"
-	ownerID   = "123456789012"
+	imdsAddr = "169.254.169.254"
+	echoPort = 7007
+	// leaseTime is dnsmasq's shortest; renewAfter (DHCP option 58, T1)
+	// makes every ENI renew three times in each 60 s quiet window.
+	leaseTime  = "2m"
+	renewAfter = 20 * time.Second
+	ownerID    = "123456789012"
 )
 
 type vpc struct {
@@ -314,7 +317,7 @@ func (w *world) start(ns *simworld.NS, name string, args ...string) (*exec.Cmd, 
 }
 
 // startDnsmasq serves the ENI's subnet: its primary address to its MAC
-// only, the router, MTU 9001, 2-minute leases; no DNS.
+// only, the router, MTU 9001, 2-minute leases renewed after 20 s; no DNS.
 func (w *world) startDnsmasq(r *simworld.NS, e *eni) error {
 	_, err := w.start(r, "dnsmasq-"+e.link, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
 		"--port=0", "--no-resolv", "--no-hosts", "--user=root", "--group=root", "--pid-file=",
@@ -323,6 +326,7 @@ func (w *world) startDnsmasq(r *simworld.NS, e *eni) error {
 		fmt.Sprintf("--dhcp-host=%s,%s", e.mac, e.primary),
 		"--dhcp-option=option:router,"+e.gateway().String(),
 		"--dhcp-option=option:mtu,9001",
+		fmt.Sprintf("--dhcp-option=option:T1,%d", int(renewAfter.Seconds())),
 		"--dhcp-leasefile="+filepath.Join(w.dir, "leases-"+e.link),
 		"--log-dhcp", "--log-facility="+w.dhcpLog(e))
 	return err
@@ -346,9 +350,14 @@ func (e *eni) imds() imds.ENI {
 }
 
 // startIMDS runs the emulator in router A with eth0..eth2 attached, and the
-// version-mapping proxy on 169.254.169.254:80.
+// version-mapping proxy on 169.254.169.254:80 in every router.
 func (w *world) startIMDS(ctx context.Context, bin string) error {
-	inst := emulator.Instance{InstanceID: "i-0d0a1b0c0e0d0e000", InstanceType: "c6in.large", PrimaryMAC: w.enis[0].mac}
+	// IMDSv1 allowed (HttpTokens=optional): cloud-init 22.4 asks for an
+	// IMDSv2 token only once it has identified the platform as AWS from DMI
+	// or /sys/hypervisor, which it does not read in a container, and then
+	// reads IMDS the IMDSv1 way. dualhomed always uses IMDSv2 tokens.
+	inst := emulator.Instance{InstanceID: "i-0d0a1b0c0e0d0e000", InstanceType: "c6in.large", PrimaryMAC: w.enis[0].mac,
+		TokensOptional: true}
 	for _, e := range w.enis[:3] {
 		inst.ENIs = append(inst.ENIs, e.imds())
 	}
@@ -370,13 +379,6 @@ func (w *world) startIMDS(ctx context.Context, bin string) error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if _, err := rtr.IP("addr", "add", imdsAddr+"/32", "dev", "lo"); err != nil {
-		return err
-	}
-	var ln net.Listener
-	if err := rtr.Do(func() (err error) { ln, err = net.Listen("tcp", imdsAddr+":80"); return err }); err != nil {
-		return fmt.Errorf("listening on %s:80 in %s: %w", imdsAddr, rtr.Name, err)
-	}
 	dated := regexp.MustCompile(`^/[0-9]{4}-[0-9]{2}-[0-9]{2}(/|$)`)
 	proxy := &httputil.ReverseProxy{
 		Rewrite: func(r *httputil.ProxyRequest) {
@@ -392,7 +394,20 @@ func (w *world) startIMDS(ctx context.Context, bin string) error {
 		},
 	}
 	w.proxy = &http.Server{Handler: proxy, ReadHeaderTimeout: 5 * time.Second}
-	go func() { _ = w.proxy.Serve(ln) }()
+	// IMDS is a link-local service of every ENI on EC2 (its 1024 packets
+	// per second limit is per ENI): every VPC router answers for it, so the
+	// instance reaches it through whichever DHCP default route main prefers.
+	for _, name := range []string{"A", "B", "C", "D"} {
+		r := w.vpcs[name].router
+		if _, err := r.IP("addr", "add", imdsAddr+"/32", "dev", "lo"); err != nil {
+			return err
+		}
+		var ln net.Listener
+		if err := r.Do(func() (err error) { ln, err = net.Listen("tcp", imdsAddr+":80"); return err }); err != nil {
+			return fmt.Errorf("listening on %s:80 in %s: %w", imdsAddr, r.Name, err)
+		}
+		go func() { _ = w.proxy.Serve(ln) }()
+	}
 	return nil
 }
 
