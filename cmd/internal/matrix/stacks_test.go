@@ -79,6 +79,17 @@ while read -r line <&"${MON[0]}"; do
 done
 `
 
+// udevadmShim stands in for `udevadm trigger`, which asks udevd to replay
+// "change" events and fails in a container (no udevd, /sys read-only):
+// `netplan apply` stops there. No net rule of the matrix's stacks acts on
+// "change", and netplan apply reconfigures the links itself right after
+// (networkctl reload and reconfigure); everything else is udevadm's.
+const udevadmShim = `#!/bin/sh
+# matrix: udev cannot run in a container (see stacks_test.go).
+[ "$1" = trigger ] && exit 0
+exec /usr/bin/udevadm "$@"
+`
+
 const udevStandInUnit = `[Unit]
 Description=matrix: udev stand-in for net links (udev cannot run in a container)
 DefaultDependencies=no
@@ -216,13 +227,22 @@ iface eth0 inet dhcp
 iface eth1 inet dhcp
 iface eth2 inet dhcp
 iface eth3 inet dhcp
-`},
-		enable:     []string{"networking.service", "ifupdown-wait-online.service"},
-		units:      []string{"networking.service", "ifup@eth0.service", "ifup@eth1.service", "ifup@eth2.service"},
-		reconfig:   regexp.MustCompile(`DHCPDISCOVER|RTNETLINK answers`), // "bound to ... renewal in" is a renewal
-		restart:    []string{"ifdown eth1 && ifup eth1", "ifdown eth2 && ifup eth2", "systemctl restart networking"},
-		udevAdd:    "#!/bin/sh\n# RUN+= of 80-ifupdown.rules\nINTERFACE=$1 ACTION=add exec /lib/udev/ifupdown-hotplug\n",
-		udevRemove: "#!/bin/sh\n# RUN+= of 80-ifupdown.rules\nINTERFACE=$1 ACTION=remove exec /lib/udev/ifupdown-hotplug\n",
+`,
+			// Under systemd, ifupdown-hotplug starts ifup@<link>.service, which
+			// is bound to the link's .device unit; systemd makes those from
+			// udev's database, which a container has not ("Starting of
+			// sys-subsystem-net-devices-eth3.device unsupported"), so the
+			// start fails on its dependency. Same unit, device binding
+			// removed; the udev stand-in's remove rule stops it instead.
+			"/lib/systemd/system/ifup@.service": `@sed:/^\(BindsTo\|After\)=sys-subsystem-net-devices-%i\.device$/d`,
+		},
+		enable:   []string{"networking.service", "ifupdown-wait-online.service"},
+		units:    []string{"networking.service", "ifup@eth0.service", "ifup@eth1.service", "ifup@eth2.service"},
+		reconfig: regexp.MustCompile(`DHCPDISCOVER|RTNETLINK answers`), // "bound to ... renewal in" is a renewal
+		restart:  []string{"ifdown eth1 && ifup eth1", "ifdown eth2 && ifup eth2", "systemctl restart networking"},
+		udevAdd:  "#!/bin/sh\n# RUN+= of 80-ifupdown.rules\nINTERFACE=$1 ACTION=add exec /lib/udev/ifupdown-hotplug\n",
+		udevRemove: "#!/bin/sh\n# RUN+= of 80-ifupdown.rules (under systemd it leaves the stop to the device unit's removal)\nINTERFACE=$1 ACTION=remove /lib/udev/ifupdown-hotplug\n" +
+			"# what the removal of sys-subsystem-net-devices-$1.device does through ifup@'s BindsTo=\nexec systemctl stop --no-block ifup@$1.service\n",
 	}
 	all := []stack{networkd, noDropIn, netplan, cloudInit, cloudInitRec, ec2, ec2Masked, nm, ifupdown}
 	for i := range all {
@@ -233,7 +253,7 @@ iface eth3 inet dhcp
 
 // prepare writes the stack's configuration into the (not yet booted) root.
 func (s stack) prepare(root string) error {
-	files := map[string]string{}
+	files := map[string]string{"/usr/local/sbin/udevadm": udevadmShim}
 	for k, v := range s.files {
 		files[k] = v
 	}
