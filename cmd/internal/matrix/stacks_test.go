@@ -2,6 +2,7 @@ package matrix
 
 import (
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -30,6 +31,10 @@ type stack struct {
 	// warnings match the `dualhomed status` warnings this configuration
 	// deserves in its steady state (each must appear, nothing else may).
 	warnings []string
+	// limits names the assertions this configuration's stack cannot pass
+	// whatever dualhomed does, with the reason; another configuration of the
+	// same stack shows the fix.
+	limits map[string]string
 	// udev holds the RUN+= commands of the stack's net udev rules, which
 	// the matrix-udev stand-in runs when a link appears ("add") or goes.
 	udevAdd, udevRemove string
@@ -104,6 +109,28 @@ ExecStart=/usr/local/sbin/matrix-udev
 WantedBy=sysinit.target
 `
 
+// cloudInitRecommended is docs/coexistence.md's cloud-init configuration:
+// cloud-init configures the primary ENI only.
+const cloudInitRecommended = `# dualhomed: cloud-init configures the primary ENI only (docs/coexistence.md)
+datasource:
+  Ec2:
+    apply_full_imds_network_config: false
+`
+
+// netplanSecondaryENIs brings up every secondary ENI, hot-attached ones
+// included, with DHCP but without its gateway (cloud-init with the
+// configuration above leaves them alone). On an instance whose ENIs are named
+// ens5, ens6, ..., the primary is ens5: match "ens[6-9]*" and so on.
+const netplanSecondaryENIs = `# dualhomed: DHCP on the secondary ENIs, their gateways out of main (docs/coexistence.md)
+network:
+  version: 2
+  ethernets:
+    secondary-enis:
+      match: {name: "eth[1-9]*"}
+      dhcp4: true
+      dhcp4-overrides: {use-routes: false}
+`
+
 func stacks() []stack {
 	networkd := stack{
 		name:     "networkd",
@@ -155,30 +182,45 @@ datasource:
 system_info:
   network:
     renderers: [ netplan ]
+    # The root has every stack installed; cloud-init would otherwise pick
+    # ifupdown's ifup to bring up what it rendered for netplan.
+    activators: [ netplan ]
 `
+	cloudFiles := map[string]string{
+		"/etc/cloud/cloud.cfg.d/90-matrix.cfg": cloudCfg,
+		"/etc/cloud/cloud-init.disabled":       "-",
+	}
+	// cloud-init matches each NIC by MAC (`match: macaddress`), which
+	// netplan renders as networkd's PermanentMACAddress=. An ENA's permanent
+	// MAC is its MAC; a veth has none (ethtool -P reads zeros), so networkd
+	// would leave every link unmanaged. The drop-ins empty that condition,
+	// which leaves netplan's own Name= match (cloud-init's set-name).
+	for i := 0; i < 4; i++ {
+		cloudFiles[fmt.Sprintf("/etc/systemd/network/10-netplan-eth%d.network.d/matrix-veth.conf", i)] =
+			"# matrix: veths have no permanent MAC address (see stacks_test.go)\n[Match]\nPermanentMACAddress=\n"
+	}
 	cloudInit := stack{
-		name: "cloud-init",
-		files: map[string]string{
-			"/etc/cloud/cloud.cfg.d/90-matrix.cfg": cloudCfg,
-			"/etc/cloud/cloud-init.disabled":       "-",
-		},
+		name:     "cloud-init",
+		files:    cloudFiles,
 		enable:   []string{"systemd-networkd.service", "systemd-networkd-wait-online.service"},
 		units:    []string{"systemd-networkd.service", "cloud-init.service", "cloud-init-local.service"},
 		reconfig: regexp.MustCompile(networkdReconfig),
 		restart:  []string{"netplan apply", "systemctl restart systemd-networkd"},
-		warnings: []string{`foreign rule .* looks up table 10[0-9] instead of`, defaultViaSecondary},
+		// cloud-init 22.4 (Debian 12) renders DHCP on every ENI with
+		// route metrics 100, 200, 300 and no policy routing (later
+		// releases add per-NIC tables and rules), and configures the ENIs
+		// of the first boot only: hotplug is off unless user data enables it.
+		limits: map[string]string{
+			"replies after attach": "cloud-init's default leaves a hot-attached ENI down (no hotplug)",
+			"rules after attach":   "cloud-init's default leaves a hot-attached ENI down (no hotplug)",
+		},
 	}
 	cloudInitRec := cloudInit
 	cloudInitRec.name = "cloud-init, recommended"
-	cloudInitRec.files = map[string]string{
-		"/etc/cloud/cloud.cfg.d/90-matrix.cfg": cloudCfg,
-		"/etc/cloud/cloud-init.disabled":       "-",
-		"/etc/cloud/cloud.cfg.d/99-dualhomed.cfg": `datasource:
-  Ec2:
-    apply_full_imds_network_config: false
-`,
-	}
-	cloudInitRec.warnings = nil
+	cloudInitRec.files = maps.Clone(cloudFiles)
+	cloudInitRec.files["/etc/cloud/cloud.cfg.d/99-dualhomed.cfg"] = cloudInitRecommended
+	cloudInitRec.files["/etc/netplan/60-secondary-enis.yaml"] = netplanSecondaryENIs
+	cloudInitRec.limits = nil
 
 	ec2Add := "#!/bin/sh\n# RUN+= of 99-vpc-policy-routes.rules (ACTION==add)\n/usr/bin/systemctl enable --now --no-block policy-routes@$1.service refresh-policy-routes@$1.timer\n"
 	ec2Remove := "#!/bin/sh\n# RUN+= of 99-vpc-policy-routes.rules (ACTION==remove)\n/usr/bin/systemctl stop --no-block policy-routes@$1.service\n/usr/bin/systemctl disable --now refresh-policy-routes@$1.timer refresh-policy-routes@$1.service policy-routes@$1.service\n"
