@@ -40,7 +40,10 @@ type stack struct {
 	udevAdd, udevRemove string
 }
 
-const networkdReconfig = `Configuring with|Reconfiguring|Link UP|Gained carrier|DHCPv4 address .* acquired|Removing|could not|Failed`
+// networkdReconfig matches what systemd-networkd logs when it configures a
+// link again or fails to. A lease renewal logs nothing; "Could not set
+// hostname" (hostnamed slow to start) is not about the link's objects.
+const networkdReconfig = `Configuring with|Reconfiguring|Link UP|Link DOWN|Gained carrier|Lost carrier|DHCPv4 address .* acquired|DHCP lease lost|Could not (set|add|remove|drop) (address|route|nexthop|routing policy rule)|Failed to (configure|set up|drop|remove)`
 
 // networkdDHCP is DHCP on every ENI, as a cloud image's networkd config does.
 const networkdDHCP = `# matrix: DHCP on every ENI, as cloud images configure systemd-networkd.
@@ -257,7 +260,6 @@ system_info:
 		reconfig: regexp.MustCompile(`device \(eth[0-9]\): state change|Activation: starting|policy: set`), // a lease renewal ("new lease") is not a reconfiguration
 		restart: []string{`nmcli -g NAME,DEVICE connection show --active | grep ':eth[0-9]' | cut -d: -f1 | while read -r c; do nmcli connection up "$c"; done`,
 			"systemctl restart NetworkManager", "nm-online -s -q -t 30"},
-		warnings: []string{defaultViaSecondary},
 	}
 
 	ifupdown := stack{
