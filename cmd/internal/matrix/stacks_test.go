@@ -341,10 +341,6 @@ func (s stack) prepare(root string) error {
 			}
 		}
 	}
-	// Quieter boots: nothing of the image's periodic housekeeping.
-	args := []string{root, "systemctl", "disable", "-q", "apt-daily.timer", "apt-daily-upgrade.timer",
-		"dpkg-db-backup.timer", "e2scrub_all.timer", "fstrim.timer", "e2scrub_reap.service", "getty@tty1.service"}
-	_ = exec.Command("chroot", args...).Run()
 	if len(enable) > 0 {
 		args := append([]string{root, "systemctl", "enable", "-q"}, enable...)
 		if out, err := exec.Command("chroot", args...).CombinedOutput(); err != nil {
