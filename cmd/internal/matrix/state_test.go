@@ -170,6 +170,39 @@ func (d dump) diff(other dump) (missing, extra []string) {
 	return missing, extra
 }
 
+// addressSwaps takes from a diff the addresses that only changed hands
+// between a DHCP client and dualhomed: the same prefix on the same link,
+// dualhomed's copy on one side (daemon change #1). It returns them and the
+// rest of the diff.
+func addressSwaps(missing, extra []string) (swaps, restMissing, restExtra []string) {
+	key := func(l string) string {
+		if f := strings.Fields(l); len(f) >= 3 && f[0] == "addr:" {
+			return f[1] + " " + f[2]
+		}
+		return ""
+	}
+	swapped := map[string]bool{}
+	for _, m := range missing {
+		for _, e := range extra {
+			if k := key(m); k != "" && k == key(e) && ours(m) != ours(e) {
+				swapped[k] = true
+				swaps = append(swaps, m+" -> "+e)
+			}
+		}
+	}
+	for _, m := range missing {
+		if !swapped[key(m)] {
+			restMissing = append(restMissing, m)
+		}
+	}
+	for _, e := range extra {
+		if !swapped[key(e)] {
+			restExtra = append(restExtra, e)
+		}
+	}
+	return swaps, restMissing, restExtra
+}
+
 // metrics scrapes dualhomed's Prometheus endpoint (127.0.0.1:9810 inside the
 // container) and returns the named counters; ok is false when it does not answer.
 func metrics(ns *simworld.NS) (map[string]float64, bool) {
