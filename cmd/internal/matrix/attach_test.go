@@ -41,7 +41,7 @@ func TestHotAttachTiming(t *testing.T) {
 	t.Parallel() // beside TestMatrix: both tools share the load, round by round
 	ctx := context.Background()
 	dir := filepath.Join(workDir, "timing")
-	w, err := newWorld(ctx, fmt.Sprintf("mx%dc99-", os.Getpid()), filepath.Join(dir, "world"), emulatorBin, 0, t.Logf)
+	w, err := newWorld(fmt.Sprintf("mx%dc99-", os.Getpid()), filepath.Join(dir, "world"), 0, t.Logf)
 	if err != nil {
 		t.Fatalf("building the world: %v", err)
 	}

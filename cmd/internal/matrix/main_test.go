@@ -14,8 +14,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 )
 
 // Settings, from the environment (`make matrix` sets MATRIX=1).
@@ -34,12 +32,11 @@ var (
 
 // Filled by TestMain.
 var (
-	rootDir     string // the cached Debian root (lower layer)
-	workDir     string // this run's directory
-	emulatorBin string
-	debV1       string // dualhomed's .deb
-	debV2       string // the same with a higher version
-	setupErr    error
+	rootDir  string // the cached Debian root (lower layer)
+	workDir  string // this run's directory
+	debV1    string // dualhomed's .deb
+	debV2    string // the same with a higher version
+	setupErr error
 )
 
 func envOr(k, def string) string {
@@ -129,9 +126,6 @@ func sweep() {
 // and the cached root.
 func setup() error {
 	var err error
-	if emulatorBin, err = simworld.Build(workDir, simworld.EmulatorPkg, false); err != nil {
-		return err
-	}
 	debV1 = os.Getenv("MATRIX_DEB")
 	if debV1 == "" {
 		debs, _ := filepath.Glob("../../../dist/dualhomed_*_amd64.deb")

@@ -13,6 +13,10 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 )
 
 // TestMatrix boots every stack configuration in its own container, all in
@@ -50,7 +54,7 @@ type run struct {
 	stepStart time.Time
 	// The stack's objects before dualhomed was installed: after a boot, and
 	// after the stack's own restart and reload.
-	baseline, restarted dump
+	baseline, restarted simworld.Dump
 }
 
 func (r *run) pass(assertion string) {
@@ -112,7 +116,7 @@ func (r *run) main(i int) {
 	t := r.t
 	dir := filepath.Join(workDir, fmt.Sprintf("c%d", i))
 	var err error
-	r.w, err = newWorld(r.ctx, fmt.Sprintf("mx%dc%d-", os.Getpid(), i), filepath.Join(dir, "world"), emulatorBin, 0, t.Logf)
+	r.w, err = newWorld(fmt.Sprintf("mx%dc%d-", os.Getpid(), i), filepath.Join(dir, "world"), 0, t.Logf)
 	if err != nil {
 		t.Fatalf("building the world: %v", err)
 	}
@@ -171,7 +175,7 @@ func (r *run) boot(enis ...string) error {
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		d, err := dumpState(r.w.inst)
-		if err == nil && len(d.without("proto 210").grep("addr: eth0 10.0.1.10/24")) > 0 {
+		if _, theirs := split(d); err == nil && len(addrLines(theirs, "eth0", r.w.eni("eth0").primary)) > 0 {
 			return nil
 		}
 		if time.Now().After(deadline) {
@@ -189,7 +193,7 @@ func (r *run) waitAddresses(timeout time.Duration) {
 		d, _ := dumpState(r.w.inst)
 		all := true
 		for _, e := range r.w.enis {
-			if e.attached && len(d.grep("addr: "+e.link+" "+e.primary.String()+"/")) == 0 {
+			if e.attached && len(addrLines(d, e.link, e.primary)) == 0 {
 				all = false
 			}
 		}
@@ -198,16 +202,6 @@ func (r *run) waitAddresses(timeout time.Duration) {
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
-}
-
-func (d dump) grep(s string) []string {
-	var out []string
-	for _, l := range d {
-		if strings.Contains(l, s) {
-			out = append(out, l)
-		}
-	}
-	return out
 }
 
 // baselineBoot boots the configuration without dualhomed, records the
@@ -224,7 +218,7 @@ func (r *run) baselineBoot() {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, r.baseline = d.split()
+	_, r.baseline = split(d)
 	t.Logf("before dualhomed, the stack's objects:\n%s", strings.Join(r.baseline, "\n"))
 	// What the stack's own restart and reload leave behind differs from a
 	// fresh boot (systemd-networkd 252 restarted keeps the DHCP addresses
@@ -241,8 +235,8 @@ func (r *run) baselineBoot() {
 	if d, err = dumpState(r.w.inst); err != nil {
 		t.Fatal(err)
 	}
-	_, r.restarted = d.split()
-	if missing, extra := r.baseline.diff(r.restarted); len(missing)+len(extra) > 0 {
+	_, r.restarted = split(d)
+	if missing, extra := r.baseline.Diff(r.restarted); len(missing)+len(extra) > 0 {
 		t.Logf("without dualhomed, the stack's restart changed its objects:\ngone:\n%s\nnew:\n%s", strings.Join(missing, "\n"), strings.Join(extra, "\n"))
 	}
 	if err := r.install("/root/" + filepath.Base(debV1)); err != nil {
@@ -275,7 +269,7 @@ func (r *run) install(deb string) error {
 // situation deserves, and no fight during the quiet window.
 func (r *run) common(withDualhomed bool) {
 	r.replies(withDualhomed)
-	r.stackState()
+	r.stackState(withDualhomed)
 	if withDualhomed {
 		r.warnings()
 	}
@@ -339,19 +333,25 @@ func (r *run) mainDefaults() string {
 
 // stackState compares the stack's objects with what the stack alone had at
 // the same point (after a boot, or after its own restart); objects of links
-// the baseline did not have are left out.
-func (r *run) stackState() {
+// the baseline did not have are left out, and so is the rp_filter of the
+// secondary ENIs while dualhomed, which sets it, is installed (after a purge
+// it must be back).
+func (r *run) stackState(withDualhomed bool) {
 	d, err := dumpState(r.w.inst)
 	if err != nil {
 		r.fail("stack state", "%v", err)
 		return
 	}
-	mine, theirs := d.split()
+	mine, theirs := split(d)
 	want := r.baseline
 	if r.step == "restart/reload" || r.step == "upgrade, remove, purge" {
 		want = r.restarted
 	}
-	missing, extra := want.without("eth3").diff(theirs.without("eth3"))
+	leave := []string{"eth3"}
+	if withDualhomed {
+		leave = append(leave, "sysctl net.ipv4.conf.eth1.rp_filter", "sysctl net.ipv4.conf.eth2.rp_filter")
+	}
+	missing, extra := without(want, leave...).Diff(without(theirs, leave...))
 	// Daemon change #1: an address of the stack's that dualhomed's copy
 	// holds, or that dualhomed added a copy of since this boot (while the
 	// stack's DHCP client had dropped it) and the client then took back:
@@ -359,9 +359,9 @@ func (r *run) stackState() {
 	// and kernel prefix route (no metric, no noprefixroute). The address's
 	// and its prefix route's differences are that change's.
 	copies := r.addressCopies(time.Time{}) // this boot
-	for _, l := range mine.grep("addr: ") {
-		if f := strings.Fields(l); len(f) >= 3 {
-			copies[f[1]+" "+f[2]] = true
+	for _, l := range mine {
+		if link, prefix, ok := addrOf(l); ok {
+			copies[link+" "+prefix] = true
 		}
 	}
 	var held, otherMissing, otherExtra []string
@@ -390,14 +390,13 @@ func (r *run) stackState() {
 // ofCopy reports whether a dump line is one of the addresses in copies
 // ("link prefix") or the kernel's prefix route of one.
 func ofCopy(line string, copies map[string]bool) bool {
-	f := strings.Fields(line)
-	if len(f) >= 3 && f[0] == "addr:" {
-		return copies[f[1]+" "+f[2]]
+	if link, prefix, ok := addrOf(line); ok {
+		return copies[link+" "+prefix]
 	}
-	if len(f) >= 7 && f[0] == "-4" && f[1] == "route:" && f[3] == "dev" && f[5] == "proto" && f[6] == "kernel" {
+	if link, dst, ok := prefixRouteOf(line); ok {
 		for k := range copies {
-			link, prefix, _ := strings.Cut(k, " ")
-			if p, err := netip.ParsePrefix(prefix); err == nil && link == f[4] && p.Masked().String() == f[2] {
+			l, prefix, _ := strings.Cut(k, " ")
+			if p, err := netip.ParsePrefix(prefix); err == nil && l == link && p.Masked().String() == dst {
 				return true
 			}
 		}
@@ -501,7 +500,7 @@ func (r *run) quiet(withDualhomed bool) {
 			r.check("no fight: dualhomed", len(grew) == 0, "during %s of quiet: %s\n%s", quiet, strings.Join(grew, ", "), tail(strings.Join(changed, "\n"), 20))
 		}
 	}
-	swaps, missing, extra := addressSwaps(d0.diff(d1))
+	swaps, missing, extra := addressSwaps(d0.Diff(d1))
 	if len(swaps) > 0 {
 		r.known("DHCP address ownership", changeDHCPAddress, false,
 			"during %s of quiet, addresses changed hands between a DHCP client and dualhomed:\n%s", quiet, strings.Join(swaps, "\n"))
@@ -573,14 +572,13 @@ func (r *run) stepBoot() {
 	r.common(true)
 }
 
-// ourRules lists dualhomed's rules that mention s (an address or "lookup N").
-func (r *run) ourRules(s string) []string {
-	d, _ := dumpState(r.w.inst)
-	mine, _ := d.split()
+// ourRules lists dualhomed's IPv4 rules that look up a table.
+func (r *run) ourRules(table int) []string {
+	rules, _ := r.w.inst.NL.RuleList(unix.AF_INET)
 	var out []string
-	for _, l := range mine.grep(s) {
-		if strings.Contains(l, " rule: ") {
-			out = append(out, l)
+	for _, x := range rules {
+		if x.Protocol == 210 && x.Table == table {
+			out = append(out, x.String())
 		}
 	}
 	return out
@@ -602,8 +600,8 @@ func (r *run) stepAttachDetach() {
 	// race: its copy holds the address, or its journal has the addition, or
 	// its addition was blocked by the DHCP client's address.
 	d, _ := dumpState(r.w.inst)
-	mine, _ := d.split()
-	tried := mine.grep("addr: eth3 " + e.primary.String() + "/")
+	mine, _ := split(d)
+	tried := addrLines(mine, "eth3", e.primary)
 	es, _ := r.c.journal(r.ctx, start, "-t", "dualhomed")
 	for _, j := range es {
 		if m := j.msg(); strings.Contains(m, "+ addr "+e.primary.String()+"/") && strings.Contains(m, "dev eth3") {
@@ -613,9 +611,9 @@ func (r *run) stepAttachDetach() {
 	tried = append(tried, blocked...)
 	r.known("DHCP address ownership", changeDHCPAddress, len(tried) == 0,
 		"dualhomed added or tried to add eth3's DHCP-managed address %s:\n%s", e.primary, strings.Join(tried, "\n"))
-	table := fmt.Sprintf("lookup %d", 20000+e.dev)
+	table := 20000 + e.dev
 	had := r.ourRules(table)
-	r.check("rules after attach", len(had) > 0, "dualhomed has no rule for eth3's table (%s)", table)
+	r.check("rules after attach", len(had) > 0, "dualhomed has no rule looking up eth3's table %d", table)
 	// Detach: the rules for the vanished link must be gone within 1 s.
 	detached := time.Now()
 	if err := r.w.detach(e); err != nil {
@@ -664,20 +662,20 @@ func (r *run) stepSecondaryIP() {
 	e := r.w.eni("eth1")
 	ip := netip.MustParseAddr("10.1.1.20")
 	start := time.Now()
-	if err := r.w.ctl.UpdateENI(e.mac, func(x *imdsENI) { x.LocalIPv4s = append(x.LocalIPv4s, ip) }); err != nil {
+	if err := r.w.imds.UpdateENI(e.mac, func(x *imdsENI) { x.LocalIPv4s = append(x.LocalIPv4s, ip) }); err != nil {
 		r.fail("assign", "%v", err)
 		return
 	}
 	err := echo(e.vpc.client, ip, 40*time.Second)
 	r.check("replies on the new IP", err == nil, "client in VPC B -> %s: %v (%s after the assignment)", ip, err, time.Since(start))
-	if err := r.w.ctl.UpdateENI(e.mac, func(x *imdsENI) { x.LocalIPv4s = x.LocalIPv4s[:1] }); err != nil {
+	if err := r.w.imds.UpdateENI(e.mac, func(x *imdsENI) { x.LocalIPv4s = x.LocalIPv4s[:1] }); err != nil {
 		r.fail("unassign", "%v", err)
 		return
 	}
 	deadline := time.Now().Add(90 * time.Second)
 	for {
 		d, _ := dumpState(r.w.inst)
-		left := d.grep(" " + ip.String())
+		left := d.Grep(" " + ip.String())
 		if len(left) == 0 {
 			r.pass("address and rule gone after unassign")
 			break
@@ -741,7 +739,7 @@ func (r *run) stepUpgradeRemovePurge() {
 	r.check("upgraded and restarted", strings.HasSuffix(strings.TrimSpace(ver), "-2") && pid0 != pid1,
 		"version %q, MainPID %s -> %s", ver, strings.TrimSpace(pid0), strings.TrimSpace(pid1))
 	r.replies(true)
-	r.stackState()
+	r.stackState(true)
 	r.warnings()
 	for _, op := range []string{"remove", "purge"} {
 		out, err := r.sh(2*time.Minute, "apt-get "+op+" -y -q dualhomed")
@@ -749,7 +747,7 @@ func (r *run) stepUpgradeRemovePurge() {
 			continue
 		}
 		d, _ := dumpState(r.w.inst)
-		mine, _ := d.split()
+		mine, _ := split(d)
 		r.check("no dualhomed object after "+op, len(mine) == 0, "left behind:\n%s", strings.Join(mine, "\n"))
 		files, _ := r.sh(10*time.Second, "ls -d /usr/bin/dualhomed /run/dualhomed /etc/dualhomed 2>/dev/null; true")
 		want := ""

@@ -2,133 +2,33 @@ package matrix
 
 import (
 	"context"
-	"encoding/binary"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/netip"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 )
 
-// ifaProto is IFA_PROTO (linux/if_addr.h); iproute2 6.1 neither prints nor
-// parses it, so addresses are dumped here with raw rtnetlink.
-const ifaProto = 11
-
-var volatileFields = regexp.MustCompile(`\s+(valid_lft|preferred_lft|expires|used|age)\s+\S+`)
-
-// dump is a namespace's rules, routes (every table but local) and
-// addresses, one object a line, sorted.
-type dump []string
+// The container's kernel state is read with simworld's reader: every rule,
+// route, address (with its protocol), link and rp_filter value, one `ip`
+// command a line ("ip -4 addr add 10.0.1.10/24 dev eth0 ... proto 210 #
+// permanent"). The local table is left out: the kernel derives it from the
+// addresses.
+func dumpState(ns *simworld.NS) (simworld.Dump, error) {
+	d, err := simworld.DumpState(ns)
+	return slices.DeleteFunc(d, func(l string) bool { return strings.Contains(l, " table 255 ") }), err
+}
 
 // ours reports whether a line is one of dualhomed's objects.
-func ours(line string) bool {
-	return strings.Contains(line, " proto 210") || strings.Contains(line, " proto dualhomed")
-}
-
-func dumpState(ns *simworld.NS) (dump, error) {
-	var d dump
-	for _, args := range [][]string{
-		{"-4", "rule", "show"}, {"-6", "rule", "show"},
-		{"-4", "route", "show", "table", "all"}, {"-6", "route", "show", "table", "all"},
-	} {
-		out, err := ns.IP(args...)
-		if err != nil {
-			return nil, err
-		}
-		for _, line := range strings.Split(out, "\n") {
-			line = strings.Join(strings.Fields(volatileFields.ReplaceAllString(line, "")), " ")
-			if line == "" || strings.Contains(line, "table local") || strings.HasPrefix(line, "multicast ") {
-				continue
-			}
-			d = append(d, args[0]+" "+args[1]+": "+line)
-		}
-	}
-	addrs, err := dumpAddrs(ns)
-	if err != nil {
-		return nil, err
-	}
-	d = append(d, addrs...)
-	slices.Sort(d)
-	return d, nil
-}
-
-// dumpAddrs lists addresses as "addr: <link> <prefix> [dynamic] [noprefixroute] proto <n>".
-func dumpAddrs(ns *simworld.NS) ([]string, error) {
-	links, err := ns.NL.LinkList()
-	if err != nil {
-		return nil, err
-	}
-	names := map[uint32]string{}
-	for _, l := range links {
-		names[uint32(l.Attrs().Index)] = l.Attrs().Name
-	}
-	var rib []byte
-	if err := ns.Do(func() (err error) { rib, err = syscall.NetlinkRIB(syscall.RTM_GETADDR, syscall.AF_UNSPEC); return err }); err != nil {
-		return nil, fmt.Errorf("dumping addresses in %s: %w", ns.Name, err)
-	}
-	msgs, err := syscall.ParseNetlinkMessage(rib)
-	if err != nil {
-		return nil, err
-	}
-	var out []string
-	for _, m := range msgs {
-		if m.Header.Type != syscall.RTM_NEWADDR || len(m.Data) < syscall.SizeofIfAddrmsg {
-			continue
-		}
-		ifa := (*syscall.IfAddrmsg)(unsafePointer(m.Data))
-		attrs, err := syscall.ParseNetlinkRouteAttr(&m)
-		if err != nil {
-			continue
-		}
-		var addr netip.Addr
-		var proto uint8
-		flags := uint32(ifa.Flags)
-		for _, a := range attrs {
-			switch a.Attr.Type {
-			case syscall.IFA_LOCAL:
-				addr, _ = netip.AddrFromSlice(a.Value)
-			case syscall.IFA_ADDRESS:
-				if !addr.IsValid() {
-					addr, _ = netip.AddrFromSlice(a.Value)
-				}
-			case ifaProto:
-				if len(a.Value) > 0 {
-					proto = a.Value[0]
-				}
-			case 8: // IFA_FLAGS
-				if len(a.Value) >= 4 {
-					flags = binary.NativeEndian.Uint32(a.Value)
-				}
-			}
-		}
-		if !addr.IsValid() || addr.IsLoopback() {
-			continue
-		}
-		line := fmt.Sprintf("addr: %s %s", names[ifa.Index], netip.PrefixFrom(addr, int(ifa.Prefixlen)))
-		if flags&0x80 == 0 { // IFA_F_PERMANENT
-			line += " dynamic"
-		}
-		if flags&0x200 != 0 { // IFA_F_NOPREFIXROUTE
-			line += " noprefixroute"
-		}
-		if proto != 0 {
-			line += " proto " + strconv.Itoa(int(proto))
-		}
-		out = append(out, line)
-	}
-	return out, nil
-}
+func ours(line string) bool { return strings.Contains(line, " proto 210") }
 
 // split separates dualhomed's objects from everybody else's.
-func (d dump) split() (mine, theirs dump) {
+func split(d simworld.Dump) (mine, theirs simworld.Dump) {
 	for _, l := range d {
 		if ours(l) {
 			mine = append(mine, l)
@@ -141,33 +41,40 @@ func (d dump) split() (mine, theirs dump) {
 
 // without drops the lines that mention any of words (a link not in the
 // baseline, say).
-func (d dump) without(words ...string) dump {
-	var out dump
-next:
+func without(d simworld.Dump, words ...string) simworld.Dump {
+	return slices.DeleteFunc(slices.Clone(d), func(l string) bool {
+		return slices.ContainsFunc(words, func(w string) bool { return strings.Contains(l, w) })
+	})
+}
+
+// addrOf parses an address line: its link and prefix.
+func addrOf(line string) (link, prefix string, ok bool) {
+	f := strings.Fields(line)
+	if len(f) >= 7 && f[2] == "addr" && f[3] == "add" && f[5] == "dev" {
+		return f[6], f[4], true
+	}
+	return "", "", false
+}
+
+// addrLines returns the lines of ip (any prefix length) on link.
+func addrLines(d simworld.Dump, link string, ip netip.Addr) []string {
+	var out []string
 	for _, l := range d {
-		for _, w := range words {
-			if strings.Contains(l, w) {
-				continue next
-			}
+		if ln, p, ok := addrOf(l); ok && ln == link && strings.HasPrefix(p, ip.String()+"/") {
+			out = append(out, l)
 		}
-		out = append(out, l)
 	}
 	return out
 }
 
-// diff returns the lines only in d and only in other.
-func (d dump) diff(other dump) (missing, extra []string) {
-	for _, l := range d {
-		if !slices.Contains(other, l) {
-			missing = append(missing, l)
-		}
+// prefixRouteOf parses the kernel's route to an address's subnet
+// ("ip -4 route add 10.0.1.0/24 dev eth0 src 10.0.1.10 table 254 proto 2 ...").
+func prefixRouteOf(line string) (link, dst string, ok bool) {
+	f := strings.Fields(line)
+	if len(f) >= 7 && f[2] == "route" && f[3] == "add" && f[5] == "dev" && strings.Contains(line, " proto 2 ") {
+		return f[6], f[4], true
 	}
-	for _, l := range other {
-		if !slices.Contains(d, l) {
-			extra = append(extra, l)
-		}
-	}
-	return missing, extra
+	return "", "", false
 }
 
 // addressSwaps takes from a diff the addresses that only changed hands
@@ -176,8 +83,8 @@ func (d dump) diff(other dump) (missing, extra []string) {
 // rest of the diff.
 func addressSwaps(missing, extra []string) (swaps, restMissing, restExtra []string) {
 	key := func(l string) string {
-		if f := strings.Fields(l); len(f) >= 3 && f[0] == "addr:" {
-			return f[1] + " " + f[2]
+		if link, prefix, ok := addrOf(l); ok {
+			return link + " " + prefix
 		}
 		return ""
 	}

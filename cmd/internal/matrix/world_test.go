@@ -1,13 +1,9 @@
 package matrix
 
 import (
-	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
-	"net/http/httputil"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -43,10 +39,10 @@ import (
 // rules survive) and moves the ENIs into it.
 // Each router's dnsmasq hands out its ENI's primary address, the router and
 // MTU 9001 by DHCP with 2-minute leases renewed every 20 s.
-// The IMDS emulator runs in router A on 127.0.0.1:8111 behind a small proxy on
-// 169.254.169.254:80 in every router that maps IMDS's dated API versions onto
-// the emulator's /latest (cloud-init asks for /2021-03-23/...); the container
-// reaches it through a DHCP default route, as on EC2.
+// IMDS (the emulator, in this process) answers on 169.254.169.254:80 in
+// every router, with IMDS's dated API versions mapped onto the emulator's
+// /latest (cloud-init asks for /2021-03-23/...); the container reaches it
+// through a DHCP default route, as on EC2.
 
 const (
 	imdsAddr = "169.254.169.254"
@@ -91,7 +87,7 @@ type world struct {
 	enis   []*eni
 	inst   *simworld.NS
 	echo   *simworld.EchoServer
-	ctl    *emulator.ControlClient
+	imds   *emulator.Server
 	logf   func(string, ...any)
 
 	mu     sync.Mutex
@@ -178,7 +174,7 @@ func defaultVPCs() []*vpc {
 // newWorld builds the VPCs, the ENIs (eth0..eth2 parked, ready for the
 // first boot; eth3 parked for hot attach), dnsmasq in every router and IMDS.
 // extraIPs secondary addresses are given to eth3 (the hot-attach timing).
-func newWorld(ctx context.Context, prefix, dir, emulatorBin string, eth3Extra int, logf func(string, ...any)) (w *world, err error) {
+func newWorld(prefix, dir string, eth3Extra int, logf func(string, ...any)) (w *world, err error) {
 	w = &world{prefix: prefix, dir: dir, vpcs: map[string]*vpc{}, logf: logf}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
@@ -249,7 +245,7 @@ func newWorld(ctx context.Context, prefix, dir, emulatorBin string, eth3Extra in
 		}
 		w.enis = append(w.enis, e)
 	}
-	if err = w.startIMDS(ctx, emulatorBin); err != nil {
+	if err = w.startIMDS(); err != nil {
 		return w, err
 	}
 	return w, nil
@@ -349,9 +345,10 @@ func (e *eni) imds() imds.ENI {
 	}
 }
 
-// startIMDS runs the emulator in router A with eth0..eth2 attached, and the
-// version-mapping proxy on 169.254.169.254:80 in every router.
-func (w *world) startIMDS(ctx context.Context, bin string) error {
+// startIMDS serves the instance (eth0..eth2 attached) from an IMDS emulator
+// in this process, on 169.254.169.254:80 in every router, with IMDS's dated
+// API versions mapped onto the emulator's /latest.
+func (w *world) startIMDS() error {
 	// IMDSv1 allowed (HttpTokens=optional): cloud-init 22.4 asks for an
 	// IMDSv2 token only once it has identified the platform as AWS from DMI
 	// or /sys/hypervisor, which it does not read in a container, and then
@@ -361,39 +358,13 @@ func (w *world) startIMDS(ctx context.Context, bin string) error {
 	for _, e := range w.enis[:3] {
 		inst.ENIs = append(inst.ENIs, e.imds())
 	}
-	data, _ := json.MarshalIndent(inst, "", "  ")
-	instFile := filepath.Join(w.dir, "instance.json")
-	if err := os.WriteFile(instFile, data, 0o644); err != nil {
-		return err
-	}
-	rtr := w.vpcs["A"].router
-	sock := filepath.Join(w.dir, "imds.sock")
-	if _, err := w.start(rtr, "imds-emulator", bin, "--listen", "127.0.0.1:8111", "--control", "unix:"+sock, "--instance", instFile); err != nil {
-		return err
-	}
-	w.ctl = emulator.DialControl("unix:" + sock)
-	deadline := time.Now().Add(10 * time.Second)
-	for w.ctl.Ping() != nil {
-		if time.Now().After(deadline) {
-			return errors.New("the IMDS emulator did not answer on its control socket within 10 s")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	w.imds = emulator.New(inst)
 	dated := regexp.MustCompile(`^/[0-9]{4}-[0-9]{2}-[0-9]{2}(/|$)`)
-	proxy := &httputil.ReverseProxy{
-		Rewrite: func(r *httputil.ProxyRequest) {
-			r.Out.URL.Scheme, r.Out.URL.Host = "http", "127.0.0.1:8111"
-			r.Out.URL.Path = dated.ReplaceAllString(r.Out.URL.Path, "/latest$1")
-			r.Out.Host = imdsAddr
-		},
-		Transport: &http.Transport{
-			DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-				return simworld.Dial(ctx, rtr, netip.MustParseAddrPort(addr), 2*time.Second)
-			},
-			DisableKeepAlives: true,
-		},
-	}
-	w.proxy = &http.Server{Handler: proxy, ReadHeaderTimeout: 5 * time.Second}
+	latest := http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		r.URL.Path = dated.ReplaceAllString(r.URL.Path, "/latest$1")
+		w.imds.ServeHTTP(rw, r)
+	})
+	w.proxy = &http.Server{Handler: latest, ReadHeaderTimeout: 5 * time.Second}
 	// IMDS is a link-local service of every ENI on EC2 (its 1024 packets
 	// per second limit is per ENI): every VPC router answers for it, so the
 	// instance reaches it through whichever DHCP default route main prefers.
@@ -501,7 +472,7 @@ func (w *world) parkAll() error {
 // attach lists the ENI in IMDS, then its link appears in the container (down,
 // as a hot-attached ENI does), as EC2 does it. It returns when the link is there.
 func (w *world) attach(e *eni) error {
-	if err := w.ctl.AttachENI(e.imds()); err != nil {
+	if err := w.imds.AttachENI(e.imds()); err != nil {
 		return fmt.Errorf("attaching %s in IMDS: %w", e.id, err)
 	}
 	return w.moveIn(e, false)
@@ -509,7 +480,7 @@ func (w *world) attach(e *eni) error {
 
 // detach removes the ENI from IMDS and its link from the container.
 func (w *world) detach(e *eni) error {
-	if err := w.ctl.DetachENI(e.mac); err != nil {
+	if err := w.imds.DetachENI(e.mac); err != nil {
 		return fmt.Errorf("detaching %s in IMDS: %w", e.id, err)
 	}
 	return w.park(e)
@@ -531,8 +502,8 @@ func (w *world) close() {
 	if w.echo != nil {
 		w.echo.Close()
 	}
-	if w.ctl != nil {
-		w.ctl.Close()
+	if w.imds != nil {
+		w.imds.Close()
 	}
 	for _, p := range procs {
 		if p.Process != nil {
