@@ -14,6 +14,8 @@ var (
 	networkdHint = regexp.MustCompile("create (\\S+) containing `\\[Network\\]` and `(\\w+)=no`, then `([^`]+)`")
 	// a hint's closing command: "..., then `ip rule del ...`"
 	thenCommand = regexp.MustCompile("then (`[^`]+`)$")
+	// a hint's `systemctl mask ...`
+	maskCommand = regexp.MustCompile("`(systemctl mask [^`]+)`")
 )
 
 // follow turns a warning's hint into what an operator would type, in this
@@ -35,6 +37,9 @@ func (r *run) follow(w warningView) (script string, ok bool) {
 		return fmt.Sprintf(`mkdir -p "$(dirname %[1]s)" && { grep -qx '\[Network\]' %[1]s 2>/dev/null || echo '[Network]' >>%[1]s; } && echo '%[2]s=no' >>%[1]s && %[3]s`, m[1], m[2], m[3]), true
 	case strings.HasPrefix(w.Message, defaultViaSecondary) && link != "":
 		return r.noGatewayOn(link), true
+	case strings.Contains(w.Hint, "amazon-ec2-net-utils") && maskCommand.MatchString(w.Hint) && cmd != "":
+		// docs/coexistence.md's recipe (daemon change #4).
+		return maskCommand.FindStringSubmatch(w.Hint)[1] + " && " + cmd, true
 	case strings.Contains(w.Hint, "amazon-ec2-net-utils manages this interface") && cmd != "":
 		// As written, with Debian's package manager for dnf.
 		return "apt-get remove -y -q amazon-ec2-net-utils && " + cmd, true

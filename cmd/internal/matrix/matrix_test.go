@@ -796,13 +796,23 @@ func (r *run) stepHints() {
 		r.pass("no warning to follow")
 		return
 	}
+	ec2Hint := false
 	for _, w := range ws {
 		script, ok := r.follow(w)
 		if !r.check("hint is actionable", ok, "no way to follow %q (hint: %q)", w.Message, w.Hint) {
 			continue
 		}
+		ec2Hint = ec2Hint || strings.Contains(w.Hint, "amazon-ec2-net-utils")
 		out, err := r.sh(3*time.Minute, script)
 		r.check("hint followed", err == nil, "%s: %v\n%s", script, err, tail(out, 10))
+	}
+	if ec2Hint {
+		// amazon-ec2-net-utils' 80-ec2.network is what brings up the
+		// primary ENI too: after its hint, the next networkd reload (or
+		// boot) must still manage eth0, or its lease runs out.
+		out, _ := r.sh(time.Minute, "networkctl reload && sleep 3 && networkctl list --no-pager --no-legend eth0")
+		r.known("primary ENI managed after the hint", changeEC2Hint, !strings.Contains(out, "unmanaged"),
+			"after the hint and `networkctl reload`, networkd no longer manages eth0 (its DHCP lease is not renewed):\n%s", strings.TrimSpace(out))
 	}
 	time.Sleep(20 * time.Second)
 	left, err := r.statusWarnings()

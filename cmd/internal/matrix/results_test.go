@@ -26,6 +26,9 @@ const (
 	// changeDetachRules: after a detach, the rules pointing at the
 	// vanished link's table wait for the next IMDS poll (up to 16.5 s).
 	changeDetachRules daemonChange = 3
+	// changeEC2Hint: the hint for amazon-ec2-net-utils' rules removes the
+	// package, whose 80-ec2.network also brings up the primary ENI.
+	changeEC2Hint daemonChange = 4
 	// changePrimaryEgress: a stack's DHCP default route through a secondary
 	// ENI, ahead of the primary's in main, takes the primary ENI's replies
 	// and all other outbound traffic.
