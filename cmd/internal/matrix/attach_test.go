@@ -33,12 +33,16 @@ const attachRounds = 20
 // ec2-net-utils' rounds: dualhomed is stopped and its objects cleaned up;
 // the udev stand-in runs its rule's command as the link appears. dualhomed's
 // rounds: dualhomed runs; the stand-in skips ec2-net-utils' command.
+//
+// It is a benchmark, not an assertion: `make matrix-timing` runs it alone
+// (MATRIX_TIMING=1), on a machine as quiet as can be had; CI's `make matrix`
+// does not (80 rounds took 27 minutes beside the matrix on a loaded 2-core
+// machine, and the matrix's containers skew the figures).
 func TestHotAttachTiming(t *testing.T) {
 	needMatrix(t)
-	if os.Getenv("MATRIX_TIMING") == "0" {
-		t.Skip("MATRIX_TIMING=0")
+	if os.Getenv("MATRIX_TIMING") != "1" {
+		t.Skip("skipping: the hot-attach timing runs with MATRIX_TIMING=1 (`sudo make matrix-timing`)")
 	}
-	t.Parallel() // beside TestMatrix: both tools share the load, round by round
 	ctx := context.Background()
 	dir := filepath.Join(workDir, "timing")
 	w, err := newWorld(fmt.Sprintf("mx%dc99-", os.Getpid()), filepath.Join(dir, "world"), 0, t.Logf)
@@ -118,6 +122,15 @@ func (r *run) timeAttach(e *eni, tool string) (toRule, toReply time.Duration, er
 		}
 	} else if _, err := r.c.sh(ctx, 30*time.Second, "rm -f /run/matrix-dualhomed-round; systemctl stop dualhomed; dualhomed cleanup >/dev/null"); err != nil {
 		return 0, 0, err
+	}
+	// A clean start: no rule of either tool left from the previous round
+	// (ec2-net-utils' removal runs its bash scripts, which can take longer
+	// than the previous round waited for).
+	for deadline := time.Now().Add(30 * time.Second); r.rulesAt(10000+e.dev)+r.rulesAt(20000+e.dev) > 0; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			return 0, 0, fmt.Errorf("rules of the previous round still there 30 s on: %d at %d, %d at %d",
+				r.rulesAt(10000+e.dev), 10000+e.dev, r.rulesAt(20000+e.dev), 20000+e.dev)
+		}
 	}
 	want := append([]netip.Addr{e.primary}, e.extra...)
 	// The link's arrival: its RTM_NEWLINK in the container's namespace.
