@@ -171,10 +171,15 @@ network:
 		warnings: []string{defaultViaSecondary},
 	}
 
-	cloudCfg := `# matrix: the Ec2 datasource on the emulator; the container's platform is
-# unknown to ds-identify and to DataSourceEc2Local, so Ec2 is found in the
-# network stage, through the primary ENI's fallback DHCP route, as IMDS is
-# reached on EC2. Rendered through netplan, as on Ubuntu.
+	cloudCfg := `# matrix: the Ec2 datasource on the emulator. In a container cloud-init
+# cannot tell that it runs on AWS (it reads no DMI there, and the kernel has
+# no /sys/hypervisor), so DataSourceEc2Local does not run: Ec2 is found in
+# the network stage, through the fallback DHCP on eth0 that init-local
+# renders. init-local renders that fallback over 50-cloud-init.yaml on every
+# boot, where EC2's cloud-init keeps the first boot's configuration; the
+# network stage applies the instance's configuration again on every boot
+# (updates: boot), which ends each boot as on EC2. Rendered through netplan,
+# as on Ubuntu.
 datasource_list: [ Ec2, None ]
 datasource:
   Ec2:
@@ -182,6 +187,9 @@ datasource:
     metadata_urls: [ 'http://169.254.169.254' ]
     timeout: 2
     max_wait: 30
+updates:
+  network:
+    when: [ boot-new-instance, boot-legacy, boot ]
 system_info:
   network:
     renderers: [ netplan ]
