@@ -72,7 +72,9 @@ type eni struct {
 	subnet  netip.Prefix
 	primary netip.Addr
 	extra   []netip.Addr // secondary IPv4s in IMDS
-	rlink   string       // the router's end
+	// offerDelay delays the DHCP server's offers (dnsmasq --dhcp-reply-delay).
+	offerDelay time.Duration
+	rlink      string // the router's end
 	// attached is true while the link is in the container's namespace.
 	attached bool
 }
@@ -173,8 +175,8 @@ func defaultVPCs() []*vpc {
 
 // newWorld builds the VPCs, the ENIs (eth0..eth2 parked, ready for the
 // first boot; eth3 parked for hot attach), dnsmasq in every router and IMDS.
-// extraIPs secondary addresses are given to eth3 (the hot-attach timing).
-func newWorld(prefix, dir string, eth3Extra int, logf func(string, ...any)) (w *world, err error) {
+// eth3's DHCP server delays its offers by eth3OfferDelay (whole seconds).
+func newWorld(prefix, dir string, eth3OfferDelay time.Duration, logf func(string, ...any)) (w *world, err error) {
 	w = &world{prefix: prefix, dir: dir, vpcs: map[string]*vpc{}, logf: logf}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
@@ -226,11 +228,7 @@ func newWorld(prefix, dir string, eth3Extra int, logf func(string, ...any)) (w *
 			rlink:   fmt.Sprintf("eni%d", i),
 		}
 		if i == 3 {
-			for k := 0; k < eth3Extra; k++ {
-				b := subnet.Addr().As4()
-				b[3] = byte(100 + k)
-				e.extra = append(e.extra, netip.AddrFrom4(b))
-			}
+			e.offerDelay = eth3OfferDelay
 		}
 		// The ENI's container end is parked in its router's namespace
 		// until a boot or a hot attach moves it in.
@@ -315,16 +313,20 @@ func (w *world) start(ns *simworld.NS, name string, args ...string) (*exec.Cmd, 
 // startDnsmasq serves the ENI's subnet: its primary address to its MAC
 // only, the router, MTU 9001, 2-minute leases renewed after 20 s; no DNS.
 func (w *world) startDnsmasq(r *simworld.NS, e *eni) error {
-	_, err := w.start(r, "dnsmasq-"+e.link, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
+	args := []string{"dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
 		"--port=0", "--no-resolv", "--no-hosts", "--user=root", "--group=root", "--pid-file=",
-		"--bind-interfaces", "--interface="+e.rlink, "--except-interface=lo", "--dhcp-authoritative",
+		"--bind-interfaces", "--interface=" + e.rlink, "--except-interface=lo", "--dhcp-authoritative",
 		fmt.Sprintf("--dhcp-range=%s,static,255.255.255.0,%s", e.primary, leaseTime),
 		fmt.Sprintf("--dhcp-host=%s,%s", e.mac, e.primary),
-		"--dhcp-option=option:router,"+e.gateway().String(),
+		"--dhcp-option=option:router," + e.gateway().String(),
 		"--dhcp-option=option:mtu,9001",
 		fmt.Sprintf("--dhcp-option=option:T1,%d", int(renewAfter.Seconds())),
-		"--dhcp-leasefile="+filepath.Join(w.dir, "leases-"+e.link),
-		"--log-dhcp", "--log-facility="+w.dhcpLog(e))
+		"--dhcp-leasefile=" + filepath.Join(w.dir, "leases-"+e.link),
+		"--log-dhcp", "--log-facility=" + w.dhcpLog(e)}
+	if e.offerDelay > 0 {
+		args = append(args, fmt.Sprintf("--dhcp-reply-delay=%d", int(e.offerDelay.Seconds())))
+	}
+	_, err := w.start(r, "dnsmasq-"+e.link, args...)
 	return err
 }
 
