@@ -382,12 +382,37 @@ func (r *run) stackState(withDualhomed bool) {
 			otherExtra = append(otherExtra, e)
 		}
 	}
+	// Daemon change #7: after remove and purge the secondary ENIs'
+	// rp_filter must be back; its originals live in /run/dualhomed, which
+	// systemd removes with the unit's RuntimeDirectory when it stops.
+	if !withDualhomed {
+		var rp []string
+		otherMissing, rp = splitOff(otherMissing, rp, "- ")
+		otherExtra, rp = splitOff(otherExtra, rp, "+ ")
+		if len(rp) > 0 {
+			r.known("rp_filter restored", changeRPFilterRestore, false,
+				"dualhomed's rp_filter values outlive it:\n%s", strings.Join(rp, "\n"))
+		}
+	}
 	if len(held) > 0 {
 		r.known("DHCP address ownership", changeDHCPAddress, false,
 			"the stack's DHCP addresses went through dualhomed's copies (proto 210); what differs from the stack alone:\n%s", strings.Join(held, "\n"))
 	}
 	r.check("stack state", len(otherMissing) == 0 && len(otherExtra) == 0,
 		"the stack's objects differ from the stack alone's:\nmissing:\n%s\nextra:\n%s", strings.Join(otherMissing, "\n"), strings.Join(otherExtra, "\n"))
+}
+
+// splitOff moves the secondary ENIs' rp_filter lines of lines into moved,
+// each with a prefix.
+func splitOff(lines, moved []string, prefix string) (rest, movedOut []string) {
+	for _, l := range lines {
+		if strings.HasPrefix(l, "sysctl net.ipv4.conf.eth1.rp_filter") || strings.HasPrefix(l, "sysctl net.ipv4.conf.eth2.rp_filter") {
+			moved = append(moved, prefix+l)
+		} else {
+			rest = append(rest, l)
+		}
+	}
+	return rest, moved
 }
 
 // ofCopy reports whether a dump line is one of the addresses in copies
@@ -493,14 +518,18 @@ func (r *run) quiet(withDualhomed bool) {
 					grew = append(grew, fmt.Sprintf("%s %v -> %v", k, m0[k], m1[k]))
 				}
 			}
-			es, _ := r.c.journal(r.ctx, start, "-t", "dualhomed")
-			var changed []string
-			for _, e := range es {
-				if strings.Contains(e.msg(), "changed") || strings.Contains(e.msg(), "repair") {
-					changed = append(changed, e.msg())
+			var window []string // what dualhomed and the stack logged meanwhile
+			if len(grew) > 0 {
+				args := []string{"-t", "dualhomed"}
+				for _, u := range r.s.units {
+					args = append(args, "-u", u)
+				}
+				es, _ := r.c.journal(r.ctx, start, args...)
+				for _, e := range es {
+					window = append(window, e.Unit+e.Ident+": "+e.msg())
 				}
 			}
-			r.check("no fight: dualhomed", len(grew) == 0, "during %s of quiet: %s\n%s", quiet, strings.Join(grew, ", "), tail(strings.Join(changed, "\n"), 20))
+			r.check("no fight: dualhomed", len(grew) == 0, "during %s of quiet: %s\n%s", quiet, strings.Join(grew, ", "), tail(strings.Join(window, "\n"), 30))
 		}
 	}
 	swaps, missing, extra := addressSwaps(d0.Diff(d1))

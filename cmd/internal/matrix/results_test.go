@@ -33,6 +33,10 @@ const (
 	// ENI, ahead of the primary's in main, takes the primary ENI's replies
 	// and all other outbound traffic.
 	changePrimaryEgress daemonChange = 5
+	// changeRPFilterRestore: the rp_filter originals are recorded in the
+	// unit's RuntimeDirectory, which a stop removes: neither a restart nor
+	// `apt-get remove` (prerm stops, then runs cleanup) can restore them.
+	changeRPFilterRestore daemonChange = 7
 )
 
 // fixed reports whether MATRIX_DAEMON_FIXED says the change has landed.
