@@ -37,6 +37,12 @@ const (
 	// unit's RuntimeDirectory, which a stop removes: neither a restart nor
 	// `apt-get remove` (prerm stops, then runs cleanup) can restore them.
 	changeRPFilterRestore daemonChange = 7
+	// changeFailedAdd: an addition the kernel refuses (the VPC route in
+	// main via a gateway main cannot reach, when the stack puts the ENI's
+	// subnet route in its own table) is retried at every poll, counted as
+	// a repair, and holds back every deletion: rules of a detached ENI and
+	// an unassigned IP stay.
+	changeFailedAdd daemonChange = 8
 )
 
 // fixed reports whether MATRIX_DAEMON_FIXED says the change has landed.
