@@ -448,7 +448,7 @@ func ofCopy(line string, copies map[string]bool) bool {
 }
 
 // addOp is the address and link of a dualhomed "changed" line adding one.
-var addOp = regexp.MustCompile(`"op":"\+ addr (\S+) dev ([^ "]+)`)
+var addOp = regexp.MustCompile(`"\+ addr (\S+) dev ([^ "]+)`)
 
 // addressCopies returns the addresses ("link prefix") dualhomed logged
 // adding since a time.
