@@ -59,7 +59,8 @@ matrix:
 
 # Hot attach timed for amazon-ec2-net-utils against dualhomed in the matrix's
 # container (20 interleaved attaches each, 1 and 51 addresses): a benchmark,
-# not run by CI; writes build/matrix/hot-attach.md. Needs root.
+# not run by CI; writes docs/hot-attach-matrix.md, which `make bench` shows in
+# docs/benchmarks.md. Needs root.
 matrix-timing:
 	ARCHES=amd64 packaging/build.sh
 	MATRIX=1 MATRIX_TIMING=1 $(GO) test -count=1 -timeout 60m -v -run TestHotAttachTiming ./cmd/internal/matrix/
