@@ -741,12 +741,20 @@ func (r *run) stepSecondaryIP() {
 	}
 	err := echo(e.vpc.client, ip, 40*time.Second)
 	r.check("replies on the new IP", err == nil, "client in VPC B -> %s: %v (%s after the assignment)", ip, err, time.Since(start))
+	if r.s.tracksIMDSIPs {
+		// The stack adds the IP too, at its next refresh: the stack alone
+		// would have it, so the steps after compare with it gone again.
+		r.waitStackIP(ip, true)
+	}
 	if err := r.w.imds.UpdateENI(e.mac, func(x *imdsENI) { x.LocalIPv4s = x.LocalIPv4s[:1] }); err != nil {
 		r.fail("unassign", "%v", err)
 		return
 	}
 	unassigned := time.Now()
-	deadline := unassigned.Add(60 * time.Second) // four IMDS polls
+	if r.s.tracksIMDSIPs {
+		r.waitStackIP(ip, false)
+	}
+	deadline := time.Now().Add(60 * time.Second) // four IMDS polls
 	for {
 		d, _ := dumpState(r.w.inst)
 		left := d.Grep(" " + ip.String())
@@ -765,6 +773,28 @@ func (r *run) stepSecondaryIP() {
 		time.Sleep(250 * time.Millisecond)
 	}
 	r.common(true)
+}
+
+// waitStackIP waits until the stack's own objects for ip are there (or
+// gone), for at most two of its refresh periods, and records whether they
+// followed IMDS.
+func (r *run) waitStackIP(ip netip.Addr, present bool) {
+	start := time.Now()
+	for {
+		d, _ := dumpState(r.w.inst)
+		_, theirs := split(d)
+		has := len(theirs.Grep(" "+ip.String())) > 0
+		if has == present {
+			r.pass(fmt.Sprintf("the stack follows IMDS (present: %v)", present))
+			r.t.Logf("%s: the stack's own objects for %s present=%v after %s", r.step, ip, present, time.Since(start).Round(time.Second))
+			return
+		}
+		if time.Since(start) > 140*time.Second {
+			r.fail(fmt.Sprintf("the stack follows IMDS (present: %v)", present), "140 s on, the stack's objects for %s: %v", ip, theirs.Grep(" "+ip.String()))
+			return
+		}
+		time.Sleep(time.Second)
+	}
 }
 
 func (r *run) stepRenewal() {

@@ -35,6 +35,10 @@ type stack struct {
 	// whatever dualhomed does, with the reason; another configuration of the
 	// same stack shows the fix.
 	limits map[string]string
+	// tracksIMDSIPs: the stack reads the ENIs' secondary IPs from IMDS
+	// itself and adds and removes them (with its own rules) within
+	// tracksWithin; the secondary IP step waits for it both ways.
+	tracksIMDSIPs bool
 	// udev holds the RUN+= commands of the stack's net udev rules, which
 	// the matrix-udev stand-in runs when a link appears ("add") or goes.
 	udevAdd, udevRemove string
@@ -247,7 +251,9 @@ system_info:
 		reconfig: regexp.MustCompile(networkdReconfig),
 		restart:  []string{"systemctl restart systemd-networkd", "systemctl restart policy-routes@eth1.service policy-routes@eth2.service", "networkctl reload"},
 		warnings: []string{`foreign rule .* looks up table 1000[12] instead of`},
-		udevAdd:  ec2Add, udevRemove: ec2Remove,
+		// refresh-policy-routes@ETH.timer: every 60 s (+ up to 5 s).
+		tracksIMDSIPs: true,
+		udevAdd:       ec2Add, udevRemove: ec2Remove,
 	}
 	ec2Masked := ec2
 	ec2Masked.name = "ec2-net-utils, masked"
@@ -258,6 +264,7 @@ system_info:
 		"/etc/systemd/system/refresh-policy-routes@.timer":   "@/dev/null",
 	}
 	ec2Masked.units = []string{"systemd-networkd.service"}
+	ec2Masked.tracksIMDSIPs = false
 	ec2Masked.restart = []string{"systemctl restart systemd-networkd", "networkctl reload"}
 	ec2Masked.warnings = []string{defaultViaSecondary}
 
