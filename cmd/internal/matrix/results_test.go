@@ -29,10 +29,6 @@ const (
 	// changeEC2Hint: the hint for amazon-ec2-net-utils' rules removes the
 	// package, whose 80-ec2.network also brings up the primary ENI.
 	changeEC2Hint daemonChange = 4
-	// changePrimaryEgress: a stack's DHCP default route through a secondary
-	// ENI, ahead of the primary's in main, takes the primary ENI's replies
-	// and all other outbound traffic.
-	changePrimaryEgress daemonChange = 5
 	// changeRPFilterRestore: the rp_filter originals are recorded in the
 	// unit's RuntimeDirectory, which a stop removes: neither a restart nor
 	// `apt-get remove` (prerm stops, then runs cleanup) can restore them.

@@ -72,6 +72,15 @@ const overlapWarning = `not routing 10.0.0.0/16 of vpc-0cccccccccccccccc through
 // defaultViaSecondary is the warning for a DHCP default route on a secondary ENI in main.
 const defaultViaSecondary = `main table has a default route through secondary ENI`
 
+// secondaryGatewayLimit is the limit of a stack with DHCP on every ENI and
+// no per-ENI configuration: each secondary ENI's gateway goes into main at
+// the primary's metric, and the last lease wins all outbound traffic, the
+// primary ENI's replies included. The warning above gives the per-ENI fix,
+// which the hints step applies.
+var secondaryGatewayLimit = map[string]string{
+	"replies via the primary ENI": "DHCP on every ENI puts a secondary ENI's gateway ahead of the primary's in main (fixed per ENI by the warning's hint)",
+}
+
 // udevStandIn replaces udev, which cannot run in a container: it runs the
 // stack's net rules' RUN+= commands (/etc/matrix-udev/{add,remove}) for
 // every ethN at boot (coldplug) and whenever one appears or goes.
@@ -148,6 +157,7 @@ func stacks() []stack {
 		restart: []string{"systemctl restart systemd-networkd", "networkctl reload",
 			"networkctl reconfigure eth0 eth1 eth2"},
 		warnings: []string{defaultViaSecondary},
+		limits:   secondaryGatewayLimit,
 	}
 	noDropIn := networkd
 	noDropIn.name = "networkd, no drop-in"
@@ -173,6 +183,7 @@ network:
 		reconfig: regexp.MustCompile(networkdReconfig),
 		restart:  []string{"netplan apply", "systemctl restart systemd-networkd"},
 		warnings: []string{defaultViaSecondary},
+		limits:   secondaryGatewayLimit,
 	}
 
 	cloudCfg := `# matrix: the Ec2 datasource on the emulator. In a container cloud-init
@@ -267,6 +278,7 @@ system_info:
 	ec2Masked.tracksIMDSIPs = false
 	ec2Masked.restart = []string{"systemctl restart systemd-networkd", "networkctl reload"}
 	ec2Masked.warnings = []string{defaultViaSecondary}
+	ec2Masked.limits = secondaryGatewayLimit
 
 	nm := stack{
 		name:     "NetworkManager",
