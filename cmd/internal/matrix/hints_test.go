@@ -36,7 +36,7 @@ func (r *run) follow(w warningView) (script string, ok bool) {
 		m := networkdHint.FindStringSubmatch(w.Hint)
 		return fmt.Sprintf(`mkdir -p "$(dirname %[1]s)" && { grep -qx '\[Network\]' %[1]s 2>/dev/null || echo '[Network]' >>%[1]s; } && echo '%[2]s=no' >>%[1]s && %[3]s`, m[1], m[2], m[3]), true
 	case strings.HasPrefix(w.Message, defaultViaSecondary) && link != "":
-		return r.noGatewayOn(link), true
+		return r.noGatewayOn(link, w.ENI), true
 	case strings.Contains(w.Hint, "amazon-ec2-net-utils") && maskCommand.MatchString(w.Hint) && cmd != "":
 		// docs/coexistence.md's recipe (daemon change #4).
 		return maskCommand.FindStringSubmatch(w.Hint)[1] + " && " + cmd, true
@@ -56,8 +56,8 @@ for f in glob.glob("/etc/netplan/*.yaml"):
 }
 
 // noGatewayOn stops the stack's DHCP client from putting link's gateway
-// into main, the way the hint says for this stack.
-func (r *run) noGatewayOn(link string) string {
+// (the ENI with that MAC) into main, the way the hint says for this stack.
+func (r *run) noGatewayOn(link, mac string) string {
 	switch {
 	case strings.HasPrefix(r.s.name, "NetworkManager"):
 		return fmt.Sprintf(`c=$(nmcli -g GENERAL.CONNECTION device show %[1]s) && nmcli connection modify "$c" ipv4.never-default yes && nmcli connection up "$c"`, link)
@@ -65,9 +65,9 @@ func (r *run) noGatewayOn(link string) string {
 		return fmt.Sprintf(`printf '[ "$interface" = %[1]s ] && unset new_routers\n' >/etc/dhcp/dhclient-enter-hooks.d/no-gateway-%[1]s && ifdown %[1]s && ifup %[1]s`, link)
 	case strings.HasPrefix(r.s.name, "netplan"), strings.HasPrefix(r.s.name, "cloud-init"):
 		return fmt.Sprintf(`printf 'network:\n  version: 2\n  ethernets:\n    %[1]s:\n      dhcp4-overrides: {use-routes: false}\n' >/etc/netplan/90-no-gateway-%[1]s.yaml && chmod 600 /etc/netplan/90-no-gateway-%[1]s.yaml && netplan apply`, link)
-	default: // systemd-networkd: the link's own .network file, with UseGateway=no
+	default: // systemd-networkd: the link's own .network file matched by MAC, with UseGateway=no
 		return fmt.Sprintf(`f=$(networkctl status %[1]s | sed -n 's/.*Network File: //p') && `+
-			`sed -e '/^\[Match\]/,/^\[/{/^[A-Za-z]*=/d}' -e 's/^\[Match\]/[Match]\nName=%[1]s/' "$f" >/etc/systemd/network/10-no-gateway-%[1]s.network && `+
-			`printf '\n[DHCPv4]\nUseGateway=no\n' >>/etc/systemd/network/10-no-gateway-%[1]s.network && networkctl reload && networkctl reconfigure %[1]s`, link)
+			`sed -e '/^\[Match\]/,/^\[/{/^[A-Za-z]*=/d}' -e 's/^\[Match\]/[Match]\nMACAddress=%[2]s/' "$f" >/etc/systemd/network/10-no-gateway-%[1]s.network && `+
+			`printf '\n[DHCPv4]\nUseGateway=no\n' >>/etc/systemd/network/10-no-gateway-%[1]s.network && networkctl reload && networkctl reconfigure %[1]s`, link, mac)
 	}
 }
