@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -351,12 +352,7 @@ func (e *eni) imds() imds.ENI {
 // in this process, on 169.254.169.254:80 in every router, with IMDS's dated
 // API versions mapped onto the emulator's /latest.
 func (w *world) startIMDS() error {
-	// IMDSv1 allowed (HttpTokens=optional): cloud-init 22.4 asks for an
-	// IMDSv2 token only once it has identified the platform as AWS from DMI
-	// or /sys/hypervisor, which it does not read in a container, and then
-	// reads IMDS the IMDSv1 way. dualhomed always uses IMDSv2 tokens.
-	inst := emulator.Instance{InstanceID: "i-0d0a1b0c0e0d0e000", InstanceType: "c6in.large", PrimaryMAC: w.enis[0].mac,
-		TokensOptional: true}
+	inst := emulator.Instance{InstanceID: "i-0d0a1b0c0e0d0e000", InstanceType: "c6in.large", PrimaryMAC: w.enis[0].mac}
 	for _, e := range w.enis[:3] {
 		inst.ENIs = append(inst.ENIs, e.imds())
 	}
@@ -364,6 +360,18 @@ func (w *world) startIMDS() error {
 	dated := regexp.MustCompile(`^/[0-9]{4}-[0-9]{2}-[0-9]{2}(/|$)`)
 	latest := http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
 		r.URL.Path = dated.ReplaceAllString(r.URL.Path, "/latest$1")
+		// IMDSv1 allowed (HttpTokens=optional): cloud-init 22.4 asks for
+		// an IMDSv2 token only once it has identified the platform as AWS
+		// from DMI or /sys/hypervisor, which it does not read in a
+		// container, and then reads IMDS the IMDSv1 way. A read without a
+		// token gets one here; dualhomed always brings its own.
+		if r.Method == http.MethodGet && r.Header.Get(emulator.TokenHeader) == "" {
+			tr := httptest.NewRecorder()
+			req := httptest.NewRequest(http.MethodPut, emulator.TokenPath, nil)
+			req.Header.Set(emulator.TokenTTLHeader, "60")
+			w.imds.ServeHTTP(tr, req)
+			r.Header.Set(emulator.TokenHeader, tr.Body.String())
+		}
 		w.imds.ServeHTTP(rw, r)
 	})
 	w.proxy = &http.Server{Handler: latest, ReadHeaderTimeout: 5 * time.Second}
