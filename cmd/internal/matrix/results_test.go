@@ -40,6 +40,12 @@ const (
 	// a repair, and holds back every deletion: rules of a detached ENI and
 	// an unassigned IP stay.
 	changeFailedAdd daemonChange = 8
+	// changeDHCPGap: the DHCP grace (change #1) starts when a link
+	// appears; when a DHCP client drops a lease and takes it again later
+	// (networkd reconfiguring a link, ifdown/ifup), manage_addresses adds
+	// the primary address in between, and the client's address then goes
+	// through dualhomed's copy.
+	changeDHCPGap daemonChange = 9
 )
 
 // landed are the daemon changes in the tree (docs/coexistence.md): their

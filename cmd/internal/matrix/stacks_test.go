@@ -39,6 +39,8 @@ type stack struct {
 	// itself and adds and removes them (with its own rules) within
 	// tracksWithin; the secondary IP step waits for it both ways.
 	tracksIMDSIPs bool
+	// hotAttachUnmanaged: nothing runs DHCP on a hot-attached ENI.
+	hotAttachUnmanaged bool
 	// udev holds the RUN+= commands of the stack's net udev rules, which
 	// the matrix-udev stand-in runs when a link appears ("add") or goes.
 	udevAdd, udevRemove string
@@ -241,7 +243,9 @@ system_info:
 			"rules after attach":   "cloud-init's default leaves a hot-attached ENI down (no hotplug)",
 		},
 	}
+	cloudInit.hotAttachUnmanaged = true
 	cloudInitRec := cloudInit
+	cloudInitRec.hotAttachUnmanaged = false
 	cloudInitRec.name = "cloud-init, recommended"
 	cloudInitRec.files = maps.Clone(cloudFiles)
 	cloudInitRec.files["/etc/cloud/cloud.cfg.d/99-dualhomed.cfg"] = cloudInitRecommended
