@@ -22,6 +22,7 @@ import (
 	"github.com/dualhomed/dualhomed/cmd/internal/simworld"
 	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/imds/emulator"
+	"github.com/dualhomed/dualhomed/netcfg/nstest"
 )
 
 // The world of one configuration, outside its container; every namespace
@@ -114,7 +115,7 @@ func newNamedNS(name string) (*simworld.NS, error) {
 		h.Close()
 		return nil, fmt.Errorf("netlink handle in %s: %w", name, err)
 	}
-	n := &simworld.NS{Name: name, Handle: h, NL: nl}
+	n := &simworld.NS{Name: name, NS: nstest.NS{Handle: h, NL: nl}}
 	lo, err := nl.LinkByName("lo")
 	if err == nil {
 		err = nl.LinkSetUp(lo)
