@@ -5,7 +5,7 @@ LDFLAGS   := -s -w -X main.version=$(VERSION)
 STATICCHECK_VERSION := v0.8.2
 BIN       := bin
 
-.PHONY: all build test lint bench demo chaos package package-check clean
+.PHONY: all build test lint bench demo chaos package package-check matrix matrix-timing clean
 
 all: build
 
@@ -47,3 +47,20 @@ package-check: package
 # iterations of every fault than `make test` does. Needs root.
 chaos: build
 	CHAOS_LONG=1 $(GO) test -race -count=1 -timeout 30m -v ./cmd/internal/chaos/
+
+# The coexistence matrix (cmd/internal/matrix, docs/coexistence.md): the .deb
+# installed into a Debian 12 root booted under systemd-nspawn next to each
+# network stack of EC2 images, all configurations at once. Needs root; caches
+# the root in /var/cache/dualhomed-matrix (CI builds it afresh). Only the
+# amd64 .deb is needed. CI's budget is 30 minutes.
+matrix:
+	ARCHES=amd64 packaging/build.sh
+	MATRIX=1 $(GO) test -count=1 -timeout 30m -parallel 16 -v ./cmd/internal/matrix/
+
+# Hot attach timed for amazon-ec2-net-utils against dualhomed in the matrix's
+# container (20 interleaved attaches each, 1 and 51 addresses): a benchmark,
+# not run by CI; writes docs/hot-attach-matrix.md, which `make bench` shows in
+# docs/benchmarks.md. Needs root.
+matrix-timing:
+	ARCHES=amd64 packaging/build.sh
+	MATRIX=1 MATRIX_TIMING=1 $(GO) test -count=1 -timeout 60m -v -run TestHotAttachTiming ./cmd/internal/matrix/

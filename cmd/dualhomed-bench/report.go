@@ -310,7 +310,12 @@ func (r *results) write(path string) error {
 		Facts                      [][2]string
 		LoadEnd, Command, GoBench  string
 		ENIs, IPv4, IPv6, Prefixes int
-	}{r, machineFacts(), loadAverage(), commandLine(o), o.goBenchOut, o.enis, o.ipv4, o.ipv6, o.prefixes}
+		// HotAttachMatrix is the coexistence matrix's own hot-attach
+		// timing (`make matrix-timing`), measured in a booted container
+		// beside amazon-ec2-net-utils and kept in the file it writes.
+		HotAttachMatrix string
+	}{r, machineFacts(), loadAverage(), commandLine(o), o.goBenchOut, o.enis, o.ipv4, o.ipv6, o.prefixes,
+		readOptional(filepath.Join(filepath.Dir(path), "hot-attach-matrix.md"))}
 	var b bytes.Buffer
 	if err := report.Execute(&b, page); err != nil {
 		return fmt.Errorf("rendering the report: %w", err)
@@ -322,6 +327,15 @@ func (r *results) write(path string) error {
 		return fmt.Errorf("writing the report: %w", err)
 	}
 	return nil
+}
+
+// readOptional returns a file's text, or "" when it cannot be read.
+func readOptional(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	return string(b)
 }
 
 // seconds formats a whole number of seconds as "15 s".
