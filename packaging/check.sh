@@ -319,7 +319,8 @@ if [ "$BOOT_TEST" = 1 ]; then
 	# The original was recorded by the first daemon, kept through the
 	# upgrade's restart and prerm's stop (RuntimeDirectoryPreserve=yes).
 	[ "$(rp_filter)" = 1 ] || fail "eth1's rp_filter is $(rp_filter) after removal, not its original 1"
-	echo "   remove: stopped, cleanup removed rule, routes and address and put rp_filter 1 back; primary untouched"
+	! in_ct test -e /run/dualhomed || fail "a successful cleanup on removal left /run/dualhomed behind"
+	echo "   remove: stopped, cleanup removed rule, routes and address and put rp_filter 1 back, then its records; primary untouched"
 
 	# Reinstallation after a remove (the package is in config-files state, so
 	# postinst gets the removed version as for an upgrade) starts the enabled

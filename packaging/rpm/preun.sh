@@ -12,8 +12,14 @@ if [ "$1" -eq 0 ]; then
 		systemctl --no-reload disable dualhomed.service >/dev/null 2>&1 || :
 	fi
 	if [ "${SYSTEMD_OFFLINE:-0}" != "1" ] && in_host_root && [ -x /usr/bin/dualhomed ]; then
-		/usr/bin/dualhomed cleanup ||
+		# The records in /run/dualhomed (kept by the stopped unit) are what
+		# cleanup restored from: once it succeeded nothing needs them; after
+		# a failure they stay for a manual `dualhomed cleanup`.
+		if /usr/bin/dualhomed cleanup; then
+			rm -rf /run/dualhomed
+		else
 			echo "dualhomed: cleanup failed; run 'dualhomed cleanup' by hand" >&2
+		fi
 	fi
 fi
 exit 0
