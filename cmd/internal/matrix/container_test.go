@@ -127,6 +127,18 @@ func (c *container) boot(ctx context.Context, timeout time.Duration) error {
 		jobs, _ := c.exec(ctx, 10*time.Second, "systemctl", "list-jobs", "--no-pager")
 		return fmt.Errorf("boot did not finish: is-system-running says %q (%v); jobs:\n%s", state, err, jobs)
 	}
+	// Without --private-network nspawn leaves /proc/sys read-only: only
+	// units with ReadWritePaths=/proc/sys/net (dualhomed's) could write a
+	// sysctl, and the package's `dualhomed cleanup`, run by apt, could not
+	// restore rp_filter. Root on an instance can: make /proc/sys/net
+	// writable, as nspawn does for a container with a network of its own.
+	c.mu.Lock()
+	leader := c.leader
+	c.mu.Unlock()
+	if b, err := exec.CommandContext(ctx, "nsenter", "-t", strconv.Itoa(leader), "-m", "--",
+		"sh", "-c", "mount --bind /proc/sys/net /proc/sys/net && mount -o remount,bind,rw /proc/sys/net").CombinedOutput(); err != nil {
+		return fmt.Errorf("making /proc/sys/net writable in the container: %w: %s", err, b)
+	}
 	return nil
 }
 
