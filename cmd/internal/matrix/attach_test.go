@@ -2,9 +2,7 @@ package matrix
 
 import (
 	"context"
-	"encoding/binary"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -149,11 +147,16 @@ func (r *run) timeAttach(e *eni, tool string) (toRule, toReply time.Duration, er
 	if err := netlink.LinkSubscribeAt(r.w.inst.Handle, updates, done); err != nil {
 		return 0, 0, fmt.Errorf("subscribing to links: %w", err)
 	}
-	pinger, err := startPinger(e.vpc.client, e.primary, 5*time.Millisecond)
-	if err != nil {
-		return 0, 0, err
-	}
-	defer pinger.stop()
+	// The first echo reply, from a pinger that runs from before the attach.
+	pingCtx, stopPing := context.WithCancel(context.Background())
+	defer stopPing()
+	replied := make(chan time.Time, 1)
+	go func() {
+		at, err := simworld.FirstReply(pingCtx, e.vpc.client, e.primary, 5*time.Millisecond)
+		if err == nil {
+			replied <- at
+		}
+	}()
 	if err := r.w.attach(e); err != nil {
 		return 0, 0, err
 	}
@@ -189,8 +192,10 @@ func (r *run) timeAttach(e *eni, tool string) (toRule, toReply time.Duration, er
 			toRule = time.Since(arrived)
 		}
 		if toReply == 0 {
-			if at := pinger.first(); !at.IsZero() {
+			select {
+			case at := <-replied:
 				toReply = at.Sub(arrived)
+			default:
 			}
 		}
 		time.Sleep(2 * time.Millisecond)
@@ -211,83 +216,6 @@ func (r *run) rulesAt(prio int) int {
 		}
 	}
 	return n
-}
-
-// pinger sends ICMP echo requests from a client every interval and
-// remembers when the first reply came.
-type pinger struct {
-	conn   net.PacketConn
-	quit   chan struct{}
-	gotAt  chan time.Time
-	firstT time.Time
-}
-
-func startPinger(ns *simworld.NS, dst netip.Addr, interval time.Duration) (*pinger, error) {
-	p := &pinger{quit: make(chan struct{}), gotAt: make(chan time.Time, 1)}
-	if err := ns.Do(func() (err error) { p.conn, err = net.ListenPacket("ip4:icmp", "0.0.0.0"); return err }); err != nil {
-		return nil, fmt.Errorf("ICMP socket in %s: %w", ns.Name, err)
-	}
-	id := uint16(os.Getpid())
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := p.conn.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			if ip, ok := from.(*net.IPAddr); ok && n >= 8 && buf[0] == 0 && ip.IP.Equal(dst.AsSlice()) && binary.BigEndian.Uint16(buf[4:]) == id {
-				select {
-				case p.gotAt <- time.Now():
-				default:
-				}
-			}
-		}
-	}()
-	go func() {
-		t := time.NewTicker(interval)
-		defer t.Stop()
-		for seq := uint16(0); ; seq++ {
-			msg := make([]byte, 16)
-			msg[0] = 8
-			binary.BigEndian.PutUint16(msg[4:], id)
-			binary.BigEndian.PutUint16(msg[6:], seq)
-			binary.BigEndian.PutUint16(msg[2:], icmpChecksum(msg))
-			_, _ = p.conn.WriteTo(msg, &net.IPAddr{IP: dst.AsSlice()})
-			select {
-			case <-p.quit:
-				return
-			case <-t.C:
-			}
-		}
-	}()
-	return p, nil
-}
-
-func (p *pinger) first() time.Time {
-	if p.firstT.IsZero() {
-		select {
-		case at := <-p.gotAt:
-			p.firstT = at
-		default:
-		}
-	}
-	return p.firstT
-}
-
-func (p *pinger) stop() {
-	close(p.quit)
-	p.conn.Close()
-}
-
-func icmpChecksum(b []byte) uint16 {
-	var s uint32
-	for i := 0; i+1 < len(b); i += 2 {
-		s += uint32(b[i])<<8 | uint32(b[i+1])
-	}
-	for s>>16 != 0 {
-		s = s&0xffff + s>>16
-	}
-	return ^uint16(s)
 }
 
 func median(d []time.Duration) time.Duration { return percentile(d, 50) }
