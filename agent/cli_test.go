@@ -6,7 +6,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http/httptest"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -387,6 +389,9 @@ func TestRefusedMainRouteIsAWarningNotRetried(t *testing.T) {
 		if i == 1 && rep.Writes != 0 {
 			t.Errorf("reconcile %d tried the refused add again: %d writes", i, rep.Writes)
 		}
+		if slices.ContainsFunc(rep.Changes, func(c netcfg.Change) bool { return strings.Contains(c.Text, ours.Dst.String()) }) {
+			t.Errorf("reconcile %d reports the refused add as a change: %v", i, rep.Changes)
+		}
 		warned := false
 		for _, wn := range rep.Warnings {
 			warned = warned || (wn.Blocked != nil && wn.Blocked.Object == object && strings.Contains(wn.Message, "cannot add "+object+": "+reason))
@@ -406,5 +411,54 @@ func TestRefusedMainRouteIsAWarningNotRetried(t *testing.T) {
 	}
 	if len(w.ourRoutes(netcfg.MainTable)) == 0 {
 		t.Error("with the subnet route back in main, our VPC route was not added")
+	}
+}
+
+// Issue 13 (coexistence, amazon-ec2-net-utils as installed): networkd with
+// a DHCPv4 RouteTable= adds the lease's address with noprefixroute and puts
+// the subnet's route in that table, not in main. main then does not reach
+// the ENI's gateway: dualhomed carries the subnet in main itself, so the
+// kernel accepts its VPC route (no refusal, retried at every lease renewal:
+// the matrix counted that as a fight), the instance reaches the ENI's VPC
+// through it, and the next reconcile makes no write.
+func TestNoPrefixRouteLeaseGetsTheSubnetInMain(t *testing.T) {
+	w := newWorld(t, 2)
+	w.link(1)
+	eni := w.inst.ENIs[1]
+	eth1, err := w.ns.NL.LinkByName("eth1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	primary, subnet := eni.LocalIPv4s[0], eni.SubnetIPv4CIDR
+	lease := &netlink.Addr{IPNet: &net.IPNet{IP: primary.AsSlice(), Mask: net.CIDRMask(subnet.Bits(), 32)}, Flags: unix.IFA_F_NOPREFIXROUTE, ValidLft: 600, PreferedLft: 600}
+	if err := w.ns.NL.AddrAdd(eth1, lease); err != nil {
+		t.Fatalf("adding the lease %v: %v", lease, err)
+	}
+	if err := w.ns.NL.RouteAdd(&netlink.Route{LinkIndex: eth1.Attrs().Index, Dst: &net.IPNet{IP: subnet.Addr().AsSlice(), Mask: net.CIDRMask(subnet.Bits(), 32)}, Src: primary.AsSlice(),
+		Scope: netlink.SCOPE_LINK, Table: 10001, Protocol: unix.RTPROT_DHCP}); err != nil {
+		t.Fatalf("adding the subnet's route to table 10001: %v", err)
+	}
+	cfg := w.config()
+	k, err := netcfg.NewKernel(w.ns.Handle, cfg.StateDir, cfg.Netcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(k.Close)
+	src, _ := testSource(cfg.IMDS)
+	rec := atOnce(NewReconciler(src, k, cfg))
+	rep, err := rec.Reconcile(context.Background(), TriggerStart, false)
+	if err != nil || rep.ApplyError != "" || rec.Refused() || rec.Blocked() != 0 {
+		t.Fatalf("reconcile: %v, apply error %q, refused %v, blocked %d: %v", err, rep.ApplyError, rec.Refused(), rec.Blocked(), rep.Warnings)
+	}
+	inVPC := netip.AddrFrom4([4]byte{10, 1, 200, 1}) // in the ENI's VPC, outside its subnet
+	if !eni.VPCIPv4CIDRs[0].Contains(inVPC) || subnet.Contains(inVPC) {
+		t.Fatalf("%v: not in VPC %v outside subnet %v", inVPC, eni.VPCIPv4CIDRs, subnet)
+	}
+	got, err := w.ns.NL.RouteGet(inVPC.AsSlice())
+	if err != nil || len(got) != 1 || got[0].LinkIndex != eth1.Attrs().Index || !got[0].Src.Equal(primary.AsSlice()) {
+		t.Errorf("the kernel routes %v via %+v (%v); want eth1 from %v", inVPC, got, err, primary)
+	}
+	if rep, err := rec.Reconcile(context.Background(), TriggerPoll, false); err != nil || rep.Writes != 0 || len(rep.Changes) != 0 {
+		t.Errorf("second reconcile: %v, %d writes, changes %v; want none", err, rep.Writes, rep.Changes)
 	}
 }

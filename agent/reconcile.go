@@ -439,8 +439,9 @@ func (r *Reconciler) apply(plan netcfg.Plan, obs netcfg.Observed, dryRun bool, r
 		var err error
 		rep.Writes, err = r.kernel.Apply(plan)
 		refused, err := netcfg.Refusals(err)
-		for _, f := range refused { // not retried until Unblock
+		for _, f := range refused { // not retried until Unblock, and not a change
 			r.blocked[f.Op.ObjectKey()], r.refusals[f.Op.ObjectKey()] = true, f.Reason()
+			rep.Changes = slices.DeleteFunc(rep.Changes, func(c netcfg.Change) bool { return c.Op.ObjectKey() == f.Op.ObjectKey() })
 		}
 		if err != nil {
 			rep.ApplyError = err.Error()

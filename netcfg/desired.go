@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/dualhomed/dualhomed/imds"
+	"golang.org/x/sys/unix"
 )
 
 // IPv6Gateway is the VPC router's fixed link-local address, valid on every ENI.
@@ -230,8 +231,10 @@ type desirer struct {
 
 	enis       []*eniInfo
 	primaryVPC string
-	// foreign holds, per link, the addresses on it that are not ours.
-	foreign map[int][]netip.Prefix
+	// foreign holds, per link, the addresses on it that are not ours;
+	// noPrefixRoute, those of them that bring no prefix route into main.
+	foreign       map[int][]netip.Prefix
+	noPrefixRoute map[AddrKey]bool
 	// owned holds the addresses we own by identity; of several with one
 	// identity, the last one counts.
 	owned map[AddrKey]Addr
@@ -367,7 +370,12 @@ func (d *desirer) computeForeign() {
 	for _, a := range d.obs.Owned.Addrs {
 		d.owned[a.Key()] = a
 	}
-	d.foreign = map[int][]netip.Prefix{}
+	d.foreign, d.noPrefixRoute = map[int][]netip.Prefix{}, map[AddrKey]bool{}
+	for _, a := range d.obs.ForeignAddrs {
+		if a.NoPrefixRoute {
+			d.noPrefixRoute[AddrKey{LinkIndex: a.LinkIndex, Prefix: a.Prefix}] = true
+		}
+	}
 	for idx, ps := range d.obs.Addrs {
 		for _, p := range ps {
 			if _, ours := d.owned[AddrKey{LinkIndex: idx, Prefix: p}]; !ours && p.IsValid() {
@@ -860,12 +868,20 @@ func (d *desirer) linkName(idx int) string {
 	return fmt.Sprintf("#%d", idx)
 }
 
-// gatewayOnLink reports whether an address on e's link gives the main table
-// an on-link route to gw: one of ours without noprefixroute, or a foreign
-// one shorter than /32 (assumed to carry its prefix route, as DHCP's do).
+// gatewayOnLink reports whether main reaches gw on e's link, which the
+// kernel requires of a route via gw: a direct route of another program's
+// in main on that link covers it, or an address on the link brings its
+// prefix route: one of ours without noprefixroute, or a foreign one
+// shorter than /32 without IFA_F_NOPREFIXROUTE (networkd with a DHCPv4
+// RouteTable= puts the prefix route in that table instead).
 func (d *desirer) gatewayOnLink(e *eniInfo, gw netip.Addr) bool {
+	for _, r := range d.obs.ForeignRoutes {
+		if r.Table == MainTable && r.LinkIndex == e.link.Index && !r.Gateway.IsValid() && r.Type == unix.RTN_UNICAST && r.Dst.Contains(gw) {
+			return true
+		}
+	}
 	for _, p := range d.foreign[e.link.Index] {
-		if p.Bits() < 32 && p.Contains(gw) {
+		if p.Bits() < 32 && p.Contains(gw) && !d.noPrefixRoute[AddrKey{LinkIndex: e.link.Index, Prefix: p}] {
 			return true
 		}
 	}
@@ -880,9 +896,9 @@ func (d *desirer) gatewayOnLink(e *eniInfo, gw netip.Addr) bool {
 // foreignSubnetRoute reports whether a foreign address on any link brings a
 // prefix route overlapping subnet into main.
 func (d *desirer) foreignSubnetRoute(subnet netip.Prefix) bool {
-	for _, ps := range d.foreign {
+	for idx, ps := range d.foreign {
 		for _, p := range ps {
-			if p.Addr().Is4() && p.Bits() < 32 && p.Masked().Overlaps(subnet) {
+			if p.Addr().Is4() && p.Bits() < 32 && p.Masked().Overlaps(subnet) && !d.noPrefixRoute[AddrKey{LinkIndex: idx, Prefix: p}] {
 				return true
 			}
 		}

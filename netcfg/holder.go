@@ -18,6 +18,11 @@ type KernelAddr struct {
 	// Dynamic is true for an address with finite lifetimes (not
 	// IFA_F_PERMANENT): a DHCP client's lease, or SLAAC's.
 	Dynamic bool
+	// NoPrefixRoute is IFA_F_NOPREFIXROUTE: the kernel adds no prefix
+	// route for it; its owner may put one in a table of its own
+	// (networkd does with DHCPv4 RouteTable=, as amazon-ec2-net-utils
+	// configures it), or none.
+	NoPrefixRoute bool
 }
 
 // ifaProtoKernelRA is IFAPROT_KERNEL_RA: SLAAC made the address from a

@@ -289,7 +289,8 @@ func (k *Kernel) ownedAddrs(all []kernelAddr) (ours []Addr, foreign []KernelAddr
 		if marked && permanent {
 			ours = append(ours, Addr{LinkIndex: a.LinkIndex, Prefix: a.Prefix, NoPrefixRoute: a.Flags&unix.IFA_F_NOPREFIXROUTE != 0})
 		} else {
-			foreign = append(foreign, KernelAddr{LinkIndex: a.LinkIndex, Prefix: a.Prefix, Proto: a.Proto, Dynamic: !permanent})
+			foreign = append(foreign, KernelAddr{LinkIndex: a.LinkIndex, Prefix: a.Prefix, Proto: a.Proto, Dynamic: !permanent,
+				NoPrefixRoute: a.Flags&unix.IFA_F_NOPREFIXROUTE != 0})
 		}
 	}
 	return ours, foreign, nil

@@ -50,7 +50,7 @@ const (
 
 // landed are the daemon changes in the tree (docs/coexistence.md): their
 // assertions are plain ones.
-var landed = []daemonChange{changeDHCPAddress, changeBlockedNamed, changeDetachRules, changeEC2Hint}
+var landed = []daemonChange{changeDHCPAddress, changeBlockedNamed, changeDetachRules, changeEC2Hint, changeRPFilterRestore, changeFailedAdd, changeDHCPGap}
 
 // fixed reports whether the change has landed, or MATRIX_DAEMON_FIXED says
 // it has (to try a branch that makes it).
