@@ -153,18 +153,12 @@ func ParseConfig(name string, data []byte) (Config, error) {
 	if err := dec.Decode(&extra); err == nil {
 		return Config{}, fmt.Errorf("%s:%d: only one YAML document is allowed", name, extra.Line)
 	}
-	p := parser{file: name, lines: map[string]int{}}
-	root := &doc
-	if root.Kind == yaml.DocumentNode {
-		if len(root.Content) == 0 {
-			return cfg, nil
-		}
-		root = root.Content[0]
-	}
-	if isNull(root) {
+	// The decoder returns a document node, holding the document's one value.
+	if len(doc.Content) == 0 || isNull(doc.Content[0]) {
 		return cfg, nil // only comments
 	}
-	if err := configFile(&cfg)(p, root, ""); err != nil {
+	p := parser{file: name, lines: map[string]int{}}
+	if err := configFile(&cfg)(p, doc.Content[0], ""); err != nil {
 		return Config{}, err
 	}
 	if err := cfg.Netcfg.Validate(); err != nil {
@@ -480,15 +474,13 @@ func CheckMetricsListen(listen string, allowNonLoopback bool) (string, error) {
 	return net.JoinHostPort(host, port), nil
 }
 
+// yamlSyntaxError turns yaml's "yaml: line 3: message" into "name:3: invalid YAML: message".
 func yamlSyntaxError(name string, err error) error {
-	msg := err.Error()
-	msg = strings.TrimPrefix(msg, "yaml: ")
-	if rest, ok := strings.CutPrefix(msg, "line "); ok {
-		if i := strings.Index(rest, ":"); i > 0 {
-			if _, aerr := strconv.Atoi(rest[:i]); aerr == nil {
-				return fmt.Errorf("%s:%s: invalid YAML:%s", name, rest[:i], rest[i+1:])
-			}
-		}
+	msg := strings.TrimPrefix(err.Error(), "yaml: ")
+	var line int
+	if _, serr := fmt.Sscanf(msg, "line %d:", &line); serr == nil {
+		_, rest, _ := strings.Cut(msg, ":")
+		return fmt.Errorf("%s:%d: invalid YAML:%s", name, line, rest)
 	}
 	return fmt.Errorf("%s: invalid YAML: %s", name, msg)
 }
