@@ -222,7 +222,10 @@ func mapping(fields []field) setter {
 		seen := map[string]bool{}
 		for i := 0; i+1 < len(n.Content); i += 2 {
 			k, v := n.Content[i], n.Content[i+1]
-			key := join(path, k.Value)
+			key := k.Value
+			if path != "" {
+				key = path + "." + k.Value
+			}
 			if k.Kind != yaml.ScalarNode {
 				return p.errorf(k, path, "keys must be plain names")
 			}
@@ -246,8 +249,8 @@ func mapping(fields []field) setter {
 	}
 }
 
-// configFile reads the whole file into cfg. The ranges keep each number
-// within what its Go type holds; netcfg.Validate checks how they combine.
+// configFile reads the whole file into cfg; netcfg.Validate then checks how
+// the routing numbers combine, and refuses the kernel's own protocols.
 func configFile(cfg *Config) setter {
 	n := &cfg.Netcfg
 	return mapping([]field{
@@ -501,11 +504,4 @@ func describe(n *yaml.Node) string {
 		return fmt.Sprintf("%q", n.Value)
 	}
 	return "nothing"
-}
-
-func join(path, key string) string {
-	if path == "" {
-		return key
-	}
-	return path + "." + key
 }
