@@ -118,24 +118,18 @@ func LoadConfig(path string) (Config, error) {
 	case !fi.Mode().IsRegular():
 		// A FIFO or a device would block or never end.
 		return Config{}, fmt.Errorf("%s: not a regular file (%s)", path, fi.Mode().Type())
+	case fi.Size() > maxConfigSize:
+		return Config{}, fmt.Errorf("%s: larger than any configuration (limit %d bytes)", path, maxConfigSize)
 	}
-	f, err := os.Open(path)
+	data, err := os.ReadFile(path)
 	if err != nil {
 		return Config{}, fmt.Errorf("reading configuration: %w", err)
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))
-	if err != nil {
-		return Config{}, fmt.Errorf("reading configuration %s: %w", path, err)
-	}
-	if len(data) > maxConfigSize {
-		return Config{}, fmt.Errorf("%s: larger than any configuration (limit %d bytes)", path, maxConfigSize)
 	}
 	return ParseConfig(path, data)
 }
 
-// maxConfigSize bounds what LoadConfig reads: a real configuration is a few
-// kilobytes.
+// maxConfigSize bounds the files LoadConfig reads: a real configuration is a
+// few kilobytes.
 const maxConfigSize = 1 << 20
 
 // ParseConfig parses the YAML document data; name is used in error messages.
@@ -145,7 +139,7 @@ func ParseConfig(name string, data []byte) (Config, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	if err := dec.Decode(&doc); err != nil {
 		if errors.Is(err, io.EOF) {
-			return cfg, nil // empty file: defaults
+			return cfg, nil // empty, or only comments: defaults
 		}
 		return Config{}, yamlSyntaxError(name, err)
 	}
@@ -155,7 +149,7 @@ func ParseConfig(name string, data []byte) (Config, error) {
 	}
 	// The decoder returns a document node, holding the document's one value.
 	if len(doc.Content) == 0 || isNull(doc.Content[0]) {
-		return cfg, nil // only comments
+		return cfg, nil // a null document ("---", "~"): defaults
 	}
 	p := parser{file: name, lines: map[string]int{}}
 	if err := configFile(&cfg)(p, doc.Content[0], ""); err != nil {
