@@ -259,7 +259,7 @@ func configFile(cfg *Config) setter {
 		{"enis", list(&n.ENIs, "ENI entries", eniEntry)},
 		{"poll_interval", duration(&cfg.PollInterval, time.Second)},
 		{"imds", mapping([]field{
-			{"endpoint", endpoint(&cfg.IMDS.Endpoint)},
+			{"endpoint", scalar(&cfg.IMDS.Endpoint, "a string", usableEndpoint)},
 			{"timeout", duration(&cfg.IMDS.Timeout, 100*time.Millisecond)},
 		})},
 		{"start_timeout", duration(&cfg.StartTimeout, time.Second)},
@@ -269,7 +269,7 @@ func configFile(cfg *Config) setter {
 			{"format", oneOf(&cfg.Log.Format, LogFormats...)},
 		})},
 		{"metrics", metrics(&cfg.Metrics)},
-		{"state_dir", absPath(&cfg.StateDir)},
+		{"state_dir", scalar(&cfg.StateDir, "a string", absPath)},
 	})
 }
 
@@ -278,7 +278,7 @@ func eniEntry(e *netcfg.ENIConfig) setter {
 	return mapping([]field{
 		{"match", mapping([]field{
 			{"interface_id", text(&e.Match.InterfaceID)},
-			{"mac", mac(&e.Match.MAC)},
+			{"mac", scalar(&e.Match.MAC, "a string", imdsMAC)},
 			{"device_number", func(p parser, n *yaml.Node, key string) error {
 				e.Match.DeviceNumber = new(int)
 				return integer(e.Match.DeviceNumber, 0, 1<<16)(p, n, key)
@@ -404,33 +404,28 @@ func duration(dst *time.Duration, minimum time.Duration) setter {
 	})
 }
 
-func absPath(dst *string) setter {
-	return scalar(dst, "a string", func(s string) (string, error) {
-		if !filepath.IsAbs(s) {
-			return "", fmt.Errorf("%q is not an absolute path", s)
-		}
-		return filepath.Clean(s), nil
-	})
+// absPath accepts an absolute path, cleaned.
+func absPath(s string) (string, error) {
+	if !filepath.IsAbs(s) {
+		return "", fmt.Errorf("%q is not an absolute path", s)
+	}
+	return filepath.Clean(s), nil
 }
 
-func endpoint(dst *string) setter {
-	return scalar(dst, "a string", func(s string) (string, error) {
-		if _, err := imds.ValidateEndpoint(s); err != nil {
-			return "", fmt.Errorf("%q is not a usable IMDS endpoint: %v", s, err)
-		}
-		return s, nil
-	})
+func usableEndpoint(s string) (string, error) {
+	if _, err := imds.ValidateEndpoint(s); err != nil {
+		return "", fmt.Errorf("%q is not a usable IMDS endpoint: %v", s, err)
+	}
+	return s, nil
 }
 
-// mac reads a MAC address, written as IMDS writes it (lower case, colon
-// separated) when it is one; netcfg.Validate reports the others.
-func mac(dst *string) setter {
-	return scalar(dst, "a string", func(s string) (string, error) {
-		if hw, err := net.ParseMAC(s); err == nil && len(hw) == 6 {
-			return hw.String(), nil
-		}
-		return s, nil
-	})
+// imdsMAC writes a MAC address as IMDS does (lower case, colon separated);
+// netcfg.Validate reports what is not one.
+func imdsMAC(s string) (string, error) {
+	if hw, err := net.ParseMAC(s); err == nil && len(hw) == 6 {
+		return hw.String(), nil
+	}
+	return s, nil
 }
 
 // cidr reads a CIDR with where it was given; netcfg.Validate checks its value.
