@@ -118,24 +118,18 @@ func LoadConfig(path string) (Config, error) {
 	case !fi.Mode().IsRegular():
 		// A FIFO or a device would block or never end.
 		return Config{}, fmt.Errorf("%s: not a regular file (%s)", path, fi.Mode().Type())
+	case fi.Size() > maxConfigSize:
+		return Config{}, fmt.Errorf("%s: larger than any configuration (limit %d bytes)", path, maxConfigSize)
 	}
-	f, err := os.Open(path)
+	data, err := os.ReadFile(path)
 	if err != nil {
 		return Config{}, fmt.Errorf("reading configuration: %w", err)
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))
-	if err != nil {
-		return Config{}, fmt.Errorf("reading configuration %s: %w", path, err)
-	}
-	if len(data) > maxConfigSize {
-		return Config{}, fmt.Errorf("%s: larger than any configuration (limit %d bytes)", path, maxConfigSize)
 	}
 	return ParseConfig(path, data)
 }
 
-// maxConfigSize bounds what LoadConfig reads: a real configuration is a few
-// kilobytes.
+// maxConfigSize bounds the files LoadConfig reads: a real configuration is a
+// few kilobytes.
 const maxConfigSize = 1 << 20
 
 // ParseConfig parses the YAML document data; name is used in error messages.
@@ -145,7 +139,7 @@ func ParseConfig(name string, data []byte) (Config, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	if err := dec.Decode(&doc); err != nil {
 		if errors.Is(err, io.EOF) {
-			return cfg, nil // empty file: defaults
+			return cfg, nil // empty, or only comments: defaults
 		}
 		return Config{}, yamlSyntaxError(name, err)
 	}
@@ -153,18 +147,12 @@ func ParseConfig(name string, data []byte) (Config, error) {
 	if err := dec.Decode(&extra); err == nil {
 		return Config{}, fmt.Errorf("%s:%d: only one YAML document is allowed", name, extra.Line)
 	}
+	// The decoder returns a document node, holding the document's one value.
+	if len(doc.Content) == 0 || isNull(doc.Content[0]) {
+		return cfg, nil // a null document ("---", "~"): defaults
+	}
 	p := parser{file: name, lines: map[string]int{}}
-	root := &doc
-	if root.Kind == yaml.DocumentNode {
-		if len(root.Content) == 0 {
-			return cfg, nil
-		}
-		root = root.Content[0]
-	}
-	if isNull(root) {
-		return cfg, nil // only comments
-	}
-	if err := p.top(root, &cfg); err != nil {
+	if err := configFile(&cfg)(p, doc.Content[0], ""); err != nil {
 		return Config{}, err
 	}
 	if err := cfg.Netcfg.Validate(); err != nil {
@@ -204,313 +192,254 @@ func (p parser) errorf(n *yaml.Node, key, format string, args ...any) error {
 	return fmt.Errorf("%s:%d: %s: %s", p.file, n.Line, key, msg)
 }
 
-// fields walks a mapping node, calling set for each key; unknown and
-// duplicate keys are errors.
-func (p parser) fields(n *yaml.Node, path string, allowed []string, set func(key string, v *yaml.Node) error) error {
-	if n.Kind != yaml.MappingNode {
-		return p.errorf(n, path, "expected a mapping of keys, got %s", describe(n))
-	}
-	seen := map[string]bool{}
-	for i := 0; i+1 < len(n.Content); i += 2 {
-		k, v := n.Content[i], n.Content[i+1]
-		key := join(path, k.Value)
-		if k.Kind != yaml.ScalarNode {
-			return p.errorf(k, path, "keys must be plain names")
-		}
-		if !slices.Contains(allowed, k.Value) {
-			return p.errorf(k, key, "unknown key (known keys here: %s)", strings.Join(allowed, ", "))
-		}
-		if seen[k.Value] {
-			return p.errorf(k, key, "key given twice")
-		}
-		seen[k.Value] = true
-		p.lines[key] = k.Line
-		if isNull(v) {
-			continue // "key:" without a value keeps the default
-		}
-		if err := set(k.Value, v); err != nil {
-			return err
-		}
-	}
-	return nil
+// A setter reads the value n of key (its path, "enis[0].match.mac") into its
+// place in the configuration.
+type setter func(p parser, n *yaml.Node, key string) error
+
+// A field is a key a mapping may hold.
+type field struct {
+	name string
+	set  setter
 }
 
-func (p parser) top(n *yaml.Node, cfg *Config) error {
-	keys := []string{"protocol", "table_base", "priority_base", "card_stride", "rp_filter",
-		"manage_addresses", "primary_table", "vpc_routes", "enis", "poll_interval", "imds",
-		"start_timeout", "dhcp_grace", "log", "metrics", "state_dir"}
-	return p.fields(n, "", keys, func(key string, v *yaml.Node) error {
-		var err error
-		switch key {
-		case "protocol": // a byte; netcfg.Validate refuses the kernel's own values
-			var x int
-			x, err = p.intIn(v, key, 0, 255)
-			cfg.Netcfg.Protocol = uint8(x)
-		case "table_base":
-			cfg.Netcfg.TableBase, err = p.intIn(v, key, 256, 1<<31-1)
-		case "priority_base":
-			cfg.Netcfg.PriorityBase, err = p.intIn(v, key, 1, 32765)
-		case "card_stride":
-			cfg.Netcfg.CardStride, err = p.intIn(v, key, 1, 10000)
-		case "rp_filter":
-			var s string
-			s, err = p.str(v, key)
-			cfg.Netcfg.RPFilter = netcfg.RPFilterMode(s)
-		case "manage_addresses":
-			cfg.Netcfg.ManageAddresses, err = p.boolean(v, key)
-		case "primary_table":
-			cfg.Netcfg.PrimaryTable, err = p.boolean(v, key)
-		case "vpc_routes":
-			var s string
-			s, err = p.str(v, key)
-			cfg.Netcfg.VPCRoutes = netcfg.VPCRoutesMode(s)
-		case "enis":
-			cfg.Netcfg.ENIs, err = p.enis(v, key)
-		case "poll_interval":
-			cfg.PollInterval, err = p.duration(v, key, time.Second)
-		case "start_timeout":
-			cfg.StartTimeout, err = p.duration(v, key, time.Second)
-		case "dhcp_grace":
-			cfg.DHCPGrace, err = p.duration(v, key, 0)
-		case "state_dir":
-			cfg.StateDir, err = p.absPath(v, key)
-		case "imds":
-			err = p.imds(v, key, &cfg.IMDS)
-		case "log":
-			err = p.log(v, key, &cfg.Log)
-		case "metrics":
-			err = p.metrics(v, key, &cfg.Metrics)
-		}
-		return err
-	})
-}
-
-func (p parser) imds(n *yaml.Node, key string, c *IMDSConfig) error {
-	return p.fields(n, key, []string{"endpoint", "timeout"}, func(k string, v *yaml.Node) error {
-		var err error
-		switch k {
-		case "endpoint":
-			c.Endpoint, err = p.endpoint(v, join(key, k))
-		case "timeout":
-			c.Timeout, err = p.duration(v, join(key, k), 100*time.Millisecond)
-		}
-		return err
-	})
-}
-
-func (p parser) log(n *yaml.Node, key string, c *LogConfig) error {
-	return p.fields(n, key, []string{"level", "format"}, func(k string, v *yaml.Node) error {
-		var err error
-		switch k {
-		case "level":
-			c.Level, err = p.oneOf(v, join(key, k), LogLevels...)
-		case "format":
-			c.Format, err = p.oneOf(v, join(key, k), LogFormats...)
-		}
-		return err
-	})
-}
-
-func (p parser) metrics(n *yaml.Node, key string, c *MetricsConfig) error {
-	var listenNode *yaml.Node
-	err := p.fields(n, key, []string{"listen", "allow_non_loopback"}, func(k string, v *yaml.Node) error {
-		var err error
-		switch k {
-		case "listen":
-			listenNode = v
-			c.Listen, err = p.str(v, join(key, k))
-		case "allow_non_loopback":
-			c.AllowNonLoopback, err = p.boolean(v, join(key, k))
-		}
-		return err
-	})
-	if err != nil || listenNode == nil || c.Listen == "" {
-		return err
+// mapping reads a mapping whose keys are fields; unknown and duplicate keys
+// are errors, and a key without a value keeps the default.
+func mapping(fields []field) setter {
+	var known []string
+	for _, f := range fields {
+		known = append(known, f.name)
 	}
-	addr, err := CheckMetricsListen(c.Listen, c.AllowNonLoopback)
-	if err != nil {
-		return p.errorf(listenNode, "metrics.listen", "%v", err)
-	}
-	c.Listen = addr
-	return nil
-}
-
-// enis parses the per-ENI entries; netcfg.Validate checks their values.
-func (p parser) enis(n *yaml.Node, path string) ([]netcfg.ENIConfig, error) {
-	if n.Kind != yaml.SequenceNode {
-		return nil, p.errorf(n, path, "expected a list of ENI entries, got %s", describe(n))
-	}
-	var out []netcfg.ENIConfig
-	for i, item := range n.Content {
-		ip := fmt.Sprintf("%s[%d]", path, i)
-		p.lines[ip] = item.Line
-		var e netcfg.ENIConfig
-		err := p.fields(item, ip, []string{"match", "exclude", "vpc_routes", "routes", "nat", "nat_sources", "extra_routes"}, func(k string, v *yaml.Node) error {
-			var err error
-			kp := join(ip, k)
-			switch k {
-			case "match":
-				e.Match, err = p.selector(v, kp)
-			case "exclude":
-				e.Exclude, err = p.boolean(v, kp)
-			case "vpc_routes":
-				var s string
-				s, err = p.str(v, kp)
-				e.VPCRoutes = netcfg.VPCRoutesMode(s)
-			case "routes":
-				e.Routes, err = p.prefixes(v, kp)
-			case "nat":
-				e.NAT, err = p.boolean(v, kp)
-			case "nat_sources":
-				e.NATSources, err = p.prefixes(v, kp)
-			case "extra_routes":
-				err = p.errorf(v, kp, "removed: its routes in the ENI's own table changed nothing; use routes (main-table routes through the ENI, docs/config.md)")
+	return func(p parser, n *yaml.Node, path string) error {
+		if n.Kind != yaml.MappingNode {
+			return p.errorf(n, path, "expected a mapping of keys, got %s", describe(n))
+		}
+		seen := map[string]bool{}
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k, v := n.Content[i], n.Content[i+1]
+			key := k.Value
+			if path != "" {
+				key = path + "." + k.Value
 			}
+			if k.Kind != yaml.ScalarNode {
+				return p.errorf(k, path, "keys must be plain names")
+			}
+			f := slices.Index(known, k.Value)
+			if f < 0 {
+				return p.errorf(k, key, "unknown key (known keys here: %s)", strings.Join(known, ", "))
+			}
+			if seen[k.Value] {
+				return p.errorf(k, key, "key given twice")
+			}
+			seen[k.Value] = true
+			p.lines[key] = k.Line
+			if isNull(v) {
+				continue
+			}
+			if err := fields[f].set(p, v, key); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}
+
+// configFile reads the whole file into cfg; netcfg.Validate then checks how
+// the routing numbers combine, and refuses the kernel's own protocols.
+func configFile(cfg *Config) setter {
+	n := &cfg.Netcfg
+	return mapping([]field{
+		{"protocol", integer(&n.Protocol, 0, 255)},
+		{"table_base", integer(&n.TableBase, 256, 1<<31-1)},
+		{"priority_base", integer(&n.PriorityBase, 1, 32765)},
+		{"card_stride", integer(&n.CardStride, 1, 10000)},
+		{"rp_filter", text(&n.RPFilter)},
+		{"manage_addresses", boolean(&n.ManageAddresses)},
+		{"primary_table", boolean(&n.PrimaryTable)},
+		{"vpc_routes", text(&n.VPCRoutes)},
+		{"enis", list(&n.ENIs, "ENI entries", eniEntry)},
+		{"poll_interval", duration(&cfg.PollInterval, time.Second)},
+		{"imds", mapping([]field{
+			{"endpoint", scalar(&cfg.IMDS.Endpoint, "a string", usableEndpoint)},
+			{"timeout", duration(&cfg.IMDS.Timeout, 100*time.Millisecond)},
+		})},
+		{"start_timeout", duration(&cfg.StartTimeout, time.Second)},
+		{"dhcp_grace", duration(&cfg.DHCPGrace, 0)},
+		{"log", mapping([]field{
+			{"level", oneOf(&cfg.Log.Level, LogLevels...)},
+			{"format", oneOf(&cfg.Log.Format, LogFormats...)},
+		})},
+		{"metrics", metrics(&cfg.Metrics)},
+		{"state_dir", scalar(&cfg.StateDir, "a string", absPath)},
+	})
+}
+
+// eniEntry reads one per-ENI entry; netcfg.Validate checks its values.
+func eniEntry(e *netcfg.ENIConfig) setter {
+	return mapping([]field{
+		{"match", mapping([]field{
+			{"interface_id", text(&e.Match.InterfaceID)},
+			{"mac", scalar(&e.Match.MAC, "a string", imdsMAC)},
+			{"device_number", func(p parser, n *yaml.Node, key string) error {
+				e.Match.DeviceNumber = new(int)
+				return integer(e.Match.DeviceNumber, 0, 1<<16)(p, n, key)
+			}},
+			{"vpc_id", text(&e.Match.VPCID)},
+		})},
+		{"exclude", boolean(&e.Exclude)},
+		{"vpc_routes", text(&e.VPCRoutes)},
+		{"routes", list(&e.Routes, "CIDRs", cidr)},
+		{"nat", boolean(&e.NAT)},
+		{"nat_sources", list(&e.NATSources, "CIDRs", cidr)},
+		{"extra_routes", func(p parser, n *yaml.Node, key string) error {
+			return p.errorf(n, key, "removed: its routes in the ENI's own table changed nothing; use routes (main-table routes through the ENI, docs/config.md)")
+		}},
+	})
+}
+
+// metrics reads the metrics section and checks listen once
+// allow_non_loopback, given before or after it, is known.
+func metrics(c *MetricsConfig) setter {
+	var listen *yaml.Node
+	fields := mapping([]field{
+		{"listen", func(p parser, n *yaml.Node, key string) error {
+			listen = n
+			return text(&c.Listen)(p, n, key)
+		}},
+		{"allow_non_loopback", boolean(&c.AllowNonLoopback)},
+	})
+	return func(p parser, n *yaml.Node, key string) error {
+		if err := fields(p, n, key); err != nil || c.Listen == "" {
 			return err
-		})
+		}
+		addr, err := CheckMetricsListen(c.Listen, c.AllowNonLoopback)
 		if err != nil {
-			return nil, err
+			return p.errorf(listen, "metrics.listen", "%v", err)
 		}
-		out = append(out, e)
+		c.Listen = addr
+		return nil
 	}
-	return out, nil
 }
 
-func (p parser) selector(n *yaml.Node, path string) (netcfg.Selector, error) {
-	var s netcfg.Selector
-	err := p.fields(n, path, []string{"interface_id", "mac", "device_number", "vpc_id"}, func(k string, v *yaml.Node) error {
-		kp := join(path, k)
-		if k == "device_number" {
-			d, err := p.intIn(v, kp, 0, 1<<16)
-			s.DeviceNumber = &d
-			return err
+// list reads a list (of what, for errors) into dst, each item with item.
+func list[T any](dst *[]T, what string, item func(*T) setter) setter {
+	return func(p parser, n *yaml.Node, path string) error {
+		if n.Kind != yaml.SequenceNode {
+			return p.errorf(n, path, "expected a list of %s, got %s", what, describe(n))
 		}
-		str, err := p.str(v, kp)
-		switch k {
-		case "interface_id":
-			s.InterfaceID = str
-		case "vpc_id":
-			s.VPCID = str
-		case "mac":
-			s.MAC = str
-			if hw, perr := net.ParseMAC(str); perr == nil && len(hw) == 6 {
-				s.MAC = hw.String() // lower case, colon separated, as in IMDS
+		for i, v := range n.Content {
+			key := fmt.Sprintf("%s[%d]", path, i)
+			p.lines[key] = v.Line
+			var x T
+			if err := item(&x)(p, v, key); err != nil {
+				return err
 			}
+			*dst = append(*dst, x)
 		}
-		return err
+		return nil
+	}
+}
+
+// scalar reads a scalar (what it should be, for errors) into dst with parse,
+// whose error is reported at the value and key.
+func scalar[T any](dst *T, what string, parse func(string) (T, error)) setter {
+	return func(p parser, n *yaml.Node, key string) error {
+		if n.Kind != yaml.ScalarNode {
+			return p.errorf(n, key, "expected %s, got %s", what, describe(n))
+		}
+		v, err := parse(n.Value)
+		if err != nil {
+			return p.errorf(n, key, "%v", err)
+		}
+		*dst = v
+		return nil
+	}
+}
+
+func text[T ~string](dst *T) setter {
+	return scalar(dst, "a string", func(s string) (T, error) { return T(s), nil })
+}
+
+func integer[T int | uint8](dst *T, lo, hi int) setter {
+	return scalar(dst, "a number", func(s string) (T, error) {
+		x, err := strconv.Atoi(s)
+		if err != nil {
+			return 0, fmt.Errorf("%q is not a whole number", s)
+		}
+		if x < lo || x > hi {
+			return 0, fmt.Errorf("%d is out of range %d..%d", x, lo, hi)
+		}
+		return T(x), nil
 	})
-	return s, err
 }
 
-func (p parser) scalar(n *yaml.Node, key, what string) (string, error) {
-	if n.Kind != yaml.ScalarNode {
-		return "", p.errorf(n, key, "expected %s, got %s", what, describe(n))
-	}
-	return n.Value, nil
+func boolean(dst *bool) setter {
+	return scalar(dst, "true or false", func(s string) (bool, error) {
+		if s != "true" && s != "false" {
+			return false, fmt.Errorf("%q is not one of true, false", s)
+		}
+		return s == "true", nil
+	})
 }
 
-func (p parser) str(n *yaml.Node, key string) (string, error) {
-	return p.scalar(n, key, "a string")
+func oneOf(dst *string, allowed ...string) setter {
+	choices := strings.Join(allowed, ", ")
+	return scalar(dst, "one of "+choices, func(s string) (string, error) {
+		if !slices.Contains(allowed, s) {
+			return "", fmt.Errorf("%q is not one of %s", s, choices)
+		}
+		return s, nil
+	})
 }
 
-func (p parser) intIn(n *yaml.Node, key string, lo, hi int) (int, error) {
-	s, err := p.scalar(n, key, "a number")
-	if err != nil {
-		return 0, err
-	}
-	x, err := strconv.Atoi(s)
-	if err != nil {
-		return 0, p.errorf(n, key, "%q is not a whole number", s)
-	}
-	if x < lo || x > hi {
-		return 0, p.errorf(n, key, "%d is out of range %d..%d", x, lo, hi)
-	}
-	return x, nil
+func duration(dst *time.Duration, minimum time.Duration) setter {
+	return scalar(dst, "a duration such as 15s", func(s string) (time.Duration, error) {
+		d, err := time.ParseDuration(s)
+		if err != nil {
+			return 0, fmt.Errorf("%q is not a duration (use a unit: 500ms, 15s, 2m)", s)
+		}
+		if d < minimum {
+			return 0, fmt.Errorf("%s is shorter than the minimum %s", d, minimum)
+		}
+		return d, nil
+	})
 }
 
-func (p parser) boolean(n *yaml.Node, key string) (bool, error) {
-	s, err := p.scalar(n, key, "true or false")
-	if err != nil {
-		return false, err
-	}
-	switch s {
-	case "true":
-		return true, nil
-	case "false":
-		return false, nil
-	}
-	return false, p.errorf(n, key, "%q is not one of true, false", s)
-}
-
-func (p parser) oneOf(n *yaml.Node, key string, allowed ...string) (string, error) {
-	s, err := p.scalar(n, key, "one of "+strings.Join(allowed, ", "))
-	if err != nil {
-		return "", err
-	}
-	if !slices.Contains(allowed, s) {
-		return "", p.errorf(n, key, "%q is not one of %s", s, strings.Join(allowed, ", "))
-	}
-	return s, nil
-}
-
-func (p parser) duration(n *yaml.Node, key string, minimum time.Duration) (time.Duration, error) {
-	s, err := p.scalar(n, key, "a duration such as 15s")
-	if err != nil {
-		return 0, err
-	}
-	d, err := time.ParseDuration(s)
-	if err != nil {
-		return 0, p.errorf(n, key, "%q is not a duration (use a unit: 500ms, 15s, 2m)", s)
-	}
-	if d < minimum {
-		return 0, p.errorf(n, key, "%s is shorter than the minimum %s", d, minimum)
-	}
-	return d, nil
-}
-
-func (p parser) absPath(n *yaml.Node, key string) (string, error) {
-	s, err := p.str(n, key)
-	if err != nil {
-		return "", err
-	}
+// absPath accepts an absolute path, cleaned.
+func absPath(s string) (string, error) {
 	if !filepath.IsAbs(s) {
-		return "", p.errorf(n, key, "%q is not an absolute path", s)
+		return "", fmt.Errorf("%q is not an absolute path", s)
 	}
 	return filepath.Clean(s), nil
 }
 
-func (p parser) endpoint(n *yaml.Node, key string) (string, error) {
-	s, err := p.str(n, key)
-	if err != nil {
-		return "", err
-	}
+func usableEndpoint(s string) (string, error) {
 	if _, err := imds.ValidateEndpoint(s); err != nil {
-		return "", p.errorf(n, key, "%q is not a usable IMDS endpoint: %v", s, err)
+		return "", fmt.Errorf("%q is not a usable IMDS endpoint: %v", s, err)
 	}
 	return s, nil
 }
 
-// prefixes reads a list of CIDRs, each with where it was given; Validate
-// checks their values.
-func (p parser) prefixes(n *yaml.Node, key string) ([]netcfg.ConfigPrefix, error) {
-	if n.Kind != yaml.SequenceNode {
-		return nil, p.errorf(n, key, "expected a list of CIDRs, got %s", describe(n))
+// imdsMAC writes a MAC address as IMDS does (lower case, colon separated);
+// netcfg.Validate reports what is not one.
+func imdsMAC(s string) (string, error) {
+	if hw, err := net.ParseMAC(s); err == nil && len(hw) == 6 {
+		return hw.String(), nil
 	}
-	var out []netcfg.ConfigPrefix
-	for i, item := range n.Content {
-		ik := fmt.Sprintf("%s[%d]", key, i)
-		p.lines[ik] = item.Line
-		s, err := p.scalar(item, ik, "a CIDR such as 10.50.0.0/16")
-		if err != nil {
-			return nil, err
-		}
-		pfx, err := netip.ParsePrefix(s)
-		if err != nil {
-			return nil, p.errorf(item, ik, "%q is not a CIDR (like 10.50.0.0/16 or 2001:db8::/32)", s)
-		}
-		out = append(out, netcfg.ConfigPrefix{Prefix: pfx, At: fmt.Sprintf("%s:%d: %s", p.file, item.Line, ik)})
+	return s, nil
+}
+
+// cidr reads a CIDR with where it was given; netcfg.Validate checks its value.
+func cidr(dst *netcfg.ConfigPrefix) setter {
+	return func(p parser, n *yaml.Node, key string) error {
+		dst.At = fmt.Sprintf("%s:%d: %s", p.file, n.Line, key)
+		return scalar(&dst.Prefix, "a CIDR such as 10.50.0.0/16", func(s string) (netip.Prefix, error) {
+			pfx, err := netip.ParsePrefix(s)
+			if err != nil {
+				return pfx, fmt.Errorf("%q is not a CIDR (like 10.50.0.0/16 or 2001:db8::/32)", s)
+			}
+			return pfx, nil
+		})(p, n, key)
 	}
-	return out, nil
 }
 
 // CheckMetricsListen validates a metrics listen address and returns it with
@@ -537,15 +466,13 @@ func CheckMetricsListen(listen string, allowNonLoopback bool) (string, error) {
 	return net.JoinHostPort(host, port), nil
 }
 
+// yamlSyntaxError turns yaml's "yaml: line 3: message" into "name:3: invalid YAML: message".
 func yamlSyntaxError(name string, err error) error {
-	msg := err.Error()
-	msg = strings.TrimPrefix(msg, "yaml: ")
-	if rest, ok := strings.CutPrefix(msg, "line "); ok {
-		if i := strings.Index(rest, ":"); i > 0 {
-			if _, aerr := strconv.Atoi(rest[:i]); aerr == nil {
-				return fmt.Errorf("%s:%s: invalid YAML:%s", name, rest[:i], rest[i+1:])
-			}
-		}
+	msg := strings.TrimPrefix(err.Error(), "yaml: ")
+	var line int
+	if _, serr := fmt.Sscanf(msg, "line %d:", &line); serr == nil {
+		_, rest, _ := strings.Cut(msg, ":")
+		return fmt.Errorf("%s:%d: invalid YAML:%s", name, line, rest)
 	}
 	return fmt.Errorf("%s: invalid YAML: %s", name, msg)
 }
@@ -566,11 +493,4 @@ func describe(n *yaml.Node) string {
 		return fmt.Sprintf("%q", n.Value)
 	}
 	return "nothing"
-}
-
-func join(path, key string) string {
-	if path == "" {
-		return key
-	}
-	return path + "." + key
 }

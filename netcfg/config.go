@@ -52,14 +52,11 @@ func (c Config) Validate() error {
 			bad("priority_base: priorities %d..%d must stay within 1..%d (before the main rule)", lo, hi, maxPriority)
 		}
 	}
-	switch c.RPFilter {
-	case "", RPFilterLoose, RPFilterStrict, RPFilterKeep:
-	default:
+	if !slices.Contains([]RPFilterMode{"", RPFilterLoose, RPFilterStrict, RPFilterKeep}, c.RPFilter) {
 		bad("rp_filter: %q is not one of loose, strict, keep", c.RPFilter)
 	}
-	switch c.VPCRoutes {
-	case "", VPCRoutesAuto, VPCRoutesOff:
-	default:
+	vpcRoutesModes := []VPCRoutesMode{"", VPCRoutesAuto, VPCRoutesOff}
+	if !slices.Contains(vpcRoutesModes, c.VPCRoutes) {
 		bad("vpc_routes: %q is not one of auto, off", c.VPCRoutes)
 	}
 	if c.RPFilter == RPFilterStrict && slices.ContainsFunc(c.ENIs, func(e ENIConfig) bool { return e.NAT }) {
@@ -88,9 +85,7 @@ func (c Config) Validate() error {
 		if m.DeviceNumber != nil && *m.DeviceNumber < 0 {
 			bad("%s.match.device_number: %d is negative", key, *m.DeviceNumber)
 		}
-		switch e.VPCRoutes {
-		case "", VPCRoutesAuto, VPCRoutesOff:
-		default:
+		if !slices.Contains(vpcRoutesModes, e.VPCRoutes) {
 			bad("%s.vpc_routes: %q is not one of auto, off", key, e.VPCRoutes)
 		}
 		e.validateRoutesAndNAT(key, routed, bad)
