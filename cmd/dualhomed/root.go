@@ -135,7 +135,6 @@ table and priority bands, and never touches anything else.
 		genManCmd(root),
 	)
 	for _, c := range root.Commands() {
-		c.SilenceErrors, c.SilenceUsage = true, true
 		if c.Args == nil {
 			c.Args = noArgs
 		}
@@ -204,16 +203,21 @@ func (g *globals) override(cfg *agent.Config) {
 	}
 }
 
-// tools builds the IMDS client, the kernel handle (current namespace) and a
-// reconciler for the one-shot commands.
-func (g *globals) tools(cfg agent.Config) (*agent.Reconciler, *netcfg.Kernel, error) {
+// oneShot runs f, a one-shot command, with the configuration and a
+// reconciler over the IMDS client and the current network namespace.
+func (g *globals) oneShot(f func(agent.Config, *agent.Reconciler) error) error {
+	cfg, err := g.loadConfig()
+	if err != nil {
+		return err
+	}
 	source, err := agent.IMDSSource(cfg.IMDS)
 	if err != nil {
-		return nil, nil, err
+		return err
 	}
 	kernel, err := netcfg.NewKernel(netns.None(), cfg.StateDir, cfg.Netcfg)
 	if err != nil {
-		return nil, nil, err
+		return err
 	}
-	return agent.NewReconciler(source, kernel, cfg), kernel, nil
+	defer kernel.Close()
+	return f(cfg, agent.NewReconciler(source, kernel, cfg))
 }
