@@ -60,15 +60,6 @@ func ChangeFields(c Change) []zap.Field {
 		zap.String("op", c.Op.Action()), zap.String("object", c.Op.Object()), zap.String("text", c.Text)}
 }
 
-// UpdateLevel sets lvl from a configuration value, ignoring bad values (the
-// configuration parser has already rejected them).
-func UpdateLevel(lvl zap.AtomicLevel, level string) {
-	var l zapcore.Level
-	if err := l.UnmarshalText([]byte(level)); err == nil {
-		lvl.SetLevel(l)
-	}
-}
-
 func isTerminal(f *os.File) bool {
 	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
 	return err == nil
