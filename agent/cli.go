@@ -256,16 +256,9 @@ func daemonBlocked(h *Health) []netcfg.Blocked {
 func eniViews(enis []netcfg.ENIStatus) []ENIView {
 	out := []ENIView{}
 	for _, e := range enis {
-		v := ENIView{Link: e.Link, MAC: e.MAC, InterfaceID: e.InterfaceID, VPCID: e.VPCID, MultiVPC: e.MultiVPC,
-			Primary: e.Primary, NetworkCard: e.Card, Device: e.Device, Addresses: e.Addresses, Table: e.Table,
-			Priority: e.Priority, NAT: e.NAT, State: string(e.State), Warnings: e.Warnings}
-		if v.Addresses == nil {
-			v.Addresses = []netip.Addr{}
-		}
-		if v.Warnings == nil {
-			v.Warnings = []string{}
-		}
-		out = append(out, v)
+		out = append(out, ENIView{Link: e.Link, MAC: e.MAC, InterfaceID: e.InterfaceID, VPCID: e.VPCID, MultiVPC: e.MultiVPC,
+			Primary: e.Primary, NetworkCard: e.Card, Device: e.Device, Addresses: append([]netip.Addr{}, e.Addresses...),
+			Table: e.Table, Priority: e.Priority, NAT: e.NAT, State: string(e.State), Warnings: append([]string{}, e.Warnings...)})
 	}
 	return out
 }

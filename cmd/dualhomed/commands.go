@@ -84,7 +84,7 @@ passes: then exit 3 naming what is missing.`,
 				if len(missing) > 0 {
 					return exitCodeError{exitWaiting, fmt.Errorf("after %s, not configured: %s", wait, strings.Join(missing, "; "))}
 				}
-				fmt.Fprintln(g.stdout, rep.Summary())
+				fmt.Fprintln(cmd.OutOrStdout(), rep.Summary())
 				return nil
 			})
 		},
@@ -108,9 +108,9 @@ Exit 0 when in sync, 2 when changes are pending, 1 on error.`,
 				case err != nil:
 					return err
 				case asJSON:
-					err = agent.WritePlanJSON(g.stdout, rep)
+					err = agent.WritePlanJSON(cmd.OutOrStdout(), rep)
 				default:
-					agent.WritePlan(g.stdout, rep)
+					agent.WritePlan(cmd.OutOrStdout(), rep)
 				}
 				if err == nil && len(rep.Changes) > 0 {
 					return exitCodeError{code: exitPending}
@@ -136,7 +136,7 @@ configured, drift (changes pending), waiting for link, waiting for IMDS,
 excluded, primary, invalid.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.oneShot(func(cfg agent.Config, rec *agent.Reconciler) error {
-				stale, err := agent.Status(cmd.Context(), g.stdout, rec, cfg.StateDir, asJSON)
+				stale, err := agent.Status(cmd.Context(), cmd.OutOrStdout(), rec, cfg.StateDir, asJSON)
 				if err == nil && stale {
 					return exitCodeError{code: exitStale}
 				}
@@ -156,7 +156,7 @@ func cleanupCmd(g *globals) *cobra.Command {
 bands and the NAT's nftables table (inet dualhomed), and restore the
 rp_filter and ip_forward values it changed. Touches nothing else and does
 not need IMDS. Stop the daemon first, or it puts everything back.`,
-		RunE: func(*cobra.Command, []string) error {
+		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := g.loadConfig()
 			if err != nil {
 				return err
@@ -170,7 +170,7 @@ not need IMDS. Stop the daemon first, or it puts everything back.`,
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(g.stdout, "removed dualhomed's state (%d changes)\n", writes)
+			fmt.Fprintf(cmd.OutOrStdout(), "removed dualhomed's state (%d changes)\n", writes)
 			return nil
 		},
 	}
@@ -180,8 +180,8 @@ func versionCmd(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
-		RunE: func(*cobra.Command, []string) error {
-			fmt.Fprintf(g.stdout, "dualhomed %s\n", version)
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			fmt.Fprintf(cmd.OutOrStdout(), "dualhomed %s\n", version)
 			return nil
 		},
 	}

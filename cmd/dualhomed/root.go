@@ -41,7 +41,6 @@ type globals struct {
 	logLevel     string
 	logFormat    string
 	stateDir     string
-	stdout       io.Writer
 }
 
 // usageError marks errors that print the usage and exit 2.
@@ -71,9 +70,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if err == nil {
 		return exitOK
 	}
-	if cmd == nil {
-		cmd = root
-	}
 	var ue usageError
 	var ce exitCodeError
 	switch {
@@ -92,7 +88,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 }
 
 func newRoot(stdout, stderr io.Writer) *cobra.Command {
-	g := &globals{stdout: stdout}
+	g := &globals{}
 	root := &cobra.Command{
 		Use:   "dualhomed",
 		Short: "Policy routing for secondary (multi-VPC) EC2 network interfaces",
