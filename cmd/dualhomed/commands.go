@@ -176,7 +176,7 @@ not need IMDS. Stop the daemon first, or it puts everything back.`,
 	}
 }
 
-func versionCmd(g *globals) *cobra.Command {
+func versionCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",

@@ -121,15 +121,7 @@ table and priority bands, and never touches anything else.
 	pf.StringVar(&g.logFormat, "log-format", "", "log format: json or console (default: console on a terminal, json otherwise)")
 	pf.StringVar(&g.stateDir, "state-dir", "", "state directory (default from the configuration: "+agent.DefaultStateDir+")")
 
-	root.AddCommand(
-		daemonCmd(g),
-		applyCmd(g),
-		planCmd(g),
-		statusCmd(g),
-		cleanupCmd(g),
-		versionCmd(g),
-		genManCmd(root),
-	)
+	root.AddCommand(daemonCmd(g), applyCmd(g), planCmd(g), statusCmd(g), cleanupCmd(g), versionCmd(), genManCmd(root))
 	for _, c := range root.Commands() {
 		if c.Args == nil {
 			c.Args = noArgs
