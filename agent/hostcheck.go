@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bufio"
 	"fmt"
 	"maps"
 	"os"
@@ -9,6 +8,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/coreos/go-systemd/v22/unit"
 	"github.com/vishvananda/netns"
 
 	"github.com/dualhomed/dualhomed/netcfg"
@@ -109,26 +109,18 @@ func networkdSettings(root string) map[string]string {
 	return settings
 }
 
-// readNetworkSection adds the key=value lines of path's [Network] section to
-// settings. A missing file adds nothing.
+// readNetworkSection adds the keys of path's [Network] section to settings.
+// A missing file adds nothing; a malformed line ends the file.
 func readNetworkSection(path string, settings map[string]string) {
 	f, err := os.Open(path)
 	if err != nil {
 		return
 	}
 	defer f.Close()
-	section := ""
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
-		switch {
-		case line == "" || line[0] == '#' || line[0] == ';':
-		case line[0] == '[' && strings.HasSuffix(line, "]"):
-			section = strings.TrimSpace(line[1 : len(line)-1])
-		case section == "Network":
-			if k, v, ok := strings.Cut(line, "="); ok {
-				settings[strings.TrimSpace(k)] = strings.TrimSpace(v)
-			}
+	opts, _ := unit.DeserializeOptions(f) // the options before an error
+	for _, o := range opts {
+		if o.Section == "Network" {
+			settings[o.Name] = o.Value
 		}
 	}
 }
