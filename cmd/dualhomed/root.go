@@ -44,23 +44,18 @@ type globals struct {
 }
 
 // usageError marks errors that print the usage and exit 2.
-type usageError struct{ err error }
+type usageError struct{ error }
 
-func (e usageError) Error() string { return e.err.Error() }
-func (e usageError) Unwrap() error { return e.err }
+func (e usageError) Unwrap() error { return e.error }
 
-// exitCodeError ends the program with code, printing err when set.
+// exitCodeError ends the program with code, printing err when set (run
+// prints it, never Error).
 type exitCodeError struct {
 	code int
 	err  error
 }
 
-func (e exitCodeError) Error() string {
-	if e.err == nil {
-		return fmt.Sprintf("exit status %d", e.code)
-	}
-	return e.err.Error()
-}
+func (e exitCodeError) Error() string { return fmt.Sprintf("exit status %d: %v", e.code, e.err) }
 
 // run executes the command line and returns the process exit code.
 func run(args []string, stdout, stderr io.Writer) int {
