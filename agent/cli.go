@@ -17,16 +17,11 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/vishvananda/netns"
 	"go.uber.org/zap"
 
 	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/netcfg"
 )
-
-// OneShotIMDSTimeout bounds the IMDS read of plan, status and apply: on a
-// machine that is not EC2 they must fail quickly, never hang.
-const OneShotIMDSTimeout = 5 * time.Second
 
 // IMDSSource builds the IMDS client for c. The endpoint precedence is
 // c.Endpoint (flag or file), then $AWS_EC2_METADATA_SERVICE_ENDPOINT, then
@@ -48,17 +43,9 @@ func imdsError(source Snapshotter, err error) error {
 	return fmt.Errorf("reading IMDS at %s: %w", endpoint, err)
 }
 
-// oneShot prepares rec for a one-shot command in the caller's network
-// namespace: a short IMDS timeout, and the host check.
-func oneShot(rec *Reconciler) {
-	rec.IMDSTimeout = OneShotIMDSTimeout
-	rec.HostWarnings = HostWarnings(netns.None())
-}
-
 // Plan computes what a reconcile would change, changing nothing. An IMDS
 // failure is an error: without a snapshot there is nothing to compare.
 func Plan(ctx context.Context, rec *Reconciler) (Report, error) {
-	oneShot(rec)
 	rep, err := rec.Reconcile(ctx, TriggerStart, true)
 	if err != nil {
 		return rep, err
@@ -118,7 +105,6 @@ func Status(ctx context.Context, w io.Writer, rec *Reconciler, stateDir string, 
 // configured, or wait passes. missing lists what is still not configured
 // when Apply gives up.
 func Apply(ctx context.Context, rec *Reconciler, wait time.Duration, log *zap.Logger) (rep Report, missing []string, err error) {
-	oneShot(rec)
 	deadline := time.Now().Add(wait)
 	for {
 		rep, err = rec.Reconcile(ctx, TriggerStart, false)

@@ -8,6 +8,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/vishvananda/netns"
@@ -186,8 +187,13 @@ func (g *globals) override(cfg *agent.Config) {
 	}
 }
 
+// oneShotIMDSTimeout bounds the IMDS read of plan, status and apply: on a
+// machine that is not EC2 they must fail quickly, never hang.
+const oneShotIMDSTimeout = 5 * time.Second
+
 // oneShot runs f, a one-shot command, with the configuration and a
-// reconciler over the IMDS client and the current network namespace.
+// reconciler over the IMDS client and the current network namespace, whose
+// host check it runs.
 func (g *globals) oneShot(f func(agent.Config, *agent.Reconciler) error) error {
 	cfg, err := g.loadConfig()
 	if err != nil {
@@ -202,5 +208,8 @@ func (g *globals) oneShot(f func(agent.Config, *agent.Reconciler) error) error {
 		return err
 	}
 	defer kernel.Close()
-	return f(cfg, agent.NewReconciler(source, kernel, cfg))
+	rec := agent.NewReconciler(source, kernel, cfg)
+	rec.IMDSTimeout = oneShotIMDSTimeout
+	rec.HostWarnings = agent.HostWarnings(netns.None())
+	return f(cfg, rec)
 }
