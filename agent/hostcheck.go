@@ -25,9 +25,9 @@ var (
 )
 
 // hostWarnings warns when systemd-networkd runs in the network namespace ns
-// (its file, see namespaceOf) with settings that make it delete foreign rules or
-// routes: dualhomed's included. It reads /proc and systemd's files under
-// root. The daemon checks at start and on reload.
+// (its file, see namespaceOf) with settings that make it delete foreign
+// rules or routes: dualhomed's included. It reads /proc and systemd's files
+// under root. The daemon checks at start and on reload.
 func hostWarnings(root string, ns os.FileInfo) []netcfg.Warning {
 	if !networkdRunning(root, ns) {
 		return nil

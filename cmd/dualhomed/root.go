@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -176,15 +177,9 @@ func (g *globals) override(cfg *agent.Config) {
 	case os.Getenv(imds.EnvEndpoint) != "":
 		cfg.IMDS.Endpoint = "" // the client reads the variable
 	}
-	if g.logLevel != "" {
-		cfg.Log.Level = g.logLevel
-	}
-	if g.logFormat != "" {
-		cfg.Log.Format = g.logFormat
-	}
-	if g.stateDir != "" {
-		cfg.StateDir = g.stateDir
-	}
+	cfg.Log.Level = cmp.Or(g.logLevel, cfg.Log.Level)
+	cfg.Log.Format = cmp.Or(g.logFormat, cfg.Log.Format)
+	cfg.StateDir = cmp.Or(g.stateDir, cfg.StateDir)
 }
 
 // oneShotIMDSTimeout bounds the IMDS read of plan, status and apply: on a
