@@ -380,13 +380,12 @@ func writeDaemonHealth(w io.Writer, h *Health, err error) {
 	case h != nil:
 		state := "healthy"
 		switch {
+		case h.PID > 0 && !processAlive(h.PID):
+			state = "not running (stale status file)"
 		case h.Degraded:
 			state = "degraded"
 		case !h.Ready:
 			state = "starting"
-		}
-		if h.PID > 0 && !processAlive(h.PID) {
-			state = "not running (stale status file)"
 		}
 		fmt.Fprintf(w, "daemon: %s, pid %d, version %s, updated %s ago: %s\n", state, h.PID, cmp.Or(h.Version, "?"),
 			time.Since(h.Updated).Round(time.Second), h.Summary)
