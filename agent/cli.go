@@ -23,9 +23,8 @@ import (
 	"github.com/dualhomed/dualhomed/netcfg"
 )
 
-// IMDSSource builds the IMDS client for c. The endpoint precedence is
-// c.Endpoint (flag or file), then $AWS_EC2_METADATA_SERVICE_ENDPOINT, then
-// the default http://169.254.169.254.
+// IMDSSource builds the IMDS client for c: c.Endpoint when set, else
+// $AWS_EC2_METADATA_SERVICE_ENDPOINT, else http://169.254.169.254.
 func IMDSSource(c IMDSConfig) (Snapshotter, error) {
 	return imds.New(imds.Options{Endpoint: c.Endpoint, Timeout: c.Timeout})
 }

@@ -21,8 +21,8 @@ var (
 // terminal, and a readable console encoding on a terminal. The returned level
 // can be changed later (on reload).
 func NewLogger(level, format string) (*zap.Logger, zap.AtomicLevel, error) {
-	lvl := zap.NewAtomicLevel()
-	if err := lvl.UnmarshalText([]byte(level)); err != nil {
+	lvl, err := zap.ParseAtomicLevel(level)
+	if err != nil {
 		return nil, lvl, fmt.Errorf("log level %q is not one of %s", level, strings.Join(LogLevels, ", "))
 	}
 	if format == "" || format == "auto" {

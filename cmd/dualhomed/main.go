@@ -78,20 +78,16 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return exitOK
 	}
 	var ue usageError
-	var ce exitCodeError
-	switch {
-	case errors.As(err, &ue) || strings.HasPrefix(err.Error(), "unknown command"):
+	if errors.As(err, &ue) || strings.HasPrefix(err.Error(), "unknown command") {
 		fmt.Fprintf(stderr, "Error: %v\n\n%s", err, cmd.UsageString())
 		return exitUsage
-	case errors.As(err, &ce):
-		if ce.err != nil {
-			fmt.Fprintf(stderr, "Error: %v\n", ce.err)
-		}
-		return ce.code
-	default:
-		fmt.Fprintf(stderr, "Error: %v\n", err)
-		return exitError
 	}
+	ce := exitCodeError{exitError, err} // unless err is an exitCodeError
+	errors.As(err, &ce)
+	if ce.err != nil {
+		fmt.Fprintf(stderr, "Error: %v\n", ce.err)
+	}
+	return ce.code
 }
 
 func newRoot(stdout, stderr io.Writer) *cobra.Command {
@@ -160,10 +156,8 @@ func (g *globals) loadConfig() (agent.Config, error) {
 
 // validateFlags checks the global flags before any command runs.
 func (g *globals) validateFlags() error {
-	if g.imdsEndpoint != "" {
-		if _, err := imds.ValidateEndpoint(g.imdsEndpoint); err != nil {
-			return usageError{fmt.Errorf("--imds-endpoint: %q is not a usable IMDS endpoint: %w", g.imdsEndpoint, err)}
-		}
+	if _, err := imds.ValidateEndpoint(g.imdsEndpoint); g.imdsEndpoint != "" && err != nil {
+		return usageError{fmt.Errorf("--imds-endpoint: %q is not a usable IMDS endpoint: %w", g.imdsEndpoint, err)}
 	}
 	if g.logLevel != "" && !slices.Contains(agent.LogLevels, g.logLevel) {
 		return usageError{fmt.Errorf("--log-level: %q is not one of %s", g.logLevel, strings.Join(agent.LogLevels, ", "))}
