@@ -399,13 +399,9 @@ func writeStatusTable(w io.Writer, rep Report, health *Health, healthErr error) 
 		fmt.Fprintln(w, "* VPC differs from the primary ENI's (multi-VPC)")
 	}
 	// Desired's warnings are both the ENI's and the report's: print each once.
-	reported := map[[2]string]bool{}
-	for _, x := range rep.Warnings {
-		reported[[2]string{x.ENI, x.Message}] = true
-	}
 	for _, e := range rep.ENIs {
 		for _, msg := range e.Warnings {
-			if !reported[[2]string{e.Name(), msg}] {
+			if !slices.ContainsFunc(rep.Warnings, func(x netcfg.Warning) bool { return x.ENI == e.Name() && x.Message == msg }) {
 				fmt.Fprintf(w, "warning: %s: %s\n", e.Name(), msg)
 			}
 		}

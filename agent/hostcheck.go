@@ -22,6 +22,8 @@ var (
 	networkdConfs      = []string{"usr/lib/systemd/networkd.conf", "etc/systemd/networkd.conf"}
 	networkdDropinDirs = []string{"etc/systemd/networkd.conf.d", "run/systemd/networkd.conf.d",
 		"usr/local/lib/systemd/networkd.conf.d", "usr/lib/systemd/networkd.conf.d"}
+	// systemdFalse are the spellings of a false boolean in systemd's files.
+	systemdFalse = []string{"no", "false", "0", "off"}
 )
 
 // hostWarnings warns when systemd-networkd runs in the network namespace ns
@@ -38,7 +40,7 @@ func hostWarnings(root string, ns os.FileInfo) []netcfg.Warning {
 		{"ManageForeignRoutingPolicyRules", "routing policy rules"},
 		{"ManageForeignRoutes", "routes"},
 	} {
-		if isFalse(settings[c.key]) {
+		if slices.Contains(systemdFalse, strings.ToLower(settings[c.key])) {
 			continue
 		}
 		warns = append(warns, netcfg.Warning{
@@ -123,13 +125,4 @@ func readNetworkSection(path string, settings map[string]string) {
 			settings[o.Name] = o.Value
 		}
 	}
-}
-
-// isFalse is systemd's boolean "no".
-func isFalse(v string) bool {
-	switch strings.ToLower(v) {
-	case "no", "false", "0", "off":
-		return true
-	}
-	return false
 }
