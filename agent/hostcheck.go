@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bufio"
 	"fmt"
 	"maps"
 	"os"
@@ -8,7 +9,6 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/coreos/go-systemd/v22/unit"
 	"github.com/vishvananda/netns"
 
 	"github.com/dualhomed/dualhomed/netcfg"
@@ -111,18 +111,26 @@ func networkdSettings(root string) map[string]string {
 	return settings
 }
 
-// readNetworkSection adds the keys of path's [Network] section to settings.
-// A missing file adds nothing; a malformed line ends the file.
+// readNetworkSection adds the key=value lines of path's [Network] section to
+// settings. A missing file adds nothing.
 func readNetworkSection(path string, settings map[string]string) {
 	f, err := os.Open(path)
 	if err != nil {
 		return
 	}
 	defer f.Close()
-	opts, _ := unit.DeserializeOptions(f) // the options before an error
-	for _, o := range opts {
-		if o.Section == "Network" {
-			settings[o.Name] = o.Value
+	section := ""
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		switch {
+		case line == "" || line[0] == '#' || line[0] == ';':
+		case line[0] == '[' && strings.HasSuffix(line, "]"):
+			section = strings.TrimSpace(line[1 : len(line)-1])
+		case section == "Network":
+			if k, v, ok := strings.Cut(line, "="); ok {
+				settings[strings.TrimSpace(k)] = strings.TrimSpace(v)
+			}
 		}
 	}
 }
