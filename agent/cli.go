@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -16,60 +17,40 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/vishvananda/netns"
+	"go.uber.org/zap"
 
 	"github.com/dualhomed/dualhomed/imds"
 	"github.com/dualhomed/dualhomed/netcfg"
 )
 
-// OneShotIMDSTimeout bounds the IMDS read of plan, status and apply: on a
-// machine that is not EC2 they must fail quickly, never hang.
-const OneShotIMDSTimeout = 5 * time.Second
-
-// IMDSSource builds the IMDS client for c. The endpoint precedence is
-// c.Endpoint (flag or file), then $AWS_EC2_METADATA_SERVICE_ENDPOINT, then
-// the default http://169.254.169.254.
+// IMDSSource builds the IMDS client for c: c.Endpoint when set, else
+// $AWS_EC2_METADATA_SERVICE_ENDPOINT, else http://169.254.169.254.
 func IMDSSource(c IMDSConfig) (Snapshotter, error) {
-	cl, err := imds.New(imds.Options{Endpoint: c.Endpoint, Timeout: c.Timeout})
-	if err != nil {
-		return nil, err
-	}
-	return cl, nil
+	return imds.New(imds.Options{Endpoint: c.Endpoint, Timeout: c.Timeout})
 }
 
-// endpointOf returns the URL a source talks to, for error messages.
-func endpointOf(s Snapshotter) string {
-	if e, ok := s.(interface{ Endpoint() string }); ok {
-		return e.Endpoint()
+// imdsError turns a failed snapshot of source into the message an operator
+// needs, naming the URL source talks to.
+func imdsError(source Snapshotter, err error) error {
+	endpoint := "the IMDS endpoint"
+	if e, ok := source.(interface{ Endpoint() string }); ok {
+		endpoint = e.Endpoint()
 	}
-	return "the IMDS endpoint"
-}
-
-// IMDSError turns a failed snapshot into the message an operator needs.
-func IMDSError(endpoint string, err error) error {
 	if imds.IsUnreachable(err) {
 		return fmt.Errorf("IMDS unreachable at %s: is this an EC2 instance? (set --imds-endpoint): %w", endpoint, err)
 	}
 	return fmt.Errorf("reading IMDS at %s: %w", endpoint, err)
 }
 
-// oneShot prepares rec for a one-shot command in the caller's network
-// namespace: a short IMDS timeout, and the host check.
-func oneShot(rec *Reconciler) {
-	rec.IMDSTimeout = OneShotIMDSTimeout
-	rec.HostWarnings = HostWarnings(netns.None())
-}
-
 // Plan computes what a reconcile would change, changing nothing. An IMDS
 // failure is an error: without a snapshot there is nothing to compare.
 func Plan(ctx context.Context, rec *Reconciler) (Report, error) {
-	oneShot(rec)
 	rep, err := rec.Reconcile(ctx, TriggerStart, true)
 	if err != nil {
 		return rep, err
 	}
 	if rep.IMDSErr != nil {
-		return rep, IMDSError(endpointOf(rec.imds.source), rep.IMDSErr)
+		return rep, imdsError(rec.imds.source, rep.IMDSErr)
 	}
 	if slices.ContainsFunc(rep.ENIs, func(e netcfg.ENIStatus) bool { return e.NAT != "" }) {
 		c, err := rec.kernel.NATCounters()
@@ -81,44 +62,58 @@ func Plan(ctx context.Context, rec *Reconciler) (Report, error) {
 	return rep, nil
 }
 
-// StatusReport is `dualhomed status`'s report: the live one (a dry-run
-// reconcile, as Plan), or, when IMDS cannot be read live and the daemon left
-// a report (health, from status.json), the daemon's last one. Its warnings matter most when IMDS fails: a secondary ENI's gateway
-// taking over main cuts IMDS off too. The daemon's changes were applied,
-// not pending, and what is pending now is unknown: the fallback lists none.
-// err is the live read's error, returned with the fallback (true) too.
-func StatusReport(ctx context.Context, rec *Reconciler, health *Health) (rep Report, fallback bool, err error) {
-	rep, err = Plan(ctx, rec)
-	if err == nil || rep.IMDSErr == nil || health == nil || health.Report.Time.IsZero() {
-		return rep, false, err
+// Status prints `dualhomed status` to w, as a table or as JSON: the live
+// report (a dry-run reconcile, as Plan) and the daemon's health from
+// <stateDir>/status.json. When IMDS cannot be read live and the daemon left
+// a report, it prints that report instead, says why and how old it is, and
+// returns stale. Its warnings matter most when IMDS fails: a secondary
+// ENI's gateway taking over main cuts IMDS off too. The daemon's changes
+// were applied, not pending, and what is pending now is unknown: the stale
+// report lists none.
+func Status(ctx context.Context, w io.Writer, rec *Reconciler, stateDir string, asJSON bool) (stale bool, err error) {
+	var health *Health
+	h, healthErr := ReadStatus(stateDir)
+	if healthErr == nil {
+		health = &h
 	}
-	last := health.Report
-	last.Changes, last.DryRun = nil, false
-	return last, true, err
+	rep, liveErr := Plan(ctx, rec)
+	stale = liveErr != nil && rep.IMDSErr != nil && health != nil && !health.Report.Time.IsZero()
+	switch {
+	case liveErr != nil && !stale:
+		if !asJSON {
+			writeDaemonHealth(w, health, healthErr)
+		}
+		return false, liveErr
+	case stale:
+		rep = health.Report
+		rep.Changes, rep.DryRun = nil, false
+	}
+	if asJSON {
+		return stale, writeStatusJSON(w, rep, liveErr, health, healthErr)
+	}
+	if stale {
+		fmt.Fprintf(w, "status: IMDS could not be read live (%v)\nstatus: showing the daemon's last report instead, from %s (%s ago); pending changes unknown\n",
+			liveErr, rep.Time.Format(time.RFC3339), time.Since(rep.Time).Round(time.Second))
+	}
+	writeStatusTable(w, rep, health, healthErr)
+	return stale, nil
 }
 
-// WriteStaleNotice says that the status shown is the daemon's last report,
-// why, and how old it is.
-func WriteStaleNotice(w io.Writer, rep Report, liveErr error) {
-	fmt.Fprintf(w, "status: IMDS could not be read live (%v)\nstatus: showing the daemon's last report instead, from %s (%s ago); pending changes unknown\n",
-		liveErr, rep.Time.Format(time.RFC3339), time.Since(rep.Time).Round(time.Second))
-}
-
-// Apply reconciles once; with wait > 0 it repeats (every second) until every
-// ENI listed in IMDS has a link and is configured, or wait passes. Missing
-// lists what is still not configured when Apply gives up.
-func Apply(ctx context.Context, rec *Reconciler, wait time.Duration, onReport func(Report)) (rep Report, missing []string, err error) {
-	oneShot(rec)
+// Apply reconciles once, logging each change to log; with wait > 0 it
+// repeats (every second) until every ENI listed in IMDS has a link and is
+// configured, or wait passes. missing lists what is still not configured
+// when Apply gives up.
+func Apply(ctx context.Context, rec *Reconciler, wait time.Duration, log *zap.Logger) (rep Report, missing []string, err error) {
 	deadline := time.Now().Add(wait)
 	for {
 		rep, err = rec.Reconcile(ctx, TriggerStart, false)
 		if err == nil {
-			if onReport != nil {
-				onReport(rep)
+			for _, c := range rep.Changes {
+				log.Info("changed", ChangeFields(c)...)
 			}
 			switch {
 			case rep.IMDSErr != nil:
-				err = IMDSError(endpointOf(rec.imds.source), rep.IMDSErr)
+				err = imdsError(rec.imds.source, rep.IMDSErr)
 			case rep.ApplyError != "":
 				err = fmt.Errorf("applying changes: %s", rep.ApplyError)
 			}
@@ -126,7 +121,7 @@ func Apply(ctx context.Context, rec *Reconciler, wait time.Duration, onReport fu
 		if wait <= 0 {
 			return rep, nil, err
 		}
-		missing = Missing(rep)
+		missing = notConfigured(rep)
 		if err == nil && len(missing) == 0 {
 			return rep, nil, nil
 		}
@@ -141,8 +136,8 @@ func Apply(ctx context.Context, rec *Reconciler, wait time.Duration, onReport fu
 	}
 }
 
-// Missing lists the ENIs that are not (yet) configured: "eni-... (mac): waiting for link".
-func Missing(rep Report) []string {
+// notConfigured lists the ENIs that are not (yet) configured: "eni-... (mac): waiting for link".
+func notConfigured(rep Report) []string {
 	var out []string
 	if rep.IMDSErr != nil || !rep.Fresh {
 		return []string{"IMDS has not been read"}
@@ -152,7 +147,7 @@ func Missing(rep Report) []string {
 		case netcfg.ENIConfigured, netcfg.ENIPrimaryRole, netcfg.ENIExcluded:
 			continue
 		}
-		out = append(out, fmt.Sprintf("%s (%s): %s", nonEmpty(e.InterfaceID, "eni ?"), e.MAC, e.State))
+		out = append(out, fmt.Sprintf("%s (%s): %s", cmp.Or(e.InterfaceID, "eni ?"), e.MAC, e.State))
 	}
 	return out
 }
@@ -172,7 +167,7 @@ func WritePlan(w io.Writer, rep Report) {
 	var nat []string
 	for _, e := range rep.ENIs {
 		if e.NAT != "" {
-			nat = append(nat, nonEmpty(e.Link, e.MAC)+" "+natRole(rep, e))
+			nat = append(nat, cmp.Or(e.Link, e.MAC)+" "+natRole(rep, e))
 		}
 	}
 	if len(nat) > 0 {
@@ -246,16 +241,9 @@ func daemonBlocked(h *Health) []netcfg.Blocked {
 func eniViews(enis []netcfg.ENIStatus) []ENIView {
 	out := []ENIView{}
 	for _, e := range enis {
-		v := ENIView{Link: e.Link, MAC: e.MAC, InterfaceID: e.InterfaceID, VPCID: e.VPCID, MultiVPC: e.MultiVPC,
-			Primary: e.Primary, NetworkCard: e.Card, Device: e.Device, Addresses: e.Addresses, Table: e.Table,
-			Priority: e.Priority, NAT: e.NAT, State: string(e.State), Warnings: e.Warnings}
-		if v.Addresses == nil {
-			v.Addresses = []netip.Addr{}
-		}
-		if v.Warnings == nil {
-			v.Warnings = []string{}
-		}
-		out = append(out, v)
+		out = append(out, ENIView{Link: e.Link, MAC: e.MAC, InterfaceID: e.InterfaceID, VPCID: e.VPCID, MultiVPC: e.MultiVPC,
+			Primary: e.Primary, NetworkCard: e.Card, Device: e.Device, Addresses: append([]netip.Addr{}, e.Addresses...),
+			Table: e.Table, Priority: e.Priority, NAT: e.NAT, State: string(e.State), Warnings: append([]string{}, e.Warnings...)})
 	}
 	return out
 }
@@ -266,13 +254,6 @@ func warningViews(ws []netcfg.Warning) []WarningView {
 		out = append(out, WarningView{ENI: w.ENI, Message: w.Message, Hint: w.Hint, Blocked: w.Blocked})
 	}
 	return out
-}
-
-func changes(cs []Change) []Change {
-	if cs == nil {
-		return []Change{}
-	}
-	return cs
 }
 
 // PlanJSON is the output of `dualhomed plan --json`.
@@ -286,7 +267,7 @@ type PlanJSON struct {
 
 // WritePlanJSON prints the plan as JSON.
 func WritePlanJSON(w io.Writer, rep Report) error {
-	return writeJSON(w, PlanJSON{InSync: len(rep.Changes) == 0, Changes: changes(rep.Changes),
+	return writeJSON(w, PlanJSON{InSync: len(rep.Changes) == 0, Changes: append([]Change{}, rep.Changes...),
 		Warnings: warningViews(rep.Warnings), ENIs: eniViews(rep.ENIs), Summary: rep.Summary()})
 }
 
@@ -319,10 +300,10 @@ func natRole(rep Report, e netcfg.ENIStatus) string {
 	return e.NAT
 }
 
-// WriteStatusJSON prints the status (live unless liveErr says why not, see
-// StatusReport) and the daemon's health as JSON.
-func WriteStatusJSON(w io.Writer, rep Report, liveErr error, health *Health, healthErr error) error {
-	out := StatusJSON{Schema: StatusSchema, ENIs: eniViews(rep.ENIs), Warnings: warningViews(rep.Warnings), Pending: changes(rep.Changes),
+// writeStatusJSON prints the status (live unless liveErr says why not, see
+// Status) and the daemon's health as JSON.
+func writeStatusJSON(w io.Writer, rep Report, liveErr error, health *Health, healthErr error) error {
+	out := StatusJSON{Schema: StatusSchema, ENIs: eniViews(rep.ENIs), Warnings: warningViews(rep.Warnings), Pending: append([]Change{}, rep.Changes...),
 		Summary: rep.Summary(), NAT: rep.NAT, Live: liveErr == nil, ReportTime: rep.Time}
 	if liveErr != nil {
 		out.LiveError = liveErr.Error()
@@ -339,14 +320,14 @@ func WriteStatusJSON(w io.Writer, rep Report, liveErr error, health *Health, hea
 	return writeJSON(w, out)
 }
 
-// WriteStatus prints the per-ENI table, the warnings and the daemon's health.
-func WriteStatusTable(w io.Writer, rep Report, health *Health, healthErr error) {
-	WriteDaemonHealth(w, health, healthErr)
+// writeStatusTable prints the daemon's health, the per-ENI table and the warnings.
+func writeStatusTable(w io.Writer, rep Report, health *Health, healthErr error) {
+	writeDaemonHealth(w, health, healthErr)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "LINK\tMAC\tENI\tVPC\tCARD/DEV\tADDRESSES\tTABLE\tPRIORITY\tNAT\tSTATE")
 	multi := false
 	for _, e := range rep.ENIs {
-		vpc := nonEmpty(e.VPCID, "-")
+		vpc := cmp.Or(e.VPCID, "-")
 		if e.MultiVPC {
 			vpc += " *"
 			multi = true
@@ -356,8 +337,8 @@ func WriteStatusTable(w io.Writer, rep Report, health *Health, healthErr error) 
 			addrs = append(addrs, a.String())
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\t%s\t%s\n",
-			nonEmpty(e.Link, "-"), e.MAC, nonEmpty(e.InterfaceID, "-"), vpc, e.Card, e.Device,
-			nonEmpty(strings.Join(addrs, ","), "-"), zeroDash(e.Table), zeroDash(e.Priority), nonEmpty(natRole(rep, e), "-"), e.State)
+			cmp.Or(e.Link, "-"), e.MAC, cmp.Or(e.InterfaceID, "-"), vpc, e.Card, e.Device,
+			cmp.Or(strings.Join(addrs, ","), "-"), zeroDash(e.Table), zeroDash(e.Priority), cmp.Or(natRole(rep, e), "-"), e.State)
 	}
 	tw.Flush()
 	if rep.NAT != nil {
@@ -365,19 +346,15 @@ func WriteStatusTable(w io.Writer, rep Report, health *Health, healthErr error) 
 		for _, reason := range slices.Sorted(maps.Keys(rep.NAT.Dropped)) {
 			drops = append(drops, fmt.Sprintf("%s %d", reason, rep.NAT.Dropped[reason]))
 		}
-		fmt.Fprintf(w, "NAT (table inet %s) dropped packets: %s\n", netcfg.NATTableName, nonEmpty(strings.Join(drops, ", "), "none"))
+		fmt.Fprintf(w, "NAT (table inet %s) dropped packets: %s\n", netcfg.NATTableName, cmp.Or(strings.Join(drops, ", "), "none"))
 	}
 	if multi {
 		fmt.Fprintln(w, "* VPC differs from the primary ENI's (multi-VPC)")
 	}
 	// Desired's warnings are both the ENI's and the report's: print each once.
-	reported := map[[2]string]bool{}
-	for _, x := range rep.Warnings {
-		reported[[2]string{x.ENI, x.Message}] = true
-	}
 	for _, e := range rep.ENIs {
 		for _, msg := range e.Warnings {
-			if !reported[[2]string{e.Name(), msg}] {
+			if !slices.ContainsFunc(rep.Warnings, func(x netcfg.Warning) bool { return x.ENI == e.Name() && x.Message == msg }) {
 				fmt.Fprintf(w, "warning: %s: %s\n", e.Name(), msg)
 			}
 		}
@@ -388,8 +365,8 @@ func WriteStatusTable(w io.Writer, rep Report, health *Health, healthErr error) 
 	}
 }
 
-// WriteDaemonHealth prints one line about the running daemon.
-func WriteDaemonHealth(w io.Writer, h *Health, err error) {
+// writeDaemonHealth prints one line about the running daemon.
+func writeDaemonHealth(w io.Writer, h *Health, err error) {
 	switch {
 	case h == nil && errors.Is(err, os.ErrNotExist):
 		fmt.Fprintln(w, "daemon: no status file (is dualhomed.service running?)")
@@ -398,15 +375,14 @@ func WriteDaemonHealth(w io.Writer, h *Health, err error) {
 	case h != nil:
 		state := "healthy"
 		switch {
+		case h.PID > 0 && !processAlive(h.PID):
+			state = "not running (stale status file)"
 		case h.Degraded:
 			state = "degraded"
 		case !h.Ready:
 			state = "starting"
 		}
-		if h.PID > 0 && !processAlive(h.PID) {
-			state = "not running (stale status file)"
-		}
-		fmt.Fprintf(w, "daemon: %s, pid %d, version %s, updated %s ago: %s\n", state, h.PID, nonEmpty(h.Version, "?"),
+		fmt.Fprintf(w, "daemon: %s, pid %d, version %s, updated %s ago: %s\n", state, h.PID, cmp.Or(h.Version, "?"),
 			time.Since(h.Updated).Round(time.Second), h.Summary)
 		if h.LastError != "" {
 			fmt.Fprintf(w, "daemon: last error: %s\n", h.LastError)
@@ -434,13 +410,6 @@ func writeJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
-}
-
-func nonEmpty(s, def string) string {
-	if s == "" {
-		return def
-	}
-	return s
 }
 
 func zeroDash(n int) string {

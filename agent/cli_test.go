@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
 	"github.com/dualhomed/dualhomed/netcfg"
@@ -32,7 +33,7 @@ func TestApplyWaitNamesMissingENIs(t *testing.T) {
 	src, _ := testSource(cfg.IMDS)
 	rec := atOnce(NewReconciler(src, k, cfg))
 
-	_, missing, err := Apply(context.Background(), rec, 1500*time.Millisecond, nil)
+	_, missing, err := Apply(context.Background(), rec, 1500*time.Millisecond, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,7 +42,7 @@ func TestApplyWaitNamesMissingENIs(t *testing.T) {
 	}
 
 	w.link(1)
-	rep, missing, err := Apply(context.Background(), rec, time.Minute, nil)
+	rep, missing, err := Apply(context.Background(), rec, time.Minute, zap.NewNop())
 	if err != nil || len(missing) != 0 {
 		t.Fatalf("after the link appeared: missing %q, err %v", missing, err)
 	}
@@ -56,7 +57,7 @@ func TestApplyWaitNamesMissingENIs(t *testing.T) {
 		t.Fatalf("plan after apply: %v %v", rep.Changes, err)
 	}
 	var buf bytes.Buffer
-	WriteStatusTable(&buf, rep, nil, os.ErrNotExist)
+	writeStatusTable(&buf, rep, nil, os.ErrNotExist)
 	out := buf.String()
 	for _, want := range []string{"LINK", "eth1", w.inst.ENIs[1].InterfaceID, "10.1.0.10", "20001", "configured", "primary", "* VPC differs"} {
 		if !strings.Contains(out, want) {
@@ -73,7 +74,7 @@ func TestApplyWaitNamesMissingENIs(t *testing.T) {
 	}
 	buf.Reset()
 	h := Health{PID: os.Getpid(), Ready: true, Summary: "x", Report: Report{Trigger: "poll"}}
-	if err := WriteStatusJSON(&buf, rep, nil, &h, nil); err != nil {
+	if err := writeStatusJSON(&buf, rep, nil, &h, nil); err != nil {
 		t.Fatal(err)
 	}
 	var sj map[string]any
@@ -144,7 +145,7 @@ func configuredENI1(t *testing.T) (*world, Config, Kernel, Snapshotter) {
 	}
 	t.Cleanup(k.Close)
 	src, _ := testSource(cfg.IMDS)
-	if _, _, err := Apply(context.Background(), atOnce(NewReconciler(src, k, cfg)), 0, nil); err != nil {
+	if _, _, err := Apply(context.Background(), atOnce(NewReconciler(src, k, cfg)), 0, zap.NewNop()); err != nil {
 		t.Fatal(err)
 	}
 	return w, cfg, k, src
@@ -225,7 +226,7 @@ func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
 	// The daemon's path agrees: the add fails to stick, is blocked, and the
 	// foreign route is left alone.
 	rec := atOnce(NewReconciler(src, k, cfg))
-	drep, _, err := Apply(context.Background(), rec, 0, nil)
+	drep, _, err := Apply(context.Background(), rec, 0, zap.NewNop())
 	if err != nil || drep.Blocked != 1 || rec.Blocked() != 1 {
 		t.Errorf("apply with the foreign route: err %v, blocked %d (reconciler %d), want 1", err, drep.Blocked, rec.Blocked())
 	}
@@ -234,12 +235,12 @@ func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
 	}
 	// status shows what the daemon holds back, from its status file.
 	buf.Reset()
-	WriteDaemonHealth(&buf, &Health{PID: os.Getpid(), Report: drep}, nil)
+	writeDaemonHealth(&buf, &Health{PID: os.Getpid(), Report: drep}, nil)
 	if !strings.Contains(buf.String(), "daemon: cannot add "+object+": held by "+holder) {
 		t.Errorf("status does not name the daemon's blocked object:\n%s", buf.String())
 	}
 	buf.Reset()
-	if err := WriteStatusJSON(&buf, rep, nil, &Health{PID: os.Getpid(), Report: drep}, nil); err != nil || strings.Count(buf.String(), `"holder": "`+holder+`"`) != 2 {
+	if err := writeStatusJSON(&buf, rep, nil, &Health{PID: os.Getpid(), Report: drep}, nil); err != nil || strings.Count(buf.String(), `"holder": "`+holder+`"`) != 2 {
 		t.Errorf("status --json (err %v) names the holder %d times, want 2 (live warning, daemon):\n%s", err, strings.Count(buf.String(), holder), buf.String())
 	}
 	routes, _ := w.ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: netcfg.MainTable}, netlink.RT_FILTER_TABLE)
@@ -301,7 +302,7 @@ func TestStatusTablePrintsEachWarningOnce(t *testing.T) {
 		Warnings: []netcfg.Warning{{ENI: "eni-2", Message: overlap, Hint: "list what this ENI must reach under `routes:`"}},
 	}
 	var buf bytes.Buffer
-	WriteStatusTable(&buf, rep, nil, os.ErrNotExist)
+	writeStatusTable(&buf, rep, nil, os.ErrNotExist)
 	if n := strings.Count(buf.String(), overlap); n != 1 {
 		t.Errorf("the overlap warning is printed %d times:\n%s", n, buf.String())
 	}
@@ -329,7 +330,7 @@ func TestNATInMetricsAndStatus(t *testing.T) {
 		{MAC: "02:00:00:00:00:01", Link: "eth1", NAT: netcfg.NATRoleSource, State: netcfg.ENIConfigured},
 	}}
 	var buf bytes.Buffer
-	WriteStatusTable(&buf, rep, nil, os.ErrNotExist)
+	writeStatusTable(&buf, rep, nil, os.ErrNotExist)
 	for _, want := range []string{"egress", "source (connections: 12)", "NAT (table inet dualhomed) dropped packets: between two ENIs 3"} {
 		if !strings.Contains(buf.String(), want) {
 			t.Errorf("status lacks %q:\n%s", want, buf.String())

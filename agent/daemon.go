@@ -166,7 +166,7 @@ func (d *Daemon) reload() error {
 	d.rec.Swap(source, cfg)
 	d.rec.HostWarnings = HostWarnings(d.opts.NS)
 	if d.opts.Level != nil {
-		UpdateLevel(*d.opts.Level, cfg.Log.Level)
+		_ = d.opts.Level.UnmarshalText([]byte(cfg.Log.Level)) // the configuration parser rejected bad levels
 	}
 	if cfg.Metrics != old.Metrics {
 		d.log.Warn("metrics settings change on restart only", zap.String("listen", old.Metrics.Listen))

@@ -10,7 +10,6 @@ import (
 	"strings"
 
 	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 
 	"github.com/dualhomed/dualhomed/netcfg"
 )
@@ -23,13 +22,15 @@ var (
 	networkdConfs      = []string{"usr/lib/systemd/networkd.conf", "etc/systemd/networkd.conf"}
 	networkdDropinDirs = []string{"etc/systemd/networkd.conf.d", "run/systemd/networkd.conf.d",
 		"usr/local/lib/systemd/networkd.conf.d", "usr/lib/systemd/networkd.conf.d"}
+	// systemdFalse are the spellings of a false boolean in systemd's files.
+	systemdFalse = []string{"no", "false", "0", "off"}
 )
 
 // hostWarnings warns when systemd-networkd runs in the network namespace ns
-// (see namespaceOf) with settings that make it delete foreign rules or
-// routes: dualhomed's included. It reads /proc and systemd's files under
-// root. The daemon checks at start and on reload.
-func hostWarnings(root string, ns fileID) []netcfg.Warning {
+// (its file, see namespaceOf) with settings that make it delete foreign
+// rules or routes: dualhomed's included. It reads /proc and systemd's files
+// under root. The daemon checks at start and on reload.
+func hostWarnings(root string, ns os.FileInfo) []netcfg.Warning {
 	if !networkdRunning(root, ns) {
 		return nil
 	}
@@ -39,7 +40,7 @@ func hostWarnings(root string, ns fileID) []netcfg.Warning {
 		{"ManageForeignRoutingPolicyRules", "routing policy rules"},
 		{"ManageForeignRoutes", "routes"},
 	} {
-		if isFalse(settings[c.key]) {
+		if slices.Contains(systemdFalse, strings.ToLower(settings[c.key])) {
 			continue
 		}
 		warns = append(warns, netcfg.Warning{
@@ -53,7 +54,7 @@ func hostWarnings(root string, ns fileID) []netcfg.Warning {
 // networkdRunning reports whether a systemd-networkd process runs in the
 // network namespace ns: one that runs elsewhere (the host's, when dualhomed
 // manages a namespace of its own) never touches ns's routes.
-func networkdRunning(root string, ns fileID) bool {
+func networkdRunning(root string, ns os.FileInfo) bool {
 	comms, _ := filepath.Glob(filepath.Join(root, "proc", "[0-9]*", "comm"))
 	for _, c := range comms {
 		b, err := os.ReadFile(c)
@@ -61,32 +62,21 @@ func networkdRunning(root string, ns fileID) bool {
 		if name := strings.TrimSpace(string(b)); err != nil || (name != "systemd-network" && name != "systemd-networkd") {
 			continue
 		}
-		if id, err := fileIDOf(filepath.Join(filepath.Dir(c), "ns", "net")); err == nil && id == ns {
+		if fi, err := os.Stat(filepath.Join(filepath.Dir(c), "ns", "net")); err == nil && os.SameFile(fi, ns) {
 			return true
 		}
 	}
 	return false
 }
 
-// fileID identifies a file, and so a network namespace: /proc/<pid>/ns/net
-// of every process in one namespace is the same file.
-type fileID struct{ dev, ino uint64 }
-
-func fileIDOf(path string) (fileID, error) {
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		return fileID{}, err
-	}
-	return fileID{dev: st.Dev, ino: st.Ino}, nil
-}
-
-// namespaceOf identifies the network namespace ns (the caller's own when ns
-// is not open).
-func namespaceOf(ns netns.NsHandle) (fileID, error) {
+// namespaceOf returns the file that identifies the network namespace ns (the
+// caller's own when ns is not open): /proc/<pid>/ns/net of every process in
+// one namespace is the same file (os.SameFile).
+func namespaceOf(ns netns.NsHandle) (os.FileInfo, error) {
 	if !ns.IsOpen() {
-		return fileIDOf("/proc/self/ns/net")
+		return os.Stat("/proc/self/ns/net")
 	}
-	return fileIDOf(fmt.Sprintf("/proc/self/fd/%d", int(ns)))
+	return os.Stat(fmt.Sprintf("/proc/self/fd/%d", int(ns)))
 }
 
 // HostWarnings runs the host check for the network namespace ns with
@@ -143,13 +133,4 @@ func readNetworkSection(path string, settings map[string]string) {
 			}
 		}
 	}
-}
-
-// isFalse is systemd's boolean "no".
-func isFalse(v string) bool {
-	switch strings.ToLower(v) {
-	case "no", "false", "0", "off":
-		return true
-	}
-	return false
 }

@@ -26,7 +26,7 @@ func writeFile(t *testing.T, path, content string) {
 // then with the settings its configuration files give it.
 func TestHostWarnings(t *testing.T) {
 	dir := t.TempDir()
-	var ns fileID // no namespace yet: nothing matches
+	var ns os.FileInfo // no namespace yet: nothing matches
 	keys := func() []string {
 		var out []string
 		for _, w := range hostWarnings(dir, ns) {
@@ -52,7 +52,7 @@ func TestHostWarnings(t *testing.T) {
 	writeFile(t, filepath.Join(dir, "proc/412/comm"), "systemd-network\n") // the kernel cuts comm to 15 bytes
 	writeFile(t, filepath.Join(dir, "proc/412/ns/net"), "our namespace")
 	writeFile(t, filepath.Join(dir, "proc/413/comm"), "bash\n")
-	id, err := fileIDOf(filepath.Join(dir, "proc/412/ns/net"))
+	id, err := os.Stat(filepath.Join(dir, "proc/412/ns/net"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -85,12 +85,12 @@ func TestNamespaceOf(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if self, err := fileIDOf(fmt.Sprintf("/proc/%d/ns/net", os.Getpid())); err != nil || self != own {
+	if self, err := os.Stat(fmt.Sprintf("/proc/%d/ns/net", os.Getpid())); err != nil || !os.SameFile(self, own) {
 		t.Fatalf("the caller's namespace %v, /proc/<pid>/ns/net %v (%v)", own, self, err)
 	}
 	ns := nstest.New(t)
 	other, err := namespaceOf(ns.Handle)
-	if err != nil || other == own {
+	if err != nil || os.SameFile(other, own) {
 		t.Errorf("a new namespace is %v (%v), the caller's %v", other, err, own)
 	}
 }

@@ -21,8 +21,8 @@ var (
 // terminal, and a readable console encoding on a terminal. The returned level
 // can be changed later (on reload).
 func NewLogger(level, format string) (*zap.Logger, zap.AtomicLevel, error) {
-	lvl := zap.NewAtomicLevel()
-	if err := lvl.UnmarshalText([]byte(level)); err != nil {
+	lvl, err := zap.ParseAtomicLevel(level)
+	if err != nil {
 		return nil, lvl, fmt.Errorf("log level %q is not one of %s", level, strings.Join(LogLevels, ", "))
 	}
 	if format == "" || format == "auto" {
@@ -58,15 +58,6 @@ func NewLogger(level, format string) (*zap.Logger, zap.AtomicLevel, error) {
 func ChangeFields(c Change) []zap.Field {
 	return []zap.Field{zap.String("eni", c.ENI), zap.String("link", c.Link), zap.Int("table", c.Table),
 		zap.String("op", c.Op.Action()), zap.String("object", c.Op.Object()), zap.String("text", c.Text)}
-}
-
-// UpdateLevel sets lvl from a configuration value, ignoring bad values (the
-// configuration parser has already rejected them).
-func UpdateLevel(lvl zap.AtomicLevel, level string) {
-	var l zapcore.Level
-	if err := l.UnmarshalText([]byte(level)); err == nil {
-		lvl.SetLevel(l)
-	}
 }
 
 func isTerminal(f *os.File) bool {

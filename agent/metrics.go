@@ -5,6 +5,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/dualhomed/dualhomed/netcfg"
@@ -31,18 +32,20 @@ type Metrics struct {
 // NewMetrics registers every metric in a new private registry; natCounters
 // reads the NAT's counters at each scrape (nil: no NAT metrics).
 func NewMetrics(natCounters func() (netcfg.NATCounters, error)) *Metrics {
+	reg := prometheus.NewRegistry()
+	with := promauto.With(reg)
 	counter := func(name, help string) prometheus.Counter {
-		return prometheus.NewCounter(prometheus.CounterOpts{Name: name, Help: help})
+		return with.NewCounter(prometheus.CounterOpts{Name: name, Help: help})
 	}
 	gauge := func(name, help string) prometheus.Gauge {
-		return prometheus.NewGauge(prometheus.GaugeOpts{Name: name, Help: help})
+		return with.NewGauge(prometheus.GaugeOpts{Name: name, Help: help})
 	}
 	histogram := func(name, help string) prometheus.Histogram {
-		return prometheus.NewHistogram(prometheus.HistogramOpts{Name: name, Help: help, Buckets: prometheus.ExponentialBuckets(0.001, 2, 14)})
+		return with.NewHistogram(prometheus.HistogramOpts{Name: name, Help: help, Buckets: prometheus.ExponentialBuckets(0.001, 2, 14)})
 	}
 	m := &Metrics{
-		reg: prometheus.NewRegistry(),
-		reconciles: prometheus.NewCounterVec(prometheus.CounterOpts{
+		reg: reg,
+		reconciles: with.NewCounterVec(prometheus.CounterOpts{
 			Name: "dualhomed_reconciles_total",
 			Help: "Reconciles run, by result (ok, degraded: IMDS or apply failed, error: kernel unreadable).",
 		}, []string{"result"}),
@@ -52,17 +55,15 @@ func NewMetrics(natCounters func() (netcfg.NATCounters, error)) *Metrics {
 		imdsRequests: counter("dualhomed_imds_requests_total", "HTTP requests made to the instance metadata service (token included)."),
 		imdsErrors:   counter("dualhomed_imds_errors_total", "IMDS snapshots that failed (unreachable, throttled, malformed)."),
 		imdsLatency:  histogram("dualhomed_imds_snapshot_duration_seconds", "Time to read one complete IMDS snapshot."),
-		enis: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "dualhomed_enis", Help: "ENIs listed by IMDS, by state."},
+		enis: with.NewGaugeVec(prometheus.GaugeOpts{Name: "dualhomed_enis", Help: "ENIs listed by IMDS, by state."},
 			[]string{"state"}),
 		rules:       gauge("dualhomed_managed_rules", "Policy rules owned by dualhomed."),
 		routes:      gauge("dualhomed_managed_routes", "Routes owned by dualhomed."),
 		lastSuccess: gauge("dualhomed_last_successful_reconcile_timestamp_seconds", "Unix time of the last reconcile that read IMDS and applied everything."),
 	}
-	m.reg.MustRegister(m.reconciles, m.duration, m.changes, m.repairs, m.imdsRequests, m.imdsErrors,
-		m.imdsLatency, m.enis, m.rules, m.routes, m.lastSuccess,
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if natCounters != nil {
-		m.reg.MustRegister(natCollector{natCounters,
+		reg.MustRegister(natCollector{natCounters,
 			prometheus.NewDesc("dualhomed_nat_connections_total", "Connections the NAT opened, by source link (since its table was last written).", []string{"link"}, nil),
 			prometheus.NewDesc("dualhomed_nat_dropped_packets_total", "Packets the NAT dropped, by reason (since its table was last written).", []string{"reason"}, nil)})
 	}
@@ -124,21 +125,17 @@ func (m *Metrics) Record(rep Report, err error) {
 	}
 	m.repairs.Add(float64(rep.Repairs))
 	if rep.HaveSnapshot { // without any snapshot nothing is known about ENIs
-		m.recordENIs(rep)
+		m.enis.Reset()
+		for _, s := range netcfg.ENIStates {
+			m.enis.WithLabelValues(string(s)).Set(0)
+		}
+		for _, e := range rep.ENIs {
+			m.enis.WithLabelValues(string(e.State)).Inc()
+		}
 	}
 	m.rules.Set(float64(rep.ManagedRules))
 	m.routes.Set(float64(rep.ManagedRoutes))
 	if rep.OK() {
 		m.lastSuccess.Set(float64(rep.Time.Add(rep.Duration).Unix()))
-	}
-}
-
-func (m *Metrics) recordENIs(rep Report) {
-	m.enis.Reset()
-	for _, s := range netcfg.ENIStates {
-		m.enis.WithLabelValues(string(s)).Set(0)
-	}
-	for _, e := range rep.ENIs {
-		m.enis.WithLabelValues(string(e.State)).Inc()
 	}
 }

@@ -69,35 +69,24 @@ passes: then exit 3 naming what is missing.`,
 			if wait < 0 {
 				return usageError{errors.New("--wait must not be negative")}
 			}
-			cfg, err := g.loadConfig()
-			if err != nil {
-				return err
-			}
-			log, _, err := agent.NewLogger(cfg.Log.Level, cfg.Log.Format)
-			if err != nil {
-				return err
-			}
-			defer func() { _ = log.Sync() }()
-			rec, kernel, err := g.tools(cfg)
-			if err != nil {
-				return err
-			}
-			defer kernel.Close()
-			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, syscall.SIGINT)
-			defer stop()
-			rep, missing, err := agent.Apply(ctx, rec, wait, func(rep agent.Report) {
-				for _, c := range rep.Changes {
-					log.Info("changed", agent.ChangeFields(c)...)
+			return g.oneShot(func(cfg agent.Config, rec *agent.Reconciler) error {
+				log, _, err := agent.NewLogger(cfg.Log.Level, cfg.Log.Format)
+				if err != nil {
+					return err
 				}
+				defer func() { _ = log.Sync() }()
+				ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, syscall.SIGINT)
+				defer stop()
+				rep, missing, err := agent.Apply(ctx, rec, wait, log)
+				if err != nil {
+					return err
+				}
+				if len(missing) > 0 {
+					return exitCodeError{exitWaiting, fmt.Errorf("after %s, not configured: %s", wait, strings.Join(missing, "; "))}
+				}
+				fmt.Fprintln(cmd.OutOrStdout(), rep.Summary())
+				return nil
 			})
-			if err != nil {
-				return err
-			}
-			if len(missing) > 0 {
-				return exitCodeError{exitWaiting, fmt.Errorf("after %s, not configured: %s", wait, strings.Join(missing, "; "))}
-			}
-			fmt.Fprintln(g.stdout, rep.Summary())
-			return nil
 		},
 	}
 	c.Flags().DurationVar(&wait, "wait", 0, "wait up to this long (e.g. 2m) until every ENI in IMDS is configured")
@@ -113,30 +102,21 @@ func planCmd(g *globals) *cobra.Command {
 ip(8) syntax ("+" add, "~" replace, "-" delete) with every warning.
 Exit 0 when in sync, 2 when changes are pending, 1 on error.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := g.loadConfig()
-			if err != nil {
-				return err
-			}
-			rec, kernel, err := g.tools(cfg)
-			if err != nil {
-				return err
-			}
-			defer kernel.Close()
-			rep, err := agent.Plan(cmd.Context(), rec)
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				if err := agent.WritePlanJSON(g.stdout, rep); err != nil {
+			return g.oneShot(func(_ agent.Config, rec *agent.Reconciler) error {
+				rep, err := agent.Plan(cmd.Context(), rec)
+				switch {
+				case err != nil:
 					return err
+				case asJSON:
+					err = agent.WritePlanJSON(cmd.OutOrStdout(), rep)
+				default:
+					agent.WritePlan(cmd.OutOrStdout(), rep)
 				}
-			} else {
-				agent.WritePlan(g.stdout, rep)
-			}
-			if len(rep.Changes) > 0 {
-				return exitCodeError{code: exitPending}
-			}
-			return nil
+				if err == nil && len(rep.Changes) > 0 {
+					return exitCodeError{code: exitPending}
+				}
+				return err
+			})
 		},
 	}
 	c.Flags().BoolVar(&asJSON, "json", false, "print JSON")
@@ -155,41 +135,13 @@ say so and how old it is, and exit 4. States:
 configured, drift (changes pending), waiting for link, waiting for IMDS,
 excluded, primary, invalid.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := g.loadConfig()
-			if err != nil {
-				return err
-			}
-			var health *agent.Health
-			h, herr := agent.ReadStatus(cfg.StateDir)
-			if herr == nil {
-				health = &h
-			}
-			rec, kernel, err := g.tools(cfg)
-			if err != nil {
-				return err
-			}
-			defer kernel.Close()
-			rep, fallback, err := agent.StatusReport(cmd.Context(), rec, health)
-			if err != nil && !fallback {
-				if !asJSON {
-					agent.WriteDaemonHealth(g.stdout, health, herr)
+			return g.oneShot(func(cfg agent.Config, rec *agent.Reconciler) error {
+				stale, err := agent.Status(cmd.Context(), cmd.OutOrStdout(), rec, cfg.StateDir, asJSON)
+				if err == nil && stale {
+					return exitCodeError{code: exitStale}
 				}
 				return err
-			}
-			if asJSON {
-				if jerr := agent.WriteStatusJSON(g.stdout, rep, err, health, herr); jerr != nil {
-					return jerr
-				}
-			} else {
-				if fallback {
-					agent.WriteStaleNotice(g.stdout, rep, err)
-				}
-				agent.WriteStatusTable(g.stdout, rep, health, herr)
-			}
-			if fallback {
-				return exitCodeError{code: exitStale}
-			}
-			return nil
+			})
 		},
 	}
 	c.Flags().BoolVar(&asJSON, "json", false, "print JSON")
@@ -204,7 +156,7 @@ func cleanupCmd(g *globals) *cobra.Command {
 bands and the NAT's nftables table (inet dualhomed), and restore the
 rp_filter and ip_forward values it changed. Touches nothing else and does
 not need IMDS. Stop the daemon first, or it puts everything back.`,
-		RunE: func(*cobra.Command, []string) error {
+		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := g.loadConfig()
 			if err != nil {
 				return err
@@ -218,18 +170,18 @@ not need IMDS. Stop the daemon first, or it puts everything back.`,
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(g.stdout, "removed dualhomed's state (%d changes)\n", writes)
+			fmt.Fprintf(cmd.OutOrStdout(), "removed dualhomed's state (%d changes)\n", writes)
 			return nil
 		},
 	}
 }
 
-func versionCmd(g *globals) *cobra.Command {
+func versionCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
-		RunE: func(*cobra.Command, []string) error {
-			fmt.Fprintf(g.stdout, "dualhomed %s\n", version)
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			fmt.Fprintf(cmd.OutOrStdout(), "dualhomed %s\n", version)
 			return nil
 		},
 	}
