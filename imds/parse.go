@@ -186,46 +186,19 @@ func parseList[T comparable](body string, parse func(string) (T, error)) ([]T, e
 		return nil, err
 	}
 	out := make([]T, 0, len(lines))
-	var seen map[T]bool
+	seen := make(map[T]bool, len(lines))
 	for _, l := range lines {
 		v, err := parse(l)
 		if err != nil {
 			return nil, err
 		}
-		if repeats(out, v, &seen) {
+		if seen[v] {
 			return nil, invalid(l, "is listed twice")
 		}
+		seen[v] = true
 		out = append(out, v)
 	}
 	return out, nil
-}
-
-// repeats reports whether v is among earlier, the values already accepted.
-// Lists are short (at most 50 addresses per ENI), and comparing with each
-// earlier value is cheaper than building a set, which cost a map per list
-// and poll; *seen takes over past 64 values so that a long (bogus) list
-// stays linear.
-func repeats[T comparable](earlier []T, v T, seen *map[T]bool) bool {
-	const linearMax = 64
-	if len(earlier) < linearMax {
-		for _, e := range earlier {
-			if e == v {
-				return true
-			}
-		}
-		return false
-	}
-	if *seen == nil {
-		*seen = make(map[T]bool, 2*len(earlier))
-		for _, e := range earlier {
-			(*seen)[e] = true
-		}
-	}
-	if (*seen)[v] {
-		return true
-	}
-	(*seen)[v] = true
-	return false
 }
 
 // parseIPv4List parses local-ipv4s.
