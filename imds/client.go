@@ -153,17 +153,14 @@ func New(opts Options) (*Client, error) {
 // resolveEndpoint applies the precedence Options.Endpoint >
 // $AWS_EC2_METADATA_SERVICE_ENDPOINT > default of the endpoint mode.
 func resolveEndpoint(opts Options, getenv func(string) string) (string, error) {
-	if opts.Endpoint != "" {
-		u, err := ValidateEndpoint(opts.Endpoint)
-		if err != nil {
-			return "", fmt.Errorf("invalid IMDS endpoint %q: %w", opts.Endpoint, err)
-		}
-		return u, nil
+	endpoint, from := opts.Endpoint, ""
+	if endpoint == "" {
+		endpoint, from = getenv(EnvEndpoint), EnvEndpoint+"="
 	}
-	if v := getenv(EnvEndpoint); v != "" {
-		u, err := ValidateEndpoint(v)
+	if endpoint != "" {
+		u, err := ValidateEndpoint(endpoint)
 		if err != nil {
-			return "", fmt.Errorf("invalid IMDS endpoint %s=%q: %w", EnvEndpoint, v, err)
+			return "", fmt.Errorf("invalid IMDS endpoint %s%q: %w", from, endpoint, err)
 		}
 		return u, nil
 	}
@@ -225,11 +222,16 @@ func (c *Client) get(ctx context.Context, path string) (string, error) {
 		}
 		rec := &attemptRecord{}
 		actx, cancel := context.WithTimeout(context.WithValue(ctx, attemptRecordKey{}, rec), 2*c.timeout) // token + GET
-		body, err := c.getOnce(actx, path)
+		out, err := c.sdk.GetMetadata(actx, &sdkimds.GetMetadataInput{Path: path})
+		var body []byte
+		if err == nil {
+			body, err = io.ReadAll(out.Content)
+			out.Content.Close()
+		}
 		timedOut := actx.Err() == context.DeadlineExceeded
 		cancel()
 		if err == nil {
-			return body, nil
+			return string(body), nil
 		}
 		if ctx.Err() != nil {
 			return "", &KeyError{Key: key, Err: ctx.Err()}
@@ -250,13 +252,11 @@ func (c *Client) get(ctx context.Context, path string) (string, error) {
 			refreshed = true
 			attempt--
 			continue
-		case seen.status == http.StatusTooManyRequests || seen.status >= 500:
-			if attempt >= c.maxAttempts {
-				return "", &KeyError{Key: failedKey, Err: &StatusError{StatusCode: seen.status, Attempts: attempt}}
-			}
+		case (seen.status == http.StatusTooManyRequests || seen.status >= 500) && attempt < c.maxAttempts:
 			retryAfter = seen.retryAfter
 		case seen.status != 0 && seen.status != http.StatusOK:
-			// 404 (absent), 400 (bad TTL), 403 (IMDS disabled), 401 twice, 405 ...
+			// 404 (absent), 400 (bad TTL), 403 (IMDS disabled), 401 twice,
+			// 5xx and 429 after the last attempt ...
 			return "", &KeyError{Key: failedKey, Err: &StatusError{StatusCode: seen.status, Attempts: attempt}}
 		case seen.transportErr != nil || timedOut:
 			cause := seen.transportErr
@@ -268,7 +268,8 @@ func (c *Client) get(ctx context.Context, path string) (string, error) {
 			}
 			if attempt >= c.maxAttempts {
 				if isUnreachableTransport(cause) || timedOut {
-					return "", &KeyError{Key: failedKey, Err: &unreachableError{endpoint: c.endpoint, attempts: attempt, err: cause}}
+					err := fmt.Errorf("IMDS at %s %w after %d attempts: %w", c.endpoint, errUnreachable, attempt, cause)
+					return "", &KeyError{Key: failedKey, Err: err}
 				}
 				return "", &KeyError{Key: failedKey, Err: fmt.Errorf("after %d attempts: %w", attempt, cause)}
 			}
@@ -284,16 +285,6 @@ func (c *Client) get(ctx context.Context, path string) (string, error) {
 			return "", &KeyError{Key: key, Err: err}
 		}
 	}
-}
-
-func (c *Client) getOnce(ctx context.Context, path string) (string, error) {
-	out, err := c.sdk.GetMetadata(ctx, &sdkimds.GetMetadataInput{Path: path})
-	if err != nil {
-		return "", err
-	}
-	defer out.Content.Close()
-	b, err := io.ReadAll(out.Content)
-	return string(b), err
 }
 
 // backoff returns the jittered delay before retry number attempt (1-based):

@@ -205,8 +205,7 @@ func (c *Client) readENIs(ctx context.Context, prev Snapshot, u Update) (Snapsho
 	}
 	if !slices.Contains(macs, primary) {
 		// IMDS contradicts itself; wait for it to settle rather than guess.
-		return Snapshot{}, &KeyError{Key: "meta-data/" + macsPath, Value: primary,
-			Err: &ValueError{Value: primary, Reason: "(meta-data/mac) is not listed"}}
+		return Snapshot{}, &KeyError{Key: "meta-data/" + macsPath, Err: invalid(primary, "(meta-data/mac) is not listed")}
 	}
 	slices.Sort(macs)
 	enis := make([]ENI, len(macs))
@@ -302,7 +301,7 @@ func (c *Client) fetchKeys(ctx context.Context, reads []eniRead) error {
 	}
 	for j, jb := range jobs {
 		if err := jb.key.apply(jb.eni, bodies[j]); err != nil {
-			return keyValueError("meta-data/"+macsPath+jb.eni.MAC+"/"+jb.key.name, err)
+			return &KeyError{Key: "meta-data/" + macsPath + jb.eni.MAC + "/" + jb.key.name, Err: err}
 		}
 	}
 	return nil
@@ -354,16 +353,7 @@ func getParsed[T any](ctx context.Context, c *Client, path string, parse func(st
 	}
 	v, err := parse(body)
 	if err != nil {
-		return zero, keyValueError("meta-data/"+path, err)
+		return zero, &KeyError{Key: "meta-data/" + path, Err: err}
 	}
 	return v, nil
-}
-
-func keyValueError(key string, err error) error {
-	ke := &KeyError{Key: key, Err: err}
-	var ve *ValueError
-	if errors.As(err, &ve) {
-		ke.Value = ve.Value
-	}
-	return ke
 }
