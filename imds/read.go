@@ -14,50 +14,41 @@ const macsPath = "network/interfaces/macs/"
 // value lands in the ENI. Keys not in this table (local-hostname,
 // security-group-ids, ...) are never fetched.
 type eniKey struct {
-	name  string
-	apply func(e *ENI, body string) error
+	name string
+	// dynamic keys change while an ENI stays attached: private IPv4 and
+	// IPv6 addresses and delegated prefixes are assigned and unassigned, and
+	// CIDR blocks are associated with the VPC and the subnet. The others
+	// are fixed for the life of an attachment.
+	dynamic bool
+	apply   func(e *ENI, body string) error
 }
 
 // eniKeys lists the keys in the order they are fetched and parsed; the order
 // makes requests and errors deterministic.
 var eniKeys = []eniKey{
-	{"device-number", func(e *ENI, b string) (err error) { e.DeviceNumber, err = parseDeviceNumber(b); return }},
-	{"network-card", func(e *ENI, b string) (err error) { e.NetworkCard, err = parseDeviceNumber(b); return }},
-	{"interface-id", func(e *ENI, b string) (err error) { e.InterfaceID, err = parseID(b, "eni-"); return }},
-	{"subnet-id", func(e *ENI, b string) (err error) { e.SubnetID, err = parseID(b, "subnet-"); return }},
-	{"vpc-id", func(e *ENI, b string) (err error) { e.VPCID, err = parseID(b, "vpc-"); return }},
-	{"owner-id", func(e *ENI, b string) (err error) { e.OwnerID, err = parseOwnerID(b); return }},
-	{"subnet-ipv4-cidr-block", func(e *ENI, b string) (err error) { e.SubnetIPv4CIDR, err = parseIPv4Prefix(b); return }},
-	{"subnet-ipv6-cidr-blocks", func(e *ENI, b string) (err error) { e.SubnetIPv6CIDRs, err = parsePrefixList(b, 6); return }},
-	{"vpc-ipv4-cidr-blocks", func(e *ENI, b string) (err error) { e.VPCIPv4CIDRs, err = parsePrefixList(b, 4); return }},
+	{"device-number", false, func(e *ENI, b string) (err error) { e.DeviceNumber, err = parseDeviceNumber(b); return }},
+	{"network-card", false, func(e *ENI, b string) (err error) { e.NetworkCard, err = parseDeviceNumber(b); return }},
+	{"interface-id", false, func(e *ENI, b string) (err error) { e.InterfaceID, err = parseID(b, "eni-"); return }},
+	{"subnet-id", false, func(e *ENI, b string) (err error) { e.SubnetID, err = parseID(b, "subnet-"); return }},
+	{"vpc-id", false, func(e *ENI, b string) (err error) { e.VPCID, err = parseID(b, "vpc-"); return }},
+	{"owner-id", false, func(e *ENI, b string) (err error) { e.OwnerID, err = parseOwnerID(b); return }},
+	{"subnet-ipv4-cidr-block", false, func(e *ENI, b string) (err error) { e.SubnetIPv4CIDR, err = parseIPv4Prefix(b); return }},
+	{"subnet-ipv6-cidr-blocks", true, func(e *ENI, b string) (err error) { e.SubnetIPv6CIDRs, err = parsePrefixList(b, 6); return }},
+	{"vpc-ipv4-cidr-blocks", true, func(e *ENI, b string) (err error) { e.VPCIPv4CIDRs, err = parsePrefixList(b, 4); return }},
 	// Older IMDS versions list only the single (primary) VPC CIDR; it is
 	// fetched only when vpc-ipv4-cidr-blocks is not listed.
-	{"vpc-ipv4-cidr-block", func(e *ENI, b string) error {
+	{"vpc-ipv4-cidr-block", true, func(e *ENI, b string) error {
 		p, err := parseIPv4Prefix(b)
 		if err == nil {
 			e.VPCIPv4CIDRs = append(e.VPCIPv4CIDRs, p)
 		}
 		return err
 	}},
-	{"vpc-ipv6-cidr-blocks", func(e *ENI, b string) (err error) { e.VPCIPv6CIDRs, err = parsePrefixList(b, 6); return }},
-	{"local-ipv4s", func(e *ENI, b string) (err error) { e.LocalIPv4s, err = parseIPv4List(b); return }},
-	{"ipv6s", func(e *ENI, b string) (err error) { e.IPv6s, err = parseIPv6List(b); return }},
-	{"ipv4-prefix", func(e *ENI, b string) (err error) { e.IPv4Prefixes, err = parsePrefixList(b, 4); return }},
-	{"ipv6-prefix", func(e *ENI, b string) (err error) { e.IPv6Prefixes, err = parsePrefixList(b, 6); return }},
-}
-
-// keysToFetch returns the eniKeys that the listing of one MAC contains.
-func keysToFetch(listed map[string]bool) []eniKey {
-	var keys []eniKey
-	for _, k := range eniKeys {
-		if k.name == "vpc-ipv4-cidr-block" && listed["vpc-ipv4-cidr-blocks"] {
-			continue
-		}
-		if listed[k.name] {
-			keys = append(keys, k)
-		}
-	}
-	return keys
+	{"vpc-ipv6-cidr-blocks", true, func(e *ENI, b string) (err error) { e.VPCIPv6CIDRs, err = parsePrefixList(b, 6); return }},
+	{"local-ipv4s", true, func(e *ENI, b string) (err error) { e.LocalIPv4s, err = parseIPv4List(b); return }},
+	{"ipv6s", true, func(e *ENI, b string) (err error) { e.IPv6s, err = parseIPv6List(b); return }},
+	{"ipv4-prefix", true, func(e *ENI, b string) (err error) { e.IPv4Prefixes, err = parsePrefixList(b, 4); return }},
+	{"ipv6-prefix", true, func(e *ENI, b string) (err error) { e.IPv6Prefixes, err = parsePrefixList(b, 6); return }},
 }
 
 // Snapshot reads the primary MAC, the list of MACs, and for each MAC its
@@ -123,18 +114,6 @@ func (c *Client) ListMACs(ctx context.Context) (macs []string, requests int, err
 	}
 	slices.Sort(macs)
 	return macs, requests, nil
-}
-
-// dynamicKeys are the keys under macs/<mac>/ whose values change while an
-// ENI stays attached: private IPv4 and IPv6 addresses and delegated prefixes
-// are assigned and unassigned, and CIDR blocks are associated with the VPC
-// and the subnet. The other keys dualhomed reads (device-number,
-// network-card, interface-id, subnet-id, vpc-id, owner-id,
-// subnet-ipv4-cidr-block) are fixed for the life of an attachment.
-var dynamicKeys = map[string]bool{
-	"local-ipv4s": true, "ipv6s": true, "ipv4-prefix": true, "ipv6-prefix": true,
-	"subnet-ipv6-cidr-blocks": true, "vpc-ipv4-cidr-blocks": true, "vpc-ipv4-cidr-block": true,
-	"vpc-ipv6-cidr-blocks": true,
 }
 
 // withoutDynamic returns e with the values of its dynamic keys cleared, as
@@ -262,17 +241,18 @@ func (c *Client) listKeys(ctx context.Context, r *eniRead) error {
 		return err
 	}
 	if len(listed) == 0 {
-		*r.eni = ENI{MAC: mac}
-		notReady(r.eni, "IMDS lists the MAC but none of its keys yet")
-		r.eni.DeviceNumber = DeviceNumberUnknown
+		*r.eni = ENI{MAC: mac, DeviceNumber: DeviceNumberUnknown, NotReadyReason: "IMDS lists the MAC but none of its keys yet"}
 		return nil
 	}
-	r.listed, r.fetch = listed, keysToFetch(listed)
-	if r.dynamic {
-		r.fetch = slices.DeleteFunc(r.fetch, func(k eniKey) bool { return !dynamicKeys[k.name] })
+	r.listed = listed
+	for _, k := range eniKeys {
+		fallback := k.name == "vpc-ipv4-cidr-block" && listed["vpc-ipv4-cidr-blocks"]
+		if listed[k.name] && !fallback && (k.dynamic || !r.dynamic) {
+			r.fetch = append(r.fetch, k)
+		}
 	}
 	if !listed["device-number"] {
-		notReady(r.eni, "device-number not listed yet")
+		r.eni.Ready, r.eni.NotReadyReason = false, "device-number not listed yet"
 		r.eni.DeviceNumber = DeviceNumberUnknown
 	}
 	return nil
@@ -322,25 +302,20 @@ func checkReady(e *ENI, has map[string]bool, snap Snapshot) {
 	secondary := e.MAC != snap.PrimaryMAC
 	switch {
 	case secondary && snap.MultiCard && !has["network-card"]:
-		notReady(e, "network-card not listed yet on a multi-card instance")
+		e.Ready, e.NotReadyReason = false, "network-card not listed yet on a multi-card instance"
 		e.DeviceNumber = DeviceNumberUnknown
 	case secondary && e.DeviceNumber == 0 && e.NetworkCard == 0:
-		notReady(e, "device-number 0 on card 0 of a secondary MAC: IMDS has not caught up with the attachment")
+		e.Ready, e.NotReadyReason = false, "device-number 0 on card 0 of a secondary MAC: IMDS has not caught up with the attachment"
 		e.DeviceNumber = DeviceNumberUnknown
 	case !has["interface-id"]:
-		notReady(e, "interface-id not listed yet")
+		e.Ready, e.NotReadyReason = false, "interface-id not listed yet"
 	case !has["local-ipv4s"] && !has["ipv6s"]:
-		notReady(e, "neither local-ipv4s nor ipv6s listed yet")
+		e.Ready, e.NotReadyReason = false, "neither local-ipv4s nor ipv6s listed yet"
 	case has["local-ipv4s"] && !has["subnet-ipv4-cidr-block"]:
-		notReady(e, "local-ipv4s listed without subnet-ipv4-cidr-block")
+		e.Ready, e.NotReadyReason = false, "local-ipv4s listed without subnet-ipv4-cidr-block"
 	case has["ipv6s"] && !has["subnet-ipv6-cidr-blocks"]:
-		notReady(e, "ipv6s listed without subnet-ipv6-cidr-blocks")
+		e.Ready, e.NotReadyReason = false, "ipv6s listed without subnet-ipv6-cidr-blocks"
 	}
-}
-
-func notReady(e *ENI, reason string) {
-	e.Ready = false
-	e.NotReadyReason = reason
 }
 
 // getParsed reads one key and parses it, turning a parse failure into a
