@@ -95,10 +95,7 @@ type Client struct {
 	requests    *limiter
 	retries     *limiter
 	total       atomic.Uint64
-	// lastFailed makes the first request of a snapshot that follows a failed
-	// one wait for a retry token too, so even a caller that retries
-	// Snapshot in a tight loop costs a broken IMDS only a few requests/s.
-	lastFailed atomic.Bool
+	lastFailed  atomic.Bool // the last read failed: see Client.read
 }
 
 // New validates opts and returns a Client. It sends no request.
@@ -133,20 +130,15 @@ func New(opts Options) (*Client, error) {
 			IdleConnTimeout:       30 * time.Second,
 		}
 	}
-	httpClient := &http.Client{
-		Transport: &countingTransport{next: next, total: &c.total},
-		Timeout:   opts.Timeout,
-	}
-	sdkOpts := sdkimds.Options{
-		HTTPClient: httpClient,
+	c.sdk = sdkimds.New(sdkimds.Options{
+		HTTPClient: &http.Client{Transport: &countingTransport{next: next, total: &c.total}, Timeout: opts.Timeout},
 		// Retries are ours: the SDK's standard retryer neither honours our
 		// budget nor lets us count attempts per key.
 		Retryer:           aws.NopRetryer{},
 		EnableFallback:    aws.FalseTernary, // IMDSv2 only: never fall back to tokenless v1
 		ClientEnableState: sdkimds.ClientEnabled,
 		Endpoint:          endpoint, // resolved here, the endpoint mode included
-	}
-	c.sdk = sdkimds.New(sdkOpts)
+	})
 	return c, nil
 }
 

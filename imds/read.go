@@ -93,27 +93,19 @@ func (c *Client) read(ctx context.Context, fn func(ctx context.Context) error) (
 
 // ListMACs reads only meta-data/network/interfaces/macs/ and returns the
 // listed MACs, lower case and sorted, with the number of HTTP requests the
-// call cost (1 once the token is cached; the token and retries included).
-//
-// It exists so that a link IMDS may not know (every container veth on a busy
-// host) costs one request instead of a full Snapshot (212 requests on a
-// 15-ENI instance with 100 addresses and 4 prefixes per ENI): IMDS shares the link-local budget of 1024 packets/s per
-// ENI with DNS and NTP. A caller takes a Snapshot only when the listing
-// names a MAC it has not read yet.
-//
-// Errors, retries, pacing and counting are those of Snapshot: a failure is
-// a *KeyError after retries, never a partial or empty list, and a call that
-// follows a failed call or snapshot waits for a retry token first.
+// call cost (1 once the token is cached). A link IMDS may not know (every
+// container veth on a busy host) then costs one request instead of a full
+// Snapshot (212 on a 15-ENI instance with 100 addresses and 4 prefixes per
+// ENI): IMDS shares the link-local budget of 1024 packets/s per ENI with DNS
+// and NTP. Errors, retries, pacing and counting are Snapshot's: a failure is
+// a *KeyError, never a partial or empty list.
 func (c *Client) ListMACs(ctx context.Context) (macs []string, requests int, err error) {
 	requests, err = c.read(ctx, func(ctx context.Context) (err error) {
 		macs, err = getParsed(ctx, c, macsPath, parseMACList)
 		return err
 	})
-	if err != nil {
-		return nil, requests, err
-	}
-	slices.Sort(macs)
-	return macs, requests, nil
+	slices.Sort(macs) // nil after a failure
+	return macs, requests, err
 }
 
 // withoutDynamic returns e with the values of its dynamic keys cleared, as
