@@ -55,9 +55,8 @@ const (
 // Retry pacing. A snapshot retries a key at most MaxAttempts-1 times with
 // jittered exponential backoff, and all retries of a client share a bucket
 // of retryBurst tokens refilled at retriesPerSecond, so a broken IMDS costs
-// at most a few requests per second however many keys fail at once. The
-// first request of a snapshot that follows a failed one draws from the same
-// bucket, so callers that simply call Snapshot again are paced too.
+// at most a few requests per second however many keys fail at once (and
+// however often callers read again: see Client.read).
 const (
 	backoffBase      = 100 * time.Millisecond
 	backoffMax       = 2 * time.Second

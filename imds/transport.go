@@ -122,9 +122,8 @@ func (b *limitedBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// limiter is a token bucket. It paces requests (IMDS shares a budget of
-// 1024 packets per second per ENI with DNS and NTP) and retries (a broken
-// IMDS must cost only a few requests per second).
+// limiter is a token bucket: Client paces its requests and its retries
+// with one each.
 type limiter struct {
 	mu     sync.Mutex
 	rate   float64 // tokens per second
