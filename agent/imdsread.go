@@ -309,15 +309,11 @@ func (p *imdsReads) mergeNotReady(fresh imds.Snapshot) imds.Snapshot {
 	if p.lastGood == nil {
 		return fresh
 	}
-	out := fresh
-	out.ENIs = make([]imds.ENI, len(fresh.ENIs))
+	fresh.ENIs = slices.Clone(fresh.ENIs)
 	for i, e := range fresh.ENIs {
-		if !e.Ready {
-			if old, ok := p.lastGood.ENI(e.MAC); ok && old.Ready {
-				e = old
-			}
+		if old, ok := p.lastGood.ENI(e.MAC); ok && old.Ready && !e.Ready {
+			fresh.ENIs[i] = old
 		}
-		out.ENIs[i] = e
 	}
-	return out
+	return fresh
 }
