@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,14 +21,11 @@ import (
 	sdkimds "github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 )
 
-// Environment variables that the AWS SDKs use to override the IMDS endpoint.
+// The environment variables that the AWS SDKs use to override the IMDS
+// endpoint, and the default endpoints of the instance metadata service.
 const (
-	EnvEndpoint     = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
-	EnvEndpointMode = "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE"
-)
-
-// Default endpoints of the instance metadata service.
-const (
+	EnvEndpoint         = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+	EnvEndpointMode     = "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE"
 	DefaultIPv4Endpoint = "http://169.254.169.254"
 	DefaultIPv6Endpoint = "http://[fd00:ec2::254]"
 )
@@ -227,30 +225,29 @@ func (c *Client) get(ctx context.Context, path string) (string, error) {
 		if ctx.Err() != nil {
 			return "", &KeyError{Key: key, Err: ctx.Err()}
 		}
-		seen := *rec
 		failedKey := key
-		if seen.path == "api/token" {
-			failedKey = "api/token"
+		if rec.path == "api/token" {
+			failedKey = rec.path
 		}
 		var retryAfter time.Duration
 		switch {
-		case seen.bodyTooLarge:
+		case rec.bodyTooLarge:
 			return "", &KeyError{Key: failedKey, Err: ErrBodyTooLarge}
-		case seen.status == http.StatusUnauthorized && !refreshed:
+		case rec.status == http.StatusUnauthorized && !refreshed:
 			// The token expired or was revoked; the SDK dropped its cached
 			// token, so the next attempt fetches a fresh one. Once only: a
 			// second 401 means IMDS rejects fresh tokens too.
 			refreshed = true
 			attempt--
 			continue
-		case (seen.status == http.StatusTooManyRequests || seen.status >= 500) && attempt < c.maxAttempts:
-			retryAfter = seen.retryAfter
-		case seen.status != 0 && seen.status != http.StatusOK:
+		case (rec.status == http.StatusTooManyRequests || rec.status >= 500) && attempt < c.maxAttempts:
+			retryAfter = rec.retryAfter
+		case rec.status != 0 && rec.status != http.StatusOK:
 			// 404 (absent), 400 (bad TTL), 403 (IMDS disabled), 401 twice,
 			// 5xx and 429 after the last attempt ...
-			return "", &KeyError{Key: failedKey, Err: &StatusError{StatusCode: seen.status, Attempts: attempt}}
-		case seen.transportErr != nil || timedOut:
-			cause := seen.transportErr
+			return "", &KeyError{Key: failedKey, Err: &StatusError{StatusCode: rec.status, Attempts: attempt}}
+		case rec.transportErr != nil || timedOut:
+			cause := rec.transportErr
 			if cause == nil || (isUnreachableTransport(err) && !isUnreachableTransport(cause)) {
 				// http.Client's own timeout cancels the request: the transport
 				// then saw only "net/http: request canceled", while the error
@@ -269,10 +266,11 @@ func (c *Client) get(ctx context.Context, path string) (string, error) {
 			// token response without a TTL header): not worth retrying.
 			return "", &KeyError{Key: failedKey, Err: err}
 		}
-		if err := sleep(ctx, max(backoff(attempt), retryAfter)); err != nil {
-			return "", &KeyError{Key: key, Err: err}
+		err = sleep(ctx, max(backoff(attempt), retryAfter))
+		if err == nil {
+			err = c.retries.wait(ctx)
 		}
-		if err := c.retries.wait(ctx); err != nil {
+		if err != nil {
 			return "", &KeyError{Key: key, Err: err}
 		}
 	}
@@ -322,17 +320,12 @@ func (c *Client) forEach(parent context.Context, n int, fn func(ctx context.Cont
 		})
 	}
 	wg.Wait()
-	for _, errs := range [][]error{causes, consequences} {
-		for _, err := range errs {
-			if err != nil && !errors.Is(err, context.Canceled) {
-				return err
-			}
-		}
+	errs := slices.Concat(causes, consequences)
+	if i := slices.IndexFunc(errs, func(err error) bool { return err != nil && !errors.Is(err, context.Canceled) }); i >= 0 {
+		return errs[i]
 	}
-	for _, err := range consequences {
-		if err != nil {
-			return err
-		}
+	if i := slices.IndexFunc(errs, func(err error) bool { return err != nil }); i >= 0 {
+		return errs[i]
 	}
 	return parent.Err() // canceled before every job ran
 }

@@ -49,8 +49,11 @@ func splitLines(body string) ([]string, error) {
 		if l == "" {
 			return nil, invalid(body, "has an empty line")
 		}
-		if err := checkPrintable(l); err != nil {
-			return nil, err
+		if !utf8.ValidString(l) {
+			return nil, invalid(l, "is not valid UTF-8")
+		}
+		if strings.ContainsFunc(l, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
+			return nil, invalid(l, "contains control characters")
 		}
 	}
 	return lines, nil
@@ -67,18 +70,6 @@ func oneLine[T any](body string, parse func(line string) (T, error)) (T, error) 
 		return zero, err
 	}
 	return parse(lines[0])
-}
-
-func checkPrintable(s string) error {
-	if !utf8.ValidString(s) {
-		return invalid(s, "is not valid UTF-8")
-	}
-	for _, r := range s {
-		if r < 0x20 || r == 0x7f {
-			return invalid(s, "contains control characters")
-		}
-	}
-	return nil
 }
 
 // parseMAC parses one MAC in IMDS form (6 octets, colon separated) and
