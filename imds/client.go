@@ -279,10 +279,7 @@ func (c *Client) get(ctx context.Context, path string) (string, error) {
 // backoff returns the jittered delay before retry number attempt (1-based):
 // between half and all of backoffBase*2^(attempt-1), capped at backoffMax.
 func backoff(attempt int) time.Duration {
-	d := backoffMax
-	if attempt < 8 {
-		d = min(backoffBase<<(attempt-1), backoffMax)
-	}
+	d := min(backoffBase<<min(attempt-1, 8), backoffMax) // the shift stays far from overflow
 	return d/2 + rand.N(d/2+1)
 }
 

@@ -55,20 +55,16 @@ var eniKeys = []eniKey{
 // directory listing and then only the listed keys that dualhomed uses (an
 // absent optional key costs no request).
 //
-// It returns an error (a *KeyError naming the key, and the value when it did
-// not parse) if any read fails after retries or any value does not parse;
-// it never returns a partial snapshot. A MAC that IMDS is still catching up
-// on is not an error: its ENI is returned with Ready=false and a reason
-// (see ENI.Ready), when:
-//   - its directory listing is empty or 404 (the MAC is listed before its
-//     keys exist: seen right after a hot attach);
-//   - device-number is not listed, or is 0 on card 0 on a MAC other than
-//     the primary (DeviceNumber is then DeviceNumberUnknown, never 0);
-//   - network-card is not listed on a MAC other than the primary while the
-//     instance is multi-card (Snapshot.MultiCard);
-//   - interface-id is not listed, or neither local-ipv4s nor ipv6s is;
-//   - local-ipv4s is listed without subnet-ipv4-cidr-block, or ipv6s without
-//     subnet-ipv6-cidr-blocks (no gateway could be derived).
+// It returns a *KeyError naming the key (and the value, when it did not
+// parse) if any read fails after retries or any value does not parse; it
+// never returns a partial snapshot. A MAC that IMDS is still catching up on
+// is not an error: its ENI has Ready=false and a reason when its listing is
+// empty or 404 (seen right after a hot attach); device-number is not listed,
+// or is 0 on card 0 of a secondary MAC; network-card is not listed on a
+// secondary MAC of a multi-card instance (in these three cases DeviceNumber
+// is DeviceNumberUnknown, never 0); interface-id is not listed, or neither
+// local-ipv4s nor ipv6s is; or local-ipv4s (ipv6s) is listed without
+// subnet-ipv4-cidr-block (subnet-ipv6-cidr-blocks): no gateway to derive.
 func (c *Client) Snapshot(ctx context.Context) (Snapshot, error) {
 	return c.Refresh(ctx, Snapshot{}, Update{})
 }
@@ -226,13 +222,10 @@ func (c *Client) listKeys(ctx context.Context, r *eniRead) error {
 	mac := r.eni.MAC
 	listed, err := getParsed(ctx, c, macsPath+mac+"/", parseKeyList)
 	var se *StatusError
-	switch {
-	case errors.As(err, &se) && se.StatusCode == http.StatusNotFound:
-		listed = nil
-	case err != nil:
+	if err != nil && !(errors.As(err, &se) && se.StatusCode == http.StatusNotFound) {
 		return err
 	}
-	if len(listed) == 0 {
+	if len(listed) == 0 { // an empty listing, or 404
 		*r.eni = ENI{MAC: mac, DeviceNumber: DeviceNumberUnknown, NotReadyReason: "IMDS lists the MAC but none of its keys yet"}
 		return nil
 	}
@@ -253,26 +246,25 @@ func (c *Client) listKeys(ctx context.Context, r *eniRead) error {
 // fetchKeys reads the keys the listings chose and parses them into the ENIs.
 func (c *Client) fetchKeys(ctx context.Context, reads []eniRead) error {
 	type job struct {
-		eni *ENI
-		key eniKey
+		eni  *ENI
+		key  eniKey
+		body string
 	}
 	var jobs []job
 	for _, r := range reads {
 		for _, k := range r.fetch {
-			jobs = append(jobs, job{r.eni, k})
+			jobs = append(jobs, job{eni: r.eni, key: k})
 		}
 	}
-	bodies := make([]string, len(jobs))
-	err := c.forEach(ctx, len(jobs), func(ctx context.Context, j int) error {
-		var err error
-		bodies[j], err = c.get(ctx, macsPath+jobs[j].eni.MAC+"/"+jobs[j].key.name)
+	err := c.forEach(ctx, len(jobs), func(ctx context.Context, j int) (err error) {
+		jobs[j].body, err = c.get(ctx, macsPath+jobs[j].eni.MAC+"/"+jobs[j].key.name)
 		return err // a listed key that answers 404 is an error too
 	})
 	if err != nil {
 		return err
 	}
-	for j, jb := range jobs {
-		if err := jb.key.apply(jb.eni, bodies[j]); err != nil {
+	for _, jb := range jobs {
+		if err := jb.key.apply(jb.eni, jb.body); err != nil {
 			return &KeyError{Key: "meta-data/" + macsPath + jb.eni.MAC + "/" + jb.key.name, Err: err}
 		}
 	}
