@@ -1,6 +1,7 @@
 package imds
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -225,10 +226,8 @@ func (c *Client) get(ctx context.Context, path string) (string, error) {
 		if ctx.Err() != nil {
 			return "", &KeyError{Key: key, Err: ctx.Err()}
 		}
-		failedKey := key
-		if rec.path == "api/token" {
-			failedKey = rec.path
-		}
+		// The last request names what failed: the token's path or key.
+		failedKey := cmp.Or(rec.path, key)
 		var retryAfter time.Duration
 		switch {
 		case rec.bodyTooLarge:

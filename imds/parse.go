@@ -153,18 +153,12 @@ func parseOwnerID(body string) (string, error) {
 	})
 }
 
-func parseIPv4(s string) (netip.Addr, error) {
+// parseAddr parses one address of the given family (4 or 6), without a zone
+// and not IPv4-mapped.
+func parseAddr(s string, family int) (netip.Addr, error) {
 	a, err := netip.ParseAddr(s)
-	if err != nil || !a.Is4() {
-		return netip.Addr{}, invalid(s, "is not an IPv4 address")
-	}
-	return a, nil
-}
-
-func parseIPv6(s string) (netip.Addr, error) {
-	a, err := netip.ParseAddr(s)
-	if err != nil || !a.Is6() || a.Is4In6() || a.Zone() != "" {
-		return netip.Addr{}, invalid(s, "is not an IPv6 address")
+	if err != nil || a.Is4() != (family == 4) || a.Is4In6() || a.Zone() != "" {
+		return netip.Addr{}, invalid(s, fmt.Sprintf("is not an IPv%d address", family))
 	}
 	return a, nil
 }
@@ -193,10 +187,14 @@ func parseList[T comparable](body string, parse func(string) (T, error)) ([]T, e
 }
 
 // parseIPv4List parses local-ipv4s.
-func parseIPv4List(body string) ([]netip.Addr, error) { return parseList(body, parseIPv4) }
+func parseIPv4List(body string) ([]netip.Addr, error) {
+	return parseList(body, func(l string) (netip.Addr, error) { return parseAddr(l, 4) })
+}
 
 // parseIPv6List parses ipv6s.
-func parseIPv6List(body string) ([]netip.Addr, error) { return parseList(body, parseIPv6) }
+func parseIPv6List(body string) ([]netip.Addr, error) {
+	return parseList(body, func(l string) (netip.Addr, error) { return parseAddr(l, 6) })
+}
 
 // parsePrefix parses one CIDR block of the given family (4 or 6). Host bits
 // must be zero: IMDS lists blocks, and "10.0.1.5/24" means a corrupted value.

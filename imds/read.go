@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"net/netip"
 	"slices"
 	"sync/atomic"
 )
@@ -39,9 +40,7 @@ var eniKeys = []eniKey{
 	// fetched only when vpc-ipv4-cidr-blocks is not listed.
 	{"vpc-ipv4-cidr-block", true, func(e *ENI, b string) error {
 		p, err := parseIPv4Prefix(b)
-		if err == nil {
-			e.VPCIPv4CIDRs = append(e.VPCIPv4CIDRs, p)
-		}
+		e.VPCIPv4CIDRs = []netip.Prefix{p}
 		return err
 	}},
 	{"vpc-ipv6-cidr-blocks", true, func(e *ENI, b string) (err error) { e.VPCIPv6CIDRs, err = parsePrefixList(b, 6); return }},
@@ -201,9 +200,7 @@ func (c *Client) readENIs(ctx context.Context, prev Snapshot, u Update) (Snapsho
 		snap.MultiCard = snap.MultiCard || r.listed["network-card"]
 	}
 	for _, r := range reads {
-		if r.eni.Ready {
-			checkReady(r.eni, r.listed, snap)
-		}
+		checkReady(r.eni, r.listed, snap)
 	}
 	return snap, nil
 }
@@ -235,10 +232,6 @@ func (c *Client) listKeys(ctx context.Context, r *eniRead) error {
 		if listed[k.name] && !fallback && (k.dynamic || !r.dynamic) {
 			r.fetch = append(r.fetch, k)
 		}
-	}
-	if !listed["device-number"] {
-		r.eni.Ready, r.eni.NotReadyReason = false, "device-number not listed yet"
-		r.eni.DeviceNumber = DeviceNumberUnknown
 	}
 	return nil
 }
@@ -285,6 +278,10 @@ func (c *Client) fetchKeys(ctx context.Context, reads []eniRead) error {
 func checkReady(e *ENI, has map[string]bool, snap Snapshot) {
 	secondary := e.MAC != snap.PrimaryMAC
 	switch {
+	case !e.Ready: // listKeys found no keys at all
+	case !has["device-number"]:
+		e.Ready, e.NotReadyReason = false, "device-number not listed yet"
+		e.DeviceNumber = DeviceNumberUnknown
 	case secondary && snap.MultiCard && !has["network-card"]:
 		e.Ready, e.NotReadyReason = false, "network-card not listed yet on a multi-card instance"
 		e.DeviceNumber = DeviceNumberUnknown

@@ -149,10 +149,7 @@ func (l *limiter) wait(ctx context.Context) error {
 	l.tokens = min(l.burst, l.tokens+now.Sub(l.last).Seconds()*l.rate)
 	l.last = now
 	l.tokens--
-	var delay time.Duration
-	if l.tokens < 0 {
-		delay = time.Duration(-l.tokens / l.rate * float64(time.Second))
-	}
+	delay := time.Duration(-l.tokens / l.rate * float64(time.Second)) // not positive while tokens remain
 	l.mu.Unlock()
 	return sleep(ctx, delay)
 }
