@@ -108,14 +108,11 @@ func New(opts Options) (*Client, error) {
 	if opts.MaxAttempts <= 0 {
 		opts.MaxAttempts = DefaultMaxAttempts
 	}
-	if opts.MaxRequestsPerSecond == 0 {
-		opts.MaxRequestsPerSecond = DefaultMaxRequestsPerSecond
-	}
 	c := &Client{
 		endpoint:    endpoint,
 		timeout:     opts.Timeout,
 		maxAttempts: opts.MaxAttempts,
-		requests:    newLimiter(opts.MaxRequestsPerSecond, DefaultRequestBurst),
+		requests:    newLimiter(cmp.Or(opts.MaxRequestsPerSecond, DefaultMaxRequestsPerSecond), DefaultRequestBurst),
 		retries:     newLimiter(retriesPerSecond, retryBurst),
 	}
 	next := opts.Transport

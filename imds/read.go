@@ -147,11 +147,10 @@ func (c *Client) Refresh(ctx context.Context, prev Snapshot, u Update) (Snapshot
 		snap, err = c.readENIs(ctx, prev, u)
 		return err
 	})
-	if err != nil {
-		return Snapshot{}, err
+	if err == nil {
+		snap.Requests = n
 	}
-	snap.Requests = n
-	return snap, nil
+	return snap, err // the zero Snapshot after a failure
 }
 
 // readENIs reads the primary MAC and the MAC listing unless prev and u
@@ -216,14 +215,13 @@ type eniRead struct {
 
 // listKeys reads the MAC's key listing and decides which keys to fetch.
 func (c *Client) listKeys(ctx context.Context, r *eniRead) error {
-	mac := r.eni.MAC
-	listed, err := getParsed(ctx, c, macsPath+mac+"/", parseKeyList)
+	listed, err := getParsed(ctx, c, macsPath+r.eni.MAC+"/", parseKeyList)
 	var se *StatusError
 	if err != nil && !(errors.As(err, &se) && se.StatusCode == http.StatusNotFound) {
 		return err
 	}
 	if len(listed) == 0 { // an empty listing, or 404
-		*r.eni = ENI{MAC: mac, DeviceNumber: DeviceNumberUnknown, NotReadyReason: "IMDS lists the MAC but none of its keys yet"}
+		*r.eni = ENI{MAC: r.eni.MAC, DeviceNumber: DeviceNumberUnknown, NotReadyReason: "IMDS lists the MAC but none of its keys yet"}
 		return nil
 	}
 	r.listed = listed
