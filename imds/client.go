@@ -223,7 +223,7 @@ func (c *Client) get(ctx context.Context, path string) (string, error) {
 		if ctx.Err() != nil {
 			return "", &KeyError{Key: key, Err: ctx.Err()}
 		}
-		// The last request names what failed: the token's path or key.
+		// The last request sent names what failed: api/token, or key itself.
 		failedKey := cmp.Or(rec.path, key)
 		var retryAfter time.Duration
 		switch {
