@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"slices"
 	"time"
 
 	"github.com/dualhomed/dualhomed/imds"
@@ -102,12 +103,12 @@ func (p *imdsReads) read(ctx context.Context, t Trigger, links []netcfg.Link, ti
 	case t&TriggerPoll != 0 && t&(TriggerStart|TriggerRetry|TriggerReload) == 0:
 		p.polls++
 		if p.lastGood != nil && p.polls%FullReadEvery != 0 {
-			rd.fetch(&imds.Update{Dynamic: true, Full: p.listed(newLinks)})
+			rd.fetch(*p.lastGood, imds.Update{Dynamic: true, Full: p.listed(newLinks)})
 		} else {
-			rd.fetch(nil)
+			rd.fetch(imds.Snapshot{}, imds.Update{})
 		}
 	case t.needsIMDS():
-		rd.fetch(nil)
+		rd.fetch(imds.Snapshot{}, imds.Update{})
 	case now.Before(p.retryAt): // backing off: repair from the last good snapshot
 	case t&TriggerRecheck != 0: // its own schedule spaces it
 		rd.ask(append(newLinks, p.pending(links)...))
@@ -250,18 +251,14 @@ type imdsRead struct {
 func (rd imdsRead) ask(links []netcfg.Link) {
 	p := rd.p
 	if p.lastGood == nil {
-		rd.fetch(nil)
+		rd.fetch(imds.Snapshot{}, imds.Update{})
 		return
 	}
 	if known := p.listed(links); len(known) > 0 {
-		rd.fetch(&imds.Update{Full: known})
+		rd.fetch(*p.lastGood, imds.Update{Full: known})
 		return
 	}
-	unknown := false
-	for _, l := range links {
-		unknown = unknown || (l.MAC != "" && l.MAC != "00:00:00:00:00:00")
-	}
-	if !unknown {
+	if !slices.ContainsFunc(links, func(l netcfg.Link) bool { return l.MAC != "" && l.MAC != "00:00:00:00:00:00" }) {
 		if len(links) > 0 {
 			p.markSeen(rd.links) // only links without a MAC appeared: nothing to ask
 		}
@@ -276,7 +273,7 @@ func (rd imdsRead) ask(links []netcfg.Link) {
 	}
 	for _, mac := range macs {
 		if _, listed := p.lastGood.ENI(mac); !listed {
-			rd.fetch(&imds.Update{MACs: macs})
+			rd.fetch(*p.lastGood, imds.Update{MACs: macs})
 			return
 		}
 	}
@@ -284,15 +281,12 @@ func (rd imdsRead) ask(links []netcfg.Link) {
 	p.markSeen(rd.links)
 }
 
-// fetch reads a snapshot: in full (u nil) or as u says on the last good one.
-func (rd imdsRead) fetch(u *imds.Update) {
+// fetch reads a snapshot as u says on prev: the last good one, or none for
+// a full read.
+func (rd imdsRead) fetch(prev imds.Snapshot, u imds.Update) {
 	p := rd.p
 	t0 := time.Now()
-	prev, update := imds.Snapshot{}, imds.Update{}
-	if u != nil {
-		prev, update = *p.lastGood, *u
-	}
-	fresh, err := p.source.Refresh(rd.ctx, prev, update)
+	fresh, err := p.source.Refresh(rd.ctx, prev, u)
 	rd.rep.IMDSLatency += time.Since(t0)
 	rd.rep.IMDSRequests += fresh.Requests
 	if err != nil {
@@ -315,15 +309,11 @@ func (p *imdsReads) mergeNotReady(fresh imds.Snapshot) imds.Snapshot {
 	if p.lastGood == nil {
 		return fresh
 	}
-	out := fresh
-	out.ENIs = make([]imds.ENI, len(fresh.ENIs))
+	fresh.ENIs = slices.Clone(fresh.ENIs)
 	for i, e := range fresh.ENIs {
-		if !e.Ready {
-			if old, ok := p.lastGood.ENI(e.MAC); ok && old.Ready {
-				e = old
-			}
+		if old, ok := p.lastGood.ENI(e.MAC); ok && old.Ready && !e.Ready {
+			fresh.ENIs[i] = old
 		}
-		out.ENIs[i] = e
 	}
-	return out
+	return fresh
 }

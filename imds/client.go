@@ -1,6 +1,7 @@
 package imds
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,14 +22,11 @@ import (
 	sdkimds "github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 )
 
-// Environment variables that the AWS SDKs use to override the IMDS endpoint.
+// The environment variables that the AWS SDKs use to override the IMDS
+// endpoint, and the default endpoints of the instance metadata service.
 const (
-	EnvEndpoint     = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
-	EnvEndpointMode = "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE"
-)
-
-// Default endpoints of the instance metadata service.
-const (
+	EnvEndpoint         = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+	EnvEndpointMode     = "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE"
 	DefaultIPv4Endpoint = "http://169.254.169.254"
 	DefaultIPv6Endpoint = "http://[fd00:ec2::254]"
 )
@@ -55,9 +54,8 @@ const (
 // Retry pacing. A snapshot retries a key at most MaxAttempts-1 times with
 // jittered exponential backoff, and all retries of a client share a bucket
 // of retryBurst tokens refilled at retriesPerSecond, so a broken IMDS costs
-// at most a few requests per second however many keys fail at once. The
-// first request of a snapshot that follows a failed one draws from the same
-// bucket, so callers that simply call Snapshot again are paced too.
+// at most a few requests per second however many keys fail at once (and
+// however often callers read again: see Client.read).
 const (
 	backoffBase      = 100 * time.Millisecond
 	backoffMax       = 2 * time.Second
@@ -95,10 +93,7 @@ type Client struct {
 	requests    *limiter
 	retries     *limiter
 	total       atomic.Uint64
-	// lastFailed makes the first request of a snapshot that follows a failed
-	// one wait for a retry token too, so even a caller that retries
-	// Snapshot in a tight loop costs a broken IMDS only a few requests/s.
-	lastFailed atomic.Bool
+	lastFailed  atomic.Bool // the last read failed: see Client.read
 }
 
 // New validates opts and returns a Client. It sends no request.
@@ -113,14 +108,11 @@ func New(opts Options) (*Client, error) {
 	if opts.MaxAttempts <= 0 {
 		opts.MaxAttempts = DefaultMaxAttempts
 	}
-	if opts.MaxRequestsPerSecond == 0 {
-		opts.MaxRequestsPerSecond = DefaultMaxRequestsPerSecond
-	}
 	c := &Client{
 		endpoint:    endpoint,
 		timeout:     opts.Timeout,
 		maxAttempts: opts.MaxAttempts,
-		requests:    newLimiter(opts.MaxRequestsPerSecond, DefaultRequestBurst),
+		requests:    newLimiter(cmp.Or(opts.MaxRequestsPerSecond, DefaultMaxRequestsPerSecond), DefaultRequestBurst),
 		retries:     newLimiter(retriesPerSecond, retryBurst),
 	}
 	next := opts.Transport
@@ -133,37 +125,29 @@ func New(opts Options) (*Client, error) {
 			IdleConnTimeout:       30 * time.Second,
 		}
 	}
-	httpClient := &http.Client{
-		Transport: &countingTransport{next: next, total: &c.total},
-		Timeout:   opts.Timeout,
-	}
-	sdkOpts := sdkimds.Options{
-		HTTPClient: httpClient,
+	c.sdk = sdkimds.New(sdkimds.Options{
+		HTTPClient: &http.Client{Transport: &countingTransport{next: next, total: &c.total}, Timeout: opts.Timeout},
 		// Retries are ours: the SDK's standard retryer neither honours our
 		// budget nor lets us count attempts per key.
 		Retryer:           aws.NopRetryer{},
 		EnableFallback:    aws.FalseTernary, // IMDSv2 only: never fall back to tokenless v1
 		ClientEnableState: sdkimds.ClientEnabled,
 		Endpoint:          endpoint, // resolved here, the endpoint mode included
-	}
-	c.sdk = sdkimds.New(sdkOpts)
+	})
 	return c, nil
 }
 
 // resolveEndpoint applies the precedence Options.Endpoint >
 // $AWS_EC2_METADATA_SERVICE_ENDPOINT > default of the endpoint mode.
 func resolveEndpoint(opts Options, getenv func(string) string) (string, error) {
-	if opts.Endpoint != "" {
-		u, err := ValidateEndpoint(opts.Endpoint)
-		if err != nil {
-			return "", fmt.Errorf("invalid IMDS endpoint %q: %w", opts.Endpoint, err)
-		}
-		return u, nil
+	endpoint, from := opts.Endpoint, ""
+	if endpoint == "" {
+		endpoint, from = getenv(EnvEndpoint), EnvEndpoint+"="
 	}
-	if v := getenv(EnvEndpoint); v != "" {
-		u, err := ValidateEndpoint(v)
+	if endpoint != "" {
+		u, err := ValidateEndpoint(endpoint)
 		if err != nil {
-			return "", fmt.Errorf("invalid IMDS endpoint %s=%q: %w", EnvEndpoint, v, err)
+			return "", fmt.Errorf("invalid IMDS endpoint %s%q: %w", from, endpoint, err)
 		}
 		return u, nil
 	}
@@ -225,41 +209,41 @@ func (c *Client) get(ctx context.Context, path string) (string, error) {
 		}
 		rec := &attemptRecord{}
 		actx, cancel := context.WithTimeout(context.WithValue(ctx, attemptRecordKey{}, rec), 2*c.timeout) // token + GET
-		body, err := c.getOnce(actx, path)
+		out, err := c.sdk.GetMetadata(actx, &sdkimds.GetMetadataInput{Path: path})
+		var body []byte
+		if err == nil {
+			body, err = io.ReadAll(out.Content)
+			out.Content.Close()
+		}
 		timedOut := actx.Err() == context.DeadlineExceeded
 		cancel()
 		if err == nil {
-			return body, nil
+			return string(body), nil
 		}
 		if ctx.Err() != nil {
 			return "", &KeyError{Key: key, Err: ctx.Err()}
 		}
-		seen := *rec
-		failedKey := key
-		if seen.path == "api/token" {
-			failedKey = "api/token"
-		}
+		// The last request sent names what failed: api/token, or key itself.
+		failedKey := cmp.Or(rec.path, key)
 		var retryAfter time.Duration
 		switch {
-		case seen.bodyTooLarge:
+		case rec.bodyTooLarge:
 			return "", &KeyError{Key: failedKey, Err: ErrBodyTooLarge}
-		case seen.status == http.StatusUnauthorized && !refreshed:
+		case rec.status == http.StatusUnauthorized && !refreshed:
 			// The token expired or was revoked; the SDK dropped its cached
 			// token, so the next attempt fetches a fresh one. Once only: a
 			// second 401 means IMDS rejects fresh tokens too.
 			refreshed = true
 			attempt--
 			continue
-		case seen.status == http.StatusTooManyRequests || seen.status >= 500:
-			if attempt >= c.maxAttempts {
-				return "", &KeyError{Key: failedKey, Err: &StatusError{StatusCode: seen.status, Attempts: attempt}}
-			}
-			retryAfter = seen.retryAfter
-		case seen.status != 0 && seen.status != http.StatusOK:
-			// 404 (absent), 400 (bad TTL), 403 (IMDS disabled), 401 twice, 405 ...
-			return "", &KeyError{Key: failedKey, Err: &StatusError{StatusCode: seen.status, Attempts: attempt}}
-		case seen.transportErr != nil || timedOut:
-			cause := seen.transportErr
+		case (rec.status == http.StatusTooManyRequests || rec.status >= 500) && attempt < c.maxAttempts:
+			retryAfter = rec.retryAfter
+		case rec.status != 0 && rec.status != http.StatusOK:
+			// 404 (absent), 400 (bad TTL), 403 (IMDS disabled), 401 twice,
+			// 5xx and 429 after the last attempt ...
+			return "", &KeyError{Key: failedKey, Err: &StatusError{StatusCode: rec.status, Attempts: attempt}}
+		case rec.transportErr != nil || timedOut:
+			cause := rec.transportErr
 			if cause == nil || (isUnreachableTransport(err) && !isUnreachableTransport(cause)) {
 				// http.Client's own timeout cancels the request: the transport
 				// then saw only "net/http: request canceled", while the error
@@ -268,7 +252,8 @@ func (c *Client) get(ctx context.Context, path string) (string, error) {
 			}
 			if attempt >= c.maxAttempts {
 				if isUnreachableTransport(cause) || timedOut {
-					return "", &KeyError{Key: failedKey, Err: &unreachableError{endpoint: c.endpoint, attempts: attempt, err: cause}}
+					err := fmt.Errorf("IMDS at %s %w after %d attempts: %w", c.endpoint, errUnreachable, attempt, cause)
+					return "", &KeyError{Key: failedKey, Err: err}
 				}
 				return "", &KeyError{Key: failedKey, Err: fmt.Errorf("after %d attempts: %w", attempt, cause)}
 			}
@@ -277,32 +262,20 @@ func (c *Client) get(ctx context.Context, path string) (string, error) {
 			// token response without a TTL header): not worth retrying.
 			return "", &KeyError{Key: failedKey, Err: err}
 		}
-		if err := sleep(ctx, max(backoff(attempt), retryAfter)); err != nil {
-			return "", &KeyError{Key: key, Err: err}
+		err = sleep(ctx, max(backoff(attempt), retryAfter))
+		if err == nil {
+			err = c.retries.wait(ctx)
 		}
-		if err := c.retries.wait(ctx); err != nil {
+		if err != nil {
 			return "", &KeyError{Key: key, Err: err}
 		}
 	}
-}
-
-func (c *Client) getOnce(ctx context.Context, path string) (string, error) {
-	out, err := c.sdk.GetMetadata(ctx, &sdkimds.GetMetadataInput{Path: path})
-	if err != nil {
-		return "", err
-	}
-	defer out.Content.Close()
-	b, err := io.ReadAll(out.Content)
-	return string(b), err
 }
 
 // backoff returns the jittered delay before retry number attempt (1-based):
 // between half and all of backoffBase*2^(attempt-1), capped at backoffMax.
 func backoff(attempt int) time.Duration {
-	d := backoffMax
-	if attempt < 8 {
-		d = min(backoffBase<<(attempt-1), backoffMax)
-	}
+	d := min(backoffBase<<min(attempt-1, 8), backoffMax) // the shift stays far from overflow
 	return d/2 + rand.N(d/2+1)
 }
 
@@ -340,17 +313,12 @@ func (c *Client) forEach(parent context.Context, n int, fn func(ctx context.Cont
 		})
 	}
 	wg.Wait()
-	for _, errs := range [][]error{causes, consequences} {
-		for _, err := range errs {
-			if err != nil && !errors.Is(err, context.Canceled) {
-				return err
-			}
-		}
+	errs := slices.Concat(causes, consequences)
+	if i := slices.IndexFunc(errs, func(err error) bool { return err != nil && !errors.Is(err, context.Canceled) }); i >= 0 {
+		return errs[i]
 	}
-	for _, err := range consequences {
-		if err != nil {
-			return err
-		}
+	if i := slices.IndexFunc(errs, func(err error) bool { return err != nil }); i >= 0 {
+		return errs[i]
 	}
 	return parent.Err() // canceled before every job ran
 }

@@ -718,7 +718,8 @@ func TestListMACsErrors(t *testing.T) {
 		c := f.start(t, Options{})
 		_, _, err := c.ListMACs(context.Background())
 		var ke *KeyError
-		if !errors.As(err, &ke) || ke.Value == "" {
+		var ve *ValueError
+		if !errors.As(err, &ke) || !errors.As(err, &ve) || ve.Value == "" {
 			t.Errorf("ListMACs with a bad MAC: %v; want a *KeyError naming the value", err)
 		}
 	})

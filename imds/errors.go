@@ -15,11 +15,8 @@ type KeyError struct {
 	// Key is the path below /latest/, e.g.
 	// "meta-data/network/interfaces/macs/02:00:00:00:00:02/local-ipv4s".
 	Key string
-	// Value is the offending value when IMDS answered but the answer did not
-	// parse; empty when the read itself failed.
-	Value string
-	// Err is a *ValueError, a *StatusError, or the transport error of the
-	// last attempt.
+	// Err is a *ValueError (which names the offending value), a
+	// *StatusError, or the transport error of the last attempt.
 	Err error
 }
 
@@ -53,44 +50,25 @@ func (e *StatusError) Error() string {
 // MaxBodySize: a huge answer is an error, never unbounded memory.
 var ErrBodyTooLarge = fmt.Errorf("response body exceeds %d bytes", MaxBodySize)
 
-// unreachableError marks a transport failure that means nothing answers at
+// errUnreachable marks a transport failure that means nothing answers at
 // the endpoint (connection refused, no route, timeout).
-type unreachableError struct {
-	endpoint string
-	attempts int
-	err      error
-}
-
-func (e *unreachableError) Error() string {
-	return fmt.Sprintf("IMDS at %s unreachable after %d attempts: %v", e.endpoint, e.attempts, e.err)
-}
-
-func (e *unreachableError) Unwrap() error { return e.err }
+var errUnreachable = errors.New("unreachable")
 
 // IsUnreachable reports whether err means that nothing usable answers at the
 // IMDS endpoint: connection refused, no route, or timeouts. Callers use it to
 // say "IMDS unreachable: not on EC2?" rather than a generic failure. It is
 // false for HTTP errors (IMDS answered) and for the caller's own cancellation.
 func IsUnreachable(err error) bool {
-	var ue *unreachableError
-	if errors.As(err, &ue) {
-		return true
-	}
-	return isUnreachableTransport(err)
+	return errors.Is(err, errUnreachable) || isUnreachableTransport(err)
 }
 
 func isUnreachableTransport(err error) bool {
 	if err == nil || errors.Is(err, context.Canceled) {
 		return false
 	}
-	if errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EHOSTUNREACH) ||
-		errors.Is(err, syscall.ENETUNREACH) || errors.Is(err, context.DeadlineExceeded) {
-		return true
-	}
 	var ne net.Error
-	if errors.As(err, &ne) && ne.Timeout() {
-		return true
-	}
 	var oe *net.OpError
-	return errors.As(err, &oe) && oe.Op == "dial"
+	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EHOSTUNREACH) ||
+		errors.Is(err, syscall.ENETUNREACH) || errors.Is(err, context.DeadlineExceeded) ||
+		(errors.As(err, &ne) && ne.Timeout()) || (errors.As(err, &oe) && oe.Op == "dial")
 }

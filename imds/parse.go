@@ -24,19 +24,16 @@ type ValueError struct {
 }
 
 func (e *ValueError) Error() string {
-	return fmt.Sprintf("%q %s", truncate(e.Value, maxValueInError), e.Reason)
+	v := e.Value
+	if len(v) > maxValueInError {
+		v = v[:maxValueInError] + "..."
+	}
+	return fmt.Sprintf("%q %s", v, e.Reason)
 }
 
 // maxValueInError bounds how much of a bad value an error message quotes:
 // enough to recognise it, not a 64 KiB wall of junk in a log line.
 const maxValueInError = 80
-
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n] + "..."
-}
 
 func invalid(value, reason string) error { return &ValueError{Value: value, Reason: reason} }
 
@@ -52,35 +49,27 @@ func splitLines(body string) ([]string, error) {
 		if l == "" {
 			return nil, invalid(body, "has an empty line")
 		}
-		if err := checkPrintable(l); err != nil {
-			return nil, err
+		if !utf8.ValidString(l) {
+			return nil, invalid(l, "is not valid UTF-8")
+		}
+		if strings.ContainsFunc(l, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
+			return nil, invalid(l, "contains control characters")
 		}
 	}
 	return lines, nil
 }
 
-// singleLine returns the only line of body.
-func singleLine(body string) (string, error) {
+// oneLine parses body, which must be a single line, with parse.
+func oneLine[T any](body string, parse func(line string) (T, error)) (T, error) {
 	lines, err := splitLines(body)
+	if err == nil && len(lines) != 1 {
+		err = invalid(body, "has more than one line")
+	}
 	if err != nil {
-		return "", err
+		var zero T
+		return zero, err
 	}
-	if len(lines) != 1 {
-		return "", invalid(body, "has more than one line")
-	}
-	return lines[0], nil
-}
-
-func checkPrintable(s string) error {
-	if !utf8.ValidString(s) {
-		return invalid(s, "is not valid UTF-8")
-	}
-	for _, r := range s {
-		if r < 0x20 || r == 0x7f {
-			return invalid(s, "contains control characters")
-		}
-	}
-	return nil
+	return parse(lines[0])
 }
 
 // parseMAC parses one MAC in IMDS form (6 octets, colon separated) and
@@ -94,13 +83,7 @@ func parseMAC(s string) (string, error) {
 }
 
 // parsePrimaryMAC parses the body of meta-data/mac.
-func parsePrimaryMAC(body string) (string, error) {
-	line, err := singleLine(body)
-	if err != nil {
-		return "", err
-	}
-	return parseMAC(line)
-}
+func parsePrimaryMAC(body string) (string, error) { return oneLine(body, parseMAC) }
 
 // parseMACList parses the listing of network/interfaces/macs/: one "<mac>/"
 // per line. It returns the MACs lower case, in listing order, and rejects
@@ -138,60 +121,44 @@ func parseKeyList(body string) (map[string]bool, error) {
 // parseDeviceNumber parses device-number (and network-card): a small
 // non-negative decimal integer.
 func parseDeviceNumber(body string) (int, error) {
-	line, err := singleLine(body)
-	if err != nil {
-		return 0, err
-	}
-	// Reject signs, spaces and leading zeros that strconv would accept or
-	// that hint at a corrupted value. EC2 allows far fewer than 1000 ENIs.
-	if line == "" || len(line) > 4 || strings.TrimLeft(line, "0123456789") != "" || (len(line) > 1 && line[0] == '0') {
-		return 0, invalid(line, "is not a device number")
-	}
-	n, err := strconv.Atoi(line)
-	if err != nil {
-		return 0, invalid(line, "is not a device number")
-	}
-	return n, nil
+	return oneLine(body, func(line string) (int, error) {
+		// Reject signs, spaces and leading zeros that strconv would accept or
+		// that hint at a corrupted value. EC2 allows far fewer than 1000 ENIs.
+		if len(line) > 4 || strings.TrimLeft(line, "0123456789") != "" || (len(line) > 1 && line[0] == '0') {
+			return 0, invalid(line, "is not a device number")
+		}
+		return strconv.Atoi(line) // up to 4 digits: cannot fail
+	})
 }
 
 // parseID parses a resource id such as interface-id ("eni-0123abcd"):
 // the given prefix followed by lower-case hex digits.
 func parseID(body, prefix string) (string, error) {
-	line, err := singleLine(body)
-	if err != nil {
-		return "", err
-	}
-	rest, ok := strings.CutPrefix(line, prefix)
-	if !ok || rest == "" || len(rest) > 32 || strings.TrimLeft(rest, "0123456789abcdef") != "" {
-		return "", invalid(line, "is not a "+strings.TrimSuffix(prefix, "-")+" id")
-	}
-	return line, nil
+	return oneLine(body, func(line string) (string, error) {
+		rest, ok := strings.CutPrefix(line, prefix)
+		if !ok || rest == "" || len(rest) > 32 || strings.TrimLeft(rest, "0123456789abcdef") != "" {
+			return "", invalid(line, "is not a "+strings.TrimSuffix(prefix, "-")+" id")
+		}
+		return line, nil
+	})
 }
 
 // parseOwnerID parses owner-id: a 12-digit AWS account number.
 func parseOwnerID(body string) (string, error) {
-	line, err := singleLine(body)
-	if err != nil {
-		return "", err
-	}
-	if len(line) != 12 || strings.TrimLeft(line, "0123456789") != "" {
-		return "", invalid(line, "is not an AWS account id")
-	}
-	return line, nil
+	return oneLine(body, func(line string) (string, error) {
+		if len(line) != 12 || strings.TrimLeft(line, "0123456789") != "" {
+			return "", invalid(line, "is not an AWS account id")
+		}
+		return line, nil
+	})
 }
 
-func parseIPv4(s string) (netip.Addr, error) {
+// parseAddr parses one address of the given family (4 or 6), without a zone
+// and not IPv4-mapped.
+func parseAddr(s string, family int) (netip.Addr, error) {
 	a, err := netip.ParseAddr(s)
-	if err != nil || !a.Is4() {
-		return netip.Addr{}, invalid(s, "is not an IPv4 address")
-	}
-	return a, nil
-}
-
-func parseIPv6(s string) (netip.Addr, error) {
-	a, err := netip.ParseAddr(s)
-	if err != nil || !a.Is6() || a.Is4In6() || a.Zone() != "" {
-		return netip.Addr{}, invalid(s, "is not an IPv6 address")
+	if err != nil || a.Is4() != (family == 4) || a.Is4In6() || a.Zone() != "" {
+		return netip.Addr{}, invalid(s, fmt.Sprintf("is not an IPv%d address", family))
 	}
 	return a, nil
 }
@@ -204,61 +171,35 @@ func parseList[T comparable](body string, parse func(string) (T, error)) ([]T, e
 		return nil, err
 	}
 	out := make([]T, 0, len(lines))
-	var seen map[T]bool
+	seen := make(map[T]bool, len(lines))
 	for _, l := range lines {
 		v, err := parse(l)
 		if err != nil {
 			return nil, err
 		}
-		if repeats(out, v, &seen) {
+		if seen[v] {
 			return nil, invalid(l, "is listed twice")
 		}
+		seen[v] = true
 		out = append(out, v)
 	}
 	return out, nil
 }
 
-// repeats reports whether v is among earlier, the values already accepted.
-// Lists are short (at most 50 addresses per ENI), and comparing with each
-// earlier value is cheaper than building a set, which cost a map per list
-// and poll; *seen takes over past 64 values so that a long (bogus) list
-// stays linear.
-func repeats[T comparable](earlier []T, v T, seen *map[T]bool) bool {
-	const linearMax = 64
-	if len(earlier) < linearMax {
-		for _, e := range earlier {
-			if e == v {
-				return true
-			}
-		}
-		return false
-	}
-	if *seen == nil {
-		*seen = make(map[T]bool, 2*len(earlier))
-		for _, e := range earlier {
-			(*seen)[e] = true
-		}
-	}
-	if (*seen)[v] {
-		return true
-	}
-	(*seen)[v] = true
-	return false
+// parseIPv4List parses local-ipv4s.
+func parseIPv4List(body string) ([]netip.Addr, error) {
+	return parseList(body, func(l string) (netip.Addr, error) { return parseAddr(l, 4) })
 }
 
-// parseIPv4List parses local-ipv4s.
-func parseIPv4List(body string) ([]netip.Addr, error) { return parseList(body, parseIPv4) }
-
 // parseIPv6List parses ipv6s.
-func parseIPv6List(body string) ([]netip.Addr, error) { return parseList(body, parseIPv6) }
+func parseIPv6List(body string) ([]netip.Addr, error) {
+	return parseList(body, func(l string) (netip.Addr, error) { return parseAddr(l, 6) })
+}
 
 // parsePrefix parses one CIDR block of the given family (4 or 6). Host bits
 // must be zero: IMDS lists blocks, and "10.0.1.5/24" means a corrupted value.
 func parsePrefix(s string, family int) (netip.Prefix, error) {
-	what := "an IPv4 prefix"
-	if family == 6 {
-		what = "an IPv6 prefix"
-	}
+	what := fmt.Sprintf("an IPv%d prefix", family)
 	p, err := netip.ParsePrefix(s)
 	if err != nil || (family == 4 && !p.Addr().Is4()) || (family == 6 && (!p.Addr().Is6() || p.Addr().Is4In6())) {
 		return netip.Prefix{}, invalid(s, "is not "+what)
@@ -272,11 +213,7 @@ func parsePrefix(s string, family int) (netip.Prefix, error) {
 // parseIPv4Prefix parses a single IPv4 CIDR block (subnet-ipv4-cidr-block,
 // vpc-ipv4-cidr-block).
 func parseIPv4Prefix(body string) (netip.Prefix, error) {
-	line, err := singleLine(body)
-	if err != nil {
-		return netip.Prefix{}, err
-	}
-	return parsePrefix(line, 4)
+	return oneLine(body, func(line string) (netip.Prefix, error) { return parsePrefix(line, 4) })
 }
 
 // parsePrefixList parses one CIDR block of the given family per line

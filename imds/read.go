@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"net/netip"
 	"slices"
 	"sync/atomic"
 )
@@ -14,70 +15,55 @@ const macsPath = "network/interfaces/macs/"
 // value lands in the ENI. Keys not in this table (local-hostname,
 // security-group-ids, ...) are never fetched.
 type eniKey struct {
-	name  string
-	apply func(e *ENI, body string) error
+	name string
+	// dynamic keys change while an ENI stays attached: private IPv4 and
+	// IPv6 addresses and delegated prefixes are assigned and unassigned, and
+	// CIDR blocks are associated with the VPC and the subnet. The others
+	// are fixed for the life of an attachment.
+	dynamic bool
+	apply   func(e *ENI, body string) error
 }
 
 // eniKeys lists the keys in the order they are fetched and parsed; the order
 // makes requests and errors deterministic.
 var eniKeys = []eniKey{
-	{"device-number", func(e *ENI, b string) (err error) { e.DeviceNumber, err = parseDeviceNumber(b); return }},
-	{"network-card", func(e *ENI, b string) (err error) { e.NetworkCard, err = parseDeviceNumber(b); return }},
-	{"interface-id", func(e *ENI, b string) (err error) { e.InterfaceID, err = parseID(b, "eni-"); return }},
-	{"subnet-id", func(e *ENI, b string) (err error) { e.SubnetID, err = parseID(b, "subnet-"); return }},
-	{"vpc-id", func(e *ENI, b string) (err error) { e.VPCID, err = parseID(b, "vpc-"); return }},
-	{"owner-id", func(e *ENI, b string) (err error) { e.OwnerID, err = parseOwnerID(b); return }},
-	{"subnet-ipv4-cidr-block", func(e *ENI, b string) (err error) { e.SubnetIPv4CIDR, err = parseIPv4Prefix(b); return }},
-	{"subnet-ipv6-cidr-blocks", func(e *ENI, b string) (err error) { e.SubnetIPv6CIDRs, err = parsePrefixList(b, 6); return }},
-	{"vpc-ipv4-cidr-blocks", func(e *ENI, b string) (err error) { e.VPCIPv4CIDRs, err = parsePrefixList(b, 4); return }},
+	{"device-number", false, func(e *ENI, b string) (err error) { e.DeviceNumber, err = parseDeviceNumber(b); return }},
+	{"network-card", false, func(e *ENI, b string) (err error) { e.NetworkCard, err = parseDeviceNumber(b); return }},
+	{"interface-id", false, func(e *ENI, b string) (err error) { e.InterfaceID, err = parseID(b, "eni-"); return }},
+	{"subnet-id", false, func(e *ENI, b string) (err error) { e.SubnetID, err = parseID(b, "subnet-"); return }},
+	{"vpc-id", false, func(e *ENI, b string) (err error) { e.VPCID, err = parseID(b, "vpc-"); return }},
+	{"owner-id", false, func(e *ENI, b string) (err error) { e.OwnerID, err = parseOwnerID(b); return }},
+	{"subnet-ipv4-cidr-block", false, func(e *ENI, b string) (err error) { e.SubnetIPv4CIDR, err = parseIPv4Prefix(b); return }},
+	{"subnet-ipv6-cidr-blocks", true, func(e *ENI, b string) (err error) { e.SubnetIPv6CIDRs, err = parsePrefixList(b, 6); return }},
+	{"vpc-ipv4-cidr-blocks", true, func(e *ENI, b string) (err error) { e.VPCIPv4CIDRs, err = parsePrefixList(b, 4); return }},
 	// Older IMDS versions list only the single (primary) VPC CIDR; it is
 	// fetched only when vpc-ipv4-cidr-blocks is not listed.
-	{"vpc-ipv4-cidr-block", func(e *ENI, b string) error {
+	{"vpc-ipv4-cidr-block", true, func(e *ENI, b string) error {
 		p, err := parseIPv4Prefix(b)
-		if err == nil {
-			e.VPCIPv4CIDRs = append(e.VPCIPv4CIDRs, p)
-		}
+		e.VPCIPv4CIDRs = []netip.Prefix{p}
 		return err
 	}},
-	{"vpc-ipv6-cidr-blocks", func(e *ENI, b string) (err error) { e.VPCIPv6CIDRs, err = parsePrefixList(b, 6); return }},
-	{"local-ipv4s", func(e *ENI, b string) (err error) { e.LocalIPv4s, err = parseIPv4List(b); return }},
-	{"ipv6s", func(e *ENI, b string) (err error) { e.IPv6s, err = parseIPv6List(b); return }},
-	{"ipv4-prefix", func(e *ENI, b string) (err error) { e.IPv4Prefixes, err = parsePrefixList(b, 4); return }},
-	{"ipv6-prefix", func(e *ENI, b string) (err error) { e.IPv6Prefixes, err = parsePrefixList(b, 6); return }},
-}
-
-// keysToFetch returns the eniKeys that the listing of one MAC contains.
-func keysToFetch(listed map[string]bool) []eniKey {
-	var keys []eniKey
-	for _, k := range eniKeys {
-		if k.name == "vpc-ipv4-cidr-block" && listed["vpc-ipv4-cidr-blocks"] {
-			continue
-		}
-		if listed[k.name] {
-			keys = append(keys, k)
-		}
-	}
-	return keys
+	{"vpc-ipv6-cidr-blocks", true, func(e *ENI, b string) (err error) { e.VPCIPv6CIDRs, err = parsePrefixList(b, 6); return }},
+	{"local-ipv4s", true, func(e *ENI, b string) (err error) { e.LocalIPv4s, err = parseIPv4List(b); return }},
+	{"ipv6s", true, func(e *ENI, b string) (err error) { e.IPv6s, err = parseIPv6List(b); return }},
+	{"ipv4-prefix", true, func(e *ENI, b string) (err error) { e.IPv4Prefixes, err = parsePrefixList(b, 4); return }},
+	{"ipv6-prefix", true, func(e *ENI, b string) (err error) { e.IPv6Prefixes, err = parsePrefixList(b, 6); return }},
 }
 
 // Snapshot reads the primary MAC, the list of MACs, and for each MAC its
 // directory listing and then only the listed keys that dualhomed uses (an
 // absent optional key costs no request).
 //
-// It returns an error (a *KeyError naming the key, and the value when it did
-// not parse) if any read fails after retries or any value does not parse;
-// it never returns a partial snapshot. A MAC that IMDS is still catching up
-// on is not an error: its ENI is returned with Ready=false and a reason
-// (see ENI.Ready), when:
-//   - its directory listing is empty or 404 (the MAC is listed before its
-//     keys exist: seen right after a hot attach);
-//   - device-number is not listed, or is 0 on card 0 on a MAC other than
-//     the primary (DeviceNumber is then DeviceNumberUnknown, never 0);
-//   - network-card is not listed on a MAC other than the primary while the
-//     instance is multi-card (Snapshot.MultiCard);
-//   - interface-id is not listed, or neither local-ipv4s nor ipv6s is;
-//   - local-ipv4s is listed without subnet-ipv4-cidr-block, or ipv6s without
-//     subnet-ipv6-cidr-blocks (no gateway could be derived).
+// It returns a *KeyError naming the key (and the value, when it did not
+// parse) if any read fails after retries or any value does not parse; it
+// never returns a partial snapshot. A MAC that IMDS is still catching up on
+// is not an error: its ENI has Ready=false and a reason when its listing is
+// empty or 404 (seen right after a hot attach); device-number is not listed,
+// or is 0 on card 0 of a secondary MAC; network-card is not listed on a
+// secondary MAC of a multi-card instance (in these three cases DeviceNumber
+// is DeviceNumberUnknown, never 0); interface-id is not listed, or neither
+// local-ipv4s nor ipv6s is; or local-ipv4s (ipv6s) is listed without
+// subnet-ipv4-cidr-block (subnet-ipv6-cidr-blocks): no gateway to derive.
 func (c *Client) Snapshot(ctx context.Context) (Snapshot, error) {
 	return c.Refresh(ctx, Snapshot{}, Update{})
 }
@@ -102,39 +88,19 @@ func (c *Client) read(ctx context.Context, fn func(ctx context.Context) error) (
 
 // ListMACs reads only meta-data/network/interfaces/macs/ and returns the
 // listed MACs, lower case and sorted, with the number of HTTP requests the
-// call cost (1 once the token is cached; the token and retries included).
-//
-// It exists so that a link IMDS may not know (every container veth on a busy
-// host) costs one request instead of a full Snapshot (212 requests on a
-// 15-ENI instance with 100 addresses and 4 prefixes per ENI): IMDS shares the link-local budget of 1024 packets/s per
-// ENI with DNS and NTP. A caller takes a Snapshot only when the listing
-// names a MAC it has not read yet.
-//
-// Errors, retries, pacing and counting are those of Snapshot: a failure is
-// a *KeyError after retries, never a partial or empty list, and a call that
-// follows a failed call or snapshot waits for a retry token first.
+// call cost (1 once the token is cached). A link IMDS may not know (every
+// container veth on a busy host) then costs one request instead of a full
+// Snapshot (212 on a 15-ENI instance with 100 addresses and 4 prefixes per
+// ENI): IMDS shares the link-local budget of 1024 packets/s per ENI with DNS
+// and NTP. Errors, retries, pacing and counting are Snapshot's: a failure is
+// a *KeyError, never a partial or empty list.
 func (c *Client) ListMACs(ctx context.Context) (macs []string, requests int, err error) {
 	requests, err = c.read(ctx, func(ctx context.Context) (err error) {
 		macs, err = getParsed(ctx, c, macsPath, parseMACList)
 		return err
 	})
-	if err != nil {
-		return nil, requests, err
-	}
-	slices.Sort(macs)
-	return macs, requests, nil
-}
-
-// dynamicKeys are the keys under macs/<mac>/ whose values change while an
-// ENI stays attached: private IPv4 and IPv6 addresses and delegated prefixes
-// are assigned and unassigned, and CIDR blocks are associated with the VPC
-// and the subnet. The other keys dualhomed reads (device-number,
-// network-card, interface-id, subnet-id, vpc-id, owner-id,
-// subnet-ipv4-cidr-block) are fixed for the life of an attachment.
-var dynamicKeys = map[string]bool{
-	"local-ipv4s": true, "ipv6s": true, "ipv4-prefix": true, "ipv6-prefix": true,
-	"subnet-ipv6-cidr-blocks": true, "vpc-ipv4-cidr-blocks": true, "vpc-ipv4-cidr-block": true,
-	"vpc-ipv6-cidr-blocks": true,
+	slices.Sort(macs) // nil after a failure
+	return macs, requests, err
 }
 
 // withoutDynamic returns e with the values of its dynamic keys cleared, as
@@ -181,11 +147,10 @@ func (c *Client) Refresh(ctx context.Context, prev Snapshot, u Update) (Snapshot
 		snap, err = c.readENIs(ctx, prev, u)
 		return err
 	})
-	if err != nil {
-		return Snapshot{}, err
+	if err == nil {
+		snap.Requests = n
 	}
-	snap.Requests = n
-	return snap, nil
+	return snap, err // the zero Snapshot after a failure
 }
 
 // readENIs reads the primary MAC and the MAC listing unless prev and u
@@ -205,8 +170,7 @@ func (c *Client) readENIs(ctx context.Context, prev Snapshot, u Update) (Snapsho
 	}
 	if !slices.Contains(macs, primary) {
 		// IMDS contradicts itself; wait for it to settle rather than guess.
-		return Snapshot{}, &KeyError{Key: "meta-data/" + macsPath, Value: primary,
-			Err: &ValueError{Value: primary, Reason: "(meta-data/mac) is not listed"}}
+		return Snapshot{}, &KeyError{Key: "meta-data/" + macsPath, Err: invalid(primary, "(meta-data/mac) is not listed")}
 	}
 	slices.Sort(macs)
 	enis := make([]ENI, len(macs))
@@ -235,9 +199,7 @@ func (c *Client) readENIs(ctx context.Context, prev Snapshot, u Update) (Snapsho
 		snap.MultiCard = snap.MultiCard || r.listed["network-card"]
 	}
 	for _, r := range reads {
-		if r.eni.Ready {
-			checkReady(r.eni, r.listed, snap)
-		}
+		checkReady(r.eni, r.listed, snap)
 	}
 	return snap, nil
 }
@@ -253,28 +215,21 @@ type eniRead struct {
 
 // listKeys reads the MAC's key listing and decides which keys to fetch.
 func (c *Client) listKeys(ctx context.Context, r *eniRead) error {
-	mac := r.eni.MAC
-	listed, err := getParsed(ctx, c, macsPath+mac+"/", parseKeyList)
+	listed, err := getParsed(ctx, c, macsPath+r.eni.MAC+"/", parseKeyList)
 	var se *StatusError
-	switch {
-	case errors.As(err, &se) && se.StatusCode == http.StatusNotFound:
-		listed = nil
-	case err != nil:
+	if err != nil && !(errors.As(err, &se) && se.StatusCode == http.StatusNotFound) {
 		return err
 	}
-	if len(listed) == 0 {
-		*r.eni = ENI{MAC: mac}
-		notReady(r.eni, "IMDS lists the MAC but none of its keys yet")
-		r.eni.DeviceNumber = DeviceNumberUnknown
+	if len(listed) == 0 { // an empty listing, or 404
+		*r.eni = ENI{MAC: r.eni.MAC, DeviceNumber: DeviceNumberUnknown, NotReadyReason: "IMDS lists the MAC but none of its keys yet"}
 		return nil
 	}
-	r.listed, r.fetch = listed, keysToFetch(listed)
-	if r.dynamic {
-		r.fetch = slices.DeleteFunc(r.fetch, func(k eniKey) bool { return !dynamicKeys[k.name] })
-	}
-	if !listed["device-number"] {
-		notReady(r.eni, "device-number not listed yet")
-		r.eni.DeviceNumber = DeviceNumberUnknown
+	r.listed = listed
+	for _, k := range eniKeys {
+		fallback := k.name == "vpc-ipv4-cidr-block" && listed["vpc-ipv4-cidr-blocks"]
+		if listed[k.name] && !fallback && (k.dynamic || !r.dynamic) {
+			r.fetch = append(r.fetch, k)
+		}
 	}
 	return nil
 }
@@ -282,27 +237,26 @@ func (c *Client) listKeys(ctx context.Context, r *eniRead) error {
 // fetchKeys reads the keys the listings chose and parses them into the ENIs.
 func (c *Client) fetchKeys(ctx context.Context, reads []eniRead) error {
 	type job struct {
-		eni *ENI
-		key eniKey
+		eni  *ENI
+		key  eniKey
+		body string
 	}
 	var jobs []job
 	for _, r := range reads {
 		for _, k := range r.fetch {
-			jobs = append(jobs, job{r.eni, k})
+			jobs = append(jobs, job{eni: r.eni, key: k})
 		}
 	}
-	bodies := make([]string, len(jobs))
-	err := c.forEach(ctx, len(jobs), func(ctx context.Context, j int) error {
-		var err error
-		bodies[j], err = c.get(ctx, macsPath+jobs[j].eni.MAC+"/"+jobs[j].key.name)
+	err := c.forEach(ctx, len(jobs), func(ctx context.Context, j int) (err error) {
+		jobs[j].body, err = c.get(ctx, macsPath+jobs[j].eni.MAC+"/"+jobs[j].key.name)
 		return err // a listed key that answers 404 is an error too
 	})
 	if err != nil {
 		return err
 	}
-	for j, jb := range jobs {
-		if err := jb.key.apply(jb.eni, bodies[j]); err != nil {
-			return keyValueError("meta-data/"+macsPath+jb.eni.MAC+"/"+jb.key.name, err)
+	for _, jb := range jobs {
+		if err := jb.key.apply(jb.eni, jb.body); err != nil {
+			return &KeyError{Key: "meta-data/" + macsPath + jb.eni.MAC + "/" + jb.key.name, Err: err}
 		}
 	}
 	return nil
@@ -322,26 +276,25 @@ func (c *Client) fetchKeys(ctx context.Context, reads []eniRead) error {
 func checkReady(e *ENI, has map[string]bool, snap Snapshot) {
 	secondary := e.MAC != snap.PrimaryMAC
 	switch {
+	case !e.Ready: // listKeys found no keys at all
+	case !has["device-number"]:
+		e.Ready, e.NotReadyReason = false, "device-number not listed yet"
+		e.DeviceNumber = DeviceNumberUnknown
 	case secondary && snap.MultiCard && !has["network-card"]:
-		notReady(e, "network-card not listed yet on a multi-card instance")
+		e.Ready, e.NotReadyReason = false, "network-card not listed yet on a multi-card instance"
 		e.DeviceNumber = DeviceNumberUnknown
 	case secondary && e.DeviceNumber == 0 && e.NetworkCard == 0:
-		notReady(e, "device-number 0 on card 0 of a secondary MAC: IMDS has not caught up with the attachment")
+		e.Ready, e.NotReadyReason = false, "device-number 0 on card 0 of a secondary MAC: IMDS has not caught up with the attachment"
 		e.DeviceNumber = DeviceNumberUnknown
 	case !has["interface-id"]:
-		notReady(e, "interface-id not listed yet")
+		e.Ready, e.NotReadyReason = false, "interface-id not listed yet"
 	case !has["local-ipv4s"] && !has["ipv6s"]:
-		notReady(e, "neither local-ipv4s nor ipv6s listed yet")
+		e.Ready, e.NotReadyReason = false, "neither local-ipv4s nor ipv6s listed yet"
 	case has["local-ipv4s"] && !has["subnet-ipv4-cidr-block"]:
-		notReady(e, "local-ipv4s listed without subnet-ipv4-cidr-block")
+		e.Ready, e.NotReadyReason = false, "local-ipv4s listed without subnet-ipv4-cidr-block"
 	case has["ipv6s"] && !has["subnet-ipv6-cidr-blocks"]:
-		notReady(e, "ipv6s listed without subnet-ipv6-cidr-blocks")
+		e.Ready, e.NotReadyReason = false, "ipv6s listed without subnet-ipv6-cidr-blocks"
 	}
-}
-
-func notReady(e *ENI, reason string) {
-	e.Ready = false
-	e.NotReadyReason = reason
 }
 
 // getParsed reads one key and parses it, turning a parse failure into a
@@ -354,16 +307,7 @@ func getParsed[T any](ctx context.Context, c *Client, path string, parse func(st
 	}
 	v, err := parse(body)
 	if err != nil {
-		return zero, keyValueError("meta-data/"+path, err)
+		return zero, &KeyError{Key: "meta-data/" + path, Err: err}
 	}
 	return v, nil
-}
-
-func keyValueError(key string, err error) error {
-	ke := &KeyError{Key: key, Err: err}
-	var ve *ValueError
-	if errors.As(err, &ve) {
-		ke.Value = ve.Value
-	}
-	return ke
 }

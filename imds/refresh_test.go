@@ -203,7 +203,8 @@ func TestRefreshFailsWhole(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = c.Refresh(context.Background(), prev, imds.Update{Dynamic: true})
-	if !errors.As(err, &ke) || !strings.Contains(ke.Key, inst.ENIs[2].MAC+"/ipv6s") || ke.Value != "not-an-address" {
+	var ve *imds.ValueError
+	if !errors.As(err, &ke) || !strings.Contains(ke.Key, inst.ENIs[2].MAC+"/ipv6s") || !errors.As(err, &ve) || ve.Value != "not-an-address" {
 		t.Errorf("bad value: err %v, want a KeyError naming the key and the value", err)
 	}
 }

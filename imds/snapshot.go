@@ -8,6 +8,7 @@ package imds
 
 import (
 	"net/netip"
+	"reflect"
 	"slices"
 )
 
@@ -77,13 +78,7 @@ func (s Snapshot) Equal(o Snapshot) bool {
 // real value has propagated, so the 0 may still change.
 func (e ENI) Unconfirmed() bool { return e.Ready && e.DeviceNumber == 0 && e.NetworkCard != 0 }
 
-// Equal reports whether e and o are the same in every field.
-func (e ENI) Equal(o ENI) bool {
-	return e.MAC == o.MAC && e.Ready == o.Ready && e.NotReadyReason == o.NotReadyReason &&
-		e.DeviceNumber == o.DeviceNumber && e.NetworkCard == o.NetworkCard && e.InterfaceID == o.InterfaceID &&
-		e.SubnetID == o.SubnetID && e.VPCID == o.VPCID && e.OwnerID == o.OwnerID &&
-		e.SubnetIPv4CIDR == o.SubnetIPv4CIDR && slices.Equal(e.SubnetIPv6CIDRs, o.SubnetIPv6CIDRs) &&
-		slices.Equal(e.VPCIPv4CIDRs, o.VPCIPv4CIDRs) && slices.Equal(e.VPCIPv6CIDRs, o.VPCIPv6CIDRs) &&
-		slices.Equal(e.LocalIPv4s, o.LocalIPv4s) && slices.Equal(e.IPv6s, o.IPv6s) &&
-		slices.Equal(e.IPv4Prefixes, o.IPv4Prefixes) && slices.Equal(e.IPv6Prefixes, o.IPv6Prefixes)
-}
+// Equal reports whether e and o are the same in every field. A list is
+// nil or non-empty (IMDS never yields an empty one), so DeepEqual's nil
+// versus empty distinction never arises.
+func (e ENI) Equal(o ENI) bool { return reflect.DeepEqual(e, o) }

@@ -40,8 +40,10 @@ type attemptRecord struct {
 	bodyTooLarge bool
 }
 
-// countingTransport counts every HTTP request (cumulative and per snapshot),
-// records each attempt's outcome and bounds response bodies.
+// countingTransport counts every HTTP request (cumulative and per read),
+// records each attempt's outcome and bounds response bodies. Every request
+// comes from Client.get within Client.read, which put the attempt record and
+// the read's counter in its context.
 type countingTransport struct {
 	next  http.RoundTripper
 	total *atomic.Uint64
@@ -49,43 +51,34 @@ type countingTransport struct {
 
 func (t *countingTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	ctx := req.Context()
-	perSnapshot, _ := ctx.Value(snapshotCounterKey{}).(*atomic.Int64)
-	count := func(n int) {
-		t.total.Add(uint64(n))
-		if perSnapshot != nil {
-			perSnapshot.Add(int64(n))
-		}
+	perRead := ctx.Value(snapshotCounterKey{}).(*atomic.Int64)
+	count := func() {
+		t.total.Add(1)
+		perRead.Add(1)
 	}
 	// One round trip is one request, even when it never reaches the wire
 	// (connection refused). http.Transport silently resends an idempotent
 	// request once when a reused connection turns out to be closed; count
 	// such resends too, since IMDS sees them.
-	count(1)
+	count()
 	var writes atomic.Int32
 	req = req.WithContext(httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
 		WroteRequest: func(httptrace.WroteRequestInfo) {
 			if writes.Add(1) > 1 {
-				count(1)
+				count()
 			}
 		},
 	}))
-	rec, _ := ctx.Value(attemptRecordKey{}).(*attemptRecord)
-	if rec != nil {
-		rec.path = strings.TrimPrefix(req.URL.Path, "/latest/")
-		rec.status, rec.retryAfter, rec.transportErr = 0, 0, nil
-	}
+	rec := ctx.Value(attemptRecordKey{}).(*attemptRecord)
+	rec.path = strings.TrimPrefix(req.URL.Path, "/latest/")
+	rec.status, rec.retryAfter, rec.transportErr = 0, 0, nil
 	resp, err := t.next.RoundTrip(req)
-	if rec != nil {
-		if err != nil {
-			rec.transportErr = err
-		} else {
-			rec.status = resp.StatusCode
-			rec.retryAfter = parseRetryAfter(resp.Header.Get("Retry-After"))
-		}
-	}
 	if err != nil {
+		rec.transportErr = err
 		return nil, err
 	}
+	rec.status = resp.StatusCode
+	rec.retryAfter = parseRetryAfter(resp.Header.Get("Retry-After"))
 	resp.Body = &limitedBody{ReadCloser: resp.Body, remaining: MaxBodySize, rec: rec}
 	return resp, nil
 }
@@ -116,24 +109,21 @@ func (b *limitedBody) Read(p []byte) (int, error) {
 		p = p[:b.remaining+1]
 	}
 	n, err := b.ReadCloser.Read(p)
-	if err != nil && err != io.EOF && b.rec != nil {
+	if err != nil && err != io.EOF {
 		// A body cut short or too slow (http.Client.Timeout) is a transport
 		// failure even though the status line said 200: retry it.
 		b.rec.transportErr = err
 	}
 	b.remaining -= int64(n)
 	if b.remaining < 0 {
-		if b.rec != nil {
-			b.rec.bodyTooLarge = true
-		}
+		b.rec.bodyTooLarge = true
 		return n, ErrBodyTooLarge
 	}
 	return n, err
 }
 
-// limiter is a token bucket. It paces requests (IMDS shares a budget of
-// 1024 packets per second per ENI with DNS and NTP) and retries (a broken
-// IMDS must cost only a few requests per second).
+// limiter is a token bucket: Client paces its requests and its retries
+// with one each.
 type limiter struct {
 	mu     sync.Mutex
 	rate   float64 // tokens per second
@@ -159,10 +149,7 @@ func (l *limiter) wait(ctx context.Context) error {
 	l.tokens = min(l.burst, l.tokens+now.Sub(l.last).Seconds()*l.rate)
 	l.last = now
 	l.tokens--
-	var delay time.Duration
-	if l.tokens < 0 {
-		delay = time.Duration(-l.tokens / l.rate * float64(time.Second))
-	}
+	delay := time.Duration(-l.tokens / l.rate * float64(time.Second)) // not positive while tokens remain
 	l.mu.Unlock()
 	return sleep(ctx, delay)
 }
