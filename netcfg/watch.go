@@ -6,7 +6,6 @@ import (
 	"os"
 	"time"
 
-	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 
 	"github.com/dualhomed/dualhomed/netcfg/nsthread"
@@ -145,7 +144,7 @@ func (k *Kernel) watch(ctx context.Context, proto int, groups uint32, changes fu
 // repair at once (our own writes come back too, and cost one reconcile
 // that finds nothing to do).
 func natChanges(b []byte, fn func(KernelChange)) {
-	forEachMessage(b, fn, func(typ uint16, m []byte) KernelChange {
+	forEachChange(b, fn, func(typ uint16, m []byte) KernelChange {
 		ours := false
 		if typ>>8 == unix.NFNL_SUBSYS_NFTABLES && len(m) >= 4 && m[0] == unix.NFPROTO_INET {
 			// The first attribute of a table, chain, rule, set... message
@@ -162,21 +161,18 @@ func natChanges(b []byte, fn func(KernelChange)) {
 }
 
 // changes calls fn with the meaning of each rtnetlink notification in b.
-func (c Config) changes(b []byte, fn func(KernelChange)) { forEachMessage(b, fn, c.change) }
+func (c Config) changes(b []byte, fn func(KernelChange)) { forEachChange(b, fn, c.change) }
 
-// forEachMessage calls fn with change's meaning of each netlink message in b.
-func forEachMessage(b []byte, fn func(KernelChange), change func(typ uint16, m []byte) KernelChange) {
-	ne := nl.NativeEndian()
-	for len(b) >= unix.SizeofNlMsghdr {
-		l := int(ne.Uint32(b[0:4]))
-		if l < unix.SizeofNlMsghdr || l > len(b) {
+// forEachChange calls fn with change's meaning of each netlink message in b.
+func forEachChange(b []byte, fn func(KernelChange), change func(typ uint16, m []byte) KernelChange) {
+	for h, m := range messages(b) {
+		if m == nil {
 			fn(Resync) // cannot happen; if it does, look at everything
 			return
 		}
-		if ch := change(ne.Uint16(b[4:6]), b[unix.SizeofNlMsghdr:l]); ch != 0 {
+		if ch := change(h.Type, m); ch != 0 {
 			fn(ch)
 		}
-		b = b[nlmAlign(l):]
 	}
 }
 
