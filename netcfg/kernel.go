@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -108,17 +106,8 @@ func kernelAtLeast(major, minor int) bool {
 
 // parseRelease reads "6.18.44-fc" as 6, 18.
 func parseRelease(r string) (major, minor int, ok bool) {
-	parts := strings.SplitN(r, ".", 3)
-	if len(parts) < 2 {
-		return 0, 0, false
-	}
-	major, err1 := strconv.Atoi(parts[0])
-	digits := strings.IndexFunc(parts[1], func(c rune) bool { return c < '0' || c > '9' })
-	if digits >= 0 {
-		parts[1] = parts[1][:digits]
-	}
-	minor, err2 := strconv.Atoi(parts[1])
-	return major, minor, err1 == nil && err2 == nil
+	_, err := fmt.Sscanf(r, "%d.%d", &major, &minor)
+	return major, minor, err == nil
 }
 
 // Close releases the netlink sockets and the namespace handle.
