@@ -62,16 +62,16 @@ const watchBuffer = 1 << 20
 // Resync to fn once listening again. It returns at once; fn and lost are
 // called from its goroutines.
 func (k *Kernel) Watch(ctx context.Context, fn func(KernelChange), lost func(err error, retryIn time.Duration)) {
-	go k.feed(ctx, unix.NETLINK_ROUTE, watchGroups, k.cfg.changes, fn, lost)
-	go k.feed(ctx, unix.NETLINK_NETFILTER, 1<<(unix.NFNLGRP_NFTABLES-1), natChanges, fn, lost)
+	go k.feed(ctx, unix.NETLINK_ROUTE, watchGroups, k.cfg.change, fn, lost)
+	go k.feed(ctx, unix.NETLINK_NETFILTER, 1<<(unix.NFNLGRP_NFTABLES-1), natChange, fn, lost)
 }
 
 // feed listens to one socket, and again after each failure, until ctx ends.
-func (k *Kernel) feed(ctx context.Context, proto int, groups uint32, changes func([]byte, func(KernelChange)), fn func(KernelChange), lost func(error, time.Duration)) {
+func (k *Kernel) feed(ctx context.Context, proto int, groups uint32, change func(typ uint16, m []byte) KernelChange, fn func(KernelChange), lost func(error, time.Duration)) {
 	backoff := time.Second
 	for resync := false; ; resync = true {
 		began := time.Now()
-		err := k.watch(ctx, proto, groups, changes, fn, resync)
+		err := k.watch(ctx, proto, groups, change, fn, resync)
 		if ctx.Err() != nil {
 			return
 		}
@@ -88,8 +88,9 @@ func (k *Kernel) feed(ctx context.Context, proto int, groups uint32, changes fun
 	}
 }
 
-// watch listens on one socket until ctx ends or the socket fails.
-func (k *Kernel) watch(ctx context.Context, proto int, groups uint32, changes func([]byte, func(KernelChange)), fn func(KernelChange), resync bool) error {
+// watch listens on one socket until ctx ends or the socket fails, and
+// calls fn with change's meaning of each notification (none for 0).
+func (k *Kernel) watch(ctx context.Context, proto int, groups uint32, change func(typ uint16, m []byte) KernelChange, fn func(KernelChange), resync bool) error {
 	var fd int
 	err := nsthread.Do(k.ns, func() (err error) {
 		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, proto)
@@ -134,46 +135,35 @@ func (k *Kernel) watch(ctx context.Context, proto int, groups uint32, changes fu
 		case rerr != nil:
 			return fmt.Errorf("receiving netlink notifications: %w", rerr)
 		case sa != nil && sa.Pid == 0: // the kernel's, not another process's
-			changes(buf[:n], fn)
+			for h, m := range messages(buf[:n]) {
+				if m == nil {
+					fn(Resync) // cannot happen; if it does, look at everything
+					break
+				}
+				if ch := change(h.Type, m); ch != 0 {
+					fn(ch)
+				}
+			}
 		}
 	}
 }
 
-// natChanges calls fn with OwnedDeleted for each nftables notification in
-// b about our table: any change of it by another program is drift to
-// repair at once (our own writes come back too, and cost one reconcile
-// that finds nothing to do).
-func natChanges(b []byte, fn func(KernelChange)) {
-	forEachChange(b, fn, func(typ uint16, m []byte) KernelChange {
-		ours := false
-		if typ>>8 == unix.NFNL_SUBSYS_NFTABLES && len(m) >= 4 && m[0] == unix.NFPROTO_INET {
-			// The first attribute of a table, chain, rule, set... message
-			// names its table.
-			forEachAttr(m[4:], func(t uint16, v []byte) {
-				ours = ours || t == 1 && unix.ByteSliceToString(v) == NATTableName
-			})
-		}
-		if ours {
-			return OwnedDeleted
-		}
-		return 0
-	})
-}
-
-// changes calls fn with the meaning of each rtnetlink notification in b.
-func (c Config) changes(b []byte, fn func(KernelChange)) { forEachChange(b, fn, c.change) }
-
-// forEachChange calls fn with change's meaning of each netlink message in b.
-func forEachChange(b []byte, fn func(KernelChange), change func(typ uint16, m []byte) KernelChange) {
-	for h, m := range messages(b) {
-		if m == nil {
-			fn(Resync) // cannot happen; if it does, look at everything
-			return
-		}
-		if ch := change(h.Type, m); ch != 0 {
-			fn(ch)
-		}
+// natChange is OwnedDeleted for an nftables notification about our table:
+// any change of it by another program is drift to repair at once (our own
+// writes come back too, and cost one reconcile that finds nothing to do).
+func natChange(typ uint16, m []byte) KernelChange {
+	ours := false
+	if typ>>8 == unix.NFNL_SUBSYS_NFTABLES && len(m) >= 4 && m[0] == unix.NFPROTO_INET {
+		// The first attribute of a table, chain, rule, set... message
+		// names its table.
+		forEachAttr(m[4:], func(t uint16, v []byte) {
+			ours = ours || t == 1 && unix.ByteSliceToString(v) == NATTableName
+		})
 	}
+	if ours {
+		return OwnedDeleted
+	}
+	return 0
 }
 
 // change classifies one notification; 0 means it changes nothing Observe
