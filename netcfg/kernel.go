@@ -158,15 +158,8 @@ func (k *Kernel) Observe() (Observed, error) {
 			obs.ForeignRoutes = append(obs.ForeignRoutes, r)
 		}
 	}
-	perLink := map[int]int{} // sizes first: one allocation per link
+	obs.Addrs = map[int][]netip.Prefix{}
 	for _, a := range addrs {
-		perLink[a.LinkIndex]++
-	}
-	obs.Addrs = make(map[int][]netip.Prefix, len(perLink))
-	for _, a := range addrs {
-		if obs.Addrs[a.LinkIndex] == nil {
-			obs.Addrs[a.LinkIndex] = make([]netip.Prefix, 0, perLink[a.LinkIndex])
-		}
 		obs.Addrs[a.LinkIndex] = append(obs.Addrs[a.LinkIndex], a.Prefix)
 	}
 	if obs.Owned.Addrs, obs.ForeignAddrs, err = k.ownedAddrs(addrs); err != nil {

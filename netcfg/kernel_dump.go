@@ -6,6 +6,7 @@ import (
 	"iter"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"syscall"
 
@@ -435,7 +436,7 @@ func parseRule(m []byte) (r KernelRule, ok bool) {
 	var jumps, suppressesPrefix bool
 	forEachAttr(m[unix.SizeofRtMsg:], func(t uint16, v []byte) {
 		x, isU32 := u32(v)
-		set := len(v) > 0 && !allZero(v)
+		set := slices.ContainsFunc(v, func(b byte) bool { return b != 0 })
 		switch t {
 		case unix.FRA_DST, unix.FRA_IIFNAME, unix.FRA_OIFNAME, unix.FRA_UID_RANGE, unix.FRA_SPORT_RANGE, unix.FRA_DPORT_RANGE:
 			narrowed = true
@@ -476,15 +477,6 @@ func parseRule(m []byte) (r KernelRule, ok bool) {
 	r.LookupAll = !narrowed && r.Mark == 0 && r.Mask == 0 && !jumps && r.Table != unix.RT_TABLE_LOCAL && r.Table != 0 &&
 		!(r.Table == unix.RT_TABLE_MAIN && suppressesPrefix)
 	return r, true
-}
-
-func allZero(v []byte) bool {
-	for _, b := range v {
-		if b != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 // rules dumps the policy rules of every family, in the kernel's order.
