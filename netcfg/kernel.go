@@ -181,7 +181,8 @@ func (k *Kernel) Observe() (Observed, error) {
 	return obs, nil
 }
 
-// rules dumps the policy rules and sorts them: ours, the others, and those
+// rules dumps the policy rules of every family and sorts them, in the
+// kernel's order: ours, the others, and those
 // of ours that a lookalike precedes in the kernel's list. A lookalike is a
 // rule with our protocol in our band that is not of our shapes (see
 // Rule.ourShape). The kernel deletes the first rule in its list that
@@ -194,7 +195,12 @@ func (k *Kernel) rules(d *dumpSocket) ([]Rule, []KernelRule, map[Rule]bool, erro
 	var foreign []KernelRule
 	lookalikes, shadowed := map[Rule]bool{}, map[Rule]bool{}
 	reset := func() { ours, foreign = ours[:0], foreign[:0]; clear(lookalikes); clear(shadowed) }
-	err := d.rules(reset, func(r KernelRule) {
+	body := make([]byte, unix.SizeofRtMsg) // fib_rule_hdr, AF_UNSPEC: every family
+	err := d.dump("rules", unix.RTM_GETRULE, body, reset, func(typ uint16, m []byte) error {
+		r, ok := parseRule(m)
+		if !ok || typ != unix.RTM_NEWRULE {
+			return nil
+		}
 		rule := Rule{Priority: r.Priority, Src: r.Src, Table: r.Table, Mark: r.Mark, Mask: r.Mask}
 		switch {
 		case !k.cfg.ourRuleBand(r):
@@ -209,6 +215,7 @@ func (k *Kernel) rules(d *dumpSocket) ([]Rule, []KernelRule, map[Rule]bool, erro
 			}
 			ours = append(ours, rule)
 		}
+		return nil
 	})
 	return ours, foreign, shadowed, err
 }

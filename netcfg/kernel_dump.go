@@ -242,11 +242,8 @@ func forEachAttr(b []byte, fn func(typ uint16, v []byte)) bool {
 		if l < unix.SizeofRtAttr || l > len(b) {
 			return false
 		}
-		fn(ne.Uint16(b[2:4])&nlaTypeMask, b[unix.SizeofRtAttr:l])
-		if rtaAlign(l) >= len(b) {
-			return true
-		}
-		b = b[rtaAlign(l):]
+		fn(ne.Uint16(b[2:4])&^(unix.NLA_F_NESTED|unix.NLA_F_NET_BYTEORDER), b[unix.SizeofRtAttr:l])
+		b = b[min(rtaAlign(l), len(b)):]
 	}
 	return true
 }
@@ -265,10 +262,10 @@ func ipFromAttr(v []byte) (netip.Addr, bool) {
 }
 
 // links dumps the links: index, name and MAC (lower case, "" when none).
-// altNames maps every link's alternative names (IFLA_PROP_LIST) to its index.
+// altNames maps every link's alternative names (IFLA_PROP_LIST) to its
+// index; it is nil when no link has one.
 // rpFilters maps the name of every link with an IPv4 configuration to its
-// rp_filter, as /proc/sys/net/ipv4/conf/<link>/rp_filter shows it; it is nil
-// when no link carried one (a kernel that does not report it).
+// rp_filter, as /proc/sys/net/ipv4/conf/<link>/rp_filter shows it.
 //
 // Why from the link dump: the kernel puts each link's whole IPv4
 // configuration in its message (IFLA_AF_SPEC), so the rp_filter values come
@@ -276,7 +273,7 @@ func ipFromAttr(v []byte) (netip.Addr, bool) {
 // link, from a thread moved into the namespace.
 func (d *dumpSocket) links() (links []Link, rpFilters, altNames map[string]int, err error) {
 	body := make([]byte, unix.SizeofIfInfomsg) // AF_UNSPEC, no filter
-	reset := func() { links, rpFilters, altNames = links[:0], nil, nil }
+	reset := func() { links, rpFilters, altNames = links[:0], map[string]int{}, nil }
 	err = d.dump("links", unix.RTM_GETLINK, body, reset, func(typ uint16, m []byte) error {
 		if typ != unix.RTM_NEWLINK || len(m) < unix.SizeofIfInfomsg {
 			return nil
@@ -304,9 +301,6 @@ func (d *dumpSocket) links() (links []Link, rpFilters, altNames map[string]int, 
 		})
 		links = append(links, l)
 		if haveRPFilter {
-			if rpFilters == nil {
-				rpFilters = make(map[string]int)
-			}
 			rpFilters[l.Name] = rpFilter
 		}
 		return nil
@@ -478,17 +472,3 @@ func parseRule(m []byte) (r KernelRule, ok bool) {
 		!(r.Table == unix.RT_TABLE_MAIN && suppressesPrefix)
 	return r, true
 }
-
-// rules dumps the policy rules of every family, in the kernel's order.
-func (d *dumpSocket) rules(reset func(), fn func(KernelRule)) error {
-	body := make([]byte, unix.SizeofRtMsg) // fib_rule_hdr, AF_UNSPEC: every family
-	return d.dump("rules", unix.RTM_GETRULE, body, reset, func(typ uint16, m []byte) error {
-		if r, ok := parseRule(m); ok && typ == unix.RTM_NEWRULE {
-			fn(r)
-		}
-		return nil
-	})
-}
-
-// nlaTypeMask strips NLA_F_NESTED and NLA_F_NET_BYTEORDER from an attribute type.
-const nlaTypeMask = ^uint16(unix.NLA_F_NESTED | unix.NLA_F_NET_BYTEORDER)
