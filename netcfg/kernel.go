@@ -297,21 +297,14 @@ func ipNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
-func ipOf(a netip.Addr) net.IP {
-	if !a.IsValid() {
-		return nil
-	}
-	return a.AsSlice()
-}
-
 // netlinkRoute is the route r as we add it: `ip route add <dst> [via <gw>] dev
 // <link> [src <src>] [scope link] table <table> proto <protocol>`.
 func (k *Kernel) netlinkRoute(r Route) *netlink.Route {
 	nr := &netlink.Route{
 		Table:     r.Table,
 		Dst:       ipNet(r.Dst),
-		Gw:        ipOf(r.Gateway),
-		Src:       ipOf(r.Src),
+		Gw:        r.Gateway.AsSlice(), // nil when not valid
+		Src:       r.Src.AsSlice(),
 		LinkIndex: r.LinkIndex,
 		Protocol:  netlink.RouteProtocol(k.cfg.Protocol),
 		Scope:     netlink.SCOPE_UNIVERSE,

@@ -147,14 +147,8 @@ type nlRequest struct {
 // appendRequest appends r to buf with the next sequence number.
 func (d *dumpSocket) appendRequest(buf []byte, r nlRequest) []byte {
 	d.seq++
-	ne := nl.NativeEndian()
-	at := len(buf)
-	buf = append(buf, make([]byte, unix.SizeofNlMsghdr)...)
-	ne.PutUint32(buf[at:], uint32(unix.SizeofNlMsghdr+len(r.Body)))
-	ne.PutUint16(buf[at+4:], r.Type)
-	ne.PutUint16(buf[at+6:], unix.NLM_F_REQUEST|r.Flags)
-	ne.PutUint32(buf[at+8:], d.seq)
-	return append(buf, r.Body...)
+	m := nl.NetlinkRequest{NlMsghdr: unix.NlMsghdr{Type: r.Type, Flags: unix.NLM_F_REQUEST | r.Flags, Seq: d.seq}, RawData: r.Body}
+	return append(buf, m.Serialize()...)
 }
 
 // roundTrip writes buf, requests numbered first to last (and maybe one
