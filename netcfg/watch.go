@@ -31,20 +31,12 @@ const (
 	Resync
 )
 
-// watchGroups are the rtnetlink groups Watch listens to. Deleting an IPv4
-// address flushes the routes using it without a route notification: the
-// address groups cover that too.
-var watchGroups = rtnlGroups(unix.RTNLGRP_LINK, unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV6_IFADDR,
-	unix.RTNLGRP_IPV4_ROUTE, unix.RTNLGRP_IPV6_ROUTE, unix.RTNLGRP_IPV4_RULE, unix.RTNLGRP_IPV6_RULE,
-	unix.RTNLGRP_IPV4_NETCONF)
-
-func rtnlGroups(groups ...uint) uint32 {
-	var mask uint32
-	for _, g := range groups {
-		mask |= 1 << (g - 1)
-	}
-	return mask
-}
+// watchGroups are the rtnetlink groups Watch listens to, group g as bit
+// g-1. Deleting an IPv4 address flushes the routes using it without a
+// route notification: the address groups cover that too.
+const watchGroups = 1<<(unix.RTNLGRP_LINK-1) | 1<<(unix.RTNLGRP_IPV4_IFADDR-1) | 1<<(unix.RTNLGRP_IPV6_IFADDR-1) |
+	1<<(unix.RTNLGRP_IPV4_ROUTE-1) | 1<<(unix.RTNLGRP_IPV6_ROUTE-1) | 1<<(unix.RTNLGRP_IPV4_RULE-1) |
+	1<<(unix.RTNLGRP_IPV6_RULE-1) | 1<<(unix.RTNLGRP_IPV4_NETCONF-1)
 
 // watchBuffer is the notification socket's receive buffer: large enough for
 // the burst of notifications when many ENIs and their addresses appear at
