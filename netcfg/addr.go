@@ -97,7 +97,7 @@ const maxDumpAttempts = 5
 
 func parseAddrMessage(m []byte) (kernelAddr, bool, error) {
 	if len(m) < unix.SizeofIfAddrmsg {
-		return kernelAddr{}, false, fmt.Errorf("short message (%d bytes)", len(m))
+		return kernelAddr{}, false, fmt.Errorf("parsing address message: short message (%d bytes)", len(m))
 	}
 	h := nl.DeserializeIfAddrmsg(m)
 	a := kernelAddr{LinkIndex: int(h.Index), Flags: uint32(h.Flags)}
@@ -111,8 +111,8 @@ func parseAddrMessage(m []byte) (kernelAddr, bool, error) {
 		case unix.IFA_ADDRESS:
 			address = v
 		case unix.IFA_FLAGS:
-			if len(v) >= 4 {
-				a.Flags = nl.NativeEndian().Uint32(v[:4])
+			if x, ok := u32(v); ok {
+				a.Flags = x
 			}
 		case ifaProto:
 			if len(v) >= 1 {
@@ -121,7 +121,7 @@ func parseAddrMessage(m []byte) (kernelAddr, bool, error) {
 		}
 	})
 	if !ok {
-		return kernelAddr{}, false, errors.New("malformed attributes")
+		return kernelAddr{}, false, errors.New("parsing address message: malformed attributes")
 	}
 	// IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on
 	// point-to-point links (and the only one IPv6 sends otherwise).

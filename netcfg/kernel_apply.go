@@ -32,14 +32,8 @@ func (k *Kernel) Apply(p Plan) (writes int, err error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 
-	var adds, dels []Op
-	for _, op := range p.Ops {
-		if op.Delete {
-			dels = append(dels, op)
-		} else {
-			adds = append(adds, op)
-		}
-	}
+	adds := slices.DeleteFunc(slices.Clone(p.Ops), func(op Op) bool { return op.Delete })
+	dels := slices.DeleteFunc(slices.Clone(p.Ops), func(op Op) bool { return !op.Delete })
 
 	var errs []error
 	blocking := 0                   // failed additions that forbid deletions

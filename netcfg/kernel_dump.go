@@ -336,13 +336,10 @@ func (d *dumpSocket) addrs(family uint8) ([]kernelAddr, error) {
 			return nil
 		}
 		a, ok, err := parseAddrMessage(m)
-		if err != nil {
-			return fmt.Errorf("parsing address message: %w", err)
-		}
 		if ok {
 			out = append(out, a)
 		}
-		return nil
+		return err
 	})
 	return out, err
 }
