@@ -135,19 +135,18 @@ func (k *Kernel) Observe() (Observed, error) {
 	var obs Observed
 	var shadowed map[Rule]bool
 	var rpFilters map[string]int
-	d := k.dump
-	routes, err := d.routes()
+	routes, err := k.dump.routes()
 	if err != nil {
 		return Observed{}, err
 	}
-	addrs, err := d.addrs(unix.AF_UNSPEC)
+	addrs, err := k.dump.addrs(unix.AF_UNSPEC)
 	if err != nil {
 		return Observed{}, err
 	}
-	if obs.Owned.Rules, obs.ForeignRules, shadowed, err = k.rules(d); err != nil {
+	if obs.Owned.Rules, obs.ForeignRules, shadowed, err = k.rules(); err != nil {
 		return Observed{}, err
 	}
-	if obs.Links, rpFilters, obs.AltNames, err = d.links(); err != nil {
+	if obs.Links, rpFilters, obs.AltNames, err = k.dump.links(); err != nil {
 		return Observed{}, err
 	}
 	k.shadowed.Store(&shadowed)
@@ -190,13 +189,13 @@ func (k *Kernel) Observe() (Observed, error) {
 // fwmark" or "no source": deleting a rule of ours that a lookalike with its
 // priority, source and table precedes (for a mark rule: its priority,
 // table, mark and mask, whatever the source) would delete the lookalike.
-func (k *Kernel) rules(d *dumpSocket) ([]Rule, []KernelRule, map[Rule]bool, error) {
-	ours := make([]Rule, 0, d.sizeHint(unix.RTM_GETRULE))
+func (k *Kernel) rules() ([]Rule, []KernelRule, map[Rule]bool, error) {
+	ours := make([]Rule, 0, k.dump.sizeHint(unix.RTM_GETRULE))
 	var foreign []KernelRule
 	lookalikes, shadowed := map[Rule]bool{}, map[Rule]bool{}
 	reset := func() { ours, foreign = ours[:0], foreign[:0]; clear(lookalikes); clear(shadowed) }
 	body := make([]byte, unix.SizeofRtMsg) // fib_rule_hdr, AF_UNSPEC: every family
-	err := d.dump("rules", unix.RTM_GETRULE, body, reset, func(typ uint16, m []byte) error {
+	err := k.dump.dump("rules", unix.RTM_GETRULE, body, reset, func(typ uint16, m []byte) error {
 		r, ok := parseRule(m)
 		if !ok || typ != unix.RTM_NEWRULE {
 			return nil

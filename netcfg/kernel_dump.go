@@ -45,7 +45,6 @@ type dumpSocket struct {
 	counts map[uint16]int
 }
 
-// sizeHint is how many messages the latest dump of msgType carried.
 func (d *dumpSocket) sizeHint(msgType uint16) int {
 	d.mu.Lock()
 	defer d.mu.Unlock()
