@@ -314,10 +314,9 @@ func rpFilterFromAFSpec(afSpec []byte) (value int, ok bool) {
 		}
 		forEachAttr(inet, func(t uint16, conf []byte) {
 			const at = (ipv4DevconfRPFilter - 1) * 4
-			if t != unix.IFLA_INET_CONF || len(conf) < at+4 {
-				return
+			if t == unix.IFLA_INET_CONF && len(conf) >= at+4 {
+				value, ok = int(int32(nl.NativeEndian().Uint32(conf[at:at+4]))), true
 			}
-			value, ok = int(int32(nl.NativeEndian().Uint32(conf[at:at+4]))), true
 		})
 	})
 	return value, ok

@@ -144,18 +144,17 @@ func (k *Kernel) watch(ctx context.Context, proto int, groups uint32, change fun
 // any change of it by another program is drift to repair at once (our own
 // writes come back too, and cost one reconcile that finds nothing to do).
 func natChange(typ uint16, m []byte) KernelChange {
-	ours := false
+	change := KernelChange(0)
 	if typ>>8 == unix.NFNL_SUBSYS_NFTABLES && len(m) >= 4 && m[0] == unix.NFPROTO_INET {
 		// The first attribute of a table, chain, rule, set... message
 		// names its table.
 		forEachAttr(m[4:], func(t uint16, v []byte) {
-			ours = ours || t == 1 && unix.ByteSliceToString(v) == NATTableName
+			if t == 1 && unix.ByteSliceToString(v) == NATTableName {
+				change = OwnedDeleted
+			}
 		})
 	}
-	if ours {
-		return OwnedDeleted
-	}
-	return 0
+	return change
 }
 
 // change classifies one notification; 0 means it changes nothing Observe
