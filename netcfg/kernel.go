@@ -157,8 +157,18 @@ func (k *Kernel) Observe() (Observed, error) {
 			obs.ForeignRoutes = append(obs.ForeignRoutes, r)
 		}
 	}
-	obs.Addrs = map[int][]netip.Prefix{}
+	// Sizes first, one allocation per link: at full scale Observe then
+	// allocates 364 KB in 287 allocations instead of 452 KB in 391
+	// (BenchmarkObserveParts).
+	perLink := map[int]int{}
 	for _, a := range addrs {
+		perLink[a.LinkIndex]++
+	}
+	obs.Addrs = make(map[int][]netip.Prefix, len(perLink))
+	for _, a := range addrs {
+		if obs.Addrs[a.LinkIndex] == nil {
+			obs.Addrs[a.LinkIndex] = make([]netip.Prefix, 0, perLink[a.LinkIndex])
+		}
 		obs.Addrs[a.LinkIndex] = append(obs.Addrs[a.LinkIndex], a.Prefix)
 	}
 	if obs.Owned.Addrs, obs.ForeignAddrs, err = k.ownedAddrs(addrs); err != nil {
