@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 
+	"github.com/mdlayher/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
@@ -29,45 +30,33 @@ type kernelAddr struct {
 // (proto 0 sends no IFA_PROTO).
 func addrRequest(a Addr, proto uint8, add bool) []byte {
 	ip := a.Prefix.Addr()
-	// struct ifaddrmsg: family, prefixlen, flags, scope (u8 each), index (u32).
-	b := make([]byte, unix.SizeofIfAddrmsg, 64)
-	b[0], b[1] = unix.AF_INET6, byte(a.Prefix.Bits())
+	h := nl.IfAddrmsg{IfAddrmsg: unix.IfAddrmsg{Family: unix.AF_INET6, Prefixlen: uint8(a.Prefix.Bits()), Index: uint32(a.LinkIndex)}}
 	if ip.Is4() {
-		b[0] = unix.AF_INET
+		h.Family = unix.AF_INET
 	}
-	binary.NativeEndian.PutUint32(b[4:8], uint32(a.LinkIndex))
-	b = appendAttr(b, unix.IFA_LOCAL, ip.AsSlice())
-	b = appendAttr(b, unix.IFA_ADDRESS, ip.AsSlice())
-	if !add {
-		return b
+	ae := netlink.NewAttributeEncoder()
+	ae.Bytes(unix.IFA_LOCAL, ip.AsSlice())
+	ae.Bytes(unix.IFA_ADDRESS, ip.AsSlice())
+	if add {
+		flags := addrFlags(a)
+		h.Flags = uint8(flags) // the low 8 bits; IFA_FLAGS carries them all
+		if ip.Is4() && a.Prefix.Bits() < 31 {
+			// `ip addr add 10.1.0.11/24 brd +`: what DHCP clients set too.
+			ae.Bytes(unix.IFA_BROADCAST, broadcast(a.Prefix).AsSlice())
+		}
+		ae.Uint32(unix.IFA_FLAGS, flags)
+		if proto != 0 {
+			ae.Uint8(ifaProto, proto)
+		}
 	}
-	flags := addrFlags(a)
-	b[2] = byte(flags) // the low 8 bits; IFA_FLAGS carries them all
-	if ip.Is4() && a.Prefix.Bits() < 31 {
-		// `ip addr add 10.1.0.11/24 brd +`: what DHCP clients set too.
-		b = appendAttr(b, unix.IFA_BROADCAST, broadcast(a.Prefix).AsSlice())
-	}
-	b = appendAttr(b, unix.IFA_FLAGS, binary.NativeEndian.AppendUint32(nil, flags))
-	if proto != 0 {
-		b = appendAttr(b, ifaProto, []byte{proto})
-	}
-	return b
-}
-
-// appendAttr appends the rtattr typ holding v, padded to the alignment.
-func appendAttr(b []byte, typ uint16, v []byte) []byte {
-	l := unix.SizeofRtAttr + len(v)
-	b = binary.NativeEndian.AppendUint16(b, uint16(l))
-	b = binary.NativeEndian.AppendUint16(b, typ)
-	b = append(b, v...)
-	return append(b, make([]byte, rtaAlign(l)-l)...)
+	attrs, _ := ae.Encode() // cannot fail: every attribute is short
+	return append(h.Serialize(), attrs...)
 }
 
 func broadcast(p netip.Prefix) netip.Addr {
 	b := p.Masked().Addr().As4()
 	host := uint32(1)<<(32-p.Bits()) - 1
-	v := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3]) | host
-	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+	return netip.AddrFrom4([4]byte(binary.BigEndian.AppendUint32(nil, binary.BigEndian.Uint32(b[:])|host)))
 }
 
 // addrFlags are the IFA_F_* flags dualhomed adds an address with.
@@ -108,11 +97,10 @@ const maxDumpAttempts = 5
 
 func parseAddrMessage(m []byte) (kernelAddr, bool, error) {
 	if len(m) < unix.SizeofIfAddrmsg {
-		return kernelAddr{}, false, fmt.Errorf("short message (%d bytes)", len(m))
+		return kernelAddr{}, false, fmt.Errorf("parsing address message: short message (%d bytes)", len(m))
 	}
-	// struct ifaddrmsg: family, prefixlen, flags, scope (u8 each), index (u32).
-	prefixLen, flags := m[1], m[2]
-	a := kernelAddr{LinkIndex: int(nl.NativeEndian().Uint32(m[4:8])), Flags: uint32(flags)}
+	h := nl.DeserializeIfAddrmsg(m)
+	a := kernelAddr{LinkIndex: int(h.Index), Flags: uint32(h.Flags)}
 	var local, address []byte
 	// Parsed in place (no attribute slice per message): a full-scale
 	// instance has 1,500 addresses and Observe reads them all.
@@ -123,8 +111,8 @@ func parseAddrMessage(m []byte) (kernelAddr, bool, error) {
 		case unix.IFA_ADDRESS:
 			address = v
 		case unix.IFA_FLAGS:
-			if len(v) >= 4 {
-				a.Flags = nl.NativeEndian().Uint32(v[:4])
+			if x, ok := u32(v); ok {
+				a.Flags = x
 			}
 		case ifaProto:
 			if len(v) >= 1 {
@@ -133,7 +121,7 @@ func parseAddrMessage(m []byte) (kernelAddr, bool, error) {
 		}
 	})
 	if !ok {
-		return kernelAddr{}, false, errors.New("malformed attributes")
+		return kernelAddr{}, false, errors.New("parsing address message: malformed attributes")
 	}
 	// IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on
 	// point-to-point links (and the only one IPv6 sends otherwise).
@@ -145,6 +133,6 @@ func parseAddrMessage(m []byte) (kernelAddr, bool, error) {
 	if !ok {
 		return kernelAddr{}, false, nil
 	}
-	a.Prefix = netip.PrefixFrom(ip.Unmap(), int(prefixLen))
+	a.Prefix = netip.PrefixFrom(ip.Unmap(), int(h.Prefixlen))
 	return a, true, nil
 }

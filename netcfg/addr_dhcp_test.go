@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -64,7 +65,11 @@ func TestAddressWithLifetimesIsTheDHCPClients(t *testing.T) {
 	lease := addrRequest(Addr{LinkIndex: eth1, Prefix: primary}, DefaultProtocol, true)
 	// struct ifa_cacheinfo: preferred and valid lifetimes, then two stamps.
 	lifetimes := binary.NativeEndian.AppendUint32(binary.NativeEndian.AppendUint32(nil, 600), 600)
-	lease = appendAttr(lease, unix.IFA_CACHEINFO, append(lifetimes, make([]byte, 8)...))
+	cacheInfo, err := netlink.MarshalAttributes([]netlink.Attribute{{Type: unix.IFA_CACHEINFO, Data: append(lifetimes, make([]byte, 8)...)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lease = append(lease, cacheInfo...)
 	if err := w.k.dump.request(nlRequest{Type: unix.RTM_NEWADDR, Flags: unix.NLM_F_CREATE | unix.NLM_F_REPLACE, Body: lease}, nil); err != nil {
 		t.Fatalf("renewing %s with lifetimes: %v", primary, err)
 	}

@@ -32,14 +32,8 @@ func (k *Kernel) Apply(p Plan) (writes int, err error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 
-	var adds, dels []Op
-	for _, op := range p.Ops {
-		if op.Delete {
-			dels = append(dels, op)
-		} else {
-			adds = append(adds, op)
-		}
-	}
+	adds := slices.DeleteFunc(slices.Clone(p.Ops), func(op Op) bool { return op.Delete })
+	dels := slices.DeleteFunc(slices.Clone(p.Ops), func(op Op) bool { return !op.Delete })
 
 	var errs []error
 	blocking := 0                   // failed additions that forbid deletions
@@ -199,6 +193,7 @@ func ignoreOnDelete(err error) error {
 func (k *Kernel) applyRoute(op Op) error {
 	r := *op.Route
 	nr := k.netlinkRoute(r)
+	verb, err := "adding", error(nil)
 	switch {
 	case op.Delete:
 		// Match our route whatever scope and type the kernel gave it; the
@@ -207,36 +202,32 @@ func (k *Kernel) applyRoute(op Op) error {
 		if r.Dst.Addr().Is4() {
 			nr.Scope = netlink.SCOPE_NOWHERE
 		}
-		if err := ignoreOnDelete(k.h.RouteDel(nr)); err != nil {
-			return fmt.Errorf("deleting route %v: %w", r, err)
-		}
+		verb, err = "deleting", ignoreOnDelete(k.h.RouteDel(nr))
 	case op.Replace:
-		if err := k.h.RouteReplace(nr); err != nil {
-			return fmt.Errorf("replacing route %v: %w", r, err)
-		}
+		verb, err = "replacing", k.h.RouteReplace(nr)
 	default:
-		if err := ignoreOnAdd(k.h.RouteAdd(nr)); err != nil {
-			return fmt.Errorf("adding route %v: %w", r, err)
-		}
+		err = ignoreOnAdd(k.h.RouteAdd(nr))
+	}
+	if err != nil {
+		return fmt.Errorf("%s route %v: %w", verb, r, err)
 	}
 	return nil
 }
 
 func (k *Kernel) applyRule(op Op) error {
 	r := *op.Rule
-	nr := k.netlinkRule(r)
-	if op.Delete {
-		if sh := k.shadowed.Load(); sh != nil && (*sh)[r] {
-			return fmt.Errorf("not deleting rule %v: a rule with protocol %d, the same priority and table, source (or fwmark) and more selectors (fwmark, iif, ...) comes first in the kernel's list, and the kernel would delete that one instead; remove one of the two by hand (`ip rule show priority %d`)",
-				r, k.cfg.Protocol, r.Priority)
-		}
-		if err := ignoreOnDelete(k.h.RuleDel(nr)); err != nil {
-			return fmt.Errorf("deleting rule %v: %w", r, err)
+	if !op.Delete {
+		if err := ignoreOnAdd(k.h.RuleAdd(k.netlinkRule(r))); err != nil {
+			return fmt.Errorf("adding rule %v: %w", r, err)
 		}
 		return nil
 	}
-	if err := ignoreOnAdd(k.h.RuleAdd(nr)); err != nil {
-		return fmt.Errorf("adding rule %v: %w", r, err)
+	if sh := k.shadowed.Load(); sh != nil && (*sh)[r] {
+		return fmt.Errorf("not deleting rule %v: a rule with protocol %d, the same priority and table, source (or fwmark) and more selectors (fwmark, iif, ...) comes first in the kernel's list, and the kernel would delete that one instead; remove one of the two by hand (`ip rule show priority %d`)",
+			r, k.cfg.Protocol, r.Priority)
+	}
+	if err := ignoreOnDelete(k.h.RuleDel(k.netlinkRule(r))); err != nil {
+		return fmt.Errorf("deleting rule %v: %w", r, err)
 	}
 	return nil
 }

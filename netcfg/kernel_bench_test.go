@@ -194,7 +194,7 @@ func BenchmarkObserveParts(b *testing.B) {
 		{"links", func() error { _, _, _, err := k.dump.links(); return err }},
 		{"addrs-ipv4", func() error { _, err := k.dump.addrs(unix.AF_INET); return err }},
 		{"addrs-ipv6", func() error { _, err := k.dump.addrs(unix.AF_INET6); return err }},
-		{"rules", func() error { _, _, _, err := k.rules(k.dump); return err }},
+		{"rules", func() error { _, _, _, err := k.rules(); return err }},
 		{"routes-except-local", func() error { _, err := k.dump.routes(); return err }},
 		// As Observe reads them: from the links dump just made.
 		{"rp-filters", func() error { _, err := k.ownedRPFilters(rpFilters); return err }},
@@ -236,7 +236,7 @@ func kernelOrderOwned(tb testing.TB, k *Kernel) State {
 	tb.Helper()
 	var st State
 	var err error
-	if st.Rules, _, _, err = k.rules(k.dump); err != nil {
+	if st.Rules, _, _, err = k.rules(); err != nil {
 		tb.Fatal(err)
 	}
 	all, err := k.dump.addrs(unix.AF_UNSPEC)

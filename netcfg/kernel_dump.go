@@ -3,8 +3,10 @@ package netcfg
 import (
 	"errors"
 	"fmt"
+	"iter"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"syscall"
 
@@ -32,18 +34,17 @@ import (
 // the family in the request; on older kernels the option fails, the kernel
 // sends every family and the parsers skip the others: the result is the same.
 type dumpSocket struct {
-	mu     sync.Mutex // one exchange at a time: replies are read off one socket
-	fd     int
-	seq    uint32
-	strict bool
-	buf    []byte
+	mu  sync.Mutex // one exchange at a time: replies are read off one socket
+	fd  int
+	seq uint32
+	buf []byte
 	// counts is how many messages the latest dump of each type carried: the
-	// next one allocates for as many at once (at full scale, 1,500
-	// addresses and as many rules).
+	// next one allocates for as many at once. At full scale (1,500
+	// addresses and as many rules) Observe allocates 364 KB instead of
+	// 624 KB, 287 times instead of 309 (BenchmarkObserveParts).
 	counts map[uint16]int
 }
 
-// sizeHint is how many messages the latest dump of msgType carried.
 func (d *dumpSocket) sizeHint(msgType uint16) int {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -58,8 +59,7 @@ const dumpBufferSize = 64 << 10
 // NETLINK_NETFILTER for the NAT's table) in ns.
 func newDumpSocket(ns netns.NsHandle, proto int) (*dumpSocket, error) {
 	var fd int
-	err := nsthread.Do(ns, func() error {
-		var err error
+	err := nsthread.Do(ns, func() (err error) {
 		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto)
 		return err
 	})
@@ -76,10 +76,9 @@ func newDumpSocket(ns netns.NsHandle, proto int) (*dumpSocket, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("setting up netlink dump socket: %w", err)
 	}
-	d := &dumpSocket{fd: fd, buf: make([]byte, dumpBufferSize), counts: map[uint16]int{}}
 	// Not fatal: without it the kernel sends everything and we filter.
-	d.strict = unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_GET_STRICT_CHK, 1) == nil
-	return d, nil
+	_ = unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_GET_STRICT_CHK, 1)
+	return &dumpSocket{fd: fd, buf: make([]byte, dumpBufferSize), counts: map[uint16]int{}}, nil
 }
 
 func (d *dumpSocket) close() { unix.Close(d.fd) }
@@ -96,7 +95,8 @@ func (d *dumpSocket) dump(what string, msgType uint16, body []byte, reset func()
 	for range maxDumpAttempts {
 		reset()
 		n := 0
-		err = d.exchange(msgType, unix.NLM_F_DUMP, body, func(typ uint16, m []byte) error { n++; return fn(typ, m) })
+		req := d.appendRequest(nil, nlRequest{msgType, unix.NLM_F_DUMP, body})
+		err = d.roundTrip(req, d.seq, d.seq, func(typ uint16, m []byte) error { n++; return fn(typ, m) })
 		d.counts[msgType] = n
 		if !errors.Is(err, netlink.ErrDumpInterrupted) {
 			if err != nil {
@@ -110,14 +110,12 @@ func (d *dumpSocket) dump(what string, msgType uint16, body []byte, reset func()
 
 // request sends one request and waits for the kernel's acknowledgement:
 // nil, or the errno it answered with. fn, when not nil, gets the reply
-// messages before the acknowledgement, as in exchange.
+// messages before the acknowledgement.
 func (d *dumpSocket) request(r nlRequest, fn func(uint16, []byte) error) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if fn == nil {
-		fn = func(uint16, []byte) error { return nil }
-	}
-	return d.exchange(r.Type, unix.NLM_F_ACK|r.Flags, r.Body, fn)
+	r.Flags |= unix.NLM_F_ACK
+	return d.roundTrip(d.appendRequest(nil, r), d.seq, d.seq, fn)
 }
 
 // batch sends requests as one nftables transaction, between a batch begin
@@ -135,7 +133,7 @@ func (d *dumpSocket) batch(reqs []nlRequest) error {
 		buf = d.appendRequest(buf, r)
 	}
 	last := d.seq
-	return d.roundTrip(d.appendRequest(buf, nlRequest{Type: unix.NFNL_MSG_BATCH_END, Body: edge}), first, last, func(uint16, []byte) error { return nil })
+	return d.roundTrip(d.appendRequest(buf, nlRequest{Type: unix.NFNL_MSG_BATCH_END, Body: edge}), first, last, nil)
 }
 
 // nlRequest is one netlink request: its type, flags (NLM_F_REQUEST is
@@ -148,62 +146,45 @@ type nlRequest struct {
 // appendRequest appends r to buf with the next sequence number.
 func (d *dumpSocket) appendRequest(buf []byte, r nlRequest) []byte {
 	d.seq++
-	ne := nl.NativeEndian()
-	at := len(buf)
-	buf = append(buf, make([]byte, unix.SizeofNlMsghdr)...)
-	ne.PutUint32(buf[at:], uint32(unix.SizeofNlMsghdr+len(r.Body)))
-	ne.PutUint16(buf[at+4:], r.Type)
-	ne.PutUint16(buf[at+6:], unix.NLM_F_REQUEST|r.Flags)
-	ne.PutUint32(buf[at+8:], d.seq)
-	return append(buf, r.Body...)
-}
-
-// exchange sends a request and calls fn with each reply message's type and
-// body until the dump ends (NLMSG_DONE) or the kernel acknowledges the
-// request (NLMSG_ERROR), and returns the errno it reports, if any.
-func (d *dumpSocket) exchange(msgType, flags uint16, body []byte, fn func(uint16, []byte) error) error {
-	req := d.appendRequest(nil, nlRequest{msgType, flags, body})
-	return d.roundTrip(req, d.seq, d.seq, fn)
+	m := nl.NetlinkRequest{NlMsghdr: unix.NlMsghdr{Type: r.Type, Flags: unix.NLM_F_REQUEST | r.Flags, Seq: d.seq}, RawData: r.Body}
+	return append(buf, m.Serialize()...)
 }
 
 // roundTrip writes buf, requests numbered first to last (and maybe one
 // after them that asks for no answer), and reads the replies to them until
-// last's dump ends or it is acknowledged, or one of them is refused.
+// last's dump ends (NLMSG_DONE) or it is acknowledged (NLMSG_ERROR), or one
+// of them is refused: it returns the errno the kernel reports, if any. fn,
+// when not nil, gets the type and body of each other reply message.
 func (d *dumpSocket) roundTrip(buf []byte, first, last uint32, fn func(uint16, []byte) error) error {
 	if _, err := unix.Write(d.fd, buf); err != nil {
 		return fmt.Errorf("sending netlink request: %w", err)
 	}
-	ne := nl.NativeEndian()
 	interrupted := false
 	var fnErr error
 	for {
-		n, err := readRetry(d.fd, d.buf)
+		n, err := unix.Read(d.fd, d.buf)
+		if err == unix.EINTR {
+			continue
+		}
 		if err != nil {
 			return fmt.Errorf("receiving netlink reply: %w", err)
 		}
-		b := d.buf[:n]
-		for len(b) >= unix.SizeofNlMsghdr {
-			l := int(ne.Uint32(b[0:4]))
-			if l < unix.SizeofNlMsghdr || l > len(b) {
-				return fmt.Errorf("malformed netlink message (length %d of %d bytes)", l, len(b))
+		for h, m := range messages(d.buf[:n]) {
+			if m == nil {
+				return fmt.Errorf("malformed netlink message (length %d of %d bytes)", h.Len, n)
 			}
-			typ, mflags, seq := ne.Uint16(b[4:6]), ne.Uint16(b[6:8]), ne.Uint32(b[8:12])
-			m := b[unix.SizeofNlMsghdr:l]
-			b = b[nlmAlign(l):]
-			if seq < first || seq > last {
+			if h.Seq < first || h.Seq > last {
 				continue // a late reply to an earlier, abandoned request
 			}
-			if mflags&unix.NLM_F_DUMP_INTR != 0 {
+			if h.Flags&unix.NLM_F_DUMP_INTR != 0 {
 				interrupted = true
 			}
-			switch typ {
+			switch h.Type {
 			case unix.NLMSG_DONE, unix.NLMSG_ERROR: // the error code leads both
-				if len(m) >= 4 {
-					if e := int32(ne.Uint32(m[0:4])); e < 0 {
-						return syscall.Errno(-e)
-					}
+				if e, ok := u32(m); ok && int32(e) < 0 {
+					return syscall.Errno(-int32(e))
 				}
-				if seq != last {
+				if h.Seq != last {
 					continue // an earlier request of the batch, acknowledged
 				}
 				if interrupted {
@@ -213,20 +194,29 @@ func (d *dumpSocket) roundTrip(buf []byte, first, last uint32, fn func(uint16, [
 			case unix.NLMSG_NOOP, unix.NLMSG_OVERRUN:
 				continue
 			}
-			if fnErr == nil {
-				fnErr = fn(typ, m) // keep reading to the end: the socket must be drained
+			if fnErr == nil && fn != nil {
+				fnErr = fn(h.Type, m) // keep reading to the end: the socket must be drained
 			}
 		}
 	}
 }
 
-func readRetry(fd int, buf []byte) (int, error) {
-	for {
-		n, err := unix.Read(fd, buf)
-		if err == unix.EINTR {
-			continue
+// messages yields the header and body of each netlink message in b. A
+// malformed message ends it, yielded with a nil body.
+func messages(b []byte) iter.Seq2[unix.NlMsghdr, []byte] {
+	return func(yield func(unix.NlMsghdr, []byte) bool) {
+		ne := nl.NativeEndian()
+		for len(b) >= unix.SizeofNlMsghdr {
+			h := unix.NlMsghdr{Len: ne.Uint32(b[0:4]), Type: ne.Uint16(b[4:6]), Flags: ne.Uint16(b[6:8]), Seq: ne.Uint32(b[8:12])}
+			if h.Len < unix.SizeofNlMsghdr || int(h.Len) > len(b) {
+				yield(h, nil)
+				return
+			}
+			if !yield(h, b[unix.SizeofNlMsghdr:h.Len]) {
+				return
+			}
+			b = b[min(nlmAlign(int(h.Len)), len(b)):]
 		}
-		return n, err
 	}
 }
 
@@ -243,11 +233,8 @@ func forEachAttr(b []byte, fn func(typ uint16, v []byte)) bool {
 		if l < unix.SizeofRtAttr || l > len(b) {
 			return false
 		}
-		fn(ne.Uint16(b[2:4])&nlaTypeMask, b[unix.SizeofRtAttr:l])
-		if rtaAlign(l) >= len(b) {
-			return true
-		}
-		b = b[rtaAlign(l):]
+		fn(ne.Uint16(b[2:4])&^(unix.NLA_F_NESTED|unix.NLA_F_NET_BYTEORDER), b[unix.SizeofRtAttr:l])
+		b = b[min(rtaAlign(l), len(b)):]
 	}
 	return true
 }
@@ -266,10 +253,10 @@ func ipFromAttr(v []byte) (netip.Addr, bool) {
 }
 
 // links dumps the links: index, name and MAC (lower case, "" when none).
-// altNames maps every link's alternative names (IFLA_PROP_LIST) to its index.
+// altNames maps every link's alternative names (IFLA_PROP_LIST) to its
+// index; it is nil when no link has one.
 // rpFilters maps the name of every link with an IPv4 configuration to its
-// rp_filter, as /proc/sys/net/ipv4/conf/<link>/rp_filter shows it; it is nil
-// when no link carried one (a kernel that does not report it).
+// rp_filter, as /proc/sys/net/ipv4/conf/<link>/rp_filter shows it.
 //
 // Why from the link dump: the kernel puts each link's whole IPv4
 // configuration in its message (IFLA_AF_SPEC), so the rp_filter values come
@@ -277,12 +264,12 @@ func ipFromAttr(v []byte) (netip.Addr, bool) {
 // link, from a thread moved into the namespace.
 func (d *dumpSocket) links() (links []Link, rpFilters, altNames map[string]int, err error) {
 	body := make([]byte, unix.SizeofIfInfomsg) // AF_UNSPEC, no filter
-	reset := func() { links, rpFilters, altNames = links[:0], nil, nil }
+	reset := func() { links, rpFilters, altNames = links[:0], map[string]int{}, nil }
 	err = d.dump("links", unix.RTM_GETLINK, body, reset, func(typ uint16, m []byte) error {
 		if typ != unix.RTM_NEWLINK || len(m) < unix.SizeofIfInfomsg {
 			return nil
 		}
-		l := Link{Index: int(int32(nl.NativeEndian().Uint32(m[4:8])))}
+		l := Link{Index: int(nl.DeserializeIfInfomsg(m).Index)}
 		rpFilter, haveRPFilter := 0, false
 		forEachAttr(m[unix.SizeofIfInfomsg:], func(t uint16, v []byte) {
 			switch t {
@@ -305,9 +292,6 @@ func (d *dumpSocket) links() (links []Link, rpFilters, altNames map[string]int, 
 		})
 		links = append(links, l)
 		if haveRPFilter {
-			if rpFilters == nil {
-				rpFilters = make(map[string]int)
-			}
 			rpFilters[l.Name] = rpFilter
 		}
 		return nil
@@ -330,10 +314,9 @@ func rpFilterFromAFSpec(afSpec []byte) (value int, ok bool) {
 		}
 		forEachAttr(inet, func(t uint16, conf []byte) {
 			const at = (ipv4DevconfRPFilter - 1) * 4
-			if t != unix.IFLA_INET_CONF || len(conf) < at+4 {
-				return
+			if t == unix.IFLA_INET_CONF && len(conf) >= at+4 {
+				value, ok = int(int32(nl.NativeEndian().Uint32(conf[at:at+4]))), true
 			}
-			value, ok = int(int32(nl.NativeEndian().Uint32(conf[at:at+4]))), true
 		})
 	})
 	return value, ok
@@ -351,27 +334,13 @@ func (d *dumpSocket) addrs(family uint8) ([]kernelAddr, error) {
 			return nil
 		}
 		a, ok, err := parseAddrMessage(m)
-		if err != nil {
-			return fmt.Errorf("parsing address message: %w", err)
-		}
 		if ok {
 			out = append(out, a)
 		}
-		return nil
+		return err
 	})
 	return out, err
 }
-
-// rtmsg header offsets (struct rtmsg, linux/rtnetlink.h).
-const (
-	rtmFamily   = 0
-	rtmDstLen   = 1
-	rtmTable    = 4
-	rtmProtocol = 5
-	rtmScope    = 6
-	rtmType     = 7
-	rtmFlags    = 8
-)
 
 // routes dumps the IPv4 and IPv6 routes of every table but the local one
 // (a route per address, which nothing reads).
@@ -391,15 +360,17 @@ func (d *dumpSocket) routes() ([]KernelRoute, error) {
 // (cloned) routes and the local table's are skipped, as vishvananda/netlink
 // skips the former.
 func parseRoute(m []byte) (KernelRoute, bool) {
-	if len(m) < unix.SizeofRtMsg || m[rtmTable] == unix.RT_TABLE_LOCAL || // exact: tables over 255 show as RT_TABLE_COMPAT here
-		(m[rtmFamily] != unix.AF_INET && m[rtmFamily] != unix.AF_INET6) ||
-		nl.NativeEndian().Uint32(m[rtmFlags:rtmFlags+4])&unix.RTM_F_CLONED != 0 {
+	if len(m) < unix.SizeofRtMsg {
 		return KernelRoute{}, false
 	}
-	r := KernelRoute{Protocol: m[rtmProtocol], Type: m[rtmType]}
-	r.Table, r.ScopeLink = int(m[rtmTable]), m[rtmScope] == unix.RT_SCOPE_LINK
-	r.Dst = anyPrefix(int(m[rtmFamily]))
-	dstLen := int(m[rtmDstLen])
+	h := nl.DeserializeRtMsg(m)
+	if h.Table == unix.RT_TABLE_LOCAL || // exact: tables over 255 show as RT_TABLE_COMPAT here
+		(h.Family != unix.AF_INET && h.Family != unix.AF_INET6) || h.Flags&unix.RTM_F_CLONED != 0 {
+		return KernelRoute{}, false
+	}
+	r := KernelRoute{Protocol: h.Protocol, Type: h.Type}
+	r.Table, r.ScopeLink = int(h.Table), h.Scope == unix.RT_SCOPE_LINK
+	r.Dst = anyPrefix(int(h.Family))
 	forEachAttr(m[unix.SizeofRtMsg:], func(t uint16, v []byte) {
 		x, isU32 := u32(v)
 		switch {
@@ -407,7 +378,7 @@ func parseRoute(m []byte) (KernelRoute, bool) {
 			r.Table = int(x)
 		case t == unix.RTA_DST:
 			if a, ok := ipFromAttr(v); ok {
-				r.Dst = netip.PrefixFrom(a, dstLen)
+				r.Dst = netip.PrefixFrom(a, int(h.Dst_len))
 			}
 		case t == unix.RTA_GATEWAY:
 			r.Gateway, _ = ipFromAttr(v)
@@ -422,17 +393,6 @@ func parseRoute(m []byte) (KernelRoute, bool) {
 	return r, r.Table != unix.RT_TABLE_LOCAL
 }
 
-// fib_rule_hdr offsets (linux/fib_rules.h).
-const (
-	frhFamily = 0
-	frhDstLen = 1
-	frhSrcLen = 2
-	frhTos    = 3
-	frhAction = 7
-	frhFlags  = 8
-	frhSize   = 12
-)
-
 // Rule attributes newer than golang.org/x/sys/unix knows (linux/fib_rules.h).
 const (
 	fraDSCP      = 25
@@ -440,22 +400,24 @@ const (
 )
 
 // parseRule reads a rule message (RTM_NEWRULE or RTM_DELRULE); ok is false
-// for a message too short to be one.
+// for a message too short to be one. Its header, struct fib_rule_hdr
+// (linux/fib_rules.h), is laid out as struct rtmsg is, with the action
+// where rtmsg has the type.
 func parseRule(m []byte) (r KernelRule, ok bool) {
-	if len(m) < frhSize {
+	if len(m) < unix.SizeofRtMsg {
 		return KernelRule{}, false
 	}
-	r.Src = anyPrefix(int(m[frhFamily]))
-	srcLen := int(m[frhSrcLen])
+	h := nl.DeserializeRtMsg(m)
+	r.Src = anyPrefix(int(h.Family))
 	// narrowed: a selector that keeps the rule from sending all traffic of
 	// its source to its table (Conflicts' test), as vishvananda/netlink
 	// reports them: destination, tos, not, iif/oif, ports, ip_proto, uid
 	// range, tun_id; and fwmark/mask, which are not Selectors.
-	narrowed := m[frhDstLen] != 0 || m[frhTos] != 0 || nl.NativeEndian().Uint32(m[frhFlags:frhFlags+4])&unix.FIB_RULE_INVERT != 0
+	narrowed := h.Dst_len != 0 || h.Tos != 0 || h.Flags&unix.FIB_RULE_INVERT != 0
 	var jumps, suppressesPrefix bool
-	forEachAttr(m[frhSize:], func(t uint16, v []byte) {
+	forEachAttr(m[unix.SizeofRtMsg:], func(t uint16, v []byte) {
 		x, isU32 := u32(v)
-		set := len(v) > 0 && !allZero(v)
+		set := slices.ContainsFunc(v, func(b byte) bool { return b != 0 })
 		switch t {
 		case unix.FRA_DST, unix.FRA_IIFNAME, unix.FRA_OIFNAME, unix.FRA_UID_RANGE, unix.FRA_SPORT_RANGE, unix.FRA_DPORT_RANGE:
 			narrowed = true
@@ -486,37 +448,14 @@ func parseRule(m []byte) (r KernelRule, ok bool) {
 			}
 		case unix.FRA_SRC:
 			if a, ok := ipFromAttr(v); ok {
-				r.Src = netip.PrefixFrom(a, srcLen)
+				r.Src = netip.PrefixFrom(a, int(h.Src_len))
 			}
 		}
 	})
-	r.Selectors = r.Selectors || narrowed || jumps || m[frhAction] != unix.FR_ACT_TO_TBL
+	r.Selectors = r.Selectors || narrowed || jumps || h.Type != unix.FR_ACT_TO_TBL
 	// wg-quick's `lookup main suppress_prefixlength 0` lets default routes
 	// fall through: it sends nothing elsewhere.
 	r.LookupAll = !narrowed && r.Mark == 0 && r.Mask == 0 && !jumps && r.Table != unix.RT_TABLE_LOCAL && r.Table != 0 &&
 		!(r.Table == unix.RT_TABLE_MAIN && suppressesPrefix)
 	return r, true
 }
-
-func allZero(v []byte) bool {
-	for _, b := range v {
-		if b != 0 {
-			return false
-		}
-	}
-	return true
-}
-
-// rules dumps the policy rules of every family, in the kernel's order.
-func (d *dumpSocket) rules(reset func(), fn func(KernelRule)) error {
-	body := make([]byte, frhSize) // AF_UNSPEC: every family
-	return d.dump("rules", unix.RTM_GETRULE, body, reset, func(typ uint16, m []byte) error {
-		if r, ok := parseRule(m); ok && typ == unix.RTM_NEWRULE {
-			fn(r)
-		}
-		return nil
-	})
-}
-
-// nlaTypeMask strips NLA_F_NESTED and NLA_F_NET_BYTEORDER from an attribute type.
-const nlaTypeMask = ^uint16(unix.NLA_F_NESTED | unix.NLA_F_NET_BYTEORDER)

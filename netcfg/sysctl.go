@@ -51,15 +51,7 @@ func readSysctl(ns netns.NsHandle, path string) (int, error) {
 // writeSysctl is `sysctl -w <path>=<v>` inside ns.
 func writeSysctl(ns netns.NsHandle, path string, v int) error {
 	err := nsthread.Do(ns, func() error {
-		f, err := os.OpenFile(path, os.O_WRONLY, 0)
-		if err != nil {
-			return err
-		}
-		if _, err := f.WriteString(strconv.Itoa(v)); err != nil {
-			f.Close()
-			return err
-		}
-		return f.Close()
+		return os.WriteFile(path, []byte(strconv.Itoa(v)), 0)
 	})
 	if err != nil {
 		return fmt.Errorf("setting %s=%d: %w", path, v, err)

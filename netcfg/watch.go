@@ -6,7 +6,6 @@ import (
 	"os"
 	"time"
 
-	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 
 	"github.com/dualhomed/dualhomed/netcfg/nsthread"
@@ -32,20 +31,12 @@ const (
 	Resync
 )
 
-// watchGroups are the rtnetlink groups Watch listens to. Deleting an IPv4
-// address flushes the routes using it without a route notification: the
-// address groups cover that too.
-var watchGroups = rtnlGroups(unix.RTNLGRP_LINK, unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV6_IFADDR,
-	unix.RTNLGRP_IPV4_ROUTE, unix.RTNLGRP_IPV6_ROUTE, unix.RTNLGRP_IPV4_RULE, unix.RTNLGRP_IPV6_RULE,
-	unix.RTNLGRP_IPV4_NETCONF)
-
-func rtnlGroups(groups ...uint) uint32 {
-	var mask uint32
-	for _, g := range groups {
-		mask |= 1 << (g - 1)
-	}
-	return mask
-}
+// watchGroups are the rtnetlink groups Watch listens to, group g as bit
+// g-1. Deleting an IPv4 address flushes the routes using it without a
+// route notification: the address groups cover that too.
+const watchGroups = 1<<(unix.RTNLGRP_LINK-1) | 1<<(unix.RTNLGRP_IPV4_IFADDR-1) | 1<<(unix.RTNLGRP_IPV6_IFADDR-1) |
+	1<<(unix.RTNLGRP_IPV4_ROUTE-1) | 1<<(unix.RTNLGRP_IPV6_ROUTE-1) | 1<<(unix.RTNLGRP_IPV4_RULE-1) |
+	1<<(unix.RTNLGRP_IPV6_RULE-1) | 1<<(unix.RTNLGRP_IPV4_NETCONF-1)
 
 // watchBuffer is the notification socket's receive buffer: large enough for
 // the burst of notifications when many ENIs and their addresses appear at
@@ -63,16 +54,16 @@ const watchBuffer = 1 << 20
 // Resync to fn once listening again. It returns at once; fn and lost are
 // called from its goroutines.
 func (k *Kernel) Watch(ctx context.Context, fn func(KernelChange), lost func(err error, retryIn time.Duration)) {
-	go k.feed(ctx, unix.NETLINK_ROUTE, watchGroups, k.cfg.changes, fn, lost)
-	go k.feed(ctx, unix.NETLINK_NETFILTER, 1<<(unix.NFNLGRP_NFTABLES-1), natChanges, fn, lost)
+	go k.feed(ctx, unix.NETLINK_ROUTE, watchGroups, k.cfg.change, fn, lost)
+	go k.feed(ctx, unix.NETLINK_NETFILTER, 1<<(unix.NFNLGRP_NFTABLES-1), natChange, fn, lost)
 }
 
 // feed listens to one socket, and again after each failure, until ctx ends.
-func (k *Kernel) feed(ctx context.Context, proto int, groups uint32, changes func([]byte, func(KernelChange)), fn func(KernelChange), lost func(error, time.Duration)) {
+func (k *Kernel) feed(ctx context.Context, proto int, groups uint32, change func(typ uint16, m []byte) KernelChange, fn func(KernelChange), lost func(error, time.Duration)) {
 	backoff := time.Second
 	for resync := false; ; resync = true {
 		began := time.Now()
-		err := k.watch(ctx, proto, groups, changes, fn, resync)
+		err := k.watch(ctx, proto, groups, change, fn, resync)
 		if ctx.Err() != nil {
 			return
 		}
@@ -89,8 +80,9 @@ func (k *Kernel) feed(ctx context.Context, proto int, groups uint32, changes fun
 	}
 }
 
-// watch listens on one socket until ctx ends or the socket fails.
-func (k *Kernel) watch(ctx context.Context, proto int, groups uint32, changes func([]byte, func(KernelChange)), fn func(KernelChange), resync bool) error {
+// watch listens on one socket until ctx ends or the socket fails, and
+// calls fn with change's meaning of each notification (none for 0).
+func (k *Kernel) watch(ctx context.Context, proto int, groups uint32, change func(typ uint16, m []byte) KernelChange, fn func(KernelChange), resync bool) error {
 	var fd int
 	err := nsthread.Do(k.ns, func() (err error) {
 		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, proto)
@@ -135,49 +127,34 @@ func (k *Kernel) watch(ctx context.Context, proto int, groups uint32, changes fu
 		case rerr != nil:
 			return fmt.Errorf("receiving netlink notifications: %w", rerr)
 		case sa != nil && sa.Pid == 0: // the kernel's, not another process's
-			changes(buf[:n], fn)
+			for h, m := range messages(buf[:n]) {
+				if m == nil {
+					fn(Resync) // cannot happen; if it does, look at everything
+					break
+				}
+				if ch := change(h.Type, m); ch != 0 {
+					fn(ch)
+				}
+			}
 		}
 	}
 }
 
-// natChanges calls fn with OwnedDeleted for each nftables notification in
-// b about our table: any change of it by another program is drift to
-// repair at once (our own writes come back too, and cost one reconcile
-// that finds nothing to do).
-func natChanges(b []byte, fn func(KernelChange)) {
-	forEachMessage(b, fn, func(typ uint16, m []byte) KernelChange {
-		ours := false
-		if typ>>8 == unix.NFNL_SUBSYS_NFTABLES && len(m) >= 4 && m[0] == unix.NFPROTO_INET {
-			// The first attribute of a table, chain, rule, set... message
-			// names its table.
-			forEachAttr(m[4:], func(t uint16, v []byte) {
-				ours = ours || t == 1 && unix.ByteSliceToString(v) == NATTableName
-			})
-		}
-		if ours {
-			return OwnedDeleted
-		}
-		return 0
-	})
-}
-
-// changes calls fn with the meaning of each rtnetlink notification in b.
-func (c Config) changes(b []byte, fn func(KernelChange)) { forEachMessage(b, fn, c.change) }
-
-// forEachMessage calls fn with change's meaning of each netlink message in b.
-func forEachMessage(b []byte, fn func(KernelChange), change func(typ uint16, m []byte) KernelChange) {
-	ne := nl.NativeEndian()
-	for len(b) >= unix.SizeofNlMsghdr {
-		l := int(ne.Uint32(b[0:4]))
-		if l < unix.SizeofNlMsghdr || l > len(b) {
-			fn(Resync) // cannot happen; if it does, look at everything
-			return
-		}
-		if ch := change(ne.Uint16(b[4:6]), b[unix.SizeofNlMsghdr:l]); ch != 0 {
-			fn(ch)
-		}
-		b = b[nlmAlign(l):]
+// natChange is OwnedDeleted for an nftables notification about our table:
+// any change of it by another program is drift to repair at once (our own
+// writes come back too, and cost one reconcile that finds nothing to do).
+func natChange(typ uint16, m []byte) KernelChange {
+	change := KernelChange(0)
+	if typ>>8 == unix.NFNL_SUBSYS_NFTABLES && len(m) >= 4 && m[0] == unix.NFPROTO_INET {
+		// The first attribute of a table, chain, rule, set... message
+		// names its table.
+		forEachAttr(m[4:], func(t uint16, v []byte) {
+			if t == 1 && unix.ByteSliceToString(v) == NATTableName {
+				change = OwnedDeleted
+			}
+		})
 	}
+	return change
 }
 
 // change classifies one notification; 0 means it changes nothing Observe

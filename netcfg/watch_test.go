@@ -7,6 +7,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vishvananda/netlink/nl"
+	"golang.org/x/sys/unix"
 )
 
 // Watch must report every kind of change a quiet poll would otherwise miss,
@@ -67,18 +70,16 @@ func TestWatchSeesEveryKindOfChange(t *testing.T) {
 // classified by who owns them.
 func TestChangeClassifiesRoutes(t *testing.T) {
 	cfg := DefaultConfig()
-	local := make([]byte, 12)
-	local[rtmFamily], local[rtmTable] = 2, 255
-	if got := cfg.change(25 /* RTM_DELROUTE */, local); got != 0 {
+	local := nl.RtMsg{RtMsg: unix.RtMsg{Family: unix.AF_INET, Table: unix.RT_TABLE_LOCAL}}
+	if got := cfg.change(25 /* RTM_DELROUTE */, local.Serialize()); got != 0 {
 		t.Errorf("a local-table route deletion is reported as %d", got)
 	}
-	main := make([]byte, 12)
-	main[rtmFamily], main[rtmTable], main[rtmProtocol] = 2, MainTable, DefaultProtocol
-	if got := cfg.change(25, main); got != OwnedDeleted {
+	main := nl.RtMsg{RtMsg: unix.RtMsg{Family: unix.AF_INET, Table: MainTable, Protocol: DefaultProtocol}}
+	if got := cfg.change(25, main.Serialize()); got != OwnedDeleted {
 		t.Errorf("deleting our main-table route is reported as %d, want OwnedDeleted", got)
 	}
-	main[rtmProtocol] = 4
-	if got := cfg.change(24 /* RTM_NEWROUTE */, main); got != OtherChanged {
+	main.Protocol = 4
+	if got := cfg.change(24 /* RTM_NEWROUTE */, main.Serialize()); got != OtherChanged {
 		t.Errorf("a foreign route added is reported as %d, want OtherChanged", got)
 	}
 }
