@@ -7,10 +7,10 @@ package netcfg
 import (
 	"encoding/binary"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 
-	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/google/nftables/userdata"
 	"github.com/mdlayher/netlink"
@@ -87,13 +87,8 @@ type nftRule struct {
 
 const nfAccept = 1 // NF_ACCEPT, linux/netfilter.h
 
-// table is the NFTable of n.
-func (n NAT) table() *NFTable {
-	chains := n.ruleset()
-	return &NFTable{chains: chains, canon: canonical(0, uint32(len(chains)), chains), Forwarding: true}
-}
-
-// ruleset is the table for n, chains in the order they are created.
+// table is the NFTable of n: its chains in the order they are created, and
+// ip_forward on.
 //
 // The packet's path, for a client of source S (link s) and egress E:
 //   - zones: a packet entering s gets conntrack zone Z_S on its original
@@ -108,150 +103,82 @@ func (n NAT) table() *NFTable {
 //   - to_enis, from_source: every other forwarding between two ENIs is
 //     dropped; from a source to a link that is not an ENI, only replies and
 //     connections another program's DNAT published pass.
-func (n NAT) ruleset() []nftChain {
+func (n NAT) table() *NFTable {
 	base := func(name, typ string, hook uint32, priority int32) nftChain {
 		return nftChain{Name: name, Type: typ, Hook: hook, Priority: priority, Policy: nfAccept}
 	}
-	egress := n.Egress
+	egressAddr := n.EgressAddr.As4()
 	zones := base(natChainZones, "filter", unix.NF_INET_PRE_ROUTING, -300)
 	restore := base(natChainRestoreMark, "filter", unix.NF_INET_PRE_ROUTING, -150)
 	forward := base(natChainForward, "filter", unix.NF_INET_FORWARD, 0)
 	snat := base(natChainSNAT, "nat", unix.NF_INET_POST_ROUTING, 100)
 	var admits []nftChain
 	var jumps []nftRule
-	sources := map[int]bool{}
 	for _, s := range n.Sources {
-		sources[s.Link.Index] = true
-		zones.Rules = append(zones.Rules, natRule(s.Link.Name+": conntrack zone of its clients", func(b *ruleBuilder) {
-			b.nfprotoIPv4()
-			b.link(expr.MetaKeyIIF, s.Link)
-			b.setZoneOriginal(s.Zone)
-		}))
-		restore.Rules = append(restore.Rules, natRule(s.Link.Name+": replies route through its table", func(b *ruleBuilder) {
-			b.link(expr.MetaKeyIIF, egress)
-			b.ctDirection(1)
-			b.ctMarkIs(s.Mark)
-			b.setMark(false, s.Mark)
-		}))
-		forward.Rules = append(forward.Rules, natRule(s.Link.Name+": NAT traffic out", func(b *ruleBuilder) {
-			b.link(expr.MetaKeyIIF, s.Link)
-			b.link(expr.MetaKeyOIF, egress)
-			b.ctDirection(0)
-			b.ctMarkIs(s.Mark)
-			b.verdict(expr.VerdictAccept, "")
-		}), natRule(s.Link.Name+": NAT replies in", func(b *ruleBuilder) {
-			b.link(expr.MetaKeyIIF, egress)
-			b.link(expr.MetaKeyOIF, s.Link)
-			b.ctDirection(1)
-			b.ctMarkIs(s.Mark)
-			b.verdict(expr.VerdictAccept, "")
-		}))
-		admit := n.admitChain(s)
+		name := s.Link.Name
+		zones.Rules = append(zones.Rules, natRule(name+": conntrack zone of its clients",
+			nfprotoIPv4(), iif(s.Link), setZoneOriginal(s.Zone)))
+		restore.Rules = append(restore.Rules, natRule(name+": replies route through its table",
+			iif(n.Egress), ctDirection(1), ctMarkIs(s.Mark), setMark(false, s.Mark)))
+		forward.Rules = append(forward.Rules,
+			natRule(name+": NAT traffic out", iif(s.Link), oif(n.Egress), ctDirection(0), ctMarkIs(s.Mark), accept()),
+			natRule(name+": NAT replies in", iif(n.Egress), oif(s.Link), ctDirection(1), ctMarkIs(s.Mark), accept()))
+		admit := nftChain{Name: natChainAdmitPrefix + name}
+		for _, f := range n.Forbidden {
+			admit.Rules = append(admit.Rules, natRule("forbidden destination", ipAddr(16, f), countedDrop()))
+		}
+		for _, a := range s.Allowed {
+			admit.Rules = append(admit.Rules, natRule(natCommentAllowed, ipAddr(12, a), natExprs(&expr.Counter{}), setMark(true, s.Mark), accept()))
+		}
+		admit.Rules = append(admit.Rules, natRule("source not allowed", countedDrop()))
 		admits = append(admits, admit)
 		// New connections after the established ones: most packets stop
 		// at the first rules.
-		jumps = append(jumps, natRule(s.Link.Name+": new NAT connections", func(b *ruleBuilder) {
-			b.link(expr.MetaKeyIIF, s.Link)
-			b.link(expr.MetaKeyOIF, egress)
-			b.ctBits(expr.CtKeySTATE, expr.CtStateBitNEW)
-			b.verdict(expr.VerdictJump, admit.Name)
-		}))
-		snat.Rules = append(snat.Rules, natRule(s.Link.Name+": masquerade to the egress", func(b *ruleBuilder) {
-			b.link(expr.MetaKeyOIF, egress)
-			b.ctMarkIs(s.Mark)
-			a := n.EgressAddr.As4()
-			b.add(&expr.Immediate{Register: natReg, Data: a[:]},
-				&expr.NAT{Type: expr.NATTypeSourceNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: natReg, RegAddrMax: natReg})
-		}))
+		jumps = append(jumps, natRule(name+": new NAT connections",
+			iif(s.Link), oif(n.Egress), ctBits(expr.CtKeySTATE, expr.CtStateBitNEW), jump(admit.Name)))
+		snat.Rules = append(snat.Rules, natRule(name+": masquerade to the egress", oif(n.Egress), ctMarkIs(s.Mark),
+			natExprs(&expr.Immediate{Register: natReg, Data: egressAddr[:]},
+				&expr.NAT{Type: expr.NATTypeSourceNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: natReg, RegAddrMax: natReg})))
 	}
 	forward.Rules = append(forward.Rules, jumps...)
 	toENIs := nftChain{Name: natChainToENIs}
 	for _, l := range n.ENIs {
 		target, comment := natChainToENIs, "from an ENI"
-		if sources[l.Index] {
+		if slices.ContainsFunc(n.Sources, func(s NATSource) bool { return s.Link.Index == l.Index }) {
 			target, comment = natChainFromSource, "from a NAT source"
 		}
-		forward.Rules = append(forward.Rules, natRule(comment, func(b *ruleBuilder) {
-			b.link(expr.MetaKeyIIF, l)
-			b.verdict(expr.VerdictJump, target)
-		}))
-		toENIs.Rules = append(toENIs.Rules, natRule("between two ENIs", func(b *ruleBuilder) {
-			b.link(expr.MetaKeyOIF, l)
-			b.add(&expr.Counter{})
-			b.verdict(expr.VerdictDrop, "")
-		}))
+		forward.Rules = append(forward.Rules, natRule(comment, iif(l), jump(target)))
+		toENIs.Rules = append(toENIs.Rules, natRule("between two ENIs", oif(l), countedDrop()))
 	}
+	fromSource := nftChain{Name: natChainFromSource, Rules: []nftRule{
+		natRule("", jump(natChainToENIs)),
+		natRule("replies of connections into the VPC", ctDirection(1), accept()),
+		natRule("published by another program's DNAT", ctBits(expr.CtKeySTATUS, 1<<5), accept()), // IPS_DST_NAT, as Docker's published ports
+		natRule("a source VPC routes through the instance", countedDrop()),
+	}}
 	// Every chain is created before any rule, so jumps find their target;
 	// `nft list` shows them in this order.
-	return slices.Concat([]nftChain{zones, restore, forward}, admits, []nftChain{toENIs, fromSourceChain(), snat})
+	chains := slices.Concat([]nftChain{zones, restore, forward}, admits, []nftChain{toENIs, fromSource, snat})
+	return &NFTable{chains: chains, canon: canonical(0, uint32(len(chains)), chains), Forwarding: true}
 }
 
-// natRule is one rule of the table, built by build, with its comment.
-func natRule(comment string, build func(b *ruleBuilder)) nftRule {
-	b := &ruleBuilder{}
-	build(b)
-	r := nftRule{Exprs: b.exprs}
+// natRule is one rule of the table: the expressions of parts, in order, and
+// its comment.
+func natRule(comment string, parts ...[][]byte) nftRule {
+	r := nftRule{Exprs: slices.Concat(parts...)}
 	if comment != "" {
 		r.UserData = userdata.AppendString(nil, userdata.TypeComment, comment)
 	}
 	return r
 }
 
-// admitChain is admit_<link> of source s: a new connection is dropped
-// towards a forbidden destination, marked from an allowed source, dropped
-// from any other.
-func (n NAT) admitChain(s NATSource) nftChain {
-	admit := nftChain{Name: natChainAdmitPrefix + s.Link.Name}
-	for _, f := range n.Forbidden {
-		admit.Rules = append(admit.Rules, natRule("forbidden destination", func(b *ruleBuilder) {
-			b.ipAddr(16, f)
-			b.add(&expr.Counter{})
-			b.verdict(expr.VerdictDrop, "")
-		}))
-	}
-	for _, a := range s.Allowed {
-		admit.Rules = append(admit.Rules, natRule(natCommentAllowed, func(b *ruleBuilder) {
-			b.ipAddr(12, a)
-			b.add(&expr.Counter{})
-			b.setMark(true, s.Mark)
-			b.verdict(expr.VerdictAccept, "")
-		}))
-	}
-	admit.Rules = append(admit.Rules, natRule("source not allowed", func(b *ruleBuilder) {
-		b.add(&expr.Counter{})
-		b.verdict(expr.VerdictDrop, "")
-	}))
-	return admit
-}
-
-// fromSourceChain is from_source: a source's traffic to another ENI is
-// dropped (to_enis); to a link that is not an ENI only replies and what
-// another program's DNAT published pass.
-func fromSourceChain() nftChain {
-	return nftChain{Name: natChainFromSource, Rules: []nftRule{
-		natRule("", func(b *ruleBuilder) { b.verdict(expr.VerdictJump, natChainToENIs) }),
-		natRule("replies of connections into the VPC", func(b *ruleBuilder) {
-			b.ctDirection(1)
-			b.verdict(expr.VerdictAccept, "")
-		}),
-		natRule("published by another program's DNAT", func(b *ruleBuilder) {
-			b.ctBits(expr.CtKeySTATUS, 1<<5) // IPS_DST_NAT, as Docker's published ports
-			b.verdict(expr.VerdictAccept, "")
-		}),
-		natRule("a source VPC routes through the instance", func(b *ruleBuilder) {
-			b.add(&expr.Counter{})
-			b.verdict(expr.VerdictDrop, "")
-		}),
-	}}
-}
-
-// ruleBuilder encodes a rule's expressions with google/nftables/expr, all in
+// The parts of a rule below are encoded with google/nftables/expr, all in
 // register 1.
-type ruleBuilder struct{ exprs [][]byte }
-
 const natReg = unix.NFT_REG_1
 
-func (b *ruleBuilder) add(es ...expr.Any) {
+// natExprs encodes es.
+func natExprs(es ...expr.Any) [][]byte {
+	var exprs [][]byte
 	for _, e := range es {
 		enc, err := expr.Marshal(unix.NFPROTO_INET, e)
 		if err != nil {
@@ -259,68 +186,69 @@ func (b *ruleBuilder) add(es ...expr.Any) {
 			// encodes: an error is a programming error.
 			panic(fmt.Sprintf("encoding nftables expression %T: %v", e, err))
 		}
-		b.exprs = append(b.exprs, enc)
+		exprs = append(exprs, enc)
 	}
+	return exprs
 }
 
-// link is `iif <link>` or `oif <link>` (key): by index, so that a link
-// renamed or replaced never inherits the rule.
-func (b *ruleBuilder) link(key expr.MetaKey, l Link) {
-	b.add(&expr.Meta{Key: key, Register: natReg},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: natReg, Data: binaryutil.NativeEndian.PutUint32(uint32(l.Index))})
+// regIs compares the register with data.
+func regIs(data []byte) *expr.Cmp {
+	return &expr.Cmp{Op: expr.CmpOpEq, Register: natReg, Data: data}
 }
+
+// bitwise sets the register to register & mask ^ xor.
+func bitwise(mask, xor []byte) *expr.Bitwise {
+	return &expr.Bitwise{SourceRegister: natReg, DestRegister: natReg, Len: 4, Mask: mask, Xor: xor}
+}
+
+// metaIs is `meta <key> <data>`.
+func metaIs(key expr.MetaKey, data []byte) [][]byte {
+	return natExprs(&expr.Meta{Key: key, Register: natReg}, regIs(data))
+}
+
+// iif and oif are `iif <link>` and `oif <link>`: by index, so that a link
+// renamed or replaced never inherits the rule.
+func iif(l Link) [][]byte { return metaIs(expr.MetaKeyIIF, ne32(uint32(l.Index))) }
+func oif(l Link) [][]byte { return metaIs(expr.MetaKeyOIF, ne32(uint32(l.Index))) }
 
 // nfprotoIPv4 is `meta nfproto ipv4`.
-func (b *ruleBuilder) nfprotoIPv4() {
-	b.add(&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: natReg},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: natReg, Data: []byte{unix.NFPROTO_IPV4}})
-}
+func nfprotoIPv4() [][]byte { return metaIs(expr.MetaKeyNFPROTO, []byte{unix.NFPROTO_IPV4}) }
 
 // ipAddr is `ip saddr <p>` (offset 12) or `ip daddr <p>` (16), with the
 // `meta nfproto ipv4` it needs in an inet table.
-func (b *ruleBuilder) ipAddr(offset uint32, p netip.Prefix) {
-	b.nfprotoIPv4()
-	b.add(&expr.Payload{DestRegister: natReg, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: 4})
+func ipAddr(offset uint32, p netip.Prefix) [][]byte {
+	es := []expr.Any{&expr.Payload{DestRegister: natReg, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: 4}}
 	if p.Bits() < 32 {
-		b.add(&expr.Bitwise{SourceRegister: natReg, DestRegister: natReg, Len: 4,
-			Mask: binary.BigEndian.AppendUint32(nil, ^uint32(0)<<(32-p.Bits())), Xor: make([]byte, 4)})
+		es = append(es, bitwise(net.CIDRMask(p.Bits(), 32), make([]byte, 4)))
 	}
 	a := p.Addr().As4()
-	b.add(&expr.Cmp{Op: expr.CmpOpEq, Register: natReg, Data: a[:]})
+	return append(nfprotoIPv4(), natExprs(append(es, regIs(a[:]))...)...)
 }
 
 // ctDirection is `ct direction original` (0) or `ct direction reply` (1).
-func (b *ruleBuilder) ctDirection(dir byte) {
-	b.add(&expr.Ct{Key: expr.CtKeyDIRECTION, Register: natReg},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: natReg, Data: []byte{dir}})
+func ctDirection(dir byte) [][]byte {
+	return natExprs(&expr.Ct{Key: expr.CtKeyDIRECTION, Register: natReg}, regIs([]byte{dir}))
 }
 
 // ctBits is `ct state new` or `ct status dnat`: any of bits set in key.
-func (b *ruleBuilder) ctBits(key expr.CtKey, bits uint32) {
-	b.add(&expr.Ct{Key: key, Register: natReg},
-		&expr.Bitwise{SourceRegister: natReg, DestRegister: natReg, Len: 4,
-			Mask: binaryutil.NativeEndian.PutUint32(bits), Xor: make([]byte, 4)},
+func ctBits(key expr.CtKey, bits uint32) [][]byte {
+	return natExprs(&expr.Ct{Key: key, Register: natReg}, bitwise(ne32(bits), make([]byte, 4)),
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: natReg, Data: make([]byte, 4)})
 }
 
 // ctMarkIs is `ct mark & NATMarkMask == mark`.
-func (b *ruleBuilder) ctMarkIs(mark uint32) {
-	b.add(&expr.Ct{Key: expr.CtKeyMARK, Register: natReg},
-		&expr.Bitwise{SourceRegister: natReg, DestRegister: natReg, Len: 4,
-			Mask: binaryutil.NativeEndian.PutUint32(NATMarkMask), Xor: make([]byte, 4)},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: natReg, Data: binaryutil.NativeEndian.PutUint32(mark)})
+func ctMarkIs(mark uint32) [][]byte {
+	return natExprs(&expr.Ct{Key: expr.CtKeyMARK, Register: natReg}, bitwise(ne32(NATMarkMask), make([]byte, 4)), regIs(ne32(mark)))
 }
 
 // setMark is `ct mark set ct mark & ~NATMarkMask | mark` (ct) or the same
 // for `meta mark`: our field set to mark, every other bit kept.
-func (b *ruleBuilder) setMark(ct bool, mark uint32) {
-	keep := &expr.Bitwise{SourceRegister: natReg, DestRegister: natReg, Len: 4,
-		Mask: binaryutil.NativeEndian.PutUint32(^NATMarkMask), Xor: binaryutil.NativeEndian.PutUint32(mark)}
+func setMark(ct bool, mark uint32) [][]byte {
+	keep := bitwise(ne32(^NATMarkMask), ne32(mark))
 	if ct {
-		b.add(&expr.Ct{Key: expr.CtKeyMARK, Register: natReg}, keep, &expr.Ct{Key: expr.CtKeyMARK, Register: natReg, SourceRegister: true})
-	} else {
-		b.add(&expr.Meta{Key: expr.MetaKeyMARK, Register: natReg}, keep, &expr.Meta{Key: expr.MetaKeyMARK, Register: natReg, SourceRegister: true})
+		return natExprs(&expr.Ct{Key: expr.CtKeyMARK, Register: natReg}, keep, &expr.Ct{Key: expr.CtKeyMARK, Register: natReg, SourceRegister: true})
 	}
+	return natExprs(&expr.Meta{Key: expr.MetaKeyMARK, Register: natReg}, keep, &expr.Meta{Key: expr.MetaKeyMARK, Register: natReg, SourceRegister: true})
 }
 
 // setZoneOriginal is `ct original zone set <zone>`. google/nftables v0.3.0
@@ -329,9 +257,8 @@ func (b *ruleBuilder) setMark(ct bool, mark uint32) {
 // applies to replies too, which then miss their connection. So this one
 // expression is encoded here, as the kernel dumps it (nft_ct_set_dump):
 // key, source register, direction as u8.
-func (b *ruleBuilder) setZoneOriginal(zone uint16) {
-	b.add(&expr.Immediate{Register: natReg, Data: binaryutil.NativeEndian.PutUint16(zone)})
-	b.exprs = append(b.exprs, mustAttrs(
+func setZoneOriginal(zone uint16) [][]byte {
+	return append(natExprs(&expr.Immediate{Register: natReg, Data: binary.NativeEndian.AppendUint16(nil, zone)}), mustAttrs(
 		netlink.Attribute{Type: unix.NFTA_EXPR_NAME, Data: []byte("ct\x00")},
 		netlink.Attribute{Type: unix.NLA_F_NESTED | unix.NFTA_EXPR_DATA, Data: mustAttrs(
 			netlink.Attribute{Type: unix.NFTA_CT_KEY, Data: be32(unix.NFT_CT_ZONE)},
@@ -340,15 +267,21 @@ func (b *ruleBuilder) setZoneOriginal(zone uint16) {
 		)}))
 }
 
-// verdict is accept, drop or `jump <chain>`.
-func (b *ruleBuilder) verdict(kind expr.VerdictKind, chain string) {
-	b.add(&expr.Verdict{Kind: kind, Chain: chain})
+// accept, countedDrop and jump are the verdicts of the table's rules; every
+// drop is counted (NATCounters).
+func accept() [][]byte      { return natExprs(&expr.Verdict{Kind: expr.VerdictAccept}) }
+func countedDrop() [][]byte { return natExprs(&expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop}) }
+func jump(chain string) [][]byte {
+	return natExprs(&expr.Verdict{Kind: expr.VerdictJump, Chain: chain})
 }
 
 // canonical is the table in a form in which our encoding and the kernel's
 // dump of the same table are equal strings: its flags and object count
 // (chains, sets...), then each chain's kind and rules, userdata and
-// expressions (appendCanonicalExpr).
+// expressions. An expression (NFTA_EXPR_NAME and NFTA_EXPR_DATA) is its name
+// and its attributes (appendCanonicalAttrs), none for a counter, whose values
+// change with traffic. Malformed bytes are kept as they are: they equal
+// nothing we want.
 func canonical(flags, use uint32, chains []nftChain) string {
 	b := fmt.Appendf(nil, "flags %d use %d\n", flags, use)
 	for _, c := range chains {
@@ -356,31 +289,20 @@ func canonical(flags, use uint32, chains []nftChain) string {
 		for _, r := range c.Rules {
 			b = fmt.Appendf(b, "rule %q", r.UserData)
 			for _, e := range r.Exprs {
-				b = appendCanonicalExpr(append(b, ' '), e)
+				name, data, ok := splitExpr(e)
+				if !ok {
+					b = append(append(b, ' '), e...)
+					continue
+				}
+				if name == "counter" {
+					data = nil
+				}
+				b = appendCanonicalAttrs(fmt.Appendf(b, " %s\x00", name), name, data, 0)
 			}
 			b = append(b, '\n')
 		}
 	}
 	return string(b)
-}
-
-// appendCanonicalExpr appends one expression (NFTA_EXPR_NAME and
-// NFTA_EXPR_DATA) in a form in which our encoding and the kernel's dump of
-// it are equal bytes: attributes sorted by type, without NLA_F_NESTED
-// (which dumps omit), nested ones in the same form, a counter's values left
-// out, and the attributes the kernel adds with their default values
-// (natExprDefaults) present on both sides. Malformed bytes are kept as they
-// are: they equal nothing we want.
-func appendCanonicalExpr(dst, b []byte) []byte {
-	name, data, ok := splitExpr(b)
-	if !ok {
-		return append(dst, b...)
-	}
-	dst = append(append(dst, name...), 0)
-	if name == "counter" {
-		return dst // its values change with traffic
-	}
-	return appendCanonicalAttrs(dst, name, data, 0)
 }
 
 // natNestedAttrs lists, per expression, the attributes of its data that are
@@ -402,8 +324,11 @@ var natExprDefaults = map[string]map[uint16][]byte{
 }
 
 // appendCanonicalAttrs appends the attributes of b (the data of expression
-// name at nesting depth) in canonical form: type, then the length and value,
-// or the length of the nested attributes and them.
+// name at nesting depth) in canonical form, equal bytes for our encoding and
+// the kernel's dump: sorted by type, each its type, then its length and
+// value, or the length of its nested attributes and them, without
+// NLA_F_NESTED (which dumps omit); the attributes the kernel adds with their
+// default values (natExprDefaults) are present on both sides.
 func appendCanonicalAttrs(dst []byte, name string, b []byte, depth int) []byte {
 	type attr struct {
 		typ uint16
@@ -447,6 +372,7 @@ func splitExpr(b []byte) (name string, data []byte, ok bool) {
 }
 
 func be32(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
+func ne32(v uint32) []byte { return binary.NativeEndian.AppendUint32(nil, v) }
 
 // mustAttrs encodes attributes of the fixed shapes above, which always encode.
 func mustAttrs(attrs ...netlink.Attribute) []byte {
