@@ -119,34 +119,30 @@ func Attribute(ops []Op, enis []ENIStatus, links []Link) []Change {
 			byName[e.Link] = e
 		}
 	}
-	names := map[int]string{}
-	for _, l := range links {
-		names[l.Index] = l.Name
-	}
+	names := linkNames(links)
 	out := make([]Change, 0, len(ops))
 	for _, op := range ops {
 		var e ENIStatus
 		var found bool
-		link := ""
+		c := Change{Op: op, Text: op.Format(names)}
 		switch {
 		case op.Route != nil:
 			if e, found = byLink[op.Route.LinkIndex]; !found {
 				e, found = byTable[op.Route.Table]
 			}
-			link = names[op.Route.LinkIndex]
+			c.Link = names[op.Route.LinkIndex]
 		case op.Rule != nil:
 			e, found = byTable[op.Rule.Table]
 		case op.Addr != nil:
 			e, found = byLink[op.Addr.LinkIndex]
-			link = names[op.Addr.LinkIndex]
+			c.Link = names[op.Addr.LinkIndex]
 		case op.RPFilter != nil:
 			e, found = byName[op.RPFilter.LinkName]
-			link = op.RPFilter.LinkName
+			c.Link = op.RPFilter.LinkName
 		case op.AltName != nil:
 			e, found = byLink[op.AltName.LinkIndex]
-			link = names[op.AltName.LinkIndex]
+			c.Link = names[op.AltName.LinkIndex]
 		}
-		c := Change{Op: op, Text: op.Format(names), Link: link}
 		if found {
 			c.ENI, c.Table = e.Name(), e.Table
 			if e.Link != "" {
