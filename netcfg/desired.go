@@ -229,8 +229,7 @@ type desirer struct {
 	obs  Observed
 	cfg  Config
 
-	enis       []*eniInfo
-	primaryVPC string
+	enis []*eniInfo
 	// foreign holds, per link, the addresses on it that are not ours;
 	// noPrefixRoute, those of them that bring no prefix route into main.
 	foreign       map[int][]netip.Prefix
@@ -287,9 +286,8 @@ func (d *desirer) run() {
 	// The primary's VPC decides which ENIs are multi-VPC. It is taken even
 	// from a not-ready primary entry: losing it would remove every multi-VPC
 	// route because of an IMDS hiccup.
-	if p, ok := d.snap.ENI(primaryMAC); ok && p.VPCID != "" {
-		d.primaryVPC = p.VPCID
-	} else {
+	primaryENI, _ := d.snap.ENI(primaryMAC)
+	if primaryENI.VPCID == "" {
 		d.warn(nil, "IMDS does not tell the primary ENI's ("+d.snap.PrimaryMAC+") VPC: no multi-VPC main-table routes",
 			"check meta-data/mac and the primary ENI's vpc-id")
 	}
@@ -314,7 +312,7 @@ func (d *desirer) run() {
 			continue
 		}
 		seen[e.eni.MAC] = true
-		e.status.MultiVPC = !e.primary && e.eni.VPCID != "" && d.primaryVPC != "" && e.eni.VPCID != d.primaryVPC
+		e.status.MultiVPC = !e.primary && e.eni.VPCID != "" && primaryENI.VPCID != "" && e.eni.VPCID != primaryENI.VPCID
 		e.conf = d.cfg.eniConfig(e.eni)
 		if l, ok := links[e.eni.MAC]; ok {
 			e.link, e.hasLink = l, true

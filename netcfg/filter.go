@@ -14,20 +14,16 @@ package netcfg
 // falls through to the next rule either way). Should the link come back,
 // the last snapshot wants its rules again and they are added at once.
 func (p Plan) WithoutFreshIMDS(obs Observed) Plan {
-	type tableFamily struct {
-		table int
-		v4    bool
-	}
-	full := map[tableFamily]bool{}
+	full := map[familyTable]bool{}
 	for _, r := range obs.Owned.Routes {
-		full[tableFamily{r.Table, r.Dst.Addr().Is4()}] = true
+		full[familyTable{r.Dst.Addr().Is6(), r.Table}] = true
 	}
 	for _, r := range obs.ForeignRoutes {
-		full[tableFamily{r.Table, r.Dst.Addr().Is4()}] = true
+		full[familyTable{r.Dst.Addr().Is6(), r.Table}] = true
 	}
 	var out Plan
 	for _, op := range p.Ops {
-		if !op.Delete || (op.Rule != nil && !full[tableFamily{op.Rule.Table, op.Rule.Src.Addr().Is4()}]) {
+		if !op.Delete || (op.Rule != nil && !full[familyTable{op.Rule.Src.Addr().Is6(), op.Rule.Table}]) {
 			out.Ops = append(out.Ops, op)
 		}
 	}
