@@ -388,12 +388,7 @@ func (d *desirer) present(link int, a netip.Addr) bool {
 }
 
 func (d *desirer) isForeign(link int, a netip.Addr) bool {
-	for _, p := range d.foreign[link] {
-		if p.Addr().Unmap() == a {
-			return true
-		}
-	}
-	return false
+	return slices.ContainsFunc(d.foreign[link], func(p netip.Prefix) bool { return p.Addr().Unmap() == a })
 }
 
 // linksByMAC maps lower-case MACs to links. When several links share a MAC
@@ -801,10 +796,8 @@ func (d *desirer) addRoutes() {
 // firstIPv6 is e's first IPv6 address that is on its link (or will be),
 // invalid when none is.
 func (d *desirer) firstIPv6(e *eniInfo) netip.Addr {
-	for _, a := range e.eni.IPv6s {
-		if d.present(e.link.Index, a) {
-			return a
-		}
+	if i := slices.IndexFunc(e.eni.IPv6s, func(a netip.Addr) bool { return d.present(e.link.Index, a) }); i >= 0 {
+		return e.eni.IPv6s[i]
 	}
 	return netip.Addr{}
 }
@@ -840,22 +833,14 @@ func (d *desirer) noteOverlaps() {
 // shorter than /32 without IFA_F_NOPREFIXROUTE (networkd with a DHCPv4
 // RouteTable= puts the prefix route in that table instead).
 func (d *desirer) gatewayOnLink(e *eniInfo, gw netip.Addr) bool {
-	for _, r := range d.obs.ForeignRoutes {
-		if r.Table == MainTable && r.LinkIndex == e.link.Index && !r.Gateway.IsValid() && r.Type == unix.RTN_UNICAST && r.Dst.Contains(gw) {
-			return true
-		}
-	}
-	for _, p := range d.foreign[e.link.Index] {
-		if p.Bits() < 32 && p.Contains(gw) && !d.noPrefixRoute[AddrKey{LinkIndex: e.link.Index, Prefix: p}] {
-			return true
-		}
-	}
-	for _, a := range d.st.Addrs {
-		if a.LinkIndex == e.link.Index && !a.NoPrefixRoute && a.Prefix.Contains(gw) {
-			return true
-		}
-	}
-	return false
+	link := e.link.Index
+	return slices.ContainsFunc(d.obs.ForeignRoutes, func(r KernelRoute) bool {
+		return r.Table == MainTable && r.LinkIndex == link && !r.Gateway.IsValid() && r.Type == unix.RTN_UNICAST && r.Dst.Contains(gw)
+	}) || slices.ContainsFunc(d.foreign[link], func(p netip.Prefix) bool {
+		return p.Bits() < 32 && p.Contains(gw) && !d.noPrefixRoute[AddrKey{LinkIndex: link, Prefix: p}]
+	}) || slices.ContainsFunc(d.st.Addrs, func(a Addr) bool {
+		return a.LinkIndex == link && !a.NoPrefixRoute && a.Prefix.Contains(gw)
+	})
 }
 
 // foreignSubnetRoute reports whether a foreign address on any link brings a
