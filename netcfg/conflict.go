@@ -3,7 +3,6 @@ package netcfg
 import (
 	"fmt"
 	"maps"
-	"net/netip"
 	"slices"
 	"strings"
 
@@ -35,53 +34,35 @@ func Conflicts(obs Observed, desired State, cfg Config) []Warning {
 		}
 	}
 	eniOfTable := func(table int) string { return links[tableLink[table]] }
-	withDefault := tablesWithDefault(obs)
-	warns := ruleConflicts(cfg, desired, obs.ForeignRules, withDefault, eniOfTable)
+	warns := ruleConflicts(cfg, desired, obs, eniOfTable)
 	return append(warns, routeConflicts(cfg, desired, tableLink, obs.ForeignRoutes, links)...)
 }
 
-// defaultKey names a table of one address family.
-type defaultKey struct {
-	family int
-	table  int
+// familyTable names a table of one address family.
+type familyTable struct {
+	v6    bool
+	table int
 }
-
-// tablesWithDefault lists the tables holding a default route, per family,
-// ours included.
-func tablesWithDefault(obs Observed) map[defaultKey]bool {
-	out := map[defaultKey]bool{}
-	for _, r := range obs.ForeignRoutes {
-		if r.Dst.Bits() == 0 && r.Type == unix.RTN_UNICAST {
-			out[defaultKey{r.family(), r.Table}] = true
-		}
-	}
-	for _, r := range obs.Owned.Routes {
-		if r.Dst.Bits() == 0 {
-			out[defaultKey{r.family(), r.Table}] = true
-		}
-	}
-	return out
-}
-
-// family is the route's address family (AF_INET, AF_INET6).
-func (r Route) family() int {
-	if r.Dst.Addr().Is6() {
-		return unix.AF_INET6
-	}
-	return unix.AF_INET
-}
-
-// family is the rule's address family (AF_INET, AF_INET6).
-func (r KernelRule) family() int { return Route{Dst: r.Src}.family() }
 
 // ruleConflicts finds foreign rules that shadow ours: a rule before ours (or
 // at the same priority, which the kernel may evaluate first) that sends one of
 // our sources to another table. A rule "from all" only counts when its table
 // has a default route: otherwise lookups fall through it (Tailscale's
 // `5270: from all lookup 52` holds only tailnet routes).
-func ruleConflicts(cfg Config, desired State, rules []KernelRule, withDefault map[defaultKey]bool, eniOfTable func(int) string) []Warning {
+func ruleConflicts(cfg Config, desired State, obs Observed, eniOfTable func(int) string) []Warning {
+	withDefault := map[familyTable]bool{} // the tables holding a default route, ours included
+	for _, r := range obs.ForeignRoutes {
+		if r.Dst.Bits() == 0 && r.Type == unix.RTN_UNICAST {
+			withDefault[familyTable{r.Dst.Addr().Is6(), r.Table}] = true
+		}
+	}
+	for _, r := range obs.Owned.Routes {
+		if r.Dst.Bits() == 0 {
+			withDefault[familyTable{r.Dst.Addr().Is6(), r.Table}] = true
+		}
+	}
 	var warns []Warning
-	for _, fr := range rules {
+	for _, fr := range obs.ForeignRules {
 		if cfg.ourRuleBand(fr) || !fr.LookupAll {
 			continue // ours (or a lookalike of ours), or narrower than its source
 		}
@@ -94,7 +75,7 @@ func ruleConflicts(cfg Config, desired State, rules []KernelRule, withDefault ma
 				src.Bits() > ours.Src.Bits() || !src.Contains(ours.Src.Addr()) {
 				continue
 			}
-			if src.Bits() == 0 && !withDefault[defaultKey{fr.family(), fr.Table}] {
+			if src.Bits() == 0 && !withDefault[familyTable{src.Addr().Is6(), fr.Table}] {
 				continue
 			}
 			warns = append(warns, Warning{
@@ -119,7 +100,7 @@ func describeRule(r KernelRule) string {
 
 func ruleHint(r KernelRule) string {
 	family := ""
-	if r.family() == unix.AF_INET6 {
+	if r.Src.Addr().Is6() {
 		family = "-6 "
 	}
 	del := fmt.Sprintf("`ip %srule del priority %d", family, r.Priority)
@@ -144,20 +125,21 @@ func ruleHint(r KernelRule) string {
 // foreign routes in our tables.
 func routeConflicts(cfg Config, desired State, tableLink map[int]int, routes []KernelRoute, links map[int]string) []Warning {
 	var warns []Warning
-	type tableDst struct {
-		table int
-		dst   netip.Prefix
-	}
-	want := map[tableDst]Route{} // our routes (all with the default metric) by table and destination
+	want := map[RouteKey]Route{} // our routes, all with the default metric
 	for _, r := range desired.Routes {
-		want[tableDst{r.Table, r.Dst}] = r
+		want[r.Key()] = r
 	}
 	// blocked returns our route that a foreign route r keeps out: same
-	// table, destination and metric make the kernel answer our add with
-	// EEXIST, and our route never exists.
+	// table, destination and metric (ours get none for IPv4, the kernel's
+	// 1024 for IPv6) make the kernel answer our add with EEXIST, and our
+	// route never exists.
 	blocked := func(r KernelRoute) (Route, bool) {
-		w, ok := want[tableDst{r.Table, r.Dst}]
-		return w, ok && r.Metric == defaultMetric(r.family())
+		w, ok := want[r.Key()]
+		metric := 0
+		if r.Dst.Addr().Is6() {
+			metric = 1024
+		}
+		return w, ok && r.Metric == metric
 	}
 	secondary := map[int]bool{}
 	if !cfg.PrimaryTable {
@@ -170,16 +152,16 @@ func routeConflicts(cfg Config, desired State, tableLink map[int]int, routes []K
 	isDefault := func(r KernelRoute) bool {
 		return r.Table == MainTable && r.Dst.Bits() == 0 && r.Type == unix.RTN_UNICAST
 	}
-	bestOther := map[int]int{}
+	bestOther := map[bool]int{} // by IPv6
 	for _, r := range routes {
 		if isDefault(r) && !secondary[r.LinkIndex] {
-			if m, ok := bestOther[r.family()]; !ok || r.Metric < m {
-				bestOther[r.family()] = r.Metric
+			if m, ok := bestOther[r.Dst.Addr().Is6()]; !ok || r.Metric < m {
+				bestOther[r.Dst.Addr().Is6()] = r.Metric
 			}
 		}
 	}
 	winsOver := func(r KernelRoute) bool {
-		m, ok := bestOther[r.family()]
+		m, ok := bestOther[r.Dst.Addr().Is6()]
 		return !ok || r.Metric <= m
 	}
 	foreign := map[int][]string{}
@@ -194,7 +176,11 @@ func routeConflicts(cfg Config, desired State, tableLink map[int]int, routes []K
 			warns = append(warns, Warning{
 				ENI:     links[r.LinkIndex],
 				Message: fmt.Sprintf("main table has a default route through secondary ENI (link #%d, via %v, metric %d, protocol %d): outbound traffic may leave through the wrong VPC", r.LinkIndex, r.Gateway, r.Metric, r.Protocol),
-				Hint:    secondaryGatewayHint(links[r.LinkIndex]),
+				// Per ENI: only an IMDS reader knows which ENI is the primary, so no
+				// package-wide setting of a DHCP stack can (docs/coexistence.md).
+				Hint: fmt.Sprintf("keep this secondary ENI's DHCP gateway out of main, in its own stack's configuration for this ENI only: "+
+					"systemd-networkd `[Match] MACAddress=%s` + `[DHCPv4] UseGateway=no`; netplan `dhcp4-overrides: {use-routes: false}`; "+
+					"NetworkManager `nmcli connection modify <its connection> ipv4.never-default yes`", links[r.LinkIndex]),
 			})
 		case r.Table == MainTable && !ours && isBlocked:
 			warns = append(warns, Warning{
@@ -211,38 +197,15 @@ func routeConflicts(cfg Config, desired State, tableLink map[int]int, routes []K
 			}
 		}
 	}
-	return append(warns, bandWarnings(foreign, blocks, func(t int) string { return links[tableLink[t]] })...)
-}
-
-// secondaryGatewayHint is how each DHCP stack keeps a secondary ENI's
-// gateway out of main, per ENI (mac): only an IMDS reader knows which ENI is
-// the primary, so no package-wide setting can (docs/coexistence.md).
-func secondaryGatewayHint(mac string) string {
-	return fmt.Sprintf("keep this secondary ENI's DHCP gateway out of main, in its own stack's configuration for this ENI only: "+
-		"systemd-networkd `[Match] MACAddress=%s` + `[DHCPv4] UseGateway=no`; netplan `dhcp4-overrides: {use-routes: false}`; "+
-		"NetworkManager `nmcli connection modify <its connection> ipv4.never-default yes`", mac)
-}
-
-// bandWarnings warns about each table of our band that holds foreign routes
-// (by table, described), naming the routes of ours they keep out (blocks).
-func bandWarnings(foreign map[int][]string, blocks map[int][]Route, eniOfTable func(int) string) []Warning {
-	var warns []Warning
+	// Each table of our band that holds foreign routes, with the routes of
+	// ours they keep out.
 	for _, t := range slices.Sorted(maps.Keys(foreign)) {
 		warns = append(warns, Warning{
-			ENI:     eniOfTable(t),
+			ENI:     links[tableLink[t]],
 			Message: fmt.Sprintf("table %d, in dualhomed's band, holds foreign routes: %s", t, strings.Join(foreign[t], ", ")),
 			Hint:    fmt.Sprintf("another tool uses table %d: reconfigure it to another table, or move dualhomed's band (table_base); inspect with `ip route show table %d`", t, t),
 			Blocks:  blocks[t],
 		})
 	}
 	return warns
-}
-
-// defaultMetric is the metric our routes get: none for IPv4, the kernel's
-// 1024 for IPv6.
-func defaultMetric(family int) int {
-	if family == unix.AF_INET6 {
-		return 1024
-	}
-	return 0
 }

@@ -229,8 +229,7 @@ type desirer struct {
 	obs  Observed
 	cfg  Config
 
-	enis       []*eniInfo
-	primaryVPC string
+	enis []*eniInfo
 	// foreign holds, per link, the addresses on it that are not ours;
 	// noPrefixRoute, those of them that bring no prefix route into main.
 	foreign       map[int][]netip.Prefix
@@ -278,12 +277,7 @@ func (d *desirer) warn(e *eniInfo, msg, hint string) {
 	d.warnings = append(d.warnings, w)
 }
 
-func (e *eniInfo) name() string {
-	if e.eni.InterfaceID != "" {
-		return e.eni.InterfaceID
-	}
-	return e.eni.MAC
-}
+func (e *eniInfo) name() string { return e.status.Name() }
 
 func (d *desirer) run() {
 	d.computeForeign()
@@ -292,9 +286,8 @@ func (d *desirer) run() {
 	// The primary's VPC decides which ENIs are multi-VPC. It is taken even
 	// from a not-ready primary entry: losing it would remove every multi-VPC
 	// route because of an IMDS hiccup.
-	if p, ok := d.snap.ENI(primaryMAC); ok && p.VPCID != "" {
-		d.primaryVPC = p.VPCID
-	} else {
+	primaryENI, _ := d.snap.ENI(primaryMAC)
+	if primaryENI.VPCID == "" {
 		d.warn(nil, "IMDS does not tell the primary ENI's ("+d.snap.PrimaryMAC+") VPC: no multi-VPC main-table routes",
 			"check meta-data/mac and the primary ENI's vpc-id")
 	}
@@ -319,7 +312,7 @@ func (d *desirer) run() {
 			continue
 		}
 		seen[e.eni.MAC] = true
-		e.status.MultiVPC = !e.primary && e.eni.VPCID != "" && d.primaryVPC != "" && e.eni.VPCID != d.primaryVPC
+		e.status.MultiVPC = !e.primary && e.eni.VPCID != "" && primaryENI.VPCID != "" && e.eni.VPCID != primaryENI.VPCID
 		e.conf = d.cfg.eniConfig(e.eni)
 		if l, ok := links[e.eni.MAC]; ok {
 			e.link, e.hasLink = l, true
@@ -395,12 +388,7 @@ func (d *desirer) present(link int, a netip.Addr) bool {
 }
 
 func (d *desirer) isForeign(link int, a netip.Addr) bool {
-	for _, p := range d.foreign[link] {
-		if p.Addr().Unmap() == a {
-			return true
-		}
-	}
-	return false
+	return slices.ContainsFunc(d.foreign[link], func(p netip.Prefix) bool { return p.Addr().Unmap() == a })
 }
 
 // linksByMAC maps lower-case MACs to links. When several links share a MAC
@@ -476,12 +464,7 @@ func cleanAddrs(as []netip.Addr, v4 bool) []netip.Addr {
 
 // sortedManaged returns the managed ENIs by card, device and MAC.
 func (d *desirer) sortedManaged() []*eniInfo {
-	var out []*eniInfo
-	for _, e := range d.enis {
-		if e.managed {
-			out = append(out, e)
-		}
-	}
+	out := slices.DeleteFunc(slices.Clone(d.enis), func(e *eniInfo) bool { return !e.managed })
 	slices.SortFunc(out, compareENIs)
 	return out
 }
@@ -542,11 +525,6 @@ func (d *desirer) assignTables() {
 				d.invalidate(e, fmt.Sprintf("table %d is already used by %s (same network card and device number)", t, winner.name()),
 					"IMDS may still be catching up after an attach; if this persists, check the ENIs' device numbers")
 			}
-		}
-	}
-	for _, e := range d.enis {
-		if e.table != 0 {
-			e.status.Table, e.status.Priority = e.table, e.prio
 		}
 	}
 }
@@ -623,7 +601,15 @@ func (d *desirer) addTable(e *eniInfo) {
 		return
 	}
 	link := e.link.Index
-	rule := func(src netip.Prefix) { d.rule(Rule{Priority: e.prio, Src: src, Table: e.table}) }
+	// rules sends every address (as /32 or /128) and delegated prefix to the table.
+	rules := func(addrs []netip.Addr, prefixes []netip.Prefix) {
+		for _, a := range addrs {
+			d.rule(Rule{Priority: e.prio, Src: netip.PrefixFrom(a, a.BitLen()), Table: e.table})
+		}
+		for _, p := range prefixes {
+			d.rule(Rule{Priority: e.prio, Src: p, Table: e.table})
+		}
+	}
 
 	if len(e.eni.LocalIPv4s) > 0 {
 		first, subnet := e.eni.LocalIPv4s[0], e.eni.SubnetIPv4CIDR
@@ -647,12 +633,7 @@ func (d *desirer) addTable(e *eniInfo) {
 		gw := e.v4Net.Addr().Next()
 		d.route(e, Route{Table: e.table, Dst: e.v4Net, LinkIndex: link, Src: e.v4, ScopeLink: true})
 		d.route(e, Route{Table: e.table, Dst: netip.PrefixFrom(netip.IPv4Unspecified(), 0), Gateway: gw, LinkIndex: link, Src: e.v4})
-		for _, a := range e.eni.LocalIPv4s {
-			rule(netip.PrefixFrom(a, 32))
-		}
-		for _, p := range e.eni.IPv4Prefixes {
-			rule(p)
-		}
+		rules(e.eni.LocalIPv4s, e.eni.IPv4Prefixes)
 	} else if len(e.eni.IPv4Prefixes) > 0 {
 		d.warn(e, "IPv4 delegated prefixes without IPv4 routing: no rules for them", "")
 	}
@@ -663,12 +644,7 @@ func (d *desirer) addTable(e *eniInfo) {
 			d.route(e, Route{Table: e.table, Dst: s, LinkIndex: link})
 		}
 		d.route(e, Route{Table: e.table, Dst: netip.PrefixFrom(netip.IPv6Unspecified(), 0), Gateway: IPv6Gateway, LinkIndex: link})
-		for _, a := range e.eni.IPv6s {
-			rule(netip.PrefixFrom(a, 128))
-		}
-		for _, p := range e.eni.IPv6Prefixes {
-			rule(p)
-		}
+		rules(e.eni.IPv6s, e.eni.IPv6Prefixes)
 	}
 }
 
@@ -679,12 +655,8 @@ func (d *desirer) addTable(e *eniInfo) {
 func (d *desirer) addVPCRoutes() {
 	vpcV4, vpcV6 := map[string][]netip.Prefix{}, map[string][]netip.Prefix{}
 	for _, e := range d.enis {
-		for _, c := range e.eni.VPCIPv4CIDRs {
-			addVPCCIDR(vpcV4, e.eni.VPCID, c)
-		}
-		for _, c := range e.eni.VPCIPv6CIDRs {
-			addVPCCIDR(vpcV6, e.eni.VPCID, c)
-		}
+		addVPCCIDRs(vpcV4, e.eni.VPCID, e.eni.VPCIPv4CIDRs)
+		addVPCCIDRs(vpcV6, e.eni.VPCID, e.eni.VPCIPv6CIDRs)
 	}
 	carried := map[string]bool{}
 	for _, e := range d.sortedManaged() {
@@ -692,8 +664,12 @@ func (d *desirer) addVPCRoutes() {
 			continue
 		}
 		carried[e.eni.VPCID] = true
-		if e.v4.IsValid() {
-			d.addVPCRoutes4(e, vpcV4)
+		if vpc := e.eni.VPCID; e.v4.IsValid() {
+			// A VPC CIDR equal to the ENI's subnet: the address's prefix route
+			// covers it (and ours would clash with it).
+			others := maps.Clone(vpcV4)
+			others[vpc] = slices.DeleteFunc(slices.Clone(vpcV4[vpc]), func(c netip.Prefix) bool { return c == e.v4Net })
+			d.mainRoutes4(e, d.vpcCIDRsAlone(e, others), slices.Contains(vpcV4[vpc], e.v4Net))
 		}
 		if e.v6 {
 			for _, c := range d.vpcCIDRsAlone(e, vpcV6) {
@@ -703,10 +679,13 @@ func (d *desirer) addVPCRoutes() {
 	}
 }
 
-// addVPCCIDR adds c to the CIDRs of vpc, once; a VPC without an id has none.
-func addVPCCIDR(cidrs map[string][]netip.Prefix, vpc string, c netip.Prefix) {
-	if vpc != "" && !slices.Contains(cidrs[vpc], c) {
-		cidrs[vpc] = append(cidrs[vpc], c)
+// addVPCCIDRs adds cs to the CIDRs of vpc, each once; a VPC without an id
+// has none.
+func addVPCCIDRs(cidrs map[string][]netip.Prefix, vpc string, cs []netip.Prefix) {
+	for _, c := range cs {
+		if vpc != "" && !slices.Contains(cidrs[vpc], c) {
+			cidrs[vpc] = append(cidrs[vpc], c)
+		}
 	}
 }
 
@@ -744,16 +723,6 @@ func overlapOfOtherVPC(vpc string, c netip.Prefix, all map[string][]netip.Prefix
 		}
 	}
 	return ""
-}
-
-// addVPCRoutes4 adds the main-table routes to e's VPC's IPv4 CIDRs.
-func (d *desirer) addVPCRoutes4(e *eniInfo, vpcV4 map[string][]netip.Prefix) {
-	vpc := e.eni.VPCID
-	// A VPC CIDR equal to the ENI's subnet: the address's prefix route
-	// covers it (and ours would clash with it).
-	others := maps.Clone(vpcV4)
-	others[vpc] = slices.DeleteFunc(slices.Clone(vpcV4[vpc]), func(c netip.Prefix) bool { return c == e.v4Net })
-	d.mainRoutes4(e, d.vpcCIDRsAlone(e, others), slices.Contains(vpcV4[vpc], e.v4Net))
 }
 
 // mainRoutes4 adds main-table routes to cidrs via e's IPv4 gateway. The
@@ -827,10 +796,8 @@ func (d *desirer) addRoutes() {
 // firstIPv6 is e's first IPv6 address that is on its link (or will be),
 // invalid when none is.
 func (d *desirer) firstIPv6(e *eniInfo) netip.Addr {
-	for _, a := range e.eni.IPv6s {
-		if d.present(e.link.Index, a) {
-			return a
-		}
+	if i := slices.IndexFunc(e.eni.IPv6s, func(a netip.Addr) bool { return d.present(e.link.Index, a) }); i >= 0 {
+		return e.eni.IPv6s[i]
 	}
 	return netip.Addr{}
 }
@@ -839,6 +806,7 @@ func (d *desirer) firstIPv6(e *eniInfo) netip.Addr {
 // route of ours through another ENI (a VPC's CIDR), which of the two a
 // destination in both takes: the longer prefix.
 func (d *desirer) noteOverlaps() {
+	names := linkNames(d.obs.Links)
 	for _, c := range d.st.Routes {
 		r, ok := d.routed[c.Dst]
 		if !ok || c.Table != MainTable || c.LinkIndex != r.e.link.Index {
@@ -850,22 +818,12 @@ func (d *desirer) noteOverlaps() {
 			}
 			win, via := c.Dst, r.e.link.Name
 			if o.Dst.Bits() > c.Dst.Bits() {
-				win, via = o.Dst, d.linkName(o.LinkIndex)
+				win, via = o.Dst, linkName(names, o.LinkIndex)
 			}
 			d.warn(r.e, fmt.Sprintf("%s: %v through %s overlaps %v through %s: the longer prefix wins, %v goes through %s",
-				r.cfg.where(), c.Dst, r.e.link.Name, o.Dst, d.linkName(o.LinkIndex), win, via), "")
+				r.cfg.where(), c.Dst, r.e.link.Name, o.Dst, linkName(names, o.LinkIndex), win, via), "")
 		}
 	}
-}
-
-// linkName names the link with index idx.
-func (d *desirer) linkName(idx int) string {
-	for _, l := range d.obs.Links {
-		if l.Index == idx {
-			return l.Name
-		}
-	}
-	return fmt.Sprintf("#%d", idx)
 }
 
 // gatewayOnLink reports whether main reaches gw on e's link, which the
@@ -875,22 +833,14 @@ func (d *desirer) linkName(idx int) string {
 // shorter than /32 without IFA_F_NOPREFIXROUTE (networkd with a DHCPv4
 // RouteTable= puts the prefix route in that table instead).
 func (d *desirer) gatewayOnLink(e *eniInfo, gw netip.Addr) bool {
-	for _, r := range d.obs.ForeignRoutes {
-		if r.Table == MainTable && r.LinkIndex == e.link.Index && !r.Gateway.IsValid() && r.Type == unix.RTN_UNICAST && r.Dst.Contains(gw) {
-			return true
-		}
-	}
-	for _, p := range d.foreign[e.link.Index] {
-		if p.Bits() < 32 && p.Contains(gw) && !d.noPrefixRoute[AddrKey{LinkIndex: e.link.Index, Prefix: p}] {
-			return true
-		}
-	}
-	for _, a := range d.st.Addrs {
-		if a.LinkIndex == e.link.Index && !a.NoPrefixRoute && a.Prefix.Contains(gw) {
-			return true
-		}
-	}
-	return false
+	link := e.link.Index
+	return slices.ContainsFunc(d.obs.ForeignRoutes, func(r KernelRoute) bool {
+		return r.Table == MainTable && r.LinkIndex == link && !r.Gateway.IsValid() && r.Type == unix.RTN_UNICAST && r.Dst.Contains(gw)
+	}) || slices.ContainsFunc(d.foreign[link], func(p netip.Prefix) bool {
+		return p.Bits() < 32 && p.Contains(gw) && !d.noPrefixRoute[AddrKey{LinkIndex: link, Prefix: p}]
+	}) || slices.ContainsFunc(d.st.Addrs, func(a Addr) bool {
+		return a.LinkIndex == link && !a.NoPrefixRoute && a.Prefix.Contains(gw)
+	})
 }
 
 // foreignSubnetRoute reports whether a foreign address on any link brings a
@@ -986,6 +936,7 @@ func (d *desirer) result() Result {
 	slices.SortStableFunc(enis, compareENIs)
 	res := Result{State: st, Warnings: d.warnings}
 	for _, e := range enis {
+		e.status.Table, e.status.Priority = e.table, e.prio
 		res.ENIs = append(res.ENIs, e.status)
 	}
 	return res

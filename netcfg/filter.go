@@ -14,20 +14,16 @@ package netcfg
 // falls through to the next rule either way). Should the link come back,
 // the last snapshot wants its rules again and they are added at once.
 func (p Plan) WithoutFreshIMDS(obs Observed) Plan {
-	type tableFamily struct {
-		table int
-		v4    bool
-	}
-	full := map[tableFamily]bool{}
+	full := map[familyTable]bool{}
 	for _, r := range obs.Owned.Routes {
-		full[tableFamily{r.Table, r.Dst.Addr().Is4()}] = true
+		full[familyTable{r.Dst.Addr().Is6(), r.Table}] = true
 	}
 	for _, r := range obs.ForeignRoutes {
-		full[tableFamily{r.Table, r.Dst.Addr().Is4()}] = true
+		full[familyTable{r.Dst.Addr().Is6(), r.Table}] = true
 	}
 	var out Plan
 	for _, op := range p.Ops {
-		if !op.Delete || (op.Rule != nil && !full[tableFamily{op.Rule.Table, op.Rule.Src.Addr().Is4()}]) {
+		if !op.Delete || (op.Rule != nil && !full[familyTable{op.Rule.Src.Addr().Is6(), op.Rule.Table}]) {
 			out.Ops = append(out.Ops, op)
 		}
 	}
@@ -119,34 +115,30 @@ func Attribute(ops []Op, enis []ENIStatus, links []Link) []Change {
 			byName[e.Link] = e
 		}
 	}
-	names := map[int]string{}
-	for _, l := range links {
-		names[l.Index] = l.Name
-	}
+	names := linkNames(links)
 	out := make([]Change, 0, len(ops))
 	for _, op := range ops {
 		var e ENIStatus
 		var found bool
-		link := ""
+		c := Change{Op: op, Text: op.Format(names)}
 		switch {
 		case op.Route != nil:
 			if e, found = byLink[op.Route.LinkIndex]; !found {
 				e, found = byTable[op.Route.Table]
 			}
-			link = names[op.Route.LinkIndex]
+			c.Link = names[op.Route.LinkIndex]
 		case op.Rule != nil:
 			e, found = byTable[op.Rule.Table]
 		case op.Addr != nil:
 			e, found = byLink[op.Addr.LinkIndex]
-			link = names[op.Addr.LinkIndex]
+			c.Link = names[op.Addr.LinkIndex]
 		case op.RPFilter != nil:
 			e, found = byName[op.RPFilter.LinkName]
-			link = op.RPFilter.LinkName
+			c.Link = op.RPFilter.LinkName
 		case op.AltName != nil:
 			e, found = byLink[op.AltName.LinkIndex]
-			link = names[op.AltName.LinkIndex]
+			c.Link = names[op.AltName.LinkIndex]
 		}
-		c := Change{Op: op, Text: op.Format(names), Link: link}
 		if found {
 			c.ENI, c.Table = e.Name(), e.Table
 			if e.Link != "" {

@@ -44,10 +44,7 @@ type Blocked struct {
 
 // Blocked names op (an add) and the object that obs shows holding its place.
 func (obs Observed) Blocked(op Op) Blocked {
-	names := make(map[int]string, len(obs.Links))
-	for _, l := range obs.Links {
-		names[l.Index] = l.Name
-	}
+	names := linkNames(obs.Links)
 	object := strings.TrimPrefix(op.Format(names), "+ ")
 	if op.Addr != nil {
 		object = "address " + strings.TrimPrefix(object, "addr ")

@@ -340,6 +340,15 @@ func (f RPFilter) String() string {
 	return fmt.Sprintf("net.ipv4.conf.%s.rp_filter=%d", f.LinkName, f.Value)
 }
 
+// linkNames maps the links' indexes to their names, as Format takes them.
+func linkNames(links []Link) map[int]string {
+	names := make(map[int]string, len(links))
+	for _, l := range links {
+		names[l.Index] = l.Name
+	}
+	return names
+}
+
 func linkName(names map[int]string, index int) string {
 	if n, ok := names[index]; ok && n != "" {
 		return n
