@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -77,8 +78,7 @@ type Daemon struct {
 	notifier Notifier
 	metrics  *Metrics
 	kernel   *netcfg.Kernel
-	rec      *Reconciler
-	cfg      Config // the configuration in force
+	rec      *Reconciler // holds the configuration in force
 
 	pending atomic.Uint32 // trigger bits not yet handled
 	idle    atomic.Bool   // the worker waits with nothing pending (for tests)
@@ -128,7 +128,7 @@ func NewDaemon(opts Options) (*Daemon, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening netlink: %w", err)
 	}
-	d := &Daemon{opts: opts, log: opts.Logger, notifier: opts.Notifier, cfg: cfg, kernel: kernel,
+	d := &Daemon{opts: opts, log: opts.Logger, notifier: opts.Notifier, kernel: kernel,
 		rec: NewReconciler(source, kernel, cfg), kick: make(chan struct{}, 1)}
 	d.rec.IMDSTimeout = snapshotTimeout
 	d.rec.HostWarnings = HostWarnings(opts.NS)
@@ -149,7 +149,7 @@ func (d *Daemon) reload() error {
 	if d.opts.Override != nil {
 		d.opts.Override(&cfg)
 	}
-	old := d.cfg
+	old := d.rec.cfg
 	// The numbers that define ownership cannot change under a running
 	// daemon: the objects made with the old ones would be orphaned.
 	on, nn := old.Netcfg, cfg.Netcfg
@@ -162,7 +162,6 @@ func (d *Daemon) reload() error {
 	if err != nil {
 		return fmt.Errorf("creating IMDS client: %w", err)
 	}
-	d.cfg = cfg
 	d.rec.Swap(source, cfg)
 	d.rec.HostWarnings = HostWarnings(d.opts.NS)
 	if d.opts.Level != nil {
@@ -198,7 +197,7 @@ func (d *Daemon) kernelChanged(c netcfg.KernelChange) {
 // upgrade never disturbs traffic.
 func (d *Daemon) Run(ctx context.Context) error {
 	d.started = time.Now()
-	cfg := d.cfg
+	cfg := d.rec.cfg
 	d.log.Info("starting", zap.String("version", d.opts.Version), zap.String("config", d.opts.ConfigPath),
 		zap.Duration("poll_interval", cfg.PollInterval), zap.String("state_dir", cfg.StateDir))
 	defer d.kernel.Close()
@@ -246,9 +245,8 @@ func stoppedTimer() *time.Timer {
 // loop is the worker: it gathers triggers into batches and reconciles each,
 // until ctx ends.
 func (d *Daemon) loop(ctx context.Context, hup <-chan os.Signal, watchdog <-chan time.Time, startTimeout time.Duration) {
-	started := time.NewTimer(startTimeout)
+	started := time.After(startTimeout)
 	poll, retry, settle, grace := stoppedTimer(), stoppedTimer(), stoppedTimer(), stoppedTimer()
-	defer func() { started.Stop(); poll.Stop(); retry.Stop(); settle.Stop(); grace.Stop() }()
 	var gathering batch
 	for {
 		d.idle.Store(!gathering.open && d.pending.Load() == 0)
@@ -259,7 +257,7 @@ func (d *Daemon) loop(ctx context.Context, hup <-chan os.Signal, watchdog <-chan
 			// Reaching this select is the heartbeat: a reconcile stuck in
 			// netlink or IMDS stops the pings and systemd restarts us.
 			d.notifier.Notify("WATCHDOG=1")
-		case <-started.C:
+		case <-started:
 			if !d.ready {
 				d.ready = true
 				d.notifier.Notify("READY=1\nSTATUS=degraded: no successful reconcile within start_timeout; " + d.statusLine())
@@ -299,12 +297,12 @@ func (d *Daemon) loop(ctx context.Context, hup <-chan os.Signal, watchdog <-chan
 	}
 }
 
-// batch gathers the events of one reconcile.
+// batch gathers the events of one reconcile. Its delay is the debounce
+// (events extend it), a repair backoff (a link event cuts it short) or 0.
 type batch struct {
-	open    bool
-	sliding bool // the delay is the debounce (not a repair backoff): events extend it
-	held    bool // the delay is a repair backoff: a link event cuts it short
-	first   time.Time
+	open  bool
+	delay time.Duration
+	first time.Time
 }
 
 // add accounts for an event (the pending triggers r) at now and returns the
@@ -316,18 +314,17 @@ type batch struct {
 func (b *batch) add(now time.Time, r Trigger, delayFor func(Trigger) time.Duration) (delay time.Duration, rearm bool) {
 	switch {
 	case !b.open:
-		delay = delayFor(r)
-		*b = batch{open: true, sliding: delay == debounce, held: delay > debounce, first: now}
-		return delay, true
+		*b = batch{open: true, delay: delayFor(r), first: now}
+		return b.delay, true
 	case r&(TriggerStart|TriggerReload) != 0:
 		return 0, true // a reload is never held back by a repair backoff
-	case b.held && r&promptTriggers != 0:
+	case b.delay > debounce && r&promptTriggers != 0:
 		// A link changed while a repair backoff holds the batch: what the
 		// kernel removed with the link is not a fight, and traffic through
 		// the link waits for it.
-		*b = batch{open: true, sliding: true, first: now}
+		*b = batch{open: true, delay: debounce, first: now}
 		return debounce, true
-	case b.sliding && now.Sub(b.first)+debounce < maxSettle:
+	case b.delay == debounce && now.Sub(b.first)+debounce < maxSettle:
 		return debounce, true // the burst goes on: wait for quiet
 	}
 	return 0, false
@@ -465,14 +462,11 @@ func (d *Daemon) statusLine() string {
 // trackRepairs backs off repairs exponentially while drift keeps coming back.
 func (d *Daemon) trackRepairs(rep Report, log *zap.Logger) {
 	now := time.Now()
-	if rep.Repairs == 0 {
-		if d.repairStreak > 0 && now.Sub(d.lastRepair) > calmAfter {
-			d.repairStreak, d.repairDelay = 0, 0
-		}
-		return
-	}
 	if now.Sub(d.lastRepair) > calmAfter {
-		d.repairStreak = 0
+		d.repairStreak, d.repairDelay = 0, 0
+	}
+	if rep.Repairs == 0 {
+		return
 	}
 	d.repairStreak++
 	d.lastRepair = now
@@ -496,7 +490,7 @@ func (d *Daemon) schedule(poll, retry *time.Timer, t Trigger, err error) {
 		retry.Reset(kernelRetry)
 	}
 	if t.needsIMDS() || d.report.Fresh || d.report.IMDSError != "" {
-		iv := d.cfg.PollInterval
+		iv := d.rec.cfg.PollInterval
 		// ±10% jitter spreads a fleet's requests.
 		poll.Reset(iv + time.Duration((rand.Float64()*0.2-0.1)*float64(iv)))
 	}
@@ -505,21 +499,21 @@ func (d *Daemon) schedule(poll, retry *time.Timer, t Trigger, err error) {
 	}
 }
 
+// writeStatus publishes rep in status.json: degraded while the kernel
+// cannot be read, an apply fails or IMDS fails, with the first of these
+// errors.
 func (d *Daemon) writeStatus(rep Report, err error) {
+	var unreadable string
+	if err != nil {
+		unreadable = err.Error()
+	}
+	lastError := cmp.Or(unreadable, rep.ApplyError, d.rec.imds.lastError)
 	h := Health{
 		PID: os.Getpid(), Version: d.opts.Version, Started: d.started, Updated: time.Now(),
-		Ready: d.ready, Degraded: err != nil || d.rec.imds.failures > 0 || rep.ApplyError != "",
-		Summary: d.statusLine(), LastSuccess: d.lastSuccess, Report: rep,
+		Ready: d.ready, Degraded: lastError != "", Summary: d.statusLine(),
+		LastSuccess: d.lastSuccess, LastError: lastError, Report: rep,
 	}
-	switch {
-	case err != nil:
-		h.LastError = err.Error()
-	case rep.ApplyError != "":
-		h.LastError = rep.ApplyError
-	case d.rec.imds.failures > 0:
-		h.LastError = d.rec.imds.lastError
-	}
-	if werr := WriteStatus(d.cfg.StateDir, h); werr != nil {
+	if werr := WriteStatus(d.rec.cfg.StateDir, h); werr != nil {
 		d.log.Warn("writing status file", zap.Error(werr))
 	}
 }

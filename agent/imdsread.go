@@ -72,8 +72,8 @@ type imdsReads struct {
 	lastGood    *imds.Snapshot
 	seen        map[int]string // link index -> MAC, as observed at the last read
 	polls       int
-	failures    int // reads failed in a row
-	lastError   string
+	failures    int         // reads failed in a row
+	lastError   string      // of the last read while reads fail, else ""
 	retryAt     time.Time   // while IMDS fails, events read nothing until then
 	lastRead    time.Time   // successful or not
 	deferred    bool        // a new link's read waits for minLinkReadGap
@@ -142,7 +142,7 @@ func (p *imdsReads) record(now time.Time, rep *Report) {
 		}
 		p.retryAt = now.Add(backoff)
 	case rep.Fresh:
-		p.failures, p.retryAt = 0, time.Time{}
+		p.failures, p.retryAt, p.lastError = 0, time.Time{}, ""
 	}
 }
 
