@@ -325,16 +325,10 @@ func (r *Reconciler) seeLinks(links []netcfg.Link, now time.Time) {
 // before now, and those on which a client's lease for it (an address with
 // finite lifetimes) was ever seen, which it records in leased.
 func (r *Reconciler) awaitDHCP(obs netcfg.Observed, snap imds.Snapshot, now time.Time) map[int]bool {
-	primaries := make(map[string]netip.Addr, len(snap.ENIs))
-	for _, e := range snap.ENIs {
-		if len(e.LocalIPv4s) > 0 {
-			primaries[e.MAC] = e.LocalIPv4s[0]
-		}
-	}
 	primaryOf := map[int]netip.Addr{}
 	for _, l := range obs.Links {
-		if p, ok := primaries[l.MAC]; ok {
-			primaryOf[l.Index] = p
+		if e, ok := snap.ENI(l.MAC); ok && len(e.LocalIPv4s) > 0 {
+			primaryOf[l.Index] = e.LocalIPv4s[0]
 		}
 	}
 	for _, a := range obs.ForeignAddrs {
@@ -342,12 +336,9 @@ func (r *Reconciler) awaitDHCP(obs netcfg.Observed, snap imds.Snapshot, now time
 			r.leased[a.LinkIndex] = true
 		}
 	}
-	var wait map[int]bool
+	wait := map[int]bool{}
 	for idx, first := range r.firstSeen {
 		if now.Sub(first) < r.cfg.DHCPGrace || r.leased[idx] {
-			if wait == nil {
-				wait = map[int]bool{}
-			}
 			wait[idx] = true
 		}
 	}
