@@ -54,17 +54,17 @@ type SourceFactory func(IMDSConfig) (Snapshotter, error)
 type Options struct {
 	// ConfigPath is read again on SIGHUP.
 	ConfigPath string
-	// Config is the configuration in force at start (already loaded).
+	// Config is the loaded configuration in force at start, Override applied.
 	Config Config
-	// Override is applied to every loaded configuration (command-line flags
-	// win over the file, also after a reload). May be nil.
+	// Override is applied to every reloaded configuration (command-line
+	// flags win over the file). May be nil.
 	Override func(*Config)
 	// NS is the network namespace to manage; netns.None() for the current one.
 	NS        netns.NsHandle
 	Logger    *zap.Logger
 	Level     *zap.AtomicLevel // changed by reloads when set
 	NewSource SourceFactory
-	Notifier  Notifier // nil: SystemdNotifier
+	Notify    func(state string) // sends sd_notify(3) messages; nil: sdNotify
 	Version   string
 	// HandleSignals makes Run reload on SIGHUP.
 	HandleSignals bool
@@ -73,12 +73,11 @@ type Options struct {
 // Daemon is the long-running service: it reconciles on kernel changes, on
 // the IMDS poll timer and on reloads, from a single worker goroutine.
 type Daemon struct {
-	opts     Options
-	log      *zap.Logger
-	notifier Notifier
-	metrics  *Metrics
-	kernel   *netcfg.Kernel
-	rec      *Reconciler // holds the configuration in force
+	opts    Options
+	log     *zap.Logger
+	metrics *Metrics
+	kernel  *netcfg.Kernel
+	rec     *Reconciler // holds the configuration in force
 
 	pending atomic.Uint32 // trigger bits not yet handled
 	idle    atomic.Bool   // the worker waits with nothing pending (for tests)
@@ -107,16 +106,10 @@ func NewDaemon(opts Options) (*Daemon, error) {
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
 	}
-	if opts.Notifier == nil {
-		opts.Notifier = SystemdNotifier{}
-	}
-	if opts.NewSource == nil {
-		return nil, errors.New("no IMDS client factory")
+	if opts.Notify == nil {
+		opts.Notify = sdNotify
 	}
 	cfg := opts.Config
-	if opts.Override != nil {
-		opts.Override(&cfg)
-	}
 	if err := os.MkdirAll(cfg.StateDir, 0o755); err != nil {
 		return nil, fmt.Errorf("creating state directory: %w", err)
 	}
@@ -128,7 +121,7 @@ func NewDaemon(opts Options) (*Daemon, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening netlink: %w", err)
 	}
-	d := &Daemon{opts: opts, log: opts.Logger, notifier: opts.Notifier, kernel: kernel,
+	d := &Daemon{opts: opts, log: opts.Logger, kernel: kernel,
 		rec: NewReconciler(source, kernel, cfg), kick: make(chan struct{}, 1)}
 	d.rec.IMDSTimeout = snapshotTimeout
 	d.rec.HostWarnings = HostWarnings(opts.NS)
@@ -208,9 +201,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}
 		defer srv.Close()
 	}
-	wctx, stopWatch := context.WithCancel(ctx)
-	defer stopWatch()
-	d.kernel.Watch(wctx, d.kernelChanged, func(err error, retryIn time.Duration) {
+	d.kernel.Watch(ctx, d.kernelChanged, func(err error, retryIn time.Duration) {
 		d.log.Warn("netlink subscription lost; resubscribing", zap.Error(err), zap.Duration("retry_in", retryIn))
 	})
 	d.rec.KernelChanged() // the feed starts: what came before it is unknown
@@ -225,12 +216,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 		t := time.NewTicker(wd)
 		defer t.Stop()
 		watchdog = t.C
-		d.notifier.Notify("WATCHDOG=1")
+		d.opts.Notify("WATCHDOG=1")
 	}
-	d.notifier.Notify("STATUS=starting: reading IMDS")
+	d.opts.Notify("STATUS=starting: reading IMDS")
 	d.trigger(TriggerStart)
 	d.loop(ctx, hup, watchdog, cfg.StartTimeout)
-	d.notifier.Notify("STOPPING=1")
+	d.opts.Notify("STOPPING=1")
 	d.log.Info("stopping; routes and rules stay in place")
 	return nil
 }
@@ -256,11 +247,11 @@ func (d *Daemon) loop(ctx context.Context, hup <-chan os.Signal, watchdog <-chan
 		case <-watchdog:
 			// Reaching this select is the heartbeat: a reconcile stuck in
 			// netlink or IMDS stops the pings and systemd restarts us.
-			d.notifier.Notify("WATCHDOG=1")
+			d.opts.Notify("WATCHDOG=1")
 		case <-started:
 			if !d.ready {
 				d.ready = true
-				d.notifier.Notify("READY=1\nSTATUS=degraded: no successful reconcile within start_timeout; " + d.statusLine())
+				d.opts.Notify("READY=1\nSTATUS=degraded: no successful reconcile within start_timeout; " + d.statusLine())
 				d.log.Warn("start timeout passed without a successful reconcile; reporting ready in degraded mode",
 					zap.Duration("start_timeout", startTimeout))
 			}
@@ -387,11 +378,11 @@ func (d *Daemon) reconcile(ctx context.Context, t Trigger) error {
 	status := d.statusLine()
 	if !d.ready && rep.OK() {
 		d.ready = true
-		d.notifier.Notify("READY=1\nSTATUS=" + status)
+		d.opts.Notify("READY=1\nSTATUS=" + status)
 		d.lastStatus = status
 		log.Info("ready", zap.String("status", status))
 	} else if status != d.lastStatus {
-		d.notifier.Notify("STATUS=" + status)
+		d.opts.Notify("STATUS=" + status)
 		d.lastStatus = status
 	}
 	d.writeStatus(rep, nil)

@@ -96,7 +96,7 @@ func testSource(c IMDSConfig) (Snapshotter, error) {
 	return cl, nil
 }
 
-// recorder is a Notifier that keeps every message.
+// recorder keeps every sd_notify message (Options.Notify).
 type recorder struct {
 	mu   sync.Mutex
 	msgs []string
@@ -144,7 +144,7 @@ func (w *world) startPrepared(cfg Config, configPath string, prepare func(*Daemo
 	logger := zaptest.NewLogger(w.t, zaptest.WrapOptions(zap.WrapCore(func(c zapcore.Core) zapcore.Core { return zapcore.NewTee(c, core) })))
 	d, err := NewDaemon(Options{
 		ConfigPath: configPath, Config: cfg, NS: w.ns.Handle, Logger: logger,
-		NewSource: testSource, Notifier: r.notes, Version: "test",
+		NewSource: testSource, Notify: r.notes.Notify, Version: "test",
 		// Only the reload test sends SIGHUP, and only while Run is active.
 		HandleSignals: configPath != "",
 	})
