@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"maps"
 	"slices"
 	"time"
 
@@ -163,11 +164,7 @@ func (p *imdsReads) countRetries(links []netcfg.Link, rep *Report) {
 			keep[l.Index] = true
 		}
 	}
-	for idx := range p.linkRetries {
-		if !keep[idx] {
-			delete(p.linkRetries, idx)
-		}
-	}
+	maps.DeleteFunc(p.linkRetries, func(idx, _ int) bool { return !keep[idx] })
 }
 
 // next is how long until IMDS should be read again for the backoff, a

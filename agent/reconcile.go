@@ -287,18 +287,15 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 	}
 	desired := netcfg.Desired(snap, obs, r.cfg.Netcfg)
 	rep.ENIs, rep.Warnings = desired.ENIs, desired.Warnings
-	plan, complete, conflicts := r.plan(obs, desired.State, dryRun, &rep)
+	plan, complete := r.plan(obs, desired.State, dryRun, &rep)
 	if after, applied := r.apply(plan, obs, dryRun, &rep); applied {
 		obs = after // what the kernel holds after Apply
 		rep.ManagedRules, rep.ManagedRoutes = len(obs.Owned.Rules), len(obs.Owned.Routes)
 	}
-	if !dryRun {
-		conflicts = netcfg.Conflicts(obs, desired.State, r.cfg.Netcfg)
-		if rep.ApplyError == "" {
-			r.nat = desired.State.NAT
-		}
+	if !dryRun && rep.ApplyError == "" {
+		r.nat = desired.State.NAT
 	}
-	rep.Warnings = append(append(rep.Warnings, conflicts...), r.HostWarnings...)
+	rep.Warnings = append(append(rep.Warnings, netcfg.Conflicts(obs, desired.State, r.cfg.Netcfg)...), r.HostWarnings...)
 	if !dryRun && complete && plan.Empty() && rep.ApplyError == "" {
 		r.memo = &memo{changes: changes, snap: r.imds.lastGood, obs: obs, enis: rep.ENIs, warns: rep.Warnings}
 	}
@@ -364,31 +361,27 @@ func (r *Reconciler) quietPoll(t Trigger) bool {
 }
 
 // plan returns Diff's plan for desired less what this reconcile may not or
-// need not apply, whether it withheld no deletion, and the conflicts it
-// checked (a dry run's). Without a fresh IMDS read, the last good snapshot
+// need not apply, and whether it withheld no deletion. Without a fresh IMDS read, the last good snapshot
 // may be stale: it can add, and remove only the rules of tables the kernel
 // emptied (a detached link's, see Plan.WithoutFreshIMDS). Adds another program's object holds out are left out with a
 // warning each: those that did not stick before (blocked), and in a dry
 // run, which cannot learn that from EEXIST, those Conflicts names, so that
 // plan agrees with the daemon.
-func (r *Reconciler) plan(obs netcfg.Observed, desired netcfg.State, dryRun bool, rep *Report) (netcfg.Plan, bool, []netcfg.Warning) {
+func (r *Reconciler) plan(obs netcfg.Observed, desired netcfg.State, dryRun bool, rep *Report) (netcfg.Plan, bool) {
 	plan := netcfg.Diff(obs.Owned, desired)
 	complete := true
 	if !rep.Fresh {
 		safe := plan.WithoutFreshIMDS(obs)
 		plan, complete = safe, len(safe.Ops) == len(plan.Ops)
 	}
-	held, conflicts := r.blocked, []netcfg.Warning(nil)
+	held := r.blocked
 	if dryRun {
-		conflicts = netcfg.Conflicts(obs, desired, r.cfg.Netcfg)
-		held = netcfg.BlockedBy(plan, conflicts)
-		for k := range r.blocked {
-			held[k] = true
-		}
+		held = netcfg.BlockedBy(plan, netcfg.Conflicts(obs, desired, r.cfg.Netcfg))
+		maps.Copy(held, r.blocked)
 	}
 	plan, dropped := plan.Split(held)
 	rep.Warnings = append(rep.Warnings, r.blockedWarnings(dropped, obs, rep.ENIs)...)
-	return plan, complete, conflicts
+	return plan, complete
 }
 
 // blockedWarnings warns about each add of ops that another program's object
