@@ -227,9 +227,7 @@ func (r *Reconciler) Unblock() {
 	if len(r.blocked) > 0 {
 		r.memo = nil // the released adds are tried again
 	}
-	for k := range r.blocked {
-		r.retrying[k] = true
-	}
+	maps.Copy(r.retrying, r.blocked)
 	clear(r.blocked)
 	clear(r.refusals)
 }
