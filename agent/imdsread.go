@@ -291,26 +291,20 @@ func (rd imdsRead) fetch(prev imds.Snapshot, u imds.Update) {
 		return
 	}
 	rd.rep.Fresh = true
-	snap := p.mergeNotReady(fresh)
-	if p.lastGood == nil || !p.lastGood.Equal(snap) {
-		p.lastGood = &snap // a read that found nothing new keeps the pointer: the quiet memo holds
-	}
-	p.markSeen(rd.links)
-}
-
-// mergeNotReady replaces each not-ready ENI of a fresh snapshot with its
-// entry from the last good snapshot, if that one was ready: IMDS catching up
-// after a hot attach (or briefly answering device-number 0) must not undo
-// configuration that was correct a moment ago.
-func (p *imdsReads) mergeNotReady(fresh imds.Snapshot) imds.Snapshot {
-	if p.lastGood == nil {
-		return fresh
-	}
-	fresh.ENIs = slices.Clone(fresh.ENIs)
-	for i, e := range fresh.ENIs {
-		if old, ok := p.lastGood.ENI(e.MAC); ok && old.Ready && !e.Ready {
-			fresh.ENIs[i] = old
+	if p.lastGood != nil {
+		// A not-ready ENI keeps its entry of the last good snapshot, if that
+		// one was ready: IMDS catching up after a hot attach (or briefly
+		// answering device-number 0) must not undo configuration that was
+		// correct a moment ago.
+		fresh.ENIs = slices.Clone(fresh.ENIs)
+		for i, e := range fresh.ENIs {
+			if old, ok := p.lastGood.ENI(e.MAC); ok && old.Ready && !e.Ready {
+				fresh.ENIs[i] = old
+			}
 		}
 	}
-	return fresh
+	if p.lastGood == nil || !p.lastGood.Equal(fresh) {
+		p.lastGood = &fresh // a read that found nothing new keeps the pointer: the quiet memo holds
+	}
+	p.markSeen(rd.links)
 }

@@ -266,8 +266,12 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 		m = nil
 	}
 	var obs netcfg.Observed
-	if m != nil && changes != 0 && m.changes == changes && r.quietPoll(t) {
-		obs = m.obs // the kernel announced nothing since
+	// A poll may skip the kernel dumps while the kernel announced nothing
+	// since the memo, unless it comes with a start, retry or reload, or is
+	// the poll that reads everything afresh.
+	quietPoll := t&TriggerPoll != 0 && !(t &^ TriggerPoll).needsIMDS() && (r.imds.polls+1)%FullReadEvery != 0
+	if m != nil && changes != 0 && m.changes == changes && quietPoll {
+		obs = m.obs
 	} else if obs, err = r.kernel.Observe(); err != nil {
 		return rep, fmt.Errorf("observing links and addresses: %w", err)
 	}
@@ -349,13 +353,6 @@ func (r *Reconciler) NextGrace(now time.Time) time.Duration {
 		}
 	}
 	return next
-}
-
-// quietPoll reports whether t is a poll that may skip the kernel dumps:
-// not combined with a start, retry or reload, and not the poll that reads
-// everything afresh, IMDS and the kernel.
-func (r *Reconciler) quietPoll(t Trigger) bool {
-	return t&TriggerPoll != 0 && !(t &^ TriggerPoll).needsIMDS() && (r.imds.polls+1)%FullReadEvery != 0
 }
 
 // plan returns Diff's plan for desired less what this reconcile may not or
