@@ -68,7 +68,7 @@ const (
 // last good snapshot and removes nothing.
 type imdsReads struct {
 	source       Snapshotter
-	pollInterval time.Duration // caps the backoff (0: no cap)
+	pollInterval time.Duration // caps the backoff
 
 	lastGood    *imds.Snapshot
 	seen        map[int]string // link index -> MAC, as observed at the last read
@@ -137,11 +137,7 @@ func (p *imdsReads) record(now time.Time, rep *Report) {
 	case rep.IMDSError != "":
 		p.failures++
 		p.lastError = rep.IMDSError
-		backoff := min(time.Second<<min(p.failures-1, 10), maxIMDSBackoff)
-		if p.pollInterval > 0 {
-			backoff = min(backoff, p.pollInterval)
-		}
-		p.retryAt = now.Add(backoff)
+		p.retryAt = now.Add(min(time.Second<<min(p.failures-1, 10), maxIMDSBackoff, p.pollInterval))
 	case rep.Fresh:
 		p.failures, p.retryAt, p.lastError = 0, time.Time{}, ""
 	}
@@ -268,11 +264,9 @@ func (rd imdsRead) ask(links []netcfg.Link) {
 		rd.rep.IMDSError, rd.rep.IMDSErr = err.Error(), err
 		return
 	}
-	for _, mac := range macs {
-		if _, listed := p.lastGood.ENI(mac); !listed {
-			rd.fetch(*p.lastGood, imds.Update{MACs: macs})
-			return
-		}
+	if slices.ContainsFunc(macs, func(mac string) bool { _, listed := p.lastGood.ENI(mac); return !listed }) {
+		rd.fetch(*p.lastGood, imds.Update{MACs: macs})
+		return
 	}
 	rd.rep.Listed = true
 	p.markSeen(rd.links)
