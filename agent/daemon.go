@@ -298,23 +298,23 @@ type batch struct {
 
 // add accounts for an event (the pending triggers r) at now and returns the
 // delay to (re)arm the settle timer with, or rearm false to leave it as it
-// is. The first event opens the batch with delayFor(r): the debounce, or
-// the repair backoff. Later events push a debounce deadline back, never
-// beyond maxSettle after the first event; start and reload fire at once; a
-// link event turns a repair backoff into the debounce.
-func (b *batch) add(now time.Time, r Trigger, delayFor func(Trigger) time.Duration) (delay time.Duration, rearm bool) {
+// is. Start and reload fire at once, a link event waits the debounce; any
+// other first event opens the batch with settle(): the debounce, or the
+// repair backoff. Later events push a debounce deadline back, never beyond
+// maxSettle after the first event.
+func (b *batch) add(now time.Time, r Trigger, settle func() time.Duration) (delay time.Duration, rearm bool) {
 	switch {
-	case !b.open:
-		*b = batch{open: true, delay: delayFor(r), first: now}
-		return b.delay, true
 	case r&(TriggerStart|TriggerReload) != 0:
+		*b = batch{open: true, first: now}
 		return 0, true // a reload is never held back by a repair backoff
-	case b.delay > debounce && r&promptTriggers != 0:
-		// A link changed while a repair backoff holds the batch: what the
-		// kernel removed with the link is not a fight, and traffic through
-		// the link waits for it.
+	case r&promptTriggers != 0 && (!b.open || b.delay > debounce):
+		// What the kernel removed with a link is not a fight, and traffic
+		// through the link waits for it.
 		*b = batch{open: true, delay: debounce, first: now}
 		return debounce, true
+	case !b.open:
+		*b = batch{open: true, delay: settle(), first: now}
+		return b.delay, true
 	case b.delay == debounce && now.Sub(b.first)+debounce < maxSettle:
 		return debounce, true // the burst goes on: wait for quiet
 	}
@@ -330,18 +330,12 @@ func (b *batch) add(now time.Time, r Trigger, delayFor func(Trigger) time.Durati
 // re-adds (RTM_NEWADDR), and fight without backoff.
 const promptTriggers = TriggerLink
 
-// settleDelay is how long to gather events before reconciling: the debounce,
-// or the repair backoff while another program keeps deleting our objects
-// (never for a link change, see promptTriggers).
-func (d *Daemon) settleDelay(r Trigger) time.Duration {
-	if r&(TriggerStart|TriggerReload) != 0 {
-		return 0
-	}
-	if r&promptTriggers != 0 {
-		return debounce
-	}
-	if d.repairDelay > debounce && time.Since(d.lastRepair) < d.repairDelay {
-		return d.repairDelay - time.Since(d.lastRepair)
+// settleDelay is how long to gather events before reconciling: what is left
+// of the repair backoff while another program keeps deleting our objects,
+// else the debounce.
+func (d *Daemon) settleDelay() time.Duration {
+	if left := d.repairDelay - time.Since(d.lastRepair); d.repairDelay > debounce && left > 0 {
+		return left
 	}
 	return debounce
 }
