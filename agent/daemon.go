@@ -369,15 +369,14 @@ func (d *Daemon) reconcile(ctx context.Context, t Trigger) error {
 	if rep.OK() {
 		d.lastSuccess = time.Now()
 	}
-	status := d.statusLine()
-	if !d.ready && rep.OK() {
-		d.ready = true
+	switch status := d.statusLine(); {
+	case !d.ready && rep.OK():
+		d.ready, d.lastStatus = true, status
 		d.opts.Notify("READY=1\nSTATUS=" + status)
-		d.lastStatus = status
 		log.Info("ready", zap.String("status", status))
-	} else if status != d.lastStatus {
-		d.opts.Notify("STATUS=" + status)
+	case status != d.lastStatus:
 		d.lastStatus = status
+		d.opts.Notify("STATUS=" + status)
 	}
 	d.writeStatus(rep, nil)
 	return nil

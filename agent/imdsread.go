@@ -99,7 +99,7 @@ func (p *imdsReads) read(ctx context.Context, t Trigger, links []netcfg.Link, ti
 		}
 	}
 	rep.NewLinks = len(newLinks) > 0
-	rd := imdsRead{p: p, ctx: ctx, links: links, rep: rep}
+	rd := imdsRead{imdsReads: p, ctx: ctx, links: links, rep: rep}
 	switch {
 	case t&TriggerPoll != 0 && t&(TriggerStart|TriggerRetry|TriggerReload) == 0:
 		p.polls++
@@ -231,7 +231,7 @@ func (p *imdsReads) markSeen(links []netcfg.Link) {
 
 // imdsRead is one reconcile's read.
 type imdsRead struct {
-	p     *imdsReads
+	*imdsReads
 	ctx   context.Context
 	links []netcfg.Link // every link observed
 	rep   *Report
@@ -242,42 +242,40 @@ type imdsRead struct {
 // addresses) cost nothing, and sets rep.Listed; a failed listing is
 // reported like a failed snapshot.
 func (rd imdsRead) ask(links []netcfg.Link) {
-	p := rd.p
-	if p.lastGood == nil {
+	if rd.lastGood == nil {
 		rd.fetch(imds.Snapshot{}, imds.Update{})
 		return
 	}
-	if known := p.listed(links); len(known) > 0 {
-		rd.fetch(*p.lastGood, imds.Update{Full: known})
+	if known := rd.listed(links); len(known) > 0 {
+		rd.fetch(*rd.lastGood, imds.Update{Full: known})
 		return
 	}
 	if !slices.ContainsFunc(links, func(l netcfg.Link) bool { return l.MAC != "" && l.MAC != "00:00:00:00:00:00" }) {
 		if len(links) > 0 {
-			p.markSeen(rd.links) // only links without a MAC appeared: nothing to ask
+			rd.markSeen(rd.links) // only links without a MAC appeared: nothing to ask
 		}
 		return
 	}
 	t0 := time.Now()
-	macs, n, err := p.source.ListMACs(rd.ctx)
+	macs, n, err := rd.source.ListMACs(rd.ctx)
 	rd.rep.IMDSLatency, rd.rep.IMDSRequests = time.Since(t0), n
 	if err != nil {
 		rd.rep.IMDSError, rd.rep.IMDSErr = err.Error(), err
 		return
 	}
-	if slices.ContainsFunc(macs, func(mac string) bool { _, listed := p.lastGood.ENI(mac); return !listed }) {
-		rd.fetch(*p.lastGood, imds.Update{MACs: macs})
+	if slices.ContainsFunc(macs, func(mac string) bool { _, listed := rd.lastGood.ENI(mac); return !listed }) {
+		rd.fetch(*rd.lastGood, imds.Update{MACs: macs})
 		return
 	}
 	rd.rep.Listed = true
-	p.markSeen(rd.links)
+	rd.markSeen(rd.links)
 }
 
 // fetch reads a snapshot as u says on prev: the last good one, or none for
 // a full read.
 func (rd imdsRead) fetch(prev imds.Snapshot, u imds.Update) {
-	p := rd.p
 	t0 := time.Now()
-	fresh, err := p.source.Refresh(rd.ctx, prev, u)
+	fresh, err := rd.source.Refresh(rd.ctx, prev, u)
 	rd.rep.IMDSLatency += time.Since(t0)
 	rd.rep.IMDSRequests += fresh.Requests
 	if err != nil {
@@ -285,20 +283,20 @@ func (rd imdsRead) fetch(prev imds.Snapshot, u imds.Update) {
 		return
 	}
 	rd.rep.Fresh = true
-	if p.lastGood != nil {
+	if rd.lastGood != nil {
 		// A not-ready ENI keeps its entry of the last good snapshot, if that
 		// one was ready: IMDS catching up after a hot attach (or briefly
 		// answering device-number 0) must not undo configuration that was
 		// correct a moment ago.
 		fresh.ENIs = slices.Clone(fresh.ENIs)
 		for i, e := range fresh.ENIs {
-			if old, ok := p.lastGood.ENI(e.MAC); ok && old.Ready && !e.Ready {
+			if old, ok := rd.lastGood.ENI(e.MAC); ok && old.Ready && !e.Ready {
 				fresh.ENIs[i] = old
 			}
 		}
 	}
-	if p.lastGood == nil || !p.lastGood.Equal(fresh) {
-		p.lastGood = &fresh // a read that found nothing new keeps the pointer: the quiet memo holds
+	if rd.lastGood == nil || !rd.lastGood.Equal(fresh) {
+		rd.lastGood = &fresh // a read that found nothing new keeps the pointer: the quiet memo holds
 	}
-	p.markSeen(rd.links)
+	rd.markSeen(rd.links)
 }

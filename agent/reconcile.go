@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"maps"
@@ -98,11 +99,10 @@ func (r Report) Summary() string {
 			parts = append(parts, fmt.Sprintf("%d %s", counts[s], s))
 		}
 	}
-	noun := "ENIs"
+	s := fmt.Sprintf("%d ENIs", len(r.ENIs))
 	if len(r.ENIs) == 1 {
-		noun = "ENI"
+		s = "1 ENI"
 	}
-	s := fmt.Sprintf("%d %s", len(r.ENIs), noun)
 	if len(parts) > 0 {
 		s += ": " + strings.Join(parts, ", ")
 	}
@@ -309,11 +309,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 func (r *Reconciler) seeLinks(links []netcfg.Link, now time.Time) {
 	seen, leased := make(map[int]time.Time, len(links)), map[int]bool{}
 	for _, l := range links {
-		first, ok := r.firstSeen[l.Index]
-		if !ok {
-			first = now
-		}
-		seen[l.Index], leased[l.Index] = first, r.leased[l.Index]
+		seen[l.Index], leased[l.Index] = cmp.Or(r.firstSeen[l.Index], now), r.leased[l.Index]
 	}
 	maps.DeleteFunc(leased, func(_ int, v bool) bool { return !v })
 	r.firstSeen, r.leased = seen, leased
