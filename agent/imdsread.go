@@ -170,21 +170,18 @@ func (p *imdsReads) next(now time.Time) time.Duration {
 	if !p.retryAt.IsZero() {
 		next = max(p.retryAt.Sub(now), 0)
 	}
-	fewest := -1
-	for _, n := range p.linkRetries {
-		if n <= maxLinkRetries-1 && (fewest < 0 || n < fewest) {
-			fewest = n
+	sooner := func(delay time.Duration) {
+		if next == 0 || delay < next {
+			next = delay
 		}
 	}
-	if fewest >= 1 {
-		if delay := firstLinkRetry << (fewest - 1); next == 0 || delay < next {
-			next = delay
+	if len(p.linkRetries) > 0 {
+		if fewest := slices.Min(slices.Collect(maps.Values(p.linkRetries))); fewest >= 1 && fewest < maxLinkRetries {
+			sooner(firstLinkRetry << (fewest - 1))
 		}
 	}
 	if p.deferred {
-		if delay := max(p.lastRead.Add(minLinkReadGap).Sub(now), time.Millisecond); next == 0 || delay < next {
-			next = delay
-		}
+		sooner(max(p.lastRead.Add(minLinkReadGap).Sub(now), time.Millisecond))
 	}
 	return next
 }
