@@ -176,15 +176,6 @@ func (d *Daemon) trigger(t Trigger) {
 	}
 }
 
-// kernelChanged is the kernel feed's callback: every change ends the quiet
-// memo's validity, and some call for a reconcile.
-func (d *Daemon) kernelChanged(c netcfg.KernelChange) {
-	d.rec.KernelChanged()
-	if t := triggerFor(c, d.blocked.Load(), d.refused.Load()); t != 0 {
-		d.trigger(t)
-	}
-}
-
 // Run runs the daemon until ctx is cancelled (SIGTERM), then sends
 // STOPPING=1 and returns. Routes and rules stay in place: a restart or an
 // upgrade never disturbs traffic.
@@ -201,7 +192,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}
 		defer srv.Close()
 	}
-	d.kernel.Watch(ctx, d.kernelChanged, func(err error, retryIn time.Duration) {
+	d.kernel.Watch(ctx, func(c netcfg.KernelChange) {
+		d.rec.KernelChanged() // every change ends the quiet memo's validity
+		if t := triggerFor(c, d.blocked.Load(), d.refused.Load()); t != 0 {
+			d.trigger(t)
+		}
+	}, func(err error, retryIn time.Duration) {
 		d.log.Warn("netlink subscription lost; resubscribing", zap.Error(err), zap.Duration("retry_in", retryIn))
 	})
 	d.rec.KernelChanged() // the feed starts: what came before it is unknown
@@ -385,18 +381,16 @@ func (d *Daemon) reconcile(ctx context.Context, t Trigger) error {
 // logReport logs what a reconcile changed and what went wrong; failing is
 // how many IMDS reads had failed in a row before it.
 func (d *Daemon) logReport(rep Report, log *zap.Logger, failing int) {
-	for _, c := range rep.Changes {
-		if rep.ApplyError != "" {
-			break
-		}
-		log.Info("changed", ChangeFields(c)...)
-	}
-	if rep.Blocked > 0 {
-		log.Warn("some objects could not be added: other programs' objects hold their place; leaving them alone until those go",
-			zap.Int("blocked", rep.Blocked), zap.Any("objects", rep.BlockedObjects))
-	}
 	if rep.ApplyError != "" {
 		log.Error("applying changes failed", zap.String("error", rep.ApplyError), zap.Int("writes", rep.Writes))
+	} else {
+		for _, c := range rep.Changes {
+			log.Info("changed", ChangeFields(c)...)
+		}
+	}
+	if rep.Blocked > 0 { // only after a successful apply
+		log.Warn("some objects could not be added: other programs' objects hold their place; leaving them alone until those go",
+			zap.Int("blocked", rep.Blocked), zap.Any("objects", rep.BlockedObjects))
 	}
 	// A warning is logged at warn level when it appears, at debug level
 	// while it stays: every reconcile repeats it.
