@@ -382,16 +382,15 @@ func (r *Reconciler) blockedWarnings(ops []netcfg.Op, obs netcfg.Observed, enis 
 	var out []netcfg.Warning
 	for _, c := range netcfg.Attribute(ops, enis, obs.Links) {
 		b := obs.Blocked(c.Op)
+		w := netcfg.Warning{ENI: c.ENI, Blocked: &b,
+			Message: fmt.Sprintf("cannot add %s: held by %s (EEXIST); left alone until it goes", b.Object, b.Holder),
+			Hint:    "remove the other object if it is stale, or stop its program from managing this ENI, or exclude the ENI in the configuration"}
 		if reason, ok := r.refusals[c.Op.ObjectKey()]; ok {
 			b.Holder = "no object: the kernel refuses it (" + reason + ")"
-			out = append(out, netcfg.Warning{ENI: c.ENI, Blocked: &b,
-				Message: fmt.Sprintf("cannot add %s: %s; tried again when links, addresses or routes change", b.Object, reason),
-				Hint:    "the gateway needs a route in that table: another program may have moved the subnet's route out of it (amazon-ec2-net-utils: mask its policy-routes units, docs/coexistence.md)"})
-			continue
+			w.Message = fmt.Sprintf("cannot add %s: %s; tried again when links, addresses or routes change", b.Object, reason)
+			w.Hint = "the gateway needs a route in that table: another program may have moved the subnet's route out of it (amazon-ec2-net-utils: mask its policy-routes units, docs/coexistence.md)"
 		}
-		out = append(out, netcfg.Warning{ENI: c.ENI, Blocked: &b,
-			Message: fmt.Sprintf("cannot add %s: held by %s (EEXIST); left alone until it goes", b.Object, b.Holder),
-			Hint:    "remove the other object if it is stale, or stop its program from managing this ENI, or exclude the ENI in the configuration"})
+		out = append(out, w)
 	}
 	return out
 }
