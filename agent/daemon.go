@@ -36,14 +36,12 @@ const (
 	maxRepairBackoff = 30 * time.Second
 	// calmAfter: a drift-free period this long resets the repair backoff.
 	calmAfter = time.Minute
-	// warnEvery limits repeated warnings (repair fights, IMDS down) to one
-	// per minute.
+	// warnEvery spaces repeated warnings (repair fights, IMDS down).
 	warnEvery = time.Minute
 	// snapshotTimeout bounds one IMDS read inside the daemon, well below any
 	// watchdog interval.
 	snapshotTimeout = 10 * time.Second
-	// kernelRetry is the delay before retrying a reconcile that could not
-	// read the kernel's state.
+	// kernelRetry spaces the reconciles that cannot read the kernel.
 	kernelRetry = 5 * time.Second
 )
 
@@ -425,16 +423,16 @@ func (d *Daemon) logReport(rep Report, log *zap.Logger, failing int) {
 		zap.Bool("imds_read", rep.Fresh || rep.IMDSError != ""), zap.String("summary", rep.Summary()))
 }
 
+// statusLine is the STATUS= text and status.json's summary.
 func (d *Daemon) statusLine() string {
-	if d.report.Time.IsZero() {
+	switch {
+	case d.report.Time.IsZero():
 		return "waiting for the first reconcile"
-	}
-	s := d.report.Summary()
-	if d.rec.imds.failures > 0 && d.report.IMDSError == "" {
+	case d.rec.imds.failures > 0 && d.report.IMDSError == "":
 		// This reconcile reused the last good snapshot; IMDS is still down.
-		s = "degraded, IMDS unreachable, keeping routes: " + s
+		return "degraded, IMDS unreachable, keeping routes: " + d.report.Summary()
 	}
-	return s
+	return d.report.Summary()
 }
 
 // trackRepairs backs off repairs exponentially while drift keeps coming back.
