@@ -45,27 +45,22 @@ const (
 	kernelRetry = 5 * time.Second
 )
 
-// SourceFactory builds the IMDS client for a configuration.
-type SourceFactory func(IMDSConfig) (Snapshotter, error)
-
 // Options configure a Daemon.
 type Options struct {
-	// ConfigPath is read again on SIGHUP.
-	ConfigPath string
+	ConfigPath string // read again on SIGHUP
 	// Config is the loaded configuration in force at start, Override applied.
 	Config Config
 	// Override is applied to every reloaded configuration (command-line
 	// flags win over the file). May be nil.
 	Override func(*Config)
 	// NS is the network namespace to manage; netns.None() for the current one.
-	NS        netns.NsHandle
-	Logger    *zap.Logger
-	Level     *zap.AtomicLevel // changed by reloads when set
-	NewSource SourceFactory
-	Notify    func(state string) // sends sd_notify(3) messages; nil: sdNotify
-	Version   string
-	// HandleSignals makes Run reload on SIGHUP.
-	HandleSignals bool
+	NS            netns.NsHandle
+	Logger        *zap.Logger
+	Level         *zap.AtomicLevel                      // changed by reloads when set
+	NewSource     func(IMDSConfig) (Snapshotter, error) // builds the IMDS client for a configuration
+	Notify        func(state string)                    // sends sd_notify(3) messages; nil: sdNotify
+	Version       string
+	HandleSignals bool // Run reloads on SIGHUP
 }
 
 // Daemon is the long-running service: it reconciles on kernel changes, on
