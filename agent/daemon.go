@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -35,50 +36,41 @@ const (
 	maxRepairBackoff = 30 * time.Second
 	// calmAfter: a drift-free period this long resets the repair backoff.
 	calmAfter = time.Minute
-	// warnEvery limits repeated warnings (repair fights, IMDS down) to one
-	// per minute.
+	// warnEvery spaces repeated warnings (repair fights, IMDS down).
 	warnEvery = time.Minute
 	// snapshotTimeout bounds one IMDS read inside the daemon, well below any
 	// watchdog interval.
 	snapshotTimeout = 10 * time.Second
-	// kernelRetry is the delay before retrying a reconcile that could not
-	// read the kernel's state.
+	// kernelRetry spaces the reconciles that cannot read the kernel.
 	kernelRetry = 5 * time.Second
 )
 
-// SourceFactory builds the IMDS client for a configuration.
-type SourceFactory func(IMDSConfig) (Snapshotter, error)
-
 // Options configure a Daemon.
 type Options struct {
-	// ConfigPath is read again on SIGHUP.
-	ConfigPath string
-	// Config is the configuration in force at start (already loaded).
+	ConfigPath string // read again on SIGHUP
+	// Config is the loaded configuration in force at start, Override applied.
 	Config Config
-	// Override is applied to every loaded configuration (command-line flags
-	// win over the file, also after a reload). May be nil.
+	// Override is applied to every reloaded configuration (command-line
+	// flags win over the file). May be nil.
 	Override func(*Config)
 	// NS is the network namespace to manage; netns.None() for the current one.
-	NS        netns.NsHandle
-	Logger    *zap.Logger
-	Level     *zap.AtomicLevel // changed by reloads when set
-	NewSource SourceFactory
-	Notifier  Notifier // nil: SystemdNotifier
-	Version   string
-	// HandleSignals makes Run reload on SIGHUP.
-	HandleSignals bool
+	NS            netns.NsHandle
+	Logger        *zap.Logger
+	Level         *zap.AtomicLevel                      // changed by reloads when set
+	NewSource     func(IMDSConfig) (Snapshotter, error) // builds the IMDS client for a configuration
+	Notify        func(state string)                    // sends sd_notify(3) messages; nil: sdNotify
+	Version       string
+	HandleSignals bool // Run reloads on SIGHUP
 }
 
 // Daemon is the long-running service: it reconciles on kernel changes, on
 // the IMDS poll timer and on reloads, from a single worker goroutine.
 type Daemon struct {
-	opts     Options
-	log      *zap.Logger
-	notifier Notifier
-	metrics  *Metrics
-	kernel   *netcfg.Kernel
-	rec      *Reconciler
-	cfg      Config // the configuration in force
+	opts    Options
+	log     *zap.Logger
+	metrics *Metrics
+	kernel  *netcfg.Kernel
+	rec     *Reconciler // holds the configuration in force
 
 	pending atomic.Uint32 // trigger bits not yet handled
 	idle    atomic.Bool   // the worker waits with nothing pending (for tests)
@@ -107,16 +99,10 @@ func NewDaemon(opts Options) (*Daemon, error) {
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
 	}
-	if opts.Notifier == nil {
-		opts.Notifier = SystemdNotifier{}
-	}
-	if opts.NewSource == nil {
-		return nil, errors.New("no IMDS client factory")
+	if opts.Notify == nil {
+		opts.Notify = sdNotify
 	}
 	cfg := opts.Config
-	if opts.Override != nil {
-		opts.Override(&cfg)
-	}
 	if err := os.MkdirAll(cfg.StateDir, 0o755); err != nil {
 		return nil, fmt.Errorf("creating state directory: %w", err)
 	}
@@ -128,7 +114,7 @@ func NewDaemon(opts Options) (*Daemon, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening netlink: %w", err)
 	}
-	d := &Daemon{opts: opts, log: opts.Logger, notifier: opts.Notifier, cfg: cfg, kernel: kernel,
+	d := &Daemon{opts: opts, log: opts.Logger, kernel: kernel,
 		rec: NewReconciler(source, kernel, cfg), kick: make(chan struct{}, 1)}
 	d.rec.IMDSTimeout = snapshotTimeout
 	d.rec.HostWarnings = HostWarnings(opts.NS)
@@ -149,7 +135,7 @@ func (d *Daemon) reload() error {
 	if d.opts.Override != nil {
 		d.opts.Override(&cfg)
 	}
-	old := d.cfg
+	old := d.rec.cfg
 	// The numbers that define ownership cannot change under a running
 	// daemon: the objects made with the old ones would be orphaned.
 	on, nn := old.Netcfg, cfg.Netcfg
@@ -162,7 +148,6 @@ func (d *Daemon) reload() error {
 	if err != nil {
 		return fmt.Errorf("creating IMDS client: %w", err)
 	}
-	d.cfg = cfg
 	d.rec.Swap(source, cfg)
 	d.rec.HostWarnings = HostWarnings(d.opts.NS)
 	if d.opts.Level != nil {
@@ -184,21 +169,12 @@ func (d *Daemon) trigger(t Trigger) {
 	}
 }
 
-// kernelChanged is the kernel feed's callback: every change ends the quiet
-// memo's validity, and some call for a reconcile.
-func (d *Daemon) kernelChanged(c netcfg.KernelChange) {
-	d.rec.KernelChanged()
-	if t := triggerFor(c, d.blocked.Load(), d.refused.Load()); t != 0 {
-		d.trigger(t)
-	}
-}
-
 // Run runs the daemon until ctx is cancelled (SIGTERM), then sends
 // STOPPING=1 and returns. Routes and rules stay in place: a restart or an
 // upgrade never disturbs traffic.
 func (d *Daemon) Run(ctx context.Context) error {
 	d.started = time.Now()
-	cfg := d.cfg
+	cfg := d.rec.cfg
 	d.log.Info("starting", zap.String("version", d.opts.Version), zap.String("config", d.opts.ConfigPath),
 		zap.Duration("poll_interval", cfg.PollInterval), zap.String("state_dir", cfg.StateDir))
 	defer d.kernel.Close()
@@ -209,9 +185,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}
 		defer srv.Close()
 	}
-	wctx, stopWatch := context.WithCancel(ctx)
-	defer stopWatch()
-	d.kernel.Watch(wctx, d.kernelChanged, func(err error, retryIn time.Duration) {
+	d.kernel.Watch(ctx, func(c netcfg.KernelChange) {
+		d.rec.KernelChanged() // every change ends the quiet memo's validity
+		if t := triggerFor(c, d.blocked.Load(), d.refused.Load()); t != 0 {
+			d.trigger(t)
+		}
+	}, func(err error, retryIn time.Duration) {
 		d.log.Warn("netlink subscription lost; resubscribing", zap.Error(err), zap.Duration("retry_in", retryIn))
 	})
 	d.rec.KernelChanged() // the feed starts: what came before it is unknown
@@ -226,12 +205,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 		t := time.NewTicker(wd)
 		defer t.Stop()
 		watchdog = t.C
-		d.notifier.Notify("WATCHDOG=1")
+		d.opts.Notify("WATCHDOG=1")
 	}
-	d.notifier.Notify("STATUS=starting: reading IMDS")
+	d.opts.Notify("STATUS=starting: reading IMDS")
 	d.trigger(TriggerStart)
 	d.loop(ctx, hup, watchdog, cfg.StartTimeout)
-	d.notifier.Notify("STOPPING=1")
+	d.opts.Notify("STOPPING=1")
 	d.log.Info("stopping; routes and rules stay in place")
 	return nil
 }
@@ -246,9 +225,8 @@ func stoppedTimer() *time.Timer {
 // loop is the worker: it gathers triggers into batches and reconciles each,
 // until ctx ends.
 func (d *Daemon) loop(ctx context.Context, hup <-chan os.Signal, watchdog <-chan time.Time, startTimeout time.Duration) {
-	started := time.NewTimer(startTimeout)
+	started := time.After(startTimeout)
 	poll, retry, settle, grace := stoppedTimer(), stoppedTimer(), stoppedTimer(), stoppedTimer()
-	defer func() { started.Stop(); poll.Stop(); retry.Stop(); settle.Stop(); grace.Stop() }()
 	var gathering batch
 	for {
 		d.idle.Store(!gathering.open && d.pending.Load() == 0)
@@ -258,11 +236,11 @@ func (d *Daemon) loop(ctx context.Context, hup <-chan os.Signal, watchdog <-chan
 		case <-watchdog:
 			// Reaching this select is the heartbeat: a reconcile stuck in
 			// netlink or IMDS stops the pings and systemd restarts us.
-			d.notifier.Notify("WATCHDOG=1")
-		case <-started.C:
+			d.opts.Notify("WATCHDOG=1")
+		case <-started:
 			if !d.ready {
 				d.ready = true
-				d.notifier.Notify("READY=1\nSTATUS=degraded: no successful reconcile within start_timeout; " + d.statusLine())
+				d.opts.Notify("READY=1\nSTATUS=degraded: no successful reconcile within start_timeout; " + d.statusLine())
 				d.log.Warn("start timeout passed without a successful reconcile; reporting ready in degraded mode",
 					zap.Duration("start_timeout", startTimeout))
 			}
@@ -299,35 +277,34 @@ func (d *Daemon) loop(ctx context.Context, hup <-chan os.Signal, watchdog <-chan
 	}
 }
 
-// batch gathers the events of one reconcile.
+// batch gathers the events of one reconcile. Its delay is the debounce
+// (events extend it), a repair backoff (a link event cuts it short) or 0.
 type batch struct {
-	open    bool
-	sliding bool // the delay is the debounce (not a repair backoff): events extend it
-	held    bool // the delay is a repair backoff: a link event cuts it short
-	first   time.Time
+	open  bool
+	delay time.Duration
+	first time.Time
 }
 
 // add accounts for an event (the pending triggers r) at now and returns the
 // delay to (re)arm the settle timer with, or rearm false to leave it as it
-// is. The first event opens the batch with delayFor(r): the debounce, or
-// the repair backoff. Later events push a debounce deadline back, never
-// beyond maxSettle after the first event; start and reload fire at once; a
-// link event turns a repair backoff into the debounce.
-func (b *batch) add(now time.Time, r Trigger, delayFor func(Trigger) time.Duration) (delay time.Duration, rearm bool) {
+// is. Start and reload fire at once, a link event waits the debounce; any
+// other first event opens the batch with settle(): the debounce, or the
+// repair backoff. Later events push a debounce deadline back, never beyond
+// maxSettle after the first event.
+func (b *batch) add(now time.Time, r Trigger, settle func() time.Duration) (delay time.Duration, rearm bool) {
 	switch {
-	case !b.open:
-		delay = delayFor(r)
-		*b = batch{open: true, sliding: delay == debounce, held: delay > debounce, first: now}
-		return delay, true
 	case r&(TriggerStart|TriggerReload) != 0:
+		*b = batch{open: true, first: now}
 		return 0, true // a reload is never held back by a repair backoff
-	case b.held && r&promptTriggers != 0:
-		// A link changed while a repair backoff holds the batch: what the
-		// kernel removed with the link is not a fight, and traffic through
-		// the link waits for it.
-		*b = batch{open: true, sliding: true, first: now}
+	case r&promptTriggers != 0 && (!b.open || b.delay > debounce):
+		// What the kernel removed with a link is not a fight, and traffic
+		// through the link waits for it.
+		*b = batch{open: true, delay: debounce, first: now}
 		return debounce, true
-	case b.sliding && now.Sub(b.first)+debounce < maxSettle:
+	case !b.open:
+		*b = batch{open: true, delay: settle(), first: now}
+		return b.delay, true
+	case b.delay == debounce && now.Sub(b.first)+debounce < maxSettle:
 		return debounce, true // the burst goes on: wait for quiet
 	}
 	return 0, false
@@ -342,18 +319,12 @@ func (b *batch) add(now time.Time, r Trigger, delayFor func(Trigger) time.Durati
 // re-adds (RTM_NEWADDR), and fight without backoff.
 const promptTriggers = TriggerLink
 
-// settleDelay is how long to gather events before reconciling: the debounce,
-// or the repair backoff while another program keeps deleting our objects
-// (never for a link change, see promptTriggers).
-func (d *Daemon) settleDelay(r Trigger) time.Duration {
-	if r&(TriggerStart|TriggerReload) != 0 {
-		return 0
-	}
-	if r&promptTriggers != 0 {
-		return debounce
-	}
-	if d.repairDelay > debounce && time.Since(d.lastRepair) < d.repairDelay {
-		return d.repairDelay - time.Since(d.lastRepair)
+// settleDelay is how long to gather events before reconciling: what is left
+// of the repair backoff while another program keeps deleting our objects,
+// else the debounce.
+func (d *Daemon) settleDelay() time.Duration {
+	if left := d.repairDelay - time.Since(d.lastRepair); d.repairDelay > debounce && left > 0 {
+		return left
 	}
 	return debounce
 }
@@ -387,15 +358,14 @@ func (d *Daemon) reconcile(ctx context.Context, t Trigger) error {
 	if rep.OK() {
 		d.lastSuccess = time.Now()
 	}
-	status := d.statusLine()
-	if !d.ready && rep.OK() {
-		d.ready = true
-		d.notifier.Notify("READY=1\nSTATUS=" + status)
-		d.lastStatus = status
+	switch status := d.statusLine(); {
+	case !d.ready && rep.OK():
+		d.ready, d.lastStatus = true, status
+		d.opts.Notify("READY=1\nSTATUS=" + status)
 		log.Info("ready", zap.String("status", status))
-	} else if status != d.lastStatus {
-		d.notifier.Notify("STATUS=" + status)
+	case status != d.lastStatus:
 		d.lastStatus = status
+		d.opts.Notify("STATUS=" + status)
 	}
 	d.writeStatus(rep, nil)
 	return nil
@@ -404,18 +374,16 @@ func (d *Daemon) reconcile(ctx context.Context, t Trigger) error {
 // logReport logs what a reconcile changed and what went wrong; failing is
 // how many IMDS reads had failed in a row before it.
 func (d *Daemon) logReport(rep Report, log *zap.Logger, failing int) {
-	for _, c := range rep.Changes {
-		if rep.ApplyError != "" {
-			break
-		}
-		log.Info("changed", ChangeFields(c)...)
-	}
-	if rep.Blocked > 0 {
-		log.Warn("some objects could not be added: other programs' objects hold their place; leaving them alone until those go",
-			zap.Int("blocked", rep.Blocked), zap.Any("objects", rep.BlockedObjects))
-	}
 	if rep.ApplyError != "" {
 		log.Error("applying changes failed", zap.String("error", rep.ApplyError), zap.Int("writes", rep.Writes))
+	} else {
+		for _, c := range rep.Changes {
+			log.Info("changed", ChangeFields(c)...)
+		}
+	}
+	if rep.Blocked > 0 { // only after a successful apply
+		log.Warn("some objects could not be added: other programs' objects hold their place; leaving them alone until those go",
+			zap.Int("blocked", rep.Blocked), zap.Any("objects", rep.BlockedObjects))
 	}
 	// A warning is logged at warn level when it appears, at debug level
 	// while it stays: every reconcile repeats it.
@@ -450,29 +418,26 @@ func (d *Daemon) logReport(rep Report, log *zap.Logger, failing int) {
 		zap.Bool("imds_read", rep.Fresh || rep.IMDSError != ""), zap.String("summary", rep.Summary()))
 }
 
+// statusLine is the STATUS= text and status.json's summary.
 func (d *Daemon) statusLine() string {
-	if d.report.Time.IsZero() {
+	switch {
+	case d.report.Time.IsZero():
 		return "waiting for the first reconcile"
-	}
-	s := d.report.Summary()
-	if d.rec.imds.failures > 0 && d.report.IMDSError == "" {
+	case d.rec.imds.failures > 0 && d.report.IMDSError == "":
 		// This reconcile reused the last good snapshot; IMDS is still down.
-		s = "degraded, IMDS unreachable, keeping routes: " + s
+		return "degraded, IMDS unreachable, keeping routes: " + d.report.Summary()
 	}
-	return s
+	return d.report.Summary()
 }
 
 // trackRepairs backs off repairs exponentially while drift keeps coming back.
 func (d *Daemon) trackRepairs(rep Report, log *zap.Logger) {
 	now := time.Now()
-	if rep.Repairs == 0 {
-		if d.repairStreak > 0 && now.Sub(d.lastRepair) > calmAfter {
-			d.repairStreak, d.repairDelay = 0, 0
-		}
-		return
-	}
 	if now.Sub(d.lastRepair) > calmAfter {
-		d.repairStreak = 0
+		d.repairStreak, d.repairDelay = 0, 0
+	}
+	if rep.Repairs == 0 {
+		return
 	}
 	d.repairStreak++
 	d.lastRepair = now
@@ -496,7 +461,7 @@ func (d *Daemon) schedule(poll, retry *time.Timer, t Trigger, err error) {
 		retry.Reset(kernelRetry)
 	}
 	if t.needsIMDS() || d.report.Fresh || d.report.IMDSError != "" {
-		iv := d.cfg.PollInterval
+		iv := d.rec.cfg.PollInterval
 		// ±10% jitter spreads a fleet's requests.
 		poll.Reset(iv + time.Duration((rand.Float64()*0.2-0.1)*float64(iv)))
 	}
@@ -505,21 +470,21 @@ func (d *Daemon) schedule(poll, retry *time.Timer, t Trigger, err error) {
 	}
 }
 
+// writeStatus publishes rep in status.json: degraded while the kernel
+// cannot be read, an apply fails or IMDS fails, with the first of these
+// errors.
 func (d *Daemon) writeStatus(rep Report, err error) {
+	var unreadable string
+	if err != nil {
+		unreadable = err.Error()
+	}
+	lastError := cmp.Or(unreadable, rep.ApplyError, d.rec.imds.lastError)
 	h := Health{
 		PID: os.Getpid(), Version: d.opts.Version, Started: d.started, Updated: time.Now(),
-		Ready: d.ready, Degraded: err != nil || d.rec.imds.failures > 0 || rep.ApplyError != "",
-		Summary: d.statusLine(), LastSuccess: d.lastSuccess, Report: rep,
+		Ready: d.ready, Degraded: lastError != "", Summary: d.statusLine(),
+		LastSuccess: d.lastSuccess, LastError: lastError, Report: rep,
 	}
-	switch {
-	case err != nil:
-		h.LastError = err.Error()
-	case rep.ApplyError != "":
-		h.LastError = rep.ApplyError
-	case d.rec.imds.failures > 0:
-		h.LastError = d.rec.imds.lastError
-	}
-	if werr := WriteStatus(d.cfg.StateDir, h); werr != nil {
+	if werr := WriteStatus(d.rec.cfg.StateDir, h); werr != nil {
 		d.log.Warn("writing status file", zap.Error(werr))
 	}
 }

@@ -96,7 +96,7 @@ func testSource(c IMDSConfig) (Snapshotter, error) {
 	return cl, nil
 }
 
-// recorder is a Notifier that keeps every message.
+// recorder keeps every sd_notify message (Options.Notify).
 type recorder struct {
 	mu   sync.Mutex
 	msgs []string
@@ -144,7 +144,7 @@ func (w *world) startPrepared(cfg Config, configPath string, prepare func(*Daemo
 	logger := zaptest.NewLogger(w.t, zaptest.WrapOptions(zap.WrapCore(func(c zapcore.Core) zapcore.Core { return zapcore.NewTee(c, core) })))
 	d, err := NewDaemon(Options{
 		ConfigPath: configPath, Config: cfg, NS: w.ns.Handle, Logger: logger,
-		NewSource: testSource, Notifier: r.notes, Version: "test",
+		NewSource: testSource, Notify: r.notes.Notify, Version: "test",
 		// Only the reload test sends SIGHUP, and only while Run is active.
 		HandleSignals: configPath != "",
 	})
@@ -692,7 +692,7 @@ func TestDaemonUnknownLinksCostOneRequestEach(t *testing.T) {
 // reconcilesFor replays events (offsets from the first, with their reasons)
 // through the daemon's batching on a simulated clock and returns when each
 // reconcile runs. No real timer is involved: the result is exact.
-func reconcilesFor(events []time.Duration, r Trigger, delayFor func(Trigger) time.Duration) []time.Duration {
+func reconcilesFor(events []time.Duration, r Trigger, delayFor func() time.Duration) []time.Duration {
 	var b batch
 	var deadline time.Duration
 	var runs []time.Duration
@@ -719,7 +719,7 @@ func reconcilesFor(events []time.Duration, r Trigger, delayFor func(Trigger) tim
 // backoff is not shortened by further drift, but a link event cuts it to the
 // debounce, and a reload is not delayed.
 func TestDaemonBatchesEvents(t *testing.T) {
-	debounced := func(Trigger) time.Duration { return debounce }
+	debounced := func() time.Duration { return debounce }
 	every := func(n int, gap time.Duration) []time.Duration {
 		out := make([]time.Duration, n)
 		for i := range out {
@@ -754,7 +754,7 @@ func TestDaemonBatchesEvents(t *testing.T) {
 		}
 	}
 
-	backoff := func(Trigger) time.Duration { return 2 * time.Second }
+	backoff := func() time.Duration { return 2 * time.Second }
 	if got := reconcilesFor(every(10, 100*time.Millisecond), TriggerDrift, backoff); len(got) != 1 || got[0] != 2*time.Second {
 		t.Errorf("drift during a repair backoff: reconciles at %v, want one at 2s", got)
 	}

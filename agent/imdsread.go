@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"maps"
 	"slices"
 	"time"
 
@@ -67,13 +68,13 @@ const (
 // last good snapshot and removes nothing.
 type imdsReads struct {
 	source       Snapshotter
-	pollInterval time.Duration // caps the backoff (0: no cap)
+	pollInterval time.Duration // caps the backoff
 
 	lastGood    *imds.Snapshot
 	seen        map[int]string // link index -> MAC, as observed at the last read
 	polls       int
-	failures    int // reads failed in a row
-	lastError   string
+	failures    int         // reads failed in a row
+	lastError   string      // of the last read while reads fail, else ""
 	retryAt     time.Time   // while IMDS fails, events read nothing until then
 	lastRead    time.Time   // successful or not
 	deferred    bool        // a new link's read waits for minLinkReadGap
@@ -98,7 +99,7 @@ func (p *imdsReads) read(ctx context.Context, t Trigger, links []netcfg.Link, ti
 		}
 	}
 	rep.NewLinks = len(newLinks) > 0
-	rd := imdsRead{p: p, ctx: ctx, links: links, rep: rep}
+	rd := imdsRead{imdsReads: p, ctx: ctx, links: links, rep: rep}
 	switch {
 	case t&TriggerPoll != 0 && t&(TriggerStart|TriggerRetry|TriggerReload) == 0:
 		p.polls++
@@ -136,13 +137,9 @@ func (p *imdsReads) record(now time.Time, rep *Report) {
 	case rep.IMDSError != "":
 		p.failures++
 		p.lastError = rep.IMDSError
-		backoff := min(time.Second<<min(p.failures-1, 10), maxIMDSBackoff)
-		if p.pollInterval > 0 {
-			backoff = min(backoff, p.pollInterval)
-		}
-		p.retryAt = now.Add(backoff)
+		p.retryAt = now.Add(min(time.Second<<min(p.failures-1, 10), maxIMDSBackoff, p.pollInterval))
 	case rep.Fresh:
-		p.failures, p.retryAt = 0, time.Time{}
+		p.failures, p.retryAt, p.lastError = 0, time.Time{}, ""
 	}
 }
 
@@ -163,11 +160,7 @@ func (p *imdsReads) countRetries(links []netcfg.Link, rep *Report) {
 			keep[l.Index] = true
 		}
 	}
-	for idx := range p.linkRetries {
-		if !keep[idx] {
-			delete(p.linkRetries, idx)
-		}
-	}
+	maps.DeleteFunc(p.linkRetries, func(idx, _ int) bool { return !keep[idx] })
 }
 
 // next is how long until IMDS should be read again for the backoff, a
@@ -177,21 +170,18 @@ func (p *imdsReads) next(now time.Time) time.Duration {
 	if !p.retryAt.IsZero() {
 		next = max(p.retryAt.Sub(now), 0)
 	}
-	fewest := -1
-	for _, n := range p.linkRetries {
-		if n <= maxLinkRetries-1 && (fewest < 0 || n < fewest) {
-			fewest = n
+	sooner := func(delay time.Duration) {
+		if next == 0 || delay < next {
+			next = delay
 		}
 	}
-	if fewest >= 1 {
-		if delay := firstLinkRetry << (fewest - 1); next == 0 || delay < next {
-			next = delay
+	if len(p.linkRetries) > 0 {
+		if fewest := slices.Min(slices.Collect(maps.Values(p.linkRetries))); fewest >= 1 && fewest < maxLinkRetries {
+			sooner(firstLinkRetry << (fewest - 1))
 		}
 	}
 	if p.deferred {
-		if delay := max(p.lastRead.Add(minLinkReadGap).Sub(now), time.Millisecond); next == 0 || delay < next {
-			next = delay
-		}
+		sooner(max(p.lastRead.Add(minLinkReadGap).Sub(now), time.Millisecond))
 	}
 	return next
 }
@@ -238,7 +228,7 @@ func (p *imdsReads) markSeen(links []netcfg.Link) {
 
 // imdsRead is one reconcile's read.
 type imdsRead struct {
-	p     *imdsReads
+	*imdsReads
 	ctx   context.Context
 	links []netcfg.Link // every link observed
 	rep   *Report
@@ -249,44 +239,40 @@ type imdsRead struct {
 // addresses) cost nothing, and sets rep.Listed; a failed listing is
 // reported like a failed snapshot.
 func (rd imdsRead) ask(links []netcfg.Link) {
-	p := rd.p
-	if p.lastGood == nil {
+	if rd.lastGood == nil {
 		rd.fetch(imds.Snapshot{}, imds.Update{})
 		return
 	}
-	if known := p.listed(links); len(known) > 0 {
-		rd.fetch(*p.lastGood, imds.Update{Full: known})
+	if known := rd.listed(links); len(known) > 0 {
+		rd.fetch(*rd.lastGood, imds.Update{Full: known})
 		return
 	}
 	if !slices.ContainsFunc(links, func(l netcfg.Link) bool { return l.MAC != "" && l.MAC != "00:00:00:00:00:00" }) {
 		if len(links) > 0 {
-			p.markSeen(rd.links) // only links without a MAC appeared: nothing to ask
+			rd.markSeen(rd.links) // only links without a MAC appeared: nothing to ask
 		}
 		return
 	}
 	t0 := time.Now()
-	macs, n, err := p.source.ListMACs(rd.ctx)
+	macs, n, err := rd.source.ListMACs(rd.ctx)
 	rd.rep.IMDSLatency, rd.rep.IMDSRequests = time.Since(t0), n
 	if err != nil {
 		rd.rep.IMDSError, rd.rep.IMDSErr = err.Error(), err
 		return
 	}
-	for _, mac := range macs {
-		if _, listed := p.lastGood.ENI(mac); !listed {
-			rd.fetch(*p.lastGood, imds.Update{MACs: macs})
-			return
-		}
+	if slices.ContainsFunc(macs, func(mac string) bool { _, listed := rd.lastGood.ENI(mac); return !listed }) {
+		rd.fetch(*rd.lastGood, imds.Update{MACs: macs})
+		return
 	}
 	rd.rep.Listed = true
-	p.markSeen(rd.links)
+	rd.markSeen(rd.links)
 }
 
 // fetch reads a snapshot as u says on prev: the last good one, or none for
 // a full read.
 func (rd imdsRead) fetch(prev imds.Snapshot, u imds.Update) {
-	p := rd.p
 	t0 := time.Now()
-	fresh, err := p.source.Refresh(rd.ctx, prev, u)
+	fresh, err := rd.source.Refresh(rd.ctx, prev, u)
 	rd.rep.IMDSLatency += time.Since(t0)
 	rd.rep.IMDSRequests += fresh.Requests
 	if err != nil {
@@ -294,26 +280,20 @@ func (rd imdsRead) fetch(prev imds.Snapshot, u imds.Update) {
 		return
 	}
 	rd.rep.Fresh = true
-	snap := p.mergeNotReady(fresh)
-	if p.lastGood == nil || !p.lastGood.Equal(snap) {
-		p.lastGood = &snap // a read that found nothing new keeps the pointer: the quiet memo holds
-	}
-	p.markSeen(rd.links)
-}
-
-// mergeNotReady replaces each not-ready ENI of a fresh snapshot with its
-// entry from the last good snapshot, if that one was ready: IMDS catching up
-// after a hot attach (or briefly answering device-number 0) must not undo
-// configuration that was correct a moment ago.
-func (p *imdsReads) mergeNotReady(fresh imds.Snapshot) imds.Snapshot {
-	if p.lastGood == nil {
-		return fresh
-	}
-	fresh.ENIs = slices.Clone(fresh.ENIs)
-	for i, e := range fresh.ENIs {
-		if old, ok := p.lastGood.ENI(e.MAC); ok && old.Ready && !e.Ready {
-			fresh.ENIs[i] = old
+	if rd.lastGood != nil {
+		// A not-ready ENI keeps its entry of the last good snapshot, if that
+		// one was ready: IMDS catching up after a hot attach (or briefly
+		// answering device-number 0) must not undo configuration that was
+		// correct a moment ago.
+		fresh.ENIs = slices.Clone(fresh.ENIs)
+		for i, e := range fresh.ENIs {
+			if old, ok := rd.lastGood.ENI(e.MAC); ok && old.Ready && !e.Ready {
+				fresh.ENIs[i] = old
+			}
 		}
 	}
-	return fresh
+	if rd.lastGood == nil || !rd.lastGood.Equal(fresh) {
+		rd.lastGood = &fresh // a read that found nothing new keeps the pointer: the quiet memo holds
+	}
+	rd.markSeen(rd.links)
 }

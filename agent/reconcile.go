@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"maps"
@@ -98,11 +99,10 @@ func (r Report) Summary() string {
 			parts = append(parts, fmt.Sprintf("%d %s", counts[s], s))
 		}
 	}
-	noun := "ENIs"
+	s := fmt.Sprintf("%d ENIs", len(r.ENIs))
 	if len(r.ENIs) == 1 {
-		noun = "ENI"
+		s = "1 ENI"
 	}
-	s := fmt.Sprintf("%d %s", len(r.ENIs), noun)
 	if len(parts) > 0 {
 		s += ": " + strings.Join(parts, ", ")
 	}
@@ -227,9 +227,7 @@ func (r *Reconciler) Unblock() {
 	if len(r.blocked) > 0 {
 		r.memo = nil // the released adds are tried again
 	}
-	for k := range r.blocked {
-		r.retrying[k] = true
-	}
+	maps.Copy(r.retrying, r.blocked)
 	clear(r.blocked)
 	clear(r.refusals)
 }
@@ -268,8 +266,12 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 		m = nil
 	}
 	var obs netcfg.Observed
-	if m != nil && changes != 0 && m.changes == changes && r.quietPoll(t) {
-		obs = m.obs // the kernel announced nothing since
+	// A poll may skip the kernel dumps while the kernel announced nothing
+	// since the memo, unless it comes with a start, retry or reload, or is
+	// the poll that reads everything afresh.
+	quietPoll := t&TriggerPoll != 0 && !(t &^ TriggerPoll).needsIMDS() && (r.imds.polls+1)%FullReadEvery != 0
+	if m != nil && changes != 0 && m.changes == changes && quietPoll {
+		obs = m.obs
 	} else if obs, err = r.kernel.Observe(); err != nil {
 		return rep, fmt.Errorf("observing links and addresses: %w", err)
 	}
@@ -287,18 +289,15 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 	}
 	desired := netcfg.Desired(snap, obs, r.cfg.Netcfg)
 	rep.ENIs, rep.Warnings = desired.ENIs, desired.Warnings
-	plan, complete, conflicts := r.plan(obs, desired.State, dryRun, &rep)
+	plan, complete := r.plan(obs, desired.State, dryRun, &rep)
 	if after, applied := r.apply(plan, obs, dryRun, &rep); applied {
 		obs = after // what the kernel holds after Apply
 		rep.ManagedRules, rep.ManagedRoutes = len(obs.Owned.Rules), len(obs.Owned.Routes)
 	}
-	if !dryRun {
-		conflicts = netcfg.Conflicts(obs, desired.State, r.cfg.Netcfg)
-		if rep.ApplyError == "" {
-			r.nat = desired.State.NAT
-		}
+	if !dryRun && rep.ApplyError == "" {
+		r.nat = desired.State.NAT
 	}
-	rep.Warnings = append(append(rep.Warnings, conflicts...), r.HostWarnings...)
+	rep.Warnings = append(append(rep.Warnings, netcfg.Conflicts(obs, desired.State, r.cfg.Netcfg)...), r.HostWarnings...)
 	if !dryRun && complete && plan.Empty() && rep.ApplyError == "" {
 		r.memo = &memo{changes: changes, snap: r.imds.lastGood, obs: obs, enis: rep.ENIs, warns: rep.Warnings}
 	}
@@ -310,11 +309,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, t Trigger, dryRun bool) (rep
 func (r *Reconciler) seeLinks(links []netcfg.Link, now time.Time) {
 	seen, leased := make(map[int]time.Time, len(links)), map[int]bool{}
 	for _, l := range links {
-		first, ok := r.firstSeen[l.Index]
-		if !ok {
-			first = now
-		}
-		seen[l.Index], leased[l.Index] = first, r.leased[l.Index]
+		seen[l.Index], leased[l.Index] = cmp.Or(r.firstSeen[l.Index], now), r.leased[l.Index]
 	}
 	maps.DeleteFunc(leased, func(_ int, v bool) bool { return !v })
 	r.firstSeen, r.leased = seen, leased
@@ -325,16 +320,10 @@ func (r *Reconciler) seeLinks(links []netcfg.Link, now time.Time) {
 // before now, and those on which a client's lease for it (an address with
 // finite lifetimes) was ever seen, which it records in leased.
 func (r *Reconciler) awaitDHCP(obs netcfg.Observed, snap imds.Snapshot, now time.Time) map[int]bool {
-	primaries := make(map[string]netip.Addr, len(snap.ENIs))
-	for _, e := range snap.ENIs {
-		if len(e.LocalIPv4s) > 0 {
-			primaries[e.MAC] = e.LocalIPv4s[0]
-		}
-	}
 	primaryOf := map[int]netip.Addr{}
 	for _, l := range obs.Links {
-		if p, ok := primaries[l.MAC]; ok {
-			primaryOf[l.Index] = p
+		if e, ok := snap.ENI(l.MAC); ok && len(e.LocalIPv4s) > 0 {
+			primaryOf[l.Index] = e.LocalIPv4s[0]
 		}
 	}
 	for _, a := range obs.ForeignAddrs {
@@ -342,12 +331,9 @@ func (r *Reconciler) awaitDHCP(obs netcfg.Observed, snap imds.Snapshot, now time
 			r.leased[a.LinkIndex] = true
 		}
 	}
-	var wait map[int]bool
+	wait := map[int]bool{}
 	for idx, first := range r.firstSeen {
 		if now.Sub(first) < r.cfg.DHCPGrace || r.leased[idx] {
-			if wait == nil {
-				wait = map[int]bool{}
-			}
 			wait[idx] = true
 		}
 	}
@@ -365,39 +351,28 @@ func (r *Reconciler) NextGrace(now time.Time) time.Duration {
 	return next
 }
 
-// quietPoll reports whether t is a poll that may skip the kernel dumps:
-// not combined with a start, retry or reload, and not the poll that reads
-// everything afresh, IMDS and the kernel.
-func (r *Reconciler) quietPoll(t Trigger) bool {
-	return t&TriggerPoll != 0 && !(t &^ TriggerPoll).needsIMDS() && (r.imds.polls+1)%FullReadEvery != 0
-}
-
 // plan returns Diff's plan for desired less what this reconcile may not or
-// need not apply, whether it withheld no deletion, and the conflicts it
-// checked (a dry run's). Without a fresh IMDS read, the last good snapshot
+// need not apply, and whether it withheld no deletion. Without a fresh IMDS read, the last good snapshot
 // may be stale: it can add, and remove only the rules of tables the kernel
 // emptied (a detached link's, see Plan.WithoutFreshIMDS). Adds another program's object holds out are left out with a
 // warning each: those that did not stick before (blocked), and in a dry
 // run, which cannot learn that from EEXIST, those Conflicts names, so that
 // plan agrees with the daemon.
-func (r *Reconciler) plan(obs netcfg.Observed, desired netcfg.State, dryRun bool, rep *Report) (netcfg.Plan, bool, []netcfg.Warning) {
+func (r *Reconciler) plan(obs netcfg.Observed, desired netcfg.State, dryRun bool, rep *Report) (netcfg.Plan, bool) {
 	plan := netcfg.Diff(obs.Owned, desired)
 	complete := true
 	if !rep.Fresh {
 		safe := plan.WithoutFreshIMDS(obs)
 		plan, complete = safe, len(safe.Ops) == len(plan.Ops)
 	}
-	held, conflicts := r.blocked, []netcfg.Warning(nil)
+	held := r.blocked
 	if dryRun {
-		conflicts = netcfg.Conflicts(obs, desired, r.cfg.Netcfg)
-		held = netcfg.BlockedBy(plan, conflicts)
-		for k := range r.blocked {
-			held[k] = true
-		}
+		held = netcfg.BlockedBy(plan, netcfg.Conflicts(obs, desired, r.cfg.Netcfg))
+		maps.Copy(held, r.blocked)
 	}
 	plan, dropped := plan.Split(held)
 	rep.Warnings = append(rep.Warnings, r.blockedWarnings(dropped, obs, rep.ENIs)...)
-	return plan, complete, conflicts
+	return plan, complete
 }
 
 // blockedWarnings warns about each add of ops that another program's object
@@ -407,16 +382,15 @@ func (r *Reconciler) blockedWarnings(ops []netcfg.Op, obs netcfg.Observed, enis 
 	var out []netcfg.Warning
 	for _, c := range netcfg.Attribute(ops, enis, obs.Links) {
 		b := obs.Blocked(c.Op)
+		w := netcfg.Warning{ENI: c.ENI, Blocked: &b,
+			Message: fmt.Sprintf("cannot add %s: held by %s (EEXIST); left alone until it goes", b.Object, b.Holder),
+			Hint:    "remove the other object if it is stale, or stop its program from managing this ENI, or exclude the ENI in the configuration"}
 		if reason, ok := r.refusals[c.Op.ObjectKey()]; ok {
 			b.Holder = "no object: the kernel refuses it (" + reason + ")"
-			out = append(out, netcfg.Warning{ENI: c.ENI, Blocked: &b,
-				Message: fmt.Sprintf("cannot add %s: %s; tried again when links, addresses or routes change", b.Object, reason),
-				Hint:    "the gateway needs a route in that table: another program may have moved the subnet's route out of it (amazon-ec2-net-utils: mask its policy-routes units, docs/coexistence.md)"})
-			continue
+			w.Message = fmt.Sprintf("cannot add %s: %s; tried again when links, addresses or routes change", b.Object, reason)
+			w.Hint = "the gateway needs a route in that table: another program may have moved the subnet's route out of it (amazon-ec2-net-utils: mask its policy-routes units, docs/coexistence.md)"
 		}
-		out = append(out, netcfg.Warning{ENI: c.ENI, Blocked: &b,
-			Message: fmt.Sprintf("cannot add %s: held by %s (EEXIST); left alone until it goes", b.Object, b.Holder),
-			Hint:    "remove the other object if it is stale, or stop its program from managing this ENI, or exclude the ENI in the configuration"})
+		out = append(out, w)
 	}
 	return out
 }

@@ -48,27 +48,16 @@ func (t Trigger) needsIMDS() bool {
 	return t&(TriggerStart|TriggerPoll|TriggerRetry|TriggerReload) != 0
 }
 
+// kernelTriggers are the reconciles kernel changes always ask for.
+var kernelTriggers = map[netcfg.KernelChange]Trigger{netcfg.LinkChanged: TriggerLink,
+	netcfg.AddrChanged: TriggerAddr, netcfg.OwnedDeleted: TriggerDrift, netcfg.Resync: TriggerResync}
+
 // triggerFor is the reconcile a kernel change asks for; 0 for none. A
 // foreign deletion matters only while some add of ours is blocked, any other
 // change (a route added) only while the kernel refuses one of our adds.
 func triggerFor(c netcfg.KernelChange, blocked, refused bool) Trigger {
-	switch c {
-	case netcfg.LinkChanged:
-		return TriggerLink
-	case netcfg.AddrChanged:
-		return TriggerAddr
-	case netcfg.OwnedDeleted:
-		return TriggerDrift
-	case netcfg.Resync:
-		return TriggerResync
-	case netcfg.ForeignDeleted:
-		if blocked {
-			return TriggerForeign
-		}
-	case netcfg.OtherChanged:
-		if refused {
-			return TriggerForeign
-		}
+	if c == netcfg.ForeignDeleted && blocked || c == netcfg.OtherChanged && refused {
+		return TriggerForeign
 	}
-	return 0
+	return kernelTriggers[c]
 }
