@@ -141,29 +141,7 @@ func routeConflicts(cfg Config, desired State, tableLink map[int]int, routes []K
 		}
 		return w, ok && r.Metric == metric
 	}
-	secondary := map[int]bool{}
-	if !cfg.PrimaryTable {
-		for _, idx := range tableLink {
-			secondary[idx] = true
-		}
-	}
-	// The best (lowest) metric of the main table's other default routes, per
-	// family: a secondary's default route only wins when it is lower or equal.
-	isDefault := func(r KernelRoute) bool {
-		return r.Table == MainTable && r.Dst.Bits() == 0 && r.Type == unix.RTN_UNICAST
-	}
-	bestOther := map[bool]int{} // by IPv6
-	for _, r := range routes {
-		if isDefault(r) && !secondary[r.LinkIndex] {
-			if m, ok := bestOther[r.Dst.Addr().Is6()]; !ok || r.Metric < m {
-				bestOther[r.Dst.Addr().Is6()] = r.Metric
-			}
-		}
-	}
-	winsOver := func(r KernelRoute) bool {
-		m, ok := bestOther[r.Dst.Addr().Is6()]
-		return !ok || r.Metric <= m
-	}
+	defaultViaSecondary := secondaryDefaultWins(cfg, tableLink, routes)
 	foreign := map[int][]string{}
 	blocks := map[int][]Route{}
 	for _, r := range routes {
@@ -172,7 +150,7 @@ func routeConflicts(cfg Config, desired State, tableLink map[int]int, routes []K
 		ours := r.Protocol == cfg.Protocol
 		mine, isBlocked := blocked(r)
 		switch {
-		case isDefault(r) && !ours && secondary[r.LinkIndex] && winsOver(r):
+		case !ours && defaultViaSecondary(r):
 			warns = append(warns, Warning{
 				ENI:     links[r.LinkIndex],
 				Message: fmt.Sprintf("main table has a default route through secondary ENI (link #%d, via %v, metric %d, protocol %d): outbound traffic may leave through the wrong VPC", r.LinkIndex, r.Gateway, r.Metric, r.Protocol),
@@ -208,4 +186,33 @@ func routeConflicts(cfg Config, desired State, tableLink map[int]int, routes []K
 		})
 	}
 	return warns
+}
+
+// secondaryDefaultWins returns whether a route of routes is a main-table
+// default route through a secondary ENI (a link with a table of ours, unless
+// the primary has one too) whose metric is lower than or equal to the best
+// of the other default routes of its family: only then can outbound traffic
+// follow it.
+func secondaryDefaultWins(cfg Config, tableLink map[int]int, routes []KernelRoute) func(KernelRoute) bool {
+	secondary := map[int]bool{}
+	if !cfg.PrimaryTable {
+		for _, idx := range tableLink {
+			secondary[idx] = true
+		}
+	}
+	isDefault := func(r KernelRoute) bool {
+		return r.Table == MainTable && r.Dst.Bits() == 0 && r.Type == unix.RTN_UNICAST
+	}
+	bestOther := map[bool]int{} // by IPv6
+	for _, r := range routes {
+		if isDefault(r) && !secondary[r.LinkIndex] {
+			if m, ok := bestOther[r.Dst.Addr().Is6()]; !ok || r.Metric < m {
+				bestOther[r.Dst.Addr().Is6()] = r.Metric
+			}
+		}
+	}
+	return func(r KernelRoute) bool {
+		m, ok := bestOther[r.Dst.Addr().Is6()]
+		return isDefault(r) && secondary[r.LinkIndex] && (!ok || r.Metric <= m)
+	}
 }
