@@ -29,7 +29,7 @@ type bench struct {
 
 // measure runs every measurement, then writes the report.
 func measure(ctx context.Context, o options) int {
-	r := newResults(o)
+	r := &results{o: o, Started: time.Now(), LoadStart: loadAverage()}
 	b := &bench{ctx: ctx, o: o, r: r}
 	defer b.closeWorld()
 

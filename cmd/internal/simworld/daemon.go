@@ -119,7 +119,7 @@ func (w *World) ConfiguredCheck(enis ...*ENI) error {
 func (s State) configured(link string, a netip.Addr) error {
 	table := 0
 	for _, r := range s.Rules {
-		if p, ok := netipPrefix(r.Src); ok && r.Protocol == Protocol && p.Bits() > 0 && p.Contains(a) {
+		if p, err := netip.ParsePrefix(r.Src.String()); err == nil && r.Protocol == Protocol && p.Bits() > 0 && p.Contains(a) {
 			table = r.Table
 			break
 		}
@@ -128,7 +128,7 @@ func (s State) configured(link string, a netip.Addr) error {
 		return errors.New("no source rule of ours")
 	}
 	if !slices.ContainsFunc(slices.Collect(maps.Values(s.Routes)), func(r netlink.Route) bool {
-		dst, _ := netipPrefix(r.Dst)
+		dst, _ := netip.ParsePrefix(r.Dst.String()) // invalid (-1 bits) for no destination
 		return r.Table == table && dst.Bits() <= 0 && s.linkName(r.LinkIndex) == link
 	}) {
 		return fmt.Errorf("table %d has no default route via %s", table, link)

@@ -692,15 +692,3 @@ func (w *World) Procs() []*Proc {
 	defer w.mu.Unlock()
 	return append([]*Proc(nil), w.procs...)
 }
-
-func netipPrefix(n *net.IPNet) (netip.Prefix, bool) {
-	if n == nil {
-		return netip.Prefix{}, false
-	}
-	a, ok := netip.AddrFromSlice(n.IP)
-	if !ok {
-		return netip.Prefix{}, false
-	}
-	bits, _ := n.Mask.Size()
-	return netip.PrefixFrom(a.Unmap(), bits), true
-}
