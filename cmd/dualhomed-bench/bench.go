@@ -438,10 +438,8 @@ func (b *bench) noops(v *variantResult, p *pipeline) error {
 // daemon), and returns it with the emulator's counts for it and the number
 // of rtnetlink notifications it caused.
 func (b *bench) measuredRead(p *pipeline, r read) (reconcileRun, emulator.Stats, int, error) {
-	select {
-	case <-b.ctx.Done():
-		return reconcileRun{}, emulator.Stats{}, 0, b.ctx.Err()
-	case <-time.After(bucketRefill):
+	if err := simworld.Sleep(b.ctx, bucketRefill); err != nil {
+		return reconcileRun{}, emulator.Stats{}, 0, err
 	}
 	b.w.IMDS.ResetStats()
 	c0 := b.settledChanges()
