@@ -333,9 +333,8 @@ func (d *demo) describe() {
 		if e.IsPrimary() {
 			role = "primary  "
 		}
-		addrs := e.IPv4s()
 		var as []string
-		for _, a := range append(addrs, e.IPv6s()...) {
+		for _, a := range append(e.IPv4s(), e.IPv6s()...) {
 			as = append(as, a.String())
 		}
 		note := ""

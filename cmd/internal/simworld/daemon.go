@@ -58,9 +58,6 @@ func (w *World) StartDaemon(o DaemonOptions) (*Proc, error) {
 	if err := w.WriteConfig(o); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(w.StateDir(), 0o755); err != nil {
-		return nil, fmt.Errorf("creating state directory: %w", err)
-	}
 	return w.start(w.Instance, "dualhomed", w.opts.DualhomedBin, append([]string{"daemon"}, w.globalFlags()...)...)
 }
 
@@ -68,9 +65,6 @@ func (w *World) StartDaemon(o DaemonOptions) (*Proc, error) {
 // global flags) and returns its standard output; the error includes stderr
 // and the exit status.
 func (w *World) Dualhomed(ctx context.Context, args ...string) (string, error) {
-	if err := os.MkdirAll(w.StateDir(), 0o755); err != nil {
-		return "", fmt.Errorf("creating state directory: %w", err)
-	}
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	cmd := w.Instance.Command(ctx, w.opts.DualhomedBin, append(args, append(w.globalFlags(), "--log-format", "console")...)...)

@@ -224,6 +224,9 @@ func New(ctx context.Context, opts Options) (w *World, err error) {
 	if w.Dir, err = os.MkdirTemp("", w.Prefix); err != nil {
 		return w, fmt.Errorf("creating world directory: %w", err)
 	}
+	if err = os.Mkdir(w.StateDir(), 0o755); err != nil {
+		return w, fmt.Errorf("creating state directory: %w", err)
+	}
 	if w.Instance, err = w.newNS("inst"); err != nil {
 		return w, err
 	}
