@@ -91,7 +91,7 @@ const minimalImage = "dhcp_grace: 0s\n"
 // its pristine state.
 func (b *bench) build(inst emulator.Instance) error {
 	b.closeWorld()
-	w, err := simworld.New(b.ctx, simworld.Options{Instance: &inst, MinimalBoot: true, DualhomedBin: b.o.dualhomed})
+	w, err := simworld.New(simworld.Options{Instance: &inst, MinimalBoot: true, DualhomedBin: b.o.dualhomed})
 	if err != nil {
 		return err
 	}

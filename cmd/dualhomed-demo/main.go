@@ -100,7 +100,7 @@ func (d *demo) run(ctx context.Context) error {
 	}
 	say("dualhomed demo (%s): a simulated dual-homed EC2 instance, built from network namespaces.", version)
 	say("")
-	w, err := simworld.New(ctx, simworld.Options{DualhomedBin: d.dualhomed, NAT: true})
+	w, err := simworld.New(simworld.Options{DualhomedBin: d.dualhomed, NAT: true})
 	if err != nil {
 		return err
 	}

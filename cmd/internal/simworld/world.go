@@ -206,7 +206,7 @@ var worldSeq atomic.Int64
 var prefixPattern = regexp.MustCompile(`^dh([0-9]+)w[0-9]+-`)
 
 // New builds the world. On error everything already built is removed.
-func New(ctx context.Context, opts Options) (w *World, err error) {
+func New(opts Options) (w *World, err error) {
 	if os.Geteuid() != 0 {
 		return nil, errors.New("building the simulated instance needs root (network namespaces)")
 	}
