@@ -29,7 +29,7 @@ type bench struct {
 
 // measure runs every measurement, then writes the report.
 func measure(ctx context.Context, o options) int {
-	r := newResults(o)
+	r := &results{o: o, Started: time.Now(), LoadStart: loadAverage()}
 	b := &bench{ctx: ctx, o: o, r: r}
 	defer b.closeWorld()
 
@@ -91,7 +91,7 @@ const minimalImage = "dhcp_grace: 0s\n"
 // its pristine state.
 func (b *bench) build(inst emulator.Instance) error {
 	b.closeWorld()
-	w, err := simworld.New(b.ctx, simworld.Options{Instance: &inst, MinimalBoot: true, DualhomedBin: b.o.dualhomed})
+	w, err := simworld.New(simworld.Options{Instance: &inst, MinimalBoot: true, DualhomedBin: b.o.dualhomed})
 	if err != nil {
 		return err
 	}
@@ -438,10 +438,8 @@ func (b *bench) noops(v *variantResult, p *pipeline) error {
 // daemon), and returns it with the emulator's counts for it and the number
 // of rtnetlink notifications it caused.
 func (b *bench) measuredRead(p *pipeline, r read) (reconcileRun, emulator.Stats, int, error) {
-	select {
-	case <-b.ctx.Done():
-		return reconcileRun{}, emulator.Stats{}, 0, b.ctx.Err()
-	case <-time.After(bucketRefill):
+	if err := simworld.Sleep(b.ctx, bucketRefill); err != nil {
+		return reconcileRun{}, emulator.Stats{}, 0, err
 	}
 	b.w.IMDS.ResetStats()
 	c0 := b.settledChanges()

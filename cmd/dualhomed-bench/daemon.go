@@ -73,10 +73,8 @@ func (b *bench) daemon(ctx context.Context) {
 			return err
 		}
 		start := time.Now()
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(o.idle):
+		if err := simworld.Sleep(ctx, o.idle); err != nil {
+			return err
 		}
 		cpu1, err1 := proc.CPUTime()
 		ticks1, err2 := proc.CPUTicks()
@@ -160,10 +158,7 @@ func (b *bench) daemon(ctx context.Context) {
 		if err := proc.Signal(syscall.SIGHUP); err != nil {
 			return err
 		}
-		select {
-		case <-ctx.Done():
-		case <-time.After(o.fault):
-		}
+		_ = simworld.Sleep(ctx, o.fault) // an interrupted run ends the window early
 		st := b.w.IMDS.Stats()
 		elapsed := time.Since(start)
 		b.w.IMDS.ClearFaults()
@@ -283,20 +278,16 @@ func (b *bench) afterNextPoll(ctx context.Context, proc *simworld.Proc, seen int
 	deadline := time.Now().Add(2*pollCPUInterval + time.Second)
 	for {
 		if n := b.w.IMDS.Stats().ByPath[macListingPath]; n > seen {
-			select {
-			case <-ctx.Done():
-				return n, ctx.Err()
-			case <-time.After(pollDone):
+			if err := simworld.Sleep(ctx, pollDone); err != nil {
+				return n, err
 			}
 			return b.w.IMDS.Stats().ByPath[macListingPath], nil
 		}
 		if time.Now().After(deadline) {
 			return seen, logContext(proc, errors.Join(fmt.Errorf("no poll (request of %s) within %v", macListingPath, 2*pollCPUInterval+time.Second), alive(proc)))
 		}
-		select {
-		case <-ctx.Done():
-			return seen, ctx.Err()
-		case <-time.After(10 * time.Millisecond):
+		if err := simworld.Sleep(ctx, 10*time.Millisecond); err != nil {
+			return seen, err
 		}
 	}
 }

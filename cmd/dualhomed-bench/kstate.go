@@ -3,7 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
-	"os"
+
 	"strings"
 
 	"github.com/vishvananda/netlink"
@@ -111,13 +111,4 @@ func resetKernel(ns *simworld.NS, pristine simworld.State) error {
 			}
 		}
 	}
-}
-
-// writeSysctl writes a net.* sysctl of the calling thread's namespace.
-func writeSysctl(key, value string) error {
-	path := "/proc/sys/" + strings.ReplaceAll(key, ".", "/")
-	if err := os.WriteFile(path, []byte(value), 0o644); err != nil {
-		return fmt.Errorf("writing %s: %w", key, err)
-	}
-	return nil
 }

@@ -113,10 +113,6 @@ type daemonResult struct {
 	PollCPUChanges  changeCounts
 }
 
-func newResults(o options) *results {
-	return &results{o: o, Started: time.Now(), LoadStart: loadAverage()}
-}
-
 // loadAverage is the 1, 5 and 15 minute load average: other work on the
 // machine during the run makes every figure slower.
 func loadAverage() string {
@@ -305,6 +301,7 @@ var quoted = struct {
 // write renders the report to path.
 func (r *results) write(path string) error {
 	o := r.o
+	hotAttachMatrix, _ := os.ReadFile(filepath.Join(filepath.Dir(path), "hot-attach-matrix.md")) // "" when absent
 	page := struct {
 		*results
 		Facts                      [][2]string
@@ -315,7 +312,7 @@ func (r *results) write(path string) error {
 		// beside amazon-ec2-net-utils and kept in the file it writes.
 		HotAttachMatrix string
 	}{r, machineFacts(), loadAverage(), commandLine(o), o.goBenchOut, o.enis, o.ipv4, o.ipv6, o.prefixes,
-		readOptional(filepath.Join(filepath.Dir(path), "hot-attach-matrix.md"))}
+		string(hotAttachMatrix)}
 	var b bytes.Buffer
 	if err := report.Execute(&b, page); err != nil {
 		return fmt.Errorf("rendering the report: %w", err)
@@ -327,15 +324,6 @@ func (r *results) write(path string) error {
 		return fmt.Errorf("writing the report: %w", err)
 	}
 	return nil
-}
-
-// readOptional returns a file's text, or "" when it cannot be read.
-func readOptional(path string) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return ""
-	}
-	return string(b)
 }
 
 // seconds formats a whole number of seconds as "15 s".

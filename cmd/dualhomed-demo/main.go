@@ -100,7 +100,7 @@ func (d *demo) run(ctx context.Context) error {
 	}
 	say("dualhomed demo (%s): a simulated dual-homed EC2 instance, built from network namespaces.", version)
 	say("")
-	w, err := simworld.New(ctx, simworld.Options{DualhomedBin: d.dualhomed, NAT: true})
+	w, err := simworld.New(simworld.Options{DualhomedBin: d.dualhomed, NAT: true})
 	if err != nil {
 		return err
 	}
@@ -333,9 +333,8 @@ func (d *demo) describe() {
 		if e.IsPrimary() {
 			role = "primary  "
 		}
-		addrs := e.IPv4s()
 		var as []string
-		for _, a := range append(addrs, e.IPv6s()...) {
+		for _, a := range append(e.IPv4s(), e.IPv6s()...) {
 			as = append(as, a.String())
 		}
 		note := ""

@@ -368,7 +368,6 @@ func (s *Server) takeFault(path string) (latency time.Duration, drop bool, statu
 	}
 	latency = f.Latency
 	if f.DropConnections {
-		drop = true
 		if f.DropCount > 0 {
 			f.DropCount--
 			if f.DropCount == 0 {
@@ -429,8 +428,7 @@ func (s *Server) serveMetadata(h http.Header, r *http.Request) (int, string) {
 	now := s.now()
 	exp, known := s.checkToken(token)
 	valid := known && now.Before(exp) && !s.faults.RejectTokens // IMDSv2 only: no token is a bad one
-	var body string
-	found := false
+	body, found := "", false
 	if valid {
 		body, found = s.lookup(r.URL.Path)
 	}

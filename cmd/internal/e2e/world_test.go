@@ -101,7 +101,7 @@ func TestTeardownLeavesNothing(t *testing.T) {
 		return names
 	}
 	linksBefore := hostLinks()
-	w, err := simworld.New(context.Background(), simworld.Options{DualhomedBin: dualhomedBin})
+	w, err := simworld.New(simworld.Options{DualhomedBin: dualhomedBin})
 	if err != nil {
 		t.Fatal(err)
 	}

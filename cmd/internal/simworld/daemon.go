@@ -58,9 +58,6 @@ func (w *World) StartDaemon(o DaemonOptions) (*Proc, error) {
 	if err := w.WriteConfig(o); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(w.StateDir(), 0o755); err != nil {
-		return nil, fmt.Errorf("creating state directory: %w", err)
-	}
 	return w.start(w.Instance, "dualhomed", w.opts.DualhomedBin, append([]string{"daemon"}, w.globalFlags()...)...)
 }
 
@@ -68,9 +65,6 @@ func (w *World) StartDaemon(o DaemonOptions) (*Proc, error) {
 // global flags) and returns its standard output; the error includes stderr
 // and the exit status.
 func (w *World) Dualhomed(ctx context.Context, args ...string) (string, error) {
-	if err := os.MkdirAll(w.StateDir(), 0o755); err != nil {
-		return "", fmt.Errorf("creating state directory: %w", err)
-	}
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	cmd := w.Instance.Command(ctx, w.opts.DualhomedBin, append(args, append(w.globalFlags(), "--log-format", "console")...)...)
@@ -119,7 +113,7 @@ func (w *World) ConfiguredCheck(enis ...*ENI) error {
 func (s State) configured(link string, a netip.Addr) error {
 	table := 0
 	for _, r := range s.Rules {
-		if p, ok := netipPrefix(r.Src); ok && r.Protocol == Protocol && p.Bits() > 0 && p.Contains(a) {
+		if p, err := netip.ParsePrefix(r.Src.String()); err == nil && r.Protocol == Protocol && p.Bits() > 0 && p.Contains(a) {
 			table = r.Table
 			break
 		}
@@ -128,7 +122,7 @@ func (s State) configured(link string, a netip.Addr) error {
 		return errors.New("no source rule of ours")
 	}
 	if !slices.ContainsFunc(slices.Collect(maps.Values(s.Routes)), func(r netlink.Route) bool {
-		dst, _ := netipPrefix(r.Dst)
+		dst, _ := netip.ParsePrefix(r.Dst.String()) // invalid (-1 bits) for no destination
 		return r.Table == table && dst.Bits() <= 0 && s.linkName(r.LinkIndex) == link
 	}) {
 		return fmt.Errorf("table %d has no default route via %s", table, link)

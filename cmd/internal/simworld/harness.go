@@ -4,14 +4,12 @@ package simworld
 // test that cleans up after itself, and their logs quoted in failures.
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 )
 
 // DualhomedPkg is the import path of the program a world runs.
@@ -65,9 +63,7 @@ func ForTestWith(t testing.TB, opts Options) *World {
 	if os.Geteuid() != 0 {
 		t.Skip("skipping: the simulated instance needs root to create network namespaces (run `sudo make test`)")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	w, err := New(ctx, opts)
+	w, err := New(opts)
 	if err != nil {
 		t.Fatalf("building the simulated instance: %v", err)
 	}

@@ -75,9 +75,7 @@ func newNS(name string) (*NS, error) {
 // close releases the handles and removes the namespace after killing every
 // process still running in it (a process would keep it, and its links, alive).
 func (n *NS) close() error {
-	if n.NL != nil {
-		n.NL.Close()
-	}
+	n.NL.Close()
 	n.Handle.Close()
 	killNSProcesses(n.Name)
 	return deleteNamedNS(n.Name)

@@ -155,7 +155,7 @@ func PingRun(ctx context.Context, ns *NS, dst netip.Addr, count int, interval, l
 	}
 	res := PingResult{}
 	for ; res.Sent < count; res.Sent++ {
-		if res.Sent > 0 && sleep(ctx, interval) != nil {
+		if res.Sent > 0 && Sleep(ctx, interval) != nil {
 			break
 		}
 		p.send(res.Sent)
@@ -196,8 +196,8 @@ func FirstReply(ctx context.Context, ns *NS, dst netip.Addr, interval time.Durat
 	}
 }
 
-// sleep waits d, or less when ctx ends first (then it returns ctx's error).
-func sleep(ctx context.Context, d time.Duration) error {
+// Sleep waits d, or less when ctx ends first (then it returns ctx's error).
+func Sleep(ctx context.Context, d time.Duration) error {
 	select {
 	case <-ctx.Done():
 		return ctx.Err()

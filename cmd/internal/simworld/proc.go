@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -23,9 +22,8 @@ type Proc struct {
 	Name    string
 	LogPath string
 	cmd     *exec.Cmd
-	logFrom int // where this run's output starts in the log
-	done    chan struct{}
-	mu      sync.Mutex
+	logFrom int           // where this run's output starts in the log
+	done    chan struct{} // closed once waitErr is set: the close orders the write before every read
 	waitErr error
 }
 
@@ -59,9 +57,7 @@ func (w *World) start(ns *NS, name, bin string, args ...string) (*Proc, error) {
 	go func() {
 		err := cmd.Wait()
 		f.Close()
-		p.mu.Lock()
 		p.waitErr = err
-		p.mu.Unlock()
 		close(p.done)
 	}()
 	w.mu.Lock()
@@ -77,8 +73,6 @@ func (p *Proc) Pid() int { return p.cmd.Process.Pid }
 func (p *Proc) Exited() (bool, error) {
 	select {
 	case <-p.done:
-		p.mu.Lock()
-		defer p.mu.Unlock()
 		return true, p.waitErr
 	default:
 		return false, nil

@@ -206,7 +206,7 @@ var worldSeq atomic.Int64
 var prefixPattern = regexp.MustCompile(`^dh([0-9]+)w[0-9]+-`)
 
 // New builds the world. On error everything already built is removed.
-func New(ctx context.Context, opts Options) (w *World, err error) {
+func New(opts Options) (w *World, err error) {
 	if os.Geteuid() != 0 {
 		return nil, errors.New("building the simulated instance needs root (network namespaces)")
 	}
@@ -223,6 +223,9 @@ func New(ctx context.Context, opts Options) (w *World, err error) {
 	}()
 	if w.Dir, err = os.MkdirTemp("", w.Prefix); err != nil {
 		return w, fmt.Errorf("creating world directory: %w", err)
+	}
+	if err = os.Mkdir(w.StateDir(), 0o755); err != nil {
+		return w, fmt.Errorf("creating state directory: %w", err)
 	}
 	if w.Instance, err = w.newNS("inst"); err != nil {
 		return w, err
@@ -691,16 +694,4 @@ func (w *World) Procs() []*Proc {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return append([]*Proc(nil), w.procs...)
-}
-
-func netipPrefix(n *net.IPNet) (netip.Prefix, bool) {
-	if n == nil {
-		return netip.Prefix{}, false
-	}
-	a, ok := netip.AddrFromSlice(n.IP)
-	if !ok {
-		return netip.Prefix{}, false
-	}
-	bits, _ := n.Mask.Size()
-	return netip.PrefixFrom(a.Unmap(), bits), true
 }
