@@ -80,8 +80,9 @@ func (s State) clone() State {
 	}
 }
 
-// The comparisons below return at the first difference, before comparing
-// what follows: cmp.Or would compute every field's comparison first, which
+// The comparisons below return as soon as the fields that decide most
+// orderings (tables, priorities, prefixes) differ, and use cmp.Or only for
+// the rest: cmp.Or over every field computes each comparison first, which
 // makes sorting our owned state 30 % slower (BenchmarkObserveParts/sort-owned
 // at full scale: 430 instead of 330 µs of a 2 ms no-op reconcile).
 func compareRoutes(a, b Route) int {
