@@ -134,6 +134,20 @@ func TestMetricsExposition(t *testing.T) {
 // configuredENI1 is a world whose ENI 1 (another VPC) dualhomed has
 // configured through the one-shot apply, with the kernel and IMDS source
 // that did it.
+// deleteOurMainRoute deletes the first main-table route of ours (ENI 1's
+// route to its VPC, which is not the primary's) and returns it.
+func (w *world) deleteOurMainRoute() *netlink.Route {
+	w.t.Helper()
+	routes := w.ourRoutes(netcfg.MainTable)
+	if len(routes) == 0 {
+		w.t.Fatal("apply added no main-table route for ENI 1 (another VPC)")
+	}
+	if err := w.ns.NL.RouteDel(&routes[0]); err != nil {
+		w.t.Fatal(err)
+	}
+	return &routes[0]
+}
+
 func configuredENI1(t *testing.T) (*world, Config, Kernel, Snapshotter) {
 	t.Helper()
 	w := newWorld(t, 2)
@@ -158,17 +172,7 @@ func configuredENI1(t *testing.T) (*world, Config, Kernel, Snapshotter) {
 // with another metric blocks nothing: there the add stays pending.
 func TestPlanReportsBlockedMainRouteAsWarning(t *testing.T) {
 	w, cfg, k, src := configuredENI1(t)
-	var ours *netlink.Route
-	for _, rt := range w.ourRoutes(netcfg.MainTable) {
-		ours = &rt
-		break
-	}
-	if ours == nil {
-		t.Fatal("apply added no main-table route for ENI 1 (another VPC): nothing to block")
-	}
-	if err := w.ns.NL.RouteDel(ours); err != nil {
-		t.Fatal(err)
-	}
+	ours := w.deleteOurMainRoute()
 	foreign := *ours
 	foreign.Protocol = unix.RTPROT_STATIC
 	plan := func() Report {
@@ -351,17 +355,7 @@ func TestNATInMetricsAndStatus(t *testing.T) {
 // does on a kernel event) it goes in.
 func TestRefusedMainRouteIsAWarningNotRetried(t *testing.T) {
 	w, cfg, k, src := configuredENI1(t)
-	var ours *netlink.Route
-	for _, rt := range w.ourRoutes(netcfg.MainTable) {
-		ours = &rt
-		break
-	}
-	if ours == nil {
-		t.Fatal("apply added no main-table route for ENI 1 (another VPC): nothing to refuse")
-	}
-	if err := w.ns.NL.RouteDel(ours); err != nil {
-		t.Fatal(err)
-	}
+	ours := w.deleteOurMainRoute()
 	routes, err := w.ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: netcfg.MainTable, LinkIndex: ours.LinkIndex},
 		netlink.RT_FILTER_TABLE|netlink.RT_FILTER_OIF)
 	if err != nil {

@@ -643,6 +643,13 @@ func (r *run) daemonHealthy() {
 
 func (r *run) stepBoot() {
 	r.step = "boot"
+	r.bootChecked()
+}
+
+// bootChecked boots the container with two secondary ENIs and asserts what
+// every boot must give: dualhomed healthy, network-online after its first
+// reconcile, and the common assertions.
+func (r *run) bootChecked() {
 	if err := r.boot("eth0", "eth1", "eth2"); err != nil {
 		r.fail("boot", "%v", err)
 		r.t.FailNow()
@@ -930,13 +937,7 @@ func (r *run) stepReboot() {
 	if err := r.c.poweroff(r.ctx, time.Minute); err != nil {
 		r.fail("power off", "%v", err)
 	}
-	if err := r.boot("eth0", "eth1", "eth2"); err != nil {
-		r.fail("boot", "%v", err)
-		r.t.FailNow()
-	}
-	r.daemonHealthy()
-	r.order()
-	r.common(true)
+	r.bootChecked()
 }
 
 // stepHints follows every warning's hint as an operator would, then checks
